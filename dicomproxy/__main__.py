@@ -1,0 +1,3 @@
+from dicomproxy.cli import main
+
+raise SystemExit(main())
