@@ -1,0 +1,661 @@
+"""Real peers for the test suite: Orthanc, the gateway process, dcmtk, storescp, node.
+
+Nothing here is a fake. Each peer is a real process on free loopback ports, started in a tmp
+folder and stopped by the fixture that made it (see ``tests/conftest.py``). A missing binary
+fails the test with the install step; it never skips.
+
+Fixture API (``tests/conftest.py``)::
+
+    orthanc                  session-scoped OrthancServer, shared; call .clear() if you need it empty
+    fresh_orthanc            the same server, cleared (all patients deleted) before the test
+    orthanc_factory(modalities=None, aet="ORTHANC", extra_config=None) -> OrthancServer
+                             function-scoped, a private started Orthanc you may stop()/start()/kill()
+    gateway_factory(settings=None, scripts=None, *, orthanc=<session orthanc>, env=None,
+                    start=True, register_modality="dicomproxy", timeout=30) -> GatewayProcess
+                             function-scoped; all gateways are stopped at teardown
+    storescp_factory(aet="STORESCP", *, args=()) -> StoreScp   dcmtk storescp on a free port
+    dicom_samples            the tests.dicom_samples module (make_instance, make_study, make_zip)
+
+Helpers (this module)::
+
+    free_port() -> int                           a currently free 127.0.0.1 TCP port
+    require_binary(path, install_hint) -> str    pytest.fail("... missing: <hint>") when absent
+    dcmtk(tool) -> str                           "/usr/bin/<tool>" (never PATH: pynetdicom shadows it)
+    run_dcmtk(tool, *args, timeout=60, check=True) -> subprocess.CompletedProcess
+    wait_until(predicate, timeout=10, interval=0.1, what="...") -> value   polls; fails with `what`
+    run_node(script, *args, timeout=60, check=True) -> CompletedProcess
+                             runs JavaScript with require('tus-js-client') resolvable (tests/js)
+
+OrthancServer (``/usr/sbin/Orthanc`` 1.10 + DICOMweb plugin 1.7)::
+
+    .http_url  .http_port  .dicom_port  .aet  .host  .dicomweb_url  .workdir  .config_path
+    .start(timeout=30)  .stop(timeout=15)  .kill()  .restart()   # storage survives stop/start
+    .request(method, path, **kw) -> requests.Response        # raw, no status check
+    .rest_get(path, **kw) / .rest_post(path, data=None, json=None, **kw) / .rest_put(...)
+    .rest_delete(path, **kw)                                 # JSON-decoded (or bytes); raise on >= 400
+    .upload(path_or_bytes) -> dict   POST /instances         .instance_count() -> int
+    .clear()  DELETE every patient                           .set_modality(name, aet, host, port)
+    .remove_modality(name)   .log_text() -> str   .wait_for_instances(n, timeout=15)
+
+GatewayProcess (``python -m dicomproxy serve --config <tmp>/appsettings.json``)::
+
+    .url  .http_port  .dicom_port  .aet  .config_path  .scripts_dir  .data_dir  .settings (dict)
+    .start(timeout=30)  .stop(timeout=10) (SIGTERM, then SIGKILL)  .kill9()  .restart()
+    .write_script(name, text)   atomic write into scripts_dir (main.lua, main-transient.lua, ...)
+    .update_settings(overrides) deep-merge into the config file (takes effect on restart)
+    .log_text() -> str          everything the process printed (stdout + stderr)
+    .wait_for_log(text, timeout=10)   .request(method, path, **kw) -> requests.Response
+    .get(path, **kw) / .post(path, **kw)   shortcuts for .request
+
+Default gateway settings (``settings`` is deep-merged on top, case-insensitively)::
+
+    Urls http://127.0.0.1:<free>; Upstream:Url = orthanc.http_url;
+    Dicom: Aet DICOMPROXY, Host 127.0.0.1, Port <free>, Upstream {orthanc aet, 127.0.0.1, port},
+           SpoolFolder <tmp>/data/spool;
+    ExtraConfig: ScriptsRoot <tmp>/scripts, DataFolder <tmp>/data, TusUploadFolder <tmp>/data/tus
+    Lua:ReloadIntervalMs 200; Logging:Level DEBUG
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import requests
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+JS_DIR = REPO_ROOT / "tests" / "js"
+
+ORTHANC_BIN = "/usr/sbin/Orthanc"
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+ORTHANC_HINT = "run scripts/install.sh (apt-get install orthanc orthanc-dicomweb)"
+DCMTK_HINT = "run scripts/install.sh (apt-get install dcmtk)"
+NODE_HINT = "run scripts/install.sh (apt-get install nodejs npm; npm ci in tests/js)"
+
+LOOPBACK = "127.0.0.1"
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------- small helpers
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the OS picks it; tiny race, good enough)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def require_binary(path: str, install_hint: str) -> str:
+    """Return ``path`` if it is an executable file, else fail the test naming the install step."""
+    if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+        pytest.fail(f"required peer {path} is missing: {install_hint}", pytrace=False)
+    return path
+
+
+def dcmtk(tool: str) -> str:
+    """Absolute path of a dcmtk tool. Never rely on PATH: pynetdicom installs a ``storescu``."""
+    return require_binary(f"/usr/bin/{tool}", DCMTK_HINT)
+
+
+def run_dcmtk(
+    tool: str, *args: str | os.PathLike[str], timeout: float = 60, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run a dcmtk tool; with ``check`` a non-zero exit fails the test with its output."""
+    cmd = [dcmtk(tool), *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        pytest.fail(
+            f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}",
+            pytrace=False,
+        )
+    return proc
+
+
+def wait_until(
+    predicate: Callable[[], T], timeout: float = 10, interval: float = 0.1, what: str = "condition"
+) -> T:
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    last_exc: BaseException | None = None
+    while True:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as e:  # a peer that is not ready yet may raise; keep polling
+            last_exc = e
+        if time.monotonic() >= deadline:
+            detail = f" (last error: {last_exc!r})" if last_exc else ""
+            pytest.fail(f"timed out after {timeout}s waiting for {what}{detail}", pytrace=False)
+        time.sleep(interval)
+
+
+def run_node(
+    script: str, *args: str, timeout: float = 60, check: bool = True, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run JavaScript with ``node -e``; ``require('tus-js-client')`` resolves from tests/js."""
+    node = shutil.which("node") or "/usr/bin/node"
+    require_binary(node, NODE_HINT)
+    if not (JS_DIR / "node_modules" / "tus-js-client").is_dir():
+        pytest.fail(f"tests/js/node_modules/tus-js-client is missing: {NODE_HINT}", pytrace=False)
+    full_env = {**os.environ, "NODE_PATH": str(JS_DIR / "node_modules"), **(env or {})}
+    proc = subprocess.run(
+        [node, "-e", script, "--", *args],
+        cwd=JS_DIR,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        pytest.fail(
+            f"node exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}", pytrace=False
+        )
+    return proc
+
+
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """Case-insensitive deep merge (like the gateway's config loader); ``over``'s spelling wins."""
+    out = dict(base)
+    for key, value in over.items():
+        existing = next((k for k in out if k.lower() == key.lower()), None)
+        old = out.pop(existing) if existing is not None else None
+        if isinstance(value, Mapping) and isinstance(old, Mapping):
+            out[key] = deep_merge(old, value)
+        else:
+            out[key] = value
+    return out
+
+
+def _tail(path: Path, lines: int = 60) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: SIGKILL the child if the test runner dies, so no peer outlives pytest."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _popen(cmd: Sequence[str], log_path: Path, **kwargs: Any) -> subprocess.Popen[bytes]:
+    """Start a peer with its output appended to ``log_path``.
+
+    The parent-death signal is only armed from the main thread: Linux delivers it when the
+    *thread* that forked exits, which would kill a peer started from a short-lived worker.
+    """
+    log = open(log_path, "ab")  # noqa: SIM115 - the child keeps the fd; closed right after fork
+    try:
+        preexec = _die_with_parent if threading.current_thread() is threading.main_thread() else None
+        return subprocess.Popen(
+            list(cmd),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=preexec,
+            **kwargs,
+        )
+    finally:
+        log.close()
+
+
+def _terminate(proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def _decode(resp: requests.Response) -> Any:
+    if not resp.content:
+        return None
+    if "json" in resp.headers.get("Content-Type", ""):
+        return resp.json()
+    return resp.content
+
+
+# --------------------------------------------------------------------------- Orthanc
+class OrthancServer:
+    """A real Orthanc with the DICOMweb plugin, configured for tests, data in ``workdir``.
+
+    ``modalities`` maps a name to ``[AET, host, port]`` (Orthanc's own format) so Orthanc can
+    C-MOVE/C-STORE to the gateway or a storescp. ``stop()`` then ``start()`` keeps the storage.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        modalities: Mapping[str, Sequence[Any]] | None = None,
+        aet: str = "ORTHANC",
+        extra_config: Mapping[str, Any] | None = None,
+    ) -> None:
+        require_binary(ORTHANC_BIN, ORTHANC_HINT)
+        if not os.path.isfile(DICOMWEB_PLUGIN):
+            pytest.fail(f"Orthanc plugin {DICOMWEB_PLUGIN} is missing: {ORTHANC_HINT}", pytrace=False)
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.aet = aet
+        self.host = LOOPBACK
+        self.http_port = free_port()
+        self.dicom_port = free_port()
+        self.config_path = self.workdir / "orthanc.json"
+        self.log_path = self.workdir / "orthanc.log"
+        self.storage = self.workdir / "storage"
+        self.config: dict[str, Any] = {
+            "Name": "DicomProxyTestOrthanc",
+            "StorageDirectory": str(self.storage),
+            "IndexDirectory": str(self.storage),
+            "StorageCompression": False,
+            "Plugins": [DICOMWEB_PLUGIN],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "WadoRoot": "/wado"},
+            "HttpServerEnabled": True,
+            "HttpPort": self.http_port,
+            "HttpCompressionEnabled": False,
+            "RemoteAccessAllowed": True,
+            "AuthenticationEnabled": False,
+            "DicomServerEnabled": True,
+            "DicomAet": aet,
+            "DicomPort": self.dicom_port,
+            "DicomCheckCalledAet": False,
+            "DicomModalities": {k: list(v) for k, v in (modalities or {}).items()},
+            "DicomAlwaysAllowEcho": True,
+            "DicomAlwaysAllowStore": True,
+            "DicomAlwaysAllowFind": True,
+            "DicomAlwaysAllowMove": True,
+            "DicomAlwaysAllowGet": True,
+            "DicomScuTimeout": 10,
+            "DicomAssociationCloseDelay": 0,  # release outgoing associations at once (tests wait on it)
+            "StableAge": 2,
+            "ConcurrentJobs": 2,
+            "SaveJobs": False,
+            "OverwriteInstances": True,
+            "DeidentifyLogs": False,
+            "KeepAlive": True,
+        }
+        if extra_config:
+            self.config = deep_merge(self.config, extra_config)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._session = requests.Session()
+
+    # -- lifecycle ------------------------------------------------------------------------
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"{self.http_url}/dicom-web"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, timeout: float = 30) -> OrthancServer:
+        """Start (or start again, on the same ports and storage) and wait for ``GET /system``."""
+        if self.running:
+            return self
+        self.config_path.write_text(json.dumps(self.config, indent=2))
+        with open(self.log_path, "a") as log:
+            log.write(f"\n===== starting Orthanc at {time.strftime('%H:%M:%S')} =====\n")
+        self.proc = _popen([ORTHANC_BIN, "--verbose", str(self.config_path)], self.log_path, cwd=self.workdir)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self._fail_start(f"Orthanc exited with status {self.proc.returncode}")
+            try:
+                if requests.get(f"{self.http_url}/system", timeout=2).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        self.kill()
+        self._fail_start(f"Orthanc did not answer GET /system within {timeout}s")
+        raise AssertionError("unreachable")
+
+    def _fail_start(self, why: str) -> None:
+        pytest.fail(f"{why} (config {self.config_path}); log tail:\n{_tail(self.log_path)}", pytrace=False)
+
+    def stop(self, timeout: float = 15) -> None:
+        """Graceful stop (SIGTERM); the storage stays for a later ``start()``."""
+        _terminate(self.proc, timeout)
+        self._session.close()
+
+    def kill(self) -> None:
+        """SIGKILL: simulates a crashed PACS."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self._session.close()
+
+    def restart(self, timeout: float = 30) -> OrthancServer:
+        self.stop()
+        return self.start(timeout)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
+
+    # -- REST -----------------------------------------------------------------------------
+    def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        kwargs.setdefault("timeout", 30)
+        return self._session.request(method, self.http_url + "/" + path.lstrip("/"), **kwargs)
+
+    def _checked(self, method: str, path: str, **kwargs: Any) -> Any:
+        resp = self.request(method, path, **kwargs)
+        if resp.status_code >= 400:
+            raise AssertionError(f"Orthanc {method} {path} -> {resp.status_code}: {resp.text[:500]}")
+        return _decode(resp)
+
+    def rest_get(self, path: str, **kwargs: Any) -> Any:
+        return self._checked("GET", path, **kwargs)
+
+    def rest_post(self, path: str, data: Any = None, json: Any = None, **kwargs: Any) -> Any:
+        return self._checked("POST", path, data=data, json=json, **kwargs)
+
+    def rest_put(self, path: str, data: Any = None, json: Any = None, **kwargs: Any) -> Any:
+        return self._checked("PUT", path, data=data, json=json, **kwargs)
+
+    def rest_delete(self, path: str, **kwargs: Any) -> Any:
+        return self._checked("DELETE", path, **kwargs)
+
+    # -- conveniences ---------------------------------------------------------------------
+    def upload(self, dicom: Path | str | bytes) -> dict[str, Any]:
+        """``POST /instances`` one DICOM file (a path or its bytes); returns Orthanc's answer."""
+        body = dicom if isinstance(dicom, bytes) else Path(dicom).read_bytes()
+        return self.rest_post("/instances", data=body, headers={"Content-Type": "application/dicom"})
+
+    def instance_count(self) -> int:
+        return int(self.rest_get("/statistics")["CountInstances"])
+
+    def instances(self) -> list[str]:
+        """Orthanc IDs of all stored instances."""
+        return list(self.rest_get("/instances"))
+
+    def sop_instance_uids(self) -> set[str]:
+        """The SOPInstanceUIDs of all stored instances (handy for exact assertions)."""
+        found = self.rest_post("/tools/find", json={"Level": "Instance", "Query": {}, "Expand": True})
+        return {i["MainDicomTags"]["SOPInstanceUID"] for i in found}
+
+    def wait_for_instances(self, count: int, timeout: float = 15) -> int:
+        """Wait until at least ``count`` instances are stored; returns the count."""
+        if count <= 0:
+            return self.instance_count()
+        return wait_until(
+            lambda: (n := self.instance_count()) >= count and n,
+            timeout=timeout,
+            what=f"Orthanc to hold {count} instances",
+        )
+
+    def clear(self) -> None:
+        """Delete every patient, for test isolation on the shared server."""
+        for pid in self.rest_get("/patients"):
+            self.request("DELETE", f"/patients/{pid}")
+        remaining = self.instance_count()
+        if remaining:
+            raise AssertionError(f"Orthanc.clear(): {remaining} instances remain")
+
+    def set_modality(self, name: str, aet: str, host: str, port: int) -> None:
+        """Declare (or update) a remote AE at run time, e.g. the gateway once its port is known."""
+        self.rest_put(f"/modalities/{name}", json={"AET": aet, "Host": host, "Port": int(port)})
+        self.config.setdefault("DicomModalities", {})[name] = [aet, host, int(port)]
+
+    def remove_modality(self, name: str) -> None:
+        self.request("DELETE", f"/modalities/{name}")
+        self.config.get("DicomModalities", {}).pop(name, None)
+
+    def __repr__(self) -> str:
+        return f"<OrthancServer {self.aet} http={self.http_port} dicom={self.dicom_port} up={self.running}>"
+
+
+# --------------------------------------------------------------------------- the gateway
+class GatewayProcess:
+    """The gateway as a real subprocess with a generated ``appsettings.json``.
+
+    ``settings`` is deep-merged over the test defaults (see the module docstring); ``scripts``
+    (name -> Lua text) are written into the scripts folder before start. The subprocess imports
+    the working tree (``PYTHONPATH`` = repo root), so no install step is needed for the code.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        orthanc: OrthancServer | None = None,
+        settings: Mapping[str, Any] | None = None,
+        scripts: Mapping[str, str] | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.scripts_dir = self.workdir / "scripts"
+        self.data_dir = self.workdir / "data"
+        self.scripts_dir.mkdir(exist_ok=True)
+        self.data_dir.mkdir(exist_ok=True)
+        self.config_path = self.workdir / "appsettings.json"
+        self.log_path = self.workdir / "gateway.log"
+        self.orthanc = orthanc
+        defaults: dict[str, Any] = {
+            "Urls": f"http://{LOOPBACK}:{free_port()}",
+            "Dicom": {
+                "Aet": "DICOMPROXY",
+                "Host": LOOPBACK,
+                "Port": free_port(),
+                "SpoolFolder": str(self.data_dir / "spool"),
+            },
+            "ExtraConfig": {
+                "ScriptsRoot": str(self.scripts_dir),
+                "DataFolder": str(self.data_dir),
+                "TusUploadFolder": str(self.data_dir / "tus"),
+            },
+            "Lua": {"ReloadIntervalMs": 200},
+            "Logging": {"Level": "DEBUG"},
+        }
+        if orthanc is not None:
+            defaults["Upstream"] = {"Url": orthanc.http_url}
+            defaults["Dicom"]["Upstream"] = {
+                "Aet": orthanc.aet,
+                "Host": orthanc.host,
+                "Port": orthanc.dicom_port,
+            }
+        self.settings: dict[str, Any] = deep_merge(defaults, settings or {})
+        self.extra_env = dict(env or {})
+        for name, text in (scripts or {}).items():
+            self.write_script(name, text)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._session = requests.Session()
+        self._write_config()
+
+    # -- settings -------------------------------------------------------------------------
+    def _get(self, path: str, default: Any = None) -> Any:
+        node: Any = self.settings
+        for part in path.split(":"):
+            if not isinstance(node, Mapping):
+                return default
+            key = next((k for k in node if k.lower() == part.lower()), None)
+            if key is None:
+                return default
+            node = node[key]
+        return node
+
+    def _write_config(self) -> None:
+        self.config_path.write_text(json.dumps(self.settings, indent=2))
+
+    def update_settings(self, overrides: Mapping[str, Any]) -> None:
+        """Merge ``overrides`` into the config file; a running gateway sees it after ``restart()``."""
+        self.settings = deep_merge(self.settings, overrides)
+        self._write_config()
+
+    @property
+    def url(self) -> str:
+        return self._get("Urls").split(";")[0].rstrip("/")
+
+    @property
+    def http_port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    @property
+    def dicom_port(self) -> int:
+        return int(self._get("Dicom:Port", 0))
+
+    @property
+    def aet(self) -> str:
+        return str(self._get("Dicom:Aet"))
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def write_script(self, name: str, text: str) -> Path:
+        """Write a Lua script atomically (a reload never sees half a file)."""
+        target = self.scripts_dir / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, target)
+        return target
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.upper().startswith("DICOMPROXY__")}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.extra_env)
+        return env
+
+    def start(self, timeout: float = 30) -> GatewayProcess:
+        """Start and wait until ``GET /dicomproxy/health`` answers (any status)."""
+        if self.running:
+            return self
+        with open(self.log_path, "a") as log:
+            log.write(f"\n===== starting gateway at {time.strftime('%H:%M:%S')} =====\n")
+        cmd = [sys.executable, "-m", "dicomproxy", "serve", "--config", str(self.config_path)]
+        self.proc = _popen(cmd, self.log_path, cwd=self.workdir, env=self._env())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self._fail_start(f"the gateway exited with status {self.proc.returncode}")
+            try:
+                requests.get(f"{self.url}/dicomproxy/health", timeout=2)
+                return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        self.kill9()
+        self._fail_start(f"the gateway did not answer GET /dicomproxy/health within {timeout}s")
+        raise AssertionError("unreachable")
+
+    def _fail_start(self, why: str) -> None:
+        pytest.fail(f"{why} (config {self.config_path}); log tail:\n{_tail(self.log_path)}", pytrace=False)
+
+    def stop(self, timeout: float = 10) -> int | None:
+        """SIGTERM (graceful shutdown), SIGKILL after ``timeout``; returns the exit status."""
+        _terminate(self.proc, timeout)
+        self._session.close()
+        return self.proc.returncode if self.proc else None
+
+    def kill9(self) -> None:
+        """SIGKILL: simulates a crash (no shutdown hooks run)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self._session.close()
+
+    def restart(self, timeout: float = 30) -> GatewayProcess:
+        """Stop and start again with the same config file, scripts and data folder."""
+        self.stop()
+        return self.start(timeout)
+
+    # -- observation ----------------------------------------------------------------------
+    def log_text(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
+
+    def wait_for_log(self, text: str, timeout: float = 10) -> str:
+        """Wait until ``text`` appears in the process output; returns the whole log."""
+        return wait_until(
+            lambda: text in (log := self.log_text()) and log,
+            timeout=timeout,
+            what=f"{text!r} in the gateway log",
+        )
+
+    def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        kwargs.setdefault("timeout", 30)
+        return self._session.request(method, self.url + "/" + path.lstrip("/"), **kwargs)
+
+    def get(self, path: str, **kwargs: Any) -> requests.Response:
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, **kwargs: Any) -> requests.Response:
+        return self.request("POST", path, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<GatewayProcess {self.url} dicom={self.dicom_port} running={self.running}>"
+
+
+# --------------------------------------------------------------------------- storescp
+class StoreScp:
+    """dcmtk ``storescp`` on a free loopback port, files written to ``output_dir``.
+
+    A C-STORE destination for Orthanc or the gateway. ``files()`` lists what arrived.
+    """
+
+    def __init__(self, workdir: Path, *, aet: str = "STORESCP", args: Sequence[str] = ()) -> None:
+        self.binary = dcmtk("storescp")
+        self.workdir = Path(workdir)
+        self.output_dir = self.workdir / "received"
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.workdir / "storescp.log"
+        self.aet = aet
+        self.host = LOOPBACK
+        self.port = free_port()
+        self.args = list(args)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 10) -> StoreScp:
+        cmd = [self.binary, "-v", "--aetitle", self.aet, "--output-directory", str(self.output_dir),
+               *self.args, str(self.port)]
+        self.proc = _popen(cmd, self.log_path, cwd=self.workdir)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"storescp exited {self.proc.returncode}:\n{_tail(self.log_path)}", pytrace=False)
+            with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), timeout=1):
+                return self
+            time.sleep(0.05)
+        pytest.fail(f"storescp did not listen on {self.port} within {timeout}s", pytrace=False)
+        raise AssertionError("unreachable")
+
+    def stop(self) -> None:
+        _terminate(self.proc, 5)
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.output_dir.iterdir() if p.is_file())
+
+    def wait_for_files(self, count: int, timeout: float = 15) -> list[Path]:
+        return wait_until(
+            lambda: len(f := self.files()) >= count and f, timeout=timeout, what=f"{count} files at storescp"
+        )
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
+
+    def __repr__(self) -> str:
+        return f"<StoreScp {self.aet}@{self.port}>"

@@ -1,0 +1,148 @@
+"""The test peers themselves work: if these fail, every integration test would mislead."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+import requests
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ImplicitVRLittleEndian,
+    RLELossless,
+)
+
+from tests.dicom_samples import make_instance, make_study, make_zip
+from tests.peers import OrthancServer, dcmtk, free_port, require_binary, run_dcmtk
+
+
+def test_free_port_is_bindable() -> None:
+    import socket
+
+    port = free_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+    assert 1024 <= port <= 65535
+
+
+def test_require_binary_fails_with_install_hint() -> None:
+    with pytest.raises(pytest.fail.Exception, match="missing: apt-get install nothing"):
+        require_binary("/usr/bin/definitely-not-installed-xyz", "apt-get install nothing")
+    assert require_binary("/bin/sh", "-") == "/bin/sh"
+
+
+@pytest.mark.parametrize(
+    "transfer_syntax",
+    [ImplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian, RLELossless],
+)
+def test_samples_in_every_transfer_syntax_are_readable(transfer_syntax: str) -> None:
+    data, uid = make_instance(
+        patient_id="TS1", patient_name="Syntax^Test", transfer_syntax=transfer_syntax, size=(8, 12)
+    )
+    assert isinstance(data, bytes)
+    ds = pydicom.dcmread(io.BytesIO(data))
+    assert ds.file_meta.TransferSyntaxUID == transfer_syntax
+    assert ds.SOPInstanceUID == uid
+    assert ds.pixel_array.shape == (8, 12)
+
+
+def test_make_study_and_zip(tmp_path: Path) -> None:
+    files = make_study(tmp_path / "study", n_series=2, n_instances=3, patient_id="S1")
+    assert len(files) == 6 and len({uid for _, uid in files}) == 6
+    studies = {pydicom.dcmread(p).StudyInstanceUID for p, _ in files}
+    series = {pydicom.dcmread(p).SeriesInstanceUID for p, _ in files}
+    assert len(studies) == 1 and len(series) == 2
+    zip_path, uids = make_zip(tmp_path / "s.zip", 1, 2, extra_entries={"README.txt": b"hi"})
+    import zipfile
+
+    with zipfile.ZipFile(zip_path) as zf:
+        names = zf.namelist()
+    assert len(uids) == 2 and "README.txt" in names and len(names) == 3
+
+
+def test_orthanc_answers_rest_and_dicomweb(fresh_orthanc: OrthancServer) -> None:
+    system = fresh_orthanc.rest_get("/system")
+    assert system["DicomAet"] == "ORTHANC"
+    assert system["DicomPort"] == fresh_orthanc.dicom_port
+    plugins = fresh_orthanc.rest_get("/plugins")
+    assert "dicom-web" in plugins
+    resp = requests.get(f"{fresh_orthanc.dicomweb_url}/studies", timeout=10)
+    assert resp.status_code in (200, 204)
+    assert resp.status_code == 204 or resp.json() == []
+
+
+def test_stored_sample_is_visible_over_rest_and_qido(fresh_orthanc: OrthancServer) -> None:
+    data, sop_uid = make_instance(patient_id="PEER1", patient_name="Peer^One", StudyDescription="peers")
+    answer = fresh_orthanc.upload(data)
+    assert answer["Status"] == "Success"
+    assert fresh_orthanc.instance_count() == 1
+    assert fresh_orthanc.sop_instance_uids() == {sop_uid}
+    resp = requests.get(
+        f"{fresh_orthanc.dicomweb_url}/studies", params={"PatientID": "PEER1"}, timeout=10,
+        headers={"Accept": "application/dicom+json"},
+    )
+    assert resp.status_code == 200
+    studies = resp.json()
+    assert len(studies) == 1
+    assert studies[0]["00100020"]["Value"] == ["PEER1"]
+    fresh_orthanc.clear()
+    assert fresh_orthanc.instance_count() == 0
+
+
+def test_dcmtk_echoscu_and_storescu_reach_orthanc(fresh_orthanc: OrthancServer, tmp_path: Path) -> None:
+    proc = run_dcmtk("echoscu", "-aec", fresh_orthanc.aet, "127.0.0.1", str(fresh_orthanc.dicom_port))
+    assert proc.returncode == 0
+    files = make_study(tmp_path, 1, 3, patient_id="DCMTK1")
+    run_dcmtk("storescu", "-aec", fresh_orthanc.aet, "127.0.0.1", str(fresh_orthanc.dicom_port),
+              *[str(p) for p, _ in files])
+    assert fresh_orthanc.sop_instance_uids() == {uid for _, uid in files}
+
+
+def test_echoscu_to_a_closed_port_fails() -> None:
+    proc = subprocess.run(
+        [dcmtk("echoscu"), "-to", "3", "127.0.0.1", str(free_port())], capture_output=True, timeout=30
+    )
+    assert proc.returncode != 0
+
+
+def test_private_orthanc_keeps_data_across_stop_start(orthanc_factory, tmp_path: Path) -> None:
+    server = orthanc_factory()
+    path, sop_uid = make_instance(tmp_path / "x.dcm", patient_id="PERSIST", patient_name="Keep^Me")
+    server.upload(path)
+    server.stop()
+    assert not server.running
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{server.http_url}/system", timeout=2)
+    server.start()
+    assert server.sop_instance_uids() == {sop_uid}
+    server.kill()
+    assert not server.running
+
+
+def test_orthanc_cmoves_to_a_declared_storescp(
+    fresh_orthanc: OrthancServer, storescp_factory, tmp_path: Path
+) -> None:
+    scp = storescp_factory("MOVEDEST")
+    fresh_orthanc.set_modality("movedest", scp.aet, "127.0.0.1", scp.port)
+    files = make_study(tmp_path, 1, 2, patient_id="MOVE1")
+    for p, _ in files:
+        fresh_orthanc.upload(p)
+    study = fresh_orthanc.rest_get("/studies")[0]
+    fresh_orthanc.rest_post("/modalities/movedest/store", json={"Resources": [study], "Synchronous": True})
+    received = scp.wait_for_files(2)
+    assert {str(pydicom.dcmread(p).SOPInstanceUID) for p in received} == {uid for _, uid in files}
+    # the same through a real C-MOVE issued by dcmtk's movescu
+    for p in received:
+        p.unlink()
+    study_uid = pydicom.dcmread(files[0][0]).StudyInstanceUID
+    run_dcmtk(
+        "movescu", "-S", "-aec", fresh_orthanc.aet, "-aem", scp.aet,
+        "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}",
+        "127.0.0.1", str(fresh_orthanc.dicom_port),
+    )
+    assert len(scp.wait_for_files(2)) == 2
+    fresh_orthanc.remove_modality("movedest")
