@@ -81,6 +81,8 @@ DEFAULTS: dict[str, Any] = {
         "From": "dicomproxy@localhost",
         "TimeoutSeconds": 30,
         "Retries": 3,
+        "RetrySeconds": 2,
+        "CaFile": "",
     },
     "Notifications": {"FeedSize": 200, "Email": []},
     "Logging": {"Level": "INFO"},
@@ -316,6 +318,8 @@ class SmtpSettings:
     sender: str
     timeout: float
     retries: int
+    retry_delay: float = 2.0  # first retry after this, doubling each time
+    ca_file: Path | None = None  # PEM bundle to trust for StartTls/Tls instead of the system's
 
 
 @dataclass(frozen=True)
@@ -521,6 +525,8 @@ def build_settings(tree: ConfigTree, root: Path, file: Path | None) -> Settings:
             sender=tree.str("Smtp:From"),
             timeout=tree.float("Smtp:TimeoutSeconds", 0.1),
             retries=tree.int("Smtp:Retries", 0),
+            retry_delay=tree.float("Smtp:RetrySeconds", 0),
+            ca_file=tree.path("Smtp:CaFile", root) if tree.str("Smtp:CaFile") else None,
         ),
         notifications=NotificationSettings(
             feed_size=tree.int("Notifications:FeedSize", 1), email=tuple(rules)
