@@ -44,10 +44,16 @@ UNCOMPRESSED = (
 )
 
 
-def _pixels(rows: int, cols: int, seed: int, big_endian: bool) -> bytes:
-    """A 16-bit gradient, different per instance so files never deduplicate by content."""
+def pixel_values(rows: int, cols: int, instance_number: int = 1, series_number: int = 1) -> list[int]:
+    """The pixel values (row-major) :func:`make_instance` writes: a 16-bit gradient that differs
+    per instance, so files never deduplicate by content and decoders can be checked exactly."""
+    seed = instance_number * 7 + series_number
+    return [(i + seed) % 4096 for i in range(rows * cols)]
+
+
+def _pixels(rows: int, cols: int, instance_number: int, series_number: int, big_endian: bool) -> bytes:
     order = "big" if big_endian else "little"
-    return b"".join(((i + seed) % 4096).to_bytes(2, order) for i in range(rows * cols))
+    return b"".join(v.to_bytes(2, order) for v in pixel_values(rows, cols, instance_number, series_number))
 
 
 def build_dataset(
@@ -121,7 +127,7 @@ def build_dataset(
     ds.BitsStored = 12
     ds.HighBit = 11
     ds.PixelRepresentation = 0
-    ds.PixelData = _pixels(rows, cols, instance_number * 7 + series_number, ts == ExplicitVRBigEndian)
+    ds.PixelData = _pixels(rows, cols, instance_number, series_number, ts == ExplicitVRBigEndian)
     for keyword, value in extra_tags.items():
         setattr(ds, keyword, value)  # pydicom rejects unknown keywords with a clear error
     if ts == RLELossless:

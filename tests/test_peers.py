@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from tests.dicom_samples import make_instance, make_study, make_zip
+from tests.dicom_samples import make_instance, make_study, make_zip, pixel_values
 from tests.peers import OrthancServer, dcmtk, free_port, require_binary, run_dcmtk
 
 
@@ -38,16 +39,26 @@ def test_require_binary_fails_with_install_hint() -> None:
 @pytest.mark.parametrize(
     "transfer_syntax",
     [ImplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian, RLELossless],
+    ids=["implicit-le", "explicit-be", "deflated", "rle"],
 )
-def test_samples_in_every_transfer_syntax_are_readable(transfer_syntax: str) -> None:
+def test_samples_in_every_transfer_syntax_decode_in_orthanc(
+    fresh_orthanc: OrthancServer, transfer_syntax: str
+) -> None:
     data, uid = make_instance(
-        patient_id="TS1", patient_name="Syntax^Test", transfer_syntax=transfer_syntax, size=(8, 12)
+        patient_id="TS1", patient_name="Syntax^Test", transfer_syntax=transfer_syntax, size=(2, 3)
     )
     assert isinstance(data, bytes)
     ds = pydicom.dcmread(io.BytesIO(data))
     assert ds.file_meta.TransferSyntaxUID == transfer_syntax
     assert ds.SOPInstanceUID == uid
-    assert ds.pixel_array.shape == (8, 12)
+    answer = fresh_orthanc.upload(data)
+    assert answer["Status"] == "Success"
+    stored_ts = fresh_orthanc.rest_get(f"/instances/{answer['ID']}/metadata/TransferSyntax")
+    assert stored_ts.decode() == transfer_syntax
+    # Orthanc decodes the frame: the values must be exactly the generated gradient
+    matrix = fresh_orthanc.rest_get(f"/instances/{answer['ID']}/frames/0/matlab").decode()
+    values = [int(v) for v in re.findall(r"\d+", matrix.split("[", 1)[1])]
+    assert values == pixel_values(2, 3)
 
 
 def test_make_study_and_zip(tmp_path: Path) -> None:
