@@ -120,8 +120,17 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] \
     && "$VENV/bin/python" -c 'import dicomproxy, pytest, pytest_timeout' 2>/dev/null; then
     echo ".venv is up to date with pyproject.toml"
 else
-    "$VENV/bin/python" -m pip install --quiet --upgrade pip setuptools wheel
-    "$VENV/bin/python" -m pip install --quiet -e ".[test]"
+    PIP_LOG="$VENV/pip-install.log"
+    pip_run() {
+        if ! "$VENV/bin/python" -m pip install "$@" >>"$PIP_LOG" 2>&1; then
+            tail -n 40 "$PIP_LOG" >&2
+            die "pip install $* failed (full log: $PIP_LOG)"
+        fi
+    }
+    : >"$PIP_LOG"
+    pip_run --upgrade pip setuptools wheel
+    pip_run -e ".[test]"
+    "$VENV/bin/python" -c 'import dicomproxy, pytest, pytest_timeout' || die "the venv cannot import dicomproxy"
     echo "$WANT" >"$STAMP"
     echo "installed -e .[test] into .venv"
 fi
