@@ -1,0 +1,120 @@
+"""The status page at ``/dicomproxy/ui``: the gateway, live, for a person.
+
+The page is static HTML/JS/CSS from ``static/`` (no build step, no CDN: tus-js-client's
+browser build is vendored there with its license). Its script reads the gateway's own API
+from the browser: ``/dicomproxy/health`` (upstream HTTP/DICOM reachability, DICOM spool
+depth), ``/dicomproxy/tasks``, ``/dicomproxy/notifications`` (+ its SSE stream) and
+``/dicomproxy/ui/status.json`` (scripts loaded, callbacks each defines, the last reload error:
+``ScriptHost.status()``, which no other route exposes). Uploads go to the TUS endpoint.
+
+Authentication is the gateway's: every mounted route is behind it, so the page, its API calls
+and the uploads all use the credentials the browser already sent for the page.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.types import Receive, Scope, Send
+
+import dicomproxy
+
+if TYPE_CHECKING:
+    from dicomproxy.app import Gateway
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/dicomproxy/ui"
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+CONTENT_TYPES = {
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".html": "text/html; charset=utf-8",
+    ".txt": "text/plain; charset=utf-8",
+}
+# The page loads nothing from elsewhere and runs no inline script: a notification text that
+# slipped through as HTML still could not execute.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+
+class StatusPage:
+    """ASGI app for ``/dicomproxy/ui``: the page, its static files and ``status.json``."""
+
+    def __init__(self, host: Any, tus_endpoint: str, prefix: str = PREFIX,
+                 health_url: str = "/dicomproxy/health", tasks_url: str = "/dicomproxy/tasks",
+                 notifications_url: str = "/dicomproxy/notifications") -> None:
+        self.host = host
+        self.prefix = prefix.rstrip("/")
+        self.static = {p.name: p for p in STATIC_DIR.iterdir() if p.is_file() and p.name != "index.html"}
+        values = {
+            "static": f"{self.prefix}/static",
+            "tus_endpoint": tus_endpoint,
+            "health_url": health_url,
+            "tasks_url": tasks_url,
+            "status_url": f"{self.prefix}/status.json",
+            "notifications_url": notifications_url,
+            "stream_url": f"{notifications_url.rstrip('/')}/stream",
+            "version": f"v{dicomproxy.__version__}",
+        }
+        page = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
+        for key, value in values.items():
+            page = page.replace("{{" + key + "}}", html.escape(value, quote=True))
+        self.page = page
+
+    def _subpath(self, scope: Scope) -> str:
+        path: str = scope.get("path", "")
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):]
+        if path.startswith(self.prefix):
+            path = path[len(self.prefix):]
+        return "/" + path.lstrip("/")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        request = Request(scope, receive)
+        response = self.route(request, self._subpath(scope))
+        await response(scope, receive, send)
+
+    def route(self, request: Request, sub: str) -> Response:
+        if request.method not in ("GET", "HEAD"):
+            return PlainTextResponse("use GET\n", 405, headers={"Allow": "GET, HEAD"})
+        if sub in ("/", "/index.html"):
+            return HTMLResponse(self.page, headers=SECURITY_HEADERS)
+        if sub == "/status.json":
+            return JSONResponse(self.status(), headers={"Cache-Control": "no-store"})
+        if sub.startswith("/static/"):
+            file = self.static.get(sub[len("/static/"):])  # names only: no path traversal
+            if file is not None:
+                media = CONTENT_TYPES.get(file.suffix, "application/octet-stream")
+                return FileResponse(file, media_type=media, headers={
+                    "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
+        return PlainTextResponse(f"not found; the status page is {self.prefix}\n", 404)
+
+    def status(self) -> dict[str, Any]:
+        try:
+            scripts = self.host.status()
+        except Exception as e:  # the page must load even if the host cannot say
+            log.exception("ScriptHost.status() failed")
+            scripts = {"error": f"{type(e).__name__}: {e}"}
+        return {"version": dicomproxy.__version__, "scripts": json.loads(json.dumps(scripts, default=str))}
+
+
+def install(gateway: Gateway) -> StatusPage:
+    """Mount the page at ``/dicomproxy/ui``."""
+    page = StatusPage(gateway.host, gateway.settings.tus.base_path)
+    gateway.mount(PREFIX, page)
+    return page

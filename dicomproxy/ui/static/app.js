@@ -1,0 +1,358 @@
+/* DicomProxy status page.
+ *
+ * Plain browser JavaScript, no build step. Reads the gateway's own API (same origin, so the
+ * browser sends the same credentials it used for this page): /dicomproxy/health,
+ * /dicomproxy/tasks, /dicomproxy/ui/status.json (scripts), /dicomproxy/notifications (JSON,
+ * then the SSE stream). Uploads go through the TUS endpoint with tus-js-client (window.tus),
+ * served from the package next to this file.
+ *
+ * Everything from the server is put into the page with textContent, never as HTML.
+ */
+(function () {
+  "use strict";
+
+  var cfg = document.body.dataset;
+  var refreshMs = parseInt(cfg.refreshMs || "5000", 10);
+
+  // ------------------------------------------------------------------ helpers
+  function $(id) { return document.getElementById(id); }
+
+  function el(tag, props) {
+    var node = document.createElement(tag);
+    var children = Array.prototype.slice.call(arguments, 2);
+    Object.keys(props || {}).forEach(function (k) {
+      if (k === "className") node.className = props[k];
+      else if (k === "text") node.textContent = props[k];
+      else node.setAttribute(k, props[k]);
+    });
+    children.forEach(function (c) {
+      if (c === null || c === undefined) return;
+      node.appendChild(typeof c === "string" ? document.createTextNode(c) : c);
+    });
+    return node;
+  }
+
+  function badge(text, cls) { return el("span", { className: "badge " + (cls || text), text: text }); }
+
+  function clear(node) { while (node.firstChild) node.removeChild(node.firstChild); }
+
+  function getJSON(url) {
+    return fetch(url, { headers: { Accept: "application/json" }, cache: "no-store", credentials: "same-origin" })
+      .then(function (r) {
+        if (!r.ok) throw new Error("GET " + url + ": " + r.status + " " + r.statusText);
+        return r.json();
+      });
+  }
+
+  function fmtTime(value) {
+    if (value === null || value === undefined || value === "") return "";
+    var d = typeof value === "number" ? new Date(value < 1e12 ? value * 1000 : value) : new Date(value);
+    return isNaN(d.getTime()) ? String(value) : d.toLocaleTimeString();
+  }
+
+  function scalar(v) {
+    if (v === null || v === undefined) return "";
+    if (typeof v === "object") return JSON.stringify(v);
+    return String(v);
+  }
+
+  // A link from a notification is followed only if it is a path here or an http(s) URL.
+  function safeHref(link) {
+    if (typeof link !== "string" || !link) return null;
+    if (/^\/(?!\/)/.test(link) || /^https?:\/\//i.test(link)) return link;
+    return null;
+  }
+
+  // ------------------------------------------------------------------ health
+  function isObj(v) { return v && typeof v === "object" && !Array.isArray(v); }
+
+  function components(health) {
+    // Accept {"components": {...}} / {"checks": {...}} or the entries at the top level.
+    var src = isObj(health.components) ? health.components : isObj(health.checks) ? health.checks : health;
+    var out = {};
+    Object.keys(src).forEach(function (k) { if (isObj(src[k])) out[k] = src[k]; });
+    return out;
+  }
+
+  function okState(entry) {
+    if (!isObj(entry)) return "unknown";
+    if (entry.ok === true || entry.reachable === true) return "ok";
+    if (entry.ok === false || entry.reachable === false) return "bad";
+    return "unknown";
+  }
+
+  function findComponent(comps, names) {
+    for (var i = 0; i < names.length; i++) {
+      for (var k in comps) if (k.toLowerCase() === names[i]) return comps[k];
+    }
+    return null;
+  }
+
+  // Depth-first search for a key matching `re` with a numeric value (e.g. the spool depth).
+  function findNumber(obj, re, depth) {
+    if (!isObj(obj) || depth > 3) return null;
+    for (var k in obj) if (re.test(k) && typeof obj[k] === "number") return { key: k, value: obj[k] };
+    for (var j in obj) {
+      var hit = findNumber(obj[j], re, depth + 1);
+      if (hit) return hit;
+    }
+    return null;
+  }
+
+  function reachability(entry) {
+    var node = el("span", {});
+    if (!entry) { node.appendChild(badge("not reported", "unknown")); return node; }
+    var state = okState(entry);
+    node.appendChild(badge(state === "ok" ? "reachable" : state === "bad" ? "unreachable" : "unknown", state));
+    var where = entry.url || entry.target || entry.upstream || entry.address || "";
+    if (typeof where === "object") where = scalar(where);
+    if (where) node.appendChild(el("span", { className: "muted", text: " " + where }));
+    if (entry.error) node.appendChild(el("div", { className: "muted", text: scalar(entry.error) }));
+    return node;
+  }
+
+  function renderHealth(health) {
+    var comps = components(health);
+    var overall = health.status || (health.ok === false ? "degraded" : health.ok === true ? "ok" : "unknown");
+    var o = $("overall");
+    o.textContent = overall;
+    o.className = "badge " + (overall === "ok" ? "ok" : overall === "unknown" ? "unknown" : "bad");
+
+    var http = findComponent(comps, ["upstream", "upstream_http", "http", "proxy", "pacs"]);
+    var dicom = findComponent(comps, ["dicom_upstream", "upstream_dicom", "dicom"]);
+    var dicomUp = dicom && (isObj(dicom.upstream) ? dicom.upstream : dicom);
+    clear($("upstream-http")); $("upstream-http").appendChild(reachability(http));
+    clear($("upstream-dicom")); $("upstream-dicom").appendChild(reachability(dicomUp));
+    var spool = findNumber(dicom || {}, /spool/i, 0) || findNumber(comps, /spool/i, 0);
+    $("spool-depth").textContent = spool ? spool.value + (spool.value === 1 ? " instance" : " instances") +
+      " waiting to be forwarded" : "not reported";
+
+    var box = $("health-components");
+    clear(box);
+    Object.keys(comps).sort().forEach(function (name) {
+      var entry = comps[name];
+      var dl = el("dl", {});
+      Object.keys(entry).forEach(function (k) {
+        if (k === "ok") return;
+        dl.appendChild(el("dt", { text: k }));
+        dl.appendChild(el("dd", { text: scalar(entry[k]) }));
+      });
+      var state = okState(entry);
+      box.appendChild(el("div", { className: "component" },
+        el("strong", { text: name + " " }), badge(state === "bad" ? "degraded" : state, state), dl));
+    });
+  }
+
+  // ------------------------------------------------------------------ scripts
+  function renderScripts(status) {
+    var s = isObj(status.scripts) ? status.scripts : status;
+    var body = $("scripts-body");
+    clear(body);
+    // Accept {"scripts": {"main.lua": {...}}} or {"scripts": [{"name": ...}]}
+    var entries = [];
+    var list = s.scripts !== undefined ? s.scripts : s.engines !== undefined ? s.engines : s;
+    if (Array.isArray(list)) {
+      list.forEach(function (e) { entries.push([e.name || e.path || e.script || e.type || "?", e]); });
+    } else if (isObj(list)) {
+      Object.keys(list).forEach(function (k) { if (isObj(list[k])) entries.push([k, list[k]]); });
+    }
+    if (!entries.length) {
+      body.appendChild(el("tr", {}, el("td", { colspan: "3", className: "muted", text: "no scripts loaded" })));
+    }
+    entries.forEach(function (pair) {
+      var e = pair[1];
+      var loaded = e.loaded !== undefined ? e.loaded : e.exists !== undefined ? e.exists : e.ok;
+      var state = e.error ? badge("error", "bad") : loaded === false ? badge("not loaded", "unknown")
+        : badge("loaded", "ok");
+      var cbs = e.callbacks || e.defines || e.functions || [];
+      if (isObj(cbs)) cbs = Object.keys(cbs).filter(function (k) { return cbs[k]; });
+      var cbCell = el("td", { className: "callbacks" });
+      if (!cbs.length) cbCell.appendChild(el("span", { className: "muted", text: "none" }));
+      cbs.forEach(function (c) { cbCell.appendChild(el("code", { text: c })); });
+      var nameCell = el("td", {}, el("code", { text: pair[0] }));
+      if (e.path && e.path !== pair[0]) nameCell.appendChild(el("div", { className: "muted", text: e.path }));
+      if (e.error) nameCell.appendChild(el("div", { className: "muted", text: scalar(e.error) }));
+      body.appendChild(el("tr", {}, nameCell, el("td", {}, state), cbCell));
+    });
+    var err = s.last_reload_error || s.last_error || s.reload_error || status.last_reload_error || null;
+    if (isObj(err)) err = (err.time ? fmtTime(err.time) + "  " : "") + (err.message || err.error || scalar(err));
+    $("reload-error").hidden = !err;
+    $("reload-error-text").textContent = err ? String(err) : "";
+  }
+
+  // ------------------------------------------------------------------ tasks
+  function renderTasks(data) {
+    var tasks = Array.isArray(data) ? data : data.tasks || [];
+    var body = $("tasks-body");
+    clear(body);
+    var counts = {};
+    tasks.forEach(function (t) { counts[t.state] = (counts[t.state] || 0) + 1; });
+    $("tasks-summary").textContent = Object.keys(counts).map(function (k) { return counts[k] + " " + k; }).join(", ");
+    if (!tasks.length) {
+      body.appendChild(el("tr", {}, el("td", { colspan: "4", className: "muted", text: "no tasks" })));
+      return;
+    }
+    tasks.slice().sort(function (a, b) { return scalar(b.created).localeCompare(scalar(a.created)); })
+      .slice(0, 50).forEach(function (t) {
+        body.appendChild(el("tr", {},
+          el("td", {}, el("div", { text: t.title || t.kind || t.id }), el("code", { className: "muted", text: t.kind || "" })),
+          el("td", {}, badge(t.state || "?", t.state)),
+          el("td", { text: fmtTime(t.created) }),
+          el("td", { text: t.error ? scalar(t.error) : scalar(t.result) })));
+      });
+  }
+
+  // ------------------------------------------------------------------ polling
+  function refresh() {
+    var jobs = [
+      getJSON(cfg.healthUrl).then(renderHealth),
+      getJSON(cfg.statusUrl).then(renderScripts),
+      getJSON(cfg.tasksUrl).then(renderTasks),
+    ];
+    Promise.allSettled(jobs).then(function (results) {
+      var failed = results.filter(function (r) { return r.status === "rejected"; });
+      $("updated").textContent = failed.length
+        ? "update failed: " + failed[0].reason.message
+        : "updated " + new Date().toLocaleTimeString();
+    }).finally(function () { setTimeout(refresh, refreshMs); });
+  }
+
+  // ------------------------------------------------------------------ notifications
+  var seen = {};
+  var lastId = 0;
+  var uploadsById = {};
+
+  function addNotification(n, live) {
+    if (seen[n.id]) return;
+    seen[n.id] = true;
+    lastId = Math.max(lastId, n.id);
+    var title = el("div", { className: "title" }, n.title, el("span", { className: "kind", text: n.kind }));
+    var li = el("li", { className: "level-" + (n.level || "info") + (live ? " new" : ""), "data-id": String(n.id),
+      "data-kind": n.kind }, el("time", { datetime: n.time, text: fmtTime(n.time) }), title);
+    if (n.body) li.appendChild(el("div", { className: "body", text: n.body }));
+    var href = safeHref(n.link);
+    if (href) li.appendChild(el("div", { className: "link" }, el("a", { href: href, text: n.link })));
+    else if (n.link) li.appendChild(el("div", { className: "link muted", text: n.link }));
+    var list = $("feed-list");
+    // newest first; keep the order by id even if the initial load and the stream interleave
+    var before = null;
+    for (var i = 0; i < list.children.length; i++) {
+      if (parseInt(list.children[i].dataset.id, 10) < n.id) { before = list.children[i]; break; }
+    }
+    list.insertBefore(li, before);
+    while (list.children.length > 200) list.removeChild(list.lastChild);
+    $("feed-empty").hidden = true;
+    matchUpload(n);
+  }
+
+  function connectFeed() {
+    var state = $("feed-state");
+    getJSON(cfg.notificationsUrl + "?limit=100").then(function (items) {
+      items.slice().reverse().forEach(function (n) { addNotification(n, false); });
+    }).catch(function () { /* the stream below still works */ }).finally(function () {
+      if (!window.EventSource) { state.textContent = "no live updates"; return; }
+      var url = cfg.streamUrl + (lastId ? "?after=" + lastId : "");
+      var es = new EventSource(url, { withCredentials: true });
+      es.addEventListener("open", function () { state.textContent = "live"; state.className = "badge ok"; });
+      es.addEventListener("error", function () { state.textContent = "reconnecting"; state.className = "badge unknown"; });
+      es.addEventListener("notification", function (ev) {
+        try { addNotification(JSON.parse(ev.data), true); } catch (e) { /* ignore a malformed event */ }
+      });
+    });
+  }
+
+  // ------------------------------------------------------------------ uploads
+  function containsValue(obj, wanted, depth) {
+    if (depth > 3 || obj === null || obj === undefined) return false;
+    if (typeof obj === "string") return wanted.some(function (w) { return w && (obj === w || obj.endsWith("/" + w)); });
+    if (typeof obj === "object") {
+      for (var k in obj) if (containsValue(obj[k], wanted, depth + 1)) return true;
+    }
+    return false;
+  }
+
+  // An "upload.imported" / "import.failed" notification for one of our uploads updates its row.
+  function matchUpload(n) {
+    if (n.kind !== "upload.imported" && n.kind !== "import.failed") return;
+    Object.keys(uploadsById).forEach(function (id) {
+      var u = uploadsById[id];
+      if (u.done) return;
+      if (containsValue(n.data, [id, u.url], 0) || containsValue([n.title, n.body], [id], 0)) {
+        u.done = true;
+        var ok = n.kind === "upload.imported";
+        u.row.classList.add(ok ? "imported" : "failed");
+        u.state.textContent = (ok ? "imported: " : "import failed: ") + n.title + (n.body ? " \u2014 " + n.body : "");
+      }
+    });
+  }
+
+  function startUpload(file) {
+    var bar = el("progress", { max: "100", value: "0" });
+    var percent = el("span", { className: "percent", text: "0%" });
+    var state = el("div", { className: "state", text: "starting\u2026" });
+    var row = el("li", { "data-name": file.name }, el("span", { className: "name", title: file.name, text: file.name }),
+      bar, percent, state);
+    $("uploads").appendChild(row);
+    if (!window.tus || !window.tus.isSupported) {
+      row.classList.add("failed");
+      state.textContent = "this browser cannot upload with TUS";
+      return;
+    }
+    var type = file.type || (/\.zip$/i.test(file.name) ? "application/zip" : "application/dicom");
+    var upload = new window.tus.Upload(file, {
+      endpoint: cfg.tusEndpoint,
+      metadata: { filename: file.name, filetype: type },
+      retryDelays: [0, 1000, 3000, 5000],
+      removeFingerprintOnSuccess: true,
+      onProgress: function (sent, total) {
+        var p = total ? Math.floor((sent / total) * 100) : 0;
+        bar.value = p;
+        percent.textContent = p + "%";
+        state.textContent = "uploading\u2026";
+      },
+      onSuccess: function () {
+        bar.value = 100;
+        percent.textContent = "100%";
+        var id = upload.url ? upload.url.replace(/\/+$/, "").split("/").pop() : "";
+        var entry = uploadsById[id];
+        if (!entry || !entry.done) state.textContent = "uploaded; importing\u2026";
+        row.classList.add("uploaded");
+      },
+      onError: function (err) {
+        row.classList.add("failed");
+        state.textContent = "upload failed: " + (err && err.message ? err.message : err);
+      },
+      onUploadUrlAvailable: function () {
+        var id = upload.url.replace(/\/+$/, "").split("/").pop();
+        row.dataset.uploadId = id;
+        uploadsById[id] = { row: row, state: state, url: upload.url, done: false };
+      },
+    });
+    upload.findPreviousUploads().then(function (previous) {
+      if (previous.length) upload.resumeFromPreviousUpload(previous[0]);
+      upload.start();
+    });
+  }
+
+  function setupUpload() {
+    var input = $("upload-input");
+    var zone = $("dropzone");
+    input.addEventListener("change", function () {
+      Array.prototype.forEach.call(input.files, startUpload);
+      input.value = "";
+    });
+    ["dragenter", "dragover"].forEach(function (t) {
+      zone.addEventListener(t, function (e) { e.preventDefault(); zone.classList.add("over"); });
+    });
+    ["dragleave", "drop"].forEach(function (t) {
+      zone.addEventListener(t, function (e) { e.preventDefault(); zone.classList.remove("over"); });
+    });
+    zone.addEventListener("drop", function (e) {
+      Array.prototype.forEach.call(e.dataTransfer.files, startUpload);
+    });
+  }
+
+  setupUpload();
+  connectFeed();
+  refresh();
+})();
