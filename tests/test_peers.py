@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -18,7 +19,7 @@ from pydicom.uid import (
 )
 
 from tests.dicom_samples import make_instance, make_study, make_zip, pixel_values
-from tests.peers import OrthancServer, dcmtk, free_port, require_binary, run_dcmtk
+from tests.peers import OrthancServer, dcmtk, free_port, require_binary, run_dcmtk, run_node
 
 
 def test_free_port_is_bindable() -> None:
@@ -157,3 +158,19 @@ def test_orthanc_cmoves_to_a_declared_storescp(
     )
     assert len(scp.wait_for_files(2)) == 2
     fresh_orthanc.remove_modality("movedest")
+
+
+def test_node_resolves_tus_js_client() -> None:
+    proc = run_node(
+        "const tus = require('tus-js-client');"
+        "const pkg = require('tus-js-client/package.json');"
+        "console.log(JSON.stringify({upload: typeof tus.Upload, version: pkg.version}));"
+    )
+    info = json.loads(proc.stdout)
+    assert info["upload"] == "function"
+    assert int(info["version"].split(".")[0]) >= 4
+
+
+def test_gateway_that_dies_at_start_fails_with_its_log(gateway_factory) -> None:
+    with pytest.raises(pytest.fail.Exception, match=r"(?s)gateway exited with status \d+.*log tail"):
+        gateway_factory({"Urls": "ftp://not-a-valid-listen-url"}, timeout=20)
