@@ -1,0 +1,237 @@
+"""Mail through a real SMTP server (aiosmtpd on a free loopback port).
+
+The transport tests talk to aiosmtpd directly; the gateway tests (further down) start the
+gateway as a real process with Smtp pointing at the same kind of server and drive it through
+its Lua scripts and app events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
+
+from dicomproxy.mail import Mail, PermanentMailError, SmtpTransport
+from dicomproxy.settings import SmtpSettings
+from tests.peers import LOOPBACK, free_port
+
+OPENSSL = "/usr/bin/openssl"
+
+
+# ----------------------------------------------------------------------------- the SMTP peer
+@dataclass
+class Received:
+    sender: str
+    recipients: list[str]
+    message: EmailMessage
+    secure: bool
+    login: str | None
+
+    def text(self) -> str:
+        return self.message.get_body(("plain",)).get_content()
+
+    def html(self) -> str:
+        return self.message.get_body(("html",)).get_content()
+
+
+@dataclass
+class SmtpSink:
+    """A real aiosmtpd server; ``messages`` collects what arrives (thread-safe)."""
+
+    tls_context: ssl.SSLContext | None = None
+    require_starttls: bool = False
+    users: dict[str, str] = field(default_factory=dict)
+    implicit_tls: ssl.SSLContext | None = None  # TLS from the first byte (Smtp:Security Tls)
+    temp_failures: int = 0  # answer 451 to this many DATA commands first
+    messages: list[Received] = field(default_factory=list)
+    attempts: int = 0
+    port: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _controller: Controller | None = None
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+        with self._lock:
+            self.attempts += 1
+            if self.temp_failures > 0:
+                self.temp_failures -= 1
+                return "451 4.3.0 try again later"
+            message = message_from_bytes(envelope.content, policy=policy.default)
+            login = session.auth_data.login.decode() if isinstance(session.auth_data, LoginPassword) else None
+            secure = bool(session.ssl) or server.transport.get_extra_info("ssl_object") is not None
+            self.messages.append(
+                Received(envelope.mail_from, list(envelope.rcpt_tos), message, secure, login))
+        return "250 2.0.0 OK"
+
+    def _authenticate(self, server: Any, session: Any, envelope: Any, mechanism: str,
+                      data: Any) -> AuthResult:
+        ok = isinstance(data, LoginPassword) and self.users.get(data.login.decode()) == data.password.decode()
+        return AuthResult(success=ok, handled=False, auth_data=data if ok else None)
+
+    def start(self) -> SmtpSink:
+        self.port = free_port()
+        kwargs: dict[str, Any] = {}
+        if self.tls_context is not None:
+            kwargs.update(tls_context=self.tls_context, require_starttls=self.require_starttls)
+        if self.implicit_tls is not None:
+            kwargs.update(ssl_context=self.implicit_tls)
+        if self.users:
+            kwargs.update(authenticator=self._authenticate, auth_require_tls=self.tls_context is not None)
+        self._controller = Controller(self, hostname=LOOPBACK, port=self.port, ready_timeout=10, **kwargs)
+        self._controller.start()
+        return self
+
+    def stop(self) -> None:
+        if self._controller is not None:
+            self._controller.stop()
+            self._controller = None
+
+    def wait_for(self, count: int, timeout: float = 15) -> list[Received]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if len(self.messages) >= count:
+                    return list(self.messages)
+            time.sleep(0.05)
+        pytest.fail(f"expected {count} mail(s) at the SMTP server within {timeout}s, "
+                    f"got {len(self.messages)}", pytrace=False)
+        raise AssertionError("unreachable")
+
+    def assert_nothing_arrives(self, within: float) -> None:
+        """Bounded wait: nothing may arrive in ``within`` seconds."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            assert not self.messages, f"no mail expected, got {[m.message['Subject'] for m in self.messages]}"
+            time.sleep(0.05)
+        assert not self.messages and self.attempts == 0
+
+
+@pytest.fixture
+def smtp_factory() -> Iterator[Callable[..., SmtpSink]]:
+    made: list[SmtpSink] = []
+
+    def make(**kwargs: Any) -> SmtpSink:
+        sink = SmtpSink(**kwargs)
+        made.append(sink)
+        return sink.start()
+
+    yield make
+    for sink in made:
+        sink.stop()
+
+
+@pytest.fixture
+def smtp(smtp_factory: Callable[..., SmtpSink]) -> SmtpSink:
+    return smtp_factory()
+
+
+@pytest.fixture(scope="module")
+def self_signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (openssl), as (cert.pem, key.pem)."""
+    if not shutil.which(OPENSSL):
+        pytest.fail(f"{OPENSSL} is missing: run scripts/install.sh (apt-get install openssl)", pytrace=False)
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        [OPENSSL, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )
+    return cert, key
+
+
+def server_tls(cert: Path, key: Path) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+def smtp_settings(port: int, **over: Any) -> SmtpSettings:
+    values: dict[str, Any] = dict(host=LOOPBACK, port=port, security="None", username="", password="",
+                                  sender="gateway@example.org", timeout=5.0, retries=2, retry_delay=0.05)
+    values.update(over)
+    return SmtpSettings(**values)
+
+
+MAIL = Mail("gateway@example.org", ("ops@example.org", "lead@example.org"), "Hello", "plain text",
+            "<p>html</p>")
+
+
+# ----------------------------------------------------------------------------- transport
+async def test_transport_delivers_text_and_html(smtp: SmtpSink) -> None:
+    assert await SmtpTransport(smtp_settings(smtp.port)).send(MAIL) == 1
+    (got,) = await asyncio.to_thread(smtp.wait_for, 1)
+    assert got.sender == "gateway@example.org"
+    assert got.recipients == ["ops@example.org", "lead@example.org"]
+    assert got.message["Subject"] == "Hello"
+    assert got.text().strip() == "plain text" and got.html().strip() == "<p>html</p>"
+    assert not got.secure
+
+
+async def test_transport_retries_temporary_failures(smtp_factory: Callable[..., SmtpSink]) -> None:
+    smtp = smtp_factory(temp_failures=2)
+    assert await SmtpTransport(smtp_settings(smtp.port, retries=2)).send(MAIL) == 3
+    assert smtp.attempts == 3 and len(smtp.messages) == 1
+
+
+async def test_transport_gives_up_after_the_configured_retries(smtp_factory: Callable[..., SmtpSink]) -> None:
+    smtp = smtp_factory(temp_failures=10)
+    started = time.monotonic()
+    with pytest.raises(Exception, match="451"):
+        await SmtpTransport(smtp_settings(smtp.port, retries=1)).send(MAIL)
+    assert smtp.attempts == 2 and not smtp.messages
+    assert time.monotonic() - started < 5
+
+
+async def test_transport_connection_refused_is_retried_then_raised() -> None:
+    port = free_port()  # nothing listens there
+    with pytest.raises(Exception) as info:
+        await SmtpTransport(smtp_settings(port, retries=1, timeout=2)).send(MAIL)
+    assert "Connect" in type(info.value).__name__ or isinstance(info.value, OSError)
+
+
+async def test_transport_starttls_with_self_signed_cert_and_auth(
+    smtp_factory: Callable[..., SmtpSink], self_signed: tuple[Path, Path]
+) -> None:
+    cert, key = self_signed
+    smtp = smtp_factory(tls_context=server_tls(cert, key), require_starttls=True, users={"mailer": "s3cret"})
+    settings = smtp_settings(smtp.port, security="StartTls", username="mailer", password="s3cret",
+                             ca_file=cert)
+    assert await SmtpTransport(settings).send(MAIL) == 1
+    (got,) = smtp.messages
+    assert got.secure and got.login == "mailer"
+
+    # Without trusting the certificate the handshake fails, and that is not retried into success.
+    untrusted = smtp_settings(smtp.port, security="StartTls", username="mailer", password="s3cret", retries=0)
+    with pytest.raises(Exception, match="(?i)certificate"):
+        await SmtpTransport(untrusted).send(MAIL)
+    # A wrong password is a permanent 535: no retries.
+    wrong = smtp_settings(smtp.port, security="StartTls", username="mailer", password="nope", ca_file=cert,
+                          retries=3, retry_delay=5)
+    started = time.monotonic()
+    with pytest.raises(PermanentMailError, match="535"):
+        await SmtpTransport(wrong).send(MAIL)
+    assert time.monotonic() - started < 4
+    assert len(smtp.messages) == 1
+
+
+async def test_transport_implicit_tls(
+    smtp_factory: Callable[..., SmtpSink], self_signed: tuple[Path, Path]
+) -> None:
+    cert, key = self_signed
+    smtp = smtp_factory(implicit_tls=server_tls(cert, key))
+    assert await SmtpTransport(smtp_settings(smtp.port, security="Tls", ca_file=cert)).send(MAIL) == 1
+    (got,) = smtp.messages
+    assert got.secure and got.message["Subject"] == "Hello"
