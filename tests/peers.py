@@ -25,6 +25,9 @@ Helpers (this module)::
     wait_until(predicate, timeout=10, interval=0.1, what="...") -> value   polls; fails with `what`
     run_node(script, *args, timeout=60, check=True) -> CompletedProcess
                              runs JavaScript with require('tus-js-client') resolvable (tests/js)
+    chromium() -> "/usr/bin/chromium"   for Playwright: launch(executable_path=chromium(),
+                                         args=["--no-sandbox"])
+    deep_merge(base, over) -> dict      case-insensitive deep merge (like the config loader)
 
 OrthancServer (``/usr/sbin/Orthanc`` 1.10 + DICOMweb plugin 1.7)::
 
@@ -84,6 +87,8 @@ DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 ORTHANC_HINT = "run scripts/install.sh (apt-get install orthanc orthanc-dicomweb)"
 DCMTK_HINT = "run scripts/install.sh (apt-get install dcmtk)"
 NODE_HINT = "run scripts/install.sh (apt-get install nodejs npm; npm ci in tests/js)"
+CHROMIUM_BIN = "/usr/bin/chromium"
+CHROMIUM_HINT = "run scripts/install.sh (apt-get install chromium)"
 
 LOOPBACK = "127.0.0.1"
 T = TypeVar("T")
@@ -164,6 +169,12 @@ def run_node(
             f"node exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}", pytrace=False
         )
     return proc
+
+
+def chromium() -> str:
+    """The system Chromium for Playwright: ``p.chromium.launch(executable_path=chromium(),
+    args=["--no-sandbox"])`` (Playwright's own browser download is not used)."""
+    return require_binary(CHROMIUM_BIN, CHROMIUM_HINT)
 
 
 def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

@@ -19,7 +19,15 @@ from pydicom.uid import (
 )
 
 from tests.dicom_samples import make_instance, make_study, make_zip, pixel_values
-from tests.peers import OrthancServer, dcmtk, free_port, require_binary, run_dcmtk, run_node
+from tests.peers import (
+    OrthancServer,
+    chromium,
+    dcmtk,
+    free_port,
+    require_binary,
+    run_dcmtk,
+    run_node,
+)
 
 
 def test_free_port_is_bindable() -> None:
@@ -174,3 +182,16 @@ def test_node_resolves_tus_js_client() -> None:
 def test_gateway_that_dies_at_start_fails_with_its_log(gateway_factory) -> None:
     with pytest.raises(pytest.fail.Exception, match=r"(?s)gateway exited with status \d+.*log tail"):
         gateway_factory({"Urls": "ftp://not-a-valid-listen-url"}, timeout=20)
+
+
+def test_playwright_drives_the_system_chromium() -> None:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.set_content("<h1 id=t>peer ok</h1>")
+            assert page.inner_text("#t") == "peer ok"
+        finally:
+            browser.close()
