@@ -205,8 +205,7 @@ class NotificationFeed:
     def subscribe(self) -> Subscription:
         sub = Subscription(self._backlog)
         if self.closed:
-            sub.closed = True
-            sub.push(None)
+            self._drop(sub)
         else:
             self._subscribers.add(sub)
         return sub
@@ -216,10 +215,10 @@ class NotificationFeed:
 
     def _drop(self, sub: Subscription) -> None:
         self._subscribers.discard(sub)
-        sub.closed = True
         while not sub.queue.empty():
             sub.queue.get_nowait()
-        sub.push(None)
+        sub.push(None)  # the end-of-stream marker
+        sub.closed = True
 
     def close(self) -> None:
         """End every live stream (shutdown)."""
