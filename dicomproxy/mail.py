@@ -353,8 +353,11 @@ class Mailer:
         """Run the hook and deliver in the background. Callable from any thread: app events
         from the DICOM side are emitted on pynetdicom's threads, but Lua runs on the loop."""
         loop = self._loop
-        if loop is None:
-            raise RuntimeError("the mailer is not started (gateway.add_component(mailer) runs start())")
+        if loop is None:  # an event during start-up, before start() ran: we are on the loop
+            try:
+                loop = self._loop = asyncio.get_running_loop()
+            except RuntimeError:
+                raise RuntimeError("the mailer is not started (gateway.add_component runs start())") from None
 
         def create() -> None:
             task = loop.create_task(self._process(mail, where))

@@ -294,10 +294,13 @@ class Notifier:
 
     def _spawn(self, coro: Any) -> None:
         loop = self._loop
-        if loop is None:
-            coro.close()
-            log.warning("notification dropped: the notifier is not started")
-            return
+        if loop is None:  # an event during start-up, before start() ran: we are on the loop
+            try:
+                loop = self._loop = asyncio.get_running_loop()
+            except RuntimeError:
+                coro.close()
+                log.warning("notification dropped: the notifier is not started")
+                return
 
         def create() -> None:
             task = loop.create_task(coro)
