@@ -71,6 +71,7 @@ DEFAULTS: dict[str, Any] = {
         "ForwardRetrySeconds": 2,
         "ForwardMaxRetrySeconds": 60,
         "ForwardMaxAttempts": 0,
+        "ForwardConcurrency": 4,
     },
     "Smtp": {
         "Host": "",
@@ -306,6 +307,7 @@ class DicomSettings:
     forward_retry: float
     forward_max_retry: float
     forward_max_attempts: int
+    forward_concurrency: int = 4
 
 
 @dataclass(frozen=True)
@@ -515,6 +517,7 @@ def build_settings(tree: ConfigTree, root: Path, file: Path | None) -> Settings:
             forward_retry=tree.float("Dicom:ForwardRetrySeconds", 0.01),
             forward_max_retry=tree.float("Dicom:ForwardMaxRetrySeconds", 0.01),
             forward_max_attempts=tree.int("Dicom:ForwardMaxAttempts", 0),
+            forward_concurrency=tree.int("Dicom:ForwardConcurrency", 1),
         ),
         smtp=SmtpSettings(
             host=tree.str("Smtp:Host"),
