@@ -26,7 +26,7 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from dicomproxy.mail import Mail, PermanentMailError, SmtpTransport
 from dicomproxy.settings import SmtpSettings
-from tests.peers import LOOPBACK, free_port
+from tests.peers import LOOPBACK, GatewayProcess, free_port, wait_until
 
 OPENSSL = "/usr/bin/openssl"
 
@@ -61,6 +61,13 @@ class SmtpSink:
     port: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _controller: Controller | None = None
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,  # noqa: N802
+                          rcpt_options: list[str]) -> str:
+        if address.startswith("reject"):
+            return "550 5.1.1 no such user here"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
         with self._lock:
@@ -235,3 +242,176 @@ async def test_transport_implicit_tls(
     assert await SmtpTransport(smtp_settings(smtp.port, security="Tls", ca_file=cert)).send(MAIL) == 1
     (got,) = smtp.messages
     assert got.secure and got.message["Subject"] == "Hello"
+
+
+# ----------------------------------------------------------------------------- through the gateway
+MAIL_SCRIPT = r"""
+function onSendMail(mail)
+  if mail.Subject == "drop me" then return true end
+  if mail.Subject == "edit me" then
+    mail.Subject = "edited by onSendMail"
+    mail.To = "edited@example.org"
+    mail.TextBody = mail.TextBody .. " + checked by onSendMail"
+  end
+  if mail.Subject == "break me" then mail.To = "broken address" end
+  if string.find(mail.Subject, "[DicomProxy]", 1, true) then
+    mail.HtmlBody = mail.HtmlBody .. "<p>footer from onSendMail</p>"
+  end
+  return false
+end
+
+local mails = {
+  ["/test/mail/plain"] = {To = "script@example.org", Subject = "from a script",
+                          TextBody = "hello", HtmlBody = "<p>hello</p>"},
+  ["/test/mail/many"] = {From = "other@example.org", To = {"a@example.org", "b@example.org"},
+                         Subject = "two recipients", TextBody = "x"},
+  ["/test/mail/edit"] = {To = "script@example.org", Subject = "edit me", TextBody = "original"},
+  ["/test/mail/drop"] = {To = "script@example.org", Subject = "drop me", TextBody = "x"},
+  ["/test/mail/break"] = {To = "script@example.org", Subject = "break me", TextBody = "x"},
+  ["/test/mail/reject"] = {To = "reject@example.org", Subject = "refused by the server"},
+  ["/test/mail/bad"] = {To = "not an address", Subject = "bad"},
+  ["/test/mail/badfrom"] = {From = "a..b@example.org", To = "x@example.org"},
+}
+
+function onHttpRequest(req)
+  local m = mails[req.Path]
+  if m == nil then return false end
+  local ok, err = pcall(SendMail, m)
+  req:ResponseWrite(ok and "queued" or ("error: " .. tostring(err)))
+  return true
+end
+"""
+
+
+def mail_settings(smtp: SmtpSink, **smtp_over: Any) -> dict[str, Any]:
+    return {
+        "Smtp": {"Host": LOOPBACK, "Port": smtp.port, "From": "gateway@example.org", "Retries": 1,
+                 "RetrySeconds": 0.2, "TimeoutSeconds": 5, **smtp_over},
+        "Notifications": {"Email": [{"Events": ["script.failed", "upload.imported"],
+                                     "To": ["ops@example.org"]}]},
+    }
+
+
+@pytest.fixture
+def mail_gateway(gateway_factory: Callable[..., GatewayProcess], smtp: SmtpSink) -> GatewayProcess:
+    return gateway_factory(mail_settings(smtp), {"main.lua": MAIL_SCRIPT})
+
+
+def trigger(gateway: GatewayProcess, path: str) -> str:
+    resp = gateway.get(path, timeout=10)
+    assert resp.status_code == 200, (resp.status_code, resp.text, gateway.log_text()[-3000:])
+    return resp.text
+
+
+def feed(gateway: GatewayProcess) -> list[dict[str, Any]]:
+    resp = gateway.get("/dicomproxy/notifications")
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def test_script_send_mail_arrives(mail_gateway: GatewayProcess, smtp: SmtpSink) -> None:
+    assert trigger(mail_gateway, "/test/mail/plain") == "queued"
+    (got,) = smtp.wait_for(1)
+    assert got.sender == "gateway@example.org"  # Smtp:From, as the script gave none
+    assert got.recipients == ["script@example.org"]
+    assert got.message["From"] == "gateway@example.org" and got.message["To"] == "script@example.org"
+    assert got.message["Subject"] == "from a script"
+    assert got.text().strip() == "hello" and got.html().strip() == "<p>hello</p>"
+
+    assert trigger(mail_gateway, "/test/mail/many") == "queued"
+    got = smtp.wait_for(2)[1]
+    assert got.sender == "other@example.org"
+    assert got.recipients == ["a@example.org", "b@example.org"]
+
+
+def test_on_send_mail_edits_are_sent(mail_gateway: GatewayProcess, smtp: SmtpSink) -> None:
+    assert trigger(mail_gateway, "/test/mail/edit") == "queued"
+    (got,) = smtp.wait_for(1)
+    assert got.recipients == ["edited@example.org"]
+    assert got.message["Subject"] == "edited by onSendMail"
+    assert got.text().strip() == "original + checked by onSendMail"
+
+
+def test_on_send_mail_returning_true_sends_nothing(mail_gateway: GatewayProcess, smtp: SmtpSink) -> None:
+    assert trigger(mail_gateway, "/test/mail/drop") == "queued"
+    smtp.assert_nothing_arrives(within=2.0)
+    # The gateway still sends others: the dropped one was not just slow.
+    trigger(mail_gateway, "/test/mail/plain")
+    (got,) = smtp.wait_for(1)
+    assert got.message["Subject"] == "from a script"
+    mail_gateway.wait_for_log("handled by onSendMail; not sent")
+
+
+def test_invalid_address_is_a_clear_lua_error(mail_gateway: GatewayProcess, smtp: SmtpSink) -> None:
+    text = trigger(mail_gateway, "/test/mail/bad")
+    assert text.startswith("error: ")
+    assert "SendMail: To: 'not an address' is not a valid email address" in text
+    text = trigger(mail_gateway, "/test/mail/badfrom")
+    assert "SendMail: From: 'a..b@example.org' is not a valid email address" in text
+    assert "doubled dot" in text
+    smtp.assert_nothing_arrives(within=1.0)
+
+
+def test_undeliverable_mail_raises_a_notification(mail_gateway: GatewayProcess, smtp: SmtpSink) -> None:
+    # an onSendMail edit that breaks the address: checked again, not sent, notified
+    trigger(mail_gateway, "/test/mail/break")
+    failed = wait_until(lambda: [n for n in feed(mail_gateway) if n["kind"] == "mail.failed"],
+                        what="a mail.failed notification")
+    assert "'broken address'" in failed[0]["body"] and "after onSendMail" in failed[0]["body"]
+    # the server refuses the recipient (550): permanent, not retried, notified
+    trigger(mail_gateway, "/test/mail/reject")
+    failed = wait_until(lambda: [n for n in feed(mail_gateway) if n["kind"] == "mail.failed"
+                                 and "550" in n["body"]], what="a mail.failed notification for the 550")
+    assert "reject@example.org" in failed[0]["body"]
+    assert not smtp.messages
+
+
+def test_app_event_mail_for_a_script_that_fails_to_load(mail_gateway: GatewayProcess, smtp: SmtpSink) -> None:
+    # A broken edit of main.lua: the gateway keeps the old script and emits script.failed,
+    # which the Notifications:Email rule mails to ops@ (through the old script's onSendMail).
+    mail_gateway.write_script("main.lua", MAIL_SCRIPT + "\nthis is not lua (\n")
+    (got,) = smtp.wait_for(1, timeout=20)
+    assert got.recipients == ["ops@example.org"]
+    assert got.sender == "gateway@example.org"
+    assert got.message["Subject"].startswith("[DicomProxy] ")
+    assert "main.lua" in got.text() and "Event: script.failed" in got.text()
+    assert "footer from onSendMail" in got.html()
+
+
+def test_sending_never_blocks_the_request(gateway_factory: Callable[..., GatewayProcess]) -> None:
+    dead = free_port()  # no SMTP server there: every attempt fails, with retries in between
+    gateway = gateway_factory(
+        {"Smtp": {"Host": LOOPBACK, "Port": dead, "Retries": 2, "RetrySeconds": 0.5, "TimeoutSeconds": 2}},
+        {"main.lua": MAIL_SCRIPT},
+    )
+    started = time.monotonic()
+    assert trigger(gateway, "/test/mail/plain") == "queued"
+    assert time.monotonic() - started < 1.0
+    failed = wait_until(lambda: [n for n in feed(gateway) if n["kind"] == "mail.failed"], timeout=20,
+                        what="a mail.failed notification after the retries")
+    assert "script@example.org" in failed[0]["body"]
+    assert gateway.log_text().count("mail to script@example.org: attempt") == 2  # Retries: 2
+
+
+def test_starttls_through_the_gateway(gateway_factory: Callable[..., GatewayProcess],
+                                      smtp_factory: Callable[..., SmtpSink],
+                                      self_signed: tuple[Path, Path]) -> None:
+    cert, key = self_signed
+    smtp = smtp_factory(tls_context=server_tls(cert, key), require_starttls=True, users={"mailer": "pw"})
+    gateway = gateway_factory(
+        mail_settings(smtp, Security="StartTls", CaFile=str(cert), Username="mailer", Password="pw"),
+        {"main.lua": MAIL_SCRIPT},
+    )
+    trigger(gateway, "/test/mail/plain")
+    (got,) = smtp.wait_for(1)
+    assert got.secure and got.login == "mailer"
+
+
+def test_bad_config_addresses_stop_the_start(gateway_factory: Callable[..., GatewayProcess],
+                                             smtp: SmtpSink) -> None:
+    settings = mail_settings(smtp)
+    settings["Notifications"]["Email"][0]["To"] = ["ops@example.org", "ops at example.org"]
+    gateway = gateway_factory(settings, start=False)
+    with pytest.raises(pytest.fail.Exception) as info:
+        gateway.start(timeout=20)
+    assert "Notifications:Email:0:To[2]: 'ops at example.org' is not a valid email address" in str(info.value)

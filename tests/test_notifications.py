@@ -1,0 +1,169 @@
+"""Notifications through the real gateway: ShowNotification, onNotificationShow, app events,
+the JSON feed and the Server-Sent Events stream."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import requests
+
+from tests.peers import GatewayProcess, wait_until
+
+SCRIPT = r"""
+function onNotificationShow(n)
+  if n.Title == "secret" then return true end
+  if n.Title == "edit me" then
+    n.Title = "edited"
+    n.Body = n.Body .. " (seen by onNotificationShow)"
+  end
+  if n.Kind == "script.failed" then n.Link = "/dicomproxy/ui" end
+  return false
+end
+
+local notes = {
+  ["/test/notify/plain"] = {Title = "plain one", Body = "hello", Link = "/dicomproxy/ui"},
+  ["/test/notify/edit"] = {Title = "edit me", Body = "body"},
+  ["/test/notify/secret"] = {Title = "secret", Body = "never shown"},
+  ["/test/notify/bad"] = {Title = "x", Link = "javascript:alert(1)"},
+  ["/test/notify/untitled"] = {Body = "no title"},
+}
+
+function onHttpRequest(req)
+  local n = notes[req.Path]
+  if n == nil then return false end
+  local ok, err = pcall(ShowNotification, n)
+  req:ResponseWrite(ok and "shown" or ("error: " .. tostring(err)))
+  return true
+end
+"""
+
+
+class SseReader:
+    """Reads an SSE response on a thread; ``events`` collects the parsed ``notification`` events."""
+
+    def __init__(self, url: str, headers: dict[str, str] | None = None) -> None:
+        self.response = requests.get(url, stream=True, timeout=(5, 60), headers=headers or {})
+        self.events: list[dict[str, Any]] = []
+        self.ids: list[str] = []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        event: dict[str, str] = {}
+        try:
+            for line in self.response.iter_lines(decode_unicode=True):
+                if line == "":
+                    if event.get("event") == "notification":
+                        self.ids.append(event.get("id", ""))
+                        self.events.append(json.loads(event["data"]))
+                    event = {}
+                elif not line.startswith(":") and ":" in line:
+                    key, _, value = line.partition(":")
+                    event[key] = value[1:] if value.startswith(" ") else value
+        except (requests.RequestException, AttributeError, ValueError):
+            pass  # closed by close()
+
+    def titles(self) -> list[str]:
+        return [e["title"] for e in self.events]
+
+    def close(self) -> None:
+        self.response.close()
+        self._thread.join(5)
+
+
+@pytest.fixture
+def gateway(gateway_factory: Callable[..., GatewayProcess]) -> GatewayProcess:
+    return gateway_factory({"Notifications": {"FeedSize": 5}}, {"main.lua": SCRIPT})
+
+
+@pytest.fixture
+def stream(gateway: GatewayProcess) -> Iterator[Callable[..., SseReader]]:
+    readers: list[SseReader] = []
+
+    def open_stream(path: str = "/dicomproxy/notifications/stream", **headers: str) -> SseReader:
+        reader = SseReader(gateway.url + path, headers)
+        assert reader.response.status_code == 200, reader.response.text
+        assert reader.response.headers["Content-Type"].startswith("text/event-stream")
+        readers.append(reader)
+        return reader
+
+    yield open_stream
+    for reader in readers:
+        reader.close()
+
+
+def show(gateway: GatewayProcess, what: str) -> str:
+    resp = gateway.get(f"/test/notify/{what}", timeout=10)
+    assert resp.status_code == 200, (resp.status_code, resp.text, gateway.log_text()[-3000:])
+    return resp.text
+
+
+def feed(gateway: GatewayProcess, query: str = "") -> list[dict[str, Any]]:
+    resp = gateway.get("/dicomproxy/notifications" + query)
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["Content-Type"].startswith("application/json")
+    return resp.json()
+
+
+def test_show_notification_hook_feed_and_stream(
+    gateway: GatewayProcess, stream: Callable[..., SseReader]
+) -> None:
+    live = stream()
+    via_accept = stream("/dicomproxy/notifications", Accept="text/event-stream")
+    assert show(gateway, "secret") == "shown"  # the call succeeds; the hook suppresses it
+    show(gateway, "edit")
+    show(gateway, "plain")
+    wait_until(lambda: len(live.events) >= 2 and len(via_accept.events) >= 2, what="2 events on both streams")
+    time.sleep(0.5)  # bounded: nothing else (the suppressed one) may follow
+    assert live.titles() == ["edited", "plain one"]
+    assert via_accept.titles() == ["edited", "plain one"]
+    edited, plain = live.events
+    assert edited["body"] == "body (seen by onNotificationShow)" and edited["kind"] == "script"
+    assert (plain["title"], plain["body"], plain["link"]) == ("plain one", "hello", "/dicomproxy/ui")
+    assert plain["level"] == "info" and plain["id"] > edited["id"]
+    assert live.ids == [str(edited["id"]), str(plain["id"])]
+
+    items = feed(gateway)
+    assert [n["title"] for n in items] == ["plain one", "edited"]  # newest first
+    assert "secret" not in json.dumps(items)
+    assert [n["title"] for n in feed(gateway, f"?after={edited['id']}")] == ["plain one"]
+
+    # A reconnecting EventSource sends Last-Event-ID and gets what it missed first.
+    again = stream(**{"Last-Event-ID": str(edited["id"])})
+    wait_until(lambda: again.events, what="the replayed event")
+    assert again.titles() == ["plain one"]
+
+
+def test_show_notification_errors_name_the_field(gateway: GatewayProcess) -> None:
+    text = show(gateway, "bad")
+    assert text.startswith("error: ") and "ShowNotification: Link:" in text
+    assert "'javascript:alert(1)'" in text
+    assert "ShowNotification: Title: a non-empty title is required" in show(gateway, "untitled")
+    time.sleep(0.3)
+    assert feed(gateway) == []
+
+
+def test_feed_is_bounded(gateway: GatewayProcess) -> None:
+    for _ in range(7):
+        show(gateway, "plain")
+    items = wait_until(lambda: (f := feed(gateway)) and f[0]["id"] == 7 and f, what="7 notifications")
+    assert [n["id"] for n in items] == [7, 6, 5, 4, 3]  # Notifications:FeedSize 5
+
+
+def test_app_event_becomes_a_notification(gateway: GatewayProcess, stream: Callable[..., SseReader]) -> None:
+    live = stream()
+    # A broken edit: the old script stays (with its onNotificationShow) and script.failed is raised.
+    gateway.write_script("main.lua", SCRIPT + "\nthis is not lua (\n")
+    wait_until(lambda: live.events, timeout=20, what="a script.failed notification on the stream")
+    event = live.events[0]
+    assert event["kind"] == "script.failed" and event["level"] == "error"
+    assert "main.lua" in event["title"] + event["body"]
+    assert event["link"] == "/dicomproxy/ui"  # set by the old script's onNotificationShow
+    assert feed(gateway)[0]["id"] == event["id"]
+    show(gateway, "plain")  # the old script still answers
+    wait_until(lambda: len(live.events) == 2, what="the next notification")
