@@ -1,0 +1,1 @@
+"""TUS uploads (issue 3): a tusd-compatible resumable upload server."""
