@@ -58,6 +58,7 @@ DEFAULTS: dict[str, Any] = {
         "KeepAfterImport": False,
         "ImportBatchSize": 50,
         "LockTimeoutSeconds": 20,
+        "Fsync": "Complete",
     },
     "Dicom": {
         "Aet": "DICOMPROXY",
@@ -292,6 +293,7 @@ class TusSettings:
     keep_after_import: bool
     import_batch_size: int
     lock_timeout: float
+    fsync: str = "complete"  # when stored bytes are fsynced: "complete" | "patch" | "none"
 
 
 @dataclass(frozen=True)
@@ -504,6 +506,7 @@ def build_settings(tree: ConfigTree, root: Path, file: Path | None) -> Settings:
             keep_after_import=tree.bool("Tus:KeepAfterImport"),
             import_batch_size=tree.int("Tus:ImportBatchSize", 1),
             lock_timeout=tree.float("Tus:LockTimeoutSeconds", 0),
+            fsync=tree.choice("Tus:Fsync", ("Complete", "Patch", "None")).lower(),
         ),
         dicom=DicomSettings(
             aet=tree.str("Dicom:Aet"),

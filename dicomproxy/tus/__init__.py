@@ -1,1 +1,175 @@
-"""TUS uploads (issue 3): a tusd-compatible resumable upload server."""
+"""TUS uploads (issue 3): a tusd-compatible resumable upload server inside the gateway.
+
+``install(gateway)`` wires the pieces into the gateway:
+
+* the ASGI app (:class:`~dicomproxy.tus.protocol.TusApp`) is mounted at ``Tus:BasePath``;
+* a component starts the upload folder and the expiry sweep, and on shutdown waits for
+  completion callbacks still running;
+* a finished upload fires ``onTusFileComplete(metadata)`` (singleton, then transient engine)
+  with every ``Upload-Metadata`` pair plus ``fileId``, ``path`` and ``size``; unless a script
+  returns true, a ``tus-import`` task sends it to the PACS with STOW-RS
+  (:mod:`~dicomproxy.tus.importer`), deletes it on success (unless ``Tus:KeepAfterImport``),
+  keeps it on failure, and emits ``upload.imported`` / ``import.failed``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from dicomproxy.tus.expiry import ExpirySweeper
+from dicomproxy.tus.importer import ImportFailed, StowClient
+from dicomproxy.tus.protocol import TusApp
+from dicomproxy.tus.store import Upload, is_valid_id
+
+__all__ = ["TusApp", "TusFeature", "Upload", "install", "TASK_KIND", "CALLBACK"]
+
+log = logging.getLogger(__name__)
+
+TASK_KIND = "tus-import"
+CALLBACK = "onTusFileComplete"
+
+
+def install(gateway: Any) -> TusFeature:
+    feature = TusFeature(gateway)
+    gateway.mount(gateway.settings.tus.base_path, feature.app)
+    gateway.add_component(feature)
+    gateway.tasks.register(TASK_KIND, feature.run_import)
+    if hasattr(gateway, "add_health"):
+        gateway.add_health("tus", feature.health)
+    return feature
+
+
+class TusFeature:
+    """The TUS server plus what happens to a finished upload."""
+
+    def __init__(self, gateway: Any) -> None:
+        self.gateway = gateway
+        self.settings = gateway.settings.tus
+        self.app = TusApp(
+            self.settings,
+            self.on_complete,
+            metrics=gateway.metrics,
+            fsync=getattr(self.settings, "fsync", "complete"),
+        )
+        self.sweeper = ExpirySweeper(
+            self.app.store, self.app.locks, self.settings.expire_after, self.settings.sweep_interval
+        )
+        up = gateway.settings.upstream
+        self.stow_url = f"{up.url}{up.dicomweb_root}/studies"
+        self.stow = StowClient(self.stow_url, self._session, self.settings.import_batch_size,
+                               timeout=max(up.read_timeout, 60))
+        self._own_session: aiohttp.ClientSession | None = None
+        m = gateway.metrics
+        self._m_imported = m.counter("dicomproxy_tus_imports_total", "TUS imports by outcome")
+        self._m_instances = m.counter(
+            "dicomproxy_tus_imported_instances_total", "instances stored by TUS imports"
+        )
+
+    # -- component -------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.app.startup()
+        await self.sweeper.start()
+
+    async def stop(self) -> None:
+        await self.sweeper.stop()
+        await self.app.aclose()
+        if self._own_session is not None:
+            await self._own_session.close()
+
+    def health(self) -> dict[str, Any]:
+        folder = self.settings.upload_folder
+        return {"ok": folder.is_dir(), "folder": str(folder), "basePath": self.settings.base_path}
+
+    async def _session(self) -> aiohttp.ClientSession:
+        upstream = getattr(self.gateway, "upstream", None)
+        if upstream is not None and hasattr(upstream, "session"):
+            return await upstream.session()
+        if self._own_session is None or self._own_session.closed:
+            self._own_session = aiohttp.ClientSession()
+        return self._own_session
+
+    # -- completion ------------------------------------------------------------------------
+    async def on_complete(self, upload: Upload) -> None:
+        """Run the script hook; unless it handled the file, queue the default import."""
+        metadata = dict(upload.metadata)
+        metadata.update(fileId=upload.id, path=str(upload.path), size=str(upload.size))
+        handled = False
+        host = getattr(self.gateway, "host", None)
+        if host is not None and host.defines(CALLBACK):
+            try:
+                result = await host.dispatch(CALLBACK, metadata)
+                handled = bool(result.handled)
+            except Exception as e:  # a broken script must not lose the upload: import it
+                log.error("tus: %s failed for upload %s: %s; running the default import",
+                          CALLBACK, upload.id, e)
+        if handled:
+            log.info("tus: upload %s handled by %s", upload.id, CALLBACK)
+            return
+        name = upload.metadata.get("filename") or upload.metadata.get("name") or upload.id
+        task_id = self.gateway.tasks.submit(
+            TASK_KIND,
+            {"fileId": upload.id, "path": str(upload.path), "size": upload.size, "filename": name},
+            title=f"Import TUS upload {name}",
+        )
+        log.info("tus: upload %s queued for import as task %s", upload.id, task_id)
+
+    # -- the tus-import task ---------------------------------------------------------------
+    async def run_import(self, args: dict[str, Any]) -> dict[str, Any]:
+        upload_id = str(args.get("fileId", ""))
+        name = str(args.get("filename") or upload_id)
+        if not is_valid_id(upload_id):
+            raise ImportFailed(f"invalid upload id {upload_id!r}")
+        path = self.app.store.data_path(upload_id)
+        if not path.is_file():
+            raise ImportFailed(f"upload {upload_id} ({name}) is gone from {self.settings.upload_folder}")
+        try:
+            report = await self.stow.import_file(Path(path))
+        except ImportFailed as e:
+            self._failed(upload_id, name, str(e))
+            raise
+        summary = {"fileId": upload_id, "filename": name, **report.summary()}
+        if report.instances == 0:
+            why = f"{name}: not DICOM (neither a DICOM file nor a ZIP of DICOM files)"
+            self._failed(upload_id, name, why)
+            raise ImportFailed(why)
+        self._m_instances.inc(len(report.stored))
+        if not report.ok:
+            first = report.failed[0]
+            why = (f"{name}: {len(report.failed)} of {report.instances} instances failed "
+                   f"(first: {first['sop']}: {first['reason']})")
+            self._failed(upload_id, name, why)
+            raise ImportFailed(why)
+        self._m_imported.inc(outcome="stored")
+        log.info("tus: upload %s (%s) imported: %d instances", upload_id, name, len(report.stored))
+        self.gateway.bus.emit(
+            "upload.imported",
+            f"Upload imported: {name}",
+            f"{len(report.stored)} instance(s) stored in the PACS"
+            + (f", {len(report.skipped)} non-DICOM file(s) skipped" if report.skipped else ""),
+            "/dicomproxy/tasks",
+            **summary,
+        )
+        if not self.settings.keep_after_import:
+            await self._delete(upload_id)
+        return summary
+
+    def _failed(self, upload_id: str, name: str, why: str) -> None:
+        self._m_imported.inc(outcome="failed")
+        log.error("tus: import of upload %s failed; the upload is kept: %s", upload_id, why)
+        self.gateway.bus.emit("import.failed", f"Import failed: {name}", why, "/dicomproxy/tasks",
+                              fileId=upload_id, filename=name)
+
+    async def _delete(self, upload_id: str) -> None:
+        try:
+            lock = await self.app.locks.acquire(upload_id, lambda: None, self.settings.lock_timeout)
+        except Exception as e:
+            log.warning("tus: imported upload %s not deleted (lock: %s)", upload_id, e)
+            return
+        try:
+            self.app.store.terminate(upload_id)
+        finally:
+            await lock.release()

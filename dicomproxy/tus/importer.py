@@ -1,0 +1,242 @@
+"""The default handling of a finished upload: send its DICOM instances to the PACS (STOW-RS).
+
+An upload is either one DICOM Part-10 file (``DICM`` at byte 128) or a ZIP of them (members
+that are not DICOM, and ``DICOMDIR`` files, are skipped and counted). Instances go to
+``{Upstream:Url}{Upstream:DicomWebRoot}/studies`` as ``multipart/related; type="application/dicom"``
+requests of at most ``Tus:ImportBatchSize`` instances each. A request body is streamed from
+the file (or from the ZIP member, decompressed on the fly) in 1 MB pieces read in a thread,
+with an exact ``Content-Length`` computed beforehand, so any PACS accepts it and memory stays
+flat whatever the size of the upload.
+
+The STOW-RS answer tells which instances were stored (``ReferencedSOPSequence``) and which
+failed (``FailedSOPSequence``, with the failure reason); :class:`ImportReport` collects both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import zipfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
+
+import aiohttp
+
+log = logging.getLogger(__name__)
+
+PIECE = 1024 * 1024
+DICOMDIR_NAMES = {"DICOMDIR"}
+
+
+class ImportFailed(Exception):
+    """The import did not store everything; the message says what happened."""
+
+
+@dataclass
+class Part:
+    """One DICOM instance to send: a name for messages, its size and how to open it."""
+
+    name: str
+    size: int
+    open: Callable[[], IO[bytes]]
+
+
+@dataclass
+class ImportReport:
+    kind: str = ""  # "dicom" | "zip" | "unknown"
+    instances: int = 0
+    stored: list[str] = field(default_factory=list)  # SOP Instance UIDs the PACS confirmed
+    failed: list[dict[str, str]] = field(default_factory=list)  # {"sop": uid or part, "reason": ...}
+    skipped: list[str] = field(default_factory=list)  # members that are not DICOM
+    studies: set[str] = field(default_factory=set)  # retrieve URLs / study UIDs reported back
+    batches: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.instances > 0 and not self.failed
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "instances": self.instances,
+            "stored": len(self.stored),
+            "failed": len(self.failed),
+            "skipped": len(self.skipped),
+            "batches": self.batches,
+            "sopInstanceUids": self.stored[:1000],
+            "failures": self.failed[:100],
+            "skippedFiles": self.skipped[:100],
+        }
+
+
+def _is_dicom_header(head: bytes) -> bool:
+    return len(head) >= 132 and head[128:132] == b"DICM"
+
+
+def scan(path: Path) -> tuple[str, list[Part], list[str]]:
+    """Blocking: classify the upload and list its instances -> (kind, parts, skipped names)."""
+    with open(path, "rb") as f:
+        head = f.read(132)
+    if _is_dicom_header(head):
+        size = path.stat().st_size
+        return "dicom", [Part(path.name, size, lambda: open(path, "rb"))], []
+    if head[:4] == b"PK\x03\x04" or zipfile.is_zipfile(path):
+        return ("zip", *_scan_zip(path))
+    return "unknown", [], [path.name]
+
+
+def _scan_zip(path: Path) -> tuple[list[Part], list[str]]:
+    parts: list[Part] = []
+    skipped: list[str] = []
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            if info.is_dir():
+                continue
+            base = PurePosixPath(info.filename).name
+            if base.upper() in DICOMDIR_NAMES or base.startswith("._"):
+                skipped.append(info.filename)
+                continue
+            try:
+                with zf.open(info) as member:
+                    head = member.read(132)
+            except (zipfile.BadZipFile, RuntimeError, NotImplementedError, OSError) as e:
+                skipped.append(f"{info.filename} ({e})")
+                continue
+            if not _is_dicom_header(head):
+                skipped.append(info.filename)
+                continue
+            parts.append(Part(info.filename, info.file_size, _member_opener(path, info.filename)))
+    return parts, skipped
+
+
+def _member_opener(path: Path, name: str) -> Callable[[], IO[bytes]]:
+    def open_member() -> IO[bytes]:
+        zf = zipfile.ZipFile(path)
+        member = zf.open(name)
+        close = member.close
+
+        def close_both() -> None:  # the member must not outlive its archive, nor the reverse
+            close()
+            zf.close()
+
+        member.close = close_both  # type: ignore[method-assign]
+        return member
+
+    return open_member
+
+
+class StowClient:
+    """Streams batches of instances to a STOW-RS endpoint."""
+
+    def __init__(
+        self,
+        url: str,
+        session: Callable[[], Awaitable[aiohttp.ClientSession]],
+        batch_size: int,
+        timeout: float = 600,
+    ) -> None:
+        self.url = url
+        self._session = session
+        self.batch_size = max(1, batch_size)
+        self.timeout = timeout
+
+    async def import_file(self, path: Path) -> ImportReport:
+        loop = asyncio.get_running_loop()
+        kind, parts, skipped = await loop.run_in_executor(None, scan, path)
+        report = ImportReport(kind=kind, instances=len(parts), skipped=skipped)
+        for i in range(0, len(parts), self.batch_size):
+            await self._send_batch(parts[i : i + self.batch_size], report)
+        return report
+
+    async def _send_batch(self, batch: list[Part], report: ImportReport) -> None:
+        boundary = "dicomproxy-" + secrets.token_hex(12)
+        heads = [f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() for _ in batch]
+        tail = f"--{boundary}--\r\n".encode()
+        length = sum(len(h) + p.size + 2 for h, p in zip(heads, batch, strict=True)) + len(tail)
+        headers = {
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+            "Accept": "application/dicom+json",
+            "Content-Length": str(length),
+        }
+        session = await self._session()
+        report.batches += 1
+        try:
+            async with session.post(
+                self.url,
+                data=_multipart(heads, batch, tail),
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+            ) as resp:
+                text = await resp.text(errors="replace")
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            raise ImportFailed(f"STOW-RS to {self.url} failed: {e or type(e).__name__}") from e
+        self._read_answer(status, text, batch, report)
+
+    @staticmethod
+    def _read_answer(status: int, text: str, batch: list[Part], report: ImportReport) -> None:
+        try:
+            answer = json.loads(text) if text.strip() else {}
+        except ValueError:
+            answer = {}
+        if not isinstance(answer, dict):
+            answer = {}
+        stored = [_uid(item, "00081155") for item in _seq(answer, "00081199")]
+        failed = [
+            {"sop": _uid(item, "00081155"), "reason": str(_value(item, "00081197"))}
+            for item in _seq(answer, "00081198")
+        ]
+        report.stored.extend(u for u in stored if u)
+        report.failed.extend(failed)
+        if url := _value(answer, "00081190"):
+            report.studies.add(str(url))
+        if status >= 300 and not failed:
+            # No per-instance answer: the whole batch failed (e.g. 400, 415, 500).
+            reason = f"HTTP {status}: {text.strip()[:300]}"
+            report.failed.extend({"sop": p.name, "reason": reason} for p in batch)
+        elif status < 300 and not stored and not failed:
+            # A PACS that answers 200 without a body: trust the status.
+            report.stored.extend(p.name for p in batch)
+        log.info("tus import: batch of %d -> HTTP %d, %d stored, %d failed", len(batch), status,
+                 len(stored), len(failed))
+
+
+async def _multipart(heads: list[bytes], batch: list[Part], tail: bytes) -> AsyncIterator[bytes]:
+    loop = asyncio.get_running_loop()
+    for head, part in zip(heads, batch, strict=True):
+        yield head
+        f = await loop.run_in_executor(None, part.open)
+        try:
+            sent = 0
+            while True:
+                piece = await loop.run_in_executor(None, f.read, PIECE)
+                if not piece:
+                    break
+                sent += len(piece)
+                yield piece
+        finally:
+            await loop.run_in_executor(None, f.close)
+        if sent != part.size:
+            raise ImportFailed(f"{part.name}: read {sent} bytes, expected {part.size} (file changed?)")
+        yield b"\r\n"
+    yield tail
+
+
+def _seq(obj: dict[str, Any], tag: str) -> list[dict[str, Any]]:
+    value = obj.get(tag, {})
+    items = value.get("Value", []) if isinstance(value, dict) else []
+    return [i for i in items if isinstance(i, dict)]
+
+
+def _value(obj: dict[str, Any], tag: str) -> Any:
+    value = obj.get(tag, {})
+    items = value.get("Value", []) if isinstance(value, dict) else []
+    return items[0] if items else ""
+
+
+def _uid(item: dict[str, Any], tag: str) -> str:
+    return str(_value(item, tag) or "")
