@@ -1,0 +1,29 @@
+"""Reusable Lua scripting for ASGI apps (Lua 5.4 through lupa).
+
+Depends on nothing in ``dicomproxy``: wrap any ASGI app with :class:`LuaHttpMiddleware` and a
+:class:`ScriptSet` pointed at a folder holding ``main.lua`` (singleton) and/or
+``main-transient.lua`` (one engine per request).
+"""
+
+from middleware.asgi import LuaHttpMiddleware
+from middleware.http import HttpExchange, LuaHttpRequest, LuaHttpResponse, check_header
+from middleware.runtime import Export, LuaEngine, LuaError, LuaExportError, LuaMemoryError, LuaTimeoutError
+from middleware.scripts import Dispatch, EngineOptions, ScriptSet, TransientScope
+
+__all__ = [
+    "Dispatch",
+    "EngineOptions",
+    "Export",
+    "HttpExchange",
+    "LuaEngine",
+    "LuaError",
+    "LuaExportError",
+    "LuaHttpMiddleware",
+    "LuaHttpRequest",
+    "LuaHttpResponse",
+    "LuaMemoryError",
+    "LuaTimeoutError",
+    "ScriptSet",
+    "TransientScope",
+    "check_header",
+]

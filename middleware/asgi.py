@@ -1,0 +1,199 @@
+"""``LuaHttpMiddleware``: ``onHttpRequest`` / ``onHttpResponse`` in front of any ASGI app.
+
+Pure ASGI (no ``BaseHTTPMiddleware``): the body is never touched unless a script replaces it,
+so streaming responses stay streaming. When no script defines either hook the middleware is a
+single set lookup and a direct call to the wrapped app.
+
+Usage in any ASGI app::
+
+    scripts = ScriptSet(Path("lua"))
+    app = LuaHttpMiddleware(app, scripts)       # await scripts.start() in your lifespan
+
+Semantics:
+
+* ``onHttpRequest(request)`` runs in the singleton engine, then the transient one. Returning
+  ``true`` intercepts: the client gets what the script wrote with ``ResponseWrite`` (status
+  ``StatusCode``, 200 by default, plus ``AddResponseHeader`` headers) and the app is not called.
+  Header edits (``AddHeader``/``RemoveHeader``) change what the app receives.
+* ``onHttpResponse(response)`` runs when the app starts its response, before any body byte is
+  sent: it may change the status and headers, and ``ResponseWrite`` replaces the body.
+* A script error answers 500 with a JSON body (or, with ``fail_open``, is logged and the
+  request continues as if the hook were not there).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from middleware.http import HeaderList, HttpExchange, LuaHttpRequest, LuaHttpResponse
+from middleware.runtime import LuaError, LuaTimeoutError
+from middleware.scripts import ScriptSet, TransientScope
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+log = logging.getLogger("middleware.lua")
+
+ON_REQUEST = "onHttpRequest"
+ON_RESPONSE = "onHttpResponse"
+
+
+async def send_json(send: Send, status: int, payload: dict[str, Any], headers: list[tuple[bytes, bytes]] = ()) -> None:
+    body = json.dumps(payload).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class LuaHttpMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        scripts: ScriptSet,
+        *,
+        fail_open: bool = False,
+        skip: Callable[[Scope], bool] | None = None,
+    ) -> None:
+        self.app = app
+        self.scripts = scripts
+        self.fail_open = fail_open
+        self.skip = skip
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scripts = self.scripts
+        if scope["type"] != "http" or not (scripts.defines(ON_REQUEST) or scripts.defines(ON_RESPONSE)):
+            await self.app(scope, receive, send)
+            return
+        if self.skip is not None and self.skip(scope):
+            await self.app(scope, receive, send)
+            return
+        exchange = HttpExchange(scope)  # type: ignore[arg-type]
+        tscope = scripts.transient_scope()
+        try:
+            await self._handle(exchange, tscope, scope, receive, send)
+        finally:
+            tscope.close()
+
+    async def _handle(
+        self, x: HttpExchange, tscope: TransientScope, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        scripts = self.scripts
+        if scripts.defines(ON_REQUEST):
+            try:
+                intercept = False
+                for engine, _ in await scripts.engines_for(ON_REQUEST, tscope):
+                    ret = await engine.call(ON_REQUEST, LuaHttpRequest(x, engine))
+                    if ret and ret[0] is True:
+                        intercept = True
+                        break
+            except LuaError as e:
+                if await self._script_failed(e, ON_REQUEST, send):
+                    return
+                intercept = False
+            if intercept:
+                await self._send_intercepted(x, send)
+                return
+            if x.request_headers_changed:
+                scope = dict(scope)
+                scope["headers"] = _encode(x.request_headers)
+        needs_response_hook = scripts.defines(ON_RESPONSE)
+        if not needs_response_hook and not x.response_headers.items and not x.response_removed:
+            await self.app(scope, receive, send)
+            return
+        await self.app(scope, receive, self._response_sender(x, tscope, send, needs_response_hook))
+
+    async def _script_failed(self, error: LuaError, hook: str, send: Send) -> bool:
+        """Log; answer 500 unless fail-open. Returns True when the response was sent."""
+        log.error("%s failed: %s", hook, error.traceback)
+        if self.fail_open:
+            return False
+        status = 500
+        await send_json(
+            send,
+            status,
+            {
+                "error": "script timeout" if isinstance(error, LuaTimeoutError) else "script error",
+                "hook": hook,
+                "message": str(error),
+            },
+        )
+        return True
+
+    async def _send_intercepted(self, x: HttpExchange, send: Send) -> None:
+        body = b"".join(x.body or [])
+        headers = HeaderList(list(x.response_headers.items))
+        if headers.get("content-type") is None:
+            headers.set("content-type", "text/plain; charset=utf-8")
+        headers.set("content-length", str(len(body)))
+        await send(
+            {
+                "type": "http.response.start",
+                "status": x.status,
+                "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    def _response_sender(self, x: HttpExchange, tscope: TransientScope, send: Send, run_hook: bool) -> Send:
+        replaced = False
+
+        async def sender(message: Message) -> None:
+            nonlocal replaced
+            if message["type"] == "http.response.start":
+                headers = _decode(message.get("headers", []))
+                for name in x.response_removed:
+                    headers.remove(name)
+                for k, v in x.response_headers.items:
+                    headers.set(k, v)
+                x.status = message["status"]
+                x.body = None
+                if run_hook:
+                    try:
+                        for engine, _ in await self.scripts.engines_for(ON_RESPONSE, tscope):
+                            await engine.call(ON_RESPONSE, LuaHttpResponse(x, engine, headers))
+                    except LuaError as e:
+                        if await self._script_failed(e, ON_RESPONSE, send):
+                            replaced = True
+                            return
+                if x.body is not None:
+                    replaced = True
+                    body = b"".join(x.body)
+                    headers.remove("transfer-encoding")
+                    headers.remove("content-encoding")
+                    headers.set("content-length", str(len(body)))
+                    await send({"type": "http.response.start", "status": x.status, "headers": _encode(headers)})
+                    await send({"type": "http.response.body", "body": body})
+                    return
+                message = dict(message)
+                message["status"] = x.status
+                message["headers"] = _encode(headers)
+                await send(message)
+                return
+            if replaced:  # the script's body was sent; drop the app's
+                return
+            await send(message)
+
+        return sender
+
+
+def _encode(headers: HeaderList) -> list[tuple[bytes, bytes]]:
+    return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items]
+
+
+def _decode(raw: list[tuple[bytes, bytes]]) -> HeaderList:
+    return HeaderList([(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw])

@@ -1,0 +1,161 @@
+-- Runs first in every Lua runtime. Installs the time budget, the await bridge and safe
+-- wrappers, then hides itself: scripts only see the wrapped globals.
+--
+-- Why wrappers: the time budget is enforced by a count hook that raises BUDGET. A script's own
+-- pcall/xpcall/coroutine.resume would catch it and loop forever, so those are wrapped to
+-- re-raise BUDGET. Hooks are per coroutine in Lua 5.4, so every coroutine gets one.
+local py_now, hook_count = ...
+
+local sethook = debug.sethook
+local co_create, co_resume, co_yield, co_status = coroutine.create, coroutine.resume, coroutine.yield,
+    coroutine.status
+local raw_pcall, raw_xpcall, raw_error, raw_setmetatable = pcall, xpcall, error, setmetatable
+local getmetatable, tostring, type, select = getmetatable, tostring, type, select
+local pack, unpack = table.pack, table.unpack
+local traceback = debug.traceback
+local next, pairs = next, pairs
+
+local deadline = math.huge
+local BUDGET = raw_setmetatable({}, { __tostring = function() return "script ran past its time budget (Lua:TimeoutMs)" end })
+local TOKEN = {}
+
+local function hook()
+  if py_now() > deadline then raw_error(BUDGET, 0) end
+end
+
+local function rethrow(ok, ...)
+  if not ok and (...) == BUDGET then raw_error(BUDGET, 0) end
+  return ok, ...
+end
+
+pcall = function(f, ...) return rethrow(raw_pcall(f, ...)) end
+xpcall = function(f, handler, ...)
+  return rethrow(raw_xpcall(f, function(e)
+    if e == BUDGET then return e end
+    return handler(e)
+  end, ...))
+end
+
+local function new_coroutine(f)
+  local co = co_create(f)
+  sethook(co, hook, "", hook_count)
+  return co
+end
+
+-- A script's own coroutine that awaits I/O: pass the await token up to the driver and hand the
+-- answer back down, so HttpGet & co work inside user coroutines too (as OpenResty does).
+local function forward(co, res)
+  while res[1] and co_status(co) == "suspended" and getmetatable(res[2]) == TOKEN do
+    res = pack(co_resume(co, co_yield(res[2])))
+  end
+  if not res[1] and res[2] == BUDGET then raw_error(BUDGET, 0) end
+  return unpack(res, 1, res.n)
+end
+
+coroutine.create = new_coroutine
+coroutine.resume = function(co, ...) return forward(co, pack(co_resume(co, ...))) end
+coroutine.wrap = function(f)
+  local co = new_coroutine(f)
+  return function(...)
+    local res = pack(coroutine.resume(co, ...))
+    if not res[1] then raw_error(res[2], 0) end
+    return unpack(res, 2, res.n)
+  end
+end
+
+local function on_error(e)
+  if e == BUDGET then return BUDGET end
+  if type(e) ~= "string" then e = tostring(e) end
+  return traceback(e, 2)
+end
+
+local threads, next_id = {}, 0
+local api = {}
+
+local function finish(id, co, res)
+  if not res[1] then
+    threads[id] = nil
+    if res[2] == BUDGET then return "budget" end
+    return "error", tostring(res[2])
+  end
+  if co_status(co) == "suspended" then
+    if getmetatable(res[2]) == TOKEN then
+      threads[id] = co
+      return "await", res[2].id, id
+    end
+    threads[id] = nil
+    return "error", "coroutine.yield called outside a coroutine the script created"
+  end
+  threads[id] = nil
+  if res[2] then return "done", true, unpack(res, 3, res.n) end
+  if res[3] == BUDGET then return "budget" end
+  return "done", false, tostring(res[3])
+end
+
+-- Run `f(...)` as a budgeted coroutine until it yields or ends (Lua threads never cross into
+-- Python: a suspended one is kept here under an id).
+-- Returns: "await", token, thread_id | "done", ok, values... | "budget" | "error", message
+function api.call(f, until_, ...)
+  local args = pack(...)
+  local co = new_coroutine(function() return raw_xpcall(f, on_error, unpack(args, 1, args.n)) end)
+  next_id = next_id + 1
+  deadline = until_
+  local res = pack(co_resume(co))
+  deadline = math.huge
+  return finish(next_id, co, res)
+end
+
+-- Resume suspended thread `id` with the answer to its await.
+function api.resume(id, until_, ...)
+  local co = threads[id]
+  deadline = until_
+  local res = pack(co_resume(co, ...))
+  deadline = math.huge
+  return finish(id, co, res)
+end
+
+function api.drop(id) threads[id] = nil end
+
+-- Bind exports in Lua, around one Python dispatcher per kind (binding each Python function
+-- separately costs ~8 us per export per runtime; this costs one closure each).
+-- py_call(name, ...) returns (ok, values...): a failure is a Lua error at the caller's line.
+-- py_start(name, ...) starts an awaitable and returns its token: the coroutine yields to the
+-- driver, which awaits it and resumes us with (ok, values...).
+function api.bind(sync_names, async_names, py_call, py_start)
+  for name in sync_names:gmatch("[^,]+") do
+    _G[name] = function(...)
+      local r = pack(py_call(name, ...))
+      if not r[1] then raw_error(r[2], 2) end
+      return unpack(r, 2, r.n)
+    end
+  end
+  for name in async_names:gmatch("[^,]+") do
+    _G[name] = function(...)
+      local token = py_start(name, ...)
+      local r = pack(co_yield(raw_setmetatable({ id = token }, TOKEN)))
+      if not r[1] then raw_error(r[2], 2) end
+      return unpack(r, 2, r.n)
+    end
+  end
+end
+
+-- Case-insensitive read-only table over `t` (keys stored lower-case).
+function api.ci_table(t)
+  return raw_setmetatable({}, {
+    __index = function(_, k) if type(k) == "string" then return t[k:lower()] end end,
+    __pairs = function() return next, t, nil end,
+    __newindex = function() raw_error("this table is read-only", 2) end,
+  })
+end
+
+function api.defines(name) return type(_G[name]) == "function" end
+
+function api.is_sequence(t)
+  local n = #t
+  if n == 0 then return false end
+  local count = 0
+  for _ in pairs(t) do count = count + 1 end
+  return count == n
+end
+
+return api

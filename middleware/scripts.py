@@ -1,0 +1,360 @@
+"""The scripts of one folder: a singleton engine and a factory of transient engines.
+
+* ``main.lua`` runs in one engine for the whole process (the *singleton*): state kept in its
+  globals lives as long as the process (or until the file is edited).
+* ``main-transient.lua`` runs in a fresh engine per request/association/upload (*transient*):
+  nothing survives into the next one. The chunk is compiled once to bytecode and a small pool of
+  ready engines is kept warm, so a request pays for a call, not for a compile.
+
+Which callbacks each script defines is read once at load and cached: dispatching an event no
+script defines costs a set lookup. Files are polled for changes; an edit that fails to compile
+or to run keeps the previous version and reports why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from middleware.runtime import Export, LuaEngine, LuaError, lupa
+
+log = logging.getLogger("middleware.lua")
+
+SINGLETON_SCRIPT = "main.lua"
+TRANSIENT_SCRIPT = "main-transient.lua"
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    timeout_ms: int = 5000
+    max_memory_mb: int = 64
+    native_path: str | None = None
+    hook_count: int = 100_000
+
+
+@dataclass
+class Dispatch:
+    """What an event's delivery gave: see ``docs/ARCHITECTURE.md``."""
+
+    results: list[Any] = field(default_factory=list)
+    args: tuple[Any, ...] = ()
+
+    @property
+    def handled(self) -> bool:
+        return any(r is True for r in self.results)
+
+    @property
+    def rejected(self) -> bool:
+        return any(r is False for r in self.results)
+
+
+@dataclass
+class ScriptState:
+    """What the status page shows about one script file."""
+
+    path: Path
+    loaded: bool = False
+    callbacks: frozenset[str] = frozenset()
+    error: str | None = None
+    mtime: tuple[int, int] | None = None
+
+
+def _stat(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size)
+
+
+class ScriptSet:
+    """Loads, reloads and dispatches to the scripts in ``root``."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        exports: Mapping[str, Export] | None = None,
+        globals: Mapping[str, Any] | None = None,
+        options: EngineOptions | None = None,
+        reload_interval: float = 1.0,
+        pool_size: int = 4,
+        on_error: Callable[[Path, str], None] | None = None,
+        on_loaded: Callable[[LuaEngine], Awaitable[None]] | None = None,
+        singleton_script: str = SINGLETON_SCRIPT,
+        transient_script: str = TRANSIENT_SCRIPT,
+    ) -> None:
+        self.root = Path(root)
+        self.exports: dict[str, Export] = dict(exports or {})
+        self.globals: dict[str, Any] = dict(globals or {})
+        self.options = options or EngineOptions()
+        self.reload_interval = reload_interval
+        self.pool_size = pool_size
+        self.on_error = on_error
+        self.on_loaded = on_loaded
+        self.singleton: LuaEngine | None = None
+        self.singleton_state = ScriptState(self.root / singleton_script)
+        self.transient_state = ScriptState(self.root / transient_script)
+        self._transient_chunk: bytes | None = None
+        self._pool: list[LuaEngine] = []
+        self._refilling = False
+        self._watcher: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ engines
+    def new_engine(self, name: str) -> LuaEngine:
+        engine = LuaEngine(
+            name,
+            exports=self.exports,
+            globals=self.globals,
+            timeout_ms=self.options.timeout_ms,
+            max_memory_mb=self.options.max_memory_mb,
+            native_path=self.options.native_path,
+            hook_count=self.options.hook_count,
+        )
+        pkg = engine.globals.package
+        pkg.path = f"{self.root}/?.lua;{self.root}/?/init.lua;" + str(pkg.path)
+        return engine
+
+    def add_export(self, name: str, export: Export) -> None:
+        """Add a global for every engine created from now on (call before :meth:`start`)."""
+        self.exports[name] = export
+
+    async def start(self) -> None:
+        await self.reload(force=True)
+        if self.reload_interval > 0:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def stop(self) -> None:
+        if self._watcher:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        for engine in self._pool:
+            engine.close()
+        self._pool.clear()
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.reload_interval)
+            try:
+                await self.reload()
+            except Exception:
+                log.exception("script reload failed")
+
+    async def reload(self, force: bool = False) -> None:
+        """Load whichever script changed on disk since the last look."""
+        async with self._lock:
+            for state, loader in (
+                (self.singleton_state, self._load_singleton),
+                (self.transient_state, self._load_transient),
+            ):
+                mtime = _stat(state.path)
+                if not force and mtime == state.mtime:
+                    continue
+                state.mtime = mtime
+                if mtime is None:
+                    if state.loaded:
+                        log.info("%s removed: its callbacks are off", state.path)
+                    await loader(None)
+                    continue
+                try:
+                    source = state.path.read_bytes()
+                    await loader(source)
+                except LuaError as e:
+                    self._failed(state, str(e), e.traceback)
+                except OSError as e:
+                    self._failed(state, f"{state.path}: cannot read: {e}", "")
+                else:
+                    if state.error or not force:
+                        log.info("%s loaded; callbacks: %s", state.path, ", ".join(sorted(state.callbacks)) or "none")
+                    state.error = None
+
+    def _failed(self, state: ScriptState, message: str, traceback: str) -> None:
+        kept = " (keeping the previous version)" if state.loaded else ""
+        state.error = message
+        log.error("script %s failed to load%s: %s", state.path, kept, traceback or message)
+        if self.on_error:
+            self.on_error(state.path, message)
+
+    def _callbacks(self, engine: LuaEngine) -> frozenset[str]:
+        names = set()
+        for key, value in engine.globals.items():
+            if isinstance(key, str) and key not in self.exports and lupa.lua_type(value) == "function":
+                names.add(key)
+        return frozenset(names - _STANDARD_GLOBALS)
+
+    async def _load_singleton(self, source: bytes | None) -> None:
+        state = self.singleton_state
+        if source is None:
+            self.singleton, state.loaded, state.callbacks = None, False, frozenset()
+            return
+        engine = self.new_engine("singleton")
+        await engine.load(source, str(state.path))
+        callbacks = self._callbacks(engine)
+        previous = self.singleton
+        self.singleton, state.loaded, state.callbacks = engine, True, callbacks
+        if self.on_loaded:
+            await self.on_loaded(engine)
+        if previous is not None:
+            previous.close()
+
+    async def _load_transient(self, source: bytes | None) -> None:
+        state = self.transient_state
+        self._pool.clear()
+        if source is None:
+            self._transient_chunk, state.loaded, state.callbacks = None, False, frozenset()
+            return
+        compiler = lupa.LuaRuntime(encoding=None)
+        fn = compiler.globals().load(source, b"@" + str(state.path).encode(), b"t")
+        if isinstance(fn, tuple):
+            msg = fn[1].decode() if isinstance(fn[1], bytes) else str(fn[1])
+            raise LuaError(msg.partition("\n")[0], msg)
+        chunk = bytes(compiler.globals().string.dump(fn))
+        probe = self.new_engine("transient")
+        await probe.load(chunk, str(state.path))  # proves the top level runs before we switch
+        self._transient_chunk, state.loaded, state.callbacks = chunk, True, self._callbacks(probe)
+        self._pool.append(probe)
+        self._schedule_refill()
+
+    async def new_transient(self) -> LuaEngine:
+        """A fresh transient engine with the script loaded (from the warm pool when possible)."""
+        chunk = self._transient_chunk
+        if chunk is None:
+            raise LuaError(f"{self.transient_state.path}: no transient script is loaded")
+        if self._pool:
+            engine = self._pool.pop()
+        else:
+            engine = self.new_engine("transient")
+            await engine.load(chunk, str(self.transient_state.path))
+        self._schedule_refill()
+        return engine
+
+    def _schedule_refill(self) -> None:
+        if not self._refilling and len(self._pool) < self.pool_size and self._transient_chunk:
+            self._refilling = True
+            asyncio.get_running_loop().create_task(self._refill())
+
+    async def _refill(self) -> None:
+        try:
+            while len(self._pool) < self.pool_size and (chunk := self._transient_chunk) is not None:
+                await asyncio.sleep(0)  # let requests run first
+                engine = self.new_engine("transient")
+                await engine.load(chunk, str(self.transient_state.path))
+                if chunk is self._transient_chunk:
+                    self._pool.append(engine)
+        except LuaError as e:
+            log.error("transient engine failed to start: %s", e.traceback)
+        finally:
+            self._refilling = False
+
+    # ------------------------------------------------------------------ events
+    def defines(self, callback: str) -> bool:
+        return callback in self.singleton_state.callbacks or callback in self.transient_state.callbacks
+
+    def singleton_defines(self, callback: str) -> bool:
+        return self.singleton is not None and callback in self.singleton_state.callbacks
+
+    def transient_defines(self, callback: str) -> bool:
+        return callback in self.transient_state.callbacks
+
+    def transient_scope(self) -> TransientScope:
+        return TransientScope(self)
+
+    async def engines_for(self, callback: str, scope: TransientScope | None) -> list[tuple[LuaEngine, bool]]:
+        """The engines that define ``callback``, singleton first; (engine, is_one_shot)."""
+        engines: list[tuple[LuaEngine, bool]] = []
+        if self.singleton is not None and callback in self.singleton_state.callbacks:
+            engines.append((self.singleton, False))
+        if callback in self.transient_state.callbacks:
+            if scope is not None:
+                engines.append((await scope.engine(), False))
+            else:
+                engines.append((await self.new_transient(), True))
+        return engines
+
+    async def dispatch(
+        self, callback: str, *args: Any, scope: TransientScope | None = None, timeout_ms: int | None = None
+    ) -> Dispatch:
+        """Deliver an event: singleton, then transient, each only if its script defines it.
+
+        Tables are converted per engine; edits made by one engine are seen by the next and come
+        back in ``Dispatch.args``. A script error is logged and raised as :class:`LuaError`.
+        """
+        out = Dispatch(args=args)
+        if not self.defines(callback):
+            return out
+        current = list(args)
+        for engine, one_shot in await self.engines_for(callback, scope):
+            try:
+                lua_args = [engine.to_lua(a) for a in current]
+                ret = await engine.call(callback, *lua_args, timeout_ms=timeout_ms)
+                out.results.append(engine.from_lua(ret[0]) if ret else None)
+                current = [
+                    engine.from_lua(la) if isinstance(a, dict | list | tuple) else a
+                    for a, la in zip(current, lua_args, strict=True)
+                ]
+            except LuaError as e:
+                log.error("%s in %s engine failed: %s", callback, engine.name, e.traceback)
+                raise
+            finally:
+                if one_shot:
+                    engine.close()
+        out.args = tuple(current)
+        return out
+
+    def status(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "script": str(s.path),
+                "kind": kind,
+                "present": s.mtime is not None,
+                "loaded": s.loaded,
+                "callbacks": sorted(s.callbacks),
+                "error": s.error,
+            }
+            for kind, s in (("singleton", self.singleton_state), ("transient", self.transient_state))
+        ]
+
+
+class TransientScope:
+    """One transient engine for one request, association or upload, created on first use."""
+
+    def __init__(self, scripts: ScriptSet) -> None:
+        self._scripts = scripts
+        self._engine: LuaEngine | None = None
+
+    async def engine(self) -> LuaEngine:
+        if self._engine is None:
+            self._engine = await self._scripts.new_transient()
+        return self._engine
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
+    async def __aenter__(self) -> TransientScope:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def __enter__(self) -> TransientScope:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_STANDARD_GLOBALS = frozenset(
+    "assert collectgarbage dofile error getmetatable ipairs load loadfile next pairs pcall print "
+    "rawequal rawget rawlen rawset require select setmetatable tonumber tostring type xpcall warn".split()
+)
+
+__all__ = ["Dispatch", "EngineOptions", "ScriptSet", "TransientScope"]
