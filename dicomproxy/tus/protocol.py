@@ -155,6 +155,8 @@ class TusApp:
             resp = self._error(TusError("ERR_INTERNAL_SERVER_ERROR", str(e) or type(e).__name__, 500))
         if method == "HEAD":
             resp.body = b""
+            if scope["method"] != "HEAD":  # HEAD by X-HTTP-Method-Override: a real, empty body
+                resp.headers.pop("Content-Length", None)
         await self._send(send, resp, base)
 
     def _error(self, e: TusError) -> _Response:
