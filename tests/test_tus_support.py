@@ -201,9 +201,12 @@ class RawRequest:
             self.sock.close()
 
 
-def raw_request(port: int, method: str, path: str, headers: dict[str, str], body: bytes = b"") -> tuple[int, dict[str, str], bytes]:
-    req = RawRequest(port, method, path, {**headers, "Content-Length": str(len(body))} if body or method in (
-        "POST", "PATCH") else headers)
+def raw_request(
+    port: int, method: str, path: str, headers: dict[str, str], body: bytes = b""
+) -> tuple[int, dict[str, str], bytes]:
+    if body or method in ("POST", "PATCH"):
+        headers = {**headers, "Content-Length": str(len(body))}
+    req = RawRequest(port, method, path, headers)
     try:
         if body:
             req.send(body)
