@@ -42,6 +42,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "Lua": {
         "TimeoutMs": 5000,
+        "TaskTimeoutMs": 60000,
         "MaxMemoryMB": 64,
         "FailOpen": False,
         "ReloadIntervalMs": 1000,
@@ -275,6 +276,7 @@ class UpstreamSettings:
 class LuaSettings:
     scripts_root: Path
     timeout_ms: int
+    task_timeout_ms: int
     max_memory_mb: int
     fail_open: bool
     reload_interval_ms: int
@@ -488,6 +490,7 @@ def build_settings(tree: ConfigTree, root: Path, file: Path | None) -> Settings:
         lua=LuaSettings(
             scripts_root=tree.path("ExtraConfig:ScriptsRoot", root),
             timeout_ms=tree.int("Lua:TimeoutMs", 1),
+            task_timeout_ms=tree.int("Lua:TaskTimeoutMs", 1),
             max_memory_mb=tree.int("Lua:MaxMemoryMB", 1),
             fail_open=tree.bool("Lua:FailOpen"),
             reload_interval_ms=tree.int("Lua:ReloadIntervalMs", 50),

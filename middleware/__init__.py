@@ -7,7 +7,15 @@ Depends on nothing in ``dicomproxy``: wrap any ASGI app with :class:`LuaHttpMidd
 
 from middleware.asgi import LuaHttpMiddleware
 from middleware.http import HttpExchange, LuaHttpRequest, LuaHttpResponse, check_header
-from middleware.runtime import Export, LuaEngine, LuaError, LuaExportError, LuaMemoryError, LuaTimeoutError
+from middleware.runtime import (
+    Export,
+    LuaEngine,
+    LuaError,
+    LuaExportError,
+    LuaMemoryError,
+    LuaTimeoutError,
+    compile_chunk,
+)
 from middleware.scripts import Dispatch, EngineOptions, ScriptSet, TransientScope
 
 __all__ = [
@@ -26,4 +34,5 @@ __all__ = [
     "ScriptSet",
     "TransientScope",
     "check_header",
+    "compile_chunk",
 ]

@@ -61,6 +61,15 @@ def _compile_prelude() -> bytes:
 _PRELUDE = _compile_prelude()
 
 
+def compile_chunk(source: str, name: str) -> bytes:
+    """Compile Lua source to bytecode once, to load cheaply into many runtimes."""
+    compiler = lupa.LuaRuntime(encoding=None)
+    fn = compiler.globals().load(source.encode(), ("=" + name).encode(), b"t")
+    if isinstance(fn, tuple):
+        raise RuntimeError(f"{name} does not compile: {fn[1]!r}")
+    return bytes(compiler.globals().string.dump(fn, True))
+
+
 class LuaError(Exception):
     """A script failed. ``str(err)`` is ``file:line: message``; ``traceback`` has the rest."""
 
@@ -116,6 +125,7 @@ class LuaEngine:
         max_memory_mb: int = 64,
         native_path: str | None = None,
         hook_count: int = 100_000,
+        setup: tuple[bytes, ...] = (),
     ) -> None:
         self.name = name
         self.timeout_ms = timeout_ms
@@ -148,6 +158,8 @@ class LuaEngine:
             self._py_call,
             self._py_start,
         )
+        for chunk in setup:  # Lua-side helpers of the host (bytecode from compile_chunk)
+            g.load(chunk, "=setup", "b")()
         self.globals = g
 
     # ------------------------------------------------------------------ conversions

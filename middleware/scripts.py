@@ -88,6 +88,7 @@ class ScriptSet:
         on_loaded: Callable[[LuaEngine], Awaitable[None]] | None = None,
         singleton_script: str = SINGLETON_SCRIPT,
         transient_script: str = TRANSIENT_SCRIPT,
+        setup: tuple[bytes, ...] = (),
     ) -> None:
         self.root = Path(root)
         self.exports: dict[str, Export] = dict(exports or {})
@@ -97,6 +98,8 @@ class ScriptSet:
         self.pool_size = pool_size
         self.on_error = on_error
         self.on_loaded = on_loaded
+        self.setup = setup
+        self._baseline: frozenset[str] | None = None
         self.singleton: LuaEngine | None = None
         self.singleton_state = ScriptState(self.root / singleton_script)
         self.transient_state = ScriptState(self.root / transient_script)
@@ -116,6 +119,7 @@ class ScriptSet:
             max_memory_mb=self.options.max_memory_mb,
             native_path=self.options.native_path,
             hook_count=self.options.hook_count,
+            setup=self.setup,
         )
         pkg = engine.globals.package
         pkg.path = f"{self.root}/?.lua;{self.root}/?/init.lua;" + str(pkg.path)
@@ -182,12 +186,15 @@ class ScriptSet:
         if self.on_error:
             self.on_error(state.path, message)
 
+    @staticmethod
+    def _functions(engine: LuaEngine) -> set[str]:
+        return {k for k, v in engine.globals.items() if isinstance(k, str) and lupa.lua_type(v) == "function"}
+
     def _callbacks(self, engine: LuaEngine) -> frozenset[str]:
-        names = set()
-        for key, value in engine.globals.items():
-            if isinstance(key, str) and key not in self.exports and lupa.lua_type(value) == "function":
-                names.add(key)
-        return frozenset(names - _STANDARD_GLOBALS)
+        """The functions the script defined: its globals minus those of a blank engine."""
+        if self._baseline is None:
+            self._baseline = frozenset(self._functions(self.new_engine("baseline")))
+        return frozenset(self._functions(engine) - self._baseline)
 
     async def _load_singleton(self, source: bytes | None) -> None:
         state = self.singleton_state
@@ -351,10 +358,5 @@ class TransientScope:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-_STANDARD_GLOBALS = frozenset(
-    "assert collectgarbage dofile error getmetatable ipairs load loadfile next pairs pcall print "
-    "rawequal rawget rawlen rawset require select setmetatable tonumber tostring type xpcall warn".split()
-)
 
 __all__ = ["Dispatch", "EngineOptions", "ScriptSet", "TransientScope"]

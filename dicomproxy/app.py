@@ -1,0 +1,144 @@
+"""The Gateway: the ASGI app that ties the features together.
+
+Request path: basic auth (when configured) -> Lua HTTP hooks -> a mounted feature app
+(``/files/``, ``/dicomproxy/...``) or the streaming proxy for everything else. Routing is a
+prefix scan over a handful of mounts, not a router, because the proxy is the hot path.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from dicomproxy.api import UpstreamMonitor, build_api
+from dicomproxy.auth import BasicAuthMiddleware
+from dicomproxy.commands import Commands
+from dicomproxy.events import EventBus
+from dicomproxy.metrics import Metrics
+from dicomproxy.proxy import ReverseProxy, Upstream
+from dicomproxy.scripting.host import ScriptHost
+from dicomproxy.settings import Settings
+from dicomproxy.tasks import TaskQueue
+from middleware import LuaHttpMiddleware
+
+log = logging.getLogger("dicomproxy")
+
+
+class Gateway:
+    """The application object: owns every component; features attach through ``install``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.started_at = time.time()
+        self.bus = EventBus()
+        self.metrics = Metrics()
+        self.commands = Commands()
+        self.tasks = TaskQueue(settings.data_folder / "tasks", workers=settings.lua.background_workers, bus=self.bus)
+        self.host = ScriptHost(settings, bus=self.bus, tasks=self.tasks, commands=self.commands)
+        self.upstream = Upstream(settings.upstream)
+        self.proxy = ReverseProxy(self.upstream, self.metrics)
+        self.monitor = UpstreamMonitor(self)
+        self.health_checks: dict[str, Callable[[], dict[str, Any]]] = {}
+        self._mounts: list[tuple[str, str, Any]] = []
+        self._components: list[Any] = [self.upstream, self.tasks, self.host, self.monitor]
+        self._started: list[Any] = []
+        self.mount("/dicomproxy/health", build_api(self))
+        self.mount("/dicomproxy/metrics", build_api(self))
+        self.mount("/dicomproxy/tasks", build_api(self))
+        self.metrics.gauge("dicomproxy_tasks_queued", "Background tasks waiting or running",
+                           lambda: self.tasks.counts()["queued"] + self.tasks.counts()["running"])
+        self._app: Any = None
+
+    # ------------------------------------------------------------------ feature API
+    def mount(self, prefix: str, app: Any) -> None:
+        """Route paths under ``prefix`` (``/files/`` also matches ``/files``) to ``app``."""
+        exact = prefix.rstrip("/") or "/"
+        self._mounts.append((prefix, exact, app))
+        self._mounts.sort(key=lambda m: len(m[0]), reverse=True)
+
+    def add_component(self, component: Any) -> None:
+        """``await component.start()`` at startup and ``await component.stop()`` at shutdown."""
+        self._components.append(component)
+
+    def add_health(self, name: str, fn: Callable[[], dict[str, Any]]) -> None:
+        self.health_checks[name] = fn
+
+    # ------------------------------------------------------------------ ASGI
+    def build(self) -> Any:
+        app: Any = LuaHttpMiddleware(self._route, self.host.scripts, fail_open=self.settings.lua.fail_open)
+        if self.settings.users:
+            app = BasicAuthMiddleware(app, self.settings.users, self.settings.realm)
+        return app
+
+    async def _route(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        path = scope["path"]
+        for prefix, exact, app in self._mounts:
+            if path.startswith(prefix) or path == exact:
+                await app(scope, receive, send)
+                return
+        await self.proxy(scope, receive, send)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if self._app is None:
+            self._app = self.build()
+        await self._app(scope, receive, send)
+
+    async def start(self) -> None:
+        for component in self._components:
+            await component.start()
+            self._started.append(component)
+        log.info("DicomProxy listening on http://%s:%d, proxying %s", self.settings.host, self.settings.port,
+                 self.upstream.base)
+
+    async def stop(self) -> None:
+        while self._started:
+            component = self._started.pop()
+            try:
+                await component.stop()
+            except Exception:
+                log.exception("stopping %s failed", type(component).__name__)
+
+    async def _lifespan(self, receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.start()
+                except Exception as e:
+                    log.exception("startup failed")
+                    await self.stop()
+                    await send({"type": "lifespan.startup.failed", "message": str(e)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+FEATURES = ("dicomproxy.tus", "dicomproxy.dicom", "dicomproxy.notifications", "dicomproxy.mail", "dicomproxy.ui",
+            "dicomproxy.scripting.orthanc")
+
+
+def build_gateway(settings: Settings) -> Gateway:
+    """The gateway with every feature installed (each feature package has ``install(gateway)``)."""
+    import importlib
+
+    gateway = Gateway(settings)
+    for name in FEATURES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            log.debug("feature %s not present", name)
+            continue
+        install = getattr(module, "install", None)
+        if install is not None:
+            install(gateway)
+    return gateway

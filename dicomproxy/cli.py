@@ -1,0 +1,107 @@
+"""``dicomproxy serve | check | --version``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from dicomproxy import __version__
+from dicomproxy.settings import ConfigError, Settings, load_settings
+
+
+def _settings(path: str | None) -> Settings:
+    try:
+        return load_settings(path)
+    except ConfigError as e:
+        print(f"dicomproxy: config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-5s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("pynetdicom", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from dicomproxy.app import build_gateway
+
+    settings = _settings(args.config)
+    _logging(settings.log_level)
+    try:
+        gateway = build_gateway(settings)
+    except ConfigError as e:
+        print(f"dicomproxy: config error: {e}", file=sys.stderr)
+        return 2
+    config = uvicorn.Config(
+        gateway,
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_level="warning",
+        server_header=False,
+        timeout_keep_alive=30,
+        backlog=4096,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else 1
+
+
+def check(args: argparse.Namespace) -> int:
+    """Load every script the way the gateway would; print each error as ``file:line: message``."""
+    from dicomproxy.app import build_gateway
+    from middleware import LuaError
+
+    settings = _settings(args.config)
+    logging.basicConfig(level=logging.CRITICAL)
+    gateway = build_gateway(settings)
+    root = settings.lua.scripts_root
+    if not root.is_dir():
+        print(f"{root}: the scripts folder does not exist (ExtraConfig:ScriptsRoot)", file=sys.stderr)
+        return 1
+    paths = sorted(p for p in root.glob("*.lua"))
+
+    async def run() -> int:
+        failures = 0
+        for path in paths:
+            engine = gateway.host.new_engine("check")
+            try:
+                await engine.load(path.read_bytes(), str(path))
+                print(f"{path}: ok")
+            except LuaError as e:
+                failures += 1
+                print(str(e))
+            finally:
+                engine.close()
+        return failures
+
+    failures = asyncio.run(run())
+    if not paths:
+        print(f"{root}: no .lua scripts")
+    return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dicomproxy", description="A Lua-scriptable gateway in front of a PACS.")
+    parser.add_argument("--version", action="version", version=f"dicomproxy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_serve = sub.add_parser("serve", help="run the gateway (HTTP on Urls, DICOM on Dicom:Port)")
+    p_serve.add_argument("--config", help="appsettings.json to use (default: ./appsettings.json)")
+    p_serve.set_defaults(func=serve)
+    p_check = sub.add_parser("check", help="load every script; print errors as file:line: message")
+    p_check.add_argument("--config", help="appsettings.json to use (default: ./appsettings.json)")
+    p_check.set_defaults(func=check)
+    args = parser.parse_args(argv)
+    if args.config is not None and not Path(args.config).exists():
+        print(f"dicomproxy: config error: {args.config}: the config file does not exist", file=sys.stderr)
+        return 2
+    return int(args.func(args))

@@ -1,0 +1,149 @@
+"""ScriptHost: the three engine types of the DicomProxy Lua API, wired to the gateway.
+
+* singleton ``main.lua`` and transient ``main-transient.lua`` through :class:`middleware.ScriptSet`;
+* background tasks: ``LuaBackgroundWorker`` queues a ``lua`` task; a worker runs it in a fresh
+  engine (``main-task.lua`` unless another script is named) and calls its entry function.
+
+All Lua runs on the event-loop thread. Other threads (the DICOM side) use
+:meth:`dispatch_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dicomproxy.commands import Commands
+from dicomproxy.events import EventBus
+from dicomproxy.scripting import exports
+from dicomproxy.settings import Settings
+from dicomproxy.tasks import TaskQueue
+from middleware import (
+    Dispatch,
+    EngineOptions,
+    Export,
+    LuaEngine,
+    LuaError,
+    ScriptSet,
+    TransientScope,
+    compile_chunk,
+)
+
+log = logging.getLogger("dicomproxy.scripting")
+
+
+class ScriptHost:
+    def __init__(self, settings: Settings, *, bus: EventBus, tasks: TaskQueue, commands: Commands) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.tasks = tasks
+        self.commands = commands
+        lua = settings.lua
+        self.options = EngineOptions(
+            timeout_ms=lua.timeout_ms, max_memory_mb=lua.max_memory_mb, native_path=lua.native_path
+        )
+        self.scripts = ScriptSet(
+            lua.scripts_root,
+            globals={"Config": exports.ConfigView(settings.lua_config())},
+            options=self.options,
+            reload_interval=lua.reload_interval_ms / 1000.0,
+            on_error=self._script_failed,
+            setup=(compile_chunk(exports.REQUIRE_NATIVE_LUA, "requireNative"),),
+        )
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.add_export("LogDebug", exports.log_debug, pass_engine=True)
+        self.add_export("LogInfo", exports.log_info, pass_engine=True)
+        self.add_export("LogError", exports.log_error, pass_engine=True)
+        self.add_export(
+            "OsExecute",
+            functools.partial(exports.os_execute, timeout=lua.os_execute_timeout),
+            is_async=True,
+        )
+        self.add_export("LuaBackgroundWorker", exports.background_worker(tasks, lua.scripts_root))
+        self.add_export("InternalCmdRun", commands.run, is_async=True)
+        tasks.register("lua", self._run_task)
+
+    # ------------------------------------------------------------------ setup
+    def add_export(
+        self, name: str, func: Callable[..., Any], *, is_async: bool = False, pass_engine: bool = False,
+        raw: bool = False,
+    ) -> None:
+        """Make ``func`` a Lua global in every engine. Call before :meth:`start`."""
+        self.scripts.add_export(name, Export(func, is_async=is_async, pass_engine=pass_engine, raw=raw))
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.settings.lua.scripts_root.mkdir(parents=True, exist_ok=True)
+        await self.scripts.start()
+
+    async def stop(self) -> None:
+        await self.scripts.stop()
+
+    def _script_failed(self, path: Path, message: str) -> None:
+        self.bus.emit("script.failed", f"Script failed to load: {path.name}", message, "/dicomproxy/ui",
+                      script=str(path))
+
+    # ------------------------------------------------------------------ events
+    def defines(self, callback: str) -> bool:
+        return self.scripts.defines(callback)
+
+    def transient_scope(self) -> TransientScope:
+        return self.scripts.transient_scope()
+
+    async def dispatch(
+        self, callback: str, *args: Any, scope: TransientScope | None = None, timeout_ms: int | None = None
+    ) -> Dispatch:
+        return await self.scripts.dispatch(callback, *args, scope=scope, timeout_ms=timeout_ms)
+
+    def dispatch_threadsafe(
+        self, callback: str, *args: Any, scope: TransientScope | None = None, timeout: float | None = None
+    ) -> Dispatch:
+        """From a thread that is not the event loop's: run the dispatch on the loop and wait."""
+        if not self.defines(callback):
+            return Dispatch(args=args)
+        if self._loop is None:
+            raise RuntimeError("the script host is not started")
+        future = asyncio.run_coroutine_threadsafe(self.dispatch(callback, *args, scope=scope), self._loop)
+        wait = timeout if timeout is not None else self.settings.lua.timeout_ms / 1000.0 + 5.0
+        return future.result(wait)
+
+    def status(self) -> dict[str, Any]:
+        scripts = self.scripts.status()
+        task_script = self.settings.lua.scripts_root / exports.TASK_SCRIPT
+        scripts.append({"script": str(task_script), "kind": "background", "present": task_script.is_file(),
+                        "loaded": None, "callbacks": [], "error": None})
+        return {
+            "scriptsRoot": str(self.settings.lua.scripts_root),
+            "scripts": scripts,
+            "lastError": next((s["error"] for s in scripts if s.get("error")), None),
+            "exports": sorted(self.scripts.exports),
+        }
+
+    # ------------------------------------------------------------------ background engines
+    def new_engine(self, name: str) -> LuaEngine:
+        return self.scripts.new_engine(name)
+
+    async def _run_task(self, args: dict[str, Any]) -> Any:
+        path = Path(args["script"])
+        engine = self.new_engine("background")
+        try:
+            try:
+                source = await asyncio.to_thread(path.read_bytes)
+            except OSError as e:
+                raise RuntimeError(f"{path}: cannot read the task script: {e.strerror}") from None
+            await engine.load(source, str(path))
+            entry = args["entry"]
+            if not engine.defines(entry):
+                raise RuntimeError(f"{path}: defines no function {entry!r}")
+            budget = self.settings.lua.task_timeout_ms
+            ret = await engine.call(entry, engine.to_lua(args.get("args")), timeout_ms=budget)
+            return engine.from_lua(ret[0]) if ret else None
+        except LuaError as e:
+            log.error("background task %s failed: %s", path.name, e.traceback)
+            raise RuntimeError(str(e)) from None
+        finally:
+            engine.close()

@@ -1,0 +1,195 @@
+"""The background task queue: persisted, run by a small worker pool, listed at /dicomproxy/tasks.
+
+A task is a kind (``lua``, ``tus-import``, ...) plus JSON arguments. Each task is one JSON file
+under ``<DataFolder>/tasks/``, written atomically (temp file + rename + fsync) *before*
+``submit`` returns, so a task accepted is a task that will run: after a crash, tasks still
+``queued`` or ``running`` are queued again at start-up (a task may therefore run twice if the
+process died while it ran; handlers are written to be safe to repeat).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from dicomproxy.events import EventBus
+
+log = logging.getLogger("dicomproxy.tasks")
+
+Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+
+QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+class TaskQueue:
+    def __init__(self, folder: Path, *, workers: int = 2, bus: EventBus | None = None, keep: int = 500) -> None:
+        self.folder = Path(folder)
+        self.workers = max(1, workers)
+        self.bus = bus
+        self.keep = keep
+        self._handlers: dict[str, Handler] = {}
+        self._tasks: dict[str, dict[str, Any]] = {}
+        self._queue: asyncio.Queue[str] | None = None
+        self._runners: list[asyncio.Task[None]] = []
+        self._pending_before_start: list[str] = []
+
+    def register(self, kind: str, handler: Handler) -> None:
+        self._handlers[kind] = handler
+
+    # ------------------------------------------------------------------ persistence
+    def _path(self, task_id: str) -> Path:
+        return self.folder / f"{task_id}.json"
+
+    def _save(self, task: dict[str, Any]) -> None:
+        path = self._path(task["id"])
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(task, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def _load_all(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for path in sorted(self.folder.glob("*.json")):
+            try:
+                task = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                log.error("task file %s is unreadable (%s); moved aside", path, e)
+                with contextlib.suppress(OSError):
+                    path.rename(path.with_suffix(".bad"))
+                continue
+            self._tasks[task["id"]] = task
+        for task in sorted(self._tasks.values(), key=lambda t: t["created"]):
+            if task["state"] in (QUEUED, RUNNING):
+                if task["state"] == RUNNING:
+                    log.warning("task %s (%s) was running when the process stopped; running it again",
+                                task["id"], task["title"])
+                task["state"] = QUEUED
+                self._pending_before_start.append(task["id"])
+
+    # ------------------------------------------------------------------ API
+    def submit(self, kind: str, args: dict[str, Any], title: str = "") -> str:
+        """Persist and queue a task; returns its id. Safe to call before :meth:`start`."""
+        if kind not in self._handlers:
+            raise ValueError(f"no handler for task kind {kind!r}; known: {', '.join(sorted(self._handlers))}")
+        task_id = time.strftime("%Y%m%d%H%M%S") + "-" + uuid.uuid4().hex[:12]
+        task = {
+            "id": task_id,
+            "kind": kind,
+            "title": title or kind,
+            "args": _jsonable(args),
+            "state": QUEUED,
+            "created": time.time(),
+            "started": None,
+            "finished": None,
+            "result": None,
+            "error": None,
+            "attempts": 0,
+        }
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._save(task)
+        self._tasks[task_id] = task
+        if self._queue is not None:
+            self._queue.put_nowait(task_id)
+        else:
+            self._pending_before_start.append(task_id)
+        return task_id
+
+    def get(self, task_id: str) -> dict[str, Any] | None:
+        return self._tasks.get(task_id)
+
+    def list(self) -> list[dict[str, Any]]:
+        return sorted(self._tasks.values(), key=lambda t: t["created"], reverse=True)
+
+    def counts(self) -> dict[str, int]:
+        out = {QUEUED: 0, RUNNING: 0, DONE: 0, FAILED: 0}
+        for t in self._tasks.values():
+            out[t["state"]] = out.get(t["state"], 0) + 1
+        return out
+
+    async def wait(self, task_id: str, timeout: float = 30.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            task = self._tasks.get(task_id)
+            if task and task["state"] in (DONE, FAILED):
+                return task
+            await asyncio.sleep(0.05)
+        raise TimeoutError(f"task {task_id} did not finish within {timeout} s")
+
+    # ------------------------------------------------------------------ running
+    async def start(self) -> None:
+        self._load_all()
+        self._queue = asyncio.Queue()
+        for task_id in self._pending_before_start:
+            self._queue.put_nowait(task_id)
+        self._pending_before_start.clear()
+        loop = asyncio.get_running_loop()
+        self._runners = [loop.create_task(self._worker(i)) for i in range(self.workers)]
+
+    async def stop(self) -> None:
+        for r in self._runners:
+            r.cancel()
+        for r in self._runners:
+            with contextlib.suppress(asyncio.CancelledError):
+                await r
+        self._runners.clear()
+
+    async def _worker(self, n: int) -> None:
+        assert self._queue is not None
+        while True:
+            task_id = await self._queue.get()
+            task = self._tasks.get(task_id)
+            if task is None or task["state"] != QUEUED:
+                continue
+            await self._run(task)
+
+    async def _run(self, task: dict[str, Any]) -> None:
+        handler = self._handlers.get(task["kind"])
+        task.update(state=RUNNING, started=time.time(), attempts=task.get("attempts", 0) + 1)
+        self._save(task)
+        try:
+            if handler is None:
+                raise RuntimeError(f"no handler for task kind {task['kind']!r}")
+            result = await handler(task["args"])
+        except asyncio.CancelledError:
+            task["state"] = QUEUED  # shutting down: leave it queued for the next start
+            self._save(task)
+            raise
+        except Exception as e:
+            message = str(e) or type(e).__name__
+            task.update(state=FAILED, finished=time.time(), error=message)
+            log.error("task %s (%s) failed: %s", task["id"], task["title"], message)
+            if self.bus is not None:
+                self.bus.emit("task.failed", f"Task failed: {task['title']}", message,
+                              "/dicomproxy/tasks", task_id=task["id"])
+        else:
+            task.update(state=DONE, finished=time.time(), result=_jsonable(result))
+        self._save(task)
+        self._prune()
+
+    def _prune(self) -> None:
+        finished = [t for t in self._tasks.values() if t["state"] in (DONE, FAILED)]
+        if len(finished) <= self.keep:
+            return
+        finished.sort(key=lambda t: t["finished"] or 0)
+        for t in finished[: len(finished) - self.keep]:
+            self._tasks.pop(t["id"], None)
+            with contextlib.suppress(OSError):
+                self._path(t["id"]).unlink()

@@ -1,0 +1,12 @@
+-- main-task.lua: BACKGROUND tasks. Each task runs in a fresh engine from a worker pool; the queue
+-- is persisted under ExtraConfig:DataFolder/tasks and survives a restart. Tasks are listed at
+-- GET /dicomproxy/tasks with their state, times, result or error.
+--
+-- Queue one from any engine:
+--   local id = LuaBackgroundWorker("main-task.lua", "cleanup", "older-than=7d")
+-- The entry function receives the args string; what it returns is the task's result.
+
+-- function cleanup(args)
+--   local code, out, err = OsExecute("find", "/var/tmp/dicom -mtime +7 -delete")
+--   return { exitCode = code, stderr = err }
+-- end
