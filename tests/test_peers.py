@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import signal
 import subprocess
 from pathlib import Path
 
@@ -195,3 +196,49 @@ def test_playwright_drives_the_system_chromium() -> None:
             assert page.inner_text("#t") == "peer ok"
         finally:
             browser.close()
+
+
+def test_gateway_proxies_orthanc_and_survives_restart(gateway_factory, orthanc: OrthancServer) -> None:
+    gateway = gateway_factory(scripts={"main.lua": 'LogInfo("peer-fixture main.lua loaded")\n'})
+    assert gateway.http_port != orthanc.http_port
+    resp = gateway.get("/system")
+    assert resp.status_code == 200
+    assert resp.json() == orthanc.rest_get("/system")
+    health = gateway.get("/dicomproxy/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    gateway.wait_for_log("peer-fixture main.lua loaded")
+    # the gateway's AE was declared in Orthanc, so Orthanc can C-MOVE/C-STORE to it
+    assert orthanc.rest_get("/modalities/dicomproxy/configuration")["AET"] == gateway.aet
+
+    pid = gateway.proc.pid
+    gateway.restart()
+    assert gateway.proc.pid != pid
+    assert gateway.get("/system").json()["DicomAet"] == orthanc.aet
+    assert gateway.log_text().count("peer-fixture main.lua loaded") == 2
+
+    # SIGTERM is a graceful shutdown (uvicorn re-raises the signal after it, hence -SIGTERM);
+    # -SIGKILL would mean stop() had to force it
+    assert gateway.stop() in (0, -signal.SIGTERM)
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{gateway.url}/dicomproxy/health", timeout=2)
+    gateway.start()
+    gateway.kill9()
+    assert not gateway.running
+
+
+def test_gateway_settings_and_env_overrides(gateway_factory, orthanc_factory) -> None:
+    private = orthanc_factory(aet="PRIVATEPACS")
+    gateway = gateway_factory(
+        {"Upstream": {"Url": private.http_url}, "Dicom": {"Port": 0}},
+        {"main.lua": 'LogInfo("aet from config: " .. Config["Dicom:Aet"])\n'},
+        orthanc=None,
+        env={"DICOMPROXY__Dicom__Aet": "ENVAET"},
+    )
+    assert gateway.dicom_port == 0
+    assert gateway.get("/system").json()["DicomAet"] == "PRIVATEPACS"
+    gateway.wait_for_log("aet from config: ENVAET")
+    private.stop()
+    down = gateway.get("/system")
+    assert down.status_code >= 500  # upstream gone: the proxy answers with a gateway error
+    private.start()
+    assert gateway.get("/system").status_code == 200
