@@ -17,7 +17,7 @@ ORTHANC_URL="http://127.0.0.1:8042"
 ORTHANC_DIR="$ROOT/data/orthanc"
 
 printf '\n==> Orthanc on %s\n' "$ORTHANC_URL"
-if curl -fsS -o /dev/null --max-time 2 "$ORTHANC_URL/system"; then
+if curl -fsS -o /dev/null --max-time 2 "$ORTHANC_URL/system" 2>/dev/null; then
     echo "something already answers on $ORTHANC_URL; using it"
 else
     mkdir -p "$ORTHANC_DIR/db"
@@ -47,7 +47,7 @@ JSON
     setsid /usr/sbin/Orthanc "$ORTHANC_DIR/orthanc.json" >>"$ORTHANC_DIR/orthanc.log" 2>&1 </dev/null &
     echo $! >"$ORTHANC_DIR/orthanc.pid"
     for _ in $(seq 1 300); do
-        curl -fsS -o /dev/null --max-time 1 "$ORTHANC_URL/system" && break
+        curl -fsS -o /dev/null --max-time 1 "$ORTHANC_URL/system" 2>/dev/null && break
         kill -0 "$(cat "$ORTHANC_DIR/orthanc.pid")" 2>/dev/null || {
             tail -n 30 "$ORTHANC_DIR/orthanc.log" >&2
             echo "run.sh: Orthanc exited; log: $ORTHANC_DIR/orthanc.log" >&2
@@ -55,7 +55,7 @@ JSON
         }
         sleep 0.1
     done
-    curl -fsS -o /dev/null --max-time 2 "$ORTHANC_URL/system" || {
+    curl -fsS -o /dev/null --max-time 2 "$ORTHANC_URL/system" 2>/dev/null || {
         echo "run.sh: Orthanc did not answer within 30 s; log: $ORTHANC_DIR/orthanc.log" >&2
         exit 1
     }
