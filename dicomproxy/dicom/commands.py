@@ -1,0 +1,196 @@
+"""``InternalCmdRun("send", ...)`` and ``InternalCmdRun("echo", ...)`` for scripts.
+
+    InternalCmdRun("send", "/data/outbox CALLING:PACS@10.0.0.5:104")
+    InternalCmdRun("echo", "CALLING:PACS@10.0.0.5:104")
+
+The calling AE title is optional (default ``Dicom:Aet``); a name from ``Dicom:Modalities`` may
+stand for ``AE@host:port``. Files are sent as they are on disk (no decoding), over one
+association per batch of presentation contexts, with the light requester of ``scu.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydicom.uid import UID
+
+from dicomproxy.dicom import datasets, scu
+from dicomproxy.dicom.spool import SpoolError, read_file_meta
+from dicomproxy.settings import DicomSettings
+
+SEND_USAGE = 'InternalCmdRun("send", "[folder] [CallingAE:AE@host:port]")'
+ECHO_USAGE = 'InternalCmdRun("echo", "[CallingAE:AE@host:port]")'
+_TARGET = re.compile(
+    r"^(?:(?P<calling>[^:@\s]{1,16}):)?(?P<called>[^:@\s]{1,16})@(?P<host>[^:@\s]+):(?P<port>\d{1,5})$"
+)
+
+
+class CommandError(Exception):
+    """Malformed arguments; the message shows the expected syntax."""
+
+
+@dataclass(frozen=True)
+class Target:
+    calling: str
+    called: str
+    host: str
+    port: int
+
+    def describe(self) -> str:
+        return f"{self.calling}:{self.called}@{self.host}:{self.port}"
+
+
+def parse_target(spec: str, settings: DicomSettings, usage: str) -> Target:
+    spec = spec.strip()
+    m = _TARGET.match(spec)
+    if m:
+        port = int(m.group("port"))
+        if not 0 < port < 65536:
+            raise CommandError(f"port {port} is out of range; expected {usage}")
+        return Target(m.group("calling") or settings.aet, m.group("called"), m.group("host"), port)
+    calling, _, name = spec.rpartition(":") if ":" in spec and "@" not in spec else ("", "", spec)
+    for key, ae in settings.modalities.items():
+        if key.lower() == name.lower() and name:
+            return Target(calling or settings.aet, ae.aet, ae.host, ae.port)
+    raise CommandError(f"cannot read the destination {spec!r}; expected {usage}")
+
+
+@dataclass
+class _File:
+    path: Path
+    sop_class: str
+    sop_instance: str
+    ts: str
+    offset: int
+
+
+def _scan(folder: Path) -> tuple[list[_File], list[dict[str, str]]]:
+    """Every DICOM Part 10 file under ``folder`` (recursively); others are listed as skipped."""
+    files: list[_File] = []
+    skipped: list[dict[str, str]] = []
+    for root, _dirs, names in os.walk(folder):
+        for name in sorted(names):
+            path = Path(root) / name
+            try:
+                with open(path, "rb") as f:
+                    head = f.read(16384)
+                meta, offset = read_file_meta(head)
+                sc, si, ts = (meta.get(k, b"").rstrip(b"\0 ").decode("ascii", "replace") for k in (2, 3, 0x10))
+                if not (sc and si and ts):
+                    raise SpoolError("file meta lacks SOP class, instance or transfer syntax")
+                files.append(_File(path, sc, si, ts, offset))
+            except (OSError, SpoolError, ValueError) as e:
+                skipped.append({"File": str(path), "Error": str(e)})
+    return files, skipped
+
+
+async def send(args: str, settings: DicomSettings) -> dict[str, Any]:
+    parts = args.strip().rsplit(None, 1)
+    if len(parts) != 2:
+        raise CommandError(f"expected a folder and a destination: {SEND_USAGE}")
+    folder, target = Path(parts[0]), parse_target(parts[1], settings, SEND_USAGE)
+    if not await asyncio.to_thread(folder.is_dir):
+        raise CommandError(f"{folder} is not a folder; expected {SEND_USAGE}")
+    started = time.monotonic()
+    files, skipped = await asyncio.to_thread(_scan, folder)
+    failures: list[dict[str, str]] = [dict(s) for s in skipped]
+    sent = 0
+    batches: list[list[_File]] = []
+    pairs: dict[tuple[str, str], None] = {}
+    current: list[_File] = []
+    for f in files:
+        new = [(f.sop_class, f.ts), (f.sop_class, scu.EXPLICIT), (f.sop_class, scu.IMPLICIT)]
+        if len(pairs) + sum(p not in pairs for p in new) > 126 and current:
+            batches.append(current)
+            current, pairs = [], {}
+        for p in new:
+            pairs[p] = None
+        current.append(f)
+    if current:
+        batches.append(current)
+    for batch in batches:
+        contexts = list(
+            dict.fromkeys(
+                p
+                for f in batch
+                for p in ((f.sop_class, f.ts), (f.sop_class, scu.EXPLICIT), (f.sop_class, scu.IMPLICIT))
+            )
+        )
+        try:
+            assoc = await scu.Association.connect(
+                target.host, target.port, called_aet=target.called, calling_aet=target.calling, contexts=contexts
+            )
+        except scu.DimseError as e:
+            failures += [{"File": str(f.path), "Error": str(e)} for f in batch]
+            continue
+        try:
+            for i, f in enumerate(batch):
+                if not assoc.is_open:
+                    failures += [{"File": str(g.path), "Error": "association lost"} for g in batch[i:]]
+                    break
+                error = await _send_one(assoc, f)
+                if error:
+                    failures.append({"File": str(f.path), "SOPInstanceUID": f.sop_instance, "Error": error})
+                else:
+                    sent += 1
+        finally:
+            await assoc.release()
+    return {
+        "Destination": target.describe(),
+        "Total": len(files) + len(skipped),
+        "Sent": sent,
+        "Failed": len(failures),
+        "Failures": failures,
+        "Seconds": round(time.monotonic() - started, 3),
+    }
+
+
+async def _send_one(assoc: scu.Association, f: _File) -> str:
+    data = await asyncio.to_thread(_read, f)
+    ts = f.ts
+    if (f.sop_class, ts) not in assoc.accepted:
+        if UID(ts).is_compressed:
+            return f"the destination does not accept {UID(ts).name} for this SOP class"
+        alt = next((u for u in (scu.EXPLICIT, scu.IMPLICIT) if (f.sop_class, u) in assoc.accepted), None)
+        if alt is None:
+            return f"the destination does not accept SOP class {f.sop_class}"
+        try:
+            data, ts = datasets.encode(datasets.decode(data, ts), alt), alt
+        except Exception as e:
+            return f"cannot re-encode as {UID(alt).name}: {e}"
+    try:
+        status = await assoc.c_store(f.sop_class, f.sop_instance, ts, data)
+    except scu.DimseError as e:
+        return str(e)
+    if status.is_success or status.is_warning:
+        return ""
+    return f"status {status}"
+
+
+def _read(f: _File) -> bytes:
+    with open(f.path, "rb") as fh:
+        fh.seek(f.offset)
+        return fh.read()
+
+
+async def echo(args: str, settings: DicomSettings) -> dict[str, Any]:
+    if not args.strip():
+        raise CommandError(f"expected a destination: {ECHO_USAGE}")
+    target = parse_target(args, settings, ECHO_USAGE)
+    started = time.monotonic()
+    try:
+        status = await scu.echo(target.host, target.port, called_aet=target.called, calling_aet=target.calling)
+    except scu.DimseError as e:
+        return {"Destination": target.describe(), "Success": False, "Error": str(e)}
+    return {
+        "Destination": target.describe(),
+        "Success": status.is_success,
+        "Status": status.status,
+        "Milliseconds": round((time.monotonic() - started) * 1000, 1),
+    }

@@ -1,0 +1,248 @@
+"""pydicom ``Dataset`` <-> Lua table conversion for the DICOM events.
+
+A script sees a dataset as a plain table: keys are DICOM keywords (``dataset.PatientName``) or,
+for private and unknown tags, ``"gggg,eeee"`` (lower-case hex, Orthanc style); a script may use
+either form when it writes. Text values are strings (multiple values joined with ``\\`` as on
+the wire, like Orthanc's Lua tables); binary numbers (US, UL, SS, SL, FL, FD) are numbers, or
+arrays of numbers when multi-valued; sequences are arrays of tables. Bulk binary data (pixel
+data, OB/OW/UN...) is never converted: it would cost a copy per event for nothing a script can
+sensibly edit, and it passes through untouched.
+
+Edits are applied back as a *diff* between the table handed to the script and the table it
+returned, so elements the script did not touch keep their exact original encoding.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections.abc import Mapping
+from io import BytesIO
+from typing import Any
+
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag, Tag
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pynetdicom import dsutils
+
+BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "OB or OW", "US or OW", "US or SS or OW"})
+NUMBER_VRS = frozenset({"US", "UL", "SS", "SL", "FL", "FD", "SV", "UV", "US or SS"})
+_TAG_KEY = re.compile(r"^\(?([0-9a-fA-F]{4})[,|]?([0-9a-fA-F]{4})\)?$")
+
+
+class TableError(ValueError):
+    """A script wrote a key or value that cannot become a DICOM element (the message says which)."""
+
+
+def tag_key(tag: BaseTag) -> str:
+    """The table key of ``tag``: its keyword when public and known, else ``"gggg,eeee"``."""
+    if not tag.is_private:
+        kw = keyword_for_tag(tag)
+        if kw:
+            return kw
+    return f"{tag.group:04x},{tag.element:04x}"
+
+
+def parse_key(key: str) -> BaseTag:
+    """A keyword or ``"gggg,eeee"`` (also ``ggggeeee`` / ``(gggg,eeee)``) -> tag."""
+    m = _TAG_KEY.match(key.strip())
+    if m:
+        return Tag(int(m.group(1), 16), int(m.group(2), 16))
+    tag = tag_for_keyword(key)
+    if tag is None:
+        raise TableError(f'unknown DICOM keyword {key!r} (use a keyword or "gggg,eeee")')
+    return Tag(tag)
+
+
+def _value_to_lua(elem: DataElement) -> Any:
+    vr = elem.VR
+    value = elem.value
+    if vr == "SQ":
+        return [dataset_to_table(item) for item in (value or [])]
+    if value is None or value == "" or value == []:
+        return ""
+    if vr in NUMBER_VRS:
+        if elem.VM > 1:
+            return [v for v in value]
+        return value
+    if vr == "AT":
+        tags = value if elem.VM > 1 else [value]
+        return "\\".join(f"{Tag(t).group:04x},{Tag(t).element:04x}" for t in tags)
+    if elem.VM > 1:
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+def dataset_to_table(ds: Dataset) -> dict[str, Any]:
+    """Every non-binary element of ``ds`` as a Lua-friendly dict (see the module docstring)."""
+    out: dict[str, Any] = {}
+    for elem in ds:
+        if elem.tag.element == 0 or elem.tag.group == 0x0002 or elem.VR in BINARY_VRS:
+            continue
+        try:
+            out[tag_key(elem.tag)] = _value_to_lua(elem)
+        except Exception:  # one undecodable element must not hide the rest from the script
+            continue
+    return out
+
+
+def _normalize(value: Any) -> Any:
+    """Lua tables come back as dicts; a 1..n integer-keyed dict is an array."""
+    if isinstance(value, Mapping):
+        keys = list(value.keys())
+        if keys and all(isinstance(k, int) for k in keys) and sorted(keys) == list(range(1, len(keys) + 1)):
+            return [_normalize(value[k]) for k in sorted(keys)]
+        return {str(k): _normalize(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_normalize(v) for v in value]
+    return value
+
+
+def _guess_vr(tag: BaseTag, value: Any) -> str:
+    try:
+        vr = dictionary_VR(tag)
+    except KeyError:
+        vr = ""
+    if vr and " or " not in vr:
+        return vr
+    if " or " in vr:
+        return vr.split(" or ")[0]
+    if isinstance(value, list) and (not value or isinstance(value[0], Mapping)):
+        return "SQ"
+    if isinstance(value, float):
+        return "FD"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return "SL"
+    text = str(value)
+    return "LO" if len(text) <= 64 else "UT"
+
+
+def _element_value(tag: BaseTag, vr: str, value: Any, base: Dataset | None) -> Any:
+    if vr == "SQ":
+        if isinstance(value, Mapping):
+            value = [value]
+        if not isinstance(value, list):
+            raise TableError(f"{tag_key(tag)}: a sequence must be an array of tables")
+        items = []
+        old_items = list(base[tag].value) if base is not None and tag in base and base[tag].VR == "SQ" else []
+        for i, item in enumerate(value):
+            if not isinstance(item, Mapping):
+                raise TableError(f"{tag_key(tag)}[{i + 1}]: a sequence item must be a table")
+            if i < len(old_items):
+                ds = Dataset()
+                for elem in old_items[i]:
+                    ds.add(elem)
+                apply_table(ds, dataset_to_table(old_items[i]), item)
+            else:
+                ds = table_to_dataset(item)
+            items.append(ds)
+        return Sequence(items)
+    if vr in NUMBER_VRS:
+        if isinstance(value, list):
+            return [float(v) if vr in ("FL", "FD") else int(v) for v in value]
+        if isinstance(value, str):
+            parts = [p for p in value.split("\\") if p.strip()]
+            nums = [float(p) if vr in ("FL", "FD") else int(float(p)) for p in parts]
+            return nums[0] if len(nums) == 1 else (nums or None)
+        return float(value) if vr in ("FL", "FD") else int(value)
+    if vr == "AT":
+        return [parse_key(p) for p in str(value).split("\\") if p]
+    if isinstance(value, bool):
+        raise TableError(f"{tag_key(tag)}: a boolean is not a DICOM value")
+    if isinstance(value, list):
+        return "\\".join(str(v) for v in value)
+    if isinstance(value, float) and value.is_integer() and vr == "IS":
+        value = int(value)
+    return str(value)
+
+
+def set_value(ds: Dataset, key: str, value: Any) -> None:
+    """Set (or create) the element named by ``key`` from a Lua value."""
+    tag = parse_key(key)
+    value = _normalize(value)
+    vr = ds[tag].VR if tag in ds else _guess_vr(tag, value)
+    if vr in BINARY_VRS:
+        raise TableError(f"{key}: binary elements ({vr}) cannot be written from a script")
+    try:
+        ds[tag] = DataElement(tag, vr, _element_value(tag, vr, value, ds))
+    except TableError:
+        raise
+    except Exception as e:
+        raise TableError(f"{key}: cannot store {value!r} as {vr}: {e}") from None
+
+
+def apply_table(ds: Dataset, before: Mapping[str, Any], after: Mapping[str, Any]) -> bool:
+    """Apply the script's edits (``before`` -> ``after``) to ``ds``; True if anything changed."""
+    after = _normalize(after)
+    changed = False
+    after_tags: dict[BaseTag, str] = {}
+    for key in after:
+        after_tags[parse_key(key)] = key
+    for key in before:
+        tag = parse_key(key)
+        if tag not in after_tags and tag in ds:
+            del ds[tag]
+            changed = True
+    for tag, key in after_tags.items():
+        new = after[key]
+        old_key = tag_key(tag)
+        if old_key in before and _normalize(before[old_key]) == new and old_key == key:
+            continue
+        if key in before and _normalize(before[key]) == new:
+            continue
+        set_value(ds, key, new)
+        changed = True
+    return changed
+
+
+def table_to_dataset(table: Mapping[str, Any]) -> Dataset:
+    """A new dataset from a table (C-FIND identifiers built by scripts, new sequence items)."""
+    ds = Dataset()
+    for key, value in _normalize(table).items():
+        set_value(ds, key, value)
+    return ds
+
+
+# --------------------------------------------------------------------------- raw encoding
+def decode(raw: bytes, transfer_syntax: str) -> Dataset:
+    """A dataset from its encoded bytes (no file meta) in ``transfer_syntax``."""
+    ts = UID(transfer_syntax)
+    return dsutils.decode(BytesIO(raw), ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
+
+
+def encode(ds: Dataset, transfer_syntax: str) -> bytes:
+    """Encode ``ds`` (no file meta) in ``transfer_syntax``; encapsulated pixel data is kept as is."""
+    ts = UID(transfer_syntax)
+    data = dsutils.encode(ds, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
+    if data is None:
+        raise TableError("the edited dataset cannot be encoded (see the log for the element)")
+    return data
+
+
+_HEADER_TAGS = (0x0020000D, 0x0020000E, 0x00100020)
+
+
+def header_uids(raw: bytes, transfer_syntax: str) -> dict[str, str]:
+    """StudyInstanceUID, SeriesInstanceUID, PatientID from encoded bytes, reading only up to
+    group 0x0020 (cheap: the forwarder needs the study for ordering, not the whole dataset)."""
+    ts = UID(transfer_syntax)
+    if ts == DeflatedExplicitVRLittleEndian:
+        raw = zlib.decompressobj(-zlib.MAX_WBITS).decompress(raw, 1 << 20)
+    ds = read_dataset(
+        BytesIO(raw),
+        ts.is_implicit_VR,
+        ts.is_little_endian,
+        stop_when=lambda tag, vr, length: tag > 0x0020000E,
+        specific_tags=list(_HEADER_TAGS),
+    )
+    out = {}
+    for kw in ("StudyInstanceUID", "SeriesInstanceUID", "PatientID"):
+        try:
+            out[kw] = str(ds.get(kw, "") or "")
+        except Exception:
+            out[kw] = ""
+    return out

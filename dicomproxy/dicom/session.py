@@ -1,0 +1,99 @@
+"""One association's view of the Lua side: its ``assoc`` table, its transient scope, and a
+thread-safe way to raise DICOM events from pynetdicom's handler threads.
+
+pynetdicom runs every association in its own threads; Lua runs on the event loop. Events go
+through ``host.dispatch_threadsafe`` (which blocks the association thread, not the loop), and
+only when a script defines the callback (``host.defines`` is cached), so an unscripted
+gateway pays nothing per instance. Each association gets one transient scope, opened on the
+first event that needs it and closed when the association ends, so ``main-transient.lua``
+keeps its state for the whole association.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class LuaBridge:
+    """Wraps the ScriptHost for the DICOM side (event names, timeouts, fail-open policy)."""
+
+    def __init__(self, host: Any, *, timeout: float = 10.0, fail_open: bool = False) -> None:
+        self.host = host
+        self.timeout = timeout
+        self.fail_open = fail_open
+
+    def defines(self, *names: str) -> bool:
+        if self.host is None:
+            return False
+        return any(self.host.defines(n) for n in names)
+
+    def call(self, name: str, *args: Any, session: AssocSession | None = None) -> Any | None:
+        """Dispatch ``name`` if a script defines it; returns the host's ``Dispatch`` or None.
+
+        Script errors propagate (the caller maps them to a DIMSE status).
+        """
+        if self.host is None or not self.host.defines(name):
+            return None
+        scope = session.scope() if session is not None else None
+        return self.host.dispatch_threadsafe(name, *args, scope=scope, timeout=self.timeout)
+
+    async def call_async(self, name: str, *args: Any) -> Any | None:
+        """From the event loop (forwarder callbacks)."""
+        if self.host is None or not self.host.defines(name):
+            return None
+        return await self.host.dispatch(name, *args)
+
+
+class AssocSession:
+    """Per-association state, created when the association is requested."""
+
+    def __init__(self, bridge: LuaBridge, calling: str, called: str, ip: str, port: int, loop: Any = None) -> None:
+        self.bridge = bridge
+        self.loop = loop
+        self.calling = calling.strip()
+        self.called = called.strip()
+        self.ip = ip
+        self.port = port
+        self._scope: Any = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def table(self) -> dict[str, Any]:
+        """The ``assoc`` argument of the DicomProxy events."""
+        return {"CallingAE": self.calling, "CalledAE": self.called, "RemoteIp": self.ip, "RemotePort": self.port}
+
+    def origin(self) -> dict[str, Any]:
+        """The ``origin`` argument of the Orthanc-compatible events."""
+        return {
+            "RequestOrigin": "DicomProtocol",
+            "RemoteIp": self.ip,
+            "RemoteAet": self.calling,
+            "CalledAet": self.called,
+        }
+
+    def scope(self) -> Any:
+        with self._lock:
+            if self._scope is None and not self._closed and self.bridge.host is not None:
+                scope = self.bridge.host.transient_scope()
+                scope.__enter__()
+                self._scope = scope
+            return self._scope
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            scope, self._scope = self._scope, None
+        if scope is None:
+            return
+        # The engine belongs to the event loop's thread: close it there.
+        if self.loop is not None and not self.loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(scope.__exit__, None, None, None)
+                return
+        with contextlib.suppress(Exception):
+            scope.__exit__(None, None, None)

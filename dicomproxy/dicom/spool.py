@@ -1,0 +1,308 @@
+"""The durable spool between C-STORE acceptance and forwarding.
+
+An instance is acknowledged to the modality only once it is on disk here, so nothing the
+gateway said "success" to can be lost by a crash, a kill -9 or a PACS outage.
+
+Layout (under ``Dicom:SpoolFolder``)::
+
+    tmp/       files being written (leftovers are deleted at start: never acknowledged)
+    queue/     000000000042.dcm ... one file per instance, the name is the arrival sequence
+    failed/    <seq>-<SOPInstanceUID>.dcm + .json (why) for instances the PACS refused for good
+
+Each spool file is a valid DICOM Part 10 file: the dataset bytes exactly as received, behind a
+file meta group that also carries the spool's own metadata (the association's AE titles and
+address, the study it belongs to) as JSON in (0002,0102) *Private Information*, under our
+(0002,0100) creator UID. One file per instance therefore commits atomically (write to tmp,
+fsync, rename, fsync the folder), and an operator can re-send any spool or failed file with
+a plain storescu.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1426.1"
+IMPLEMENTATION_VERSION = "DICOMPROXY_01"
+PRIVATE_CREATOR_UID = "1.2.826.0.1.3680043.10.1426.1.1"
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+
+
+class SpoolError(Exception):
+    """A spool file is unreadable (truncated or not ours); the message names the file."""
+
+
+@dataclass
+class SpoolEntry:
+    """One queued instance. ``origin`` holds CallingAE, CalledAE, RemoteIp, RemotePort."""
+
+    seq: int
+    path: Path
+    sop_class: str
+    sop_instance: str
+    transfer_syntax: str
+    study: str = ""
+    series: str = ""
+    patient_id: str = ""
+    origin: dict[str, Any] = field(default_factory=dict)
+    received: float = 0.0
+    data_offset: int = 0
+    attempts: int = 0
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "SOPInstanceUID": self.sop_instance,
+            "SOPClassUID": self.sop_class,
+            "StudyInstanceUID": self.study,
+            "SeriesInstanceUID": self.series,
+            "PatientID": self.patient_id,
+            "TransferSyntaxUID": self.transfer_syntax,
+            "RemoteAE": self.origin.get("CallingAE", ""),
+        }
+
+
+# --------------------------------------------------------------------------- file meta
+def _element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
+    if len(value) % 2:
+        value += b"\0" if vr in (b"UI", b"OB") else b" "
+    if vr in _LONG_VRS:
+        return struct.pack("<HH2sHI", group, elem, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", group, elem, vr, len(value)) + value
+
+
+def file_meta(
+    sop_class: str, sop_instance: str, transfer_syntax: str, source_aet: str = "", private: bytes = b""
+) -> bytes:
+    """Preamble + ``DICM`` + an explicit-VR-little-endian file meta group, built by hand.
+
+    pydicom's writer costs about a millisecond per call; this is on the C-STORE hot path.
+    """
+    body = [
+        _element(2, 0x0001, b"OB", b"\x00\x01"),
+        _element(2, 0x0002, b"UI", sop_class.encode()),
+        _element(2, 0x0003, b"UI", sop_instance.encode()),
+        _element(2, 0x0010, b"UI", transfer_syntax.encode()),
+        _element(2, 0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode()),
+        _element(2, 0x0013, b"SH", IMPLEMENTATION_VERSION.encode()),
+    ]
+    if source_aet:
+        body.append(_element(2, 0x0016, b"AE", source_aet.strip().encode("ascii", "replace")[:16]))
+    if private:
+        body.append(_element(2, 0x0100, b"UI", PRIVATE_CREATOR_UID.encode()))
+        body.append(_element(2, 0x0102, b"OB", private))
+    group = b"".join(body)
+    return b"\0" * 128 + b"DICM" + _element(2, 0x0000, b"UL", struct.pack("<I", len(group))) + group
+
+
+def read_file_meta(head: bytes) -> tuple[dict[int, bytes], int]:
+    """Parse a Part 10 header: ``({element: raw value}, offset of the dataset)``."""
+    if len(head) < 132 or head[128:132] != b"DICM":
+        raise SpoolError("not a DICOM Part 10 file (no DICM prefix)")
+    pos = 132
+    out: dict[int, bytes] = {}
+    while pos + 8 <= len(head):
+        group, elem = struct.unpack_from("<HH", head, pos)
+        if group != 2:
+            break
+        vr = head[pos + 4 : pos + 6]
+        if vr in _LONG_VRS:
+            (length,) = struct.unpack_from("<I", head, pos + 8)
+            start = pos + 12
+        else:
+            (length,) = struct.unpack_from("<H", head, pos + 6)
+            start = pos + 8
+        if start + length > len(head):
+            raise SpoolError("file meta group truncated")
+        out[elem] = head[start : start + length]
+        pos = start + length
+    return out, pos
+
+
+def _text(raw: bytes | None) -> str:
+    return (raw or b"").rstrip(b"\0 ").decode("ascii", "replace")
+
+
+# --------------------------------------------------------------------------- the spool
+class Spool:
+    """Thread-safe: C-STORE handlers ``put`` from pynetdicom threads, the forwarder removes."""
+
+    def __init__(self, folder: Path, *, fsync: bool = True) -> None:
+        self.folder = Path(folder)
+        self.queue_dir = self.folder / "queue"
+        self.tmp_dir = self.folder / "tmp"
+        self.failed_dir = self.folder / "failed"
+        self.fsync = fsync
+        self._lock = threading.Lock()
+        self._next_seq = 1
+        self._depth = 0
+        self._failed = 0
+        self._queue_fd: int | None = None
+
+    # -- start-up -------------------------------------------------------------------------
+    def open(self) -> list[SpoolEntry]:
+        """Create the folders, drop unacknowledged tmp files, return the queue in arrival order."""
+        for d in (self.queue_dir, self.tmp_dir, self.failed_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        for leftover in self.tmp_dir.iterdir():
+            log.info("spool: removing %s (interrupted write, never acknowledged)", leftover.name)
+            leftover.unlink(missing_ok=True)
+        entries: list[SpoolEntry] = []
+        for path in sorted(self.queue_dir.glob("*.dcm")):
+            try:
+                entries.append(self.load(path))
+            except (SpoolError, OSError, ValueError) as e:
+                target = self.failed_dir / f"unreadable-{path.name}"
+                log.error("spool: %s is unreadable (%s); moved to %s", path, e, target)
+                os.replace(path, target)
+        entries.sort(key=lambda e: e.seq)
+        self._failed = sum(1 for _ in self.failed_dir.glob("*.dcm"))
+        with self._lock:
+            self._depth = len(entries)
+            self._next_seq = (entries[-1].seq + 1) if entries else 1
+        if self._queue_fd is None:
+            self._queue_fd = os.open(self.queue_dir, os.O_RDONLY)
+        if entries:
+            log.info("spool: %d instance(s) waiting to be forwarded from a previous run", len(entries))
+        return entries
+
+    def close(self) -> None:
+        if self._queue_fd is not None:
+            os.close(self._queue_fd)
+            self._queue_fd = None
+
+    def load(self, path: Path) -> SpoolEntry:
+        with open(path, "rb") as f:
+            head = f.read(8192)
+        meta, offset = read_file_meta(head)
+        if 0x0102 not in meta or _text(meta.get(0x0100)) != PRIVATE_CREATOR_UID:
+            raise SpoolError("no DicomProxy spool metadata in the file meta")
+        info = json.loads(meta[0x0102].rstrip(b"\0 ").decode("utf-8"))
+        return SpoolEntry(
+            seq=int(path.stem),
+            path=path,
+            sop_class=_text(meta.get(0x0002)),
+            sop_instance=_text(meta.get(0x0003)),
+            transfer_syntax=_text(meta.get(0x0010)),
+            study=info.get("study", ""),
+            series=info.get("series", ""),
+            patient_id=info.get("patient", ""),
+            origin=info.get("origin", {}),
+            received=float(info.get("received", 0)),
+            data_offset=offset,
+        )
+
+    # -- hot path -------------------------------------------------------------------------
+    def put(
+        self,
+        dataset: bytes,
+        *,
+        sop_class: str,
+        sop_instance: str,
+        transfer_syntax: str,
+        study: str,
+        series: str = "",
+        patient_id: str = "",
+        origin: dict[str, Any] | None = None,
+    ) -> SpoolEntry:
+        """Write one instance durably and return its entry. Raises OSError (disk full...)."""
+        origin = origin or {}
+        received = time.time()
+        private = json.dumps(
+            {"study": study, "series": series, "patient": patient_id, "origin": origin, "received": received},
+            separators=(",", ":"),
+        ).encode()
+        head = file_meta(sop_class, sop_instance, transfer_syntax, origin.get("CallingAE", ""), private)
+        tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            _write_all(fd, head)
+            _write_all(fd, dataset)
+            if self.fsync:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        with self._lock:
+            seq = self._next_seq
+            self._next_seq += 1
+            final = self.queue_dir / f"{seq:012d}.dcm"
+            os.rename(tmp, final)
+            self._depth += 1
+        if self.fsync and self._queue_fd is not None:
+            os.fsync(self._queue_fd)
+        return SpoolEntry(
+            seq=seq,
+            path=final,
+            sop_class=sop_class,
+            sop_instance=sop_instance,
+            transfer_syntax=transfer_syntax,
+            study=study,
+            series=series,
+            patient_id=patient_id,
+            origin=origin,
+            received=received,
+            data_offset=len(head),
+        )
+
+    def read_dataset(self, entry: SpoolEntry) -> bytes:
+        """The dataset bytes as received (no file meta)."""
+        with open(entry.path, "rb") as f:
+            if not entry.data_offset:
+                _, entry.data_offset = read_file_meta(f.read(8192))
+            f.seek(entry.data_offset)
+            return f.read()
+
+    def remove(self, entry: SpoolEntry) -> None:
+        """The PACS has the instance: forget it."""
+        try:
+            entry.path.unlink()
+        except FileNotFoundError:
+            return
+        with self._lock:
+            self._depth -= 1
+
+    def fail(self, entry: SpoolEntry, reason: str, **details: Any) -> Path:
+        """Move an instance the PACS refused for good to ``failed/`` with a JSON note saying why."""
+        stem = f"{entry.seq:012d}-{entry.sop_instance or 'unknown'}"
+        target = self.failed_dir / f"{stem}.dcm"
+        note = {
+            "reason": reason,
+            "failedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "attempts": entry.attempts,
+            **entry.info(),
+            "origin": entry.origin,
+            **details,
+        }
+        (self.failed_dir / f"{stem}.json").write_text(json.dumps(note, indent=2))
+        os.replace(entry.path, target)
+        with self._lock:
+            self._depth -= 1
+            self._failed += 1
+        return target
+
+    @property
+    def depth(self) -> int:
+        return self._depth
+
+    @property
+    def failed_count(self) -> int:
+        return self._failed
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
