@@ -49,6 +49,9 @@ def serve(args: argparse.Namespace) -> int:
         log_level="warning",
         server_header=False,
         timeout_keep_alive=30,
+        # uvicorn waits for open responses before the lifespan shutdown; a live SSE stream
+        # (/dicomproxy/notifications/stream, an open status page) never ends by itself.
+        timeout_graceful_shutdown=5,
         backlog=4096,
     )
     server = uvicorn.Server(config)
