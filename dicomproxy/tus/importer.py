@@ -61,7 +61,7 @@ class ImportReport:
 
     def summary(self) -> dict[str, Any]:
         return {
-            "kind": self.kind,
+            "content": self.kind,
             "instances": self.instances,
             "stored": len(self.stored),
             "failed": len(self.failed),
