@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,12 @@ def gateway_factory(
     yield make
     for gateway in reversed(made):
         gateway.stop()
+        if gateway.forced_kill:
+            warnings.warn(
+                f"{gateway!r} did not exit within 10 s of SIGTERM and was killed (a graceful "
+                f"shutdown hangs, e.g. on open streaming connections); log: {gateway.log_path}",
+                stacklevel=1,
+            )
 
 
 @pytest.fixture

@@ -44,6 +44,7 @@ GatewayProcess (``python -m dicomproxy serve --config <tmp>/appsettings.json``):
 
     .url  .http_port  .dicom_port  .aet  .config_path  .scripts_dir  .data_dir  .settings (dict)
     .start(timeout=30)  .stop(timeout=10) (SIGTERM, then SIGKILL)  .kill9()  .restart()
+    .forced_kill   True if a stop() had to SIGKILL (the fixture then warns: shutdown hangs)
     .write_script(name, text)   atomic write into scripts_dir (main.lua, main-transient.lua, ...)
     .update_settings(overrides) deep-merge into the config file (takes effect on restart)
     .log_text() -> str          everything the process printed (stdout + stderr)
@@ -225,15 +226,18 @@ def _popen(cmd: Sequence[str], log_path: Path, **kwargs: Any) -> subprocess.Pope
         log.close()
 
 
-def _terminate(proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
+def _terminate(proc: subprocess.Popen[bytes] | None, timeout: float) -> bool:
+    """SIGTERM, then SIGKILL after ``timeout``; True when the kill was needed."""
     if proc is None or proc.poll() is not None:
-        return
+        return False
     proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(timeout=timeout)
+        return False
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=10)
+        return True
 
 
 def _decode(resp: requests.Response) -> Any:
@@ -492,6 +496,7 @@ class GatewayProcess:
         for name, text in (scripts or {}).items():
             self.write_script(name, text)
         self.proc: subprocess.Popen[bytes] | None = None
+        self.forced_kill = False  # set when stop() had to SIGKILL a gateway that ignored SIGTERM
         self._session = requests.Session()
         self._write_config()
 
@@ -578,8 +583,13 @@ class GatewayProcess:
         pytest.fail(f"{why} (config {self.config_path}); log tail:\n{_tail(self.log_path)}", pytrace=False)
 
     def stop(self, timeout: float = 10) -> int | None:
-        """SIGTERM (graceful shutdown), SIGKILL after ``timeout``; returns the exit status."""
-        _terminate(self.proc, timeout)
+        """SIGTERM (graceful shutdown), SIGKILL after ``timeout``; returns the exit status.
+
+        After a graceful stop the status is 0 or ``-SIGTERM`` (uvicorn re-raises the signal);
+        ``-SIGKILL`` means the gateway ignored SIGTERM (``.forced_kill`` is then True).
+        """
+        if _terminate(self.proc, timeout):
+            self.forced_kill = True
         self._session.close()
         return self.proc.returncode if self.proc else None
 
