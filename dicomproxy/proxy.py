@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 from multidict import CIMultiDict
+from yarl import URL
 
 from dicomproxy.metrics import Metrics
 from dicomproxy.settings import UpstreamSettings
@@ -156,14 +157,14 @@ class ReverseProxy:
         watcher = asyncio.get_running_loop().create_task(watch_disconnect())
         try:
             session = await self.upstream.session()
-            async with session.request(
-                scope["method"], url, headers=headers, data=body() if has_body else None,
+            async with session.request(  # encoded=True: the path and query go out byte for byte
+                scope["method"], URL(url, encoded=True), headers=headers, data=body() if has_body else None,
                 allow_redirects=False, compress=None, auto_decompress=False,
             ) as resp:
-                out = [
-                    (k.lower(), v) for k, v in resp.raw_headers
-                    if k.decode("latin-1").lower() not in HOP_BY_HOP
-                ]
+                drop = HOP_BY_HOP if "Connection" not in resp.headers else HOP_BY_HOP.union(
+                    t.strip().lower() for v in resp.headers.getall("Connection") for t in v.split(",")
+                )
+                out = [(k.lower(), v) for k, v in resp.raw_headers if k.decode("latin-1").lower() not in drop]
                 started = True
                 await send({"type": "http.response.start", "status": resp.status, "headers": out})
                 self.requests.inc(status=f"{resp.status // 100}xx")
