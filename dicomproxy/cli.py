@@ -48,6 +48,7 @@ def serve(args: argparse.Namespace) -> int:
         access_log=False,
         log_level="warning",
         server_header=False,
+        proxy_headers=False,  # the proxy appends the peer to X-Forwarded-For itself; don't trust the client's
         timeout_keep_alive=30,
         # uvicorn waits for open responses before the lifespan shutdown; a live SSE stream
         # (/dicomproxy/notifications/stream, an open status page) never ends by itself.
