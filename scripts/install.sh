@@ -6,7 +6,7 @@
 # tests/js/node_modules only when package-lock.json changed.
 #
 #   system: orthanc + DICOMweb plugin (test PACS), dcmtk (DICOM peers), lua-socket, nginx +
-#           lua module, chromium (UI tests), python3 + venv, nodejs + npm (tus-js-client), curl
+#           lua module, chromium + fonts (UI tests), python3 + venv, nodejs + npm (tus-js-client), curl
 #   python: .venv with `pip install -e .[test]`
 #   node:   tests/js/node_modules (npm ci)
 #
@@ -19,7 +19,7 @@ cd "$ROOT"
 APT_PACKAGES=(
     orthanc orthanc-dicomweb dcmtk
     lua-socket nginx libnginx-mod-http-lua
-    chromium
+    chromium fonts-liberation
     python3 python3-venv python3-pip
     nodejs npm
     curl ca-certificates
