@@ -33,6 +33,7 @@ import aiosmtplib
 
 from dicomproxy.events import EVENT_KINDS, AppEvent, EventBus
 from dicomproxy.settings import ConfigError, Settings, SmtpSettings
+from middleware import LuaExportError
 
 if TYPE_CHECKING:
     from dicomproxy.app import Gateway
@@ -423,12 +424,10 @@ class Mailer:
         accepted it is logged (and a failure raises a notification), because waiting for an
         SMTP server would stall the script and the request it serves.
         """
-        from dicomproxy.scripting import LuaExportError
-
         try:
             parsed = parse_mail(mail, self.smtp.sender, "SendMail")
-        except MailError as e:
-            raise LuaExportError(str(e)) from None
+        except MailError as e:  # the runtime prefixes the export's name itself
+            raise LuaExportError(str(e).removeprefix("SendMail: ")) from None
         self.submit(parsed, "SendMail")
         return True
 

@@ -38,6 +38,7 @@ from starlette.types import Receive, Scope, Send
 
 from dicomproxy.events import AppEvent
 from dicomproxy.mail import to_python
+from middleware import LuaExportError
 
 if TYPE_CHECKING:
     from dicomproxy.app import Gateway
@@ -331,12 +332,10 @@ class Notifier:
         A bad table is a Lua error naming the field. The hook runs after the script's call
         returns, so a script that shows a notification is never stalled by another script.
         """
-        from dicomproxy.scripting import LuaExportError
-
         try:
             title, body, link = parse_notification(notification, "ShowNotification")
-        except NotificationError as e:
-            raise LuaExportError(str(e)) from None
+        except NotificationError as e:  # the runtime prefixes the export's name itself
+            raise LuaExportError(str(e).removeprefix("ShowNotification: ")) from None
         self._spawn(self.show(title, body, link, "script"))
         return True
 
