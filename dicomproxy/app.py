@@ -42,6 +42,7 @@ class Gateway:
         self.monitor = UpstreamMonitor(self)
         self.health_checks: dict[str, Callable[[], dict[str, Any]]] = {}
         self._mounts: list[tuple[str, str, Any]] = []
+        self._middleware: list[Callable[[Any], Any]] = []
         self._components: list[Any] = [self.upstream, self.tasks, self.host, self.monitor]
         self._started: list[Any] = []
         self.mount("/dicomproxy/health", build_api(self))
@@ -58,6 +59,10 @@ class Gateway:
         self._mounts.append((prefix, exact, app))
         self._mounts.sort(key=lambda m: len(m[0]), reverse=True)
 
+    def add_middleware(self, wrap: Callable[[Any], Any]) -> None:
+        """``wrap(app) -> app``: an ASGI layer inside authentication, outside the Lua HTTP hooks."""
+        self._middleware.append(wrap)
+
     def add_component(self, component: Any) -> None:
         """``await component.start()`` at startup and ``await component.stop()`` at shutdown."""
         self._components.append(component)
@@ -68,6 +73,8 @@ class Gateway:
     # ------------------------------------------------------------------ ASGI
     def build(self) -> Any:
         app: Any = LuaHttpMiddleware(self._route, self.host.scripts, fail_open=self.settings.lua.fail_open)
+        for wrap in self._middleware:
+            app = wrap(app)
         if self.settings.users:
             app = BasicAuthMiddleware(app, self.settings.users, self.settings.realm)
         return app

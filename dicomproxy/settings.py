@@ -88,6 +88,7 @@ DEFAULTS: dict[str, Any] = {
         "CaFile": "",
     },
     "Notifications": {"FeedSize": 200, "Email": []},
+    "Orthanc": {"LuaHeartBeatPeriod": 0, "PollIntervalSeconds": 1},
     "Logging": {"Level": "INFO"},
 }
 
@@ -341,6 +342,14 @@ class NotificationSettings:
 
 
 @dataclass(frozen=True)
+class OrthancSettings:
+    """The Orthanc-compatible Lua layer (docs/orthanc-compat.md)."""
+
+    heartbeat_period: float = 0.0  # OnHeartBeat every N seconds (Orthanc's LuaHeartBeatPeriod); 0 = off
+    poll_interval: float = 1.0  # how often the PACS's /changes (and /jobs) are read for the On* callbacks
+
+
+@dataclass(frozen=True)
 class Settings:
     """The whole configuration, typed. Built once by :func:`load_settings`; never mutated."""
 
@@ -359,6 +368,7 @@ class Settings:
     notifications: NotificationSettings
     log_level: str
     tree: ConfigTree = field(repr=False)
+    orthanc: OrthancSettings = field(default_factory=OrthancSettings)
 
     def lua_config(self) -> dict[str, Any]:
         """What Lua's ``Config[...]`` sees: every leaf by its colon path, plus ``ConfigRoot``."""
@@ -542,4 +552,8 @@ def build_settings(tree: ConfigTree, root: Path, file: Path | None) -> Settings:
         ),
         log_level=tree.choice("Logging:Level", ("DEBUG", "INFO", "WARNING", "ERROR")),
         tree=tree,
+        orthanc=OrthancSettings(
+            heartbeat_period=tree.float("Orthanc:LuaHeartBeatPeriod", 0),
+            poll_interval=tree.float("Orthanc:PollIntervalSeconds", 0.05),
+        ),
     )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +46,14 @@ class ScriptHost:
         self.options = EngineOptions(
             timeout_ms=lua.timeout_ms, max_memory_mb=lua.max_memory_mb, native_path=lua.native_path
         )
+        self._loaded_hooks: list[Callable[[LuaEngine], Awaitable[None]]] = []
         self.scripts = ScriptSet(
             lua.scripts_root,
             globals={"Config": exports.ConfigView(settings.lua_config())},
             options=self.options,
             reload_interval=lua.reload_interval_ms / 1000.0,
             on_error=self._script_failed,
+            on_loaded=self._singleton_loaded,
             setup=(compile_chunk(exports.REQUIRE_NATIVE_LUA, "requireNative"),),
         )
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -74,6 +76,18 @@ class ScriptHost:
     ) -> None:
         """Make ``func`` a Lua global in every engine. Call before :meth:`start`."""
         self.scripts.add_export(name, Export(func, is_async=is_async, pass_engine=pass_engine, raw=raw))
+
+    def add_loaded_hook(self, hook: Callable[[LuaEngine], Awaitable[None]]) -> None:
+        """``await hook(engine)`` each time main.lua (re)loads, before the previous engine is closed."""
+        self._loaded_hooks.append(hook)
+
+    def add_lua(self, source: str, name: str) -> None:
+        """Lua run in every engine after the exports are bound (helpers written in Lua); before start."""
+        self.scripts.setup = (*self.scripts.setup, compile_chunk(source, name))
+
+    async def _singleton_loaded(self, engine: LuaEngine) -> None:
+        for hook in self._loaded_hooks:
+            await hook(engine)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
