@@ -7,6 +7,10 @@ and real pixel data (a small gradient), so Orthanc, dcmtk and DICOMweb peers acc
     data, sop_uid = make_instance(patient_id="P1", patient_name="Doe^John")      # bytes
     files = make_study(tmp_path, n_series=2, n_instances=3, patient_id="P2")      # [(path, uid)]
     zip_path, uids = make_zip(tmp_path / "s.zip", n_series=1, n_instances=4)
+    pixel_values(rows, cols)   # the exact pixel values written (check a decoder's output)
+
+Transfer syntaxes: Implicit/Explicit VR Little Endian, Explicit VR Big Endian, Deflated, and
+RLE Lossless (encoded by pydicom, no numpy needed).
 """
 
 from __future__ import annotations

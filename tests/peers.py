@@ -8,13 +8,20 @@ Fixture API (``tests/conftest.py``)::
 
     orthanc                  session-scoped OrthancServer, shared; call .clear() if you need it empty
     fresh_orthanc            the same server, cleared (all patients deleted) before the test
-    orthanc_factory(modalities=None, aet="ORTHANC", extra_config=None) -> OrthancServer
-                             function-scoped, a private started Orthanc you may stop()/start()/kill()
+    orthanc_factory(modalities=None, aet="ORTHANC", extra_config=None, start=True) -> OrthancServer
+                             function-scoped, a private Orthanc you may stop()/start()/kill();
+                             modalities: {"name": [AET, host, port]}; extra_config merged into
+                             the generated Orthanc JSON config
     gateway_factory(settings=None, scripts=None, *, orthanc=<session orthanc>, env=None,
                     start=True, register_modality="dicomproxy", timeout=30) -> GatewayProcess
-                             function-scoped; all gateways are stopped at teardown
+                             function-scoped; all gateways are stopped at teardown.
+                             orthanc=None: no upstream defaults. register_modality: the
+                             gateway's AE is declared in that Orthanc under this name (C-MOVE
+                             target). env: extra variables (inherited DICOMPROXY__* are dropped)
     storescp_factory(aet="STORESCP", *, args=()) -> StoreScp   dcmtk storescp on a free port
-    dicom_samples            the tests.dicom_samples module (make_instance, make_study, make_zip)
+    dicom_samples            the tests.dicom_samples module (make_instance, make_study, make_zip,
+                             pixel_values, build_dataset, dataset_bytes)
+    sample_dir               an empty tmp folder for generated DICOM files
 
 Helpers (this module)::
 
@@ -39,6 +46,14 @@ OrthancServer (``/usr/sbin/Orthanc`` 1.10 + DICOMweb plugin 1.7)::
     .upload(path_or_bytes) -> dict   POST /instances         .instance_count() -> int
     .clear()  DELETE every patient                           .set_modality(name, aet, host, port)
     .remove_modality(name)   .log_text() -> str   .wait_for_instances(n, timeout=15)
+    .instances() -> [orthanc ids]   .sop_instance_uids() -> set[str]
+    Config: DicomAet ORTHANC (DicomCheckCalledAet false), DICOMweb at /dicom-web/, every
+    DicomAlwaysAllow* true, StableAge 2, OverwriteInstances true, no auth, no HTTP compression.
+
+StoreScp (dcmtk storescp)::
+
+    .aet  .host  .port  .output_dir  .files() -> [Path]  .wait_for_files(n, timeout=15)
+    .stop()  .log_text()
 
 GatewayProcess (``python -m dicomproxy serve --config <tmp>/appsettings.json``)::
 
