@@ -37,6 +37,12 @@ def tasks(gw: GatewayProcess, kind: str = "tus-import") -> list[dict[str, Any]]:
     return [t for t in r.json() if t["kind"] == kind]
 
 
+def notifications(gw: GatewayProcess, kind: str) -> list[dict[str, Any]]:
+    r = gw.get("/dicomproxy/notifications")
+    assert r.status_code == 200, r.text
+    return [n for n in r.json() if n["kind"] == kind]
+
+
 def wait_task(gw: GatewayProcess, state: str, n: int = 1, timeout: float = 60) -> list[dict[str, Any]]:
     def ready() -> list[dict[str, Any]] | None:
         found = [t for t in tasks(gw) if t["state"] == state]
@@ -69,6 +75,8 @@ def test_tuspy_dicom_file_is_imported_into_orthanc(
     assert requests.head(uploader.url, headers=TUS, timeout=10).status_code == 404
     metrics = gw.get("/dicomproxy/metrics").text
     assert 'dicomproxy_tus_imports_total{outcome="stored"} 1' in metrics
+    imported = wait_until(lambda: notifications(gw, "upload.imported"), what="an upload.imported event")
+    assert "ct.dcm" in imported[0]["title"] and imported[0]["data"]["fileId"] == uid
 
 
 def test_tus_js_client_zip_is_imported_in_batches(
@@ -143,6 +151,8 @@ def test_not_dicom_is_a_failed_task_and_the_upload_is_kept(
     uploader.upload()
     failed = wait_task(gw, "failed")[0]
     assert "not DICOM" in failed["error"] and "notes.txt" in failed["error"]
+    event = wait_until(lambda: notifications(gw, "import.failed"), what="an import.failed event")[0]
+    assert "notes.txt" in event["title"] and "not DICOM" in event["body"]
     assert (tus_folder(gw) / upload_id(uploader.url)).read_bytes() == path.read_bytes()
     assert fresh_orthanc.instance_count() == 0
 
