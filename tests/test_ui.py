@@ -25,7 +25,16 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 SCRIPT = r"""
 function onSendMail(mail) return false end
 function onNotificationShow(n) return false end
-function onHttpRequest(req) return false end
+function onHttpRequest(req)
+  if req.Path == "/test/task" then
+    req:ResponseWrite(LuaBackgroundWorker("main-task.lua", "run", "x"))
+    return true
+  end
+  return false
+end
+"""
+TASK_SCRIPT = r"""
+function run(args) error("the task went wrong on purpose") end
 """
 
 
@@ -47,8 +56,8 @@ def browser() -> Iterator[Any]:
 
 @pytest.fixture
 def gateway(gateway_factory: Callable[..., GatewayProcess], fresh_orthanc: OrthancServer) -> GatewayProcess:
-    return gateway_factory({"Authentication": {"Users": {USER: PASSWORD}}}, {"main.lua": SCRIPT},
-                           orthanc=fresh_orthanc)
+    return gateway_factory({"Authentication": {"Users": {USER: PASSWORD}}},
+                           {"main.lua": SCRIPT, "main-task.lua": TASK_SCRIPT}, orthanc=fresh_orthanc)
 
 
 @pytest.fixture
@@ -85,45 +94,76 @@ def test_page_and_assets_need_the_gateways_authentication(gateway: GatewayProces
     assert "main.lua" in str(status["scripts"])
 
 
-def test_page_shows_the_gateway_live(page: Any, gateway: GatewayProcess) -> None:
+def test_page_shows_the_gateway_live(page: Any, gateway: GatewayProcess, tmp_path: Path) -> None:
     page.goto(gateway.url + "/dicomproxy/ui")
     page.wait_for_selector("#scripts-body code:text('main.lua')", timeout=15000)
     callbacks = page.inner_text("#scripts-body")
     for name in ("onSendMail", "onNotificationShow", "onHttpRequest"):
         assert name in callbacks
     page.wait_for_selector("#upstream-http .badge:text('reachable')", timeout=15000)
+    # DICOM reachability is a real C-ECHO from the gateway to the Orthanc behind it
+    page.wait_for_selector("#upstream-dicom .badge:text('reachable')", timeout=15000)
+    assert f"@127.0.0.1:{gateway.settings['Dicom']['Upstream']['Port']}" in page.inner_text("#upstream-dicom")
+    assert "0 instances waiting to be forwarded" in page.inner_text("#spool-depth")
     page.wait_for_selector("#feed-state:text('live')", timeout=15000)
     assert page.inner_text("#tasks-body")  # rendered (empty queue or tasks)
     assert page.inner_text("#spool-depth") != ""
     assert page.is_hidden("#reload-error")
+
+    # A background task that fails: its row in the queue, and a live task.failed notification.
+    task_id = requests.get(gateway.url + "/test/task", auth=(USER, PASSWORD), timeout=10).text
+    page.wait_for_selector("#feed-list li[data-kind='task.failed']", timeout=20000)
+    row = page.locator(f"#tasks-body tr[data-task='{task_id}']")
+    row.wait_for(timeout=15000)
+    page.wait_for_function("(id) => document.querySelector(`#tasks-body tr[data-task='${id}']`)"
+                           ".innerText.includes('failed')", arg=task_id, timeout=15000)
+    assert "the task went wrong on purpose" in row.inner_text() and "main-task.lua:run" in row.inner_text()
 
     # A broken edit shows up as the last reload error and, live, as a notification.
     gateway.write_script("main.lua", SCRIPT + "\nthis is not lua (\n")
     page.wait_for_selector("#feed-list li[data-kind='script.failed']", timeout=20000)
     page.wait_for_selector("#reload-error", state="visible", timeout=15000)
     assert "main.lua" in page.inner_text("#reload-error-text")
+    page.screenshot(path=str(tmp_path / "status-page.png"), full_page=True)
     assert page.errors == []
 
 
 def test_upload_box_progress_and_imported_notification(
-    page: Any, gateway: GatewayProcess, fresh_orthanc: OrthancServer, dicom_samples: Any, sample_dir: Path
+    page: Any, gateway: GatewayProcess, fresh_orthanc: OrthancServer, dicom_samples: Any, sample_dir: Path,
+    tmp_path: Path,
 ) -> None:
-    path, sop_uid = dicom_samples.make_instance(sample_dir / "one.dcm", patient_id="UI1",
-                                                patient_name="Ui^Test")
+    one, sop_uid = dicom_samples.make_instance(sample_dir / "one.dcm", patient_id="UI1", patient_name="Ui^Test")
+    study, zip_uids = dicom_samples.make_zip(sample_dir / "study.zip", n_series=1, n_instances=3)
     page.goto(gateway.url + "/dicomproxy/ui")
     page.wait_for_selector("#feed-state:text('live')", timeout=15000)
-    page.set_input_files("#upload-input", str(path))
-    row = page.locator("#uploads li[data-name='one.dcm']")
-    row.wait_for(timeout=10000)
-    page.wait_for_function(
-        "() => { const r = document.querySelector(\"#uploads li[data-name='one.dcm']\");"
-        " return r && r.querySelector('progress').value === 100; }", timeout=30000)
-    assert row.locator(".percent").inner_text() == "100%"
-    # The TUS importer's "upload.imported" event reaches the page over SSE ...
-    page.wait_for_selector("#feed-list li[data-kind='upload.imported']", timeout=60000)
-    # ... and the row of this upload says so.
-    page.wait_for_selector("#uploads li[data-name='one.dcm'].imported", timeout=10000)
-    assert "imported" in row.locator(".state").inner_text()
-    fresh_orthanc.wait_for_instances(1)
-    assert sop_uid in fresh_orthanc.sop_instance_uids()
+    # Record every progress value the page shows, to see it climb to 100.
+    page.evaluate("""() => {
+        window.seenProgress = {};
+        new MutationObserver(() => document.querySelectorAll('#uploads li').forEach(li => {
+            const seen = window.seenProgress[li.dataset.name] = window.seenProgress[li.dataset.name] || [];
+            const v = li.querySelector('progress').value;
+            if (seen[seen.length - 1] !== v) seen.push(v);
+        })).observe(document.getElementById('uploads'), {subtree: true, childList: true, attributes: true,
+                                                         characterData: true});
+    }""")
+    page.set_input_files("#upload-input", [str(one), str(study)])
+    for name in ("one.dcm", "study.zip"):
+        row = page.locator(f"#uploads li[data-name='{name}']")
+        row.wait_for(timeout=10000)
+        page.wait_for_function(
+            "(name) => { const r = document.querySelector(`#uploads li[data-name='${name}']`);"
+            " return r && r.querySelector('progress').value === 100; }", arg=name, timeout=30000)
+        assert row.locator(".percent").inner_text() == "100%"
+    seen = page.evaluate("window.seenProgress")
+    for name in ("one.dcm", "study.zip"):
+        assert seen[name][-1] == 100 and seen[name] == sorted(seen[name]), seen
+    # The TUS importer's "upload.imported" events reach the page over SSE, and each row says so.
+    for name in ("one.dcm", "study.zip"):
+        page.wait_for_selector(f"#uploads li[data-name='{name}'].imported", timeout=60000)
+        assert "imported" in page.locator(f"#uploads li[data-name='{name}'] .state").inner_text()
+    titles = page.locator("#feed-list li[data-kind='upload.imported'] .title").all_inner_texts()
+    assert any("one.dcm" in t for t in titles) and any("study.zip" in t for t in titles), titles
+    fresh_orthanc.wait_for_instances(4)
+    assert fresh_orthanc.sop_instance_uids() == {sop_uid, *zip_uids}
+    page.screenshot(path=str(tmp_path / "uploads.png"), full_page=True)
     assert page.errors == []

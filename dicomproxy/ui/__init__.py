@@ -2,10 +2,12 @@
 
 The page is static HTML/JS/CSS from ``static/`` (no build step, no CDN: tus-js-client's
 browser build is vendored there with its license). Its script reads the gateway's own API
-from the browser: ``/dicomproxy/health`` (upstream HTTP/DICOM reachability, DICOM spool
-depth), ``/dicomproxy/tasks``, ``/dicomproxy/notifications`` (+ its SSE stream) and
-``/dicomproxy/ui/status.json`` (scripts loaded, callbacks each defines, the last reload error:
-``ScriptHost.status()``, which no other route exposes). Uploads go to the TUS endpoint.
+from the browser: ``/dicomproxy/health`` (upstream HTTP reachability, scripts and the last
+reload error, the DICOM spool depth), ``/dicomproxy/tasks``, ``/dicomproxy/notifications``
+(+ its SSE stream) and ``/dicomproxy/ui/status.json``, which adds what no other route says:
+whether the PACS answers a C-ECHO on ``Dicom:Upstream`` (through the ``echo`` command of the
+DICOM side, at most every ``ECHO_INTERVAL`` seconds however many pages poll). Uploads go to
+the TUS endpoint.
 
 Authentication is the gateway's: every mounted route is behind it, so the page, its API calls
 and the uploads all use the credentials the browser already sent for the page.
@@ -13,9 +15,11 @@ and the uploads all use the credentials the browser already sent for the page.
 
 from __future__ import annotations
 
+import asyncio
 import html
 import json
 import logging
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +35,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PREFIX = "/dicomproxy/ui"
+ECHO_INTERVAL = 15.0  # seconds a C-ECHO answer is reused
+ECHO_TIMEOUT = 10.0
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 CONTENT_TYPES = {
     ".js": "text/javascript; charset=utf-8",
@@ -49,13 +55,52 @@ SECURITY_HEADERS = {
 }
 
 
+class DicomEcho:
+    """C-ECHO to the upstream PACS through ``InternalCmdRun``'s ``echo``, cached: the status page
+    polls every few seconds and several may be open, the PACS should not feel it."""
+
+    def __init__(self, commands: Any, target: str, interval: float = ECHO_INTERVAL) -> None:
+        self.commands = commands
+        self.target = target
+        self.interval = interval
+        self._last: dict[str, Any] | None = None
+        self._at = 0.0
+        self._running: asyncio.Task[dict[str, Any]] | None = None
+
+    async def status(self) -> dict[str, Any]:
+        if self._last is not None and time.monotonic() - self._at < self.interval:
+            return self._last
+        if self._running is None:
+            self._running = asyncio.get_running_loop().create_task(self._echo())
+        try:
+            return await asyncio.shield(self._running)
+        finally:
+            if self._running is not None and self._running.done():
+                self._running = None
+
+    async def _echo(self) -> dict[str, Any]:
+        try:
+            answer = await asyncio.wait_for(self.commands.run("echo", self.target), ECHO_TIMEOUT)
+            ok = bool(answer.get("Success"))
+            result = {"ok": ok, "target": answer.get("Destination", self.target),
+                      "latencyMs": answer.get("Milliseconds"), "error": answer.get("Error")}
+        except Exception as e:  # refused, timed out, no DICOM side: unreachable, and why
+            result = {"ok": False, "target": self.target, "latencyMs": None,
+                      "error": str(e) or type(e).__name__}
+        result["checked"] = time.time()
+        self._last, self._at = result, time.monotonic()
+        return result
+
+
 class StatusPage:
     """ASGI app for ``/dicomproxy/ui``: the page, its static files and ``status.json``."""
 
     def __init__(self, host: Any, tus_endpoint: str, prefix: str = PREFIX,
                  health_url: str = "/dicomproxy/health", tasks_url: str = "/dicomproxy/tasks",
-                 notifications_url: str = "/dicomproxy/notifications") -> None:
+                 notifications_url: str = "/dicomproxy/notifications",
+                 echo: DicomEcho | None = None) -> None:
         self.host = host
+        self.echo = echo
         self.prefix = prefix.rstrip("/")
         self.static = {p.name: p for p in STATIC_DIR.iterdir() if p.is_file() and p.name != "index.html"}
         values = {
@@ -86,16 +131,16 @@ class StatusPage:
         if scope["type"] != "http":
             return
         request = Request(scope, receive)
-        response = self.route(request, self._subpath(scope))
+        response = await self.route(request, self._subpath(scope))
         await response(scope, receive, send)
 
-    def route(self, request: Request, sub: str) -> Response:
+    async def route(self, request: Request, sub: str) -> Response:
         if request.method not in ("GET", "HEAD"):
             return PlainTextResponse("use GET\n", 405, headers={"Allow": "GET, HEAD"})
         if sub in ("/", "/index.html"):
             return HTMLResponse(self.page, headers=SECURITY_HEADERS)
         if sub == "/status.json":
-            return JSONResponse(self.status(), headers={"Cache-Control": "no-store"})
+            return JSONResponse(await self.status(), headers={"Cache-Control": "no-store"})
         if sub.startswith("/static/"):
             file = self.static.get(sub[len("/static/"):])  # names only: no path traversal
             if file is not None:
@@ -104,17 +149,27 @@ class StatusPage:
                     "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
         return PlainTextResponse(f"not found; the status page is {self.prefix}\n", 404)
 
-    def status(self) -> dict[str, Any]:
+    async def status(self) -> dict[str, Any]:
         try:
             scripts = self.host.status()
         except Exception as e:  # the page must load even if the host cannot say
             log.exception("ScriptHost.status() failed")
             scripts = {"error": f"{type(e).__name__}: {e}"}
-        return {"version": dicomproxy.__version__, "scripts": json.loads(json.dumps(scripts, default=str))}
+        echo = await self.echo.status() if self.echo is not None else None
+        return {
+            "version": dicomproxy.__version__,
+            "scripts": json.loads(json.dumps(scripts, default=str)),
+            "dicomUpstream": echo,
+        }
 
 
 def install(gateway: Gateway) -> StatusPage:
     """Mount the page at ``/dicomproxy/ui``."""
-    page = StatusPage(gateway.host, gateway.settings.tus.base_path)
+    dicom = gateway.settings.dicom
+    echo = None
+    if "echo" in gateway.commands.names():  # the DICOM side is installed
+        up = dicom.upstream
+        echo = DicomEcho(gateway.commands, f"{dicom.aet}:{up.aet}@{up.host}:{up.port}")
+    page = StatusPage(gateway.host, gateway.settings.tus.base_path, echo=echo)
     gateway.mount(PREFIX, page)
     return page

@@ -2,8 +2,8 @@
  *
  * Plain browser JavaScript, no build step. Reads the gateway's own API (same origin, so the
  * browser sends the same credentials it used for this page): /dicomproxy/health,
- * /dicomproxy/tasks, /dicomproxy/ui/status.json (scripts), /dicomproxy/notifications (JSON,
- * then the SSE stream). Uploads go through the TUS endpoint with tus-js-client (window.tus),
+ * /dicomproxy/tasks, /dicomproxy/ui/status.json (scripts, C-ECHO to the PACS),
+ * /dicomproxy/notifications (JSON, then the SSE stream). Uploads go through the TUS endpoint with tus-js-client (window.tus),
  * served from the package next to this file.
  *
  * Everything from the server is put into the page with textContent, never as HTML.
@@ -64,118 +64,107 @@
   }
 
   // ------------------------------------------------------------------ health
-  function isObj(v) { return v && typeof v === "object" && !Array.isArray(v); }
+  function isObj(v) { return v !== null && typeof v === "object" && !Array.isArray(v); }
 
+  // Health entries are the objects that carry an "ok" flag (upstream, dicom, tus, mail, ...).
   function components(health) {
-    // Accept {"components": {...}} / {"checks": {...}} or the entries at the top level.
-    var src = isObj(health.components) ? health.components : isObj(health.checks) ? health.checks : health;
     var out = {};
-    Object.keys(src).forEach(function (k) { if (isObj(src[k])) out[k] = src[k]; });
+    Object.keys(health).forEach(function (k) { if (isObj(health[k]) && "ok" in health[k]) out[k] = health[k]; });
     return out;
   }
 
-  function okState(entry) {
-    if (!isObj(entry)) return "unknown";
-    if (entry.ok === true || entry.reachable === true) return "ok";
-    if (entry.ok === false || entry.reachable === false) return "bad";
-    return "unknown";
-  }
+  function stateOf(ok) { return ok === true ? "ok" : ok === false ? "bad" : "unknown"; }
 
-  function findComponent(comps, names) {
-    for (var i = 0; i < names.length; i++) {
-      for (var k in comps) if (k.toLowerCase() === names[i]) return comps[k];
-    }
-    return null;
-  }
-
-  // Depth-first search for a key matching `re` with a numeric value (e.g. the spool depth).
-  function findNumber(obj, re, depth) {
-    if (!isObj(obj) || depth > 3) return null;
-    for (var k in obj) if (re.test(k) && typeof obj[k] === "number") return { key: k, value: obj[k] };
-    for (var j in obj) {
-      var hit = findNumber(obj[j], re, depth + 1);
-      if (hit) return hit;
-    }
-    return null;
-  }
-
-  function reachability(entry) {
+  // reachable: true/false/null (not probed yet); detail: where; latency in ms; error text
+  function reachability(reachable, detail, latency, error) {
     var node = el("span", {});
-    if (!entry) { node.appendChild(badge("not reported", "unknown")); return node; }
-    var state = okState(entry);
-    node.appendChild(badge(state === "ok" ? "reachable" : state === "bad" ? "unreachable" : "unknown", state));
-    var where = entry.url || entry.target || entry.upstream || entry.address || "";
-    if (typeof where === "object") where = scalar(where);
-    if (where) node.appendChild(el("span", { className: "muted", text: " " + where }));
-    if (entry.error) node.appendChild(el("div", { className: "muted", text: scalar(entry.error) }));
+    var state = stateOf(reachable);
+    node.appendChild(badge(state === "ok" ? "reachable" : state === "bad" ? "unreachable" : "not checked yet", state));
+    if (detail) node.appendChild(el("span", { className: "muted", text: " " + detail }));
+    if (reachable && typeof latency === "number") node.appendChild(el("span", { className: "muted", text: " (" + latency + " ms)" }));
+    if (!reachable && error) node.appendChild(el("div", { className: "muted", text: scalar(error) }));
     return node;
   }
 
   function renderHealth(health) {
-    var comps = components(health);
-    var overall = health.status || (health.ok === false ? "degraded" : health.ok === true ? "ok" : "unknown");
+    var overall = health.status || "unknown";
     var o = $("overall");
     o.textContent = overall;
     o.className = "badge " + (overall === "ok" ? "ok" : overall === "unknown" ? "unknown" : "bad");
 
-    var http = findComponent(comps, ["upstream", "upstream_http", "http", "proxy", "pacs"]);
-    var dicom = findComponent(comps, ["dicom_upstream", "upstream_dicom", "dicom"]);
-    var dicomUp = dicom && (isObj(dicom.upstream) ? dicom.upstream : dicom);
-    clear($("upstream-http")); $("upstream-http").appendChild(reachability(http));
-    clear($("upstream-dicom")); $("upstream-dicom").appendChild(reachability(dicomUp));
-    var spool = findNumber(dicom || {}, /spool/i, 0) || findNumber(comps, /spool/i, 0);
-    $("spool-depth").textContent = spool ? spool.value + (spool.value === 1 ? " instance" : " instances") +
-      " waiting to be forwarded" : "not reported";
+    var up = isObj(health.upstream) ? health.upstream : {};
+    clear($("upstream-http"));
+    $("upstream-http").appendChild(reachability(up.reachable, up.url, up.latencyMs, up.error));
 
+    var dicom = isObj(health.dicom) ? health.dicom : null;
+    var spool = $("spool-depth");
+    if (!dicom) spool.textContent = "no DICOM side";
+    else if (dicom.enabled === false) spool.textContent = "DICOM side off (Dicom:Port 0)";
+    else {
+      var depth = typeof dicom.spoolDepth === "number" ? dicom.spoolDepth : 0;
+      spool.textContent = depth + (depth === 1 ? " instance" : " instances") + " waiting to be forwarded" +
+        (dicom.failed ? ", " + dicom.failed + " failed for good" : "") +
+        (dicom.retrying ? " (retrying: " + scalar(dicom.lastForwardError) + ")" : "");
+    }
+
+    var comps = components(health);
     var box = $("health-components");
     clear(box);
     Object.keys(comps).sort().forEach(function (name) {
       var entry = comps[name];
       var dl = el("dl", {});
       Object.keys(entry).forEach(function (k) {
-        if (k === "ok") return;
+        if (k === "ok" || entry[k] === null || entry[k] === "") return;
         dl.appendChild(el("dt", { text: k }));
         dl.appendChild(el("dd", { text: scalar(entry[k]) }));
       });
-      var state = okState(entry);
-      box.appendChild(el("div", { className: "component" },
+      var state = stateOf(entry.ok);
+      box.appendChild(el("div", { className: "component", "data-name": name },
         el("strong", { text: name + " " }), badge(state === "bad" ? "degraded" : state, state), dl));
     });
   }
 
+  function renderDicomUpstream(status, health) {
+    var node = $("upstream-dicom");
+    clear(node);
+    var dicom = isObj(health) && isObj(health.dicom) ? health.dicom : null;
+    if (dicom && dicom.enabled === false) { node.appendChild(badge("DICOM side off", "unknown")); return; }
+    var echo = isObj(status) ? status.dicomUpstream : null;
+    if (!isObj(echo)) {
+      node.appendChild(badge("not reported", "unknown"));
+      return;
+    }
+    node.appendChild(reachability(echo.ok, "C-ECHO " + (echo.target || ""), echo.latencyMs, echo.error));
+  }
+
   // ------------------------------------------------------------------ scripts
+  function basename(path) { return String(path || "?").split(/[\\/]/).pop(); }
+
   function renderScripts(status) {
-    var s = isObj(status.scripts) ? status.scripts : status;
+    var s = isObj(status.scripts) ? status.scripts : {};
+    var list = Array.isArray(s.scripts) ? s.scripts : [];
     var body = $("scripts-body");
     clear(body);
-    // Accept {"scripts": {"main.lua": {...}}} or {"scripts": [{"name": ...}]}
-    var entries = [];
-    var list = s.scripts !== undefined ? s.scripts : s.engines !== undefined ? s.engines : s;
-    if (Array.isArray(list)) {
-      list.forEach(function (e) { entries.push([e.name || e.path || e.script || e.type || "?", e]); });
-    } else if (isObj(list)) {
-      Object.keys(list).forEach(function (k) { if (isObj(list[k])) entries.push([k, list[k]]); });
+    if (!list.length) {
+      body.appendChild(el("tr", {}, el("td", { colspan: "3", className: "muted", text: s.error || "no scripts" })));
     }
-    if (!entries.length) {
-      body.appendChild(el("tr", {}, el("td", { colspan: "3", className: "muted", text: "no scripts loaded" })));
-    }
-    entries.forEach(function (pair) {
-      var e = pair[1];
-      var loaded = e.loaded !== undefined ? e.loaded : e.exists !== undefined ? e.exists : e.ok;
-      var state = e.error ? badge("error", "bad") : loaded === false ? badge("not loaded", "unknown")
-        : badge("loaded", "ok");
-      var cbs = e.callbacks || e.defines || e.functions || [];
-      if (isObj(cbs)) cbs = Object.keys(cbs).filter(function (k) { return cbs[k]; });
+    list.forEach(function (e) {
+      // A failed edit keeps the previous version running: say both.
+      var state = el("span", {});
+      if (e.loaded === true) state.appendChild(badge(e.error ? "previous version running" : "loaded", "ok"));
+      else if (e.present === false) state.appendChild(badge("no file", "unknown"));
+      else if (e.loaded === null || e.loaded === undefined) state.appendChild(badge("present", "unknown"));
+      else if (!e.error) state.appendChild(badge("not loaded", "unknown"));
+      if (e.error) state.appendChild(badge(e.loaded ? "reload failed" : "failed to load", "bad"));
+      var cbs = Array.isArray(e.callbacks) ? e.callbacks : [];
       var cbCell = el("td", { className: "callbacks" });
-      if (!cbs.length) cbCell.appendChild(el("span", { className: "muted", text: "none" }));
+      if (!cbs.length) cbCell.appendChild(el("span", { className: "muted", text: e.kind === "background" ? "entry named per task" : "none" }));
       cbs.forEach(function (c) { cbCell.appendChild(el("code", { text: c })); });
-      var nameCell = el("td", {}, el("code", { text: pair[0] }));
-      if (e.path && e.path !== pair[0]) nameCell.appendChild(el("div", { className: "muted", text: e.path }));
-      if (e.error) nameCell.appendChild(el("div", { className: "muted", text: scalar(e.error) }));
-      body.appendChild(el("tr", {}, nameCell, el("td", {}, state), cbCell));
+      var nameCell = el("td", {}, el("code", { text: basename(e.script) }), el("span", { className: "muted", text: " " + (e.kind || "") }));
+      if (e.error && e.error !== s.lastError) nameCell.appendChild(el("div", { className: "muted", text: scalar(e.error) }));
+      body.appendChild(el("tr", { "data-script": basename(e.script) }, nameCell, el("td", {}, state), cbCell));
     });
-    var err = s.last_reload_error || s.last_error || s.reload_error || status.last_reload_error || null;
-    if (isObj(err)) err = (err.time ? fmtTime(err.time) + "  " : "") + (err.message || err.error || scalar(err));
+    var err = s.lastError || null;
     $("reload-error").hidden = !err;
     $("reload-error-text").textContent = err ? String(err) : "";
   }
@@ -192,25 +181,26 @@
       body.appendChild(el("tr", {}, el("td", { colspan: "4", className: "muted", text: "no tasks" })));
       return;
     }
-    tasks.slice().sort(function (a, b) { return scalar(b.created).localeCompare(scalar(a.created)); })
-      .slice(0, 50).forEach(function (t) {
-        body.appendChild(el("tr", {},
-          el("td", {}, el("div", { text: t.title || t.kind || t.id }), el("code", { className: "muted", text: t.kind || "" })),
-          el("td", {}, badge(t.state || "?", t.state)),
-          el("td", { text: fmtTime(t.created) }),
-          el("td", { text: t.error ? scalar(t.error) : scalar(t.result) })));
-      });
+    tasks.slice(0, 50).forEach(function (t) {
+      body.appendChild(el("tr", { "data-task": String(t.id) },
+        el("td", {}, el("div", { text: t.title || t.kind || t.id }), el("code", { className: "muted", text: t.kind || "" })),
+        el("td", {}, badge(t.state || "?", t.state)),
+        el("td", { text: fmtTime(t.created) }),
+        el("td", { text: t.error ? scalar(t.error) : scalar(t.result) })));
+    });
   }
 
   // ------------------------------------------------------------------ polling
   function refresh() {
-    var jobs = [
-      getJSON(cfg.healthUrl).then(renderHealth),
-      getJSON(cfg.statusUrl).then(renderScripts),
-      getJSON(cfg.tasksUrl).then(renderTasks),
-    ];
-    Promise.allSettled(jobs).then(function (results) {
-      var failed = results.filter(function (r) { return r.status === "rejected"; });
+    var jobs = [getJSON(cfg.healthUrl), getJSON(cfg.statusUrl), getJSON(cfg.tasksUrl)];
+    Promise.allSettled(jobs).then(function (r) {
+      var health = r[0].status === "fulfilled" ? r[0].value : null;
+      var status = r[1].status === "fulfilled" ? r[1].value : null;
+      if (health) renderHealth(health);
+      if (status) renderScripts(status);
+      if (health || status) renderDicomUpstream(status, health);
+      if (r[2].status === "fulfilled") renderTasks(r[2].value);
+      var failed = r.filter(function (x) { return x.status === "rejected"; });
       $("updated").textContent = failed.length
         ? "update failed: " + failed[0].reason.message
         : "updated " + new Date().toLocaleTimeString();
