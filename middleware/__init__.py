@@ -6,7 +6,7 @@ Depends on nothing in ``dicomproxy``: wrap any ASGI app with :class:`LuaHttpMidd
 """
 
 from middleware.asgi import LuaHttpMiddleware
-from middleware.http import HttpExchange, LuaHttpRequest, LuaHttpResponse, check_header
+from middleware.http import HttpExchange, call_request_hook, call_response_hook, check_header
 from middleware.runtime import (
     Export,
     LuaEngine,
@@ -27,12 +27,12 @@ __all__ = [
     "LuaError",
     "LuaExportError",
     "LuaHttpMiddleware",
-    "LuaHttpRequest",
-    "LuaHttpResponse",
     "LuaMemoryError",
     "LuaTimeoutError",
     "ScriptSet",
     "TransientScope",
+    "call_request_hook",
+    "call_response_hook",
     "check_header",
     "compile_chunk",
 ]

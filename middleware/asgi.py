@@ -28,7 +28,7 @@ import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from middleware.http import HeaderList, HttpExchange, LuaHttpRequest, LuaHttpResponse
+from middleware.http import HeaderList, HttpExchange, call_request_hook, call_response_hook
 from middleware.runtime import LuaError, LuaTimeoutError
 from middleware.scripts import ScriptSet, TransientScope
 
@@ -97,8 +97,7 @@ class LuaHttpMiddleware:
             try:
                 intercept = False
                 for engine, _ in await scripts.engines_for(ON_REQUEST, tscope):
-                    ret = await engine.call(ON_REQUEST, LuaHttpRequest(x, engine))
-                    if ret and ret[0] is True:
+                    if await call_request_hook(engine, ON_REQUEST, x):
                         intercept = True
                         break
             except LuaError as e:
@@ -165,7 +164,7 @@ class LuaHttpMiddleware:
                 if run_hook:
                     try:
                         for engine, _ in await self.scripts.engines_for(ON_RESPONSE, tscope):
-                            await engine.call(ON_RESPONSE, LuaHttpResponse(x, engine, headers))
+                            await call_response_hook(engine, ON_RESPONSE, x, headers)
                     except LuaError as e:
                         if await self._script_failed(e, ON_RESPONSE, send):
                             replaced = True

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from middleware.runtime import LuaEngine, LuaExportError
+from middleware.runtime import LuaEngine, LuaError, LuaExportError, lupa
 
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _HOP_BY_HOP = frozenset(
@@ -99,112 +99,56 @@ class HttpExchange:
         self.body.append(data)
 
 
-class _Base:
-    def __init__(self, exchange: HttpExchange, engine: LuaEngine) -> None:
-        self._x = exchange
-        self._engine = engine
-        self._headers: Any = None
-
-    @property
-    def Scheme(self) -> str:  # noqa: N802 - the seed's member names
-        return self._x.scheme
-
-    @property
-    def Method(self) -> str:  # noqa: N802
-        return self._x.method
-
-    @property
-    def Path(self) -> str:  # noqa: N802
-        return self._x.path
-
-    @property
-    def QueryString(self) -> str:  # noqa: N802
-        return self._x.query
-
-    @property
-    def RemoteIp(self) -> str:  # noqa: N802
-        return self._x.remote_ip
-
-    @property
-    def User(self) -> str:  # noqa: N802
-        return self._x.user
-
-    @property
-    def StatusCode(self) -> int:  # noqa: N802
-        return self._x.status
-
-    @StatusCode.setter
-    def StatusCode(self, value: Any) -> None:  # noqa: N802
-        self.SetStatusCode(value)
-
-    def SetStatusCode(self, value: Any) -> None:  # noqa: N802
-        try:
-            code = int(value)
-        except (TypeError, ValueError):
-            raise LuaExportError(f"status code must be a number, got {value!r}") from None
-        if not 100 <= code <= 599:
-            raise LuaExportError(f"status code must be 100..599, got {code}")
-        self._x.status = code
-
-    def ResponseWrite(self, data: Any) -> None:  # noqa: N802
-        self._x.write(data)
+def _apply(x: HttpExchange, response_headers: HeaderList | None, result: tuple[Any, ...]) -> None:
+    """Apply what a hook did (status, written body, header edits) to the exchange."""
+    x.status = int(result[0])
+    if result[1] is not None:
+        x.write(result[1])
+    ops = result[2:]
+    for i in range(0, len(ops), 3):
+        op, name, value = ops[i], ops[i + 1], ops[i + 2]
+        if op == "q+":
+            x.request_headers.set(name, value)
+            x.request_headers_changed = True
+        elif op == "q-":
+            x.request_headers.remove(name)
+            x.request_headers_changed = True
+        elif response_headers is not None:  # a response hook edits the response itself
+            if op == "r+":
+                response_headers.set(name, value)
+            else:
+                response_headers.remove(name)
+        elif op == "r+":
+            x.response_headers.set(name, value)
+        else:
+            x.response_headers.remove(name)
+            x.response_removed.append(name.lower())
 
 
-class LuaHttpRequest(_Base):
-    """``onHttpRequest``'s argument: read the request, edit what goes upstream, or answer."""
-
-    @property
-    def Headers(self) -> Any:  # noqa: N802
-        if self._headers is None:
-            self._headers = self._x.request_headers.as_lua(self._engine)
-        return self._headers
-
-    def AddHeader(self, key: Any, value: Any) -> None:  # noqa: N802
-        name, val = check_header(key, value)
-        self._x.request_headers.set(name, val)
-        self._x.request_headers_changed = True
-        self._headers = None
-
-    def RemoveHeader(self, key: Any) -> None:  # noqa: N802
-        name, _ = check_header(key)
-        self._x.request_headers.remove(name)
-        self._x.request_headers_changed = True
-        self._headers = None
-
-    def AddResponseHeader(self, key: Any, value: Any) -> None:  # noqa: N802
-        name, val = check_header(key, value)
-        self._x.response_headers.set(name, val)
-
-    def RemoveResponseHeader(self, key: Any) -> None:  # noqa: N802
-        name, _ = check_header(key)
-        self._x.response_headers.remove(name)
-        self._x.response_removed.append(name.lower())
+async def call_request_hook(engine: LuaEngine, callback: str, x: HttpExchange) -> bool:
+    """Run ``onHttpRequest`` in ``engine``; returns True when the script intercepts."""
+    obj, result = engine.http_object(
+        "request", x.scheme, x.method, x.path, x.query, x.remote_ip, x.user, x.status,
+        *[part for pair in x.request_headers.items for part in pair],
+    )
+    ret = await engine.call(callback, obj)
+    _apply(x, None, _result(engine, result))
+    return bool(ret) and ret[0] is True
 
 
-class LuaHttpResponse(_Base):
-    """``onHttpResponse``'s argument: the response before any byte of its body is sent."""
+async def call_response_hook(engine: LuaEngine, callback: str, x: HttpExchange, headers: HeaderList) -> None:
+    """Run ``onHttpResponse`` in ``engine``; status, headers and body edits land in ``x``/``headers``."""
+    obj, result = engine.http_object(
+        "response", x.scheme, x.method, x.path, x.query, x.remote_ip, x.user, x.status,
+        *[part for pair in headers.items for part in pair],
+    )
+    await engine.call(callback, obj)
+    _apply(x, headers, _result(engine, result))
 
-    def __init__(self, exchange: HttpExchange, engine: LuaEngine, headers: HeaderList) -> None:
-        super().__init__(exchange, engine)
-        self._list = headers
 
-    @property
-    def Headers(self) -> Any:  # noqa: N802
-        if self._headers is None:
-            self._headers = self._list.as_lua(self._engine)
-        return self._headers
-
-    def AddHeader(self, key: Any, value: Any) -> None:  # noqa: N802
-        name, val = check_header(key, value)
-        if name.lower() in _HOP_BY_HOP:
-            raise LuaExportError(f"{name} is a hop-by-hop header; the server manages it")
-        self._list.set(name, val)
-        self._headers = None
-
-    def RemoveHeader(self, key: Any) -> None:  # noqa: N802
-        name, _ = check_header(key)
-        self._list.remove(name)
-        self._headers = None
-
-    AddResponseHeader = AddHeader
-    RemoveResponseHeader = RemoveHeader
+def _result(engine: LuaEngine, result: Any) -> tuple[Any, ...]:
+    try:
+        out = result()
+    except lupa.LuaError as e:
+        raise LuaError(f"{engine.script}: {e}".partition("\n")[0], str(e)) from None
+    return out if isinstance(out, tuple) else (out,)

@@ -148,6 +148,112 @@ function api.ci_table(t)
   })
 end
 
+-- HTTP objects for onHttpRequest / onHttpResponse, built as plain Lua tables: reading fields
+-- and calling methods costs no Python round trip (through lupa each costs ~2-3 us). Edits are
+-- recorded here and read back once by api.http_result. Methods work with ':' and '.'.
+local TOKEN_CHARS = "^[%w!#$%%&'*+%-.^_`|~]+$"
+local HOP = { connection = true, ["keep-alive"] = true, ["proxy-authenticate"] = true,
+  ["proxy-authorization"] = true, te = true, trailer = true, ["transfer-encoding"] = true, upgrade = true }
+local lower, tconcat, tointeger, tonumber = string.lower, table.concat, math.tointeger, tonumber
+
+local function check_name(k, level)
+  if type(k) ~= "string" or not k:match(TOKEN_CHARS) then
+    raw_error("invalid header name " .. tostring(k) .. ": use letters, digits and -", level + 1)
+  end
+end
+
+local function check_value(k, v, level)
+  if type(v) == "number" then v = tostring(v) end
+  if type(v) ~= "string" then raw_error("header " .. k .. ": value must be a string, got " .. type(v), level + 1) end
+  if v:find("[\r\n%z]") then raw_error("header " .. k .. ": value contains CR, LF or NUL; refused", level + 1) end
+  return v
+end
+
+local function header_table(...)
+  local t = {}
+  for i = 1, select("#", ...), 2 do
+    local k, v = lower((select(i, ...))), (select(i + 1, ...))
+    if t[k] then t[k] = t[k] .. ", " .. v else t[k] = v end
+  end
+  return api.ci_table(t)
+end
+
+function api.http_object(kind, scheme, method, path, query, ip, user, status, ...)
+  local obj = { Scheme = scheme, Method = method, Path = path, QueryString = query, RemoteIp = ip,
+    User = user, StatusCode = status }
+  local ops, n, body = {}, 0, nil
+  local headers = nil
+  local packed = pack(...)
+  local function args(a, b, c) if a == obj then return b, c end return a, b end
+  local function add(kind_, a, b, c)
+    local k, v = args(a, b, c)
+    check_name(k, 3)
+    v = check_value(k, v, 3)
+    if kind_ == "r" and HOP[lower(k)] then raw_error(k .. " is a hop-by-hop header; the server manages it", 3) end
+    ops[n + 1], ops[n + 2], ops[n + 3] = kind_ .. "+", k, v
+    n = n + 3
+    headers = nil
+  end
+  local function remove(kind_, a, b)
+    local k = args(a, b)
+    check_name(k, 3)
+    ops[n + 1], ops[n + 2], ops[n + 3] = kind_ .. "-", k, ""
+    n = n + 3
+    headers = nil
+  end
+  local primary = kind == "request" and "q" or "r"
+  obj.AddHeader = function(a, b, c) add(primary, a, b, c) end
+  obj.RemoveHeader = function(a, b) remove(primary, a, b) end
+  obj.AddResponseHeader = function(a, b, c) add("r", a, b, c) end
+  obj.RemoveResponseHeader = function(a, b) remove("r", a, b) end
+  obj.ResponseWrite = function(a, b)
+    local data = a
+    if a == obj then data = b end
+    if type(data) == "number" then data = tostring(data) end
+    if type(data) ~= "string" then raw_error("ResponseWrite expects a string, got " .. type(data), 2) end
+    body = body or {}
+    body[#body + 1] = data
+  end
+  obj.SetStatusCode = function(a, b)
+    local code = a
+    if a == obj then code = b end
+    obj.StatusCode = code
+  end
+  local function result()
+    local code = tointeger(tonumber(obj.StatusCode))
+    if not code or code < 100 or code > 599 then
+      raw_error("StatusCode must be a number from 100 to 599, got " .. tostring(obj.StatusCode), 0)
+    end
+    return code, body and tconcat(body) or nil, unpack(ops, 1, n)
+  end
+  -- Headers is built on first read, and again after an edit, so it always shows the edits.
+  local current = {}
+  for i = 1, packed.n do current[i] = packed[i] end
+  raw_setmetatable(obj, { __index = function(_, key)
+    if key == "Headers" then
+      if not headers then
+        local flat, m = {}, 0
+        local removed = {}
+        for i = 1, n, 3 do
+          if ops[i]:sub(1, 1) == primary then
+            local lk = lower(ops[i + 1])
+            removed[lk] = true
+          end
+        end
+        for i = 1, #current, 2 do
+          if not removed[lower(current[i])] then flat[m + 1], flat[m + 2] = current[i], current[i + 1]; m = m + 2 end
+        end
+        for i = 1, n, 3 do
+          if ops[i] == primary .. "+" then flat[m + 1], flat[m + 2] = ops[i + 1], ops[i + 2]; m = m + 2 end
+        end
+        headers = header_table(unpack(flat, 1, m))
+      end
+      return headers
+    end
+  end })
+  return obj, result
+end
+
 function api.defines(name) return type(_G[name]) == "function" end
 
 function api.is_sequence(t)

@@ -143,6 +143,7 @@ class LuaEngine:
         self._drop = api.drop
         self._defines = api.defines
         self.ci_table = api.ci_table
+        self.http_object = api.http_object
         self._table_from = self.lua.table_from
         self._lua_type = lupa.lua_type
         self._pending: dict[int, Awaitable[Any]] = {}
