@@ -1,0 +1,620 @@
+#!/usr/bin/env python3
+"""Reverse-proxy benchmark (issue 2, item 11): the gateway vs direct vs nginx + Lua.
+
+Starts its own real peers on free loopback ports, in a tmp folder:
+
+* ``direct``        a real Orthanc 1.10 with its DICOMweb plugin (the upstream of everything)
+* ``gw-none``       the gateway (``python -m dicomproxy serve``) with no script
+* ``gw-singleton``  the gateway with ``main.lua`` defining ``onHttpRequest`` + ``onHttpResponse``
+* ``gw-transient``  the gateway with ``main-transient.lua`` defining the same two hooks
+* ``nginx-lua-w1``  Debian nginx + ``libnginx-mod-http-lua``, ``worker_processes 1``,
+  ``access_by_lua_block`` + ``header_filter_by_lua_block`` doing the same work, keepalive upstream
+* ``nginx-lua-auto`` the same with ``worker_processes auto`` (one worker per core)
+
+The hooks read the request's User-Agent, add it as a header sent upstream and as a response
+header, and add one more response header when the response starts. Every target is checked
+before it is measured (same body as direct, hook headers present).
+
+Payloads: ``json`` is Orthanc's ``GET /series/{id}`` for a series of 28 small instances, a
+~2.1 KB JSON document answered from Orthanc's index (QIDO-RS ``/dicom-web/studies`` would be
+the DICOMweb choice, but Orthanc 1.10 answers only ~500 req/s there, which would hide the
+proxy's cost); ``10mb`` is ``GET /instances/{id}/file`` of a 2560 x 2048 16-bit CT instance
+(10,486,888 bytes).
+
+Load: ``wrk`` (one thread) at 1 and 32 connections. It shares the machine's cores with
+Orthanc and the proxy under test, so absolute numbers are low; compare ratios from the same run.
+
+    python bench/proxy_bench.py                 # ~8 s per cell, ~5 minutes in all
+    python bench/proxy_bench.py --quick         # ~3 s per cell
+    python bench/proxy_bench.py --targets gw-singleton,nginx-lua-w1 --payloads json
+    python bench/proxy_bench.py --profile DIR   # py-spy the gateway variants under load
+
+Not a test: it prints tables (Markdown) and a PASS/FAIL line per issue target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import io
+import os
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402 - the bench folder is not a package
+    NGINX_BIN,
+    WRK_BIN,
+    BenchError,
+    Peer,
+    Peers,
+    WrkResult,
+    cpu_seconds,
+    machine_info,
+    make_dicom,
+    run_wrk,
+    tool_version,
+    which,
+)
+
+USER_AGENT = "dicomproxy-bench"
+
+# --------------------------------------------------------------------------- the hooks
+GATEWAY_HOOKS = """\
+-- proxy_bench: a little real work per request, the same as the nginx access/header filters.
+function onHttpRequest(request)
+  local agent = request.Headers["User-Agent"] or "-"
+  request:AddHeader("X-Bench-Agent", agent)          -- sent upstream
+  request:AddResponseHeader("X-Agent-Seen", agent)   -- sent to the client
+end
+
+function onHttpResponse(response)
+  local ctype = response.Headers["Content-Type"] or "none"
+  response:AddHeader("X-Served-By", "dicomproxy " .. response.Method .. " " .. ctype)
+end
+"""
+
+NGINX_ACCESS = """\
+                local agent = ngx.req.get_headers()["User-Agent"] or "-"
+                ngx.req.set_header("X-Bench-Agent", agent)
+                ngx.ctx.agent = agent
+"""
+NGINX_HEADER_FILTER = """\
+                ngx.header["X-Agent-Seen"] = ngx.ctx.agent
+                local ctype = ngx.header["Content-Type"] or "none"
+                ngx.header["X-Served-By"] = "nginx " .. ngx.req.get_method() .. " " .. ctype
+"""
+
+TARGETS = ("direct", "gw-none", "gw-singleton", "gw-transient", "nginx-lua-w1", "nginx-lua-auto")
+GATEWAYS = ("gw-none", "gw-singleton", "gw-transient")
+HOOKED = ("gw-singleton", "gw-transient", "nginx-lua-w1", "nginx-lua-auto")
+PAYLOADS = ("json", "10mb")
+CONNECTIONS = (1, 32)
+
+# Issue 2 targets
+SINGLETON_RPS_SHARE = 0.15
+LARGE_MBPS_SHARE = 0.80
+TRANSIENT_MAX_US = 200.0
+
+
+# --------------------------------------------------------------------------- data
+@dataclass
+class Payload:
+    name: str
+    path: str
+    body: bytes
+
+
+def seed_orthanc(orthanc: Peer) -> dict[str, Payload]:
+    """Store the bench data in Orthanc and fetch the reference bodies directly."""
+    from pydicom import dcmread
+    from pydicom.uid import generate_uid
+
+    session = requests.Session()
+
+    def post(data: bytes) -> dict:
+        r = session.post(
+            orthanc.url + "/instances", data=data, headers={"Content-Type": "application/dicom"}, timeout=60
+        )
+        r.raise_for_status()
+        return r.json()
+
+    small, _ = make_dicom(16, 16, patient_id="BENCH1", description="Proxy bench")
+    ds = dcmread(io.BytesIO(small))
+    series = ""
+    for i in range(28):
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = i + 1
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        series = post(buf.getvalue())["ParentSeries"]
+    big, _ = make_dicom(2560, 2048, patient_id="BENCH2", description="Proxy bench large")
+    big_id = post(big)["ID"]
+    deadline = time.monotonic() + 15  # StableAge is 1 s: let the JSON settle before measuring it
+    while not session.get(f"{orthanc.url}/series/{series}", timeout=10).json().get("IsStable"):
+        if time.monotonic() > deadline:
+            raise BenchError("Orthanc did not mark the bench series stable within 15 s")
+        time.sleep(0.25)
+    out = {}
+    for name, path in (("json", f"/series/{series}"), ("10mb", f"/instances/{big_id}/file")):
+        r = session.get(orthanc.url + path, timeout=60)
+        r.raise_for_status()
+        out[name] = Payload(name, path, r.content)
+    if out["10mb"].body != big:
+        raise BenchError("Orthanc did not return the stored 10 MB file byte for byte")
+    return out
+
+
+def verify(target: str, peer: Peer, orthanc: Peer, payloads: dict[str, Payload]) -> None:
+    """Same bytes as direct, and the hook headers present: the target really does the work."""
+    for p in payloads.values():
+        r = requests.get(peer.url + p.path, headers={"User-Agent": USER_AGENT}, timeout=60)
+        if r.status_code != 200:
+            raise BenchError(f"{target}: GET {p.path} -> {r.status_code}: {r.text[:300]}")
+        # Fetched again now: Orthanc's JSON changes once (IsStable) after StableAge.
+        direct = requests.get(orthanc.url + p.path, timeout=60).content
+        if r.content != direct:
+            raise BenchError(
+                f"{target}: GET {p.path} returned {len(r.content)} bytes that differ from direct ({len(direct)} bytes)"
+            )
+        if target in HOOKED:
+            seen, served = r.headers.get("X-Agent-Seen"), r.headers.get("X-Served-By", "")
+            if seen != USER_AGENT or " GET " not in served:
+                raise BenchError(f"{target}: hook headers missing (X-Agent-Seen={seen!r}, X-Served-By={served!r})")
+        elif "X-Served-By" in r.headers:
+            raise BenchError(f"{target}: unexpected X-Served-By header: a script is running")
+
+
+# --------------------------------------------------------------------------- targets
+def start_target(peers: Peers, target: str, upstream: str) -> Peer:
+    if target == "gw-none":
+        return peers.gateway(target, upstream)
+    if target == "gw-singleton":
+        return peers.gateway(target, upstream, scripts={"main.lua": GATEWAY_HOOKS})
+    if target == "gw-transient":
+        return peers.gateway(target, upstream, scripts={"main-transient.lua": GATEWAY_HOOKS})
+    if target.startswith("nginx-lua-"):
+        workers = "1" if target.endswith("w1") else "auto"
+        return peers.nginx(
+            target, upstream, workers=workers, access_lua=NGINX_ACCESS, header_filter_lua=NGINX_HEADER_FILTER
+        )
+    raise ValueError(target)
+
+
+@dataclass
+class Cell:
+    target: str
+    payload: str
+    connections: int
+    runs: list[WrkResult] = field(default_factory=list)
+    proxy_cpu: list[float] = field(default_factory=list)  # CPU s of the proxy process(es) per run
+    upstream_cpu: list[float] = field(default_factory=list)  # CPU s of Orthanc per run
+    wrk_cpu: list[float] = field(default_factory=list)  # CPU s of wrk per run
+
+    def best(self) -> WrkResult:
+        """The median run by req/s (with one round, the only one)."""
+        runs = sorted(self.runs, key=lambda r: r.rps)
+        return runs[len(runs) // 2]
+
+    def _median(self, values: list[float]) -> float:
+        return sorted(values)[len(values) // 2] if values else 0.0
+
+    def cpu_us_per_request(self, which: str) -> float:
+        values = {"proxy": self.proxy_cpu, "upstream": self.upstream_cpu, "wrk": self.wrk_cpu}[which]
+        per = [v / r.requests * 1e6 for v, r in zip(values, self.runs, strict=False) if r.requests]
+        return self._median(per)
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages: anything well above 0 means the machine is shared."""
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} {five:.2f} {fifteen:.2f} (1/5/15 min)"
+
+
+def children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def measure(
+    cell: Cell, url: str, duration: float, warmup: float, workdir: Path, proxy_pid: int | None, orthanc_pid: int
+) -> WrkResult:
+    if warmup > 0:
+        run_wrk(url, connections=cell.connections, duration=warmup, workdir=workdir)
+    p0 = cpu_seconds(proxy_pid) if proxy_pid else 0.0
+    o0 = cpu_seconds(orthanc_pid)
+    w0 = children_cpu()
+    result = run_wrk(url, connections=cell.connections, duration=duration, workdir=workdir)
+    cell.wrk_cpu.append(children_cpu() - w0)
+    cell.upstream_cpu.append(cpu_seconds(orthanc_pid) - o0)
+    cell.proxy_cpu.append((cpu_seconds(proxy_pid) - p0) if proxy_pid else 0.0)
+    if result.errors or result.non_2xx:
+        print(
+            f"  ! {cell.target} {cell.payload} c={cell.connections}: {result.errors} socket errors, "
+            f"{result.non_2xx} non-2xx responses",
+            flush=True,
+        )
+    cell.runs.append(result)
+    return result
+
+
+# --------------------------------------------------------------------------- formatting
+def fmt_us(us: float) -> str:
+    if us >= 1e6:
+        return f"{us / 1e6:.2f} s"
+    if us >= 1000:
+        return f"{us / 1000:.2f} ms"
+    return f"{us:.0f} µs"
+
+
+def fmt_ratio(a: float, b: float) -> str:
+    return f"{a / b * 100:.1f}%" if b else "n/a"
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(headers), sep, *(line(r) for r in rows)])
+
+
+def report(
+    cells: dict[tuple[str, str, int], Cell],
+    targets: list[str],
+    payloads: list[str],
+    conns: list[int],
+    args: argparse.Namespace,
+) -> tuple[str, bool]:
+    out: list[str] = []
+    rows = []
+    for payload in payloads:
+        for c in conns:
+            for t in targets:
+                cell = cells.get((t, payload, c))
+                if cell is None or not cell.runs:
+                    continue
+                r = cell.best()
+                proxy_cpu = cell.cpu_us_per_request("proxy")
+                rows.append(
+                    [
+                        t,
+                        payload,
+                        str(c),
+                        f"{r.rps:,.0f}",
+                        fmt_us(r.p50_us),
+                        fmt_us(r.p99_us),
+                        f"{r.mib_per_s:,.0f}" if payload == "10mb" else "-",
+                        fmt_us(proxy_cpu) if t != "direct" else "-",
+                        fmt_us(cell.cpu_us_per_request("upstream")),
+                        str(r.errors + r.non_2xx),
+                    ]
+                )
+    out.append(
+        table(
+            [
+                "target",
+                "payload",
+                "conns",
+                "req/s",
+                "p50",
+                "p99",
+                "MiB/s",
+                "proxy CPU/req",
+                "Orthanc CPU/req",
+                "errors",
+            ],
+            rows,
+        )
+    )
+
+    def rps(t: str, p: str, c: int) -> float | None:
+        cell = cells.get((t, p, c))
+        return cell.best().rps if cell and cell.runs else None
+
+    def mibs(t: str, p: str, c: int) -> float | None:
+        cell = cells.get((t, p, c))
+        return cell.best().mib_per_s if cell and cell.runs else None
+
+    # Ratios: each gateway variant against direct and nginx + Lua, same payload and connections.
+    rows = []
+    for payload in payloads:
+        for c in conns:
+            for g in GATEWAYS:
+                mine = rps(g, payload, c)
+                if mine is None:
+                    continue
+                refs = [rps(ref, payload, c) for ref in ("direct", "nginx-lua-w1", "nginx-lua-auto")]
+                rows.append([g, payload, str(c), *(fmt_ratio(mine, ref) if ref else "n/a" for ref in refs)])
+    if rows:
+        out.append("\nGateway req/s as a share of the reference (same payload, same connections):\n")
+        out.append(
+            table(["gateway", "payload", "conns", "vs direct", "vs nginx+Lua (1 worker)", "vs nginx+Lua (auto)"], rows)
+        )
+
+    # The issue's targets.
+    checks: list[tuple[str, bool | None, str]] = []
+    for ref in ("nginx-lua-w1", "nginx-lua-auto"):
+        mine, theirs = rps("gw-singleton", "json", 32), rps(ref, "json", 32)
+        if mine is not None and theirs:
+            share = mine / theirs
+            checks.append(
+                (
+                    f"singleton hooks >= {SINGLETON_RPS_SHARE:.0%} of {ref} req/s (json, 32 conns)",
+                    share >= SINGLETON_RPS_SHARE,
+                    f"{mine:,.0f} / {theirs:,.0f} = {share:.1%}",
+                )
+            )
+    for ref in ("nginx-lua-w1", "nginx-lua-auto"):
+        for c in conns:
+            mine, theirs = mibs("gw-singleton", "10mb", c), mibs(ref, "10mb", c)
+            if mine is not None and theirs:
+                share = mine / theirs
+                checks.append(
+                    (
+                        f"10 MB objects >= {LARGE_MBPS_SHARE:.0%} of {ref} MiB/s (singleton hooks, "
+                        f"{c} conn{'s' if c > 1 else ''})",
+                        share >= LARGE_MBPS_SHARE,
+                        f"{mine:,.0f} / {theirs:,.0f} MiB/s = {share:.1%}",
+                    )
+                )
+    tr, none, single = rps("gw-transient", "json", 1), rps("gw-none", "json", 1), rps("gw-singleton", "json", 1)
+    if tr and none:
+        added = (1 / tr - 1 / none) * 1e6
+        detail = f"1/{tr:,.0f} - 1/{none:,.0f} req/s = {added:+.0f} µs per request"
+        tcell, ncell = cells[("gw-transient", "json", 1)], cells[("gw-none", "json", 1)]
+        detail += f"; p50 {fmt_us(tcell.best().p50_us)} vs {fmt_us(ncell.best().p50_us)}"
+        detail += (
+            f"; gateway CPU/req {fmt_us(tcell.cpu_us_per_request('proxy'))} vs "
+            f"{fmt_us(ncell.cpu_us_per_request('proxy'))}"
+        )
+        if single:
+            detail += f"; vs singleton hooks {(1 / tr - 1 / single) * 1e6:+.0f} µs"
+        checks.append(
+            (
+                f"transient hooks add <= {TRANSIENT_MAX_US:.0f} µs per request vs no script "
+                "(json, 1 conn, mean = 1/req/s)",
+                added <= TRANSIENT_MAX_US,
+                detail,
+            )
+        )
+    all_pass = True
+    if checks:
+        out.append("\nIssue 2 targets:\n")
+        for name, ok, detail in checks:
+            all_pass = all_pass and bool(ok)
+            out.append(f"- {'PASS' if ok else 'FAIL'}  {name}: {detail}")
+    return "\n".join(out), all_pass
+
+
+def header(args: argparse.Namespace, payloads: dict[str, Payload]) -> str:
+    m = machine_info()
+    lines = [
+        f"Machine: {m['cpus']} CPUs ({m['cpu']}), Linux {m['kernel']}, Python {m['python']}",
+        f"Tools: {tool_version([WRK_BIN, '-v'])}; {tool_version([NGINX_BIN, '-v'])}; "
+        f"Orthanc {tool_version(['/usr/sbin/Orthanc', '--version'])}",
+        f"Load generator: wrk, 1 thread, {args.duration:g} s per cell after a {args.warmup:g} s warm-up, "
+        f"{args.rounds} round(s) (median by req/s). wrk, Orthanc and the proxy under test share the "
+        f"{m['cpus']} cores, so absolute numbers are low; compare the ratios (same run).",
+        "Payloads: "
+        + "; ".join(
+            f"{p.name} = GET {p.path.split('/')[1]}/{{id}}{'/file' if p.name == '10mb' else ''} ({len(p.body):,} bytes)"
+            for p in payloads.values()
+        ),
+        "CPU/req: CPU time (user+sys) of that process (nginx: master + workers) divided by requests served.",
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- profiling
+def profile(
+    peers: Peers,
+    orthanc: Peer,
+    payloads: dict[str, Payload],
+    targets: list[str],
+    outdir: Path,
+    duration: float,
+    workdir: Path,
+) -> None:
+    """py-spy the gateway variants under load (32 conns); print the top frames by self and total time."""
+    py_spy = which("py-spy")
+    if py_spy is None:
+        raise BenchError("py-spy is missing: pip install py-spy")
+    outdir.mkdir(parents=True, exist_ok=True)
+    for target in targets:
+        if target not in GATEWAYS:
+            continue
+        peer = start_target(peers, target, orthanc.url)
+        try:
+            verify(target, peer, orthanc, payloads)
+            for payload in payloads.values():
+                raw = outdir / f"{target}-{payload.name}.txt"
+                spy = subprocess.Popen(
+                    [
+                        py_spy,
+                        "record",
+                        "--pid",
+                        str(peer.process.pid),
+                        "--format",
+                        "raw",
+                        "--rate",
+                        "250",
+                        "--duration",
+                        str(int(duration)),
+                        "--nonblocking",
+                        "--output",
+                        str(raw),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                )
+                try:
+                    time.sleep(0.5)
+                    result = run_wrk(peer.url + payload.path, connections=32, duration=duration - 1, workdir=workdir)
+                    _, err = spy.communicate(timeout=duration + 30)
+                finally:
+                    if spy.poll() is None:
+                        spy.kill()
+                        spy.wait()
+                print(
+                    f"\n## {target} {payload.name} 32 conns under py-spy: {result.rps:,.0f} req/s "
+                    f"(profiler attached; not comparable to the table)"
+                )
+                if not raw.exists():
+                    print(f"py-spy wrote nothing: {err.decode(errors='replace')[-500:]}")
+                    continue
+                print(summarize_raw(raw))
+        finally:
+            peers.stop(peer)
+
+
+def summarize_raw(path: Path, top: int = 25) -> str:
+    """Top frames of a py-spy ``--format raw`` (collapsed stacks) file, by self and by total samples."""
+    own: collections.Counter[str] = collections.Counter()
+    total: collections.Counter[str] = collections.Counter()
+    samples = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        samples += n
+        frames = [_short(f) for f in stack.split(";")]
+        own[frames[-1]] += n
+        for f in set(frames):
+            total[f] += n
+    if not samples:
+        return "(no samples)"
+    lines = [f"{samples} samples; top by self time:"]
+    lines += [f"  {n / samples:6.1%}  {f}" for f, n in own.most_common(top)]
+    lines.append("top by total time (frame on the stack):")
+    lines += [f"  {n / samples:6.1%}  {f}" for f, n in total.most_common(top)]
+    return "\n".join(lines)
+
+
+def _short(frame: str) -> str:
+    """``func (/long/path/pkg/mod.py:12)`` -> ``func (pkg/mod.py:12)``."""
+    name, _, where = frame.partition(" (")
+    where = where.rstrip(")")
+    parts = where.split("/")
+    return f"{name} ({'/'.join(parts[-2:])})" if where else name
+
+
+# --------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--duration", type=float, default=None, help="seconds per cell (default 8, --quick 3)")
+    ap.add_argument("--warmup", type=float, default=None, help="warm-up seconds per cell (default 1)")
+    ap.add_argument("--quick", action="store_true", help="3 s cells, 1 s warm-up")
+    ap.add_argument("--rounds", type=int, default=1, help="repeat every cell N times; report the median")
+    ap.add_argument("--targets", default=",".join(TARGETS), help="comma-separated subset of " + ", ".join(TARGETS))
+    ap.add_argument("--payloads", default=",".join(PAYLOADS), help="json, 10mb")
+    ap.add_argument("--connections", default=",".join(map(str, CONNECTIONS)), help="default 1,32")
+    ap.add_argument(
+        "--profile",
+        metavar="DIR",
+        type=Path,
+        help="instead of the table: py-spy each gateway variant at 32 conns, raw stacks into DIR",
+    )
+    ap.add_argument("--time-limit", type=float, default=1800, help="abort after this many seconds (default 1800)")
+    ap.add_argument("--keep", action="store_true", help="keep the tmp folder (logs, configs)")
+    args = ap.parse_args(argv)
+    args.duration = args.duration or (3.0 if args.quick else 8.0)
+    args.warmup = args.warmup if args.warmup is not None else 1.0
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    payload_names = [p.strip() for p in args.payloads.split(",") if p.strip()]
+    conns = [int(c) for c in args.connections.split(",") if c.strip()]
+    for t in targets:
+        if t not in TARGETS:
+            ap.error(f"unknown target {t!r}; choose from {', '.join(TARGETS)}")
+    for p in payload_names:
+        if p not in PAYLOADS:
+            ap.error(f"unknown payload {p!r}; choose from {', '.join(PAYLOADS)}")
+
+    def on_signal(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    def on_alarm(_signum: int, _frame: object) -> None:
+        raise TimeoutError(f"the benchmark ran past --time-limit {args.time_limit:g} s")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(max(1, int(args.time_limit)))
+    workdir = Path(tempfile.mkdtemp(prefix="proxy-bench-"))
+    try:
+        with Peers(workdir) as peers:
+            orthanc = peers.orthanc(extra={"StableAge": 1})
+            payloads = {k: v for k, v in seed_orthanc(orthanc).items() if k in payload_names}
+            print(header(args, payloads), flush=True)
+            if args.profile:
+                profile(peers, orthanc, payloads, targets, args.profile, max(args.duration, 5), workdir)
+                return 0
+            # Warm Orthanc up (its caches, page cache for the 10 MB file) before anything is recorded.
+            for p in payloads.values():
+                run_wrk(orthanc.url + p.path, connections=8, duration=2, workdir=workdir)
+            # Every target runs at once and the cells are interleaved (target order rotated per
+            # round): the machine may be shared, and outside load then hits all targets alike.
+            running: dict[str, Peer] = {}
+            for target in targets:
+                running[target] = orthanc if target == "direct" else start_target(peers, target, orthanc.url)
+                verify(target, running[target], orthanc, payloads)
+            print(f"Load average before: {load_average()}", flush=True)
+            cells: dict[tuple[str, str, int], Cell] = {}
+            for p in payloads.values():
+                for c in conns:
+                    for rnd in range(args.rounds):
+                        shift = rnd % len(targets)
+                        for target in targets[shift:] + targets[:shift]:
+                            peer = running[target]
+                            cell = cells.setdefault((target, p.name, c), Cell(target, p.name, c))
+                            proxy_pid = None if target == "direct" else peer.process.pid
+                            r = measure(
+                                cell,
+                                peer.url + p.path,
+                                args.duration,
+                                args.warmup,
+                                workdir,
+                                proxy_pid,
+                                orthanc.process.pid,
+                            )
+                            print(
+                                f"  {p.name:5} c={c:<3} round {rnd + 1}  {target:15} {r.rps:9,.0f} req/s  "
+                                f"p50 {fmt_us(r.p50_us):>9}  p99 {fmt_us(r.p99_us):>9}"
+                                + (f"  {r.mib_per_s:,.0f} MiB/s" if p.name == "10mb" else ""),
+                                flush=True,
+                            )
+            for target, peer in running.items():
+                if peer is not orthanc and not peer.process.alive():
+                    raise BenchError(f"{target} died during the run; see {peer.process.log_path}")
+            print(f"Load average after: {load_average()}", flush=True)
+            text, ok = report(cells, targets, payload_names, conns, args)
+            print("\n" + text, flush=True)
+            return 0 if ok else 1
+    except BenchError as e:
+        print(f"proxy_bench: {e}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, TimeoutError) as e:
+        print(f"proxy_bench: interrupted ({e}); peers stopped", file=sys.stderr)
+        return 130
+    finally:
+        signal.alarm(0)
+        if args.keep:
+            print(f"(kept {workdir})", file=sys.stderr)
+        else:
+            import shutil
+
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
