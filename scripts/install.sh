@@ -6,7 +6,8 @@
 # tests/js/node_modules only when package-lock.json changed.
 #
 #   system: orthanc + DICOMweb plugin (test PACS), dcmtk (DICOM peers), lua-socket, nginx +
-#           lua module, chromium + fonts (UI tests), python3 + venv, nodejs + npm (tus-js-client), curl
+#           lua module, chromium + fonts (UI tests), python3 + venv, nodejs + npm (tus-js-client), curl,
+#           wrk (bench/proxy_bench.py)
 #   python: .venv with `pip install -e .[test]`
 #   node:   tests/js/node_modules (npm ci)
 #
@@ -19,6 +20,7 @@ cd "$ROOT"
 APT_PACKAGES=(
     orthanc orthanc-dicomweb dcmtk
     lua-socket nginx libnginx-mod-http-lua
+    wrk
     chromium fonts-liberation
     python3 python3-venv python3-pip
     nodejs npm
