@@ -180,3 +180,20 @@ def test_gateway_sweeps_expired_uploads(gateway_factory: Callable[..., GatewayPr
                what="the sweep to remove the expired upload")
     assert requests.head(url, headers=TUS, timeout=10).status_code == 404
 
+
+
+def test_completion_interrupted_by_a_crash_runs_at_next_start(tmp_path: Path) -> None:
+    folder = tmp_path / "up"
+    with thread_server(folder) as tus:
+        url = tus.create(4)
+        tus.patch(url, 0, b"done")
+        uid = upload_id(url)
+        wait_until(lambda: tus.completed, what="the completion callback")
+        assert not (folder / f"{uid}.pending").exists()  # handed over: marker gone
+    # As if the process had died between storing the last byte and handing the upload over.
+    (folder / f"{uid}.pending").touch()
+    (folder / "0123456789abcdef0123456789abcdef.pending").touch()  # an upload that is gone
+    with thread_server(folder) as tus:
+        done = wait_until(lambda: tus.completed, what="the completion to be run again at start-up")
+        assert [u.id for u in done] == [uid] and done[0].path.read_bytes() == b"done"
+        wait_until(lambda: not list(folder.glob("*.pending")), what="the markers to be cleared")

@@ -94,7 +94,19 @@ class TusApp:
 
     # -- lifecycle -------------------------------------------------------------------------
     async def startup(self) -> None:
+        """Create the folder; hand over completions a crash interrupted (``<id>.pending``)."""
         self.store.ensure_folder()
+        if self.on_complete is None:
+            return
+        for upload_id in self.store.pending_ids():
+            try:
+                upload = self.store.get(upload_id)
+            except TusError:
+                self.store.clear_pending(upload_id)
+                continue
+            if upload.complete and not upload.is_partial:
+                log.info("tus: upload %s finished before a restart; running its completion now", upload_id)
+                self._spawn(self._complete(upload), f"completion of upload {upload_id}")
 
     async def aclose(self, grace: float = 30) -> None:
         """Wait for running completion callbacks (bounded), then stop the I/O threads."""
@@ -466,7 +478,13 @@ class TusApp:
                  ", partial" if upload.is_partial else "")
         if upload.is_partial or self.on_complete is None:
             return  # a partial upload is only an ingredient of a final one
-        self._spawn(self.on_complete(upload), f"completion of upload {upload.id}")
+        self.store.mark_pending(upload.id)
+        self._spawn(self._complete(upload), f"completion of upload {upload.id}")
+
+    async def _complete(self, upload: Upload) -> None:
+        assert self.on_complete is not None
+        await self.on_complete(upload)
+        self.store.clear_pending(upload.id)  # only once handed over: a crash before retries it
 
     # -- GET (tusd's download; not part of the protocol) ------------------------------------
     async def _get(self, upload_id: str) -> _Response:

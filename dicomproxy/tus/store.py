@@ -12,9 +12,11 @@ Ids are 32 random hex characters (as tusd's). An id from a request is accepted o
 made of ``[A-Za-z0-9_-]``: no separator, no dot, so no id can name a file outside the folder
 or another upload's ``.info``/``.lock`` file.
 
-Two extra files, both ignored by tusd: ``<id>.chk`` marks a checksummed chunk being written
-(it holds the offset to roll back to if the process dies before the checksum is verified), and
-tusd's own ``<id>.lock``/``<id>.stop`` (see :mod:`.locks`).
+Extra files, all ignored by tusd: ``<id>.chk`` marks a checksummed chunk being written (it
+holds the offset to roll back to if the process dies before the checksum is verified);
+``<id>.pending`` marks a finished upload whose completion (script hook, import) has not been
+handed over yet, so a crash in between does not lose it; and tusd's own ``<id>.lock`` /
+``<id>.stop`` (see :mod:`.locks`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from dicomproxy.tus import errors
 _VALID_ID = re.compile(r"[A-Za-z0-9_-]{1,200}")
 INFO_SUFFIX = ".info"
 CHECKSUM_MARKER_SUFFIX = ".chk"
+PENDING_SUFFIX = ".pending"
 
 
 def is_valid_id(upload_id: str) -> bool:
@@ -176,7 +179,8 @@ class FileStore:
 
     def terminate(self, upload_id: str) -> None:
         """Delete the data and ``.info`` files; missing files are fine (a sweep may have won)."""
-        for p in (self.data_path(upload_id), self.info_path(upload_id), self._marker_path(upload_id)):
+        for p in (self.data_path(upload_id), self.info_path(upload_id), self._marker_path(upload_id),
+                  self.folder / (upload_id + PENDING_SUFFIX)):
             try:
                 p.unlink()
             except FileNotFoundError:
@@ -229,6 +233,21 @@ class FileStore:
             except FileNotFoundError:
                 pass
         marker.unlink(missing_ok=True)
+
+    # -- completions not yet handed over ---------------------------------------------------
+    def mark_pending(self, upload_id: str) -> None:
+        (self.folder / (upload_id + PENDING_SUFFIX)).touch()
+
+    def clear_pending(self, upload_id: str) -> None:
+        (self.folder / (upload_id + PENDING_SUFFIX)).unlink(missing_ok=True)
+
+    def pending_ids(self) -> list[str]:
+        out = []
+        for p in self.folder.glob("*" + PENDING_SUFFIX):
+            upload_id = p.name[: -len(PENDING_SUFFIX)]
+            if is_valid_id(upload_id):
+                out.append(upload_id)
+        return sorted(out)
 
     # -- sweeping --------------------------------------------------------------------------
     def last_activity(self, upload: Upload) -> float:
