@@ -415,3 +415,35 @@ def test_bad_config_addresses_stop_the_start(gateway_factory: Callable[..., Gate
     with pytest.raises(pytest.fail.Exception) as info:
         gateway.start(timeout=20)
     assert "Notifications:Email:0:To[2]: 'ops at example.org' is not a valid email address" in str(info.value)
+
+
+def test_app_event_mails_for_an_imported_upload_and_a_failed_forward(
+    gateway_factory: Callable[..., GatewayProcess], smtp: SmtpSink, fresh_orthanc: Any, dicom_samples: Any,
+    sample_dir: Path,
+) -> None:
+    from tusclient import client as tus_client
+
+    from tests.peers import run_dcmtk
+
+    settings = mail_settings(smtp)
+    settings["Notifications"]["Email"] = [
+        {"Events": ["upload.imported"], "To": ["uploads@example.org"]},
+        {"Events": ["*.failed"], "To": ["ops@example.org", "uploads@example.org"]},
+    ]
+    # The DICOM side forwards to a port where nothing listens, giving up after one attempt.
+    settings["Dicom"] = {"Upstream": {"Aet": "NOBODY", "Host": LOOPBACK, "Port": free_port()},
+                         "ForwardMaxAttempts": 1, "ForwardRetrySeconds": 0.1}
+    gateway = gateway_factory(settings, {"main.lua": MAIL_SCRIPT}, orthanc=fresh_orthanc)
+
+    path, _ = dicom_samples.make_instance(sample_dir / "up.dcm", patient_id="MAIL1", patient_name="Mail^Test")
+    tus_client.TusClient(gateway.url + "/files/").uploader(str(path), metadata={"filename": "up.dcm"}).upload()
+    (got,) = smtp.wait_for(1, timeout=30)
+    assert got.recipients == ["uploads@example.org"]
+    assert got.message["Subject"] == "[DicomProxy] Upload imported: up.dcm"
+    assert "Event: upload.imported" in got.text()
+
+    run_dcmtk("storescu", "-aec", gateway.aet, LOOPBACK, str(gateway.dicom_port), str(path))
+    got = smtp.wait_for(2, timeout=30)[1]
+    assert got.recipients == ["ops@example.org", "uploads@example.org"]  # one mail, rules merged
+    assert got.message["Subject"].startswith("[DicomProxy] Forwarding failed")
+    assert "Event: forward.failed" in got.text()

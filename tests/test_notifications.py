@@ -196,3 +196,22 @@ def test_open_stream_does_not_hold_up_shutdown(gateway: GatewayProcess,
     # stop() sends after 9 s when the open stream holds the shutdown up.
     assert gateway.stop(timeout=9) in (0, -signal.SIGTERM)
     assert time.monotonic() - started < 8
+
+
+def test_pacs_unreachable_and_back(gateway_factory: Callable[..., GatewayProcess],
+                                   orthanc_factory: Callable[..., Any]) -> None:
+    pacs = orthanc_factory()
+    gateway = gateway_factory({}, {"main.lua": SCRIPT}, orthanc=pacs)
+    probe = "/dicomproxy/health?probe=1"  # the monitor probes every 10 s; this probes now
+    assert gateway.get(probe).json()["upstream"]["reachable"] is True
+    pacs.stop()
+    assert gateway.get(probe).json()["upstream"]["reachable"] is False
+    down = wait_until(lambda: [n for n in feed(gateway) if n["kind"] == "upstream.down"],
+                      what="an upstream.down notification")[0]
+    assert down["title"] == "PACS unreachable" and down["level"] == "error"
+    assert pacs.http_url in down["body"]
+    pacs.start()
+    assert gateway.get(probe).json()["upstream"]["reachable"] is True
+    up = wait_until(lambda: [n for n in feed(gateway) if n["kind"] == "upstream.up"],
+                    what="an upstream.up notification")[0]
+    assert up["level"] == "success" and up["id"] > down["id"]
