@@ -66,7 +66,10 @@ def storescu(aet: str, port: int, folder: Path, nagle: bool) -> float:
     started = time.perf_counter()
     proc = subprocess.run(
         [dcmtk("storescu"), "-aec", aet, "127.0.0.1", str(port), str(folder), "+sd"],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     elapsed = time.perf_counter() - started
     if proc.returncode != 0:
@@ -101,9 +104,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="dicom-bench-") as tmp_name:
         tmp = Path(tmp_name)
         orthanc = OrthancServer(tmp / "orthanc").start()
-        gateway = GatewayProcess(
-            tmp / "gateway", orthanc=orthanc, settings={"Logging": {"Level": "INFO"}}
-        )
+        gateway = GatewayProcess(tmp / "gateway", orthanc=orthanc, settings={"Logging": {"Level": "INFO"}})
         try:
             gateway.start()
             rows = []
@@ -126,9 +127,11 @@ def main() -> int:
             gateway.stop()
             orthanc.stop()
 
-    print(f"\n{args.instances} instances x {args.rounds} rounds, {args.studies} study/ies per batch, "
-          f"storescu {'with Nagle' if args.nagle else 'TCP_NODELAY=1'}, "
-          f"Orthanc {'with Nagle' if args.orthanc_nagle else 'TCP_NODELAY=1'}, {os.cpu_count()} CPUs")
+    print(
+        f"\n{args.instances} instances x {args.rounds} rounds, {args.studies} study/ies per batch, "
+        f"storescu {'with Nagle' if args.nagle else 'TCP_NODELAY=1'}, "
+        f"Orthanc {'with Nagle' if args.orthanc_nagle else 'TCP_NODELAY=1'}, {os.cpu_count()} CPUs"
+    )
     header = f"{'round':>5} {'direct/s':>10} {'gw accept/s':>12} {'ratio':>7} {'gw end-to-end/s':>16} {'ratio':>7}"
     print(header)
     print("-" * len(header))
@@ -136,8 +139,9 @@ def main() -> int:
         print(f"{r:>5} {d:>10.1f} {a:>12.1f} {a / d:>7.0%} {e:>16.1f} {e / d:>7.0%}")
     med = [statistics.median(col) for col in zip(*[row[1:] for row in rows], strict=True)]
     print("-" * len(header))
-    print(f"{'median':>5} {med[0]:>10.1f} {med[1]:>12.1f} {med[1] / med[0]:>7.0%} {med[2]:>16.1f} "
-          f"{med[2] / med[0]:>7.0%}")
+    print(
+        f"{'median':>5} {med[0]:>10.1f} {med[1]:>12.1f} {med[1] / med[0]:>7.0%} {med[2]:>16.1f} {med[2] / med[0]:>7.0%}"
+    )
     return 0
 
 

@@ -128,15 +128,22 @@ def start_server(kind: str, work: Path, fsync: str, write_mode: str) -> Iterator
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if kind == "gateway":
         config = work / "appsettings.json"
-        config.write_text(json.dumps({
-            "Urls": f"http://127.0.0.1:{port}",
-            "Upstream": {"Url": f"http://127.0.0.1:{free_port()}"},
-            "Dicom": {"Port": 0},
-            "ExtraConfig": {"TusUploadFolder": str(folder), "DataFolder": str(work / "data"),
-                            "ScriptsRoot": str(work / "scripts")},
-            "Tus": {"KeepAfterImport": True, "Fsync": fsync},
-            "Logging": {"Level": "WARNING"},
-        }))
+        config.write_text(
+            json.dumps(
+                {
+                    "Urls": f"http://127.0.0.1:{port}",
+                    "Upstream": {"Url": f"http://127.0.0.1:{free_port()}"},
+                    "Dicom": {"Port": 0},
+                    "ExtraConfig": {
+                        "TusUploadFolder": str(folder),
+                        "DataFolder": str(work / "data"),
+                        "ScriptsRoot": str(work / "scripts"),
+                    },
+                    "Tus": {"KeepAfterImport": True, "Fsync": fsync},
+                    "Logging": {"Level": "WARNING"},
+                }
+            )
+        )
         (work / "scripts").mkdir(exist_ok=True)
         cmd = [sys.executable, "-m", "dicomproxy", "serve", "--config", str(config)]
         url = f"http://127.0.0.1:{port}/files/"
@@ -233,8 +240,11 @@ def run(args: argparse.Namespace) -> int:
                         mbps = size / MB / elapsed
                         rows.append((target, chunk // MB, mbps, growth / MB))
                         verdict = "ok" if ok else "SIZE/HASH MISMATCH"
-                        print(f"  {target:12} {chunk // MB:3d} MB chunks: {mbps:7.1f} MB/s, "
-                              f"RSS +{growth / MB:6.1f} MB, {verdict}", flush=True)
+                        print(
+                            f"  {target:12} {chunk // MB:3d} MB chunks: {mbps:7.1f} MB/s, "
+                            f"RSS +{growth / MB:6.1f} MB, {verdict}",
+                            flush=True,
+                        )
                         if not ok:
                             return 1
             except (RuntimeError, subprocess.CalledProcessError) as e:
@@ -261,11 +271,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size-mb", type=int, default=1024)
     p.add_argument("--chunks", default="8,64", help="chunk sizes in MB, comma-separated")
-    p.add_argument("--targets", default="gateway,@tus/server",
-                   help="comma-separated: gateway, standalone, @tus/server")
+    p.add_argument("--targets", default="gateway,@tus/server", help="comma-separated: gateway, standalone, @tus/server")
     p.add_argument("--fsync", default="complete", choices=("complete", "patch", "none"))
-    p.add_argument("--write-mode", default=str(4 * MB),
-                   help="standalone only: 'aiofiles' (a write per message) or a batch size in bytes")
+    p.add_argument(
+        "--write-mode",
+        default=str(4 * MB),
+        help="standalone only: 'aiofiles' (a write per message) or a batch size in bytes",
+    )
     p.add_argument("--verify", action="store_true", help="also compare sha256 of the stored file")
     p.add_argument("--workdir", default=None, help="where the temp folder goes (default: $TMPDIR)")
     return run(p.parse_args())

@@ -17,10 +17,12 @@ from typing import Any
 
 from dicomproxy.dicom import commands as dicom_commands
 from dicomproxy.dicom import datasets
+from dicomproxy.dicom.acceptor import DicomListener
 from dicomproxy.dicom.forwarder import Forwarder, ForwardResult, ForwardTarget
-from dicomproxy.dicom.scp import DicomServer
+from dicomproxy.dicom.scp import TRANSFER_SYNTAXES, DicomServer
 from dicomproxy.dicom.session import LuaBridge
 from dicomproxy.dicom.spool import Spool, SpoolEntry
+from dicomproxy.dicom.store import StoreService
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +89,11 @@ class DicomComponent:
             on_failed=self._on_failed,
             session_factory=self._session,
         )
-        self.server = DicomServer(self.settings, self.bridge, self.spool, self.forwarder.enqueue, counters=counters)
+        self.store = StoreService(self.bridge, self.spool, self.forwarder.enqueue, counters)
+        self.server = DicomServer(self.settings, self.bridge, self.store)
+        self.listener = DicomListener(
+            self.settings, self.bridge, self.store, transfer_syntaxes=TRANSFER_SYNTAXES, handoff=self.server
+        )
         self.started = False
 
     async def _session(self) -> Any:
@@ -101,13 +107,16 @@ class DicomComponent:
         recovered = await asyncio.to_thread(self.spool.open)
         await self.forwarder.start(recovered)
         await self.server.start()
+        await self.listener.start()
         self.started = True
 
     async def stop(self) -> None:
         if not self.started:
             return
+        await self.listener.stop()
         await self.server.stop()
         await self.forwarder.stop()
+        await asyncio.to_thread(self.store.close)
         self.spool.close()
         self.started = False
 
@@ -117,7 +126,7 @@ class DicomComponent:
             return {"ok": True, "enabled": False}
         f = self.forwarder
         return {
-            "ok": self.server.listening and f.retrying == 0,
+            "ok": self.listener.listening and self.server.listening and f.retrying == 0,
             "enabled": True,
             "listening": f"{self.settings.aet}@{self.settings.host}:{self.settings.port}"
             if self.server.listening
@@ -130,7 +139,7 @@ class DicomComponent:
             "retrying": f.retrying > 0,
             "lastForwardError": f.last_error,
             "lastForwardErrorAt": _iso(f.last_error_at),
-            "activeAssociations": self.server.active_associations,
+            "activeAssociations": self.listener.active,
         }
 
     # -- forwarder callbacks (event loop) -------------------------------------------------

@@ -49,6 +49,7 @@ UNCOMPRESSED = (scu.EXPLICIT, scu.IMPLICIT)
 MAX_CONTEXTS = 126
 STUDY_BATCH = 64
 IDLE_CLOSE_SECONDS = 10.0
+MEMORY_CACHE_BYTES = 256 << 20
 
 
 class PermanentError(Exception):
@@ -322,6 +323,7 @@ class Forwarder:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._book = _ContextBook()
+        self._cached = 0
         self.forwarded = 0
         self.failed = 0
         self.last_error = ""
@@ -354,6 +356,11 @@ class Forwarder:
             asyncio.ensure_future(self._notify())
 
     def _add(self, entry: SpoolEntry) -> None:
+        if entry.data is not None:
+            if self._cached + len(entry.data) > MEMORY_CACHE_BYTES:
+                entry.data = None  # a long queue (PACS down): read from disk when its turn comes
+            else:
+                self._cached += len(entry.data)
         key = entry.study or entry.sop_instance
         q = self._queues.get(key)
         if q is None:
@@ -446,6 +453,10 @@ class Forwarder:
                 self.retrying -= 1
 
     async def _read(self, entry: SpoolEntry) -> bytes | None:
+        if entry.data is not None:
+            data, entry.data = entry.data, None
+            self._cached -= len(data)
+            return data
         try:
             return await asyncio.to_thread(self.spool.read_dataset, entry)
         except FileNotFoundError:

@@ -1,16 +1,10 @@
-"""The DICOM side's listening AE (pynetdicom): contexts, association policy, C-ECHO and the
-C-STORE hot path. C-FIND is in ``find.py``, C-MOVE/C-GET in ``retrieve.py``.
+"""The pynetdicom AE behind the DICOM port: Query/Retrieve associations (C-FIND in
+``find.py``, C-MOVE/C-GET in ``retrieve.py``) and any association that proposes them.
 
-C-STORE, in order: decode only if a script wants the dataset (``onCStore`` /
-``ReceivedInstanceFilter``), apply the script's edits, write the instance durably to the spool,
-hand it to the forwarder, and only then answer success. With no such script, the received
-bytes are spooled as they are (never decoded and re-encoded), so compressed pixel data and
-every element's original encoding pass through untouched.
-
-Statuses a modality can see: 0x0124 (refused by a script), 0x0110 (a script failed, unless
-``Lua:FailOpen``), 0xC210 (the dataset cannot be parsed), 0xA700 (the spool cannot be
-written: disk full...). An unknown SOP class or transfer syntax is refused at association
-time (presentation context rejected), as the standard intends.
+Storage associations are accepted by the asyncio fast path in ``acceptor.py``; everything
+else is handed over to this AE, which listens on a private loopback port. Instances that
+arrive here anyway (storage contexts next to Q/R ones on one association) take the same
+C-STORE path (``store.py``) on the event loop.
 """
 
 from __future__ import annotations
@@ -19,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Callable
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -34,9 +27,8 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from dicomproxy.dicom import datasets
 from dicomproxy.dicom.session import AssocSession, LuaBridge
-from dicomproxy.dicom.spool import Spool, SpoolEntry
+from dicomproxy.dicom.store import StoreService
 from dicomproxy.settings import DicomSettings
 
 log = logging.getLogger(__name__)
@@ -60,11 +52,6 @@ QR_FIND = (PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveI
 QR_MOVE = (PatientRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelMove)
 QR_GET = (PatientRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelGet)
 
-STATUS_REFUSED = 0x0124
-STATUS_PROCESSING_FAILURE = 0x0110
-STATUS_CANNOT_UNDERSTAND = 0xC210
-STATUS_OUT_OF_RESOURCES = 0xA700
-
 
 def set_nodelay(event: evt.Event) -> None:
     """pynetdicom leaves Nagle on: a C-STORE's command and data PDUs then wait ~40 ms for a
@@ -81,27 +68,18 @@ def status_dataset(status: int, comment: str) -> Dataset:
 
 
 class DicomServer:
-    """Component: ``start()`` binds the AE (non-blocking server), ``stop()`` shuts it down."""
+    """Component: ``start()`` binds the AE on 127.0.0.1 (an OS-chosen port), ``stop()`` shuts it."""
 
-    def __init__(
-        self,
-        settings: DicomSettings,
-        bridge: LuaBridge,
-        spool: Spool,
-        enqueue: Callable[[SpoolEntry], None],
-        *,
-        counters: dict[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, settings: DicomSettings, bridge: LuaBridge, store: StoreService | None) -> None:
         self.settings = settings
         self.bridge = bridge
-        self.spool = spool
-        self.enqueue = enqueue
-        self.counters = counters or {}
+        self.store = store
         self.loop: asyncio.AbstractEventLoop | None = None
         self.ae: AE | None = None
+        self.port = 0
         self._server: Any = None
         self._sessions: dict[int, AssocSession] = {}
-        self.error = ""
+        self._peers: dict[int, tuple[str, int]] = {}
         # Imported here so the module graph stays one-way (find/retrieve use this module).
         from dicomproxy.dicom.find import FindService
         from dicomproxy.dicom.retrieve import RetrieveService
@@ -119,7 +97,7 @@ class DicomServer:
         ae.maximum_pdu_size = 1 << 20
         ae.require_called_aet = False
         if self.settings.allowed_calling_aets:
-            ae.require_calling_aet = list(self.settings.allowed_calling_aets)
+            ae.require_calling_aet = [a.strip() for a in self.settings.allowed_calling_aets]
         ae.add_supported_context(Verification, TRANSFER_SYNTAXES[:2])
         for cx in AllStoragePresentationContexts:
             # scu/scp roles accepted so a C-GET requester can take the SCP role for storage.
@@ -130,9 +108,6 @@ class DicomServer:
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
-        if self.settings.port == 0:
-            log.info("DICOM side is off (Dicom:Port is 0)")
-            return
         self.ae = self.make_ae()
         handlers = [
             (evt.EVT_CONN_OPEN, set_nodelay),
@@ -146,13 +121,11 @@ class DicomServer:
             (evt.EVT_C_MOVE, self.retrieve.handle_move),
             (evt.EVT_C_GET, self.retrieve.handle_get),
         ]
-        address = (self.settings.host, self.settings.port)
-        try:
-            self._server = await asyncio.to_thread(self.ae.start_server, address, block=False, evt_handlers=handlers)
-        except OSError as e:
-            self.error = f"cannot listen on {address[0]}:{address[1]}: {e.strerror or e}"
-            raise RuntimeError(f"Dicom: {self.error} (change Dicom:Port or Dicom:Host)") from None
-        log.info("DICOM AE %s listening on %s:%d", self.settings.aet, *address)
+        self._server = await asyncio.to_thread(
+            self.ae.start_server, ("127.0.0.1", 0), block=False, evt_handlers=handlers
+        )
+        self.port = int(self._server.server_address[1])
+        log.debug("internal Q/R AE on 127.0.0.1:%d", self.port)
 
     async def stop(self) -> None:
         server, self._server = self._server, None
@@ -170,16 +143,28 @@ class DicomServer:
     def active_associations(self) -> int:
         return len(self._sessions)
 
+    # -- peers handed over by the listener ---------------------------------------------------
+    def remember_peer(self, local_port: int, ip: str, port: int) -> None:
+        self._peers[local_port] = (ip, port)
+
+    def forget_peer(self, local_port: int) -> None:
+        self._peers.pop(local_port, None)
+
+    def _peer(self, assoc: Any) -> tuple[str, int]:
+        ip, port = str(assoc.requestor.address), int(assoc.requestor.port or 0)
+        return self._peers.get(port, (ip, port)) if ip == "127.0.0.1" else (ip, port)
+
     # -- associations ---------------------------------------------------------------------
     def session(self, assoc: Any) -> AssocSession:
         s = self._sessions.get(id(assoc))
         if s is None:  # not seen at EVT_REQUESTED (should not happen): build it from the assoc
+            ip, port = self._peer(assoc)
             s = AssocSession(
                 self.bridge,
                 str(assoc.requestor.ae_title or ""),
                 str(assoc.acceptor.ae_title or ""),
-                str(assoc.requestor.address),
-                int(assoc.requestor.port or 0),
+                ip,
+                port,
                 self.loop,
             )
             self._sessions[id(assoc)] = s
@@ -233,99 +218,20 @@ class DicomServer:
             log.error("onCEcho failed: %s", e)
         return 0x0000
 
-    # -- C-STORE --------------------------------------------------------------------------
-    def _count(self, name: str) -> None:
-        metric = self.counters.get(name)
-        if metric is not None:
-            metric.inc()
-
+    # -- C-STORE (mixed associations) ------------------------------------------------------
     def _on_store(self, event: evt.Event) -> int | Dataset:
         session = self.session(event.assoc)
         rq = event.request
-        ts = str(event.context.transfer_syntax)
-        sop_class = str(rq.AffectedSOPClassUID)
-        sop_instance = str(rq.AffectedSOPInstanceUID)
-        raw = rq.DataSet.getvalue()
-        if self.bridge.defines("onCStore", "ReceivedInstanceFilter"):
-            outcome = self._scripted_store(session, raw, ts, sop_instance)
-            if not isinstance(outcome, tuple):
-                return outcome
-            raw, header, sop_instance = outcome
-        else:
-            try:
-                header = datasets.header_uids(raw, ts)
-            except Exception as e:
-                log.error("C-STORE %s from %s: cannot parse the dataset (%s)", sop_instance, session.calling, e)
-                self._count("store_errors")
-                return status_dataset(STATUS_CANNOT_UNDERSTAND, "dataset cannot be parsed")
-        try:
-            entry = self.spool.put(
-                raw,
-                sop_class=sop_class,
-                sop_instance=sop_instance,
-                transfer_syntax=ts,
-                study=header.get("StudyInstanceUID", ""),
-                series=header.get("SeriesInstanceUID", ""),
-                patient_id=header.get("PatientID", ""),
-                origin=session.table(),
-            )
-        except OSError as e:
-            log.error("C-STORE %s from %s: spool write failed: %s", sop_instance, session.calling, e)
-            self._count("store_errors")
-            return status_dataset(STATUS_OUT_OF_RESOURCES, "gateway spool write failed")
-        assert self.loop is not None
-        self.loop.call_soon_threadsafe(self.enqueue, entry)
-        self._count("received")
-        return 0x0000
-
-    def _scripted_store(
-        self, session: AssocSession, raw: bytes, ts: str, sop_instance: str
-    ) -> tuple[bytes, dict[str, str], str] | int | Dataset:
-        try:
-            ds = datasets.decode(raw, ts)
-            table = datasets.dataset_to_table(ds)
-        except Exception as e:
-            log.error("C-STORE %s from %s: cannot decode the dataset (%s)", sop_instance, session.calling, e)
-            self._count("store_errors")
-            return status_dataset(STATUS_CANNOT_UNDERSTAND, "dataset cannot be decoded")
-        changed = False
-        try:
-            d = self.bridge.call("onCStore", table, session.table(), session=session)
-            if d is not None:
-                if d.rejected:
-                    log.info("C-STORE %s from %s rejected by onCStore", sop_instance, session.calling)
-                    self._count("rejected")
-                    return status_dataset(STATUS_REFUSED, "rejected by onCStore")
-                edited = d.args[0] if d.args and isinstance(d.args[0], dict) else table
-                changed = datasets.apply_table(ds, table, edited)
-            if self.bridge.defines("ReceivedInstanceFilter"):
-                info = {"HasPixelData": "PixelData" in ds, "TransferSyntaxUID": ts}
-                view = datasets.dataset_to_table(ds) if changed else table
-                d = self.bridge.call("ReceivedInstanceFilter", view, session.origin(), info, session=session)
-                if d is not None and d.rejected:
-                    log.info("C-STORE %s from %s rejected by ReceivedInstanceFilter", sop_instance, session.calling)
-                    self._count("rejected")
-                    return status_dataset(STATUS_REFUSED, "rejected by ReceivedInstanceFilter")
-        except datasets.TableError as e:
-            log.error("C-STORE %s: onCStore wrote an invalid value: %s", sop_instance, e)
-            if not self.bridge.fail_open:
-                return status_dataset(STATUS_PROCESSING_FAILURE, "script edit invalid")
-            ds, changed = datasets.decode(raw, ts), False
-        except Exception as e:
-            log.error("C-STORE %s from %s: script failed: %s", sop_instance, session.calling, e)
-            if not self.bridge.fail_open:
-                self._count("store_errors")
-                return status_dataset(STATUS_PROCESSING_FAILURE, "script failed")
-            ds, changed = datasets.decode(raw, ts), False
-        if changed:
-            try:
-                raw = datasets.encode(ds, ts)
-            except Exception as e:
-                log.error("C-STORE %s: the edited dataset cannot be encoded: %s", sop_instance, e)
-                return status_dataset(STATUS_PROCESSING_FAILURE, "edited dataset cannot be encoded")
-        header = {
-            "StudyInstanceUID": str(ds.get("StudyInstanceUID", "") or ""),
-            "SeriesInstanceUID": str(ds.get("SeriesInstanceUID", "") or ""),
-            "PatientID": str(ds.get("PatientID", "") or ""),
-        }
-        return raw, header, str(ds.get("SOPInstanceUID", sop_instance) or sop_instance)
+        assert self.loop is not None and self.store is not None
+        future = asyncio.run_coroutine_threadsafe(
+            self.store.store(
+                session,
+                rq.DataSet.getvalue(),
+                str(event.context.transfer_syntax),
+                str(rq.AffectedSOPClassUID),
+                str(rq.AffectedSOPInstanceUID),
+            ),
+            self.loop,
+        )
+        status, comment = future.result(self.bridge.timeout * 2 + 60)
+        return status_dataset(status, comment) if comment else status

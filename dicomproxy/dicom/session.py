@@ -11,6 +11,7 @@ keeps its state for the whole association.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import threading
@@ -42,11 +43,12 @@ class LuaBridge:
         scope = session.scope() if session is not None else None
         return self.host.dispatch_threadsafe(name, *args, scope=scope, timeout=self.timeout)
 
-    async def call_async(self, name: str, *args: Any) -> Any | None:
-        """From the event loop (forwarder callbacks)."""
+    async def call_async(self, name: str, *args: Any, session: AssocSession | None = None) -> Any | None:
+        """From the event loop (the asyncio acceptor, forwarder callbacks)."""
         if self.host is None or not self.host.defines(name):
             return None
-        return await self.host.dispatch(name, *args)
+        scope = session.scope() if session is not None else None
+        return await self.host.dispatch(name, *args, scope=scope)
 
 
 class AssocSession:
@@ -91,9 +93,15 @@ class AssocSession:
         if scope is None:
             return
         # The engine belongs to the event loop's thread: close it there.
-        if self.loop is not None and not self.loop.is_closed():
-            with contextlib.suppress(RuntimeError):
-                self.loop.call_soon_threadsafe(scope.__exit__, None, None, None)
-                return
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is not loop:
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(scope.__exit__, None, None, None)
+                    return
         with contextlib.suppress(Exception):
             scope.__exit__(None, None, None)

@@ -5,16 +5,16 @@ gateway said "success" to can be lost by a crash, a kill -9 or a PACS outage.
 
 Layout (under ``Dicom:SpoolFolder``)::
 
-    tmp/       files being written (leftovers are deleted at start: never acknowledged)
     queue/     000000000042.dcm ... one file per instance, the name is the arrival sequence
+    tmp/       scratch (emptied at start)
     failed/    <seq>-<SOPInstanceUID>.dcm + .json (why) for instances the PACS refused for good
 
 Each spool file is a valid DICOM Part 10 file: the dataset bytes exactly as received, behind a
 file meta group that also carries the spool's own metadata (the association's AE titles and
 address, the study it belongs to) as JSON in (0002,0102) *Private Information*, under our
-(0002,0100) creator UID. One file per instance therefore commits atomically (write to tmp,
-fsync, rename, fsync the folder), and an operator can re-send any spool or failed file with
-a plain storescu.
+(0002,0100) creator UID, with the dataset's length. One file per instance, fsync'ed before
+the C-STORE is answered; a short file (a crash mid-write, never acknowledged) is recognised by
+that length and dropped. An operator can re-send any spool or failed file with a plain storescu.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import struct
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,9 @@ IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1426.1"
 IMPLEMENTATION_VERSION = "DICOMPROXY_01"
 PRIVATE_CREATOR_UID = "1.2.826.0.1.3680043.10.1426.1.1"
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+
+
+MEMORY_COPY_MAX = 16 << 20
 
 
 class SpoolError(Exception):
@@ -58,6 +61,7 @@ class SpoolEntry:
     received: float = 0.0
     data_offset: int = 0
     attempts: int = 0
+    data: bytes | None = field(default=None, repr=False)  # in-memory copy, spares the forwarder a read
 
     def info(self) -> dict[str, Any]:
         return {
@@ -146,7 +150,8 @@ class Spool:
         self._next_seq = 1
         self._depth = 0
         self._failed = 0
-        self._queue_fd: int | None = None
+        self._unlinks: queue.SimpleQueue[Path | None] = queue.SimpleQueue()
+        self._unlink_thread: threading.Thread | None = None
 
     # -- start-up -------------------------------------------------------------------------
     def open(self) -> list[SpoolEntry]:
@@ -160,7 +165,15 @@ class Spool:
         for path in sorted(self.queue_dir.glob("*.dcm")):
             try:
                 entries.append(self.load(path))
-            except (SpoolError, OSError, ValueError) as e:
+            except SpoolError as e:
+                if str(e).startswith("truncated"):
+                    log.warning("spool: dropping %s (%s): a write interrupted before it was acknowledged", path, e)
+                    path.unlink(missing_ok=True)
+                    continue
+                target = self.failed_dir / f"unreadable-{path.name}"
+                log.error("spool: %s is unreadable (%s); moved to %s", path, e, target)
+                os.replace(path, target)
+            except (OSError, ValueError) as e:
                 target = self.failed_dir / f"unreadable-{path.name}"
                 log.error("spool: %s is unreadable (%s); moved to %s", path, e, target)
                 os.replace(path, target)
@@ -169,16 +182,19 @@ class Spool:
         with self._lock:
             self._depth = len(entries)
             self._next_seq = (entries[-1].seq + 1) if entries else 1
-        if self._queue_fd is None:
-            self._queue_fd = os.open(self.queue_dir, os.O_RDONLY)
+        if self._unlink_thread is None:
+            self._unlink_thread = threading.Thread(target=self._unlinker, name="dicom-spool-unlink", daemon=True)
+            self._unlink_thread.start()
         if entries:
             log.info("spool: %d instance(s) waiting to be forwarded from a previous run", len(entries))
         return entries
 
     def close(self) -> None:
-        if self._queue_fd is not None:
-            os.close(self._queue_fd)
-            self._queue_fd = None
+        """Finish pending deletions (blocking; call from a thread)."""
+        if self._unlink_thread is not None:
+            self._unlinks.put(None)
+            self._unlink_thread.join(timeout=30)
+            self._unlink_thread = None
 
     def load(self, path: Path) -> SpoolEntry:
         with open(path, "rb") as f:
@@ -187,6 +203,8 @@ class Spool:
         if 0x0102 not in meta or _text(meta.get(0x0100)) != PRIVATE_CREATOR_UID:
             raise SpoolError("no DicomProxy spool metadata in the file meta")
         info = json.loads(meta[0x0102].rstrip(b"\0 ").decode("utf-8"))
+        if "length" in info and path.stat().st_size != offset + int(info["length"]):
+            raise SpoolError(f"truncated: {path.stat().st_size} bytes, expected {offset + int(info['length'])}")
         return SpoolEntry(
             seq=int(path.stem),
             path=path,
@@ -218,12 +236,26 @@ class Spool:
         origin = origin or {}
         received = time.time()
         private = json.dumps(
-            {"study": study, "series": series, "patient": patient_id, "origin": origin, "received": received},
+            {
+                "study": study,
+                "series": series,
+                "patient": patient_id,
+                "origin": origin,
+                "received": received,
+                "length": len(dataset),
+            },
             separators=(",", ":"),
         ).encode()
         head = file_meta(sop_class, sop_instance, transfer_syntax, origin.get("CallingAE", ""), private)
-        tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with self._lock:
+            seq = self._next_seq
+            self._next_seq += 1
+        final = self.queue_dir / f"{seq:012d}.dcm"
+        # Written in place, not via tmp + rename: fsync of a new file also commits its directory
+        # entry on journalling filesystems (ext4, xfs, btrfs), which saves a rename and a
+        # directory fsync per instance. A crash mid-write leaves a short file that was never
+        # acknowledged; open() recognises it by the recorded length and drops it.
+        fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             _write_all(fd, head)
             _write_all(fd, dataset)
@@ -231,17 +263,11 @@ class Spool:
                 os.fsync(fd)
         except BaseException:
             os.close(fd)
-            tmp.unlink(missing_ok=True)
+            final.unlink(missing_ok=True)
             raise
         os.close(fd)
         with self._lock:
-            seq = self._next_seq
-            self._next_seq += 1
-            final = self.queue_dir / f"{seq:012d}.dcm"
-            os.rename(tmp, final)
             self._depth += 1
-        if self.fsync and self._queue_fd is not None:
-            os.fsync(self._queue_fd)
         return SpoolEntry(
             seq=seq,
             path=final,
@@ -254,6 +280,7 @@ class Spool:
             origin=origin,
             received=received,
             data_offset=len(head),
+            data=dataset if len(dataset) <= MEMORY_COPY_MAX else None,
         )
 
     def read_dataset(self, entry: SpoolEntry) -> bytes:
@@ -265,13 +292,23 @@ class Spool:
             return f.read()
 
     def remove(self, entry: SpoolEntry) -> None:
-        """The PACS has the instance: forget it."""
-        try:
-            entry.path.unlink()
-        except FileNotFoundError:
-            return
+        """The PACS has the instance: forget it (the unlink itself happens in a background
+        thread: on a busy disk it can take milliseconds, and the caller is the event loop)."""
         with self._lock:
             self._depth -= 1
+        self._unlinks.put(entry.path)
+
+    def _unlinker(self) -> None:
+        while True:
+            path = self._unlinks.get()
+            if path is None:
+                return
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.error("spool: cannot delete %s: %s", path, e)
 
     def fail(self, entry: SpoolEntry, reason: str, **details: Any) -> Path:
         """Move an instance the PACS refused for good to ``failed/`` with a JSON note saying why."""

@@ -1,0 +1,146 @@
+"""What happens to one received instance, whichever listener received it.
+
+Decode only if a script wants the dataset (``onCStore`` / ``ReceivedInstanceFilter``), apply
+the script's edits, write the instance durably to the spool, hand it to the forwarder, and only
+then answer success. With no such script the received bytes are spooled as they are (never
+decoded and re-encoded), so compressed pixel data and every element's original encoding pass
+through untouched.
+
+Statuses a modality can see: 0x0124 (refused by a script), 0x0110 (a script failed, unless
+``Lua:FailOpen``), 0xC210 (the dataset cannot be parsed), 0xA700 (the spool cannot be written:
+disk full...).
+
+Runs on the event loop (Lua runs there); the fsync'ed spool write runs in a small thread pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from dicomproxy.dicom import datasets
+from dicomproxy.dicom.session import AssocSession, LuaBridge
+from dicomproxy.dicom.spool import Spool, SpoolEntry
+
+log = logging.getLogger(__name__)
+
+STATUS_SUCCESS = 0x0000
+STATUS_REFUSED = 0x0124
+STATUS_PROCESSING_FAILURE = 0x0110
+STATUS_CANNOT_UNDERSTAND = 0xC210
+STATUS_OUT_OF_RESOURCES = 0xA700
+
+
+class StoreService:
+    def __init__(
+        self,
+        bridge: LuaBridge,
+        spool: Spool,
+        enqueue: Callable[[SpoolEntry], None],
+        counters: dict[str, Any] | None = None,
+        writers: int = 4,
+    ) -> None:
+        self.bridge = bridge
+        self.spool = spool
+        self.enqueue = enqueue
+        self.counters = counters or {}
+        self._executor = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="dicom-spool")
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+    def _count(self, name: str) -> None:
+        metric = self.counters.get(name)
+        if metric is not None:
+            metric.inc()
+
+    async def store(
+        self, session: AssocSession, raw: bytes, ts: str, sop_class: str, sop_instance: str
+    ) -> tuple[int, str]:
+        """``(status, error comment)`` for the C-STORE response."""
+        if self.bridge.defines("onCStore", "ReceivedInstanceFilter"):
+            outcome = await self._scripted(session, raw, ts, sop_instance)
+            if isinstance(outcome[0], int):
+                return outcome  # type: ignore[return-value]
+            raw, header, sop_instance = outcome  # type: ignore[misc]
+        else:
+            try:
+                header = datasets.header_uids(raw, ts)
+            except Exception as e:
+                log.error("C-STORE %s from %s: cannot parse the dataset (%s)", sop_instance, session.calling, e)
+                self._count("store_errors")
+                return STATUS_CANNOT_UNDERSTAND, "dataset cannot be parsed"
+        put = functools.partial(
+            self.spool.put,
+            raw,
+            sop_class=sop_class,
+            sop_instance=sop_instance,
+            transfer_syntax=ts,
+            study=header.get("StudyInstanceUID", ""),
+            series=header.get("SeriesInstanceUID", ""),
+            patient_id=header.get("PatientID", ""),
+            origin=session.table(),
+        )
+        try:
+            entry = await asyncio.get_running_loop().run_in_executor(self._executor, put)
+        except OSError as e:
+            log.error("C-STORE %s from %s: spool write failed: %s", sop_instance, session.calling, e)
+            self._count("store_errors")
+            return STATUS_OUT_OF_RESOURCES, "gateway spool write failed"
+        self.enqueue(entry)
+        self._count("received")
+        return STATUS_SUCCESS, ""
+
+    async def _scripted(
+        self, session: AssocSession, raw: bytes, ts: str, sop_instance: str
+    ) -> tuple[bytes, dict[str, str], str] | tuple[int, str]:
+        try:
+            ds = datasets.decode(raw, ts)
+            table = datasets.dataset_to_table(ds)
+        except Exception as e:
+            log.error("C-STORE %s from %s: cannot decode the dataset (%s)", sop_instance, session.calling, e)
+            self._count("store_errors")
+            return STATUS_CANNOT_UNDERSTAND, "dataset cannot be decoded"
+        changed = False
+        try:
+            d = await self.bridge.call_async("onCStore", table, session.table(), session=session)
+            if d is not None:
+                if d.rejected:
+                    log.info("C-STORE %s from %s rejected by onCStore", sop_instance, session.calling)
+                    self._count("rejected")
+                    return STATUS_REFUSED, "rejected by onCStore"
+                edited = d.args[0] if d.args and isinstance(d.args[0], dict) else table
+                changed = datasets.apply_table(ds, table, edited)
+            if self.bridge.defines("ReceivedInstanceFilter"):
+                info = {"HasPixelData": "PixelData" in ds, "TransferSyntaxUID": ts}
+                view = datasets.dataset_to_table(ds) if changed else table
+                d = await self.bridge.call_async(
+                    "ReceivedInstanceFilter", view, session.origin(), info, session=session
+                )
+                if d is not None and d.rejected:
+                    log.info("C-STORE %s from %s rejected by ReceivedInstanceFilter", sop_instance, session.calling)
+                    self._count("rejected")
+                    return STATUS_REFUSED, "rejected by ReceivedInstanceFilter"
+        except Exception as e:
+            what = "wrote an invalid value" if isinstance(e, datasets.TableError) else "failed"
+            log.error("C-STORE %s from %s: script %s: %s", sop_instance, session.calling, what, e)
+            if not self.bridge.fail_open:
+                self._count("store_errors")
+                return STATUS_PROCESSING_FAILURE, f"script {what}"
+            ds, changed = datasets.decode(raw, ts), False
+        if changed:
+            try:
+                raw = datasets.encode(ds, ts)
+            except Exception as e:
+                log.error("C-STORE %s: the edited dataset cannot be encoded: %s", sop_instance, e)
+                return STATUS_PROCESSING_FAILURE, "edited dataset cannot be encoded"
+        header = {
+            "StudyInstanceUID": str(ds.get("StudyInstanceUID", "") or ""),
+            "SeriesInstanceUID": str(ds.get("SeriesInstanceUID", "") or ""),
+            "PatientID": str(ds.get("PatientID", "") or ""),
+        }
+        return raw, header, str(ds.get("SOPInstanceUID", sop_instance) or sop_instance)
