@@ -61,7 +61,7 @@ class TusFeature:
         up = gateway.settings.upstream
         self.stow_url = f"{up.url}{up.dicomweb_root}/studies"
         self.stow = StowClient(self.stow_url, self._session, self.settings.import_batch_size,
-                               timeout=max(up.read_timeout, 60))
+                               connect_timeout=up.connect_timeout, read_timeout=max(up.read_timeout, 60))
         self._own_session: aiohttp.ClientSession | None = None
         m = gateway.metrics
         self._m_imported = m.counter("dicomproxy_tus_imports_total", "TUS imports by outcome")

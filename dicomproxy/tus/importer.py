@@ -137,12 +137,15 @@ class StowClient:
         url: str,
         session: Callable[[], Awaitable[aiohttp.ClientSession]],
         batch_size: int,
-        timeout: float = 600,
+        connect_timeout: float = 10,
+        read_timeout: float = 600,
     ) -> None:
         self.url = url
         self._session = session
         self.batch_size = max(1, batch_size)
-        self.timeout = timeout
+        # No total timeout: a batch of large instances may rightly take long to send; a PACS
+        # that stops reading or answering is caught by the per-read timeout instead.
+        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout)
 
     async def import_file(self, path: Path) -> ImportReport:
         loop = asyncio.get_running_loop()
@@ -169,7 +172,7 @@ class StowClient:
                 self.url,
                 data=_multipart(heads, batch, tail),
                 headers=headers,
-                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                timeout=self.timeout,
             ) as resp:
                 text = await resp.text(errors="replace")
                 status = resp.status
