@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import aiosmtplib
 
 from dicomproxy.events import EVENT_KINDS, AppEvent, EventBus
+from dicomproxy.metrics import Counter
 from dicomproxy.settings import ConfigError, Settings, SmtpSettings
 from middleware import LuaExportError
 
@@ -304,7 +305,7 @@ class Mailer:
 
     STOP_GRACE_SECONDS = 5.0
 
-    def __init__(self, settings: Settings, host: Any, bus: EventBus) -> None:
+    def __init__(self, settings: Settings, host: Any, bus: EventBus, counter: Counter | None = None) -> None:
         self.settings = settings
         self.smtp = settings.smtp
         self.host = host
@@ -312,6 +313,7 @@ class Mailer:
         self.transport = SmtpTransport(settings.smtp)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.counter = counter  # dicomproxy_mails_total{outcome=sent|failed|handled}
         self.sent = 0
         self.failed = 0
         self.handled = 0
@@ -388,6 +390,7 @@ class Mailer:
             final = mail
         if final is None:
             self.handled += 1
+            self._count("handled")
             log.info("%s: mail to %s handled by onSendMail; not sent", where, ", ".join(mail.to))
             return False
         if not self.enabled:
@@ -399,12 +402,18 @@ class Mailer:
             self._fail(final, where, _describe(e))
             return False
         self.sent += 1
+        self._count("sent")
         log.info("%s: mail %r sent to %s (%d attempt(s))",
                  where, final.subject, ", ".join(final.to), attempts)
         return True
 
+    def _count(self, outcome: str) -> None:
+        if self.counter is not None:
+            self.counter.inc(outcome=outcome)
+
     def _fail(self, mail: Mail, where: str, reason: str) -> None:
         self.failed += 1
+        self._count("failed")
         log.error("%s: mail %r to %s not sent: %s", where, mail.subject, ", ".join(mail.to), reason)
         self.bus.emit(
             "mail.failed",
@@ -510,7 +519,8 @@ def install(gateway: Gateway) -> Mailer:
     except MailError as e:
         raise ConfigError(f"{settings.tree.source}: {e}") from None
     rules = load_rules(settings)
-    mailer = Mailer(settings, gateway.host, gateway.bus)
+    counter = gateway.metrics.counter("dicomproxy_mails_total", "Mails by outcome: sent, failed, handled by onSendMail")
+    mailer = Mailer(settings, gateway.host, gateway.bus, counter)
     gateway.add_component(mailer)
     gateway.bus.subscribe(EventMailer(mailer, rules))
     gateway.host.add_export("SendMail", mailer.lua_send_mail)

@@ -38,6 +38,7 @@ from starlette.types import Receive, Scope, Send
 
 from dicomproxy.events import AppEvent
 from dicomproxy.mail import to_python
+from dicomproxy.metrics import Counter
 from middleware import LuaExportError
 
 if TYPE_CHECKING:
@@ -244,8 +245,9 @@ class Notifier:
     they are moved onto the event loop here, where Lua and the feed live.
     """
 
-    def __init__(self, feed: NotificationFeed, host: Any, fail_open: bool) -> None:
+    def __init__(self, feed: NotificationFeed, host: Any, fail_open: bool, counter: Counter | None = None) -> None:
         self.feed = feed
+        self.counter = counter  # dicomproxy_notifications_total{kind, outcome=shown|suppressed}
         self.host = host
         self.fail_open = fail_open
         self.suppressed = 0
@@ -281,6 +283,7 @@ class Notifier:
             if result is not None:
                 if result.handled:
                     self.suppressed += 1
+                    self._count(kind, "suppressed")
                     log.info("%s %r suppressed by onNotificationShow", where, title)
                     return None
                 if result.args:
@@ -290,8 +293,13 @@ class Notifier:
                     except NotificationError as e:
                         log.error("%s: edits from onNotificationShow ignored: %s", where, e)
         item = self.feed.add(kind, title, body, link, data)
+        self._count(kind, "shown")
         log.info("notification #%d [%s] %s", item.id, kind, title)
         return item
+
+    def _count(self, kind: str, outcome: str) -> None:
+        if self.counter is not None:
+            self.counter.inc(kind=kind, outcome=outcome)
 
     def _spawn(self, coro: Any) -> None:
         loop = self._loop
@@ -435,7 +443,11 @@ def _sse(item: Notification) -> str:
 def install(gateway: Gateway) -> Notifier:
     """The feed, its HTTP routes, ``ShowNotification``, and every app event as a notification."""
     feed = NotificationFeed(gateway.settings.notifications.feed_size)
-    notifier = Notifier(feed, gateway.host, gateway.settings.lua.fail_open)
+    counter = gateway.metrics.counter("dicomproxy_notifications_total",
+                                      "Notifications by kind and outcome: shown, suppressed by onNotificationShow")
+    gateway.metrics.gauge("dicomproxy_notification_streams", "Open notification SSE streams",
+                          lambda: feed.subscriber_count)
+    notifier = Notifier(feed, gateway.host, gateway.settings.lua.fail_open, counter)
     gateway.add_component(notifier)
     gateway.bus.subscribe(notifier.on_event)
     gateway.host.add_export("ShowNotification", notifier.lua_show_notification)

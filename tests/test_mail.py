@@ -340,6 +340,9 @@ def test_on_send_mail_returning_true_sends_nothing(mail_gateway: GatewayProcess,
     (got,) = smtp.wait_for(1)
     assert got.message["Subject"] == "from a script"
     mail_gateway.wait_for_log("handled by onSendMail; not sent")
+    metrics = mail_gateway.get("/dicomproxy/metrics").text
+    assert 'dicomproxy_mails_total{outcome="handled"} 1' in metrics
+    assert 'dicomproxy_mails_total{outcome="sent"} 1' in metrics
 
 
 def test_invalid_address_is_a_clear_lua_error(mail_gateway: GatewayProcess, smtp: SmtpSink) -> None:

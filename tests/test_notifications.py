@@ -149,6 +149,10 @@ def test_show_notification_hook_feed_and_stream(
     assert [n["title"] for n in items] == ["plain one", "edited"]  # newest first
     assert "secret" not in json.dumps(items)
     assert [n["title"] for n in feed(gateway, f"?after={edited['id']}")] == ["plain one"]
+    metrics = gateway.get("/dicomproxy/metrics").text
+    assert 'dicomproxy_notifications_total{kind="script",outcome="suppressed"} 1' in metrics
+    assert 'dicomproxy_notifications_total{kind="script",outcome="shown"} 2' in metrics
+    assert "dicomproxy_notification_streams 2" in metrics
 
     # A reconnecting EventSource sends Last-Event-ID and gets what it missed first.
     again = stream(**{"Last-Event-ID": str(edited["id"])})

@@ -74,7 +74,8 @@ def page(browser: Any, gateway: GatewayProcess) -> Iterator[Any]:
 
 
 def test_page_and_assets_need_the_gateways_authentication(gateway: GatewayProcess) -> None:
-    for path in ("/dicomproxy/ui", "/dicomproxy/ui/static/app.js", "/dicomproxy/ui/status.json"):
+    for path in ("/dicomproxy/ui", "/dicomproxy/ui/static/app.js", "/dicomproxy/ui/status.json",
+                 "/dicomproxy/notifications", "/dicomproxy/notifications/stream"):
         assert requests.get(gateway.url + path, timeout=10).status_code == 401, path
     auth = (USER, PASSWORD)
     resp = requests.get(gateway.url + "/dicomproxy/ui", auth=auth, timeout=10)
