@@ -264,4 +264,24 @@ function api.is_sequence(t)
   return count == n
 end
 
-return api
+-- Everything an engine needs, in one call from Python (each Lua/Python crossing costs ~1-2 us
+-- and a transient engine is made per request): exports, setup chunks, search paths, globals.
+-- Arguments: sync_names, async_names, py_call, py_start, cpath_prefix, path_prefix,
+-- n_setup, setup chunks..., then name, value pairs of globals.
+function api.init(sync_names, async_names, py_call, py_start, cpath_prefix, path_prefix, n_setup, ...)
+  api.bind(sync_names, async_names, py_call, py_start)
+  if cpath_prefix ~= "" then package.cpath = cpath_prefix .. ";" .. package.cpath end
+  if path_prefix ~= "" then package.path = path_prefix .. ";" .. package.path end
+  for i = 1, n_setup do
+    local chunk = select(i, ...)
+    local fn, err = load(chunk, "=setup", "b")
+    if not fn then raw_error(err, 0) end
+    fn()
+  end
+  for i = n_setup + 1, select("#", ...), 2 do
+    local name, value = select(i, ...)
+    _G[name] = value
+  end
+end
+
+return api.call, api.resume, api.drop, api.defines, api.ci_table, api.http_object, api.init

@@ -105,6 +105,14 @@ class Export:
     raw: bool = False
 
 
+def _export_names(exports: Mapping[str, Export]) -> tuple[str, str]:
+    """Comma-joined names of the sync and of the async exports, for the prelude's binder."""
+    return (
+        ",".join(n for n, e in exports.items() if not e.is_async),
+        ",".join(n for n, e in exports.items() if e.is_async),
+    )
+
+
 def _split(message: str) -> LuaError:
     first, _, _rest = message.partition("\n")
     return LuaError(first, message)
@@ -126,6 +134,7 @@ class LuaEngine:
         native_path: str | None = None,
         hook_count: int = 100_000,
         setup: tuple[bytes, ...] = (),
+        search_path: str | None = None,
     ) -> None:
         self.name = name
         self.timeout_ms = timeout_ms
@@ -137,30 +146,17 @@ class LuaEngine:
             max_memory=max_memory_mb * 1024 * 1024 if max_memory_mb else None,
         )
         g = self.lua.globals()
-        api = g.load(_PRELUDE, "=prelude", "b")(time.monotonic, hook_count)
-        self._call = api.call
-        self._resume = api.resume
-        self._drop = api.drop
-        self._defines = api.defines
-        self.ci_table = api.ci_table
-        self.http_object = api.http_object
+        (self._call, self._resume, self._drop, self._defines, self.ci_table, self.http_object,
+         init) = g.load(_PRELUDE, "=prelude", "b")(time.monotonic, hook_count)
         self._table_from = self.lua.table_from
         self._lua_type = lupa.lua_type
         self._pending: dict[int, Awaitable[Any]] = {}
         self._next = itertools.count(1)
-        self.exports = dict(exports or {})
-        if native_path is not None:
-            g.package.cpath = native_path + ";" + str(g.package.cpath)
-        for key, value in (globals or {}).items():
-            g[key] = value
-        api.bind(
-            ",".join(n for n, e in self.exports.items() if not e.is_async),
-            ",".join(n for n, e in self.exports.items() if e.is_async),
-            self._py_call,
-            self._py_start,
-        )
-        for chunk in setup:  # Lua-side helpers of the host (bytecode from compile_chunk)
-            g.load(chunk, "=setup", "b")()
+        self.exports = exports if exports is not None else {}
+        names = _export_names(self.exports)
+        flat_globals = [part for item in (globals or {}).items() for part in item]
+        init(names[0], names[1], self._py_call, self._py_start, native_path or "", search_path or "",
+             len(setup), *setup, *flat_globals)
         self.globals = g
 
     # ------------------------------------------------------------------ conversions

@@ -111,7 +111,7 @@ class ScriptSet:
 
     # ------------------------------------------------------------------ engines
     def new_engine(self, name: str) -> LuaEngine:
-        engine = LuaEngine(
+        return LuaEngine(
             name,
             exports=self.exports,
             globals=self.globals,
@@ -120,10 +120,8 @@ class ScriptSet:
             native_path=self.options.native_path,
             hook_count=self.options.hook_count,
             setup=self.setup,
+            search_path=f"{self.root}/?.lua;{self.root}/?/init.lua",
         )
-        pkg = engine.globals.package
-        pkg.path = f"{self.root}/?.lua;{self.root}/?/init.lua;" + str(pkg.path)
-        return engine
 
     def add_export(self, name: str, export: Export) -> None:
         """Add a global for every engine created from now on (call before :meth:`start`)."""
