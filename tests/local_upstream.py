@@ -26,6 +26,7 @@ Run standalone: ``python -m tests.local_upstream PORT``.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import sys
 import time
 import zlib
@@ -175,6 +176,32 @@ def main(argv: list[str]) -> None:
 
 
 # --------------------------------------------------------------------------- test side
+def raw_request(
+    base: str, method: str, target: str, headers: list[tuple[str, str]] = (), body: bytes | None = None,
+    timeout: float = 30,
+) -> tuple[int, list[tuple[str, str]], bytes]:
+    """One request with exactly these bytes on the wire (no client-side URL or header rewriting)."""
+    host, port = base.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        conn.putrequest(method, target, skip_host=any(k.lower() == "host" for k, _ in headers),
+                        skip_accept_encoding=True)
+        for k, v in headers:
+            conn.putheader(k, v)
+        if body is not None:
+            conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        resp = conn.getresponse()
+        data = resp.read()
+        return resp.status, resp.getheaders(), data
+    finally:
+        conn.close()
+
+
+def header_values(headers: list[tuple[str, str]] | list[list[str]], name: str) -> list[str]:
+    return [v for k, v in headers if k.lower() == name.lower()]
+
+
 class LocalUpstream:
     """Runs the server above as a subprocess on a free loopback port."""
 

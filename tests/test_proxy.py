@@ -8,7 +8,6 @@ counts). The gateway is always a real ``dicomproxy serve`` process.
 
 from __future__ import annotations
 
-import http.client
 import json
 import re
 import socket
@@ -24,7 +23,7 @@ import pytest
 import requests
 
 from tests.dicom_samples import make_instance
-from tests.local_upstream import BLOCK, LocalUpstream, pattern_blocks
+from tests.local_upstream import BLOCK, LocalUpstream, header_values, pattern_blocks, raw_request
 from tests.peers import GatewayProcess, OrthancServer, wait_until
 
 NO_DICOM = {"Dicom": {"Port": 0}}
@@ -58,32 +57,6 @@ def orthanc_gw(tmp_path_factory: pytest.TempPathFactory, orthanc: OrthancServer)
     gw.start()
     yield gw
     gw.stop()
-
-
-def raw_request(
-    base: str, method: str, target: str, headers: list[tuple[str, str]] = (), body: bytes | None = None,
-    timeout: float = 30,
-) -> tuple[int, list[tuple[str, str]], bytes]:
-    """One request with exactly these bytes on the wire (no client-side URL or header rewriting)."""
-    host, port = base.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
-    try:
-        conn.putrequest(method, target, skip_host=any(k.lower() == "host" for k, _ in headers),
-                        skip_accept_encoding=True)
-        for k, v in headers:
-            conn.putheader(k, v)
-        if body is not None:
-            conn.putheader("Content-Length", str(len(body)))
-        conn.endheaders(body)
-        resp = conn.getresponse()
-        data = resp.read()
-        return resp.status, resp.getheaders(), data
-    finally:
-        conn.close()
-
-
-def header_values(headers: list[tuple[str, str]] | list[list[str]], name: str) -> list[str]:
-    return [v for k, v in headers if k.lower() == name.lower()]
 
 
 def normalize_multipart(content_type: str, body: bytes) -> bytes:
