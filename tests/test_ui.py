@@ -8,6 +8,7 @@ over the live SSE feed.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -164,7 +165,23 @@ def test_upload_box_progress_and_imported_notification(
         assert "imported" in page.locator(f"#uploads li[data-name='{name}'] .state").inner_text()
     titles = page.locator("#feed-list li[data-kind='upload.imported'] .title").all_inner_texts()
     assert any("one.dcm" in t for t in titles) and any("study.zip" in t for t in titles), titles
-    fresh_orthanc.wait_for_instances(4)
-    assert fresh_orthanc.sop_instance_uids() == {sop_uid, *zip_uids}
+    # A file dropped on the box (a real drop event with a DataTransfer) goes the same way.
+    dropped, dropped_uid = dicom_samples.make_instance(sample_dir / "dropped.dcm", patient_id="UI2",
+                                                       patient_name="Ui^Dropped")
+    page.evaluate("""([name, b64]) => {
+        const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+        const dt = new DataTransfer();
+        dt.items.add(new File([bytes], name, {type: 'application/dicom'}));
+        const zone = document.getElementById('dropzone');
+        zone.dispatchEvent(new DragEvent('dragover', {dataTransfer: dt, bubbles: true, cancelable: true}));
+        zone.dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));
+    }""", ["dropped.dcm", base64.b64encode(Path(dropped).read_bytes()).decode()])
+    page.wait_for_selector("#uploads li[data-name='dropped.dcm'].imported", timeout=60000)
+    assert page.locator("#uploads li[data-name='dropped.dcm'] .percent").inner_text() == "100%"
+    # the task queue refreshes on the live notifications: the three import tasks are listed
+    page.wait_for_function("() => document.querySelectorAll('#tasks-body tr[data-task]').length === 3",
+                           timeout=10000)
+    fresh_orthanc.wait_for_instances(5)
+    assert fresh_orthanc.sop_instance_uids() == {sop_uid, dropped_uid, *zip_uids}
     page.screenshot(path=str(tmp_path / "uploads.png"), full_page=True)
     assert page.errors == []

@@ -56,6 +56,21 @@
     return String(v);
   }
 
+  // A task result in one short line: scalars as key=value, lists by their length.
+  function summary(v) {
+    if (v === null || v === undefined) return "";
+    if (typeof v !== "object") return String(v);
+    if (Array.isArray(v)) return v.length + " item(s)";
+    var parts = Object.keys(v).map(function (k) {
+      var x = v[k];
+      if (Array.isArray(x)) return x.length ? k + "=" + x.length : null;
+      if (x !== null && typeof x === "object") return null;
+      return k + "=" + x;
+    }).filter(function (p) { return p !== null; });
+    var text = parts.join(", ");
+    return text.length > 160 ? text.slice(0, 159) + "\u2026" : text;
+  }
+
   // A link from a notification is followed only if it is a path here or an http(s) URL.
   function safeHref(link) {
     if (typeof link !== "string" || !link) return null;
@@ -186,12 +201,25 @@
         el("td", {}, el("div", { text: t.title || t.kind || t.id }), el("code", { className: "muted", text: t.kind || "" })),
         el("td", {}, badge(t.state || "?", t.state)),
         el("td", { text: fmtTime(t.created) }),
-        el("td", { text: t.error ? scalar(t.error) : scalar(t.result) })));
+        el("td", { className: "result", title: t.error ? scalar(t.error) : scalar(t.result),
+                   text: t.error ? scalar(t.error) : summary(t.result) })));
     });
   }
 
   // ------------------------------------------------------------------ polling
+  var timer = null;
+  var inFlight = false;
+
+  // Poll every refreshMs; a live notification (an import, a failed task) refreshes at once.
+  function refreshSoon(delay) {
+    if (timer) clearTimeout(timer);
+    timer = setTimeout(refresh, delay);
+  }
+
   function refresh() {
+    timer = null;
+    if (inFlight) { refreshSoon(250); return; }
+    inFlight = true;
     var jobs = [getJSON(cfg.healthUrl), getJSON(cfg.statusUrl), getJSON(cfg.tasksUrl)];
     Promise.allSettled(jobs).then(function (r) {
       var health = r[0].status === "fulfilled" ? r[0].value : null;
@@ -204,7 +232,10 @@
       $("updated").textContent = failed.length
         ? "update failed: " + failed[0].reason.message
         : "updated " + new Date().toLocaleTimeString();
-    }).finally(function () { setTimeout(refresh, refreshMs); });
+    }).finally(function () {
+      inFlight = false;
+      if (!timer) refreshSoon(refreshMs);
+    });
   }
 
   // ------------------------------------------------------------------ notifications
@@ -233,6 +264,7 @@
     while (list.children.length > 200) list.removeChild(list.lastChild);
     $("feed-empty").hidden = true;
     matchUpload(n);
+    if (live) refreshSoon(300);
   }
 
   function connectFeed() {
