@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.observe import running_with_argument
 from tests.peers import GatewayProcess, OrthancServer
 
 MAIN = r"""
@@ -154,19 +155,6 @@ def test_os_execute_uses_no_shell(gw: GatewayProcess, tmp_path: Path) -> None:
     assert ok == "false" and "cannot run" in err
 
 
-def _running_with_argument(arg: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if arg.encode() in cmdline:
-                pids.append(int(entry.name))
-    return pids
-
-
 def test_os_execute_time_limit_kills_the_process(gw: GatewayProcess) -> None:
     seconds = f"7.{uuid.uuid4().int % 1000:03d}"
     started = time.monotonic()
@@ -175,7 +163,7 @@ def test_os_execute_time_limit_kills_the_process(gw: GatewayProcess) -> None:
     assert ok == "false"
     assert "ran past 1 s and was killed" in err and "Lua:OsExecuteTimeoutSeconds" in err
     assert 0.9 < elapsed < 3, elapsed
-    assert _running_with_argument(seconds) == [], "the timed-out process is still running"
+    assert running_with_argument(seconds) == [], "the timed-out process is still running"
 
 
 # --------------------------------------------------------------------------- logging

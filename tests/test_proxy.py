@@ -11,12 +11,10 @@ from __future__ import annotations
 import json
 import re
 import socket
-import threading
 import time
 import uuid
 import zlib
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +22,7 @@ import requests
 
 from tests.dicom_samples import make_instance
 from tests.local_upstream import BLOCK, LocalUpstream, header_values, pattern_blocks, raw_request
+from tests.observe import RssSampler
 from tests.peers import GatewayProcess, OrthancServer, wait_until
 
 NO_DICOM = {"Dicom": {"Port": 0}}
@@ -307,43 +306,6 @@ def test_chunked_and_fixed_length_bodies_both_ways(echo_gw: GatewayProcess) -> N
 
 
 # --------------------------------------------------------------------------- flat memory
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for pid {pid}")
-
-
-class RssSampler:
-    """Samples a process's resident memory every 50 ms while a transfer runs."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.baseline = rss_kb(pid)
-        self.peak = self.baseline
-        self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.05):
-            self.peak = max(self.peak, rss_kb(self.pid))
-            self.samples += 1
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.peak = max(self.peak, rss_kb(self.pid))
-
-    @property
-    def growth_mb(self) -> float:
-        return (self.peak - self.baseline) / 1024
-
-
 LARGE = 300 * BLOCK  # 300 MiB, generated on the fly on both sides
 
 
