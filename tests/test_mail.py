@@ -254,6 +254,11 @@ function onSendMail(mail)
     mail.TextBody = mail.TextBody .. " + checked by onSendMail"
   end
   if mail.Subject == "break me" then mail.To = "broken address" end
+  if mail.Subject == "redirect me" then
+    -- handled here by sending another mail; that one does not come through onSendMail again
+    SendMail({To = "redirected@example.org", Subject = "redirect me", TextBody = "was for " .. mail.To})
+    return true
+  end
   if string.find(mail.Subject, "[DicomProxy]", 1, true) then
     mail.HtmlBody = mail.HtmlBody .. "<p>footer from onSendMail</p>"
   end
@@ -268,6 +273,7 @@ local mails = {
   ["/test/mail/edit"] = {To = "script@example.org", Subject = "edit me", TextBody = "original"},
   ["/test/mail/drop"] = {To = "script@example.org", Subject = "drop me", TextBody = "x"},
   ["/test/mail/break"] = {To = "script@example.org", Subject = "break me", TextBody = "x"},
+  ["/test/mail/redirect"] = {To = "script@example.org", Subject = "redirect me"},
   ["/test/mail/reject"] = {To = "reject@example.org", Subject = "refused by the server"},
   ["/test/mail/bad"] = {To = "not an address", Subject = "bad"},
   ["/test/mail/badfrom"] = {From = "a..b@example.org", To = "x@example.org"},
@@ -343,6 +349,15 @@ def test_on_send_mail_returning_true_sends_nothing(mail_gateway: GatewayProcess,
     metrics = mail_gateway.get("/dicomproxy/metrics").text
     assert 'dicomproxy_mails_total{outcome="handled"} 1' in metrics
     assert 'dicomproxy_mails_total{outcome="sent"} 1' in metrics
+
+
+def test_send_mail_inside_on_send_mail_does_not_loop(mail_gateway: GatewayProcess, smtp: SmtpSink) -> None:
+    assert trigger(mail_gateway, "/test/mail/redirect") == "queued"
+    (got,) = smtp.wait_for(1)
+    assert got.recipients == ["redirected@example.org"]
+    assert got.text().strip() == "was for script@example.org"
+    time.sleep(1.0)  # bounded: no second mail follows
+    assert len(smtp.messages) == 1
 
 
 def test_invalid_address_is_a_clear_lua_error(mail_gateway: GatewayProcess, smtp: SmtpSink) -> None:
