@@ -322,7 +322,7 @@ class TusApp:
             await loop.run_in_executor(self._executor, self.store.concat, upload, partials)
             self._finished(upload)
         if contains_chunk:
-            writer = BodyWriter(self._executor, self.write_batch)
+            writer = BodyWriter(self._executor, self.write_batch, writeback=self.fsync != "none")
             lock = await self.locks.acquire(upload.id, writer.interrupt, self.settings.lock_timeout)
             try:
                 # The Location goes out even if the chunk fails, as tusd does.
@@ -378,7 +378,7 @@ class TusApp:
         offset = h.parse_int(hdrs.get("upload-offset"))
         if offset is None or offset < 0:
             raise errors.INVALID_OFFSET
-        writer = BodyWriter(self._executor, self.write_batch)
+        writer = BodyWriter(self._executor, self.write_batch, writeback=self.fsync != "none")
         async with await self._lock(upload_id, writer.interrupt):
             upload = self._get_live(upload_id)
             if upload.is_final:

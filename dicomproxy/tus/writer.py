@@ -77,7 +77,7 @@ _SYNC_FILE_RANGE_WRITE = 2
 _sync_file_range = _load_sync_file_range() if sys.platform.startswith("linux") else None
 
 
-def _write_batch(fd: int, chunks: list[bytes], hasher: Hasher | None) -> int:
+def _write_batch(fd: int, chunks: list[bytes], hasher: Hasher | None, writeback: bool) -> int:
     """Blocking: hash and append ``chunks``; returns bytes written (all of them, or raises)."""
     if hasher is not None:
         for c in chunks:
@@ -94,7 +94,8 @@ def _write_batch(fd: int, chunks: list[bytes], hasher: Hasher | None) -> int:
                 k = os.write(fd, view)
                 view = view[k:]
                 total += k
-    _start_writeback(fd, total)
+    if writeback:
+        _start_writeback(fd, total)
     return total
 
 
@@ -105,8 +106,9 @@ class BodyWriter:
     hop per message): kept to measure the difference (``bench/tus_bench.py --write-mode``).
     """
 
-    def __init__(self, executor: Executor | None, batch_bytes: int = BATCH_BYTES) -> None:
+    def __init__(self, executor: Executor | None, batch_bytes: int = BATCH_BYTES, writeback: bool = True) -> None:
         self._executor = executor
+        self._writeback = writeback
         self._batch_bytes = batch_bytes
         self._task: asyncio.Task[Any] | None = None
         self._receiving = False
@@ -178,7 +180,7 @@ class BodyWriter:
                     result.written += len(c)
                 chunks, buffered = [], 0
             elif chunks:
-                pending = loop.run_in_executor(self._executor, _write_batch, fd, chunks, hasher)
+                pending = loop.run_in_executor(self._executor, _write_batch, fd, chunks, hasher, self._writeback)
                 chunks, buffered = [], 0
 
         try:
