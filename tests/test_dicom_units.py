@@ -84,6 +84,8 @@ def test_encode_decode_round_trip_and_header_uids() -> None:
         assert back.SOPInstanceUID == ds.SOPInstanceUID
         uids = datasets.header_uids(raw, ts)
         assert uids == {
+            "SOPClassUID": ds.SOPClassUID,
+            "SOPInstanceUID": ds.SOPInstanceUID,
             "StudyInstanceUID": ds.StudyInstanceUID,
             "SeriesInstanceUID": ds.SeriesInstanceUID,
             "PatientID": "P9",
@@ -93,8 +95,12 @@ def test_encode_decode_round_trip_and_header_uids() -> None:
 # --------------------------------------------------------------------------- spool
 def _put(spool: Spool, data: bytes, study: str = "1.2.3") -> Any:
     return spool.put(
-        data, sop_class=CTImageStorage, sop_instance="1.2.3.4", transfer_syntax=ExplicitVRLittleEndian,
-        study=study, origin={"CallingAE": "MOD", "RemoteIp": "127.0.0.1"},
+        data,
+        sop_class=CTImageStorage,
+        sop_instance="1.2.3.4",
+        transfer_syntax=ExplicitVRLittleEndian,
+        study=study,
+        origin={"CallingAE": "MOD", "RemoteIp": "127.0.0.1"},
     )
 
 
@@ -157,16 +163,26 @@ async def test_light_requester_stores_echoes_and_reports_contexts(pynetdicom_scp
     status = await scu.echo("127.0.0.1", port, called_aet="PYSCP", calling_aet="ME")
     assert status.is_success
     assoc = await scu.Association.connect(
-        "127.0.0.1", port, called_aet="PYSCP", calling_aet="ME",
-        contexts=[(CTImageStorage, ExplicitVRLittleEndian), (CTImageStorage, ImplicitVRLittleEndian), ("1.2.3.4", ExplicitVRLittleEndian)],
+        "127.0.0.1",
+        port,
+        called_aet="PYSCP",
+        calling_aet="ME",
+        contexts=[
+            (CTImageStorage, ExplicitVRLittleEndian),
+            (CTImageStorage, ImplicitVRLittleEndian),
+            ("1.2.3.4", ExplicitVRLittleEndian),
+        ],
     )
     assert (CTImageStorage, ImplicitVRLittleEndian) in assoc.rejected
     assert ("1.2.3.4", ExplicitVRLittleEndian) in assoc.rejected
     results = []
     for pid in ("OK", "WARN", "BAD"):
         ds = dicom_samples.build_dataset(patient_id=pid, patient_name="A^B", size=(300, 300))  # > one PDU
-        results.append(await assoc.c_store(CTImageStorage, ds.SOPInstanceUID, ExplicitVRLittleEndian,
-                                           datasets.encode(ds, ExplicitVRLittleEndian)))
+        results.append(
+            await assoc.c_store(
+                CTImageStorage, ds.SOPInstanceUID, ExplicitVRLittleEndian, datasets.encode(ds, ExplicitVRLittleEndian)
+            )
+        )
     await assoc.release()
     assert [r.status for r in results] == [0, 0xB000, 0xA900]
     assert results[1].is_warning and not results[2].is_success
@@ -215,13 +231,20 @@ async def test_forwarder_keeps_study_order_and_runs_studies_in_parallel(tmp_path
     fwd = Forwarder(spool, ForwardTarget("dimse", "PYSCP", "127.0.0.1", port), concurrency=3, on_stored=on_stored)
     try:
         await fwd.start([])
-        studies = ["1.2.826.0.1.3680043.10.1426.99.%d" % i for i in range(3)]
+        studies = [f"1.2.826.0.1.3680043.10.1426.99.{i}" for i in range(3)]
         for n in range(1, 7):
             for study in studies:
                 ds = dicom_samples.build_dataset(patient_id="P", patient_name="A^B", study_uid=study, InstanceNumber=n)
                 raw = datasets.encode(ds, ExplicitVRLittleEndian)
-                fwd.enqueue(spool.put(raw, sop_class=CTImageStorage, sop_instance=ds.SOPInstanceUID,
-                                      transfer_syntax=ExplicitVRLittleEndian, study=study))
+                fwd.enqueue(
+                    spool.put(
+                        raw,
+                        sop_class=CTImageStorage,
+                        sop_instance=ds.SOPInstanceUID,
+                        transfer_syntax=ExplicitVRLittleEndian,
+                        study=study,
+                    )
+                )
         for _ in range(200):
             if len(stored) == 18:
                 break

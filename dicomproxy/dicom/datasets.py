@@ -223,12 +223,13 @@ def encode(ds: Dataset, transfer_syntax: str) -> bytes:
     return data
 
 
-_HEADER_TAGS = (0x0020000D, 0x0020000E, 0x00100020)
+_HEADER_TAGS = (0x00080016, 0x00080018, 0x0020000D, 0x0020000E, 0x00100020)
 
 
 def header_uids(raw: bytes, transfer_syntax: str) -> dict[str, str]:
-    """StudyInstanceUID, SeriesInstanceUID, PatientID from encoded bytes, reading only up to
-    group 0x0020 (cheap: the forwarder needs the study for ordering, not the whole dataset)."""
+    """SOPClassUID, SOPInstanceUID, StudyInstanceUID, SeriesInstanceUID, PatientID from encoded
+    bytes, reading only up to group 0x0020 (cheap: the forwarder needs the study for ordering,
+    the C-STORE check needs the SOP Instance UID; nothing else is decoded)."""
     ts = UID(transfer_syntax)
     if ts == DeflatedExplicitVRLittleEndian:
         raw = zlib.decompressobj(-zlib.MAX_WBITS).decompress(raw, 1 << 20)
@@ -240,7 +241,7 @@ def header_uids(raw: bytes, transfer_syntax: str) -> dict[str, str]:
         specific_tags=list(_HEADER_TAGS),
     )
     out = {}
-    for kw in ("StudyInstanceUID", "SeriesInstanceUID", "PatientID"):
+    for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID"):
         try:
             out[kw] = str(ds.get(kw, "") or "")
         except Exception:

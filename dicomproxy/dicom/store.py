@@ -74,6 +74,15 @@ class StoreService:
                 log.error("C-STORE %s from %s: cannot parse the dataset (%s)", sop_instance, session.calling, e)
                 self._count("store_errors")
                 return STATUS_CANNOT_UNDERSTAND, "dataset cannot be parsed"
+            if header.get("SOPInstanceUID") != sop_instance:
+                log.error(
+                    "C-STORE %s from %s: cannot parse the dataset (its SOPInstanceUID is %r)",
+                    sop_instance,
+                    session.calling,
+                    header.get("SOPInstanceUID"),
+                )
+                self._count("store_errors")
+                return STATUS_CANNOT_UNDERSTAND, "SOPInstanceUID does not match the request"
         put = functools.partial(
             self.spool.put,
             raw,
