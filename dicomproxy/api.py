@@ -86,8 +86,11 @@ def build_api(gateway: Gateway) -> Router:
                 checks[name] = fn()
             except Exception as e:  # a broken check is a degraded gateway, not a 500
                 checks[name] = {"ok": False, "error": str(e)}
-        scripts = gateway.host.status()
         degraded = [n for n, c in checks.items() if isinstance(c, dict) and c.get("ok") is False]
+        if request.scope.get("anonymous"):  # auth is on and no user: no paths, scripts or errors
+            return JSONResponse({"status": "degraded" if degraded else "ok", "degraded": degraded,
+                                 "version": __version__})
+        scripts = gateway.host.status()
         return JSONResponse({
             "status": "degraded" if degraded else "ok",
             "degraded": degraded,
