@@ -197,3 +197,21 @@ def test_completion_interrupted_by_a_crash_runs_at_next_start(tmp_path: Path) ->
         done = wait_until(lambda: tus.completed, what="the completion to be run again at start-up")
         assert [u.id for u in done] == [uid] and done[0].path.read_bytes() == b"done"
         wait_until(lambda: not list(folder.glob("*.pending")), what="the markers to be cleared")
+
+
+def test_stalled_body_times_out_and_keeps_what_arrived(tmp_path: Path) -> None:
+    with thread_server(tmp_path / "up", read_timeout=0.6) as tus:
+        url = tus.create(1_000_000)
+        uid = upload_id(url)
+        stalled = RawRequest(tus.port, "PATCH", f"/files/{uid}",
+                             {**TUS, "Content-Type": OCTET, "Upload-Offset": "0", "Content-Length": "1000000"})
+        try:
+            stalled.send(b"s" * 123_456)
+            t0 = time.monotonic()
+            status, _, body = stalled.response(timeout=10)
+            assert status == 500 and body.startswith(b"ERR_READ_TIMEOUT: ")  # 5XX: clients retry
+            assert 0.4 < time.monotonic() - t0 < 5
+        finally:
+            stalled.close()
+        assert tus.head(url).headers["Upload-Offset"] == "123456"
+        assert not (tus.folder / f"{uid}.lock").exists()  # the lock was let go

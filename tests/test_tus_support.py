@@ -54,11 +54,13 @@ def tus_settings(folder: Path, **overrides: Any) -> TusSettings:
 class TusThreadServer:
     """A TusApp under uvicorn (uvloop + httptools, as in production) in a background thread."""
 
-    def __init__(self, folder: Path, *, holder_poll: float = 0.2, **settings: Any) -> None:
+    def __init__(
+        self, folder: Path, *, holder_poll: float = 0.2, read_timeout: float = 60, **settings: Any
+    ) -> None:
         self.folder = folder
         self.settings = tus_settings(folder, **settings)
         self.completed: list[Upload] = []
-        self.app = TusApp(self.settings, self._on_complete, holder_poll=holder_poll)
+        self.app = TusApp(self.settings, self._on_complete, holder_poll=holder_poll, read_timeout=read_timeout)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}{self.settings.base_path}"
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, loop="uvloop", http="httptools",

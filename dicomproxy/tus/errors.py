@@ -65,6 +65,8 @@ SERVER_SHUTDOWN = _e(
     "ERR_SERVER_SHUTDOWN", "request has been interrupted because the server is shutting down", 503
 )
 UNEXPECTED_EOF = _e("ERR_UNEXPECTED_EOF", "server expected to receive more bytes", 400)
+# 500 on purpose (tusd): most clients retry a 5XX but not a 4XX.
+READ_TIMEOUT = _e("ERR_READ_TIMEOUT", "timeout while reading request body", 500)
 
 # Additions in tusd's style for the extensions tusd does not implement.
 CHECKSUM_MISMATCH = _e("ERR_CHECKSUM_MISMATCH", "checksum mismatch", 460)

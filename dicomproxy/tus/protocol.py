@@ -70,6 +70,7 @@ class TusApp:
         write_threads: int = 4,
         write_batch: int = BATCH_BYTES,
         holder_poll: float = 0.5,
+        read_timeout: float = 60.0,
     ) -> None:
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync policy must be one of {FSYNC_POLICIES}, got {fsync!r}")
@@ -78,6 +79,7 @@ class TusApp:
         self.on_complete = on_complete
         self.fsync = fsync
         self.write_batch = write_batch
+        self.read_timeout = read_timeout
         self.store = FileStore(settings.upload_folder)
         self.locks = LockManager(settings.upload_folder, holder_poll=holder_poll)
         self._executor = ThreadPoolExecutor(max_workers=write_threads, thread_name_prefix="tus-io")
@@ -322,7 +324,7 @@ class TusApp:
             await loop.run_in_executor(self._executor, self.store.concat, upload, partials)
             self._finished(upload)
         if contains_chunk:
-            writer = BodyWriter(self._executor, self.write_batch, writeback=self.fsync != "none")
+            writer = self._writer()
             lock = await self.locks.acquire(upload.id, writer.interrupt, self.settings.lock_timeout)
             try:
                 # The Location goes out even if the chunk fails, as tusd does.
@@ -378,7 +380,7 @@ class TusApp:
         offset = h.parse_int(hdrs.get("upload-offset"))
         if offset is None or offset < 0:
             raise errors.INVALID_OFFSET
-        writer = BodyWriter(self._executor, self.write_batch, writeback=self.fsync != "none")
+        writer = self._writer()
         async with await self._lock(upload_id, writer.interrupt):
             upload = self._get_live(upload_id)
             if upload.is_final:
@@ -390,7 +392,7 @@ class TusApp:
             if upload.complete:
                 out["Upload-Offset"] = str(offset)
                 return _Response(204, out)
-            if "upload-length" in hdrs:
+            if hdrs.get("upload-length"):  # tusd: an empty header is no header
                 if not upload.size_is_deferred:
                     raise errors.INVALID_UPLOAD_LENGTH
                 length = h.parse_int(hdrs["upload-length"])
@@ -401,6 +403,10 @@ class TusApp:
             await self._write_chunk(receive, hdrs, upload, writer, out)
             self._expiry_header(upload, out)
             return _Response(204, out)
+
+    def _writer(self) -> BodyWriter:
+        return BodyWriter(self._executor, self.write_batch, writeback=self.fsync != "none",
+                          read_timeout=self.read_timeout)
 
     async def _write_chunk(
         self, receive: Receive, hdrs: dict[str, str], upload: Upload, writer: BodyWriter, out: dict[str, str]
@@ -432,7 +438,7 @@ class TusApp:
             result = await writer.write(receive, fd, limit, hasher, expected=length)
             new_offset = offset + result.written
             if hasher is not None:
-                whole = not (result.interrupted or result.disconnected or result.incomplete)
+                whole = not (result.interrupted or result.timed_out or result.disconnected or result.incomplete)
                 if not whole or hasher.digest() != expected_digest:
                     # The chunk cannot be verified (or failed): it is not accepted at all.
                     os.ftruncate(fd, offset)
@@ -452,6 +458,8 @@ class TusApp:
             self._finished(upload)
         if result.exceeded:
             failure = errors.SIZE_EXCEEDED
+        elif result.timed_out:
+            failure = errors.READ_TIMEOUT
         elif result.interrupted:
             failure = errors.SERVER_SHUTDOWN if self._closing else errors.UPLOAD_INTERRUPTED
         elif result.disconnected or result.incomplete:

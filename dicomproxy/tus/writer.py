@@ -47,6 +47,7 @@ class WriteResult:
     disconnected: bool = False  # the client went away before the body ended
     exceeded: bool = False  # the body went past ``limit``; the excess was not stored
     interrupted: bool = False  # another request asked for the lock
+    timed_out: bool = False  # no body bytes for ``read_timeout`` seconds
     incomplete: bool = False  # the body ended before ``expected`` bytes
 
 
@@ -106,14 +107,24 @@ class BodyWriter:
     hop per message): kept to measure the difference (``bench/tus_bench.py --write-mode``).
     """
 
-    def __init__(self, executor: Executor | None, batch_bytes: int = BATCH_BYTES, writeback: bool = True) -> None:
+    def __init__(
+        self,
+        executor: Executor | None,
+        batch_bytes: int = BATCH_BYTES,
+        writeback: bool = True,
+        read_timeout: float = 60.0,
+    ) -> None:
         self._executor = executor
         self._writeback = writeback
         self._batch_bytes = batch_bytes
+        self._read_timeout = read_timeout
         self._task: asyncio.Task[Any] | None = None
         self._receiving = False
         self._interrupted = False
+        self._timed_out = False
         self._cancelled_by_us = False
+        self._last_read = 0.0
+        self._watchdog: asyncio.TimerHandle | None = None
 
     def interrupt(self) -> None:
         """Stop reading the body as soon as possible; what was received is still written."""
@@ -122,13 +133,26 @@ class BodyWriter:
             self._cancelled_by_us = True
             self._task.cancel()
 
+    def _watch(self) -> None:
+        """A client that stops sending holds the upload's lock: give up after ``read_timeout``
+        (tusd's network timeout). One timer per request, re-armed, not one per message."""
+        loop = asyncio.get_running_loop()
+        idle = loop.time() - self._last_read
+        if idle >= self._read_timeout and self._receiving:
+            self._timed_out = True
+            self.interrupt()
+            return
+        self._watchdog = loop.call_later(max(self._read_timeout - idle, 0.05), self._watch)
+
     async def _receive(self, receive: Receive) -> dict[str, Any] | None:
         """``receive()`` that an :meth:`interrupt` can break out of; None when interrupted."""
         if self._interrupted:
             return None
         self._receiving = True
         try:
-            return await receive()
+            message = await receive()
+            self._last_read = asyncio.get_running_loop().time()
+            return message
         except asyncio.CancelledError:
             task = self._task
             if self._cancelled_by_us and task is not None and task.uncancel() == 0:
@@ -152,6 +176,9 @@ class BodyWriter:
         """
         self._task = asyncio.current_task()
         loop = asyncio.get_running_loop()
+        self._last_read = loop.time()
+        if self._read_timeout > 0:
+            self._watchdog = loop.call_later(self._read_timeout, self._watch)
         result = WriteResult()
         chunks: list[bytes] = []
         buffered = 0
@@ -219,6 +246,11 @@ class BodyWriter:
                     await asyncio.shield(pending)
             if afile is not None:
                 await afile.close()
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+        if self._timed_out:
+            result.interrupted = False
+            result.timed_out = True
         if expected is not None and result.written < expected and not result.exceeded:
             result.incomplete = True
         return result
