@@ -135,7 +135,7 @@ def test_association_policy(gateway_factory: Any, fresh_orthanc: OrthancServer) 
 
 # --------------------------------------------------------------------------- nothing lost
 def test_pacs_down_during_burst_then_back_exactly_once(
-    gateway_factory: Any, orthanc_factory: Any, tmp_path: Path
+    orthanc_factory: Any, gateway_factory: Any, tmp_path: Path
 ) -> None:
     pacs = orthanc_factory()
     gateway = gateway_factory({"Dicom": FAST_RETRY}, orthanc=pacs)
@@ -158,7 +158,7 @@ def test_pacs_down_during_burst_then_back_exactly_once(
     assert wait_until(lambda: health(gateway)["ok"], what="health back to ok")
 
 
-def test_spool_survives_kill9(gateway_factory: Any, orthanc_factory: Any, tmp_path: Path) -> None:
+def test_spool_survives_kill9(orthanc_factory: Any, gateway_factory: Any, tmp_path: Path) -> None:
     pacs = orthanc_factory()
     gateway = gateway_factory({"Dicom": FAST_RETRY}, orthanc=pacs)
     pacs.stop()
@@ -176,7 +176,7 @@ def test_spool_survives_kill9(gateway_factory: Any, orthanc_factory: Any, tmp_pa
     wait_until(lambda: not list((gateway.data_dir / "spool" / "queue").glob("*.dcm")), what="an empty spool")
 
 
-def test_refused_for_good_goes_to_failed_folder(gateway_factory: Any, orthanc_factory: Any, tmp_path: Path) -> None:
+def test_refused_for_good_goes_to_failed_folder(orthanc_factory: Any, gateway_factory: Any, tmp_path: Path) -> None:
     # This PACS takes uncompressed syntaxes only; the gateway never transcodes compressed data.
     pacs = orthanc_factory(extra_config={"AcceptedTransferSyntaxes": ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"]})
     gateway = gateway_factory({"Dicom": FAST_RETRY}, orthanc=pacs)

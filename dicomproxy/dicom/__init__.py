@@ -163,7 +163,10 @@ class DicomComponent:
                 "RetrieveURL": result.retrieve_url,
             }
             await self._dispatch("onInstanceStored", info, assoc)
-        if host.defines("OnStoredInstance"):
+        # With STOW-RS the instance reaches Orthanc over its REST side, and the Orthanc layer
+        # fires OnStoredInstance from Orthanc's /changes; over DIMSE it is ours to fire, with the
+        # modality's origin (the layer skips instances whose RemoteAET is the gateway's).
+        if result.via == "dimse" and host.defines("OnStoredInstance"):
             try:
                 ds = datasets.decode(data, entry.transfer_syntax)
                 tags = datasets.dataset_to_table(ds)
