@@ -172,10 +172,11 @@ def test_sweep_skips_locked_uploads(tmp_path: Path) -> None:
 
 def test_gateway_sweeps_expired_uploads(gateway_factory: Callable[..., GatewayProcess]) -> None:
     gw = gateway_factory({"Tus": {"ExpireAfter": "00:00:01", "SweepIntervalSeconds": 0.2}})
-    url = requests.post(gw.url + "/files/", headers={**TUS, "Upload-Length": "100"}, timeout=10).headers["Location"]
+    r = requests.post(gw.url + "/files/", headers={**TUS, "Upload-Length": "100"}, timeout=10)
+    assert r.status_code == 201 and r.headers["Upload-Expires"].endswith("GMT")
+    url = r.headers["Location"]
     uid = upload_id(url)
     folder = gw.data_dir / "tus"
-    assert (folder / f"{uid}.info").exists()
     wait_until(lambda: not (folder / f"{uid}.info").exists() and not (folder / uid).exists(), timeout=10,
                what="the sweep to remove the expired upload")
     assert requests.head(url, headers=TUS, timeout=10).status_code == 404
