@@ -181,25 +181,26 @@ class TusApp:
         merged = {**base, **resp.headers}
         merged.setdefault("Content-Length", str(len(resp.body)))
         raw = [(k.lower().encode("latin-1"), _header_bytes(v)) for k, v in merged.items()]
+        if isinstance(resp, _FileResponse):
+            try:
+                await send({"type": "http.response.start", "status": resp.status, "headers": raw})
+                await self._send_file(send, resp)
+            finally:
+                os.close(resp.fd)
+            return
         await send({"type": "http.response.start", "status": resp.status, "headers": raw})
-        if isinstance(resp, _FileResponse) and resp.status == 200:
-            await self._send_file(send, resp)
-        else:
-            await send({"type": "http.response.body", "body": resp.body})
+        await send({"type": "http.response.body", "body": resp.body})
 
     async def _send_file(self, send: Send, resp: _FileResponse) -> None:
         """Stream a download in 1 MB pieces from a descriptor opened under the lock."""
         loop = asyncio.get_running_loop()
         remaining = resp.length
-        try:
-            while remaining > 0:
-                piece = await loop.run_in_executor(self._executor, os.read, resp.fd, min(remaining, 1 << 20))
-                if not piece:
-                    break
-                remaining -= len(piece)
-                await send({"type": "http.response.body", "body": piece, "more_body": remaining > 0})
-        finally:
-            os.close(resp.fd)
+        while remaining > 0:
+            piece = await loop.run_in_executor(self._executor, os.read, resp.fd, min(remaining, 1 << 20))
+            if not piece:
+                break
+            remaining -= len(piece)
+            await send({"type": "http.response.body", "body": piece, "more_body": remaining > 0})
         if remaining > 0:  # the file shrank under us: end the body; the client sees it short
             await send({"type": "http.response.body", "body": b""})
 
