@@ -113,9 +113,22 @@ def _export_names(exports: Mapping[str, Export]) -> tuple[str, str]:
     )
 
 
-def _split(message: str) -> LuaError:
+def _split(message: str, path: str = "") -> LuaError:
+    message = full_chunk_path(message, path)
     first, _, _rest = message.partition("\n")
     return LuaError(first, message)
+
+
+def full_chunk_path(message: str, path: str) -> str:
+    """Lua shortens a chunk name over LUA_IDSIZE (60) to ``...<tail>``: put the whole path back,
+    so an error names the script's file as it is on disk."""
+    if len(path) < 30 or "..." not in message:
+        return message
+    for cut in range(1, len(path) - 29):
+        short = "..." + path[cut:]
+        if short in message:
+            return message.replace(short, path)
+    return message
 
 
 class LuaEngine:
@@ -214,7 +227,7 @@ class LuaEngine:
         """Compile (text or bytecode) into a Lua function; LuaError on a syntax error."""
         fn = self.globals.load(source, "@" + chunkname, "bt")
         if isinstance(fn, tuple):
-            raise _split(str(fn[1]))
+            raise _split(str(fn[1]), chunkname)
         return fn
 
     async def load(self, source: str | bytes, chunkname: str) -> None:
@@ -264,7 +277,7 @@ class LuaEngine:
     def _script_error(self, message: str) -> LuaError:
         if "not enough memory" in message.partition("\n")[0]:
             return LuaMemoryError(f"{self.script}: out of memory (Lua:MaxMemoryMB)", message)
-        return _split(message)
+        return _split(message, self.script)
 
     async def _await(self, token: int, deadline: float) -> tuple[Any, ...]:
         awaitable = self._pending.pop(token)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from middleware.runtime import Export, LuaEngine, LuaError, lupa
+from middleware.runtime import Export, LuaEngine, LuaError, full_chunk_path, lupa
 
 log = logging.getLogger("middleware.lua")
 
@@ -218,7 +218,7 @@ class ScriptSet:
         compiler = lupa.LuaRuntime(encoding=None)
         fn = compiler.globals().load(source, b"@" + str(state.path).encode(), b"t")
         if isinstance(fn, tuple):
-            msg = fn[1].decode() if isinstance(fn[1], bytes) else str(fn[1])
+            msg = full_chunk_path(fn[1].decode() if isinstance(fn[1], bytes) else str(fn[1]), str(state.path))
             raise LuaError(msg.partition("\n")[0], msg)
         chunk = bytes(compiler.globals().string.dump(fn))
         probe = self.new_engine("transient")
