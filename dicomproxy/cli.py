@@ -60,15 +60,6 @@ def serve(args: argparse.Namespace) -> int:
     return 0 if server.started else 1
 
 
-def _full_path(message: str, path: Path) -> str:
-    """Lua shortens a long chunk name to ``...<tail>`` (LUA_IDSIZE, 60): put the whole path back."""
-    if message.startswith("..."):
-        tail = message[3:].split(":", 1)[0]
-        if tail and str(path).endswith(tail):
-            return str(path) + message[3 + len(tail):]
-    return message
-
-
 def check(args: argparse.Namespace) -> int:
     """Load every script the way the gateway would; print each error as ``file:line: message``."""
     from dicomproxy.app import build_gateway
@@ -92,7 +83,7 @@ def check(args: argparse.Namespace) -> int:
                 print(f"{path}: ok")
             except LuaError as e:
                 failures += 1
-                print(_full_path(str(e), path))
+                print(str(e))
             finally:
                 engine.close()
         return failures
