@@ -33,7 +33,9 @@ HOP_BY_HOP = frozenset(
         "te", "trailer", "trailers", "transfer-encoding", "upgrade",
     }
 )
-_SKIP_REQUEST = HOP_BY_HOP | {"host", "content-length"}
+# Expect: the gateway answers "100 Continue" itself (uvicorn does, when the proxy reads the body);
+# forwarded, it made aiohttp wait for a 100 that Orthanc never sends: curl uploads hung.
+_SKIP_REQUEST = HOP_BY_HOP | {"host", "content-length", "expect"}
 CHUNK = 256 * 1024
 
 
