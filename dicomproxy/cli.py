@@ -26,6 +26,20 @@ def _logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
+def _server_class():  # noqa: ANN202 - uvicorn is imported lazily
+    import uvicorn
+
+    class GatewayServer(uvicorn.Server):
+        """uvicorn re-raises SIGTERM/SIGINT after a graceful shutdown (exit -15); a service
+        that stopped cleanly on request should exit 0, as supervisors expect."""
+
+        def handle_exit(self, sig, frame):  # noqa: ANN001, ANN201
+            super().handle_exit(sig, frame)
+            self._captured_signals.clear()
+
+    return GatewayServer
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -55,7 +69,7 @@ def serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=5,
         backlog=4096,
     )
-    server = uvicorn.Server(config)
+    server = _server_class()(config)
     server.run()
     return 0 if server.started else 1
 
