@@ -15,7 +15,8 @@ Routes (any method unless noted)::
     /hop                    hop-by-hop response headers (Keep-Alive, Proxy-Authenticate, Trailer,
                             and X-Hop-Resp named in Connection) next to an end-to-end X-Kept
     /chunked?size=N         N bytes, chunked;  /fixed?size=N  N bytes with Content-Length
-    /big?size=N&mode=...    N bytes of :func:`pattern` (mode ``fixed`` or ``chunked``)
+    /big?size=N&mode=...&id=X   N bytes of :func:`pattern_blocks` (mode ``fixed`` or ``chunked``);
+                            records X as aborted (with the bytes sent) if the reader goes away
     /sink                   reads the body; JSON: length, crc32, how it was framed
     /slow?delay=S           answers after S seconds
     /hang?id=X              waits up to 60 s for the client to go away; records X as cancelled
@@ -62,7 +63,7 @@ def _build_app() -> Any:
     from aiohttp import web
 
     state: dict[str, Any] = {"requests": [], "peers": set(), "hang_started": [], "hang_cancelled": [],
-                             "hang_completed": []}
+                             "hang_completed": [], "big_aborted": [], "big_completed": []}
 
     def peer(request: web.Request) -> None:
         transport = request.transport
@@ -85,6 +86,8 @@ def _build_app() -> Any:
                 "hang_started": state["hang_started"],
                 "hang_cancelled": state["hang_cancelled"],
                 "hang_completed": state["hang_completed"],
+                "big_aborted": state["big_aborted"],
+                "big_completed": state["big_completed"],
             })
         if path == "/_reset":
             for value in state.values():
@@ -133,10 +136,17 @@ def _build_app() -> Any:
                 resp.content_length = size
             await resp.prepare(request)
             piece = 64 * 1024 if size <= 16 * BLOCK else BLOCK
-            for block in pattern_blocks(size):
-                for i in range(0, len(block), piece):
-                    await resp.write(block[i:i + piece])
-            await resp.write_eof()
+            sent = 0
+            try:
+                for block in pattern_blocks(size):
+                    for i in range(0, len(block), piece):
+                        await resp.write(block[i:i + piece])
+                        sent += len(block[i:i + piece])
+                await resp.write_eof()
+            except (ConnectionError, RuntimeError) as e:  # the reader went away mid-body
+                state["big_aborted"].append({"id": q.get("id", ""), "sent": sent, "error": type(e).__name__})
+                raise
+            state["big_completed"].append(q.get("id", ""))
             return resp
         if path == "/sink":
             length, crc = await read_body(request)

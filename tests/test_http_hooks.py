@@ -12,7 +12,8 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from tests.local_upstream import LocalUpstream, header_values, raw_request
+from tests.local_upstream import BLOCK, LocalUpstream, header_values, pattern_blocks, raw_request
+from tests.observe import RssSampler
 from tests.peers import GatewayProcess
 
 MAIN = r"""
@@ -90,6 +91,7 @@ end
 
 TRANSIENT = r"""
 function onHttpRequest(r)
+  mark = r.Path .. "?" .. r.QueryString
   if r.Path == "/echo/order" then
     r:AddHeader("X-Order", tostring(r.Headers["x-order"]) .. ",transient")
   elseif r.Path == "/intercept" then
@@ -100,6 +102,8 @@ end
 function onHttpResponse(res)
   if res.Path == "/echo/order" then
     res:AddHeader("X-Resp-Order", tostring(res.Headers["x-resp-order"]) .. ",transient")
+  elseif res.Path == "/echo/scope" then
+    res:AddHeader("X-Same-Engine", tostring(mark))  -- set by this request's onHttpRequest
   end
 end
 """
@@ -221,3 +225,26 @@ def test_hooks_wrap_the_gateways_own_routes(gw: GatewayProcess) -> None:
     scripts = r.json()["scripts"]["scripts"]
     assert {s["kind"]: s["callbacks"] for s in scripts if s["kind"] != "background"} == {
         "singleton": ["onHttpRequest", "onHttpResponse"], "transient": ["onHttpRequest", "onHttpResponse"]}
+
+
+def test_one_transient_engine_serves_both_hooks_of_a_request(gw: GatewayProcess) -> None:
+    for i in range(3):
+        r = gw.get(f"/echo/scope?n={i}")
+        assert r.headers["X-Same-Engine"] == f"/echo/scope?n={i}"
+
+
+def test_large_body_streams_through_both_hooks_with_flat_memory(gw: GatewayProcess) -> None:
+    """With onHttpRequest and onHttpResponse defined (not replacing the body), bodies still stream."""
+    assert gw.proc is not None
+    size = 150 * BLOCK
+    with RssSampler(gw.proc.pid) as rss:
+        r = requests.get(f"{gw.url}/big?size={size}&mode=chunked", stream=True, timeout=60)
+        assert r.status_code == 200 and r.headers["Transfer-Encoding"] == "chunked"
+        length, chunks = 0, 0
+        for chunk in r.iter_content(None):
+            length += len(chunk)
+            chunks += 1
+        r = requests.post(f"{gw.url}/sink", data=pattern_blocks(size), timeout=60)
+    assert length == size and chunks > 10
+    assert r.json()["length"] == size
+    assert rss.growth_mb < 60, f"gateway RSS grew {rss.growth_mb:.0f} MB streaming 2 x 150 MiB through hooks"

@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import re
 import socket
+import subprocess
 import time
 import uuid
 import zlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,7 +25,7 @@ import requests
 from tests.dicom_samples import make_instance
 from tests.local_upstream import BLOCK, LocalUpstream, header_values, pattern_blocks, raw_request
 from tests.observe import RssSampler
-from tests.peers import GatewayProcess, OrthancServer, wait_until
+from tests.peers import GatewayProcess, OrthancServer, require_binary, wait_until
 
 NO_DICOM = {"Dicom": {"Port": 0}}
 
@@ -355,6 +357,8 @@ def test_upstream_stopped_gives_502_naming_it(orthanc_factory: Any, gateway_fact
     body = r.json()
     assert body["upstream"] == pacs.http_url
     assert "unreachable" in body["error"]
+    metrics = gw.get("/dicomproxy/metrics").text
+    assert re.search(r'dicomproxy_proxy_upstream_errors_total\{kind="unreachable"\} [1-9]', metrics), metrics
     pacs.start()
     assert gw.get("/system").status_code == 200  # recovers without a restart
 
@@ -383,6 +387,48 @@ def test_client_disconnect_cancels_upstream_request(echo_gw: GatewayProcess, ups
     wait_until(lambda: hang_id in upstream.stats()["hang_cancelled"], timeout=3,
                what="the upstream request to be cancelled after the client went away")
     assert echo_gw.get("/echo/still-serving").status_code == 200
+
+
+def test_client_disconnect_mid_download_stops_the_upstream(echo_gw: GatewayProcess, upstream: LocalUpstream) -> None:
+    big_id = uuid.uuid4().hex[:8]
+    size = 2048 * BLOCK  # 2 GiB: many seconds to send in full
+    r = requests.get(f"{echo_gw.url}/big?size={size}&mode=fixed&id={big_id}", stream=True, timeout=30)
+    got = 0
+    for chunk in r.iter_content(BLOCK):
+        got += len(chunk)
+        if got >= 8 * BLOCK:
+            break
+    r.close()  # the client goes away mid-body
+    aborted = wait_until(
+        lambda: next((a for a in upstream.stats()["big_aborted"] if a["id"] == big_id), None), timeout=5,
+        what="the upstream to see its download aborted after the client left",
+    )
+    assert aborted["sent"] < size // 4
+    assert big_id not in upstream.stats()["big_completed"]
+    assert echo_gw.get("/echo/after-abort").status_code == 200
+
+
+def test_curl_upload_with_expect_100_continue(orthanc: OrthancServer, orthanc_gw: GatewayProcess,
+                                              tmp_path: Path) -> None:
+    """curl sends ``Expect: 100-continue`` for bodies over 1 MB; Orthanc never answers 100 itself."""
+    curl = require_binary("/usr/bin/curl", "run scripts/install.sh (apt-get install curl)")
+    path, sop = make_instance(tmp_path / "big.dcm", patient_id="CURL-" + uuid.uuid4().hex[:6],
+                              patient_name="Curl^Upload", size=(1024, 1024))
+    assert isinstance(path, Path) and path.stat().st_size > 2_000_000
+    started = time.monotonic()
+    proc = subprocess.run(
+        [curl, "-sS", "-v", "--max-time", "20", "-H", "Expect: 100-continue", "-H", "Content-Type: application/dicom",
+         "--data-binary", f"@{path}", orthanc_gw.url + "/instances"],
+        capture_output=True, text=True, timeout=30,
+    )
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "< HTTP/1.1 100 Continue" in proc.stderr  # the gateway answered the expectation itself
+    answer = json.loads(proc.stdout)
+    assert answer["Status"] in ("Success", "AlreadyStored")
+    assert elapsed < 5, f"the upload took {elapsed:.1f}s"
+    assert orthanc.rest_get(f"/instances/{answer['ID']}/file") == path.read_bytes()
+    assert orthanc.rest_get(f"/instances/{answer['ID']}")["MainDicomTags"]["SOPInstanceUID"] == sop
 
 
 def test_upstream_connection_pool_is_reused(echo_gw: GatewayProcess, upstream: LocalUpstream) -> None:
