@@ -103,8 +103,8 @@ def _apply(x: HttpExchange, response_headers: HeaderList | None, result: tuple[A
     """Apply what a hook did (status, written body, header edits) to the exchange."""
     x.status = int(result[0])
     if result[1] is not None:
-        x.write(result[1])
-    ops = result[2:]
+        x.write(bytes.fromhex(result[1]) if result[2] == "x" else result[1])
+    ops = result[3:]
     for i in range(0, len(ops), 3):
         op, name, value = ops[i], ops[i + 1], ops[i + 2]
         if op == "q+":

@@ -155,6 +155,18 @@ local TOKEN_CHARS = "^[%w!#$%%&'*+%-.^_`|~]+$"
 local HOP = { connection = true, ["keep-alive"] = true, ["proxy-authenticate"] = true,
   ["proxy-authorization"] = true, te = true, trailer = true, ["transfer-encoding"] = true, upgrade = true }
 local lower, tconcat, tointeger, tonumber = string.lower, table.concat, math.tointeger, tonumber
+local utf8len, gsub, format, char = utf8.len, string.gsub, string.format, string.char
+local HEX = nil
+
+-- Python decodes Lua strings as UTF-8: a binary body crosses hex-encoded ("x" marker).
+local function body_out(b)
+  if b == nil or utf8len(b) then return b, "s" end
+  if not HEX then
+    HEX = {}
+    for i = 0, 255 do HEX[char(i)] = format("%02x", i) end
+  end
+  return (gsub(b, ".", HEX)), "x"
+end
 
 local function check_name(k, level)
   if type(k) ~= "string" or not k:match(TOKEN_CHARS) then
@@ -224,7 +236,8 @@ function api.http_object(kind, scheme, method, path, query, ip, user, status, ..
     if not code or code < 100 or code > 599 then
       raw_error("StatusCode must be a number from 100 to 599, got " .. tostring(obj.StatusCode), 0)
     end
-    return code, body and tconcat(body) or nil, unpack(ops, 1, n)
+    local data, kind_ = body_out(body and tconcat(body) or nil)
+    return code, data, kind_, unpack(ops, 1, n)
   end
   -- Headers is built on first read, and again after an edit, so it always shows the edits.
   local current = {}
