@@ -312,14 +312,15 @@ def test_cmove_to_storescp_and_unknown_destination(
     assert "Refused: MoveDestinationUnknown" in unknown.stderr  # 0xA801
 
 
-def test_cget_streams_back(gateway_factory: Any, fresh_orthanc: OrthancServer, tmp_path: Path) -> None:
+def test_cget_streams_back_and_oncget_may_refuse(
+    gateway_factory: Any, fresh_orthanc: OrthancServer, tmp_path: Path
+) -> None:
     study, uids = _study_in_orthanc(fresh_orthanc, 4)
-    gateway = gateway_factory()
-    out = tmp_path / "got"
-    out.mkdir()
-    run_dcmtk(
-        "getscu",
+    script = 'function onCGet(request, assoc) if request.AccessionNumber == "REFUSE" then return false end end\n'
+    gateway = gateway_factory(scripts={"main.lua": script})
+    common = [
         "-S",
+        "-v",
         "-aet",
         "GETTER",
         "-aec",
@@ -330,11 +331,37 @@ def test_cget_streams_back(gateway_factory: Any, fresh_orthanc: OrthancServer, t
         "QueryRetrieveLevel=STUDY",
         "-k",
         f"StudyInstanceUID={study}",
-        "-od",
-        str(out),
-    )
+    ]
+    out = tmp_path / "got"
+    out.mkdir()
+    run_dcmtk("getscu", *common, "-od", str(out))
     got = {str(pydicom.dcmread(f).SOPInstanceUID) for f in out.iterdir()}
     assert got == uids
+    refused_dir = tmp_path / "refused"
+    refused_dir.mkdir()
+    refused = run_dcmtk("getscu", *common, "-k", "AccessionNumber=REFUSE", "-od", str(refused_dir), check=False)
+    # (pynetdicom attaches a Failed SOP Instance UID List; getscu then complains at release)
+    assert "Received C-GET Response (Failed: UnableToProcess)" in refused.stderr, refused.stderr
+    assert not list(refused_dir.iterdir())
+
+
+def test_cfind_cancel_is_passed_upstream(gateway_factory: Any, fresh_orthanc: OrthancServer, tmp_path: Path) -> None:
+    for _ in range(5):
+        data, _uid = dicom_samples.make_instance(
+            patient_id="CANCEL", patient_name="C^C", study_uid=pydicom.uid.generate_uid()
+        )
+        fresh_orthanc.upload(data)
+    # a slow result hook, so findscu's C-CANCEL (sent after the first match) arrives mid-query
+    slow = 'function onCFindResult(result, assoc) OsExecute("sleep", "0.3") end\n'
+    gateway = gateway_factory(scripts={"main.lua": slow})
+    port = str(gateway.dicom_port)
+    keys = ["-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID", "-k", "PatientID=CANCEL"]
+    res = run_dcmtk("findscu", "-S", "-v", "--cancel", "1", "-aec", gateway.aet, LOOPBACK, port, *keys)
+    assert "Sending Cancel Request" in res.stderr, res.stderr
+    assert "Final Find Response (Cancel: MatchingTerminatedDueToCancelRequest)" in res.stderr, res.stderr
+    assert res.stderr.count("Find Response:") < 5, res.stderr  # not every match was sent
+    gateway.wait_for_log("cancelling upstream")
+    assert run_dcmtk("echoscu", "-aec", gateway.aet, LOOPBACK, port).returncode == 0
 
 
 # --------------------------------------------------------------------------- commands

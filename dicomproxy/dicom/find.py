@@ -123,6 +123,7 @@ class FindService:
                 if cancelled:
                     continue  # drain what the PACS still sends until its final response
                 if "Status" not in status:
+                    log.error("C-FIND from %s: the PACS did not answer (timeout or abort)", session.calling)
                     yield status_dataset(STATUS_UPSTREAM, "PACS did not answer"), None
                     return
                 code = int(status.Status)
