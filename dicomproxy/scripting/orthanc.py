@@ -58,12 +58,15 @@ local rest, http, parse, say = _OrthancRestApi, _OrthancHttp, _OrthancParseJson,
 _OrthancRestApi, _OrthancHttp, _OrthancParseJson, _OrthancPrint = nil, nil, nil, nil
 local type, tostring, select, concat = type, tostring, select, table.concat
 local utf8len, gsub, char = utf8.len, string.gsub, string.char
-local LATIN1 = {}
-for b = 128, 255 do LATIN1[char(b)] = utf8.char(b) end
+local LATIN1 = nil  -- built on first binary body: this chunk runs in every (transient) engine
 
 local function body(b)
   if type(b) == "number" then b = tostring(b) end
   if type(b) ~= "string" or utf8len(b) then return b, false end
+  if not LATIN1 then
+    LATIN1 = {}
+    for c = 128, 255 do LATIN1[char(c)] = utf8.char(c) end
+  end
   return (gsub(b, "[\128-\255]", LATIN1)), true
 end
 
