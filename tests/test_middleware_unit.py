@@ -185,6 +185,18 @@ end
     assert answers == [b"nil"] * 5
 
 
+async def test_response_write_accepts_binary_data(tmp_path: Path) -> None:
+    scripts = await scripts_for(tmp_path, main=r"""
+function onHttpRequest(r)
+  r:ResponseWrite("\255\254bin\0")
+  return true
+end
+""")
+    app = LuaHttpMiddleware(make_app(Calls()), scripts)
+    status, _, bodies = await call(app, path="/bin")
+    assert (status, b"".join(bodies)) == (200, b"\xff\xfebin\x00")
+
+
 # --------------------------------------------------------------------------- LuaEngine
 async def test_async_exports_yield_so_calls_interleave() -> None:
     async def wait(ms: int) -> str:
