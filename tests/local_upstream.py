@@ -18,6 +18,7 @@ Routes (any method unless noted)::
     /big?size=N&mode=...&id=X   N bytes of :func:`pattern_blocks` (mode ``fixed`` or ``chunked``);
                             records X as aborted (with the bytes sent) if the reader goes away
     /sink                   reads the body; JSON: length, crc32, how it was framed
+    /truncated              announces 100000 bytes, sends 40000, drops the connection
     /slow?delay=S           answers after S seconds
     /hang?id=X              waits up to 60 s for the client to go away; records X as cancelled
 
@@ -155,6 +156,15 @@ def _build_app() -> Any:
                 "content_length": request.headers.get("Content-Length"),
                 "transfer_encoding": request.headers.get("Transfer-Encoding"),
             })
+        if path == "/truncated":  # promises more than it sends, then drops the connection
+            resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+            resp.content_length = 100_000
+            await resp.prepare(request)
+            await resp.write(b"x" * 40_000)
+            await asyncio.sleep(0.05)
+            assert request.transport is not None
+            request.transport.abort()
+            return resp
         if path == "/slow":
             await asyncio.sleep(float(q.get("delay", "5")))
             return web.Response(text="slow done")

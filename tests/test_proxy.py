@@ -408,6 +408,13 @@ def test_client_disconnect_mid_download_stops_the_upstream(echo_gw: GatewayProce
     assert echo_gw.get("/echo/after-abort").status_code == 200
 
 
+def test_truncated_upstream_body_is_not_passed_off_as_complete(echo_gw: GatewayProcess) -> None:
+    with pytest.raises(requests.exceptions.ChunkedEncodingError, match="IncompleteRead"):
+        requests.get(echo_gw.url + "/truncated", timeout=10)
+    assert "failed mid-request" in echo_gw.wait_for_log("failed mid-request")
+    assert echo_gw.get("/echo/after-truncation").status_code == 200
+
+
 def test_curl_upload_with_expect_100_continue(orthanc: OrthancServer, orthanc_gw: GatewayProcess,
                                               tmp_path: Path) -> None:
     """curl sends ``Expect: 100-continue`` for bodies over 1 MB; Orthanc never answers 100 itself."""
