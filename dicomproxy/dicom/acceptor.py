@@ -400,9 +400,13 @@ class _Association:
             if dataset is None:
                 await self._respond(ctx_id, 0x8001, msg_id, sop_class, STATUS_MISSING, sop_instance, "no data set")
                 return
-            status, comment = await self.listener.store.store(
-                self.session, dataset, self.accepted[ctx_id], sop_class, sop_instance
-            )
+            try:
+                status, comment = await self.listener.store.store(
+                    self.session, dataset, self.accepted[ctx_id], sop_class, sop_instance
+                )
+            except Exception:
+                log.exception("C-STORE %s from %s failed", sop_instance, self._label())
+                status, comment = 0x0110, "gateway error"
             await self._respond(ctx_id, 0x8001, msg_id, sop_class, status, sop_instance, comment)
             return
         if field_ == 0x0FFF:  # C-CANCEL: nothing to cancel on a storage association
