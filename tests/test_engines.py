@@ -139,7 +139,7 @@ def test_singleton_hook_waiting_on_a_process_does_not_stall_others(gw: GatewayPr
     assert fast_done < 0.95, f"10 fast requests finished only {fast_done:.2f}s after the sleeps began"
     assert max(fast_times) < 0.3, fast_times
     # the two sleeping hooks overlapped too (one runtime, but they wait as coroutines)
-    assert 0.95 < all_done < 1.8, all_done
+    assert 0.95 < all_done < 1.95, all_done  # in a row they would take 2 s
 
 
 # --------------------------------------------------------------------------- transient
