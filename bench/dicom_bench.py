@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -91,6 +92,7 @@ def main() -> int:
     ap.add_argument("--instances", type=int, default=500)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--studies", type=int, default=1, help="spread the instances over this many studies")
+    ap.add_argument("--forward-concurrency", type=int, default=None, help="Dicom:ForwardConcurrency (default: 4)")
     ap.add_argument("--nagle", action="store_true", help="run storescu with Nagle on (dcmtk's default)")
     ap.add_argument(
         "--orthanc-nagle", action="store_true", help="leave Nagle on in Orthanc (its DCMTK default: ~20 instances/s)"
@@ -104,7 +106,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="dicom-bench-") as tmp_name:
         tmp = Path(tmp_name)
         orthanc = OrthancServer(tmp / "orthanc").start()
-        gateway = GatewayProcess(tmp / "gateway", orthanc=orthanc, settings={"Logging": {"Level": "INFO"}})
+        settings: dict[str, Any] = {"Logging": {"Level": "INFO"}}
+        if args.forward_concurrency:
+            settings["Dicom"] = {"ForwardConcurrency": args.forward_concurrency}
+        gateway = GatewayProcess(tmp / "gateway", orthanc=orthanc, settings=settings)
         try:
             gateway.start()
             rows = []
