@@ -132,8 +132,7 @@ def test_serve_uses_appsettings_json_in_the_working_directory_and_stops_on_sigte
         assert requests.get(base + "/system", timeout=10).json()["DicomAet"] == orthanc.aet
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        # graceful: uvicorn re-raises SIGTERM after its shutdown, hence -SIGTERM (SIGKILL would mean a hang)
-        assert proc.wait(timeout=15) in (0, -signal.SIGTERM), log.read_text()
+        assert proc.wait(timeout=15) == 0, log.read_text()  # a clean stop on request is a success
         assert time.monotonic() - started < 10
     finally:
         if proc.poll() is None:
