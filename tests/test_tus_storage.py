@@ -216,3 +216,15 @@ def test_stalled_body_times_out_and_keeps_what_arrived(tmp_path: Path) -> None:
             stalled.close()
         assert tus.head(url).headers["Upload-Offset"] == "123456"
         assert not (tus.folder / f"{uid}.lock").exists()  # the lock was let go
+
+
+@pytest.mark.parametrize("fsync", ["patch", "none"])
+def test_fsync_policies_store_the_same_bytes(tmp_path: Path, fsync: str) -> None:
+    data = os.urandom(9 * 1024 * 1024 + 7)  # more than two write batches
+    with thread_server(tmp_path / "up", fsync=fsync) as tus:
+        url = tus.create(len(data))
+        half = len(data) // 2
+        assert tus.patch(url, 0, data[:half]).headers["Upload-Offset"] == str(half)
+        assert tus.patch(url, half, data[half:]).headers["Upload-Offset"] == str(len(data))
+        assert (tus.folder / upload_id(url)).read_bytes() == data
+        wait_until(lambda: tus.completed, what="the completion callback")

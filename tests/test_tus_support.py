@@ -55,12 +55,19 @@ class TusThreadServer:
     """A TusApp under uvicorn (uvloop + httptools, as in production) in a background thread."""
 
     def __init__(
-        self, folder: Path, *, holder_poll: float = 0.2, read_timeout: float = 60, **settings: Any
+        self,
+        folder: Path,
+        *,
+        holder_poll: float = 0.2,
+        read_timeout: float = 60,
+        fsync: str = "complete",
+        **settings: Any,
     ) -> None:
         self.folder = folder
         self.settings = tus_settings(folder, **settings)
         self.completed: list[Upload] = []
-        self.app = TusApp(self.settings, self._on_complete, holder_poll=holder_poll, read_timeout=read_timeout)
+        self.app = TusApp(self.settings, self._on_complete, holder_poll=holder_poll, read_timeout=read_timeout,
+                          fsync=fsync)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}{self.settings.base_path}"
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, loop="uvloop", http="httptools",
