@@ -1,6 +1,7 @@
 """Optional HTTP basic authentication (``Authentication:Users``).
 
-When users are configured every route but ``/dicomproxy/health`` needs a valid user; the
+When users are configured every route but ``/dicomproxy/health`` (and CORS preflights) needs a
+valid user; the
 username reaches the Lua hooks (``request.User``) through ``scope["user"]``. The client's
 ``Authorization`` header is the gateway's, so it is not forwarded to the PACS.
 """
@@ -13,6 +14,15 @@ import hmac
 from typing import Any
 
 HEALTH_PATH = "/dicomproxy/health"
+
+
+def _is_preflight(scope: dict[str, Any]) -> bool:
+    """A CORS preflight: browsers send it without credentials (Fetch standard), so it cannot be
+    asked for them; it carries no body and changes nothing. Any other OPTIONS needs a user."""
+    if scope.get("method") != "OPTIONS":
+        return False
+    names = {k for k, _ in scope.get("headers", ())}
+    return b"origin" in names and b"access-control-request-method" in names
 
 
 class BasicAuthMiddleware:
@@ -38,7 +48,7 @@ class BasicAuthMiddleware:
         return None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope.get("method") == "OPTIONS":
+        if scope["type"] != "http" or _is_preflight(scope):
             await self.app(scope, receive, send)
             return
         user = self._user(scope)

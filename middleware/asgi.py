@@ -28,7 +28,14 @@ import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from middleware.http import HeaderList, HttpExchange, call_request_hook, call_response_hook
+from middleware.http import (
+    HeaderList,
+    HttpExchange,
+    call_request_hook,
+    call_response_hook,
+    decode_headers,
+    encode_headers,
+)
 from middleware.runtime import LuaError, LuaTimeoutError
 from middleware.scripts import ScriptSet, TransientScope
 
@@ -143,7 +150,7 @@ class LuaHttpMiddleware:
             {
                 "type": "http.response.start",
                 "status": x.status,
-                "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items],
+                "headers": _encode(headers),
             }
         )
         await send({"type": "http.response.body", "body": body})
@@ -190,9 +197,5 @@ class LuaHttpMiddleware:
         return sender
 
 
-def _encode(headers: HeaderList) -> list[tuple[bytes, bytes]]:
-    return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items]
-
-
-def _decode(raw: list[tuple[bytes, bytes]]) -> HeaderList:
-    return HeaderList([(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw])
+_encode = encode_headers
+_decode = decode_headers

@@ -35,6 +35,27 @@ def check_header(name: Any, value: Any = "") -> tuple[str, str]:
     return name, value
 
 
+def decode_value(raw: bytes) -> str:
+    """Header bytes as scripts see them: UTF-8 when valid (what a Lua string holds), else latin-1."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def encode_value(value: str) -> bytes:
+    """The inverse for what goes on the wire: a script's string is UTF-8 bytes."""
+    return value.encode("utf-8", "surrogateescape")
+
+
+def decode_headers(raw: Any) -> HeaderList:
+    return HeaderList([(k.decode("latin-1"), decode_value(v)) for k, v in raw])
+
+
+def encode_headers(headers: HeaderList) -> list[tuple[bytes, bytes]]:
+    return [(k.lower().encode("latin-1"), encode_value(v)) for k, v in headers.items]
+
+
 class HeaderList:
     """Ordered header pairs with case-insensitive editing; keeps duplicates."""
 
@@ -75,9 +96,7 @@ class HttpExchange:
         self.method: str = scope["method"]
         self.path: str = scope.get("path", "/")
         self.query: str = scope.get("query_string", b"").decode("latin-1")
-        self.request_headers = HeaderList(
-            [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope.get("headers", [])]
-        )
+        self.request_headers = decode_headers(scope.get("headers", []))
         self.request_headers_changed = False
         self.response_headers = HeaderList([])  # what a script adds to the response
         self.response_removed: list[str] = []
