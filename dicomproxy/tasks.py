@@ -29,6 +29,11 @@ Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
 
 
+class ReportedFailure(Exception):
+    """A task failure its handler has already announced with its own event (``import.failed``):
+    the queue records it as failed but emits no second ``task.failed``."""
+
+
 def _jsonable(value: Any) -> Any:
     try:
         json.dumps(value)
@@ -176,7 +181,7 @@ class TaskQueue:
             message = str(e) or type(e).__name__
             task.update(state=FAILED, finished=time.time(), error=message)
             log.error("task %s (%s) failed: %s", task["id"], task["title"], message)
-            if self.bus is not None:
+            if self.bus is not None and not isinstance(e, ReportedFailure):
                 self.bus.emit("task.failed", f"Task failed: {task['title']}", message,
                               "/dicomproxy/tasks", task_id=task["id"])
         else:

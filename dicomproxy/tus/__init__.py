@@ -27,6 +27,8 @@ from dicomproxy.tus.store import Upload, is_valid_id
 
 __all__ = ["TusApp", "TusFeature", "Upload", "install", "TASK_KIND", "CALLBACK"]
 
+from dicomproxy.tasks import ReportedFailure
+
 log = logging.getLogger(__name__)
 
 TASK_KIND = "tus-import"
@@ -130,19 +132,19 @@ class TusFeature:
             report = await self.stow.import_file(Path(path))
         except ImportFailed as e:
             self._failed(upload_id, name, str(e))
-            raise
+            raise ReportedFailure(str(e)) from None
         summary = {"fileId": upload_id, "filename": name, **report.summary()}
         if report.instances == 0:
             why = f"{name}: not DICOM (neither a DICOM file nor a ZIP of DICOM files)"
             self._failed(upload_id, name, why)
-            raise ImportFailed(why)
+            raise ReportedFailure(why)
         self._m_instances.inc(len(report.stored))
         if not report.ok:
             first = report.failed[0]
             why = (f"{name}: {len(report.failed)} of {report.instances} instances failed "
                    f"(first: {first['sop']}: {first['reason']})")
             self._failed(upload_id, name, why)
-            raise ImportFailed(why)
+            raise ReportedFailure(why)
         self._m_imported.inc(outcome="stored")
         log.info("tus: upload %s (%s) imported: %d instances", upload_id, name, len(report.stored))
         self.gateway.bus.emit(
