@@ -48,7 +48,9 @@ log = logging.getLogger(__name__)
 UNCOMPRESSED = (scu.EXPLICIT, scu.IMPLICIT)
 MAX_CONTEXTS = 126
 STUDY_BATCH = 64
-IDLE_CLOSE_SECONDS = 5.0
+# An upstream association idle this long is released: a PACS being restarted waits for open
+# associations, and a trickle of instances re-associates in a few milliseconds anyway.
+IDLE_CLOSE_SECONDS = 2.0
 MEMORY_CACHE_BYTES = 256 << 20
 
 
@@ -394,7 +396,7 @@ class Forwarder:
                 async with self._cond:
                     while not self._ready:
                         try:
-                            await asyncio.wait_for(self._cond.wait(), IDLE_CLOSE_SECONDS)
+                            await asyncio.wait_for(self._cond.wait(), IDLE_CLOSE_SECONDS / 2)
                         except TimeoutError:
                             await lane.close_if_idle()
                     study = self._ready.popleft()
