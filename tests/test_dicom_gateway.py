@@ -94,6 +94,10 @@ function onCStore(dataset, assoc)
   dataset["0008,1030"] = "STUDY DESC BY TAG"
   dataset.OtherPatientIDsSequence = { { PatientID = "ALT-1" } }
 end
+function ReceivedInstanceFilter(dicom, origin, info)
+  if dicom.PatientID == "FILTERED" then return false end
+  return origin.RequestOrigin == "DicomProtocol" and info.TransferSyntaxUID ~= nil
+end
 function onInstanceStored(info, assoc)
   LogInfo("stored " .. info.SOPInstanceUID .. " from " .. assoc.CallingAE .. " status " .. tostring(info.Status))
 end
@@ -109,16 +113,19 @@ def test_hooks_edit_reject_and_report_stored(
     gateway = gateway_factory(scripts={"main.lua": HOOKS})
     ((path, uid),) = make_files(tmp_path / "ok", 1)
     ((bad, bad_uid),) = make_files(tmp_path / "bad", 1, patient_id="REJECT")
+    ((filtered, filtered_uid),) = make_files(tmp_path / "filtered", 1, patient_id="FILTERED")
     storescu(gateway, path, calling="CT01")
     rejected = storescu(gateway, bad, check=False)
     assert rejected.returncode != 0
     assert "0x124" in rejected.stderr, rejected.stderr  # the refusal status (Not Authorized) reached it
+    refused_by_filter = storescu(gateway, filtered, check=False)
+    assert refused_by_filter.returncode != 0 and "0x124" in refused_by_filter.stderr
     fresh_orthanc.wait_for_instances(1)
     tags = orthanc_tags(fresh_orthanc, uid)
     assert tags["InstitutionName"] == "Edited by CT01"
     assert tags["StudyDescription"] == "STUDY DESC BY TAG"
     assert tags["OtherPatientIDsSequence"][0]["PatientID"] == "ALT-1"
-    assert bad_uid not in fresh_orthanc.sop_instance_uids()
+    assert bad_uid != filtered_uid and fresh_orthanc.sop_instance_uids() == {uid}  # no refused one went on
     gateway.wait_for_log(f"stored {uid} from CT01 status 0")
     gateway.wait_for_log(f"orthanc-style stored {uid} Edited by CT01 CT01")
 
@@ -228,6 +235,10 @@ FIND_HOOKS = r"""
 function onCFind(query, assoc)
   if query.PatientID == "REWRITE-ME" then query.PatientID = "FINDA" end
 end
+function IncomingFindRequestFilter(query, origin)
+  if query.PatientID == "ORTHANC-STYLE" then query.PatientID = "FINDB" end
+  return query
+end
 function onCFindResult(result, assoc)
   if result.PatientID == "FINDDROP" then return false end
   result.StudyDescription = "via " .. assoc.CalledAE
@@ -285,6 +296,8 @@ def test_cfind_matches_orthanc_and_hooks_edit(
     assert {ds.StudyDescription for ds in edited} == {f"via {hooked.aet}"}
     rewritten = _findscu(hooked.dicom_port, hooked.aet, tmp_path / "r", "PatientID=REWRITE-ME")
     assert sorted(ds.PatientID for ds in rewritten) == ["FINDA", "FINDA"]
+    orthanc_style = _findscu(hooked.dicom_port, hooked.aet, tmp_path / "o", "PatientID=ORTHANC-STYLE")
+    assert sorted(ds.PatientID for ds in orthanc_style) == ["FINDB", "FINDB"]
 
 
 # --------------------------------------------------------------------------- C-MOVE / C-GET

@@ -68,6 +68,17 @@ def test_edits_by_keyword_and_tag_key_apply_as_a_diff() -> None:
     assert not datasets.apply_table(ds, datasets.dataset_to_table(ds), datasets.dataset_to_table(ds))
 
 
+def test_a_tag_key_edit_wins_over_the_unchanged_keyword_key_in_any_order() -> None:
+    for order in (("0010,0010", "PatientName"), ("PatientName", "0010,0010")):
+        ds = _ds()
+        before = datasets.dataset_to_table(ds)
+        after = {k: v for k, v in before.items() if k != "PatientName"}
+        for key in order:
+            after[key] = "By^Tag" if key == "0010,0010" else before["PatientName"]
+        datasets.apply_table(ds, before, after)
+        assert ds.PatientName == "By^Tag", order
+
+
 def test_bad_keys_and_values_raise_table_errors() -> None:
     ds = _ds()
     with pytest.raises(datasets.TableError, match="NotAKeyword"):

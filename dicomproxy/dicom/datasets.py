@@ -181,7 +181,12 @@ def apply_table(ds: Dataset, before: Mapping[str, Any], after: Mapping[str, Any]
     changed = False
     after_tags: dict[BaseTag, str] = {}
     for key in after:
-        after_tags[parse_key(key)] = key
+        tag = parse_key(key)
+        other = after_tags.get(tag)
+        # A script may write a tag under its "gggg,eeee" key while the keyword key (from the
+        # table it was given) still holds the old value: the key that changed wins.
+        if other is None or _unchanged(before, other, after[other]):
+            after_tags[tag] = key
     for key in before:
         tag = parse_key(key)
         if tag not in after_tags and tag in ds:
@@ -197,6 +202,10 @@ def apply_table(ds: Dataset, before: Mapping[str, Any], after: Mapping[str, Any]
         set_value(ds, key, new)
         changed = True
     return changed
+
+
+def _unchanged(before: Mapping[str, Any], key: str, value: Any) -> bool:
+    return key in before and _normalize(before[key]) == value
 
 
 def table_to_dataset(table: Mapping[str, Any]) -> Dataset:
