@@ -326,6 +326,7 @@ class Forwarder:
         self._stopping = False
         self._book = _ContextBook()
         self._cached = 0
+        self._waiting = 0  # lanes waiting for work: only then does enqueue need to wake one
         self.forwarded = 0
         self.failed = 0
         self.last_error = ""
@@ -354,7 +355,7 @@ class Forwarder:
     def enqueue(self, entry: SpoolEntry) -> None:
         """Called on the loop (``loop.call_soon_threadsafe`` from the SCP threads)."""
         self._add(entry)
-        if self._cond is not None:
+        if self._cond is not None and self._waiting:
             asyncio.ensure_future(self._notify())
 
     def _add(self, entry: SpoolEntry) -> None:
@@ -393,13 +394,19 @@ class Forwarder:
             lane = _DimseLane(self.target, self._book, index)
         try:
             while not self._stopping:
-                async with self._cond:
-                    while not self._ready:
-                        try:
+                if not self._ready:
+                    self._waiting += 1
+                    try:
+                        async with self._cond:
                             await asyncio.wait_for(self._cond.wait(), IDLE_CLOSE_SECONDS / 2)
-                        except TimeoutError:
-                            await lane.close_if_idle()
-                    study = self._ready.popleft()
+                    except TimeoutError:
+                        pass
+                    finally:
+                        self._waiting -= 1
+                    if not self._ready:
+                        await lane.close_if_idle()  # outside the lock: a release may take seconds
+                        continue
+                study = self._ready.popleft()
                 try:
                     await self._drain(lane, study)
                 finally:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import struct
 import threading
 import time
@@ -150,7 +149,9 @@ class Spool:
         self._next_seq = 1
         self._depth = 0
         self._failed = 0
-        self._unlinks: queue.SimpleQueue[Path | None] = queue.SimpleQueue()
+        self._unlinks: list[Path] = []
+        self._unlink_cond = threading.Condition()
+        self._unlink_stop = False
         self._unlink_thread: threading.Thread | None = None
 
     # -- start-up -------------------------------------------------------------------------
@@ -183,6 +184,7 @@ class Spool:
             self._depth = len(entries)
             self._next_seq = (entries[-1].seq + 1) if entries else 1
         if self._unlink_thread is None:
+            self._unlink_stop = False
             self._unlink_thread = threading.Thread(target=self._unlinker, name="dicom-spool-unlink", daemon=True)
             self._unlink_thread.start()
         if entries:
@@ -192,7 +194,9 @@ class Spool:
     def close(self) -> None:
         """Finish pending deletions (blocking; call from a thread)."""
         if self._unlink_thread is not None:
-            self._unlinks.put(None)
+            with self._unlink_cond:
+                self._unlink_stop = True
+                self._unlink_cond.notify()
             self._unlink_thread.join(timeout=30)
             self._unlink_thread = None
 
@@ -296,19 +300,27 @@ class Spool:
         thread: on a busy disk it can take milliseconds, and the caller is the event loop)."""
         with self._lock:
             self._depth -= 1
-        self._unlinks.put(entry.path)
+        with self._unlink_cond:
+            self._unlinks.append(entry.path)
+            if len(self._unlinks) == 1:  # the thread sleeps only when the list is empty
+                self._unlink_cond.notify()
 
     def _unlinker(self) -> None:
         while True:
-            path = self._unlinks.get()
-            if path is None:
+            with self._unlink_cond:
+                while not self._unlinks and not self._unlink_stop:
+                    self._unlink_cond.wait()
+                batch, self._unlinks = self._unlinks, []
+                stop = self._unlink_stop
+            for path in batch:
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    pass
+                except OSError as e:
+                    log.error("spool: cannot delete %s: %s", path, e)
+            if stop:
                 return
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                log.error("spool: cannot delete %s: %s", path, e)
 
     def fail(self, entry: SpoolEntry, reason: str, **details: Any) -> Path:
         """Move an instance the PACS refused for good to ``failed/`` with a JSON note saying why."""
