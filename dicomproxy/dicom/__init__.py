@@ -104,6 +104,7 @@ class DicomComponent:
         if self.settings.port == 0:
             log.info("DICOM side is off (Dicom:Port is 0)")
             return
+        self.store.loop = asyncio.get_running_loop()
         recovered = await asyncio.to_thread(self.spool.open)
         await self.forwarder.start(recovered)
         await self.server.start()

@@ -222,16 +222,12 @@ class DicomServer:
     def _on_store(self, event: evt.Event) -> int | Dataset:
         session = self.session(event.assoc)
         rq = event.request
-        assert self.loop is not None and self.store is not None
-        future = asyncio.run_coroutine_threadsafe(
-            self.store.store(
-                session,
-                rq.DataSet.getvalue(),
-                str(event.context.transfer_syntax),
-                str(rq.AffectedSOPClassUID),
-                str(rq.AffectedSOPInstanceUID),
-            ),
-            self.loop,
+        assert self.store is not None
+        status, comment = self.store.store_blocking(
+            session,
+            rq.DataSet.getvalue(),
+            str(event.context.transfer_syntax),
+            str(rq.AffectedSOPClassUID),
+            str(rq.AffectedSOPInstanceUID),
         )
-        status, comment = future.result(self.bridge.timeout * 2 + 60)
         return status_dataset(status, comment) if comment else status

@@ -10,7 +10,10 @@ Statuses a modality can see: 0x0124 (refused by a script), 0x0110 (a script fail
 ``Lua:FailOpen``), 0xC210 (the dataset cannot be parsed), 0xA700 (the spool cannot be written:
 disk full...).
 
-Runs on the event loop (Lua runs there); the fsync'ed spool write runs in a small thread pool.
+Two entry points: :meth:`StoreService.store_blocking` for the association threads of
+``acceptor.py`` (the unscripted hot path never leaves that thread) and :meth:`StoreService.store`
+on the event loop (scripted instances: Lua runs there; the fsync'ed write then runs in a small
+thread pool).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class StoreService:
         self.enqueue = enqueue
         self.counters = counters or {}
         self._executor = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="dicom-spool")
+        self.loop: asyncio.AbstractEventLoop | None = None  # set by the component at start
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
@@ -58,33 +62,78 @@ class StoreService:
         if metric is not None:
             metric.inc()
 
+    def store_blocking(
+        self, session: AssocSession, raw: bytes, ts: str, sop_class: str, sop_instance: str
+    ) -> tuple[int, str]:
+        """From an association's thread: ``(status, error comment)`` for the C-STORE response.
+
+        Unscripted, everything happens on the calling thread (parse the header, write and fsync
+        the spool file) and the loop is only told to forward; with a script the whole store
+        runs on the event loop, where Lua lives.
+        """
+        if self.bridge.defines("onCStore", "ReceivedInstanceFilter"):
+            assert self.loop is not None, "StoreService.loop is set when the component starts"
+            future = asyncio.run_coroutine_threadsafe(self.store(session, raw, ts, sop_class, sop_instance), self.loop)
+            return future.result(self.bridge.timeout * 2 + 60)
+        header = self._header(session, raw, ts, sop_instance)
+        if isinstance(header, tuple):
+            return header
+        try:
+            entry = self._put(session, raw, ts, sop_class, sop_instance, header)
+        except OSError as e:
+            return self._put_failed(session, sop_instance, e)
+        assert self.loop is not None
+        self.loop.call_soon_threadsafe(self.enqueue, entry)
+        self._count("received")
+        return STATUS_SUCCESS, ""
+
     async def store(
         self, session: AssocSession, raw: bytes, ts: str, sop_class: str, sop_instance: str
     ) -> tuple[int, str]:
-        """``(status, error comment)`` for the C-STORE response."""
+        """On the event loop: ``(status, error comment)`` for the C-STORE response."""
         if self.bridge.defines("onCStore", "ReceivedInstanceFilter"):
             outcome = await self._scripted(session, raw, ts, sop_instance)
             if isinstance(outcome[0], int):
                 return outcome  # type: ignore[return-value]
             raw, header, sop_instance = outcome  # type: ignore[misc]
         else:
-            try:
-                header = datasets.header_uids(raw, ts)
-            except Exception as e:
-                log.error("C-STORE %s from %s: cannot parse the dataset (%s)", sop_instance, session.calling, e)
-                self._count("store_errors")
-                return STATUS_CANNOT_UNDERSTAND, "dataset cannot be parsed"
-            if header.get("SOPInstanceUID") != sop_instance:
-                log.error(
-                    "C-STORE %s from %s: cannot parse the dataset (its SOPInstanceUID is %r)",
-                    sop_instance,
-                    session.calling,
-                    header.get("SOPInstanceUID"),
-                )
-                self._count("store_errors")
-                return STATUS_CANNOT_UNDERSTAND, "SOPInstanceUID does not match the request"
-        put = functools.partial(
-            self.spool.put,
+            checked = self._header(session, raw, ts, sop_instance)
+            if isinstance(checked, tuple):
+                return checked
+            header = checked
+        put = functools.partial(self._put, session, raw, ts, sop_class, sop_instance, header)
+        try:
+            entry = await asyncio.get_running_loop().run_in_executor(self._executor, put)
+        except OSError as e:
+            return self._put_failed(session, sop_instance, e)
+        self.enqueue(entry)
+        self._count("received")
+        return STATUS_SUCCESS, ""
+
+    def _header(
+        self, session: AssocSession, raw: bytes, ts: str, sop_instance: str
+    ) -> dict[str, str] | tuple[int, str]:
+        try:
+            header = datasets.header_uids(raw, ts)
+        except Exception as e:
+            log.error("C-STORE %s from %s: cannot parse the dataset (%s)", sop_instance, session.calling, e)
+            self._count("store_errors")
+            return STATUS_CANNOT_UNDERSTAND, "dataset cannot be parsed"
+        if header.get("SOPInstanceUID") != sop_instance:
+            log.error(
+                "C-STORE %s from %s: cannot parse the dataset (its SOPInstanceUID is %r)",
+                sop_instance,
+                session.calling,
+                header.get("SOPInstanceUID"),
+            )
+            self._count("store_errors")
+            return STATUS_CANNOT_UNDERSTAND, "SOPInstanceUID does not match the request"
+        return header
+
+    def _put(
+        self, session: AssocSession, raw: bytes, ts: str, sop_class: str, sop_instance: str, header: dict[str, str]
+    ) -> SpoolEntry:
+        return self.spool.put(
             raw,
             sop_class=sop_class,
             sop_instance=sop_instance,
@@ -94,15 +143,11 @@ class StoreService:
             patient_id=header.get("PatientID", ""),
             origin=session.table(),
         )
-        try:
-            entry = await asyncio.get_running_loop().run_in_executor(self._executor, put)
-        except OSError as e:
-            log.error("C-STORE %s from %s: spool write failed: %s", sop_instance, session.calling, e)
-            self._count("store_errors")
-            return STATUS_OUT_OF_RESOURCES, "gateway spool write failed"
-        self.enqueue(entry)
-        self._count("received")
-        return STATUS_SUCCESS, ""
+
+    def _put_failed(self, session: AssocSession, sop_instance: str, e: OSError) -> tuple[int, str]:
+        log.error("C-STORE %s from %s: spool write failed: %s", sop_instance, session.calling, e)
+        self._count("store_errors")
+        return STATUS_OUT_OF_RESOURCES, "gateway spool write failed"
 
     async def _scripted(
         self, session: AssocSession, raw: bytes, ts: str, sop_instance: str
