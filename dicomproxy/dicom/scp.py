@@ -1,10 +1,10 @@
 """The pynetdicom AE behind the DICOM port: Query/Retrieve associations (C-FIND in
 ``find.py``, C-MOVE/C-GET in ``retrieve.py``) and any association that proposes them.
 
-Storage associations are accepted by the asyncio fast path in ``acceptor.py``; everything
-else is handed over to this AE, which listens on a private loopback port. Instances that
-arrive here anyway (storage contexts next to Q/R ones on one association) take the same
-C-STORE path (``store.py``) on the event loop.
+Storage associations are served by ``acceptor.py`` (one thread each); everything else is
+handed over to this AE, which listens on a private loopback port. Instances that arrive here
+anyway (storage contexts next to Q/R ones on one association) take the same C-STORE path
+(``store.py``).
 """
 
 from __future__ import annotations
