@@ -87,6 +87,35 @@ def test_echo_store_and_health(gateway_factory: Any, fresh_orthanc: OrthancServe
     assert "dicomproxy_dicom_forwarded_total 6" in metrics and "dicomproxy_dicom_spool_depth 0" in metrics
 
 
+def test_parallel_associations(gateway_factory: Any, fresh_orthanc: OrthancServer, tmp_path: Path) -> None:
+    gateway = gateway_factory()
+    batches = [make_files(tmp_path / f"m{i}", 20) for i in range(3)]  # three modalities, three studies
+    procs = [
+        subprocess.Popen(
+            [
+                dcmtk("storescu"),
+                "-aet",
+                f"MOD{i}",
+                "-aec",
+                gateway.aet,
+                LOOPBACK,
+                str(gateway.dicom_port),
+                str(tmp_path / f"m{i}"),
+                "+sd",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(3)
+    ]
+    for proc in procs:
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out
+    fresh_orthanc.wait_for_instances(60)
+    assert fresh_orthanc.sop_instance_uids() == {u for batch in batches for _, u in batch}
+
+
 HOOKS = r"""
 function onCStore(dataset, assoc)
   if dataset.PatientID == "REJECT" then return false end
