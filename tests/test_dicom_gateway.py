@@ -159,6 +159,23 @@ def test_hooks_edit_reject_and_report_stored(
     gateway.wait_for_log(f"orthanc-style stored {uid} Edited by CT01 CT01")
 
 
+def test_one_transient_engine_per_association(
+    gateway_factory: Any, fresh_orthanc: OrthancServer, tmp_path: Path
+) -> None:
+    transient = (
+        'count = 0\nfunction onCStore(dataset, assoc) count = count + 1; dataset.ImageComments = "n=" .. count end\n'
+    )
+    gateway = gateway_factory(scripts={"main-transient.lua": transient})
+    first = make_files(tmp_path / "a", 3)
+    second = make_files(tmp_path / "b", 2)
+    storescu(gateway, *[p for p, _ in first])  # one association for three instances
+    storescu(gateway, *[p for p, _ in second])  # a new association: a fresh engine
+    fresh_orthanc.wait_for_instances(5)
+    comments = {u: orthanc_tags(fresh_orthanc, u)["ImageComments"] for _, u in first + second}
+    assert sorted(comments[u] for _, u in first) == ["n=1", "n=2", "n=3"]
+    assert sorted(comments[u] for _, u in second) == ["n=1", "n=2"]
+
+
 def test_association_policy(gateway_factory: Any, fresh_orthanc: OrthancServer) -> None:
     script = 'function onDicomAssociation(assoc) return assoc.CallingAE ~= "BLOCKED" end\n'
     gateway = gateway_factory({"Dicom": {"AllowedCallingAets": ["GOOD", "BLOCKED"]}}, {"main.lua": script})
