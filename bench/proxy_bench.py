@@ -696,6 +696,7 @@ def main(argv: list[str] | None = None) -> int:
         raise TimeoutError(f"the benchmark ran past --time-limit {args.time_limit:g} s")
 
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)  # also when started in the background, where SIGINT is ignored
     signal.signal(signal.SIGALRM, on_alarm)
     signal.alarm(max(1, int(args.time_limit)))
     workdir = Path(tempfile.mkdtemp(prefix="proxy-bench-"))
