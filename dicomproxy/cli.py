@@ -99,7 +99,7 @@ def check(args: argparse.Namespace) -> int:
                 failures += 1
                 print(str(e))
             finally:
-                engine.close()
+                engine.release()
         return failures
 
     failures = asyncio.run(run())

@@ -308,6 +308,19 @@ class LuaEngine:
             _close(aw)
         self._pending.clear()
 
+    def release(self) -> None:
+        """Close and free the runtime now, for an engine that will not be called again.
+
+        The runtime holds this engine's dispatchers (``_py_call``/``_py_start``), so engine and
+        runtime form a reference cycle that only Python's cycle collector would free — measured
+        at 60-140 us per transient engine. Dropping every lupa reference here lets reference
+        counting free the runtime at once.
+        """
+        self.close()
+        for attr in ("_call", "_resume", "_drop", "_defines", "ci_table", "http_object", "_table_from",
+                     "globals", "lua"):
+            setattr(self, attr, None)
+
 
 async def _named(name: str, awaitable: Awaitable[Any]) -> Any:
     try:

@@ -138,7 +138,7 @@ class ScriptSet:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
         for engine in self._pool:
-            engine.close()
+            engine.release()
         self._pool.clear()
 
     async def _watch(self) -> None:
@@ -309,7 +309,7 @@ class ScriptSet:
                 raise
             finally:
                 if one_shot:
-                    engine.close()
+                    engine.release()
         out.args = tuple(current)
         return out
 
@@ -341,7 +341,7 @@ class TransientScope:
 
     def close(self) -> None:
         if self._engine is not None:
-            self._engine.close()
+            self._engine.release()
             self._engine = None
 
     async def __aenter__(self) -> TransientScope:

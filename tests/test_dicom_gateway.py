@@ -131,7 +131,10 @@ function onInstanceStored(info, assoc)
   LogInfo("stored " .. info.SOPInstanceUID .. " from " .. assoc.CallingAE .. " status " .. tostring(info.Status))
 end
 function OnStoredInstance(instanceId, tags, metadata, origin)
-  LogInfo("orthanc-style stored " .. instanceId .. " " .. tags.InstitutionName .. " " .. origin.RemoteAet)
+  -- instanceId is Orthanc's own id, usable as Orthanc scripts use it
+  local answer = ParseJson(RestApiGet("/instances/" .. instanceId))
+  LogInfo("orthanc-style stored " .. answer.MainDicomTags.SOPInstanceUID .. " " .. tags.InstitutionName
+    .. " " .. origin.RemoteAet)
 end
 """
 

@@ -23,6 +23,7 @@ from dicomproxy.dicom.scp import TRANSFER_SYNTAXES, DicomServer
 from dicomproxy.dicom.session import LuaBridge
 from dicomproxy.dicom.spool import Spool, SpoolEntry
 from dicomproxy.dicom.store import StoreService
+from dicomproxy.scripting.orthanc_pacs import orthanc_id
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,12 @@ class DicomComponent:
                 "RemoteAet": assoc["CallingAE"],
                 "CalledAet": assoc["CalledAE"],
             }
-            await self._dispatch("OnStoredInstance", result.instance_id or entry.sop_instance, tags, metadata, origin)
+            # Orthanc scripts pass instanceId to RestApiGet('/instances/' .. id): give Orthanc's own id
+            # (SHA-1 of the four UIDs) when the PACS did not say it, not the SOP Instance UID.
+            instance_id = result.instance_id or orthanc_id(
+                entry.patient_id, entry.study, entry.series, entry.sop_instance
+            )
+            await self._dispatch("OnStoredInstance", instance_id, tags, metadata, origin)
 
     async def _dispatch(self, name: str, *args: Any) -> None:
         try:

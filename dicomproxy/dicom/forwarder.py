@@ -174,7 +174,7 @@ class _DimseLane:
             except scu.DimseError as e2:
                 raise TransientError(str(e2)) from None
         if status.is_success or status.is_warning:
-            return ForwardResult(status.status, str(status), "dimse", entry.sop_instance)
+            return ForwardResult(status.status, str(status), "dimse")  # C-STORE answers no resource id
         if status.is_out_of_resources:
             raise TransientError(f"{self.target.describe()} is out of resources: status {status}")
         raise PermanentError(f"{self.target.describe()} refused the instance: status {status}", status.status)

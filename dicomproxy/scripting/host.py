@@ -160,4 +160,4 @@ class ScriptHost:
             log.error("background task %s failed: %s", path.name, e.traceback)
             raise RuntimeError(str(e)) from None
         finally:
-            engine.close()
+            engine.release()
