@@ -36,6 +36,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from dicomproxy.app import mount_subpath
 from dicomproxy.events import AppEvent
 from dicomproxy.mail import to_python
 from dicomproxy.metrics import Counter
@@ -358,14 +359,7 @@ class NotificationsApp:
         self.heartbeat = heartbeat
 
     def _subpath(self, scope: Scope) -> str:
-        # Works whether the gateway hands over the full path or strips the mount prefix.
-        path: str = scope.get("path", "")
-        root = scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root):]
-        if path.startswith(self.prefix):
-            path = path[len(self.prefix):]
-        return "/" + path.strip("/")
+        return mount_subpath(scope, self.prefix)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -28,6 +28,7 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainT
 from starlette.types import Receive, Scope, Send
 
 import dicomproxy
+from dicomproxy.app import mount_subpath
 
 if TYPE_CHECKING:
     from dicomproxy.app import Gateway
@@ -119,13 +120,7 @@ class StatusPage:
         self.page = page
 
     def _subpath(self, scope: Scope) -> str:
-        path: str = scope.get("path", "")
-        root = scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root):]
-        if path.startswith(self.prefix):
-            path = path[len(self.prefix):]
-        return "/" + path.lstrip("/")
+        return mount_subpath(scope, self.prefix)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
