@@ -85,7 +85,8 @@ class Gateway:
 
     # ------------------------------------------------------------------ ASGI
     def build(self) -> Any:
-        app: Any = LuaHttpMiddleware(self._route, self.host.scripts, fail_open=self.settings.lua.fail_open)
+        lua = self.settings.lua
+        app: Any = LuaHttpMiddleware(self._route, self.host.scripts, fail_open=lua.fail_open or lua.fail_open_hooks)
         for wrap in self._middleware:
             app = wrap(app)
         if self.settings.users:

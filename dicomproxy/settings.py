@@ -280,6 +280,7 @@ class LuaSettings:
     task_timeout_ms: int
     max_memory_mb: int
     fail_open: bool
+    fail_open_hooks: frozenset[str]
     reload_interval_ms: int
     background_workers: int
     os_execute_timeout: float
@@ -458,6 +459,17 @@ def load_settings(
     return build_settings(tree, root, file)
 
 
+def _fail_open(tree: ConfigTree) -> bool | frozenset[str]:
+    """``Lua:FailOpen``: true/false for every hook, or the names of the callbacks that fail open."""
+    value = tree["Lua:FailOpen"]
+    if isinstance(value, list):
+        if not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{tree.source}: Lua:FailOpen: expected true, false or a list of callback names, "
+                              f"got {value!r}")
+        return frozenset(value)
+    return tree.bool("Lua:FailOpen")
+
+
 def build_settings(tree: ConfigTree, root: Path, file: Path | None) -> Settings:
     host, port = _parse_urls(tree)
     upstream_url = tree.str("Upstream:Url").rstrip("/")
@@ -502,7 +514,8 @@ def build_settings(tree: ConfigTree, root: Path, file: Path | None) -> Settings:
             timeout_ms=tree.int("Lua:TimeoutMs", 1),
             task_timeout_ms=tree.int("Lua:TaskTimeoutMs", 1),
             max_memory_mb=tree.int("Lua:MaxMemoryMB", 1),
-            fail_open=tree.bool("Lua:FailOpen"),
+            fail_open=_fail_open(tree) is True,
+            fail_open_hooks=frozenset() if isinstance(_fail_open(tree), bool) else _fail_open(tree),
             reload_interval_ms=tree.int("Lua:ReloadIntervalMs", 50),
             background_workers=tree.int("Lua:BackgroundWorkers", 1),
             os_execute_timeout=tree.float("Lua:OsExecuteTimeoutSeconds", 0.001),

@@ -17,15 +17,15 @@ Semantics:
   Header edits (``AddHeader``/``RemoveHeader``) change what the app receives.
 * ``onHttpResponse(response)`` runs when the app starts its response, before any body byte is
   sent: it may change the status and headers, and ``ResponseWrite`` replaces the body.
-* A script error answers 500 with a JSON body (or, with ``fail_open``, is logged and the
-  request continues as if the hook were not there).
+* A script error answers 500 with a JSON body (or, with ``fail_open`` — ``True`` or a collection
+  of hook names — is logged and the request continues as if the hook were not there).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Collection, MutableMapping
 from typing import Any
 
 from middleware.http import (
@@ -73,12 +73,12 @@ class LuaHttpMiddleware:
         app: ASGIApp,
         scripts: ScriptSet,
         *,
-        fail_open: bool = False,
+        fail_open: bool | Collection[str] = False,
         skip: Callable[[Scope], bool] | None = None,
     ) -> None:
         self.app = app
         self.scripts = scripts
-        self.fail_open = fail_open
+        self.fail_open = fail_open  # True/False for both hooks, or the names of the hooks that fail open
         self.skip = skip
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -126,7 +126,7 @@ class LuaHttpMiddleware:
     async def _script_failed(self, error: LuaError, hook: str, send: Send) -> bool:
         """Log; answer 500 unless fail-open. Returns True when the response was sent."""
         log.error("%s failed: %s", hook, error.traceback)
-        if self.fail_open:
+        if self.fail_open is True or (not isinstance(self.fail_open, bool) and hook in self.fail_open):
             return False
         status = 500
         await send_json(

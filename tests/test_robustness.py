@@ -125,6 +125,18 @@ def test_fail_open_lets_the_request_through(gateway_factory: Any) -> None:
     assert f"main.lua:{line}: kaboom" in gw.wait_for_log("kaboom")
 
 
+def test_fail_open_per_hook(gateway_factory: Any) -> None:
+    """Lua:FailOpen as a list: only the named hooks fail open; the others still answer 500."""
+    script = MAIN.replace('p == "/boom"', 'p == "/system"').replace(
+        'res.Path == "/system"', 'res.Path == "/dicom-web/studies"')
+    gw = gateway_factory({"Dicom": {"Port": 0}, "Lua": {"FailOpen": ["onHttpResponse"]}}, {"main.lua": script})
+    r = gw.get("/system?break-response")  # onHttpRequest raises: not listed, so it fails closed
+    assert r.status_code == 500 and r.json()["hook"] == "onHttpRequest", r.text
+    r = gw.get("/dicom-web/studies?break-response")  # only onHttpResponse fails: listed, so it fails open
+    assert r.status_code == 200 and "X-Bad" not in r.headers, r.text
+    gw.wait_for_log("onHttpResponse failed")
+
+
 # --------------------------------------------------------------------------- time budget
 @pytest.mark.parametrize("path", ["/spin", "/spin-pcall", "/spin-xpcall", "/spin-coroutine"])
 def test_runaway_hook_is_aborted_at_timeout(gw: GatewayProcess, path: str) -> None:

@@ -304,7 +304,7 @@ class OrthancLayer:
         host.add_export("Delete", self.delete, is_async=True)
         host.add_lua(LUA_SHIM, "orthanc")
         host.add_loaded_hook(self.lifecycle.loaded)
-        fail_open = self.settings.lua.fail_open
+        fail_open = self.settings.lua.fail_open or "IncomingHttpRequestFilter" in self.settings.lua.fail_open_hooks
         self.gateway.add_middleware(lambda app: OrthancHttpFilter(app, host, self.deletions, fail_open=fail_open))
         self.gateway.add_component(self.events)
         self.gateway.add_health("orthanc", self.events.health)
