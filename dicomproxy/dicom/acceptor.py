@@ -299,22 +299,8 @@ class DicomListener:
         elif self.active > MAX_ASSOCIATIONS:
             log.warning("association from %s refused: %d associations open", rq.calling, self.active)
             reason = (2, 3, 2)
-        elif self.bridge.defines("onDicomAssociation"):
-            try:
-                d = self.bridge.call("onDicomAssociation", session.table(), session=session)
-                refused = d is not None and d.rejected
-            except Exception as e:
-                log.error("onDicomAssociation failed for %s: %s", rq.calling, e)
-                refused = not self.bridge.fail_open
-            if refused:
-                log.info(
-                    "association from %s (%s:%s) to %s refused by onDicomAssociation",
-                    rq.calling,
-                    session.ip,
-                    session.port,
-                    rq.called,
-                )
-                reason = (1, 1, 1)
+        elif self.bridge.refuses_association(session):
+            reason = (1, 1, 1)
         if reason is None:
             return True
         with contextlib.suppress(OSError):

@@ -184,22 +184,7 @@ class DicomServer:
             self.loop,
         )
         self._sessions[id(assoc)] = session
-        if not self.bridge.defines("onDicomAssociation"):
-            return
-        try:
-            d = self.bridge.call("onDicomAssociation", session.table(), session=session)
-            refused = d is not None and d.rejected
-        except Exception as e:
-            log.error("onDicomAssociation failed for %s: %s", session.calling, e)
-            refused = not self.bridge.fail_open
-        if refused:
-            log.info(
-                "association from %s (%s:%s) to %s refused by onDicomAssociation",
-                session.calling,
-                session.ip,
-                session.port,
-                session.called,
-            )
+        if self.bridge.refuses_association(session):
             # Permanent, DUL service user, no reason given; kill() waits until the RJ is sent.
             assoc.acse.send_reject(0x01, 0x01, 0x01)
             assoc.kill()

@@ -43,6 +43,23 @@ class LuaBridge:
         scope = session.scope() if session is not None else None
         return self.host.dispatch_threadsafe(name, *args, scope=scope, timeout=self.timeout)
 
+    def refuses_association(self, session: AssocSession) -> bool:
+        """Ask ``onDicomAssociation``; True when it returns false (or fails, unless fail-open).
+
+        Both listeners (the storage acceptor and the pynetdicom Q/R AE) decide through here."""
+        if not self.defines("onDicomAssociation"):
+            return False
+        try:
+            d = self.call("onDicomAssociation", session.table(), session=session)
+            refused = d is not None and d.rejected
+        except Exception as e:
+            log.error("onDicomAssociation failed for %s: %s", session.calling, e)
+            refused = not self.fail_open
+        if refused:
+            log.info("association from %s (%s:%s) to %s refused by onDicomAssociation",
+                     session.calling, session.ip, session.port, session.called)
+        return refused
+
     async def call_async(self, name: str, *args: Any, session: AssocSession | None = None) -> Any | None:
         """From the event loop (the asyncio acceptor, forwarder callbacks)."""
         if self.host is None or not self.host.defines(name):
