@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +52,30 @@ class AppEvent:
 
 
 Listener = Callable[[AppEvent], Awaitable[None] | None]
+
+
+def create_task_threadsafe(
+    loop: asyncio.AbstractEventLoop,
+    coro: Coroutine[Any, Any, Any],
+    tasks: set[asyncio.Task[Any]],
+    done: Callable[[asyncio.Task[Any]], None] | None = None,
+) -> None:
+    """Start ``coro`` as a task on ``loop`` from any thread (app events also come from the DICOM
+    side's threads); the task stays in ``tasks`` until ``done`` (default: discard it) runs."""
+
+    def create() -> None:
+        task = loop.create_task(coro)
+        tasks.add(task)
+        task.add_done_callback(done or tasks.discard)
+
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        create()
+    else:
+        loop.call_soon_threadsafe(create)
 
 
 class EventBus:

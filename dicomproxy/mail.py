@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiosmtplib
 
-from dicomproxy.events import EVENT_KINDS, AppEvent, EventBus
+from dicomproxy.events import EVENT_KINDS, AppEvent, EventBus, create_task_threadsafe
 from dicomproxy.metrics import Counter
 from dicomproxy.settings import ConfigError, Settings, SmtpSettings
 from middleware import LuaExportError
@@ -361,20 +361,7 @@ class Mailer:
                 loop = self._loop = asyncio.get_running_loop()
             except RuntimeError:
                 raise RuntimeError("the mailer is not started (gateway.add_component runs start())") from None
-
-        def create() -> None:
-            task = loop.create_task(self._process(mail, where))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
-            create()
-        else:
-            loop.call_soon_threadsafe(create)
+        create_task_threadsafe(loop, self._process(mail, where), self._tasks)
 
     async def _process(self, mail: Mail, where: str) -> bool:
         try:

@@ -37,7 +37,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.types import Receive, Scope, Send
 
 from dicomproxy.app import mount_subpath
-from dicomproxy.events import AppEvent
+from dicomproxy.events import AppEvent, create_task_threadsafe
 from dicomproxy.mail import to_python
 from dicomproxy.metrics import Counter
 from middleware import LuaExportError
@@ -311,20 +311,7 @@ class Notifier:
                 coro.close()
                 log.warning("notification dropped: the notifier is not started")
                 return
-
-        def create() -> None:
-            task = loop.create_task(coro)
-            self._tasks.add(task)
-            task.add_done_callback(self._done)
-
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
-            create()
-        else:
-            loop.call_soon_threadsafe(create)
+        create_task_threadsafe(loop, coro, self._tasks, self._done)
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
