@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from tests import dicom_samples as _dicom_samples
+from tests.local_upstream import LocalUpstream
 from tests.peers import GatewayProcess, OrthancServer, StoreScp
 
 _SESSION_ORTHANC: Any = object()  # sentinel: "use the shared session Orthanc"
@@ -130,3 +131,12 @@ def sample_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "samples"
     folder.mkdir()
     return folder
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalUpstream]:
+    """A local HTTP upstream that echoes headers, stalls, counts connections (see local_upstream.py);
+    one per test module."""
+    server = LocalUpstream(tmp_path_factory.mktemp("upstream")).start()
+    yield server
+    server.stop()

@@ -110,13 +110,6 @@ end
 
 
 @pytest.fixture(scope="module")
-def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalUpstream]:
-    server = LocalUpstream(tmp_path_factory.mktemp("upstream")).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory, upstream: LocalUpstream) -> Iterator[GatewayProcess]:
     gateway = GatewayProcess(
         tmp_path_factory.mktemp("gw-hooks"),

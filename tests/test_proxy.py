@@ -32,13 +32,6 @@ NO_DICOM = {"Dicom": {"Port": 0}}
 
 # --------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalUpstream]:
-    server = LocalUpstream(tmp_path_factory.mktemp("upstream")).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def echo_gw(tmp_path_factory: pytest.TempPathFactory, upstream: LocalUpstream) -> Iterator[GatewayProcess]:
     """A gateway in front of the local upstream."""
     gw = GatewayProcess(
