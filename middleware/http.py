@@ -16,10 +16,6 @@ from typing import Any
 from middleware.runtime import LuaEngine, LuaError, LuaExportError, lupa
 
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-_HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-     "transfer-encoding", "upgrade"}
-)
 
 
 def check_header(name: Any, value: Any = "") -> tuple[str, str]:
@@ -106,13 +102,10 @@ class HttpExchange:
         self.remote_ip: str = client[0] if client else ""
         self.user: str = scope.get("user") or ""
 
-    def write(self, data: Any) -> None:
+    def write(self, data: str | bytes) -> None:
+        """Append what a hook wrote (the Lua side has already checked it is a string)."""
         if isinstance(data, str):
             data = data.encode("utf-8")
-        elif isinstance(data, int | float) and not isinstance(data, bool):
-            data = str(data).encode()
-        elif not isinstance(data, bytes):
-            raise LuaExportError(f"ResponseWrite expects a string, got {type(data).__name__}")
         if self.body is None:
             self.body = []
         self.body.append(data)
