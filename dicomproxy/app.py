@@ -58,12 +58,15 @@ class Gateway:
         self._middleware: list[Callable[[Any], Any]] = []
         self._components: list[Any] = [self.upstream, self.tasks, self.host, self.monitor]
         self._started: list[Any] = []
-        self.mount("/dicomproxy/health", build_api(self))
-        self.mount("/dicomproxy/metrics", build_api(self))
-        self.mount("/dicomproxy/tasks", build_api(self))
-        self.metrics.gauge("dicomproxy_tasks_queued", "Background tasks waiting or running",
-                           lambda: self.tasks.counts()["queued"] + self.tasks.counts()["running"])
+        api = build_api(self)
+        for path in ("/dicomproxy/health", "/dicomproxy/metrics", "/dicomproxy/tasks"):
+            self.mount(path, api)
+        self.metrics.gauge("dicomproxy_tasks_queued", "Background tasks waiting or running", self._tasks_pending)
         self._app: Any = None
+
+    def _tasks_pending(self) -> int:
+        counts = self.tasks.counts()
+        return counts["queued"] + counts["running"]
 
     # ------------------------------------------------------------------ feature API
     def mount(self, prefix: str, app: Any) -> None:
