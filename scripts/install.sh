@@ -24,7 +24,7 @@ APT_PACKAGES=(
     chromium fonts-liberation
     python3 python3-venv python3-pip
     nodejs npm
-    curl ca-certificates
+    curl ca-certificates openssl
 )
 
 step() { printf '\n==> %s\n' "$*"; }
