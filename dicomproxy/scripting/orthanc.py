@@ -115,6 +115,21 @@ def _body(data: Any, latin1: Any) -> bytes | None:
     raise TypeError(f"the body must be a string, got {type(data).__name__}")
 
 
+_BAD = object()  # what _call_args returns for arguments Orthanc would refuse
+
+
+def _call_args(name: str, target: Any, expects: str, data: Any, latin1: Any) -> Any:
+    """The body of an ``Http*``/``RestApi*`` call, or ``_BAD`` after logging what Orthanc logs."""
+    if not isinstance(target, str) or not target:
+        log.error("Lua: Bad parameters to %s() (expects %s)", name, expects)
+        return _BAD
+    try:
+        return _body(data, latin1)
+    except TypeError as e:
+        log.error("Lua: Bad parameters to %s(): %s", name, e)
+        return _BAD
+
+
 def _header_map(headers: Any, lower: bool) -> dict[str, str]:
     if not isinstance(headers, dict):
         return {}
@@ -189,13 +204,8 @@ class LuaHttp:
         self, engine: LuaEngine, method: Any, url: Any, data: Any = None, latin1: Any = False, headers: Any = None
     ) -> bytes | str | None:
         name = HTTP_NAMES.get(str(method), "Http")
-        if not isinstance(url, str) or not url:
-            log.error("Lua: Bad parameters to %s() (expects a URL)", name)
-            return None
-        try:
-            body = _body(data, latin1)
-        except TypeError as e:
-            log.error("Lua: Bad parameters to %s(): %s", name, e)
+        body = _call_args(name, url, "a URL", data, latin1)
+        if body is _BAD:
             return None
         opts = self.options(engine)
         auth = aiohttp.BasicAuth(opts.username, opts.password) if opts.username is not None else None
@@ -314,13 +324,8 @@ class OrthancLayer:
         """``RestApiGet/Post/Put/Delete``: the answer body, ``true`` for a DELETE, ``nil`` on failure.
         ``builtin`` is accepted and ignored: the whole REST API of the PACS is reachable."""
         name = REST_NAMES.get(str(method), "RestApi")
-        if not isinstance(uri, str) or not uri:
-            log.error("Lua: Bad parameters to %s() (expects a URI such as /instances)", name)
-            return None
-        try:
-            body = _body(data, latin1)
-        except TypeError as e:
-            log.error("Lua: Bad parameters to %s(): %s", name, e)
+        body = _call_args(name, uri, "a URI such as /instances", data, latin1)
+        if body is _BAD:
             return None
         if method in ("POST", "PUT") and body is None:
             body = b""
