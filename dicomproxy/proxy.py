@@ -93,6 +93,10 @@ def _json_error(status: int, error: str, **fields: Any) -> tuple[int, bytes]:
     return status, json.dumps({"error": error, **fields}).encode()
 
 
+class ClientDisconnected(Exception):
+    """The client went away while its request body was being forwarded."""
+
+
 # A request still running after this long gets a task that watches for the client leaving.
 # Most answers come well before it, and a task per request costs more than the proxying.
 WATCH_AFTER = 0.05
@@ -152,7 +156,7 @@ class ReverseProxy:
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
-                    raise asyncio.CancelledError("client disconnected")
+                    raise ClientDisconnected
                 chunk = message.get("body", b"")
                 if chunk:
                     yield chunk
@@ -208,6 +212,8 @@ class ReverseProxy:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             finished = True
             await send({"type": "http.response.body", "body": b""})
+        except ClientDisconnected:
+            log.debug("client left mid-upload; upstream request to %s dropped", target)
         except asyncio.CancelledError:
             if watcher is not None and watcher.done() and not watcher.cancelled() and watcher.result():
                 log.debug("client disconnected; upstream request to %s cancelled", target)

@@ -382,6 +382,21 @@ def test_client_disconnect_cancels_upstream_request(echo_gw: GatewayProcess, ups
     assert echo_gw.get("/echo/still-serving").status_code == 200
 
 
+def test_client_leaving_mid_upload_is_not_an_error(echo_gw: GatewayProcess) -> None:
+    for framing in (b"content-length: 10000000\r\n", b"transfer-encoding: chunked\r\n"):
+        sock = socket.create_connection(("127.0.0.1", echo_gw.http_port), timeout=5)
+        try:
+            sock.sendall(b"POST /sink HTTP/1.1\r\nhost: 127.0.0.1\r\n" + framing + b"\r\n")
+            sock.sendall((b"4000\r\n" if b"chunked" in framing else b"") + b"x" * 16384)
+            time.sleep(0.3)
+        finally:
+            sock.close()
+    time.sleep(0.5)
+    assert echo_gw.get("/echo/after-upload-abort").status_code == 200
+    assert "Exception in ASGI application" not in echo_gw.log_text()
+    assert "Traceback" not in echo_gw.log_text()
+
+
 def test_client_disconnect_mid_download_stops_the_upstream(echo_gw: GatewayProcess, upstream: LocalUpstream) -> None:
     big_id = uuid.uuid4().hex[:8]
     size = 2048 * BLOCK  # 2 GiB: many seconds to send in full
