@@ -29,12 +29,12 @@ from collections.abc import Awaitable, Callable, Collection, MutableMapping
 from typing import Any
 
 from middleware.http import (
-    HeaderList,
     HttpExchange,
+    apply_ops,
     call_request_hook,
     call_response_hook,
-    decode_headers,
-    encode_headers,
+    remove_header,
+    set_header,
 )
 from middleware.runtime import LuaError, LuaTimeoutError
 from middleware.scripts import ScriptSet, TransientScope
@@ -116,9 +116,9 @@ class LuaHttpMiddleware:
                 return
             if x.request_headers_changed:
                 scope = dict(scope)
-                scope["headers"] = _encode(x.request_headers)
+                scope["headers"] = x.request_headers
         needs_response_hook = scripts.defines(ON_RESPONSE)
-        if not needs_response_hook and not x.response_headers.items and not x.response_removed:
+        if not needs_response_hook and not x.response_ops:
             await self.app(scope, receive, send)
             return
         await self.app(scope, receive, self._response_sender(x, tscope, send, needs_response_hook))
@@ -142,17 +142,12 @@ class LuaHttpMiddleware:
 
     async def _send_intercepted(self, x: HttpExchange, send: Send) -> None:
         body = b"".join(x.body or [])
-        headers = HeaderList(list(x.response_headers.items))
-        if headers.get("content-type") is None:
-            headers.set("content-type", "text/plain; charset=utf-8")
-        headers.set("content-length", str(len(body)))
-        await send(
-            {
-                "type": "http.response.start",
-                "status": x.status,
-                "headers": _encode(headers),
-            }
-        )
+        headers: list[tuple[bytes, bytes]] = []
+        apply_ops(headers, x.response_ops)
+        if not any(k == b"content-type" for k, _ in headers):
+            headers.append((b"content-type", b"text/plain; charset=utf-8"))
+        set_header(headers, "content-length", str(len(body)))
+        await send({"type": "http.response.start", "status": x.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
     def _response_sender(self, x: HttpExchange, tscope: TransientScope, send: Send, run_hook: bool) -> Send:
@@ -161,11 +156,8 @@ class LuaHttpMiddleware:
         async def sender(message: Message) -> None:
             nonlocal replaced
             if message["type"] == "http.response.start":
-                headers = _decode(message.get("headers", []))
-                for name in x.response_removed:
-                    headers.remove(name)
-                for k, v in x.response_headers.items:
-                    headers.set(k, v)
+                headers = list(message.get("headers", []))
+                apply_ops(headers, x.response_ops)
                 x.status = message["status"]
                 x.body = None
                 if run_hook:
@@ -179,15 +171,15 @@ class LuaHttpMiddleware:
                 if x.body is not None:
                     replaced = True
                     body = b"".join(x.body)
-                    headers.remove("transfer-encoding")
-                    headers.remove("content-encoding")
-                    headers.set("content-length", str(len(body)))
-                    await send({"type": "http.response.start", "status": x.status, "headers": _encode(headers)})
+                    remove_header(headers, "transfer-encoding")
+                    remove_header(headers, "content-encoding")
+                    set_header(headers, "content-length", str(len(body)))
+                    await send({"type": "http.response.start", "status": x.status, "headers": headers})
                     await send({"type": "http.response.body", "body": body})
                     return
                 message = dict(message)
                 message["status"] = x.status
-                message["headers"] = _encode(headers)
+                message["headers"] = headers
                 await send(message)
                 return
             if replaced:  # the script's body was sent; drop the app's
@@ -196,6 +188,3 @@ class LuaHttpMiddleware:
 
         return sender
 
-
-_encode = encode_headers
-_decode = decode_headers

@@ -1,11 +1,15 @@
 """The objects ``onHttpRequest`` and ``onHttpResponse`` receive (the seed's ILuaHttpRequest /
-ILuaHttpResponse).
+ILuaHttpResponse), and how what a hook did comes back.
 
-Scripts call methods with ``:`` (NLua style) or ``.``; lupa passes the object itself as the first
-argument of a ``:`` call and drops it for bound methods, so both spellings reach the same code.
-``Headers`` is a read-only, case-insensitive Lua table (``pairs()`` iterates it); changes go
-through ``AddHeader``/``RemoveHeader`` so that they can be validated: a name or value with CR,
-LF or NUL is refused, since it would let a script split the HTTP message.
+The objects are plain Lua tables built by the prelude (``prelude.lua``): fields, ``Headers`` (a
+read-only, case-insensitive table; ``pairs()`` iterates it) and methods callable with ``:`` or
+``.``. A hook is one call into Lua: the object is built, the script runs and the edits come back
+with its result, as flat ``(op, name, value)`` triples. Names and values a script sets are
+validated in Lua: a name or value with CR, LF or NUL is refused, since it would let a script
+split the HTTP message.
+
+Headers stay in their ASGI form (lists of ``(bytes, bytes)``) and are only copied when a script
+edits them.
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from middleware.runtime import LuaEngine, LuaError, LuaExportError, lupa
+from middleware.runtime import HTTP, LuaEngine, LuaError, LuaExportError
 
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+RawHeaders = list[tuple[bytes, bytes]]
 
 
 def check_header(name: Any, value: Any = "") -> tuple[str, str]:
@@ -39,48 +45,33 @@ def decode_value(raw: bytes) -> str:
         return raw.decode("latin-1")
 
 
-def encode_value(value: str) -> bytes:
-    """The inverse for what goes on the wire: a script's string is UTF-8 bytes."""
-    return value.encode("utf-8", "surrogateescape")
+def lua_headers(raw: RawHeaders) -> list[bytes | str]:
+    """Flat name, value arguments for Lua. ASCII bytes pass as they are (a Lua string is bytes);
+    the rest is decoded so that what Lua sees, and may hand back, is valid UTF-8."""
+    flat: list[bytes | str] = []
+    for k, v in raw:
+        flat.append(k if k.isascii() else k.decode("latin-1"))
+        flat.append(v if v.isascii() else decode_value(v))
+    return flat
 
 
-def decode_headers(raw: Any) -> HeaderList:
-    return HeaderList([(k.decode("latin-1"), decode_value(v)) for k, v in raw])
+def remove_header(raw: RawHeaders, name: str) -> None:
+    low = name.lower().encode("latin-1")
+    raw[:] = [(k, v) for k, v in raw if k.lower() != low]
 
 
-def encode_headers(headers: HeaderList) -> list[tuple[bytes, bytes]]:
-    return [(k.lower().encode("latin-1"), encode_value(v)) for k, v in headers.items]
+def set_header(raw: RawHeaders, name: str, value: str) -> None:
+    """Replace every ``name`` header by one (a script's string is UTF-8 bytes on the wire)."""
+    remove_header(raw, name)
+    raw.append((name.lower().encode("latin-1"), value.encode("utf-8", "surrogateescape")))
 
 
-class HeaderList:
-    """Ordered header pairs with case-insensitive editing; keeps duplicates."""
-
-    __slots__ = ("items",)
-
-    def __init__(self, items: list[tuple[str, str]]) -> None:
-        self.items = items
-
-    def set(self, name: str, value: str) -> None:
-        self.remove(name)
-        self.items.append((name, value))
-
-    def remove(self, name: str) -> None:
-        low = name.lower()
-        self.items = [(k, v) for k, v in self.items if k.lower() != low]
-
-    def get(self, name: str) -> str | None:
-        low = name.lower()
-        for k, v in self.items:
-            if k.lower() == low:
-                return v
-        return None
-
-    def as_lua(self, engine: LuaEngine) -> Any:
-        merged: dict[str, str] = {}
-        for k, v in self.items:
-            low = k.lower()
-            merged[low] = f"{merged[low]}, {v}" if low in merged else v
-        return engine.ci_table(engine.to_lua(merged))
+def apply_ops(raw: RawHeaders, ops: list[tuple[str, str, str]] | tuple[Any, ...]) -> None:
+    for op, name, value in ops:
+        if op[1] == "+":
+            set_header(raw, name, value)
+        else:
+            remove_header(raw, name)
 
 
 class HttpExchange:
@@ -92,15 +83,20 @@ class HttpExchange:
         self.method: str = scope["method"]
         self.path: str = scope.get("path", "/")
         self.query: str = scope.get("query_string", b"").decode("latin-1")
-        self.request_headers = decode_headers(scope.get("headers", []))
+        self.request_headers: RawHeaders = scope.get("headers", [])  # copied on the first edit
         self.request_headers_changed = False
-        self.response_headers = HeaderList([])  # what a script adds to the response
-        self.response_removed: list[str] = []
+        self._request_flat: list[bytes | str] | None = None
+        self.response_ops: list[tuple[str, str, str]] = []  # what the request hooks did to the response headers
         self.status = 200
         self.body: list[bytes] | None = None  # what ResponseWrite wrote, if anything
         client = scope.get("client")
         self.remote_ip: str = client[0] if client else ""
         self.user: str = scope.get("user") or ""
+
+    def request_flat(self) -> list[bytes | str]:
+        if self._request_flat is None:
+            self._request_flat = lua_headers(self.request_headers)
+        return self._request_flat
 
     def write(self, data: str | bytes) -> None:
         """Append what a hook wrote (the Lua side has already checked it is a string)."""
@@ -111,56 +107,56 @@ class HttpExchange:
         self.body.append(data)
 
 
-def _apply(x: HttpExchange, response_headers: HeaderList | None, result: tuple[Any, ...]) -> None:
-    """Apply what a hook did (status, written body, header edits) to the exchange."""
+def _apply(x: HttpExchange, response_headers: RawHeaders | None, result: tuple[Any, ...]) -> None:
+    """Apply what a hook did (status, written body, header edits) to the exchange.
+
+    ``result`` is what the prelude's HTTP operation returns after the hook's own return value:
+    status, body, body kind ("s" text, "x" hex of binary bytes), then (op, name, value) triples
+    with op "q+"/"q-" (request headers) or "r+"/"r-" (response headers).
+    """
     x.status = int(result[0])
     if result[1] is not None:
         x.write(bytes.fromhex(result[1]) if result[2] == "x" else result[1])
-    ops = result[3:]
-    for i in range(0, len(ops), 3):
-        op, name, value = ops[i], ops[i + 1], ops[i + 2]
-        if op == "q+":
-            x.request_headers.set(name, value)
+    if len(result) == 3:
+        return
+    ops = list(zip(result[3::3], result[4::3], result[5::3], strict=True))
+    request_ops = [op for op in ops if op[0][0] == "q"]
+    if request_ops:
+        if not x.request_headers_changed:
+            x.request_headers = list(x.request_headers)
             x.request_headers_changed = True
-        elif op == "q-":
-            x.request_headers.remove(name)
-            x.request_headers_changed = True
-        elif response_headers is not None:  # a response hook edits the response itself
-            if op == "r+":
-                response_headers.set(name, value)
-            else:
-                response_headers.remove(name)
-        elif op == "r+":
-            x.response_headers.set(name, value)
-        else:
-            x.response_headers.remove(name)
-            x.response_removed.append(name.lower())
+        apply_ops(x.request_headers, request_ops)
+        x._request_flat = None
+    response_ops = [op for op in ops if op[0][0] == "r"]
+    if not response_ops:
+        return
+    if response_headers is not None:  # a response hook edits the response itself
+        apply_ops(response_headers, response_ops)
+    else:
+        x.response_ops.extend(response_ops)
+
+
+async def _hook(engine: LuaEngine, callback: str, kind: str, x: HttpExchange, headers: list[bytes | str]) -> Any:
+    try:
+        out = await engine.run_op(
+            HTTP, callback, kind, x.scheme, x.method, x.path, x.query, x.remote_ip, x.user, x.status, *headers
+        )
+    except LuaError as e:
+        if str(e).startswith("StatusCode must be"):  # raised after the hook returned: no line to name
+            raise LuaError(f"{engine.script}: {e}", e.traceback) from None
+        raise
+    return out
 
 
 async def call_request_hook(engine: LuaEngine, callback: str, x: HttpExchange) -> bool:
     """Run ``onHttpRequest`` in ``engine``; returns True when the script intercepts."""
-    obj, result = engine.http_object(
-        "request", x.scheme, x.method, x.path, x.query, x.remote_ip, x.user, x.status,
-        *[part for pair in x.request_headers.items for part in pair],
-    )
-    ret = await engine.call(callback, obj)
-    _apply(x, None, _result(engine, result))
-    return bool(ret) and ret[0] is True
+    out = await _hook(engine, callback, "request", x, x.request_flat())
+    _apply(x, None, out[1:])
+    return out[0] is True
 
 
-async def call_response_hook(engine: LuaEngine, callback: str, x: HttpExchange, headers: HeaderList) -> None:
-    """Run ``onHttpResponse`` in ``engine``; status, headers and body edits land in ``x``/``headers``."""
-    obj, result = engine.http_object(
-        "response", x.scheme, x.method, x.path, x.query, x.remote_ip, x.user, x.status,
-        *[part for pair in headers.items for part in pair],
-    )
-    await engine.call(callback, obj)
-    _apply(x, headers, _result(engine, result))
-
-
-def _result(engine: LuaEngine, result: Any) -> tuple[Any, ...]:
-    try:
-        out = result()
-    except lupa.LuaError as e:
-        raise LuaError(f"{engine.script}: {e}".partition("\n")[0], str(e)) from None
-    return out if isinstance(out, tuple) else (out,)
+async def call_response_hook(engine: LuaEngine, callback: str, x: HttpExchange, headers: RawHeaders) -> None:
+    """Run ``onHttpResponse`` in ``engine``; the status and body edits land in ``x``, the header
+    edits in ``headers`` (the response's ASGI header list, edited in place)."""
+    out = await _hook(engine, callback, "response", x, lua_headers(headers))
+    _apply(x, headers, out[1:])

@@ -1,19 +1,27 @@
 -- Runs first in every Lua runtime. Installs the time budget, the await bridge and safe
--- wrappers, then hides itself: scripts only see the wrapped globals.
+-- wrappers, binds the exports, then hides itself: scripts only see the wrapped globals.
 --
 -- Why wrappers: the time budget is enforced by a count hook that raises BUDGET. A script's own
 -- pcall/xpcall/coroutine.resume would catch it and loop forever, so those are wrapped to
 -- re-raise BUDGET. Hooks are per coroutine in Lua 5.4, so every coroutine gets one.
-local py_now, hook_count = ...
+--
+-- A transient engine runs this once per request, so it is written to be cheap: Python loads it
+-- as bytecode with everything the engine needs in one call (each Lua/Python crossing costs
+-- ~1-3 us) and gets back a single entry function; the HTTP objects create their methods lazily.
+--
+-- Arguments: py_now, hook_count, sync_names, async_names, py_call, py_start, cpath_prefix,
+-- path_prefix, n_setup, then n_setup setup chunks (bytecode), then name, value pairs of globals.
+local py_now, hook_count, sync_names, async_names, py_call, py_start, cpath_prefix, path_prefix, n_setup = ...
 
+local G = _G
 local sethook = debug.sethook
 local co_create, co_resume, co_yield, co_status = coroutine.create, coroutine.resume, coroutine.yield,
     coroutine.status
 local raw_pcall, raw_xpcall, raw_error, raw_setmetatable = pcall, xpcall, error, setmetatable
-local getmetatable, tostring, type, select = getmetatable, tostring, type, select
+local getmetatable, tostring, type, select, rawget, rawset = getmetatable, tostring, type, select, rawget, rawset
 local pack, unpack = table.pack, table.unpack
 local traceback = debug.traceback
-local next, pairs = next, pairs
+local next, load = next, load
 
 local deadline = math.huge
 local BUDGET = raw_setmetatable({}, { __tostring = function() return "script ran past its time budget (Lua:TimeoutMs)" end })
@@ -69,88 +77,74 @@ local function on_error(e)
   return traceback(e, 2)
 end
 
+-- ------------------------------------------------------------------ the driver
+-- Calls run as budgeted coroutines until they yield or end (Lua threads never cross into
+-- Python: a suspended one is kept here under an id). Each returns
+-- "await", token, thread_id | "done", ok, values... | "budget" | "error", message
 local threads, next_id = {}, 0
-local api = {}
 
-local function finish(id, co, res)
-  if not res[1] then
+local function finish(id, co, ok, ...)
+  if not ok then
     threads[id] = nil
-    if res[2] == BUDGET then return "budget" end
-    return "error", tostring(res[2])
+    if (...) == BUDGET then return "budget" end
+    return "error", tostring((...))
   end
   if co_status(co) == "suspended" then
-    if getmetatable(res[2]) == TOKEN then
+    local token = ...
+    if getmetatable(token) == TOKEN then
       threads[id] = co
-      return "await", res[2].id, id
+      return "await", token.id, id
     end
     threads[id] = nil
     return "error", "coroutine.yield called outside a coroutine the script created"
   end
   threads[id] = nil
-  if res[2] then return "done", true, unpack(res, 3, res.n) end
-  if res[3] == BUDGET then return "budget" end
-  return "done", false, tostring(res[3])
+  local fine, err = ...
+  if fine then return "done", ... end
+  if err == BUDGET then return "budget" end
+  return "done", false, tostring(err)
 end
 
--- Run `f(...)` as a budgeted coroutine until it yields or ends (Lua threads never cross into
--- Python: a suspended one is kept here under an id).
--- Returns: "await", token, thread_id | "done", ok, values... | "budget" | "error", message
-function api.call(f, until_, ...)
-  local args = pack(...)
-  local co = new_coroutine(function() return raw_xpcall(f, on_error, unpack(args, 1, args.n)) end)
+local function body(f, ...) return raw_xpcall(f, on_error, ...) end
+local function unbudgeted(...) deadline = math.huge return ... end
+
+local function start(until_, f, ...)
+  local co = new_coroutine(body)
   next_id = next_id + 1
+  local id = next_id
   deadline = until_
-  local res = pack(co_resume(co))
-  deadline = math.huge
-  return finish(next_id, co, res)
+  return finish(id, co, unbudgeted(co_resume(co, f, ...)))
 end
 
--- Resume suspended thread `id` with the answer to its await.
-function api.resume(id, until_, ...)
-  local co = threads[id]
-  deadline = until_
-  local res = pack(co_resume(co, ...))
-  deadline = math.huge
-  return finish(id, co, res)
-end
-
-function api.drop(id) threads[id] = nil end
-
--- Bind exports in Lua, around one Python dispatcher per kind (binding each Python function
--- separately costs ~8 us per export per runtime; this costs one closure each).
+-- ------------------------------------------------------------------ exports
+-- Bound in Lua around one Python dispatcher per kind (binding each Python function separately
+-- costs ~8 us per export per runtime; this costs one closure each).
 -- py_call(name, ...) returns (ok, values...): a failure is a Lua error at the caller's line.
 -- py_start(name, ...) starts an awaitable and returns its token: the coroutine yields to the
 -- driver, which awaits it and resumes us with (ok, values...).
-function api.bind(sync_names, async_names, py_call, py_start)
-  for name in sync_names:gmatch("[^,]+") do
-    _G[name] = function(...)
-      local r = pack(py_call(name, ...))
-      if not r[1] then raw_error(r[2], 2) end
-      return unpack(r, 2, r.n)
-    end
-  end
-  for name in async_names:gmatch("[^,]+") do
-    _G[name] = function(...)
-      local token = py_start(name, ...)
-      local r = pack(co_yield(raw_setmetatable({ id = token }, TOKEN)))
-      if not r[1] then raw_error(r[2], 2) end
-      return unpack(r, 2, r.n)
-    end
+local function sync_export(name, call)
+  return function(...)
+    local r = pack(call(name, ...))
+    if not r[1] then raw_error(r[2], 2) end
+    return unpack(r, 2, r.n)
   end
 end
-
--- Case-insensitive read-only table over `t` (keys stored lower-case).
-function api.ci_table(t)
-  return raw_setmetatable({}, {
-    __index = function(_, k) if type(k) == "string" then return t[k:lower()] end end,
-    __pairs = function() return next, t, nil end,
-    __newindex = function() raw_error("this table is read-only", 2) end,
-  })
+local function async_export(name, begin)
+  return function(...)
+    local token = begin(name, ...)
+    local r = pack(co_yield(raw_setmetatable({ id = token }, TOKEN)))
+    if not r[1] then raw_error(r[2], 2) end
+    return unpack(r, 2, r.n)
+  end
 end
+for name in sync_names:gmatch("[^,]+") do G[name] = sync_export(name, py_call) end
+for name in async_names:gmatch("[^,]+") do G[name] = async_export(name, py_start) end
 
--- HTTP objects for onHttpRequest / onHttpResponse, built as plain Lua tables: reading fields
--- and calling methods costs no Python round trip (through lupa each costs ~2-3 us). Edits are
--- recorded here and read back once by api.http_result. Methods work with ':' and '.'.
+-- ------------------------------------------------------------------ HTTP objects
+-- onHttpRequest / onHttpResponse get plain Lua tables: reading fields and calling methods costs
+-- no Python round trip. Edits are recorded as flat (op, name, value) triples and handed back
+-- with the hook's result. Methods work with ':' and '.': each is bound to its object on first
+-- access (a script uses two or three of them, so most are never made).
 local TOKEN_CHARS = "^[%w!#$%%&'*+%-.^_`|~]+$"
 local HOP = { connection = true, ["keep-alive"] = true, ["proxy-authenticate"] = true,
   ["proxy-authorization"] = true, te = true, trailer = true, ["transfer-encoding"] = true, upgrade = true }
@@ -168,133 +162,172 @@ local function body_out(b)
   return (gsub(b, ".", HEX)), "x"
 end
 
-local function check_name(k, level)
+-- Error levels name the script's line: check_* (1) < add/remove (2) < METHODS entry (3) <
+-- bound method (4) < script (5). None of these calls is a tail call, which would drop a level.
+local function check_name(k)
   if type(k) ~= "string" or not k:match(TOKEN_CHARS) then
-    raw_error("invalid header name " .. tostring(k) .. ": use letters, digits and -", level + 1)
+    raw_error("invalid header name " .. tostring(k) .. ": use letters, digits and -", 5)
   end
 end
 
-local function check_value(k, v, level)
+local function check_value(k, v)
   if type(v) == "number" then v = tostring(v) end
-  if type(v) ~= "string" then raw_error("header " .. k .. ": value must be a string, got " .. type(v), level + 1) end
-  if v:find("[\r\n%z]") then raw_error("header " .. k .. ": value contains CR, LF or NUL; refused", level + 1) end
+  if type(v) ~= "string" then raw_error("header " .. k .. ": value must be a string, got " .. type(v), 5) end
+  if v:find("[\r\n%z]") then raw_error("header " .. k .. ": value contains CR, LF or NUL; refused", 5) end
   return v
 end
 
-local function header_table(...)
-  local t = {}
-  for i = 1, select("#", ...), 2 do
-    local k, v = lower((select(i, ...))), (select(i + 1, ...))
-    if t[k] then t[k] = t[k] .. ", " .. v else t[k] = v end
+-- Headers: a read-only table of lower-cased names; any spelling of a name finds it.
+local function read_only() raw_error("this table is read-only", 2) end
+local LOWER = { __index = function(t, k)
+  if type(k) == "string" then
+    local lk = lower(k)
+    if lk ~= k then return rawget(t, lk) end
   end
-  return api.ci_table(t)
+end }
+local function headers_pairs(proxy) return next, getmetatable(proxy).__index, nil end
+
+local function header_table(flat, m)
+  local t = raw_setmetatable({}, LOWER)
+  for i = 1, m, 2 do
+    local k, v = lower(flat[i]), flat[i + 1]
+    local prev = rawget(t, k)
+    if prev then rawset(t, k, prev .. ", " .. v) else rawset(t, k, v) end
+  end
+  return raw_setmetatable({}, { __index = t, __newindex = read_only, __pairs = headers_pairs })
 end
 
-function api.http_object(kind, scheme, method, path, query, ip, user, status, ...)
+local function record(st, op, k, v)
+  local ops, n = st.ops, st.n
+  ops[n + 1], ops[n + 2], ops[n + 3] = op, k, v
+  st.n = n + 3
+  st.headers = nil
+end
+
+local function add(st, kind, k, v)
+  check_name(k)
+  v = check_value(k, v)
+  if kind == "r" and HOP[lower(k)] then raw_error(k .. " is a hop-by-hop header; the server manages it", 4) end
+  record(st, kind .. "+", k, v)
+end
+
+local function remove(st, kind, k)
+  check_name(k)
+  record(st, kind .. "-", k, "")
+end
+
+local METHODS = {
+  AddHeader = function(_, st, k, v) add(st, st.primary, k, v) end,
+  RemoveHeader = function(_, st, k) remove(st, st.primary, k) end,
+  AddResponseHeader = function(_, st, k, v) add(st, "r", k, v) end,
+  RemoveResponseHeader = function(_, st, k) remove(st, "r", k) end,
+  ResponseWrite = function(_, st, data)
+    if type(data) == "number" then data = tostring(data) end
+    if type(data) ~= "string" then raw_error("ResponseWrite expects a string, got " .. type(data), 3) end
+    local b = st.body
+    if not b then b = {}; st.body = b end
+    b[#b + 1] = data
+  end,
+  SetStatusCode = function(obj, _, code) obj.StatusCode = code end,
+}
+
+-- Headers as the script sees them: the originals, minus what it removed, plus what it added
+-- (built on first read, and again after an edit).
+local function current_headers(st)
+  local ops, n, primary, current = st.ops, st.n, st.primary, st.current
+  local flat, m, removed = {}, 0, nil
+  for i = 1, n, 3 do
+    if ops[i] == primary .. "-" or ops[i] == primary .. "+" then
+      removed = removed or {}
+      removed[lower(ops[i + 1])] = true
+    end
+  end
+  for i = 1, current.n, 2 do
+    if not (removed and removed[lower(current[i])]) then flat[m + 1], flat[m + 2] = current[i], current[i + 1]; m = m + 2 end
+  end
+  for i = 1, n, 3 do
+    if ops[i] == primary .. "+" then flat[m + 1], flat[m + 2] = ops[i + 1], ops[i + 2]; m = m + 2 end
+  end
+  return header_table(flat, m)
+end
+
+local function http_index(obj, st, key)
+  if key == "Headers" then
+    local h = st.headers
+    if not h then h = current_headers(st); st.headers = h end
+    return h
+  end
+  local m = METHODS[key]
+  if m then
+    local bound = function(a, b, c)
+      if a == obj then m(obj, st, b, c) else m(obj, st, a, b) end
+    end
+    rawset(obj, key, bound)
+    return bound
+  end
+end
+
+-- AddHeader/RemoveHeader replace (as the seed's SetHeader does): an added name hides the
+-- original, so a script sees one value per name it set.
+local function http_result(obj, st)
+  local code = tointeger(tonumber(obj.StatusCode))
+  if not code or code < 100 or code > 599 then
+    raw_error("StatusCode must be a number from 100 to 599, got " .. tostring(obj.StatusCode), 0)
+  end
+  local data, kind = body_out(st.body and tconcat(st.body) or nil)
+  return code, data, kind, unpack(st.ops, 1, st.n)
+end
+
+local function http_body(f, obj, st)
+  local ret = f(obj)
+  return ret, http_result(obj, st)
+end
+
+local function http_hook(until_, name, kind, scheme, method, path, query, ip, user, status, ...)
   local obj = { Scheme = scheme, Method = method, Path = path, QueryString = query, RemoteIp = ip,
     User = user, StatusCode = status }
-  local ops, n, body = {}, 0, nil
-  local headers = nil
-  local packed = pack(...)
-  local function args(a, b, c) if a == obj then return b, c end return a, b end
-  local function add(kind_, a, b, c)
-    local k, v = args(a, b, c)
-    check_name(k, 3)
-    v = check_value(k, v, 3)
-    if kind_ == "r" and HOP[lower(k)] then raw_error(k .. " is a hop-by-hop header; the server manages it", 3) end
-    ops[n + 1], ops[n + 2], ops[n + 3] = kind_ .. "+", k, v
-    n = n + 3
-    headers = nil
-  end
-  local function remove(kind_, a, b)
-    local k = args(a, b)
-    check_name(k, 3)
-    ops[n + 1], ops[n + 2], ops[n + 3] = kind_ .. "-", k, ""
-    n = n + 3
-    headers = nil
-  end
-  local primary = kind == "request" and "q" or "r"
-  obj.AddHeader = function(a, b, c) add(primary, a, b, c) end
-  obj.RemoveHeader = function(a, b) remove(primary, a, b) end
-  obj.AddResponseHeader = function(a, b, c) add("r", a, b, c) end
-  obj.RemoveResponseHeader = function(a, b) remove("r", a, b) end
-  obj.ResponseWrite = function(a, b)
-    local data = a
-    if a == obj then data = b end
-    if type(data) == "number" then data = tostring(data) end
-    if type(data) ~= "string" then raw_error("ResponseWrite expects a string, got " .. type(data), 2) end
-    body = body or {}
-    body[#body + 1] = data
-  end
-  obj.SetStatusCode = function(a, b)
-    local code = a
-    if a == obj then code = b end
-    obj.StatusCode = code
-  end
-  local function result()
-    local code = tointeger(tonumber(obj.StatusCode))
-    if not code or code < 100 or code > 599 then
-      raw_error("StatusCode must be a number from 100 to 599, got " .. tostring(obj.StatusCode), 0)
-    end
-    local data, kind_ = body_out(body and tconcat(body) or nil)
-    return code, data, kind_, unpack(ops, 1, n)
-  end
-  -- Headers is built on first read, and again after an edit, so it always shows the edits.
-  local current = {}
-  for i = 1, packed.n do current[i] = packed[i] end
-  raw_setmetatable(obj, { __index = function(_, key)
-    if key == "Headers" then
-      if not headers then
-        local flat, m = {}, 0
-        local removed = {}
-        for i = 1, n, 3 do
-          if ops[i]:sub(1, 1) == primary then
-            local lk = lower(ops[i + 1])
-            removed[lk] = true
-          end
-        end
-        for i = 1, #current, 2 do
-          if not removed[lower(current[i])] then flat[m + 1], flat[m + 2] = current[i], current[i + 1]; m = m + 2 end
-        end
-        for i = 1, n, 3 do
-          if ops[i] == primary .. "+" then flat[m + 1], flat[m + 2] = ops[i + 1], ops[i + 2]; m = m + 2 end
-        end
-        headers = header_table(unpack(flat, 1, m))
-      end
-      return headers
-    end
-  end })
-  return obj, result
+  local st = { primary = kind == "request" and "q" or "r", current = pack(...), ops = {}, n = 0 }
+  raw_setmetatable(obj, { __index = function(o, key) return http_index(o, st, key) end })
+  return start(until_, http_body, G[name], obj, st)
 end
 
-function api.defines(name) return type(_G[name]) == "function" end
-
-function api.is_sequence(t)
-  local n = #t
-  if n == 0 then return false end
-  local count = 0
-  for _ in pairs(t) do count = count + 1 end
-  return count == n
+-- ------------------------------------------------------------------ setup, then the entry point
+if cpath_prefix ~= "" then package.cpath = cpath_prefix .. ";" .. package.cpath end
+if path_prefix ~= "" then package.path = path_prefix .. ";" .. package.path end
+for i = 1, n_setup do
+  local fn, err = load((select(9 + i, ...)), "=setup", "b")
+  if not fn then raw_error(err, 0) end
+  fn()
+end
+for i = 10 + n_setup, select("#", ...), 2 do
+  local name, value = select(i, ...)
+  G[name] = value
 end
 
--- Everything an engine needs, in one call from Python (each Lua/Python crossing costs ~1-2 us
--- and a transient engine is made per request): exports, setup chunks, search paths, globals.
--- Arguments: sync_names, async_names, py_call, py_start, cpath_prefix, path_prefix,
--- n_setup, setup chunks..., then name, value pairs of globals.
-function api.init(sync_names, async_names, py_call, py_start, cpath_prefix, path_prefix, n_setup, ...)
-  api.bind(sync_names, async_names, py_call, py_start)
-  if cpath_prefix ~= "" then package.cpath = cpath_prefix .. ";" .. package.cpath end
-  if path_prefix ~= "" then package.path = path_prefix .. ";" .. package.path end
-  for i = 1, n_setup do
-    local chunk = select(i, ...)
-    local fn, err = load(chunk, "=setup", "b")
-    if not fn then raw_error(err, 0) end
-    fn()
-  end
-  for i = n_setup + 1, select("#", ...), 2 do
-    local name, value = select(i, ...)
-    _G[name] = value
-  end
-end
+-- The GC was stopped while the engine was built (see LuaEngine): restart it with as much room
+-- to allocate as the engine holds, as Lua itself would after a full cycle. A transient engine
+-- usually ends before its first collection step; lua_close frees it all at once.
+collectgarbage("restart")
+collectgarbage("step", -math.ceil(collectgarbage("count")))
 
-return api.call, api.resume, api.drop, api.defines, api.ci_table, api.http_object, api.init
+-- Operations, by number (see LuaEngine in runtime.py).
+local CALL, CALL_GLOBAL, RESUME, DROP, DEFINES, HTTP, LOAD = 1, 2, 3, 4, 5, 6, 7
+
+return function(op, a, b, ...)
+  if op == CALL_GLOBAL then return start(a, G[b], ...) end
+  if op == HTTP then return http_hook(a, b, ...) end
+  if op == CALL then return start(a, b, ...) end
+  if op == RESUME then
+    local co = threads[b]
+    deadline = a
+    return finish(b, co, unbudgeted(co_resume(co, ...)))
+  end
+  if op == DROP then threads[a] = nil return end
+  if op == DEFINES then return type(G[a]) == "function" end
+  if op == LOAD then
+    local fn, err = load(b, ..., "bt")
+    if not fn then return "compile", err end
+    return start(a, fn)
+  end
+  raw_error("unknown operation " .. tostring(op))
+end

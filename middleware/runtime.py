@@ -17,8 +17,8 @@ Limits, enforced per call:
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
+import math
 import os
 import sys
 import time
@@ -131,10 +131,17 @@ def full_chunk_path(message: str, path: str) -> str:
     return message
 
 
-class LuaEngine:
-    """A Lua runtime with the prelude, the exports and one loaded script."""
+# The prelude's entry operations (see the end of prelude.lua).
+CALL, CALL_GLOBAL, RESUME, DROP, DEFINES, HTTP, LOAD = range(1, 8)
 
-    _ids = itertools.count(1)
+
+class LuaEngine:
+    """A Lua runtime with the prelude, the exports and one loaded script.
+
+    Python holds two Lua objects of it: the runtime and the prelude's entry function, through
+    which every call goes (one crossing per call; a transient engine is made per request, and
+    each Lua object Python holds costs a reference to make and to free).
+    """
 
     def __init__(
         self,
@@ -158,30 +165,38 @@ class LuaEngine:
             register_builtins=False,
             max_memory=max_memory_mb * 1024 * 1024 if max_memory_mb else None,
         )
-        g = self.lua.globals()
-        (self._call, self._resume, self._drop, self._defines, self.ci_table, self.http_object,
-         init) = g.load(_PRELUDE, "=prelude", "b")(time.monotonic, hook_count)
-        self._table_from = self.lua.table_from
-        self._lua_type = lupa.lua_type
         self._pending: dict[int, Awaitable[Any]] = {}
-        self._next = itertools.count(1)
+        self._next = 0
         self.exports = exports if exports is not None else {}
-        names = _export_names(self.exports)
+        sync_names, async_names = _export_names(self.exports)
         flat_globals = [part for item in (globals or {}).items() for part in item]
-        init(names[0], names[1], self._py_call, self._py_start, native_path or "", search_path or "",
-             len(setup), *setup, *flat_globals)
-        self.globals = g
+        # A fresh state starts with a zero GC debt, so Lua would run collection steps all
+        # through the setup, over objects that all live: stopped here, restarted by the prelude
+        # with room to allocate as much again before the first step (as after a full cycle).
+        self.lua.nogc().__enter__()
+        self._entry = self.lua.execute(
+            _PRELUDE, time.monotonic, hook_count, sync_names, async_names, self._py_call, self._py_start,
+            native_path or "", search_path or "", len(setup), *setup, *flat_globals, mode="b",
+        )
+        self._globals: Any = None
+
+    @property
+    def globals(self) -> Any:
+        """The runtime's global table (a lupa table)."""
+        if self._globals is None:
+            self._globals = self.lua.globals()
+        return self._globals
 
     # ------------------------------------------------------------------ conversions
     def to_lua(self, value: Any) -> Any:
         """Python -> Lua: dicts and lists become tables (recursively); the rest passes as is."""
         if isinstance(value, dict | list | tuple):
-            return self._table_from(value, recursive=True)
+            return self.lua.table_from(value, recursive=True)
         return value
 
     def from_lua(self, value: Any, depth: int = 0) -> Any:
         """Lua -> Python: a 1..n table becomes a list, any other table a dict."""
-        if self._lua_type(value) != "table":
+        if lupa.lua_type(value) != "table":
             return value
         if depth > 64:
             raise LuaExportError("table nested too deeply (over 64 levels)")
@@ -215,7 +230,8 @@ class LuaEngine:
 
     def _py_start(self, name: str, *args: Any) -> int:
         export = self.exports[name]
-        token = next(self._next)
+        self._next += 1
+        token = self._next
         try:
             self._pending[token] = _named(name, export.func(*self._args(export, args)))
         except Exception as e:  # bad arguments: fail at the await, with the message
@@ -232,47 +248,89 @@ class LuaEngine:
 
     async def load(self, source: str | bytes, chunkname: str) -> None:
         """Compile and run a script's top level (which may await exports)."""
+        pending = self.load_begin(source, chunkname)
+        if pending is not None:
+            await pending
+
+    def load_begin(self, source: str | bytes, chunkname: str) -> Awaitable[Any] | None:
+        """Compile and start the top level: None when it ran to the end without awaiting (no
+        event-loop round trip needed), else an awaitable that finishes it."""
         self.script = chunkname
-        await self.run(self.compile(source, chunkname))
+        return self._begin(LOAD, None, source, "@" + chunkname)
 
     def defines(self, name: str) -> bool:
-        return bool(self._defines(name))
+        return bool(self._entry(DEFINES, name))
 
     async def call(self, name: str, *args: Any, timeout_ms: int | None = None) -> tuple[Any, ...]:
         """Call global function ``name``; returns all its return values (lupa objects)."""
-        return await self.run(self.globals[name], *args, timeout_ms=timeout_ms)
+        return await self._run(CALL_GLOBAL, timeout_ms, name, *args)
 
     async def run(self, fn: Any, *args: Any, timeout_ms: int | None = None) -> tuple[Any, ...]:
+        """Call Lua function ``fn`` under the time budget; returns all its return values."""
+        return await self._run(CALL, timeout_ms, fn, *args)
+
+    async def run_op(self, op: int, *args: Any, timeout_ms: int | None = None) -> tuple[Any, ...]:
+        """Run one of the prelude's call operations (``HTTP``: an HTTP hook) to its end."""
+        return await self._run(op, timeout_ms, *args)
+
+    async def _run(self, op: int, timeout_ms: int | None, *args: Any) -> tuple[Any, ...]:
         budget = (self.timeout_ms if timeout_ms is None else timeout_ms) / 1000.0
-        deadline = time.monotonic() + budget if budget > 0 else float("inf")
-        tid = 0
+        deadline = time.monotonic() + budget if budget > 0 else math.inf
         try:
-            r = self._call(fn, deadline, *args)
-            while True:
-                if not isinstance(r, tuple):
-                    r = (r,)
-                status = r[0]
-                if status == "await":
-                    tid = r[2]
-                    send = await self._await(r[1], deadline)
-                    r = self._resume(tid, deadline, *send)
-                    continue
-                tid = 0
-                if status == "done":
-                    if r[1]:
-                        return r[2:]
-                    raise self._script_error(str(r[2]))
-                if status == "budget":
-                    raise LuaTimeoutError(
-                        f"{self.script}: script ran past its time budget of {budget * 1000:.0f} ms"
-                        " (Lua:TimeoutMs)"
-                    )
-                raise self._script_error(str(r[1]))
+            r = self._entry(op, deadline, *args)
+        except lupa.LuaMemoryError:
+            raise LuaMemoryError(f"{self.script}: out of memory (Lua:MaxMemoryMB)") from None
+        if r[0] == "await":
+            r = await self._drive(r, deadline)
+        return self._outcome(r, budget)
+
+    def _begin(self, op: int, timeout_ms: int | None, *args: Any) -> Awaitable[Any] | None:
+        """Synchronous start of :meth:`_run`: None when done, else an awaitable for the rest."""
+        budget = (self.timeout_ms if timeout_ms is None else timeout_ms) / 1000.0
+        deadline = time.monotonic() + budget if budget > 0 else math.inf
+        try:
+            r = self._entry(op, deadline, *args)
+        except lupa.LuaMemoryError:
+            raise LuaMemoryError(f"{self.script}: out of memory (Lua:MaxMemoryMB)") from None
+        if r[0] != "await":
+            self._outcome(r, budget)
+            return None
+        return self._finish(r, deadline, budget)
+
+    async def _finish(self, r: tuple[Any, ...], deadline: float, budget: float) -> tuple[Any, ...]:
+        return self._outcome(await self._drive(r, deadline), budget)
+
+    async def _drive(self, r: tuple[Any, ...], deadline: float) -> tuple[Any, ...]:
+        """Await what the script waits on and resume it, until it stops awaiting."""
+        tid = r[2]
+        try:
+            while r[0] == "await":
+                tid = r[2]
+                send = await self._await(r[1], deadline)
+                r = self._entry(RESUME, deadline, tid, *send)
+            tid = 0
+            return r
         except lupa.LuaMemoryError:
             raise LuaMemoryError(f"{self.script}: out of memory (Lua:MaxMemoryMB)") from None
         finally:
-            if tid:
-                self._drop(tid)
+            if tid and self._entry is not None:
+                self._entry(DROP, tid)
+
+    def _outcome(self, r: Any, budget: float) -> tuple[Any, ...]:
+        """The values of a finished call, or the error it ended with."""
+        status = r if isinstance(r, str) else r[0]
+        if status == "done":
+            if r[1]:
+                return r[2:]
+            raise self._script_error(str(r[2]))
+        if status == "budget":
+            raise LuaTimeoutError(
+                f"{self.script}: script ran past its time budget of {budget * 1000:.0f} ms (Lua:TimeoutMs)"
+            )
+        if status == "compile":
+            message = str(r[1])
+            raise _split(message, self.script)
+        raise self._script_error(str(r[1]))
 
     def _script_error(self, message: str) -> LuaError:
         if "not enough memory" in message.partition("\n")[0]:
@@ -286,7 +344,7 @@ class LuaEngine:
             _close(awaitable)
             raise LuaTimeoutError(f"{self.script}: script ran past its time budget (Lua:TimeoutMs)")
         try:
-            if deadline == float("inf"):
+            if deadline == math.inf:
                 value = await awaitable
             else:
                 value = await asyncio.wait_for(awaitable, remaining)
@@ -317,9 +375,7 @@ class LuaEngine:
         counting free the runtime at once.
         """
         self.close()
-        for attr in ("_call", "_resume", "_drop", "_defines", "ci_table", "http_object", "_table_from",
-                     "globals", "lua"):
-            setattr(self, attr, None)
+        self._entry = self._globals = self.lua = None
 
 
 async def _named(name: str, awaitable: Awaitable[Any]) -> Any:

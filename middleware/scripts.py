@@ -211,6 +211,8 @@ class ScriptSet:
 
     async def _load_transient(self, source: bytes | None) -> None:
         state = self.transient_state
+        for engine in self._pool:
+            engine.release()
         self._pool.clear()
         if source is None:
             self._transient_chunk, state.loaded, state.callbacks = None, False, frozenset()
@@ -243,20 +245,46 @@ class ScriptSet:
     def _schedule_refill(self) -> None:
         if not self._refilling and len(self._pool) < self.pool_size and self._transient_chunk:
             self._refilling = True
-            asyncio.get_running_loop().create_task(self._refill())
+            asyncio.get_running_loop().call_soon(self._refill)
 
-    async def _refill(self) -> None:
+    def _refill(self) -> None:
+        """Add one engine to the pool, then come back on a later loop turn for the next: requests
+        run in between. A plain callback, not a task: a script whose top level does not await
+        (the usual case) loads synchronously."""
+        self._refilling = False
+        chunk = self._transient_chunk
+        if chunk is None or len(self._pool) >= self.pool_size:
+            return
+        engine = self.new_engine("transient")
         try:
-            while len(self._pool) < self.pool_size and (chunk := self._transient_chunk) is not None:
-                await asyncio.sleep(0)  # let requests run first
-                engine = self.new_engine("transient")
-                await engine.load(chunk, str(self.transient_state.path))
-                if chunk is self._transient_chunk:
-                    self._pool.append(engine)
+            pending = engine.load_begin(chunk, str(self.transient_state.path))
         except LuaError as e:
+            engine.release()
             log.error("transient engine failed to start: %s", e.traceback)
+            return
+        if pending is None:
+            self._pooled(engine, chunk)
+        else:
+            self._refilling = True
+            asyncio.get_running_loop().create_task(self._refill_async(engine, chunk, pending))
+
+    async def _refill_async(self, engine: LuaEngine, chunk: bytes, pending: Awaitable[Any]) -> None:
+        try:
+            await pending
+        except LuaError as e:
+            engine.release()
+            log.error("transient engine failed to start: %s", e.traceback)
+            return
         finally:
             self._refilling = False
+        self._pooled(engine, chunk)
+
+    def _pooled(self, engine: LuaEngine, chunk: bytes) -> None:
+        if chunk is self._transient_chunk:
+            self._pool.append(engine)
+            self._schedule_refill()
+        else:  # the script changed while this one loaded
+            engine.release()
 
     # ------------------------------------------------------------------ events
     def defines(self, callback: str) -> bool:
