@@ -351,7 +351,7 @@ def tls_cert(tmp_path: Path) -> tuple[Path, Path]:
     return key, cert
 
 
-async def test_tls_upstream(tls_cert: tuple[Path, Path]) -> None:
+async def test_tls_upstream(tls_cert: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     key, cert = tls_cert
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_ctx.load_cert_chain(cert, key)
@@ -371,4 +371,7 @@ async def test_tls_upstream(tls_cert: tuple[Path, Path]) -> None:
             await ConnectionPool(url).request(b"GET", b"/", [])
         trusting = ssl.create_default_context(cafile=str(cert))
         response, body = await get(ConnectionPool(url, ssl_context=trusting))
+        assert (response.status, body) == (200, b"secret")
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the README's way to trust a private CA
+        response, body = await get(ConnectionPool(url))
         assert (response.status, body) == (200, b"secret")
