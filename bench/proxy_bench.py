@@ -39,6 +39,7 @@ import collections
 import io
 import json
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -64,6 +65,7 @@ from common import (  # noqa: E402 - the bench folder is not a package
     cpu_seconds,
     machine_info,
     make_dicom,
+    require,
     run_wrk,
     tool_version,
     which,
@@ -463,6 +465,7 @@ from dicomproxy.app import build_gateway
 from dicomproxy.settings import load_settings
 
 workdir, hooks, n = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+only = sys.argv[4] if len(sys.argv) > 4 else ""  # "count:<variant>": one untimed pass, for callgrind
 BODY = b"x" * 2185
 
 async def dummy(scope, receive, send):
@@ -492,6 +495,16 @@ async def measure(variant):
     async def send(message):
         sent.append(message)
     best = float("inf")
+    if only:
+        for _ in range(20):
+            await app(dict(scope), receive, send)
+        sent.clear()
+        for _ in range(n):
+            await app(dict(scope), receive, send)
+            await asyncio.sleep(0)
+        gc.collect()
+        await gateway.host.stop()
+        return 0.0
     for _ in range(3):
         for _ in range(n // 10):
             await app(dict(scope), receive, send)
@@ -510,6 +523,9 @@ async def measure(variant):
     return best
 
 async def main():
+    if only:
+        await measure(only.removeprefix("count:"))
+        return
     out = {}
     for variant in ("none", "singleton", "transient"):
         out[variant] = await measure(variant)
@@ -519,9 +535,7 @@ asyncio.run(main())
 """
 
 
-def middleware_cpu(workdir: Path, n: int) -> dict[str, float]:
-    """CPU µs per request of the gateway's ASGI stack (auth, Lua hooks, routing) with a dummy app
-    in place of the proxy, in a child process: no network, no Orthanc, so no noise from them."""
+def _micro_setup(workdir: Path) -> tuple[Path, dict[str, str]]:
     wd = workdir / "micro"
     (wd / "data").mkdir(parents=True, exist_ok=True)
     config = {
@@ -537,6 +551,13 @@ def middleware_cpu(workdir: Path, n: int) -> dict[str, float]:
     }
     (wd / "appsettings.json").write_text(json.dumps(config))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return wd, env
+
+
+def middleware_cpu(workdir: Path, n: int) -> dict[str, float]:
+    """CPU µs per request of the gateway's ASGI stack (auth, Lua hooks, routing) with a dummy app
+    in place of the proxy, in a child process: no network, no Orthanc, so no noise from them."""
+    wd, env = _micro_setup(workdir)
     out = subprocess.run(
         [sys.executable, "-c", MICRO_CHILD, str(wd), GATEWAY_HOOKS, str(n)],
         capture_output=True,
@@ -549,6 +570,47 @@ def middleware_cpu(workdir: Path, n: int) -> dict[str, float]:
     if out.returncode != 0 or line is None:
         raise BenchError(f"in-process measurement failed ({out.returncode}):\n{out.stdout}\n{out.stderr[-3000:]}")
     return json.loads(line.removeprefix("MICROJSON "))
+
+
+def middleware_instructions(workdir: Path, low: int = 50, high: int = 250) -> dict[str, float]:
+    """Thousands of instructions per request of the same in-process stack, counted by callgrind.
+
+    CPU time on a shared two-core machine swings by 10-40 % from run to run; instruction counts
+    do not. Each variant runs twice under callgrind (``low`` and ``high`` requests after the
+    same start-up and warm-up); the difference over ``high - low`` is the per-request count.
+    """
+    valgrind = require("/usr/bin/valgrind", "apt-get install valgrind")
+    wd, env = _micro_setup(workdir)
+    out: dict[str, float] = {}
+    for variant in ("none", "singleton", "transient"):
+        totals = []
+        for n in (low, high):
+            cg_out = wd / f"callgrind-{variant}-{n}.out"
+            proc = subprocess.run(
+                [valgrind, "--tool=callgrind", f"--callgrind-out-file={cg_out}", sys.executable, "-c",
+                 MICRO_CHILD, str(wd), GATEWAY_HOOKS, str(n), f"count:{variant}"],
+                capture_output=True, text=True, timeout=900, env={**env, "PYTHONHASHSEED": "0"}, cwd=wd,
+            )
+            match = re.search(r"^(?:summary|totals): (\d+)", cg_out.read_text() if cg_out.exists() else "", re.M)
+            if proc.returncode != 0 or match is None:
+                raise BenchError(f"callgrind run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+            totals.append(int(match.group(1)))
+        out[variant] = (totals[1] - totals[0]) / (high - low) / 1000
+    return out
+
+
+def instructions_report(counts: dict[str, float]) -> str:
+    none, single = counts["none"], counts["singleton"]
+    rows = [
+        [v, f"{k:,.0f}", f"{k - none:+,.0f}" if v != "none" else "-",
+         f"{k - single:+,.0f}" if v == "transient" else "-"]
+        for v, k in counts.items()
+    ]
+    text = (
+        "\nInstructions per request of the same in-process stack (callgrind, thousands; exact and repeatable, "
+        "unlike CPU time on a shared machine):\n\n"
+    )
+    return text + table(["variant", "kIr/request", "vs no script", "vs singleton"], rows)
 
 
 def micro_report(micro: dict[str, float]) -> str:
@@ -676,6 +738,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--time-limit", type=float, default=1800, help="abort after this many seconds (default 1800)")
     ap.add_argument("--keep", action="store_true", help="keep the tmp folder (logs, configs)")
     ap.add_argument("--no-micro", action="store_true", help="skip the in-process (no network) measurement")
+    ap.add_argument(
+        "--instructions", action="store_true",
+        help="also count instructions per request of the in-process stack with callgrind (~5 min)",
+    )
     args = ap.parse_args(argv)
     args.duration = args.duration or (3.0 if args.quick else 8.0)
     args.warmup = args.warmup if args.warmup is not None else 1.0
@@ -750,6 +816,8 @@ def main(argv: list[str] | None = None) -> int:
             print("\n" + text, flush=True)
             if not args.no_micro:
                 print(micro_report(middleware_cpu(workdir, 500 if args.quick else 2000)), flush=True)
+            if args.instructions:
+                print(instructions_report(middleware_instructions(workdir)), flush=True)
             return 0 if ok else 1
     except BenchError as e:
         print(f"proxy_bench: {e}", file=sys.stderr)

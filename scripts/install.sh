@@ -20,7 +20,7 @@ cd "$ROOT"
 APT_PACKAGES=(
     orthanc orthanc-dicomweb dcmtk
     lua-socket nginx libnginx-mod-http-lua
-    wrk
+    wrk valgrind
     chromium fonts-liberation
     python3 python3-venv python3-pip
     nodejs npm
