@@ -145,3 +145,13 @@ def test_console_script_declared() -> None:
     scripts = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts == {"dicomproxy": "dicomproxy.cli:main"}
     assert shutil.which(console_script())
+
+
+def test_serve_keeps_body_buffers_in_the_heap() -> None:
+    """``serve`` tunes glibc's malloc so 256 KB body chunks are reused, not mapped per chunk."""
+    import platform
+
+    from dicomproxy.cli import _tune_malloc
+
+    assert platform.libc_ver()[0] == "glibc", "the gateway is built for Debian (glibc)"
+    assert _tune_malloc() is True
