@@ -9,9 +9,11 @@
 -- as bytecode with everything the engine needs in one call (each Lua/Python crossing costs
 -- ~1-3 us) and gets back a single entry function; the HTTP objects create their methods lazily.
 --
--- Arguments: py_now, hook_count, sync_names, async_names, py_call, py_start, cpath_prefix,
--- path_prefix, n_setup, then n_setup setup chunks (bytecode), then name, value pairs of globals.
-local py_now, hook_count, sync_names, async_names, py_call, py_start, cpath_prefix, path_prefix, n_setup = ...
+-- Arguments: py_now, hook_count, py_call, py_start, cpath_prefix, path_prefix, then name, value
+-- pairs of globals. The exports and the setup Lua are not arguments: build_prelude (runtime.py)
+-- writes them into this source at the two markers below and compiles the whole once, so an
+-- engine gets them as bytecode constants (each string or object made per engine costs ~1 us).
+local py_now, hook_count, py_call, py_start, cpath_prefix, path_prefix = ...
 
 local G = _G
 local sethook = debug.sethook
@@ -118,27 +120,44 @@ end
 
 -- ------------------------------------------------------------------ exports
 -- Bound in Lua around one Python dispatcher per kind (binding each Python function separately
--- costs ~8 us per export per runtime; this costs one closure each).
+-- costs ~8 us per export per runtime; this costs one closure each, with the name a constant).
 -- py_call(name, ...) returns (ok, values...): a failure is a Lua error at the caller's line.
 -- py_start(name, ...) starts an awaitable and returns its token: the coroutine yields to the
 -- driver, which awaits it and resumes us with (ok, values...).
-local function sync_export(name, call)
+local function sync_export(name)
   return function(...)
-    local r = pack(call(name, ...))
+    local r = pack(py_call(name, ...))
     if not r[1] then raw_error(r[2], 2) end
     return unpack(r, 2, r.n)
   end
 end
-local function async_export(name, begin)
+local function async_export(name)
   return function(...)
-    local token = begin(name, ...)
+    local token = py_start(name, ...)
     local r = pack(co_yield(raw_setmetatable({ id = token }, TOKEN)))
     if not r[1] then raw_error(r[2], 2) end
     return unpack(r, 2, r.n)
   end
 end
-for name in sync_names:gmatch("[^,]+") do G[name] = sync_export(name, py_call) end
-for name in async_names:gmatch("[^,]+") do G[name] = async_export(name, py_start) end
+-- Exports named _... are for the libraries only: they are not globals.
+local PRIVATE = {}
+
+-- A library (LuaLibrary in runtime.py) is loaded on the first call of one of its functions.
+local function library(code, chunkname)
+  local fns
+  return function(name)
+    if not fns then
+      local fn, err = load(code, chunkname, "b")
+      if not fn then raw_error(err, 0) end
+      fns = fn(PRIVATE)
+    end
+    return fns[name]
+  end
+end
+local function lazy(lib, name)
+  return function(...) return lib(name)(...) end
+end
+--@EXPORTS
 
 -- ------------------------------------------------------------------ HTTP objects
 -- onHttpRequest / onHttpResponse get plain Lua tables: reading fields and calling methods costs
@@ -294,12 +313,8 @@ end
 -- ------------------------------------------------------------------ setup, then the entry point
 if cpath_prefix ~= "" then package.cpath = cpath_prefix .. ";" .. package.cpath end
 if path_prefix ~= "" then package.path = path_prefix .. ";" .. package.path end
-for i = 1, n_setup do
-  local fn, err = load((select(9 + i, ...)), "=setup", "b")
-  if not fn then raw_error(err, 0) end
-  fn()
-end
-for i = 10 + n_setup, select("#", ...), 2 do
+--@SETUP
+for i = 7, select("#", ...), 2 do
   local name, value = select(i, ...)
   G[name] = value
 end

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from middleware.runtime import Export, LuaEngine, LuaError, full_chunk_path, lupa
+from middleware.runtime import Export, LuaEngine, LuaError, LuaLibrary, build_prelude, full_chunk_path, lupa
 
 log = logging.getLogger("middleware.lua")
 
@@ -88,7 +88,8 @@ class ScriptSet:
         on_loaded: Callable[[LuaEngine], Awaitable[None]] | None = None,
         singleton_script: str = SINGLETON_SCRIPT,
         transient_script: str = TRANSIENT_SCRIPT,
-        setup: tuple[bytes, ...] = (),
+        setup: tuple[str, ...] = (),
+        libraries: tuple[LuaLibrary, ...] = (),
     ) -> None:
         self.root = Path(root)
         self.exports: dict[str, Export] = dict(exports or {})
@@ -98,7 +99,9 @@ class ScriptSet:
         self.pool_size = pool_size
         self.on_error = on_error
         self.on_loaded = on_loaded
-        self.setup = setup
+        self._setup = tuple(setup)
+        self._libraries = tuple(libraries)
+        self._prelude: bytes | None = None
         self._baseline: frozenset[str] | None = None
         self.singleton: LuaEngine | None = None
         self.singleton_state = ScriptState(self.root / singleton_script)
@@ -119,13 +122,33 @@ class ScriptSet:
             max_memory_mb=self.options.max_memory_mb,
             native_path=self.options.native_path,
             hook_count=self.options.hook_count,
-            setup=self.setup,
             search_path=f"{self.root}/?.lua;{self.root}/?/init.lua",
+            prelude=self.prelude,
         )
+
+    @property
+    def prelude(self) -> bytes:
+        """The prelude with this set's exports and setup Lua, compiled once for all its engines."""
+        if self._prelude is None:
+            self._prelude = build_prelude(self.exports, self._setup, self._libraries)
+        return self._prelude
 
     def add_export(self, name: str, export: Export) -> None:
         """Add a global for every engine created from now on (call before :meth:`start`)."""
         self.exports[name] = export
+        self._prelude = None
+
+    def add_setup(self, source: str) -> None:
+        """Lua run in every engine created from now on, after the exports are bound (helpers
+        written in Lua; call before :meth:`start`)."""
+        self._setup = (*self._setup, source)
+        self._prelude = None
+
+    def add_library(self, library: LuaLibrary) -> None:
+        """Lua functions every engine created from now on has, compiled in an engine only when
+        one is first called (call before :meth:`start`)."""
+        self._libraries = (*self._libraries, library)
+        self._prelude = None
 
     async def start(self) -> None:
         await self.reload(force=True)

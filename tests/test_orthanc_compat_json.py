@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from dicomproxy.scripting.orthanc import LUA_SHIM, lua_print
+from dicomproxy.scripting.orthanc import LUA_SHIM, SHIM_FUNCTIONS, lua_print
 from dicomproxy.scripting.orthanc_json import dump_json, lua_tonumber, lua_tostring, parse_json, print_recursive
-from middleware import Export, LuaEngine, compile_chunk
+from middleware import Export, LuaEngine, LuaLibrary
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ def engine() -> Any:
             "_OrthancRestApi": Export(rest, is_async=True),
             "_OrthancHttp": Export(http, is_async=True, pass_engine=True),
         },
-        setup=(compile_chunk(LUA_SHIM, "orthanc"),),
+        libraries=(LuaLibrary("orthanc", LUA_SHIM, SHIM_FUNCTIONS),),
     )
     e.calls = calls
     yield e

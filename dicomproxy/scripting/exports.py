@@ -24,10 +24,10 @@ lua_log = logging.getLogger("dicomproxy.lua")
 
 TASK_SCRIPT = "main-task.lua"
 
-# Lua-side helpers, compiled once and loaded into every engine.
+# A Lua library (compiled in an engine on its first call): returns its functions.
 REQUIRE_NATIVE_LUA = r"""
 local searchpath, loadlib, loaded, error = package.searchpath, package.loadlib, package.loaded, error
-function requireNative(name)
+local function requireNative(name)
   if type(name) ~= "string" then
     error("requireNative expects a module name, e.g. requireNative(\"socket.core\")", 2)
   end
@@ -44,6 +44,7 @@ function requireNative(name)
   loaded[name] = module
   return module
 end
+return { requireNative = requireNative }
 """
 
 

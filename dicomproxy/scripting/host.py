@@ -28,6 +28,7 @@ from middleware import (
     Export,
     LuaEngine,
     LuaError,
+    LuaLibrary,
     ScriptSet,
     TransientScope,
     compile_chunk,
@@ -54,7 +55,7 @@ class ScriptHost:
             reload_interval=lua.reload_interval_ms / 1000.0,
             on_error=self._script_failed,
             on_loaded=self._singleton_loaded,
-            setup=(compile_chunk(exports.REQUIRE_NATIVE_LUA, "requireNative"),),
+            libraries=(LuaLibrary("requireNative", exports.REQUIRE_NATIVE_LUA, ("requireNative",)),),
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self.add_export("LogDebug", exports.log_debug, pass_engine=True)
@@ -82,8 +83,15 @@ class ScriptHost:
         self._loaded_hooks.append(hook)
 
     def add_lua(self, source: str, name: str) -> None:
-        """Lua run in every engine after the exports are bound (helpers written in Lua); before start."""
-        self.scripts.setup = (*self.scripts.setup, compile_chunk(source, name))
+        """Lua run in every engine after the exports are bound (helpers written in Lua); before start.
+        ``name`` is for the error if it does not compile."""
+        compile_chunk(source, name)  # one that does not compile fails here, by its name
+        self.scripts.add_setup(source)
+
+    def add_library(self, name: str, source: str, functions: tuple[str, ...]) -> None:
+        """Lua functions (``source`` returns them in a table) that every engine has as globals,
+        compiled in an engine on the first call of one of them; before start."""
+        self.scripts.add_library(LuaLibrary(name, source, functions))
 
     async def _singleton_loaded(self, engine: LuaEngine) -> None:
         for hook in self._loaded_hooks:

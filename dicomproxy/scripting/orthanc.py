@@ -53,12 +53,16 @@ __all__ = ["OrthancLayer", "install", "orthanc_id"]
 # string that is not UTF-8 (a DICOM file from RestApiGet('/instances/x/file')) is sent with its
 # bytes mapped one to one onto U+0080..U+00FF and flagged; Python gets the exact bytes back.
 # string.gsub with a table runs in C: ~ tens of MB/s.
+# A library (compiled in an engine on the first call of one of its functions): the private
+# exports (_Orthanc*) come as its argument, its functions go back in a table.
 LUA_SHIM = r"""
-local rest, http, parse, say = _OrthancRestApi, _OrthancHttp, _OrthancParseJson, _OrthancPrint
-_OrthancRestApi, _OrthancHttp, _OrthancParseJson, _OrthancPrint = nil, nil, nil, nil
+local private = ...
+local rest, http, parse, say = private._OrthancRestApi, private._OrthancHttp, private._OrthancParseJson,
+  private._OrthancPrint
 local type, tostring, select, concat = type, tostring, select, table.concat
 local utf8len, gsub, char = utf8.len, string.gsub, string.char
-local LATIN1 = nil  -- built on first binary body: this chunk runs in every (transient) engine
+local LATIN1 = nil  -- built on first binary body
+local M = {}
 
 local function body(b)
   if type(b) == "number" then b = tostring(b) end
@@ -70,16 +74,16 @@ local function body(b)
   return (gsub(b, "[\128-\255]", LATIN1)), true
 end
 
-function RestApiGet(uri, builtin, headers) return rest("GET", uri, nil, false, headers) end
-function RestApiPost(uri, data, builtin, headers) local b, l = body(data) return rest("POST", uri, b, l, headers) end
-function RestApiPut(uri, data, builtin, headers) local b, l = body(data) return rest("PUT", uri, b, l, headers) end
-function RestApiDelete(uri, builtin, headers) return rest("DELETE", uri, nil, false, headers) end
-function HttpGet(url, headers) return http("GET", url, nil, false, headers) end
-function HttpPost(url, data, headers) local b, l = body(data) return http("POST", url, b, l, headers) end
-function HttpPut(url, data, headers) local b, l = body(data) return http("PUT", url, b, l, headers) end
-function HttpDelete(url, headers) return http("DELETE", url, nil, false, headers) end
+function M.RestApiGet(uri, builtin, headers) return rest("GET", uri, nil, false, headers) end
+function M.RestApiPost(uri, data, builtin, headers) local b, l = body(data) return rest("POST", uri, b, l, headers) end
+function M.RestApiPut(uri, data, builtin, headers) local b, l = body(data) return rest("PUT", uri, b, l, headers) end
+function M.RestApiDelete(uri, builtin, headers) return rest("DELETE", uri, nil, false, headers) end
+function M.HttpGet(url, headers) return http("GET", url, nil, false, headers) end
+function M.HttpPost(url, data, headers) local b, l = body(data) return http("POST", url, b, l, headers) end
+function M.HttpPut(url, data, headers) local b, l = body(data) return http("PUT", url, b, l, headers) end
+function M.HttpDelete(url, headers) return http("DELETE", url, nil, false, headers) end
 -- Orthanc's print: one log line, arguments joined by ", " (C stdout would be block-buffered).
-function print(...)
+function M.print(...)
   local parts = {}
   for i = 1, select("#", ...) do
     local s = tostring((select(i, ...)))
@@ -89,12 +93,16 @@ function print(...)
   say(concat(parts, ", "))
 end
 
-function ParseJson(s)
+function M.ParseJson(s)
   if type(s) == "number" then s = tostring(s) end
   if type(s) ~= "string" or not utf8len(s) then return nil end
   return parse(s)
 end
+
+return M
 """
+SHIM_FUNCTIONS = ("RestApiGet", "RestApiPost", "RestApiPut", "RestApiDelete", "HttpGet", "HttpPost", "HttpPut",
+                  "HttpDelete", "print", "ParseJson")
 
 REST_NAMES = {"GET": "RestApiGet", "POST": "RestApiPost", "PUT": "RestApiPut", "DELETE": "RestApiDelete"}
 HTTP_NAMES = {"GET": "HttpGet", "POST": "HttpPost", "PUT": "HttpPut", "DELETE": "HttpDelete"}
@@ -312,7 +320,7 @@ class OrthancLayer:
         host.add_export("SendToPeer", self.send_to_peer, is_async=True)
         host.add_export("ModifyInstance", self.modify_instance, is_async=True)
         host.add_export("Delete", self.delete, is_async=True)
-        host.add_lua(LUA_SHIM, "orthanc")
+        host.add_library("orthanc", LUA_SHIM, SHIM_FUNCTIONS)
         host.add_loaded_hook(self.lifecycle.loaded)
         fail_open = self.settings.lua.fail_open or "IncomingHttpRequestFilter" in self.settings.lua.fail_open_hooks
         self.gateway.add_middleware(lambda app: OrthancHttpFilter(app, host, self.deletions, fail_open=fail_open))
