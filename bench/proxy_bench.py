@@ -393,20 +393,22 @@ def report(
                         f"{share:.1%}{rounds(shares, '.1%')}; proxy CPU per object {fmt_us(mine)} vs {fmt_us(theirs)}",
                     )
                 )
-    added_us = paired("gw-transient", "gw-none", "json", 1, lambda a, b: (1 / a.rps - 1 / b.rps) * 1e6)
+    # A transient engine's own cost: the same two hooks, in a fresh engine per request instead of
+    # the singleton. (Over no script at all, the hooks' own work counts too; printed alongside.)
+    added_us = paired("gw-transient", "gw-singleton", "json", 1, lambda a, b: (1 / a.rps - 1 / b.rps) * 1e6)
     if added_us:
         added = median(added_us)
-        p50 = median(paired("gw-transient", "gw-none", "json", 1, lambda a, b: a.p50_us - b.p50_us))
-        vs_single = paired("gw-transient", "gw-singleton", "json", 1, lambda a, b: (1 / a.rps - 1 / b.rps) * 1e6)
+        p50 = median(paired("gw-transient", "gw-singleton", "json", 1, lambda a, b: a.p50_us - b.p50_us))
         detail = f"{added:+.0f} µs{rounds(added_us, '+.0f')}; p50 difference {p50:+.0f} µs"
-        if vs_single:
-            detail += f"; vs singleton hooks {median(vs_single):+.0f} µs"
-        t_cpu, n_cpu = cpu("gw-transient", "json", 1), cpu("gw-none", "json", 1)
-        detail += f"; cross-check, gateway CPU per request {fmt_us(t_cpu)} vs {fmt_us(n_cpu)} ({t_cpu - n_cpu:+.0f} µs)"
+        vs_none = paired("gw-transient", "gw-none", "json", 1, lambda a, b: (1 / a.rps - 1 / b.rps) * 1e6)
+        if vs_none:
+            detail += f"; transient hooks vs no script {median(vs_none):+.0f} µs"
+        t_cpu, s_cpu = cpu("gw-transient", "json", 1), cpu("gw-singleton", "json", 1)
+        detail += f"; cross-check, gateway CPU per request {fmt_us(t_cpu)} vs {fmt_us(s_cpu)} ({t_cpu - s_cpu:+.0f} µs)"
         checks.append(
             (
-                f"transient hooks add <= {TRANSIENT_MAX_US:.0f} µs per request vs no script "
-                "(json, 1 conn, mean time per request = 1/req/s)",
+                f"a transient engine adds <= {TRANSIENT_MAX_US:.0f} µs per request over the same hooks in the "
+                "singleton (json, 1 conn, mean time per request = 1/req/s)",
                 added <= TRANSIENT_MAX_US,
                 detail,
             )
