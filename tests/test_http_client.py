@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from dicomproxy.http_client import (
-    HIGH_WATER,
     BrokenResponse,
     ConnectError,
     ConnectionPool,
@@ -200,9 +199,29 @@ async def test_truncated_and_invalid_answers_raise_broken_response() -> None:
             await pool.request(b"GET", b"/garbage", [])
 
 
-async def test_reading_pauses_while_the_consumer_is_slow() -> None:
-    size = 16 * HIGH_WATER
+async def slow_reads(pool: ConnectionPool, count: int, size: int) -> tuple[list[int], int]:
+    """Read ``count`` answers at once, pausing after each chunk: the peak bytes each held, and
+    the peak the pool held for all of them together."""
+    pool_peak = 0
 
+    async def one(target: bytes) -> int:
+        nonlocal pool_peak
+        response = await pool.request(b"GET", target, [])
+        got = peak = 0
+        while chunk := await response.read():
+            got += len(chunk)
+            peak = max(peak, response._buffered)
+            pool_peak = max(pool_peak, pool.buffered)
+            await asyncio.sleep(0.002)
+        response.close()
+        assert got == size
+        return peak
+
+    peaks = await asyncio.gather(*(one(b"/%d" % i) for i in range(count)))
+    return peaks, pool_peak
+
+
+def big_answers(size: int) -> Handler:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % size)
@@ -211,17 +230,30 @@ async def test_reading_pauses_while_the_consumer_is_slow() -> None:
             writer.write(block)
             await writer.drain()
 
-    async with Scripted(handler) as up:
-        pool = ConnectionPool(up.url)
-        response = await pool.request(b"GET", b"/", [])
-        got = peak = 0
-        while chunk := await response.read():
-            got += len(chunk)
-            peak = max(peak, response._buffered)
-            await asyncio.sleep(0.002)
-        response.close()
-        assert got == size
-        assert peak < HIGH_WATER + 512 * 1024, f"{peak} bytes were buffered for a slow reader"
+    return handler
+
+
+async def test_reading_pauses_while_the_consumer_is_slow() -> None:
+    read_ahead = 1 << 20
+    size = 16 * read_ahead
+    async with Scripted(big_answers(size)) as up:
+        pool = ConnectionPool(up.url, read_ahead=read_ahead)
+        [peak], _ = await slow_reads(pool, 1, size)
+        assert read_ahead // 2 < peak < read_ahead + 512 * 1024, f"{peak} bytes were buffered for a slow reader"
+        assert pool.buffered == 0
+
+
+async def test_past_the_buffer_budget_every_answer_reads_ahead_less() -> None:
+    read_ahead, size = 2 << 20, 12 << 20
+    async with Scripted(big_answers(size)) as up:
+        unbounded = ConnectionPool(up.url, read_ahead=read_ahead, buffer_budget=1 << 40)
+        _, unbounded_peak = await slow_reads(unbounded, 4, size)
+        pool = ConnectionPool(up.url, read_ahead=read_ahead, buffer_budget=3 << 20)
+        _, pool_peak = await slow_reads(pool, 4, size)
+        # past 3 MB each answer is held to 256 KB: at most the budget plus ~2 chunks per answer
+        assert unbounded_peak > 6 << 20, f"without a budget four answers held only {unbounded_peak} bytes"
+        assert pool_peak < (3 << 20) + 4 * (512 << 10), f"the pool held {pool_peak} bytes past a 3 MB budget"
+        assert pool.buffered == 0
 
 
 # --------------------------------------------------------------------------- request bodies
