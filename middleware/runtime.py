@@ -315,25 +315,24 @@ class LuaEngine:
         """Run one of the prelude's call operations (``HTTP``: an HTTP hook) to its end."""
         return await self._run(op, timeout_ms, *args)
 
-    async def _run(self, op: int, timeout_ms: int | None, *args: Any) -> tuple[Any, ...]:
+    def _enter(self, op: int, timeout_ms: int | None, *args: Any) -> tuple[tuple[Any, ...], float, float]:
+        """The first step of a call under its budget: (what Lua returned, deadline, budget in s)."""
         budget = (self.timeout_ms if timeout_ms is None else timeout_ms) / 1000.0
         deadline = time.monotonic() + budget if budget > 0 else math.inf
         try:
-            r = self._entry(op, deadline, *args)
+            return self._entry(op, deadline, *args), deadline, budget
         except lupa.LuaMemoryError:
-            raise LuaMemoryError(f"{self.script}: out of memory (Lua:MaxMemoryMB)") from None
+            raise self._out_of_memory() from None
+
+    async def _run(self, op: int, timeout_ms: int | None, *args: Any) -> tuple[Any, ...]:
+        r, deadline, budget = self._enter(op, timeout_ms, *args)
         if r[0] == "await":
             r = await self._drive(r, deadline)
         return self._outcome(r, budget)
 
     def _begin(self, op: int, timeout_ms: int | None, *args: Any) -> Awaitable[Any] | None:
         """Synchronous start of :meth:`_run`: None when done, else an awaitable for the rest."""
-        budget = (self.timeout_ms if timeout_ms is None else timeout_ms) / 1000.0
-        deadline = time.monotonic() + budget if budget > 0 else math.inf
-        try:
-            r = self._entry(op, deadline, *args)
-        except lupa.LuaMemoryError:
-            raise LuaMemoryError(f"{self.script}: out of memory (Lua:MaxMemoryMB)") from None
+        r, deadline, budget = self._enter(op, timeout_ms, *args)
         if r[0] != "await":
             self._outcome(r, budget)
             return None
@@ -353,7 +352,7 @@ class LuaEngine:
             tid = 0
             return r
         except lupa.LuaMemoryError:
-            raise LuaMemoryError(f"{self.script}: out of memory (Lua:MaxMemoryMB)") from None
+            raise self._out_of_memory() from None
         finally:
             if tid and self._entry is not None:
                 self._entry(DROP, tid)
@@ -374,9 +373,12 @@ class LuaEngine:
             raise _split(message, self.script)
         raise self._script_error(str(r[1]))
 
+    def _out_of_memory(self, traceback: str = "") -> LuaMemoryError:
+        return LuaMemoryError(f"{self.script}: out of memory (Lua:MaxMemoryMB)", traceback)
+
     def _script_error(self, message: str) -> LuaError:
         if "not enough memory" in message.partition("\n")[0]:
-            return LuaMemoryError(f"{self.script}: out of memory (Lua:MaxMemoryMB)", message)
+            return self._out_of_memory(message)
         return _split(message, self.script)
 
     async def _await(self, token: int, deadline: float) -> tuple[Any, ...]:
