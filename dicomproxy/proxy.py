@@ -37,14 +37,13 @@ log = logging.getLogger("dicomproxy.proxy")
 
 HOP_BY_HOP = frozenset(
     {
-        "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
-        "te", "trailer", "trailers", "transfer-encoding", "upgrade",
+        b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"proxy-connection",
+        b"te", b"trailer", b"trailers", b"transfer-encoding", b"upgrade",
     }
 )
 # Expect: the gateway answers "100 Continue" itself (uvicorn does, when the proxy reads the body);
-# forwarded, it made aiohttp wait for a 100 that Orthanc never sends: curl uploads hung.
-HOP_BY_HOP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP)
-_SKIP_REQUEST = HOP_BY_HOP_BYTES | {b"host", b"content-length", b"expect"}
+# forwarded, the upstream would be asked for a 100 that the client has already had.
+_SKIP_REQUEST = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
 CHUNK = 256 * 1024
 
 
@@ -89,6 +88,14 @@ class Upstream:
             await self._session.close()
 
 
+def _with_connection_tokens(names: frozenset[bytes], headers: Headers) -> frozenset[bytes]:
+    """``names`` plus the headers a ``Connection`` header lists: those are hop-by-hop too."""
+    for k, v in headers:
+        if k.lower() == b"connection":
+            names = names | {t.strip().lower() for t in v.split(b",")}
+    return names
+
+
 def _json_error(status: int, error: str, **fields: Any) -> tuple[int, bytes]:
     return status, json.dumps({"error": error, **fields}).encode()
 
@@ -112,10 +119,7 @@ class ReverseProxy:
     def _request_headers(scope: dict[str, Any]) -> tuple[Headers, bool, int | None]:
         """What goes upstream: hop-by-hop and framing headers dropped, ``X-Forwarded-*`` added."""
         raw = scope["headers"]
-        drop = _SKIP_REQUEST
-        for k, v in raw:
-            if k.lower() == b"connection":
-                drop = drop | {t.strip().lower() for t in v.split(b",")}
+        drop = _with_connection_tokens(_SKIP_REQUEST, raw)
         headers: Headers = []
         host = b""
         forwarded_for = b""
@@ -193,10 +197,7 @@ class ReverseProxy:
                 scope["method"].encode(), target, headers,
                 body() if has_body else None, content_length if has_body else None,
             )
-            drop = HOP_BY_HOP_BYTES
-            for k, v in response.headers:
-                if k == b"connection":
-                    drop = drop | {t.strip().lower() for t in v.split(b",")}
+            drop = _with_connection_tokens(HOP_BY_HOP, response.headers)
             out = [(k, v) for k, v in response.headers if k not in drop]
             started = True
             await send({"type": "http.response.start", "status": response.status, "headers": out})
