@@ -362,6 +362,15 @@ def _study_in_orthanc(orthanc: OrthancServer, n: int) -> tuple[str, set[str]]:
     return study, uids
 
 
+
+def _study_retrieve_args(calling_aet: str, gateway: Any, study: str) -> list[str]:
+    """movescu/getscu arguments for a study-level retrieve from the gateway's DICOM side."""
+    return [
+        "-S", "-aet", calling_aet, "-aec", gateway.aet, LOOPBACK, str(gateway.dicom_port),
+        "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}",
+    ]
+
+
 def test_cmove_to_storescp_and_unknown_destination(
     gateway_factory: Any, fresh_orthanc: OrthancServer, storescp_factory: Any
 ) -> None:
@@ -372,19 +381,7 @@ def test_cmove_to_storescp_and_unknown_destination(
         {"Dicom": {"Modalities": {"dest": {"Aet": dest.aet, "Host": LOOPBACK, "Port": dest.port}}}},
         {"main.lua": script},
     )
-    common = [
-        "-S",
-        "-aet",
-        "MOVER",
-        "-aec",
-        gateway.aet,
-        LOOPBACK,
-        str(gateway.dicom_port),
-        "-k",
-        "QueryRetrieveLevel=STUDY",
-        "-k",
-        f"StudyInstanceUID={study}",
-    ]
+    common = _study_retrieve_args("MOVER", gateway, study)
     moved = run_dcmtk("movescu", "-v", "-aem", dest.aet, *common)
     files = dest.wait_for_files(5)
     assert {str(pydicom.dcmread(f).SOPInstanceUID) for f in files} == uids
@@ -401,20 +398,7 @@ def test_cget_streams_back_and_oncget_may_refuse(
     study, uids = _study_in_orthanc(fresh_orthanc, 4)
     script = 'function onCGet(request, assoc) if request.AccessionNumber == "REFUSE" then return false end end\n'
     gateway = gateway_factory(scripts={"main.lua": script})
-    common = [
-        "-S",
-        "-v",
-        "-aet",
-        "GETTER",
-        "-aec",
-        gateway.aet,
-        LOOPBACK,
-        str(gateway.dicom_port),
-        "-k",
-        "QueryRetrieveLevel=STUDY",
-        "-k",
-        f"StudyInstanceUID={study}",
-    ]
+    common = ["-v", *_study_retrieve_args("GETTER", gateway, study)]
     out = tmp_path / "got"
     out.mkdir()
     run_dcmtk("getscu", *common, "-od", str(out))
