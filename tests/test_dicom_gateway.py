@@ -362,7 +362,6 @@ def _study_in_orthanc(orthanc: OrthancServer, n: int) -> tuple[str, set[str]]:
     return study, uids
 
 
-
 def _study_retrieve_args(calling_aet: str, gateway: Any, study: str) -> list[str]:
     """movescu/getscu arguments for a study-level retrieve from the gateway's DICOM side."""
     return [
