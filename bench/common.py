@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import io
 import json
 import os
 import platform
@@ -372,54 +371,19 @@ def lua_modules() -> list[str]:
 
 # --------------------------------------------------------------------------- DICOM data
 def make_dicom(rows: int, cols: int, *, patient_id: str, description: str = "Bench") -> tuple[bytes, str]:
-    """An uncompressed 16-bit CT instance with ``rows x cols`` pixels; returns (bytes, SOP UID)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+    """An uncompressed 16-bit CT instance with ``rows x cols`` pixels; returns (bytes, SOP UID).
 
-    sop_class = "1.2.840.10008.5.1.4.1.1.2"
-    sop_uid = generate_uid()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = sop_uid
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.StudyDate, ds.StudyTime, ds.SeriesDate = "20240102", "101500", "20240102"
-    ds.AccessionNumber = "ACC" + patient_id
-    ds.Modality = "CT"
-    ds.Manufacturer = "DicomProxyBench"
-    ds.InstitutionName = "Bench Hospital"
-    ds.ReferringPhysicianName = "Ref^Doctor"
-    ds.StudyDescription = description
-    ds.SeriesDescription = description + " series"
-    ds.PatientName = "Bench^Patient"
-    ds.PatientID = patient_id
-    ds.PatientBirthDate = "19700101"
-    ds.PatientSex = "O"
-    ds.StudyID = "1"
-    ds.SeriesNumber = 1
-    ds.InstanceNumber = 1
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    ds.ImagePositionPatient = [0, 0, 1.0]
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.PixelSpacing = [0.5, 0.5]
-    ds.SliceThickness = 1
-    ds.RescaleIntercept, ds.RescaleSlope, ds.KVP = -1024, 1, 120
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = rows, cols
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    row = b"".join((i % 4096).to_bytes(2, "little") for i in range(cols))
-    ds.PixelData = row * rows
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue(), sop_uid
+    Made by the tests' generator (``tests/dicom_samples.py``), so bench and tests build alike."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from tests.dicom_samples import make_instance
+
+    data, sop_uid = make_instance(
+        patient_id=patient_id, patient_name="Bench^Patient", size=(rows, cols),
+        AccessionNumber="ACC" + patient_id, StudyDescription=description, SeriesDescription=description + " series",
+    )
+    assert isinstance(data, bytes)
+    return data, sop_uid
 
 
 # --------------------------------------------------------------------------- wrk
