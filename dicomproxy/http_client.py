@@ -145,6 +145,7 @@ class Response:
         self._waiter: asyncio.Future[None] | None = None
         self._remaining = -1  # Content-Length bytes still to come, once the parser is bypassed
         self._length: int | None = None
+        self._until_close = False  # no Content-Length, not chunked: the body ends with the connection
         self._received = 0  # any byte of the answer seen (a stale connection sees none)
         self._complete = False
         self._error: UpstreamError | None = None
@@ -175,6 +176,8 @@ class Response:
             elif name == b"transfer-encoding":
                 self._length = None
                 break
+        else:
+            self._until_close = self._length is None
         if self._head_only or status in (204, 304):
             self._complete = True
         if not self._head.done():
@@ -226,8 +229,8 @@ class Response:
     def _connection_lost(self, exc: Exception | None) -> None:
         if self._complete:
             return
-        if self.status and self._length is None and not self._chunked():
-            self._complete = True  # a body delimited by the end of the connection
+        if self._until_close:
+            self._complete = True  # the body is delimited by the end of the connection
             self._keep_alive = False
             self._wake()
             return
@@ -240,9 +243,6 @@ class Response:
             self._fail(BrokenResponse(f"the upstream closed the connection without answering{why}"))
 
     # ---------------------------------------------------------------- internals
-    def _chunked(self) -> bool:
-        return any(n == b"transfer-encoding" for n, _ in self.headers)
-
     def _push(self, data: bytes) -> None:
         self._chunks.append(data)
         size = len(data)
