@@ -464,7 +464,7 @@ MICRO_CHILD = r"""
 import asyncio, gc, json, shutil, sys, time
 from pathlib import Path
 from dicomproxy.app import build_gateway
-from dicomproxy.settings import load_settings
+from dicomproxy.config.settings import load_settings
 
 workdir, hooks, n = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 only = sys.argv[4] if len(sys.argv) > 4 else ""  # "count:<variant>": one untimed pass, for callgrind
@@ -486,7 +486,7 @@ async def measure(variant):
         (scripts / ("main.lua" if variant == "singleton" else "main-transient.lua")).write_text(hooks)
     gateway = build_gateway(load_settings(str(workdir / "appsettings.json")))
     gateway.mount("/", dummy)  # every path: the dummy app stands in for the proxy
-    await gateway.host.start()
+    await gateway.lua.start()
     app = gateway.build()
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
              "scheme": "http", "path": "/series/x", "raw_path": b"/series/x", "query_string": b"",
@@ -505,7 +505,7 @@ async def measure(variant):
             await app(dict(scope), receive, send)
             await asyncio.sleep(0)
         gc.collect()
-        await gateway.host.stop()
+        await gateway.lua.stop()
         return 0.0
     for _ in range(3):
         for _ in range(n // 10):
@@ -521,7 +521,7 @@ async def measure(variant):
     headers = {k for k, _ in sent[0]["headers"]}
     if variant != "none" and b"x-served-by" not in headers:
         raise SystemExit(f"{variant}: the hooks did not run")
-    await gateway.host.stop()
+    await gateway.lua.stop()
     return best
 
 async def main():

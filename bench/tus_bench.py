@@ -46,7 +46,7 @@ STANDALONE = """
 import sys, logging
 from pathlib import Path
 import uvicorn
-from dicomproxy.settings import TusSettings
+from dicomproxy.config.settings import TusSettings
 from dicomproxy.tus.protocol import TusApp
 port, folder, fsync, mode = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
 batch = 0 if mode == "aiofiles" else int(mode)

@@ -12,35 +12,30 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from dicomproxy.api import UpstreamMonitor, build_api
-from dicomproxy.auth import BasicAuthMiddleware
+from dicomproxy_middleware import LuaHttpMiddleware
+
+from dicomproxy import dicom, tus, ui
 from dicomproxy.commands import Commands
-from dicomproxy.events import EventBus
+from dicomproxy.config.settings import Settings
+from dicomproxy.host import Component, HealthCheck, Host
+from dicomproxy.http.api import build_api
+from dicomproxy.http.auth import BasicAuthMiddleware
+from dicomproxy.http.proxy import ReverseProxy
 from dicomproxy.metrics import Metrics
-from dicomproxy.proxy import ReverseProxy, Upstream
+from dicomproxy.notify import mail, notifications
+from dicomproxy.notify.events import EventBus
+from dicomproxy.scripting import orthanc
 from dicomproxy.scripting.host import ScriptHost
-from dicomproxy.settings import Settings
 from dicomproxy.tasks import TaskQueue
-from middleware import LuaHttpMiddleware
+from dicomproxy.upstream import Upstream
+from dicomproxy.upstream.monitor import UpstreamMonitor
 
 log = logging.getLogger("dicomproxy")
 
 
-def mount_subpath(scope: dict[str, Any], prefix: str) -> str:
-    """The path below a mount ``prefix`` (``/dicomproxy/ui/static/x.js`` -> ``/static/x.js``),
-    whether the mount hands over the full path or strips its ``root_path``."""
-    path: str = scope.get("path", "")
-    root = scope.get("root_path", "")
-    if root and path.startswith(root):
-        path = path[len(root):]
-    prefix = prefix.rstrip("/")
-    if path.startswith(prefix):
-        path = path[len(prefix):]
-    return "/" + path.strip("/")
-
-
 class Gateway:
-    """The application object: owns every component; features attach through ``install``."""
+    """The application object: owns every component; features attach through ``install``.
+    It implements :class:`dicomproxy.host.Host`, the only face of it that features see."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -49,15 +44,15 @@ class Gateway:
         self.metrics = Metrics()
         self.commands = Commands()
         self.tasks = TaskQueue(settings.data_folder / "tasks", workers=settings.lua.background_workers, bus=self.bus)
-        self.host = ScriptHost(settings, bus=self.bus, tasks=self.tasks, commands=self.commands)
+        self.lua = ScriptHost(settings, bus=self.bus, tasks=self.tasks, commands=self.commands)
         self.upstream = Upstream(settings.upstream)
         self.proxy = ReverseProxy(self.upstream, self.metrics)
-        self.monitor = UpstreamMonitor(self)
-        self.health_checks: dict[str, Callable[[], dict[str, Any]]] = {}
+        self.monitor = UpstreamMonitor(self.upstream, self.bus)
+        self.health_checks: dict[str, HealthCheck] = {}
         self._mounts: list[tuple[str, str, Any]] = []
         self._middleware: list[Callable[[Any], Any]] = []
-        self._components: list[Any] = [self.upstream, self.tasks, self.host, self.monitor]
-        self._started: list[Any] = []
+        self._components: list[Component] = [self.upstream, self.tasks, self.lua, self.monitor]
+        self._started: list[Component] = []
         api = build_api(self)
         for path in ("/dicomproxy/health", "/dicomproxy/metrics", "/dicomproxy/tasks"):
             self.mount(path, api)
@@ -79,17 +74,17 @@ class Gateway:
         """``wrap(app) -> app``: an ASGI layer inside authentication, outside the Lua HTTP hooks."""
         self._middleware.append(wrap)
 
-    def add_component(self, component: Any) -> None:
+    def add_component(self, component: Component) -> None:
         """``await component.start()`` at startup and ``await component.stop()`` at shutdown."""
         self._components.append(component)
 
-    def add_health(self, name: str, fn: Callable[[], dict[str, Any]]) -> None:
-        self.health_checks[name] = fn
+    def add_health(self, name: str, check: HealthCheck) -> None:
+        self.health_checks[name] = check
 
     # ------------------------------------------------------------------ ASGI
     def build(self) -> Any:
         lua = self.settings.lua
-        app: Any = LuaHttpMiddleware(self._route, self.host.scripts, fail_open=lua.fail_open or lua.fail_open_hooks)
+        app: Any = LuaHttpMiddleware(self._route, self.lua.scripts, fail_open=lua.fail_open or lua.fail_open_hooks)
         for wrap in self._middleware:
             app = wrap(app)
         if self.settings.users:
@@ -145,24 +140,22 @@ class Gateway:
                 return
 
 
-FEATURES = ("dicomproxy.tus", "dicomproxy.dicom", "dicomproxy.notifications", "dicomproxy.mail", "dicomproxy.ui",
-            "dicomproxy.scripting.orthanc")
+Feature = Callable[[Host], object]
+
+# Installed in this order (each ``install(host)`` mounts routes, adds components, exports, health).
+FEATURES: tuple[Feature, ...] = (
+    tus.install,
+    dicom.install,
+    notifications.install,
+    mail.install,
+    ui.install,
+    orthanc.install,
+)
 
 
-def build_gateway(settings: Settings) -> Gateway:
-    """The gateway with every feature installed (each feature package has ``install(gateway)``)."""
-    import importlib
-
+def build_gateway(settings: Settings, features: tuple[Feature, ...] = FEATURES) -> Gateway:
+    """The gateway with every feature installed."""
     gateway = Gateway(settings)
-    for name in FEATURES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
-            log.debug("feature %s not present", name)
-            continue
-        install = getattr(module, "install", None)
-        if install is not None:
-            install(gateway)
+    for install in features:
+        install(gateway)
     return gateway

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from dicomproxy import __version__
-from dicomproxy.settings import ConfigError, Settings, load_settings
+from dicomproxy.config.settings import ConfigError, Settings, load_settings
 
 
 def _settings(path: str | None) -> Settings:
@@ -106,8 +106,9 @@ def serve(args: argparse.Namespace) -> int:
 
 def check(args: argparse.Namespace) -> int:
     """Load every script the way the gateway would; print each error as ``file:line: message``."""
+    from dicomproxy_middleware import LuaError
+
     from dicomproxy.app import build_gateway
-    from middleware import LuaError
 
     settings = _settings(args.config)
     logging.basicConfig(level=logging.CRITICAL)
@@ -121,7 +122,7 @@ def check(args: argparse.Namespace) -> int:
     async def run() -> int:
         failures = 0
         for path in paths:
-            engine = gateway.host.new_engine("check")
+            engine = gateway.lua.new_engine("check")
             try:
                 await engine.load(path.read_bytes(), str(path))
                 print(f"{path}: ok")

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from middleware import LuaExportError
+from dicomproxy_middleware import LuaExportError
 
 CommandFunc = Callable[[str], Awaitable[Any]]
 

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from dicomproxy.events import EventBus
+from dicomproxy.notify.events import EventBus
 
 log = logging.getLogger("dicomproxy.tasks")
 

@@ -5,9 +5,9 @@ Depends on nothing in ``dicomproxy``: wrap any ASGI app with :class:`LuaHttpMidd
 ``main-transient.lua`` (one engine per request).
 """
 
-from middleware.asgi import LuaHttpMiddleware
-from middleware.http import HttpExchange, call_request_hook, call_response_hook, check_header
-from middleware.runtime import (
+from .asgi import LuaHttpMiddleware
+from .http import HttpExchange, call_request_hook, call_response_hook, check_header
+from .runtime import (
     Export,
     LuaEngine,
     LuaError,
@@ -17,7 +17,7 @@ from middleware.runtime import (
     LuaTimeoutError,
     compile_chunk,
 )
-from middleware.scripts import Dispatch, EngineOptions, ScriptSet, TransientScope
+from .scripts import Dispatch, EngineOptions, ScriptSet, TransientScope
 
 __all__ = [
     "Dispatch",

@@ -28,7 +28,7 @@ import logging
 from collections.abc import Awaitable, Callable, Collection, MutableMapping
 from typing import Any
 
-from middleware.http import (
+from .http import (
     HttpExchange,
     apply_ops,
     call_request_hook,
@@ -36,8 +36,8 @@ from middleware.http import (
     remove_header,
     set_header,
 )
-from middleware.runtime import LuaError, LuaTimeoutError
-from middleware.scripts import ScriptSet, TransientScope
+from .runtime import LuaError, LuaTimeoutError
+from .scripts import ScriptSet, TransientScope
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -45,7 +45,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-log = logging.getLogger("middleware.lua")
+log = logging.getLogger("dicomproxy_middleware.lua")
 
 ON_REQUEST = "onHttpRequest"
 ON_RESPONSE = "onHttpResponse"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from middleware.runtime import HTTP, LuaEngine, LuaError, LuaExportError
+from .runtime import HTTP, LuaEngine, LuaError, LuaExportError
 
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 

@@ -26,7 +26,7 @@ local traceback = debug.traceback
 local next, load = next, load
 
 local deadline = math.huge
-local BUDGET = raw_setmetatable({}, { __tostring = function() return "script ran past its time budget (Lua:TimeoutMs)" end })
+local BUDGET = raw_setmetatable({}, { __tostring = function() return "script ran past its time budget" end })
 local TOKEN = {}
 
 local function hook()

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("middleware.lua")
+log = logging.getLogger("dicomproxy_middleware.lua")
 
 
 def _import_lupa() -> Any:
@@ -123,11 +123,11 @@ class LuaError(Exception):
 
 
 class LuaTimeoutError(LuaError):
-    """The call ran past its time budget (``Lua:TimeoutMs``)."""
+    """The call ran past its time budget (the engine's ``timeout_ms``)."""
 
 
 class LuaMemoryError(LuaError):
-    """The runtime went over its memory cap (``Lua:MaxMemoryMB``)."""
+    """The runtime went over its memory cap (the engine's ``max_memory_mb``)."""
 
 
 class LuaExportError(Exception):
@@ -189,6 +189,8 @@ class LuaEngine:
         max_memory_mb: int = 64,
         native_path: str | None = None,
         hook_count: int = 100_000,
+        timeout_setting: str = "timeout_ms",
+        memory_setting: str = "max_memory_mb",
         setup: Sequence[str] = (),
         search_path: str | None = None,
         prelude: bytes | None = None,
@@ -196,9 +198,12 @@ class LuaEngine:
     ) -> None:
         """``setup``: Lua sources run after the exports are bound (helpers written in Lua).
         ``prelude``: :func:`build_prelude` of ``exports``, ``setup`` and ``libraries``, when the caller keeps one
-        for many engines (else it is built here)."""
+        for many engines (else it is built here). ``timeout_setting`` / ``memory_setting``: what the
+        embedding application calls these two limits, named in the errors so that they say which knob to turn."""
         self.name = name
         self.timeout_ms = timeout_ms
+        self.timeout_setting = timeout_setting
+        self.memory_setting = memory_setting
         self.script: str = ""
         self.lua = lupa.LuaRuntime(
             unpack_returned_tuples=True,
@@ -366,7 +371,7 @@ class LuaEngine:
             raise self._script_error(str(r[2]))
         if status == "budget":
             raise LuaTimeoutError(
-                f"{self.script}: script ran past its time budget of {budget * 1000:.0f} ms (Lua:TimeoutMs)"
+                f"{self.script}: script ran past its time budget of {budget * 1000:.0f} ms ({self.timeout_setting})"
             )
         if status == "compile":
             message = str(r[1])
@@ -374,7 +379,7 @@ class LuaEngine:
         raise self._script_error(str(r[1]))
 
     def _out_of_memory(self, traceback: str = "") -> LuaMemoryError:
-        return LuaMemoryError(f"{self.script}: out of memory (Lua:MaxMemoryMB)", traceback)
+        return LuaMemoryError(f"{self.script}: out of memory ({self.memory_setting})", traceback)
 
     def _script_error(self, message: str) -> LuaError:
         if "not enough memory" in message.partition("\n")[0]:
@@ -386,7 +391,7 @@ class LuaEngine:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             _close(awaitable)
-            raise LuaTimeoutError(f"{self.script}: script ran past its time budget (Lua:TimeoutMs)")
+            raise LuaTimeoutError(f"{self.script}: script ran past its time budget ({self.timeout_setting})")
         try:
             if deadline == math.inf:
                 value = await awaitable
@@ -394,7 +399,7 @@ class LuaEngine:
                 value = await asyncio.wait_for(awaitable, remaining)
         except TimeoutError:
             raise LuaTimeoutError(
-                f"{self.script}: script ran past its time budget while waiting (Lua:TimeoutMs)"
+                f"{self.script}: script ran past its time budget while waiting ({self.timeout_setting})"
             ) from None
         except LuaExportError as e:
             return (False, str(e))

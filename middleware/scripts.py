@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from middleware.runtime import Export, LuaEngine, LuaError, LuaLibrary, build_prelude, full_chunk_path, lupa
+from .runtime import Export, LuaEngine, LuaError, LuaLibrary, build_prelude, full_chunk_path, lupa
 
-log = logging.getLogger("middleware.lua")
+log = logging.getLogger("dicomproxy_middleware.lua")
 
 SINGLETON_SCRIPT = "main.lua"
 TRANSIENT_SCRIPT = "main-transient.lua"
@@ -35,6 +35,9 @@ class EngineOptions:
     max_memory_mb: int = 64
     native_path: str | None = None
     hook_count: int = 100_000
+    # What the embedding application calls the two limits; errors name them.
+    timeout_setting: str = "timeout_ms"
+    memory_setting: str = "max_memory_mb"
 
 
 @dataclass
@@ -122,6 +125,8 @@ class ScriptSet:
             max_memory_mb=self.options.max_memory_mb,
             native_path=self.options.native_path,
             hook_count=self.options.hook_count,
+            timeout_setting=self.options.timeout_setting,
+            memory_setting=self.options.memory_setting,
             search_path=f"{self.root}/?.lua;{self.root}/?/init.lua",
             prelude=self.prelude,
         )

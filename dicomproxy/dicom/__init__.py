@@ -23,7 +23,8 @@ from dicomproxy.dicom.scp import TRANSFER_SYNTAXES, DicomServer
 from dicomproxy.dicom.session import LuaBridge
 from dicomproxy.dicom.spool import Spool, SpoolEntry
 from dicomproxy.dicom.store import StoreService
-from dicomproxy.scripting.orthanc_pacs import orthanc_id
+from dicomproxy.host import Host
+from dicomproxy.scripting.orthanc.pacs import orthanc_id
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +34,12 @@ __all__ = ["DicomComponent", "install"]
 class DicomComponent:
     """Start/stop order: spool (recover), forwarder, then the listening AE; reverse on stop."""
 
-    def __init__(self, gateway: Any) -> None:
+    def __init__(self, gateway: Host) -> None:
         self.gateway = gateway
         settings = gateway.settings
         self.settings = settings.dicom
         self.bridge = LuaBridge(
-            gateway.host,
+            gateway.lua,
             timeout=settings.lua.timeout_ms / 1000.0 + 5.0,
             fail_open=settings.lua.fail_open,
         )
@@ -147,7 +148,7 @@ class DicomComponent:
     # -- forwarder callbacks (event loop) -------------------------------------------------
     async def _on_stored(self, entry: SpoolEntry, result: ForwardResult, data: bytes) -> None:
         self.m_forwarded.inc()
-        host = self.gateway.host
+        host = self.gateway.lua
         assoc = {
             "CallingAE": entry.origin.get("CallingAE", ""),
             "CalledAE": entry.origin.get("CalledAE", ""),
@@ -199,7 +200,7 @@ class DicomComponent:
 
     async def _dispatch(self, name: str, *args: Any) -> None:
         try:
-            await self.gateway.host.dispatch(name, *args)
+            await self.gateway.lua.dispatch(name, *args)
         except Exception as e:
             log.error("%s failed: %s", name, e)
 
@@ -221,7 +222,7 @@ def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts)) if ts else ""
 
 
-def install(gateway: Any) -> None:
+def install(gateway: Host) -> None:
     """Add the DICOM component, its health and metrics, and the send/echo commands."""
     component = DicomComponent(gateway)
     gateway.add_component(component)
@@ -247,7 +248,7 @@ def install(gateway: Any) -> None:
 def _command_error(message: str) -> Exception:
     """A clean Lua error (LuaExportError) when the core provides it."""
     try:
-        from middleware import LuaExportError
+        from dicomproxy_middleware import LuaExportError
     except ImportError:  # pragma: no cover - the core always has it
         return ValueError(message)
     return LuaExportError(message)

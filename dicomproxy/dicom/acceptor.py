@@ -29,10 +29,10 @@ from typing import Any
 
 from pynetdicom import AllStoragePresentationContexts
 
+from dicomproxy.config.settings import DicomSettings
 from dicomproxy.dicom import scu
 from dicomproxy.dicom.session import AssocSession, LuaBridge
 from dicomproxy.dicom.store import StoreService
-from dicomproxy.settings import DicomSettings
 
 log = logging.getLogger(__name__)
 

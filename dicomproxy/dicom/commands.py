@@ -20,9 +20,9 @@ from typing import Any
 
 from pydicom.uid import UID
 
+from dicomproxy.config.settings import DicomSettings
 from dicomproxy.dicom import datasets, scu
 from dicomproxy.dicom.spool import SpoolError, read_file_meta
-from dicomproxy.settings import DicomSettings
 
 SEND_USAGE = 'InternalCmdRun("send", "[folder] [CallingAE:AE@host:port]")'
 ECHO_USAGE = 'InternalCmdRun("echo", "[CallingAE:AE@host:port]")'

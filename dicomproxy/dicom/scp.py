@@ -27,9 +27,9 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
+from dicomproxy.config.settings import DicomSettings
 from dicomproxy.dicom.session import AssocSession, LuaBridge
 from dicomproxy.dicom.store import StoreService
-from dicomproxy.settings import DicomSettings
 
 log = logging.getLogger(__name__)
 

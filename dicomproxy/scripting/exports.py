@@ -15,7 +15,7 @@ import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from middleware import LuaEngine, LuaExportError
+from dicomproxy_middleware import LuaEngine, LuaExportError
 
 if TYPE_CHECKING:
     from dicomproxy.tasks import TaskQueue

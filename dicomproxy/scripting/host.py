@@ -17,12 +17,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from dicomproxy.commands import Commands
-from dicomproxy.events import EventBus
-from dicomproxy.scripting import exports
-from dicomproxy.settings import Settings
-from dicomproxy.tasks import TaskQueue
-from middleware import (
+from dicomproxy_middleware import (
     Dispatch,
     EngineOptions,
     Export,
@@ -33,6 +28,12 @@ from middleware import (
     TransientScope,
     compile_chunk,
 )
+
+from dicomproxy.commands import Commands
+from dicomproxy.config.settings import Settings
+from dicomproxy.notify.events import EventBus
+from dicomproxy.scripting import exports
+from dicomproxy.tasks import TaskQueue
 
 log = logging.getLogger("dicomproxy.scripting")
 
@@ -45,7 +46,8 @@ class ScriptHost:
         self.commands = commands
         lua = settings.lua
         self.options = EngineOptions(
-            timeout_ms=lua.timeout_ms, max_memory_mb=lua.max_memory_mb, native_path=lua.native_path
+            timeout_ms=lua.timeout_ms, max_memory_mb=lua.max_memory_mb, native_path=lua.native_path,
+            timeout_setting="Lua:TimeoutMs", memory_setting="Lua:MaxMemoryMB",
         )
         self._loaded_hooks: list[Callable[[LuaEngine], Awaitable[None]]] = []
         self.scripts = ScriptSet(
@@ -152,6 +154,7 @@ class ScriptHost:
     async def _run_task(self, args: dict[str, Any]) -> Any:
         path = Path(args["script"])
         engine = self.new_engine("background")
+        engine.timeout_setting = "Lua:TaskTimeoutMs"
         try:
             try:
                 source = await asyncio.to_thread(path.read_bytes)

@@ -27,6 +27,7 @@ from dicomproxy.tus.store import Upload, is_valid_id
 
 __all__ = ["TusApp", "TusFeature", "Upload", "install", "TASK_KIND", "CALLBACK"]
 
+from dicomproxy.host import Host
 from dicomproxy.tasks import ReportedFailure
 
 log = logging.getLogger(__name__)
@@ -35,27 +36,26 @@ TASK_KIND = "tus-import"
 CALLBACK = "onTusFileComplete"
 
 
-def install(gateway: Any) -> TusFeature:
+def install(gateway: Host) -> TusFeature:
     feature = TusFeature(gateway)
     gateway.mount(gateway.settings.tus.base_path, feature.app)
     gateway.add_component(feature)
     gateway.tasks.register(TASK_KIND, feature.run_import)
-    if hasattr(gateway, "add_health"):
-        gateway.add_health("tus", feature.health)
+    gateway.add_health("tus", feature.health)
     return feature
 
 
 class TusFeature:
     """The TUS server plus what happens to a finished upload."""
 
-    def __init__(self, gateway: Any) -> None:
+    def __init__(self, gateway: Host) -> None:
         self.gateway = gateway
         self.settings = gateway.settings.tus
         self.app = TusApp(
             self.settings,
             self.on_complete,
             metrics=gateway.metrics,
-            fsync=getattr(self.settings, "fsync", "complete"),
+            fsync=self.settings.fsync,
         )
         self.sweeper = ExpirySweeper(
             self.app.store, self.app.locks, self.settings.expire_after, self.settings.sweep_interval
@@ -64,7 +64,6 @@ class TusFeature:
         self.stow_url = f"{up.url}{up.dicomweb_root}/studies"
         self.stow = StowClient(self.stow_url, self._session, self.settings.import_batch_size,
                                connect_timeout=up.connect_timeout, read_timeout=max(up.read_timeout, 60))
-        self._own_session: aiohttp.ClientSession | None = None
         m = gateway.metrics
         self._m_imported = m.counter("dicomproxy_tus_imports_total", "TUS imports by outcome")
         self._m_instances = m.counter(
@@ -79,20 +78,13 @@ class TusFeature:
     async def stop(self) -> None:
         await self.sweeper.stop()
         await self.app.aclose()
-        if self._own_session is not None:
-            await self._own_session.close()
 
     def health(self) -> dict[str, Any]:
         folder = self.settings.upload_folder
         return {"ok": folder.is_dir(), "folder": str(folder), "basePath": self.settings.base_path}
 
     async def _session(self) -> aiohttp.ClientSession:
-        upstream = getattr(self.gateway, "upstream", None)
-        if upstream is not None and hasattr(upstream, "session"):
-            return await upstream.session()
-        if self._own_session is None or self._own_session.closed:
-            self._own_session = aiohttp.ClientSession()
-        return self._own_session
+        return await self.gateway.upstream.session()
 
     # -- completion ------------------------------------------------------------------------
     async def on_complete(self, upload: Upload) -> None:
@@ -100,8 +92,8 @@ class TusFeature:
         metadata = dict(upload.metadata)
         metadata.update(fileId=upload.id, path=str(upload.path), size=str(upload.size))
         handled = False
-        host = getattr(self.gateway, "host", None)
-        if host is not None and host.defines(CALLBACK):
+        host = self.gateway.lua
+        if host.defines(CALLBACK):
             try:
                 result = await host.dispatch(CALLBACK, metadata)
                 handled = bool(result.handled)

@@ -23,8 +23,8 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from dicomproxy.config.settings import TusSettings
 from dicomproxy.metrics import Metrics
-from dicomproxy.settings import TusSettings
 from dicomproxy.tus import errors
 from dicomproxy.tus import headers as h
 from dicomproxy.tus.errors import TusError

@@ -21,17 +21,15 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.types import Receive, Scope, Send
 
 import dicomproxy
-from dicomproxy.app import mount_subpath
-
-if TYPE_CHECKING:
-    from dicomproxy.app import Gateway
+from dicomproxy.host import Host
+from dicomproxy.http.mount import mount_subpath
 
 log = logging.getLogger(__name__)
 
@@ -158,13 +156,13 @@ class StatusPage:
         }
 
 
-def install(gateway: Gateway) -> StatusPage:
+def install(gateway: Host) -> StatusPage:
     """Mount the page at ``/dicomproxy/ui``."""
     dicom = gateway.settings.dicom
     echo = None
     if "echo" in gateway.commands.names():  # the DICOM side is installed
         up = dicom.upstream
         echo = DicomEcho(gateway.commands, f"{dicom.aet}:{up.aet}@{up.host}:{up.port}")
-    page = StatusPage(gateway.host, gateway.settings.tus.base_path, echo=echo)
+    page = StatusPage(gateway.lua, gateway.settings.tus.base_path, echo=echo)
     gateway.mount(PREFIX, page)
     return page

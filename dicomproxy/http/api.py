@@ -1,0 +1,81 @@
+"""The gateway's own API: ``/dicomproxy/health``, ``/dicomproxy/metrics``, ``/dicomproxy/tasks``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route, Router
+
+from dicomproxy import __version__
+from dicomproxy.host import HealthCheck
+from dicomproxy.metrics import Metrics
+from dicomproxy.scripting.host import ScriptHost
+from dicomproxy.tasks import TaskQueue
+from dicomproxy.upstream.monitor import UpstreamMonitor
+
+log = logging.getLogger("dicomproxy.http.api")
+
+
+class ApiSource(Protocol):
+    """What the API reads: the gateway's state, not the gateway module."""
+
+    started_at: float
+    monitor: UpstreamMonitor
+    health_checks: Mapping[str, HealthCheck]
+    lua: ScriptHost
+    tasks: TaskQueue
+    metrics: Metrics
+
+
+def build_api(gateway: ApiSource) -> Router:
+    async def health(request: Request) -> Response:
+        if request.query_params.get("probe") in ("1", "true"):
+            await gateway.monitor.probe()
+        checks: dict[str, Any] = {"upstream": gateway.monitor.status()}
+        for name, fn in gateway.health_checks.items():
+            try:
+                checks[name] = fn()
+            except Exception as e:  # a broken check is a degraded gateway, not a 500
+                checks[name] = {"ok": False, "error": str(e)}
+        degraded = [n for n, c in checks.items() if isinstance(c, dict) and c.get("ok") is False]
+        if request.scope.get("anonymous"):  # auth is on and no user: no paths, scripts or errors
+            return JSONResponse({"status": "degraded" if degraded else "ok", "degraded": degraded,
+                                 "version": __version__})
+        scripts = gateway.lua.status()
+        return JSONResponse({
+            "status": "degraded" if degraded else "ok",
+            "degraded": degraded,
+            "version": __version__,
+            "uptimeSeconds": round(time.time() - gateway.started_at, 1),
+            "scripts": scripts,
+            "tasks": gateway.tasks.counts(),
+            **checks,
+        })
+
+    async def metrics(request: Request) -> Response:
+        return PlainTextResponse(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    async def tasks(request: Request) -> Response:
+        items = gateway.tasks.list()
+        state = request.query_params.get("state")
+        if state:
+            items = [t for t in items if t["state"] == state]
+        return JSONResponse(items)
+
+    async def task(request: Request) -> Response:
+        item = gateway.tasks.get(request.path_params["task_id"])
+        if item is None:
+            return JSONResponse({"error": "no such task"}, status_code=404)
+        return JSONResponse(item)
+
+    return Router(routes=[
+        Route("/dicomproxy/health", health),
+        Route("/dicomproxy/metrics", metrics),
+        Route("/dicomproxy/tasks", tasks),
+        Route("/dicomproxy/tasks/{task_id}", task),
+    ])
