@@ -321,7 +321,7 @@ class Names(Kind):
 
     @property
     def type_name(self) -> str:
-        return "list"
+        return re.sub(r"^an? ", "", self.noun)
 
     def parse(self, value: Any, root: Path) -> tuple[str, ...]:
         items = as_list(value)

@@ -127,7 +127,8 @@ class UserEntry(Section):
 
 class AuthenticationSettings(Section):
     users: dict[str, UserEntry] = collection(
-        "Users", "`{\"name\": \"password\"}`: HTTP basic auth on every route but `/dicomproxy/health` and CORS "
+        "Users", "`{\"name\": \"password\"}` (or `{\"name\": {\"PasswordFile\": \"/run/secrets/name\"}}`): "
+        "HTTP basic auth on every route but `/dicomproxy/health` and CORS "
         "preflights (browsers send those without credentials); empty: no authentication", {})
     realm: Annotated[str, Text()] = key("Realm", "DicomProxy", "the basic-auth realm browsers show")
 

@@ -179,8 +179,12 @@ class Canonicalizer:
             lower = str(key).lower()
             if lower in known:
                 name, info = known[lower]
+                value = self._value(info, value, sub_raw, path + (name,))
+                if isinstance(value, dict) and isinstance(out.get(name), dict):  # "Lua" and "lua": one section
+                    self._combine(out[name], value, sub_raw, path + (name,))
+                    continue
                 self._once(out, name, key, sub_raw, path)
-                out[name] = self._value(info, value, sub_raw, path + (name,))
+                out[name] = value
             elif lower in files:
                 name = files[lower]
                 self._once(out, name, key, sub_raw, path)
@@ -241,6 +245,14 @@ class Canonicalizer:
         if name in out:
             raise ConfigError(f"{self.label(raw_path)}: {':'.join(path + (name,))}: given twice in one source "
                               f"(as a different spelling, or with its {FILE_SUFFIX} sibling as well: '{key}')")
+
+    def _combine(self, into: dict[str, Any], more: dict[str, Any], raw_path: RawPath, path: RawPath) -> None:
+        for name, value in more.items():
+            if isinstance(value, dict) and isinstance(into.get(name), dict):
+                self._combine(into[name], value, raw_path, path + (name,))
+            else:
+                self._once(into, name, name, raw_path, path)
+                into[name] = value
 
     def _unknown(self, model: type[Section], path: RawPath, key: str, raw_path: RawPath) -> str:
         full = ":".join(path + (key,))
