@@ -14,6 +14,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from dicomproxy import __version__
@@ -81,14 +82,14 @@ def _tune_malloc() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, 4 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 64 << 20))
 
 
-def _server_class():  # noqa: ANN202 - uvicorn is imported lazily
+def _server_class() -> type[Any]:  # uvicorn is imported lazily
     import uvicorn
 
     class GatewayServer(uvicorn.Server):
         """uvicorn re-raises SIGTERM/SIGINT after a graceful shutdown (exit -15); a service
         that stopped cleanly on request should exit 0, as supervisors expect."""
 
-        def handle_exit(self, sig, frame):  # noqa: ANN001, ANN201
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             super().handle_exit(sig, frame)
             self._captured_signals.clear()
 

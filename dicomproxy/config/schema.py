@@ -258,7 +258,7 @@ class Canonicalizer:
         full = ":".join(path + (key,))
         siblings = [":".join(path + (n,)) for n, info in fields_of(model)]
         siblings += [":".join(path + (n + FILE_SUFFIX,)) for n, info in fields_of(model) if is_secret(info)]
-        best = _nearest(full, siblings) or _nearest(full, self.paths)
+        best = _nearest(full, siblings) or _nearest(full, self.paths) or _nearest_name(key, self.paths)
         if best:
             hint = f"did you mean {best}?"
         elif not path:
@@ -266,6 +266,15 @@ class Canonicalizer:
         else:
             hint = f"{':'.join(path)} has " + ", ".join(n for n, _ in fields_of(model))
         return f"{self.label(raw_path)}: {full}: unknown key; {hint}"
+
+
+def _nearest_name(name: str, paths: list[str]) -> str | None:
+    """The path whose last key is nearest to ``name`` (a key put in the wrong section)."""
+    by_name: dict[str, str] = {}
+    for path in paths:
+        by_name.setdefault(path.rsplit(":", 1)[-1].lower(), path)
+    match = difflib.get_close_matches(name.lower(), list(by_name), n=1, cutoff=0.8)
+    return by_name[match[0]] if match else None
 
 
 def _nearest(word: str, candidates: list[str]) -> str | None:
