@@ -50,6 +50,8 @@ def _public(value: Any, secret: bool) -> Any:
         return [_public(v, False) for v in value]
     if isinstance(value, Path):
         return str(value)
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)  # 120, as written, not 120.0 (Lua's tostring shows the difference)
     return value
 
 
