@@ -313,9 +313,9 @@ def as_list(value: Any) -> list[Any] | None:
 class Names(Kind):
     """A list of words (each checked by ``item``), as a tuple."""
 
-    def __init__(self, item: Kind | None = None, nonempty: bool = False) -> None:
+    def __init__(self, item: Kind | None = None, nonempty: bool = False, upper: bool = False) -> None:
         self.item = item or Text(nonempty=True)
-        self.nonempty = nonempty
+        self.nonempty, self.upper = nonempty, upper
         words = re.sub(r"^an? (non-empty )?", "", self.item.noun).split(" (")[0] + "s"
         self.noun = ("a non-empty list of " if nonempty else "a list of ") + words
 
@@ -328,9 +328,10 @@ class Names(Kind):
         if items is None or (self.nonempty and not items):
             raise self.fail(value)
         try:
-            return tuple(self.item.parse(v, root) for v in items)
+            parsed = tuple(self.item.parse(v, root) for v in items)
         except Problem:
             raise self.fail(value) from None
+        return tuple(v.upper() for v in parsed) if self.upper else parsed
 
 
 class FlagOrNames(Kind):

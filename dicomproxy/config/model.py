@@ -117,20 +117,65 @@ class LuaSettings(Section):
 
 
 class UserEntry(Section):
-    """One HTTP user: a password string, or ``{"PasswordFile": "/run/secrets/alice"}``."""
+    """One HTTP user: a password string, or ``{"Password"|"PasswordFile": ..., "Roles": [...]}``."""
 
     shorthand: ClassVar[str | None] = "Password"
-    noun: ClassVar[str] = "a password string or an object with Password or PasswordFile"
+    noun: ClassVar[str] = "a password string or an object with Password or PasswordFile (and Roles)"
 
     password: Annotated[str, Text(nonempty=True)] = key("Password", REQUIRED, "the user's password", secret=True)
+    roles: Annotated[tuple[str, ...], Names()] = key(
+        "Roles", (), "the user's roles (scripts see them as the request's roles), e.g. `[\"admin\"]`")
 
 
 class AuthenticationSettings(Section):
     users: dict[str, UserEntry] = collection(
-        "Users", "`{\"name\": \"password\"}` (or `{\"name\": {\"PasswordFile\": \"/run/secrets/name\"}}`): "
-        "HTTP basic auth on every route but `/dicomproxy/health` and CORS "
-        "preflights (browsers send those without credentials); empty: no authentication", {})
+        "Users", "`{\"name\": \"password\"}` or `{\"name\": {\"Password\": \"…\", \"Roles\": [\"admin\"]}}` "
+        "(`PasswordFile` instead of `Password`: read from a file): HTTP basic auth on every route but "
+        "`/dicomproxy/health` (CORS preflights are answered by the CORS policy, never passed on); empty: no "
+        "authentication", {})
     realm: Annotated[str, Text()] = key("Realm", "DicomProxy", "the basic-auth realm browsers show")
+
+
+class ServerSettings(Section):
+    """Limits on what an HTTP client may hold before a request reaches the app (http/server.py)."""
+
+    max_head_bytes: Annotated[int, Whole(1024)] = key(
+        "MaxHeadBytes", 65536, "largest request head (request line + headers; 431 past it)")
+    max_url_bytes: Annotated[int, Whole(256)] = key("MaxUrlBytes", 8192, "largest URL (414 past it)")
+    head_timeout: Annotated[float, Number(minimum=0.1)] = key(
+        "HeadTimeoutSeconds", 20, "a new connection, or the next request on a kept-alive one, must deliver its "
+        "whole head within this (408, then closed)")
+    max_connections: Annotated[int, Whole(1)] = key(
+        "MaxConnections", 1000, "open HTTP connections served at once (503 past it), lowered to the open-file "
+        "limit minus `Server:ReservedFileDescriptors`")
+    reserved_fds: Annotated[int, Whole(0)] = key(
+        "ReservedFileDescriptors", 256, "descriptors kept for the spool, the DICOM side and the upstream pool")
+
+
+class CorsSettings(Section):
+    """``Cors:*``; empty lists of headers mean the built-in ones (http/cors.py)."""
+
+    allowed_origins: Annotated[tuple[str, ...], Names()] = key(
+        "AllowedOrigins", (), "origins allowed cross-origin access (`[\"https://viewer.example.org\"]`, "
+        "`[\"*\"]`); empty: every preflight is refused")
+    allowed_methods: Annotated[tuple[str, ...], Names(upper=True)] = key(
+        "AllowedMethods", ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"), "what a preflight may ask for")
+    allowed_headers: Annotated[tuple[str, ...], Names()] = key(
+        "AllowedHeaders", (), "request headers a preflight may ask for (empty: those TUS clients and DICOMweb "
+        "viewers need)")
+    exposed_headers: Annotated[tuple[str, ...], Names()] = key(
+        "ExposedHeaders", (), "response headers the browser may read (empty: those TUS clients and DICOMweb "
+        "viewers need)")
+    allow_credentials: Annotated[bool, Flag()] = key(
+        "AllowCredentials", False, "`Access-Control-Allow-Credentials`")
+    max_age: Annotated[int, Whole(0)] = key("MaxAgeSeconds", 600, "how long a browser keeps a preflight's answer")
+    opener_policy: Annotated[str, Text()] = key(
+        "CrossOriginOpenerPolicy", "", "added to every response when set (e.g. `same-origin` for viewers that "
+        "need `SharedArrayBuffer`)")
+    embedder_policy: Annotated[str, Text()] = key(
+        "CrossOriginEmbedderPolicy", "", "added to every response when set (e.g. `require-corp`)")
+    resource_policy: Annotated[str, Text()] = key(
+        "CrossOriginResourcePolicy", "", "added to every response when set")
 
 
 class TusSettings(Section):
@@ -262,6 +307,8 @@ class Settings(Section):
     extra_config: ExtraConfigSettings = section("ExtraConfig", "folders, and any key a site adds for its scripts")
     lua: LuaSettings = section("Lua", "the Lua engines")
     authentication: AuthenticationSettings = section("Authentication", "HTTP basic authentication")
+    server: ServerSettings = section("Server", "limits of the HTTP front door")
+    cors: CorsSettings = section("Cors", "the CORS policy")
     tus: TusSettings = section("Tus", "the TUS upload server")
     dicom: DicomSettings = section("Dicom", "the DICOM side")
     smtp: SmtpSettings = section("Smtp", "mail transport")
@@ -301,6 +348,11 @@ class Settings(Section):
     def users(self) -> dict[str, str]:
         """``{name: password}`` for HTTP basic auth."""
         return {name: user.password for name, user in self.authentication.users.items()}
+
+    @property
+    def user_roles(self) -> dict[str, tuple[str, ...]]:
+        """``{name: roles}`` for every HTTP user."""
+        return {name: user.roles for name, user in self.authentication.users.items()}
 
     @property
     def realm(self) -> str:

@@ -14,6 +14,7 @@ from dicomproxy.config.fields import resolve_path
 from dicomproxy.config.loader import ENV_PREFIX, load_settings
 from dicomproxy.config.model import (
     AuthenticationSettings,
+    CorsSettings,
     DicomSettings,
     EmailRule,
     ExtraConfigSettings,
@@ -23,6 +24,7 @@ from dicomproxy.config.model import (
     OrthancSettings,
     PacsAe,
     RemoteAe,
+    ServerSettings,
     Settings,
     SmtpSettings,
     TusSettings,
@@ -36,6 +38,7 @@ __all__ = [
     "AuthenticationSettings",
     "ConfigError",
     "ConfigTree",
+    "CorsSettings",
     "DicomSettings",
     "EmailRule",
     "ExtraConfigSettings",
@@ -45,6 +48,7 @@ __all__ = [
     "OrthancSettings",
     "PacsAe",
     "RemoteAe",
+    "ServerSettings",
     "Settings",
     "SmtpSettings",
     "TusSettings",

@@ -43,7 +43,11 @@ def _public(value: Any, secret: bool) -> Any:
     if isinstance(value, BaseModel):
         view = public_view(value)
         short = getattr(type(value), "shorthand", None)
-        return view[short] if short is not None and list(view) == [short] else view
+        if short is None:
+            return view
+        fields = type(value).model_fields
+        given = {fields[name].alias for name in value.model_fields_set if name in fields}
+        return view[short] if given <= {short} else view  # as written: "alice": "***"
     if isinstance(value, Mapping):
         return {str(k): _public(v, False) for k, v in value.items()}
     if isinstance(value, list | tuple | frozenset):

@@ -215,5 +215,5 @@ def test_a_wrong_secret_is_never_echoed(tmp_path: Path) -> None:
     path = write(tmp_path, {"Authentication": {"Users": {"alice": 123456}}})
     message = error(path)
     assert message == f"{path}: Authentication:Users:alice: expected a password string or an object with Password " \
-                      "or PasswordFile (the value is secret and not shown)"
+                      "or PasswordFile (and Roles) (the value is secret and not shown)"
     assert "123456" not in error(write(tmp_path, {"Smtp": {"Password": ["123456"]}}))

@@ -96,3 +96,14 @@ def test_lua_config_has_every_key_with_effective_values(tmp_path: Path) -> None:
     assert flat["Upstream:Url"] == "http://pacs:1" and flat["Dicom:SpoolFolder"] == str(tmp_path / "sp")
     assert flat["Dicom:Host"] == "127.0.0.1" and flat["Tus:MaxSize"] == 10 * GiB and flat["ConfigRoot"] == str(tmp_path)
     assert flat["Dicom:Upstream:Port"] == 4242
+
+
+def test_user_roles_and_cors_methods(tmp_path: Path) -> None:
+    (tmp_path / "root-pw").write_text("r00t\n")
+    s = load(tmp_path, {"Authentication": {"Users": {"alice": "pw", "root": {"PasswordFile": "root-pw",
+                                                                               "Roles": ["admin"]}}},
+                        "Cors": {"AllowedMethods": "get, Post"}, "Server": {"MaxHeadBytes": 4096}})
+    assert s.users == {"alice": "pw", "root": "r00t"}
+    assert s.user_roles == {"alice": (), "root": ("admin",)}
+    assert s.cors.allowed_methods == ("GET", "POST") and s.server.max_head_bytes == 4096
+    assert s.tree["Authentication:Users"] == {"alice": "***", "root": {"Password": "***", "Roles": ["admin"]}}
