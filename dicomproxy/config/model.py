@@ -17,7 +17,7 @@ after validation. Every model is frozen.
 
 Safe defaults (what a hospital's security office checks): both listeners on loopback
 (``Urls``, ``Dicom:Host``; open them with ``0.0.0.0``), Lua fails closed with time and memory
-caps, uploads capped at 10 GiB, SMTP credentials never sent in clear text to a remote host.
+caps, uploads capped at 20 GiB each and 100 GiB together, SMTP credentials never sent in clear text to a remote host.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ from dicomproxy.config.fields import (
 from dicomproxy.config.tree import ConfigTree, public_view
 
 GiB = 1 << 30
+MiB = 1 << 20
 
 
 class UpstreamSettings(Section):
@@ -181,7 +182,10 @@ class CorsSettings(Section):
 class TusSettings(Section):
     base_path: Annotated[str, UrlPath(folder=True)] = key("BasePath", "/files/", "the TUS endpoint")
     max_size: Annotated[int, Whole(0)] = key(
-        "MaxSize", 10 * GiB, "largest upload in bytes (default 10 GiB; `0`: no limit, a client may fill the disk)")
+        "MaxSize", 20 * GiB,
+        "largest upload in bytes, announced as `Tus-Max-Size`; larger: 413 `ERR_MAX_SIZE_EXCEEDED` (default 20 GiB, "
+        "which holds the largest single studies, tomosynthesis, whole-slide images, thin-slice CT with priors, as "
+        "one ZIP; `0`: no limit)")
     expire_after: Annotated[float, Duration()] = key(
         "ExpireAfter", "1.00:00:00", "unfinished uploads expire after this (seconds or `d.hh:mm:ss`; `0`: never)")
     sweep_interval: Annotated[float, Number(minimum=0.05)] = key(
@@ -197,7 +201,56 @@ class TusSettings(Section):
         "when stored bytes are fsynced: `complete` (before the final PATCH is answered), `patch` (before every "
         "PATCH is answered), `none` (bytes still reach the kernel before an offset is acknowledged, so they "
         "survive a crash of the process, not of the machine); any case")
+    allow_download: Annotated[bool, Flag()] = key(
+        "AllowDownload", False,
+        "`GET` of an upload (tusd's download), for its owner and admins; off: 405, as tusd's `-disable-download`")
+    max_storage_gb: Annotated[float, Number(minimum=0)] = key(
+        "MaxStorageGB", 100, "GiB all uploads' data files may take together; full: 507 `ERR_STORAGE_FULL` (`0`: no limit)")
+    min_free_disk_gb: Annotated[float, Number(minimum=0)] = key(
+        "MinFreeDiskGB", 1,
+        "GiB kept free on the upload folder's disk (the spool and the task queue usually share it); below: 507 "
+        "(`0`: off)")
+    max_uploads_per_user: Annotated[int, Whole(0)] = key(
+        "MaxUploadsPerUser", 500,
+        "unfinished uploads one user may have (without authentication: all clients together); more: 429 "
+        "`ERR_TOO_MANY_UPLOADS` (`0`: no limit)")
+    write_buffer_mb: Annotated[float, Number(minimum=1)] = key(
+        "WriteBufferMB", 64,
+        "upload bytes all requests together hold in memory before they are written (each request batches up to "
+        "4 MB, twice)")
+    write_buffer_wait: Annotated[float, Number(minimum=0.1)] = key(
+        "WriteBufferWaitSeconds", 10, "how long a request waits for room in that buffer before 503 `ERR_SERVER_BUSY`")
+    zip_max_expanded_gb: Annotated[float, Number(minimum=0)] = key(
+        "ZipMaxExpandedGB", 100, "GiB a ZIP's members may expand to together (`0`: no limit)")
+    zip_max_ratio: Annotated[float, Number(minimum=0)] = key(
+        "ZipMaxRatio", 100,
+        "expanded/compressed size allowed per ZIP member (members under 1 MiB are exempt) and for the whole ZIP; "
+        "DICOM images compress 2-10 times, a zip bomb about 1000 (`0`: off). A ZIP of mostly empty segmentations "
+        "(SEG) can pass 100: raise it for those")
+    zip_max_members: Annotated[int, Whole(0)] = key(
+        "ZipMaxMembers", 100_000,
+        "entries a ZIP may list, checked before its directory is read (each costs ~600 bytes of memory; `0`: no limit)")
     upload_folder: Path = internal(Path("data/tus"))  # ExtraConfig:TusUploadFolder
+
+    @property
+    def max_storage(self) -> int:
+        """``Tus:MaxStorageGB`` in bytes (0: no limit)."""
+        return int(self.max_storage_gb * GiB)
+
+    @property
+    def min_free_disk(self) -> int:
+        """``Tus:MinFreeDiskGB`` in bytes (0: off)."""
+        return int(self.min_free_disk_gb * GiB)
+
+    @property
+    def write_buffer(self) -> int:
+        """``Tus:WriteBufferMB`` in bytes."""
+        return int(self.write_buffer_mb * MiB)
+
+    @property
+    def zip_max_expanded(self) -> int:
+        """``Tus:ZipMaxExpandedGB`` in bytes (0: no limit)."""
+        return int(self.zip_max_expanded_gb * GiB)
 
 
 class RemoteAe(Section):
