@@ -121,7 +121,8 @@ class BodyWriter:
 
     ``budget`` (shared by all requests) bounds the body bytes held in memory; ``quota`` grants
     each batch its room on disk. A batch is also written out once its oldest byte is
-    ``max_hold`` seconds old, so a client that stalls does not sit on its share of the budget.
+    ``max_hold`` seconds old (0: only full batches), so a client that stalls does not sit on
+    its share of the budget.
     """
 
     def __init__(
@@ -283,11 +284,14 @@ class BodyWriter:
                 if not await self._keep(body, b):
                     result.busy = True
                     return
-            if b.buffered >= self._batch_bytes or (b.buffered and loop.time() - b.first_at >= self._max_hold):
+            if b.buffered >= self._batch_bytes or self._held_too_long(b, loop.time()):
                 await b.flush()
             if self._interrupted:
                 result.interrupted = True
                 return
+
+    def _held_too_long(self, b: _Batches, now: float) -> bool:
+        return self._max_hold > 0 and b.buffered > 0 and now - b.first_at >= self._max_hold
 
     async def _keep(self, body: bytes, b: _Batches) -> bool:
         """Buffer ``body`` within the budget; False if no room came in time (it is written anyway)."""
@@ -332,7 +336,6 @@ class _Batches:
         self._taken = 0  # of which counted in the budget
         self.first_at = 0.0  # loop time at which the oldest buffered byte arrived
         self._pending: asyncio.Future[int] | None = None
-        self._pending_taken = 0
         self.written = 0
         self.storage_full = False
 
@@ -372,26 +375,23 @@ class _Batches:
         self._pending = loop.run_in_executor(
             self._executor, _write_batch, self._fd, chunks, self._hasher, self._writeback
         )
-        self._pending_taken = taken
+        if taken:  # back to the budget as soon as the bytes are in the kernel, not when next awaited
+            self._pending.add_done_callback(lambda _: self._give_back(taken))
 
     async def drain(self) -> None:
-        """Wait for the batch being written (its bytes go back to the budget)."""
+        """Wait for the batch being written."""
         if self._pending is None:
             return
         fut, self._pending = self._pending, None
-        try:
-            self.written += await _await_write(fut)
-        finally:
-            self._give_back(self._pending_taken)
-            self._pending_taken = 0
+        self.written += await _await_write(fut)
 
     async def close(self) -> None:
-        """Let a write still running finish; give every byte still held back to the budget."""
+        """Let a write still running finish; give the bytes still buffered back to the budget."""
         if self._pending is not None:
             with contextlib.suppress(BaseException):
                 await asyncio.shield(self._pending)
-        self._give_back(self._pending_taken + self._taken)
-        self._pending_taken = self._taken = 0
+        self._give_back(self._taken)
+        self._taken = 0
         self.chunks, self.buffered = [], 0
 
     def _give_back(self, n: int) -> None:
