@@ -7,9 +7,10 @@
   completion callbacks still running;
 * a finished upload fires ``onTusFileComplete(metadata)`` (singleton, then transient engine)
   with every ``Upload-Metadata`` pair plus ``fileId``, ``path`` and ``size``; unless a script
-  returns true, a ``tus-import`` task sends it to the PACS with STOW-RS
-  (:mod:`~dicomproxy.tus.importer`), deletes it on success (unless ``Tus:KeepAfterImport``),
-  keeps it on failure, and emits ``upload.imported`` / ``import.failed``.
+  returns true, a ``tus-import`` task (owned by the upload's owner, so that only they and
+  admins see it) sends it to the PACS with STOW-RS (:mod:`~dicomproxy.tus.importer`; a ZIP
+  within the limits of :mod:`~dicomproxy.tus.archive`), deletes it on success (unless
+  ``Tus:KeepAfterImport``), keeps it on failure, and emits ``upload.imported`` / ``import.failed``.
 """
 
 from __future__ import annotations

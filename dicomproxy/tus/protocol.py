@@ -7,6 +7,12 @@ method override, CORS, ``Tus-Resumable``, ``OPTIONS``, version check; then routi
 client or a deployment written against tusd sees no difference. Where tusd has nothing
 (checksum, expiration) the tus specification is followed in tusd's style.
 
+What tusd leaves to the deployment is decided here too, each rule in a module of its own: an
+upload is its creator's (:mod:`.access`: anyone else but an admin gets the unknown-id 404), the
+folder's limits (:mod:`.quota`: 507 ``ERR_STORAGE_FULL``, 429 ``ERR_TOO_MANY_UPLOADS``), one
+budget for buffered body bytes (:mod:`.buffers`: 503 ``ERR_SERVER_BUSY`` after the wait), and
+downloads only with ``Tus:AllowDownload`` (otherwise 405, as tusd's ``-disable-download``).
+
 :class:`TusApp` is constructible on its own (``TusApp(settings, on_complete)``) and serves
 requests whose full path starts with ``settings.base_path``. ``on_complete(upload)`` runs in
 the background once the last byte of a non-partial upload is stored (and fsynced): the final
