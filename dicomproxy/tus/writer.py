@@ -148,7 +148,6 @@ class BodyWriter:
         self._interrupted = False
         self._timed_out = False
         self._cancelled_by_us = False
-        self._flush_requested = False
         self._last_read = 0.0
         self._watchdog: asyncio.TimerHandle | None = None
         self._hold_timer: asyncio.TimerHandle | None = None
@@ -189,8 +188,7 @@ class BodyWriter:
         if age < self._max_hold:  # a newer batch than the one the timer was set for
             self._hold_timer = asyncio.get_running_loop().call_later(self._max_hold - age, self._hold_expired)
         elif self._receiving:
-            self._flush_requested = True
-            self._cancel_receive()
+            self._cancel_receive()  # _receive returns None without an interrupt: write the batch
         # else the loop is busy writing or waiting for room; it checks the age on the next message
 
     async def _receive(self, receive: Receive) -> dict[str, Any] | None:
@@ -267,7 +265,6 @@ class BodyWriter:
                 if self._interrupted:
                     result.interrupted = True
                     return
-                self._flush_requested = False
                 await b.flush()  # held too long (the client paused): write it, keep reading
                 continue
             if message["type"] == "http.disconnect":
