@@ -84,7 +84,9 @@ def test_another_user_gets_404_for_every_method_and_an_admin_may(gateway_factory
     got = requests.get(url, headers=as_user("root"), timeout=10)
     assert got.status_code == 200 and got.content == b"abcd"
     assert requests.get(url, headers=as_user("alice"), timeout=10).content == b"abcd"
-    assert patch(url, "alice", 4, b"efghij").status_code == 204
+    assert patch(url, "root", 4, b"ef").status_code == 204
+    assert patch(url, "alice", 6, b"ghij").status_code == 204
+    assert requests.get(url, headers=as_user("alice"), timeout=10).content == b"abcdefghij"
     assert requests.delete(url, headers=as_user("root"), timeout=10).status_code == 204
     assert requests.head(url, headers=as_user("alice"), timeout=10).status_code == 404
     assert "may not access upload" in gw.log_text()
