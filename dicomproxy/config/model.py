@@ -205,7 +205,8 @@ class TusSettings(Section):
         "AllowDownload", False,
         "`GET` of an upload (tusd's download), for its owner and admins; off: 405, as tusd's `-disable-download`")
     max_storage_gb: Annotated[float, Number(minimum=0)] = key(
-        "MaxStorageGB", 100, "GiB all uploads' data files may take together; full: 507 `ERR_STORAGE_FULL` (`0`: no limit)")
+        "MaxStorageGB", 100,
+        "GiB all uploads' data files may take together; full: 507 `ERR_STORAGE_FULL` (`0`: no limit)")
     min_free_disk_gb: Annotated[float, Number(minimum=0)] = key(
         "MinFreeDiskGB", 1,
         "GiB kept free on the upload folder's disk (the spool and the task queue usually share it); below: 507 "
