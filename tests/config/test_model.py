@@ -56,7 +56,7 @@ def test_safe_defaults() -> None:
     s = Settings()
     assert s.host == "127.0.0.1" and s.dicom.host == "127.0.0.1"  # both listeners on loopback
     assert s.lua.fail_open is False and not s.lua.fail_open_hooks  # a failing hook fails closed
-    assert s.tus.max_size == 10 * GiB  # an upload cannot fill the disk
+    assert s.tus.max_size == 20 * GiB  # an upload cannot fill the disk
     assert s.lua.max_memory_mb == 64 and s.lua.timeout_ms == 5000
     assert s.smtp.security == "None" and s.smtp.password == ""
 
@@ -94,7 +94,7 @@ def test_lua_config_has_every_key_with_effective_values(tmp_path: Path) -> None:
     s = load(tmp_path, {"Upstream": {"Url": "http://pacs:1/"}, "Dicom": {"SpoolFolder": "sp"}})
     flat = s.lua_config()
     assert flat["Upstream:Url"] == "http://pacs:1" and flat["Dicom:SpoolFolder"] == str(tmp_path / "sp")
-    assert flat["Dicom:Host"] == "127.0.0.1" and flat["Tus:MaxSize"] == 10 * GiB and flat["ConfigRoot"] == str(tmp_path)
+    assert flat["Dicom:Host"] == "127.0.0.1" and flat["Tus:MaxSize"] == 20 * GiB and flat["ConfigRoot"] == str(tmp_path)
     assert flat["Dicom:Upstream:Port"] == 4242
 
 
