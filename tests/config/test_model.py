@@ -104,6 +104,7 @@ def test_user_roles_and_cors_methods(tmp_path: Path) -> None:
                                                                                "Roles": ["admin"]}}},
                         "Cors": {"AllowedMethods": "get, Post"}, "Server": {"MaxHeadBytes": 4096}})
     assert s.users == {"alice": "pw", "root": "r00t"}
-    assert s.user_roles == {"alice": (), "root": ("admin",)}
+    roles = {name: user.roles for name, user in s.authentication.users.items()}
+    assert roles == {"alice": ("viewer", "uploader"), "root": ("admin",)}  # no Roles: the default ones
     assert s.cors.allowed_methods == ("GET", "POST") and s.server.max_head_bytes == 4096
     assert s.tree["Authentication:Users"] == {"alice": "***", "root": {"Password": "***", "Roles": ["admin"]}}
