@@ -38,7 +38,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory, upstream: LocalUpstream) -> Ite
     gateway = GatewayProcess(
         tmp_path_factory.mktemp("gw-auth"),
         settings={"Dicom": {"Port": 0}, "Upstream": {"Url": upstream.url},
-                  "Authentication": {"Users": USERS, "Realm": "TestRealm"}},
+                  "Authentication": {"Users": USERS, "Realm": "TestRealm", "FailedAttempts": {"Burst": 0}}},
         scripts={"main.lua": MAIN},
     )
     gateway.start()
