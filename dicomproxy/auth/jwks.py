@@ -121,12 +121,11 @@ class IssuerKeys:
     # -- keys -----------------------------------------------------------------------------
     async def key(self, kid: str | None) -> jwt.PyJWK | None:
         """The key ``kid`` names (None: the issuer's only key). KeysUnavailable when there are no keys."""
-        now = self.clock()
-        if self._loaded_at is None or now - self._loaded_at > self.max_age:
-            await self._refresh_if_due(now, stale_ok=self._loaded_at is not None)
+        if self._loaded_at is None or self.clock() - self._loaded_at > self.max_age:
+            await self._fresh_keys(stale_ok=self._loaded_at is not None)
         found = self._lookup(kid)
-        if found is None and self._due(self.clock()):
-            await self._refresh_if_due(self.clock(), stale_ok=True)
+        if found is None:
+            await self._fresh_keys(stale_ok=True)
             found = self._lookup(kid)
         if found is None and self._loaded_at is None:
             raise KeysUnavailable(self._error or "the issuer's keys are not loaded yet")
@@ -137,11 +136,13 @@ class IssuerKeys:
             return next(iter(self._keys.values()))
         return self._keys.get(kid)
 
-    def _due(self, now: float) -> bool:
-        return self._attempted_at is None or now - self._attempted_at >= self.min_interval
-
-    async def _refresh_if_due(self, now: float, stale_ok: bool) -> None:
-        if not self._due(now):
+    async def _fresh_keys(self, stale_ok: bool) -> None:
+        """Wait for a fetch under way, or start one if the last began ``min_interval`` ago."""
+        now = self.clock()
+        if self._lock.locked():
+            async with self._lock:  # another request is fetching: its result serves this one too
+                return
+        if self._attempted_at is not None and now - self._attempted_at < self.min_interval:
             return
         try:
             await self.refresh(since=now)
