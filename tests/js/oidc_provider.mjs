@@ -9,7 +9,7 @@
 // Access tokens are JWTs (resource indicators with accessTokenFormat "jwt"), one resource per case:
 //   urn:dicomproxy          aud "dicomproxy", RS256, 10 minutes
 //   urn:dicomproxy:es256    aud "dicomproxy", ES256, 10 minutes
-//   urn:dicomproxy:short    aud "dicomproxy", RS256, 1 second (expiry tests)
+//   urn:dicomproxy:short    aud "dicomproxy", RS256, 3 seconds (expiry tests)
 //   urn:other               aud "other-api", RS256 (wrong-audience tests)
 //
 // A line "rotate" on standard input replaces the signing keys by new ones (new kids first, the old
@@ -27,7 +27,7 @@ const issuer = `http://127.0.0.1:${port}`;
 const RESOURCES = {
   'urn:dicomproxy': { audience: 'dicomproxy', alg: 'RS256', ttl: 600 },
   'urn:dicomproxy:es256': { audience: 'dicomproxy', alg: 'ES256', ttl: 600 },
-  'urn:dicomproxy:short': { audience: 'dicomproxy', alg: 'RS256', ttl: 1 },
+  'urn:dicomproxy:short': { audience: 'dicomproxy', alg: 'RS256', ttl: 3 },
   'urn:other': { audience: 'other-api', alg: 'RS256', ttl: 600 },
 };
 
