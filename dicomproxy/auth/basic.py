@@ -20,9 +20,9 @@ A plain password is compared in constant time on the loop, as before.
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import hashlib
+import hmac
 import secrets
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -71,7 +71,8 @@ class VerifiedCache:
 def parse_basic(credentials: bytes) -> tuple[str, bytes] | None:
     """(user, password) from the part of an ``Authorization`` header after ``Basic ``; None if malformed."""
     try:
-        decoded = base64.b64decode(credentials.strip(), validate=True)
+        # binascii in strict mode: what base64.b64decode(validate=True) checks, without its regex (~3x faster)
+        decoded = binascii.a2b_base64(credentials.strip(), strict_mode=True)
         name, sep, password = decoded.partition(b":")
         return (name.decode("utf-8"), password) if sep else None
     except (binascii.Error, UnicodeDecodeError):
@@ -92,20 +93,30 @@ class BasicVerifier:
         return cls({name: BasicUser(stored, Identity(name, Scheme.BASIC, roles))
                     for name, (stored, roles) in users.items()})
 
-    async def verify(self, name: str, password: bytes) -> Identity | None:
+    def check(self, name: str, password: bytes) -> Identity | None | bool:
+        """Without waiting: the identity, None (refused), or True when a slow check is needed
+        (then :meth:`verify`). A plain password or a cached hash never needs one."""
         user = self.users.get(name)
         if user is None:
-            if self._dummy is not None:
-                await self._slow(self._dummy, password)
+            return True if self._dummy is not None else None
+        stored = user.stored
+        if stored.plain is not None:
+            return user.identity if hmac.compare_digest(stored.plain, password) else None
+        return user.identity if self.cache.digest(name, password) in self.cache else True
+
+    async def verify(self, name: str, password: bytes) -> Identity | None:
+        """The identity for these credentials, or None; runs the slow check when needed."""
+        quick = self.check(name, password)
+        if quick is not True:
+            return quick if isinstance(quick, Identity) else None
+        user = self.users.get(name)
+        if user is None:
+            assert self._dummy is not None
+            await self._slow(self._dummy, password)
             return None
-        if not user.stored.slow:
-            return user.identity if user.stored.verify(password) else None
-        digest = self.cache.digest(name, password)
-        if digest in self.cache:
-            return user.identity
         if not await self._slow(user.stored, password):
             return None
-        self.cache.add(digest)
+        self.cache.add(self.cache.digest(name, password))
         return user.identity
 
     async def _slow(self, stored: StoredPassword, password: bytes) -> bool:

@@ -93,16 +93,24 @@ class BearerVerifier:
         self._key = secrets.token_bytes(32)
         self._swept_at = 0.0
 
-    async def verify(self, token: bytes) -> Identity:
-        """The token's identity; TokenError (refused) or KeysUnavailable (cannot check now)."""
+    def cached(self, token: bytes) -> Identity | None:
+        """The identity of a token accepted before and not expired (no waiting); TokenError once expired."""
         digest = hashlib.blake2b(token, key=self._key, digest_size=32).digest()
         hit = self._cache.get(digest)
+        if hit is None:
+            return None
+        if self.clock() < hit[1]:
+            self._cache.move_to_end(digest)
+            return hit[0]
+        del self._cache[digest]
+        raise TokenError("expired", hit[0].name)
+
+    async def verify(self, token: bytes) -> Identity:
+        """The token's identity; TokenError (refused) or KeysUnavailable (cannot check now)."""
+        hit = self.cached(token)
         if hit is not None:
-            if self.clock() < hit[1]:
-                self._cache.move_to_end(digest)
-                return hit[0]
-            del self._cache[digest]
-            raise TokenError("expired", hit[0].name)
+            return hit
+        digest = hashlib.blake2b(token, key=self._key, digest_size=32).digest()
         identity, until = await self._check(token)
         self._remember(digest, identity, until)
         return identity

@@ -106,7 +106,9 @@ class AuthMiddleware:
         if count != 1:
             await self._no_single_credential(scope, send, count)
             return
-        outcome = await self._authenticate(authorization, api_key)
+        outcome = self._quick(authorization, api_key)
+        if outcome is None:
+            outcome = await self._authenticate(authorization, api_key)
         if isinstance(outcome, Refusal):
             await self._refuse(scope, send, outcome, host)
             return
@@ -131,26 +133,47 @@ class AuthMiddleware:
                        receive, send)
 
     async def _authenticate(self, authorization: bytes | None, api_key: bytes | None) -> Identity | Refusal:
+        quick = self._quick(authorization, api_key)
+        if quick is not None:
+            return quick
+        assert authorization is not None
+        scheme, _, rest = authorization.partition(b" ")
+        if scheme.lower() == b"basic":
+            return await self._basic(rest)
+        return await self._bearer(rest.strip())
+
+    def _quick(self, authorization: bytes | None, api_key: bytes | None) -> Identity | Refusal | None:
+        """The answer when it needs no waiting (a key; a plain password, a hash or a token seen
+        before; a refusal), else None: then the scheme's slow check runs."""
         if api_key is not None:
             return self._api_key(api_key)
         assert authorization is not None
         scheme, _, rest = authorization.partition(b" ")
         scheme = scheme.lower()
         if scheme == b"basic" and self.schemes.basic is not None:
-            return await self._basic(rest)
+            parsed = parse_basic(rest)
+            if parsed is None:
+                return Refusal("malformed basic credentials")
+            found = self.schemes.basic.check(*parsed)
+            if found is None:
+                return self._basic_refusal(parsed[0])
+            return found if isinstance(found, Identity) else None
         if scheme == b"bearer" and self.schemes.bearer is not None:
-            return await self._bearer(rest.strip())
+            try:
+                return self.schemes.bearer.cached(rest.strip())
+            except TokenError as e:
+                return _token_refusal(e)
         return Refusal(f"the {_shown(scheme.decode('latin-1'))!r} scheme is not accepted")
 
     async def _basic(self, rest: bytes) -> Identity | Refusal:
         assert self.schemes.basic is not None
         parsed = parse_basic(rest)
-        if parsed is None:
-            return Refusal("malformed basic credentials")
-        name, password = parsed
-        identity = await self.schemes.basic.verify(name, password)
-        if identity is not None:
-            return identity
+        assert parsed is not None
+        identity = await self.schemes.basic.verify(*parsed)
+        return identity if identity is not None else self._basic_refusal(parsed[0])
+
+    def _basic_refusal(self, name: str) -> Refusal:
+        assert self.schemes.basic is not None
         known = name in self.schemes.basic.users
         return Refusal(f"basic user {_shown(name)!r}: {'wrong password' if known else 'unknown user'}")
 
@@ -165,8 +188,7 @@ class AuthMiddleware:
         try:
             return await self.schemes.bearer.verify(token)
         except TokenError as e:
-            who = f" (unverified sub {_shown(e.name)!r})" if e.name else ""
-            return Refusal(f"bearer token{who}: {e}", detail=str(e))
+            return _token_refusal(e)
         except KeysUnavailable as e:
             return Refusal(f"bearer token not checked: {e}", status=503, counts=False)
 
@@ -207,6 +229,11 @@ class AuthMiddleware:
 
 
 # --------------------------------------------------------------------------- helpers
+def _token_refusal(e: TokenError) -> Refusal:
+    who = f" (unverified sub {_shown(e.name)!r})" if e.name else ""
+    return Refusal(f"bearer token{who}: {e}", detail=str(e))
+
+
 def _credentials(headers: list[tuple[bytes, bytes]]) -> tuple[bytes | None, bytes | None, int]:
     """(Authorization, X-API-Key, how many credential headers) in one scan."""
     authorization = api_key = None
@@ -224,8 +251,7 @@ def _without_credentials(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes
 
 
 def _with_identity(scope: Scope, identity: Identity) -> dict[str, Any]:
-    out = dict(scope)
-    identity.into(out)
+    out = {**scope, **identity.scope_items}
     out["headers"] = _without_credentials(scope["headers"])
     return out
 

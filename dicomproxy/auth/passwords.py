@@ -69,10 +69,15 @@ class StoredPassword:
         """Worth running off the event loop and caching (everything but a plain password)."""
         return self.kind is not Kind.PLAIN
 
+    @property
+    def plain(self) -> bytes | None:
+        """A plain password's bytes (None for a hash), for the basic check's fast path."""
+        return self.expected if self.kind is Kind.PLAIN else None
+
     def verify(self, password: bytes) -> bool:
         """Does ``password`` match? Constant time for the comparison itself; may take ~0.1 s."""
         if self.kind is Kind.PLAIN:
-            return hmac.compare_digest(self.text.encode("utf-8"), password)
+            return hmac.compare_digest(self.expected, password)
         if self.kind is Kind.ARGON2:
             try:
                 return _HASHER.verify(self.text, password)
@@ -103,7 +108,7 @@ def parse_stored(text: str) -> StoredPassword:
     for prefix, digest in _DJANGO_PBKDF2.items():
         if text.startswith(prefix):
             return _pbkdf2(text, digest, text[len(prefix):], None, f"{prefix}<iterations>$<salt>$<hash> (Django)")
-    return StoredPassword(Kind.PLAIN, text)
+    return StoredPassword(Kind.PLAIN, text, expected=text.encode("utf-8"))
 
 
 def hash_password(password: str, kind: Kind = Kind.ARGON2) -> str:
