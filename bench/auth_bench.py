@@ -67,8 +67,8 @@ def cases() -> dict[str, tuple[Any, list[tuple[bytes, bytes]]]]:
     async def fetch(url: str) -> Any:
         return {"issuer": "https://idp", "jwks_uri": "https://idp/jwks"} if "well-known" in url else {"keys": [jwk]}
 
-    token = jwt.encode({"iss": "https://idp", "aud": "gw", "sub": "t", "exp": int(time.time()) + 3600, "roles": ["viewer"]},
-                       private, algorithm="RS256", headers={"kid": "k"})
+    claims = {"iss": "https://idp", "aud": "gw", "sub": "t", "exp": int(time.time()) + 3600, "roles": ["viewer"]}
+    token = jwt.encode(claims, private, algorithm="RS256", headers={"kid": "k"})
     hashed = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(4)).decode()
     schemes = Schemes(
         basic=BasicVerifier.from_passwords({"alice": (parse_stored("s3cret"), frozenset({"viewer"})),

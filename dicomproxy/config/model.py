@@ -162,6 +162,10 @@ class ApiKeyEntry(Section):
         return self
 
 
+ALGORITHM_NAMES = Names(Choice(*JWT_ALGORITHMS))
+ALGORITHM_NAMES.noun = "a list of " + ", ".join(JWT_ALGORITHMS)
+
+
 class OidcSettings(Section):
     """``Authorization: Bearer`` JWTs from one OpenID issuer (auth/jwks.py, auth/bearer.py)."""
 
@@ -170,7 +174,7 @@ class OidcSettings(Section):
         "`{Issuer}/.well-known/openid-configuration`); empty: bearer tokens are not accepted")
     audience: Annotated[tuple[str, ...], Names()] = key(
         "Audience", (), "accepted `aud` values (required with an issuer)")
-    algorithms: Annotated[tuple[str, ...], Names(Choice(*JWT_ALGORITHMS))] = key(
+    algorithms: Annotated[tuple[str, ...], ALGORITHM_NAMES] = key(
         "Algorithms", ("RS256", "ES256"), "accepted signature algorithms")
     leeway: Annotated[float, Number(minimum=0)] = key(
         "LeewaySeconds", 30, "clock skew allowed on `exp`, `nbf` and `iat`")

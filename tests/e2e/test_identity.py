@@ -46,7 +46,8 @@ function onHttpRequest(r)
     r:ResponseWrite(r.User .. "|" .. table.concat(r.Roles, ",") .. "|" .. #r.Roles .. "|" ..
       tostring(r.Claims.client_id) .. "|" .. tostring(r.Claims.aud) .. "|" .. table.concat(claims, ",") .. "|" ..
       tostring(r.Headers["authorization"]) .. "|" .. tostring(r.Headers["x-api-key"]) .. "|" ..
-      tostring(Config["Authentication:ApiKeys:viewer:Hash"]) .. "|" .. tostring(Config["Authentication:Users:root:Password"]))
+      tostring(Config["Authentication:ApiKeys:viewer:Hash"]) .. "|" ..
+      tostring(Config["Authentication:Users:root:Password"]))
     return true
   end
 end
