@@ -20,6 +20,11 @@ One request, in order:
 Hot-path cost for a request that passes: one scan of the header names, one dict lookup in the
 limiter, the scheme's check (a plain password: a constant-time compare; a hashed password, key
 or token seen before: one keyed hash and a dict lookup), the rule scan, one scope copy.
+Measured with ``bench/auth_bench.py`` (in process, 20,000 requests x 5 alternating rounds, this
+shared 2-core machine at load ~7): the basic auth this replaced 2.8-4.3 us per request; now a
+plain password 6.2-8.6 us (2.0-2.2x), a cached bcrypt hash 7.1-8.7 us, an API key 4.9-7.8 us
+(1.7-1.8x), a cached RS256 token 6.4-9.6 us (2.2x). The ~3-4 us added is ~2 % of what the proxy
+itself spends on a small proxied GET (150-200 us CPU, bench/README.md).
 """
 
 from __future__ import annotations
