@@ -24,7 +24,7 @@ def _settings(path: str | None) -> Settings:
 
 def _logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-5s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("pynetdicom", "aiohttp.access"):
+    for noisy in ("pynetdicom", "httpx"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 

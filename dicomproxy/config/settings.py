@@ -33,6 +33,8 @@ DEFAULTS: dict[str, Any] = {
         "DicomWebRoot": "/dicom-web",
         "ConnectTimeoutSeconds": 5,
         "ReadTimeoutSeconds": 120,
+        "ResponseHeadTimeoutSeconds": 30,
+        "MaxResponseHeadBytes": 65536,
         "MaxConnections": 256,
     },
     "ExtraConfig": {
@@ -271,6 +273,8 @@ class UpstreamSettings:
     connect_timeout: float
     read_timeout: float
     max_connections: int
+    head_timeout: float = 30.0  # first byte of an answer to the end of its head
+    max_head_bytes: int = 65536  # an answer's head, interim 1xx heads included
 
 
 @dataclass(frozen=True)
@@ -507,6 +511,8 @@ def build_settings(tree: ConfigTree, root: Path, file: Path | None) -> Settings:
             connect_timeout=tree.float("Upstream:ConnectTimeoutSeconds", 0.001),
             read_timeout=tree.float("Upstream:ReadTimeoutSeconds", 0.001),
             max_connections=tree.int("Upstream:MaxConnections", 1),
+            head_timeout=tree.float("Upstream:ResponseHeadTimeoutSeconds", 0.001),
+            max_head_bytes=tree.int("Upstream:MaxResponseHeadBytes", 1024),
         ),
         data_folder=data_folder,
         lua=LuaSettings(

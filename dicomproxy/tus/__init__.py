@@ -18,8 +18,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 from dicomproxy.tus.expiry import ExpirySweeper
 from dicomproxy.tus.importer import ImportFailed, StowClient
 from dicomproxy.tus.protocol import TusApp
@@ -62,7 +60,7 @@ class TusFeature:
         )
         up = gateway.settings.upstream
         self.stow_url = f"{up.url}{up.dicomweb_root}/studies"
-        self.stow = StowClient(self.stow_url, self._session, self.settings.import_batch_size,
+        self.stow = StowClient(self.stow_url, gateway.upstream.client, self.settings.import_batch_size,
                                connect_timeout=up.connect_timeout, read_timeout=max(up.read_timeout, 60))
         m = gateway.metrics
         self._m_imported = m.counter("dicomproxy_tus_imports_total", "TUS imports by outcome")
@@ -82,9 +80,6 @@ class TusFeature:
     def health(self) -> dict[str, Any]:
         folder = self.settings.upload_folder
         return {"ok": folder.is_dir(), "folder": str(folder), "basePath": self.settings.base_path}
-
-    async def _session(self) -> aiohttp.ClientSession:
-        return await self.gateway.upstream.session()
 
     # -- completion ------------------------------------------------------------------------
     async def on_complete(self, upload: Upload) -> None:
