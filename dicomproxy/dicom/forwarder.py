@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-
 from pydicom.uid import UID
 
 from dicomproxy.dicom import datasets, scu

@@ -25,6 +25,7 @@ import asyncio
 import collections
 import math
 from collections.abc import AsyncIterable, Callable
+from typing import cast
 
 import httptools
 
@@ -73,9 +74,8 @@ class Connection(asyncio.Protocol):
         self.exchange: Exchange | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        self.flow = FlowControl(transport)
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass, but is one
+        self.flow = FlowControl(self.transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
