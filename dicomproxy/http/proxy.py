@@ -10,7 +10,8 @@ kept both ways.
 Framing is never taken from headers a client or a Lua hook can edit: ``Host``,
 ``Content-Length``, ``Transfer-Encoding`` and ``Connection`` going upstream come from the pool's
 head writer, which refuses a body longer or shorter than the length it declared and then drops
-the connection; going to the client, ``Content-Length`` comes from the framing the upstream's
+the connection (a hook that replaces the length gets a 500, the upstream an incomplete
+message); going to the client, ``Content-Length`` comes from the framing the upstream's
 answer was read with. A bodiless POST, PUT or PATCH goes with ``Content-Length: 0``.
 
 Requests whose method gives a body no meaning (GET, HEAD, DELETE, OPTIONS, TRACE) but which
