@@ -480,10 +480,10 @@ def test_every_x_forwarded_for_value_is_kept(echo_gw: GatewayProcess) -> None:
 
 
 def raw_exchange(gw: GatewayProcess, data: bytes, timeout: float = 10) -> bytes:
-    """Write ``data`` on a fresh connection; everything the gateway answers until it closes."""
+    """Write ``data`` on a fresh connection; everything the gateway answers until it closes
+    (the request says ``Connection: close``, or is one the gateway refuses)."""
     with socket.create_connection(("127.0.0.1", gw.http_port), timeout=timeout) as sock:
         sock.sendall(data)
-        sock.shutdown(socket.SHUT_WR)
         answer = b""
         while chunk := sock.recv(65536):
             answer += chunk
@@ -494,8 +494,8 @@ def test_a_delete_whose_chunked_body_breaks_never_reaches_the_upstream(
     echo_gw: GatewayProcess, upstream: LocalUpstream
 ) -> None:
     tag = uuid.uuid4().hex[:8]
-    answer = raw_exchange(echo_gw, f"DELETE /echo/del-{tag} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-                                   "5\r\nhello\r\nZZZ-not-a-chunk-size\r\n\r\n".encode())
+    head = f"DELETE /echo/del-{tag} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
+    answer = raw_exchange(echo_gw, head.encode() + b"5\r\nhello\r\nZZZ-not-a-chunk-size\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
     # a request sent after it reaches the upstream: the DELETE had its chance and did not
     assert raw_request(echo_gw.url, "GET", f"/echo/after-{tag}")[0] == 200
