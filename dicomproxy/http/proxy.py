@@ -58,6 +58,7 @@ _REPLACED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-h
 # Answer headers never passed on: hop-by-hop, and the length, which the proxy writes from the framing.
 _SKIP_ANSWER = HOP_BY_HOP | {b"content-length"}
 HELD_BODY_LIMIT = 64 << 10
+_CHUNKED = Framing.CHUNKED
 
 
 def _with_connection_tokens(names: frozenset[bytes], headers: Headers) -> frozenset[bytes]:
@@ -103,8 +104,7 @@ class ReverseProxy:
         forwarded: list[bytes] = []
         has_body = False
         length: int | None = None
-        for k, v in scope["headers"]:
-            name = k.lower()  # ASGI names are lower-case; a hook's may not be
+        for name, v in scope["headers"]:  # lower-case: uvicorn's, and the Lua hooks' (set_header)
             if name in _REPLACED:
                 if name == b"x-forwarded-for":
                     forwarded.append(v)
@@ -171,12 +171,13 @@ class ReverseProxy:
             method = scope["method"].encode()
             headers, has_body, length = self._request_headers(scope)
             content: Body = None
-            if has_body and method in NO_BODY_METHODS:
-                content, length = await _held(body()), None
-            elif has_body:
-                content = body()
-            if not isinstance(content, AsyncIterator):
+            if not has_body:
                 body_done.set()
+            elif method in NO_BODY_METHODS:
+                content, length = await _held(body()), None
+                body_done.set()
+            else:
+                content = body()
             response = await self.upstream.pool.request(method, target, headers, content, length)
             started = True
             await send({"type": "http.response.start", "status": response.status, "headers": _answer_headers(response)})
@@ -253,7 +254,7 @@ def _answer_headers(response: Exchange) -> Headers:
     drop = _with_connection_tokens(_SKIP_ANSWER, response.headers)
     out = [(k, v) for k, v in response.headers if k not in drop]
     length = response.content_length
-    if length is not None and response.status != 204 and response.framing is not Framing.CHUNKED:
+    if length is not None and response.status != 204 and response.framing is not _CHUNKED:
         out.append((b"content-length", b"%d" % length))
     return out
 

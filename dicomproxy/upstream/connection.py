@@ -57,6 +57,14 @@ Release = Callable[["Connection", bool], None]
 _HEAD_ONLY_STATUSES = (204, 304)
 
 
+# Enum members bound once (in CPython 3.11 each ``Enum.MEMBER`` lookup costs ~0.4 µs).
+RECV_HEAD, RECV_BODY, RECV_DONE, RECV_CLOSED = Receiving.HEAD, Receiving.BODY, Receiving.DONE, Receiving.CLOSED
+SEND_IDLE, SEND_BODY, SEND_DONE = Sending.IDLE, Sending.BODY, Sending.DONE
+EV_HEAD_AND_BODY, EV_HEAD_ONLY, EV_INTERIM = Event.HEAD_AND_BODY, Event.HEAD_ONLY, Event.INTERIM
+EV_BODY_END, EV_TRAILING, EV_CLOSE = Event.BODY_END, Event.TRAILING, Event.CLOSE
+FR_NONE, FR_LENGTH, FR_CHUNKED, FR_UNTIL_CLOSE = Framing.NONE, Framing.LENGTH, Framing.CHUNKED, Framing.UNTIL_CLOSE
+
+
 class _Halt(Exception):
     """Raised in a parser callback to stop llhttp at once; what happened is already recorded."""
 
@@ -113,14 +121,22 @@ class Connection(asyncio.Protocol):
             self.transport.abort()
 
 
-class Exchange:
-    """One request and its answer on one connection.
+class Exchange(ExchangeState):
+    """One request and its answer on one connection; its framing state is its own
+    (``sending``, ``receiving``, moved only by :meth:`ExchangeState.step`).
 
     Once ``pool.request()`` returns, ``status``, ``headers``, ``framing`` and
     ``content_length`` describe the answer's head; ``await read()`` gives the body chunk by
     chunk (``b""`` at its end). ``close()`` ends the exchange: the connection goes back to the
     pool only when both messages are complete and nothing followed them. Call it in a ``finally``.
     """
+
+    __slots__ = (
+        "conn", "_loop", "_budget", "_limits", "_release", "_head_request", "status", "headers", "framing",
+        "content_length", "body_consumed", "_parser", "_head", "_chunks", "_buffered", "_waiter", "_remaining",
+        "_body_seen", "_head_bytes", "_received", "_head_started", "_last", "_keep_alive", "_error", "_sender",
+        "_timer",
+    )
 
     def __init__(
         self, conn: Connection, loop: asyncio.AbstractEventLoop, budget: Budget, limits: Limits, method: bytes,
@@ -132,10 +148,11 @@ class Exchange:
         self._limits = limits
         self._release = release
         self._head_request = method == b"HEAD"
-        self.state = ExchangeState()
+        self.sending = SEND_IDLE
+        self.receiving = RECV_HEAD
         self.status = 0
         self.headers: Headers = []
-        self.framing = Framing.NONE
+        self.framing = FR_NONE
         self.content_length: int | None = None
         self.body_consumed = False  # a chunk was taken from a streamed request body (no replay then)
         self._parser = httptools.HttpResponseParser(self)
@@ -152,8 +169,8 @@ class Exchange:
         self._keep_alive = True
         self._error: UpstreamError | None = None
         self._sender: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._arm(min((t for t in (limits.read_timeout, limits.head_timeout) if t > 0), default=0.0))
+        delay = limits.first_watch
+        self._timer: asyncio.TimerHandle | None = loop.call_later(delay, self._watch) if delay > 0 else None
 
     # ---------------------------------------------------------------- sending
     async def send(self, head: bytes, framing: Framing, length: int, body: Body) -> None:
@@ -161,17 +178,22 @@ class Exchange:
         conn = self.conn
         if conn.closed:
             raise (Stale if conn.used else RemoteProtocolError)(f"the connection to {conn.label} closed before use")
-        writer = body_writer(conn, framing, length)
-        if body is None or isinstance(body, bytes):
+        if framing is FR_NONE:
+            if body:
+                raise LocalProtocolError("a body was given for a request whose head announces none")
             conn.write(head)
-            self.state.step(True, Event.HEAD_ONLY if framing is Framing.NONE else Event.HEAD_AND_BODY)
-            if framing is not Framing.NONE:
-                self._finish_body(writer, body or b"")
-            self._touch()
+            self.step(True, EV_HEAD_ONLY)
+            self._last = self._loop.time()
+        elif body is None or type(body) is bytes:
+            conn.write(head)
+            self.step(True, EV_HEAD_AND_BODY)
+            self._finish_body(body_writer(conn, framing, length), body or b"")
+            self._last = self._loop.time()
         else:
+            assert not isinstance(body, bytes)
             conn.write(head)
-            self.state.step(True, Event.HEAD_AND_BODY)
-            await self._send_streamed(writer, body)
+            self.step(True, EV_HEAD_AND_BODY)
+            await self._send_streamed(body_writer(conn, framing, length), body)
         await self._head
 
     def _finish_body(self, writer: BodyWriter, body: bytes) -> None:
@@ -181,7 +203,7 @@ class Exchange:
         except LocalProtocolError as e:
             self._fail(e)
             raise
-        self.state.step(True, Event.BODY_END)
+        self.step(True, EV_BODY_END)
 
     async def _send_streamed(self, writer: BodyWriter, body: AsyncIterable[bytes]) -> None:
         sender = self._loop.create_task(self._stream_body(writer, body))
@@ -220,7 +242,7 @@ class Exchange:
             raise
         if conn.closed:
             raise RemoteProtocolError(f"the connection to {conn.label} was lost while sending the body")
-        self.state.step(True, Event.BODY_END)
+        self.step(True, EV_BODY_END)
         self._touch()
 
     # ---------------------------------------------------------------- receiving (from the connection)
@@ -235,70 +257,70 @@ class Exchange:
                 return
             self._remaining = 0
             self._push(data if size == remaining else data[:remaining])
-            self.state.step(False, Event.BODY_END)
+            self.step(False, EV_BODY_END)
             self._wake()
             if size > remaining:
                 self._trailing()
             return
-        receiving = self.state.receiving
-        if receiving is Receiving.HEAD:
-            self._head_data(data)
-        elif receiving is Receiving.BODY:
-            self._feed(data)
-        elif receiving is Receiving.DONE:
+        receiving = self.receiving
+        if receiving is RECV_HEAD:
+            if not self._received:
+                self._received = True
+                self._head_started = self._last
+            try:
+                self._parser.feed_data(data)
+            except httptools.HttpParserError as e:
+                self._parse_error(e)
+                return
+            receiving = self.receiving
+            if receiving is RECV_HEAD:
+                self._head_bytes += len(data)
+                if self._head_bytes > self._limits.max_head_bytes:
+                    self._fail(HeadTooLarge(f"the answer's head is larger than {self._limits.max_head_bytes} bytes"))
+            elif receiving is RECV_BODY and self.framing is FR_LENGTH and self._remaining < 0:
+                assert self.content_length is not None
+                self._remaining = self.content_length - self._body_seen
+        elif receiving is RECV_BODY:
+            try:
+                self._parser.feed_data(data)
+            except httptools.HttpParserError as e:
+                self._parse_error(e)
+        elif receiving is RECV_DONE:
             self._trailing()
 
-    def _head_data(self, data: bytes) -> None:
-        if not self._received:
-            self._received = True
-            self._head_started = self._last
-        self._feed(data)
-        receiving = self.state.receiving
-        if receiving is Receiving.HEAD:
-            self._head_bytes += len(data)
-            if self._head_bytes > self._limits.max_head_bytes:
-                self._fail(HeadTooLarge(f"the answer's head is larger than {self._limits.max_head_bytes} bytes"))
-        elif receiving is Receiving.BODY and self.framing is Framing.LENGTH and self._remaining < 0:
-            assert self.content_length is not None
-            self._remaining = self.content_length - self._body_seen
-
-    def _feed(self, data: bytes) -> None:
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserError as e:
-            if self._error is not None or self.state.receiving is Receiving.CLOSED:
-                return  # a callback stopped the parser after recording why
-            if self.state.receiving is Receiving.DONE:
-                self._trailing()  # garbage after a complete answer: the answer stands, the connection goes
-                return
-            self._fail(RemoteProtocolError(f"invalid HTTP from {self.conn.label}: {e}"))
+    def _parse_error(self, e: httptools.HttpParserError) -> None:
+        if self._error is not None or self.receiving is RECV_CLOSED:
+            return  # a callback stopped the parser after recording why
+        if self.receiving is RECV_DONE:
+            self._trailing()  # garbage after a complete answer: the answer stands, the connection goes
+            return
+        self._fail(RemoteProtocolError(f"invalid HTTP from {self.conn.label}: {e}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        receiving = self.state.receiving
-        if receiving is Receiving.DONE or (receiving is Receiving.CLOSED and self._error is None):
+        receiving = self.receiving
+        if receiving is RECV_DONE or (receiving is RECV_CLOSED and self._error is None):
             return
-        if receiving is Receiving.BODY and self.framing is Framing.UNTIL_CLOSE:
+        if receiving is RECV_BODY and self.framing is FR_UNTIL_CLOSE:
             self._keep_alive = False
-            self.state.step(False, Event.BODY_END)  # the body is delimited by the end of the connection
+            self.step(False, EV_BODY_END)  # the body is delimited by the end of the connection
             self._wake()
             return
         why = f": {exc}" if exc else ""
         if not self._received and self.conn.used:
             self._fail(Stale(f"{self.conn.label} closed a kept-alive connection{why}"))
-        elif receiving is Receiving.BODY:
+        elif receiving is RECV_BODY:
             self._fail(RemoteProtocolError(f"{self.conn.label} closed the connection mid-body{why}"))
         else:
             self._fail(RemoteProtocolError(f"{self.conn.label} closed the connection without answering{why}"))
 
     # ---------------------------------------------------------------- httptools callbacks
-    def on_message_begin(self) -> None:
-        if self.state.receiving is not Receiving.HEAD:  # a second message in the same read
-            self._trailing()
-            raise _Halt
-
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.state.receiving is not Receiving.HEAD:
-            return  # chunked trailer fields: not forwarded
+        receiving = self.receiving
+        if receiving is not RECV_HEAD:
+            if receiving is RECV_BODY:
+                return  # chunked trailer fields: not forwarded
+            self._trailing()  # a second message in the same read
+            raise _Halt
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > self._limits.max_head_bytes:
             self._fail(HeadTooLarge(f"the answer's head is larger than {self._limits.max_head_bytes} bytes"))
@@ -306,6 +328,9 @@ class Exchange:
         self.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
+        if self.receiving is not RECV_HEAD:  # the head of a second message in the same read
+            self._trailing()
+            raise _Halt
         status = self._parser.get_status_code()
         if not 100 <= status <= 599 or status == 101:
             what = "101 Switching Protocols (only HTTP/1.1 is proxied)" if status == 101 else \
@@ -314,14 +339,14 @@ class Exchange:
             raise _Halt
         if status < 200:
             self.headers = []  # an interim answer (100 Continue, 103 Early Hints): wait for the final one
-            self.state.step(False, Event.INTERIM)
+            self.step(False, EV_INTERIM)
             return
         self.status = status
         self._keep_alive = self._parser.should_keep_alive()
         if not self._choose_framing():
             raise _Halt
-        no_body = self.framing is Framing.NONE
-        self.state.step(False, Event.HEAD_ONLY if no_body else Event.HEAD_AND_BODY)
+        no_body = self.framing is FR_NONE
+        self.step(False, EV_HEAD_ONLY if no_body else EV_HEAD_AND_BODY)
         if not self._head.done():
             self._head.set_result(None)
         if no_body:
@@ -339,25 +364,25 @@ class Exchange:
             elif name == b"transfer-encoding":  # chunked only when it is the last coding (RFC 9112 6.3)
                 chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
         if self._head_request or self.status in _HEAD_ONLY_STATUSES:
-            self.framing = Framing.NONE
+            self.framing = FR_NONE
         elif chunked:
-            self.framing, self.content_length = Framing.CHUNKED, None
+            self.framing, self.content_length = FR_CHUNKED, None
         elif self.content_length is not None:
-            self.framing = Framing.LENGTH if self.content_length else Framing.NONE
+            self.framing = FR_LENGTH if self.content_length else FR_NONE
         else:
-            self.framing = Framing.UNTIL_CLOSE
+            self.framing = FR_UNTIL_CLOSE
             self._keep_alive = False
         return True
 
     def on_body(self, body: bytes) -> None:
-        if self.state.receiving is not Receiving.BODY:  # bytes after an answer that has none
+        if self.receiving is not RECV_BODY:  # bytes after an answer that has none
             self._trailing()
             raise _Halt
         self._push(body)
 
     def on_message_complete(self) -> None:
-        if self.state.receiving is Receiving.BODY:
-            self.state.step(False, Event.BODY_END)
+        if self.receiving is RECV_BODY:
+            self.step(False, EV_BODY_END)
             self._wake()
 
     # ---------------------------------------------------------------- internals
@@ -367,8 +392,8 @@ class Exchange:
         self._body_seen += size
         self._buffered += size
         budget = self._budget
-        budget.held += size
-        if self._buffered > budget.limit():
+        held = budget.held = budget.held + size
+        if self._buffered > (budget.read_ahead if held <= budget.total else budget.read_ahead // 8):
             flow = self.conn.flow
             if flow is not None:
                 flow.pause_reading()
@@ -385,17 +410,17 @@ class Exchange:
 
     def _trailing(self) -> None:
         """Bytes after the complete answer: keep the answer as it is, drop the connection."""
-        if self.state.receiving is Receiving.DONE:
-            self.state.step(False, Event.TRAILING)
+        if self.receiving is RECV_DONE:
+            self.step(False, EV_TRAILING)
         self._keep_alive = False
         self.conn.abort()
 
     def _fail(self, error: UpstreamError) -> None:
         if self._error is None:
             self._error = error
-        self.state.step(False, Event.CLOSE)
-        if self.state.sending is not Sending.DONE:
-            self.state.step(True, Event.CLOSE)
+        self.step(False, EV_CLOSE)
+        if self.sending is not SEND_DONE:
+            self.step(True, EV_CLOSE)
         self._keep_alive = False
         if not self._head.done():
             self._head.set_exception(error)
@@ -410,13 +435,13 @@ class Exchange:
     def _watch(self) -> None:
         """Fail on a timeout that is due, else look again when the next one could be."""
         self._timer = None
-        receiving = self.state.receiving
-        if self._error is not None or receiving not in (Receiving.HEAD, Receiving.BODY):
+        receiving = self.receiving
+        if self._error is not None or receiving not in (RECV_HEAD, RECV_BODY):
             return
         now = self._loop.time()
         limits = self._limits
         due = math.inf
-        if receiving is Receiving.HEAD and self._received and limits.head_timeout > 0:
+        if receiving is RECV_HEAD and self._received and limits.head_timeout > 0:
             due = self._head_started + limits.head_timeout
             if due <= now:
                 self._fail(HeadTimeout(f"the answer's head took more than {limits.head_timeout:g} s"))
@@ -444,15 +469,15 @@ class Exchange:
         flow = self.conn.flow
         if flow is None:
             return True
-        if self.state.sending is Sending.DONE:
+        if self.sending is SEND_DONE:
             return not flow.read_paused
         return flow.write_paused
 
     @property
     def at_end(self) -> bool:
         """Nothing more to read: lets the caller send the last chunk as the final message."""
-        return not self._chunks and self._error is None and self.state.receiving in (Receiving.DONE,
-                                                                                     Receiving.CLOSED)
+        return not self._chunks and self._error is None and self.receiving in (RECV_DONE,
+                                                                                     RECV_CLOSED)
 
     async def read(self) -> bytes:
         """The next body chunk as it arrived, or ``b""`` once the body is complete."""
@@ -470,7 +495,7 @@ class Exchange:
                 return chunk
             if self._error is not None:
                 raise self._error
-            if self.state.receiving not in (Receiving.HEAD, Receiving.BODY):
+            if self.receiving not in (RECV_HEAD, RECV_BODY):
                 return b""
             self._waiter = self._loop.create_future()
             try:
@@ -492,8 +517,9 @@ class Exchange:
         self._chunks.clear()
         if self._sender is not None and not self._sender.done():
             self._sender.cancel()  # the answer came before the whole body went: this connection is done
-        reusable = self.state.reusable and self._keep_alive and self._error is None and not conn.closed
-        if reusable and conn.flow is not None:
+        reusable = (self.sending is SEND_DONE and self.receiving is RECV_DONE and self._keep_alive
+                    and self._error is None and not conn.closed)
+        if reusable and conn.flow is not None and conn.flow.read_paused:
             conn.flow.resume_reading()
         self._release(conn, reusable)
 

@@ -30,7 +30,8 @@ class Budget:
         self.held = 0
 
     def limit(self) -> int:
-        """Per-answer read-ahead: the full one while under the budget, an eighth past it."""
+        """Per-answer read-ahead: the full one while under the budget, an eighth past it (the
+        exchange's ``_push`` computes the same inline: it runs once per body chunk)."""
         return self.read_ahead if self.held <= self.total else self.read_ahead // 8
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 from dicomproxy.upstream.flow import BUFFER_BUDGET, READ_AHEAD
 
@@ -28,6 +29,11 @@ class Limits:
     read_ahead: int = READ_AHEAD
     buffer_budget: int = BUFFER_BUDGET
     tls: ssl.SSLContext | None = field(default=None, compare=False)  # None: default_tls() on first https use
+
+    @cached_property
+    def first_watch(self) -> float:
+        """When an exchange's watchdog first looks: the shorter of the read timeout and the head's deadline."""
+        return min((t for t in (self.read_timeout, self.head_timeout) if t > 0), default=0.0)
 
     def with_timeouts(self, connect: float | None, read: float | None, pool: float | None) -> Limits:
         """These limits with httpx's per-request timeouts (None: no limit); the head's deadline stays."""

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 from dicomproxy.upstream.connection import Body, Connection, Exchange
 from dicomproxy.upstream.errors import ConnectError, ConnectTimeout, PoolTimeout, Stale
 from dicomproxy.upstream.flow import Budget
-from dicomproxy.upstream.framing import IDEMPOTENT_METHODS, Headers, chosen_framing, encode_head
+from dicomproxy.upstream.framing import IDEMPOTENT_METHODS, Headers, HeadWriter, chosen_framing
 from dicomproxy.upstream.limits import Limits, default_tls
 
 
@@ -69,6 +69,7 @@ class ConnectionPool:
         self.limits = limits or Limits()
         self.max_connections = max_connections
         self.host_header = self.origin.host_header
+        self.heads = HeadWriter(self.host_header)
         self.budget = Budget(self.limits.read_ahead, self.limits.buffer_budget)
         self.connections_made = 0
         self.closed = False
@@ -106,10 +107,10 @@ class ConnectionPool:
         streamed one with ``content_length`` if given (exactly that many bytes, or the
         connection is dropped), else chunked. ``limits`` replaces the pool's for this request.
         """
-        if isinstance(body, bytes):
+        if type(body) is bytes:
             content_length = len(body)
         framing, length = chosen_framing(method, content_length, body is not None)
-        head = encode_head(method, target, self.host_header, headers, framing, length)
+        head = self.heads.encode(method, target, headers, framing, length)
         limits = limits or self.limits
         for attempt in (0, 1):
             conn = await self._acquire(limits, fresh=attempt == 1)

@@ -65,7 +65,7 @@ async def test_get_with_length_body_idle_to_done_and_reused(pool: PairPool) -> N
     exchange, body, wire = await answer(pool, ok(b"hello", extra=b"x-a: 1\r\n"))
     assert (exchange.status, body, exchange.framing, exchange.content_length) == (200, b"hello", Framing.LENGTH, 5)
     assert exchange.headers == [(b"content-length", b"5"), (b"x-a", b"1")]
-    assert (exchange.state.sending, exchange.state.receiving) == (Sending.DONE, Receiving.DONE)
+    assert (exchange.sending, exchange.receiving) == (Sending.DONE, Receiving.DONE)
     exchange.close()
     exchange, body, _ = await answer(pool, ok(b"again"), wire=wire)  # the same connection
     assert body == b"again" and pool.connections_made == 1
@@ -79,7 +79,7 @@ async def test_request_with_length_body_goes_idle_body_done(pool: PairPool) -> N
     assert await wire.exactly(5) == b"abcde"
     await wire.send(ok())
     exchange = await task
-    assert exchange.state.sending is Sending.DONE
+    assert exchange.sending is Sending.DONE
     assert await read_all(exchange) == b"ok"
     exchange.close()
     assert pool._idle  # both sides done: kept
@@ -120,7 +120,7 @@ async def test_head_204_304_have_no_body_and_keep_the_connection(pool: PairPool)
     exchange.close()
     for status in (b"204 No Content", b"304 Not Modified"):
         exchange, body, _ = await answer(pool, b"HTTP/1.1 " + status + b"\r\netag: x\r\n\r\n", wire=wire)
-        assert body == b"" and exchange.state.receiving is Receiving.DONE
+        assert body == b"" and exchange.receiving is Receiving.DONE
         exchange.close()
     assert pool.connections_made == 1
 
@@ -325,7 +325,7 @@ async def test_an_early_answer_ends_the_request_and_the_connection(pool: PairPoo
     await wire.send(ok(b"too large", b"413 Content Too Large", b"connection: close\r\n"))
     exchange = await asyncio.wait_for(task, 5)
     assert exchange.status == 413 and await read_all(exchange) == b"too large"
-    assert exchange.state.sending is Sending.BODY  # the body never ended
+    assert exchange.sending is Sending.BODY  # the body never ended
     exchange.close()
     assert pool._open == 0 and not pool._idle
 
