@@ -58,7 +58,7 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
 
 def _logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-5s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("pynetdicom", "aiohttp.access"):
+    for noisy in ("pynetdicom", "httpx"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 

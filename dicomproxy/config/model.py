@@ -76,6 +76,12 @@ class UpstreamSettings(Section):
         "ReadTimeoutSeconds", 120, "longest wait for upstream bytes; too slow → 504")
     max_connections: Annotated[int, Whole(1)] = key(
         "MaxConnections", 256, "pooled keep-alive connections to the upstream")
+    head_timeout: Annotated[float, Number(above=0)] = key(
+        "ResponseHeadTimeoutSeconds", 30,
+        "from the first byte of an answer to the end of its head (interim 1xx heads included); too slow → 504, "
+        "so a trickle of header bytes cannot hold a client")
+    max_head_bytes: Annotated[int, Whole(1024)] = key(
+        "MaxResponseHeadBytes", 65536, "largest answer head from the upstream (1xx heads included); larger → 502")
 
 
 class ExtraConfigSettings(Section):

@@ -38,6 +38,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 from pydicom.uid import UID
 
 from dicomproxy.dicom import datasets, scu
@@ -222,8 +223,6 @@ class _StowLane:
     async def send_batch(
         self, entries: list[SpoolEntry], payloads: list[bytes]
     ) -> list[ForwardResult | PermanentError]:
-        import aiohttp
-
         boundary = uuid.uuid4().hex
         parts: list[bytes] = []
         for entry, data in zip(entries, payloads, strict=True):
@@ -239,17 +238,15 @@ class _StowLane:
             "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
             "Accept": "application/dicom+json",
         }
-        session = await self.session_factory()
+        client = await self.session_factory()  # the gateway's upstream httpx client
         try:
-            async with session.post(
-                self.target.stow_url,
-                data=body,
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=self.target.timeout, connect=self.target.connect_timeout),
-            ) as resp:
-                status = resp.status
-                text = await resp.text(errors="replace")
-        except (TimeoutError, aiohttp.ClientError, OSError) as e:
+            async with asyncio.timeout(self.target.timeout):
+                resp = await client.post(
+                    self.target.stow_url, content=body, headers=headers,
+                    timeout=httpx.Timeout(self.target.timeout, connect=self.target.connect_timeout),
+                )
+            status, text = resp.status_code, resp.text
+        except (TimeoutError, httpx.HTTPError, OSError) as e:
             raise TransientError(f"STOW-RS to {self.target.stow_url} failed: {e!r}") from None
         if status >= 500 or status in (401, 403, 404, 408, 429):
             raise TransientError(f"STOW-RS to {self.target.stow_url} answered HTTP {status}: {text[:200]}")

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-import aiohttp
+import httpx
 from dicomproxy_middleware import LuaEngine, LuaError, LuaExportError
 
 from dicomproxy.host import Host
@@ -174,11 +174,16 @@ class HttpOptions:
 
 class LuaHttp:
     """Orthanc's generic HTTP client functions; credentials and timeout belong to one engine,
-    as they belong to Orthanc's one Lua context (a transient engine starts with none)."""
+    as they belong to Orthanc's one Lua context (a transient engine starts with none).
 
-    def __init__(self) -> None:
+    Any URL may be called, not only the PACS: requests go through the gateway's one upstream
+    client, which keeps a bounded pool per origin with the same TLS verification and timeouts
+    as the PACS's (``SetHttpTimeout`` adds an overall limit of its own). Redirects are followed.
+    """
+
+    def __init__(self, client: httpx.AsyncClient) -> None:
         self._options: weakref.WeakKeyDictionary[LuaEngine, HttpOptions] = weakref.WeakKeyDictionary()
-        self._session: aiohttp.ClientSession | None = None
+        self.client = client
 
     def options(self, engine: LuaEngine) -> HttpOptions:
         opts = self._options.get(engine)
@@ -204,11 +209,6 @@ class LuaHttp:
             return
         self.options(engine).timeout = max(float(seconds), 0.0)
 
-    async def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
-        return self._session
-
     async def request(
         self, engine: LuaEngine, method: Any, url: Any, data: Any = None, latin1: Any = False, headers: Any = None
     ) -> bytes | str | None:
@@ -216,20 +216,22 @@ class LuaHttp:
         body = _call_args(name, url, "a URL", data, latin1)
         if body is _BAD:
             return None
+        if not url.lower().startswith(("http://", "https://")):
+            log.error("Lua: Error in %s() for URL %s: expects an absolute http:// or https:// URL", name, url)
+            return None
         opts = self.options(engine)
-        auth = aiohttp.BasicAuth(opts.username, opts.password) if opts.username is not None else None
-        timeout = aiohttp.ClientTimeout(total=opts.timeout if opts.timeout > 0 else None)
-        session = await self.session()
+        auth = httpx.BasicAuth(opts.username, opts.password) if opts.username is not None else None
         try:
-            async with session.request(
-                method, url, data=body, headers=_header_map(headers, lower=False), auth=auth, timeout=timeout
-            ) as resp:
-                answer = await resp.read()
-                status = resp.status
+            async with asyncio.timeout(opts.timeout or None):
+                resp = await self.client.request(
+                    str(method), url, content=body, headers=_header_map(headers, lower=False),
+                    auth=auth or httpx.USE_CLIENT_DEFAULT, follow_redirects=True,
+                )
+            answer, status = resp.content, resp.status_code
         except TimeoutError:
             log.error("Lua: Error in %s() for URL %s: no answer within %g s (SetHttpTimeout)", name, url, opts.timeout)
             return None
-        except (aiohttp.ClientError, OSError, ValueError) as e:
+        except (httpx.HTTPError, httpx.InvalidURL, OSError, ValueError) as e:
             log.error("Lua: Error in %s() for URL %s: %s", name, url, str(e) or type(e).__name__)
             return None
         if not 200 <= status < 300:
@@ -237,9 +239,6 @@ class LuaHttp:
             return None
         return "SUCCESS" if method == "DELETE" else answer
 
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
 
 
 # --------------------------------------------------------------------------- Initialize / Finalize
@@ -284,7 +283,7 @@ class OrthancLayer:
         self.settings = gateway.settings
         self.host = gateway.lua
         self.pacs = Pacs(gateway.upstream)
-        self.http = LuaHttp()
+        self.http = LuaHttp(gateway.upstream.client)
         self.lua_stored = LuaStored()
         self.pump = EventPump(self.host)
         self.deletions = Deletions(self.pacs, self.host, self.pump)
@@ -303,7 +302,6 @@ class OrthancLayer:
 
     async def _stopped(self) -> None:
         await self.lifecycle.shutdown()
-        await self.http.close()
 
     # -- wiring ---------------------------------------------------------------------------
     def install(self) -> None:
