@@ -109,7 +109,7 @@ async def test_httpx_read_timeout_maps_onto_the_pools(pair: tuple[PairPool, http
 
 
 async def test_unreachable_is_httpx_connect_error() -> None:
-    upstream = Upstream(UpstreamSettings("http://127.0.0.1:9", "/dicom-web", 2, 5, 4))
+    upstream = Upstream(UpstreamSettings(url="http://127.0.0.1:9", connect_timeout=2, read_timeout=5, max_connections=4))
     with pytest.raises(httpx.ConnectError, match="cannot connect to 127.0.0.1:9"):
         await upstream.client.get(upstream.url("/system"))
     await upstream.stop()
@@ -130,7 +130,7 @@ async def test_upstream_client_pacs_through_the_proxys_pool_others_through_their
 
     servers = [await asyncio.start_server(serve, "127.0.0.1", 0) for _ in range(2)]
     pacs, other = (f"http://127.0.0.1:{s.sockets[0].getsockname()[1]}" for s in servers)
-    upstream = Upstream(UpstreamSettings(pacs + "/orthanc", "/dicom-web", 2, 5, 4))
+    upstream = Upstream(UpstreamSettings(url=pacs + "/orthanc", connect_timeout=2, read_timeout=5, max_connections=4))
     try:
         for _ in range(3):
             assert (await upstream.client.get(upstream.url("/system"))).content == b"pong"
