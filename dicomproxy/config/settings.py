@@ -74,6 +74,11 @@ DEFAULTS: dict[str, Any] = {
         "ForwardMaxRetrySeconds": 60,
         "ForwardMaxAttempts": 0,
         "ForwardConcurrency": 4,
+        "MaxAssociations": 64,
+        "MaxConnectionsPerAddress": 16,
+        "MaxConnections": 256,
+        "ArtimSeconds": 30,
+        "MaxDatasetMB": 4096,
     },
     "Smtp": {
         "Host": "",
@@ -314,6 +319,11 @@ class DicomSettings:
     forward_max_retry: float
     forward_max_attempts: int
     forward_concurrency: int = 4
+    max_associations: int = 64  # established associations (storage and Q/R); more get A-ASSOCIATE-RJ
+    max_connections_per_address: int = 16  # open connections from one source address
+    max_connections: int = 256  # open connections in all; beyond, a new one is closed at once
+    artim_seconds: float = 30.0  # ARTIM: the whole A-ASSOCIATE-RQ must arrive within it (PS3.8 9.1.5)
+    max_dataset_mb: int = 4096  # one C-STORE data set; larger ones abort the association
 
 
 @dataclass(frozen=True)
@@ -547,6 +557,11 @@ def build_settings(tree: ConfigTree, root: Path, file: Path | None) -> Settings:
             forward_max_retry=tree.float("Dicom:ForwardMaxRetrySeconds", 0.01),
             forward_max_attempts=tree.int("Dicom:ForwardMaxAttempts", 0),
             forward_concurrency=tree.int("Dicom:ForwardConcurrency", 1),
+            max_associations=tree.int("Dicom:MaxAssociations", 1),
+            max_connections_per_address=tree.int("Dicom:MaxConnectionsPerAddress", 1),
+            max_connections=tree.int("Dicom:MaxConnections", 1),
+            artim_seconds=tree.float("Dicom:ArtimSeconds", 0.1),
+            max_dataset_mb=tree.int("Dicom:MaxDatasetMB", 1),
         ),
         smtp=SmtpSettings(
             host=tree.str("Smtp:Host"),
