@@ -81,10 +81,12 @@ class Status:
 class Command:
     """A decoded command set: raw values by element number of group 0000."""
 
-    __slots__ = ("elements",)
+    __slots__ = ("elements", "field", "message_id")
 
     def __init__(self, elements: dict[int, bytes]) -> None:
         self.elements = elements
+        self.field = self.us(COMMAND_FIELD)
+        self.message_id = self.us(MESSAGE_ID)
 
     def us(self, element: int) -> int:
         raw = self.elements.get(element)
@@ -92,14 +94,6 @@ class Command:
 
     def text(self, element: int) -> str:
         return self.elements.get(element, b"").rstrip(b"\0 ").decode("ascii", "replace")
-
-    @property
-    def field(self) -> int:
-        return self.us(COMMAND_FIELD)
-
-    @property
-    def message_id(self) -> int:
-        return self.us(MESSAGE_ID)
 
     @property
     def has_dataset(self) -> bool:
@@ -248,11 +242,15 @@ class MessageAssembler:
             raise DimseError("command fragment while a data set was expected")
         if len(self._command) + len(fragment) > MAX_COMMAND:
             raise DimseError(f"command set longer than {MAX_COMMAND} bytes")
-        self._command += fragment
         if not last:
+            self._command += fragment
             return
-        command = decode_command(self._command)
-        self._command = bytearray()
+        if self._command:  # the last of several fragments
+            self._command += fragment
+            command = decode_command(self._command)
+            self._command = bytearray()
+        else:  # the usual case: the whole command set in one PDV
+            command = decode_command(fragment)
         if command.has_dataset:
             self._data_context = context_id
         self.handler.on_command(context_id, command)

@@ -134,9 +134,14 @@ class StorageScu:
         async with self._lock:
             try:
                 async with asyncio.timeout(timeout):
-                    self._send(context_id, command, command=True, last=True)
-                    if dataset is not None:
-                        await self._send_dataset(context_id, dataset, timeout)
+                    pdus_out = self._pdata(context_id, command, command=True, last=True)
+                    if isinstance(dataset, FileDataset):
+                        self.link.send_pdata(pdus_out)
+                        await self._send_file(context_id, dataset, timeout)
+                    else:
+                        if dataset is not None:  # one write for the command and the data set
+                            pdus_out += self._pdata(context_id, dataset, command=False, last=True)
+                        self.link.send_pdata(pdus_out)
                     await self.link.drain(timeout)
                     response = await self._read_response()
             except TimeoutError:
@@ -148,14 +153,11 @@ class StorageScu:
             self.last_used = asyncio.get_running_loop().time()
             return response
 
-    def _send(self, context_id: int, payload: bytes | memoryview, *, command: bool, last: bool) -> None:
+    def _pdata(self, context_id: int, payload: bytes | memoryview, *, command: bool, last: bool) -> list[bytes]:
         max_pdu = self.link.core.peer_max_pdu or DEFAULT_MAX_PDU
-        self.link.send_pdata(list(pdus.p_data(context_id, payload, command=command, max_pdu=max_pdu, last=last)))
+        return list(pdus.p_data(context_id, payload, command=command, max_pdu=max_pdu, last=last))
 
-    async def _send_dataset(self, context_id: int, dataset: Dataset, timeout: float) -> None:
-        if not isinstance(dataset, FileDataset):
-            self._send(context_id, dataset, command=False, last=True)
-            return
+    async def _send_file(self, context_id: int, dataset: FileDataset, timeout: float) -> None:
         fd = await asyncio.to_thread(os.open, dataset.path, os.O_RDONLY)
         try:
             left = dataset.length if dataset.length >= 0 else os.fstat(fd).st_size - dataset.offset
@@ -166,7 +168,7 @@ class StorageScu:
                     raise UpperLayerError(f"{dataset.path} is shorter than its spool entry says")
                 offset += len(chunk)
                 left -= len(chunk)
-                self._send(context_id, chunk, command=False, last=left <= 0)
+                self.link.send_pdata(self._pdata(context_id, chunk, command=False, last=left <= 0))
                 if left <= 0:
                     return
                 await self.link.drain(timeout)  # one piece in flight at a time: memory stays bounded

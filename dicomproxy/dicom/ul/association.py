@@ -93,6 +93,7 @@ _EVENT_OF_PDU = {
     PduType.RELEASE_RP: Event.RELEASE_RP_PDU,
     PduType.ABORT: Event.ABORT_PDU,
 }
+_BRANCHING = frozenset({Event.ASSOCIATE_RQ_PDU, Event.RELEASE_RQ_PDU})
 _ARTIM_STARTS = frozenset({Action.AE_5, Action.AE_8, Action.AR_4, Action.AA_1, Action.AA_7, Action.AA_8})
 _ARTIM_STOPS = frozenset({Action.AE_6, Action.AA_2, Action.AA_5, Action.AR_5})
 
@@ -225,7 +226,7 @@ class Association:
         reason: AbortReason = AbortReason.UNEXPECTED_PDU,
     ) -> Indication | None:
         self._now = now
-        branch = self._branch(event, pdu)
+        branch = self._branch(event, pdu) if event in _BRANCHING else None
         action = self.fsm.fire(event, branch)
         if action in _ARTIM_STOPS:
             self.artim_deadline = None
@@ -245,9 +246,11 @@ class Association:
     def _perform(
         self, action: Action, event: Event, pdu: PDU | None, detail: str, reason: AbortReason
     ) -> Indication | None:
-        if action in (Action.DT_2, Action.AR_6):
+        if action is Action.DT_2 or action is Action.AR_6:
             assert isinstance(pdu, pdus.P_DATA_TF)
             return DataReceived(pdu)
+        if action is Action.DT_1 or action is Action.AR_7:
+            return None
         if action is Action.AE_2:
             assert self._pending_rq is not None
             self._send(self._pending_rq)

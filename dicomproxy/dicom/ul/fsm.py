@@ -16,8 +16,11 @@ import enum
 from pynetdicom import fsm as _pynetdicom_fsm
 
 
-class State(enum.Enum):
-    """PS3.8 table 9-1 (the value is the standard's name, the description its meaning)."""
+class State(enum.StrEnum):
+    """PS3.8 table 9-1 (the value is the standard's name, the description its meaning).
+
+    String enums: their hash and equality are ``str``'s (C), not ``Enum.__hash__`` (Python), which
+    the state table is looked up with a few times per PDU."""
 
     STA1 = "Sta1"
     STA2 = "Sta2"
@@ -38,7 +41,7 @@ class State(enum.Enum):
         return _pynetdicom_fsm.STATES[self.value]
 
 
-class Event(enum.Enum):
+class Event(enum.StrEnum):
     """PS3.8 table 9-2."""
 
     ASSOCIATE_REQUEST = "Evt1"  # A-ASSOCIATE request (local user)
@@ -66,7 +69,7 @@ class Event(enum.Enum):
         return _pynetdicom_fsm.EVENTS[self.value]
 
 
-class Action(enum.Enum):
+class Action(enum.StrEnum):
     """PS3.8 tables 9-6 to 9-9."""
 
     AE_1 = "AE-1"

@@ -10,8 +10,9 @@ blocking socket driven by one thread, or on asyncio streams.
 Both read one whole PDU at a time into a buffer of its announced length (after
 :meth:`Association.check_header` has accepted that length), hand it to the protocol object,
 write what it queued, and close the connection when it reaches Sta1. A read waits at most until
-the ARTIM deadline while ARTIM runs, else ``idle`` seconds; an idle association is the
-caller's to abort.
+the ARTIM deadline while ARTIM runs; otherwise the blocking driver waits ``idle`` seconds (then
+raises :class:`IdleTimeout`: aborting is the caller's decision) and the asyncio one as long as
+its caller's timeout.
 """
 
 from __future__ import annotations
@@ -152,13 +153,11 @@ class StreamAssociation:
         writer: asyncio.StreamWriter,
         *,
         label: str,
-        idle: float = 300.0,
     ) -> None:
         self.core = core
         self.reader = reader
         self.writer = writer
         self.label = label
-        self.idle = idle
         self._loop = asyncio.get_running_loop()
 
     @classmethod
@@ -208,28 +207,36 @@ class StreamAssociation:
         await asyncio.wait_for(self.writer.drain(), timeout)
 
     async def receive(self, timeout: float | None = None) -> Indication | None:
-        """Read and handle one PDU; ``TimeoutError`` after ``timeout`` (default ``idle``) when
-        no timer of the protocol runs."""
+        """Read and handle one PDU. While ARTIM runs its deadline bounds the read; else
+        ``timeout`` does (``TimeoutError``), or nothing when it is None (the caller's own
+        deadline, e.g. a DIMSE operation's, bounds it)."""
         core = self.core
         deadline = core.artim_deadline
-        wait = (deadline - self._loop.time()) if deadline is not None else (timeout or self.idle)
+        if deadline is None and timeout is None:
+            return await self._receive()
+        wait = (deadline - self._loop.time()) if deadline is not None else (timeout or 0.0)
         try:
             async with asyncio.timeout(max(wait, 0.0)):
-                header = await self.reader.readexactly(HEADER_SIZE)
-                pdu_type, length = pdus.parse_header(header)
-                try:
-                    core.check_header(pdu_type, length)
-                except InvalidPdu as e:
-                    indication = core.invalid(e, self._loop.time())
-                    self.flush()
-                    return indication
-                body = await self.reader.readexactly(length)
+                return await self._receive()
         except TimeoutError:
             if deadline is None:
                 raise
             indication = core.artim_expired(self._loop.time())
             self.flush()
             return indication
+
+    async def _receive(self) -> Indication | None:
+        core = self.core
+        try:
+            header = await self.reader.readexactly(HEADER_SIZE)
+            pdu_type, length = pdus.parse_header(header)
+            try:
+                core.check_header(pdu_type, length)
+            except InvalidPdu as e:
+                indication = core.invalid(e, self._loop.time())
+                self.flush()
+                return indication
+            body = await self.reader.readexactly(length)
         except (OSError, asyncio.IncompleteReadError):
             indication = core.connection_closed(self._loop.time())
             self.close()
