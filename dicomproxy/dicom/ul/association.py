@@ -112,6 +112,7 @@ class Association:
         self.last_abort: tuple[int, int] | None = None  # (source, reason) of the A-ABORT we sent
         self._out: list[bytes] = []
         self._pending_rq: pdus.A_ASSOCIATE_RQ | None = None
+        self._previous = State.STA1
         self._now = now
 
     # -- state ----------------------------------------------------------------------------
@@ -226,6 +227,7 @@ class Association:
         reason: AbortReason = AbortReason.UNEXPECTED_PDU,
     ) -> Indication | None:
         self._now = now
+        self._previous = self.fsm.state
         branch = self._branch(event, pdu) if event in _BRANCHING else None
         action = self.fsm.fire(event, branch)
         if action in _ARTIM_STOPS:
@@ -306,7 +308,7 @@ class Association:
         elif action is Action.AA_8:
             self._send_abort(AbortSource.SERVICE_PROVIDER, reason)
             return Aborted(False, AbortSource.SERVICE_PROVIDER, reason, detail or _unexpected(event))
-        elif action is Action.AA_2 and event is Event.ARTIM_EXPIRED and self.request is None:
+        elif action is Action.AA_2 and event is Event.ARTIM_EXPIRED and self._previous is State.STA2:
             return Aborted(False, AbortSource.SERVICE_PROVIDER, AbortReason.NOT_SPECIFIED, "ARTIM expired")
         return None  # AE-1, AE-5, DT-1, AR-5, AR-7, AA-2, AA-5, AA-6: nothing to tell or send
 
