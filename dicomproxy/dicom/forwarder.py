@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -400,13 +401,13 @@ class Forwarder:
         while q and sent < STUDY_BATCH and not self._stopping:
             if isinstance(lane, _StowLane):
                 batch = [q[i] for i in range(min(len(q), 32))]
-                await self._with_retry(lambda b=batch: self._stow(lane, b))
+                await self._with_retry(functools.partial(self._stow, lane, batch))
                 for _ in batch:
                     q.popleft()
                 sent += len(batch)
             else:
                 entry = q[0]
-                await self._with_retry(lambda e=entry: self._dimse(lane, e))
+                await self._with_retry(functools.partial(self._dimse, lane, entry))
                 q.popleft()
                 sent += 1
 

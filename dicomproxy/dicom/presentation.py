@@ -54,6 +54,14 @@ QUERY_RETRIEVE_SOP_CLASSES = frozenset(
     f"1.2.840.10008.5.1.4.1.2.{model}.{op}" for model in (1, 2, 3) for op in (1, 2, 3)
 ) | frozenset({"1.2.840.10008.5.1.4.31"})  # Patient/Study Root, Patient/Study Only; FIND, MOVE, GET; Worklist
 
+PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
+PATIENT_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.1.2"
+PATIENT_ROOT_GET = "1.2.840.10008.5.1.4.1.2.1.3"
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
+STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
+"""The Query/Retrieve models the gateway serves (PS3.4 C.6)."""
+
 MAX_CONTEXTS = 128
 """PS3.8 9.3.2.2: context IDs are the odd numbers 1..255."""
 

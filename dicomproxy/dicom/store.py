@@ -25,7 +25,7 @@ import functools
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 from dicomproxy.dicom import datasets
 from dicomproxy.dicom.session import AssocSession, LuaBridge
@@ -122,9 +122,9 @@ class StoreService:
         """On the event loop: ``(status, error comment)`` for the C-STORE response."""
         if self._scripted_store():
             outcome = await self._scripted(session, raw, ts, sop_instance)
-            if isinstance(outcome[0], int):
-                return outcome  # type: ignore[return-value]
-            raw, header, sop_instance = outcome  # type: ignore[misc]
+            if not isinstance(outcome, _Edited):
+                return outcome
+            raw, header, sop_instance = outcome
         else:
             checked = self._header(session, raw, ts, sop_instance)
             if isinstance(checked, tuple):
@@ -180,7 +180,7 @@ class StoreService:
 
     async def _scripted(
         self, session: AssocSession, raw: bytes, ts: str, sop_instance: str
-    ) -> tuple[bytes, dict[str, str], str] | tuple[int, str]:
+    ) -> _Edited | tuple[int, str]:
         try:
             ds = datasets.decode(raw, ts)
             table = datasets.dataset_to_table(ds)
@@ -226,4 +226,12 @@ class StoreService:
             "SeriesInstanceUID": str(ds.get("SeriesInstanceUID", "") or ""),
             "PatientID": str(ds.get("PatientID", "") or ""),
         }
-        return raw, header, str(ds.get("SOPInstanceUID", sop_instance) or sop_instance)
+        return _Edited(raw, header, str(ds.get("SOPInstanceUID", sop_instance) or sop_instance))
+
+
+class _Edited(NamedTuple):
+    """A data set the scripts let through (edited or not), ready to be spooled."""
+
+    raw: bytes
+    header: dict[str, str]
+    sop_instance: str

@@ -11,19 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import (
-    PatientRootQueryRetrieveInformationModelFind,
-    PatientRootQueryRetrieveInformationModelGet,
-    PatientRootQueryRetrieveInformationModelMove,
-    StudyRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelGet,
-    StudyRootQueryRetrieveInformationModelMove,
-    Verification,
-)
+from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import C_STORE
 
 from dicomproxy.config.settings import DicomSettings
 from dicomproxy.dicom import presentation
@@ -38,9 +30,8 @@ from dicomproxy.dicom.store import StoreService
 log = logging.getLogger(__name__)
 
 QR_MODELS = (
-    PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind,
-    PatientRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelMove,
-    PatientRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelGet,
+    presentation.PATIENT_ROOT_FIND, presentation.STUDY_ROOT_FIND, presentation.PATIENT_ROOT_MOVE,
+    presentation.STUDY_ROOT_MOVE, presentation.PATIENT_ROOT_GET, presentation.STUDY_ROOT_GET,
 )
 
 
@@ -72,17 +63,17 @@ class QueryRetrieveAe:
         ae.maximum_pdu_size = 1 << 20
         ae.require_called_aet = False
         syntaxes = list(presentation.TRANSFER_SYNTAXES)
-        ae.add_supported_context(Verification, syntaxes[:2])
-        for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(presentation.VERIFICATION, syntaxes[:2])
+        for sop_class in sorted(presentation.STORAGE_SOP_CLASSES):
             # scu/scp roles accepted so a C-GET requester can take the SCP role for storage.
-            ae.add_supported_context(cx.abstract_syntax, syntaxes, scu_role=True, scp_role=True)
+            ae.add_supported_context(sop_class, syntaxes, scu_role=True, scp_role=True)
         for uid in QR_MODELS:
             ae.add_supported_context(uid, syntaxes[:2])
         return ae
 
     async def start(self) -> None:
         self.sessions.loop = asyncio.get_running_loop()
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, set_nodelay),
             (evt.EVT_RELEASED, self._on_closed),
             (evt.EVT_ABORTED, self._on_closed),
@@ -121,7 +112,7 @@ class QueryRetrieveAe:
 
     def _on_store(self, event: evt.Event) -> int | Dataset:
         session = self.sessions.session(event.assoc)
-        rq = event.request
+        rq = cast(C_STORE, event.request)
         status, comment = self.store.store_blocking(
             session,
             rq.DataSet.getvalue(),  # type: ignore[union-attr]

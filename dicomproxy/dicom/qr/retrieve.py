@@ -31,12 +31,6 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pynetdicom import build_context, build_role, evt
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.sop_class import (
-    PatientRootQueryRetrieveInformationModelFind,
-    PatientRootQueryRetrieveInformationModelGet,
-    StudyRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelGet,
-)
 
 from dicomproxy.config.settings import DicomSettings, RemoteAe
 from dicomproxy.dicom import presentation
@@ -62,8 +56,8 @@ def storage_contexts(sop_classes: list[str], reserved: int = 0) -> list[Presenta
 
 def _models(request_model: str) -> tuple[str, str]:
     if request_model.startswith("1.2.840.10008.5.1.4.1.2.1."):  # Patient Root
-        return PatientRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelGet
-    return StudyRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelGet
+        return presentation.PATIENT_ROOT_FIND, presentation.PATIENT_ROOT_GET
+    return presentation.STUDY_ROOT_FIND, presentation.STUDY_ROOT_GET
 
 
 class RetrieveService:

@@ -84,7 +84,7 @@ class Aborted(Indication):
     detail: str = ""
 
 
-_EVENT_OF_PDU = {
+_EVENT_OF_PDU: dict[int, Event] = {
     PduType.ASSOCIATE_RQ: Event.ASSOCIATE_RQ_PDU,
     PduType.ASSOCIATE_AC: Event.ASSOCIATE_AC_PDU,
     PduType.ASSOCIATE_RJ: Event.ASSOCIATE_RJ_PDU,

@@ -12,6 +12,7 @@ the 19 x 13 table against the standard's table written out on its own.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 
 from pynetdicom import fsm as _pynetdicom_fsm
 
@@ -106,7 +107,7 @@ class Action(enum.StrEnum):
         return _pynetdicom_fsm.ACTIONS[self.value][0]
 
 
-def _next_states(spec: str | tuple[str, ...]) -> tuple[State, ...]:
+def _next_states(spec: str | Sequence[str]) -> tuple[State, ...]:
     return tuple(State(s) for s in ((spec,) if isinstance(spec, str) else spec))
 
 

@@ -20,6 +20,7 @@ import enum
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from pynetdicom.pdu import (
     A_ABORT_RQ,
@@ -110,7 +111,7 @@ def decode(pdu_type: int, raw: bytes | bytearray | memoryview) -> PDU:
         raise InvalidPdu(f"unknown PDU type 0x{pdu_type:02x}", AbortReason.UNRECOGNIZED_PDU)
     pdu = cls()
     try:
-        pdu.decode(raw if pdu_type == PduType.P_DATA_TF else bytes(raw))
+        pdu.decode(cast(bytes, raw) if pdu_type == PduType.P_DATA_TF else bytes(raw))  # a view works: slices
     except Exception as e:  # pynetdicom raises what its parsers raise: struct, assertion, value errors
         raise InvalidPdu(f"malformed {cls.__name__} PDU ({type(e).__name__}: {e or 'inconsistent lengths'})") from None
     if isinstance(pdu, P_DATA_TF):
