@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from dicomproxy.dicom.ul import pdu as pdus
 from dicomproxy.dicom.ul.errors import UpperLayerError
@@ -55,8 +54,7 @@ class DimseError(UpperLayerError):
     """A malformed or unexpected DIMSE message (the association is aborted)."""
 
 
-@dataclass(frozen=True)
-class Status:
+class Status(NamedTuple):
     """A DIMSE response status with the optional Error Comment (0000,0902)."""
 
     status: int
@@ -85,7 +83,8 @@ class Command:
 
     def __init__(self, elements: dict[int, bytes]) -> None:
         self.elements = elements
-        self.field = self.us(COMMAND_FIELD)
+        field = elements[COMMAND_FIELD]
+        self.field: int = _US.unpack_from(field)[0] if len(field) >= 2 else 0
         self.message_id = self.us(MESSAGE_ID)
 
     def us(self, element: int) -> int:
@@ -114,17 +113,20 @@ class Command:
 
 
 def decode_command(raw: bytes | bytearray | memoryview) -> Command:
+    data = bytes(raw)  # one copy of a few hundred bytes; slicing bytes is cheaper than views
+    end = len(data)
     out: dict[int, bytes] = {}
-    view = memoryview(raw)
+    unpack = _ELEMENT.unpack_from
     pos = 0
-    while pos < len(view):
-        if pos + 8 > len(view):
+    while pos < end:
+        if pos + 8 > end:
             raise DimseError("command set ends inside an element header")
-        group, elem, length = _ELEMENT.unpack_from(view, pos)
-        if group != 0 or pos + 8 + length > len(view):
+        group, elem, length = unpack(data, pos)
+        following = pos + 8 + length
+        if group or following > end:
             raise DimseError(f"malformed command set element ({group:04X},{elem:04X}), {length} bytes")
-        out[elem] = bytes(view[pos + 8 : pos + 8 + length])
-        pos += 8 + length
+        out[elem] = data[pos + 8 : following]
+        pos = following
     if COMMAND_FIELD not in out:
         raise DimseError("command set without a Command Field (0000,0100)")
     return Command(out)
@@ -223,8 +225,8 @@ class MessageAssembler:
         self._command = bytearray()
         self._data_context: int | None = None  # a data set is due on this context
 
-    def feed(self, pdu: pdus.P_DATA_TF) -> None:
-        for context_id, control, fragment in pdus.pdvs(pdu):
+    def feed(self, pdvs: list[pdus.Pdv]) -> None:
+        for context_id, control, fragment in pdvs:
             if context_id not in self.accepted:
                 raise DimseError(f"PDV on presentation context {context_id}, which was not accepted")
             last = bool(control & 0x02)

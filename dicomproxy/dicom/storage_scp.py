@@ -123,7 +123,7 @@ class StorageScp:
         assert self.link is not None
         if isinstance(indication, DataReceived):
             try:
-                self.assembler.feed(indication.pdu)
+                self.assembler.feed(indication.pdvs)
             except (dimse.DimseError, DatasetTooLarge, _Abort) as e:
                 log.warning("association from %s aborted: %s", self.label, e)
                 self.link.abort()
@@ -221,7 +221,7 @@ class StorageScp:
         )
         assert self.link is not None
         max_pdu = self.core.peer_max_pdu
-        self.link.send_pdata(list(pdus.p_data(context_id, raw, command=True, max_pdu=max_pdu)))
+        self.link.send_pdata(pdus.p_data(context_id, raw, command=True, max_pdu=max_pdu))
 
     def shutdown(self) -> None:
         """From another thread (component stop): wake the blocked read and end the association."""

@@ -60,6 +60,8 @@ class StorageScu:
         self.accepted = accepted
         self.rejected = rejected
         self.contexts = {context_id: pair for pair, context_id in accepted.items()}
+        self._response = _Response()
+        self._assembler = MessageAssembler(self.contexts, self._response)
         self.label = link.label
         self._msg_id = 0
         self._lock = asyncio.Lock()
@@ -153,9 +155,11 @@ class StorageScu:
             self.last_used = asyncio.get_running_loop().time()
             return response
 
-    def _pdata(self, context_id: int, payload: bytes | memoryview, *, command: bool, last: bool) -> list[bytes]:
+    def _pdata(
+        self, context_id: int, payload: bytes | memoryview, *, command: bool, last: bool
+    ) -> list[bytes | memoryview]:
         max_pdu = self.link.core.peer_max_pdu or DEFAULT_MAX_PDU
-        return list(pdus.p_data(context_id, payload, command=command, max_pdu=max_pdu, last=last))
+        return pdus.p_data(context_id, payload, command=command, max_pdu=max_pdu, last=last)
 
     async def _send_file(self, context_id: int, dataset: FileDataset, timeout: float) -> None:
         fd = await asyncio.to_thread(os.open, dataset.path, os.O_RDONLY)
@@ -176,13 +180,13 @@ class StorageScu:
             os.close(fd)
 
     async def _read_response(self) -> Command:
-        handler = _Response()
-        assembler = MessageAssembler(self.contexts, handler)
+        handler, assembler = self._response, self._assembler
+        handler.command = None
         while True:
             indication = await self.link.receive()
             if isinstance(indication, DataReceived):
                 try:
-                    assembler.feed(indication.pdu)
+                    assembler.feed(indication.pdvs)
                 except dimse.DimseError as e:
                     self.abort()
                     raise UpperLayerError(f"{self.label} sent a malformed response ({e}); aborted") from None

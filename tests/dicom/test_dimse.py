@@ -106,16 +106,8 @@ class Collect:
         self.events.append(("data", context_id, (bytes(fragment), last)))
 
 
-def _pdu(*pdvs: tuple[int, int, bytes]) -> Any:
-    items = []
-    for context_id, control, fragment in pdvs:
-        item = pdus.PresentationDataValueItem()
-        item.presentation_context_id = context_id
-        item.presentation_data_value = bytes([control]) + fragment
-        items.append(item)
-    pdu = pdus.P_DATA_TF()
-    pdu.presentation_data_value_items = items
-    return pdus.decode(4, pdu.encode())
+def _pdu(*pdvs: tuple[int, int, bytes]) -> list[pdus.Pdv]:
+    return [(context_id, control, memoryview(fragment)) for context_id, control, fragment in pdvs]
 
 
 def test_assembly_of_a_fragmented_command_and_a_streamed_data_set() -> None:

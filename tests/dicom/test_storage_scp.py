@@ -92,7 +92,7 @@ def _command(field: int, message_id: int, *, dataset: bool) -> list[bytes]:
     raw = dimse.encode_command([(dimse.AFFECTED_SOP_CLASS, CT.encode()), (dimse.COMMAND_FIELD, dimse.us(field)),
                                 (dimse.MESSAGE_ID, dimse.us(message_id)),
                                 (dimse.DATASET_TYPE, dimse.us(0 if dataset else dimse.NO_DATASET))])
-    return list(pdus.p_data(1, raw, command=True, max_pdu=16384))
+    return [b"".join(pdus.p_data(1, raw, command=True, max_pdu=16384))]
 
 
 async def test_unsupported_operations_are_answered_and_protocol_errors_abort(tmp_path: Path) -> None:
@@ -112,7 +112,7 @@ async def test_unsupported_operations_are_answered_and_protocol_errors_abort(tmp
             return answers
 
         rsp, abort, end = await asyncio.to_thread(exchange)
-        (_, _, fragment), = pdus.pdvs(pdus.decode(4, rsp))  # type: ignore[arg-type]
+        ((_, _, fragment),) = pdus.decode_pdata(memoryview(rsp))
         command = dimse.decode_command(fragment)
         assert command.field == 0x8020 and command.status().status == 0x0211
         assert abort[0] == 0x07 and end == b""

@@ -60,7 +60,7 @@ class AssociateRejected(Indication):
 
 @dataclass(frozen=True, slots=True)
 class DataReceived(Indication):
-    pdu: pdus.P_DATA_TF
+    pdvs: list[pdus.Pdv]
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +110,7 @@ class Association:
         self.peer_max_pdu = 0  # what the peer receives; 0: no limit
         self.request: pdus.Request | None = None
         self.last_abort: tuple[int, int] | None = None  # (source, reason) of the A-ABORT we sent
-        self._out: list[bytes] = []
+        self._out: list[bytes | memoryview] = []
         self._pending_rq: pdus.A_ASSOCIATE_RQ | None = None
         self._previous = State.STA1
         self._now = now
@@ -129,7 +129,7 @@ class Association:
         """Sta1: the transport must be (or already is) closed."""
         return self.fsm.state is State.STA1
 
-    def outgoing(self) -> list[bytes]:
+    def outgoing(self) -> list[bytes | memoryview]:
         """The PDUs to write, in order (the list is handed over and emptied)."""
         out, self._out = self._out, []
         return out
@@ -172,8 +172,15 @@ class Association:
         event = _EVENT_OF_PDU.get(pdu_type, Event.INVALID_PDU)
         if self.fsm.state is State.STA13:
             return self._fire(event, now)  # AA-6, AA-2, AA-7: nothing to decode
+        pdu: PDU | list[pdus.Pdv]
         try:
-            pdu = pdus.decode(pdu_type, raw)
+            if pdu_type == PduType.P_DATA_TF:
+                pdu = pdus.decode_pdata(memoryview(raw))
+                if self.fsm.state is State.STA6:  # the hot path (DT-2): nothing else to do
+                    self.fsm.fire(event)
+                    return DataReceived(pdu)
+            else:
+                pdu = pdus.decode(pdu_type, raw)
         except InvalidPdu as e:
             return self.invalid(e, now)
         return self._fire(event, now, pdu)
@@ -198,7 +205,7 @@ class Association:
         """Acceptor, Sta3: send an A-ASSOCIATE-RJ (Evt8, AE-8: ARTIM until the peer closes)."""
         self._fire(Event.ASSOCIATE_REJECT, now, pdus.associate_rj(result, source, reason))
 
-    def send_data(self, encoded: Iterable[bytes], now: float) -> None:
+    def send_data(self, encoded: Iterable[bytes | memoryview], now: float) -> None:
         """P-DATA-TF PDUs built by :func:`.pdu.p_data` (Evt9; one event for the batch)."""
         self._fire(Event.PDATA_REQUEST, now)
         self._out.extend(encoded)
@@ -221,7 +228,7 @@ class Association:
         self,
         event: Event,
         now: float,
-        pdu: PDU | None = None,
+        pdu: PDU | list[pdus.Pdv] | None = None,
         *,
         detail: str = "",
         reason: AbortReason = AbortReason.UNEXPECTED_PDU,
@@ -236,7 +243,7 @@ class Association:
             self.artim_deadline = now + self.artim
         return self._perform(action, event, pdu, detail, reason)
 
-    def _branch(self, event: Event, pdu: PDU | None) -> State | None:
+    def _branch(self, event: Event, pdu: object) -> State | None:
         state = self.fsm.state
         if event is Event.ASSOCIATE_RQ_PDU and state is State.STA2:
             acceptable = isinstance(pdu, pdus.A_ASSOCIATE_RQ) and pdu.protocol_version & 0x0001
@@ -246,10 +253,10 @@ class Association:
         return None
 
     def _perform(
-        self, action: Action, event: Event, pdu: PDU | None, detail: str, reason: AbortReason
+        self, action: Action, event: Event, pdu: PDU | list[pdus.Pdv] | None, detail: str, reason: AbortReason
     ) -> Indication | None:
         if action is Action.DT_2 or action is Action.AR_6:
-            assert isinstance(pdu, pdus.P_DATA_TF)
+            assert isinstance(pdu, list)
             return DataReceived(pdu)
         if action is Action.DT_1 or action is Action.AR_7:
             return None
@@ -267,12 +274,12 @@ class Association:
         if action is Action.AE_6:
             return self._associate_indication(pdu)
         if action in (Action.AE_7, Action.AE_8):
-            assert pdu is not None
+            assert isinstance(pdu, PDU)
             self._send(pdu)
             return None
         return self._perform_release_or_abort(action, event, pdu, detail, reason)
 
-    def _associate_indication(self, pdu: PDU | None) -> Indication | None:
+    def _associate_indication(self, pdu: object) -> Indication | None:
         assert isinstance(pdu, pdus.A_ASSOCIATE_RQ)
         request = pdus.Request.of(pdu)
         self.request = request
@@ -283,7 +290,7 @@ class Association:
         return AssociateRequested(pdu, request)
 
     def _perform_release_or_abort(
-        self, action: Action, event: Event, pdu: PDU | None, detail: str, reason: AbortReason
+        self, action: Action, event: Event, pdu: object, detail: str, reason: AbortReason
     ) -> Indication | None:
         if action is Action.AR_1:
             self._send(pdus.A_RELEASE_RQ())

@@ -1,15 +1,19 @@
-"""The upper layer's PDUs (PS3.8 section 9.3): read, decoded and built with pynetdicom's PDU
-classes (``pynetdicom.pdu``), never parsed by hand.
+"""The upper layer's PDUs (PS3.8 section 9.3): A-ASSOCIATE-RQ/AC/RJ, A-RELEASE-RQ/RP and
+A-ABORT are decoded and built with pynetdicom's PDU classes (``pynetdicom.pdu``); P-DATA-TF, the
+one PDU on the hot path, is framed here by hand.
 
-Measured here (2 vCPU, Python 3.11, pynetdicom 3.0): a P-DATA-TF PDU of 200 B to 16 KiB costs
-2-4 us to decode and 5-8 us to encode with ``P_DATA_TF``; a storage instance takes two or three
-PDUs, against ~1.2 ms of gateway CPU per instance, so the P-DATA hot path uses the library too
-(decoded from a ``memoryview`` of the received buffer: the fragments are views, not copies). An
-A-ASSOCIATE-RQ with 127 presentation contexts costs ~5 ms to decode and ~1.7 ms to encode, once
-per association. (The DIMSE command sets inside the PDUs are another matter: see
-:mod:`dicomproxy.dicom.dimse`.)
+Why P-DATA-TF by hand, measured (2 vCPU, Python 3.11, pynetdicom 3.0): ``P_DATA_TF`` costs 2-4 us
+to decode and 5-8 us to encode a PDU of 200 B to 16 KiB (idle machine; 13-16 us under the load
+of a store-and-forward run), struct framing 0.5-1.7 us. A stored instance crosses the gateway as
+six P-DATA PDUs (command and data set in, the response out, and the same towards the PACS), and
+with pynetdicom's class for those the gateway spent 0.25-0.4 ms more CPU per instance than
+before this upper layer in ``bench/dicom_bench.py`` (1.94-2.04 against 1.64-1.68 ms). Fragments
+are ``memoryview`` slices of the received buffer (no copy). ``tests/dicom/ul/test_pdu.py`` checks
+the bytes both ways against ``P_DATA_TF``. An A-ASSOCIATE-RQ with 127 presentation contexts costs
+~5 ms to decode and ~1.7 ms to encode with pynetdicom, once per association. (The DIMSE command
+sets inside the PDUs: :mod:`dicomproxy.dicom.dimse`.)
 
-A PDU pynetdicom cannot decode, or whose items contradict their lengths, raises
+A PDU that cannot be decoded, or whose items contradict their lengths, raises
 :class:`InvalidPdu` (event 19 of the state machine: the association is aborted, never a
 traceback).
 """
@@ -18,9 +22,8 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
 
 from pynetdicom.pdu import (
     A_ABORT_RQ,
@@ -29,10 +32,9 @@ from pynetdicom.pdu import (
     A_ASSOCIATE_RQ,
     A_RELEASE_RP,
     A_RELEASE_RQ,
-    P_DATA_TF,
     PDU,
 )
-from pynetdicom.pdu_items import PresentationContextItemAC, PresentationContextItemRQ, PresentationDataValueItem
+from pynetdicom.pdu_items import PresentationContextItemAC, PresentationContextItemRQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
     ImplementationClassUIDNotification,
@@ -45,6 +47,8 @@ from pynetdicom.presentation import PresentationContext
 from dicomproxy.dicom.implementation import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 
 HEADER = struct.Struct(">BBI")
+_PDV_HEADER = struct.Struct(">BBIIBB")  # PDU type, reserved, PDU length, item length, context id, control
+_ITEM = struct.Struct(">IBB")  # item length, context id, message control header
 HEADER_SIZE = HEADER.size
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 MAX_ASSOCIATE_PDU = 1 << 16
@@ -90,7 +94,6 @@ _CLASSES: dict[int, type[PDU]] = {
     PduType.ASSOCIATE_RQ: A_ASSOCIATE_RQ,
     PduType.ASSOCIATE_AC: A_ASSOCIATE_AC,
     PduType.ASSOCIATE_RJ: A_ASSOCIATE_RJ,
-    PduType.P_DATA_TF: P_DATA_TF,
     PduType.RELEASE_RQ: A_RELEASE_RQ,
     PduType.RELEASE_RP: A_RELEASE_RP,
     PduType.ABORT: A_ABORT_RQ,
@@ -103,35 +106,45 @@ def parse_header(header: bytes | bytearray | memoryview) -> tuple[int, int]:
     return pdu_type, length
 
 
+Pdv = tuple[int, int, memoryview]
+"""A presentation data value: (context id, message control header, fragment)."""
+
+
 def decode(pdu_type: int, raw: bytes | bytearray | memoryview) -> PDU:
-    """The PDU in ``raw`` (header included). P-DATA-TF is decoded from ``raw`` as is, so a
-    ``memoryview`` gives fragments that are views of it; the other types are copied to bytes."""
+    """The PDU in ``raw`` (header included), with pynetdicom's class (not for P-DATA-TF: see
+    :func:`decode_pdata`)."""
     cls = _CLASSES.get(pdu_type)
     if cls is None:
         raise InvalidPdu(f"unknown PDU type 0x{pdu_type:02x}", AbortReason.UNRECOGNIZED_PDU)
     pdu = cls()
     try:
-        pdu.decode(cast(bytes, raw) if pdu_type == PduType.P_DATA_TF else bytes(raw))  # a view works: slices
+        pdu.decode(bytes(raw))
     except Exception as e:  # pynetdicom raises what its parsers raise: struct, assertion, value errors
         raise InvalidPdu(f"malformed {cls.__name__} PDU ({type(e).__name__}: {e or 'inconsistent lengths'})") from None
-    if isinstance(pdu, P_DATA_TF):
-        _check_pdvs(pdu, len(raw) - HEADER_SIZE)
-    elif isinstance(pdu, A_ASSOCIATE_RQ | A_ASSOCIATE_AC):
+    if isinstance(pdu, A_ASSOCIATE_RQ | A_ASSOCIATE_AC):
         _check_associate(pdu)
     return pdu
 
 
-def _check_pdvs(pdu: P_DATA_TF, body_length: int) -> None:
-    """pynetdicom checks PDV lengths with ``assert`` only; check them whatever ``-O`` says."""
-    items = pdu.presentation_data_value_items
-    used = 0
-    for item in items:
-        value = item.presentation_data_value
-        if not value:
-            raise InvalidPdu("a presentation data value item without its message control header")
-        used += 5 + len(value)
-    if not items or used != body_length:
-        raise InvalidPdu("P-DATA-TF items do not add up to the PDU length")
+def decode_pdata(raw: memoryview) -> list[Pdv]:
+    """The presentation data values of a P-DATA-TF PDU (header included); fragments are views of
+    ``raw``. Each item must hold at least its message control header and the items must fill the
+    PDU exactly."""
+    end = len(raw)
+    pos = HEADER_SIZE
+    out: list[Pdv] = []
+    unpack = _ITEM.unpack_from
+    while pos < end:
+        if pos + 6 > end:
+            raise InvalidPdu("P-DATA-TF ends inside a presentation data value item header")
+        length, context_id, control = unpack(raw, pos)
+        if length < 2 or pos + 4 + length > end:
+            raise InvalidPdu(f"presentation data value item of {length} bytes does not fit the P-DATA-TF PDU")
+        out.append((context_id, control, raw[pos + 6 : pos + 4 + length]))
+        pos += 4 + length
+    if not out:
+        raise InvalidPdu("P-DATA-TF PDU without a presentation data value item")
+    return out
 
 
 def _check_associate(pdu: A_ASSOCIATE_RQ | A_ASSOCIATE_AC) -> None:
@@ -267,33 +280,27 @@ def abort(source: AbortSource, reason: AbortReason = AbortReason.NOT_SPECIFIED) 
 
 
 def p_data(context_id: int, payload: bytes | bytearray | memoryview, *, command: bool, max_pdu: int,
-           last: bool = True) -> Iterator[bytes]:
-    """Encoded P-DATA-TF PDUs carrying ``payload``, one PDV each, none longer than ``max_pdu``
-    (the peer's maximum length; 0 means no limit). ``last`` marks the final fragment of the
-    message (a caller streaming a data set sends it in several calls)."""
-    limit = max_pdu - 6 if max_pdu > 6 else len(payload) or 1
+           last: bool = True) -> list[bytes | memoryview]:
+    """P-DATA-TF PDUs carrying ``payload``, one PDV each, none longer than ``max_pdu`` (the peer's
+    maximum length; 0 means no limit): for each PDU its header, then the fragment (a view of
+    ``payload``: write the list before changing ``payload``). ``last`` marks the final fragment of
+    the message (a caller streaming a data set sends it in several calls)."""
     view = memoryview(payload)
     total = len(view)
+    limit = max_pdu - 6 if max_pdu > 6 else total or 1
+    flags = 0x01 if command else 0x00
+    out: list[bytes | memoryview] = []
+    pack = _PDV_HEADER.pack
     pos = 0
     while True:
         chunk = view[pos : pos + limit]
-        pos += len(chunk)
-        final = last and pos >= total
-        item = PresentationDataValueItem()
-        item.presentation_context_id = context_id
-        item.presentation_data_value = bytes(((0x01 if command else 0x00) | (0x02 if final else 0x00),)) + chunk
-        pdu = P_DATA_TF()
-        pdu.presentation_data_value_items = [item]
-        yield pdu.encode()
-        if pos >= total:
-            return
-
-
-def pdvs(pdu: P_DATA_TF) -> Iterator[tuple[int, int, memoryview]]:
-    """``(context id, message control header, fragment)`` for each PDV of a decoded P-DATA-TF."""
-    for item in pdu.presentation_data_value_items:
-        value = memoryview(item.presentation_data_value or b"")
-        yield int(item.presentation_context_id or 0), value[0], value[1:]
+        n = len(chunk)
+        pos += n
+        final = pos >= total
+        out.append(pack(0x04, 0, n + 6, n + 2, context_id, flags | (0x02 if last and final else 0x00)))
+        out.append(chunk)
+        if final:
+            return out
 
 
 __all__ = [
@@ -303,7 +310,6 @@ __all__ = [
     "A_ASSOCIATE_RQ",
     "A_RELEASE_RP",
     "A_RELEASE_RQ",
-    "P_DATA_TF",
     "PDU",
     "PresentationContextItemRQ",
 ]

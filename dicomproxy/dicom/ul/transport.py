@@ -120,7 +120,7 @@ class SocketAssociation:
         self.close()
         return indication
 
-    def send_pdata(self, encoded: list[bytes]) -> None:
+    def send_pdata(self, encoded: list[bytes | memoryview]) -> None:
         self.core.send_data(encoded, self.clock())
         self.flush()
 
@@ -245,7 +245,7 @@ class StreamAssociation:
         self.flush()
         return indication
 
-    def send_pdata(self, encoded: list[bytes]) -> None:
+    def send_pdata(self, encoded: list[bytes | memoryview]) -> None:
         self.core.send_data(encoded, self._loop.time())
         self.flush()
 

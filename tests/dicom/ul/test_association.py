@@ -53,7 +53,7 @@ def test_acceptor_happy_path_and_artim() -> None:
     assert assoc.state is State.STA3 and assoc.artim_deadline is None  # AE-6 stops it
     assoc.accept(AC, 111.0)
     assert _types(assoc.outgoing()) == [0x02] and assoc.established and assoc.peer_max_pdu == 16384
-    data = list(pdus.p_data(1, b"\x00" * 10, command=True, max_pdu=0))[0]
+    data = b"".join(pdus.p_data(1, b"\x00" * 10, command=True, max_pdu=0))
     assert isinstance(assoc.receive(4, data, 112.0), DataReceived)
     assert isinstance(assoc.receive(5, pdus.A_RELEASE_RQ().encode(), 113.0), ReleaseRequested)
     assoc.release_response(113.5)
@@ -99,8 +99,8 @@ def test_the_users_reject() -> None:
 
 @pytest.mark.parametrize("pdu_type", [2, 3, 4, 5, 6])
 def test_anything_but_a_request_first_is_aborted(pdu_type: int) -> None:
-    raw = {2: AC.encode(), 3: pdus.associate_rj(1, 1, 1).encode(), 4: list(pdus.p_data(1, b"x", command=True,
-           max_pdu=0))[0], 5: pdus.A_RELEASE_RQ().encode(), 6: pdus.A_RELEASE_RP().encode()}[pdu_type]
+    raw = {2: AC.encode(), 3: pdus.associate_rj(1, 1, 1).encode(), 4: b"".join(pdus.p_data(1, b"x", command=True,
+           max_pdu=0)), 5: pdus.A_RELEASE_RQ().encode(), 6: pdus.A_RELEASE_RP().encode()}[pdu_type]
     assoc = acceptor()
     indication = assoc.receive(pdu_type, raw, 101.0)
     assert isinstance(indication, Aborted) and "unexpected" in indication.detail  # AA-1
@@ -160,7 +160,7 @@ def test_requestor_accept_release() -> None:
     assert isinstance(indication, AssociateAccepted) and assoc.peer_max_pdu == 1 << 20 and assoc.max_pdu == 16384
     assoc.release(1.0)
     assert assoc.outgoing() == [pdus.A_RELEASE_RQ().encode()] and assoc.state is State.STA7
-    data = list(pdus.p_data(1, b"late", command=True, max_pdu=0))[0]
+    data = b"".join(pdus.p_data(1, b"late", command=True, max_pdu=0))
     assert isinstance(assoc.receive(4, data, 1.1), DataReceived)  # AR-6: data may still arrive
     assert isinstance(assoc.receive(6, pdus.A_RELEASE_RP().encode(), 1.2), ReleaseConfirmed) and assoc.closed
 

@@ -1,5 +1,6 @@
 """dicomproxy.dicom.ul.pdu: PDUs built here decode with pynetdicom and back, pynetdicom's own test
-vectors decode here, P-DATA-TF bytes equal pynetdicom's, malformed PDUs raise InvalidPdu."""
+vectors decode here, the hand-written P-DATA-TF framing is byte for byte pynetdicom's ``P_DATA_TF``
+both ways, malformed PDUs raise InvalidPdu."""
 
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def test_pynetdicoms_test_vectors_decode_here() -> None:
     assert pdus.accepted_contexts(ac) == {1: (0, IMPLICIT)} and pdus.peer_max_pdu(ac) == 16384
     rj = _decode(vectors.a_associate_rj)
     assert (rj.result, rj.source, rj.reason_diagnostic) == (1, 1, 1)  # type: ignore[attr-defined]
-    for raw in (vectors.a_release_rq, vectors.a_release_rp, vectors.a_abort, vectors.a_p_abort, vectors.p_data_tf):
+    for raw in (vectors.a_release_rq, vectors.a_release_rp, vectors.a_abort, vectors.a_p_abort):
         assert _decode(raw).encode() == raw  # type: ignore[attr-defined]
 
 
@@ -69,45 +70,73 @@ def test_an_associate_ac_answers_the_request_it_is_built_from() -> None:
     assert pdus.peer_max_pdu(theirs) == 1 << 20
 
 
+def _theirs(pdvs: list[tuple[int, bytes]]) -> bytes:
+    """pynetdicom's encoding of a P-DATA-TF with these (context id, control + fragment) items."""
+    primitive = P_DATA()
+    primitive.presentation_data_value_list = [[c, v] for c, v in pdvs]
+    return P_DATA_TF(primitive).encode()
+
+
 @pytest.mark.parametrize("size", [0, 1, 200, 16378, 16379, 50000])
 def test_p_data_bytes_equal_pynetdicoms(size: int) -> None:
     payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
-    ours = list(pdus.p_data(5, payload, command=False, max_pdu=16384))
-    theirs = []
+    ours = b"".join(pdus.p_data(5, payload, command=False, max_pdu=16384))
     limit = 16384 - 6
     chunks = [payload[i:i + limit] for i in range(0, len(payload), limit)] or [b""]
-    for i, chunk in enumerate(chunks):
-        primitive = P_DATA()
-        primitive.presentation_data_value_list = [[5, bytes([0x02 if i == len(chunks) - 1 else 0x00]) + chunk]]
-        theirs.append(P_DATA_TF(primitive).encode())
+    theirs = b"".join(_theirs([(5, bytes([0x02 if i == len(chunks) - 1 else 0x00]) + c)])
+                      for i, c in enumerate(chunks))
     assert ours == theirs
-    assert all(len(p) - 6 <= 16384 for p in ours)
-    command = list(pdus.p_data(1, b"abc", command=True, max_pdu=0))
-    assert [list(pdus.pdvs(_decode(p))) for p in command] == [[(1, 0x03, memoryview(b"abc"))]]  # type: ignore[arg-type]
-    assert list(pdus.pdvs(_decode(list(pdus.p_data(1, b"x", command=False, max_pdu=0, last=False))[0])))[0][1] == 0
+    command = b"".join(pdus.p_data(1, b"abc", command=True, max_pdu=0))
+    assert command == _theirs([(1, b"\x03abc")])
+    assert b"".join(pdus.p_data(1, b"x", command=False, max_pdu=0, last=False)) == _theirs([(1, b"\x00x")])
+
+
+@pytest.mark.parametrize(
+    "items",
+    [[(1, b"\x03" + b"c" * 40)], [(1, b"\x01cmd"), (1, b"\x00" + b"d" * 300), (3, b"\x02")], [(7, b"\x02")]],
+)
+def test_p_data_decodes_as_pynetdicom_does(items: list[tuple[int, bytes]]) -> None:
+    raw = _theirs(items)
+    theirs = P_DATA_TF()
+    theirs.decode(raw)
+    expected = [(i.presentation_context_id, i.presentation_data_value) for i in theirs.presentation_data_value_items]
+    ours = pdus.decode_pdata(memoryview(raw))
+    assert [(c, bytes([m]) + bytes(f)) for c, m, f in ours] == expected
+    vector = pdus.decode_pdata(memoryview(vectors.p_data_tf))
+    assert [(c, m, len(f)) for c, m, f in vector] == [(1, 3, 0x50 - 2)]
 
 
 def test_p_data_fragments_are_views_of_the_received_buffer() -> None:
-    raw = bytearray(list(pdus.p_data(1, b"fragment", command=False, max_pdu=0))[0])
-    pdu = pdus.decode(4, memoryview(raw))
-    (_, _, fragment), = pdus.pdvs(pdu)  # type: ignore[arg-type]
+    raw = bytearray(b"".join(pdus.p_data(1, b"fragment", command=False, max_pdu=0)))
+    ((_, _, fragment),) = pdus.decode_pdata(memoryview(raw))
     raw[-1:] = b"!"
     assert bytes(fragment) == b"fragmen!"
+
+
+def test_pdvs_may_be_views_and_are_not_copied_when_sent() -> None:
+    payload = b"p" * 100
+    out = pdus.p_data(1, payload, command=False, max_pdu=0)
+    assert isinstance(out[1], memoryview) and out[1].obj is payload
 
 
 @pytest.mark.parametrize(
     ("raw", "match"),
     [
-        (struct.pack(">BBIIBB", 4, 0, 12, 9, 1, 2) + b"abcdef", "P_DATA_TF"),  # PDV longer than the PDU
-        (struct.pack(">BBII", 4, 0, 4, 0), "P_DATA_TF|message control"),  # PDV without its header byte
-        (struct.pack(">BBI", 4, 0, 0), "do not add up"),  # no PDV at all
-        (struct.pack(">BBIIBB", 4, 0, 14, 8, 1, 2) + b"abcdef\0\0", "P_DATA_TF|add up"),  # trailing bytes
-        (b"\x09\x00\x00\x00\x00\x04\x00\x00\x00\x00", "unknown PDU type"),
+        (struct.pack(">BBIIBB", 4, 0, 12, 9, 1, 2) + b"abcdef", "does not fit"),  # PDV longer than the PDU
+        (struct.pack(">BBIIB", 4, 0, 5, 1, 1), "ends inside"),  # PDV too short for its header
+        (struct.pack(">BBIIBB", 4, 0, 6, 1, 1, 2), "does not fit"),  # item length 1: no control header
+        (struct.pack(">BBI", 4, 0, 0), "without a presentation data value"),  # no PDV at all
+        (struct.pack(">BBIIBB", 4, 0, 14, 8, 1, 2) + b"abcdef\0\0", "ends inside"),  # trailing bytes
     ],
 )
-def test_malformed_pdus_raise_invalid_pdu(raw: bytes, match: str) -> None:
+def test_malformed_p_data_raises_invalid_pdu(raw: bytes, match: str) -> None:
     with pytest.raises(InvalidPdu, match=match):
-        _decode(raw)
+        pdus.decode_pdata(memoryview(raw))
+
+
+def test_an_unknown_pdu_type_is_invalid() -> None:
+    with pytest.raises(InvalidPdu, match="unknown PDU type"):
+        _decode(b"\x09\x00\x00\x00\x00\x04\x00\x00\x00\x00")
 
 
 def _rq_with_user_items(user_items: bytes) -> bytes:
