@@ -28,7 +28,14 @@ from dicomproxy.dicom.session import AssocSession, LuaBridge
 from dicomproxy.dicom.spool import DatasetTooLarge, Spool, SpoolWriter
 from dicomproxy.dicom.store import STATUS_OUT_OF_RESOURCES, StoreService
 from dicomproxy.dicom.ul import pdu as pdus
-from dicomproxy.dicom.ul.association import Aborted, Association, DataReceived, Indication, ReleaseRequested
+from dicomproxy.dicom.ul.association import (
+    CONNECTION_CLOSED,
+    Aborted,
+    Association,
+    DataReceived,
+    Indication,
+    ReleaseRequested,
+)
 from dicomproxy.dicom.ul.transport import IdleTimeout, SocketAssociation
 
 log = logging.getLogger(__name__)
@@ -141,7 +148,7 @@ class StorageScp:
             return
         if indication.by_peer:
             log.info("association from %s aborted by the peer", self.label)
-        elif indication.detail == "connection closed":
+        elif indication.detail == CONNECTION_CLOSED:
             log.info("association from %s: the peer vanished (connection closed)", self.label)
         else:
             log.warning("association from %s aborted: %s", self.label, indication.detail)

@@ -30,7 +30,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from dicomproxy.dicom.ul import pdu as pdus
-from dicomproxy.dicom.ul.association import Aborted, AssociateRejected, AssociateRequested, Association, Role
+from dicomproxy.dicom.ul.association import (
+    CONNECTION_CLOSED,
+    Aborted,
+    AssociateRejected,
+    AssociateRequested,
+    Association,
+    Role,
+)
 from dicomproxy.dicom.ul.pdu import HEADER_SIZE, InvalidPdu
 
 log = logging.getLogger(__name__)
@@ -247,7 +254,7 @@ class Acceptor:
     async def _connection(self, sock: socket.socket, slot: Slot, peer: tuple[str, int], *, over_cap: bool) -> None:
         ip, port = peer
         artim = OVER_CAP_DEADLINE if over_cap else self.limits.artim
-        core = Association(Role.ACCEPTOR, artim=artim, max_pdu=self.limits.max_pdu, now=self.loop.time())
+        core = Association(Role.ACCEPTOR, artim=artim, max_pdu=self.limits.max_pdu)
         core.connection_indicated(self.loop.time())
         pending: Pending | None = None
         try:
@@ -283,8 +290,10 @@ class Acceptor:
     @staticmethod
     def _log_no_request(indication: object, ip: str, port: int) -> None:
         if isinstance(indication, Aborted):
-            log.warning("DICOM connection from %s:%d closed without an association: %s", ip, port,
-                        indication.detail or "aborted")
+            # a plain close (a TCP health check, a port scan) is not worth a warning
+            level = logging.INFO if indication.detail == CONNECTION_CLOSED else logging.WARNING
+            log.log(level, "DICOM connection from %s:%d closed without an association: %s", ip, port,
+                    indication.detail or "aborted")
         elif isinstance(indication, AssociateRejected):
             log.warning("DICOM connection from %s:%d: unsupported protocol version; rejected", ip, port)
 

@@ -84,6 +84,10 @@ class Aborted(Indication):
     detail: str = ""
 
 
+CONNECTION_CLOSED = "connection closed"
+ARTIM_EXPIRED = "ARTIM expired"
+"""``Aborted.detail`` when the peer closed the connection / when ARTIM expired before the request."""
+
 _EVENT_OF_PDU: dict[int, Event] = {
     PduType.ASSOCIATE_RQ: Event.ASSOCIATE_RQ_PDU,
     PduType.ASSOCIATE_AC: Event.ASSOCIATE_AC_PDU,
@@ -101,7 +105,7 @@ _ARTIM_STOPS = frozenset({Action.AE_6, Action.AA_2, Action.AA_5, Action.AR_5})
 class Association:
     """The protocol state of one association (see the module docstring)."""
 
-    def __init__(self, role: Role, *, artim: float, max_pdu: int, now: float = 0.0) -> None:
+    def __init__(self, role: Role, *, artim: float, max_pdu: int) -> None:
         self.role = role
         self.fsm = StateMachine()
         self.artim = artim
@@ -109,11 +113,9 @@ class Association:
         self.max_pdu = max_pdu  # what we receive (announced in our RQ/AC)
         self.peer_max_pdu = 0  # what the peer receives; 0: no limit
         self.request: pdus.Request | None = None
-        self.last_abort: tuple[int, int] | None = None  # (source, reason) of the A-ABORT we sent
         self._out: list[bytes | memoryview] = []
         self._pending_rq: pdus.A_ASSOCIATE_RQ | None = None
         self._previous = State.STA1
-        self._now = now
 
     # -- state ----------------------------------------------------------------------------
     @property
@@ -233,7 +235,6 @@ class Association:
         detail: str = "",
         reason: AbortReason = AbortReason.UNEXPECTED_PDU,
     ) -> Indication | None:
-        self._now = now
         self._previous = self.fsm.state
         branch = self._branch(event, pdu) if event in _BRANCHING else None
         action = self.fsm.fire(event, branch)
@@ -309,21 +310,20 @@ class Association:
             assert isinstance(pdu, pdus.A_ABORT_RQ)
             return Aborted(True, int(pdu.source or 0), int(pdu.reason_diagnostic or 0))
         elif action is Action.AA_4:
-            return Aborted(False, AbortSource.SERVICE_PROVIDER, AbortReason.NOT_SPECIFIED, "connection closed")
+            return Aborted(False, AbortSource.SERVICE_PROVIDER, AbortReason.NOT_SPECIFIED, CONNECTION_CLOSED)
         elif action is Action.AA_7:
             self._send_abort(AbortSource.SERVICE_PROVIDER, reason)
         elif action is Action.AA_8:
             self._send_abort(AbortSource.SERVICE_PROVIDER, reason)
             return Aborted(False, AbortSource.SERVICE_PROVIDER, reason, detail or _unexpected(event))
         elif action is Action.AA_2 and event is Event.ARTIM_EXPIRED and self._previous is State.STA2:
-            return Aborted(False, AbortSource.SERVICE_PROVIDER, AbortReason.NOT_SPECIFIED, "ARTIM expired")
+            return Aborted(False, AbortSource.SERVICE_PROVIDER, AbortReason.NOT_SPECIFIED, ARTIM_EXPIRED)
         return None  # AE-1, AE-5, DT-1, AR-5, AR-7, AA-2, AA-5, AA-6: nothing to tell or send
 
     def _send(self, pdu: PDU) -> None:
         self._out.append(pdu.encode())
 
     def _send_abort(self, source: AbortSource, reason: AbortReason) -> None:
-        self.last_abort = (int(source), int(reason) if source == AbortSource.SERVICE_PROVIDER else 0)
         self._send(pdus.abort(source, reason))
 
 

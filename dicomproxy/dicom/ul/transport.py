@@ -168,7 +168,7 @@ class StreamAssociation:
         :class:`AssociationRejected` or another :class:`UpperLayerError`."""
         label = f"{rq.called_ae_title.strip()}@{host}:{port}"
         loop = asyncio.get_running_loop()
-        core = Association(Role.REQUESTOR, artim=artim, max_pdu=0, now=loop.time())
+        core = Association(Role.REQUESTOR, artim=artim, max_pdu=0)
         core.request_association(rq, loop.time())
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
