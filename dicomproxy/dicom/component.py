@@ -163,7 +163,7 @@ class DicomComponent:
                 await self.gateway.lua.dispatch("onInstanceStored", info, assoc)
             except Exception as e:
                 log.error("onInstanceStored failed: %s", e)
-        if self.hook.subscribed:
+        if self.hook.wanted:
             await self.hook.emit(StoredInstance(
                 sop_instance=entry.sop_instance, sop_class=entry.sop_class, study=entry.study, series=entry.series,
                 patient_id=entry.patient_id, transfer_syntax=entry.transfer_syntax, origin=assoc,

@@ -63,16 +63,20 @@ class InstanceStored:
 
     def __init__(self) -> None:
         self._subscribers: list[Subscriber] = []
+        self._wants: list[Callable[[], bool]] = []
         self.forwarded_as: str | None = None
         """The calling AE title the PACS sees on instances the DICOM side forwards over DIMSE
         (``Dicom:Aet``); None when it forwards over DICOMweb or is off."""
 
-    def subscribe(self, subscriber: Subscriber) -> None:
+    def subscribe(self, subscriber: Subscriber, wants: Callable[[], bool] | None = None) -> None:
+        """``wants()`` (cheap, called per instance) says whether the subscriber would do anything
+        now; when no subscriber wants the event, the DICOM side does not even build it."""
         self._subscribers.append(subscriber)
+        self._wants.append(wants or (lambda: True))
 
     @property
-    def subscribed(self) -> bool:
-        return bool(self._subscribers)
+    def wanted(self) -> bool:
+        return any(wants() for wants in self._wants)
 
     async def emit(self, instance: StoredInstance) -> None:
         for subscriber in self._subscribers:

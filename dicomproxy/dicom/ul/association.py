@@ -209,7 +209,10 @@ class Association:
 
     def send_data(self, encoded: Iterable[bytes | memoryview], now: float) -> None:
         """P-DATA-TF PDUs built by :func:`.pdu.p_data` (Evt9; one event for the batch)."""
-        self._fire(Event.PDATA_REQUEST, now)
+        if self.fsm.state is State.STA6:
+            self.fsm.fire(Event.PDATA_REQUEST)  # DT-1, the hot path: nothing else to do
+        else:
+            self._fire(Event.PDATA_REQUEST, now)
         self._out.extend(encoded)
 
     def release(self, now: float) -> None:

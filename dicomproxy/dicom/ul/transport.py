@@ -50,12 +50,20 @@ class SocketAssociation:
         self.sock = sock
         self.idle = idle
         self.clock = clock
+        self._header = bytearray(HEADER_SIZE)
+        self._timeout_set: float | None = None
         sock.setblocking(True)
+
+    def _set_timeout(self, timeout: float) -> None:
+        """``settimeout`` is a system call (FIONBIO) every time: only when the value changes."""
+        if timeout != self._timeout_set:
+            self.sock.settimeout(timeout)
+            self._timeout_set = timeout
 
     def flush(self) -> None:
         out = self.core.outgoing()
         if out:
-            self.sock.settimeout(self.idle)
+            self._set_timeout(self.idle)
             try:
                 self.sock.sendall(b"".join(out) if len(out) > 1 else out[0])
             except OSError:
@@ -68,8 +76,8 @@ class SocketAssociation:
         :class:`IdleTimeout` after ``idle`` seconds of silence outside ARTIM."""
         core = self.core
         try:
-            header = self._read(HEADER_SIZE)
-            if header is None:
+            header = self._header
+            if not self._read_into(memoryview(header)):
                 return self._closed()
             pdu_type, length = pdus.parse_header(header)
             try:
@@ -101,14 +109,10 @@ class SocketAssociation:
             raise TimeoutError
         return left
 
-    def _read(self, n: int) -> bytes | None:
-        buf = bytearray(n)
-        return bytes(buf) if self._read_into(memoryview(buf)) else None
-
     def _read_into(self, view: memoryview) -> bool:
         got = 0
         while got < len(view):
-            self.sock.settimeout(self._timeout())
+            self._set_timeout(self._timeout())
             k = self.sock.recv_into(view[got:])
             if k == 0:
                 return False

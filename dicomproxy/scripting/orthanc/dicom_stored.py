@@ -35,7 +35,7 @@ class DicomForwarded:
         self.host = host
 
     def install(self) -> None:
-        self.hook.subscribe(self.stored)
+        self.hook.subscribe(self.stored, wants=lambda: self.host.defines("OnStoredInstance"))
 
     def skips(self, metadata: dict[str, Any]) -> bool:
         """True for a change the hook reports instead (forwarded by the DICOM side over DIMSE)."""

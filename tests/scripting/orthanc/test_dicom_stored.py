@@ -45,8 +45,11 @@ def _instance(via: str) -> StoredInstance:
 async def test_a_dimse_forwarded_instance_fires_on_stored_instance_with_the_modalitys_origin() -> None:
     hooks = Hooks()
     hook = hooks.get(InstanceStored)  # the Orthanc layer may ask before the DICOM side: the same object
-    host = Host("OnStoredInstance")
+    host = Host()
     DicomForwarded(hooks.get(InstanceStored), host).install()  # type: ignore[arg-type]
+    assert not hook.wanted  # no OnStoredInstance: the DICOM side does not even build the event
+    host.defined.add("OnStoredInstance")
+    assert hook.wanted
     instance = _instance("dimse")
     await hook.emit(instance)
     await hook.emit(_instance("dicomweb"))  # through STOW-RS the change feed reports it: nothing here
