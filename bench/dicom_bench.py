@@ -19,10 +19,12 @@ Figures per round:
 
 The ratios compare each gateway figure with the direct one of the same round; the summary
 prints the medians. ``--baseline DIR`` runs a second gateway from another checkout (``DIR``,
-with its own ``DIR/.venv``) in the same rounds, direct / baseline / this tree alternating, for
-before/after figures under the same machine load. storescu runs with ``TCP_NODELAY=1`` (dcmtk's switch for disabling
-Nagle): with Nagle on, storescu itself stalls ~40 ms per instance on delayed ACKs and both
-paths measure the client, not the servers. ``--nagle`` measures that setting anyway.
+with its own ``DIR/.venv``) in the same rounds, direct, then the two gateways in alternating
+order (ABBA), for before/after figures under the same machine load.
+
+storescu runs with ``TCP_NODELAY=1`` (dcmtk's switch for disabling Nagle): with Nagle on,
+storescu itself stalls ~40 ms per instance on delayed ACKs and both paths measure the client,
+not the servers. ``--nagle`` measures that setting anyway.
 
 Not a pytest test: it prints a table and exits 0 (1 if an instance went missing).
 """
@@ -158,7 +160,10 @@ def main() -> int:
                 t_direct = storescu(orthanc.aet, orthanc.dicom_port, direct_dir, args.nagle)
                 expected += n
                 wait_count(orthanc, expected)
-                for name, g in gateways.items():
+                order = list(gateways.items())
+                if r % 2 == 0:
+                    order.reverse()  # ABBA: neither gateway always runs right after direct
+                for name, g in order:
                     folder = make_batch(tmp / f"{name}{r}", n, args.studies, f"{name[0].upper()}{r}", args.size)
                     expected += n
                     accept, e2e, cpu = run_gateway(g, orthanc, folder, expected, n, args.nagle)
