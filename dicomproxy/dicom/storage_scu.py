@@ -144,7 +144,7 @@ class StorageScu:
                         if dataset is not None:  # one write for the command and the data set
                             pdus_out += self._pdata(context_id, dataset, command=False, last=True)
                         self.link.send_pdata(pdus_out)
-                    await self.link.drain(timeout)
+                    await self.link.writer.drain()  # bounded by the timeout around the operation
                     response = await self._read_response()
             except TimeoutError:
                 self.abort()
