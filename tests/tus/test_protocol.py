@@ -29,7 +29,7 @@ from tests.tus.test_support import (
 
 @pytest.fixture
 def tus(tmp_path: Path) -> Iterator[TusThreadServer]:
-    server = TusThreadServer(tmp_path / "uploads", max_size=10_000_000).start()
+    server = TusThreadServer(tmp_path / "uploads", max_size=10_000_000, allow_download=True).start()
     yield server
     server.stop()
 
