@@ -453,7 +453,7 @@ class OrthancLayer:
         config["DicomModalities"] = modalities if isinstance(modalities, dict) else {}
         config["OrthancPeers"] = peers if isinstance(peers, dict) else {}
         config["LuaHeartBeatPeriod"] = self.settings.orthanc.heartbeat_period
-        config["AuthenticationEnabled"] = bool(self.settings.users)
+        config["AuthenticationEnabled"] = self.settings.authentication.enabled
         config["RegisteredUsers"] = dict(self.settings.tree.get("Authentication:Users", {}))  # passwords masked
         config["DicomProxy"] = self.settings.tree.as_dict()
         return config
