@@ -19,6 +19,7 @@ from dicomproxy import dicom, tus, ui
 from dicomproxy.auth.setup import build_auth
 from dicomproxy.commands import Commands
 from dicomproxy.config.settings import Settings
+from dicomproxy.hooks import Hooks
 from dicomproxy.host import Component, HealthCheck, Host
 from dicomproxy.http.api import build_api
 from dicomproxy.http.cors import GatewayCors, cors_policy
@@ -46,6 +47,7 @@ class Gateway:
         self.bus = EventBus()
         self.metrics = Metrics()
         self.commands = Commands()
+        self.hooks = Hooks()
         self.tasks = TaskQueue(settings.data_folder / "tasks", workers=settings.lua.background_workers, bus=self.bus)
         self.lua = ScriptHost(settings, bus=self.bus, tasks=self.tasks, commands=self.commands)
         self.upstream = Upstream(settings.upstream)

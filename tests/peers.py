@@ -462,8 +462,13 @@ class GatewayProcess:
 
     ``settings`` is deep-merged over the test defaults (see the module docstring); ``scripts``
     (name -> Lua text) are written into the scripts folder before start. The subprocess imports
-    the working tree (``PYTHONPATH`` = repo root), so no install step is needed for the code.
+    the working tree (``PYTHONPATH`` = repo root), so no install step is needed for the code;
+    ``python`` and ``repo_root`` name another interpreter and checkout (the benchmarks run a
+    baseline checkout next to the working tree).
     """
+
+    python: str = sys.executable
+    repo_root: Path = REPO_ROOT
 
     def __init__(
         self,
@@ -571,7 +576,7 @@ class GatewayProcess:
     # -- lifecycle ------------------------------------------------------------------------
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.upper().startswith("DICOMPROXY__")}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.repo_root), env.get("PYTHONPATH")]))
         env["PYTHONUNBUFFERED"] = "1"
         env.update(self.extra_env)
         return env
@@ -582,7 +587,7 @@ class GatewayProcess:
             return self
         with open(self.log_path, "a") as log:
             log.write(f"\n===== starting gateway at {time.strftime('%H:%M:%S')} =====\n")
-        cmd = [*self.command_prefix, sys.executable, "-m", "dicomproxy", "serve", "--config", str(self.config_path)]
+        cmd = [*self.command_prefix, self.python, "-m", "dicomproxy", "serve", "--config", str(self.config_path)]
         self.proc = _popen(cmd, self.log_path, cwd=self.workdir, env=self._env())
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

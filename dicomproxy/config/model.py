@@ -436,6 +436,23 @@ class DicomSettings(Section):
         "`<SpoolFolder>/failed/` with a `.json` note and a `forward.failed` event")
     forward_concurrency: Annotated[int, Whole(1)] = key(
         "ForwardConcurrency", 4, "studies forwarded in parallel (each study in arrival order)")
+    artim_seconds: Annotated[float, Number(minimum=0.1)] = key(
+        "ArtimSeconds", 30, "ARTIM (PS3.8 9.1.5): a connection must deliver its whole A-ASSOCIATE-RQ within this "
+        "many seconds of being accepted, however slowly its bytes come, or it is closed; also how long the gateway "
+        "waits for a peer to close after a reject, abort or release")
+    max_associations: Annotated[int, Whole(1)] = key(
+        "MaxAssociations", 64, "established associations (storage and Query/Retrieve); a request beyond it gets "
+        "A-ASSOCIATE-RJ \"local limit exceeded\" (transient). Connections still sending their request do not count")
+    max_connections_per_address: Annotated[int, Whole(1)] = key(
+        "MaxConnectionsPerAddress", 16, "open connections from one source address; a request on one more gets the "
+        "same A-ASSOCIATE-RJ (a silent one is closed after a second). Raise it for many modalities behind one "
+        "NAT address")
+    max_connections: Annotated[int, Whole(1)] = key(
+        "MaxConnections", 256, "open DICOM connections in all; one more is closed at once")
+    max_dataset_mb: Annotated[int, Whole(1)] = key(
+        "MaxDatasetMB", 4096, "largest data set one C-STORE may send; a larger one aborts the association "
+        "(nothing is kept). Data sets are streamed to the spool as they arrive, so memory does not grow with "
+        "their size")
 
 
 class SmtpSettings(Section):

@@ -109,7 +109,8 @@ async def test_httpx_read_timeout_maps_onto_the_pools(pair: tuple[PairPool, http
 
 
 async def test_unreachable_is_httpx_connect_error() -> None:
-    upstream = Upstream(UpstreamSettings(url="http://127.0.0.1:9", connect_timeout=2, read_timeout=5, max_connections=4))
+    settings = UpstreamSettings(url="http://127.0.0.1:9", connect_timeout=2, read_timeout=5, max_connections=4)
+    upstream = Upstream(settings)
     with pytest.raises(httpx.ConnectError, match="cannot connect to 127.0.0.1:9"):
         await upstream.client.get(upstream.url("/system"))
     await upstream.stop()

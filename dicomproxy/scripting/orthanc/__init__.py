@@ -7,9 +7,11 @@ the routing helpers ``SendToModality``, ``SendToPeer``, ``ModifyInstance``, ``De
 
 The callbacks: ``Initialize``/``Finalize`` around the singleton script's life (load, hot reload,
 shutdown); ``IncomingHttpRequestFilter`` on every HTTP request (:mod:`.orthanc_filter`); the
-change callbacks from the PACS's own records (:mod:`.orthanc_changes`); ``OnHeartBeat`` every
-``Orthanc:LuaHeartBeatPeriod`` seconds. ``ReceivedInstanceFilter`` and
-``IncomingFindRequestFilter`` fire on the DICOM side (:mod:`dicomproxy.dicom`).
+change callbacks from the PACS's own records (:mod:`.orthanc_changes`), and ``OnStoredInstance``
+for what the gateway's DICOM side forwarded (:mod:`.dicom_stored`, from the DICOM side's
+"instance stored" hook); ``OnHeartBeat`` every ``Orthanc:LuaHeartBeatPeriod`` seconds.
+``ReceivedInstanceFilter`` and ``IncomingFindRequestFilter`` fire on the DICOM side
+(:mod:`dicomproxy.dicom`).
 
 Semantics follow Orthanc's source where its book is silent: ``RestApi*`` and ``Http*`` return
 ``nil`` on failure and log why (method, URL, status); the routing helpers raise a Lua error
@@ -30,6 +32,7 @@ from urllib.parse import quote
 import httpx
 from dicomproxy_middleware import LuaEngine, LuaError, LuaExportError
 
+from dicomproxy.dicom.hooks import InstanceStored
 from dicomproxy.host import Host
 from dicomproxy.scripting.orthanc.changes import (
     ChangeFeed,
@@ -41,6 +44,7 @@ from dicomproxy.scripting.orthanc.changes import (
     OrthancEvents,
     origin_from_metadata,
 )
+from dicomproxy.scripting.orthanc.dicom_stored import DicomForwarded
 from dicomproxy.scripting.orthanc.http_filter import OrthancHttpFilter
 from dicomproxy.scripting.orthanc.luajson import dump_json, parse_json, print_recursive
 from dicomproxy.scripting.orthanc.pacs import Pacs, PacsError, orthanc_id
@@ -288,6 +292,7 @@ class OrthancLayer:
         self.pump = EventPump(self.host)
         self.deletions = Deletions(self.pacs, self.host, self.pump)
         self.lifecycle = Lifecycle(self.host)
+        self.dicom_forwarded = DicomForwarded(gateway.hooks.get(InstanceStored), self.host)
         cursor = CursorFile(self.settings.data_folder / "orthanc" / "changes.json", gateway.upstream.base)
         self.events = OrthancEvents(
             self.host,
@@ -321,6 +326,7 @@ class OrthancLayer:
         host.add_export("Delete", self.delete, is_async=True)
         host.add_library("orthanc", LUA_SHIM, SHIM_FUNCTIONS)
         host.add_loaded_hook(self.lifecycle.loaded)
+        self.dicom_forwarded.install()
         fail_open = self.settings.lua.fail_open or "IncomingHttpRequestFilter" in self.settings.lua.fail_open_hooks
         self.gateway.add_middleware(lambda app: OrthancHttpFilter(app, host, self.deletions, fail_open=fail_open))
         self.gateway.add_component(self.events)
@@ -456,10 +462,8 @@ class OrthancLayer:
         mine = self.lua_stored.pop(rid)
         if mine is not None:
             return {**metadata, **mine}, {"RequestOrigin": "Lua"}
-        dicom = self.settings.dicom
-        if (dicom.port and dicom.forward_via == "dimse" and metadata.get("Origin") == "DicomProtocol"
-                and metadata.get("RemoteAET") == dicom.aet):
-            return None  # forwarded by our DICOM side, which calls OnStoredInstance with the modality's origin
+        if self.dicom_forwarded.skips(metadata):
+            return None  # forwarded by our DICOM side: OnStoredInstance comes from its hook, with the modality's origin
         return metadata, origin_from_metadata(metadata)
 
 
