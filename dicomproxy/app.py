@@ -21,7 +21,7 @@ from dicomproxy.host import Component, HealthCheck, Host
 from dicomproxy.http.api import build_api
 from dicomproxy.http.auth import BasicAuthMiddleware
 from dicomproxy.http.proxy import ReverseProxy
-from dicomproxy.metrics import Metrics
+from dicomproxy.metrics import HOOK_BUCKETS, Metrics
 from dicomproxy.notify import mail, notifications
 from dicomproxy.notify.events import EventBus
 from dicomproxy.scripting import orthanc
@@ -44,7 +44,12 @@ class Gateway:
         self.metrics = Metrics()
         self.commands = Commands()
         self.tasks = TaskQueue(settings.data_folder / "tasks", workers=settings.lua.background_workers, bus=self.bus)
-        self.lua = ScriptHost(settings, bus=self.bus, tasks=self.tasks, commands=self.commands)
+        hook_seconds = self.metrics.histogram(
+            "dicomproxy_lua_hook_seconds", "Seconds a Lua callback ran (awaits included), by callback",
+            labels=("callback",), buckets=HOOK_BUCKETS,
+        )
+        self.lua = ScriptHost(settings, bus=self.bus, tasks=self.tasks, commands=self.commands,
+                              on_call=lambda callback, seconds: hook_seconds.observe(seconds, callback=callback))
         self.upstream = Upstream(settings.upstream)
         self.proxy = ReverseProxy(self.upstream, self.metrics)
         self.monitor = UpstreamMonitor(self.upstream, self.bus)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -71,6 +72,17 @@ class StoreService:
         the spool file) and the loop is only told to forward; with a script the whole store
         runs on the event loop, where Lua lives.
         """
+        started = time.perf_counter()
+        try:
+            return self._store_blocking(session, raw, ts, sop_class, sop_instance)
+        finally:
+            seconds = self.counters.get("store_seconds")
+            if seconds is not None:
+                seconds.observe(time.perf_counter() - started)
+
+    def _store_blocking(
+        self, session: AssocSession, raw: bytes, ts: str, sop_class: str, sop_instance: str
+    ) -> tuple[int, str]:
         if self.bridge.defines("onCStore", "ReceivedInstanceFilter"):
             assert self.loop is not None, "StoreService.loop is set when the component starts"
             future = asyncio.run_coroutine_threadsafe(self.store(session, raw, ts, sop_class, sop_instance), self.loop)

@@ -504,7 +504,8 @@ def install(gateway: Host) -> Mailer:
     except MailError as e:
         raise ConfigError(f"{settings.tree.source}: {e}") from None
     rules = load_rules(settings)
-    counter = gateway.metrics.counter("dicomproxy_mails_total", "Mails by outcome: sent, failed, handled by onSendMail")
+    counter = gateway.metrics.counter("dicomproxy_mails_total", "Mails by outcome: sent, failed, handled by onSendMail",
+                                      labels=("outcome",))
     mailer = Mailer(settings, gateway.lua, gateway.bus, counter)
     gateway.add_component(mailer)
     gateway.bus.subscribe(EventMailer(mailer, rules))

@@ -65,7 +65,7 @@ class TusFeature:
         self.stow = StowClient(self.stow_url, self._session, self.settings.import_batch_size,
                                connect_timeout=up.connect_timeout, read_timeout=max(up.read_timeout, 60))
         m = gateway.metrics
-        self._m_imported = m.counter("dicomproxy_tus_imports_total", "TUS imports by outcome")
+        self._m_imported = m.counter("dicomproxy_tus_imports_total", "TUS imports by outcome", labels=("outcome",))
         self._m_instances = m.counter(
             "dicomproxy_tus_imported_instances_total", "instances stored by TUS imports"
         )
