@@ -96,7 +96,8 @@ class Gateway:
             app = BasicAuthMiddleware(app, self.settings.users, self.settings.realm)
         return app
 
-    async def _route(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def _route(self, scope: Any, receive: Any, send: Any) -> None:
+        # Any: the Lua middleware hands on a MutableMapping scope, the proxy is typed for a dict.
         path = scope["path"]
         for prefix, exact, app in self._mounts:
             if path.startswith(prefix) or path == exact:

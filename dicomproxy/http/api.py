@@ -26,10 +26,12 @@ class ApiSource(Protocol):
 
     started_at: float
     monitor: UpstreamMonitor
-    health_checks: Mapping[str, HealthCheck]
     lua: ScriptHost
     tasks: TaskQueue
     metrics: Metrics
+
+    @property
+    def health_checks(self) -> Mapping[str, HealthCheck]: ...
 
 
 def build_api(gateway: ApiSource) -> Router:

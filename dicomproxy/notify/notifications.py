@@ -403,13 +403,13 @@ class NotificationsApp:
                 yield _sse(item)
             while True:
                 try:
-                    item = await sub.next(self.heartbeat)
+                    nxt = await sub.next(self.heartbeat)
                 except EOFError:
                     return
-                if item is None:
+                if nxt is None:
                     yield ": keep-alive\n\n"
-                elif item.id > sent:
-                    yield _sse(item)
+                elif nxt.id > sent:
+                    yield _sse(nxt)
         finally:
             self.feed.unsubscribe(sub)
 
