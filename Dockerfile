@@ -1,7 +1,8 @@
 # DicomProxy gateway image. Reuses scripts/install.sh, so the image has exactly the packages
 # the tests run against (Debian bookworm: orthanc, dcmtk, nginx + lua, chromium, node).
 #   docker build -t dicomproxy .
-#   docker run -p 8080:8080 -p 11112:11112 -e DICOMPROXY__Upstream__Url=http://pacs:8042 dicomproxy
+#   docker run -p 8080:8080 -p 11112:11112 --ulimit nofile=65536:65536 \
+#       -e DICOMPROXY__Upstream__Url=http://pacs:8042 dicomproxy
 FROM debian:bookworm-slim
 
 ENV DEBIAN_FRONTEND=noninteractive \

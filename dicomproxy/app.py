@@ -20,6 +20,8 @@ from dicomproxy.config.settings import Settings
 from dicomproxy.host import Component, HealthCheck, Host
 from dicomproxy.http.api import build_api
 from dicomproxy.http.auth import BasicAuthMiddleware
+from dicomproxy.http.cors import GatewayCors, cors_policy
+from dicomproxy.http.guard import RequestGuard
 from dicomproxy.http.proxy import ReverseProxy
 from dicomproxy.metrics import HOOK_BUCKETS, Metrics
 from dicomproxy.notify import mail, notifications
@@ -93,8 +95,9 @@ class Gateway:
         for wrap in self._middleware:
             app = wrap(app)
         if self.settings.users:
-            app = BasicAuthMiddleware(app, self.settings.users, self.settings.realm)
-        return app
+            app = BasicAuthMiddleware(app, self.settings.users, self.settings.realm, self.settings.user_roles)
+        app = GatewayCors(app, cors_policy(self.settings.cors))
+        return RequestGuard(app)
 
     async def _route(self, scope: Any, receive: Any, send: Any) -> None:
         # Any: the Lua middleware hands on a MutableMapping scope, the proxy is typed for a dict.

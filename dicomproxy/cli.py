@@ -12,6 +12,7 @@ from pathlib import Path
 
 from dicomproxy import __version__
 from dicomproxy.config.settings import ConfigError, Settings, load_settings
+from dicomproxy.http.server import HeadLimits, connection_budget, protocol_class, raise_file_limit
 
 
 def _settings(path: str | None) -> Settings:
@@ -82,12 +83,20 @@ def serve(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"dicomproxy: config error: {e}", file=sys.stderr)
         return 2
+    srv = settings.server
+    soft_limit, _ = raise_file_limit()
+    limits = HeadLimits(
+        max_head_bytes=srv.max_head_bytes,
+        max_url_bytes=srv.max_url_bytes,
+        head_timeout=srv.head_timeout,
+        max_connections=connection_budget(srv.max_connections, srv.reserved_fds, soft_limit),
+    )
     config = uvicorn.Config(
         gateway,
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        http=protocol_class(limits),
         lifespan="on",
         access_log=False,
         log_level="warning",

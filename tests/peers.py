@@ -474,9 +474,13 @@ class GatewayProcess:
         settings: Mapping[str, Any] | None = None,
         scripts: Mapping[str, str] | None = None,
         env: Mapping[str, str] | None = None,
+        command_prefix: Sequence[str] = (),
     ) -> None:
+        """``command_prefix``: run the gateway under another command, e.g.
+        ``["prlimit", "--nofile=300:300", "--"]`` for a process with few file descriptors."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.command_prefix = list(command_prefix)
         self.scripts_dir = self.workdir / "scripts"
         self.data_dir = self.workdir / "data"
         self.scripts_dir.mkdir(exist_ok=True)
@@ -579,7 +583,7 @@ class GatewayProcess:
             return self
         with open(self.log_path, "a") as log:
             log.write(f"\n===== starting gateway at {time.strftime('%H:%M:%S')} =====\n")
-        cmd = [sys.executable, "-m", "dicomproxy", "serve", "--config", str(self.config_path)]
+        cmd = [*self.command_prefix, sys.executable, "-m", "dicomproxy", "serve", "--config", str(self.config_path)]
         self.proc = _popen(cmd, self.log_path, cwd=self.workdir, env=self._env())
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

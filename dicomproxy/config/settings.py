@@ -51,6 +51,24 @@ DEFAULTS: dict[str, Any] = {
         "NativePath": "/usr/lib/x86_64-linux-gnu/lua/5.4/?.so;/usr/local/lib/lua/5.4/?.so",
     },
     "Authentication": {"Users": {}, "Realm": "DicomProxy"},
+    "Server": {
+        "MaxHeadBytes": 65536,
+        "MaxUrlBytes": 8192,
+        "HeadTimeoutSeconds": 20,
+        "MaxConnections": 1000,
+        "ReservedFileDescriptors": 256,
+    },
+    "Cors": {
+        "AllowedOrigins": [],
+        "AllowedMethods": ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"],
+        "AllowedHeaders": [],
+        "ExposedHeaders": [],
+        "AllowCredentials": False,
+        "MaxAgeSeconds": 600,
+        "CrossOriginOpenerPolicy": "",
+        "CrossOriginEmbedderPolicy": "",
+        "CrossOriginResourcePolicy": "",
+    },
     "Tus": {
         "BasePath": "/files/",
         "MaxSize": 0,
@@ -317,6 +335,32 @@ class DicomSettings:
 
 
 @dataclass(frozen=True)
+class ServerSettings:
+    """Limits on what an HTTP client may hold before a request reaches the app (http/server.py)."""
+
+    max_head_bytes: int = 65536
+    max_url_bytes: int = 8192
+    head_timeout: float = 20.0
+    max_connections: int = 1000
+    reserved_fds: int = 256
+
+
+@dataclass(frozen=True)
+class CorsSettings:
+    """``Cors:*``; empty lists of headers mean the built-in ones (http/cors.py)."""
+
+    allowed_origins: tuple[str, ...] = ()
+    allowed_methods: tuple[str, ...] = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+    allowed_headers: tuple[str, ...] = ()
+    exposed_headers: tuple[str, ...] = ()
+    allow_credentials: bool = False
+    max_age: int = 600
+    opener_policy: str = ""
+    embedder_policy: str = ""
+    resource_policy: str = ""
+
+
+@dataclass(frozen=True)
 class SmtpSettings:
     host: str
     port: int
@@ -370,6 +414,9 @@ class Settings:
     log_level: str
     tree: ConfigTree = field(repr=False)
     orthanc: OrthancSettings = field(default_factory=OrthancSettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
+    cors: CorsSettings = field(default_factory=CorsSettings)
+    user_roles: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def lua_config(self) -> dict[str, Any]:
         """What Lua's ``Config[...]`` sees: every leaf by its colon path, plus ``ConfigRoot``."""
@@ -470,16 +517,42 @@ def _fail_open(tree: ConfigTree) -> bool | frozenset[str]:
     return tree.bool("Lua:FailOpen")
 
 
+def _strings(tree: ConfigTree, key: str) -> tuple[str, ...]:
+    values = tree.list(key)
+    if not all(isinstance(v, str) and v for v in values):
+        raise ConfigError(f"{tree.source}: {key}: expected a list of non-empty strings, got {values!r}")
+    return tuple(values)
+
+
+def _users(tree: ConfigTree) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
+    """``Authentication:Users``: ``{"name": "password"}`` or ``{"name": {"Password": .., "Roles": [..]}}``."""
+    passwords: dict[str, str] = {}
+    roles: dict[str, tuple[str, ...]] = {}
+    for name, entry in tree.dict("Authentication:Users").items():
+        key = f"Authentication:Users:{name}"
+        if isinstance(entry, dict):
+            sub = ConfigTree(entry, tree.source)
+            password = sub.get("Password")
+            given = sub.get("Roles", [])
+            if not isinstance(given, list) or not all(isinstance(r, str) and r for r in given):
+                raise ConfigError(f"{tree.source}: {key}:Roles: expected a list of role names, got {given!r}")
+            roles[name] = tuple(given)
+        else:
+            password = entry
+        if not isinstance(password, str):
+            raise ConfigError(f"{tree.source}: {key}: expected a password string or "
+                              '{"Password": "...", "Roles": [...]}')
+        passwords[name] = password
+    return passwords, roles
+
+
 def build_settings(tree: ConfigTree, root: Path, file: Path | None) -> Settings:
     host, port = _parse_urls(tree)
     upstream_url = tree.str("Upstream:Url").rstrip("/")
     if urlsplit(upstream_url).scheme not in ("http", "https"):
         raise ConfigError(f"{tree.source}: Upstream:Url: expected an http(s) URL, got {upstream_url!r}")
     data_folder = tree.path("ExtraConfig:DataFolder", root)
-    users = tree.dict("Authentication:Users")
-    for name, pw in users.items():
-        if not isinstance(pw, str):
-            raise ConfigError(f"{tree.source}: Authentication:Users:{name}: expected a password string")
+    users, user_roles = _users(tree)
     base_path = "/" + tree.str("Tus:BasePath").strip("/") + "/"
     modalities = {name: _remote_ae(tree, f"Dicom:Modalities:{name}") for name in tree.dict("Dicom:Modalities")}
     rules = []
@@ -521,7 +594,8 @@ def build_settings(tree: ConfigTree, root: Path, file: Path | None) -> Settings:
             os_execute_timeout=tree.float("Lua:OsExecuteTimeoutSeconds", 0.001),
             native_path=tree.str("Lua:NativePath"),
         ),
-        users=dict(users),
+        users=users,
+        user_roles=user_roles,
         realm=tree.str("Authentication:Realm"),
         tus=TusSettings(
             base_path=base_path,
@@ -565,6 +639,24 @@ def build_settings(tree: ConfigTree, root: Path, file: Path | None) -> Settings:
         ),
         log_level=tree.choice("Logging:Level", ("DEBUG", "INFO", "WARNING", "ERROR")),
         tree=tree,
+        server=ServerSettings(
+            max_head_bytes=tree.int("Server:MaxHeadBytes", 1024),
+            max_url_bytes=tree.int("Server:MaxUrlBytes", 256),
+            head_timeout=tree.float("Server:HeadTimeoutSeconds", 0.1),
+            max_connections=tree.int("Server:MaxConnections", 1),
+            reserved_fds=tree.int("Server:ReservedFileDescriptors", 0),
+        ),
+        cors=CorsSettings(
+            allowed_origins=_strings(tree, "Cors:AllowedOrigins"),
+            allowed_methods=tuple(m.upper() for m in _strings(tree, "Cors:AllowedMethods")),
+            allowed_headers=_strings(tree, "Cors:AllowedHeaders"),
+            exposed_headers=_strings(tree, "Cors:ExposedHeaders"),
+            allow_credentials=tree.bool("Cors:AllowCredentials"),
+            max_age=tree.int("Cors:MaxAgeSeconds", 0),
+            opener_policy=tree.str("Cors:CrossOriginOpenerPolicy"),
+            embedder_policy=tree.str("Cors:CrossOriginEmbedderPolicy"),
+            resource_policy=tree.str("Cors:CrossOriginResourcePolicy"),
+        ),
         orthanc=OrthancSettings(
             heartbeat_period=tree.float("Orthanc:LuaHeartBeatPeriod", 0),
             poll_interval=tree.float("Orthanc:PollIntervalSeconds", 0.05),

@@ -1,9 +1,11 @@
 """Optional HTTP basic authentication (``Authentication:Users``).
 
-When users are configured every route but ``/dicomproxy/health`` (and CORS preflights) needs a
-valid user; the
-username reaches the Lua hooks (``request.User``) through ``scope["user"]``. The client's
-``Authorization`` header is the gateway's, so it is not forwarded to the PACS.
+When users are configured every route but ``/dicomproxy/health`` needs a valid user; nothing
+else is let through, CORS preflights included: those are answered before this layer by the
+gateway's CORS policy (``http/cors.py``) and never reach a route or the PACS. The user name
+reaches the Lua hooks (``request.User``) and the features through ``scope["user"]``, the user's
+roles through ``scope["roles"]``. The client's ``Authorization`` header is the gateway's, so it
+is not forwarded to the PACS.
 """
 
 from __future__ import annotations
@@ -16,19 +18,14 @@ from typing import Any
 HEALTH_PATH = "/dicomproxy/health"
 
 
-def _is_preflight(scope: dict[str, Any]) -> bool:
-    """A CORS preflight: browsers send it without credentials (Fetch standard), so it cannot be
-    asked for them; it carries no body and changes nothing. Any other OPTIONS needs a user."""
-    if scope.get("method") != "OPTIONS":
-        return False
-    names = {k for k, _ in scope.get("headers", ())}
-    return b"origin" in names and b"access-control-request-method" in names
-
-
 class BasicAuthMiddleware:
-    def __init__(self, app: Any, users: dict[str, str], realm: str = "DicomProxy") -> None:
+    def __init__(
+        self, app: Any, users: dict[str, str], realm: str = "DicomProxy",
+        roles: dict[str, tuple[str, ...]] | None = None,
+    ) -> None:
         self.app = app
         self.users = users
+        self.roles = roles or {}
         self.challenge = f'Basic realm="{realm}", charset="UTF-8"'.encode()
 
     def _user(self, scope: dict[str, Any]) -> str | None:
@@ -48,7 +45,7 @@ class BasicAuthMiddleware:
         return None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or _is_preflight(scope):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         user = self._user(scope)
@@ -65,5 +62,6 @@ class BasicAuthMiddleware:
             return
         scope = dict(scope)
         scope["user"] = user
+        scope["roles"] = self.roles.get(user, ())
         scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"authorization"]
         await self.app(scope, receive, send)

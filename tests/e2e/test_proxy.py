@@ -210,7 +210,7 @@ def test_all_methods_reach_the_upstream(echo_gw: GatewayProcess) -> None:
 def test_query_strings_and_raw_paths_pass_unchanged(echo_gw: GatewayProcess) -> None:
     for target in (
         "/echo/q?a=1&b=%20x&c=%2F&d=caf%C3%A9&e=&a=2&f=a+b&g=%7E&h=%41",
-        "/echo/a%2Fb/c%20d?x=%3D%26",
+        "/echo/ab/c%20d?x=%3D%26",  # an encoded / is refused: tests/e2e/test_http_front_door.py
         "/echo/plain",
         "/echo/semi;p=1?only",
     ):
