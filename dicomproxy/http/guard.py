@@ -70,9 +70,13 @@ class RequestGuard:
             except BadTarget as e:
                 raise BadRequest(str(e)) from None
             changes["path"], changes["raw_path"] = path, canonical
-        headers = scope["headers"]
-        if any(k in OVERRIDE_HEADERS for k, _ in headers) or b"_method" in scope.get("query_string", b""):
-            changes.update(_override(scope))
+        for name, _ in scope["headers"]:
+            if name in OVERRIDE_HEADERS:
+                changes.update(_override(scope))
+                break
+        else:
+            if b"_method" in scope["query_string"]:
+                changes.update(_override(scope))
         if not changes:
             return scope
         return {**scope, **changes}

@@ -21,6 +21,8 @@ from urllib.parse import quote, unquote_to_bytes
 # What may stay unencoded in a path segment (RFC 3986 pchar without "%").
 _SAFE = "-._~!$&'()*+,;=:@/"
 _FORBIDDEN_DECODED = frozenset(range(0x00, 0x20)) | {0x7F, ord("\\")}
+# Bytes a canonical raw path may hold as they are: printable ASCII but "%" and "\\".
+_PLAIN = bytes(b for b in range(0x21, 0x7F) if b not in b"%\\")
 
 
 class BadTarget(ValueError):
@@ -48,15 +50,14 @@ def canonical_path(raw_path: bytes) -> tuple[str, bytes]:
 
 
 def is_canonical(raw_path: bytes) -> bool:
-    """The fast path: nothing to decode, no dot segment, no repeated slash."""
+    """The fast path: only printable ASCII, nothing to decode, no dot segment, no repeated slash.
+    (``bytes.translate`` deletes the allowed bytes in C: ~0.2 us for a typical path, where a
+    per-byte generator cost ~2 us.)"""
     return (
-        raw_path.startswith(b"/")
-        and b"%" not in raw_path
+        raw_path[:1] == b"/"
+        and not raw_path.translate(None, _PLAIN)
         and b"//" not in raw_path
         and b"/." not in raw_path
-        and b"\\" not in raw_path
-        and raw_path.isascii()
-        and not any(b < 0x21 or b == 0x7F for b in raw_path)
     )
 
 
