@@ -1,4 +1,8 @@
-"""``dicomproxy serve | check | --version``."""
+"""``dicomproxy serve | check | config | --version``.
+
+Every command takes ``--config PATH``, ``--environment NAME`` and ASP.NET-style overrides
+``--Section:Key=value`` (or ``--Section:Key value``), the last layer of the configuration.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +10,45 @@ import argparse
 import asyncio
 import ctypes
 import ctypes.util
+import json
 import logging
 import sys
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 from dicomproxy import __version__
 from dicomproxy.config.settings import ConfigError, Settings, load_settings
 from dicomproxy.http.server import HeadLimits, connection_budget, protocol_class, raise_file_limit
 
 
-def _settings(path: str | None) -> Settings:
+def _settings(args: argparse.Namespace) -> Settings:
     try:
-        return load_settings(path)
+        return load_settings(args.config, overrides=args.overrides, environment=args.environment)
     except ConfigError as e:
         print(f"dicomproxy: config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def parse_overrides(tokens: list[str]) -> dict[str, Any]:
+    """``--Section:Key=value`` / ``--Section:Key value`` -> ``{"Section:Key": "value"}``.
+
+    Raises :class:`ConfigError` naming the first token that is neither.
+    """
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        name, eq, value = token[2:].partition("=") if token.startswith("--") else ("", "", "")
+        if not name:
+            raise ConfigError(f"command line: {token!r}: not an option of the command, nor --Section:Key=value")
+        if not eq:
+            if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
+                raise ConfigError(f"command line: {token}: expected a value (--{name}=value)")
+            i, value = i + 1, tokens[i + 1]
+        out[name] = value
+        i += 1
+    return out
 
 
 def _logging(level: str) -> None:
@@ -55,14 +83,14 @@ def _tune_malloc() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, 4 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 64 << 20))
 
 
-def _server_class():  # noqa: ANN202 - uvicorn is imported lazily
+def _server_class() -> type[Any]:  # uvicorn is imported lazily
     import uvicorn
 
     class GatewayServer(uvicorn.Server):
         """uvicorn re-raises SIGTERM/SIGINT after a graceful shutdown (exit -15); a service
         that stopped cleanly on request should exit 0, as supervisors expect."""
 
-        def handle_exit(self, sig, frame):  # noqa: ANN001, ANN201
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             super().handle_exit(sig, frame)
             self._captured_signals.clear()
 
@@ -74,7 +102,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from dicomproxy.app import build_gateway
 
-    settings = _settings(args.config)
+    settings = _settings(args)
     _logging(settings.log_level)
     if not _tune_malloc():
         logging.getLogger("dicomproxy").debug("not glibc: malloc left as it is")
@@ -119,7 +147,7 @@ def check(args: argparse.Namespace) -> int:
 
     from dicomproxy.app import build_gateway
 
-    settings = _settings(args.config)
+    settings = _settings(args)
     logging.basicConfig(level=logging.CRITICAL)
     gateway = build_gateway(settings)
     root = settings.lua.scripts_root
@@ -148,17 +176,37 @@ def check(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def show_config(args: argparse.Namespace) -> int:
+    """Print the effective configuration as JSON: every key, secrets as ``***``."""
+    settings = _settings(args)
+    print(json.dumps(settings.tree.as_dict(), indent=2))
+    return 0
+
+
+COMMANDS = (
+    ("serve", serve, "run the gateway (HTTP on Urls, DICOM on Dicom:Port)"),
+    ("check", check, "load every script; print errors as file:line: message"),
+    ("config", show_config, "print the effective configuration as JSON (secrets as ***)"),
+)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dicomproxy", description="A Lua-scriptable gateway in front of a PACS.")
+    parser = argparse.ArgumentParser(prog="dicomproxy", description="A Lua-scriptable gateway in front of a PACS.",
+                                     epilog="Each command also takes --Section:Key=value overrides (last layer).")
     parser.add_argument("--version", action="version", version=f"dicomproxy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p_serve = sub.add_parser("serve", help="run the gateway (HTTP on Urls, DICOM on Dicom:Port)")
-    p_serve.add_argument("--config", help="appsettings.json to use (default: ./appsettings.json)")
-    p_serve.set_defaults(func=serve)
-    p_check = sub.add_parser("check", help="load every script; print errors as file:line: message")
-    p_check.add_argument("--config", help="appsettings.json to use (default: ./appsettings.json)")
-    p_check.set_defaults(func=check)
-    args = parser.parse_args(argv)
+    for name, func, text in COMMANDS:
+        p = sub.add_parser(name, help=text, description=text + "; --Section:Key=value overrides a key")
+        p.add_argument("--config", help="appsettings.json to use (default: ./appsettings.json)")
+        p.add_argument("--environment", help="also read appsettings.{ENVIRONMENT}.json (default: "
+                       "$DICOMPROXY_ENVIRONMENT)")
+        p.set_defaults(func=func)
+    args, rest = parser.parse_known_args(argv)
+    try:
+        args.overrides = parse_overrides(rest)
+    except ConfigError as e:
+        print(f"dicomproxy: config error: {e}", file=sys.stderr)
+        return 2
     if args.config is not None and not Path(args.config).exists():
         print(f"dicomproxy: config error: {args.config}: the config file does not exist", file=sys.stderr)
         return 2

@@ -425,7 +425,7 @@ def test_functions(
 
 # --------------------------------------------------------------------------- lifecycle and heartbeat
 LIFECYCLE = """
-local base = Config['Test:Service']
+local base = Config['ExtraConfig:Service']
 function Initialize() HttpPost(base .. '/record/init', 'VERSION') end
 function Finalize() HttpPost(base .. '/record/fini', 'VERSION') end
 function OnHeartBeat() HttpPost(base .. '/record/beat', 'VERSION') end
@@ -433,7 +433,7 @@ function OnHeartBeat() HttpPost(base .. '/record/beat', 'VERSION') end
 
 
 def test_initialize_finalize_and_heartbeat(gateway_factory: Any, service: Any) -> None:
-    settings = {**FAST, "Test": {"Service": service.url}, "Orthanc": {"PollIntervalSeconds": 0.2,
+    settings = {**FAST, "ExtraConfig": {"Service": service.url}, "Orthanc": {"PollIntervalSeconds": 0.2,
                                                                        "LuaHeartBeatPeriod": 0.3}}
     gw = gateway_factory(settings, {"main.lua": LIFECYCLE.replace("VERSION", "v1")})
     assert service.wait_for("init") == ["v1"]
@@ -452,7 +452,7 @@ def test_initialize_finalize_and_heartbeat(gateway_factory: Any, service: Any) -
 
 # --------------------------------------------------------------------------- change callbacks
 CHANGES = """
-local base = Config['Test:Service']
+local base = Config['ExtraConfig:Service']
 local function record(name, text) HttpPost(base .. '/record/' .. name, text) end
 function OnStableSeries(id, tags, metadata) record('stable-series', id .. ' ' .. tags['SeriesDescription']) end
 function OnStableStudy(id, tags, metadata) record('stable-study', id .. ' ' .. tags['StudyDescription']) end
@@ -470,7 +470,7 @@ function OnJobFailure(id) record('job-failure', id) end
 
 def test_change_callbacks(orthanc_factory: Any, service: Any, gateway_factory: Any, dicom_samples: Any) -> None:
     orthanc = orthanc_factory(extra_config={"UserMetadata": {"Reviewed": 1024}, "StableAge": 1})
-    gw = gateway_factory({**FAST, "Test": {"Service": service.url}}, {"main.lua": CHANGES}, orthanc=orthanc)
+    gw = gateway_factory({**FAST, "ExtraConfig": {"Service": service.url}}, {"main.lua": CHANGES}, orthanc=orthanc)
     series = dicom_samples.make_study(gw.workdir / "study", n_series=1, n_instances=2, patient_name="Stable^Pat",
                                       StudyDescription="Study X", SeriesDescription="Series Y")
     ids = [orthanc.upload(path)["ID"] for path, _ in series]

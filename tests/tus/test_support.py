@@ -20,7 +20,6 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +46,7 @@ def tus_settings(folder: Path, **overrides: Any) -> TusSettings:
         import_batch_size=50,
         lock_timeout=20,
     )
-    return replace(base, **overrides)
+    return base.model_copy(update=overrides)
 
 
 class TusThreadServer:

@@ -448,7 +448,7 @@ class OrthancLayer:
         config["OrthancPeers"] = peers if isinstance(peers, dict) else {}
         config["LuaHeartBeatPeriod"] = self.settings.orthanc.heartbeat_period
         config["AuthenticationEnabled"] = bool(self.settings.users)
-        config["RegisteredUsers"] = dict(self.settings.users)
+        config["RegisteredUsers"] = dict(self.settings.tree.get("Authentication:Users", {}))  # passwords masked
         config["DicomProxy"] = self.settings.tree.as_dict()
         return config
 

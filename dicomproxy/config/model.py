@@ -1,0 +1,384 @@
+"""The configuration model: every key of ``appsettings.json`` declared once.
+
+Each field is one key: its name in the file (``key("ReadTimeoutSeconds", ...)``), its kind
+(``Annotated[float, Number(above=0)]``: parsing, message, the README's type), its default and
+its description, and ``secret=True`` for values that must never show. Everything else is
+derived from these declarations: the loader's case-insensitive matching and its unknown-key
+messages, the README table (``python -m dicomproxy.config.docs``), the defaults in the
+repository's ``appsettings.json`` (a test compares them), ``dicomproxy config``, the masked
+views that Lua, logs and the API may see.
+
+The attribute names are the ones the rest of the code has always used
+(``settings.upstream.read_timeout``, ``settings.tus.upload_folder``, ``settings.host``); values
+that are computed from keys (``host``/``port`` from ``Urls``, ``lua.fail_open_hooks``) are
+properties, and two attributes that live in another section of the file
+(``lua.scripts_root`` and ``tus.upload_folder`` are ``ExtraConfig`` keys) are filled in once,
+after validation. Every model is frozen.
+
+Safe defaults (what a hospital's security office checks): both listeners on loopback
+(``Urls``, ``Dicom:Host``; open them with ``0.0.0.0``), Lua fails closed with time and memory
+caps, uploads capped at 10 GiB, SMTP credentials never sent in clear text to a remote host.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Any, ClassVar
+from urllib.parse import urlsplit
+
+from pydantic import ConfigDict, model_validator
+from pydantic_core import PydanticCustomError
+
+from dicomproxy.config.fields import (
+    REQUIRED,
+    VALUE_ERROR,
+    AeTitle,
+    Choice,
+    Duration,
+    Flag,
+    FlagOrNames,
+    FsPath,
+    HttpUrl,
+    Listen,
+    Names,
+    Number,
+    Section,
+    Text,
+    UrlPath,
+    Whole,
+    collection,
+    internal,
+    key,
+    section,
+)
+from dicomproxy.config.tree import ConfigTree, public_view
+
+GiB = 1 << 30
+
+
+class UpstreamSettings(Section):
+    url: Annotated[str, HttpUrl()] = key(
+        "Url", "http://127.0.0.1:8042",
+        "the PACS's HTTP root (`http://` or `https://`, may end in a path prefix); DICOMweb and REST are proxied "
+        "there. An `https` certificate is verified against the system CAs; for a private CA, start the gateway "
+        "with `SSL_CERT_FILE=/path/ca.pem`")
+    dicomweb_root: Annotated[str, UrlPath()] = key("DicomWebRoot", "/dicom-web", "STOW/QIDO/WADO root on the upstream")
+    connect_timeout: Annotated[float, Number(above=0)] = key(
+        "ConnectTimeoutSeconds", 5, "connecting to the upstream; unreachable → 502")
+    read_timeout: Annotated[float, Number(above=0)] = key(
+        "ReadTimeoutSeconds", 120, "longest wait for upstream bytes; too slow → 504")
+    max_connections: Annotated[int, Whole(1)] = key(
+        "MaxConnections", 256, "pooled keep-alive connections to the upstream")
+
+
+class ExtraConfigSettings(Section):
+    """Known folders, plus any key a site adds for its scripts (``Config["ExtraConfig:Site"]``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    scripts_root: Annotated[Path, FsPath()] = key(
+        "ScriptsRoot", "lua", "folder of `main.lua`, `main-transient.lua`, `main-task.lua`")
+    tus_upload_folder: Annotated[Path, FsPath()] = key(
+        "TusUploadFolder", "data/tus", "TUS upload store (tusd `filestore` layout)")
+    data_folder: Annotated[Path, FsPath()] = key("DataFolder", "data", "task queue, DICOM spool and other state")
+
+
+class LuaSettings(Section):
+    timeout_ms: Annotated[int, Whole(1)] = key(
+        "TimeoutMs", 5000, "time budget of one hook call (a loop inside its own `pcall` is aborted too)")
+    task_timeout_ms: Annotated[int, Whole(1)] = key("TaskTimeoutMs", 60000, "time budget of one background task")
+    max_memory_mb: Annotated[int, Whole(1)] = key("MaxMemoryMB", 64, "memory cap of each Lua runtime")
+    fail_open_rule: Annotated[bool | tuple[str, ...], FlagOrNames()] = key(
+        "FailOpen", False,
+        "a failing hook: `false` fails closed (HTTP: 500 JSON; DICOM: a failure status), `true` logs and carries "
+        "on as if the hook were not there; or a list of callback names that fail open, e.g. `[\"onHttpResponse\"]` "
+        "(per hook, for `onHttpRequest`, `onHttpResponse` and `IncomingHttpRequestFilter`)")
+    reload_interval_ms: Annotated[int, Whole(50)] = key(
+        "ReloadIntervalMs", 1000, "how often script files are checked for edits")
+    background_workers: Annotated[int, Whole(1)] = key("BackgroundWorkers", 2, "tasks run at once")
+    os_execute_timeout: Annotated[float, Number(above=0)] = key(
+        "OsExecuteTimeoutSeconds", 60, "`OsExecute` kills a program running longer")
+    native_path: Annotated[str, Text()] = key(
+        "NativePath", "/usr/lib/x86_64-linux-gnu/lua/5.4/?.so;/usr/local/lib/lua/5.4/?.so",
+        "where `requireNative` looks (Lua `cpath` syntax)")
+    scripts_root: Path = internal(Path("lua"))  # ExtraConfig:ScriptsRoot
+
+    @property
+    def fail_open(self) -> bool:
+        """Every hook fails open (``Lua:FailOpen: true``)."""
+        return self.fail_open_rule is True
+
+    @property
+    def fail_open_hooks(self) -> frozenset[str]:
+        """The callbacks named in ``Lua:FailOpen: [...]`` (empty for true/false)."""
+        return frozenset(self.fail_open_rule) if isinstance(self.fail_open_rule, tuple) else frozenset()
+
+
+class UserEntry(Section):
+    """One HTTP user: a password string, or ``{"Password"|"PasswordFile": ..., "Roles": [...]}``."""
+
+    shorthand: ClassVar[str | None] = "Password"
+    noun: ClassVar[str] = "a password string or an object with Password or PasswordFile (and Roles)"
+
+    password: Annotated[str, Text(nonempty=True)] = key("Password", REQUIRED, "the user's password", secret=True)
+    roles: Annotated[tuple[str, ...], Names()] = key(
+        "Roles", (), "the user's roles (scripts see them as the request's roles), e.g. `[\"admin\"]`")
+
+
+class AuthenticationSettings(Section):
+    users: dict[str, UserEntry] = collection(
+        "Users", "`{\"name\": \"password\"}` or `{\"name\": {\"Password\": \"…\", \"Roles\": [\"admin\"]}}` "
+        "(`PasswordFile` instead of `Password`: read from a file): HTTP basic auth on every route but "
+        "`/dicomproxy/health` (CORS preflights are answered by the CORS policy, never passed on); empty: no "
+        "authentication", {})
+    realm: Annotated[str, Text()] = key("Realm", "DicomProxy", "the basic-auth realm browsers show")
+
+
+class ServerSettings(Section):
+    """Limits on what an HTTP client may hold before a request reaches the app (http/server.py)."""
+
+    max_head_bytes: Annotated[int, Whole(1024)] = key(
+        "MaxHeadBytes", 65536, "largest request head (request line + headers; 431 past it)")
+    max_url_bytes: Annotated[int, Whole(256)] = key("MaxUrlBytes", 8192, "largest URL (414 past it)")
+    head_timeout: Annotated[float, Number(minimum=0.1)] = key(
+        "HeadTimeoutSeconds", 20, "a new connection, or the next request on a kept-alive one, must deliver its "
+        "whole head within this (408, then closed)")
+    max_connections: Annotated[int, Whole(1)] = key(
+        "MaxConnections", 1000, "open HTTP connections served at once (503 past it), lowered to the open-file "
+        "limit minus `Server:ReservedFileDescriptors`")
+    reserved_fds: Annotated[int, Whole(0)] = key(
+        "ReservedFileDescriptors", 256, "descriptors kept for the spool, the DICOM side and the upstream pool")
+
+
+class CorsSettings(Section):
+    """``Cors:*``; empty lists of headers mean the built-in ones (http/cors.py)."""
+
+    allowed_origins: Annotated[tuple[str, ...], Names()] = key(
+        "AllowedOrigins", (), "origins allowed cross-origin access (`[\"https://viewer.example.org\"]`, "
+        "`[\"*\"]`); empty: every preflight is refused")
+    allowed_methods: Annotated[tuple[str, ...], Names(upper=True)] = key(
+        "AllowedMethods", ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"), "what a preflight may ask for")
+    allowed_headers: Annotated[tuple[str, ...], Names()] = key(
+        "AllowedHeaders", (), "request headers a preflight may ask for (empty: those TUS clients and DICOMweb "
+        "viewers need)")
+    exposed_headers: Annotated[tuple[str, ...], Names()] = key(
+        "ExposedHeaders", (), "response headers the browser may read (empty: those TUS clients and DICOMweb "
+        "viewers need)")
+    allow_credentials: Annotated[bool, Flag()] = key(
+        "AllowCredentials", False, "`Access-Control-Allow-Credentials`")
+    max_age: Annotated[int, Whole(0)] = key("MaxAgeSeconds", 600, "how long a browser keeps a preflight's answer")
+    opener_policy: Annotated[str, Text()] = key(
+        "CrossOriginOpenerPolicy", "", "added to every response when set (e.g. `same-origin` for viewers that "
+        "need `SharedArrayBuffer`)")
+    embedder_policy: Annotated[str, Text()] = key(
+        "CrossOriginEmbedderPolicy", "", "added to every response when set (e.g. `require-corp`)")
+    resource_policy: Annotated[str, Text()] = key(
+        "CrossOriginResourcePolicy", "", "added to every response when set")
+
+
+class TusSettings(Section):
+    base_path: Annotated[str, UrlPath(folder=True)] = key("BasePath", "/files/", "the TUS endpoint")
+    max_size: Annotated[int, Whole(0)] = key(
+        "MaxSize", 10 * GiB, "largest upload in bytes (default 10 GiB; `0`: no limit, a client may fill the disk)")
+    expire_after: Annotated[float, Duration()] = key(
+        "ExpireAfter", "1.00:00:00", "unfinished uploads expire after this (seconds or `d.hh:mm:ss`; `0`: never)")
+    sweep_interval: Annotated[float, Number(minimum=0.05)] = key(
+        "SweepIntervalSeconds", 60, "how often expired uploads are removed")
+    keep_after_import: Annotated[bool, Flag()] = key(
+        "KeepAfterImport", False, "keep an upload's files after a successful import")
+    import_batch_size: Annotated[int, Whole(1)] = key(
+        "ImportBatchSize", 50, "instances sent to the PACS per STOW-RS request when an upload is imported")
+    lock_timeout: Annotated[float, Number(minimum=0)] = key(
+        "LockTimeoutSeconds", 20, "how long a request waits for an upload another request holds")
+    fsync: Annotated[str, Choice("complete", "patch", "none")] = key(
+        "Fsync", "complete",
+        "when stored bytes are fsynced: `complete` (before the final PATCH is answered), `patch` (before every "
+        "PATCH is answered), `none` (bytes still reach the kernel before an offset is acknowledged, so they "
+        "survive a crash of the process, not of the machine); any case")
+    upload_folder: Path = internal(Path("data/tus"))  # ExtraConfig:TusUploadFolder
+
+
+class RemoteAe(Section):
+    """A remote DICOM node."""
+
+    noun: ClassVar[str] = "an object with Aet, Host and Port"
+
+    aet: Annotated[str, AeTitle()] = key("Aet", REQUIRED, "its AE title")
+    host: Annotated[str, Text(nonempty=True)] = key("Host", REQUIRED, "its host name or IP address")
+    port: Annotated[int, Whole(1, 65535)] = key("Port", REQUIRED, "its DICOM port")
+
+
+class PacsAe(RemoteAe):
+    """``Dicom:Upstream``: the PACS's DICOM side (every part has a default, so one can be overridden alone)."""
+
+    aet: Annotated[str, AeTitle()] = key("Aet", "ORTHANC", "the PACS's AE title")
+    host: Annotated[str, Text(nonempty=True)] = key("Host", "127.0.0.1", "the PACS's DICOM host")
+    port: Annotated[int, Whole(1, 65535)] = key("Port", 4242, "the PACS's DICOM port")
+
+
+class DicomSettings(Section):
+    aet: Annotated[str, AeTitle()] = key("Aet", "DICOMPROXY", "the gateway's AE title")
+    port: Annotated[int, Whole(0, 65535)] = key("Port", 11112, "the DICOM side's port (`0` turns it off)")
+    host: Annotated[str, Text(nonempty=True)] = key(
+        "Host", "127.0.0.1", "where the DICOM side listens (loopback by default; `0.0.0.0` for all interfaces)")
+    upstream: PacsAe = section("Upstream", "the PACS's DICOM side")
+    modalities: dict[str, RemoteAe] = collection(
+        "Modalities", "named remote AEs: `{\"name\":{\"Aet\":..,\"Host\":..,\"Port\":..}}` (C-MOVE destinations)", {})
+    allowed_calling_aets: Annotated[tuple[str, ...], Names(AeTitle())] = key(
+        "AllowedCallingAets", (), "calling AEs allowed to associate (empty: all; an AE title is not a password, "
+        "so keep `Dicom:Host` on a trusted network)")
+    forward_via: Annotated[str, Choice("dimse", "dicomweb")] = key(
+        "ForwardVia", "dimse", "forward stored instances by C-STORE (`dimse`) or STOW-RS (`dicomweb`)")
+    spool_folder: Annotated[Path, FsPath()] = key("SpoolFolder", "data/spool", "durable store-and-forward spool")
+    forward_retry: Annotated[float, Number(minimum=0.01)] = key(
+        "ForwardRetrySeconds", 2, "retry delay after a transient failure (doubles up to `ForwardMaxRetrySeconds`)")
+    forward_max_retry: Annotated[float, Number(minimum=0.01)] = key(
+        "ForwardMaxRetrySeconds", 60, "longest retry delay")
+    forward_max_attempts: Annotated[int, Whole(0)] = key(
+        "ForwardMaxAttempts", 0, "`0` = retry until the PACS is back. An instance the PACS refuses for good goes to "
+        "`<SpoolFolder>/failed/` with a `.json` note and a `forward.failed` event")
+    forward_concurrency: Annotated[int, Whole(1)] = key(
+        "ForwardConcurrency", 4, "studies forwarded in parallel (each study in arrival order)")
+
+
+class SmtpSettings(Section):
+    host: Annotated[str, Text()] = key("Host", "", "the mail server (empty: no mail)")
+    port: Annotated[int, Whole(1, 65535)] = key("Port", 25, "its port")
+    security: Annotated[str, Choice("None", "StartTls", "Tls")] = key(
+        "Security", "None", "`None` (plain text), `StartTls`, `Tls`; a password is sent in plain text only to a "
+        "loopback host")
+    username: Annotated[str, Text()] = key("Username", "", "login (empty: none)")
+    password: Annotated[str, Text()] = key("Password", "", "login password", secret=True)
+    sender: Annotated[str, Text()] = key("From", "dicomproxy@localhost", "the sender address")
+    timeout: Annotated[float, Number(minimum=0.1)] = key("TimeoutSeconds", 30, "per-attempt timeout")
+    retries: Annotated[int, Whole(0)] = key(
+        "Retries", 3, "retries after a failed attempt (5xx answers are not retried)")
+    retry_delay: Annotated[float, Number(minimum=0)] = key(
+        "RetrySeconds", 2, "delay before the first retry (doubles each time)")
+    ca_file: Annotated[Path | None, FsPath(optional=True)] = key(
+        "CaFile", "", "a PEM bundle to trust for `StartTls`/`Tls` instead of the system's")
+
+    @model_validator(mode="after")
+    def _no_clear_text_password(self) -> SmtpSettings:
+        if self.password and self.security == "None" and not _is_loopback(self.host):
+            raise PydanticCustomError(VALUE_ERROR, "{expected}", {
+                "expected": f"would be sent in plain text to {self.host!r} (Smtp:Security is None); "
+                            "set Smtp:Security to StartTls or Tls", "key": "Password"})
+        return self
+
+
+class EmailRule(Section):
+    noun: ClassVar[str] = "an object with Events and To"
+
+    events: Annotated[tuple[str, ...], Names()] = key(
+        "Events", ("*",), "event kinds or globs (`*.failed`, `*`): `upload.imported`, `import.failed`, "
+        "`forward.failed`, `script.failed`, `task.failed`, `upstream.down`, `upstream.up`")
+    to: Annotated[tuple[str, ...], Names(nonempty=True)] = key("To", REQUIRED, "recipients")
+
+
+class NotificationSettings(Section):
+    feed_size: Annotated[int, Whole(1)] = key("FeedSize", 200, "notifications kept in the feed")
+    email: tuple[EmailRule, ...] = collection(
+        "Email", "mail rules `[{\"Events\": [\"import.failed\"], \"To\": [\"pacs-admin@example.org\"]}]`", ())
+
+
+class OrthancSettings(Section):
+    """The Orthanc-compatible Lua layer (docs/orthanc-compat.md)."""
+
+    heartbeat_period: Annotated[float, Number(minimum=0)] = key(
+        "LuaHeartBeatPeriod", 0, "`OnHeartBeat` every N seconds (Orthanc's `LuaHeartBeatPeriod`); `0`: off")
+    poll_interval: Annotated[float, Number(minimum=0.05)] = key(
+        "PollIntervalSeconds", 1, "how often the PACS's `/changes` (and `/jobs`) are read for the `On*` callbacks")
+
+
+class LoggingSettings(Section):
+    level: Annotated[str, Choice("DEBUG", "INFO", "WARNING", "ERROR")] = key("Level", "INFO", "log level")
+
+
+class Settings(Section):
+    """The whole configuration, typed. Built once by :func:`~dicomproxy.config.loader.load_settings`."""
+
+    urls: Annotated[str, Listen()] = key(
+        "Urls", "http://127.0.0.1:8080", "where the HTTP side listens (loopback by default; `http://0.0.0.0:8080` "
+        "for all interfaces)")
+    upstream: UpstreamSettings = section("Upstream", "the PACS's HTTP side")
+    extra_config: ExtraConfigSettings = section("ExtraConfig", "folders, and any key a site adds for its scripts")
+    lua: LuaSettings = section("Lua", "the Lua engines")
+    authentication: AuthenticationSettings = section("Authentication", "HTTP basic authentication")
+    server: ServerSettings = section("Server", "limits of the HTTP front door")
+    cors: CorsSettings = section("Cors", "the CORS policy")
+    tus: TusSettings = section("Tus", "the TUS upload server")
+    dicom: DicomSettings = section("Dicom", "the DICOM side")
+    smtp: SmtpSettings = section("Smtp", "mail transport")
+    notifications: NotificationSettings = section("Notifications", "the notification feed and mail rules")
+    orthanc: OrthancSettings = section("Orthanc", "the Orthanc-compatible Lua layer")
+    logging: LoggingSettings = section("Logging", "logging")
+
+    config_file: Path | None = internal(None)  # the appsettings.json read, if any
+    config_root: Path = internal(Path("."))  # its folder (the working directory without one)
+    environment: str = internal("")  # DICOMPROXY_ENVIRONMENT / --environment
+    files: tuple[Path, ...] = internal(())  # every file read, in layering order
+
+    @model_validator(mode="after")
+    def _share_extra_config(self) -> Settings:
+        """``lua.scripts_root`` and ``tus.upload_folder`` are ExtraConfig keys; copy them once."""
+        extra = self.extra_config
+        object.__setattr__(self, "lua", self.lua.model_copy(update={"scripts_root": extra.scripts_root}))
+        object.__setattr__(self, "tus", self.tus.model_copy(update={"upload_folder": extra.tus_upload_folder}))
+        return self
+
+    # -- derived values ---------------------------------------------------------------------
+    @property
+    def host(self) -> str:
+        """The HTTP side's address, from the first of ``Urls`` (``*`` and ``+`` mean every interface)."""
+        host = urlsplit(self.urls.split(";")[0].strip()).hostname or "127.0.0.1"
+        return "0.0.0.0" if host in ("*", "+") else host
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.urls.split(";")[0].strip()).port or 80
+
+    @property
+    def data_folder(self) -> Path:
+        return self.extra_config.data_folder
+
+    @property
+    def users(self) -> dict[str, str]:
+        """``{name: password}`` for HTTP basic auth."""
+        return {name: user.password for name, user in self.authentication.users.items()}
+
+    @property
+    def user_roles(self) -> dict[str, tuple[str, ...]]:
+        """``{name: roles}`` for every HTTP user."""
+        return {name: user.roles for name, user in self.authentication.users.items()}
+
+    @property
+    def realm(self) -> str:
+        return self.authentication.realm
+
+    @property
+    def log_level(self) -> str:
+        return self.logging.level
+
+    # -- what others may see ----------------------------------------------------------------
+    @cached_property
+    def tree(self) -> ConfigTree:
+        """The effective configuration by colon path, secrets masked (``***``): safe to show anyone."""
+        return ConfigTree(public_view(self), str(self.config_file) if self.config_file else "(defaults)")
+
+    def lua_config(self) -> dict[str, Any]:
+        """What Lua's ``Config[...]`` sees: every leaf by its colon path (secrets masked), plus ``ConfigRoot``."""
+        flat = self.tree.leaves()
+        flat["ConfigRoot"] = str(self.config_root)
+        return flat
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
