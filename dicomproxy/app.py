@@ -15,6 +15,8 @@ from typing import Any
 from dicomproxy_middleware import LuaHttpMiddleware
 
 from dicomproxy import dicom, tus, ui
+from dicomproxy.audit import web as audit_web
+from dicomproxy.audit.trail import AuditTrail
 from dicomproxy.commands import Commands
 from dicomproxy.config.settings import Settings
 from dicomproxy.host import Component, HealthCheck, Host
@@ -44,16 +46,17 @@ class Gateway:
         self.started_at = time.time()
         self.bus = EventBus()
         self.metrics = Metrics()
+        self.audit = AuditTrail(settings, self.bus, self.metrics)
         self.commands = Commands()
         self.tasks = TaskQueue(settings.data_folder / "tasks", workers=settings.lua.background_workers, bus=self.bus)
-        self.lua = ScriptHost(settings, bus=self.bus, tasks=self.tasks, commands=self.commands)
+        self.lua = ScriptHost(settings, bus=self.bus, tasks=self.tasks, commands=self.commands, audit=self.audit)
         self.upstream = Upstream(settings.upstream)
         self.proxy = ReverseProxy(self.upstream, self.metrics)
         self.monitor = UpstreamMonitor(self.upstream, self.bus)
         self.health_checks: dict[str, HealthCheck] = {}
         self._mounts: list[tuple[str, str, Any]] = []
         self._middleware: list[Callable[[Any], Any]] = []
-        self._components: list[Component] = [self.upstream, self.tasks, self.lua, self.monitor]
+        self._components: list[Component] = [self.audit, self.upstream, self.tasks, self.lua, self.monitor]
         self._started: list[Component] = []
         api = build_api(self)
         for path in ("/dicomproxy/health", "/dicomproxy/metrics", "/dicomproxy/tasks"):
@@ -90,7 +93,8 @@ class Gateway:
         for wrap in self._middleware:
             app = wrap(app)
         if self.settings.users:
-            app = BasicAuthMiddleware(app, self.settings.users, self.settings.realm, self.settings.user_roles)
+            app = BasicAuthMiddleware(app, self.settings.users, self.settings.realm, self.settings.user_roles,
+                                      audit=self.audit)
         app = GatewayCors(app, cors_policy(self.settings.cors))
         return RequestGuard(app)
 
@@ -114,10 +118,13 @@ class Gateway:
         for component in self._components:
             await component.start()
             self._started.append(component)
+        self.audit.started()
         log.info("DicomProxy listening on http://%s:%d, proxying %s", self.settings.host, self.settings.port,
                  self.upstream.base)
 
     async def stop(self) -> None:
+        if self._started:
+            self.audit.stopping()
         while self._started:
             component = self._started.pop()
             try:
@@ -153,6 +160,7 @@ FEATURES: tuple[Feature, ...] = (
     mail.install,
     ui.install,
     orthanc.install,
+    audit_web.install,  # last: its DICOMweb layer is outermost, so refused requests are recorded too
 )
 
 

@@ -3,7 +3,7 @@
 Features (TUS, the DICOM side, notifications, mail, the status page, the Orthanc layer) depend
 on this protocol, never on the app module that implements it, so the arrows between packages
 point one way: ``app`` knows the features, the features know only this interface and the
-shared services it names (config, events, metrics, commands, tasks, scripting, upstream).
+shared services it names (config, events, metrics, commands, tasks, scripting, upstream, audit).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+from dicomproxy.audit.trail import AuditTrail
 from dicomproxy.commands import Commands
 from dicomproxy.config.settings import Settings
 from dicomproxy.metrics import Metrics
@@ -41,6 +42,7 @@ class Host(Protocol):
     tasks: TaskQueue
     lua: ScriptHost
     upstream: Upstream
+    audit: AuditTrail  # host.audit.record(event): never blocks, never raises
 
     def mount(self, prefix: str, app: Any) -> None:
         """Route paths under ``prefix`` (``/files/`` also matches ``/files``) to the ASGI ``app``."""

@@ -18,6 +18,7 @@ from typing import Any
 from dicomproxy.dicom import commands as dicom_commands
 from dicomproxy.dicom import datasets
 from dicomproxy.dicom.acceptor import DicomListener
+from dicomproxy.dicom.audit import DicomAudit
 from dicomproxy.dicom.forwarder import Forwarder, ForwardResult, ForwardTarget
 from dicomproxy.dicom.scp import TRANSFER_SYNTAXES, DicomServer
 from dicomproxy.dicom.session import LuaBridge
@@ -64,6 +65,7 @@ class DicomComponent:
                 connect_timeout=up.connect_timeout,
             )
         self.target = target
+        self.audit = DicomAudit(gateway.audit, self.settings, "dimse" if target.via == "dimse" else target.describe())
         metrics = gateway.metrics
         self.m_forwarded = metrics.counter("dicomproxy_dicom_forwarded_total", "Instances the PACS accepted")
         self.m_failed = metrics.counter(
@@ -91,10 +93,11 @@ class DicomComponent:
             on_failed=self._on_failed,
             session_factory=self._session,
         )
-        self.store = StoreService(self.bridge, self.spool, self.forwarder.enqueue, counters)
-        self.server = DicomServer(self.settings, self.bridge, self.store)
+        self.store = StoreService(self.bridge, self.spool, self.forwarder.enqueue, counters, audit=self.audit)
+        self.server = DicomServer(self.settings, self.bridge, self.store, audit=self.audit)
         self.listener = DicomListener(
-            self.settings, self.bridge, self.store, transfer_syntaxes=TRANSFER_SYNTAXES, handoff=self.server
+            self.settings, self.bridge, self.store, transfer_syntaxes=TRANSFER_SYNTAXES, handoff=self.server,
+            audit=self.audit,
         )
         self.started = False
 
@@ -119,6 +122,7 @@ class DicomComponent:
         await self.listener.stop()
         await self.server.stop()
         await self.forwarder.stop()
+        self.audit.flush(everything=True)
         await asyncio.to_thread(self.store.close)
         self.spool.close()
         self.started = False
@@ -148,6 +152,7 @@ class DicomComponent:
     # -- forwarder callbacks (event loop) -------------------------------------------------
     async def _on_stored(self, entry: SpoolEntry, result: ForwardResult, data: bytes) -> None:
         self.m_forwarded.inc()
+        self.audit.forwarded(entry)
         host = self.gateway.lua
         assoc = {
             "CallingAE": entry.origin.get("CallingAE", ""),
@@ -206,6 +211,7 @@ class DicomComponent:
 
     def _on_failed(self, entry: SpoolEntry, reason: str) -> None:
         self.m_failed.inc()
+        self.audit.forwarded(entry, ok=False, reason=reason)
         self.gateway.bus.emit(
             "forward.failed",
             f"Forwarding failed: {entry.sop_instance}",

@@ -31,6 +31,7 @@ from pynetdicom import AllStoragePresentationContexts
 
 from dicomproxy.config.settings import DicomSettings
 from dicomproxy.dicom import scu
+from dicomproxy.dicom.audit import DicomAudit
 from dicomproxy.dicom.session import AssocSession, LuaBridge
 from dicomproxy.dicom.store import StoreService
 
@@ -161,8 +162,10 @@ class DicomListener:
         *,
         transfer_syntaxes: list[str],
         handoff: Any,
+        audit: DicomAudit | None = None,
     ) -> None:
         self.settings = settings
+        self.audit = audit
         self.bridge = bridge
         self.store = store
         self.transfer_syntaxes = transfer_syntaxes
@@ -288,6 +291,8 @@ class DicomListener:
             log.debug("association from %s (%s:%s) accepted, %d context(s)", rq.calling, ip, port, len(accepted))
             _Association(self, session, conn, rq, accepted, abstract_of).run()
         finally:
+            if self.audit is not None:
+                self.audit.ended(session)
             session.close()
 
     def _admit(self, rq: AssociateRq, session: AssocSession, conn: _Conn) -> bool:
@@ -301,6 +306,10 @@ class DicomListener:
             reason = (2, 3, 2)
         elif self.bridge.refuses_association(session):
             reason = (1, 1, 1)
+        if self.audit is not None:
+            why = {(1, 1, 3): "not in Dicom:AllowedCallingAets", (2, 3, 2): "too many associations",
+                   (1, 1, 1): "refused by onDicomAssociation"}.get(reason, "") if reason else ""
+            self.audit.association(session, why, blocked=reason in ((1, 1, 3), (1, 1, 1)))
         if reason is None:
             return True
         with contextlib.suppress(OSError):

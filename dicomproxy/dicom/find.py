@@ -84,6 +84,7 @@ class FindService:
             log.error("C-FIND from %s: cannot decode the identifier: %s", session.calling, e)
             yield status_dataset(0xC310, "identifier cannot be decoded"), None
             return
+        server.audit.query(session, event)
         try:
             identifier, refused = edit_query(server, session, identifier, "onCFind")
         except Exception as e:

@@ -224,6 +224,7 @@ class RetrieveService:
         expected = {uid for uid, _ in instances}
         delivered: set[str] = set()
         error = ""
+        self.server.audit.retrieve_started(session, event, identifier, instances)
         try:
             while True:
                 if event.is_cancelled or not event.assoc.is_established:
@@ -246,6 +247,7 @@ class RetrieveService:
                     break
         finally:
             stop.set()
+            self.server.audit.retrieved(session, event, identifier, instances, delivered)
         missing = sorted(expected - delivered)
         if missing:
             log.error(

@@ -28,6 +28,7 @@ from pynetdicom.sop_class import (
 )
 
 from dicomproxy.config.settings import DicomSettings
+from dicomproxy.dicom.audit import DicomAudit
 from dicomproxy.dicom.session import AssocSession, LuaBridge
 from dicomproxy.dicom.store import StoreService
 
@@ -70,8 +71,10 @@ def status_dataset(status: int, comment: str) -> Dataset:
 class DicomServer:
     """Component: ``start()`` binds the AE on 127.0.0.1 (an OS-chosen port), ``stop()`` shuts it."""
 
-    def __init__(self, settings: DicomSettings, bridge: LuaBridge, store: StoreService | None) -> None:
+    def __init__(self, settings: DicomSettings, bridge: LuaBridge, store: StoreService | None,
+                 audit: DicomAudit | None = None) -> None:
         self.settings = settings
+        self.audit = audit or DicomAudit(None, settings, "dimse")
         self.bridge = bridge
         self.store = store
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -184,7 +187,13 @@ class DicomServer:
             self.loop,
         )
         self._sessions[id(assoc)] = session
-        if self.bridge.refuses_association(session):
+        allowed = [a.strip() for a in self.settings.allowed_calling_aets]
+        if allowed and session.calling not in allowed:  # pynetdicom refuses it (require_calling_aet)
+            self.audit.association(session, "not in Dicom:AllowedCallingAets", blocked=True)
+            return
+        refused = self.bridge.refuses_association(session)
+        self.audit.association(session, "refused by onDicomAssociation" if refused else "", blocked=refused)
+        if refused:
             # Permanent, DUL service user, no reason given; kill() waits until the RJ is sent.
             assoc.acse.send_reject(0x01, 0x01, 0x01)
             assoc.kill()
@@ -192,6 +201,7 @@ class DicomServer:
     def _on_closed(self, event: evt.Event) -> None:
         session = self._sessions.pop(id(event.assoc), None)
         if session is not None:
+            self.audit.ended(session)
             session.close()
 
     # -- C-ECHO ---------------------------------------------------------------------------

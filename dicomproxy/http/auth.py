@@ -6,6 +6,10 @@ gateway's CORS policy (``http/cors.py``) and never reach a route or the PACS. Th
 reaches the Lua hooks (``request.User``) and the features through ``scope["user"]``, the user's
 roles through ``scope["roles"]``. The client's ``Authorization`` header is the gateway's, so it
 is not forwarded to the PACS.
+
+Each login that presented credentials goes to the audit trail (``audit.login``: successes
+de-duplicated there, failures all recorded and watched for bursts); a request without an
+``Authorization`` header is not a login attempt (browsers send one only after the 401).
 """
 
 from __future__ import annotations
@@ -15,15 +19,18 @@ import binascii
 import hmac
 from typing import Any
 
+from dicomproxy.audit.trail import AuditTrail
+
 HEALTH_PATH = "/dicomproxy/health"
 
 
 class BasicAuthMiddleware:
     def __init__(
         self, app: Any, users: dict[str, str], realm: str = "DicomProxy",
-        roles: dict[str, tuple[str, ...]] | None = None,
+        roles: dict[str, tuple[str, ...]] | None = None, audit: AuditTrail | None = None,
     ) -> None:
         self.app = app
+        self.audit = audit
         self.users = users
         self.roles = roles or {}
         self.challenge = f'Basic realm="{realm}", charset="UTF-8"'.encode()
@@ -31,18 +38,25 @@ class BasicAuthMiddleware:
     def _user(self, scope: dict[str, Any]) -> str | None:
         for k, v in scope.get("headers", ()):
             if k == b"authorization":
-                scheme, _, token = v.partition(b" ")
-                if scheme.lower() != b"basic":
-                    return None
-                try:
-                    name, _, password = base64.b64decode(token.strip(), validate=True).decode("utf-8").partition(":")
-                except (binascii.Error, UnicodeDecodeError):
-                    return None
-                expected = self.users.get(name)
-                if expected is not None and hmac.compare_digest(expected.encode(), password.encode()):
-                    return name
-                return None
+                return self._check(scope, v)
         return None
+
+    def _check(self, scope: dict[str, Any], value: bytes) -> str | None:
+        """The user the ``Authorization`` value proves, or None; either way a login for the audit."""
+        scheme, _, token = value.partition(b" ")
+        name, ok, why = "", False, "not basic authentication"
+        if scheme.lower() == b"basic":
+            try:
+                name, _, password = base64.b64decode(token.strip(), validate=True).decode("utf-8").partition(":")
+                expected = self.users.get(name)
+                ok = expected is not None and hmac.compare_digest(expected.encode(), password.encode())
+                why = "" if ok else "unknown user or wrong password"
+            except (binascii.Error, UnicodeDecodeError):
+                why = "malformed credentials"
+        if self.audit is not None:
+            client = scope.get("client")
+            self.audit.login(name, client[0] if client else "", ok, via="HTTP basic authentication", reason=why)
+        return name if ok else None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
