@@ -1,8 +1,10 @@
 """AuditTrail, the ``host.audit`` service: features hand it events, it never blocks and never raises.
 
 ``record(event)`` appends the event to an in-memory queue (a ``deque``: safe from the DICOM
-side's threads too) and wakes the writer task; that is all a request pays (measured in
-tests/audit/test_trail.py: about 2 µs per QIDO-RS request, event included). The writer, on a
+side's threads too) and wakes the writer task. On the proxy's path even building the event
+is too dear (~7 µs for its half-dozen small objects, measured in tests/audit/test_web.py), so
+``defer(build, *args)`` queues the function and its plain arguments and the writer builds the
+event: a QIDO-RS request then pays ~1-2 µs for its audit record. The writer, on a
 worker thread, builds each event's XML (:mod:`.message`) and RFC 5424 message
 (:mod:`.syslog`), appends it to the durable buffer (:mod:`.journal`, fsync'ed once per
 batch), writes the JSON-lines file (:mod:`.jsonfile`), then wakes the senders
@@ -26,6 +28,7 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from dicomproxy.audit import codes, events
@@ -63,7 +66,7 @@ class AuditTrail:
                                       for c in cfg.collectors] if self.enabled else []
         self._file_settings = (cfg.file, cfg.file_max, cfg.file_keep)
         self.file: JsonLinesFile | None = None
-        self._pending: deque[AuditEvent] = deque()
+        self._pending: deque[AuditEvent | tuple[Any, ...]] = deque()
         self._signalled = False
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -80,11 +83,19 @@ class AuditTrail:
     # -- what features call ----------------------------------------------------------------
     def record(self, event: AuditEvent) -> None:
         """Queue ``event``; from any thread; never blocks, never raises."""
-        if not self.enabled:
-            return
+        if self.enabled:
+            self._queue(event)
+
+    def defer(self, build: Callable[..., AuditEvent], *args: Any) -> None:
+        """Queue ``build(*args)``, called on the writer's thread (plain, immutable arguments only)."""
+        if self.enabled:
+            self._queue((build, *args))
+
+    def _queue(self, event: AuditEvent | tuple[Any, ...]) -> None:
         try:
             if len(self._pending) >= MAX_PENDING:
-                self._drop(event, "queue")
+                self.dropped += 1
+                self._m_dropped.inc(reason="queue")
                 return
             self._pending.append(event)
             if not self._signalled and self._wake is not None and self._loop is not None:
@@ -182,20 +193,20 @@ class AuditTrail:
             if self._stopping and not self._pending:
                 return
 
-    def _take(self) -> list[AuditEvent]:
+    def _take(self) -> list[AuditEvent | tuple[Any, ...]]:
         self._signalled = False
         batch = []
         while self._pending:
             batch.append(self._pending.popleft())
         return batch
 
-    def _persist(self, batch: list[AuditEvent]) -> None:
+    def _persist(self, batch: list[AuditEvent | tuple[Any, ...]]) -> None:
         """On a worker thread: XML, syslog message, buffer, file; one fsync for the batch."""
-        for event in batch:
+        for item in batch:
             try:
-                self._store(event)
+                self._store(item[0](*item[1:]) if isinstance(item, tuple) else item)
             except Exception:
-                log.exception("audit: cannot store %s", event.kind)
+                log.exception("audit: cannot store %s", item)
         self.journal.sync()
 
     def _store(self, event: AuditEvent, *, reserve: bool = False) -> int:
