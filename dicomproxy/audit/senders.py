@@ -89,7 +89,8 @@ class Sender:
         self.journal = journal
         self.on_alert = on_alert
         self.state = State.CONNECTING
-        self.wake = asyncio.Event()
+        self.wake = asyncio.Event()  # the writer appended records
+        self._stop_event = asyncio.Event()
         self.sent = 0
         self.dropped_oversize = 0
         self.last_error = ""
@@ -121,6 +122,7 @@ class Sender:
             await asyncio.sleep(0.05)
         self._stopping = True
         self.wake.set()
+        self._stop_event.set()
         if self._task is not None:
             try:
                 await asyncio.wait_for(self._task, timeout=max(0.5, deadline - time.monotonic()))
@@ -158,7 +160,8 @@ class Sender:
             if self._stopping:
                 break
             self._move(State.BACKOFF, self.last_error)
-            await self._sleep(self._backoff)
+            with contextlib.suppress(TimeoutError):  # new records do not cut a backoff short; stop() does
+                await asyncio.wait_for(self._stop_event.wait(), timeout=self._backoff)
             self._backoff = min(BACKOFF_MAX, self._backoff * 2)
 
     async def _sleep(self, seconds: float) -> None:
@@ -204,10 +207,11 @@ class TlsSender(Sender):
             while not self._stopping and not closed.done():
                 batch = await self._next_batch(timeout=ACK_AFTER / 2)
                 if batch:
+                    unacked.append((time.monotonic(), batch[-1][0]))  # before the write: it may fail halfway
                     writer.write(b"".join(octet_counted(payload) for _, payload in batch))
                     await writer.drain()
-                    unacked.append((time.monotonic(), batch[-1][0]))
                     self.sent += len(batch)
+                    log.debug("audit collector %s: sent %d..%d", c.url, batch[0][0], batch[-1][0])
                 self._ack(unacked, time.monotonic() - ACK_AFTER)
             if closed.done():
                 raise ConnectionError("the collector closed the connection")
@@ -225,14 +229,18 @@ class TlsSender(Sender):
                 self._ack(unacked, float("inf"))  # closed cleanly after the last write: delivered
         else:
             writer.close()
-        if unacked:  # not known to be delivered: send again on the next connection
-            self._reader.rewind(self.journal.cursor(self.collector.url))
+        # What is not known to be delivered is sent again on the next connection.
+        cursor = self.journal.cursor(self.collector.url)
+        if self._reader.after > cursor:
+            log.debug("audit collector %s: connection lost, sending again after %d", self.collector.url, cursor)
+            self._reader.rewind(cursor)
 
     def _ack(self, unacked: deque[tuple[float, int]], before: float) -> None:
         last = 0
         while unacked and unacked[0][0] <= before:
             last = unacked.popleft()[1]
         if last:
+            log.debug("audit collector %s: delivered up to %d", self.collector.url, last)
             self.journal.ack(self.collector.url, last)
 
 

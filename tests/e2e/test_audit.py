@@ -202,8 +202,13 @@ def test_collector_outage_loses_nothing(
     assert len(messages(collector)) == before  # nothing could arrive meanwhile
     collector.start()
     last = health(gw)["lastSequence"]
-    wait_until(lambda: {m.sequence for m, _ in messages(collector)} >= set(range(1, last + 1)), timeout=60,
-               what=f"all {last} messages after the collector came back")
+    try:
+        wait_until(lambda: {m.sequence for m, _ in messages(collector)} >= set(range(1, last + 1)), timeout=60,
+                   what=f"all {last} messages after the collector came back")
+    except BaseException:
+        got = {m.sequence for m, _ in messages(collector)}
+        print("missing sequences:", sorted(set(range(1, last + 1)) - got)[:50], "audit health:", health(gw))
+        raise
     sequences = [m.sequence for m, _ in messages(collector)]
     first_copies = list(dict.fromkeys(sequences))
     assert first_copies == sorted(first_copies), "first copies arrive in sequence order"
