@@ -62,7 +62,8 @@ def to_xml(event: AuditEvent, source: AuditSource) -> bytes:
     ET.SubElement(src, "AuditSourceTypeCode", {"csd-code": source.type_code})
     for obj in event.objects:
         _object(root, obj)
-    return ET.tostring(root, encoding="utf-8", xml_declaration=False)
+    xml: bytes = ET.tostring(root, encoding="utf-8", xml_declaration=False)
+    return xml
 
 
 def _code(parent: ET.Element, tag: str, code: Code) -> ET.Element:

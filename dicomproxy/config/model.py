@@ -329,7 +329,7 @@ class EmailRule(Section):
 
     events: Annotated[tuple[str, ...], Names()] = key(
         "Events", ("*",), "event kinds or globs (`*.failed`, `*`): `upload.imported`, `import.failed`, "
-        "`forward.failed`, `script.failed`, `task.failed`, `upstream.down`, `upstream.up`")
+        "`forward.failed`, `script.failed`, `task.failed`, `upstream.down`, `upstream.up`, `audit.buffer_full`")
     to: Annotated[tuple[str, ...], Names(nonempty=True)] = key("To", REQUIRED, "recipients")
 
 
