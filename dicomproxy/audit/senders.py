@@ -212,7 +212,7 @@ class TlsSender(Sender):
                     await writer.drain()
                     self.sent += len(batch)
                     log.debug("audit collector %s: sent %d..%d", c.url, batch[0][0], batch[-1][0])
-                self._ack(unacked, time.monotonic() - ACK_AFTER)
+                await self._ack(unacked, time.monotonic() - ACK_AFTER)
             if closed.done():
                 raise ConnectionError("the collector closed the connection")
             clean = True
@@ -226,7 +226,7 @@ class TlsSender(Sender):
                 await writer.drain()
                 writer.close()
                 await asyncio.wait_for(writer.wait_closed(), 2)
-                self._ack(unacked, float("inf"))  # closed cleanly after the last write: delivered
+                await self._ack(unacked, float("inf"))  # closed cleanly after the last write: delivered
         else:
             writer.close()
         # What is not known to be delivered is sent again on the next connection.
@@ -235,13 +235,13 @@ class TlsSender(Sender):
             log.debug("audit collector %s: connection lost, sending again after %d", self.collector.url, cursor)
             self._reader.rewind(cursor)
 
-    def _ack(self, unacked: deque[tuple[float, int]], before: float) -> None:
+    async def _ack(self, unacked: deque[tuple[float, int]], before: float) -> None:
         last = 0
         while unacked and unacked[0][0] <= before:
             last = unacked.popleft()[1]
         if last:
             log.debug("audit collector %s: delivered up to %d", self.collector.url, last)
-            self.journal.ack(self.collector.url, last)
+            await asyncio.to_thread(self.journal.ack, self.collector.url, last)  # a cursor file, maybe a segment
 
 
 class UdpSender(Sender):
@@ -265,7 +265,7 @@ class UdpSender(Sender):
                     transport.sendto(payload)
                     self.sent += 1
                 if batch:
-                    self.journal.ack(c.url, batch[-1][0])
+                    await asyncio.to_thread(self.journal.ack, c.url, batch[-1][0])
         finally:
             transport.close()
 
