@@ -197,8 +197,10 @@ def test_collector_outage_loses_nothing(
         assert qido(gw, auth=None).status_code == 200
         during += 1
         time.sleep(min(0.05, OUTAGE / 400))
-    state = health(gw)["collectors"][0]
-    assert state["state"] in ("backoff", "connecting") and state["pending"] >= during
+    # (the writer gathers 50 ms of events per batch: the last ones may still be on their way to the buffer)
+    state = wait_until(lambda: (c := health(gw)["collectors"][0])["pending"] >= during and c, timeout=10,
+                       what=f"{during} messages pending for the collector that is down")
+    assert state["state"] in ("backoff", "connecting")
     assert len(messages(collector)) == before  # nothing could arrive meanwhile
     collector.start()
     last = health(gw)["lastSequence"]
