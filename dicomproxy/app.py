@@ -1,6 +1,7 @@
 """The Gateway: the ASGI app that ties the features together.
 
-Request path: basic auth (when configured) -> Lua HTTP hooks -> a mounted feature app
+Request path: the front door (canonical path, method override) -> CORS -> authentication and
+role rules (``dicomproxy.auth``, when configured) -> feature middleware -> Lua HTTP hooks -> a mounted feature app
 (``/files/``, ``/dicomproxy/...``) or the streaming proxy for everything else. Routing is a
 prefix scan over a handful of mounts, not a router, because the proxy is the hot path.
 """
@@ -17,11 +18,12 @@ from dicomproxy_middleware import LuaHttpMiddleware
 from dicomproxy import dicom, tus, ui
 from dicomproxy.audit import web as audit_web
 from dicomproxy.audit.trail import AuditTrail
+from dicomproxy.auth.setup import build_auth
 from dicomproxy.commands import Commands
 from dicomproxy.config.settings import Settings
+from dicomproxy.hooks import Hooks
 from dicomproxy.host import Component, HealthCheck, Host
 from dicomproxy.http.api import build_api
-from dicomproxy.http.auth import BasicAuthMiddleware
 from dicomproxy.http.cors import GatewayCors, cors_policy
 from dicomproxy.http.guard import RequestGuard
 from dicomproxy.http.proxy import ReverseProxy
@@ -48,16 +50,21 @@ class Gateway:
         self.metrics = Metrics()
         self.audit = AuditTrail(settings, self.bus, self.metrics)
         self.commands = Commands()
+        self.hooks = Hooks()
         self.tasks = TaskQueue(settings.data_folder / "tasks", workers=settings.lua.background_workers, bus=self.bus)
         self.lua = ScriptHost(settings, bus=self.bus, tasks=self.tasks, commands=self.commands, audit=self.audit)
         self.upstream = Upstream(settings.upstream)
         self.proxy = ReverseProxy(self.upstream, self.metrics)
         self.monitor = UpstreamMonitor(self.upstream, self.bus)
         self.health_checks: dict[str, HealthCheck] = {}
+        self.auth = build_auth(settings)
         self._mounts: list[tuple[str, str, Any]] = []
         self._middleware: list[Callable[[Any], Any]] = []
         self._components: list[Component] = [self.audit, self.upstream, self.tasks, self.lua, self.monitor]
         self._started: list[Component] = []
+        if self.auth is not None and self.auth.keys is not None:
+            self._components.append(self.auth.keys)
+            self.health_checks["oidc"] = self.auth.keys.status
         api = build_api(self)
         for path in ("/dicomproxy/health", "/dicomproxy/metrics", "/dicomproxy/tasks"):
             self.mount(path, api)
@@ -92,9 +99,8 @@ class Gateway:
         app: Any = LuaHttpMiddleware(self._route, self.lua.scripts, fail_open=lua.fail_open or lua.fail_open_hooks)
         for wrap in self._middleware:
             app = wrap(app)
-        if self.settings.users:
-            app = BasicAuthMiddleware(app, self.settings.users, self.settings.realm, self.settings.user_roles,
-                                      audit=self.audit)
+        if self.auth is not None:
+            app = self.auth.wrap(app, audit=self.audit if self.audit.enabled else None)
         app = GatewayCors(app, cors_policy(self.settings.cors))
         return RequestGuard(app)
 

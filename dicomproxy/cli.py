@@ -1,7 +1,9 @@
-"""``dicomproxy serve | check | config | --version``.
+"""``dicomproxy serve | check | config | hash-password | new-api-key | --version``.
 
-Every command takes ``--config PATH``, ``--environment NAME`` and ASP.NET-style overrides
-``--Section:Key=value`` (or ``--Section:Key value``), the last layer of the configuration.
+``serve``, ``check`` and ``config`` take ``--config PATH``, ``--environment NAME`` and
+ASP.NET-style overrides ``--Section:Key=value`` (or ``--Section:Key value``), the last layer of
+the configuration. ``hash-password`` and ``new-api-key`` read no configuration: they print a
+value to paste into it (``Authentication:Users:{name}:Password``, ``Authentication:ApiKeys``).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import argparse
 import asyncio
 import ctypes
 import ctypes.util
+import getpass
 import json
 import logging
 import sys
@@ -18,6 +21,8 @@ from types import FrameType
 from typing import Any
 
 from dicomproxy import __version__
+from dicomproxy.auth.apikeys import hash_key, new_key
+from dicomproxy.auth.passwords import Kind, hash_password
 from dicomproxy.config.settings import ConfigError, Settings, load_settings
 from dicomproxy.http.server import HeadLimits, connection_budget, protocol_class, raise_file_limit
 
@@ -53,7 +58,7 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
 
 def _logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-5s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("pynetdicom", "aiohttp.access"):
+    for noisy in ("pynetdicom", "httpx"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
@@ -183,6 +188,37 @@ def show_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def hash_password_command(args: argparse.Namespace) -> int:
+    """Read a password (twice from a terminal, else one line of standard input); print its hash."""
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            print("dicomproxy: the two passwords differ", file=sys.stderr)
+            return 1
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("dicomproxy: empty password", file=sys.stderr)
+        return 1
+    try:
+        print(hash_password(password, Kind(args.scheme)))
+    except ValueError as e:
+        print(f"dicomproxy: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def new_api_key_command(args: argparse.Namespace) -> int:
+    """Print a new API key (for the client, shown once) and the config entry holding its hash."""
+    key = new_key()
+    roles = [r.strip() for r in args.roles.split(",") if r.strip()]
+    entry = {"Authentication": {"ApiKeys": {args.name: {"Hash": hash_key(key), "Roles": roles}}}}
+    print(f"API key (give it to the client as the X-API-Key header; it is shown only now): {key}")
+    print("Add to appsettings.json:")
+    print(json.dumps(entry, indent=2))
+    return 0
+
+
 COMMANDS = (
     ("serve", serve, "run the gateway (HTTP on Urls, DICOM on Dicom:Port)"),
     ("check", check, "load every script; print errors as file:line: message"),
@@ -201,7 +237,21 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--environment", help="also read appsettings.{ENVIRONMENT}.json (default: "
                        "$DICOMPROXY_ENVIRONMENT)")
         p.set_defaults(func=func)
+    p = sub.add_parser("hash-password", help="print the hash of a password for Authentication:Users",
+                       description=hash_password_command.__doc__)
+    p.add_argument("--scheme", choices=[k.value for k in Kind if k is not Kind.PLAIN], default=Kind.ARGON2.value,
+                   help="hash function (default: argon2, i.e. argon2id)")
+    p.set_defaults(func=hash_password_command, plain=True)
+    p = sub.add_parser("new-api-key", help="make an API key and print its Authentication:ApiKeys entry",
+                       description=new_api_key_command.__doc__)
+    p.add_argument("--name", default="client", help="the key's name in the config and the logs")
+    p.add_argument("--roles", default="viewer", help="comma-separated roles (default: viewer)")
+    p.set_defaults(func=new_api_key_command, plain=True)
     args, rest = parser.parse_known_args(argv)
+    if getattr(args, "plain", False):
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return int(args.func(args))
     try:
         args.overrides = parse_overrides(rest)
     except ConfigError as e:

@@ -294,9 +294,5 @@ def _is_secret_at(loc: RawPath) -> bool:
     model, info = _walk(loc)
     if info is not None and is_secret(info):
         return True
-    short = model.shorthand if model is not None else None
-    return short is not None and is_secret(model.model_fields[_field_name(model, short)]) if model else False
-
-
-def _field_name(model: type[Section], alias: str) -> str:
-    return next(name for name, info in model.model_fields.items() if info.alias == alias)
+    # an object holding a secret (a user with its Password, a key with its Hash) is not shown either
+    return model is not None and any(is_secret(f) for f in model.model_fields.values())

@@ -31,6 +31,9 @@ from urllib.parse import urlsplit
 from pydantic import ConfigDict, model_validator
 from pydantic_core import PydanticCustomError
 
+from dicomproxy.auth.apikeys import check_hash
+from dicomproxy.auth.identity import DEFAULT_USER_ROLES
+from dicomproxy.auth.passwords import parse_stored
 from dicomproxy.config.fields import (
     REQUIRED,
     VALUE_ERROR,
@@ -58,6 +61,7 @@ from dicomproxy.config.tree import ConfigTree, public_view
 
 GiB = 1 << 30
 MiB = 1 << 20
+JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512")
 
 
 class UpstreamSettings(Section):
@@ -73,6 +77,12 @@ class UpstreamSettings(Section):
         "ReadTimeoutSeconds", 120, "longest wait for upstream bytes; too slow → 504")
     max_connections: Annotated[int, Whole(1)] = key(
         "MaxConnections", 256, "pooled keep-alive connections to the upstream")
+    head_timeout: Annotated[float, Number(above=0)] = key(
+        "ResponseHeadTimeoutSeconds", 30,
+        "from the first byte of an answer to the end of its head (interim 1xx heads included); too slow → 504, "
+        "so a trickle of header bytes cannot hold a client")
+    max_head_bytes: Annotated[int, Whole(1024)] = key(
+        "MaxResponseHeadBytes", 65536, "largest answer head from the upstream (1xx heads included); larger → 502")
 
 
 class ExtraConfigSettings(Section):
@@ -124,18 +134,149 @@ class UserEntry(Section):
     shorthand: ClassVar[str | None] = "Password"
     noun: ClassVar[str] = "a password string or an object with Password or PasswordFile (and Roles)"
 
-    password: Annotated[str, Text(nonempty=True)] = key("Password", REQUIRED, "the user's password", secret=True)
+    password: Annotated[str, Text(nonempty=True)] = key(
+        "Password", REQUIRED, "the user's password, or better its hash: `$argon2id$…`, `$2b$…` (bcrypt), "
+        "`$pbkdf2-sha256$…` (passlib) or `pbkdf2_sha256$…` (Django); `dicomproxy hash-password` makes one. A plain "
+        "password logs a warning at start-up", secret=True)
     roles: Annotated[tuple[str, ...], Names()] = key(
-        "Roles", (), "the user's roles (scripts see them as the request's roles), e.g. `[\"admin\"]`")
+        "Roles", DEFAULT_USER_ROLES, "the user's roles (`viewer`: proxied reads; `uploader`: TUS and proxied writes; "
+        "`admin`: every route, others' uploads and tasks; scripts see them as `request.Roles`)")
+
+    @model_validator(mode="after")
+    def _known_hash(self) -> UserEntry:
+        try:
+            parse_stored(self.password)
+        except ValueError as e:  # the value is never shown: it may be a password
+            raise PydanticCustomError(VALUE_ERROR, "{expected}", {
+                "expected": f"looks like a password hash but is not {e}", "key": "Password"}) from None
+        return self
+
+
+class ApiKeyEntry(Section):
+    """One ``X-API-Key`` key: its hash and roles (auth/apikeys.py)."""
+
+    noun: ClassVar[str] = "an object with Hash (or HashFile) and Roles"
+
+    hash: Annotated[str, Text(nonempty=True)] = key(
+        "Hash", REQUIRED, "`sha256:<hex>` of the key (`dicomproxy new-api-key` makes a key and its hash)", secret=True)
+    roles: Annotated[tuple[str, ...], Names(nonempty=True)] = key("Roles", REQUIRED, "the key's roles")
+
+    @model_validator(mode="after")
+    def _hash_form(self) -> ApiKeyEntry:
+        try:
+            check_hash(self.hash)
+        except ValueError as e:
+            raise PydanticCustomError(VALUE_ERROR, "{expected}", {"expected": f"expected {e}", "key": "Hash"}) from None
+        return self
+
+
+ALGORITHM_NAMES = Names(Choice(*JWT_ALGORITHMS))
+ALGORITHM_NAMES.noun = "a list of " + ", ".join(JWT_ALGORITHMS)
+
+
+class OidcSettings(Section):
+    """``Authorization: Bearer`` JWTs from one OpenID issuer (auth/jwks.py, auth/bearer.py)."""
+
+    issuer: Annotated[str, Text()] = key(
+        "Issuer", "", "the issuer's URL exactly as its tokens' `iss` (its discovery document is read from "
+        "`{Issuer}/.well-known/openid-configuration`); empty: bearer tokens are not accepted")
+    audience: Annotated[tuple[str, ...], Names()] = key(
+        "Audience", (), "accepted `aud` values (required with an issuer)")
+    algorithms: Annotated[tuple[str, ...], ALGORITHM_NAMES] = key(
+        "Algorithms", ("RS256", "ES256"), "accepted signature algorithms")
+    leeway: Annotated[float, Number(minimum=0)] = key(
+        "LeewaySeconds", 30, "clock skew allowed on `exp`, `nbf` and `iat`")
+    user_claim: Annotated[str, Text(nonempty=True)] = key(
+        "UserClaim", "sub", "the claim that names the user (`request.User`), e.g. `preferred_username`")
+    roles_claim: Annotated[str, Text()] = key(
+        "RolesClaim", "roles", "the claim holding the roles (a list or a space-separated string); a dotted "
+        "path reaches into an object (`realm_access.roles`)")
+    role_map: dict[str, Annotated[tuple[str, ...], Names()]] = collection(
+        "RoleMap", "`{\"claim value\": [\"gateway role\", ...]}`; when set, only mapped values give roles; "
+        "empty: the claim's values are the roles", {})
+    default_roles: Annotated[tuple[str, ...], Names()] = key(
+        "DefaultRoles", (), "roles every valid token gets besides its own")
+    allow_http: Annotated[bool, Flag()] = key(
+        "AllowHttp", False, "allow an `http://` issuer and key set (tests only: keys fetched in clear text can "
+        "be replaced on the way)")
+    ca_file: Annotated[Path | None, FsPath(optional=True)] = key(
+        "CaFile", "", "a PEM bundle to trust for the issuer instead of the system's")
+    timeout: Annotated[float, Number(above=0)] = key(
+        "TimeoutSeconds", 10, "fetching the discovery document or the key set")
+    jwks_max_age: Annotated[float, Number(minimum=1)] = key(
+        "JwksMaxAgeSeconds", 3600, "the key set is fetched again when older than this")
+    jwks_min_refresh: Annotated[float, Number(minimum=1)] = key(
+        "JwksMinRefreshSeconds", 30, "a token with an unknown `kid` refetches the key set at most this often")
+    token_cache_size: Annotated[int, Whole(0)] = key(
+        "TokenCacheSize", 10000, "accepted tokens remembered until they expire (their digests; ~300 bytes each)")
+
+    @model_validator(mode="after")
+    def _issuer(self) -> OidcSettings:
+        if not self.issuer:
+            return self
+        scheme = urlsplit(self.issuer).scheme
+        if scheme not in ("http", "https") or not urlsplit(self.issuer).hostname:
+            raise PydanticCustomError(VALUE_ERROR, "expected {expected}, got {got}", {
+                "expected": "an https URL", "got": repr(self.issuer), "key": "Issuer"})
+        if scheme == "http" and not self.allow_http:
+            raise PydanticCustomError(VALUE_ERROR, "{expected}", {
+                "expected": f"{self.issuer!r} is not https: keys fetched in clear text can be replaced on the way "
+                            "(use https, or set Authentication:Oidc:AllowHttp for a test issuer)", "key": "Issuer"})
+        if not self.audience:
+            raise PydanticCustomError(VALUE_ERROR, "{expected}", {
+                "expected": "required with Authentication:Oidc:Issuer (the `aud` this gateway accepts)",
+                "key": "Audience"})
+        return self
+
+
+class RuleEntry(Section):
+    """One role rule (auth/policy.py)."""
+
+    noun: ClassVar[str] = "an object with Path (and Methods, Roles)"
+
+    path: Annotated[str, UrlPath()] = key("Path", REQUIRED, "the canonical path prefix it covers (`/dicomproxy/tasks`)")
+    methods: Annotated[tuple[str, ...], Names(upper=True)] = key(
+        "Methods", (), "the methods it covers (empty: all)")
+    roles: Annotated[tuple[str, ...], Names()] = key(
+        "Roles", (), "any one of these roles (or `admin`) is needed; empty: any authenticated caller")
+
+
+class FailedAttemptsSettings(Section):
+    """The failed-attempt limiter (auth/ratelimit.py)."""
+
+    burst: Annotated[int, Whole(0)] = key(
+        "Burst", 10, "failed attempts an address may make before 429 (`0`: no limit)")
+    per_minute: Annotated[float, Number(above=0)] = key("PerMinute", 6, "attempts an address regains per minute")
+    max_addresses: Annotated[int, Whole(1)] = key(
+        "MaxAddresses", 10000, "addresses remembered (the one that failed longest ago is forgotten first)")
 
 
 class AuthenticationSettings(Section):
     users: dict[str, UserEntry] = collection(
         "Users", "`{\"name\": \"password\"}` or `{\"name\": {\"Password\": \"…\", \"Roles\": [\"admin\"]}}` "
-        "(`PasswordFile` instead of `Password`: read from a file): HTTP basic auth on every route but "
-        "`/dicomproxy/health` (CORS preflights are answered by the CORS policy, never passed on); empty: no "
-        "authentication", {})
-    realm: Annotated[str, Text()] = key("Realm", "DicomProxy", "the basic-auth realm browsers show")
+        "(`PasswordFile` instead of `Password`: read from a file): HTTP basic users", {})
+    api_keys: dict[str, ApiKeyEntry] = collection(
+        "ApiKeys", "`{\"name\": {\"Hash\": \"sha256:…\", \"Roles\": [\"uploader\"]}}`: keys clients send as "
+        "`X-API-Key`", {})
+    oidc: OidcSettings = section("Oidc", "bearer tokens from an OpenID issuer")
+    rules: tuple[RuleEntry, ...] = collection(
+        "Rules", "role rules `[{\"Path\": \"/dicomproxy/metrics\", \"Methods\": [\"GET\"], \"Roles\": "
+        "[\"admin\"]}]` over the built-in ones (the longest matching Path wins; see Authentication)", ())
+    failed_attempts: FailedAttemptsSettings = section("FailedAttempts", "failed attempts per source address")
+    realm: Annotated[str, Text()] = key("Realm", "DicomProxy", "the realm browsers show")
+
+    @property
+    def enabled(self) -> bool:
+        """Any scheme configured: then every route but `/dicomproxy/health` needs a credential."""
+        return bool(self.users or self.api_keys or self.oidc.issuer)
+
+    @model_validator(mode="after")
+    def _rules_need_a_scheme(self) -> AuthenticationSettings:
+        if self.rules and not self.enabled:
+            raise PydanticCustomError(VALUE_ERROR, "{expected}", {
+                "expected": "role rules without Users, ApiKeys or Oidc:Issuer would never apply (configure a "
+                            "scheme, or remove the rules)", "key": "Rules"})
+        return self
 
 
 class ServerSettings(Section):
@@ -296,6 +437,23 @@ class DicomSettings(Section):
         "`<SpoolFolder>/failed/` with a `.json` note and a `forward.failed` event")
     forward_concurrency: Annotated[int, Whole(1)] = key(
         "ForwardConcurrency", 4, "studies forwarded in parallel (each study in arrival order)")
+    artim_seconds: Annotated[float, Number(minimum=0.1)] = key(
+        "ArtimSeconds", 30, "ARTIM (PS3.8 9.1.5): a connection must deliver its whole A-ASSOCIATE-RQ within this "
+        "many seconds of being accepted, however slowly its bytes come, or it is closed; also how long the gateway "
+        "waits for a peer to close after a reject, abort or release")
+    max_associations: Annotated[int, Whole(1)] = key(
+        "MaxAssociations", 64, "established associations (storage and Query/Retrieve); a request beyond it gets "
+        "A-ASSOCIATE-RJ \"local limit exceeded\" (transient). Connections still sending their request do not count")
+    max_connections_per_address: Annotated[int, Whole(1)] = key(
+        "MaxConnectionsPerAddress", 16, "open connections from one source address; a request on one more gets the "
+        "same A-ASSOCIATE-RJ (a silent one is closed after a second). Raise it for many modalities behind one "
+        "NAT address")
+    max_connections: Annotated[int, Whole(1)] = key(
+        "MaxConnections", 256, "open DICOM connections in all; one more is closed at once")
+    max_dataset_mb: Annotated[int, Whole(1)] = key(
+        "MaxDatasetMB", 4096, "largest data set one C-STORE may send; a larger one aborts the association "
+        "(nothing is kept). Data sets are streamed to the spool as they arrive, so memory does not grow with "
+        "their size")
 
 
 class SmtpSettings(Section):
@@ -429,7 +587,8 @@ class Settings(Section):
     upstream: UpstreamSettings = section("Upstream", "the PACS's HTTP side")
     extra_config: ExtraConfigSettings = section("ExtraConfig", "folders, and any key a site adds for its scripts")
     lua: LuaSettings = section("Lua", "the Lua engines")
-    authentication: AuthenticationSettings = section("Authentication", "HTTP basic authentication")
+    authentication: AuthenticationSettings = section(
+        "Authentication", "who may call the gateway: basic users, API keys, bearer tokens, role rules")
     server: ServerSettings = section("Server", "limits of the HTTP front door")
     cors: CorsSettings = section("Cors", "the CORS policy")
     tus: TusSettings = section("Tus", "the TUS upload server")
@@ -470,13 +629,8 @@ class Settings(Section):
 
     @property
     def users(self) -> dict[str, str]:
-        """``{name: password}`` for HTTP basic auth."""
+        """``{name: stored password}`` of the basic users (plain or a hash)."""
         return {name: user.password for name, user in self.authentication.users.items()}
-
-    @property
-    def user_roles(self) -> dict[str, tuple[str, ...]]:
-        """``{name: roles}`` for every HTTP user."""
-        return {name: user.roles for name, user in self.authentication.users.items()}
 
     @property
     def realm(self) -> str:

@@ -19,8 +19,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 from dicomproxy.audit import codes as audit_codes
 from dicomproxy.audit import events as audit_events
 from dicomproxy.tus.archive import ArchiveRefused, ZipLimits
@@ -68,7 +66,7 @@ class TusFeature:
         self.stow_url = f"{up.url}{up.dicomweb_root}/studies"
         zip_limits = ZipLimits(self.settings.zip_max_expanded, self.settings.zip_max_ratio,
                                self.settings.zip_max_members)
-        self.stow = StowClient(self.stow_url, self._session, self.settings.import_batch_size,
+        self.stow = StowClient(self.stow_url, gateway.upstream.client, self.settings.import_batch_size,
                                connect_timeout=up.connect_timeout, read_timeout=max(up.read_timeout, 60),
                                zip_limits=zip_limits)
         m = gateway.metrics
@@ -91,9 +89,6 @@ class TusFeature:
         quota = self.app.quota
         return {"ok": folder.is_dir(), "folder": str(folder), "basePath": self.settings.base_path,
                 "storageUsedBytes": quota.used, "storageRoomBytes": min(quota.room(), 2**53)}
-
-    async def _session(self) -> aiohttp.ClientSession:
-        return await self.gateway.upstream.session()
 
     # -- completion ------------------------------------------------------------------------
     async def on_complete(self, upload: Upload) -> None:

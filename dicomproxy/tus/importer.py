@@ -19,12 +19,12 @@ import asyncio
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
+import httpx
 
 from dicomproxy.tus.archive import Part, ZipLimits, scan
 
@@ -66,12 +66,12 @@ class ImportReport:
 
 
 class StowClient:
-    """Streams batches of instances to a STOW-RS endpoint."""
+    """Streams batches of instances to a STOW-RS endpoint through the gateway's upstream client."""
 
     def __init__(
         self,
         url: str,
-        session: Callable[[], Awaitable[aiohttp.ClientSession]],
+        client: httpx.AsyncClient,
         batch_size: int,
         connect_timeout: float = 10,
         read_timeout: float = 600,
@@ -79,11 +79,11 @@ class StowClient:
     ) -> None:
         self.url = url
         self.zip_limits = zip_limits or ZipLimits()
-        self._session = session
+        self.client = client
         self.batch_size = max(1, batch_size)
         # No total timeout: a batch of large instances may rightly take long to send; a PACS
-        # that stops reading or answering is caught by the per-read timeout instead.
-        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout)
+        # that stops reading or answering is caught by the read timeout (its silence) instead.
+        self.timeout = httpx.Timeout(read_timeout, connect=connect_timeout, pool=None)
 
     async def import_file(self, path: Path) -> ImportReport:
         loop = asyncio.get_running_loop()
@@ -103,18 +103,15 @@ class StowClient:
             "Accept": "application/dicom+json",
             "Content-Length": str(length),
         }
-        session = await self._session()
         report.batches += 1
         try:
-            async with session.post(
-                self.url,
-                data=_multipart(heads, batch, tail),
-                headers=headers,
-                timeout=self.timeout,
-            ) as resp:
-                text = await resp.text(errors="replace")
-                status = resp.status
-        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            # an exact Content-Length with a streamed body: the client sends exactly that many
+            # bytes or drops the connection, so the PACS never stores a short batch
+            resp = await self.client.post(
+                self.url, content=_multipart(heads, batch, tail), headers=headers, timeout=self.timeout
+            )
+            text, status = resp.text, resp.status_code
+        except (httpx.HTTPError, OSError) as e:
             raise ImportFailed(f"STOW-RS to {self.url} failed: {e or type(e).__name__}") from e
         self._read_answer(status, text, batch, report)
 

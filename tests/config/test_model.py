@@ -104,6 +104,32 @@ def test_user_roles_and_cors_methods(tmp_path: Path) -> None:
                                                                                "Roles": ["admin"]}}},
                         "Cors": {"AllowedMethods": "get, Post"}, "Server": {"MaxHeadBytes": 4096}})
     assert s.users == {"alice": "pw", "root": "r00t"}
-    assert s.user_roles == {"alice": (), "root": ("admin",)}
+    roles = {name: user.roles for name, user in s.authentication.users.items()}
+    assert roles == {"alice": ("viewer", "uploader"), "root": ("admin",)}  # no Roles: the default ones
     assert s.cors.allowed_methods == ("GET", "POST") and s.server.max_head_bytes == 4096
     assert s.tree["Authentication:Users"] == {"alice": "***", "root": {"Password": "***", "Roles": ["admin"]}}
+
+
+def test_authentication_keys_hash_files_and_their_checks(tmp_path: Path) -> None:
+    digest = "sha256:" + "ab" * 32
+    (tmp_path / "key-hash").write_text(digest + "\n")
+    s = load(tmp_path, {"Authentication": {"ApiKeys": {"tool": {"HashFile": "key-hash", "Roles": "uploader,viewer"}},
+                                           "Oidc": {"Issuer": "https://idp.example/realms/x", "Audience": "pacs",
+                                                    "RoleMap": {"g1": ["admin"]}},
+                                           "Rules": [{"Path": "dicomproxy/metrics/", "Methods": ["get"]}]}})
+    auth = s.authentication
+    assert auth.api_keys["tool"].hash == digest and auth.api_keys["tool"].roles == ("uploader", "viewer")
+    assert s.tree["Authentication:ApiKeys:tool:Hash"] == "***" and digest not in repr(s)
+    assert auth.oidc.audience == ("pacs",) and auth.oidc.role_map == {"g1": ("admin",)}
+    assert (auth.rules[0].path, auth.rules[0].methods, auth.rules[0].roles) == ("/dicomproxy/metrics", ("GET",), ())
+    for bad, message in [
+        ({"ApiKeys": {"t": {"Hash": "dpk_plain-key", "Roles": ["viewer"]}}}, "ApiKeys:t:Hash: expected sha256:"),
+        ({"ApiKeys": {"t": {"Hash": digest}}}, r"ApiKeys:t: expected an object .* \(the value is secret and not shown"),
+        ({"Oidc": {"Issuer": "http://idp", "Audience": "a"}}, "is not https"),
+        ({"Oidc": {"Issuer": "https://idp"}}, "Oidc:Audience: required with"),
+        ({"Oidc": {"Issuer": "https://idp", "Audience": "a", "Algorithms": ["HS256"]}}, "Oidc:Algorithms: expected"),
+        ({"Users": {"u": "$2b$12$broken"}}, "Users:u:Password: looks like a password hash"),
+        ({"Rules": [{"Path": "/x"}]}, "Rules: role rules without"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load(tmp_path, {"Authentication": bad})

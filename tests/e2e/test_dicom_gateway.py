@@ -3,6 +3,7 @@ Orthanc as the PACS (checked over its REST API), storescp as a C-MOVE / send des
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import struct
 import subprocess
@@ -12,6 +13,9 @@ from typing import Any
 
 import pydicom
 
+from dicomproxy.dicom import datasets
+from dicomproxy.dicom.storage_scu import StorageScu
+from dicomproxy.dicom.ul import pdu as pdus
 from tests import dicom_samples
 from tests.peers import GatewayProcess, OrthancServer, dcmtk, run_dcmtk, wait_until
 
@@ -477,10 +481,9 @@ def _pdu(pdu_type: int, body: bytes) -> bytes:
 
 
 def _raw_associate(port: int, aet: str) -> socket.socket:
-    from dicomproxy.dicom import scu
-
     s = socket.create_connection((LOOPBACK, port), timeout=10)
-    s.sendall(scu.encode_associate_rq(aet, "RAW", [(dicom_samples.SOP_CLASSES["CT"], ["1.2.840.10008.1.2.1"])], 16384))
+    context = pdus.ProposedContext(1, dicom_samples.SOP_CLASSES["CT"], ("1.2.840.10008.1.2.1",))
+    s.sendall(pdus.associate_rq(aet, "RAW", [context], 16384).encode())
     header = s.recv(6)
     assert header[0] == 0x02, header
     length = struct.unpack(">I", header[2:])[0]
@@ -511,12 +514,8 @@ def test_bad_input_keeps_the_gateway_serving(
     assert s.recv(6)[:1] == b"\x07"
     s.close()
     # 4. a malformed data set: C-STORE answered 0xC210, association still usable
-    import asyncio
-
-    from dicomproxy.dicom import scu
-
     async def garbage() -> tuple[int, int]:
-        a = await scu.Association.connect(
+        a = await StorageScu.connect(
             LOOPBACK,
             port,
             called_aet=gateway.aet,
@@ -530,8 +529,6 @@ def test_bad_input_keeps_the_gateway_serving(
             b"\x08\x00\x18\x00UI\xff\xff" + b"garbage",
         )
         good = dicom_samples.build_dataset(patient_id="PX", patient_name="X^X")
-        from dicomproxy.dicom import datasets
-
         ok = await a.c_store(
             good.SOPClassUID, good.SOPInstanceUID, "1.2.840.10008.1.2.1", datasets.encode(good, "1.2.840.10008.1.2.1")
         )

@@ -504,11 +504,12 @@ def test_change_callbacks(orthanc_factory: Any, service: Any, gateway_factory: A
 def test_on_stored_instance_once_for_instances_through_the_dicom_side(
     fresh_orthanc: Any, gateway_factory: Any, sample_dir: Any, dicom_samples: Any
 ) -> None:
-    """The DICOM side calls OnStoredInstance with the modality's origin when the PACS accepts a
-    forwarded instance; the change feed must not call it a second time for the same instance."""
+    """The Orthanc layer calls OnStoredInstance with the modality's origin when the DICOM side
+    reports (its "instance stored" hook) that the PACS accepted a forwarded instance; the change
+    feed must not call it a second time for the same instance."""
     script = """
 function OnStoredInstance(instanceId, tags, metadata, origin)
-  print('Stored ' .. tags['PatientName'] .. ' from ' .. origin['RequestOrigin'] .. ' ' .. origin['RemoteAet'])
+  print('Stored ' .. tags['PatientName'] .. ' from ' .. origin['RequestOrigin'] .. ' ' .. tostring(origin['RemoteAet']))
 end
 """
     gw = gateway_factory(FAST, {"main.lua": script})
@@ -516,5 +517,7 @@ end
     run_dcmtk("storescu", "-aet", "MODALITY", "-aec", gw.aet, "127.0.0.1", str(gw.dicom_port), str(path))
     fresh_orthanc.wait_for_instances(1)
     gw.wait_for_log("Lua says: Stored Via^Dicom from DicomProtocol MODALITY")
-    time.sleep(1.0)  # several polls of the change feed
+    # The feed reports changes in order: once it reported a later upload, it is past the forwarded one.
+    upload(fresh_orthanc, dicom_samples, patient_name="Later^Upload")
+    gw.wait_for_log("Lua says: Stored Later^Upload from RestApi nil")
     assert gw.log_text().count("Lua says: Stored Via^Dicom") == 1

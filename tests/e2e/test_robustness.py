@@ -41,11 +41,11 @@ function onHttpRequest(r)
     OsExecute("sleep", r.Headers["x-seconds"])
   elseif p == "/hog" then
     local t = {}
-    for i = 1, 1e9 do t[i] = string.rep("x", 64) .. i end
+    for i = 1, 1e9 do t[i] = string.rep("x", 65536) .. i end  -- the cap in ~250 steps, well within TimeoutMs
   elseif p == "/hog-pcall" then
     local ok, err = pcall(function()
       local t = {}
-      for i = 1, 1e9 do t[i] = string.rep("y", 64) .. i end
+      for i = 1, 1e9 do t[i] = string.rep("y", 65536) .. i end
     end)
     r:ResponseWrite("caught: " .. tostring(err))
     return true

@@ -26,23 +26,20 @@ import logging
 import queue
 import threading
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, build_context, build_role, evt
+from pynetdicom import build_context, build_role, evt
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.sop_class import (
-    PatientRootQueryRetrieveInformationModelFind,
-    PatientRootQueryRetrieveInformationModelGet,
-    StudyRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelGet,
-)
 
-from dicomproxy.dicom.find import edit_query, upstream_ae
-
-if TYPE_CHECKING:
-    from dicomproxy.dicom.scp import DicomServer
-    from dicomproxy.dicom.session import AssocSession
+from dicomproxy.config.settings import DicomSettings, RemoteAe
+from dicomproxy.dicom import presentation
+from dicomproxy.dicom.audit import DicomAudit
+from dicomproxy.dicom.qr import identifier as ident
+from dicomproxy.dicom.qr import upstream
+from dicomproxy.dicom.qr.identifier import status_dataset
+from dicomproxy.dicom.qr.sessions import QrSessions
+from dicomproxy.dicom.session import AssocSession, LuaBridge
 
 log = logging.getLogger(__name__)
 
@@ -50,42 +47,31 @@ STATUS_UNABLE = 0xC000
 STATUS_SUBOPS_FAILED = 0xA702
 STATUS_WARNING = 0xB000
 STATUS_UNKNOWN_DESTINATION = 0xA801
-MAX_CONTEXTS = 127
 QUEUE_DEPTH = 16
 
 
-def storage_contexts(sop_classes: list[str], reserved: int = 1) -> list[PresentationContext]:
-    """One context per (SOP class, syntax) so instances travel in their stored encoding; when
-    there are too many SOP classes for 128 contexts, the later ones get uncompressed only."""
-    from dicomproxy.dicom.scp import TRANSFER_SYNTAXES
-
-    budget = MAX_CONTEXTS - reserved
-    out: list[PresentationContext] = []
-    full = max(0, (budget - 2 * len(sop_classes)) // max(1, len(TRANSFER_SYNTAXES) - 2))
-    for i, sc in enumerate(sop_classes):
-        syntaxes = TRANSFER_SYNTAXES if i < full else TRANSFER_SYNTAXES[:2]
-        for ts in syntaxes:
-            if len(out) >= budget:
-                return out
-            out.append(build_context(sc, ts))
-    return out
+def storage_contexts(sop_classes: list[str], reserved: int = 0) -> list[PresentationContext]:
+    """The retrieve contexts of :func:`presentation.retrieve_pairs`, as pynetdicom contexts."""
+    return [build_context(sc, ts) for sc, ts in presentation.retrieve_pairs(sop_classes, reserved)]
 
 
 def _models(request_model: str) -> tuple[str, str]:
     if request_model.startswith("1.2.840.10008.5.1.4.1.2.1."):  # Patient Root
-        return PatientRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelGet
-    return StudyRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelGet
+        return presentation.PATIENT_ROOT_FIND, presentation.PATIENT_ROOT_GET
+    return presentation.STUDY_ROOT_FIND, presentation.STUDY_ROOT_GET
 
 
 class RetrieveService:
-    def __init__(self, server: DicomServer) -> None:
-        self.server = server
+    def __init__(self, settings: DicomSettings, bridge: LuaBridge, sessions: QrSessions,
+                 audit: DicomAudit | None = None) -> None:
+        self.settings = settings
+        self.audit = audit or DicomAudit(None, settings, "dimse")
+        self.bridge = bridge
+        self.sessions = sessions
 
     # -- handlers (pynetdicom threads) ----------------------------------------------------
     def handle_move(self, event: evt.Event) -> Iterator[Any]:
-        from dicomproxy.dicom.scp import set_nodelay
-
-        session = self.server.session(event.assoc)
+        session = self.sessions.session(event.assoc)
         destination = str(event.move_destination or "").strip()
         target = self._destination(destination)
         if target is None:
@@ -100,35 +86,32 @@ class RetrieveService:
             # failed sub-operation with the reason in the Error Comment.
             yield target.host, target.port, {"ae_title": target.aet}
             yield 1
-            yield self._refusal(prepared), None
+            yield status_dataset(STATUS_UNABLE, prepared), None
             return
-        identifier, find_model, get_model, instances = prepared
+        identifier, _find_model, get_model, instances = prepared
         sop_classes = sorted({sc for _, sc in instances})
-        kwargs = {
-            "ae_title": target.aet,
-            "contexts": storage_contexts(sop_classes, reserved=0) or None,
-            "evt_handlers": [(evt.EVT_CONN_OPEN, set_nodelay)],
-        }
-        if kwargs["contexts"] is None:
-            del kwargs["contexts"]
+        kwargs: dict[str, Any] = {"ae_title": target.aet, "evt_handlers": [(evt.EVT_CONN_OPEN, upstream.set_nodelay)]}
+        contexts = storage_contexts(sop_classes)
+        if contexts:
+            kwargs["contexts"] = contexts
         yield target.host, target.port, kwargs
         yield len(instances)
         yield from self._stream(event, session, identifier, get_model, instances)
 
     def handle_get(self, event: evt.Event) -> Iterator[Any]:
-        session = self.server.session(event.assoc)
+        session = self.sessions.session(event.assoc)
         prepared = self._prepare(event, session, "onCGet")
         if isinstance(prepared, str):
             yield 1
-            yield self._refusal(prepared), None
+            yield status_dataset(STATUS_UNABLE, prepared), None
             return
         identifier, _find_model, get_model, instances = prepared
         yield len(instances)
         yield from self._stream(event, session, identifier, get_model, instances)
 
     # -- steps ----------------------------------------------------------------------------
-    def _destination(self, aet: str) -> Any:
-        modalities = self.server.settings.modalities
+    def _destination(self, aet: str) -> RemoteAe | None:
+        modalities = self.settings.modalities
         for ae in modalities.values():
             if ae.aet.strip() == aet:
                 return ae
@@ -137,27 +120,19 @@ class RetrieveService:
                 return ae
         return None
 
-    @staticmethod
-    def _refusal(reason: str) -> Dataset:
-        from dicomproxy.dicom.scp import status_dataset
-
-        return status_dataset(STATUS_UNABLE, reason)
-
     def _prepare(
         self, event: evt.Event, session: AssocSession, event_name: str
     ) -> tuple[Dataset, str, str, list[tuple[str, str]]] | str:
         try:
-            identifier = event.identifier
-            for _elem in identifier:
-                pass
+            identifier = ident.decoded(event.identifier)
         except Exception as e:
             log.error("%s from %s: cannot decode the identifier: %s", event_name[2:], session.calling, e)
             return "identifier cannot be decoded"
         try:
-            identifier, refused = edit_query(self.server, session, identifier, event_name)
+            identifier, refused = ident.edit(self.bridge, session, identifier, event_name)
         except Exception as e:
             log.error("%s failed: %s", event_name, e)
-            if not self.server.bridge.fail_open:
+            if not self.bridge.fail_open:
                 return "script failed"
             refused = None
         if refused:
@@ -173,19 +148,13 @@ class RetrieveService:
 
     def _enumerate(self, identifier: Dataset, find_model: str) -> list[tuple[str, str]]:
         """(SOPInstanceUID, SOPClassUID) of every instance the request designates."""
-        from dicomproxy.dicom.scp import set_nodelay
-
         query = Dataset()
         for kw in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
             value = identifier.get(kw, "")
             setattr(query, kw, value if value is not None else "")
         query.QueryRetrieveLevel = "IMAGE"
         query.SOPClassUID = ""
-        up_cfg = self.server.settings.upstream
-        ae = upstream_ae(self.server, find_model)
-        up = ae.associate(
-            up_cfg.host, up_cfg.port, ae_title=up_cfg.aet, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)]
-        )
+        up = upstream.associate(self.settings, upstream.requestor(self.settings, [find_model]))
         if not up.is_established:
             raise RuntimeError("PACS unreachable")
         out: list[tuple[str, str]] = []
@@ -224,7 +193,7 @@ class RetrieveService:
         expected = {uid for uid, _ in instances}
         delivered: set[str] = set()
         error = ""
-        self.server.audit.retrieve_started(session, event, identifier, instances)
+        self.audit.retrieve_started(session, event, identifier, instances)
         try:
             while True:
                 if event.is_cancelled or not event.assoc.is_established:
@@ -247,7 +216,7 @@ class RetrieveService:
                     break
         finally:
             stop.set()
-            self.server.audit.retrieved(session, event, identifier, instances, delivered)
+            self.audit.retrieved(session, event, identifier, instances, delivered)
         missing = sorted(expected - delivered)
         if missing:
             log.error(
@@ -270,7 +239,6 @@ class RetrieveService:
         stop: threading.Event,
     ) -> None:
         """Thread: C-GET from the PACS, each received instance put on ``items``."""
-        from dicomproxy.dicom.scp import TRANSFER_SYNTAXES, set_nodelay
 
         def put(kind: str, value: Any) -> bool:
             while not stop.is_set():
@@ -292,21 +260,13 @@ class RetrieveService:
                 return 0xC210
             return 0x0000 if put("dataset", ds) else 0xA700
 
-        up_cfg = self.server.settings.upstream
-        ae = AE(ae_title=self.server.settings.aet)
-        ae.acse_timeout = 30
-        ae.dimse_timeout = 120
-        ae.network_timeout = 120
-        contexts = [build_context(get_model, TRANSFER_SYNTAXES[:2])] + storage_contexts(sop_classes)
+        ae = upstream.requestor(self.settings)
+        contexts = [build_context(get_model, [presentation.IMPLICIT, presentation.EXPLICIT])]
+        contexts += storage_contexts(sop_classes, reserved=1)
         roles = [build_role(sc, scp_role=True) for sc in sop_classes]
         try:
-            up = ae.associate(
-                up_cfg.host,
-                up_cfg.port,
-                ae_title=up_cfg.aet,
-                contexts=contexts,
-                ext_neg=roles,
-                evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_CONN_OPEN, set_nodelay)],
+            up = upstream.associate(
+                self.settings, ae, contexts=contexts, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)]
             )
             if not up.is_established:
                 put("error", "cannot associate with the PACS for C-GET")
