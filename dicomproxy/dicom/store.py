@@ -100,6 +100,8 @@ class StoreService:
         except OSError as e:
             writer.discard()
             return self._put_failed(session, sop_instance, e)
+        if self.audit is not None:
+            self.audit.received(session, entry)  # a tally on the session: recorded when the association ends
         assert self.loop is not None
         self.loop.call_soon_threadsafe(self.enqueue, entry)
         self._count("received")
