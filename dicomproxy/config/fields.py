@@ -235,6 +235,28 @@ class HttpUrl(Kind):
         return text.strip().rstrip("/") if text is not None else ""
 
 
+class SyslogUrl(Kind):
+    """An audit collector: ``tls://HOST:PORT`` (RFC 5425) or ``udp://HOST:PORT`` (RFC 5426)."""
+
+    noun = "tls://HOST:PORT or udp://HOST:PORT"
+
+    @property
+    def type_name(self) -> str:
+        return "URL"
+
+    def parse(self, value: Any, root: Path) -> str:
+        text = value.strip() if isinstance(value, str) else ""
+        try:
+            parts = urlsplit(text)
+            ok = parts.scheme in ("tls", "udp") and bool(parts.hostname) and parts.path in ("", "/")
+            ok = ok and (parts.port is None or parts.port > 0)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise self.fail(value)
+        return text.rstrip("/")
+
+
 class Listen(Kind):
     """``Urls``: ``http://HOST:PORT`` (ASP.NET also allows ``;``-separated lists; the first counts)."""
 

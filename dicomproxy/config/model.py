@@ -48,6 +48,7 @@ from dicomproxy.config.fields import (
     Names,
     Number,
     Section,
+    SyslogUrl,
     Text,
     UrlPath,
     Whole,
@@ -486,7 +487,7 @@ class EmailRule(Section):
 
     events: Annotated[tuple[str, ...], Names()] = key(
         "Events", ("*",), "event kinds or globs (`*.failed`, `*`): `upload.imported`, `import.failed`, "
-        "`forward.failed`, `script.failed`, `task.failed`, `upstream.down`, `upstream.up`")
+        "`forward.failed`, `script.failed`, `task.failed`, `upstream.down`, `upstream.up`, `audit.buffer_full`")
     to: Annotated[tuple[str, ...], Names(nonempty=True)] = key("To", REQUIRED, "recipients")
 
 
@@ -509,6 +510,74 @@ class LoggingSettings(Section):
     level: Annotated[str, Choice("DEBUG", "INFO", "WARNING", "ERROR")] = key("Level", "INFO", "log level")
 
 
+class AuditCollector(Section):
+    """One syslog collector of the audit trail (``Audit:Collectors`` entry)."""
+
+    shorthand: ClassVar[str | None] = "Url"
+    noun: ClassVar[str] = "a URL or an object with Url (and CaFile, CertFile, KeyFile for TLS)"
+
+    url: Annotated[str, SyslogUrl()] = key(
+        "Url", REQUIRED, "`tls://host:6514` (RFC 5425, at least once) or `udp://host:514` (RFC 5426, fire and forget)")
+    ca_file: Annotated[Path | None, FsPath(optional=True)] = key(
+        "CaFile", "", "PEM bundle the collector's certificate is checked against (empty: the system CAs)")
+    cert_file: Annotated[Path | None, FsPath(optional=True)] = key(
+        "CertFile", "", "the gateway's client certificate (PEM) for mutual TLS")
+    key_file: Annotated[Path | None, FsPath(optional=True)] = key("KeyFile", "", "its private key (PEM)")
+    key_password: Annotated[str, Text()] = key("KeyPassword", "", "the private key's password", secret=True)
+    server_name: Annotated[str, Text()] = key(
+        "ServerName", "", "the name the collector's certificate must carry (empty: the URL's host)")
+    max_datagram: Annotated[int, Whole(480, 65507)] = key(
+        "MaxDatagramBytes", 8192, "UDP: longest message sent (rsyslog's default limit is 8 KB); longer ones are "
+        "counted and not sent")
+
+    @model_validator(mode="after")
+    def _key_with_cert(self) -> AuditCollector:
+        if self.key_file is not None and self.cert_file is None:
+            raise PydanticCustomError(VALUE_ERROR, "{expected}", {
+                "expected": "a key without a certificate: set CertFile (PEM) next to KeyFile", "key": "KeyFile"})
+        return self
+
+
+class AuditSettings(Section):
+    """The IHE ATNA audit trail (dicomproxy/audit/)."""
+
+    enabled: Annotated[bool, Flag()] = key("Enabled", False, "record DICOM PS3.15 A.5 audit messages")
+    collectors: tuple[AuditCollector, ...] = collection(
+        "Collectors", "syslog collectors: `[{\"Url\": \"tls://audit.example.org:6514\", \"CaFile\": \"ca.pem\"}]` "
+        "or `[\"udp://127.0.0.1:514\"]`; each gets every message from its own place in the buffer", ())
+    file: Annotated[Path | None, FsPath(optional=True)] = key(
+        "File", "", "a local JSON-lines copy of every event (empty: none)")
+    file_max_mb: Annotated[float, Number(above=0)] = key("FileMaxMB", 100, "the JSON-lines file is rotated past this")
+    file_keep: Annotated[int, Whole(0)] = key("FileKeep", 10, "rotated JSON-lines files kept (`File.1` ...)")
+    buffer_folder: Annotated[Path, FsPath()] = key(
+        "BufferFolder", "data/audit", "durable buffer of messages not yet delivered to every collector")
+    buffer_max_mb: Annotated[float, Number(above=0)] = key(
+        "BufferMaxMB", 256, "largest buffer; when full the newest messages are dropped (counted, an "
+        "`audit.buffer_full` notification, health degraded, an Audit Recording Stopped alert)")
+    enterprise_site_id: Annotated[str, Text()] = key(
+        "EnterpriseSiteId", "", "AuditEnterpriseSiteID (the hospital or site; empty: left out)")
+    source_id: Annotated[str, Text()] = key(
+        "SourceId", "", "AuditSourceID (empty: `<Dicom:Aet>@<host name>`)")
+    app_name: Annotated[str, Text()] = key("AppName", "dicomproxy", "the syslog APP-NAME")
+    msg_id: Annotated[str, Choice("IHE+RFC-3881", "ATNA")] = key(
+        "MsgId", "IHE+RFC-3881", "the syslog MSGID (IHE ITI TF-2 3.20)")
+    login_success_interval: Annotated[float, Number(minimum=0)] = key(
+        "LoginSuccessIntervalSeconds", 600, "an HTTP user's successful login is recorded once per address and this "
+        "many seconds of quiet (basic auth logs in on every request; `0`: every request)")
+    failed_login_burst: Annotated[int, Whole(2)] = key(
+        "FailedLoginBurst", 5, "this many failed logins from one address within the window raise a Security Alert")
+    failed_login_window: Annotated[float, Number(above=0)] = key(
+        "FailedLoginWindowSeconds", 60, "the window of `Audit:FailedLoginBurst`")
+
+    @property
+    def buffer_max(self) -> int:
+        return int(self.buffer_max_mb * MiB)
+
+    @property
+    def file_max(self) -> int:
+        return int(self.file_max_mb * MiB)
+
+
 class Settings(Section):
     """The whole configuration, typed. Built once by :func:`~dicomproxy.config.loader.load_settings`."""
 
@@ -528,6 +597,7 @@ class Settings(Section):
     notifications: NotificationSettings = section("Notifications", "the notification feed and mail rules")
     orthanc: OrthancSettings = section("Orthanc", "the Orthanc-compatible Lua layer")
     logging: LoggingSettings = section("Logging", "logging")
+    audit: AuditSettings = section("Audit", "the IHE ATNA audit trail")
 
     config_file: Path | None = internal(None)  # the appsettings.json read, if any
     config_root: Path = internal(Path("."))  # its folder (the working directory without one)

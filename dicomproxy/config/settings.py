@@ -13,6 +13,8 @@ from dicomproxy.config.errors import ConfigError
 from dicomproxy.config.fields import resolve_path
 from dicomproxy.config.loader import ENV_PREFIX, load_settings
 from dicomproxy.config.model import (
+    AuditCollector,
+    AuditSettings,
     AuthenticationSettings,
     CorsSettings,
     DicomSettings,
@@ -35,6 +37,8 @@ from dicomproxy.config.tree import ConfigTree
 
 __all__ = [
     "ENV_PREFIX",
+    "AuditCollector",
+    "AuditSettings",
     "AuthenticationSettings",
     "ConfigError",
     "ConfigTree",

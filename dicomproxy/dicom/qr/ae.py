@@ -19,6 +19,7 @@ from pynetdicom.dimse_primitives import C_STORE
 
 from dicomproxy.config.settings import DicomSettings
 from dicomproxy.dicom import presentation
+from dicomproxy.dicom.audit import DicomAudit
 from dicomproxy.dicom.qr.find import FindService
 from dicomproxy.dicom.qr.identifier import status_dataset
 from dicomproxy.dicom.qr.retrieve import RetrieveService
@@ -40,7 +41,7 @@ class QueryRetrieveAe:
 
     def __init__(
         self, settings: DicomSettings, bridge: LuaBridge, store: StoreService, *, max_associations: int,
-        artim: float, idle: float,
+        artim: float, idle: float, audit: DicomAudit | None = None,
     ) -> None:
         self.settings = settings
         self.bridge = bridge
@@ -49,8 +50,8 @@ class QueryRetrieveAe:
         self.artim = artim
         self.idle = idle
         self.sessions = QrSessions(bridge)
-        self.find = FindService(settings, bridge, self.sessions)
-        self.retrieve = RetrieveService(settings, bridge, self.sessions)
+        self.find = FindService(settings, bridge, self.sessions, audit)
+        self.retrieve = RetrieveService(settings, bridge, self.sessions, audit)
         self.port = 0
         self._server: Any = None
 

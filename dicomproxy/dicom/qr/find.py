@@ -17,6 +17,7 @@ from pynetdicom import evt
 
 from dicomproxy.config.settings import DicomSettings
 from dicomproxy.dicom import datasets
+from dicomproxy.dicom.audit import DicomAudit
 from dicomproxy.dicom.qr import identifier as ident
 from dicomproxy.dicom.qr import upstream
 from dicomproxy.dicom.qr.identifier import status_dataset
@@ -32,8 +33,10 @@ PENDING = (0xFF00, 0xFF01)
 
 
 class FindService:
-    def __init__(self, settings: DicomSettings, bridge: LuaBridge, sessions: QrSessions) -> None:
+    def __init__(self, settings: DicomSettings, bridge: LuaBridge, sessions: QrSessions,
+                 audit: DicomAudit | None = None) -> None:
         self.settings = settings
+        self.audit = audit or DicomAudit(None, settings, "dimse")
         self.bridge = bridge
         self.sessions = sessions
 
@@ -46,6 +49,7 @@ class FindService:
             log.error("C-FIND from %s: cannot decode the identifier: %s", session.calling, e)
             yield status_dataset(STATUS_CANNOT_DECODE, "identifier cannot be decoded"), None
             return
+        self.audit.query(session, event)
         try:
             identifier, refused = ident.edit(self.bridge, session, identifier, "onCFind")
         except Exception as e:

@@ -34,6 +34,7 @@ from pynetdicom.presentation import PresentationContext
 
 from dicomproxy.config.settings import DicomSettings, RemoteAe
 from dicomproxy.dicom import presentation
+from dicomproxy.dicom.audit import DicomAudit
 from dicomproxy.dicom.qr import identifier as ident
 from dicomproxy.dicom.qr import upstream
 from dicomproxy.dicom.qr.identifier import status_dataset
@@ -61,8 +62,10 @@ def _models(request_model: str) -> tuple[str, str]:
 
 
 class RetrieveService:
-    def __init__(self, settings: DicomSettings, bridge: LuaBridge, sessions: QrSessions) -> None:
+    def __init__(self, settings: DicomSettings, bridge: LuaBridge, sessions: QrSessions,
+                 audit: DicomAudit | None = None) -> None:
         self.settings = settings
+        self.audit = audit or DicomAudit(None, settings, "dimse")
         self.bridge = bridge
         self.sessions = sessions
 
@@ -190,6 +193,7 @@ class RetrieveService:
         expected = {uid for uid, _ in instances}
         delivered: set[str] = set()
         error = ""
+        self.audit.retrieve_started(session, event, identifier, instances)
         try:
             while True:
                 if event.is_cancelled or not event.assoc.is_established:
@@ -212,6 +216,7 @@ class RetrieveService:
                     break
         finally:
             stop.set()
+            self.audit.retrieved(session, event, identifier, instances, delivered)
         missing = sorted(expected - delivered)
         if missing:
             log.error(
