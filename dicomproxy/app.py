@@ -119,7 +119,7 @@ class Gateway:
         for component in self._components:
             await component.start()
             self._started.append(component)
-        log.info("DicomProxy listening on http://%s:%d, proxying %s", self.settings.host, self.settings.port,
+        log.info("DicomProxy listening on %s, proxying %s", ", ".join(e.url for e in self.settings.endpoints),
                  self.upstream.base)
 
     async def stop(self) -> None:

@@ -18,8 +18,19 @@ protocol (the parser and the request/response cycle stay uvicorn's):
   ``Server:ReservedFileDescriptors`` for the spool, the DICOM side and the upstream pool
   (:func:`connection_budget`).
 
+Over TLS the same protocol runs on the decrypted stream (listeners.py does the handshake, within
+``Server:HeadTimeoutSeconds`` and counted against ``Server:MaxConnections`` while it lasts); the
+head timer starts once the handshake is done. A TLS connection's facts (the verified client
+certificate's subject, the version, the suite) are computed once per connection and given to
+every request on it as the ASGI TLS extension, ``scope["extensions"]["tls"]`` (tls.py).
+
+Each listener gets its own protocol class (:func:`protocol_class`), bound to the app that
+listener serves (wrapped for HSTS or the redirect to https, hsts.py), so nothing about the
+listener is decided per request.
+
 What it costs the hot path: one integer addition and comparison per socket read while a head
-is arriving, and a timer per request head (uvicorn arms one per response for keep-alive too).
+is arriving, and a timer per request head (uvicorn arms one per response for keep-alive too);
+over TLS, one dictionary entry per request.
 """
 
 from __future__ import annotations
@@ -32,6 +43,9 @@ from typing import Any
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from dicomproxy.http.renewal import CertificateStore
+from dicomproxy.http.tls import connection_scope
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +94,20 @@ def connection_budget(max_connections: int, reserved: int, file_limit: int) -> i
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the limits of the module docstring.
 
-    ``limits`` is set on the class by :func:`protocol_class` (uvicorn builds the protocol from
-    its config and passes no extra arguments).
+    ``limits``, the listener's ``app`` and, on a TLS listener, its certificate store ``tls`` are
+    set on the class by :func:`protocol_class` (uvicorn builds the protocol from its config and
+    passes no extra arguments).
     """
 
     limits: HeadLimits = HeadLimits()
+    listener_app: Any = None  # None: the config's app
+    tls: CertificateStore | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if self.listener_app is not None:
+            self.app = self.listener_app
+        self._tls_scope: dict[str, Any] | None = None
         self._in_head = True  # waiting for (the rest of) a request head
         self._head_bytes = 0  # raw bytes received while a head is due (bounds what the parser holds)
         self._head_size = 0  # the parsed head's size (URL + headers), for heads that come in one read
@@ -102,6 +122,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                         self.client[0] if self.client else "?", len(self.connections) - 1)
             self._refuse(503, close_only=False)
             return
+        if self.tls is not None:
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None:
+                self._tls_scope = connection_scope(ssl_object, self.tls.served_by(ssl_object.context))
         self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -135,6 +159,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     # -- parser callbacks -----------------------------------------------------------------------
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        if self._tls_scope is not None:
+            self.scope["extensions"] = {"tls": self._tls_scope}  # type: ignore[typeddict-unknown-key]
         self._in_head = True
         self._head_size = 0
 
@@ -201,6 +227,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-def protocol_class(limits: HeadLimits) -> type[GuardedHttpToolsProtocol]:
-    """A protocol class for ``uvicorn.Config(http=...)`` bound to ``limits``."""
-    return type("GatewayHttpProtocol", (GuardedHttpToolsProtocol,), {"limits": limits})
+def protocol_class(limits: HeadLimits, app: Any = None,
+                   tls: CertificateStore | None = None) -> type[GuardedHttpToolsProtocol]:
+    """A protocol class bound to ``limits`` (for ``uvicorn.Config(http=...)``), and for one listener
+    to the ``app`` it serves and, over TLS, its certificate store."""
+    return type("GatewayHttpProtocol", (GuardedHttpToolsProtocol,), {"limits": limits, "listener_app": app,
+                                                                     "tls": tls})
