@@ -541,7 +541,7 @@ class GatewayProcess:
 
     def _new_session(self) -> requests.Session:
         session = requests.Session()
-        session.verify, session.cert = self.verify, self.cert
+        session.cert = self.cert
         return session
 
     def _write_config(self) -> None:
@@ -656,6 +656,8 @@ class GatewayProcess:
 
     def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         kwargs.setdefault("timeout", 30)
+        if self.verify is not True:  # per request: a session's verify loses to REQUESTS_CA_BUNDLE
+            kwargs.setdefault("verify", self.verify)
         return self._session.request(method, self.url + "/" + path.lstrip("/"), **kwargs)
 
     def get(self, path: str, **kwargs: Any) -> requests.Response:

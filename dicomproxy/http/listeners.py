@@ -229,12 +229,15 @@ class GatewayServer(uvicorn.Server):
         await asyncio.gather(*(a.wait_closed() for a in self.acceptors))
         await super().shutdown(sockets)
 
+    def _handshakes(self) -> int:
+        return sum(len(a.pending) for a in self.acceptors)
+
     def _busy(self) -> int:
-        return len(self.server_state.connections) + sum(len(a.pending) for a in self.acceptors)
+        return len(self.server_state.connections) + self._handshakes()
 
     def _factory(self, listener: Listener) -> Callable[[], asyncio.Protocol]:
         config, state = self.config, self.server_state
-        cls = protocol_class(self.limits, self._app_for(listener), listener.tls)
+        cls = protocol_class(self.limits, self._app_for(listener), listener.tls, self._handshakes)
 
         def create() -> asyncio.Protocol:
             return cls(config=config, server_state=state, app_state=self.lifespan.state)

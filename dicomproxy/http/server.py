@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,14 +95,15 @@ def connection_budget(max_connections: int, reserved: int, file_limit: int) -> i
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the limits of the module docstring.
 
-    ``limits``, the listener's ``app`` and, on a TLS listener, its certificate store ``tls`` are
-    set on the class by :func:`protocol_class` (uvicorn builds the protocol from its config and
-    passes no extra arguments).
+    ``limits``, the listener's ``app``, the count of TLS ``handshakes`` under way and, on a TLS
+    listener, its certificate store ``tls`` are set on the class by :func:`protocol_class`
+    (uvicorn builds the protocol from its config and passes no extra arguments).
     """
 
     limits: HeadLimits = HeadLimits()
     listener_app: Any = None  # None: the config's app
     tls: CertificateStore | None = None
+    handshakes: Callable[[], int] = staticmethod(lambda: 0)  # TLS handshakes under way, on every listener
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -117,9 +119,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     # -- connection ---------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        if len(self.connections) > self.limits.max_connections:
-            log.warning("refusing a connection from %s: %d connections open (Server:MaxConnections)",
-                        self.client[0] if self.client else "?", len(self.connections) - 1)
+        # TLS connections still in their handshake count too; this one's is still counted there
+        busy = len(self.connections) + self.handshakes() - (1 if self.tls is not None else 0)
+        if busy > self.limits.max_connections:
+            log.warning("refusing a connection from %s: %d connections open or in handshake (Server:MaxConnections)",
+                        self.client[0] if self.client else "?", busy - 1)
             self._refuse(503, close_only=False)
             return
         if self.tls is not None:
@@ -227,9 +231,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-def protocol_class(limits: HeadLimits, app: Any = None,
-                   tls: CertificateStore | None = None) -> type[GuardedHttpToolsProtocol]:
+def protocol_class(limits: HeadLimits, app: Any = None, tls: CertificateStore | None = None,
+                   handshakes: Callable[[], int] | None = None) -> type[GuardedHttpToolsProtocol]:
     """A protocol class bound to ``limits`` (for ``uvicorn.Config(http=...)``), and for one listener
-    to the ``app`` it serves and, over TLS, its certificate store."""
-    return type("GatewayHttpProtocol", (GuardedHttpToolsProtocol,), {"limits": limits, "listener_app": app,
-                                                                     "tls": tls})
+    to the ``app`` it serves, the count of TLS handshakes under way and, over TLS, its certificate store."""
+    attributes: dict[str, Any] = {"limits": limits, "listener_app": app, "tls": tls}
+    if handshakes is not None:
+        attributes["handshakes"] = staticmethod(handshakes)
+    return type("GatewayHttpProtocol", (GuardedHttpToolsProtocol,), attributes)
