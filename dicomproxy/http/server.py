@@ -40,7 +40,7 @@ import logging
 import resource
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -164,7 +164,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         if self._tls_scope is not None:
-            self.scope["extensions"] = {"tls": self._tls_scope}  # type: ignore[typeddict-unknown-key]
+            self.scope["extensions"] = {"tls": cast("dict[object, object]", self._tls_scope)}
         self._in_head = True
         self._head_size = 0
 
