@@ -338,6 +338,18 @@ def test_renewed_certificate_without_a_restart(gateway_factory: GatewayFactory, 
     assert gateway.get("/dicomproxy/health").json()["https"]["ok"] is True
 
 
+def test_stop_with_an_idle_tls_connection_is_prompt(gateway_factory: GatewayFactory, pki: Pki) -> None:
+    """An idle keep-alive client that never answers close_notify must not hold up a graceful stop."""
+    gateway = gateway_factory(https_settings(pki.server), orthanc=None, verify=pki.ca_file)
+    idle = http.client.HTTPSConnection(LOOPBACK, gateway.http_port, timeout=10,
+                                       context=ssl.create_default_context(cafile=pki.ca_file))
+    idle.request("GET", "/dicomproxy/health")
+    assert idle.getresponse().read()
+    assert gateway.stop() in (0, None) and not gateway.forced_kill
+    assert "timeout graceful shutdown exceeded" not in gateway.log_text()
+    idle.close()
+
+
 # --------------------------------------------------------------------------- the connection cap
 def test_connection_cap_counts_tls_handshakes(gateway_factory: GatewayFactory, pki: Pki) -> None:
     """Clients that connect to the TLS port and never send a ClientHello fill Server:MaxConnections:
