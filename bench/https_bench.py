@@ -4,7 +4,8 @@
 One gateway process listens on ``http://`` and ``https://`` at once (the same app, the same
 Orthanc behind it), so the two schemes are measured in the same process, in alternating runs;
 ``base-http`` is the code before this change (``/work/baseline`` or ``--baseline DIR``) on the
-same Orthanc, to show that the plain listener's cost did not move.
+same Orthanc, to show that the plain listener's cost did not move (for this branch:
+``git archive <its parent> | tar -x -C DIR`` and ``ln -s DIR/middleware DIR/dicomproxy_middleware``).
 
 Payloads as in proxy_bench.py: ``json`` (Orthanc's ``GET /series/{id}``, ~2 KB) and ``10mb``
 (``GET /instances/{id}/file``, 10,486,888 bytes), with wrk at 1 and 8 keep-alive connections;
@@ -12,11 +13,12 @@ Payloads as in proxy_bench.py: ``json`` (Orthanc's ``GET /series/{id}``, ~2 KB) 
 full handshake: the handshake's cost). The server certificate is ECDSA P-256 or, with
 ``--rsa``, RSA 2048.
 
-    python bench/https_bench.py                # 3 rounds of 5 s per cell, ~4 minutes
+    python bench/https_bench.py                # 5 rounds of 4 s per cell, ~6 minutes
     python bench/https_bench.py --quick        # 1 round of 3 s
 
 Not a test: it prints a Markdown table of the gateway's CPU per request (median over rounds)
-and the https/http ratio per cell.
+and the https/http and http/base-http ratios per cell (median of the per-round ratios, and their
+range).
 """
 
 from __future__ import annotations
@@ -93,11 +95,13 @@ def run_cell(cell: Cell, url: str, pid: int, duration: float, workdir: Path) -> 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 round of 3 s per cell")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--duration", type=float, default=4.0)
     parser.add_argument("--rsa", action="store_true", help="an RSA 2048 server certificate (default: ECDSA P-256)")
     parser.add_argument("--baseline", type=Path, default=Path("/work/baseline"),
-                        help="checkout of the code before this change (its .venv is used); '' to skip")
+                        help="checkout of the code before this change, on PYTHONPATH (its .venv if it has one, "
+                             "else this interpreter; give it a dicomproxy_middleware link to its middleware/); "
+                             "'' to skip")
     args = parser.parse_args(argv)
     rounds, duration = (1, 3.0) if args.quick else (args.rounds, args.duration)
     with tempfile.TemporaryDirectory(prefix="https-bench-") as tmp, Peers(Path(tmp)) as peers:
@@ -110,10 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         gateway, urls = start_gateway("gw", workdir, orthanc.url, ROOT, sys.executable, https)
         peers._procs.append(gateway)
         targets = {"http": (urls["http"], gateway.pid), "https": (urls["https"], gateway.pid)}
-        baseline = args.baseline if str(args.baseline) and (args.baseline / ".venv").is_dir() else None
+        baseline = args.baseline if str(args.baseline) and (args.baseline / "dicomproxy").is_dir() else None
         if baseline is not None:
+            venv = baseline / ".venv" / "bin" / "python"
             base, base_urls = start_gateway("base", workdir, orthanc.url, baseline,
-                                            str(baseline / ".venv" / "bin" / "python"), None)
+                                            str(venv) if venv.exists() else sys.executable, None)
             peers._procs.append(base)
             targets["base-http"] = (base_urls["http"], base.pid)
         cells = {(t, p, c): Cell(t, p, c) for p, c in CELLS for t in targets
@@ -134,15 +139,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(cells: dict[tuple[str, str, int], Cell]) -> str:
+    """Medians over rounds, and the ratios as the median of the per-round ratios (runs of a round are
+    next to each other in time, so a ratio within a round is less exposed to a shared machine's drift)."""
     med = {k: statistics.median(c.cpu_us) for k, c in cells.items()}
     rps = {k: statistics.median(c.rps) for k, c in cells.items()}
-    rows = ["| payload | conns | base-http CPU/req | http CPU/req | https CPU/req | https/http | http/base | "
+
+    def ratio(a: tuple[str, str, int], b: tuple[str, str, int]) -> str:
+        if a not in cells or b not in cells:
+            return "-"
+        per_round = [x / y for x, y in zip(cells[a].cpu_us, cells[b].cpu_us, strict=True) if y]
+        low, high = min(per_round), max(per_round)
+        return f"{statistics.median(per_round):.2f} ({low:.2f}-{high:.2f})" if len(per_round) > 1 else \
+            f"{per_round[0]:.2f}"
+
+    rows = ["| payload | conns | base-http CPU/req | http CPU/req | https CPU/req | https/http | http/base-http | "
             "req/s http / https |", "|---|---|---|---|---|---|---|---|"]
     for payload, conns in CELLS:
         base = med.get(("base-http", payload, conns))
         http, https = med[("http", payload, conns)], med[("https", payload, conns)]
         rows.append(f"| {payload} | {conns} | {f'{base:.0f} us' if base else '-'} | {http:.0f} us | {https:.0f} us | "
-                    f"{https / http:.2f} | {f'{http / base:.2f}' if base else '-'} | "
+                    f"{ratio(('https', payload, conns), ('http', payload, conns))} | "
+                    f"{ratio(('http', payload, conns), ('base-http', payload, conns))} | "
                     f"{rps[('http', payload, conns)]:.0f} / {rps[('https', payload, conns)]:.0f} |")
     return "\n".join(rows)
 
