@@ -132,7 +132,7 @@ class Gateway:
             await component.start()
             self._started.append(component)
         self.audit.started()
-        log.info("DicomProxy listening on http://%s:%d, proxying %s", self.settings.host, self.settings.port,
+        log.info("DicomProxy listening on %s, proxying %s", ", ".join(e.url for e in self.settings.endpoints),
                  self.upstream.base)
 
     async def stop(self) -> None:

@@ -80,8 +80,10 @@ class AuditTrail:
         self.full = False
         self.dropped = 0
         self._dropped_since_full = 0
-        self._m_events = metrics.counter("dicomproxy_audit_events_total", "Audit events recorded, by event", labels=("event",))
-        self._m_dropped = metrics.counter("dicomproxy_audit_dropped_total", "Audit events dropped, by reason", labels=("reason",))
+        self._m_events = metrics.counter("dicomproxy_audit_events_total", "Audit events recorded, by event",
+                                         labels=("event",))
+        self._m_dropped = metrics.counter("dicomproxy_audit_dropped_total", "Audit events dropped, by reason",
+                                          labels=("reason",))
         metrics.gauge("dicomproxy_audit_buffer_bytes", "Bytes in the audit buffer", func=lambda: self.journal.size)
 
     # -- what features call ----------------------------------------------------------------

@@ -178,7 +178,10 @@ action(type="omfile" file="{self.out}" template="raw" flushOnTXEnd="on" asyncWri
                 if s.connect_ex((LOOPBACK, self.tls_port)) == 0:
                     return self
             time.sleep(0.1)
-        pytest.fail(f"rsyslogd did not listen on {self.tls_port} within {timeout}s: {self.log_text()}", pytrace=False)
+        # rsyslogd reports a failed bind through its own outputs (the omfile), not stderr
+        internal = self.out.read_text(errors="replace")[-2000:] if self.out.exists() else ""
+        pytest.fail(f"rsyslogd did not listen on {self.tls_port} within {timeout}s: {self.log_text()} {internal}",
+                    pytrace=False)
         raise AssertionError
 
     def stop(self) -> None:
