@@ -413,14 +413,26 @@ class PacsAe(RemoteAe):
     port: Annotated[int, Whole(1, 65535)] = key("Port", 4242, "the PACS's DICOM port")
 
 
+class ModalityAe(RemoteAe):
+    """A ``Dicom:Modalities`` entry: a C-MOVE destination (and a ``send`` target)."""
+
+    retrieve: Annotated[str, Choice("Auto", "Relay", "FetchAndStore")] = key(
+        "Retrieve", "Auto", "how a C-MOVE to this AE is served: `Relay` passes the C-MOVE to the PACS, which moves "
+        "the instances there itself (the PACS must know this AE title), with its status and counts; "
+        "`FetchAndStore` fetches them from the PACS with C-GET and stores them there; `Auto` relays and, when the "
+        "PACS answers that it cannot move there (0xA801, or 0xC000 before any sub-operation as Orthanc 1.10 does), "
+        "fetches instead (remembered for 10 minutes)")
+
+
 class DicomSettings(Section):
     aet: Annotated[str, AeTitle()] = key("Aet", "DICOMPROXY", "the gateway's AE title")
     port: Annotated[int, Whole(0, 65535)] = key("Port", 11112, "the DICOM side's port (`0` turns it off)")
     host: Annotated[str, Text(nonempty=True)] = key(
         "Host", "127.0.0.1", "where the DICOM side listens (loopback by default; `0.0.0.0` for all interfaces)")
     upstream: PacsAe = section("Upstream", "the PACS's DICOM side")
-    modalities: dict[str, RemoteAe] = collection(
-        "Modalities", "named remote AEs: `{\"name\":{\"Aet\":..,\"Host\":..,\"Port\":..}}` (C-MOVE destinations)", {})
+    modalities: dict[str, ModalityAe] = collection(
+        "Modalities", "named remote AEs: `{\"name\":{\"Aet\":..,\"Host\":..,\"Port\":..}}` (C-MOVE destinations; a "
+        "C-MOVE to an AE title not listed here is refused with 0xA801)", {})
     allowed_calling_aets: Annotated[tuple[str, ...], Names(AeTitle())] = key(
         "AllowedCallingAets", (), "calling AEs allowed to associate (empty: all; an AE title is not a password, "
         "so keep `Dicom:Host` on a trusted network)")
@@ -449,6 +461,11 @@ class DicomSettings(Section):
         "NAT address")
     max_connections: Annotated[int, Whole(1)] = key(
         "MaxConnections", 256, "open DICOM connections in all; one more is closed at once")
+    qr_timeout: Annotated[float, Number(minimum=1)] = key(
+        "QueryRetrieveTimeoutSeconds", 300, "during a C-FIND, C-GET or C-MOVE through the gateway, the longest wait "
+        "for the PACS's next message (a response, the next piece of an instance), a move destination's or the "
+        "requester's answer to a sub-operation, or a peer to read what the gateway sends; past it the operation "
+        "fails and its associations are aborted")
     max_dataset_mb: Annotated[int, Whole(1)] = key(
         "MaxDatasetMB", 4096, "largest data set one C-STORE may send; a larger one aborts the association "
         "(nothing is kept). Data sets are streamed to the spool as they arrive, so memory does not grow with "

@@ -16,7 +16,7 @@ from typing import Any
 from dicomproxy.dicom.dispatch import Dispatcher
 from dicomproxy.dicom.forwarder import DatasetReader, Forwarder, ForwardResult, ForwardTarget
 from dicomproxy.dicom.hooks import InstanceStored, StoredInstance
-from dicomproxy.dicom.qr.ae import QueryRetrieveAe
+from dicomproxy.dicom.qr.service import QueryRetrieve
 from dicomproxy.dicom.session import LuaBridge
 from dicomproxy.dicom.spool import Spool, SpoolEntry
 from dicomproxy.dicom.store import StoreService
@@ -65,8 +65,10 @@ class DicomComponent:
             artim=s.artim_seconds, max_associations=s.max_associations, max_per_address=s.max_connections_per_address,
             max_connections=s.max_connections, max_pdu=MAX_PDU,
         )
-        self.qr = QueryRetrieveAe(s, self.bridge, self.store, max_associations=s.max_associations,
-                                  artim=s.artim_seconds, idle=300.0)
+        self.qr = QueryRetrieve(
+            s, self.bridge, self.store, self.spool, max_pdu=MAX_PDU, idle=300.0, timeout=s.qr_timeout,
+            connect_timeout=max(settings.upstream.connect_timeout, 1.0), max_dataset=s.max_dataset_mb << 20,
+        )
         self.dispatcher = Dispatcher(s, self.limits, self.bridge, self.store, self.spool, self.qr,
                                      max_dataset=s.max_dataset_mb << 20)
         self.acceptor = Acceptor(s.host, s.port, self.limits, self.dispatcher)

@@ -6,24 +6,22 @@ context must be DICOM's; ``Dicom:AllowedCallingAets`` (when set) must list the c
 acceptor before; see :mod:`.ul.acceptor`.)
 
 Then: an association that proposes a Query/Retrieve model or SCP/SCU role selection (a C-GET
-requester) is spliced, bytes untouched, to the pynetdicom AE of :mod:`.qr` on its loopback port,
-two small tasks on the event loop copying each way; any other is a storage association, served
-by :class:`.storage_scp.StorageScp` on a thread of its own. A thread that cannot be started
-(the process is out of threads) is an A-ASSOCIATE-RJ (transient, temporary congestion) for that
-request; the port keeps listening.
+requester) is served by :mod:`.qr` on the event loop (:meth:`.qr.service.QueryRetrieve.serve`),
+on the connection the acceptor took, so every Lua event sees the requester's own address; any
+other is a storage association, served by :class:`.storage_scp.StorageScp` on a thread of its
+own. A thread that cannot be started (the process is out of threads) is an A-ASSOCIATE-RJ
+(transient, temporary congestion) for that request; the port keeps listening.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import socket
 import threading
 
 from dicomproxy.config.settings import DicomSettings
 from dicomproxy.dicom import presentation
-from dicomproxy.dicom.qr.ae import QueryRetrieveAe
+from dicomproxy.dicom.qr.service import QueryRetrieve
 from dicomproxy.dicom.session import AssocSession, LuaBridge
 from dicomproxy.dicom.spool import Spool
 from dicomproxy.dicom.storage_scp import StorageScp
@@ -47,7 +45,7 @@ class Dispatcher:
 
     def __init__(
         self, settings: DicomSettings, limits: Limits, bridge: LuaBridge, store: StoreService, spool: Spool,
-        qr: QueryRetrieveAe, *, max_dataset: int,
+        qr: QueryRetrieve, *, max_dataset: int,
     ) -> None:
         self.settings = settings
         self.limits = limits
@@ -71,7 +69,7 @@ class Dispatcher:
             await pending.reject(*refusal)
             return
         if rq.proposes_roles or presentation.is_query_retrieve(cx.abstract_syntax for cx in rq.contexts):
-            await self._splice(pending, session)
+            await self.qr.serve(pending, session)
         else:
             await self._serve_storage(pending, session)
 
@@ -127,36 +125,6 @@ class Dispatcher:
             self._threads.discard(threading.current_thread())
         slot.close()
 
-    # -- Query/Retrieve -------------------------------------------------------------------------
-    async def _splice(self, pending: Pending, session: AssocSession) -> None:
-        loop = asyncio.get_running_loop()
-        up = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        up.setblocking(False)
-        try:
-            await asyncio.wait_for(loop.sock_connect(up, ("127.0.0.1", self.qr.port)), 10)
-        except (OSError, TimeoutError) as e:
-            up.close()
-            session.close()
-            log.error("cannot reach the internal Q/R AE: %s", e)
-            await pending.reject(*TRANSIENT_CONGESTION)
-            return
-        up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        local = int(up.getsockname()[1])
-        self.qr.sessions.expect(local, session)
-        sock = pending.take()
-        try:
-            await loop.sock_sendall(up, pending.raw)
-            await _pump_both(loop, sock, up, linger=self.limits.artim)
-        except OSError:
-            pass
-        finally:
-            self.qr.sessions.forget(local)
-            for s in (up, sock):
-                with contextlib.suppress(OSError):
-                    s.close()
-            pending.slot.close()
-            session.close()
-
     # -- lifecycle ------------------------------------------------------------------------------
     @property
     def active_storage(self) -> int:
@@ -171,28 +139,3 @@ class Dispatcher:
             scp.shutdown()
         return threads
 
-
-async def _pump_both(loop: asyncio.AbstractEventLoop, a: socket.socket, b: socket.socket, *, linger: float) -> None:
-    """Copy both ways until one side ends; then give the other ``linger`` seconds to finish."""
-    tasks = [loop.create_task(_pump(loop, a, b)), loop.create_task(_pump(loop, b, a))]
-    try:
-        done, rest = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        if rest:
-            await asyncio.wait(rest, timeout=linger)
-    finally:
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, OSError):
-                await t
-
-
-async def _pump(loop: asyncio.AbstractEventLoop, src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while data := await loop.sock_recv(src, 1 << 16):
-            await loop.sock_sendall(dst, data)
-    except OSError:
-        pass
-    finally:
-        with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_WR)

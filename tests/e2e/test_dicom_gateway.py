@@ -289,7 +289,8 @@ function onCFind(query, assoc)
   if query.PatientID == "REWRITE-ME" then query.PatientID = "FINDA" end
 end
 function IncomingFindRequestFilter(query, origin)
-  if query.PatientID == "ORTHANC-STYLE" then query.PatientID = "FINDB" end
+  -- Orthanc's form: tags as "gggg,eeee", the filter returns the query to use
+  if query["0010,0020"] == "ORTHANC-STYLE" then query["0010,0020"] = "FINDB" end
   return query
 end
 function onCFindResult(result, assoc)
