@@ -22,6 +22,7 @@ from dicomproxy.dicom.spool import Spool, SpoolEntry
 from dicomproxy.dicom.store import StoreService
 from dicomproxy.dicom.ul.acceptor import Acceptor, Limits
 from dicomproxy.host import Host
+from dicomproxy.metrics import DICOM_BUCKETS, FORWARD_BUCKETS
 
 log = logging.getLogger("dicomproxy.dicom")
 
@@ -84,7 +85,17 @@ class DicomComponent:
             "received": metrics.counter("dicomproxy_dicom_received_total", "C-STORE instances accepted and spooled"),
             "rejected": metrics.counter("dicomproxy_dicom_rejected_total", "C-STORE instances refused by a script"),
             "store_errors": metrics.counter("dicomproxy_dicom_store_errors_total", "C-STORE failures (bad data, disk)"),
+            "store_seconds": metrics.histogram(
+                "dicomproxy_dicom_store_seconds",
+                "Seconds to answer a C-STORE, from the complete dataset to the status (parse, scripts, spool fsync)",
+                buckets=DICOM_BUCKETS,
+            ),
         }
+        self.m_forward_seconds = metrics.histogram(
+            "dicomproxy_dicom_forward_seconds",
+            "Seconds from an instance's reception to the PACS's acceptance (spool wait and retries included)",
+            buckets=FORWARD_BUCKETS,
+        )
         metrics.gauge("dicomproxy_dicom_spool_depth", "Instances waiting in the spool", func=lambda: self.spool.depth)
         metrics.gauge("dicomproxy_dicom_failed_folder", "Instances in the spool's failed folder",
                       func=lambda: self.spool.failed_count)
@@ -149,6 +160,7 @@ class DicomComponent:
     # -- forwarder callbacks (event loop) -------------------------------------------------
     async def _on_stored(self, entry: SpoolEntry, result: ForwardResult, read: DatasetReader) -> None:
         self.m_forwarded.inc()
+        self.m_forward_seconds.observe(max(0.0, time.time() - entry.received))
         assoc = {k: entry.origin.get(k, "") for k in ("CallingAE", "CalledAE", "RemoteIp")}
         assoc["RemotePort"] = entry.origin.get("RemotePort", 0)
         if self.gateway.lua.defines("onInstanceStored"):
