@@ -9,6 +9,12 @@ written as they came (pydicom writes an undecoded element's bytes as they are). 
 is re-encoded into another transfer syntax only when the PACS accepts none of the requester's
 (a fallback that decodes everything, logged).
 
+``ISO_IR 13``: pydicom encodes it as JIS X 0201 only (the standard's letter), while Orthanc and
+Japanese modalities put Shift-JIS double-byte characters under it (``Test-\x84D\x83\xa6\xc8``);
+so a value a script edits in such an identifier is encoded with Shift-JIS, as they read it, and
+reading one does not log pydicom's "Failed to encode" warning (it comes from pydicom re-encoding
+the name it has just decoded, not from anything the gateway sends).
+
 Two table forms for the scripts: DicomProxy's events (``onCFind``, ``onCFindResult``,
 ``onCMove``, ``onCGet``) see keywords (:func:`dicomproxy.dicom.datasets.dataset_to_table`);
 Orthanc's filters (``IncomingFindRequestFilter``, ``IncomingWorklistRequestFilter``,
@@ -19,17 +25,23 @@ as arrays of such tables. Either may be written back with keywords or tags.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from typing import Any
 
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
 from dicomproxy.dicom import datasets
 
 log = logging.getLogger(__name__)
+
+WIDER_CODECS = {"ISO_IR 13": "shift_jis"}
+"""Character sets whose edited values are encoded with a wider codec than pydicom's (see above)."""
+TEXT_VRS = frozenset({"PN", "LO", "LT", "SH", "ST", "UC", "UT"})
 
 
 class Identifier:
@@ -50,17 +62,23 @@ class Identifier:
         return datasets.decode(self.raw, self.transfer_syntax)
 
     def table(self) -> dict[str, Any]:
-        return datasets.dataset_to_table(self.fresh())
+        with _quiet_pydicom():
+            return datasets.dataset_to_table(self.fresh())
 
     def orthanc_table(self) -> dict[str, Any]:
-        return orthanc_table(self.fresh())
+        with _quiet_pydicom():
+            return orthanc_table(self.fresh())
 
     def apply(self, before: Mapping[str, Any], after: Mapping[str, Any]) -> bool:
         """Apply a script's edits (the table it was given -> the one it returned, either form);
         True when something changed."""
         ds = self.dataset()
-        if not datasets.apply_table(ds, canonical(before), canonical(after)):
-            return False
+        codec = WIDER_CODECS.get(_charset(ds))
+        with _quiet_pydicom() if codec else contextlib.nullcontext():
+            if not datasets.apply_table(ds, canonical(before), canonical(after)):
+                return False
+        if codec:
+            _widen(ds, codec)
         self.raw = datasets.encode(ds, self.transfer_syntax)
         self._lazy = None
         self.edited = True
@@ -81,6 +99,48 @@ class Identifier:
         except Exception:
             return ""
         return "" if value is None else str(value)
+
+
+@contextlib.contextmanager
+def _quiet_pydicom() -> Iterator[None]:
+    """Decoding a name under ``ISO_IR 13`` makes pydicom warn (and log) that it cannot re-encode
+    it (see the module docstring); nothing is re-encoded here. On the loop thread, no await inside."""
+    logger = logging.getLogger("pydicom")
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        logger.disabled = disabled
+
+
+def _charset(ds: Dataset) -> str:
+    """The (first) Specific Character Set of ``ds``, read without decoding anything else."""
+    elem = ds.get_item(0x00080005)
+    if elem is None:
+        return ""
+    value = elem.value
+    text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+    return text.split("\\")[0].strip("\x00 ")
+
+
+def _widen(ds: Dataset, codec: str) -> None:
+    """Encode the edited text values of ``ds`` (decoded ones: the others are still raw) with ``codec``."""
+    for tag in list(ds.keys()):
+        elem = ds.get_item(tag)
+        if elem is None or elem.is_raw or elem.VR not in TEXT_VRS or elem.value in (None, ""):
+            continue
+        text = "\\".join(map(str, elem.value)) if elem.VM > 1 else str(elem.value)
+        try:
+            value = text.encode(codec)
+        except UnicodeEncodeError:
+            log.warning("%s: %r cannot be encoded in %s; replacement characters used", elem.tag, text,
+                        _charset(ds))
+            continue
+        if len(value) % 2:
+            value += b" "
+        ds[tag] = RawDataElement(Tag(tag), elem.VR, len(value), value, 0, False, True)
 
 
 def orthanc_table(ds: Dataset) -> dict[str, Any]:

@@ -227,7 +227,8 @@ class MoveOperation(_Retrieve):
                 return
             book.learn_unknown(modality.aet)
             log.info("C-MOVE to %s: the PACS cannot move there (it does not know this AE title); fetching and "
-                     "storing instead, for the next %.0f s (Dicom:Modalities Retrieve Auto)", modality.aet, book.recheck)
+                     "storing instead, for the next %.0f s (Dicom:Modalities Retrieve Auto)", modality.aet,
+                     book.recheck)
         await self._fetch_and_store(request, modality)
 
     # -- Relay -----------------------------------------------------------------------------------
