@@ -189,7 +189,7 @@ def test_association_policy(gateway_factory: Any, fresh_orthanc: OrthancServer) 
     assert run_dcmtk("echoscu", "-aet", "GOOD", "-aec", gateway.aet, LOOPBACK, port, check=False).returncode == 0
     refused = run_dcmtk("echoscu", "-aet", "BLOCKED", "-aec", gateway.aet, LOOPBACK, port, check=False)
     assert refused.returncode != 0 and "Rejected" in refused.stderr + refused.stdout
-    # the same policy on a Query/Retrieve association (served by the pynetdicom AE)
+    # the same policy on a Query/Retrieve association (served by qr/, on the requester's own address)
     find = ["-S", "-aec", gateway.aet, LOOPBACK, port, "-k", "QueryRetrieveLevel=STUDY", "-k", "PatientID=NOBODY"]
     assert run_dcmtk("findscu", "-aet", "GOOD", *find, check=False).returncode == 0
     blocked = run_dcmtk("findscu", "-aet", "BLOCKED", *find, check=False)

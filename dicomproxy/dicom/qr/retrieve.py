@@ -18,7 +18,9 @@ there is refused with 0xA801):
   each instance the PACS sends is passed to the destination as it arrives (with the requester
   as Move Originator), the destination's C-STORE-RSP goes back to the PACS, so the PACS's counts
   are those of the real deliveries, and they are passed on as C-MOVE responses. No match: a
-  success with no sub-operations, and no association with the destination.
+  success with no sub-operations, and no association with the destination. An identifier without
+  ``QueryRetrieveLevel`` (Orthanc's C-MOVE takes one, its C-GET does not) gets the level Orthanc
+  would deduce, the deepest whose unique key is present (:func:`deduce_level`), for the C-GET.
 * ``Auto`` (the default): relay; when the PACS's first answer says it cannot move there (0xA801,
   or 0xC000 before any sub-operation, which is what Orthanc 1.10 answers for an AE title it does
   not know), fetch instead, and remember that for :data:`AUTO_RECHECK_SECONDS` so the next move
@@ -63,6 +65,19 @@ def refuses_destination(command: Command) -> bool:
         return True
     counts = (command.us(messages.COMPLETED), command.us(messages.FAILED), command.us(messages.WARNING))
     return status == messages.UNABLE_TO_PROCESS and not any(counts)
+
+
+UNIQUE_KEYS = (("IMAGE", "SOPInstanceUID"), ("SERIES", "SeriesInstanceUID"), ("STUDY", "StudyInstanceUID"),
+               ("PATIENT", "PatientID"))
+
+
+def deduce_level(request: Identifier) -> str:
+    """The Query/Retrieve level of a request that has none, as Orthanc's C-MOVE deduces it: the
+    deepest level whose unique key has a value ("" when none has)."""
+    for level, keyword in UNIQUE_KEYS:
+        if request.get(keyword).strip():
+            return level
+    return ""
 
 
 class DestinationBook:
@@ -270,6 +285,14 @@ class MoveOperation(_Retrieve):
     # -- FetchAndStore ---------------------------------------------------------------------------
     async def _fetch_and_store(self, request: Identifier, modality: ModalityAe) -> None:
         get_model = contexts.get_model_of(self.model)
+        if not request.get("QueryRetrieveLevel").strip():
+            level = deduce_level(request)
+            if not level:
+                await self.refuse(messages.IDENTIFIER_DOES_NOT_MATCH, "no QueryRetrieveLevel and no unique key")
+                return
+            log.info("C-MOVE from %s: no QueryRetrieveLevel; %s deduced from the keys for the C-GET", self.label,
+                     level)
+            request.apply({}, {"QueryRetrieveLevel": level})
         sop_classes, count = await self._enumerate(request, contexts.find_model_of(self.model))
         if self.state is OpState.CANCELLING:
             await self.finish_cancelled()
