@@ -420,8 +420,8 @@ class ModalityAe(RemoteAe):
         "Retrieve", "Auto", "how a C-MOVE to this AE is served: `Relay` passes the C-MOVE to the PACS, which moves "
         "the instances there itself (the PACS must know this AE title), with its status and counts; "
         "`FetchAndStore` fetches them from the PACS with C-GET and stores them there; `Auto` relays and, when the "
-        "PACS answers that it cannot move there (0xA801, or 0xC000 before any sub-operation as Orthanc 1.10 does), "
-        "fetches instead (remembered for 10 minutes)")
+        "PACS answers that it cannot move there (0xA801, or 0xC000 before any sub-operation as Orthanc 1.10 does, "
+        "when the request does match instances), fetches instead (remembered for 10 minutes)")
 
 
 class DicomSettings(Section):

@@ -137,6 +137,11 @@ def test_cmove_auto_relays_when_the_pacs_knows_the_destination_and_learns_when_n
     fresh_orthanc.set_modality("knowndest", known.aet, LOOPBACK, known.port)
     gateway = gateway_factory({"Dicom": {"Modalities": {
         "knowndest": destination(known, "Auto"), "unknowndest": destination(unknown, "Auto")}}})
+    # Orthanc answers a bare 0xC000 for a study it does not hold, as for a destination it does not
+    # know: passed on as it is, and the known destination is not taken for an unknown one
+    missing = {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": pydicom.uid.generate_uid()}
+    direct = raw_move(fresh_orthanc.dicom_port, fresh_orthanc.aet, known.aet, missing)
+    assert raw_move(gateway.dicom_port, gateway.aet, known.aet, missing) == direct and direct[-1][0] == 0xC000
     keys = {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study}
     assert raw_move(gateway.dicom_port, gateway.aet, known.aet, keys)[-1][0] == 0x0000
     assert source_aets(known.wait_for_files(2)) == {fresh_orthanc.aet}

@@ -24,7 +24,11 @@ there is refused with 0xA801):
 * ``Auto`` (the default): relay; when the PACS's first answer says it cannot move there (0xA801,
   or 0xC000 before any sub-operation, which is what Orthanc 1.10 answers for an AE title it does
   not know), fetch instead, and remember that for :data:`AUTO_RECHECK_SECONDS` so the next move
-  to that destination goes straight to fetching.
+  to that destination goes straight to fetching. Orthanc answers the same bare 0xC000 when nothing
+  matches, so after a 0xC000 the instances are listed first: none, and the PACS's answer is
+  passed on and nothing is learned (measured with Orthanc 1.10: a known destination and a study
+  it does not hold, an unknown destination, ``AccessionNumber=nope``: 0xC000 with no Error
+  Comment and zero counts, all three).
 
 A C-CANCEL is passed on to the PACS; what it still sends is passed on until its final response
 (which carries its counts).
@@ -237,21 +241,35 @@ class MoveOperation(_Retrieve):
             return
         book = self.services.destinations
         mode = modality.retrieve
-        if mode == "Relay" or (mode == "Auto" and not book.unknown_to_pacs(modality.aet)):
-            if await self._relay(request, auto=mode == "Auto"):
-                return
-            book.learn_unknown(modality.aet)
-            log.info("C-MOVE to %s: the PACS cannot move there (it does not know this AE title); fetching and "
-                     "storing instead, for the next %.0f s (Dicom:Modalities Retrieve Auto)", modality.aet,
-                     book.recheck)
-        await self._fetch_and_store(request, modality)
-
-    # -- Relay -----------------------------------------------------------------------------------
-    async def _relay(self, request: Identifier, *, auto: bool) -> bool:
-        """Relay the C-MOVE; False when (``auto``) the PACS does not know the destination."""
+        if mode == "FetchAndStore" or (mode == "Auto" and book.unknown_to_pacs(modality.aet)):
+            await self._fetch_and_store(request, modality)
+            return
+        refusal = await self._relay(request, auto=mode == "Auto")
+        if refusal is None:
+            return
+        # Auto, and the PACS refused before moving anything: because of the destination, or (a
+        # bare 0xC000, Orthanc's answer to both) because nothing matched? The listing tells.
+        listing = await self._enumerate(request, contexts.find_model_of(self.model))
+        command, data = refusal
         if self.state is OpState.CANCELLING:
             await self.finish_cancelled()
-            return True
+            return
+        if listing[1] == 0 and messages.status_of(command) != messages.MOVE_DESTINATION_UNKNOWN:
+            await self.respond(messages.response(command, self.message_id), data, final=True)
+            return
+        book.learn_unknown(modality.aet)
+        log.info("C-MOVE to %s: the PACS cannot move there (it does not know this AE title); fetching and "
+                 "storing instead, for the next %.0f s (Dicom:Modalities Retrieve Auto)", modality.aet,
+                 book.recheck)
+        await self._fetch_and_store(request, modality, listing)
+
+    # -- Relay -----------------------------------------------------------------------------------
+    async def _relay(self, request: Identifier, *, auto: bool) -> tuple[Command, bytes | None] | None:
+        """Relay the C-MOVE; with ``auto``, the PACS's first response when it may say that the PACS
+        cannot move to the destination (:func:`refuses_destination`), not passed on; else None."""
+        if self.state is OpState.CANCELLING:
+            await self.finish_cancelled()
+            return None
         up = await self.connect(self.services.pacs, contexts.model_pairs(self.model, self.transfer_syntax))
         context_id = up.context_for(self.model, self.transfer_syntax)
         if context_id is None:
@@ -261,7 +279,7 @@ class MoveOperation(_Retrieve):
         if not await self.send_request(up, context_id, message_id, messages.request(self.command, message_id),
                                        request.encoded(upstream_ts)):
             await self.finish_cancelled()
-            return True
+            return None
         first = True
         while True:
             received = await self.next_response(up, messages.C_MOVE_RSP, "C-MOVE")
@@ -272,7 +290,8 @@ class MoveOperation(_Retrieve):
                 await self.close(up)
                 if self.state is OpState.RELAYING:
                     self._move(OpState.PREPARING)
-                return False
+                dataset = Identifier(data, upstream_ts).encoded(self.transfer_syntax) if data is not None else None
+                return command, dataset
             first = False
             dataset = Identifier(data, upstream_ts).encoded(self.transfer_syntax) if data is not None else None
             final = not messages.is_pending(command)
@@ -280,10 +299,12 @@ class MoveOperation(_Retrieve):
                 self.finished(up)
             await self.respond(messages.response(command, self.message_id), dataset, final=final)
             if final:
-                return True
+                return None
 
     # -- FetchAndStore ---------------------------------------------------------------------------
-    async def _fetch_and_store(self, request: Identifier, modality: ModalityAe) -> None:
+    async def _fetch_and_store(
+        self, request: Identifier, modality: ModalityAe, listing: tuple[set[str], int] | None = None
+    ) -> None:
         get_model = contexts.get_model_of(self.model)
         if not request.get("QueryRetrieveLevel").strip():
             level = deduce_level(request)
@@ -293,7 +314,7 @@ class MoveOperation(_Retrieve):
             log.info("C-MOVE from %s: no QueryRetrieveLevel; %s deduced from the keys for the C-GET", self.label,
                      level)
             request.apply({}, {"QueryRetrieveLevel": level})
-        sop_classes, count = await self._enumerate(request, contexts.find_model_of(self.model))
+        sop_classes, count = listing or await self._enumerate(request, contexts.find_model_of(self.model))
         if self.state is OpState.CANCELLING:
             await self.finish_cancelled()
             return
