@@ -13,11 +13,14 @@ from dicomproxy.config.errors import ConfigError
 from dicomproxy.config.fields import resolve_path
 from dicomproxy.config.loader import ENV_PREFIX, load_settings
 from dicomproxy.config.model import (
+    AuditCollector,
+    AuditSettings,
     AuthenticationSettings,
     CorsSettings,
     DicomSettings,
     EmailRule,
     ExtraConfigSettings,
+    HttpsSettings,
     LoggingSettings,
     LuaSettings,
     ModalityAe,
@@ -36,6 +39,8 @@ from dicomproxy.config.tree import ConfigTree
 
 __all__ = [
     "ENV_PREFIX",
+    "AuditCollector",
+    "AuditSettings",
     "AuthenticationSettings",
     "ConfigError",
     "ConfigTree",
@@ -43,6 +48,7 @@ __all__ = [
     "DicomSettings",
     "EmailRule",
     "ExtraConfigSettings",
+    "HttpsSettings",
     "LoggingSettings",
     "LuaSettings",
     "ModalityAe",

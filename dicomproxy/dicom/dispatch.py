@@ -21,6 +21,7 @@ import threading
 
 from dicomproxy.config.settings import DicomSettings
 from dicomproxy.dicom import presentation
+from dicomproxy.dicom.audit import DicomAudit
 from dicomproxy.dicom.qr.service import QueryRetrieve
 from dicomproxy.dicom.session import AssocSession, LuaBridge
 from dicomproxy.dicom.spool import Spool
@@ -39,15 +40,20 @@ PERMANENT_CALLING_AE = (1, 1, 3)
 PERMANENT_APPLICATION_CONTEXT = (1, 1, 2)
 TRANSIENT_CONGESTION = (2, 3, 1)
 
+_REFUSALS = {  # why, for the audit trail
+    PERMANENT_CALLING_AE: "not in Dicom:AllowedCallingAets", PERMANENT_NO_REASON: "refused by onDicomAssociation",
+    PERMANENT_APPLICATION_CONTEXT: "not a DICOM application context"}
+
 
 class Dispatcher:
     """The acceptor's handler (``await dispatcher(pending)`` for each admitted request)."""
 
     def __init__(
         self, settings: DicomSettings, limits: Limits, bridge: LuaBridge, store: StoreService, spool: Spool,
-        qr: QueryRetrieve, *, max_dataset: int,
+        qr: QueryRetrieve, *, max_dataset: int, audit: DicomAudit | None = None,
     ) -> None:
         self.settings = settings
+        self.audit = audit or DicomAudit(None, settings, "dimse")
         self.limits = limits
         self.bridge = bridge
         self.store = store
@@ -64,6 +70,8 @@ class Dispatcher:
         session = AssocSession(self.bridge, rq.calling, rq.called, pending.ip, pending.port,
                                asyncio.get_running_loop())
         refusal = await self._policy(pending, session)
+        self.audit.association(session, _REFUSALS.get(refusal, "refused") if refusal else "",
+                               blocked=refusal in (PERMANENT_CALLING_AE, PERMANENT_NO_REASON))
         if refusal is not None:
             session.close()
             await pending.reject(*refusal)
@@ -120,6 +128,7 @@ class Dispatcher:
 
     def _ended(self, scp: StorageScp, slot: Slot) -> None:
         """From the association's thread, when it ends."""
+        self.audit.ended(scp.session)
         with self._lock:
             self._live.discard(scp)
             self._threads.discard(threading.current_thread())

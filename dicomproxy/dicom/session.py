@@ -81,6 +81,7 @@ class AssocSession:
         self.port = port
         self._scope: Any = None
         self._lock = threading.Lock()
+        self.received: dict[str, Any] = {}  # study UID -> what arrived of it (the audit's tally)
         self._closed = False
 
     def table(self) -> dict[str, Any]:

@@ -30,6 +30,7 @@ class FindOperation(Operation):
     name = "C-FIND"
 
     async def _run(self) -> None:
+        self.services.audit.query(self.session, self.model, self.identifier, self.transfer_syntax)
         query = Identifier(self.identifier, self.transfer_syntax)
         refused = await self.services.hooks.query(
             query, self.session, worklist=self.model == contexts.MODALITY_WORKLIST_FIND

@@ -25,8 +25,11 @@ import enum
 import logging
 from typing import TYPE_CHECKING
 
-from dicomproxy.dicom.dimse import Command
+from dicomproxy.audit.events import Study
+from dicomproxy.dicom.audit import study_of
+from dicomproxy.dicom.dimse import Command, decode_command
 from dicomproxy.dicom.qr import messages, upstream
+from dicomproxy.dicom.qr.identifier import Identifier
 from dicomproxy.dicom.qr.link import DimseLink, Ended, Item, LinkError, Pair, Received
 from dicomproxy.dicom.ul.errors import UpperLayerError
 
@@ -86,6 +89,7 @@ class Operation:
         self._upstream: tuple[DimseLink, int, int] | None = None  # link, context, our message id
         self._opened: list[DimseLink] = []
         self._finished: set[int] = set()  # id() of the opened links whose operation completed
+        self._audited: tuple[str, Study] | None = None  # a retrieve's destination and study, for its end
 
     @property
     def label(self) -> str:
@@ -199,6 +203,23 @@ class Operation:
         await self.requester.send(self.context_id, command, dataset)
         if final:
             self._move(OpState.DONE)
+            if self._audited is not None:
+                self._audit_end(command)
+
+    # -- the audit trail (PS3.15 A.5.3: Begin Transferring, then DICOM Instances Transferred) ----
+    def audit_begin(self, request: Identifier, move_to: str = "") -> None:
+        """A retrieve the scripts let through: recorded now, and its outcome with the final response."""
+        audit = self.services.audit
+        if audit.on:
+            self._audited = (move_to, study_of(request.get))
+            audit.retrieve_started(self.session, *self._audited)
+
+    def _audit_end(self, command: bytes) -> None:
+        assert self._audited is not None
+        final = decode_command(command)
+        # sub-operations with a warning delivered their instance (PS3.4 C.4.2.1.5)
+        completed, failed = final.us(messages.COMPLETED) + final.us(messages.WARNING), final.us(messages.FAILED)
+        self.services.audit.retrieved(self.session, self._audited[0], self._audited[1], completed, failed)
 
     async def _fail(self, status: int, comment: str) -> None:
         if self.state is OpState.DONE or not self.requester.is_open:

@@ -179,6 +179,7 @@ class GetOperation(_Retrieve):
         if refused:
             await self.refuse(messages.UNABLE_TO_PROCESS, refused)
             return
+        self.audit_begin(request)
         if self.state is OpState.CANCELLING:
             await self.finish_cancelled()
             return
@@ -239,6 +240,7 @@ class MoveOperation(_Retrieve):
         if refused:
             await self.refuse(messages.UNABLE_TO_PROCESS, refused)
             return
+        self.audit_begin(request, modality.aet)
         book = self.services.destinations
         mode = modality.retrieve
         if mode == "FetchAndStore" or (mode == "Auto" and book.unknown_to_pacs(modality.aet)):

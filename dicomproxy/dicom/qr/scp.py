@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from dicomproxy.config.settings import DicomSettings, ModalityAe
 from dicomproxy.dicom import dimse, presentation
+from dicomproxy.dicom.audit import DicomAudit
 from dicomproxy.dicom.dimse import Command
 from dicomproxy.dicom.qr import messages
 from dicomproxy.dicom.qr.contexts import Negotiated
@@ -62,6 +63,7 @@ class Services(Protocol):
     max_dataset: int
     pacs: Peer
     destinations: DestinationBook
+    audit: DicomAudit
 
     def destination(self, aet: str) -> ModalityAe | None: ...
 

@@ -11,6 +11,7 @@ import contextlib
 import logging
 
 from dicomproxy.config.settings import DicomSettings, ModalityAe
+from dicomproxy.dicom.audit import DicomAudit
 from dicomproxy.dicom.dimse import Command
 from dicomproxy.dicom.qr import contexts, messages
 from dicomproxy.dicom.qr.find import FindOperation
@@ -41,9 +42,10 @@ class QueryRetrieve:
 
     def __init__(
         self, settings: DicomSettings, bridge: LuaBridge, store: StoreService, spool: Spool, *, max_pdu: int,
-        idle: float, timeout: float, connect_timeout: float, max_dataset: int,
+        idle: float, timeout: float, connect_timeout: float, max_dataset: int, audit: DicomAudit | None = None,
     ) -> None:
         self.settings = settings
+        self.audit = audit or DicomAudit(None, settings, "dimse")
         self.store = store
         self.spool = spool
         self.max_pdu = max_pdu
@@ -131,4 +133,5 @@ class QueryRetrieve:
         if task is not None:
             self._tasks.discard(task)
         pending.slot.close()
+        self.audit.ended(session)
         session.close()
