@@ -19,6 +19,8 @@ from dicomproxy.dicom.hooks import InstanceStored, StoredInstance
 from dicomproxy.dicom.qr.ae import QueryRetrieveAe
 from dicomproxy.dicom.session import LuaBridge
 from dicomproxy.dicom.spool import Spool, SpoolEntry
+from dicomproxy.dicom.spool_api import build_spool_api
+from dicomproxy.dicom.statuses import RetryRule
 from dicomproxy.dicom.store import StoreService
 from dicomproxy.dicom.ul.acceptor import Acceptor, Limits
 from dicomproxy.host import Host
@@ -40,6 +42,7 @@ def forward_target(gateway: Host) -> ForwardTarget:
     return ForwardTarget(
         via="dimse", aet=dicom.upstream.aet, host=dicom.upstream.host, port=dicom.upstream.port,
         calling_aet=dicom.aet, timeout=max(30.0, up.read_timeout), connect_timeout=up.connect_timeout,
+        ae_titles=dicom.upstream.ae_titles,
     )
 
 
@@ -53,11 +56,15 @@ class DicomComponent:
         self.spool = Spool(s.spool_folder)
         self.target = forward_target(gateway)
         self.hook = gateway.hooks.get(InstanceStored)
-        self.hook.forwarded_as = s.aet if s.port and self.target.via == "dimse" else None
+        # Over DIMSE with the gateway's own AE titles the PACS records the gateway as the origin; with
+        # the modality's (the default) it records the modality, as if it had sent the instance itself.
+        gateway_titles = self.target.via == "dimse" and self.target.ae_titles == "Gateway"
+        self.hook.forwarded_as = s.aet if s.port and gateway_titles else None
         self._metrics(gateway)
         self.forwarder = Forwarder(
             self.spool, self.target, concurrency=s.forward_concurrency, retry=s.forward_retry,
-            max_retry=s.forward_max_retry, max_attempts=s.forward_max_attempts, on_stored=self._on_stored,
+            max_retry=s.forward_max_retry, max_attempts=s.forward_max_attempts,
+            retry_rule=RetryRule(s.forward_retry_statuses), on_stored=self._on_stored,
             on_failed=self._on_failed, session_factory=self._session,
         )
         self.store = StoreService(self.bridge, self.spool, self.forwarder.enqueue, self.counters)
@@ -70,6 +77,7 @@ class DicomComponent:
         self.dispatcher = Dispatcher(s, self.limits, self.bridge, self.store, self.spool, self.qr,
                                      max_dataset=s.max_dataset_mb << 20)
         self.acceptor = Acceptor(s.host, s.port, self.limits, self.dispatcher)
+        self.api = build_spool_api(self.spool, self.forwarder.snapshot, self.forwarder.enqueue)
         self.started = False
 
     def _metrics(self, gateway: Host) -> None:
@@ -129,15 +137,18 @@ class DicomComponent:
         listening = self.acceptor.listening and self.qr.listening
         admission = self.acceptor.admission
         return {
-            "ok": listening and f.retrying == 0,
+            "ok": listening and not f.destination.down,
             "enabled": True,
             "listening": f"{s.aet}@{s.host}:{self.acceptor.port}" if listening else "",
             "upstream": self.target.describe(),
             "forwardVia": self.target.via,
+            "storeMode": s.store_mode,
             "spoolDepth": self.spool.depth,
             "failed": self.spool.failed_count,
             "forwarded": f.forwarded,
             "retrying": f.retrying > 0,
+            "delayed": f.delayed,
+            "upstreamReachable": not f.destination.down,
             "lastForwardError": f.last_error,
             "lastForwardErrorAt": _iso(f.last_error_at),
             "activeAssociations": admission.associations,
@@ -182,6 +193,8 @@ class DicomComponent:
             sop_instance=entry.sop_instance,
             study=entry.study,
             reason=reason,
+            attempts=entry.attempts,
+            calling_ae=entry.origin.get("CallingAE", ""),
         )
 
 
