@@ -11,13 +11,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from dicomproxy.dicom.dispatch import Dispatcher
+from dicomproxy.dicom import datasets, statuses
+from dicomproxy.dicom.dimse import Command
+from dicomproxy.dicom.dispatch import Dispatcher, PacsSide
 from dicomproxy.dicom.forwarder import DatasetReader, Forwarder, ForwardResult, ForwardTarget
 from dicomproxy.dicom.hooks import InstanceStored, StoredInstance
+from dicomproxy.dicom.negotiation import NegotiationCache
 from dicomproxy.dicom.qr.ae import QueryRetrieveAe
-from dicomproxy.dicom.session import LuaBridge
+from dicomproxy.dicom.session import AssocSession, LuaBridge
 from dicomproxy.dicom.spool import Spool, SpoolEntry
 from dicomproxy.dicom.spool_api import build_spool_api
 from dicomproxy.dicom.statuses import RetryRule
@@ -74,8 +79,12 @@ class DicomComponent:
         )
         self.qr = QueryRetrieveAe(s, self.bridge, self.store, max_associations=s.max_associations,
                                   artim=s.artim_seconds, idle=300.0)
+        self.pacs: PacsSide | None = None
+        if self.target.via == "dimse":
+            self.pacs = PacsSide(self.target, self.forwarder.destination, s.store_mode,
+                                 NegotiationCache(s.negotiation_cache_seconds), self._relayed)
         self.dispatcher = Dispatcher(s, self.limits, self.bridge, self.store, self.spool, self.qr,
-                                     max_dataset=s.max_dataset_mb << 20)
+                                     max_dataset=s.max_dataset_mb << 20, pacs=self.pacs)
         self.acceptor = Acceptor(s.host, s.port, self.limits, self.dispatcher)
         self.api = build_spool_api(self.spool, self.forwarder.snapshot, self.forwarder.enqueue)
         self.started = False
@@ -87,9 +96,12 @@ class DicomComponent:
             "dicomproxy_dicom_forward_failed_total", "Instances the PACS refused for good (moved to failed/)"
         )
         self.counters = {
-            "received": metrics.counter("dicomproxy_dicom_received_total", "C-STORE instances accepted and spooled"),
+            "received": metrics.counter(
+                "dicomproxy_dicom_received_total", "C-STORE instances accepted (spooled, or relayed and stored)"),
             "rejected": metrics.counter("dicomproxy_dicom_rejected_total", "C-STORE instances refused by a script"),
             "store_errors": metrics.counter("dicomproxy_dicom_store_errors_total", "C-STORE failures (bad data, disk)"),
+            "relay_refused": metrics.counter(
+                "dicomproxy_dicom_relay_refused_total", "Relayed C-STOREs the PACS answered with a failure status"),
         }
         metrics.gauge("dicomproxy_dicom_spool_depth", "Instances waiting in the spool", func=lambda: self.spool.depth)
         metrics.gauge("dicomproxy_dicom_failed_folder", "Instances in the spool's failed folder",
@@ -108,6 +120,9 @@ class DicomComponent:
             log.info("DICOM side is off (Dicom:Port is 0)")
             return
         self.store.loop = asyncio.get_running_loop()
+        if _relay_mode(self.settings.store_mode) and self.pacs is None:
+            log.info("Dicom:StoreMode %s needs Dicom:ForwardVia dimse; storing and forwarding over DICOMweb",
+                     self.settings.store_mode)
         recovered = await asyncio.to_thread(self.spool.open)
         await self.forwarder.start(recovered)
         await self.qr.start()
@@ -155,6 +170,36 @@ class DicomComponent:
             "openConnections": admission.connections,
         }
 
+    # -- relay callback (an association's thread) ----------------------------------------
+    def _relayed(self, session: AssocSession, command: Command, ts: str, status: int,
+                 data: Callable[[], bytes | None]) -> None:
+        """The PACS answered a relayed C-STORE: count it; raise ``onInstanceStored`` and the hook
+        (on the loop, not waited for) when someone listens."""
+        if not statuses.is_stored(status):
+            self.counters["relay_refused"].inc()
+            return
+        self.counters["received"].inc()
+        self.m_forwarded.inc()
+        self.forwarder.forwarded += 1
+        if not (self.gateway.lua.defines("onInstanceStored") or self.hook.wanted) or self.store.loop is None:
+            return
+        raw = data() or b""
+        try:
+            header = datasets.header_uids(raw, ts) if raw else {}
+        except Exception:
+            header = {}
+        entry = SpoolEntry(
+            seq=0, path=Path(), sop_class=command.sop_class, sop_instance=command.sop_instance, transfer_syntax=ts,
+            study=header.get("StudyInstanceUID", ""), series=header.get("SeriesInstanceUID", ""),
+            patient_id=header.get("PatientID", ""), origin=session.table(), received=time.time(), attempts=1,
+        )
+        result = ForwardResult(status, f"0x{status:04X}", "dimse")
+
+        async def read() -> bytes:
+            return raw
+
+        asyncio.run_coroutine_threadsafe(self._on_stored(entry, result, read), self.store.loop)
+
     # -- forwarder callbacks (event loop) -------------------------------------------------
     async def _on_stored(self, entry: SpoolEntry, result: ForwardResult, read: DatasetReader) -> None:
         self.m_forwarded.inc()
@@ -196,6 +241,10 @@ class DicomComponent:
             attempts=entry.attempts,
             calling_ae=entry.origin.get("CallingAE", ""),
         )
+
+
+def _relay_mode(mode: str) -> bool:
+    return mode != "StoreAndForward"
 
 
 def _join(threads: list[Any]) -> None:

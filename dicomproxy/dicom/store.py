@@ -102,6 +102,19 @@ class StoreService:
         self._count("received")
         return STATUS_SUCCESS, ""
 
+    def edit_blocking(
+        self, session: AssocSession, raw: bytes, ts: str, sop_instance: str
+    ) -> Edited | tuple[int, str]:
+        """From a thread (the relay): run ``onCStore`` / ``ReceivedInstanceFilter`` on the loop; the
+        data set to send (edited or not), or the ``(status, comment)`` to answer instead."""
+        assert self.loop is not None, "StoreService.loop is set when the component starts"
+        future = asyncio.run_coroutine_threadsafe(self._scripted(session, raw, ts, sop_instance), self.loop)
+        return future.result(self.bridge.timeout * 2 + 60)
+
+    def scripted(self) -> bool:
+        """A script wants to see (and may edit) each instance."""
+        return self._scripted_store()
+
     def store_blocking(
         self, session: AssocSession, raw: bytes, ts: str, sop_class: str, sop_instance: str
     ) -> tuple[int, str]:
@@ -122,7 +135,7 @@ class StoreService:
         """On the event loop: ``(status, error comment)`` for the C-STORE response."""
         if self._scripted_store():
             outcome = await self._scripted(session, raw, ts, sop_instance)
-            if not isinstance(outcome, _Edited):
+            if not isinstance(outcome, Edited):
                 return outcome
             raw, header, sop_instance = outcome
         else:
@@ -180,7 +193,7 @@ class StoreService:
 
     async def _scripted(
         self, session: AssocSession, raw: bytes, ts: str, sop_instance: str
-    ) -> _Edited | tuple[int, str]:
+    ) -> Edited | tuple[int, str]:
         try:
             ds = datasets.decode(raw, ts)
             table = datasets.dataset_to_table(ds)
@@ -226,10 +239,10 @@ class StoreService:
             "SeriesInstanceUID": str(ds.get("SeriesInstanceUID", "") or ""),
             "PatientID": str(ds.get("PatientID", "") or ""),
         }
-        return _Edited(raw, header, str(ds.get("SOPInstanceUID", sop_instance) or sop_instance))
+        return Edited(raw, header, str(ds.get("SOPInstanceUID", sop_instance) or sop_instance))
 
 
-class _Edited(NamedTuple):
+class Edited(NamedTuple):
     """A data set the scripts let through (edited or not), ready to be spooled."""
 
     raw: bytes
