@@ -83,6 +83,7 @@ class DicomComponent:
         if self.target.via == "dimse":
             self.pacs = PacsSide(self.target, self.forwarder.destination, s.store_mode,
                                  NegotiationCache(s.negotiation_cache_seconds), self._relayed)
+            self.forwarder.on_context_refused = self.pacs.cache.clear
         self.dispatcher = Dispatcher(s, self.limits, self.bridge, self.store, self.spool, self.qr,
                                      max_dataset=s.max_dataset_mb << 20, pacs=self.pacs)
         self.acceptor = Acceptor(s.host, s.port, self.limits, self.dispatcher)

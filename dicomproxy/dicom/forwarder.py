@@ -169,11 +169,15 @@ Outcome = ForwardResult | PermanentError | RetryLater
 
 
 class _DimseLane:
-    def __init__(self, target: ForwardTarget, book: ContextBook, rule: statuses.RetryRule, index: int) -> None:
+    def __init__(
+        self, target: ForwardTarget, book: ContextBook, rule: statuses.RetryRule, index: int,
+        on_context_refused: Callable[[], None] | None = None,
+    ) -> None:
         self.target = target
         self.book = book
         self.rule = rule
         self.index = index
+        self.on_context_refused = on_context_refused
         self.assoc: StorageScu | None = None
         self.titles: tuple[str, str] = ("", "")
 
@@ -231,6 +235,8 @@ class _DimseLane:
                 raw = data if isinstance(data, bytes) else await _read_file(data)
                 data = await asyncio.to_thread(presentation.transcode, raw, entry.transfer_syntax, ts)
         except NotAccepted as e:
+            if self.on_context_refused is not None:
+                self.on_context_refused()  # what the modality was told at negotiation is out of date
             raise PermanentError(str(e)) from None
         return await assoc.c_store(entry.sop_class, entry.sop_instance, ts, data, timeout=self.target.timeout)
 
@@ -345,8 +351,10 @@ class Forwarder:
         on_stored: StoredCallback | None = None,
         on_failed: FailedCallback | None = None,
         session_factory: SessionFactory | None = None,
+        on_context_refused: Callable[[], None] | None = None,
     ) -> None:
         self.spool = spool
+        self.on_context_refused = on_context_refused
         self.target = target
         self.concurrency = max(1, concurrency)
         self.retry = retry
@@ -461,7 +469,7 @@ class Forwarder:
                 raise RuntimeError("ForwardVia dicomweb needs an HTTP session factory")
             lane = _StowLane(self.target, self.session_factory)
         else:
-            lane = _DimseLane(self.target, self._book, self.rule, index)
+            lane = _DimseLane(self.target, self._book, self.rule, index, self.on_context_refused)
         try:
             while not self._stopping:
                 wait = self.destination.wait()

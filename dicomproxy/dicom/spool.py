@@ -350,10 +350,11 @@ class Spool:
         with self._lock:
             self._depth -= 1
         with self._unlink_cond:
+            idle = not self._unlinks  # the thread sleeps only when the list is empty
             self._unlinks.append(entry.path)
-            if entry.attempts:
+            if entry.first_error:  # an attempt failed before: its state was written
                 self._unlinks.append(entry.path.with_suffix(".state"))
-            if len(self._unlinks) == 1:  # the thread sleeps only when the list is empty
+            if idle:
                 self._unlink_cond.notify()
 
     def _unlinker(self) -> None:
