@@ -25,7 +25,7 @@ from dicomproxy.http.api import build_api
 from dicomproxy.http.cors import GatewayCors, cors_policy
 from dicomproxy.http.guard import RequestGuard
 from dicomproxy.http.proxy import ReverseProxy
-from dicomproxy.metrics import Metrics
+from dicomproxy.metrics import HOOK_BUCKETS, Metrics
 from dicomproxy.notify import mail, notifications
 from dicomproxy.notify.events import EventBus
 from dicomproxy.scripting import orthanc
@@ -49,7 +49,12 @@ class Gateway:
         self.commands = Commands()
         self.hooks = Hooks()
         self.tasks = TaskQueue(settings.data_folder / "tasks", workers=settings.lua.background_workers, bus=self.bus)
-        self.lua = ScriptHost(settings, bus=self.bus, tasks=self.tasks, commands=self.commands)
+        hook_seconds = self.metrics.histogram(
+            "dicomproxy_lua_hook_seconds", "Seconds a Lua callback ran (awaits included), by callback",
+            labels=("callback",), buckets=HOOK_BUCKETS,
+        )
+        self.lua = ScriptHost(settings, bus=self.bus, tasks=self.tasks, commands=self.commands,
+                              on_call=lambda callback, seconds: hook_seconds.observe(seconds, callback=callback))
         self.upstream = Upstream(settings.upstream)
         self.proxy = ReverseProxy(self.upstream, self.metrics)
         self.monitor = UpstreamMonitor(self.upstream, self.bus)
@@ -101,7 +106,8 @@ class Gateway:
         app = GatewayCors(app, cors_policy(self.settings.cors))
         return RequestGuard(app)
 
-    async def _route(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def _route(self, scope: Any, receive: Any, send: Any) -> None:
+        # Any: the Lua middleware hands on a MutableMapping scope, the proxy is typed for a dict.
         path = scope["path"]
         for prefix, exact, app in self._mounts:
             if path.startswith(prefix) or path == exact:

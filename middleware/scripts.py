@@ -93,8 +93,12 @@ class ScriptSet:
         transient_script: str = TRANSIENT_SCRIPT,
         setup: tuple[str, ...] = (),
         libraries: tuple[LuaLibrary, ...] = (),
+        on_call: Callable[[str, float], None] | None = None,
     ) -> None:
+        """``on_call(callback, seconds)``: every engine made here reports each callback's duration
+        to it (a latency histogram, say); None costs nothing."""
         self.root = Path(root)
+        self.on_call = on_call
         self.exports: dict[str, Export] = dict(exports or {})
         self.globals: dict[str, Any] = dict(globals or {})
         self.options = options or EngineOptions()
@@ -129,6 +133,7 @@ class ScriptSet:
             memory_setting=self.options.memory_setting,
             search_path=f"{self.root}/?.lua;{self.root}/?/init.lua",
             prelude=self.prelude,
+            on_call=self.on_call,
         )
 
     @property

@@ -94,6 +94,7 @@ from typing import Any, TypeVar
 
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 JS_DIR = REPO_ROOT / "tests" / "js"
@@ -640,6 +641,17 @@ class GatewayProcess:
             timeout=timeout,
             what=f"{text!r} in the gateway log",
         )
+
+    def metric(self, sample: str, **labels: str) -> float:
+        """One sample of ``GET /dicomproxy/metrics`` (0 when the series has no such sample yet),
+        read with prometheus_client's parser: ``metric("dicomproxy_mails_total", outcome="sent")``."""
+        resp = self.get("/dicomproxy/metrics")
+        assert resp.status_code == 200, resp.text
+        for family in text_string_to_metric_families(resp.text):
+            for s in family.samples:
+                if s.name == sample and s.labels == labels:
+                    return float(s.value)
+        return 0.0
 
     def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         kwargs.setdefault("timeout", 30)

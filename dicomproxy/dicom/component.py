@@ -29,6 +29,7 @@ from dicomproxy.dicom.statuses import RetryRule
 from dicomproxy.dicom.store import StoreService
 from dicomproxy.dicom.ul.acceptor import Acceptor, Limits
 from dicomproxy.host import Host
+from dicomproxy.metrics import DICOM_BUCKETS, FORWARD_BUCKETS
 
 log = logging.getLogger("dicomproxy.dicom")
 
@@ -96,14 +97,24 @@ class DicomComponent:
         self.m_failed = metrics.counter(
             "dicomproxy_dicom_forward_failed_total", "Instances the PACS refused for good (moved to failed/)"
         )
-        self.counters = {
+        self.counters: dict[str, Any] = {
             "received": metrics.counter(
                 "dicomproxy_dicom_received_total", "C-STORE instances accepted (spooled, or relayed and stored)"),
             "rejected": metrics.counter("dicomproxy_dicom_rejected_total", "C-STORE instances refused by a script"),
             "store_errors": metrics.counter("dicomproxy_dicom_store_errors_total", "C-STORE failures (bad data, disk)"),
             "relay_refused": metrics.counter(
                 "dicomproxy_dicom_relay_refused_total", "Relayed C-STOREs the PACS answered with a failure status"),
+            "store_seconds": metrics.histogram(
+                "dicomproxy_dicom_store_seconds",
+                "Seconds to answer a C-STORE, from the complete dataset to the status (parse, scripts, spool fsync)",
+                buckets=DICOM_BUCKETS,
+            ),
         }
+        self.m_forward_seconds = metrics.histogram(
+            "dicomproxy_dicom_forward_seconds",
+            "Seconds from an instance's reception to the PACS's acceptance (spool wait and retries included)",
+            buckets=FORWARD_BUCKETS,
+        )
         metrics.gauge("dicomproxy_dicom_spool_depth", "Instances waiting in the spool", func=lambda: self.spool.depth)
         metrics.gauge("dicomproxy_dicom_failed_folder", "Instances in the spool's failed folder",
                       func=lambda: self.spool.failed_count)
@@ -204,6 +215,7 @@ class DicomComponent:
     # -- forwarder callbacks (event loop) -------------------------------------------------
     async def _on_stored(self, entry: SpoolEntry, result: ForwardResult, read: DatasetReader) -> None:
         self.m_forwarded.inc()
+        self.m_forward_seconds.observe(max(0.0, time.time() - entry.received))
         assoc = {k: entry.origin.get(k, "") for k in ("CallingAE", "CalledAE", "RemoteIp")}
         assoc["RemotePort"] = entry.origin.get("RemotePort", 0)
         if self.gateway.lua.defines("onInstanceStored"):

@@ -150,9 +150,9 @@ class Dispatcher:
                 session.close()
                 await pending.reject(*rejected)
                 return
-        results = pacs.cache.get(key) if pacs.cache.ttl > 0 else None
-        await self._spooled(pending, session, results or presentation.negotiate(rq.contexts,
-                                                                                presentation.serves_storage))
+        cached = pacs.cache.get(key) if pacs.cache.ttl > 0 else None
+        await self._spooled(pending, session, cached or presentation.negotiate(rq.contexts,
+                                                                               presentation.serves_storage))
 
     async def _mirror(
         self, pending: Pending, titles: tuple[str, str], contexts: list[pdus.ProposedContext]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO, NamedTuple
@@ -72,7 +73,16 @@ class StoreService:
 
         Unscripted, everything happens on the calling thread (read the header, commit and fsync
         the spool file) and the loop is only told to forward; with a script the whole store
-        runs on the event loop, where Lua lives."""
+        runs on the event loop, where Lua lives. Timed into ``dicomproxy_dicom_store_seconds``."""
+        started = time.perf_counter()
+        try:
+            return self._store_received(session, writer)
+        finally:
+            seconds = self.counters.get("store_seconds")
+            if seconds is not None:
+                seconds.observe(time.perf_counter() - started)
+
+    def _store_received(self, session: AssocSession, writer: SpoolWriter) -> tuple[int, str]:
         ts, sop_class, sop_instance = writer.transfer_syntax, writer.sop_class, writer.sop_instance
         if self._scripted_store():
             raw = writer.dataset()

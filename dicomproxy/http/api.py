@@ -8,12 +8,12 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
 
 from dicomproxy import __version__
 from dicomproxy.host import HealthCheck
-from dicomproxy.metrics import Metrics
+from dicomproxy.metrics import CONTENT_TYPE, Metrics
 from dicomproxy.scripting.host import ScriptHost
 from dicomproxy.tasks import TaskQueue, visible_to
 from dicomproxy.upstream.monitor import UpstreamMonitor
@@ -26,10 +26,12 @@ class ApiSource(Protocol):
 
     started_at: float
     monitor: UpstreamMonitor
-    health_checks: Mapping[str, HealthCheck]
     lua: ScriptHost
     tasks: TaskQueue
     metrics: Metrics
+
+    @property
+    def health_checks(self) -> Mapping[str, HealthCheck]: ...
 
 
 def build_api(gateway: ApiSource) -> Router:
@@ -58,7 +60,7 @@ def build_api(gateway: ApiSource) -> Router:
         })
 
     async def metrics(request: Request) -> Response:
-        return PlainTextResponse(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
+        return Response(gateway.metrics.render(), media_type=CONTENT_TYPE)
 
     async def tasks(request: Request) -> Response:
         items = [t for t in gateway.tasks.list() if _visible(request, t)]

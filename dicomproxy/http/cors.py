@@ -81,7 +81,8 @@ def cors_policy(settings: CorsSettings) -> CorsPolicy:
 
 
 def _origin(scope: Scope) -> bytes | None:
-    for name, value in scope["headers"]:
+    headers: list[tuple[bytes, bytes]] = scope["headers"]
+    for name, value in headers:
         if name == b"origin":
             return value
     return None
@@ -92,7 +93,7 @@ class GatewayCors(CORSMiddleware):
 
     def __init__(self, app: ASGIApp, policy: CorsPolicy) -> None:
         super().__init__(
-            app,  # type: ignore[arg-type]
+            app,
             allow_origins=policy.allowed_origins,
             allow_methods=policy.allowed_methods,
             allow_headers=policy.allowed_headers,
@@ -103,7 +104,7 @@ class GatewayCors(CORSMiddleware):
         self.inner = app
         self.extra = list(policy.extra_headers)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:  # type: ignore[override]
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.inner(scope, receive, send)
             return
@@ -115,7 +116,7 @@ class GatewayCors(CORSMiddleware):
         headers = Headers(scope=scope)
         if scope["method"] == "OPTIONS" and "access-control-request-method" in headers:
             response = self.preflight_response(request_headers=headers)
-            await response(scope, receive, send)  # type: ignore[arg-type]
+            await response(scope, receive, send)
             return
 
         async def policed(message: Message) -> None:
@@ -123,7 +124,7 @@ class GatewayCors(CORSMiddleware):
                 message["headers"] = [
                     (k, v) for k, v in message.get("headers", ()) if not k.lower().startswith(b"access-control-")
                 ]
-            await self.send(message, send, headers)  # type: ignore[arg-type]
+            await self.send(message, send, headers)
 
         await self.inner(scope, receive, policed)
 

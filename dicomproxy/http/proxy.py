@@ -37,7 +37,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from dicomproxy.metrics import Metrics
+from dicomproxy.metrics import HTTP_BUCKETS, Metrics
 from dicomproxy.upstream import Upstream
 from dicomproxy.upstream.connection import Body, Exchange
 from dicomproxy.upstream.errors import (
@@ -89,8 +89,18 @@ class _TooLarge(Exception):
 class ReverseProxy:
     def __init__(self, upstream: Upstream, metrics: Metrics) -> None:
         self.upstream = upstream
-        self.requests = metrics.counter("dicomproxy_proxy_requests_total", "Proxied requests by status class")
-        self.failures = metrics.counter("dicomproxy_proxy_upstream_errors_total", "Upstream failures by kind")
+        self.requests = metrics.counter("dicomproxy_proxy_requests_total", "Proxied requests by status class",
+                                        labels=("status",))
+        self.failures = metrics.counter("dicomproxy_proxy_upstream_errors_total", "Upstream failures by kind",
+                                        labels=("kind",))
+        self.abandoned = metrics.counter(
+            "dicomproxy_proxy_client_abandoned_total",
+            "Proxied requests the client left before the end: mid-upload (its body) or mid-answer", labels=("stage",))
+        self.first_byte = metrics.histogram(
+            "dicomproxy_proxy_first_byte_seconds",
+            "Seconds from the request to the upstream answer's head sent on (time to first byte), by status class",
+            labels=("status",), buckets=HTTP_BUCKETS,
+        )
 
     @staticmethod
     def _request_headers(scope: dict[str, Any]) -> tuple[Headers, bool, int | None]:
@@ -165,6 +175,7 @@ class ReverseProxy:
             nonlocal watcher
             watcher = loop.create_task(watch_disconnect())
 
+        received = loop.time()
         timer = loop.call_later(WATCH_AFTER, start_watching)
         response: Exchange | None = None
         try:
@@ -181,7 +192,9 @@ class ReverseProxy:
             response = await self.upstream.pool.request(method, target, headers, content, length)
             started = True
             await send({"type": "http.response.start", "status": response.status, "headers": _answer_headers(response)})
-            self.requests.inc(status=f"{response.status // 100}xx")
+            status_class = f"{response.status // 100}xx"
+            self.requests.inc(status=status_class)
+            self.first_byte.observe(loop.time() - received, status=status_class)
             while True:
                 chunk = await response.read()
                 if not chunk:
@@ -194,9 +207,11 @@ class ReverseProxy:
             finished = True
             await send({"type": "http.response.body", "body": b""})
         except ClientDisconnected:
+            self.abandoned.inc(stage="upload")
             log.debug("client left mid-upload; upstream request to %s dropped", target)
         except asyncio.CancelledError:
             if watcher is not None and watcher.done() and not watcher.cancelled() and watcher.result():
+                self.abandoned.inc(stage="answer")
                 log.debug("client disconnected; upstream request to %s cancelled", target)
                 return
             raise

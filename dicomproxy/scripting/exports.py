@@ -48,7 +48,7 @@ return { requireNative = requireNative }
 """
 
 
-class ConfigView(dict):  # type: ignore[type-arg]
+class ConfigView(dict[str, Any]):
     """``Config["Section:Key"]`` for scripts: case-insensitive, nil for a missing key."""
 
     def __init__(self, flat: dict[str, Any]) -> None:

@@ -68,7 +68,7 @@ class TusFeature:
                                connect_timeout=up.connect_timeout, read_timeout=max(up.read_timeout, 60),
                                zip_limits=zip_limits)
         m = gateway.metrics
-        self._m_imported = m.counter("dicomproxy_tus_imports_total", "TUS imports by outcome")
+        self._m_imported = m.counter("dicomproxy_tus_imports_total", "TUS imports by outcome", labels=("outcome",))
         self._m_instances = m.counter(
             "dicomproxy_tus_imported_instances_total", "instances stored by TUS imports"
         )

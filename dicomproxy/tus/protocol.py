@@ -104,8 +104,8 @@ class TusApp:
         self._closing = False
         self.extensions = EXTENSIONS + (",expiration" if settings.expire_after > 0 else "")
         m = metrics or Metrics()
-        self._m_requests = m.counter("dicomproxy_tus_requests_total", "TUS requests by method")
-        self._m_errors = m.counter("dicomproxy_tus_errors_total", "TUS error responses by code")
+        self._m_requests = m.counter("dicomproxy_tus_requests_total", "TUS requests by method", labels=("method",))
+        self._m_errors = m.counter("dicomproxy_tus_errors_total", "TUS error responses by code", labels=("code",))
         self._m_created = m.counter("dicomproxy_tus_uploads_created_total", "TUS uploads created")
         self._m_finished = m.counter("dicomproxy_tus_uploads_finished_total", "TUS uploads completed")
         self._m_terminated = m.counter("dicomproxy_tus_uploads_terminated_total", "TUS uploads terminated")

@@ -31,7 +31,8 @@ async def fetch(url: str) -> Any:  # a fake issuer: the real one is in tests/e2e
 
 
 class Clock:
-    now = time.time()
+    def __init__(self) -> None:
+        self.now = time.time()  # when the test runs, not when the module was imported (xdist imports early)
 
     def __call__(self) -> float:
         return self.now

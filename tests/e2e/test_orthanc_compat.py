@@ -203,8 +203,10 @@ def test_on_stored_instance_calls_rest_api_and_survives_restart(
     during, _ = upload(orthanc, dicom_samples, patient_name="While^Down")
     gw.start()
     gw.wait_for_log(f"Stored {during} of While^Down")
-    time.sleep(1.0)  # a few polls: nothing else may come
-    log = gw.log_text()
+    # Changes are delivered one by one, in the PACS's order: once a later instance's callback
+    # ran, any (wrong) replay of the earlier ones would have run before it.
+    marker, _ = upload(orthanc, dicom_samples, patient_name="Marker^Last")
+    log = gw.wait_for_log(f"Stored {marker} of Marker^Last")
     assert log.count(f"Lua says: Stored {iid}") == 1
     assert log.count(f"Lua says: Stored {proxied}") == 1
     assert log.count(f"Lua says: Stored {during}") == 1
@@ -286,8 +288,13 @@ def test_modify_and_route_doc_scripts(
     assert ds.SOPInstanceUID != sop  # a modified copy, as Orthanc makes it
     orthanc_empty = wait_until(lambda: orthanc.instance_count() == 0, timeout=15, what="both instances deleted")
     assert orthanc_empty
-    time.sleep(1.0)  # several polls: the loop guard holds, nothing is sent twice
-    assert len(scp.files()) == 1
+    # The loop guard: the modified copy (stored, then deleted) is not routed again. Changes are
+    # delivered in order, so once a later instance has been routed, that decision was made.
+    upload(orthanc, dicom_samples, StationName="LATER")
+    files = scp.wait_for_files(2, timeout=20)
+    assert len(files) == 2 and sorted(pydicom.dcmread(f).StationName for f in files) == ["My Medical Device"] * 2
+    wait_until(lambda: orthanc.instance_count() == 0, timeout=15, what="the later instance deleted as well")
+    assert len(scp.files()) == 2
     assert "OnStoredInstance in singleton engine failed" not in gw.log_text()
 
 

@@ -19,7 +19,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -253,6 +252,7 @@ def thread_server(folder: Path, **kw: Any) -> Iterator[TusThreadServer]:
         server.stop()
 
 
-def settle(seconds: float = 0.3) -> None:
-    """A short pause for the server side to act on something the test cannot observe directly."""
-    time.sleep(seconds)
+def completed_ids(tus: TusThreadServer, n: int = 1) -> list[str]:
+    """Wait until ``n`` completion callbacks ran; the ids of all that ran."""
+    return wait_until(lambda: len(tus.completed) >= n and [u.id for u in tus.completed], timeout=10,
+                      what=f"{n} completion callback(s)")
