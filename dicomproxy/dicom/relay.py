@@ -261,8 +261,10 @@ class RelayScp:
             return
         incoming.route = Route.PACS
         self._keep(incoming, head)
-        self._send_request(incoming)
-        self._to_pacs(incoming, head, last)
+        raw = dimse.encode_command(incoming.command.elements.items())  # the modality's, as received
+        cid = incoming.context_id  # the request and the data set's head in one write
+        self._send(incoming, [*self._pdata(cid, raw, command=True, last=True),
+                              *self._pdata(cid, head, command=False, last=last)])
 
     # -- towards the PACS -----------------------------------------------------------------------
     def _send_request(self, incoming: _Incoming) -> None:
