@@ -8,6 +8,7 @@ presentation contexts accepted at negotiation, and what Orthanc stores, byte for
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from dicomproxy.dicom.storage_scu import StorageScu
 from dicomproxy.dicom.ul.errors import UpperLayerError
 from tests import dicom_samples
 from tests.e2e.test_dicom_admission import _big_instance, _peak_rss_mb
-from tests.peers import GatewayProcess, OrthancServer, run_dcmtk, wait_until
+from tests.peers import GatewayProcess, OrthancServer, dcmtk, run_dcmtk, wait_until
 
 LOOPBACK = "127.0.0.1"
 UNCOMPRESSED_ONLY = {"AcceptedTransferSyntaxes": [IMPLICIT, EXPLICIT]}
@@ -210,3 +211,26 @@ def test_a_300_mb_instance_through_relay_and_spool_stays_within_50_mb(
         gateway.stop()
     print(f"peak RSS growth for a 300 MB instance: {grown}")
     assert all(g < 50 for g in grown.values()), grown
+
+
+def test_relay_or_spool_carries_on_from_the_spool_when_the_pacs_dies_mid_association(
+    orthanc_factory: Any, gateway_factory: Any, tmp_path: Path
+) -> None:
+    pacs = orthanc_factory()
+    gateway = gateway_factory({"Dicom": {"ForwardRetrySeconds": 0.2, "ForwardMaxRetrySeconds": 0.5}}, orthanc=pacs)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    uids = {dicom_samples.make_instance(folder / f"IM{i:03d}.dcm", patient_id="PMID", patient_name="M^Id")[1]
+            for i in range(200)}
+    cmd = [dcmtk("storescu"), "-aet", "CT01", "-aec", pacs.aet, LOOPBACK, str(gateway.dicom_port), str(folder), "+sd"]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as modality:
+        wait_until(lambda: pacs.instance_count() >= 10, timeout=30, what="the first relayed instances")
+        pacs.kill()  # in the middle of the association
+        out, _ = modality.communicate(timeout=120)
+    # every instance was answered success: relayed, or spooled once the PACS was gone
+    assert modality.returncode == 0, out
+    gateway.wait_for_log("serving it from the spool")
+    pacs.start()
+    pacs.wait_for_instances(200, timeout=60)
+    assert pacs.sop_instance_uids() == uids
+    wait_until(lambda: health(gateway)["spoolDepth"] == 0, what="the spool emptied")
