@@ -469,7 +469,8 @@ class DicomSettings(Section):
         "PACS's; when the PACS cannot be reached the association is served from the spool instead (success once "
         "spooled, forwarded later). `Relay`: the same, and the association is rejected (transient) when the PACS "
         "cannot be reached. `StoreAndForward`: answer once spooled, forward later (the presentation contexts are "
-        "still the PACS's answer, see `NegotiationCacheSeconds`)")
+        "still the PACS's answer, see `NegotiationCacheSeconds`). With `ForwardVia` `dicomweb` there is no DIMSE "
+        "association to mirror: every mode stores and forwards")
     negotiation_cache_seconds: Annotated[float, Number(minimum=0)] = key(
         "NegotiationCacheSeconds", 300, "store-and-forward and the spool fallback: the PACS's answer to a "
         "modality's presentation contexts (asked with one association carrying the same proposal) is reused this "
