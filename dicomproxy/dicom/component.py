@@ -106,7 +106,8 @@ class DicomComponent:
                 "dicomproxy_dicom_relay_refused_total", "Relayed C-STOREs the PACS answered with a failure status"),
             "store_seconds": metrics.histogram(
                 "dicomproxy_dicom_store_seconds",
-                "Seconds to answer a C-STORE, from the complete dataset to the status (parse, scripts, spool fsync)",
+                "Seconds to answer a C-STORE, from the complete dataset to the status (parse, scripts, spool fsync, "
+                "or the PACS's answer when relayed)",
                 buckets=DICOM_BUCKETS,
             ),
         }
@@ -184,14 +185,15 @@ class DicomComponent:
 
     # -- relay callback (an association's thread) ----------------------------------------
     def _relayed(self, session: AssocSession, command: Command, ts: str, status: int,
-                 data: Callable[[], bytes | None]) -> None:
-        """The PACS answered a relayed C-STORE: count it; raise ``onInstanceStored`` and the hook
-        (on the loop, not waited for) when someone listens."""
+                 data: Callable[[], bytes | None], seconds: float) -> None:
+        """The PACS answered a relayed C-STORE: count it and time it; raise ``onInstanceStored``
+        and the hook (on the loop, not waited for) when someone listens."""
         if not statuses.is_stored(status):
             self.counters["relay_refused"].inc()
             return
         self.counters["received"].inc()
         self.m_forwarded.inc()
+        self.m_forward_seconds.observe(seconds)
         self.forwarder.forwarded += 1
         if not (self.gateway.lua.defines("onInstanceStored") or self.hook.wanted) or self.store.loop is None:
             return

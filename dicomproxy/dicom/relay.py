@@ -95,6 +95,7 @@ class _Incoming:
         self.size = 0
         self.writer: SpoolWriter | None = None
         self.status = (0, "")
+        self.started = time.perf_counter()
 
 
 class _Answer:
@@ -110,9 +111,9 @@ class _Answer:
         return None
 
 
-Reporter = Callable[[AssocSession, Command, str, int, Callable[[], bytes | None]], None]
-"""``(session, request, transfer syntax, PACS status, the data set if it was kept)``: the PACS
-answered a relayed C-STORE."""
+Reporter = Callable[[AssocSession, Command, str, int, Callable[[], bytes | None], float], None]
+"""``(session, request, transfer syntax, PACS status, the data set if it was kept, seconds since
+the request arrived)``: the PACS answered a relayed C-STORE."""
 
 
 class RelayScp:
@@ -344,11 +345,21 @@ class RelayScp:
 
     # -- answers --------------------------------------------------------------------------------
     def _complete(self, incoming: _Incoming) -> None:
-        command, context_id, route = incoming.command, incoming.context_id, incoming.route
-        if route is Route.DROP:
+        """Answer the message just received (a C-STORE timed into ``dicomproxy_dicom_store_seconds``:
+        from its complete data set to the answer, the PACS's round trip or the spool's fsync)."""
+        if incoming.route is Route.DROP:
             if self.state is Link.UP or self.fallback:
-                self._respond(context_id, command, STATUS_UNRECOGNIZED, "unrecognized operation")
-        elif route is Route.REFUSED:
+                self._respond(incoming.context_id, incoming.command, STATUS_UNRECOGNIZED, "unrecognized operation")
+            return
+        started = time.perf_counter()
+        try:
+            self._answer_store(incoming)
+        finally:
+            self.store.observe_answer(time.perf_counter() - started)
+
+    def _answer_store(self, incoming: _Incoming) -> None:
+        command, context_id, route = incoming.command, incoming.context_id, incoming.route
+        if route is Route.REFUSED:
             self._respond(context_id, command, *incoming.status)
         elif route is Route.SPOOL:
             assert incoming.writer is not None
@@ -376,7 +387,8 @@ class RelayScp:
         status = answer.status()
         kept = incoming.kept
         self.report(self.session, command, self.accepted[context_id], status.status,
-                    (lambda: edited) if edited is not None else (lambda: _joined(kept)))
+                    (lambda: edited) if edited is not None else (lambda: _joined(kept)),
+                    time.perf_counter() - incoming.started)
         self._respond(context_id, command, status.status, status.comment)
 
     def _scripted(self, incoming: _Incoming) -> None:
@@ -411,7 +423,7 @@ class RelayScp:
 
     def _spool(self, writer: SpoolWriter) -> tuple[int, str]:
         try:
-            return self.store.store_received(self.session, writer)
+            return self.store.store_received(self.session, writer, timed=False)
         except Exception:
             log.exception("C-STORE %s from %s failed", writer.sop_instance, self.label)
             writer.discard()

@@ -68,19 +68,25 @@ class StoreService:
     def _scripted_store(self) -> bool:
         return self.bridge.defines("onCStore", "ReceivedInstanceFilter")
 
-    def store_received(self, session: AssocSession, writer: SpoolWriter) -> tuple[int, str]:
+    def store_received(self, session: AssocSession, writer: SpoolWriter, *, timed: bool = True) -> tuple[int, str]:
         """From an association's thread, the data set in ``writer``: ``(status, error comment)``.
 
         Unscripted, everything happens on the calling thread (read the header, commit and fsync
         the spool file) and the loop is only told to forward; with a script the whole store
-        runs on the event loop, where Lua lives. Timed into ``dicomproxy_dicom_store_seconds``."""
+        runs on the event loop, where Lua lives. Timed into ``dicomproxy_dicom_store_seconds``
+        (unless ``timed`` is False: the relay times its answers itself)."""
         started = time.perf_counter()
         try:
             return self._store_received(session, writer)
         finally:
-            seconds = self.counters.get("store_seconds")
-            if seconds is not None:
-                seconds.observe(time.perf_counter() - started)
+            if timed:
+                self.observe_answer(time.perf_counter() - started)
+
+    def observe_answer(self, seconds: float) -> None:
+        """One C-STORE answered ``seconds`` after its data set was complete."""
+        metric = self.counters.get("store_seconds")
+        if metric is not None:
+            metric.observe(seconds)
 
     def _store_received(self, session: AssocSession, writer: SpoolWriter) -> tuple[int, str]:
         ts, sop_class, sop_instance = writer.transfer_syntax, writer.sop_class, writer.sop_instance
