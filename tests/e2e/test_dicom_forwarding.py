@@ -123,9 +123,11 @@ def test_a_kill9_during_backoff_keeps_the_attempts(orthanc_factory: Any, gateway
     assert before["attempts"] == 1 and "0xA700" in before["lastError"]
     pacs.wait_for_instances(1)
     # the API shows it waiting in its study, with its origin (no Authentication here: the API is open)
-    waiting = gateway.get("/dicomproxy/spool").json()
+    # (the good one leaves the spool once the gateway has Orthanc's answer, just after Orthanc has it)
+    waiting = wait_until(lambda: (w := gateway.get("/dicomproxy/spool").json())["depth"] == 1 and w,
+                         what="only the refused one in the spool")
     (row,) = waiting["destinations"][0]["studies"]
-    assert waiting["depth"] == 1 and row["study"] == study and row["callingAe"] == "CT01", waiting
+    assert row["study"] == study and row["callingAe"] == "CT01", waiting
     assert row["waiting"] + row["delayed"] + row["sending"] == 1
     killed_at = time.time()
     gateway.kill9()
