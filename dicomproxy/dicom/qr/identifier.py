@@ -54,12 +54,12 @@ class Identifier:
     def dataset(self) -> Dataset:
         """The identifier decoded lazily (an element is decoded when first read): edit this one."""
         if self._lazy is None:
-            self._lazy = datasets.decode(self.raw, self.transfer_syntax)
+            self._lazy = datasets.decode(self.raw, self.transfer_syntax, instance=False)
         return self._lazy
 
     def fresh(self) -> Dataset:
         """A decoded copy of its own (reading every element of it leaves :meth:`dataset` undecoded)."""
-        return datasets.decode(self.raw, self.transfer_syntax)
+        return datasets.decode(self.raw, self.transfer_syntax, instance=False)
 
     def table(self) -> dict[str, Any]:
         with _quiet_pydicom():
