@@ -1,13 +1,17 @@
-"""Store-and-forward benchmark: dcmtk storescu straight to Orthanc vs through the gateway.
+"""DICOM storage benchmark: dcmtk storescu straight to Orthanc vs through the gateway, in relay
+mode and in store-and-forward mode, in the same rounds.
 
     python bench/dicom_bench.py [--instances 500] [--rounds 3] [--studies 1] [--nagle]
-                                [--baseline /work/baseline] [--size 16]
+                                [--modes relay,spool] [--baseline /work/baseline] [--size 16]
+                                [--big-mb 300]
 
-One run starts a real Orthanc (DICOMweb plugin, as in the tests) and the gateway as a real
-process (``Logging:Level`` INFO, store-and-forward on: every instance is spooled with fsync
-before storescu hears success, and forwarded to Orthanc by the forwarder). Rounds alternate
-direct and gateway so both see the same machine load. Each round stores fresh instances
-(new UIDs: Orthanc never short-cuts a known instance).
+One run starts a real Orthanc (DICOMweb plugin, as in the tests) and one gateway process per
+mode (``Logging:Level`` INFO): ``relay`` is ``Dicom:StoreMode`` ``RelayOrSpool`` (each C-STORE
+relayed to Orthanc and answered with Orthanc's status), ``spool`` is ``StoreAndForward`` (every
+instance spooled with fsync before storescu hears success, forwarded by the forwarder). Rounds
+run direct, then the gateways in rotating order, so all see the same machine load. Each round
+stores fresh instances (new UIDs: Orthanc never short-cuts a known instance). ``--big-mb N``
+then sends one N MB instance through each gateway and reports the growth of its peak RSS.
 
 Figures per round:
 
@@ -18,9 +22,10 @@ Figures per round:
   forward), from /proc.
 
 The ratios compare each gateway figure with the direct one of the same round; the summary
-prints the medians. ``--baseline DIR`` runs a second gateway from another checkout (``DIR``,
-with its own ``DIR/.venv``) in the same rounds, direct, then the two gateways in alternating
-order (ABBA), for before/after figures under the same machine load.
+prints the medians. ``--baseline DIR`` runs another gateway from another checkout (``DIR``,
+with its own ``DIR/.venv``, its own defaults) in the same rounds, for before/after figures under
+the same machine load. In relay mode accept and end-to-end are the same thing: storescu hears
+success only once Orthanc has the instance.
 
 storescu runs with ``TCP_NODELAY=1`` (dcmtk's switch for disabling Nagle): with Nagle on,
 storescu itself stalls ~40 ms per instance on delayed ACKs and both paths measure the client,
@@ -89,7 +94,7 @@ def storescu(aet: str, port: int, folder: Path, nagle: bool) -> float:
         env["TCP_NODELAY"] = "1"
     started = time.perf_counter()
     proc = subprocess.run(
-        [dcmtk("storescu"), "-aec", aet, "127.0.0.1", str(port), str(folder), "+sd"],
+        [dcmtk("storescu"), "-aec", aet, "127.0.0.1", str(port), str(folder), *(["+sd"] if folder.is_dir() else [])],
         env=env,
         capture_output=True,
         text=True,
@@ -130,6 +135,8 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=16, help="rows and columns of each CT image (16: ~1 KB of pixels)")
     ap.add_argument("--forward-concurrency", type=int, default=None, help="Dicom:ForwardConcurrency (default: 4)")
     ap.add_argument("--baseline", type=Path, default=None, help="also run the gateway of this checkout (its .venv)")
+    ap.add_argument("--modes", default="relay,spool", help="gateway modes to run: relay, spool (comma-separated)")
+    ap.add_argument("--big-mb", type=int, default=0, help="then one instance of this many MB through each gateway")
     ap.add_argument("--nagle", action="store_true", help="run storescu with Nagle on (dcmtk's default)")
     ap.add_argument(
         "--orthanc-nagle", action="store_true", help="leave Nagle on in Orthanc (its DCMTK default: ~20 instances/s)"
@@ -143,13 +150,18 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="dicom-bench-") as tmp_name:
         tmp = Path(tmp_name)
         orthanc = OrthancServer(tmp / "orthanc").start()
-        settings: dict[str, Any] = {"Logging": {"Level": "INFO"}}
+        settings: dict[str, Any] = {"Logging": {"Level": "INFO"}, "Dicom": {}}
         if args.forward_concurrency:
-            settings["Dicom"] = {"ForwardConcurrency": args.forward_concurrency}
-        gateways = {"gateway": GatewayProcess(tmp / "gateway", orthanc=orthanc, settings=settings)}
+            settings["Dicom"]["ForwardConcurrency"] = args.forward_concurrency
+        gateways: dict[str, GatewayProcess] = {}
+        for mode in args.modes.split(","):
+            store_mode = {"relay": "RelayOrSpool", "spool": "StoreAndForward"}[mode.strip()]
+            mine = {**settings, "Dicom": {**settings["Dicom"], "StoreMode": store_mode}}
+            gateways[mode.strip()] = GatewayProcess(tmp / mode.strip(), orthanc=orthanc, settings=mine)
         if args.baseline:
             gateways = {"baseline": baseline_gateway(args.baseline, tmp / "baseline", orthanc, settings), **gateways}
         rows: list[tuple[int, str, float, float, float, float]] = []
+        big: dict[str, tuple[float, float]] = {}
         try:
             for g in gateways.values():
                 g.start()
@@ -161,19 +173,48 @@ def main() -> int:
                 expected += n
                 wait_count(orthanc, expected)
                 order = list(gateways.items())
-                if r % 2 == 0:
-                    order.reverse()  # ABBA: neither gateway always runs right after direct
+                shift = (r - 1) % len(order)
+                order = order[shift:] + order[:shift]  # rotating: no gateway always runs right after direct
                 for name, g in order:
                     folder = make_batch(tmp / f"{name}{r}", n, args.studies, f"{name[0].upper()}{r}", args.size)
                     expected += n
                     accept, e2e, cpu = run_gateway(g, orthanc, folder, expected, n, args.nagle)
                     rows.append((r, name, n / t_direct, accept, e2e, cpu))
+            if args.big_mb:
+                for name, g in gateways.items():
+                    expected += 1
+                    big[name] = big_instance(g, orthanc, tmp / f"big-{name}.dcm", args.big_mb, expected)
         finally:
             for g in gateways.values():
                 g.stop()
             orthanc.stop()
     report(args, rows)
+    for name, (grown, seconds) in big.items():
+        print(f"{args.big_mb} MB instance through {name}: peak RSS +{grown:.0f} MB, {seconds:.1f} s to Orthanc")
     return 0
+
+
+def peak_rss_mb(gateway: GatewayProcess) -> float:
+    assert gateway.proc is not None
+    status = Path(f"/proc/{gateway.proc.pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024
+
+
+def big_instance(gateway: GatewayProcess, orthanc: OrthancServer, path: Path, mb: int, expected: int
+                 ) -> tuple[float, float]:
+    """(peak RSS growth in MB, seconds until Orthanc holds it) for one ``mb`` MB instance."""
+    ds = dicom_samples.build_dataset(patient_id="BENCH-BIG", patient_name="Big^Bench", size=(16, 16))
+    side = int(((mb << 20) / 2) ** 0.5)
+    ds.Rows = ds.Columns = side
+    ds.PixelData = bytes(range(256)) * (side * side * 2 // 256) + bytes(side * side * 2 % 256)
+    ds.save_as(path, enforce_file_format=True)
+    del ds
+    before = peak_rss_mb(gateway)
+    started = time.perf_counter()
+    storescu(gateway.aet, gateway.dicom_port, path, nagle=False)
+    seconds = wait_count(orthanc, expected) - started
+    path.unlink()
+    return peak_rss_mb(gateway) - before, seconds
 
 
 def report(args: argparse.Namespace, rows: list[tuple[int, str, float, float, float, float]]) -> None:

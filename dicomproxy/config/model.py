@@ -23,6 +23,7 @@ caps, uploads capped at 20 GiB each and 100 GiB together, SMTP credentials never
 from __future__ import annotations
 
 import ipaddress
+import re
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
@@ -456,6 +457,18 @@ class TusSettings(Section):
         return int(self.zip_max_expanded_gb * GiB)
 
 
+class StatusPattern(Text):
+    """A DIMSE status pattern: four hex digits, ``x`` for any (``A7xx``)."""
+
+    noun = "a status pattern (four hex digits, x for any: A7xx)"
+
+    def parse(self, value: Any, root: Path) -> str:
+        text = super().parse(value, root).strip().upper()
+        if not re.fullmatch(r"[0-9A-FX]{4}", text):
+            raise self.fail(value)
+        return text
+
+
 class RemoteAe(Section):
     """A remote DICOM node."""
 
@@ -472,6 +485,23 @@ class PacsAe(RemoteAe):
     aet: Annotated[str, AeTitle()] = key("Aet", "ORTHANC", "the PACS's AE title")
     host: Annotated[str, Text(nonempty=True)] = key("Host", "127.0.0.1", "the PACS's DICOM host")
     port: Annotated[int, Whole(1, 65535)] = key("Port", 4242, "the PACS's DICOM port")
+    ae_titles: Annotated[str, Choice("Modality", "Gateway")] = key(
+        "AeTitles", "Modality", "the AE titles instances reach the PACS with: `Modality` (the modality's calling AE "
+        "title and the called AE title it asked for, so the PACS's per-modality rules and its `RemoteAET`/"
+        "`CalledAET` metadata see the modality; the PACS must then accept those titles, e.g. Orthanc's "
+        "`DicomAlwaysAllowStore` or an entry per modality in `DicomModalities`) or `Gateway` (`Dicom:Aet` "
+        "calling this `Aet`)")
+
+
+class ModalityAe(RemoteAe):
+    """A ``Dicom:Modalities`` entry: a C-MOVE destination (and a ``send`` target)."""
+
+    retrieve: Annotated[str, Choice("Auto", "Relay", "FetchAndStore")] = key(
+        "Retrieve", "Auto", "how a C-MOVE to this AE is served: `Relay` passes the C-MOVE to the PACS, which moves "
+        "the instances there itself (the PACS must know this AE title), with its status and counts; "
+        "`FetchAndStore` fetches them from the PACS with C-GET and stores them there; `Auto` relays and, when the "
+        "PACS answers that it cannot move there (0xA801, or 0xC000 before any sub-operation as Orthanc 1.10 does, "
+        "when the request does match instances), fetches instead (remembered for 10 minutes)")
 
 
 class DicomSettings(Section):
@@ -480,8 +510,9 @@ class DicomSettings(Section):
     host: Annotated[str, Text(nonempty=True)] = key(
         "Host", "127.0.0.1", "where the DICOM side listens (loopback by default; `0.0.0.0` for all interfaces)")
     upstream: PacsAe = section("Upstream", "the PACS's DICOM side")
-    modalities: dict[str, RemoteAe] = collection(
-        "Modalities", "named remote AEs: `{\"name\":{\"Aet\":..,\"Host\":..,\"Port\":..}}` (C-MOVE destinations)", {})
+    modalities: dict[str, ModalityAe] = collection(
+        "Modalities", "named remote AEs: `{\"name\":{\"Aet\":..,\"Host\":..,\"Port\":..}}` (C-MOVE destinations; a "
+        "C-MOVE to an AE title not listed here is refused with 0xA801)", {})
     allowed_calling_aets: Annotated[tuple[str, ...], Names(AeTitle())] = key(
         "AllowedCallingAets", (), "calling AEs allowed to associate (empty: all; an AE title is not a password, "
         "so keep `Dicom:Host` on a trusted network)")
@@ -493,10 +524,31 @@ class DicomSettings(Section):
     forward_max_retry: Annotated[float, Number(minimum=0.01)] = key(
         "ForwardMaxRetrySeconds", 60, "longest retry delay")
     forward_max_attempts: Annotated[int, Whole(0)] = key(
-        "ForwardMaxAttempts", 0, "`0` = retry until the PACS is back. An instance the PACS refuses for good goes to "
-        "`<SpoolFolder>/failed/` with a `.json` note and a `forward.failed` event")
+        "ForwardMaxAttempts", 10, "C-STOREs tried per instance before it goes to `<SpoolFolder>/failed/` (a `.json` "
+        "note says why, a `forward.failed` event is raised; `/dicomproxy/spool/failed` retries or discards it). "
+        "Counted per instance, each with its own backoff: a failure status in `ForwardRetryStatuses`, an aborted or "
+        "timed-out C-STORE, the PACS rejecting the instance's AE titles. A PACS that cannot be reached charges no "
+        "instance: forwarding waits for it. `0`: no limit")
+    forward_retry_statuses: Annotated[tuple[str, ...], Names(StatusPattern())] = key(
+        "ForwardRetryStatuses", ("A7xx", "0110", "0210", "0213"), "C-STORE failure statuses retried (four hex "
+        "digits, `x` for any): out of resources, processing failure, duplicate invocation, resource limitation. Any "
+        "other failure status (0xA9xx, 0xCxxx, 0x0122, 0x0124...) sends the instance to `failed/` at once")
     forward_concurrency: Annotated[int, Whole(1)] = key(
-        "ForwardConcurrency", 4, "studies forwarded in parallel (each study in arrival order)")
+        "ForwardConcurrency", 4, "studies forwarded in parallel (each study in arrival order); also the most "
+        "associations the forwarder holds open to the PACS (one per lane, for one pair of AE titles at a time)")
+    store_mode: Annotated[str, Choice("RelayOrSpool", "Relay", "StoreAndForward")] = key(
+        "StoreMode", "RelayOrSpool", "`RelayOrSpool`: each modality association is mirrored by one to the PACS "
+        "(same AE titles and presentation contexts) and every C-STORE answer is the PACS's own, given after the "
+        "PACS's; when the PACS cannot be reached the association is served from the spool instead (success once "
+        "spooled, forwarded later). `Relay`: the same, and the association is rejected (transient) when the PACS "
+        "cannot be reached. `StoreAndForward`: answer once spooled, forward later (the presentation contexts are "
+        "still the PACS's answer, see `NegotiationCacheSeconds`). With `ForwardVia` `dicomweb` there is no DIMSE "
+        "association to mirror: every mode stores and forwards")
+    negotiation_cache_seconds: Annotated[float, Number(minimum=0)] = key(
+        "NegotiationCacheSeconds", 300, "store-and-forward and the spool fallback: the PACS's answer to a "
+        "modality's presentation contexts (asked with one association carrying the same proposal) is reused this "
+        "long; it is asked again after a forward the PACS refused for its context. `0`: accept every storage SOP "
+        "class and transfer syntax without asking")
     artim_seconds: Annotated[float, Number(minimum=0.1)] = key(
         "ArtimSeconds", 30, "ARTIM (PS3.8 9.1.5): a connection must deliver its whole A-ASSOCIATE-RQ within this "
         "many seconds of being accepted, however slowly its bytes come, or it is closed; also how long the gateway "
@@ -510,6 +562,11 @@ class DicomSettings(Section):
         "NAT address")
     max_connections: Annotated[int, Whole(1)] = key(
         "MaxConnections", 256, "open DICOM connections in all; one more is closed at once")
+    qr_timeout: Annotated[float, Number(minimum=1)] = key(
+        "QueryRetrieveTimeoutSeconds", 300, "during a C-FIND, C-GET or C-MOVE through the gateway, the longest wait "
+        "for the PACS's next message (a response, the next piece of an instance), a move destination's or the "
+        "requester's answer to a sub-operation, or a peer to read what the gateway sends; past it the operation "
+        "fails and its associations are aborted")
     max_dataset_mb: Annotated[int, Whole(1)] = key(
         "MaxDatasetMB", 4096, "largest data set one C-STORE may send; a larger one aborts the association "
         "(nothing is kept). Data sets are streamed to the spool as they arrive, so memory does not grow with "

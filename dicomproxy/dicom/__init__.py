@@ -11,9 +11,12 @@ Layers, bottom up:
   context and transfer syntax rule; ``implementation`` the gateway's implementation identity;
 * services: ``storage_scp`` (C-STORE/C-ECHO received, one thread per association),
   ``storage_scu`` (C-STORE/C-ECHO sent), ``qr/`` (C-FIND, C-MOVE/C-GET: a pynetdicom AE);
-* ``dispatch`` (association policy, and where each association goes), ``store`` (what happens to
-  one received instance), ``spool`` (the durable queue on disk), ``forwarder`` (C-STORE or
-  STOW-RS to the PACS, at least once), ``datasets`` (Dataset <-> Lua tables), ``session``
+* ``dispatch`` (association policy, and where each association goes), ``relay`` (a modality
+  association mirrored by one to the PACS: the PACS's own answers), ``negotiation`` (the PACS's
+  answer to a proposal, asked and cached), ``store`` (what happens to one received instance),
+  ``spool`` (the durable queue on disk), ``forwarder`` (C-STORE or STOW-RS to the PACS, at least
+  once, never wedged), ``statuses`` (what a C-STORE status means: stored, retry, refused),
+  ``spool_api`` (``/dicomproxy/spool``), ``datasets`` (Dataset <-> Lua tables), ``session``
   (per-association Lua scope), ``hooks`` (the "instance stored" hook other features subscribe
   to), ``commands`` (``InternalCmdRun`` send / echo), ``component`` (start, stop, health).
 
@@ -38,6 +41,7 @@ def install(gateway: Host) -> None:
     component = DicomComponent(gateway)
     gateway.add_component(component)
     gateway.add_health("dicom", component.health)
+    gateway.mount("/dicomproxy/spool", component.api)
     settings = component.settings
 
     async def send(args: str) -> dict[str, Any]:

@@ -17,9 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
-
-from pydicom.dataset import Dataset
+from collections.abc import Callable
 
 from dicomproxy.audit import codes, events
 from dicomproxy.audit.events import SELF, Participant, Study
@@ -110,48 +108,39 @@ class DicomAudit:
             with contextlib.suppress(RuntimeError):
                 self._timer = asyncio.get_running_loop().call_later(QUIET_SECONDS, self.flush)
 
-    # -- queries and retrieves (pynetdicom threads) ------------------------------------------
-    def query(self, session: AssocSession, event: Any) -> None:
+    # -- queries and retrieves (event loop, from qr/operation.py) ------------------------------
+    def query(self, session: AssocSession, model: str, identifier: bytes, transfer_syntax: str) -> None:
         """A C-FIND: the identifier's bytes as the requester sent them."""
         if not self.on or self.trail is None:
             return
-        try:
-            identifier = event.request.Identifier.getvalue()
-            model, ts = str(event.request.AffectedSOPClassUID), str(event.context.transfer_syntax)
-        except Exception as e:  # an audit record is not worth failing a query for
-            log.warning("audit: C-FIND from %s not described: %s", session.calling, e)
-            identifier, model, ts = b"", "", ""
         self.trail.record(events.query(self._caller(session, requestor=True, role=codes.SOURCE),
                                        Participant(SELF, False, codes.DESTINATION),
-                                       events.dimse_query(model, identifier, ts)))
+                                       events.dimse_query(model, identifier, transfer_syntax)))
 
-    def retrieve_started(self, session: AssocSession, event: Any, identifier: Dataset,
-                         instances: list[tuple[str, str]]) -> None:
+    def retrieve_started(self, session: AssocSession, move_to: str, study: Study) -> None:
+        """A C-MOVE (``move_to``: its destination) or C-GET (``move_to`` empty) the scripts let through."""
         if self.on and self.trail is not None:
-            study = _study(identifier, (sc for _, sc in instances))
             self.trail.record(events.begin_transferring([study], Participant(SELF, False, codes.SOURCE),
-                                                        self._destination(session, event),
+                                                        self._destination(session, move_to),
                                                         self._caller(session, requestor=True)))
 
-    def retrieved(self, session: AssocSession, event: Any, identifier: Dataset, instances: list[tuple[str, str]],
-                  delivered: set[str]) -> None:
-        if not self.on or self.trail is None or not instances:
+    def retrieved(self, session: AssocSession, move_to: str, study: Study, completed: int, failed: int) -> None:
+        """The retrieve's final response: ``completed`` and ``failed`` sub-operations (for a C-MOVE the
+        PACS moved itself, the counts it reported)."""
+        if not self.on or self.trail is None or not (completed or failed):
             return
-        study = _study(identifier, (sc for uid, sc in instances if uid in delivered))
-        missing = len(instances) - len(delivered & {uid for uid, _ in instances})
-        reason = f"{missing} of {len(instances)} instance(s) not delivered" if missing else ""
+        reason = f"{failed} of {completed + failed} instance(s) not delivered" if failed else ""
         self.trail.record(events.instances_transferred(
-            [study], Participant(SELF, False, codes.SOURCE), self._destination(session, event), action="R",
-            ok=not missing, reason=reason, requestor=self._caller(session, requestor=True)))
+            [study], Participant(SELF, False, codes.SOURCE), self._destination(session, move_to), action="R",
+            ok=not failed, reason=reason, requestor=self._caller(session, requestor=True)))
 
     # -- helpers ---------------------------------------------------------------------------
     @staticmethod
     def _caller(session: AssocSession, *, requestor: bool, role: codes.Code | None = None) -> Participant:
         return events.peer(session.calling, session.ip, requestor=requestor, role=role)
 
-    def _destination(self, session: AssocSession, event: Any) -> Participant:
+    def _destination(self, session: AssocSession, move_to: str) -> Participant:
         """C-MOVE: the move destination (its address from Dicom:Modalities); C-GET: the requester."""
-        move_to = str(getattr(event.request, "MoveDestination", "") or "").strip()
         if not move_to:
             return self._caller(session, requestor=False, role=codes.DESTINATION)
         host = next((ae.host for ae in self.settings.modalities.values() if ae.aet == move_to), "")
@@ -165,8 +154,6 @@ def _now() -> float:
         return float("inf")
 
 
-def _study(identifier: Dataset, sop_classes: Any) -> Study:
-    study = Study(str(identifier.get("StudyInstanceUID", "") or "(none)"), str(identifier.get("PatientID", "") or ""))
-    for sc in sop_classes:
-        study.add(sc)
-    return study
+def study_of(get: Callable[[str], str]) -> Study:
+    """The study a retrieve names (``get(keyword)`` reads its identifier)."""
+    return Study(get("StudyInstanceUID").strip() or "(none)", get("PatientID").strip())

@@ -11,15 +11,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from dicomproxy.dicom import datasets, statuses
 from dicomproxy.dicom.audit import DicomAudit
-from dicomproxy.dicom.dispatch import Dispatcher
+from dicomproxy.dicom.dimse import Command
+from dicomproxy.dicom.dispatch import Dispatcher, PacsSide
 from dicomproxy.dicom.forwarder import DatasetReader, Forwarder, ForwardResult, ForwardTarget
 from dicomproxy.dicom.hooks import InstanceStored, StoredInstance
-from dicomproxy.dicom.qr.ae import QueryRetrieveAe
-from dicomproxy.dicom.session import LuaBridge
+from dicomproxy.dicom.negotiation import NegotiationCache
+from dicomproxy.dicom.qr.service import QueryRetrieve
+from dicomproxy.dicom.session import AssocSession, LuaBridge
 from dicomproxy.dicom.spool import Spool, SpoolEntry
+from dicomproxy.dicom.spool_api import build_spool_api
+from dicomproxy.dicom.statuses import RetryRule
 from dicomproxy.dicom.store import StoreService
 from dicomproxy.dicom.ul.acceptor import Acceptor, Limits
 from dicomproxy.host import Host
@@ -42,6 +49,7 @@ def forward_target(gateway: Host) -> ForwardTarget:
     return ForwardTarget(
         via="dimse", aet=dicom.upstream.aet, host=dicom.upstream.host, port=dicom.upstream.port,
         calling_aet=dicom.aet, timeout=max(30.0, up.read_timeout), connect_timeout=up.connect_timeout,
+        ae_titles=dicom.upstream.ae_titles,
     )
 
 
@@ -56,11 +64,15 @@ class DicomComponent:
         self.target = forward_target(gateway)
         self.audit = DicomAudit(gateway.audit, s, "dimse" if self.target.via == "dimse" else self.target.describe())
         self.hook = gateway.hooks.get(InstanceStored)
-        self.hook.forwarded_as = s.aet if s.port and self.target.via == "dimse" else None
+        # Over DIMSE with the gateway's own AE titles the PACS records the gateway as the origin; with
+        # the modality's (the default) it records the modality, as if it had sent the instance itself.
+        gateway_titles = self.target.via == "dimse" and self.target.ae_titles == "Gateway"
+        self.hook.forwarded_as = s.aet if s.port and gateway_titles else None
         self._metrics(gateway)
         self.forwarder = Forwarder(
             self.spool, self.target, concurrency=s.forward_concurrency, retry=s.forward_retry,
-            max_retry=s.forward_max_retry, max_attempts=s.forward_max_attempts, on_stored=self._on_stored,
+            max_retry=s.forward_max_retry, max_attempts=s.forward_max_attempts,
+            retry_rule=RetryRule(s.forward_retry_statuses), on_stored=self._on_stored,
             on_failed=self._on_failed, session_factory=self._session,
         )
         self.store = StoreService(self.bridge, self.spool, self.forwarder.enqueue, self.counters, audit=self.audit)
@@ -68,11 +80,20 @@ class DicomComponent:
             artim=s.artim_seconds, max_associations=s.max_associations, max_per_address=s.max_connections_per_address,
             max_connections=s.max_connections, max_pdu=MAX_PDU,
         )
-        self.qr = QueryRetrieveAe(s, self.bridge, self.store, max_associations=s.max_associations,
-                                  artim=s.artim_seconds, idle=300.0, audit=self.audit)
+        self.qr = QueryRetrieve(
+            s, self.bridge, self.store, self.spool, max_pdu=MAX_PDU, idle=300.0, timeout=s.qr_timeout,
+            connect_timeout=max(settings.upstream.connect_timeout, 1.0), max_dataset=s.max_dataset_mb << 20,
+            audit=self.audit,
+        )
+        self.pacs: PacsSide | None = None
+        if self.target.via == "dimse":
+            self.pacs = PacsSide(self.target, self.forwarder.destination, s.store_mode,
+                                 NegotiationCache(s.negotiation_cache_seconds), self._relayed)
+            self.forwarder.on_context_refused = self.pacs.cache.clear
         self.dispatcher = Dispatcher(s, self.limits, self.bridge, self.store, self.spool, self.qr,
-                                     max_dataset=s.max_dataset_mb << 20, audit=self.audit)
+                                     max_dataset=s.max_dataset_mb << 20, audit=self.audit, pacs=self.pacs)
         self.acceptor = Acceptor(s.host, s.port, self.limits, self.dispatcher)
+        self.api = build_spool_api(self.spool, self.forwarder.snapshot, self.forwarder.enqueue)
         self.started = False
 
     def _metrics(self, gateway: Host) -> None:
@@ -81,13 +102,17 @@ class DicomComponent:
         self.m_failed = metrics.counter(
             "dicomproxy_dicom_forward_failed_total", "Instances the PACS refused for good (moved to failed/)"
         )
-        self.counters = {
-            "received": metrics.counter("dicomproxy_dicom_received_total", "C-STORE instances accepted and spooled"),
+        self.counters: dict[str, Any] = {
+            "received": metrics.counter(
+                "dicomproxy_dicom_received_total", "C-STORE instances accepted (spooled, or relayed and stored)"),
             "rejected": metrics.counter("dicomproxy_dicom_rejected_total", "C-STORE instances refused by a script"),
             "store_errors": metrics.counter("dicomproxy_dicom_store_errors_total", "C-STORE failures (bad data, disk)"),
+            "relay_refused": metrics.counter(
+                "dicomproxy_dicom_relay_refused_total", "Relayed C-STOREs the PACS answered with a failure status"),
             "store_seconds": metrics.histogram(
                 "dicomproxy_dicom_store_seconds",
-                "Seconds to answer a C-STORE, from the complete dataset to the status (parse, scripts, spool fsync)",
+                "Seconds to answer a C-STORE, from the complete dataset to the status (parse, scripts, spool fsync, "
+                "or the PACS's answer when relayed)",
                 buckets=DICOM_BUCKETS,
             ),
         }
@@ -113,6 +138,9 @@ class DicomComponent:
             log.info("DICOM side is off (Dicom:Port is 0)")
             return
         self.store.loop = asyncio.get_running_loop()
+        if _relay_mode(self.settings.store_mode) and self.pacs is None:
+            log.info("Dicom:StoreMode %s needs Dicom:ForwardVia dimse; storing and forwarding over DICOMweb",
+                     self.settings.store_mode)
         recovered = await asyncio.to_thread(self.spool.open)
         await self.forwarder.start(recovered)
         await self.qr.start()
@@ -143,25 +171,68 @@ class DicomComponent:
         listening = self.acceptor.listening and self.qr.listening
         admission = self.acceptor.admission
         return {
-            "ok": listening and f.retrying == 0,
+            "ok": listening and not f.destination.down,
             "enabled": True,
             "listening": f"{s.aet}@{s.host}:{self.acceptor.port}" if listening else "",
             "upstream": self.target.describe(),
             "forwardVia": self.target.via,
+            "storeMode": s.store_mode,
             "spoolDepth": self.spool.depth,
             "failed": self.spool.failed_count,
             "forwarded": f.forwarded,
             "retrying": f.retrying > 0,
+            "delayed": f.delayed,
+            "upstreamReachable": not f.destination.down,
             "lastForwardError": f.last_error,
             "lastForwardErrorAt": _iso(f.last_error_at),
             "activeAssociations": admission.associations,
             "openConnections": admission.connections,
         }
 
+    # -- relay callback (an association's thread) ----------------------------------------
+    def _relayed(self, session: AssocSession, command: Command, ts: str, status: int,
+                 data: Callable[[], bytes | None], seconds: float) -> None:
+        """The PACS answered a relayed C-STORE: count it and time it; raise ``onInstanceStored``
+        and the hook (on the loop, not waited for) when someone listens."""
+        if not statuses.is_stored(status):
+            self.counters["relay_refused"].inc()
+            return
+        self.counters["received"].inc()
+        self.m_forwarded.inc()
+        self.m_forward_seconds.observe(seconds)
+        self.forwarder.forwarded += 1
+        listened = self.gateway.lua.defines("onInstanceStored") or self.hook.wanted
+        if not (listened or self.audit.on) or self.store.loop is None:
+            return
+        raw = data() or b""
+        try:
+            header = datasets.header_uids(raw, ts) if raw else {}
+        except Exception:
+            header = {}
+        entry = SpoolEntry(
+            seq=0, path=Path(), sop_class=command.sop_class, sop_instance=command.sop_instance, transfer_syntax=ts,
+            study=header.get("StudyInstanceUID", ""), series=header.get("SeriesInstanceUID", ""),
+            patient_id=header.get("PatientID", ""), origin=session.table(), received=time.time(), attempts=1,
+        )
+        result = ForwardResult(status, f"0x{status:04X}", "dimse")
+
+        async def read() -> bytes:
+            return raw
+
+        self.audit.received(session, entry)  # the association's thread, as the spooling path does
+        if listened:
+            asyncio.run_coroutine_threadsafe(self._delivered(entry, result, read), self.store.loop)
+        else:
+            self.store.loop.call_soon_threadsafe(self.audit.forwarded, entry)
+
     # -- forwarder callbacks (event loop) -------------------------------------------------
     async def _on_stored(self, entry: SpoolEntry, result: ForwardResult, read: DatasetReader) -> None:
         self.m_forwarded.inc()
         self.m_forward_seconds.observe(max(0.0, time.time() - entry.received))
+        await self._delivered(entry, result, read)
+
+    async def _delivered(self, entry: SpoolEntry, result: ForwardResult, read: DatasetReader) -> None:
+        """The PACS has the instance (forwarded from the spool, or relayed: counted by the caller)."""
         self.audit.forwarded(entry)
         assoc = {k: entry.origin.get(k, "") for k in ("CallingAE", "CalledAE", "RemoteIp")}
         assoc["RemotePort"] = entry.origin.get("RemotePort", 0)
@@ -199,7 +270,13 @@ class DicomComponent:
             sop_instance=entry.sop_instance,
             study=entry.study,
             reason=reason,
+            attempts=entry.attempts,
+            calling_ae=entry.origin.get("CallingAE", ""),
         )
+
+
+def _relay_mode(mode: str) -> bool:
+    return mode != "StoreAndForward"
 
 
 def _join(threads: list[Any]) -> None:

@@ -6,31 +6,47 @@ context must be DICOM's; ``Dicom:AllowedCallingAets`` (when set) must list the c
 acceptor before; see :mod:`.ul.acceptor`.)
 
 Then: an association that proposes a Query/Retrieve model or SCP/SCU role selection (a C-GET
-requester) is spliced, bytes untouched, to the pynetdicom AE of :mod:`.qr` on its loopback port,
-two small tasks on the event loop copying each way; any other is a storage association, served
-by :class:`.storage_scp.StorageScp` on a thread of its own. A thread that cannot be started
-(the process is out of threads) is an A-ASSOCIATE-RJ (transient, temporary congestion) for that
-request; the port keeps listening.
+requester) is served by :mod:`.qr` on the event loop (:meth:`.qr.service.QueryRetrieve.serve`),
+on the connection the acceptor took, so every Lua event sees the requester's own address; any
+other is a storage association, and ``Dicom:StoreMode`` says how it is served, on a thread of
+its own:
+
+* ``Relay`` / ``RelayOrSpool``: the request is put to the PACS first (:mod:`.negotiation`); when
+  the PACS accepts, its results are the modality's and :class:`.relay.RelayScp` relays every
+  message. A permanent A-ASSOCIATE-RJ from the PACS is passed on as it is (the modality hears what
+  it would hear directly). When the PACS cannot be reached (or rejects transiently, or the
+  forwarder is backing off from it), ``Relay`` rejects (transient, temporary congestion) and
+  ``RelayOrSpool`` serves the association from the spool;
+* ``StoreAndForward`` and the spool fallback: :class:`.storage_scp.StorageScp`, with the PACS's
+  last answer to the same proposal (asked with a probe association and cached), or, without one,
+  any storage SOP class in any transfer syntax the gateway can read.
+
+A thread that cannot be started (the process is out of threads) is an A-ASSOCIATE-RJ
+(transient, temporary congestion) for that request; the port keeps listening.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import socket
 import threading
+from dataclasses import dataclass, field
+from typing import Any
 
 from dicomproxy.config.settings import DicomSettings
-from dicomproxy.dicom import presentation
+from dicomproxy.dicom import negotiation, presentation
 from dicomproxy.dicom.audit import DicomAudit
-from dicomproxy.dicom.qr.ae import QueryRetrieveAe
+from dicomproxy.dicom.forwarder import Destination, ForwardTarget
+from dicomproxy.dicom.negotiation import Mirror, NegotiationCache, Results
+from dicomproxy.dicom.qr.service import QueryRetrieve
+from dicomproxy.dicom.relay import RelayScp, Reporter
 from dicomproxy.dicom.session import AssocSession, LuaBridge
 from dicomproxy.dicom.spool import Spool
 from dicomproxy.dicom.storage_scp import StorageScp
 from dicomproxy.dicom.store import StoreService
 from dicomproxy.dicom.ul import pdu as pdus
 from dicomproxy.dicom.ul.acceptor import Limits, Pending, Slot
+from dicomproxy.dicom.ul.errors import AssociationRejected, UpperLayerError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +57,20 @@ PERMANENT_NO_REASON = (1, 1, 1)
 PERMANENT_CALLING_AE = (1, 1, 3)
 PERMANENT_APPLICATION_CONTEXT = (1, 1, 2)
 TRANSIENT_CONGESTION = (2, 3, 1)
+RELAY_MODES = ("Relay", "RelayOrSpool")
+
+
+@dataclass
+class PacsSide:
+    """What the storage side needs of the PACS: where it is, how it is doing, how to relay."""
+
+    target: ForwardTarget
+    destination: Destination
+    mode: str  # Dicom:StoreMode
+    cache: NegotiationCache
+    report: Reporter
+    on_refused_context: Any = None
+    background: set[asyncio.Task[None]] = field(default_factory=set)
 
 _REFUSALS = {  # why, for the audit trail
     PERMANENT_CALLING_AE: "not in Dicom:AllowedCallingAets", PERMANENT_NO_REASON: "refused by onDicomAssociation",
@@ -52,7 +82,7 @@ class Dispatcher:
 
     def __init__(
         self, settings: DicomSettings, limits: Limits, bridge: LuaBridge, store: StoreService, spool: Spool,
-        qr: QueryRetrieveAe, *, max_dataset: int, audit: DicomAudit | None = None,
+        qr: QueryRetrieve, *, max_dataset: int, audit: DicomAudit | None = None, pacs: PacsSide | None = None,
     ) -> None:
         self.settings = settings
         self.audit = audit or DicomAudit(None, settings, "dimse")
@@ -62,8 +92,9 @@ class Dispatcher:
         self.spool = spool
         self.qr = qr
         self.max_dataset = max_dataset
+        self.pacs = pacs
         self._allowed = frozenset(a.strip() for a in settings.allowed_calling_aets)
-        self._live: set[StorageScp] = set()
+        self._live: set[StorageScp | RelayScp] = set()
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
 
@@ -79,7 +110,7 @@ class Dispatcher:
             await pending.reject(*refusal)
             return
         if rq.proposes_roles or presentation.is_query_retrieve(cx.abstract_syntax for cx in rq.contexts):
-            await self._splice(pending, session)
+            await self.qr.serve(pending, session)
         else:
             await self._serve_storage(pending, session)
 
@@ -99,8 +130,78 @@ class Dispatcher:
 
     # -- storage ------------------------------------------------------------------------------
     async def _serve_storage(self, pending: Pending, session: AssocSession) -> None:
+        rq, pacs = pending.request, self.pacs
+        if pacs is None:
+            await self._spooled(pending, session, presentation.negotiate(rq.contexts, presentation.serves_storage))
+            return
+        contexts = negotiation.forwardable(rq.contexts)
+        titles = pacs.target.titles(session.table())
+        key = NegotiationCache.key(*titles, contexts)
+        if pacs.mode in RELAY_MODES and not (pacs.mode == "RelayOrSpool" and pacs.destination.down):
+            mirror = await self._mirror(pending, titles, contexts)
+            if isinstance(mirror, Mirror):
+                results = negotiation.results_for(rq.contexts, mirror.ac)
+                pacs.cache.put(key, results)
+                await self._relay(pending, session, mirror, results)
+                return
+            if mirror is not None or pacs.mode == "Relay":
+                session.close()
+                await pending.reject(*(mirror or TRANSIENT_CONGESTION))
+                return
+            log.info("association from %s (%s:%d): the PACS cannot be reached; served from the spool", rq.calling,
+                     pending.ip, pending.port)
+        elif pacs.mode == "StoreAndForward" and pacs.cache.ttl > 0 and pacs.cache.get(key) is None \
+                and not pacs.destination.down:
+            rejected = await self._probe(pending, titles, contexts, key)
+            if rejected is not None:
+                session.close()
+                await pending.reject(*rejected)
+                return
+        cached = pacs.cache.get(key) if pacs.cache.ttl > 0 else None
+        await self._spooled(pending, session, cached or presentation.negotiate(rq.contexts,
+                                                                               presentation.serves_storage))
+
+    async def _mirror(
+        self, pending: Pending, titles: tuple[str, str], contexts: list[pdus.ProposedContext]
+    ) -> Mirror | tuple[int, int, int] | None:
+        """The association with the PACS; a rejection to pass on; None when it cannot be reached."""
+        assert self.pacs is not None
+        if not contexts:
+            return None
+        target = self.pacs.target
+        rq = pdus.associate_rq(titles[1], titles[0], contexts, self.limits.max_pdu)
+        try:
+            return await negotiation.request(target.host, target.port, rq, timeout=target.connect_timeout,
+                                             artim=self.limits.artim)
+        except AssociationRejected as e:
+            if e.result == 1:
+                log.info("association from %s (%s:%d) rejected by the PACS: %s", pending.request.calling,
+                         pending.ip, pending.port, e)
+                return e.result, e.source, e.reason
+            return None
+        except UpperLayerError as e:
+            self.pacs.destination.unreachable(str(e))
+            log.warning("association from %s: the PACS cannot be reached (%s)", pending.request.calling, e)
+            return None
+
+    async def _probe(
+        self, pending: Pending, titles: tuple[str, str], contexts: list[pdus.ProposedContext],
+        key: negotiation.CacheKey,
+    ) -> tuple[int, int, int] | None:
+        """Store-and-forward: ask the PACS what it would accept (cached); a permanent rejection
+        to pass on, else None."""
+        assert self.pacs is not None
+        mirror = await self._mirror(pending, titles, contexts)
+        if not isinstance(mirror, Mirror):
+            return mirror
+        self.pacs.cache.put(key, negotiation.results_for(pending.request.contexts, mirror.ac))
+        task = asyncio.get_running_loop().create_task(negotiation.release(mirror))
+        self.pacs.background.add(task)
+        task.add_done_callback(self.pacs.background.discard)
+        return None
+
+    async def _spooled(self, pending: Pending, session: AssocSession, results: Results) -> None:
         rq = pending.request
-        results = presentation.negotiate(rq.contexts, presentation.serves_storage)
         accepted = {cid: ts for cid, result, ts in results if result == presentation.ACCEPTANCE}
         abstract_of = {cx.context_id: cx.abstract_syntax for cx in rq.contexts}
         ac = pdus.associate_ac(pending.pdu, results, self.limits.max_pdu)
@@ -109,6 +210,26 @@ class Dispatcher:
             pending.core, pending.sock, ac, session, self.bridge, self.store, self.spool, accepted, abstract_of,
             idle=IDLE_SECONDS, max_dataset=self.max_dataset, on_end=lambda s: self._ended(s, slot),
         )
+        await self._start(pending, session, scp, len(accepted))
+
+    async def _relay(self, pending: Pending, session: AssocSession, mirror: Mirror, results: Results) -> None:
+        assert self.pacs is not None
+        rq = pending.request
+        accepted = {cid: ts for cid, result, ts in results if result == presentation.ACCEPTANCE}
+        abstract_of = {cx.context_id: cx.abstract_syntax for cx in rq.contexts}
+        ac = pdus.associate_ac(pending.pdu, results, self.limits.max_pdu)
+        slot = pending.slot
+        scp = RelayScp(
+            pending.core, pending.sock, ac, mirror, session, self.bridge, self.store, self.spool, accepted,
+            abstract_of, fallback=self.pacs.mode == "RelayOrSpool", idle=IDLE_SECONDS,
+            timeout=self.pacs.target.timeout, max_dataset=self.max_dataset, report=self.pacs.report,
+            on_end=lambda s: self._ended(s, slot),
+        )
+        if not await self._start(pending, session, scp, len(accepted)):
+            mirror.close()
+
+    async def _start(self, pending: Pending, session: AssocSession, scp: StorageScp | RelayScp, n: int) -> bool:
+        rq = pending.request
         thread = threading.Thread(target=scp.run, name=f"dicom-assoc-{rq.calling}", daemon=True)
         with self._lock:
             self._live.add(scp)
@@ -123,49 +244,19 @@ class Dispatcher:
                       pending.port, e)
             session.close()
             await pending.reject(*TRANSIENT_CONGESTION)
-            return
+            return False
         pending.take()
-        log.debug("association from %s (%s:%d) accepted, %d context(s)", rq.calling, pending.ip, pending.port,
-                  len(accepted))
+        log.debug("association from %s (%s:%d) accepted, %d context(s), %s", rq.calling, pending.ip, pending.port,
+                  n, "relayed" if isinstance(scp, RelayScp) else "spooled")
+        return True
 
-    def _ended(self, scp: StorageScp, slot: Slot) -> None:
+    def _ended(self, scp: StorageScp | RelayScp, slot: Slot) -> None:
         """From the association's thread, when it ends."""
         self.audit.ended(scp.session)
         with self._lock:
             self._live.discard(scp)
             self._threads.discard(threading.current_thread())
         slot.close()
-
-    # -- Query/Retrieve -------------------------------------------------------------------------
-    async def _splice(self, pending: Pending, session: AssocSession) -> None:
-        loop = asyncio.get_running_loop()
-        up = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        up.setblocking(False)
-        try:
-            await asyncio.wait_for(loop.sock_connect(up, ("127.0.0.1", self.qr.port)), 10)
-        except (OSError, TimeoutError) as e:
-            up.close()
-            session.close()
-            log.error("cannot reach the internal Q/R AE: %s", e)
-            await pending.reject(*TRANSIENT_CONGESTION)
-            return
-        up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        local = int(up.getsockname()[1])
-        self.qr.sessions.expect(local, session)
-        sock = pending.take()
-        try:
-            await loop.sock_sendall(up, pending.raw)
-            await _pump_both(loop, sock, up, linger=self.limits.artim)
-        except OSError:
-            pass
-        finally:
-            self.qr.sessions.forget(local)
-            for s in (up, sock):
-                with contextlib.suppress(OSError):
-                    s.close()
-            pending.slot.close()
-            self.audit.ended(session)
-            session.close()
 
     # -- lifecycle ------------------------------------------------------------------------------
     @property
@@ -181,28 +272,3 @@ class Dispatcher:
             scp.shutdown()
         return threads
 
-
-async def _pump_both(loop: asyncio.AbstractEventLoop, a: socket.socket, b: socket.socket, *, linger: float) -> None:
-    """Copy both ways until one side ends; then give the other ``linger`` seconds to finish."""
-    tasks = [loop.create_task(_pump(loop, a, b)), loop.create_task(_pump(loop, b, a))]
-    try:
-        done, rest = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        if rest:
-            await asyncio.wait(rest, timeout=linger)
-    finally:
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, OSError):
-                await t
-
-
-async def _pump(loop: asyncio.AbstractEventLoop, src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while data := await loop.sock_recv(src, 1 << 16):
-            await loop.sock_sendall(dst, data)
-    except OSError:
-        pass
-    finally:
-        with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_WR)

@@ -16,10 +16,12 @@ not ship), so a compressed instance the peer refuses in its own syntax is refuse
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Callable, Container, Iterable, Sequence
 from typing import TypeVar
 
+from pydicom._uid_dict import UID_dictionary
 from pydicom.uid import UID
 from pynetdicom import AllStoragePresentationContexts
 
@@ -46,7 +48,13 @@ TRANSFER_SYNTAXES = (
     "1.2.840.10008.1.2.4.91",  # JPEG 2000
     "1.2.840.10008.1.2.5",  # RLE Lossless
 )
-"""What the gateway accepts (and stores as it came)."""
+"""The common syntaxes, in the order retrieve contexts propose them (:func:`retrieve_pairs`)."""
+
+ALL_TRANSFER_SYNTAXES = frozenset(uid for uid, entry in UID_dictionary.items() if entry[1] == "Transfer Syntax")
+"""What the storage side accepts (and stores as it came): every transfer syntax of the standard
+pydicom knows (59 in pydicom 3.0: JPEG 2000 Part 2, HTJ2K, MPEG-2/4, HEVC, JPEG XL, deflated
+image frames...). A private transfer syntax is refused: the gateway could not read the data set's
+header (its SOP Instance UID, its study) to check and route it."""
 
 VERIFICATION = "1.2.840.10008.1.1"
 STORAGE_SOP_CLASSES = frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
@@ -75,7 +83,8 @@ class NotAccepted(Exception):
 
 
 def negotiate(
-    contexts: Iterable[ProposedContext], serves: Callable[[str], bool], syntaxes: Container[str] = TRANSFER_SYNTAXES
+    contexts: Iterable[ProposedContext], serves: Callable[[str], bool],
+    syntaxes: Container[str] = ALL_TRANSFER_SYNTAXES,
 ) -> list[tuple[int, int, str]]:
     """``(context id, result, transfer syntax)`` for each proposed context (see the module docstring)."""
     results = []
@@ -92,9 +101,30 @@ def negotiate(
     return results
 
 
+STANDARD_ROOT = "1.2.840.10008."
+
+
+@functools.lru_cache(maxsize=1024)
+def is_storage(abstract_syntax: str) -> bool:
+    """A storage SOP class: pynetdicom's list, any other the standard registry names a storage SOP
+    class (retired ones included, e.g. Ultrasound Image Storage (Retired) 1.2.840.10008.5.1.4.1.1.6,
+    or classes newer than pynetdicom's list), and any private (non-standard) SOP class. A
+    standard UID that is not a storage class (Query/Retrieve, Storage Commitment, MPPS, ...) is
+    not: the storage side would not know what to do with its messages."""
+    if abstract_syntax in STORAGE_SOP_CLASSES:
+        return True
+    if not abstract_syntax.startswith(STANDARD_ROOT):
+        return bool(abstract_syntax) and len(abstract_syntax) <= 64
+    entry = UID_dictionary.get(abstract_syntax)
+    if abstract_syntax.startswith("1.2.840.10008.5.1.4.1.1."):
+        return entry is None or "Storage" in entry[0]
+    return entry is not None and entry[1] == "SOP Class" and "Storage" in entry[0] and "Commitment" not in entry[0]
+
+
 def serves_storage(abstract_syntax: str) -> bool:
-    """What the storage acceptor serves itself: the storage SOP classes and Verification."""
-    return abstract_syntax in STORAGE_SOP_CLASSES or abstract_syntax == VERIFICATION
+    """What the storage acceptor serves itself: any storage SOP class (:func:`is_storage`) and
+    Verification."""
+    return abstract_syntax == VERIFICATION or is_storage(abstract_syntax)
 
 
 def is_query_retrieve(abstract_syntaxes: Iterable[str]) -> bool:

@@ -6,8 +6,15 @@ gateway said "success" to can be lost by a crash, a kill -9 or a PACS outage.
 Layout (under ``Dicom:SpoolFolder``)::
 
     queue/     000000000042.dcm ... one file per instance, the name is the arrival sequence
+               000000000042.state  its forwarding state once an attempt failed (JSON: attempts,
+                                   next attempt, first and last error), written atomically
     tmp/       scratch (emptied at start)
     failed/    <seq>-<SOPInstanceUID>.dcm + .json (why) for instances the PACS refused for good
+               or that used up their attempts (``Dicom:ForwardMaxAttempts``)
+
+Sequence numbers are unique across ``queue/`` and ``failed/`` (a restart continues after the
+highest of both), so a failed instance's id (its file name's stem) names it for good; the
+``/dicomproxy/spool`` API (:mod:`.spool_api`) lists, retries and discards them.
 
 Each spool file is a valid DICOM Part 10 file: the dataset bytes exactly as received, behind a
 file meta group that also carries the spool's own metadata (the association's AE titles and
@@ -32,6 +39,7 @@ import io
 import json
 import logging
 import os
+import re
 import struct
 import threading
 import time
@@ -81,6 +89,33 @@ class SpoolEntry:
     attempts: int = 0
     data: bytes | None = field(default=None, repr=False)  # in-memory copy, spares the forwarder a read
     length: int = -1  # data set bytes (-1: unknown, read to the end of the file)
+    next_at: float = 0.0  # wall-clock time of the next attempt (0: now)
+    first_error: str = ""
+    first_error_at: float = 0.0
+    last_error: str = ""
+    last_error_at: float = 0.0
+
+    @property
+    def key(self) -> str:
+        """What the forwarder orders by: the study (or the instance, when it has none)."""
+        return self.study or self.sop_instance
+
+    def failed_attempt(self, error: str, now: float, next_at: float) -> None:
+        if not self.first_error:
+            self.first_error, self.first_error_at = error, now
+        self.last_error, self.last_error_at, self.next_at = error, now, next_at
+
+    def state(self) -> dict[str, Any]:
+        """The forwarding state that survives a restart (``<seq>.state``)."""
+        return {"attempts": self.attempts, "nextAt": self.next_at, "firstError": self.first_error,
+                "firstErrorAt": self.first_error_at, "lastError": self.last_error, "lastErrorAt": self.last_error_at}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.attempts = int(state.get("attempts", 0))
+        self.next_at = float(state.get("nextAt", 0.0))
+        self.first_error, self.last_error = str(state.get("firstError", "")), str(state.get("lastError", ""))
+        self.first_error_at = float(state.get("firstErrorAt", 0.0))
+        self.last_error_at = float(state.get("lastErrorAt", 0.0))
 
     def info(self) -> dict[str, Any]:
         return {
@@ -92,6 +127,13 @@ class SpoolEntry:
             "TransferSyntaxUID": self.transfer_syntax,
             "RemoteAE": self.origin.get("CallingAE", ""),
         }
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts)) if ts else ""
+
+
+_FAILED_ID = re.compile(r"^(?:unreadable-)?[0-9]{1,20}(?:-[0-9A-Za-z.]{1,64})?$")
 
 
 # --------------------------------------------------------------------------- file meta
@@ -199,10 +241,15 @@ class Spool:
                 log.error("spool: %s is unreadable (%s); moved to %s", path, e, target)
                 os.replace(path, target)
         entries.sort(key=lambda e: e.seq)
-        self._failed = sum(1 for _ in self.failed_dir.glob("*.dcm"))
+        failed = [p.stem for p in self.failed_dir.glob("*.dcm")]
+        self._failed = len(failed)
+        highest = max([entries[-1].seq if entries else 0, *(_seq_of(stem) for stem in failed)])
+        for orphan in self.queue_dir.glob("*.state"):  # a state whose instance is gone (crash after removal)
+            if not orphan.with_suffix(".dcm").exists():
+                orphan.unlink(missing_ok=True)
         with self._lock:
             self._depth = len(entries)
-            self._next_seq = (entries[-1].seq + 1) if entries else 1
+            self._next_seq = highest + 1
         if self._unlink_thread is None:
             self._unlink_stop = False
             self._unlink_thread = threading.Thread(target=self._unlinker, name="dicom-spool-unlink", daemon=True)
@@ -229,8 +276,8 @@ class Spool:
         info = json.loads(meta[0x0102].rstrip(b"\0 ").decode("utf-8"))
         if "length" in info and path.stat().st_size != offset + int(info["length"]):
             raise SpoolError(f"truncated: {path.stat().st_size} bytes, expected {offset + int(info['length'])}")
-        return SpoolEntry(
-            seq=int(path.stem),
+        entry = SpoolEntry(
+            seq=_seq_of(path.stem),
             path=path,
             sop_class=_text(meta.get(0x0002)),
             sop_instance=_text(meta.get(0x0003)),
@@ -243,6 +290,13 @@ class Spool:
             data_offset=offset,
             length=int(info.get("length", -1)),
         )
+        state = path.with_suffix(".state")
+        if state.exists():
+            try:
+                entry.set_state(json.loads(state.read_text()))
+            except (OSError, ValueError) as e:
+                log.warning("spool: ignoring the unreadable forwarding state %s (%s)", state, e)
+        return entry
 
     # -- hot path -------------------------------------------------------------------------
     def begin(
@@ -296,8 +350,11 @@ class Spool:
         with self._lock:
             self._depth -= 1
         with self._unlink_cond:
+            idle = not self._unlinks  # the thread sleeps only when the list is empty
             self._unlinks.append(entry.path)
-            if len(self._unlinks) == 1:  # the thread sleeps only when the list is empty
+            if entry.first_error:  # an attempt failed before: its state was written
+                self._unlinks.append(entry.path.with_suffix(".state"))
+            if idle:
                 self._unlink_cond.notify()
 
     def _unlinker(self) -> None:
@@ -317,24 +374,93 @@ class Spool:
             if stop:
                 return
 
+    def save_state(self, entry: SpoolEntry) -> None:
+        """Write the entry's forwarding state atomically (after a failed attempt; blocking)."""
+        target = entry.path.with_suffix(".state")
+        tmp = self.tmp_dir / f"{entry.seq:012d}.state"
+        with open(tmp, "w") as f:
+            json.dump(entry.state(), f)
+            if self.fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, target)
+
     def fail(self, entry: SpoolEntry, reason: str, **details: Any) -> Path:
-        """Move an instance the PACS refused for good to ``failed/`` with a JSON note saying why."""
+        """Move an instance the PACS refused for good (or that used up its attempts) to
+        ``failed/`` with a JSON note saying why (blocking)."""
         stem = f"{entry.seq:012d}-{entry.sop_instance or 'unknown'}"
         target = self.failed_dir / f"{stem}.dcm"
         note = {
             "reason": reason,
-            "failedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "failedAt": _iso(time.time()),
             "attempts": entry.attempts,
+            "firstError": entry.first_error or reason,
+            "firstErrorAt": _iso(entry.first_error_at or time.time()),
+            "lastError": entry.last_error or reason,
+            "lastErrorAt": _iso(entry.last_error_at or time.time()),
             **entry.info(),
             "origin": entry.origin,
+            "received": _iso(entry.received),
             **details,
         }
         (self.failed_dir / f"{stem}.json").write_text(json.dumps(note, indent=2))
         os.replace(entry.path, target)
+        entry.path.with_suffix(".state").unlink(missing_ok=True)
         with self._lock:
             self._depth -= 1
             self._failed += 1
         return target
+
+    # -- the failed folder (the API; blocking: call from a thread) -------------------------
+    def failed_path(self, failed_id: str) -> Path | None:
+        """The file of a failed instance by its id (the stem of its name), or None."""
+        if not _FAILED_ID.match(failed_id):
+            return None
+        path = self.failed_dir / f"{failed_id}.dcm"
+        return path if path.is_file() else None
+
+    def failed_list(self, offset: int = 0, limit: int = 100) -> tuple[int, list[dict[str, Any]]]:
+        """``(total, notes)``: the failed instances in arrival order, each its note plus ``id``."""
+        stems = sorted(p.stem for p in self.failed_dir.glob("*.dcm"))
+        out = []
+        for stem in stems[offset : offset + limit]:
+            note: dict[str, Any]
+            try:
+                note = json.loads((self.failed_dir / f"{stem}.json").read_text())
+            except (OSError, ValueError):
+                note = {"reason": "unreadable spool file (no note)" if stem.startswith("unreadable-") else "no note"}
+            out.append({"id": stem, **note})
+        return len(stems), out
+
+    def restore(self, failed_id: str) -> SpoolEntry | None:
+        """Put a failed instance back in the queue (a new sequence number, attempts from zero);
+        None when there is no such id. Raises :class:`SpoolError` when the file is not a spool file."""
+        path = self.failed_path(failed_id)
+        if path is None:
+            return None
+        with self._lock:
+            seq = self._next_seq
+            self._next_seq += 1
+        target = self.queue_dir / f"{seq:012d}.dcm"
+        self.load(path)  # refuses a file that is not ours before it moves
+        os.replace(path, target)
+        (self.failed_dir / f"{failed_id}.json").unlink(missing_ok=True)
+        entry = self.load(target)
+        with self._lock:
+            self._failed -= 1
+            self._depth += 1
+        return entry
+
+    def discard_failed(self, failed_id: str) -> bool:
+        """Delete a failed instance and its note; False when there is no such id."""
+        path = self.failed_path(failed_id)
+        if path is None:
+            return False
+        path.unlink(missing_ok=True)
+        (self.failed_dir / f"{failed_id}.json").unlink(missing_ok=True)
+        with self._lock:
+            self._failed -= 1
+        return True
 
     @property
     def depth(self) -> int:
@@ -470,6 +596,11 @@ class SpoolWriter:
             self._fd = None
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+
+def _seq_of(stem: str) -> int:
+    digits = stem.removeprefix("unreadable-").split("-", 1)[0]
+    return int(digits) if digits.isdigit() else 0
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:

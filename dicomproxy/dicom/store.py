@@ -71,19 +71,25 @@ class StoreService:
     def _scripted_store(self) -> bool:
         return self.bridge.defines("onCStore", "ReceivedInstanceFilter")
 
-    def store_received(self, session: AssocSession, writer: SpoolWriter) -> tuple[int, str]:
+    def store_received(self, session: AssocSession, writer: SpoolWriter, *, timed: bool = True) -> tuple[int, str]:
         """From an association's thread, the data set in ``writer``: ``(status, error comment)``.
 
         Unscripted, everything happens on the calling thread (read the header, commit and fsync
         the spool file) and the loop is only told to forward; with a script the whole store
-        runs on the event loop, where Lua lives. Timed into ``dicomproxy_dicom_store_seconds``."""
+        runs on the event loop, where Lua lives. Timed into ``dicomproxy_dicom_store_seconds``
+        (unless ``timed`` is False: the relay times its answers itself)."""
         started = time.perf_counter()
         try:
             return self._store_received(session, writer)
         finally:
-            seconds = self.counters.get("store_seconds")
-            if seconds is not None:
-                seconds.observe(time.perf_counter() - started)
+            if timed:
+                self.observe_answer(time.perf_counter() - started)
+
+    def observe_answer(self, seconds: float) -> None:
+        """One C-STORE answered ``seconds`` after its data set was complete."""
+        metric = self.counters.get("store_seconds")
+        if metric is not None:
+            metric.observe(seconds)
 
     def _store_received(self, session: AssocSession, writer: SpoolWriter) -> tuple[int, str]:
         ts, sop_class, sop_instance = writer.transfer_syntax, writer.sop_class, writer.sop_instance
@@ -117,6 +123,19 @@ class StoreService:
         self._count("received")
         return STATUS_SUCCESS, ""
 
+    def edit_blocking(
+        self, session: AssocSession, raw: bytes, ts: str, sop_instance: str
+    ) -> Edited | tuple[int, str]:
+        """From a thread (the relay): run ``onCStore`` / ``ReceivedInstanceFilter`` on the loop; the
+        data set to send (edited or not), or the ``(status, comment)`` to answer instead."""
+        assert self.loop is not None, "StoreService.loop is set when the component starts"
+        future = asyncio.run_coroutine_threadsafe(self._scripted(session, raw, ts, sop_instance), self.loop)
+        return future.result(self.bridge.timeout * 2 + 60)
+
+    def scripted(self) -> bool:
+        """A script wants to see (and may edit) each instance."""
+        return self._scripted_store()
+
     def store_blocking(
         self, session: AssocSession, raw: bytes, ts: str, sop_class: str, sop_instance: str
     ) -> tuple[int, str]:
@@ -137,7 +156,7 @@ class StoreService:
         """On the event loop: ``(status, error comment)`` for the C-STORE response."""
         if self._scripted_store():
             outcome = await self._scripted(session, raw, ts, sop_instance)
-            if not isinstance(outcome, _Edited):
+            if not isinstance(outcome, Edited):
                 return outcome
             raw, header, sop_instance = outcome
         else:
@@ -198,7 +217,7 @@ class StoreService:
 
     async def _scripted(
         self, session: AssocSession, raw: bytes, ts: str, sop_instance: str
-    ) -> _Edited | tuple[int, str]:
+    ) -> Edited | tuple[int, str]:
         try:
             ds = datasets.decode(raw, ts)
             table = datasets.dataset_to_table(ds)
@@ -244,10 +263,10 @@ class StoreService:
             "SeriesInstanceUID": str(ds.get("SeriesInstanceUID", "") or ""),
             "PatientID": str(ds.get("PatientID", "") or ""),
         }
-        return _Edited(raw, header, str(ds.get("SOPInstanceUID", sop_instance) or sop_instance))
+        return Edited(raw, header, str(ds.get("SOPInstanceUID", sop_instance) or sop_instance))
 
 
-class _Edited(NamedTuple):
+class Edited(NamedTuple):
     """A data set the scripts let through (edited or not), ready to be spooled."""
 
     raw: bytes

@@ -97,3 +97,21 @@ def test_header_uids_reads_a_stream() -> None:
     ds = dicom_samples.build_dataset(patient_id="P8", patient_name="S^T")
     raw = datasets.encode(ds, ExplicitVRLittleEndian)
     assert datasets.header_uids(BytesIO(raw), ExplicitVRLittleEndian)["SOPInstanceUID"] == ds.SOPInstanceUID
+
+
+def test_a_data_set_that_does_not_read_as_its_syntax_is_refused() -> None:
+    from dicomproxy.dicom.datasets import EncodingMismatch, check_encoding, header_uids
+
+    ds = dicom_samples.build_dataset(patient_id="P", patient_name="A^B")
+    syntaxes = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99")
+    for sent in syntaxes:
+        raw = datasets.encode(ds, sent)
+        for negotiated in syntaxes:
+            if negotiated == sent:
+                check_encoding(raw, negotiated)
+                assert header_uids(raw, negotiated)["SOPInstanceUID"] == ds.SOPInstanceUID
+            else:
+                with pytest.raises(EncodingMismatch):
+                    header_uids(raw, negotiated)
+    with pytest.raises(EncodingMismatch, match="explicit VR data"):
+        datasets.decode(datasets.encode(ds, "1.2.840.10008.1.2.1"), "1.2.840.10008.1.2")

@@ -13,6 +13,9 @@ CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
 RLE = "1.2.840.10008.1.2.5"
 JPEG = "1.2.840.10008.1.2.4.50"
+HTJ2K = "1.2.840.10008.1.2.4.201"
+MPEG4 = "1.2.840.10008.1.2.4.102"
+US_RETIRED = "1.2.840.10008.5.1.4.1.1.6"
 
 
 def test_the_requestors_first_acceptable_syntax_wins() -> None:
@@ -20,11 +23,23 @@ def test_the_requestors_first_acceptable_syntax_wins() -> None:
         ProposedContext(1, CT, (RLE, EXPLICIT, IMPLICIT)),  # the modality prefers its compressed encoding
         ProposedContext(3, CT, (IMPLICIT, EXPLICIT)),
         ProposedContext(5, CT, ("1.2.3.4.5.6",)),  # a syntax the gateway does not take
-        ProposedContext(7, "1.2.3", (EXPLICIT,)),  # not a storage SOP class
+        ProposedContext(7, "1.2.840.10008.5.1.4.1.2.2.1", (EXPLICIT,)),  # a standard class, not storage
         ProposedContext(9, presentation.VERIFICATION, (IMPLICIT,)),
+        ProposedContext(11, "1.2.3", (HTJ2K, EXPLICIT)),  # a private SOP class, the newest syntax
+        ProposedContext(13, US_RETIRED, (MPEG4,)),
     ]
     assert presentation.negotiate(contexts, presentation.serves_storage) == [
-        (1, 0, RLE), (3, 0, IMPLICIT), (5, 4, "1.2.3.4.5.6"), (7, 3, EXPLICIT), (9, 0, IMPLICIT)]
+        (1, 0, RLE), (3, 0, IMPLICIT), (5, 4, "1.2.3.4.5.6"), (7, 3, EXPLICIT), (9, 0, IMPLICIT), (11, 0, HTJ2K),
+        (13, 0, MPEG4)]
+
+
+def test_any_storage_sop_class_is_storage() -> None:
+    assert presentation.is_storage(US_RETIRED) and presentation.is_storage(CT)
+    assert presentation.is_storage("1.2.276.0.7230010.3.1.0.1") and presentation.is_storage("1.2.840.10008.5.1.4.38.1")
+    assert not presentation.is_storage("1.2.840.10008.1.20.1")  # Storage Commitment Push Model
+    assert not presentation.is_storage("1.2.840.10008.3.1.2.3.3")  # Modality Performed Procedure Step
+    assert {"1.2.840.10008.1.2.4.92", "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.107"} <= (
+        presentation.ALL_TRANSFER_SYNTAXES)
 
 
 def test_query_retrieve_models_are_recognised() -> None:

@@ -125,3 +125,45 @@ def test_max_bytes_and_discard(tmp_path: Path) -> None:
     writer.discard()
     assert not writer.path.exists() and spool.depth == 0
     spool.close()
+
+
+def test_failed_instances_are_listed_retried_and_discarded(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, fsync=False)
+    spool.open()
+    a, b = _put(spool, b"first"), _put(spool, b"second")
+    a.attempts = 3
+    a.failed_attempt("status 0xA700", 100.0, 0.0)
+    spool.fail(a, "gave up after 3 attempts", status=0xA700)
+    spool.fail(b, "refused", status=0xC000)
+    total, notes = spool.failed_list()
+    assert total == 2 and [n["id"] for n in notes] == [f"{a.seq:012d}-1.2.3.4", f"{b.seq:012d}-1.2.3.4"]
+    assert notes[0]["attempts"] == 3 and notes[0]["firstError"] == "status 0xA700"
+    assert notes[0]["origin"]["CallingAE"] == "MOD" and notes[0]["status"] == 0xA700
+    assert spool.failed_list(offset=1, limit=5)[1][0]["id"] == notes[1]["id"]
+    spool.close()
+    again = Spool(tmp_path, fsync=False)
+    again.open()  # the queue is empty: numbering continues after the failed ones, ids stay unique
+    restored = again.restore(notes[0]["id"])
+    assert restored is not None and restored.seq == b.seq + 1 and restored.attempts == 0
+    assert again.read_dataset(restored) == b"first" and again.depth == 1 and again.failed_count == 1
+    assert again.restore(notes[0]["id"]) is None  # gone from failed/
+    assert again.restore("../queue/x") is None and again.discard_failed("..") is False
+    assert again.discard_failed(notes[1]["id"]) and again.failed_count == 0
+    assert not list(again.failed_dir.iterdir())
+    again.close()
+
+
+def test_the_forwarding_state_is_kept_beside_the_instance(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, fsync=False)
+    spool.open()
+    entry = _put(spool, b"data")
+    entry.attempts = 2
+    entry.failed_attempt("aborted", 10.0, 4_000_000_000.0)
+    spool.save_state(entry)
+    spool.close()
+    again = Spool(tmp_path, fsync=False)
+    (loaded,) = again.open()
+    assert (loaded.attempts, loaded.next_at, loaded.last_error, loaded.first_error_at) == (2, 4e9, "aborted", 10.0)
+    again.remove(loaded)
+    again.close()
+    assert not list(again.queue_dir.iterdir())  # the instance and its state

@@ -189,7 +189,7 @@ def test_association_policy(gateway_factory: Any, fresh_orthanc: OrthancServer) 
     assert run_dcmtk("echoscu", "-aet", "GOOD", "-aec", gateway.aet, LOOPBACK, port, check=False).returncode == 0
     refused = run_dcmtk("echoscu", "-aet", "BLOCKED", "-aec", gateway.aet, LOOPBACK, port, check=False)
     assert refused.returncode != 0 and "Rejected" in refused.stderr + refused.stdout
-    # the same policy on a Query/Retrieve association (served by the pynetdicom AE)
+    # the same policy on a Query/Retrieve association (served by qr/, on the requester's own address)
     find = ["-S", "-aec", gateway.aet, LOOPBACK, port, "-k", "QueryRetrieveLevel=STUDY", "-k", "PatientID=NOBODY"]
     assert run_dcmtk("findscu", "-aet", "GOOD", *find, check=False).returncode == 0
     blocked = run_dcmtk("findscu", "-aet", "BLOCKED", *find, check=False)
@@ -257,9 +257,12 @@ def test_spool_survives_kill9(orthanc_factory: Any, gateway_factory: Any, tmp_pa
 
 
 def test_refused_for_good_goes_to_failed_folder(orthanc_factory: Any, gateway_factory: Any, tmp_path: Path) -> None:
-    # This PACS takes uncompressed syntaxes only; the gateway never transcodes compressed data.
+    # This PACS takes uncompressed syntaxes only; the gateway never transcodes compressed data. The
+    # gateway is told not to ask the PACS at negotiation (then the modality's RLE context would be
+    # refused at once, tests/e2e/test_dicom_relay.py), so the refusal comes at forwarding time.
     pacs = orthanc_factory(extra_config={"AcceptedTransferSyntaxes": ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"]})
-    gateway = gateway_factory({"Dicom": FAST_RETRY}, orthanc=pacs)
+    no_probe = {**FAST_RETRY, "StoreMode": "StoreAndForward", "NegotiationCacheSeconds": 0}
+    gateway = gateway_factory({"Dicom": no_probe}, orthanc=pacs)
     rle, uid = dicom_samples.make_instance(
         tmp_path / "rle.dcm", patient_id="PF", patient_name="F^F", transfer_syntax=pydicom.uid.RLELossless
     )
@@ -288,7 +291,8 @@ function onCFind(query, assoc)
   if query.PatientID == "REWRITE-ME" then query.PatientID = "FINDA" end
 end
 function IncomingFindRequestFilter(query, origin)
-  if query.PatientID == "ORTHANC-STYLE" then query.PatientID = "FINDB" end
+  -- Orthanc's form: tags as "gggg,eeee", the filter returns the query to use
+  if query["0010,0020"] == "ORTHANC-STYLE" then query["0010,0020"] = "FINDB" end
   return query
 end
 function onCFindResult(result, assoc)

@@ -504,9 +504,10 @@ def test_app_event_mails_for_an_imported_upload_and_a_failed_forward(
         {"Events": ["upload.imported"], "To": ["uploads@example.org"]},
         {"Events": ["*.failed"], "To": ["ops@example.org", "uploads@example.org"]},
     ]
-    # The DICOM side forwards to a port where nothing listens, giving up after one attempt.
-    settings["Dicom"] = {"Upstream": {"Aet": "NOBODY", "Host": LOOPBACK, "Port": free_port()},
-                         "ForwardMaxAttempts": 1, "ForwardRetrySeconds": 0.1}
+    # The DICOM side stores and forwards to Orthanc, which refuses an instance without a Series Instance
+    # UID (0xA700); one attempt, then failed/ and forward.failed. (A PACS that cannot be reached at all
+    # fails no instance: forwarding waits for it.)
+    settings["Dicom"] = {"StoreMode": "StoreAndForward", "ForwardMaxAttempts": 1, "ForwardRetrySeconds": 0.1}
     gateway = gateway_factory(settings, {"main.lua": MAIL_SCRIPT}, orthanc=fresh_orthanc)
 
     path, _ = dicom_samples.make_instance(sample_dir / "up.dcm", patient_id="MAIL1", patient_name="Mail^Test")
@@ -516,7 +517,10 @@ def test_app_event_mails_for_an_imported_upload_and_a_failed_forward(
     assert got.message["Subject"] == "[DicomProxy] Upload imported: up.dcm"
     assert "Event: upload.imported" in got.text()
 
-    run_dcmtk("storescu", "-aec", gateway.aet, LOOPBACK, str(gateway.dicom_port), str(path))
+    refused = dicom_samples.build_dataset(patient_id="MAIL2", patient_name="Mail^Test")
+    del refused.SeriesInstanceUID
+    refused.save_as(sample_dir / "refused.dcm", enforce_file_format=True)
+    run_dcmtk("storescu", "-aec", gateway.aet, LOOPBACK, str(gateway.dicom_port), str(sample_dir / "refused.dcm"))
     got = smtp.wait_for(2, timeout=30)[1]
     assert got.recipients == ["ops@example.org", "uploads@example.org"]  # one mail, rules merged
     assert got.message["Subject"].startswith("[DicomProxy] Forwarding failed")

@@ -3,11 +3,14 @@
 The DICOM side only says "the PACS accepted this instance" (its hook,
 :class:`dicomproxy.dicom.hooks.InstanceStored`); the Orthanc rules are here:
 
-* Over DIMSE the PACS records the *gateway* as the instance's origin (``RemoteAET`` is the
-  forwarder's AE title), so the change feed would report the gateway, not the modality. This
-  layer fires ``OnStoredInstance`` from the hook instead, with the modality's AE titles and
-  address in ``metadata`` and ``origin`` (``RequestOrigin`` ``DicomProtocol``), and the change
-  feed skips the instances whose ``RemoteAET`` is the one the hook names
+* Over DIMSE with the modality's AE titles (``Dicom:Upstream:AeTitles`` ``Modality``, the
+  default) the PACS records the modality as the origin, as if it had sent the instance itself:
+  the change feed reports it like any instance and the hook is ignored (``forwarded_as`` is None).
+* Over DIMSE with the gateway's AE titles the PACS records the *gateway* as the instance's origin
+  (``RemoteAET`` is the forwarder's AE title), so the change feed would report the gateway, not
+  the modality. This layer fires ``OnStoredInstance`` from the hook instead, with the modality's
+  AE titles and address in ``metadata`` and ``origin`` (``RequestOrigin`` ``DicomProtocol``), and
+  the change feed skips the instances whose ``RemoteAET`` is the one the hook names
   (:meth:`DicomForwarded.skips`).
 * Over STOW-RS the PACS stores the instance through its REST side and the change feed fires
   ``OnStoredInstance`` as for any upload; the hook is ignored.
@@ -35,7 +38,8 @@ class DicomForwarded:
         self.host = host
 
     def install(self) -> None:
-        self.hook.subscribe(self.stored, wants=lambda: self.host.defines("OnStoredInstance"))
+        self.hook.subscribe(
+            self.stored, wants=lambda: self.hook.forwarded_as is not None and self.host.defines("OnStoredInstance"))
 
     def skips(self, metadata: dict[str, Any]) -> bool:
         """True for a change the hook reports instead (forwarded by the DICOM side over DIMSE)."""
@@ -44,7 +48,7 @@ class DicomForwarded:
                 and metadata.get("RemoteAET") == forwarded_as)
 
     async def stored(self, instance: StoredInstance) -> None:
-        if instance.via != "dimse" or not self.host.defines("OnStoredInstance"):
+        if instance.via != "dimse" or self.hook.forwarded_as is None or not self.host.defines("OnStoredInstance"):
             return
         try:
             tags = await instance.tags()

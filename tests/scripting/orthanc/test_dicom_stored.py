@@ -49,6 +49,10 @@ async def test_a_dimse_forwarded_instance_fires_on_stored_instance_with_the_moda
     DicomForwarded(hooks.get(InstanceStored), host).install()  # type: ignore[arg-type]
     assert not hook.wanted  # no OnStoredInstance: the DICOM side does not even build the event
     host.defined.add("OnStoredInstance")
+    assert not hook.wanted  # forwarded with the modality's AE titles: the PACS's change feed reports it
+    await hook.emit(_instance("dimse"))
+    assert not host.calls
+    hook.forwarded_as = "DICOMPROXY"  # Dicom:Upstream:AeTitles Gateway
     assert hook.wanted
     instance = _instance("dimse")
     await hook.emit(instance)

@@ -1,0 +1,218 @@
+"""The PACS's answer to a modality's presentation contexts: the mirror association and the
+cache of its answers.
+
+A modality's A-ASSOCIATE-RQ is put to the PACS as it is: the same AE titles (by default, see
+:meth:`.forwarder.ForwardTarget.titles`), the same context ids, abstract syntaxes and transfer
+syntaxes, in the same order (less the contexts the storage side could not serve anyway: non-storage
+standard SOP classes, private transfer syntaxes). The PACS's A-ASSOCIATE-AC then *is* the answer
+the modality gets, context by context, so a JPEG context the PACS refuses is refused at
+negotiation, as it would be if the modality talked to the PACS directly.
+
+* In relay mode that association is kept and carries the instances (:mod:`.relay`).
+* In store-and-forward mode, and for the spool fallback, it is a probe: released at once, its
+  answer cached for ``Dicom:NegotiationCacheSeconds`` per (titles, proposal), and forgotten when
+  a forward is refused for its context. When the PACS cannot be reached and nothing is cached,
+  the storage side takes any storage SOP class in any transfer syntax it can read
+  (:func:`.presentation.negotiate`).
+
+The request is made on the event loop with a non-blocking socket (``loop.sock_*``), so that the
+socket can be handed to the association's thread afterwards (:class:`Mirror`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from dicomproxy.dicom import presentation
+from dicomproxy.dicom.presentation import ABSTRACT_SYNTAX_NOT_SUPPORTED, ALL_TRANSFER_SYNTAXES
+from dicomproxy.dicom.ul import pdu as pdus
+from dicomproxy.dicom.ul.association import (
+    AssociateAccepted,
+    AssociateRejected,
+    Association,
+    ReleaseConfirmed,
+    Role,
+)
+from dicomproxy.dicom.ul.errors import AssociationRejected, UpperLayerError
+from dicomproxy.dicom.ul.pdu import HEADER_SIZE, InvalidPdu, ProposedContext
+
+Results = list[tuple[int, int, str]]
+"""``(context id, result, transfer syntax)`` per proposed context (as :func:`.pdu.associate_ac` takes)."""
+
+CACHE_ENTRIES = 256
+
+
+def forwardable(contexts: Sequence[ProposedContext]) -> list[ProposedContext]:
+    """The modality's contexts the PACS is asked about: storage SOP classes and Verification,
+    each with the transfer syntaxes the gateway can read (others are left out, in order)."""
+    out = []
+    for cx in contexts:
+        if not presentation.serves_storage(cx.abstract_syntax):
+            continue
+        syntaxes = tuple(ts for ts in cx.transfer_syntaxes if ts in ALL_TRANSFER_SYNTAXES)
+        if syntaxes:
+            out.append(ProposedContext(cx.context_id, cx.abstract_syntax, syntaxes))
+    return out
+
+
+def results_for(contexts: Sequence[ProposedContext], ac: pdus.A_ASSOCIATE_AC) -> Results:
+    """The modality's results: the PACS's for the contexts it was asked about, "abstract syntax
+    not supported" for the others."""
+    answered = pdus.accepted_contexts(ac)
+    out: Results = []
+    for cx in contexts:
+        fallback = cx.transfer_syntaxes[0] if cx.transfer_syntaxes else presentation.IMPLICIT
+        result, ts = answered.get(cx.context_id, (ABSTRACT_SYNTAX_NOT_SUPPORTED, fallback))
+        if result == presentation.ACCEPTANCE and ts not in cx.transfer_syntaxes:
+            result, ts = presentation.TRANSFER_SYNTAXES_NOT_SUPPORTED, fallback  # a PACS answering out of turn
+        out.append((cx.context_id, result, ts or fallback))
+    return out
+
+
+@dataclass
+class Mirror:
+    """An association established with the PACS on a non-blocking socket (Sta6), not yet used."""
+
+    core: Association
+    sock: socket.socket
+    ac: pdus.A_ASSOCIATE_AC
+    label: str
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+async def request(
+    host: str, port: int, rq: pdus.A_ASSOCIATE_RQ, *, timeout: float, artim: float = 30.0
+) -> Mirror:
+    """Open an association with ``rq``; raise :class:`AssociationRejected` or another
+    :class:`UpperLayerError` (cannot connect, no answer within ``timeout``, aborted)."""
+    loop = asyncio.get_running_loop()
+    label = f"{rq.called_ae_title.strip()}@{host}:{port}"
+    core = Association(Role.REQUESTOR, artim=artim, max_pdu=0)
+    core.request_association(rq, loop.time())
+    sock: socket.socket | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            info = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            family, kind, proto, _, address = info[0]
+            sock = socket.socket(family, kind, proto)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, address)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            core.connection_confirmed(loop.time())
+            for data in core.outgoing():
+                await loop.sock_sendall(sock, data)
+            answer = await _answer(loop, core, sock)
+    except TimeoutError:
+        _close(sock)
+        raise UpperLayerError(f"{label} did not answer the association request within {timeout:g} s") from None
+    except OSError as e:
+        _close(sock)
+        raise UpperLayerError(f"cannot connect to {label}: {e}") from None
+    assert sock is not None
+    if isinstance(answer, AssociateAccepted):
+        return Mirror(core, sock, answer.pdu, label)
+    _close(sock)
+    if isinstance(answer, AssociateRejected):
+        raise AssociationRejected(label, answer.result, answer.source, answer.reason)
+    raise UpperLayerError(f"{label} aborted the association request")
+
+
+async def _answer(loop: asyncio.AbstractEventLoop, core: Association, sock: socket.socket) -> object:
+    while True:
+        header = await _recv(loop, sock, HEADER_SIZE)
+        if header is None:
+            return core.connection_closed(loop.time())
+        pdu_type, length = pdus.parse_header(header)
+        try:
+            core.check_header(pdu_type, length)
+        except InvalidPdu as e:
+            return core.invalid(e, loop.time())
+        body = await _recv(loop, sock, length)
+        if body is None:
+            return core.connection_closed(loop.time())
+        indication = core.receive(pdu_type, header + body, loop.time())
+        for data in core.outgoing():
+            await loop.sock_sendall(sock, data)
+        if indication is not None or core.closed:
+            return indication
+
+
+async def _recv(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes | None:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = await loop.sock_recv_into(sock, view[got:])
+        if k == 0:
+            return None
+        got += k
+    return bytes(buf)
+
+
+async def release(mirror: Mirror, timeout: float = 2.0) -> None:
+    """A-RELEASE a mirror that is not needed (a probe); closes the socket whatever happens."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout):
+            mirror.core.release(loop.time())
+            for data in mirror.core.outgoing():
+                await loop.sock_sendall(mirror.sock, data)
+            while not mirror.core.closed:
+                if isinstance(await _answer(loop, mirror.core, mirror.sock), ReleaseConfirmed):
+                    break
+    except (TimeoutError, OSError, Exception):
+        pass
+    finally:
+        mirror.close()
+
+
+def _close(sock: socket.socket | None) -> None:
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.close()
+
+
+# --------------------------------------------------------------------------- the cache
+CacheKey = tuple[str, str, tuple[tuple[int, str, tuple[str, ...]], ...]]
+
+
+class NegotiationCache:
+    """The PACS's results per (calling, called, proposal), for ``ttl`` seconds, at most
+    :data:`CACHE_ENTRIES` (the least recently used go first)."""
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self._entries: OrderedDict[CacheKey, tuple[float, Results]] = OrderedDict()
+
+    @staticmethod
+    def key(calling: str, called: str, contexts: Sequence[ProposedContext]) -> CacheKey:
+        return calling, called, tuple((cx.context_id, cx.abstract_syntax, cx.transfer_syntaxes) for cx in contexts)
+
+    def get(self, key: CacheKey) -> Results | None:
+        hit = self._entries.get(key)
+        if hit is None:
+            return None
+        if hit[0] < time.monotonic():
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return hit[1]
+
+    def put(self, key: CacheKey, results: Results) -> None:
+        self._entries[key] = (time.monotonic() + self.ttl, results)
+        self._entries.move_to_end(key)
+        while len(self._entries) > CACHE_ENTRIES:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        """A forward was refused for its presentation context: ask the PACS again next time."""
+        self._entries.clear()

@@ -1,0 +1,93 @@
+"""Units of dicomproxy.dicom.negotiation: what the PACS is asked, how its answer becomes the
+modality's, and the cache of answers. (The mirror association itself, against a real Orthanc:
+tests/e2e/test_dicom_relay.py.)"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
+
+from dicomproxy.dicom import negotiation
+from dicomproxy.dicom.negotiation import NegotiationCache
+from dicomproxy.dicom.presentation import ABSTRACT_SYNTAX_NOT_SUPPORTED, ACCEPTANCE, TRANSFER_SYNTAXES_NOT_SUPPORTED
+from dicomproxy.dicom.ul import pdu as pdus
+from dicomproxy.dicom.ul.pdu import ProposedContext
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+US_RETIRED = "1.2.840.10008.5.1.4.1.1.6"
+PRIVATE_CLASS = "1.2.826.0.1.3680043.10.1426.77.1"
+FIND = "1.2.840.10008.5.1.4.1.2.2.1"  # Study Root C-FIND: not the storage side's
+VERIFICATION = "1.2.840.10008.1.1"
+PRIVATE_SYNTAX = "1.2.826.0.1.3680043.10.1426.99"
+
+
+def test_the_pacs_is_asked_about_storage_and_verification_with_the_syntaxes_the_gateway_reads() -> None:
+    proposed = [
+        ProposedContext(1, CT, (JPEGBaseline8Bit, PRIVATE_SYNTAX, ExplicitVRLittleEndian)),
+        ProposedContext(3, FIND, (ImplicitVRLittleEndian,)),
+        ProposedContext(5, US_RETIRED, (ExplicitVRLittleEndian,)),
+        ProposedContext(7, PRIVATE_CLASS, (ImplicitVRLittleEndian,)),
+        ProposedContext(9, VERIFICATION, (ImplicitVRLittleEndian,)),
+        ProposedContext(11, CT, (PRIVATE_SYNTAX,)),  # nothing left to ask about
+    ]
+    asked = negotiation.forwardable(proposed)
+    assert [(cx.context_id, cx.transfer_syntaxes) for cx in asked] == [
+        (1, (JPEGBaseline8Bit, ExplicitVRLittleEndian)),  # order kept, the unknown syntax left out
+        (5, (ExplicitVRLittleEndian,)),
+        (7, (ImplicitVRLittleEndian,)),
+        (9, (ImplicitVRLittleEndian,)),
+    ]
+
+
+def _ac(proposed: list[ProposedContext], answers: list[tuple[int, int, str]]) -> pdus.A_ASSOCIATE_AC:
+    rq = pdus.associate_rq("PACS", "CT01", proposed, 16384)
+    return pdus.associate_ac(rq, answers, 16384)
+
+
+def test_the_pacss_results_are_the_modalitys() -> None:
+    proposed = [
+        ProposedContext(1, CT, (JPEGBaseline8Bit,)),
+        ProposedContext(3, CT, (ExplicitVRLittleEndian, ImplicitVRLittleEndian)),
+        ProposedContext(5, FIND, (ImplicitVRLittleEndian,)),  # never put to the PACS
+        ProposedContext(7, CT, (ExplicitVRLittleEndian,)),
+    ]
+    asked = negotiation.forwardable(proposed)
+    ac = _ac(asked, [(1, TRANSFER_SYNTAXES_NOT_SUPPORTED, JPEGBaseline8Bit),
+                     (3, ACCEPTANCE, ImplicitVRLittleEndian),
+                     (7, ACCEPTANCE, JPEGBaseline8Bit)])  # a PACS choosing a syntax nobody proposed
+    assert negotiation.results_for(proposed, ac) == [
+        (1, TRANSFER_SYNTAXES_NOT_SUPPORTED, JPEGBaseline8Bit),
+        (3, ACCEPTANCE, ImplicitVRLittleEndian),
+        (5, ABSTRACT_SYNTAX_NOT_SUPPORTED, ImplicitVRLittleEndian),
+        (7, TRANSFER_SYNTAXES_NOT_SUPPORTED, ExplicitVRLittleEndian),
+    ]
+
+
+def test_the_cache_keys_on_titles_and_proposal_expires_and_forgets(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(negotiation.time, "monotonic", lambda: now[0])
+    cache = NegotiationCache(ttl=300)
+    contexts = [ProposedContext(1, CT, (ExplicitVRLittleEndian,))]
+    key = NegotiationCache.key("CT01", "PACS", contexts)
+    results: Any = [(1, ACCEPTANCE, ExplicitVRLittleEndian)]
+    cache.put(key, results)
+    assert cache.get(key) == results
+    assert cache.get(NegotiationCache.key("MR01", "PACS", contexts)) is None  # other titles: asked again
+    assert cache.get(NegotiationCache.key("CT01", "PACS", [ProposedContext(1, CT, (JPEGBaseline8Bit,))])) is None
+    now[0] += 301
+    assert cache.get(key) is None  # expired
+    cache.put(key, results)
+    cache.clear()  # a forward refused for its context
+    assert cache.get(key) is None
+
+
+def test_the_cache_is_bounded_least_recently_used_first() -> None:
+    cache = NegotiationCache(ttl=300)
+    keys = [NegotiationCache.key(f"AE{i}", "PACS", []) for i in range(negotiation.CACHE_ENTRIES + 1)]
+    for k in keys[:-1]:
+        cache.put(k, [])
+    assert cache.get(keys[0]) == []  # now the most recently used
+    cache.put(keys[-1], [])
+    assert cache.get(keys[1]) is None and cache.get(keys[0]) == [] and cache.get(keys[-1]) == []
