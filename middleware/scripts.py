@@ -21,7 +21,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .runtime import Export, LuaEngine, LuaError, LuaLibrary, build_prelude, full_chunk_path, lupa
+from .runtime import (
+    Export,
+    LuaEngine,
+    LuaError,
+    LuaLibrary,
+    Watchdog,
+    build_prelude,
+    full_chunk_path,
+    lupa,
+    with_builtins,
+)
 
 log = logging.getLogger("dicomproxy_middleware.lua")
 
@@ -38,6 +48,12 @@ class EngineOptions:
     # What the embedding application calls the two limits; errors name them.
     timeout_setting: str = "timeout_ms"
     memory_setting: str = "max_memory_mb"
+    # The standard library's process, file and environment functions too (see sandbox.lua).
+    full_libraries: bool = False
+    # Environment variables scripts and the programs they start never see (a name prefix).
+    hidden_env: str = ""
+    # How often the watchdog looks for a call past its budget (seconds); 0 turns it off.
+    watchdog_interval: float = 0.01
 
 
 @dataclass
@@ -95,7 +111,7 @@ class ScriptSet:
         libraries: tuple[LuaLibrary, ...] = (),
     ) -> None:
         self.root = Path(root)
-        self.exports: dict[str, Export] = dict(exports or {})
+        self.exports: dict[str, Export] = with_builtins(exports or {})
         self.globals: dict[str, Any] = dict(globals or {})
         self.options = options or EngineOptions()
         self.reload_interval = reload_interval
@@ -114,6 +130,8 @@ class ScriptSet:
         self._refilling = False
         self._watcher: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        interval = self.options.watchdog_interval
+        self.watchdog = Watchdog(lupa, interval) if interval > 0 else None
 
     # ------------------------------------------------------------------ engines
     def new_engine(self, name: str) -> LuaEngine:
@@ -129,6 +147,10 @@ class ScriptSet:
             memory_setting=self.options.memory_setting,
             search_path=f"{self.root}/?.lua;{self.root}/?/init.lua",
             prelude=self.prelude,
+            script_root=self.root,
+            full_libraries=self.options.full_libraries,
+            hidden_env=self.options.hidden_env,
+            watchdog=self.watchdog,
         )
 
     @property
@@ -168,6 +190,8 @@ class ScriptSet:
         for engine in self._pool:
             engine.release()
         self._pool.clear()
+        if self.watchdog is not None:
+            self.watchdog.stop()
 
     async def _watch(self) -> None:
         while True:
