@@ -43,7 +43,8 @@ class Gateway:
         self.bus = EventBus()
         self.metrics = Metrics()
         self.commands = Commands()
-        self.tasks = TaskQueue(settings.data_folder / "tasks", workers=settings.lua.background_workers, bus=self.bus)
+        self.tasks = TaskQueue(settings.data_folder / "tasks", workers=settings.lua.background_workers, bus=self.bus,
+                               max_restarts=settings.lua.task_max_restarts)
         self.lua = ScriptHost(settings, bus=self.bus, tasks=self.tasks, commands=self.commands)
         self.upstream = Upstream(settings.upstream)
         self.proxy = ReverseProxy(self.upstream, self.metrics)

@@ -49,6 +49,8 @@ DEFAULTS: dict[str, Any] = {
         "BackgroundWorkers": 2,
         "OsExecuteTimeoutSeconds": 60,
         "NativePath": "/usr/lib/x86_64-linux-gnu/lua/5.4/?.so;/usr/local/lib/lua/5.4/?.so",
+        "FullLibraries": False,
+        "TaskMaxRestarts": 3,
     },
     "Authentication": {"Users": {}, "Realm": "DicomProxy"},
     "Tus": {
@@ -285,6 +287,8 @@ class LuaSettings:
     background_workers: int
     os_execute_timeout: float
     native_path: str
+    full_libraries: bool = False  # os.execute, io, os.getenv... for scripts (the README's "Lua trust model")
+    task_max_restarts: int = 3  # a task found running at start-up more often than this is quarantined
 
 
 @dataclass(frozen=True)
@@ -520,6 +524,8 @@ def build_settings(tree: ConfigTree, root: Path, file: Path | None) -> Settings:
             background_workers=tree.int("Lua:BackgroundWorkers", 1),
             os_execute_timeout=tree.float("Lua:OsExecuteTimeoutSeconds", 0.001),
             native_path=tree.str("Lua:NativePath"),
+            full_libraries=tree.bool("Lua:FullLibraries"),
+            task_max_restarts=tree.int("Lua:TaskMaxRestarts", 0),
         ),
         users=dict(users),
         realm=tree.str("Authentication:Realm"),

@@ -30,7 +30,7 @@ from dicomproxy_middleware import (
 )
 
 from dicomproxy.commands import Commands
-from dicomproxy.config.settings import Settings
+from dicomproxy.config.settings import ENV_PREFIX, Settings
 from dicomproxy.notify.events import EventBus
 from dicomproxy.scripting import exports
 from dicomproxy.tasks import TaskQueue
@@ -48,6 +48,7 @@ class ScriptHost:
         self.options = EngineOptions(
             timeout_ms=lua.timeout_ms, max_memory_mb=lua.max_memory_mb, native_path=lua.native_path,
             timeout_setting="Lua:TimeoutMs", memory_setting="Lua:MaxMemoryMB",
+            full_libraries=lua.full_libraries, hidden_env=ENV_PREFIX,
         )
         self._loaded_hooks: list[Callable[[LuaEngine], Awaitable[None]]] = []
         self.scripts = ScriptSet(
@@ -65,7 +66,7 @@ class ScriptHost:
         self.add_export("LogError", exports.log_error, pass_engine=True)
         self.add_export(
             "OsExecute",
-            functools.partial(exports.os_execute, timeout=lua.os_execute_timeout),
+            functools.partial(exports.os_execute, timeout=lua.os_execute_timeout, hidden_env=ENV_PREFIX),
             is_async=True,
         )
         self.add_export("LuaBackgroundWorker", exports.background_worker(tasks, lua.scripts_root))

@@ -203,10 +203,9 @@ function block(gate)
   return out
 end
 
-function mark(path)
-  local f = assert(io.open(path, "w"))
-  f:write("ran")
-  f:close()
+function mark(path)  -- (io is not available to scripts in the default mode: a program writes the file)
+  local code = OsExecute("sh", "-c 'printf ran > \"$0\"' " .. path)
+  assert(code == 0, "could not write the marker")
   return "marked"
 end
 """
