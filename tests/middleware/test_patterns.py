@@ -202,6 +202,23 @@ def test_long_subjects_give_the_native_results(native: Any, engine: LuaEngine, s
     assert got == expected, what
 
 
+def test_a_slow_gsub_with_many_matches_fits_the_memory_cap() -> None:
+    """The slow gsub joins its pieces every 1024: a million small strings at once ran a 64 MB
+    engine out of memory on a 4 MB subject. Here a 16 MB engine, a 1 MB subject with 350,000
+    matches, and a limit that sends it down the slow path."""
+    engine = LuaEngine("gsub-memory", timeout_ms=0, max_memory_mb=16)
+    try:
+        strings = engine.stdlib_part("strings")
+        slow = strings.patterns_with_limit(16)
+        fn = engine.compile('local slow, analysis = ... local s = ("ab "):rep(350000) '
+                            'local r, n = slow.gsub(s, "%s+", "_", #s + 1, analysis("%s+", true)) '
+                            'return r == ("ab_"):rep(350000), n', "gsub_memory.lua")
+        same, count = asyncio.run(engine.run(fn, slow, strings.analysis))
+    finally:
+        engine.release()
+    assert (same, count) == (True, 350000)
+
+
 def run_timed(engine: LuaEngine, code: str, timeout_ms: int) -> tuple[float, BaseException | None]:
     fn = engine.compile(code, "attack.lua")
     started = time.monotonic()
