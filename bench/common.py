@@ -244,8 +244,12 @@ class Peers:
         upstream: str,
         scripts: Mapping[str, str] | None = None,
         settings: Mapping[str, Any] | None = None,
+        root: Path = ROOT,
+        python: str = sys.executable,
     ) -> Peer:
-        """``python -m dicomproxy serve`` on a free port with a generated appsettings.json."""
+        """``python -m dicomproxy serve`` on a free port with a generated appsettings.json.
+
+        ``root`` and ``python``: another checkout and its interpreter (``--baseline``)."""
         wd = self.workdir / name
         (wd / "scripts").mkdir(parents=True, exist_ok=True)
         (wd / "data").mkdir(exist_ok=True)
@@ -270,8 +274,8 @@ class Peers:
                 config[section] = values
         (wd / "appsettings.json").write_text(json.dumps(config, indent=2))
         env = {k: v for k, v in os.environ.items() if not k.upper().startswith("DICOMPROXY__")}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-        cmd = [sys.executable, "-m", "dicomproxy", "serve", "--config", str(wd / "appsettings.json")]
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+        cmd = [python, "-m", "dicomproxy", "serve", "--config", str(wd / "appsettings.json")]
         proc = self._start(name, cmd, wd, env=env)
         url = f"http://{LOOPBACK}:{port}"
         proc.wait_http(url + "/dicomproxy/health", ok=(200, 503))

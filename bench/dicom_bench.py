@@ -1,6 +1,7 @@
 """Store-and-forward benchmark: dcmtk storescu straight to Orthanc vs through the gateway.
 
     python bench/dicom_bench.py [--instances 500] [--rounds 3] [--studies 1] [--nagle]
+                                [--baseline /work/baseline] [--size 16]
 
 One run starts a real Orthanc (DICOMweb plugin, as in the tests) and the gateway as a real
 process (``Logging:Level`` INFO, store-and-forward on: every instance is spooled with fsync
@@ -12,12 +13,18 @@ Figures per round:
 
 * direct: instances / storescu wall time (Orthanc stores synchronously);
 * gateway accept: instances / storescu wall time through the gateway (what the modality sees);
-* gateway end-to-end: instances / time until Orthanc holds all of them (spool + forward).
+* gateway end-to-end: instances / time until Orthanc holds all of them (spool + forward);
+* CPU: the gateway process's user + system CPU per instance over the round (receive, spool,
+  forward), from /proc.
 
 The ratios compare each gateway figure with the direct one of the same round; the summary
-prints the medians. storescu runs with ``TCP_NODELAY=1`` (dcmtk's switch for disabling
-Nagle): with Nagle on, storescu itself stalls ~40 ms per instance on delayed ACKs and both
-paths measure the client, not the servers. ``--nagle`` measures that setting anyway.
+prints the medians. ``--baseline DIR`` runs a second gateway from another checkout (``DIR``,
+with its own ``DIR/.venv``) in the same rounds, direct, then the two gateways in alternating
+order (ABBA), for before/after figures under the same machine load.
+
+storescu runs with ``TCP_NODELAY=1`` (dcmtk's switch for disabling Nagle): with Nagle on,
+storescu itself stalls ~40 ms per instance on delayed ACKs and both paths measure the client,
+not the servers. ``--nagle`` measures that setting anyway.
 
 Not a pytest test: it prints a table and exits 0 (1 if an instance went missing).
 """
@@ -43,7 +50,22 @@ from tests import dicom_samples  # noqa: E402
 from tests.peers import GatewayProcess, OrthancServer, dcmtk  # noqa: E402
 
 
-def make_batch(folder: Path, n: int, studies: int, tag: str) -> Path:
+def baseline_gateway(checkout: Path, workdir: Path, orthanc: OrthancServer, settings: dict[str, Any]) -> GatewayProcess:
+    """The gateway of another checkout, run by that checkout's own interpreter."""
+    gateway = GatewayProcess(workdir, orthanc=orthanc, settings=settings)
+    gateway.python = str(checkout / ".venv" / "bin" / "python")
+    gateway.repo_root = checkout
+    return gateway
+
+
+def cpu_seconds(gateway: GatewayProcess) -> float:
+    """User + system CPU of the gateway process so far."""
+    assert gateway.proc is not None
+    fields = Path(f"/proc/{gateway.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def make_batch(folder: Path, n: int, studies: int, tag: str, size: int = 16) -> Path:
     folder.mkdir(parents=True)
     study_uids = [generate_uid() for _ in range(studies)]
     series_uids = [generate_uid() for _ in range(studies)]
@@ -56,6 +78,7 @@ def make_batch(folder: Path, n: int, studies: int, tag: str) -> Path:
             study_uid=study_uids[s],
             series_uid=series_uids[s],
             InstanceNumber=i + 1,
+            size=(size, size),
         )
     return folder
 
@@ -87,12 +110,26 @@ def wait_count(orthanc: OrthancServer, count: int, timeout: float = 300) -> floa
     raise SystemExit(f"Orthanc holds {orthanc.instance_count()} instances, expected {count}")
 
 
+def run_gateway(
+    gateway: GatewayProcess, orthanc: OrthancServer, folder: Path, expected: int, n: int, nagle: bool
+) -> tuple[float, float, float]:
+    """(accept/s, end-to-end/s, CPU ms per instance) of one batch through ``gateway``."""
+    cpu = cpu_seconds(gateway)
+    started = time.perf_counter()
+    t_accept = storescu(gateway.aet, gateway.dicom_port, folder, nagle)
+    t_e2e = wait_count(orthanc, expected) - started
+    time.sleep(0.2)  # the forwarder's last callbacks
+    return n / t_accept, n / t_e2e, (cpu_seconds(gateway) - cpu) * 1000 / n
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--instances", type=int, default=500)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--studies", type=int, default=1, help="spread the instances over this many studies")
+    ap.add_argument("--size", type=int, default=16, help="rows and columns of each CT image (16: ~1 KB of pixels)")
     ap.add_argument("--forward-concurrency", type=int, default=None, help="Dicom:ForwardConcurrency (default: 4)")
+    ap.add_argument("--baseline", type=Path, default=None, help="also run the gateway of this checkout (its .venv)")
     ap.add_argument("--nagle", action="store_true", help="run storescu with Nagle on (dcmtk's default)")
     ap.add_argument(
         "--orthanc-nagle", action="store_true", help="leave Nagle on in Orthanc (its DCMTK default: ~20 instances/s)"
@@ -109,45 +146,56 @@ def main() -> int:
         settings: dict[str, Any] = {"Logging": {"Level": "INFO"}}
         if args.forward_concurrency:
             settings["Dicom"] = {"ForwardConcurrency": args.forward_concurrency}
-        gateway = GatewayProcess(tmp / "gateway", orthanc=orthanc, settings=settings)
+        gateways = {"gateway": GatewayProcess(tmp / "gateway", orthanc=orthanc, settings=settings)}
+        if args.baseline:
+            gateways = {"baseline": baseline_gateway(args.baseline, tmp / "baseline", orthanc, settings), **gateways}
+        rows: list[tuple[int, str, float, float, float, float]] = []
         try:
-            gateway.start()
-            rows = []
+            for g in gateways.values():
+                g.start()
             expected = 0
+            n = args.instances
             for r in range(1, args.rounds + 1):
-                direct_dir = make_batch(tmp / f"direct{r}", args.instances, args.studies, f"D{r}")
-                gw_dir = make_batch(tmp / f"gateway{r}", args.instances, args.studies, f"G{r}")
-
+                direct_dir = make_batch(tmp / f"direct{r}", n, args.studies, f"D{r}", args.size)
                 t_direct = storescu(orthanc.aet, orthanc.dicom_port, direct_dir, args.nagle)
-                expected += args.instances
+                expected += n
                 wait_count(orthanc, expected)
-
-                started = time.perf_counter()
-                t_accept = storescu(gateway.aet, gateway.dicom_port, gw_dir, args.nagle)
-                expected += args.instances
-                t_e2e = wait_count(orthanc, expected) - started
-                n = args.instances
-                rows.append((r, n / t_direct, n / t_accept, n / t_e2e))
+                order = list(gateways.items())
+                if r % 2 == 0:
+                    order.reverse()  # ABBA: neither gateway always runs right after direct
+                for name, g in order:
+                    folder = make_batch(tmp / f"{name}{r}", n, args.studies, f"{name[0].upper()}{r}", args.size)
+                    expected += n
+                    accept, e2e, cpu = run_gateway(g, orthanc, folder, expected, n, args.nagle)
+                    rows.append((r, name, n / t_direct, accept, e2e, cpu))
         finally:
-            gateway.stop()
+            for g in gateways.values():
+                g.stop()
             orthanc.stop()
+    report(args, rows)
+    return 0
 
+
+def report(args: argparse.Namespace, rows: list[tuple[int, str, float, float, float, float]]) -> None:
     print(
         f"\n{args.instances} instances x {args.rounds} rounds, {args.studies} study/ies per batch, "
-        f"storescu {'with Nagle' if args.nagle else 'TCP_NODELAY=1'}, "
+        f"{args.size}x{args.size} CT, storescu {'with Nagle' if args.nagle else 'TCP_NODELAY=1'}, "
         f"Orthanc {'with Nagle' if args.orthanc_nagle else 'TCP_NODELAY=1'}, {os.cpu_count()} CPUs"
     )
-    header = f"{'round':>5} {'direct/s':>10} {'gw accept/s':>12} {'ratio':>7} {'gw end-to-end/s':>16} {'ratio':>7}"
+    header = (f"{'round':>5} {'gateway':>9} {'direct/s':>9} {'accept/s':>9} {'ratio':>6} {'end-to-end/s':>13} "
+              f"{'ratio':>6} {'CPU ms/inst':>12}")
     print(header)
     print("-" * len(header))
-    for r, d, a, e in rows:
-        print(f"{r:>5} {d:>10.1f} {a:>12.1f} {a / d:>7.0%} {e:>16.1f} {e / d:>7.0%}")
-    med = [statistics.median(col) for col in zip(*[row[1:] for row in rows], strict=True)]
+    for r, name, d, a, e, cpu in rows:
+        print(f"{r:>5} {name:>9} {d:>9.1f} {a:>9.1f} {a / d:>6.0%} {e:>13.1f} {e / d:>6.0%} {cpu:>12.2f}")
     print("-" * len(header))
-    print(
-        f"{'median':>5} {med[0]:>10.1f} {med[1]:>12.1f} {med[1] / med[0]:>7.0%} {med[2]:>16.1f} {med[2] / med[0]:>7.0%}"
-    )
-    return 0
+    for name in dict.fromkeys(row[1] for row in rows):
+        mine = [row for row in rows if row[1] == name]
+        ratios_a = statistics.median(a / d for _, _, d, a, _, _ in mine)
+        ratios_e = statistics.median(e / d for _, _, d, _, e, _ in mine)
+        cpu = statistics.median(row[5] for row in mine)
+        print(f"median {name:>9}: accept {ratios_a:.0%} of direct, end-to-end {ratios_e:.0%} of direct, "
+              f"CPU {cpu:.2f} ms per instance")
 
 
 if __name__ == "__main__":

@@ -171,7 +171,7 @@ def verify(target: str, peer: Peer, orthanc: Peer, payloads: dict[str, Payload])
             raise BenchError(
                 f"{target}: GET {p.path} returned {len(r.content)} bytes that differ from direct ({len(direct)} bytes)"
             )
-        if target in HOOKED:
+        if target.removeprefix(BASE) in HOOKED:
             seen, served = r.headers.get("X-Agent-Seen"), r.headers.get("X-Served-By", "")
             if seen != USER_AGENT or " GET " not in served:
                 raise BenchError(f"{target}: hook headers missing (X-Agent-Seen={seen!r}, X-Served-By={served!r})")
@@ -180,7 +180,18 @@ def verify(target: str, peer: Peer, orthanc: Peer, payloads: dict[str, Payload])
 
 
 # --------------------------------------------------------------------------- targets
-def start_target(peers: Peers, target: str, upstream: str) -> Peer:
+BASE = "base-"  # prefix of a gateway target run from the --baseline checkout
+
+
+def start_target(peers: Peers, target: str, upstream: str, baseline: Path | None = None) -> Peer:
+    if target.startswith(BASE):
+        if baseline is None:
+            raise BenchError(f"{target} needs --baseline DIR")
+        python = baseline / ".venv" / "bin" / "python"
+        require(str(python), f"make the baseline's venv: cd {baseline} && bash scripts/install.sh")
+        kind = target.removeprefix(BASE)
+        scripts = {"gw-singleton": {"main.lua": GATEWAY_HOOKS}, "gw-transient": {"main-transient.lua": GATEWAY_HOOKS}}
+        return peers.gateway(target, upstream, scripts=scripts.get(kind), root=baseline, python=str(python))
     if target == "gw-none":
         return peers.gateway(target, upstream)
     if target == "gw-singleton":
@@ -413,6 +424,7 @@ def report(
                 detail,
             )
         )
+    out.extend(baseline_report(cells, targets, payloads, conns))
     all_pass = True
     if checks:
         out.append("\nIssue 2 targets:\n")
@@ -420,6 +432,38 @@ def report(
             all_pass = all_pass and bool(ok)
             out.append(f"- {'PASS' if ok else 'FAIL'}  {name}: {detail}")
     return "\n".join(out), all_pass
+
+
+def baseline_report(
+    cells: dict[tuple[str, str, int], Cell], targets: list[str], payloads: list[str], conns: list[int]
+) -> list[str]:
+    """Proxy CPU per request of each gateway against the same variant run from ``--baseline``,
+    round by round (the rounds of the two ran back to back): the median of the per-round ratios."""
+    rows = []
+    for payload in payloads:
+        for c in conns:
+            for t in targets:
+                mine, base = cells.get((t, payload, c)), cells.get((BASE + t, payload, c))
+                if not mine or not base or not mine.runs or not base.runs:
+                    continue
+                per = [
+                    (m / rm.requests * 1e6, b / rb.requests * 1e6)
+                    for m, rm, b, rb in zip(mine.proxy_cpu, mine.runs, base.proxy_cpu, base.runs, strict=False)
+                    if rm.requests and rb.requests
+                ]
+                ratios = sorted(m / b for m, b in per if b)
+                if not ratios:
+                    continue
+                rows.append([
+                    t, payload, str(c), ", ".join(fmt_us(b) for _, b in per), ", ".join(fmt_us(m) for m, _ in per),
+                    f"{ratios[len(ratios) // 2]:.3f}",
+                ])
+    if not rows:
+        return []
+    return [
+        "\nProxy CPU per request, this checkout vs --baseline (same run, rounds interleaved):\n",
+        table(["gateway", "payload", "conns", "baseline per round", "this per round", "median ratio"], rows),
+    ]
 
 
 def revision() -> str:
@@ -737,6 +781,10 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="instead of the table: py-spy each gateway variant at 32 conns, raw stacks into DIR",
     )
+    ap.add_argument(
+        "--baseline", metavar="DIR", type=Path,
+        help="also run each gateway target from this checkout (its own .venv) as base-<target>, interleaved",
+    )
     ap.add_argument("--time-limit", type=float, default=1800, help="abort after this many seconds (default 1800)")
     ap.add_argument("--keep", action="store_true", help="keep the tmp folder (logs, configs)")
     ap.add_argument("--no-micro", action="store_true", help="skip the in-process (no network) measurement")
@@ -750,8 +798,10 @@ def main(argv: list[str] | None = None) -> int:
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     payload_names = [p.strip() for p in args.payloads.split(",") if p.strip()]
     conns = [int(c) for c in args.connections.split(",") if c.strip()]
+    if args.baseline:
+        targets += [BASE + t for t in targets if t in GATEWAYS]
     for t in targets:
-        if t not in TARGETS:
+        if t.removeprefix(BASE) not in TARGETS:
             ap.error(f"unknown target {t!r}; choose from {', '.join(TARGETS)}")
     for p in payload_names:
         if p not in PAYLOADS:
@@ -783,7 +833,9 @@ def main(argv: list[str] | None = None) -> int:
             # round): the machine may be shared, and outside load then hits all targets alike.
             running: dict[str, Peer] = {}
             for target in targets:
-                running[target] = orthanc if target == "direct" else start_target(peers, target, orthanc.url)
+                running[target] = orthanc if target == "direct" else start_target(
+                    peers, target, orthanc.url, args.baseline
+                )
                 verify(target, running[target], orthanc, payloads)
             print(f"Load average before: {load_average()}", flush=True)
             cells: dict[tuple[str, str, int], Cell] = {}

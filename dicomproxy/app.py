@@ -1,6 +1,7 @@
 """The Gateway: the ASGI app that ties the features together.
 
-Request path: basic auth (when configured) -> Lua HTTP hooks -> a mounted feature app
+Request path: the front door (canonical path, method override) -> CORS -> authentication and
+role rules (``dicomproxy.auth``, when configured) -> feature middleware -> Lua HTTP hooks -> a mounted feature app
 (``/files/``, ``/dicomproxy/...``) or the streaming proxy for everything else. Routing is a
 prefix scan over a handful of mounts, not a router, because the proxy is the hot path.
 """
@@ -15,13 +16,16 @@ from typing import Any
 from dicomproxy_middleware import LuaHttpMiddleware
 
 from dicomproxy import dicom, tus, ui
+from dicomproxy.auth.setup import build_auth
 from dicomproxy.commands import Commands
 from dicomproxy.config.settings import Settings
+from dicomproxy.hooks import Hooks
 from dicomproxy.host import Component, HealthCheck, Host
 from dicomproxy.http.api import build_api
-from dicomproxy.http.auth import BasicAuthMiddleware
+from dicomproxy.http.cors import GatewayCors, cors_policy
+from dicomproxy.http.guard import RequestGuard
 from dicomproxy.http.proxy import ReverseProxy
-from dicomproxy.metrics import Metrics
+from dicomproxy.metrics import HOOK_BUCKETS, Metrics
 from dicomproxy.notify import mail, notifications
 from dicomproxy.notify.events import EventBus
 from dicomproxy.scripting import orthanc
@@ -43,17 +47,27 @@ class Gateway:
         self.bus = EventBus()
         self.metrics = Metrics()
         self.commands = Commands()
+        self.hooks = Hooks()
         self.tasks = TaskQueue(settings.data_folder / "tasks", workers=settings.lua.background_workers, bus=self.bus,
                                max_restarts=settings.lua.task_max_restarts)
-        self.lua = ScriptHost(settings, bus=self.bus, tasks=self.tasks, commands=self.commands)
+        hook_seconds = self.metrics.histogram(
+            "dicomproxy_lua_hook_seconds", "Seconds a Lua callback ran (awaits included), by callback",
+            labels=("callback",), buckets=HOOK_BUCKETS,
+        )
+        self.lua = ScriptHost(settings, bus=self.bus, tasks=self.tasks, commands=self.commands,
+                              on_call=lambda callback, seconds: hook_seconds.observe(seconds, callback=callback))
         self.upstream = Upstream(settings.upstream)
         self.proxy = ReverseProxy(self.upstream, self.metrics)
         self.monitor = UpstreamMonitor(self.upstream, self.bus)
         self.health_checks: dict[str, HealthCheck] = {}
+        self.auth = build_auth(settings)
         self._mounts: list[tuple[str, str, Any]] = []
         self._middleware: list[Callable[[Any], Any]] = []
         self._components: list[Component] = [self.upstream, self.tasks, self.lua, self.monitor]
         self._started: list[Component] = []
+        if self.auth is not None and self.auth.keys is not None:
+            self._components.append(self.auth.keys)
+            self.health_checks["oidc"] = self.auth.keys.status
         api = build_api(self)
         for path in ("/dicomproxy/health", "/dicomproxy/metrics", "/dicomproxy/tasks"):
             self.mount(path, api)
@@ -88,11 +102,13 @@ class Gateway:
         app: Any = LuaHttpMiddleware(self._route, self.lua.scripts, fail_open=lua.fail_open or lua.fail_open_hooks)
         for wrap in self._middleware:
             app = wrap(app)
-        if self.settings.users:
-            app = BasicAuthMiddleware(app, self.settings.users, self.settings.realm)
-        return app
+        if self.auth is not None:
+            app = self.auth.wrap(app)
+        app = GatewayCors(app, cors_policy(self.settings.cors))
+        return RequestGuard(app)
 
-    async def _route(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def _route(self, scope: Any, receive: Any, send: Any) -> None:
+        # Any: the Lua middleware hands on a MutableMapping scope, the proxy is typed for a dict.
         path = scope["path"]
         for prefix, exact, app in self._mounts:
             if path.startswith(prefix) or path == exact:

@@ -1,4 +1,10 @@
-"""``dicomproxy serve | check | --version``."""
+"""``dicomproxy serve | check | config | hash-password | new-api-key | --version``.
+
+``serve``, ``check`` and ``config`` take ``--config PATH``, ``--environment NAME`` and
+ASP.NET-style overrides ``--Section:Key=value`` (or ``--Section:Key value``), the last layer of
+the configuration. ``hash-password`` and ``new-api-key`` read no configuration: they print a
+value to paste into it (``Authentication:Users:{name}:Password``, ``Authentication:ApiKeys``).
+"""
 
 from __future__ import annotations
 
@@ -6,25 +12,53 @@ import argparse
 import asyncio
 import ctypes
 import ctypes.util
+import getpass
+import json
 import logging
 import sys
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 from dicomproxy import __version__
+from dicomproxy.auth.apikeys import hash_key, new_key
+from dicomproxy.auth.passwords import Kind, hash_password
 from dicomproxy.config.settings import ConfigError, Settings, load_settings
+from dicomproxy.http.server import HeadLimits, connection_budget, protocol_class, raise_file_limit
 
 
-def _settings(path: str | None) -> Settings:
+def _settings(args: argparse.Namespace) -> Settings:
     try:
-        return load_settings(path)
+        return load_settings(args.config, overrides=args.overrides, environment=args.environment)
     except ConfigError as e:
         print(f"dicomproxy: config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
+def parse_overrides(tokens: list[str]) -> dict[str, Any]:
+    """``--Section:Key=value`` / ``--Section:Key value`` -> ``{"Section:Key": "value"}``.
+
+    Raises :class:`ConfigError` naming the first token that is neither.
+    """
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        name, eq, value = token[2:].partition("=") if token.startswith("--") else ("", "", "")
+        if not name:
+            raise ConfigError(f"command line: {token!r}: not an option of the command, nor --Section:Key=value")
+        if not eq:
+            if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
+                raise ConfigError(f"command line: {token}: expected a value (--{name}=value)")
+            i, value = i + 1, tokens[i + 1]
+        out[name] = value
+        i += 1
+    return out
+
+
 def _logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-5s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("pynetdicom", "aiohttp.access"):
+    for noisy in ("pynetdicom", "httpx"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
@@ -54,14 +88,14 @@ def _tune_malloc() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, 4 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 64 << 20))
 
 
-def _server_class():  # noqa: ANN202 - uvicorn is imported lazily
+def _server_class() -> type[Any]:  # uvicorn is imported lazily
     import uvicorn
 
     class GatewayServer(uvicorn.Server):
         """uvicorn re-raises SIGTERM/SIGINT after a graceful shutdown (exit -15); a service
         that stopped cleanly on request should exit 0, as supervisors expect."""
 
-        def handle_exit(self, sig, frame):  # noqa: ANN001, ANN201
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             super().handle_exit(sig, frame)
             self._captured_signals.clear()
 
@@ -73,7 +107,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from dicomproxy.app import build_gateway
 
-    settings = _settings(args.config)
+    settings = _settings(args)
     _logging(settings.log_level)
     if not _tune_malloc():
         logging.getLogger("dicomproxy").debug("not glibc: malloc left as it is")
@@ -82,12 +116,20 @@ def serve(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"dicomproxy: config error: {e}", file=sys.stderr)
         return 2
+    srv = settings.server
+    soft_limit, _ = raise_file_limit()
+    limits = HeadLimits(
+        max_head_bytes=srv.max_head_bytes,
+        max_url_bytes=srv.max_url_bytes,
+        head_timeout=srv.head_timeout,
+        max_connections=connection_budget(srv.max_connections, srv.reserved_fds, soft_limit),
+    )
     config = uvicorn.Config(
         gateway,
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        http=protocol_class(limits),
         lifespan="on",
         access_log=False,
         log_level="warning",
@@ -110,7 +152,7 @@ def check(args: argparse.Namespace) -> int:
 
     from dicomproxy.app import build_gateway
 
-    settings = _settings(args.config)
+    settings = _settings(args)
     logging.basicConfig(level=logging.CRITICAL)
     gateway = build_gateway(settings)
     root = settings.lua.scripts_root
@@ -139,17 +181,82 @@ def check(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def show_config(args: argparse.Namespace) -> int:
+    """Print the effective configuration as JSON: every key, secrets as ``***``."""
+    settings = _settings(args)
+    print(json.dumps(settings.tree.as_dict(), indent=2))
+    return 0
+
+
+def hash_password_command(args: argparse.Namespace) -> int:
+    """Read a password (twice from a terminal, else one line of standard input); print its hash."""
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            print("dicomproxy: the two passwords differ", file=sys.stderr)
+            return 1
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("dicomproxy: empty password", file=sys.stderr)
+        return 1
+    try:
+        print(hash_password(password, Kind(args.scheme)))
+    except ValueError as e:
+        print(f"dicomproxy: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def new_api_key_command(args: argparse.Namespace) -> int:
+    """Print a new API key (for the client, shown once) and the config entry holding its hash."""
+    key = new_key()
+    roles = [r.strip() for r in args.roles.split(",") if r.strip()]
+    entry = {"Authentication": {"ApiKeys": {args.name: {"Hash": hash_key(key), "Roles": roles}}}}
+    print(f"API key (give it to the client as the X-API-Key header; it is shown only now): {key}")
+    print("Add to appsettings.json:")
+    print(json.dumps(entry, indent=2))
+    return 0
+
+
+COMMANDS = (
+    ("serve", serve, "run the gateway (HTTP on Urls, DICOM on Dicom:Port)"),
+    ("check", check, "load every script; print errors as file:line: message"),
+    ("config", show_config, "print the effective configuration as JSON (secrets as ***)"),
+)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dicomproxy", description="A Lua-scriptable gateway in front of a PACS.")
+    parser = argparse.ArgumentParser(prog="dicomproxy", description="A Lua-scriptable gateway in front of a PACS.",
+                                     epilog="Each command also takes --Section:Key=value overrides (last layer).")
     parser.add_argument("--version", action="version", version=f"dicomproxy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p_serve = sub.add_parser("serve", help="run the gateway (HTTP on Urls, DICOM on Dicom:Port)")
-    p_serve.add_argument("--config", help="appsettings.json to use (default: ./appsettings.json)")
-    p_serve.set_defaults(func=serve)
-    p_check = sub.add_parser("check", help="load every script; print errors as file:line: message")
-    p_check.add_argument("--config", help="appsettings.json to use (default: ./appsettings.json)")
-    p_check.set_defaults(func=check)
-    args = parser.parse_args(argv)
+    for name, func, text in COMMANDS:
+        p = sub.add_parser(name, help=text, description=text + "; --Section:Key=value overrides a key")
+        p.add_argument("--config", help="appsettings.json to use (default: ./appsettings.json)")
+        p.add_argument("--environment", help="also read appsettings.{ENVIRONMENT}.json (default: "
+                       "$DICOMPROXY_ENVIRONMENT)")
+        p.set_defaults(func=func)
+    p = sub.add_parser("hash-password", help="print the hash of a password for Authentication:Users",
+                       description=hash_password_command.__doc__)
+    p.add_argument("--scheme", choices=[k.value for k in Kind if k is not Kind.PLAIN], default=Kind.ARGON2.value,
+                   help="hash function (default: argon2, i.e. argon2id)")
+    p.set_defaults(func=hash_password_command, plain=True)
+    p = sub.add_parser("new-api-key", help="make an API key and print its Authentication:ApiKeys entry",
+                       description=new_api_key_command.__doc__)
+    p.add_argument("--name", default="client", help="the key's name in the config and the logs")
+    p.add_argument("--roles", default="viewer", help="comma-separated roles (default: viewer)")
+    p.set_defaults(func=new_api_key_command, plain=True)
+    args, rest = parser.parse_known_args(argv)
+    if getattr(args, "plain", False):
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return int(args.func(args))
+    try:
+        args.overrides = parse_overrides(rest)
+    except ConfigError as e:
+        print(f"dicomproxy: config error: {e}", file=sys.stderr)
+        return 2
     if args.config is not None and not Path(args.config).exists():
         print(f"dicomproxy: config error: {args.config}: the config file does not exist", file=sys.stderr)
         return 2

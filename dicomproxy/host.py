@@ -3,7 +3,7 @@
 Features (TUS, the DICOM side, notifications, mail, the status page, the Orthanc layer) depend
 on this protocol, never on the app module that implements it, so the arrows between packages
 point one way: ``app`` knows the features, the features know only this interface and the
-shared services it names (config, events, metrics, commands, tasks, scripting, upstream).
+shared services it names (config, events, metrics, commands, tasks, scripting, upstream, hooks).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from dicomproxy.commands import Commands
 from dicomproxy.config.settings import Settings
+from dicomproxy.hooks import Hooks
 from dicomproxy.metrics import Metrics
 from dicomproxy.notify.events import EventBus
 from dicomproxy.scripting.host import ScriptHost
@@ -41,6 +42,7 @@ class Host(Protocol):
     tasks: TaskQueue
     lua: ScriptHost
     upstream: Upstream
+    hooks: Hooks  # typed events one feature offers others (e.g. the DICOM side's "instance stored")
 
     def mount(self, prefix: str, app: Any) -> None:
         """Route paths under ``prefix`` (``/files/`` also matches ``/files``) to the ASGI ``app``."""

@@ -48,6 +48,13 @@ def _jsonable(value: Any) -> Any:
         return repr(value)
 
 
+def visible_to(task: dict[str, Any], user: str | None, admin: bool) -> bool:
+    """A task with an owner (a TUS import) is seen by its owner and by admins only; one without
+    (a Lua task, the gateway's own) by every caller, as before owners existed."""
+    owner = task.get("owner")
+    return admin or owner is None or owner == user
+
+
 class TaskQueue:
     def __init__(
         self, folder: Path, *, workers: int = 2, bus: EventBus | None = None, keep: int = 500, max_restarts: int = 3
@@ -118,8 +125,11 @@ class TaskQueue:
                           task_id=task["id"])
 
     # ------------------------------------------------------------------ API
-    def submit(self, kind: str, args: dict[str, Any], title: str = "") -> str:
-        """Persist and queue a task; returns its id. Safe to call before :meth:`start`."""
+    def submit(self, kind: str, args: dict[str, Any], title: str = "", owner: str | None = None) -> str:
+        """Persist and queue a task; returns its id. Safe to call before :meth:`start`.
+
+        ``owner``: the user the task is for (a TUS import: the upload's owner); only they and
+        admins see it at ``/dicomproxy/tasks`` (:func:`visible_to`)."""
         if kind not in self._handlers:
             raise ValueError(f"no handler for task kind {kind!r}; known: {', '.join(sorted(self._handlers))}")
         task_id = time.strftime("%Y%m%d%H%M%S") + "-" + uuid.uuid4().hex[:12]
@@ -136,6 +146,7 @@ class TaskQueue:
             "error": None,
             "attempts": 0,
             "restarts": 0,
+            "owner": owner,
         }
         self.folder.mkdir(parents=True, exist_ok=True)
         self._save(task)

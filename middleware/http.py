@@ -2,8 +2,10 @@
 ILuaHttpResponse), and how what a hook did comes back.
 
 The objects are plain Lua tables built by the prelude (``prelude.lua``): fields, ``Headers`` (a
-read-only, case-insensitive table; ``pairs()`` iterates it) and methods callable with ``:`` or
-``.``. A hook is one call into Lua: the object is built, the script runs and the edits come back
+read-only, case-insensitive table; ``pairs()`` iterates it), the caller's identity (``User``,
+``Roles``: a list of strings, ``Claims``: a token's claims, empty otherwise; from the plain scope
+keys ``user``, ``roles`` and ``claims`` the gateway's authentication sets) and methods callable
+with ``:`` or ``.``. A hook is one call into Lua: the object is built, the script runs and the edits come back
 with its result, as flat ``(op, name, value)`` triples. Names and values a script sets are
 validated in Lua: a name or value with CR, LF or NUL is refused, since it would let a script
 split the HTTP message.
@@ -15,6 +17,7 @@ edits them.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from .runtime import HTTP, LuaEngine, LuaError, LuaExportError
@@ -92,6 +95,11 @@ class HttpExchange:
         client = scope.get("client")
         self.remote_ip: str = client[0] if client else ""
         self.user: str = scope.get("user") or ""
+        # roles cross as one string (split in Lua on first read), claims as a Python mapping
+        # converted on first read: a hook that never reads them pays for neither
+        roles = scope.get("roles") or ()
+        self.roles: str = "\n".join(roles)
+        self.claims: Any = scope.get("claims") or None
 
     def request_flat(self) -> list[bytes | str]:
         if self._request_flat is None:
@@ -136,10 +144,29 @@ def _apply(x: HttpExchange, response_headers: RawHeaders | None, result: tuple[A
         x.response_ops.extend(response_ops)
 
 
+def _claims_loader(engine: LuaEngine, claims: Any) -> Any:
+    """What Lua calls on the first read of ``Claims``: the claims as a table (None: no claims)."""
+    if not claims:
+        return None
+    return lambda: engine.to_lua(_plain(claims))
+
+
+def _plain(value: Any, depth: int = 0) -> Any:
+    """JSON-like claims as dicts and lists (a read-only mapping included), for ``table_from``."""
+    if depth > 32:
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v, depth + 1) for v in value]
+    return value
+
+
 async def _hook(engine: LuaEngine, callback: str, kind: str, x: HttpExchange, headers: list[bytes | str]) -> Any:
     try:
         out = await engine.run_op(
-            HTTP, callback, kind, x.scheme, x.method, x.path, x.query, x.remote_ip, x.user, x.status, *headers
+            HTTP, callback, kind, x.scheme, x.method, x.path, x.query, x.remote_ip, x.user, x.roles,
+            _claims_loader(engine, x.claims), x.status, *headers
         )
     except LuaError as e:
         if str(e).startswith("StatusCode must be"):  # raised after the hook returned: no line to name

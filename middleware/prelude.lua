@@ -337,11 +337,30 @@ local function current_headers(st)
   return header_table(flat, m)
 end
 
+-- Roles: one "\n"-joined string from Python, a list of strings on first read. Claims: a loader
+-- from Python (nil when there are none), called on first read. Plain tables: a script may change
+-- its copy, which changes nothing else.
+local function roles_table(text)
+  local t, n = {}, 0
+  for role in text:gmatch("[^\n]+") do n = n + 1; t[n] = role end
+  return t
+end
+
 local function http_index(obj, st, key)
   if key == "Headers" then
     local h = st.headers
     if not h then h = current_headers(st); st.headers = h end
     return h
+  end
+  if key == "Roles" then
+    local r = roles_table(st.roles)
+    rawset(obj, "Roles", r)
+    return r
+  end
+  if key == "Claims" then
+    local c = st.claims and st.claims() or {}
+    rawset(obj, "Claims", c)
+    return c
   end
   local m = METHODS[key]
   if m then
@@ -369,10 +388,11 @@ local function http_body(f, obj, st)
   return ret, http_result(obj, st)
 end
 
-local function http_hook(until_, name, kind, scheme, method, path, query, ip, user, status, ...)
+local function http_hook(until_, name, kind, scheme, method, path, query, ip, user, roles, claims, status, ...)
   local obj = { Scheme = scheme, Method = method, Path = path, QueryString = query, RemoteIp = ip,
     User = user, StatusCode = status }
-  local st = { primary = kind == "request" and "q" or "r", current = pack(...), ops = {}, n = 0 }
+  local st = { primary = kind == "request" and "q" or "r", current = pack(...), ops = {}, n = 0,
+    roles = roles, claims = claims }
   raw_setmetatable(obj, { __index = function(o, key) return http_index(o, st, key) end })
   return start(until_, http_body, rawget(G, name), obj, st)
 end

@@ -253,6 +253,7 @@ class LuaEngine:
         full_libraries: bool = False,
         hidden_env: str = "",
         watchdog: Watchdog | None = None,
+        on_call: Callable[[str, float], None] | None = None,
     ) -> None:
         """``setup``: Lua sources run after the exports are bound (helpers written in Lua).
         ``prelude``: :func:`build_prelude` of ``exports``, ``setup`` and ``libraries``, when the caller keeps one
@@ -263,8 +264,11 @@ class LuaEngine:
         ``script_root``: the only folder ``dofile``/``loadfile`` read from (none: they read nothing);
         ``full_libraries``: the standard library's process, file and environment functions too
         (``sandbox.lua``); ``hidden_env``: a prefix of environment variables scripts and the programs
-        they start never see; ``watchdog``: interrupts a call past its budget mid-instruction."""
+        they start never see; ``watchdog``: interrupts a call past its budget mid-instruction.
+        ``on_call(callback, seconds)``: told how long each named call (:meth:`call`, :meth:`run_op`) took,
+        failed ones included, awaits included; unset, a call pays one attribute test for it."""
         self.name = name
+        self.on_call = on_call
         self.timeout_ms = timeout_ms
         self.timeout_setting = timeout_setting
         self.memory_setting = memory_setting
@@ -414,15 +418,28 @@ class LuaEngine:
 
     async def call(self, name: str, *args: Any, timeout_ms: int | None = None) -> tuple[Any, ...]:
         """Call global function ``name``; returns all its return values (lupa objects)."""
-        return await self._run(CALL_GLOBAL, timeout_ms, name, *args)
+        if self.on_call is None:
+            return await self._run(CALL_GLOBAL, timeout_ms, name, *args)
+        return await self._timed(name, CALL_GLOBAL, timeout_ms, name, *args)
 
     async def run(self, fn: Any, *args: Any, timeout_ms: int | None = None) -> tuple[Any, ...]:
         """Call Lua function ``fn`` under the time budget; returns all its return values."""
         return await self._run(CALL, timeout_ms, fn, *args)
 
     async def run_op(self, op: int, *args: Any, timeout_ms: int | None = None) -> tuple[Any, ...]:
-        """Run one of the prelude's call operations (``HTTP``: an HTTP hook) to its end."""
-        return await self._run(op, timeout_ms, *args)
+        """Run one of the prelude's call operations (``HTTP``: an HTTP hook) to its end.
+        ``args[0]`` is the callback's name (what ``on_call`` is told)."""
+        if self.on_call is None:
+            return await self._run(op, timeout_ms, *args)
+        return await self._timed(str(args[0]), op, timeout_ms, *args)
+
+    async def _timed(self, callback: str, op: int, timeout_ms: int | None, *args: Any) -> tuple[Any, ...]:
+        started = time.perf_counter()
+        try:
+            return await self._run(op, timeout_ms, *args)
+        finally:
+            if self.on_call is not None:
+                self.on_call(callback, time.perf_counter() - started)
 
     def _enter(self, op: int, timeout_ms: int | None, *args: Any) -> tuple[tuple[Any, ...], float, float]:
         """The first step of a call under its budget: (what Lua returned, deadline, budget in s)."""
@@ -485,7 +502,7 @@ class LuaEngine:
         status = r if isinstance(r, str) else r[0]
         if status == "done":
             if r[1]:
-                return r[2:]
+                return tuple(r[2:])
             raise self._script_error(str(r[2]))
         if status == "budget":
             raise LuaTimeoutError(

@@ -109,8 +109,12 @@ class ScriptSet:
         transient_script: str = TRANSIENT_SCRIPT,
         setup: tuple[str, ...] = (),
         libraries: tuple[LuaLibrary, ...] = (),
+        on_call: Callable[[str, float], None] | None = None,
     ) -> None:
+        """``on_call(callback, seconds)``: every engine made here reports each callback's duration
+        to it (a latency histogram, say); None costs nothing."""
         self.root = Path(root)
+        self.on_call = on_call
         self.exports: dict[str, Export] = with_builtins(exports or {})
         self.globals: dict[str, Any] = dict(globals or {})
         self.options = options or EngineOptions()
@@ -151,6 +155,7 @@ class ScriptSet:
             full_libraries=self.options.full_libraries,
             hidden_env=self.options.hidden_env,
             watchdog=self.watchdog,
+            on_call=self.on_call,
         )
 
     @property

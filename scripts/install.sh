@@ -9,7 +9,8 @@
 #           lua module, chromium + fonts (UI tests), python3 + venv, nodejs + npm (tus-js-client), curl,
 #           wrk (bench/proxy_bench.py)
 #   python: .venv with `pip install -e .[test]`
-#   node:   tests/js/node_modules (npm ci)
+#   node:   tests/js/node_modules (npm ci): tus-js-client, oidc-provider (the OpenID provider of the
+#           bearer-token tests)
 #
 # Services (orthanc, nginx) are never started here: tests start their own on free ports.
 set -euo pipefail
@@ -143,7 +144,8 @@ JS="$ROOT/tests/js"
 command -v npm >/dev/null 2>&1 || die "npm is missing (apt-get install npm)"
 JS_STAMP="$JS/node_modules/.dicomproxy-install-stamp"
 JS_WANT="$(cat "$JS/package.json" "$JS"/package-lock.json 2>/dev/null | sha256sum | cut -d' ' -f1)"
-if [ -f "$JS_STAMP" ] && [ "$(cat "$JS_STAMP")" = "$JS_WANT" ] && [ -d "$JS/node_modules/tus-js-client" ]; then
+if [ -f "$JS_STAMP" ] && [ "$(cat "$JS_STAMP")" = "$JS_WANT" ] && [ -d "$JS/node_modules/tus-js-client" ] \
+    && [ -d "$JS/node_modules/oidc-provider" ]; then
     echo "tests/js/node_modules is up to date"
 else
     if [ -f "$JS/package-lock.json" ]; then
@@ -152,6 +154,7 @@ else
         (cd "$JS" && npm install --no-audit --no-fund --loglevel=error)
     fi
     [ -d "$JS/node_modules/tus-js-client" ] || die "npm did not install tus-js-client into tests/js"
+    [ -d "$JS/node_modules/oidc-provider" ] || die "npm did not install oidc-provider into tests/js"
     echo "$JS_WANT" >"$JS_STAMP"
 fi
 

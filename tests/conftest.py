@@ -80,13 +80,15 @@ def gateway_factory(
         start: bool = True,
         register_modality: str | None = "dicomproxy",
         timeout: float = 30,
+        command_prefix: Sequence[str] = (),
     ) -> GatewayProcess:
         if orthanc is _SESSION_ORTHANC:
             orthanc = request.getfixturevalue("orthanc")
             if not orthanc.running:
                 orthanc.start()
         gateway = GatewayProcess(
-            tmp_path_factory.mktemp("gateway"), orthanc=orthanc, settings=settings, scripts=scripts, env=env
+            tmp_path_factory.mktemp("gateway"), orthanc=orthanc, settings=settings, scripts=scripts, env=env,
+            command_prefix=command_prefix,
         )
         made.append(gateway)
         if orthanc is not None and register_modality and gateway.dicom_port and orthanc.running:

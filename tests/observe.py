@@ -43,6 +43,24 @@ class RssSampler:
         return (self.peak - self.baseline) / 1024
 
 
+def children_running(parent: int, *argv: str) -> list[int]:
+    """The child processes of ``parent`` whose command line is exactly ``argv``."""
+    want = [a.encode() for a in argv]
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")[:-1]
+        except OSError:
+            continue
+        ppid = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("PPid:")), -1)
+        if ppid == parent and cmdline == want:
+            pids.append(int(entry.name))
+    return pids
+
+
 def running_with_argument(arg: str) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():

@@ -94,6 +94,7 @@ from typing import Any, TypeVar
 
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 JS_DIR = REPO_ROOT / "tests" / "js"
@@ -102,7 +103,7 @@ ORTHANC_BIN = "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 ORTHANC_HINT = "run scripts/install.sh (apt-get install orthanc orthanc-dicomweb)"
 DCMTK_HINT = "run scripts/install.sh (apt-get install dcmtk)"
-NODE_HINT = "run scripts/install.sh (apt-get install nodejs npm; npm ci in tests/js)"
+NODE_HINT = "run scripts/install.sh (apt-get install nodejs npm; npm ci in tests/js: tus-js-client, oidc-provider)"
 CHROMIUM_BIN = "/usr/bin/chromium"
 CHROMIUM_HINT = "run scripts/install.sh (apt-get install chromium)"
 
@@ -462,8 +463,13 @@ class GatewayProcess:
 
     ``settings`` is deep-merged over the test defaults (see the module docstring); ``scripts``
     (name -> Lua text) are written into the scripts folder before start. The subprocess imports
-    the working tree (``PYTHONPATH`` = repo root), so no install step is needed for the code.
+    the working tree (``PYTHONPATH`` = repo root), so no install step is needed for the code;
+    ``python`` and ``repo_root`` name another interpreter and checkout (the benchmarks run a
+    baseline checkout next to the working tree).
     """
+
+    python: str = sys.executable
+    repo_root: Path = REPO_ROOT
 
     def __init__(
         self,
@@ -473,9 +479,13 @@ class GatewayProcess:
         settings: Mapping[str, Any] | None = None,
         scripts: Mapping[str, str] | None = None,
         env: Mapping[str, str] | None = None,
+        command_prefix: Sequence[str] = (),
     ) -> None:
+        """``command_prefix``: run the gateway under another command, e.g.
+        ``["prlimit", "--nofile=300:300", "--"]`` for a process with few file descriptors."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.command_prefix = list(command_prefix)
         self.scripts_dir = self.workdir / "scripts"
         self.data_dir = self.workdir / "data"
         self.scripts_dir.mkdir(exist_ok=True)
@@ -567,7 +577,7 @@ class GatewayProcess:
     # -- lifecycle ------------------------------------------------------------------------
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.upper().startswith("DICOMPROXY__")}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.repo_root), env.get("PYTHONPATH")]))
         env["PYTHONUNBUFFERED"] = "1"
         env.update(self.extra_env)
         return env
@@ -578,7 +588,7 @@ class GatewayProcess:
             return self
         with open(self.log_path, "a") as log:
             log.write(f"\n===== starting gateway at {time.strftime('%H:%M:%S')} =====\n")
-        cmd = [sys.executable, "-m", "dicomproxy", "serve", "--config", str(self.config_path)]
+        cmd = [*self.command_prefix, self.python, "-m", "dicomproxy", "serve", "--config", str(self.config_path)]
         self.proc = _popen(cmd, self.log_path, cwd=self.workdir, env=self._env())
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -631,6 +641,17 @@ class GatewayProcess:
             timeout=timeout,
             what=f"{text!r} in the gateway log",
         )
+
+    def metric(self, sample: str, **labels: str) -> float:
+        """One sample of ``GET /dicomproxy/metrics`` (0 when the series has no such sample yet),
+        read with prometheus_client's parser: ``metric("dicomproxy_mails_total", outcome="sent")``."""
+        resp = self.get("/dicomproxy/metrics")
+        assert resp.status_code == 200, resp.text
+        for family in text_string_to_metric_families(resp.text):
+            for s in family.samples:
+                if s.name == sample and s.labels == labels:
+                    return float(s.value)
+        return 0.0
 
     def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         kwargs.setdefault("timeout", 30)
@@ -695,3 +716,76 @@ class StoreScp:
 
     def __repr__(self) -> str:
         return f"<StoreScp {self.aet}@{self.port}>"
+
+
+# --------------------------------------------------------------------------- OpenID provider
+class OidcProvider:
+    """A real OpenID provider: the certified npm package ``oidc-provider`` under node
+    (``tests/js/oidc_provider.mjs``), issuing JWT access tokens by client_credentials.
+
+    ``clients``: ``[{"client_id", "client_secret", "roles"}]``; tokens carry ``roles`` and
+    ``preferred_username``. Resources (``token(resource=...)``): ``urn:dicomproxy`` (RS256),
+    ``urn:dicomproxy:es256``, ``urn:dicomproxy:short`` (3 s) and ``urn:other`` (audience ``other-api``).
+    ``rotate()`` puts new signing keys first (the old ones stay published).
+    """
+
+    SCRIPT = JS_DIR / "oidc_provider.mjs"
+
+    def __init__(self, workdir: Path, clients: Sequence[Mapping[str, Any]]) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.clients = {c["client_id"]: c for c in clients}
+        self.port = free_port()
+        self.issuer = f"http://{LOOPBACK}:{self.port}"
+        self.log_path = self.workdir / "oidc-provider.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30) -> OidcProvider:
+        node = shutil.which("node") or "/usr/bin/node"
+        require_binary(node, NODE_HINT)
+        if not (JS_DIR / "node_modules" / "oidc-provider").is_dir():
+            pytest.fail(f"tests/js/node_modules/oidc-provider is missing: {NODE_HINT}", pytrace=False)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps the fd
+        try:
+            self.proc = subprocess.Popen(
+                [node, str(self.SCRIPT), str(self.port), json.dumps(list(self.clients.values()))],
+                cwd=JS_DIR, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent if threading.current_thread() is threading.main_thread() else None)
+        finally:
+            log.close()
+        wait_until(lambda: f"ready {self.issuer}" in self.log_text() or self._exited(), timeout=timeout,
+                   what="oidc-provider to listen")
+        if self._exited():
+            pytest.fail(f"oidc-provider exited; log:\n{_tail(self.log_path)}", pytrace=False)
+        return self
+
+    def _exited(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def token(self, client_id: str, resource: str = "urn:dicomproxy") -> str:
+        """An access token (a JWT) for ``client_id`` by the client_credentials grant."""
+        client = self.clients[client_id]
+        r = requests.post(f"{self.issuer}/token", auth=(client_id, client["client_secret"]), timeout=10,
+                          data={"grant_type": "client_credentials", "resource": resource, "scope": "dicom"})
+        assert r.status_code == 200, f"token endpoint: {r.status_code} {r.text}"
+        return str(r.json()["access_token"])
+
+    def rotate(self, timeout: float = 10) -> tuple[str, str]:
+        """New signing keys; returns their kids (RSA, EC)."""
+        assert self.proc is not None and self.proc.stdin is not None
+        before = self.log_text().count("rotated ")
+        self.proc.stdin.write(b"rotate\n")
+        self.proc.stdin.flush()
+        wait_until(lambda: self.log_text().count("rotated ") > before, timeout=timeout, what="the key rotation")
+        line = [ln for ln in self.log_text().splitlines() if ln.startswith("rotated ")][-1]
+        rsa_kid, ec_kid = line.split()[1:3]
+        return rsa_kid, ec_kid
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+        _terminate(self.proc, 5)

@@ -4,8 +4,11 @@
     InternalCmdRun("echo", "CALLING:PACS@10.0.0.5:104")
 
 The calling AE title is optional (default ``Dicom:Aet``); a name from ``Dicom:Modalities`` may
-stand for ``AE@host:port``. Files are sent as they are on disk (no decoding), over one
-association per batch of presentation contexts, with the light requester of ``scu.py``.
+stand for ``AE@host:port``. Files are sent as they are on disk (no decoding; read in pieces as
+they are sent), over one association per batch of presentation contexts
+(:func:`.presentation.batches`), with :mod:`.storage_scu`; an uncompressed file the
+destination takes only in another uncompressed syntax is re-encoded
+(:func:`.presentation.choose`), a compressed one never.
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydicom.uid import UID
-
 from dicomproxy.config.settings import DicomSettings
-from dicomproxy.dicom import datasets, scu
+from dicomproxy.dicom import presentation
+from dicomproxy.dicom.presentation import NotAccepted
 from dicomproxy.dicom.spool import SpoolError, read_file_meta
+from dicomproxy.dicom.storage_scu import FileDataset, StorageScu
+from dicomproxy.dicom.storage_scu import echo as storage_echo
+from dicomproxy.dicom.ul.errors import UpperLayerError
 
 SEND_USAGE = 'InternalCmdRun("send", "[folder] [CallingAE:AE@host:port]")'
 ECHO_USAGE = 'InternalCmdRun("echo", "[CallingAE:AE@host:port]")'
@@ -101,46 +106,8 @@ async def send(args: str, settings: DicomSettings) -> dict[str, Any]:
     files, skipped = await asyncio.to_thread(_scan, folder)
     failures: list[dict[str, str]] = [dict(s) for s in skipped]
     sent = 0
-    batches: list[list[_File]] = []
-    pairs: dict[tuple[str, str], None] = {}
-    current: list[_File] = []
-    for f in files:
-        new = [(f.sop_class, f.ts), (f.sop_class, scu.EXPLICIT), (f.sop_class, scu.IMPLICIT)]
-        if len(pairs) + sum(p not in pairs for p in new) > 126 and current:
-            batches.append(current)
-            current, pairs = [], {}
-        for p in new:
-            pairs[p] = None
-        current.append(f)
-    if current:
-        batches.append(current)
-    for batch in batches:
-        contexts = list(
-            dict.fromkeys(
-                p
-                for f in batch
-                for p in ((f.sop_class, f.ts), (f.sop_class, scu.EXPLICIT), (f.sop_class, scu.IMPLICIT))
-            )
-        )
-        try:
-            assoc = await scu.Association.connect(
-                target.host, target.port, called_aet=target.called, calling_aet=target.calling, contexts=contexts
-            )
-        except scu.DimseError as e:
-            failures += [{"File": str(f.path), "Error": str(e)} for f in batch]
-            continue
-        try:
-            for i, f in enumerate(batch):
-                if not assoc.is_open:
-                    failures += [{"File": str(g.path), "Error": "association lost"} for g in batch[i:]]
-                    break
-                error = await _send_one(assoc, f)
-                if error:
-                    failures.append({"File": str(f.path), "SOPInstanceUID": f.sop_instance, "Error": error})
-                else:
-                    sent += 1
-        finally:
-            await assoc.release()
+    for batch in presentation.batches(files, _pair):
+        sent += await _send_batch(target, batch, failures)
     return {
         "Destination": target.describe(),
         "Total": len(files) + len(skipped),
@@ -151,22 +118,47 @@ async def send(args: str, settings: DicomSettings) -> dict[str, Any]:
     }
 
 
-async def _send_one(assoc: scu.Association, f: _File) -> str:
-    data = await asyncio.to_thread(_read, f)
-    ts = f.ts
-    if (f.sop_class, ts) not in assoc.accepted:
-        if UID(ts).is_compressed:
-            return f"the destination does not accept {UID(ts).name} for this SOP class"
-        alt = next((u for u in (scu.EXPLICIT, scu.IMPLICIT) if (f.sop_class, u) in assoc.accepted), None)
-        if alt is None:
-            return f"the destination does not accept SOP class {f.sop_class}"
-        try:
-            data, ts = datasets.encode(datasets.decode(data, ts), alt), alt
-        except Exception as e:
-            return f"cannot re-encode as {UID(alt).name}: {e}"
+def _pair(f: _File) -> tuple[str, str]:
+    return f.sop_class, f.ts
+
+
+async def _send_batch(target: Target, batch: list[_File], failures: list[dict[str, str]]) -> int:
     try:
-        status = await assoc.c_store(f.sop_class, f.sop_instance, ts, data)
-    except scu.DimseError as e:
+        assoc = await StorageScu.connect(
+            target.host, target.port, called_aet=target.called, calling_aet=target.calling,
+            contexts=presentation.batch_pairs(batch, _pair),
+        )
+    except UpperLayerError as e:
+        failures += [{"File": str(f.path), "Error": str(e)} for f in batch]
+        return 0
+    sent = 0
+    try:
+        for i, f in enumerate(batch):
+            if not assoc.is_open:
+                failures += [{"File": str(g.path), "Error": "association lost"} for g in batch[i:]]
+                break
+            error = await _send_one(assoc, f)
+            if error:
+                failures.append({"File": str(f.path), "SOPInstanceUID": f.sop_instance, "Error": error})
+            else:
+                sent += 1
+    finally:
+        await assoc.release()
+    return sent
+
+
+async def _send_one(assoc: StorageScu, f: _File) -> str:
+    source: bytes | FileDataset = FileDataset(f.path, f.offset)
+    try:
+        ts = presentation.choose(assoc.accepted, f.sop_class, f.ts, "the destination")
+        if ts != f.ts:
+            raw = await asyncio.to_thread(_read, f)
+            source = await asyncio.to_thread(presentation.transcode, raw, f.ts, ts)
+    except NotAccepted as e:
+        return str(e)
+    try:
+        status = await assoc.c_store(f.sop_class, f.sop_instance, ts, source)
+    except UpperLayerError as e:
         return str(e)
     if status.is_success or status.is_warning:
         return ""
@@ -185,8 +177,8 @@ async def echo(args: str, settings: DicomSettings) -> dict[str, Any]:
     target = parse_target(args, settings, ECHO_USAGE)
     started = time.monotonic()
     try:
-        status = await scu.echo(target.host, target.port, called_aet=target.called, calling_aet=target.calling)
-    except scu.DimseError as e:
+        status = await storage_echo(target.host, target.port, called_aet=target.called, calling_aet=target.calling)
+    except UpperLayerError as e:
         return {"Destination": target.describe(), "Success": False, "Error": str(e)}
     return {
         "Destination": target.describe(),

@@ -18,7 +18,7 @@ import re
 import zlib
 from collections.abc import Mapping
 from io import BytesIO
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import DataElement
@@ -235,15 +235,17 @@ def encode(ds: Dataset, transfer_syntax: str) -> bytes:
 _HEADER_TAGS = (0x00080016, 0x00080018, 0x0020000D, 0x0020000E, 0x00100020)
 
 
-def header_uids(raw: bytes, transfer_syntax: str) -> dict[str, str]:
+def header_uids(raw: bytes | BinaryIO, transfer_syntax: str) -> dict[str, str]:
     """SOPClassUID, SOPInstanceUID, StudyInstanceUID, SeriesInstanceUID, PatientID from encoded
-    bytes, reading only up to group 0x0020 (cheap: the forwarder needs the study for ordering,
-    the C-STORE check needs the SOP Instance UID; nothing else is decoded)."""
+    bytes or a seekable stream of them, reading only up to group 0x0020 (cheap: the forwarder
+    needs the study for ordering, the C-STORE check needs the SOP Instance UID; nothing else is
+    decoded)."""
     ts = UID(transfer_syntax)
+    fp: BinaryIO = BytesIO(raw) if isinstance(raw, bytes) else raw
     if ts == DeflatedExplicitVRLittleEndian:
-        raw = zlib.decompressobj(-zlib.MAX_WBITS).decompress(raw, 1 << 20)
+        fp = BytesIO(zlib.decompressobj(-zlib.MAX_WBITS).decompress(fp.read(4 << 20), 1 << 20))
     ds = read_dataset(
-        BytesIO(raw),
+        fp,
         ts.is_implicit_VR,
         ts.is_little_endian,
         stop_when=lambda tag, vr, length: tag > 0x0020000E,

@@ -9,8 +9,8 @@ it has not proposed yet); after a batch it hands the study back so no study star
 
 Outcomes per instance:
 
-* accepted (success or warning status, or STOW-RS stored it): removed from the spool, then
-  ``on_stored`` runs (the Lua ``onInstanceStored``/``OnStoredInstance`` events);
+* accepted (success or warning status, or STOW-RS stored it): ``on_stored`` runs (the Lua
+  ``onInstanceStored`` event and the "instance stored" hook), then it leaves the spool;
 * transient trouble (PACS unreachable, association rejected or aborted, timeouts, "out of
   resources" 0xA7xx, HTTP 5xx): retried after ``ForwardRetrySeconds``, doubling up to
   ``ForwardMaxRetrySeconds``; the study waits, so order holds. With ``ForwardMaxAttempts`` > 0
@@ -19,34 +19,41 @@ Outcomes per instance:
   compressed instance, STOW FailedSOPSequence): moved to the spool's ``failed/`` folder and
   ``on_failed`` runs (log line, ``forward.failed`` bus event). Never silently dropped.
 
-Exactly once: an entry leaves the spool only after the PACS's answer, and lanes never hold
-the same study, so a healthy run sends each instance once. If the connection dies after the
-PACS stored an instance but before its answer arrived, the retry sends it again: a PACS keys
-instances on SOPInstanceUID, so it still holds one copy.
+At least once: an entry leaves the spool only after the PACS's answer (and after
+``on_stored``), and lanes never hold the same study, so a healthy run sends each instance once.
+If the connection dies after the PACS stored an instance but before its answer arrived, or the
+gateway stops between the answer and the removal, the instance is sent again: a PACS keys
+instances on SOPInstanceUID, so it still holds one copy, but its "stored" events may fire twice.
+
+Large instances are sent from the spool file in pieces (:class:`.storage_scu.FileDataset`),
+never read into memory whole; instances up to ``spool.MEMORY_COPY_MAX`` come from the copy the
+receiving thread kept, within :data:`MEMORY_CACHE_BYTES` in all.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
 import uuid
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydicom.uid import UID
+import httpx
 
-from dicomproxy.dicom import datasets, scu
-from dicomproxy.dicom.spool import Spool, SpoolEntry, file_meta
+from dicomproxy.dicom import presentation
+from dicomproxy.dicom.presentation import ContextBook, NotAccepted
+from dicomproxy.dicom.spool import MEMORY_COPY_MAX, Spool, SpoolEntry, file_meta
+from dicomproxy.dicom.storage_scu import FileDataset, StorageScu
+from dicomproxy.dicom.ul.errors import UpperLayerError
 
 log = logging.getLogger(__name__)
 
-UNCOMPRESSED = (scu.EXPLICIT, scu.IMPLICIT)
-MAX_CONTEXTS = 126
 STUDY_BATCH = 64
 # An upstream association idle this long is released: a PACS being restarted waits for open
 # associations, and a trickle of instances re-associates in a few milliseconds anyway.
@@ -93,60 +100,34 @@ class ForwardTarget:
         return self.stow_url if self.via == "dicomweb" else f"{self.aet}@{self.host}:{self.port}"
 
 
-StoredCallback = Callable[[SpoolEntry, ForwardResult, bytes], Awaitable[None]]
+DatasetReader = Callable[[], Awaitable[bytes]]
+StoredCallback = Callable[[SpoolEntry, ForwardResult, DatasetReader], Awaitable[None]]
 FailedCallback = Callable[[SpoolEntry, str], None]
 SessionFactory = Callable[[], Awaitable[Any]]
 
 
-class _ContextBook:
-    """The (SOP class, transfer syntax) pairs lanes propose, most recently used last."""
-
-    def __init__(self) -> None:
-        self.pairs: OrderedDict[tuple[str, str], None] = OrderedDict()
-
-    def want(self, sop_class: str, ts: str) -> bool:
-        """Record the pairs this instance may use; True if something new was added."""
-        added = False
-        for pair in ((sop_class, ts), *((sop_class, u) for u in UNCOMPRESSED)):
-            if pair in self.pairs:
-                self.pairs.move_to_end(pair)
-            else:
-                self.pairs[pair] = None
-                added = True
-        while len(self.pairs) > MAX_CONTEXTS:
-            self.pairs.popitem(last=False)
-        return added
-
-    def contexts(self) -> list[tuple[str, str]]:
-        return list(self.pairs)
-
-
 class _DimseLane:
-    def __init__(self, target: ForwardTarget, book: _ContextBook, index: int) -> None:
+    def __init__(self, target: ForwardTarget, book: ContextBook, index: int) -> None:
         self.target = target
         self.book = book
         self.index = index
-        self.assoc: scu.Association | None = None
+        self.assoc: StorageScu | None = None
 
-    async def _associate(self) -> scu.Association:
+    async def _associate(self) -> StorageScu:
         if self.assoc is not None:
             await self.assoc.release()
         t = self.target
         try:
-            self.assoc = await scu.Association.connect(
-                t.host,
-                t.port,
-                called_aet=t.aet,
-                calling_aet=t.calling_aet,
-                contexts=self.book.contexts(),
+            self.assoc = await StorageScu.connect(
+                t.host, t.port, called_aet=t.aet, calling_aet=t.calling_aet, contexts=self.book.contexts(),
                 timeout=t.connect_timeout,
             )
-        except scu.DimseError as e:
+        except UpperLayerError as e:
             self.assoc = None
             raise TransientError(str(e)) from None
         return self.assoc
 
-    async def send(self, entry: SpoolEntry, data: bytes) -> ForwardResult:
+    async def send(self, entry: SpoolEntry, data: bytes | FileDataset) -> ForwardResult:
         key = (entry.sop_class, entry.transfer_syntax)
         new_pair = self.book.want(*key)
         assoc = self.assoc
@@ -158,20 +139,15 @@ class _DimseLane:
         if not reused:
             assoc = await self._associate()
         assert assoc is not None
-        ts, payload = self._choose(assoc, entry, data)
         try:
-            status = await assoc.c_store(entry.sop_class, entry.sop_instance, ts, payload, timeout=self.target.timeout)
-        except scu.DimseError as e:
+            status = await self._store(assoc, entry, data)
+        except UpperLayerError as e:
             if not reused:
                 raise TransientError(str(e)) from None
             # An idle association the PACS dropped: one immediate retry on a fresh one.
-            assoc = await self._associate()
-            ts, payload = self._choose(assoc, entry, data)
             try:
-                status = await assoc.c_store(
-                    entry.sop_class, entry.sop_instance, ts, payload, timeout=self.target.timeout
-                )
-            except scu.DimseError as e2:
+                status = await self._store(await self._associate(), entry, data)
+            except UpperLayerError as e2:
                 raise TransientError(str(e2)) from None
         if status.is_success or status.is_warning:
             return ForwardResult(status.status, str(status), "dimse")  # C-STORE answers no resource id
@@ -179,26 +155,16 @@ class _DimseLane:
             raise TransientError(f"{self.target.describe()} is out of resources: status {status}")
         raise PermanentError(f"{self.target.describe()} refused the instance: status {status}", status.status)
 
-    def _choose(self, assoc: scu.Association, entry: SpoolEntry, data: bytes) -> tuple[str, bytes]:
+    async def _store(self, assoc: StorageScu, entry: SpoolEntry, data: bytes | FileDataset) -> Any:
         """The instance's own syntax if accepted; else an uncompressed one, re-encoded."""
-        ts = entry.transfer_syntax
-        if (entry.sop_class, ts) in assoc.accepted:
-            return ts, data
-        if UID(ts).is_compressed:
-            raise PermanentError(
-                f"{self.target.describe()} does not accept {UID(ts).name} for {UID(entry.sop_class).name}; "
-                "compressed data is never transcoded by the gateway"
-            )
-        for alt in UNCOMPRESSED:
-            if (entry.sop_class, alt) in assoc.accepted:
-                try:
-                    ds = datasets.decode(data, ts)
-                    return alt, datasets.encode(ds, alt)
-                except Exception as e:
-                    raise PermanentError(f"cannot re-encode the instance as {UID(alt).name}: {e}") from None
-        raise PermanentError(
-            f"{self.target.describe()} does not accept SOP class {UID(entry.sop_class).name} ({entry.sop_class})"
-        )
+        try:
+            ts = presentation.choose(assoc.accepted, entry.sop_class, entry.transfer_syntax, self.target.describe())
+            if ts != entry.transfer_syntax:
+                raw = data if isinstance(data, bytes) else await _read_file(data)
+                data = await asyncio.to_thread(presentation.transcode, raw, entry.transfer_syntax, ts)
+        except NotAccepted as e:
+            raise PermanentError(str(e)) from None
+        return await assoc.c_store(entry.sop_class, entry.sop_instance, ts, data, timeout=self.target.timeout)
 
     async def close(self) -> None:
         if self.assoc is not None:
@@ -212,6 +178,15 @@ class _DimseLane:
             await self.close()
 
 
+async def _read_file(source: FileDataset) -> bytes:
+    def read() -> bytes:
+        with open(source.path, "rb") as f:
+            f.seek(source.offset)
+            return f.read(source.length if source.length >= 0 else -1)
+
+    return await asyncio.to_thread(read)
+
+
 class _StowLane:
     """STOW-RS to ``Upstream:Url`` + ``Upstream:DicomWebRoot`` + ``/studies``, one study batch per request."""
 
@@ -222,8 +197,6 @@ class _StowLane:
     async def send_batch(
         self, entries: list[SpoolEntry], payloads: list[bytes]
     ) -> list[ForwardResult | PermanentError]:
-        import aiohttp
-
         boundary = uuid.uuid4().hex
         parts: list[bytes] = []
         for entry, data in zip(entries, payloads, strict=True):
@@ -239,17 +212,15 @@ class _StowLane:
             "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
             "Accept": "application/dicom+json",
         }
-        session = await self.session_factory()
+        client = await self.session_factory()  # the gateway's upstream httpx client
         try:
-            async with session.post(
-                self.target.stow_url,
-                data=body,
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=self.target.timeout, connect=self.target.connect_timeout),
-            ) as resp:
-                status = resp.status
-                text = await resp.text(errors="replace")
-        except (TimeoutError, aiohttp.ClientError, OSError) as e:
+            async with asyncio.timeout(self.target.timeout):
+                resp = await client.post(
+                    self.target.stow_url, content=body, headers=headers,
+                    timeout=httpx.Timeout(self.target.timeout, connect=self.target.connect_timeout),
+                )
+            status, text = resp.status_code, resp.text
+        except (TimeoutError, httpx.HTTPError, OSError) as e:
             raise TransientError(f"STOW-RS to {self.target.stow_url} failed: {e!r}") from None
         if status >= 500 or status in (401, 403, 404, 408, 429):
             raise TransientError(f"STOW-RS to {self.target.stow_url} answered HTTP {status}: {text[:200]}")
@@ -324,7 +295,7 @@ class Forwarder:
         self._cond: asyncio.Condition | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
-        self._book = _ContextBook()
+        self._book = ContextBook()
         self._cached = 0
         self._waiting = 0  # lanes waiting for work: only then does enqueue need to wake one
         self.forwarded = 0
@@ -428,13 +399,13 @@ class Forwarder:
         while q and sent < STUDY_BATCH and not self._stopping:
             if isinstance(lane, _StowLane):
                 batch = [q[i] for i in range(min(len(q), 32))]
-                await self._with_retry(lambda b=batch: self._stow(lane, b))
+                await self._with_retry(functools.partial(self._stow, lane, batch))
                 for _ in batch:
                     q.popleft()
                 sent += len(batch)
             else:
                 entry = q[0]
-                await self._with_retry(lambda e=entry: self._dimse(lane, e))
+                await self._with_retry(functools.partial(self._dimse, lane, entry))
                 q.popleft()
                 sent += 1
 
@@ -462,6 +433,7 @@ class Forwarder:
                 self.retrying -= 1
 
     async def _read(self, entry: SpoolEntry) -> bytes | None:
+        """The data set in memory (the cached copy, else read from the spool file)."""
         if entry.data is not None:
             data, entry.data = entry.data, None
             self._cached -= len(data)
@@ -472,8 +444,17 @@ class Forwarder:
             log.error("spool file %s vanished before forwarding; skipping", entry.path)
             return None
 
+    async def _source(self, entry: SpoolEntry) -> bytes | FileDataset | None:
+        """What a C-STORE sends: the cached copy, or the spool file read in pieces as it is sent."""
+        if entry.data is not None or 0 <= entry.length <= MEMORY_COPY_MAX:
+            return await self._read(entry)
+        if not await asyncio.to_thread(entry.path.exists):
+            log.error("spool file %s vanished before forwarding; skipping", entry.path)
+            return None
+        return FileDataset(entry.path, entry.data_offset, entry.length)
+
     async def _dimse(self, lane: _DimseLane, entry: SpoolEntry) -> None:
-        data = await self._read(entry)
+        data = await self._source(entry)
         if data is None:
             return
         entry.attempts += 1
@@ -487,7 +468,7 @@ class Forwarder:
                 self._fail(entry, f"gave up after {entry.attempts} attempts: {self.last_error}", None)
                 return
             raise
-        await self._stored(entry, result, data)
+        await self._stored(entry, result, data if isinstance(data, bytes) else None)
 
     async def _stow(self, lane: _StowLane, batch: list[SpoolEntry]) -> None:
         payloads: list[bytes] = []
@@ -515,15 +496,21 @@ class Forwarder:
             else:
                 await self._stored(entry, result, data)
 
-    async def _stored(self, entry: SpoolEntry, result: ForwardResult, data: bytes) -> None:
-        self.spool.remove(entry)
+    async def _stored(self, entry: SpoolEntry, result: ForwardResult, data: bytes | None) -> None:
         self.forwarded += 1
         self.last_success_at = time.time()
         if self.on_stored is not None:
+
+            async def read() -> bytes:
+                if data is not None:
+                    return data
+                return await asyncio.to_thread(self.spool.read_dataset, entry)
+
             try:
-                await self.on_stored(entry, result, data)
+                await self.on_stored(entry, result, read)
             except Exception:
                 log.exception("onInstanceStored handling failed for %s", entry.sop_instance)
+        self.spool.remove(entry)
 
     def _fail(self, entry: SpoolEntry, reason: str, status: int | None) -> None:
         try:

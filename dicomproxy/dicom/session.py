@@ -1,12 +1,14 @@
-"""One association's view of the Lua side: its ``assoc`` table, its transient scope, and a
-thread-safe way to raise DICOM events from pynetdicom's handler threads.
+"""One association's view of the Lua side: its ``assoc`` table, its transient scope, and the
+way DICOM events reach Lua from whichever thread serves the association.
 
-pynetdicom runs every association in its own threads; Lua runs on the event loop. Events go
-through ``host.dispatch_threadsafe`` (which blocks the association thread, not the loop), and
-only when a script defines the callback (``host.defines`` is cached), so an unscripted
-gateway pays nothing per instance. Each association gets one transient scope, opened on the
-first event that needs it and closed when the association ends, so ``main-transient.lua``
-keeps its state for the whole association.
+Lua runs on the event loop. The association request is decided there (``onDicomAssociation``,
+awaited by the acceptor); after that a storage association runs on its own thread and
+pynetdicom's Query/Retrieve handlers on pynetdicom's, and their events go through
+``host.dispatch_threadsafe`` (which blocks that thread, not the loop). An event is raised only
+when a script defines the callback (``host.defines`` is cached), so an unscripted gateway pays
+nothing per instance. Each association gets one transient scope, opened on the first event that
+needs it and closed when the association ends, so ``main-transient.lua`` keeps its state for
+the whole association, from ``onDicomAssociation`` to the last C-STORE or C-FIND.
 """
 
 from __future__ import annotations
@@ -43,15 +45,14 @@ class LuaBridge:
         scope = session.scope() if session is not None else None
         return self.host.dispatch_threadsafe(name, *args, scope=scope, timeout=self.timeout)
 
-    def refuses_association(self, session: AssocSession) -> bool:
-        """Ask ``onDicomAssociation``; True when it returns false (or fails, unless fail-open).
-
-        Both listeners (the storage acceptor and the pynetdicom Q/R AE) decide through here."""
+    async def refuses(self, session: AssocSession) -> bool:
+        """Ask ``onDicomAssociation`` (on the loop); True when it returns false, or fails unless
+        ``Lua:FailOpen``. Every association request is decided here, storage or Query/Retrieve."""
         if not self.defines("onDicomAssociation"):
             return False
         try:
-            d = self.call("onDicomAssociation", session.table(), session=session)
-            refused = d is not None and d.rejected
+            d = await self.call_async("onDicomAssociation", session.table(), session=session)
+            refused = d is not None and bool(d.rejected)
         except Exception as e:
             log.error("onDicomAssociation failed for %s: %s", session.calling, e)
             refused = not self.fail_open
@@ -61,7 +62,7 @@ class LuaBridge:
         return refused
 
     async def call_async(self, name: str, *args: Any, session: AssocSession | None = None) -> Any | None:
-        """From the event loop (the asyncio acceptor, forwarder callbacks)."""
+        """From the event loop (the acceptor, the scripted store, forwarder callbacks)."""
         if self.host is None or not self.host.defines(name):
             return None
         scope = session.scope() if session is not None else None

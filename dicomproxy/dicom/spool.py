@@ -15,10 +15,20 @@ address, the study it belongs to) as JSON in (0002,0102) *Private Information*, 
 (0002,0100) creator UID, with the dataset's length. One file per instance, fsync'ed before
 the C-STORE is answered; a short file (a crash mid-write, never acknowledged) is recognised by
 that length and dropped. An operator can re-send any spool or failed file with a plain storescu.
+
+Receiving streams (:class:`SpoolWriter`): a data set is kept in memory up to
+:data:`SPILL_BYTES` and written in one go when complete, as a small instance always was; a
+larger one is written to its file fragment by fragment as the PDUs arrive, behind a file meta
+whose JSON slot is padded to a fixed size (and says ``"length": -1`` until the instance is
+complete, so a crash leaves a file recovery drops), then the final metadata is written over the
+slot and the file fsync'ed. A 300 MB instance then costs the gateway a few PDU buffers of
+memory, not two copies of itself. ``Dicom:MaxDatasetMB`` bounds what one C-STORE may write.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -29,19 +39,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dicomproxy.dicom.implementation import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
+
 log = logging.getLogger(__name__)
 
-IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1426.1"
-IMPLEMENTATION_VERSION = "DICOMPROXY_01"
 PRIVATE_CREATOR_UID = "1.2.826.0.1.3680043.10.1426.1.1"
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 
 
 MEMORY_COPY_MAX = 16 << 20
+"""An instance up to this size also stays in memory for the forwarder (within its cache budget)."""
+SPILL_BYTES = 1 << 20
+"""A data set larger than this is written to its file as it arrives instead of when complete."""
+META_SLOT = 2048
+"""Bytes reserved for the JSON of a streamed file (padded with spaces; rewritten when complete)."""
 
 
 class SpoolError(Exception):
     """A spool file is unreadable (truncated or not ours); the message names the file."""
+
+
+class DatasetTooLarge(Exception):
+    """A data set grew past ``Dicom:MaxDatasetMB``."""
 
 
 @dataclass
@@ -61,6 +80,7 @@ class SpoolEntry:
     data_offset: int = 0
     attempts: int = 0
     data: bytes | None = field(default=None, repr=False)  # in-memory copy, spares the forwarder a read
+    length: int = -1  # data set bytes (-1: unknown, read to the end of the file)
 
     def info(self) -> dict[str, Any]:
         return {
@@ -221,9 +241,20 @@ class Spool:
             origin=info.get("origin", {}),
             received=float(info.get("received", 0)),
             data_offset=offset,
+            length=int(info.get("length", -1)),
         )
 
     # -- hot path -------------------------------------------------------------------------
+    def begin(
+        self, *, sop_class: str, sop_instance: str, transfer_syntax: str, origin: dict[str, Any] | None = None,
+        max_bytes: int = 0,
+    ) -> SpoolWriter:
+        """Start receiving one instance (see :class:`SpoolWriter`); ``max_bytes`` 0: no limit."""
+        with self._lock:
+            seq = self._next_seq
+            self._next_seq += 1
+        return SpoolWriter(self, seq, sop_class, sop_instance, transfer_syntax, origin or {}, max_bytes)
+
     def put(
         self,
         dataset: bytes,
@@ -237,55 +268,19 @@ class Spool:
         origin: dict[str, Any] | None = None,
     ) -> SpoolEntry:
         """Write one instance durably and return its entry. Raises OSError (disk full...)."""
-        origin = origin or {}
-        received = time.time()
-        private = json.dumps(
-            {
-                "study": study,
-                "series": series,
-                "patient": patient_id,
-                "origin": origin,
-                "received": received,
-                "length": len(dataset),
-            },
-            separators=(",", ":"),
-        ).encode()
-        head = file_meta(sop_class, sop_instance, transfer_syntax, origin.get("CallingAE", ""), private)
-        with self._lock:
-            seq = self._next_seq
-            self._next_seq += 1
-        final = self.queue_dir / f"{seq:012d}.dcm"
-        # Written in place, not via tmp + rename: fsync of a new file also commits its directory
-        # entry on journalling filesystems (ext4, xfs, btrfs), which saves a rename and a
-        # directory fsync per instance. A crash mid-write leaves a short file that was never
-        # acknowledged; open() recognises it by the recorded length and drops it.
-        fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        writer = self.begin(
+            sop_class=sop_class, sop_instance=sop_instance, transfer_syntax=transfer_syntax, origin=origin
+        )
         try:
-            _write_all(fd, head)
-            _write_all(fd, dataset)
-            if self.fsync:
-                os.fsync(fd)
+            writer.write(memoryview(dataset))
+            return writer.commit(study=study, series=series, patient_id=patient_id)
         except BaseException:
-            os.close(fd)
-            final.unlink(missing_ok=True)
+            writer.discard()
             raise
-        os.close(fd)
+
+    def _committed(self) -> None:
         with self._lock:
             self._depth += 1
-        return SpoolEntry(
-            seq=seq,
-            path=final,
-            sop_class=sop_class,
-            sop_instance=sop_instance,
-            transfer_syntax=transfer_syntax,
-            study=study,
-            series=series,
-            patient_id=patient_id,
-            origin=origin,
-            received=received,
-            data_offset=len(head),
-            data=dataset if len(dataset) <= MEMORY_COPY_MAX else None,
-        )
 
     def read_dataset(self, entry: SpoolEntry) -> bytes:
         """The dataset bytes as received (no file meta)."""
@@ -348,6 +343,133 @@ class Spool:
     @property
     def failed_count(self) -> int:
         return self._failed
+
+
+class SpoolWriter:
+    """One instance being received (thread-confined: the association's thread writes it).
+
+    :meth:`write` each data set fragment as it arrives, then :meth:`commit` (durable, counted in
+    the spool's depth, returned as a :class:`SpoolEntry`) or :meth:`discard`. Fragments may be
+    views of PDU buffers: they are copied or written before ``write`` returns, or kept (as long
+    as the instance stays below :data:`MEMORY_COPY_MAX`) for the in-memory copy."""
+
+    def __init__(
+        self, spool: Spool, seq: int, sop_class: str, sop_instance: str, transfer_syntax: str,
+        origin: dict[str, Any], max_bytes: int,
+    ) -> None:
+        self.spool = spool
+        self.seq = seq
+        self.sop_class = sop_class
+        self.sop_instance = sop_instance
+        self.transfer_syntax = transfer_syntax
+        self.origin = origin
+        self.max_bytes = max_bytes
+        self.path = spool.queue_dir / f"{seq:012d}.dcm"
+        self.size = 0
+        self._parts: list[bytes | memoryview] | None = []  # None once past MEMORY_COPY_MAX
+        self._fd: int | None = None  # open once spilled
+        self._head_len = 0
+        self.received = time.time()
+
+    def write(self, fragment: memoryview) -> None:
+        """Raises :class:`DatasetTooLarge` past ``max_bytes``, OSError when the disk refuses."""
+        self.size += len(fragment)
+        if self.max_bytes and self.size > self.max_bytes:
+            raise DatasetTooLarge(f"data set larger than {self.max_bytes >> 20} MB (Dicom:MaxDatasetMB)")
+        if self._fd is None and self.size > SPILL_BYTES:
+            self._spill()
+        if self._fd is not None:
+            _write_all(self._fd, fragment)
+        if self._parts is not None:
+            if self.size <= MEMORY_COPY_MAX:
+                self._parts.append(fragment)
+            else:
+                self._parts = None
+
+    def _spill(self) -> None:
+        """Open the file behind a placeholder meta and write what was kept so far."""
+        head = self._meta({"length": -1, "origin": self.origin}, pad=META_SLOT)
+        self._head_len = len(head)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        _write_all(self._fd, head)
+        for part in self._parts or ():
+            _write_all(self._fd, part)
+
+    def _meta(self, info: dict[str, Any], pad: int = 0) -> bytes:
+        private = json.dumps(info, separators=(",", ":")).encode()
+        if pad:
+            if len(private) > pad:
+                raise ValueError("spool metadata larger than its slot")
+            private = private.ljust(pad, b" ")
+        return file_meta(self.sop_class, self.sop_instance, self.transfer_syntax, self.origin.get("CallingAE", ""),
+                         private)
+
+    def open_dataset(self) -> Any:
+        """A seekable binary stream of the data set received so far (to read its header)."""
+        if self._parts is not None:
+            return io.BytesIO(self._joined())
+        assert self._fd is not None
+        f = open(self.path, "rb")  # noqa: SIM115 - the caller closes it
+        f.seek(self._head_len)
+        return f
+
+    def _joined(self) -> bytes:
+        assert self._parts is not None
+        if len(self._parts) != 1 or not isinstance(self._parts[0], bytes):
+            self._parts = [b"".join(self._parts)]
+        joined = self._parts[0]
+        assert isinstance(joined, bytes)
+        return joined
+
+    def dataset(self) -> bytes:
+        """The whole data set (from memory, else read back from the file)."""
+        if self._parts is not None:
+            return self._joined()
+        with self.open_dataset() as f:
+            data: bytes = f.read()
+            return data
+
+    def commit(self, *, study: str, series: str = "", patient_id: str = "") -> SpoolEntry:
+        info = {"study": study, "series": series, "patient": patient_id, "origin": self.origin,
+                "received": self.received, "length": self.size}
+        data = self._joined() if self._parts is not None else None
+        if self._fd is None:
+            assert data is not None
+            head = self._meta(info)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            _write_all(self._fd, head)
+            _write_all(self._fd, data)
+            offset = len(head)
+        else:
+            try:
+                head = self._meta(info, pad=META_SLOT)
+            except ValueError:  # odd metadata longer than the slot: keep the essentials
+                head = self._meta({**info, "origin": {}}, pad=META_SLOT)
+            os.pwrite(self._fd, head, 0)
+            offset = self._head_len
+        try:
+            if self.spool.fsync:
+                os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+        self.spool._committed()
+        self._parts = None
+        return SpoolEntry(
+            seq=self.seq, path=self.path, sop_class=self.sop_class, sop_instance=self.sop_instance,
+            transfer_syntax=self.transfer_syntax, study=study, series=series, patient_id=patient_id,
+            origin=self.origin, received=self.received, data_offset=offset,
+            data=data if data is not None and len(data) <= MEMORY_COPY_MAX else None, length=self.size,
+        )
+
+    def discard(self) -> None:
+        """Forget the instance (never acknowledged); safe to call more than once."""
+        self._parts = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:

@@ -10,10 +10,12 @@ Statuses a modality can see: 0x0124 (refused by a script), 0x0110 (a script fail
 ``Lua:FailOpen``), 0xC210 (the dataset cannot be parsed), 0xA700 (the spool cannot be written:
 disk full...).
 
-Two entry points: :meth:`StoreService.store_blocking` for the association threads of
-``acceptor.py`` (the unscripted hot path never leaves that thread) and :meth:`StoreService.store`
-on the event loop (scripted instances: Lua runs there; the fsync'ed write then runs in a small
-thread pool).
+Entry points: :meth:`StoreService.store_received` for the association threads of
+``storage_scp.py``, with the data set already streamed into a :class:`.spool.SpoolWriter` (the
+unscripted hot path never leaves that thread); :meth:`StoreService.store_blocking` for a data
+set in memory (pynetdicom's threads, on a Query/Retrieve association that also stores); and
+:meth:`StoreService.store` on the event loop (scripted instances: Lua runs there; the fsync'ed
+write then runs in a small thread pool).
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, BinaryIO, NamedTuple
 
 from dicomproxy.dicom import datasets
 from dicomproxy.dicom.session import AssocSession, LuaBridge
-from dicomproxy.dicom.spool import Spool, SpoolEntry
+from dicomproxy.dicom.spool import Spool, SpoolEntry, SpoolWriter
 
 log = logging.getLogger(__name__)
 
@@ -62,40 +65,76 @@ class StoreService:
         if metric is not None:
             metric.inc()
 
-    def store_blocking(
-        self, session: AssocSession, raw: bytes, ts: str, sop_class: str, sop_instance: str
-    ) -> tuple[int, str]:
-        """From an association's thread: ``(status, error comment)`` for the C-STORE response.
+    def _scripted_store(self) -> bool:
+        return self.bridge.defines("onCStore", "ReceivedInstanceFilter")
 
-        Unscripted, everything happens on the calling thread (parse the header, write and fsync
+    def store_received(self, session: AssocSession, writer: SpoolWriter) -> tuple[int, str]:
+        """From an association's thread, the data set in ``writer``: ``(status, error comment)``.
+
+        Unscripted, everything happens on the calling thread (read the header, commit and fsync
         the spool file) and the loop is only told to forward; with a script the whole store
-        runs on the event loop, where Lua lives.
-        """
-        if self.bridge.defines("onCStore", "ReceivedInstanceFilter"):
+        runs on the event loop, where Lua lives. Timed into ``dicomproxy_dicom_store_seconds``."""
+        started = time.perf_counter()
+        try:
+            return self._store_received(session, writer)
+        finally:
+            seconds = self.counters.get("store_seconds")
+            if seconds is not None:
+                seconds.observe(time.perf_counter() - started)
+
+    def _store_received(self, session: AssocSession, writer: SpoolWriter) -> tuple[int, str]:
+        ts, sop_class, sop_instance = writer.transfer_syntax, writer.sop_class, writer.sop_instance
+        if self._scripted_store():
+            raw = writer.dataset()
+            writer.discard()
             assert self.loop is not None, "StoreService.loop is set when the component starts"
             future = asyncio.run_coroutine_threadsafe(self.store(session, raw, ts, sop_class, sop_instance), self.loop)
             return future.result(self.bridge.timeout * 2 + 60)
-        header = self._header(session, raw, ts, sop_instance)
+        try:
+            with writer.open_dataset() as stream:
+                header = self._header(session, stream, ts, sop_instance)
+        except OSError as e:
+            header = self._put_failed(session, sop_instance, e)
         if isinstance(header, tuple):
+            writer.discard()
             return header
         try:
-            entry = self._put(session, raw, ts, sop_class, sop_instance, header)
+            entry = writer.commit(
+                study=header.get("StudyInstanceUID", ""),
+                series=header.get("SeriesInstanceUID", ""),
+                patient_id=header.get("PatientID", ""),
+            )
         except OSError as e:
+            writer.discard()
             return self._put_failed(session, sop_instance, e)
         assert self.loop is not None
         self.loop.call_soon_threadsafe(self.enqueue, entry)
         self._count("received")
         return STATUS_SUCCESS, ""
 
+    def store_blocking(
+        self, session: AssocSession, raw: bytes, ts: str, sop_class: str, sop_instance: str
+    ) -> tuple[int, str]:
+        """From a thread, a data set in memory (see :meth:`store_received`)."""
+        writer = self.spool.begin(
+            sop_class=sop_class, sop_instance=sop_instance, transfer_syntax=ts, origin=session.table()
+        )
+        try:
+            writer.write(memoryview(raw))
+        except OSError as e:
+            writer.discard()
+            return self._put_failed(session, sop_instance, e)
+        return self.store_received(session, writer)
+
     async def store(
         self, session: AssocSession, raw: bytes, ts: str, sop_class: str, sop_instance: str
     ) -> tuple[int, str]:
         """On the event loop: ``(status, error comment)`` for the C-STORE response."""
-        if self.bridge.defines("onCStore", "ReceivedInstanceFilter"):
+        if self._scripted_store():
             outcome = await self._scripted(session, raw, ts, sop_instance)
-            if isinstance(outcome[0], int):
-                return outcome  # type: ignore[return-value]
-            raw, header, sop_instance = outcome  # type: ignore[misc]
+            if not isinstance(outcome, _Edited):
+                return outcome
+            raw, header, sop_instance = outcome
         else:
             checked = self._header(session, raw, ts, sop_instance)
             if isinstance(checked, tuple):
@@ -111,7 +150,7 @@ class StoreService:
         return STATUS_SUCCESS, ""
 
     def _header(
-        self, session: AssocSession, raw: bytes, ts: str, sop_instance: str
+        self, session: AssocSession, raw: bytes | BinaryIO, ts: str, sop_instance: str
     ) -> dict[str, str] | tuple[int, str]:
         try:
             header = datasets.header_uids(raw, ts)
@@ -151,7 +190,7 @@ class StoreService:
 
     async def _scripted(
         self, session: AssocSession, raw: bytes, ts: str, sop_instance: str
-    ) -> tuple[bytes, dict[str, str], str] | tuple[int, str]:
+    ) -> _Edited | tuple[int, str]:
         try:
             ds = datasets.decode(raw, ts)
             table = datasets.dataset_to_table(ds)
@@ -197,4 +236,12 @@ class StoreService:
             "SeriesInstanceUID": str(ds.get("SeriesInstanceUID", "") or ""),
             "PatientID": str(ds.get("PatientID", "") or ""),
         }
-        return raw, header, str(ds.get("SOPInstanceUID", sop_instance) or sop_instance)
+        return _Edited(raw, header, str(ds.get("SOPInstanceUID", sop_instance) or sop_instance))
+
+
+class _Edited(NamedTuple):
+    """A data set the scripts let through (edited or not), ready to be spooled."""
+
+    raw: bytes
+    header: dict[str, str]
+    sop_instance: str

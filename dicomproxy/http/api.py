@@ -8,14 +8,14 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
 
 from dicomproxy import __version__
 from dicomproxy.host import HealthCheck
-from dicomproxy.metrics import Metrics
+from dicomproxy.metrics import CONTENT_TYPE, Metrics
 from dicomproxy.scripting.host import ScriptHost
-from dicomproxy.tasks import TaskQueue
+from dicomproxy.tasks import TaskQueue, visible_to
 from dicomproxy.upstream.monitor import UpstreamMonitor
 
 log = logging.getLogger("dicomproxy.http.api")
@@ -26,10 +26,12 @@ class ApiSource(Protocol):
 
     started_at: float
     monitor: UpstreamMonitor
-    health_checks: Mapping[str, HealthCheck]
     lua: ScriptHost
     tasks: TaskQueue
     metrics: Metrics
+
+    @property
+    def health_checks(self) -> Mapping[str, HealthCheck]: ...
 
 
 def build_api(gateway: ApiSource) -> Router:
@@ -58,10 +60,10 @@ def build_api(gateway: ApiSource) -> Router:
         })
 
     async def metrics(request: Request) -> Response:
-        return PlainTextResponse(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
+        return Response(gateway.metrics.render(), media_type=CONTENT_TYPE)
 
     async def tasks(request: Request) -> Response:
-        items = gateway.tasks.list()
+        items = [t for t in gateway.tasks.list() if _visible(request, t)]
         state = request.query_params.get("state")
         if state:
             items = [t for t in items if t["state"] == state]
@@ -69,9 +71,12 @@ def build_api(gateway: ApiSource) -> Router:
 
     async def task(request: Request) -> Response:
         item = gateway.tasks.get(request.path_params["task_id"])
-        if item is None:
+        if item is None or not _visible(request, item):  # someone else's: as if it did not exist
             return JSONResponse({"error": "no such task"}, status_code=404)
         return JSONResponse(item)
+
+    def _visible(request: Request, task: dict[str, Any]) -> bool:
+        return visible_to(task, request.scope.get("user"), "admin" in request.scope.get("roles", ()))
 
     return Router(routes=[
         Route("/dicomproxy/health", health),

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 
-def mount_subpath(scope: dict[str, Any], prefix: str) -> str:
+def mount_subpath(scope: Mapping[str, Any], prefix: str) -> str:
     """The path below a mount ``prefix`` (``/dicomproxy/ui/static/x.js`` -> ``/static/x.js``),
     whether the mount hands over the full path or strips its ``root_path``."""
     path: str = scope.get("path", "")

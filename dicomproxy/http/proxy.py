@@ -1,14 +1,31 @@
 """The streaming reverse proxy: everything the gateway does not own goes to ``Upstream:Url``.
 
-Pure ASGI on top of the keep-alive pool of ``http_client`` (chosen by measurement: about half
-the CPU of aiohttp per request, which itself holds up under concurrency where httpx's pool
-collapses; the features' own calls to the PACS still use the pooled aiohttp session). Bodies
-stream both ways in the chunks they arrive in, so a 1 GB WADO-RS response or STOW-RS upload
-passes with flat memory. Hop-by-hop headers
-are dropped and ``X-Forwarded-For/-Proto/-Host`` added; duplicate headers are kept.
+Pure ASGI on the PACS's keep-alive pool (:mod:`dicomproxy.upstream.pool`, measured at about
+half aiohttp's CPU per request). Bodies stream both ways in the chunks they arrive in, so a
+1 GB WADO-RS answer or STOW-RS upload passes with flat memory. Hop-by-hop headers are dropped,
+``X-Forwarded-For`` extended (every value the client sent is kept, in order, then the client's
+address) and ``X-Forwarded-Proto``/``-Host`` set to what the gateway saw; duplicate headers are
+kept both ways.
 
-Failures map to gateway statuses with a JSON body: upstream unreachable -> 502, upstream too
-slow -> 504. A client that disconnects cancels the upstream request.
+Framing is never taken from headers a client or a Lua hook can edit: ``Host``,
+``Content-Length``, ``Transfer-Encoding`` and ``Connection`` going upstream come from the pool's
+head writer, which refuses a body longer or shorter than the length it declared and then drops
+the connection (a hook that replaces the length gets a 500, the upstream an incomplete
+message); going to the client, ``Content-Length`` comes from the framing the upstream's
+answer was read with. A bodiless POST, PUT or PATCH goes with ``Content-Length: 0``.
+
+Requests whose method gives a body no meaning (GET, HEAD, DELETE, OPTIONS, TRACE) but which
+carry one anyway are held: the body (at most ``HELD_BODY_LIMIT`` bytes, else 413) is read in
+full before the head goes upstream, then sent with its exact length. The other choice,
+refusing such bodies, would break clients that send one (an empty chunked body, ``{}``) with a
+DELETE; streaming them is what let a PACS execute a DELETE from its head alone while the
+client's chunked body turned out invalid and the client got 400. Methods with a body meaning
+stream as they come: the upstream cannot see a complete message until the last declared byte
+or the last chunk, which the writer sends only after the client's body ended well.
+
+Failures map to gateway statuses with a JSON body that names the setting involved: upstream
+unreachable or broken -> 502, too slow -> 504. A client that disconnects cancels the upstream
+request.
 """
 
 from __future__ import annotations
@@ -20,33 +37,34 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from dicomproxy.metrics import Metrics
+from dicomproxy.metrics import HTTP_BUCKETS, Metrics
 from dicomproxy.upstream import Upstream
-from dicomproxy.upstream.client import (
+from dicomproxy.upstream.connection import Body, Exchange
+from dicomproxy.upstream.errors import (
     ConnectError,
     ConnectTimeout,
-    Headers,
+    LocalProtocolError,
     ReadTimeout,
     UpstreamError,
 )
+from dicomproxy.upstream.framing import HOP_BY_HOP, NO_BODY_METHODS, Framing, Headers
 
 log = logging.getLogger("dicomproxy.http.proxy")
 
-HOP_BY_HOP = frozenset(
-    {
-        b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"proxy-connection",
-        b"te", b"trailer", b"trailers", b"transfer-encoding", b"upgrade",
-    }
-)
-# Expect: the gateway answers "100 Continue" itself (uvicorn does, when the proxy reads the body);
-# forwarded, the upstream would be asked for a 100 that the client has already had.
-_SKIP_REQUEST = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
+# Request headers the proxy itself replaces. Expect: the gateway answers "100 Continue" itself
+# (uvicorn does, when the proxy reads the body); forwarded, the upstream would be asked for a
+# 100 that the client has already had.
+_REPLACED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"expect", b"host"})
+# Answer headers never passed on: hop-by-hop, and the length, which the proxy writes from the framing.
+_SKIP_ANSWER = HOP_BY_HOP | {b"content-length"}
+HELD_BODY_LIMIT = 64 << 10
+_CHUNKED = Framing.CHUNKED
 
 
 def _with_connection_tokens(names: frozenset[bytes], headers: Headers) -> frozenset[bytes]:
     """``names`` plus the headers a ``Connection`` header lists: those are hop-by-hop too."""
     for k, v in headers:
-        if k.lower() == b"connection":
+        if k == b"connection":
             names = names | {t.strip().lower() for t in v.split(b",")}
     return names
 
@@ -64,50 +82,65 @@ class ClientDisconnected(Exception):
 WATCH_AFTER = 0.05
 
 
+class _TooLarge(Exception):
+    """A held body passed ``HELD_BODY_LIMIT``."""
+
+
 class ReverseProxy:
     def __init__(self, upstream: Upstream, metrics: Metrics) -> None:
         self.upstream = upstream
-        self.requests = metrics.counter("dicomproxy_proxy_requests_total", "Proxied requests by status class")
-        self.failures = metrics.counter("dicomproxy_proxy_upstream_errors_total", "Upstream failures by kind")
+        self.requests = metrics.counter("dicomproxy_proxy_requests_total", "Proxied requests by status class",
+                                        labels=("status",))
+        self.failures = metrics.counter("dicomproxy_proxy_upstream_errors_total", "Upstream failures by kind",
+                                        labels=("kind",))
+        self.abandoned = metrics.counter(
+            "dicomproxy_proxy_client_abandoned_total",
+            "Proxied requests the client left before the end: mid-upload (its body) or mid-answer", labels=("stage",))
+        self.first_byte = metrics.histogram(
+            "dicomproxy_proxy_first_byte_seconds",
+            "Seconds from the request to the upstream answer's head sent on (time to first byte), by status class",
+            labels=("status",), buckets=HTTP_BUCKETS,
+        )
 
     @staticmethod
     def _request_headers(scope: dict[str, Any]) -> tuple[Headers, bool, int | None]:
-        """What goes upstream: hop-by-hop and framing headers dropped, ``X-Forwarded-*`` added."""
-        raw = scope["headers"]
-        drop = _with_connection_tokens(_SKIP_REQUEST, raw)
+        """What goes upstream (``X-Forwarded-*`` added), whether a body was declared, and its length.
+
+        Framing and hop-by-hop names are dropped here already (the pool's head writer drops
+        any left, a hook's included); the declared framing says only whether to read a body.
+        """
         headers: Headers = []
         host = b""
-        forwarded_for = b""
+        forwarded: list[bytes] = []
         has_body = False
-        content_length: int | None = None
-        for k, v in raw:
-            name = k.lower()
-            if name in drop:
-                if name == b"host":
+        length: int | None = None
+        for name, v in scope["headers"]:  # lower-case: uvicorn's, and the Lua hooks' (set_header)
+            if name in _REPLACED:
+                if name == b"x-forwarded-for":
+                    forwarded.append(v)
+                elif name == b"host":
                     host = v
-                elif name == b"content-length":
-                    content_length = int(v)
-                    has_body = has_body or content_length > 0
-                elif name == b"transfer-encoding":
-                    has_body = True
-                continue
-            if name == b"x-forwarded-for":
-                forwarded_for = v
-                continue
-            headers.append((name, v))
+            elif name == b"content-length":
+                if not v.strip().isdigit():
+                    raise LocalProtocolError(f"invalid Content-Length {v[:40]!r} (set by a hook?)")
+                length = int(v)
+                has_body = has_body or length > 0
+            elif name == b"transfer-encoding":
+                has_body = True
+            else:
+                headers.append((name, v))
         client = scope.get("client")
-        ip = client[0].encode() if client else b""
-        headers.append((b"x-forwarded-for", forwarded_for + b", " + ip if forwarded_for else ip))
+        forwarded.append(client[0].encode() if client else b"unknown")
+        headers.append((b"x-forwarded-for", b", ".join(forwarded)))
         headers.append((b"x-forwarded-proto", scope.get("scheme", "http").encode()))
         if host:
             headers.append((b"x-forwarded-host", host))
-        return headers, has_body, content_length
+        return headers, has_body, length
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        target = scope.get("raw_path") or scope["path"].encode()
+        target = self.upstream.prefix + (scope.get("raw_path") or scope["path"].encode())
         if scope.get("query_string"):
             target = target + b"?" + scope["query_string"]
-        headers, has_body, content_length = self._request_headers(scope)
         body_done = asyncio.Event()
         started = finished = False
 
@@ -123,8 +156,6 @@ class ReverseProxy:
                     break
             body_done.set()
 
-        if not has_body:
-            body_done.set()
         current = asyncio.current_task()
         loop = asyncio.get_running_loop()
         watcher: asyncio.Task[bool] | None = None
@@ -144,19 +175,26 @@ class ReverseProxy:
             nonlocal watcher
             watcher = loop.create_task(watch_disconnect())
 
+        received = loop.time()
         timer = loop.call_later(WATCH_AFTER, start_watching)
-        pool = self.upstream.pool
-        response = None
+        response: Exchange | None = None
         try:
-            response = await pool.request(
-                scope["method"].encode(), target, headers,
-                body() if has_body else None, content_length if has_body else None,
-            )
-            drop = _with_connection_tokens(HOP_BY_HOP, response.headers)
-            out = [(k, v) for k, v in response.headers if k not in drop]
+            method = scope["method"].encode()
+            headers, has_body, length = self._request_headers(scope)
+            content: Body = None
+            if not has_body:
+                body_done.set()
+            elif method in NO_BODY_METHODS:
+                content, length = await _held(body()), None
+                body_done.set()
+            else:
+                content = body()
+            response = await self.upstream.pool.request(method, target, headers, content, length)
             started = True
-            await send({"type": "http.response.start", "status": response.status, "headers": out})
-            self.requests.inc(status=f"{response.status // 100}xx")
+            await send({"type": "http.response.start", "status": response.status, "headers": _answer_headers(response)})
+            status_class = f"{response.status // 100}xx"
+            self.requests.inc(status=status_class)
+            self.first_byte.observe(loop.time() - received, status=status_class)
             while True:
                 chunk = await response.read()
                 if not chunk:
@@ -169,25 +207,21 @@ class ReverseProxy:
             finished = True
             await send({"type": "http.response.body", "body": b""})
         except ClientDisconnected:
+            self.abandoned.inc(stage="upload")
             log.debug("client left mid-upload; upstream request to %s dropped", target)
         except asyncio.CancelledError:
             if watcher is not None and watcher.done() and not watcher.cancelled() and watcher.result():
+                self.abandoned.inc(stage="answer")
                 log.debug("client disconnected; upstream request to %s cancelled", target)
                 return
             raise
-        except (ConnectTimeout, ReadTimeout) as e:
-            self.failures.inc(kind="timeout")
-            setting = "ConnectTimeoutSeconds" if isinstance(e, ConnectTimeout) else "ReadTimeoutSeconds"
-            if started:
-                log.warning("upstream %s failed mid-request: %s", self.upstream.base, e)
-            else:
-                await self._error(send, *_json_error(
-                    504, "upstream timeout", upstream=self.upstream.base, detail=f"{e} (Upstream:{setting})"))
-        except ConnectError as e:
-            self.failures.inc(kind="unreachable")
-            await self._error(send, *_json_error(502, "upstream unreachable", upstream=self.upstream.base,
-                                                 detail=str(e)))
-        except (UpstreamError, OSError) as e:
+        except _TooLarge:
+            await self._error(send, *_json_error(
+                413, "request body too large", detail=f"a {scope['method']} request body is held until complete "
+                f"and may be at most {HELD_BODY_LIMIT} bytes"))
+        except UpstreamError as e:
+            await self._failed(send, e, started)
+        except OSError as e:
             self.failures.inc(kind="broken")
             log.warning("upstream %s failed mid-request: %s", self.upstream.base, e)
             if not started:
@@ -200,6 +234,26 @@ class ReverseProxy:
             if response is not None:
                 response.close()
 
+    async def _failed(self, send: Any, e: UpstreamError, started: bool) -> None:
+        """Count and log an upstream failure; answer it with a gateway status if nothing was sent yet."""
+        base = self.upstream.base
+        detail = f"{e} ({e.key})" if e.key else str(e) or type(e).__name__
+        if isinstance(e, ConnectTimeout | ReadTimeout):
+            kind, status, error = "timeout", 504, "upstream timeout"
+        elif isinstance(e, ConnectError):
+            kind, status, error = "unreachable", 502, "upstream unreachable"
+        elif isinstance(e, LocalProtocolError):
+            kind, status, error = "refused", 500, "request not forwarded"
+        else:
+            kind, status, error = "broken", 502, "upstream failed"
+        self.failures.inc(kind=kind)
+        if started:
+            log.warning("upstream %s failed mid-request: %s", base, e)
+            return
+        if kind != "unreachable":
+            log.warning("upstream %s: %s", base, detail)
+        await self._error(send, *_json_error(status, error, upstream=base, detail=detail))
+
     @staticmethod
     async def _error(send: Any, status: int, body: bytes) -> None:
         with contextlib.suppress(Exception):
@@ -208,3 +262,25 @@ class ReverseProxy:
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
             })
             await send({"type": "http.response.body", "body": body})
+
+
+def _answer_headers(response: Exchange) -> Headers:
+    """The answer's headers less hop-by-hop ones, with a ``Content-Length`` from its framing."""
+    drop = _with_connection_tokens(_SKIP_ANSWER, response.headers)
+    out = [(k, v) for k, v in response.headers if k not in drop]
+    length = response.content_length
+    if length is not None and response.status != 204 and response.framing is not _CHUNKED:
+        out.append((b"content-length", b"%d" % length))
+    return out
+
+
+async def _held(body: AsyncIterator[bytes]) -> bytes:
+    """The whole body, at most ``HELD_BODY_LIMIT`` bytes (:class:`_TooLarge` past it)."""
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in body:
+        size += len(chunk)
+        if size > HELD_BODY_LIMIT:
+            raise _TooLarge
+        parts.append(chunk)
+    return b"".join(parts)

@@ -3,7 +3,8 @@
 Every mail, whether a script asked for it or an app event matched a rule, takes one path:
 
 1. its fields are checked (``From``/``To`` are the Lua API's *Email* type: an RFC 5322
-   ``addr-spec``), so a typo fails where it was made, with the field and the value named;
+   ``addr-spec``, international (RFC 6531) and IDNA ones included, checked by email-validator),
+   so a typo fails where it was made, with the field, the value and the reason named;
 2. ``onSendMail(mail)`` runs (singleton, then transient engine); returning ``true`` means the
    script took care of it and nothing is sent; edits to the table are taken and checked again;
 3. it is handed to a background task that talks SMTP (aiosmtplib) and retries transient
@@ -21,16 +22,18 @@ import contextvars
 import fnmatch
 import html
 import logging
-import re
 import ssl
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiosmtplib
 from dicomproxy_middleware import LuaExportError
+from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError
+from email_validator import validate_email as _library_validate
+from lupa import lua_type
 
 from dicomproxy.config.settings import ConfigError, Settings, SmtpSettings
 from dicomproxy.host import Host
@@ -40,27 +43,26 @@ from dicomproxy.notify.events import EVENT_KINDS, AppEvent, EventBus, create_tas
 log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- Email type
-# RFC 5322 3.2.3 (atext, dot-atom-text), 3.2.4 (quoted-string) and 3.4.1 (addr-spec,
-# domain-literal). Folding white space is allowed only as plain spaces/tabs inside quotes and
-# brackets: a CR or LF in an address would let a value inject mail headers. Comments (CFWS) and
-# the obsolete syntax of section 4 are refused: no mail server needs them and they hide typos.
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
-_DOT_ATOM = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
-_QUOTED_STRING = r'"(?:[ \t]*(?:[\x21\x23-\x5b\x5d-\x7e]|\\[\x21-\x7e \t]))*[ \t]*"'
-_DOMAIN_LITERAL = r"\[(?:[ \t]*[\x21-\x5a\x5e-\x7e])*[ \t]*\]"
-_LOCAL_RE = re.compile(rf"(?:{_DOT_ATOM}|{_QUOTED_STRING})")
-_DOMAIN_RE = re.compile(rf"(?:{_DOT_ATOM}|{_DOMAIN_LITERAL})")
-_ADDR_SPEC_RE = re.compile(rf"({_DOT_ATOM}|{_QUOTED_STRING})@({_DOT_ATOM}|{_DOMAIN_LITERAL})")
+# email-validator checks the syntax (RFC 5322 dot-atom / quoted-string local parts, RFC 6531
+# international local parts, IDNA 2008 domains, domain literals) and the RFC 5321 / 3696 length
+# limits: 64 octets before the @ (strict), 254 in all, 63 per domain label. A CR or LF (header
+# injection) is refused like any other invalid character. Deliverability (DNS) is never
+# checked: the gateway often runs where the mail relay is the only name it can resolve.
+_VALIDATOR_OPTIONS: dict[str, Any] = {
+    "check_deliverability": False,
+    "globally_deliverable": False,  # intranet relays: single-label domains such as "pacs"
+    "allow_smtputf8": True,
+    "allow_quoted_local": True,
+    "allow_domain_literal": True,
+    "allow_display_name": False,  # the Lua API's Email is an addr-spec, as before
+    "strict": True,
+}
 
 MAIL_FIELDS = ("From", "To", "Subject", "TextBody", "HtmlBody")
 
 
 def to_python(value: Any) -> Any:
     """A lupa table (if the host hands one over unconverted) as a dict, or a list for 1..n."""
-    try:
-        from lupa import lua_type
-    except ImportError:  # pragma: no cover - lupa is a hard dependency of the gateway
-        return value
     if lua_type(value) != "table":
         return value
     items = {k: to_python(v) for k, v in value.items()}
@@ -73,52 +75,62 @@ class MailError(ValueError):
     """A mail that cannot be sent as given; the message names the field, the value and why."""
 
 
-def _why_invalid(value: str) -> str:
-    if not value:
-        return "it is empty"
-    if "@" not in value:
-        return "it has no @ between the local part and the domain"
-    if any(c in value for c in "\r\n"):
-        return "it contains a line break"
-    if any(ord(c) > 126 for c in value):
-        return "it contains non-ASCII characters (RFC 5322 allows ASCII only)"
-    local, _, domain = value.rpartition("@")
-    if value.startswith('"') and '"@' in value:
-        local, _, domain = value.partition('"@')
-        local += '"'
-    if not local:
-        return "the local part before @ is empty"
-    if not domain:
-        return "the domain after @ is empty"
-    for part, name, pattern in ((local, "local part", _LOCAL_RE), (domain, "domain", _DOMAIN_RE)):
-        if pattern.fullmatch(part):
-            continue
-        if part.startswith(".") or part.endswith(".") or ".." in part:
-            return f"the {name} {part!r} has a leading, trailing or doubled dot"
-        bad = sorted({c for c in part if not re.fullmatch(_ATEXT + "|[.]", c)})
-        if bad and not part.startswith(("[", '"')):
-            return f"the {name} {part!r} contains {''.join(bad)!r} (quote the local part or remove it)"
-        return f"the {name} {part!r} is not a valid dot-atom, quoted string or domain literal"
-    return "it is not an addr-spec (local@domain)"
+class _Checked(NamedTuple):
+    normalized: str  # what scripts and logs see
+    wire: str  # what SMTP is given: the ASCII (IDNA) form when there is one
+
+
+def _special_use_suffix(domain: str) -> str | None:
+    lowered = domain.lower()
+    for name in SPECIAL_USE_DOMAIN_NAMES:
+        if lowered == name or lowered.endswith("." + name):
+            return name
+    return None
+
+
+def _check(address: str) -> _Checked:
+    """email-validator's verdict on ``address``, or :class:`EmailNotValidError`.
+
+    The library refuses the special-use names of RFC 6761/6762 (``localhost``, ``.local``,
+    ``.test``, ...) whatever the options, through a module-level list that only a global edit
+    could change. Hospital intranets use exactly those (the default ``Smtp:From`` is
+    ``dicomproxy@localhost``), so such an address is checked with that suffix replaced by as many
+    ``x`` (same length, so the limits hold; the suffixes are plain ASCII labels) and given back.
+    """
+    local, at, domain = address.rpartition("@")
+    special = _special_use_suffix(domain) if at else None
+    probe = address if special is None else f"{local}@{domain[: -len(special)]}{'x' * len(special)}"
+    result = _library_validate(probe, **_VALIDATOR_OPTIONS)
+    normalized: str = result.normalized
+    wire: str = result.ascii_email or normalized
+    if special is not None:
+        normalized = normalized[: -len(special)] + special
+        wire = wire[: -len(special)] + special
+    return _Checked(normalized, wire)
 
 
 def validate_email(value: Any, field: str) -> str:
-    """Return ``value`` as an RFC 5322 addr-spec, or raise :class:`MailError` naming ``field``.
+    """Return ``value`` as a valid address (email-validator's normalized form: the domain in
+    lower case, Unicode in NFC, quotes dropped where the local part does not need them), or
+    raise :class:`MailError` naming ``field``, the value and the library's reason.
 
     Surrounding white space is dropped (a trailing space from a config file is not a typo
-    worth failing on); anything else that is not an addr-spec is refused with the reason.
+    worth failing on).
     """
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
     if not isinstance(value, str):
         raise MailError(f"{field}: expected an email address (a string), got {value!r}")
-    address = value.strip(" \t")
-    if _ADDR_SPEC_RE.fullmatch(address):
-        return address
-    raise MailError(
-        f"{field}: {value!r} is not a valid email address (RFC 5322 addr-spec local@domain): "
-        f"{_why_invalid(address)}"
-    )
+    try:
+        return _check(value.strip(" \t")).normalized
+    except EmailNotValidError as e:
+        raise MailError(f"{field}: {value!r} is not a valid email address (local@domain): {e}") from None
+
+
+def wire_address(address: str) -> str:
+    """A validated address as SMTP gets it (envelope and headers): an IDNA domain in ASCII, so
+    no SMTPUTF8 is needed for it; an international local part as it is (that needs SMTPUTF8)."""
+    return _check(address).wire
 
 
 def validate_recipients(value: Any, field: str) -> tuple[str, ...]:
@@ -170,13 +182,14 @@ class Mail:
 
     def to_message(self) -> EmailMessage:
         msg = EmailMessage()
-        msg["From"] = self.sender
-        msg["To"] = ", ".join(self.to)
+        sender = wire_address(self.sender)
+        msg["From"] = sender
+        msg["To"] = ", ".join(wire_address(a) for a in self.to)
         msg["Subject"] = self.subject
         msg["Date"] = formatdate(localtime=True)
-        domain = self.sender.rpartition("@")[2]
+        domain = sender.rpartition("@")[2]
         # make_msgid() without a domain resolves the host's FQDN, a blocking DNS lookup.
-        msg["Message-ID"] = make_msgid(domain=domain if _DOMAIN_RE.fullmatch(domain) and "[" not in domain
+        msg["Message-ID"] = make_msgid(domain=domain if domain.isascii() and not domain.startswith("[")
                                        else "dicomproxy.invalid")
         if self.text_body or not self.html_body:
             msg.set_content(self.text_body)
@@ -246,8 +259,8 @@ class SmtpTransport:
         async with self._slots:
             _, reply = await aiosmtplib.send(
                 mail.to_message(),
-                sender=mail.sender,
-                recipients=list(mail.to),
+                sender=wire_address(mail.sender),
+                recipients=[wire_address(a) for a in mail.to],
                 hostname=smtp.host,
                 port=smtp.port,
                 username=smtp.username or None,
@@ -273,6 +286,10 @@ class SmtpTransport:
                 if all(500 <= c < 600 for c in codes):
                     raise PermanentMailError(f"all recipients refused: {e.recipients}") from e
                 error: Exception = e
+            except aiosmtplib.SMTPNotSupported as e:  # the server will not learn it on a retry
+                raise PermanentMailError(
+                    f"{e}: an address is international (non-ASCII before the @); the mail server at "
+                    f"Smtp:Host must offer SMTPUTF8 (RFC 6531), or use an ASCII address") from e
             except aiosmtplib.SMTPResponseException as e:
                 if 500 <= e.code < 600:
                     raise PermanentMailError(f"{e.code} {e.message}") from e
@@ -504,7 +521,8 @@ def install(gateway: Host) -> Mailer:
     except MailError as e:
         raise ConfigError(f"{settings.tree.source}: {e}") from None
     rules = load_rules(settings)
-    counter = gateway.metrics.counter("dicomproxy_mails_total", "Mails by outcome: sent, failed, handled by onSendMail")
+    counter = gateway.metrics.counter("dicomproxy_mails_total", "Mails by outcome: sent, failed, handled by onSendMail",
+                                      labels=("outcome",))
     mailer = Mailer(settings, gateway.lua, gateway.bus, counter)
     gateway.add_component(mailer)
     gateway.bus.subscribe(EventMailer(mailer, rules))

@@ -403,13 +403,13 @@ class NotificationsApp:
                 yield _sse(item)
             while True:
                 try:
-                    item = await sub.next(self.heartbeat)
+                    nxt = await sub.next(self.heartbeat)
                 except EOFError:
                     return
-                if item is None:
+                if nxt is None:
                     yield ": keep-alive\n\n"
-                elif item.id > sent:
-                    yield _sse(item)
+                elif nxt.id > sent:
+                    yield _sse(nxt)
         finally:
             self.feed.unsubscribe(sub)
 
@@ -423,7 +423,8 @@ def install(gateway: Host) -> Notifier:
     """The feed, its HTTP routes, ``ShowNotification``, and every app event as a notification."""
     feed = NotificationFeed(gateway.settings.notifications.feed_size)
     counter = gateway.metrics.counter("dicomproxy_notifications_total",
-                                      "Notifications by kind and outcome: shown, suppressed by onNotificationShow")
+                                      "Notifications by kind and outcome: shown, suppressed by onNotificationShow",
+                                      labels=("kind", "outcome"))
     gateway.metrics.gauge("dicomproxy_notification_streams", "Open notification SSE streams",
                           lambda: feed.subscriber_count)
     notifier = Notifier(feed, gateway.lua, gateway.settings.lua.fail_open, counter)

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import re
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,7 +49,7 @@ return { requireNative = requireNative }
 """
 
 
-class ConfigView(dict):  # type: ignore[type-arg]
+class ConfigView(dict[str, Any]):
     """``Config["Section:Key"]`` for scripts: case-insensitive, nil for a missing key."""
 
     def __init__(self, flat: dict[str, Any]) -> None:
@@ -92,7 +93,7 @@ def format_message(message: Any, args: tuple[Any, ...]) -> str:
     return out + (" " + " ".join(rest) if rest else "")
 
 
-def _logger(level: int):
+def _logger(level: int) -> Callable[..., None]:
     def log_func(engine: LuaEngine, message: Any = "", *args: Any) -> None:
         if lua_log.isEnabledFor(level):
             lua_log.log(level, "[%s %s] %s", engine.name, Path(engine.script).name, format_message(message, args))
@@ -141,7 +142,7 @@ async def os_execute(
     return proc.returncode or 0, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
 
 
-def background_worker(tasks: TaskQueue, scripts_root: Path):
+def background_worker(tasks: TaskQueue, scripts_root: Path) -> Callable[..., str]:
     def submit(script: Any = "", entry: Any = "", args: Any = "") -> str:
         """``LuaBackgroundWorker(luaScriptPath, entryFunc, args)``: queue a Type 3 engine run."""
         name = str(script or TASK_SCRIPT)

@@ -39,7 +39,11 @@ log = logging.getLogger("dicomproxy.scripting")
 
 
 class ScriptHost:
-    def __init__(self, settings: Settings, *, bus: EventBus, tasks: TaskQueue, commands: Commands) -> None:
+    def __init__(
+        self, settings: Settings, *, bus: EventBus, tasks: TaskQueue, commands: Commands,
+        on_call: Callable[[str, float], None] | None = None,
+    ) -> None:
+        """``on_call(callback, seconds)``: the duration of every Lua callback, in every engine."""
         self.settings = settings
         self.bus = bus
         self.tasks = tasks
@@ -59,6 +63,7 @@ class ScriptHost:
             on_error=self._script_failed,
             on_loaded=self._singleton_loaded,
             libraries=(LuaLibrary("requireNative", exports.REQUIRE_NATIVE_LUA, ("requireNative",)),),
+            on_call=on_call,
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self.add_export("LogDebug", exports.log_debug, pass_engine=True)

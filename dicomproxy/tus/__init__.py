@@ -7,9 +7,10 @@
   completion callbacks still running;
 * a finished upload fires ``onTusFileComplete(metadata)`` (singleton, then transient engine)
   with every ``Upload-Metadata`` pair plus ``fileId``, ``path`` and ``size``; unless a script
-  returns true, a ``tus-import`` task sends it to the PACS with STOW-RS
-  (:mod:`~dicomproxy.tus.importer`), deletes it on success (unless ``Tus:KeepAfterImport``),
-  keeps it on failure, and emits ``upload.imported`` / ``import.failed``.
+  returns true, a ``tus-import`` task (owned by the upload's owner, so that only they and
+  admins see it) sends it to the PACS with STOW-RS (:mod:`~dicomproxy.tus.importer`; a ZIP
+  within the limits of :mod:`~dicomproxy.tus.archive`), deletes it on success (unless
+  ``Tus:KeepAfterImport``), keeps it on failure, and emits ``upload.imported`` / ``import.failed``.
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
+from dicomproxy.tus.archive import ArchiveRefused, ZipLimits
 from dicomproxy.tus.expiry import ExpirySweeper
 from dicomproxy.tus.importer import ImportFailed, StowClient
 from dicomproxy.tus.protocol import TusApp
@@ -62,10 +62,13 @@ class TusFeature:
         )
         up = gateway.settings.upstream
         self.stow_url = f"{up.url}{up.dicomweb_root}/studies"
-        self.stow = StowClient(self.stow_url, self._session, self.settings.import_batch_size,
-                               connect_timeout=up.connect_timeout, read_timeout=max(up.read_timeout, 60))
+        zip_limits = ZipLimits(self.settings.zip_max_expanded, self.settings.zip_max_ratio,
+                               self.settings.zip_max_members)
+        self.stow = StowClient(self.stow_url, gateway.upstream.client, self.settings.import_batch_size,
+                               connect_timeout=up.connect_timeout, read_timeout=max(up.read_timeout, 60),
+                               zip_limits=zip_limits)
         m = gateway.metrics
-        self._m_imported = m.counter("dicomproxy_tus_imports_total", "TUS imports by outcome")
+        self._m_imported = m.counter("dicomproxy_tus_imports_total", "TUS imports by outcome", labels=("outcome",))
         self._m_instances = m.counter(
             "dicomproxy_tus_imported_instances_total", "instances stored by TUS imports"
         )
@@ -81,10 +84,9 @@ class TusFeature:
 
     def health(self) -> dict[str, Any]:
         folder = self.settings.upload_folder
-        return {"ok": folder.is_dir(), "folder": str(folder), "basePath": self.settings.base_path}
-
-    async def _session(self) -> aiohttp.ClientSession:
-        return await self.gateway.upstream.session()
+        quota = self.app.quota
+        return {"ok": folder.is_dir(), "folder": str(folder), "basePath": self.settings.base_path,
+                "storageUsedBytes": quota.used, "storageRoomBytes": min(quota.room(), 2**53)}
 
     # -- completion ------------------------------------------------------------------------
     async def on_complete(self, upload: Upload) -> None:
@@ -108,6 +110,7 @@ class TusFeature:
             TASK_KIND,
             {"fileId": upload.id, "path": str(upload.path), "size": upload.size, "filename": name},
             title=f"Import TUS upload {name}",
+            owner=upload.owner,
         )
         log.info("tus: upload %s queued for import as task %s", upload.id, task_id)
 
@@ -122,7 +125,7 @@ class TusFeature:
             raise ImportFailed(f"upload {upload_id} ({name}) is gone from {self.settings.upload_folder}")
         try:
             report = await self.stow.import_file(Path(path))
-        except ImportFailed as e:
+        except (ImportFailed, ArchiveRefused) as e:
             self._failed(upload_id, name, str(e))
             raise ReportedFailure(str(e)) from None
         summary = {"fileId": upload_id, "filename": name, **report.summary()}

@@ -74,3 +74,16 @@ INVALID_CHECKSUM = _e("ERR_INVALID_CHECKSUM", "invalid Upload-Checksum header", 
 UNSUPPORTED_CHECKSUM = _e("ERR_UNSUPPORTED_CHECKSUM_ALGORITHM", "unsupported checksum algorithm", 400)
 UPLOAD_EXPIRED = _e("ERR_UPLOAD_EXPIRED", "upload has expired", 410)
 CONCAT_NOT_PARTIAL = _e("ERR_INVALID_CONCAT", "invalid Upload-Concat header: not a partial upload", 400)
+CONCAT_REPEATED = _e(
+    "ERR_INVALID_CONCAT", "invalid Upload-Concat header: a partial upload is listed more than once", 400
+)
+
+# Limits tusd leaves to the deployment (issue 10), answered in tusd's format. A full store is
+# 507 (tusd answers a failed write with 500 ERR_INTERNAL_SERVER_ERROR, "no space left on
+# device"): a 5XX, so clients retry it like tusd's, and specific enough for a dashboard. Too
+# many unfinished uploads is a 4XX: clients must not retry it in a loop.
+STORAGE_FULL = _e("ERR_STORAGE_FULL", "the upload storage is full; retry later", 507)
+TOO_MANY_UPLOADS = _e(
+    "ERR_TOO_MANY_UPLOADS", "too many unfinished uploads; finish or delete some first", 429
+)
+SERVER_BUSY = _e("ERR_SERVER_BUSY", "the server is busy receiving other uploads; retry later", 503)

@@ -1,7 +1,8 @@
 """The default handling of a finished upload: send its DICOM instances to the PACS (STOW-RS).
 
 An upload is either one DICOM Part-10 file (``DICM`` at byte 128) or a ZIP of them (members
-that are not DICOM, and ``DICOMDIR`` files, are skipped and counted). Instances go to
+that are not DICOM, and ``DICOMDIR`` files, are skipped and counted; the ZIP is read within the
+limits of :mod:`.archive`, which refuses zip bombs before anything is sent). Instances go to
 ``{Upstream:Url}{Upstream:DicomWebRoot}/studies`` as ``multipart/related; type="application/dicom"``
 requests of at most ``Tus:ImportBatchSize`` instances each. A request body is streamed from
 the file (or from the ZIP member, decompressed on the fly) in 1 MB pieces read in a thread,
@@ -18,31 +19,22 @@ import asyncio
 import json
 import logging
 import secrets
-import zipfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from pathlib import Path
+from typing import Any
 
-import aiohttp
+import httpx
+
+from dicomproxy.tus.archive import Part, ZipLimits, scan
 
 log = logging.getLogger(__name__)
 
 PIECE = 1024 * 1024
-DICOMDIR_NAMES = {"DICOMDIR"}
 
 
 class ImportFailed(Exception):
     """The import did not store everything; the message says what happened."""
-
-
-@dataclass
-class Part:
-    """One DICOM instance to send: a name for messages, its size and how to open it."""
-
-    name: str
-    size: int
-    open: Callable[[], IO[bytes]]
 
 
 @dataclass
@@ -73,83 +65,29 @@ class ImportReport:
         }
 
 
-def _is_dicom_header(head: bytes) -> bool:
-    return len(head) >= 132 and head[128:132] == b"DICM"
-
-
-def scan(path: Path) -> tuple[str, list[Part], list[str]]:
-    """Blocking: classify the upload and list its instances -> (kind, parts, skipped names)."""
-    with open(path, "rb") as f:
-        head = f.read(132)
-    if _is_dicom_header(head):
-        size = path.stat().st_size
-        return "dicom", [Part(path.name, size, lambda: open(path, "rb"))], []
-    if head[:4] == b"PK\x03\x04" or zipfile.is_zipfile(path):
-        return ("zip", *_scan_zip(path))
-    return "unknown", [], [path.name]
-
-
-def _scan_zip(path: Path) -> tuple[list[Part], list[str]]:
-    parts: list[Part] = []
-    skipped: list[str] = []
-    with zipfile.ZipFile(path) as zf:
-        for info in zf.infolist():
-            if info.is_dir():
-                continue
-            base = PurePosixPath(info.filename).name
-            if base.upper() in DICOMDIR_NAMES or base.startswith("._"):
-                skipped.append(info.filename)
-                continue
-            try:
-                with zf.open(info) as member:
-                    head = member.read(132)
-            except (zipfile.BadZipFile, RuntimeError, NotImplementedError, OSError) as e:
-                skipped.append(f"{info.filename} ({e})")
-                continue
-            if not _is_dicom_header(head):
-                skipped.append(info.filename)
-                continue
-            parts.append(Part(info.filename, info.file_size, _member_opener(path, info.filename)))
-    return parts, skipped
-
-
-def _member_opener(path: Path, name: str) -> Callable[[], IO[bytes]]:
-    def open_member() -> IO[bytes]:
-        zf = zipfile.ZipFile(path)
-        member = zf.open(name)
-        close = member.close
-
-        def close_both() -> None:  # the member must not outlive its archive, nor the reverse
-            close()
-            zf.close()
-
-        member.close = close_both  # type: ignore[method-assign]
-        return member
-
-    return open_member
-
-
 class StowClient:
-    """Streams batches of instances to a STOW-RS endpoint."""
+    """Streams batches of instances to a STOW-RS endpoint through the gateway's upstream client."""
 
     def __init__(
         self,
         url: str,
-        session: Callable[[], Awaitable[aiohttp.ClientSession]],
+        client: httpx.AsyncClient,
         batch_size: int,
         connect_timeout: float = 10,
         read_timeout: float = 600,
+        zip_limits: ZipLimits | None = None,
     ) -> None:
         self.url = url
-        self._session = session
+        self.zip_limits = zip_limits or ZipLimits()
+        self.client = client
         self.batch_size = max(1, batch_size)
         # No total timeout: a batch of large instances may rightly take long to send; a PACS
-        # that stops reading or answering is caught by the per-read timeout instead.
-        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout)
+        # that stops reading or answering is caught by the read timeout (its silence) instead.
+        self.timeout = httpx.Timeout(read_timeout, connect=connect_timeout, pool=None)
 
     async def import_file(self, path: Path) -> ImportReport:
         loop = asyncio.get_running_loop()
-        kind, parts, skipped = await loop.run_in_executor(None, scan, path)
+        kind, parts, skipped = await loop.run_in_executor(None, scan, path, self.zip_limits)
         report = ImportReport(kind=kind, instances=len(parts), skipped=skipped)
         for i in range(0, len(parts), self.batch_size):
             await self._send_batch(parts[i : i + self.batch_size], report)
@@ -165,18 +103,15 @@ class StowClient:
             "Accept": "application/dicom+json",
             "Content-Length": str(length),
         }
-        session = await self._session()
         report.batches += 1
         try:
-            async with session.post(
-                self.url,
-                data=_multipart(heads, batch, tail),
-                headers=headers,
-                timeout=self.timeout,
-            ) as resp:
-                text = await resp.text(errors="replace")
-                status = resp.status
-        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            # an exact Content-Length with a streamed body: the client sends exactly that many
+            # bytes or drops the connection, so the PACS never stores a short batch
+            resp = await self.client.post(
+                self.url, content=_multipart(heads, batch, tail), headers=headers, timeout=self.timeout
+            )
+            text, status = resp.text, resp.status_code
+        except (httpx.HTTPError, OSError) as e:
             raise ImportFailed(f"STOW-RS to {self.url} failed: {e or type(e).__name__}") from e
         self._read_answer(status, text, batch, report)
 

@@ -7,6 +7,12 @@ method override, CORS, ``Tus-Resumable``, ``OPTIONS``, version check; then routi
 client or a deployment written against tusd sees no difference. Where tusd has nothing
 (checksum, expiration) the tus specification is followed in tusd's style.
 
+What tusd leaves to the deployment is decided here too, each rule in a module of its own: an
+upload is its creator's (:mod:`.access`: anyone else but an admin gets the unknown-id 404), the
+folder's limits (:mod:`.quota`: 507 ``ERR_STORAGE_FULL``, 429 ``ERR_TOO_MANY_UPLOADS``), one
+budget for buffered body bytes (:mod:`.buffers`: 503 ``ERR_SERVER_BUSY`` after the wait), and
+downloads only with ``Tus:AllowDownload`` (otherwise 405, as tusd's ``-disable-download``).
+
 :class:`TusApp` is constructible on its own (``TusApp(settings, on_complete)``) and serves
 requests whose full path starts with ``settings.base_path``. ``on_complete(upload)`` runs in
 the background once the last byte of a non-partial upload is stored (and fsynced): the final
@@ -27,10 +33,13 @@ from dicomproxy.config.settings import TusSettings
 from dicomproxy.metrics import Metrics
 from dicomproxy.tus import errors
 from dicomproxy.tus import headers as h
+from dicomproxy.tus.access import Caller
+from dicomproxy.tus.buffers import BufferBudget
 from dicomproxy.tus.errors import TusError
 from dicomproxy.tus.locks import LockManager
+from dicomproxy.tus.quota import UploadQuota
 from dicomproxy.tus.store import FileStore, Upload
-from dicomproxy.tus.writer import BATCH_BYTES, BodyWriter
+from dicomproxy.tus.writer import BATCH_BYTES, BodyWriter, WriteResult
 
 log = logging.getLogger(__name__)
 
@@ -83,21 +92,35 @@ class TusApp:
         self.store = FileStore(settings.upload_folder)
         self.locks = LockManager(settings.upload_folder, holder_poll=holder_poll)
         self._executor = ThreadPoolExecutor(max_workers=write_threads, thread_name_prefix="tus-io")
+        self.budget = BufferBudget(settings.write_buffer, settings.write_buffer_wait)
+        self.quota = UploadQuota(
+            self.store,
+            max_bytes=settings.max_storage,
+            min_free_bytes=settings.min_free_disk,
+            max_unfinished=settings.max_uploads_per_user,
+            executor=self._executor,
+        )
         self._background: set[asyncio.Task[None]] = set()
         self._closing = False
         self.extensions = EXTENSIONS + (",expiration" if settings.expire_after > 0 else "")
         m = metrics or Metrics()
-        self._m_requests = m.counter("dicomproxy_tus_requests_total", "TUS requests by method")
-        self._m_errors = m.counter("dicomproxy_tus_errors_total", "TUS error responses by code")
+        self._m_requests = m.counter("dicomproxy_tus_requests_total", "TUS requests by method", labels=("method",))
+        self._m_errors = m.counter("dicomproxy_tus_errors_total", "TUS error responses by code", labels=("code",))
         self._m_created = m.counter("dicomproxy_tus_uploads_created_total", "TUS uploads created")
         self._m_finished = m.counter("dicomproxy_tus_uploads_finished_total", "TUS uploads completed")
         self._m_terminated = m.counter("dicomproxy_tus_uploads_terminated_total", "TUS uploads terminated")
         self._m_bytes = m.counter("dicomproxy_tus_bytes_received_total", "bytes stored by TUS PATCH/POST")
+        m.gauge("dicomproxy_tus_buffered_bytes", "TUS body bytes held in memory (Tus:WriteBufferMB)",
+                lambda: self.budget.in_use)
+        m.gauge("dicomproxy_tus_storage_used_bytes", "bytes of the TUS upload folder's uploads",
+                lambda: self.quota.used)
 
     # -- lifecycle -------------------------------------------------------------------------
     async def startup(self) -> None:
-        """Create the folder; hand over completions a crash interrupted (``<id>.pending``)."""
+        """Create the folder, count what it holds; hand over completions a crash interrupted
+        (``<id>.pending``)."""
         self.store.ensure_folder()
+        await self.quota.refresh(force=True)
         if self.on_complete is None:
             return
         for upload_id in self.store.pending_ids():
@@ -161,7 +184,7 @@ class TusApp:
         base["Tus-Resumable"] = h.TUS_VERSION
         base["X-Content-Type-Options"] = "nosniff"
         try:
-            resp = await self._route(scope, receive, method, hdrs)
+            resp = await self._route(scope, receive, method, hdrs, Caller.from_scope(scope))
         except TusError as e:
             resp = self._error(e)
         except Exception as e:  # tusd answers unexpected failures with 500 and the message
@@ -215,7 +238,9 @@ class TusApp:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    async def _route(self, scope: Scope, receive: Receive, method: str, hdrs: dict[str, str]) -> _Response:
+    async def _route(
+        self, scope: Scope, receive: Receive, method: str, hdrs: dict[str, str], caller: Caller
+    ) -> _Response:
         if method == "OPTIONS":
             # 200, not 204: some browsers reject a preflight answered with 204 (tusd's comment).
             out = {"Tus-Version": h.TUS_VERSION, "Tus-Extension": self.extensions,
@@ -235,21 +260,21 @@ class TusApp:
         upload_id = rel.strip("/")
         if not upload_id:
             if method == "POST":
-                return await self._post(scope, receive, hdrs)
+                return await self._post(scope, receive, hdrs, caller)
             return _Response(405, {"Allow": "POST", "Content-Type": "text/plain; charset=utf-8"},
                              b"method not allowed")
         if method == "HEAD":
-            return await self._head(scope, upload_id, hdrs)
+            return await self._head(scope, upload_id, hdrs, caller)
         if method == "PATCH":
-            return await self._patch(receive, upload_id, hdrs)
-        if method == "GET":
-            return await self._get(upload_id)
+            return await self._patch(receive, upload_id, hdrs, caller)
+        if method == "GET" and self.settings.allow_download:
+            return await self._get(upload_id, caller)
         if method == "DELETE":
-            return await self._delete(upload_id)
-        return _Response(
-            405, {"Allow": "GET, HEAD, PATCH, DELETE", "Content-Type": "text/plain; charset=utf-8"},
-            b"method not allowed",
-        )
+            return await self._delete(upload_id, caller)
+        # tusd with -disable-download answers a GET like any other unknown method.
+        allow = "GET, HEAD, PATCH, DELETE" if self.settings.allow_download else "HEAD, PATCH, DELETE"
+        return _Response(405, {"Allow": allow, "Content-Type": "text/plain; charset=utf-8"},
+                         b"method not allowed")
 
     # -- helpers ---------------------------------------------------------------------------
     def _location(self, scope: Scope, hdrs: dict[str, str], upload_id: str) -> str:
@@ -266,10 +291,20 @@ class TusApp:
         if at is not None:
             out["Upload-Expires"] = h.http_date(at)
 
-    async def _lock(self, upload_id: str, on_release: Callable[[], None] = lambda: None) -> Any:
-        if not self.store.exists(upload_id):
-            raise errors.NOT_FOUND  # do not litter the folder with lock files for unknown ids
+    async def _lock(self, upload_id: str, caller: Caller, on_release: Callable[[], None] = lambda: None) -> Any:
+        """The upload's lock, for its owner or an admin; anyone else gets ``NOT_FOUND``.
+
+        Checked before the lock is asked for: asking interrupts the request that holds it.
+        Unknown ids get no lock file either (no litter in the folder)."""
+        self._check_access(upload_id, caller)
         return await self.locks.acquire(upload_id, on_release, self.settings.lock_timeout)
+
+    def _check_access(self, upload_id: str, caller: Caller) -> None:
+        owner = self.store.owner(upload_id)  # NOT_FOUND for an unknown id
+        if not caller.may_access(owner):
+            log.info("tus: %s may not access upload %s (owner %s): answered as not found",
+                     caller.user or "the anonymous user", upload_id, owner or "none")
+            raise errors.NOT_FOUND
 
     def _get_live(self, upload_id: str) -> Upload:
         """Read an upload (lock held); an expired unfinished one is removed and answers 410."""
@@ -278,11 +313,12 @@ class TusApp:
         if at is not None and at < time.time():
             log.info("tus: upload %s expired; removing it", upload_id)
             self.store.terminate(upload_id)
+            self.quota.removed(upload)
             raise errors.UPLOAD_EXPIRED
         return upload
 
     # -- POST: creation, creation-with-upload, creation-defer-length, concatenation ---------
-    async def _post(self, scope: Scope, receive: Receive, hdrs: dict[str, str]) -> _Response:
+    async def _post(self, scope: Scope, receive: Receive, hdrs: dict[str, str], caller: Caller) -> _Response:
         contains_chunk = hdrs.get("content-type") == h.OFFSET_OCTET_STREAM
         is_partial, is_final, partial_ids = h.parse_concat(hdrs.get("upload-concat", ""), self.base_path)
         partials: list[Upload] = []
@@ -290,21 +326,18 @@ class TusApp:
         if is_final:
             if contains_chunk:
                 raise errors.MODIFY_FINAL
-            size = 0
-            for pid in partial_ids:
-                part = self.store.get(pid)
-                if not part.is_partial:
-                    raise errors.CONCAT_NOT_PARTIAL
-                if not part.complete:
-                    raise errors.UPLOAD_NOT_FINISHED
-                partials.append(part)
-                size += part.size
+            partials = self._partials(partial_ids, caller)
+            size = sum(part.size for part in partials)
         else:
             size, deferred = self._new_length(
                 hdrs.get("upload-length", ""), hdrs.get("upload-defer-length", "")
             )
         if self.settings.max_size > 0 and size > self.settings.max_size:
             raise errors.MAX_SIZE_EXCEEDED
+        if is_final:
+            await self._reserve(size)  # the concatenation writes all of it at once
+        else:
+            await self.quota.admit(caller.user, size)
         upload = Upload(
             id="",
             size=size,
@@ -313,9 +346,11 @@ class TusApp:
             is_partial=is_partial,
             is_final=is_final,
             partial_uploads=partial_ids if is_final else None,
+            owner=caller.user,
         )
         self.store.ensure_folder()
         self.store.create(upload)
+        self.quota.created(upload)
         self._m_created.inc()
         out = {"Location": self._location(scope, hdrs, upload.id)}
         log.info("tus: created upload %s (size %s, metadata %s)", upload.id,
@@ -341,6 +376,27 @@ class TusApp:
         self._expiry_header(upload, out)
         return _Response(201, out)
 
+    def _partials(self, ids: list[str], caller: Caller) -> list[Upload]:
+        """The partial uploads a final one is made of: each listed once, each the caller's."""
+        if len(set(ids)) != len(ids):
+            raise errors.CONCAT_REPEATED  # one 2 KB header could otherwise write gigabytes
+        partials = []
+        for pid in ids:
+            self._check_access(pid, caller)
+            part = self.store.get(pid)
+            if not part.is_partial:
+                raise errors.CONCAT_NOT_PARTIAL
+            if not part.complete:
+                raise errors.UPLOAD_NOT_FINISHED
+            partials.append(part)
+        return partials
+
+    async def _reserve(self, size: int) -> None:
+        granted = await self.quota.grant(size)
+        if granted < size:
+            self.quota.refund(granted)
+            raise errors.STORAGE_FULL.with_headers(**{"Retry-After": "60"})
+
     def _new_length(self, length: str, defer: str) -> tuple[int, bool]:
         """tusd's ``validateNewUploadLengthHeaders``."""
         if length and defer:
@@ -355,8 +411,8 @@ class TusApp:
         return n, False
 
     # -- HEAD ------------------------------------------------------------------------------
-    async def _head(self, scope: Scope, upload_id: str, hdrs: dict[str, str]) -> _Response:
-        async with await self._lock(upload_id):
+    async def _head(self, scope: Scope, upload_id: str, hdrs: dict[str, str], caller: Caller) -> _Response:
+        async with await self._lock(upload_id, caller):
             upload = self._get_live(upload_id)
         out = {"Cache-Control": "no-store", "Upload-Offset": str(upload.offset)}
         if upload.is_partial:
@@ -375,14 +431,14 @@ class TusApp:
         return _Response(200, out)
 
     # -- PATCH -----------------------------------------------------------------------------
-    async def _patch(self, receive: Receive, upload_id: str, hdrs: dict[str, str]) -> _Response:
+    async def _patch(self, receive: Receive, upload_id: str, hdrs: dict[str, str], caller: Caller) -> _Response:
         if hdrs.get("content-type") != h.OFFSET_OCTET_STREAM:
             raise errors.INVALID_CONTENT_TYPE
         offset = h.parse_int(hdrs.get("upload-offset"))
         if offset is None or offset < 0:
             raise errors.INVALID_OFFSET
         writer = self._writer()
-        async with await self._lock(upload_id, writer.interrupt):
+        async with await self._lock(upload_id, caller, writer.interrupt):
             upload = self._get_live(upload_id)
             if upload.is_final:
                 raise errors.MODIFY_FINAL
@@ -407,7 +463,7 @@ class TusApp:
 
     def _writer(self) -> BodyWriter:
         return BodyWriter(self._executor, self.write_batch, writeback=self.fsync != "none",
-                          read_timeout=self.read_timeout)
+                          read_timeout=self.read_timeout, budget=self.budget, quota=self.quota)
 
     async def _write_chunk(
         self, receive: Receive, hdrs: dict[str, str], upload: Upload, writer: BodyWriter, out: dict[str, str]
@@ -439,10 +495,11 @@ class TusApp:
             result = await writer.write(receive, fd, limit, hasher, expected=length)
             new_offset = offset + result.written
             if hasher is not None:
-                whole = not (result.interrupted or result.timed_out or result.disconnected or result.incomplete)
+                whole = _failure(result, self._closing) is None
                 if not whole or hasher.digest() != expected_digest:
                     # The chunk cannot be verified (or failed): it is not accepted at all.
                     os.ftruncate(fd, offset)
+                    self.quota.refund(result.written)
                     new_offset = offset
                     if whole:
                         failure = errors.CHECKSUM_MISMATCH
@@ -457,14 +514,7 @@ class TusApp:
         log.debug("tus: %s: stored %d bytes at %d", upload.id, new_offset - offset, offset)
         if upload.complete:
             self._finished(upload)
-        if result.exceeded:
-            failure = errors.SIZE_EXCEEDED
-        elif result.timed_out:
-            failure = errors.READ_TIMEOUT
-        elif result.interrupted:
-            failure = errors.SERVER_SHUTDOWN if self._closing else errors.UPLOAD_INTERRUPTED
-        elif result.disconnected or result.incomplete:
-            failure = errors.UNEXPECTED_EOF
+        failure = errors.SIZE_EXCEEDED if result.exceeded else _failure(result, self._closing) or failure
         if failure is not None:
             raise failure
 
@@ -483,6 +533,7 @@ class TusApp:
 
     def _finished(self, upload: Upload) -> None:
         self._m_finished.inc()
+        self.quota.finished(upload)
         log.info("tus: upload %s complete (%d bytes%s)", upload.id, upload.size,
                  ", partial" if upload.is_partial else "")
         if upload.is_partial or self.on_complete is None:
@@ -496,8 +547,8 @@ class TusApp:
         self.store.clear_pending(upload.id)  # only once handed over: a crash before retries it
 
     # -- GET (tusd's download; not part of the protocol) ------------------------------------
-    async def _get(self, upload_id: str) -> _Response:
-        async with await self._lock(upload_id):
+    async def _get(self, upload_id: str, caller: Caller) -> _Response:
+        async with await self._lock(upload_id, caller):
             upload = self._get_live(upload_id)
             # Opened under the lock: a DELETE right after cannot cut the download short.
             fd = os.open(upload.path, os.O_RDONLY) if upload.offset else -1
@@ -509,13 +560,29 @@ class TusApp:
         return _FileResponse(200, out, fd, upload.offset)
 
     # -- DELETE ----------------------------------------------------------------------------
-    async def _delete(self, upload_id: str) -> _Response:
-        async with await self._lock(upload_id):
-            self.store.get(upload_id)
+    async def _delete(self, upload_id: str, caller: Caller) -> _Response:
+        async with await self._lock(upload_id, caller):
+            upload = self.store.get(upload_id)
             self.store.terminate(upload_id)
+            self.quota.removed(upload)
         self._m_terminated.inc()
         log.info("tus: upload %s terminated", upload_id)
         return _Response(204)
+
+
+def _failure(result: WriteResult, closing: bool) -> TusError | None:
+    """The error a body that did not arrive whole ends the request with (None: it did)."""
+    if result.storage_full:
+        return errors.STORAGE_FULL.with_headers(**{"Retry-After": "60"})
+    if result.busy:
+        return errors.SERVER_BUSY.with_headers(**{"Retry-After": "5"})
+    if result.timed_out:
+        return errors.READ_TIMEOUT
+    if result.interrupted:
+        return errors.SERVER_SHUTDOWN if closing else errors.UPLOAD_INTERRUPTED
+    if result.disconnected or result.incomplete:
+        return errors.UNEXPECTED_EOF
+    return None
 
 
 class _FileResponse(_Response):

@@ -8,6 +8,13 @@ the truth, so bytes that reached the disk before a crash count, and the ``.info`
 rewritten when the length is declared. A folder written by tusd is therefore served as is, and
 tusd serves ours.
 
+The user who created an upload is recorded as ``Storage["Owner"]`` (absent when nobody was
+logged in). ``Storage`` is tusd's map of store data (``map[string]string``): tusd reads it,
+keeps unknown keys and writes them back when it rewrites the file, and a client cannot set it
+(``Upload-Metadata`` only fills ``MetaData``, which stays the client's own). A top-level field
+would be dropped by tusd's rewrite (Go's ``json.Marshal`` of its ``FileInfo`` struct), and a
+``MetaData`` key could be forged by the client; hence ``Storage``.
+
 Ids are 32 random hex characters (as tusd's). An id from a request is accepted only if it is
 made of ``[A-Za-z0-9_-]``: no separator, no dot, so no id can name a file outside the folder
 or another upload's ``.info``/``.lock`` file.
@@ -35,6 +42,7 @@ from dicomproxy.tus import errors
 
 _VALID_ID = re.compile(r"[A-Za-z0-9_-]{1,200}")
 INFO_SUFFIX = ".info"
+OWNER_KEY = "Owner"  # in Storage; see the module docstring
 CHECKSUM_MARKER_SUFFIX = ".chk"
 PENDING_SUFFIX = ".pending"
 
@@ -61,6 +69,7 @@ class Upload:
     is_final: bool = False
     partial_uploads: list[str] | None = None
     storage: dict[str, str] | None = None
+    owner: str | None = None  # who created it (Storage["Owner"]); None: nobody was logged in
     path: Path = field(default=Path(), repr=False)
     info_path: Path = field(default=Path(), repr=False)
 
@@ -79,8 +88,20 @@ class Upload:
             "IsPartial": self.is_partial,
             "IsFinal": self.is_final,
             "PartialUploads": list(self.partial_uploads) if self.partial_uploads is not None else None,
-            "Storage": dict(self.storage) if self.storage is not None else None,
+            "Storage": self._storage(),
         }
+
+    def _storage(self) -> dict[str, str] | None:
+        if self.owner is None:
+            return dict(self.storage) if self.storage is not None else None
+        return {**(self.storage or {}), OWNER_KEY: self.owner}
+
+
+def owner_of(info: dict[str, Any]) -> str | None:
+    """``Storage["Owner"]`` of a ``.info`` object, or None."""
+    storage = info.get("Storage")
+    owner = storage.get(OWNER_KEY) if isinstance(storage, dict) else None
+    return owner if isinstance(owner, str) else None
 
 
 class FileStore:
@@ -129,12 +150,9 @@ class FileStore:
             os.fsync(f.fileno())
         os.replace(tmp, upload.info_path)
 
-    def get(self, upload_id: str) -> Upload:
-        """Read an upload; its offset is the data file's size. Raises ``NOT_FOUND``.
-
-        The caller must hold the upload's lock: this is also where an unverified checksummed
-        chunk left by a crash is rolled back.
-        """
+    def read_info(self, upload_id: str) -> dict[str, Any]:
+        """The ``.info`` JSON object, read without the lock (the file is replaced atomically,
+        never rewritten in place). Raises ``NOT_FOUND``."""
         if not is_valid_id(upload_id):
             raise errors.NOT_FOUND
         info_path = self.info_path(upload_id)
@@ -146,6 +164,20 @@ class FileStore:
             raise ValueError(f"{info_path}: not a tusd .info JSON file ({e})") from None
         if not isinstance(raw, dict):
             raise ValueError(f"{info_path}: not a tusd .info JSON object")
+        return raw
+
+    def owner(self, upload_id: str) -> str | None:
+        """Who created the upload (lock-free, for access checks). Raises ``NOT_FOUND``."""
+        return owner_of(self.read_info(upload_id))
+
+    def get(self, upload_id: str) -> Upload:
+        """Read an upload; its offset is the data file's size. Raises ``NOT_FOUND``.
+
+        The caller must hold the upload's lock: this is also where an unverified checksummed
+        chunk left by a crash is rolled back.
+        """
+        raw = self.read_info(upload_id)
+        info_path = self.info_path(upload_id)
         path = self.data_path(upload_id)
         self._roll_back_unverified(upload_id, path)
         try:
@@ -154,6 +186,7 @@ class FileStore:
             raise errors.NOT_FOUND from None
         meta = raw.get("MetaData") or {}
         partials = raw.get("PartialUploads")
+        storage = raw.get("Storage")
         return Upload(
             id=upload_id,
             size=int(raw.get("Size") or 0),
@@ -163,7 +196,8 @@ class FileStore:
             is_partial=bool(raw.get("IsPartial")),
             is_final=bool(raw.get("IsFinal")),
             partial_uploads=[str(p) for p in partials] if isinstance(partials, list) else None,
-            storage=raw.get("Storage") if isinstance(raw.get("Storage"), dict) else None,
+            storage=storage if isinstance(storage, dict) else None,
+            owner=owner_of(raw),
             path=path,
             info_path=info_path,
         )

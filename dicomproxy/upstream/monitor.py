@@ -1,5 +1,8 @@
 """Is the PACS reachable over HTTP? A periodic probe of ``Upstream:Url`` whose state health and
-the status page show, and whose changes raise ``upstream.down`` / ``upstream.up``."""
+the status page show, and whose changes raise ``upstream.down`` / ``upstream.up``.
+
+The probe is a ``GET /`` through the gateway's one upstream client (the proxy's pool, its TLS
+and timeouts), with an overall limit of ``PROBE_TIMEOUT`` seconds; any answer counts as reachable."""
 
 from __future__ import annotations
 
@@ -8,12 +11,14 @@ import logging
 import time
 from typing import Any
 
-import aiohttp
+import httpx
 
 from dicomproxy.notify.events import EventBus
 from dicomproxy.upstream.upstream import Upstream
 
 log = logging.getLogger(__name__)
+
+PROBE_TIMEOUT = 5.0
 
 
 class UpstreamMonitor:
@@ -30,14 +35,14 @@ class UpstreamMonitor:
         self._task: asyncio.Task[None] | None = None
 
     async def probe(self) -> bool:
-        session = await self.upstream.session()
         started = time.perf_counter()
         try:
-            async with session.get(self.upstream.url("/"), allow_redirects=False,
-                                   timeout=aiohttp.ClientTimeout(total=5)) as resp:
-                await resp.read()
+            async with asyncio.timeout(PROBE_TIMEOUT):
+                await self.upstream.client.get(self.upstream.url("/"), follow_redirects=False)
             ok, error = True, None
-        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+        except TimeoutError:
+            ok, error = False, f"no answer within {PROBE_TIMEOUT:g} s"
+        except (httpx.HTTPError, OSError) as e:
             ok, error = False, str(e) or type(e).__name__
         self.latency_ms = round((time.perf_counter() - started) * 1000, 1)
         self.checked = time.time()

@@ -1,52 +1,61 @@
-"""The PACS as the gateway reaches it over HTTP: the proxy's connection pool and the session
-the features share for their own calls."""
+"""The PACS as the gateway reaches it over HTTP: one connection pool for the proxy and for the
+features' own calls, and one httpx client on it (and on a pool per other origin, for the Lua
+``Http*`` functions), all with one TLS and timeout set-up taken from the ``Upstream`` settings."""
 
 from __future__ import annotations
 
-import aiohttp
+from urllib.parse import urlsplit
 
+import httpx
+
+from dicomproxy import __version__
 from dicomproxy.config.settings import UpstreamSettings
-from dicomproxy.upstream.client import ConnectionPool
-
-CHUNK = 256 * 1024
+from dicomproxy.upstream.limits import Limits, default_tls
+from dicomproxy.upstream.pool import ConnectionPool, Origin, Pools
+from dicomproxy.upstream.transport import PoolTransport
 
 
 class Upstream:
-    """The PACS: the proxy's connection pool, and the aiohttp session the features share."""
+    """The PACS at ``Upstream:Url``.
+
+    * ``pool`` — its keep-alive connections; the streaming proxy uses it directly (``prefix``
+      is the URL's path, to put in front of every proxied target);
+    * ``client`` — an ``httpx.AsyncClient`` for the features (health probe, TUS import,
+      ``RestApi*``, the change feed, STOW-RS forwarding): requests to the PACS go through
+      ``pool``, requests to any other URL (``HttpGet`` & co.) through a pool for that origin;
+    * ``url(path)`` — ``Upstream:Url`` joined with ``path``.
+    """
 
     def __init__(self, settings: UpstreamSettings) -> None:
         self.settings = settings
         self.base = settings.url.rstrip("/")
-        self._session: aiohttp.ClientSession | None = None
-        self.pool = ConnectionPool(
-            self.base, max_connections=settings.max_connections,
-            connect_timeout=settings.connect_timeout, read_timeout=settings.read_timeout,
+        self.prefix = urlsplit(self.base).path.rstrip("/").encode("latin-1")
+        self.limits = Limits(
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.read_timeout,
+            head_timeout=settings.head_timeout,
+            max_head_bytes=settings.max_head_bytes,
+            tls=default_tls() if self.base.startswith("https:") else None,
         )
+        self.pool = ConnectionPool(Origin.of(self.base), self.limits, settings.max_connections)
+        self.client = httpx.AsyncClient(
+            transport=PoolTransport(Pools(self.limits, pinned=(self.pool,))),
+            base_url=self.base,
+            timeout=httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout, pool=None),
+            headers={"User-Agent": f"DicomProxy/{__version__}"},
+        )
+        # bodies as the PACS stores them: no compression asked for, none undone
+        del self.client.headers["Accept-Encoding"]
 
     def url(self, path: str) -> str:
         return self.base + (path if path.startswith("/") else "/" + path)
 
-    async def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(
-                limit=self.settings.max_connections, limit_per_host=self.settings.max_connections,
-                keepalive_timeout=30, ttl_dns_cache=300, enable_cleanup_closed=True,
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                auto_decompress=False,
-                timeout=aiohttp.ClientTimeout(
-                    total=None, connect=self.settings.connect_timeout, sock_read=self.settings.read_timeout
-                ),
-                skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
-                read_bufsize=CHUNK,
-            )
-        return self._session
+    async def session(self) -> httpx.AsyncClient:
+        """``client``, for the callers that take a factory (the DICOM side's STOW-RS forwarder)."""
+        return self.client
 
     async def start(self) -> None:
-        await self.session()
+        return None
 
     async def stop(self) -> None:
-        await self.pool.close()
-        if self._session is not None:
-            await self._session.close()
+        await self.client.aclose()

@@ -1,4 +1,4 @@
-"""The ``appsettings.json`` rules (issue 2, item 2).
+"""The ``appsettings.json`` rules (issue 2, item 2; issue 9, item 1).
 
 Colon key paths, case-insensitive keys, ``DICOMPROXY__Section__Key`` environment overrides,
 ``--config PATH``, ``ConfigRoot`` and relative paths resolved against it; a malformed file or a
@@ -36,7 +36,7 @@ def test_colon_paths_and_case_insensitive_keys(tmp_path: Path) -> None:
     s = load_settings(path, environ={})
     assert s.upstream.url == "http://pacs.example:9000"  # trailing slash dropped
     assert s.upstream.read_timeout == 7.0 and s.lua.timeout_ms == 1234
-    assert s.tree["Upstream:Url"] == s.tree["UPSTREAM:url"] == "http://pacs.example:9000/"
+    assert s.tree["Upstream:Url"] == s.tree["UPSTREAM:url"] == "http://pacs.example:9000"  # the effective value
     assert s.tree["extraconfig:custom:deep"] == "yes"
     assert s.tree["Lua:MaxMemoryMB"] == 64  # defaults fill in what the file leaves out
     assert "Upstream:Nope" not in s.tree and s.tree.get("Upstream:Nope", "dflt") == "dflt"
@@ -141,8 +141,11 @@ def serve(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout
     ('{"Urls": "http://127.0.0.1:1",\n "Lua": {"TimeoutMs": }}', {}, ["{path}:2:", "not valid JSON"]),
     ({"Lua": {"TimeoutMs": "soon"}}, {}, ["{path}: Lua:TimeoutMs: expected an integer, got 'soon'"]),
     ({"Upstream": {"Url": "pacs:8042"}}, {}, ["{path}: Upstream:Url: expected an http(s) URL"]),
-    ({}, {"DICOMPROXY__Lua__MaxMemoryMB": "lots"}, ["{path}: Lua:MaxMemoryMB: expected an integer, got 'lots'"]),
-], ids=["malformed", "wrong-type", "bad-url", "bad-env"])
+    ({}, {"DICOMPROXY__Lua__MaxMemoryMB": "lots"},
+     ["environment DICOMPROXY__Lua__MaxMemoryMB: Lua:MaxMemoryMB: expected an integer, got 'lots'"]),
+    ({"Dicom": {"AllowedCallingAet": ["CT1"]}}, {},
+     ["{path}: Dicom:AllowedCallingAet: unknown key; did you mean Dicom:AllowedCallingAets?"]),
+], ids=["malformed", "wrong-type", "bad-url", "bad-env", "typo"])
 def test_serve_refuses_a_bad_config_with_exit_2_and_one_line(tmp_path: Path, content: Any, env: dict[str, str],
                                                              must_contain: list[str]) -> None:
     path = write_config(tmp_path / "conf", content)

@@ -1,7 +1,8 @@
-"""``Authentication:Users`` (HTTP basic) in a real gateway (issue 2, item 8).
+"""``Authentication:Users`` (HTTP basic) in a real gateway (issue 2, item 8); API keys too.
 
 When users are configured every route but ``/dicomproxy/health`` needs a valid user, the
-username reaches the hooks as ``request.User``, and the client's credentials are not passed on
+username reaches the hooks as ``request.User``, and the client's credentials (``Authorization``,
+``X-API-Key``) are not passed on
 to the PACS (checked at :mod:`tests.local_upstream`, which echoes what it receives).
 """
 
@@ -14,10 +15,12 @@ from typing import Any
 import pytest
 import requests
 
+from dicomproxy.auth.apikeys import hash_key
 from tests.local_upstream import LocalUpstream, header_values
 from tests.peers import GatewayProcess
 
 USERS = {"alice": "s3cret", "bob": "pass:with:colons"}
+API_KEY = "dpk_auth-test-key-0123456789abcdef"
 
 MAIN = r"""
 function onHttpRequest(r)
@@ -38,7 +41,8 @@ def gw(tmp_path_factory: pytest.TempPathFactory, upstream: LocalUpstream) -> Ite
     gateway = GatewayProcess(
         tmp_path_factory.mktemp("gw-auth"),
         settings={"Dicom": {"Port": 0}, "Upstream": {"Url": upstream.url},
-                  "Authentication": {"Users": USERS, "Realm": "TestRealm"}},
+                  "Authentication": {"Users": USERS, "Realm": "TestRealm", "FailedAttempts": {"Burst": 0},
+                                     "ApiKeys": {"tool": {"Hash": hash_key(API_KEY), "Roles": ["viewer"]}}}},
         scripts={"main.lua": MAIN},
     )
     gateway.start()
@@ -79,6 +83,8 @@ def test_valid_user_passes_and_reaches_the_hooks(gw: GatewayProcess) -> None:
     assert r.headers["X-User"] == "alice"
     seen = r.json()["headers"]
     assert header_values(seen, "authorization") == [], "the client's credentials went to the PACS"
+    seen = get(gw, "/echo/private", headers={"X-API-Key": API_KEY}).json()["headers"]
+    assert header_values(seen, "x-api-key") == [] and header_values(seen, "authorization") == []
     r = get(gw, "/whoami", headers=basic("bob", "pass:with:colons"))
     assert (r.status_code, r.text) == (200, "user=bob")
     assert get(gw, "/dicomproxy/tasks", headers=basic("alice", "s3cret")).status_code == 200

@@ -12,11 +12,14 @@ import sys
 import time
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
 
 import dicomproxy
+from dicomproxy.config.model import Settings
+from dicomproxy.config.schema import defaults
 from tests.peers import REPO_ROOT, OrthancServer, free_port, wait_until
 
 
@@ -155,3 +158,54 @@ def test_serve_keeps_body_buffers_in_the_heap() -> None:
 
     assert platform.libc_ver()[0] == "glibc", "the gateway is built for Debian (glibc)"
     assert _tune_malloc() is True
+
+
+# --------------------------------------------------------------------------- dicomproxy config (issue 9, item 1)
+def test_config_prints_every_key_with_its_effective_value_and_masks_secrets(tmp_path: Path) -> None:
+    (tmp_path / "smtp").write_text("from-a-file\n")
+    (tmp_path / "appsettings.json").write_text(json.dumps({
+        "Upstream": {"Url": "http://pacs:8042/"}, "Smtp": {"Host": "localhost", "PasswordFile": "smtp"},
+        "Authentication": {"Users": {"alice": "alice-pw"}}, "Dicom": {"Port": 1}}))
+    (tmp_path / "appsettings.Staging.json").write_text(json.dumps({"Dicom": {"Port": 2, "Aet": "STAGING"}}))
+    proc = run("config", "--environment", "Staging", "--Dicom:Port=3", "--Lua:TimeoutMs", "77", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    shown = json.loads(proc.stdout)
+
+    def keys(tree: dict[str, Any], prefix: str = "") -> set[str]:
+        out = {prefix + name for name in tree}
+        for name, value in tree.items():
+            out |= keys(value, f"{prefix}{name}:") if isinstance(value, dict) else set()
+        return out
+
+    assert keys(shown) >= keys(defaults(Settings))  # every key
+    assert shown["Upstream"]["Url"] == "http://pacs:8042" and shown["Dicom"]["Aet"] == "STAGING"
+    assert shown["Dicom"]["Port"] == 3 and shown["Lua"]["TimeoutMs"] == 77
+    assert shown["ExtraConfig"]["ScriptsRoot"] == str(tmp_path / "lua")  # paths resolved against ConfigRoot
+    assert shown["Smtp"]["Password"] == "***" and shown["Authentication"]["Users"] == {"alice": "***"}
+    assert "from-a-file" not in proc.stdout and "alice-pw" not in proc.stdout
+
+
+def test_command_line_overrides_reach_serve_and_a_bad_one_exits_2(tmp_path: Path, orthanc: OrthancServer) -> None:
+    if not orthanc.running:
+        orthanc.start()
+    port = free_port()
+    (tmp_path / "appsettings.json").write_text(json.dumps({"Urls": "http://127.0.0.1:1", "Dicom": {"Port": 0}}))
+    proc = run("serve", "--Lua:TimeoutMx=5", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("dicomproxy: config error: command line: Lua:TimeoutMx: unknown key; "
+                                   "did you mean Lua:TimeoutMs?")
+    proc = run("check", "--nonsense", cwd=tmp_path)
+    assert proc.returncode == 2 and "command line: --nonsense: expected a value (--nonsense=value)" in proc.stderr
+    proc = run("check", "nonsense", cwd=tmp_path)
+    assert proc.returncode == 2 and "'nonsense': not an option of the command, nor --Section:Key=value" in proc.stderr
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen([console_script(), "serve", f"--Urls=http://127.0.0.1:{port}", "--Upstream:Url",
+                                   orthanc.http_url], cwd=tmp_path, env=env(), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        system = wait_until(lambda: requests.get(f"http://127.0.0.1:{port}/system", timeout=2).json(), timeout=30,
+                            what="the gateway on the command line's Urls")
+        assert system["DicomAet"] == orthanc.aet
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(15)

@@ -3,15 +3,18 @@ Orthanc as the PACS (checked over its REST API), storescp as a C-MOVE / send des
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import struct
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import pydicom
 
+from dicomproxy.dicom import datasets
+from dicomproxy.dicom.storage_scu import StorageScu
+from dicomproxy.dicom.ul import pdu as pdus
 from tests import dicom_samples
 from tests.peers import GatewayProcess, OrthancServer, dcmtk, run_dcmtk, wait_until
 
@@ -224,8 +227,8 @@ def test_pacs_down_during_burst_then_back_exactly_once(
     assert h["ok"] is False and h["spoolDepth"] > 0 and h["lastForwardError"]
     pacs.start()
     pacs.wait_for_instances(n, timeout=60)
+    # an entry leaves the spool only once the PACS acknowledged it: an empty spool means nothing is in flight
     wait_until(lambda: health(gateway)["spoolDepth"] == 0 and health(gateway)["ok"], what="an empty spool")
-    time.sleep(0.5)
     assert pacs.instance_count() == n
     assert pacs.sop_instance_uids() == {u for _, u in files}
     # Each instance is in the PACS exactly once. Stores the PACS performed: n, plus at most the
@@ -477,10 +480,9 @@ def _pdu(pdu_type: int, body: bytes) -> bytes:
 
 
 def _raw_associate(port: int, aet: str) -> socket.socket:
-    from dicomproxy.dicom import scu
-
     s = socket.create_connection((LOOPBACK, port), timeout=10)
-    s.sendall(scu.encode_associate_rq(aet, "RAW", [(dicom_samples.SOP_CLASSES["CT"], ["1.2.840.10008.1.2.1"])], 16384))
+    context = pdus.ProposedContext(1, dicom_samples.SOP_CLASSES["CT"], ("1.2.840.10008.1.2.1",))
+    s.sendall(pdus.associate_rq(aet, "RAW", [context], 16384).encode())
     header = s.recv(6)
     assert header[0] == 0x02, header
     length = struct.unpack(">I", header[2:])[0]
@@ -511,12 +513,8 @@ def test_bad_input_keeps_the_gateway_serving(
     assert s.recv(6)[:1] == b"\x07"
     s.close()
     # 4. a malformed data set: C-STORE answered 0xC210, association still usable
-    import asyncio
-
-    from dicomproxy.dicom import scu
-
     async def garbage() -> tuple[int, int]:
-        a = await scu.Association.connect(
+        a = await StorageScu.connect(
             LOOPBACK,
             port,
             called_aet=gateway.aet,
@@ -530,8 +528,6 @@ def test_bad_input_keeps_the_gateway_serving(
             b"\x08\x00\x18\x00UI\xff\xff" + b"garbage",
         )
         good = dicom_samples.build_dataset(patient_id="PX", patient_name="X^X")
-        from dicomproxy.dicom import datasets
-
         ok = await a.c_store(
             good.SOPClassUID, good.SOPInstanceUID, "1.2.840.10008.1.2.1", datasets.encode(good, "1.2.840.10008.1.2.1")
         )

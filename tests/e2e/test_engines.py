@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import requests
 
+from tests.observe import children_running
 from tests.peers import GatewayProcess, OrthancServer, wait_until
 
 NO_DICOM = {"Dicom": {"Port": 0}}
@@ -125,7 +126,9 @@ def test_singleton_hook_waiting_on_a_process_does_not_stall_others(gw: GatewayPr
     with ThreadPoolExecutor(4) as pool:
         started = time.monotonic()
         sleepers = [pool.submit(requests.get, gw.url + "/sleep", timeout=10) for _ in range(2)]
-        time.sleep(0.25)  # both sleep hooks are now inside OsExecute
+        assert gw.proc is not None
+        wait_until(lambda: len(children_running(gw.proc.pid, "sleep", "1")) == 2, timeout=5,
+                   what="both sleep hooks inside OsExecute (two `sleep 1` children)")
         fast_times = []
         for _ in range(10):
             t = time.monotonic()
@@ -222,7 +225,11 @@ def test_queued_task_survives_kill_9_and_runs_after_restart(gateway_factory: Any
         blocker = queue(gw, "block", str(gate))
         wait_task(gw, blocker, states=("running",))
         waiting = queue(gw, "mark", str(marker))
-        time.sleep(0.3)
+        task_file = gw.data_dir / "tasks" / f"{waiting}.json"
+        wait_until(lambda: task_file.exists() and json.loads(task_file.read_text())["state"] == "queued",
+                   what="the queued task on disk")
+        # one worker, and it is still on the blocker: the queued task cannot have started
+        assert gw.get(f"/dicomproxy/tasks/{blocker}").json()["state"] == "running"
         assert gw.get(f"/dicomproxy/tasks/{waiting}").json()["state"] == "queued"
         gw.kill9()
         on_disk = {p.stem: json.loads(p.read_text()) for p in (gw.data_dir / "tasks").glob("*.json")}

@@ -203,8 +203,10 @@ def test_on_stored_instance_calls_rest_api_and_survives_restart(
     during, _ = upload(orthanc, dicom_samples, patient_name="While^Down")
     gw.start()
     gw.wait_for_log(f"Stored {during} of While^Down")
-    time.sleep(1.0)  # a few polls: nothing else may come
-    log = gw.log_text()
+    # Changes are delivered one by one, in the PACS's order: once a later instance's callback
+    # ran, any (wrong) replay of the earlier ones would have run before it.
+    marker, _ = upload(orthanc, dicom_samples, patient_name="Marker^Last")
+    log = gw.wait_for_log(f"Stored {marker} of Marker^Last")
     assert log.count(f"Lua says: Stored {iid}") == 1
     assert log.count(f"Lua says: Stored {proxied}") == 1
     assert log.count(f"Lua says: Stored {during}") == 1
@@ -286,8 +288,13 @@ def test_modify_and_route_doc_scripts(
     assert ds.SOPInstanceUID != sop  # a modified copy, as Orthanc makes it
     orthanc_empty = wait_until(lambda: orthanc.instance_count() == 0, timeout=15, what="both instances deleted")
     assert orthanc_empty
-    time.sleep(1.0)  # several polls: the loop guard holds, nothing is sent twice
-    assert len(scp.files()) == 1
+    # The loop guard: the modified copy (stored, then deleted) is not routed again. Changes are
+    # delivered in order, so once a later instance has been routed, that decision was made.
+    upload(orthanc, dicom_samples, StationName="LATER")
+    files = scp.wait_for_files(2, timeout=20)
+    assert len(files) == 2 and sorted(pydicom.dcmread(f).StationName for f in files) == ["My Medical Device"] * 2
+    wait_until(lambda: orthanc.instance_count() == 0, timeout=15, what="the later instance deleted as well")
+    assert len(scp.files()) == 2
     assert "OnStoredInstance in singleton engine failed" not in gw.log_text()
 
 
@@ -418,7 +425,7 @@ def test_functions(
 
 # --------------------------------------------------------------------------- lifecycle and heartbeat
 LIFECYCLE = """
-local base = Config['Test:Service']
+local base = Config['ExtraConfig:Service']
 function Initialize() HttpPost(base .. '/record/init', 'VERSION') end
 function Finalize() HttpPost(base .. '/record/fini', 'VERSION') end
 function OnHeartBeat() HttpPost(base .. '/record/beat', 'VERSION') end
@@ -426,7 +433,7 @@ function OnHeartBeat() HttpPost(base .. '/record/beat', 'VERSION') end
 
 
 def test_initialize_finalize_and_heartbeat(gateway_factory: Any, service: Any) -> None:
-    settings = {**FAST, "Test": {"Service": service.url}, "Orthanc": {"PollIntervalSeconds": 0.2,
+    settings = {**FAST, "ExtraConfig": {"Service": service.url}, "Orthanc": {"PollIntervalSeconds": 0.2,
                                                                        "LuaHeartBeatPeriod": 0.3}}
     gw = gateway_factory(settings, {"main.lua": LIFECYCLE.replace("VERSION", "v1")})
     assert service.wait_for("init") == ["v1"]
@@ -445,7 +452,7 @@ def test_initialize_finalize_and_heartbeat(gateway_factory: Any, service: Any) -
 
 # --------------------------------------------------------------------------- change callbacks
 CHANGES = """
-local base = Config['Test:Service']
+local base = Config['ExtraConfig:Service']
 local function record(name, text) HttpPost(base .. '/record/' .. name, text) end
 function OnStableSeries(id, tags, metadata) record('stable-series', id .. ' ' .. tags['SeriesDescription']) end
 function OnStableStudy(id, tags, metadata) record('stable-study', id .. ' ' .. tags['StudyDescription']) end
@@ -463,7 +470,7 @@ function OnJobFailure(id) record('job-failure', id) end
 
 def test_change_callbacks(orthanc_factory: Any, service: Any, gateway_factory: Any, dicom_samples: Any) -> None:
     orthanc = orthanc_factory(extra_config={"UserMetadata": {"Reviewed": 1024}, "StableAge": 1})
-    gw = gateway_factory({**FAST, "Test": {"Service": service.url}}, {"main.lua": CHANGES}, orthanc=orthanc)
+    gw = gateway_factory({**FAST, "ExtraConfig": {"Service": service.url}}, {"main.lua": CHANGES}, orthanc=orthanc)
     series = dicom_samples.make_study(gw.workdir / "study", n_series=1, n_instances=2, patient_name="Stable^Pat",
                                       StudyDescription="Study X", SeriesDescription="Series Y")
     ids = [orthanc.upload(path)["ID"] for path, _ in series]
@@ -504,11 +511,12 @@ def test_change_callbacks(orthanc_factory: Any, service: Any, gateway_factory: A
 def test_on_stored_instance_once_for_instances_through_the_dicom_side(
     fresh_orthanc: Any, gateway_factory: Any, sample_dir: Any, dicom_samples: Any
 ) -> None:
-    """The DICOM side calls OnStoredInstance with the modality's origin when the PACS accepts a
-    forwarded instance; the change feed must not call it a second time for the same instance."""
+    """The Orthanc layer calls OnStoredInstance with the modality's origin when the DICOM side
+    reports (its "instance stored" hook) that the PACS accepted a forwarded instance; the change
+    feed must not call it a second time for the same instance."""
     script = """
 function OnStoredInstance(instanceId, tags, metadata, origin)
-  print('Stored ' .. tags['PatientName'] .. ' from ' .. origin['RequestOrigin'] .. ' ' .. origin['RemoteAet'])
+  print('Stored ' .. tags['PatientName'] .. ' from ' .. origin['RequestOrigin'] .. ' ' .. tostring(origin['RemoteAet']))
 end
 """
     gw = gateway_factory(FAST, {"main.lua": script})
@@ -516,5 +524,7 @@ end
     run_dcmtk("storescu", "-aet", "MODALITY", "-aec", gw.aet, "127.0.0.1", str(gw.dicom_port), str(path))
     fresh_orthanc.wait_for_instances(1)
     gw.wait_for_log("Lua says: Stored Via^Dicom from DicomProtocol MODALITY")
-    time.sleep(1.0)  # several polls of the change feed
+    # The feed reports changes in order: once it reported a later upload, it is past the forwarded one.
+    upload(fresh_orthanc, dicom_samples, patient_name="Later^Upload")
+    gw.wait_for_log("Lua says: Stored Later^Upload from RestApi nil")
     assert gw.log_text().count("Lua says: Stored Via^Dicom") == 1

@@ -13,8 +13,8 @@ import pytest
 import requests
 from tusclient import client as tus_client
 
-from tests.peers import JS_DIR, run_node, wait_until
-from tests.tus.test_support import TUS, TusThreadServer, read_info, upload_id
+from tests.peers import JS_DIR, run_node
+from tests.tus.test_support import TUS, TusThreadServer, completed_ids, read_info, upload_id
 
 
 @pytest.fixture
@@ -29,11 +29,6 @@ def payload(tmp_path: Path) -> Path:
     path = tmp_path / "payload.bin"
     path.write_bytes(os.urandom(3 * 1024 * 1024 + 12345))
     return path
-
-
-def completed_ids(tus: TusThreadServer, n: int) -> list[str]:
-    return wait_until(lambda: len(tus.completed) >= n and [u.id for u in tus.completed], timeout=10,
-                      what=f"{n} completion callback(s)")
 
 
 # --------------------------------------------------------------------------- tuspy

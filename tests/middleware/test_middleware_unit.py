@@ -197,6 +197,27 @@ end
     assert (status, b"".join(bodies)) == (200, b"\xff\xfebin\x00")
 
 
+async def test_on_call_times_every_hook_and_callback_of_a_script_set(tmp_path: Path) -> None:
+    from dicomproxy_middleware import EngineOptions
+
+    (tmp_path / "main.lua").write_text("function onHttpRequest(r) r:AddHeader('X-A', '1') end\n"
+                                       "function onThing() error('boom') end\n")
+    (tmp_path / "main-transient.lua").write_text("function onHttpResponse(r) end\n")
+    seen: list[tuple[str, float]] = []
+    scripts = ScriptSet(tmp_path, options=EngineOptions(), reload_interval=0,
+                        on_call=lambda callback, seconds: seen.append((callback, seconds)))
+    await scripts.start()
+    try:
+        app = LuaHttpMiddleware(make_app(Calls()), scripts)
+        assert (await call(app, path="/echo"))[0] == 200
+        with pytest.raises(LuaError, match="boom"):
+            await scripts.dispatch("onThing")
+    finally:
+        await scripts.stop()
+    assert [c for c, _ in seen] == ["onHttpRequest", "onHttpResponse", "onThing"]  # a failed call too
+    assert all(0 < s < 5 for _, s in seen)
+
+
 # --------------------------------------------------------------------------- LuaEngine
 async def test_async_exports_yield_so_calls_interleave() -> None:
     async def wait(ms: int) -> str:

@@ -16,11 +16,13 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.peers import wait_until
 from tests.tus.test_support import (
     OCTET,
     TUS,
     RawRequest,
     TusThreadServer,
+    completed_ids,
     raw_request,
     read_info,
     upload_id,
@@ -29,7 +31,7 @@ from tests.tus.test_support import (
 
 @pytest.fixture
 def tus(tmp_path: Path) -> Iterator[TusThreadServer]:
-    server = TusThreadServer(tmp_path / "uploads", max_size=10_000_000).start()
+    server = TusThreadServer(tmp_path / "uploads", max_size=10_000_000, allow_download=True).start()
     yield server
     server.stop()
 
@@ -176,8 +178,7 @@ def test_creation_with_upload(tus: TusThreadServer) -> None:
 
 def test_empty_upload_completes_at_creation(tus: TusThreadServer) -> None:
     url = tus.create(0)
-    time.sleep(0.2)
-    assert [u.id for u in tus.completed] == [upload_id(url)]
+    assert completed_ids(tus) == [upload_id(url)]
     assert "Upload-Expires" not in tus.head(url).headers  # finished uploads do not expire
 
 
@@ -224,8 +225,7 @@ def test_patch_appends_and_answers_204_with_offset(tus: TusThreadServer) -> None
     assert r.status_code == 204 and r.headers["Upload-Offset"] == "10"
     assert "Upload-Expires" not in r.headers
     assert (tus.folder / upload_id(url)).read_bytes() == b"0123456789"
-    time.sleep(0.2)
-    assert [u.id for u in tus.completed] == [upload_id(url)]
+    assert completed_ids(tus) == [upload_id(url)]
     # A PATCH to a finished upload at its end offset changes nothing (tusd answers 204).
     r = tus.patch(url, 10, b"")
     assert r.status_code == 204 and r.headers["Upload-Offset"] == "10"
@@ -336,8 +336,7 @@ def test_deferred_length(tus: TusThreadServer) -> None:
     assert r.status_code == 204 and r.headers["Upload-Offset"] == "6"
     assert tus.head(url).headers["Upload-Length"] == "6"
     assert read_info(tus.folder, upload_id(url))["SizeIsDeferred"] is False
-    time.sleep(0.2)
-    assert [u.id for u in tus.completed] == [upload_id(url)]
+    assert completed_ids(tus) == [upload_id(url)]
     # Upload-Length on an upload whose length is known: 400 (tusd).
     url2 = tus.create(4)
     assert_error(tus.patch(url2, 0, b"ab", {"Upload-Length": "4"}), 400, "ERR_INVALID_UPLOAD_LENGTH")
@@ -375,8 +374,12 @@ def test_concatenation(tus: TusThreadServer) -> None:
     assert_error(requests.post(tus.url, headers={**TUS, "Upload-Concat": f"final;{a} {b}"}, timeout=10), 400,
                  "ERR_UPLOAD_NOT_FINISHED")
     tus.patch(b, 0, b"defg")
-    time.sleep(0.2)
-    assert tus.completed == []  # partial uploads are not "files"
+    # Partial uploads are not "files". Completions run as tasks in the order uploads finish, so
+    # once a whole upload finished after them has been handed over, theirs would have been too.
+    marker = tus.create(1)
+    tus.patch(marker, 0, b"m")
+    assert completed_ids(tus) == [upload_id(marker)]
+    tus.completed.clear()
     # Relative paths work as well as absolute URLs (tusd cuts at the base path).
     rel_b = "/files/" + upload_id(b)
     r = requests.post(tus.url, headers={**TUS, "Upload-Concat": f"final;{a} {rel_b}",
@@ -389,8 +392,7 @@ def test_concatenation(tus: TusThreadServer) -> None:
     assert (tus.folder / upload_id(final)).read_bytes() == b"abcdefg"
     info = read_info(tus.folder, upload_id(final))
     assert info["IsFinal"] is True and info["PartialUploads"] == [upload_id(a), upload_id(b)]
-    time.sleep(0.2)
-    assert [u.id for u in tus.completed] == [upload_id(final)]
+    assert completed_ids(tus) == [upload_id(final)]
     assert tus.completed[0].metadata == {"filename": "ab.zip"}
 
 
@@ -417,12 +419,9 @@ def test_disconnect_keeps_received_bytes(tus: TusThreadServer) -> None:
     req = RawRequest(tus.port, "PATCH", "/files/" + upload_id(url),
                      {**TUS, "Content-Type": OCTET, "Upload-Offset": "0", "Content-Length": "1000000"})
     req.send(b"x" * 300_000)
-    time.sleep(0.3)
+    time.sleep(0.3)  # the server reads the bytes (it writes them in batches: nothing to watch)
     req.close()
-    deadline = time.monotonic() + 10
-    while tus.head(url).headers["Upload-Offset"] != "300000" and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert tus.head(url).headers["Upload-Offset"] == "300000"
+    wait_until(lambda: tus.head(url).headers["Upload-Offset"] == "300000", what="the offset after the disconnect")
     assert tus.patch(url, 300_000, b"y" * 700_000).status_code == 204
     assert (tus.folder / upload_id(url)).read_bytes() == b"x" * 300_000 + b"y" * 700_000
 
@@ -435,7 +434,7 @@ def test_new_request_interrupts_a_stalled_patch(tus: TusThreadServer) -> None:
                          {**TUS, "Content-Type": OCTET, "Upload-Offset": "0", "Content-Length": "1000000"})
     try:
         stalled.send(b"a" * 200_000)
-        time.sleep(0.3)
+        time.sleep(0.3)  # the server reads the bytes (it writes them in batches: nothing to watch)
         t0 = time.monotonic()
         head = tus.head(url)
         assert head.status_code == 200 and time.monotonic() - t0 < 5
@@ -453,7 +452,7 @@ def test_second_concurrent_patch_never_corrupts(tus: TusThreadServer) -> None:
                        {**TUS, "Content-Type": OCTET, "Upload-Offset": "0", "Content-Length": "600000"})
     try:
         first.send(b"1" * 250_000)
-        time.sleep(0.3)
+        time.sleep(0.3)  # the server reads the bytes (it writes them in batches: nothing to watch)
         second = tus.patch(url, 0, b"2" * 600_000)  # same offset: it asks the first to let go
         assert_error(second, 409, "ERR_MISMATCHED_OFFSET")
         assert second.headers["Upload-Offset"] == "250000"

@@ -19,9 +19,7 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +46,7 @@ def tus_settings(folder: Path, **overrides: Any) -> TusSettings:
         import_batch_size=50,
         lock_timeout=20,
     )
-    return replace(base, **overrides)
+    return base.model_copy(update=overrides)
 
 
 class TusThreadServer:
@@ -254,6 +252,7 @@ def thread_server(folder: Path, **kw: Any) -> Iterator[TusThreadServer]:
         server.stop()
 
 
-def settle(seconds: float = 0.3) -> None:
-    """A short pause for the server side to act on something the test cannot observe directly."""
-    time.sleep(seconds)
+def completed_ids(tus: TusThreadServer, n: int = 1) -> list[str]:
+    """Wait until ``n`` completion callbacks ran; the ids of all that ran."""
+    return wait_until(lambda: len(tus.completed) >= n and [u.id for u in tus.completed], timeout=10,
+                      what=f"{n} completion callback(s)")

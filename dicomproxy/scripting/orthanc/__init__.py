@@ -7,9 +7,11 @@ the routing helpers ``SendToModality``, ``SendToPeer``, ``ModifyInstance``, ``De
 
 The callbacks: ``Initialize``/``Finalize`` around the singleton script's life (load, hot reload,
 shutdown); ``IncomingHttpRequestFilter`` on every HTTP request (:mod:`.orthanc_filter`); the
-change callbacks from the PACS's own records (:mod:`.orthanc_changes`); ``OnHeartBeat`` every
-``Orthanc:LuaHeartBeatPeriod`` seconds. ``ReceivedInstanceFilter`` and
-``IncomingFindRequestFilter`` fire on the DICOM side (:mod:`dicomproxy.dicom`).
+change callbacks from the PACS's own records (:mod:`.orthanc_changes`), and ``OnStoredInstance``
+for what the gateway's DICOM side forwarded (:mod:`.dicom_stored`, from the DICOM side's
+"instance stored" hook); ``OnHeartBeat`` every ``Orthanc:LuaHeartBeatPeriod`` seconds.
+``ReceivedInstanceFilter`` and ``IncomingFindRequestFilter`` fire on the DICOM side
+(:mod:`dicomproxy.dicom`).
 
 Semantics follow Orthanc's source where its book is silent: ``RestApi*`` and ``Http*`` return
 ``nil`` on failure and log why (method, URL, status); the routing helpers raise a Lua error
@@ -27,9 +29,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-import aiohttp
+import httpx
 from dicomproxy_middleware import LuaEngine, LuaError, LuaExportError
 
+from dicomproxy.dicom.hooks import InstanceStored
 from dicomproxy.host import Host
 from dicomproxy.scripting.orthanc.changes import (
     ChangeFeed,
@@ -41,6 +44,7 @@ from dicomproxy.scripting.orthanc.changes import (
     OrthancEvents,
     origin_from_metadata,
 )
+from dicomproxy.scripting.orthanc.dicom_stored import DicomForwarded
 from dicomproxy.scripting.orthanc.http_filter import OrthancHttpFilter
 from dicomproxy.scripting.orthanc.luajson import dump_json, parse_json, print_recursive
 from dicomproxy.scripting.orthanc.pacs import Pacs, PacsError, orthanc_id
@@ -174,11 +178,16 @@ class HttpOptions:
 
 class LuaHttp:
     """Orthanc's generic HTTP client functions; credentials and timeout belong to one engine,
-    as they belong to Orthanc's one Lua context (a transient engine starts with none)."""
+    as they belong to Orthanc's one Lua context (a transient engine starts with none).
 
-    def __init__(self) -> None:
+    Any URL may be called, not only the PACS: requests go through the gateway's one upstream
+    client, which keeps a bounded pool per origin with the same TLS verification and timeouts
+    as the PACS's (``SetHttpTimeout`` adds an overall limit of its own). Redirects are followed.
+    """
+
+    def __init__(self, client: httpx.AsyncClient) -> None:
         self._options: weakref.WeakKeyDictionary[LuaEngine, HttpOptions] = weakref.WeakKeyDictionary()
-        self._session: aiohttp.ClientSession | None = None
+        self.client = client
 
     def options(self, engine: LuaEngine) -> HttpOptions:
         opts = self._options.get(engine)
@@ -204,11 +213,6 @@ class LuaHttp:
             return
         self.options(engine).timeout = max(float(seconds), 0.0)
 
-    async def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
-        return self._session
-
     async def request(
         self, engine: LuaEngine, method: Any, url: Any, data: Any = None, latin1: Any = False, headers: Any = None
     ) -> bytes | str | None:
@@ -216,20 +220,22 @@ class LuaHttp:
         body = _call_args(name, url, "a URL", data, latin1)
         if body is _BAD:
             return None
+        if not url.lower().startswith(("http://", "https://")):
+            log.error("Lua: Error in %s() for URL %s: expects an absolute http:// or https:// URL", name, url)
+            return None
         opts = self.options(engine)
-        auth = aiohttp.BasicAuth(opts.username, opts.password) if opts.username is not None else None
-        timeout = aiohttp.ClientTimeout(total=opts.timeout if opts.timeout > 0 else None)
-        session = await self.session()
+        auth = httpx.BasicAuth(opts.username, opts.password) if opts.username is not None else None
         try:
-            async with session.request(
-                method, url, data=body, headers=_header_map(headers, lower=False), auth=auth, timeout=timeout
-            ) as resp:
-                answer = await resp.read()
-                status = resp.status
+            async with asyncio.timeout(opts.timeout or None):
+                resp = await self.client.request(
+                    str(method), url, content=body, headers=_header_map(headers, lower=False),
+                    auth=auth or httpx.USE_CLIENT_DEFAULT, follow_redirects=True,
+                )
+            answer, status = resp.content, resp.status_code
         except TimeoutError:
             log.error("Lua: Error in %s() for URL %s: no answer within %g s (SetHttpTimeout)", name, url, opts.timeout)
             return None
-        except (aiohttp.ClientError, OSError, ValueError) as e:
+        except (httpx.HTTPError, httpx.InvalidURL, OSError, ValueError) as e:
             log.error("Lua: Error in %s() for URL %s: %s", name, url, str(e) or type(e).__name__)
             return None
         if not 200 <= status < 300:
@@ -237,9 +243,6 @@ class LuaHttp:
             return None
         return "SUCCESS" if method == "DELETE" else answer
 
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
 
 
 # --------------------------------------------------------------------------- Initialize / Finalize
@@ -284,11 +287,12 @@ class OrthancLayer:
         self.settings = gateway.settings
         self.host = gateway.lua
         self.pacs = Pacs(gateway.upstream)
-        self.http = LuaHttp()
+        self.http = LuaHttp(gateway.upstream.client)
         self.lua_stored = LuaStored()
         self.pump = EventPump(self.host)
         self.deletions = Deletions(self.pacs, self.host, self.pump)
         self.lifecycle = Lifecycle(self.host)
+        self.dicom_forwarded = DicomForwarded(gateway.hooks.get(InstanceStored), self.host)
         cursor = CursorFile(self.settings.data_folder / "orthanc" / "changes.json", gateway.upstream.base)
         self.events = OrthancEvents(
             self.host,
@@ -303,7 +307,6 @@ class OrthancLayer:
 
     async def _stopped(self) -> None:
         await self.lifecycle.shutdown()
-        await self.http.close()
 
     # -- wiring ---------------------------------------------------------------------------
     def install(self) -> None:
@@ -323,6 +326,7 @@ class OrthancLayer:
         host.add_export("Delete", self.delete, is_async=True)
         host.add_library("orthanc", LUA_SHIM, SHIM_FUNCTIONS)
         host.add_loaded_hook(self.lifecycle.loaded)
+        self.dicom_forwarded.install()
         fail_open = self.settings.lua.fail_open or "IncomingHttpRequestFilter" in self.settings.lua.fail_open_hooks
         self.gateway.add_middleware(lambda app: OrthancHttpFilter(app, host, self.deletions, fail_open=fail_open))
         self.gateway.add_component(self.events)
@@ -447,8 +451,8 @@ class OrthancLayer:
         config["DicomModalities"] = modalities if isinstance(modalities, dict) else {}
         config["OrthancPeers"] = peers if isinstance(peers, dict) else {}
         config["LuaHeartBeatPeriod"] = self.settings.orthanc.heartbeat_period
-        config["AuthenticationEnabled"] = bool(self.settings.users)
-        config["RegisteredUsers"] = dict(self.settings.users)
+        config["AuthenticationEnabled"] = self.settings.authentication.enabled
+        config["RegisteredUsers"] = dict(self.settings.tree.get("Authentication:Users", {}))  # passwords masked
         config["DicomProxy"] = self.settings.tree.as_dict()
         return config
 
@@ -458,10 +462,8 @@ class OrthancLayer:
         mine = self.lua_stored.pop(rid)
         if mine is not None:
             return {**metadata, **mine}, {"RequestOrigin": "Lua"}
-        dicom = self.settings.dicom
-        if (dicom.port and dicom.forward_via == "dimse" and metadata.get("Origin") == "DicomProtocol"
-                and metadata.get("RemoteAET") == dicom.aet):
-            return None  # forwarded by our DICOM side, which calls OnStoredInstance with the modality's origin
+        if self.dicom_forwarded.skips(metadata):
+            return None  # forwarded by our DICOM side: OnStoredInstance comes from its hook, with the modality's origin
         return metadata, origin_from_metadata(metadata)
 
 

@@ -1,7 +1,8 @@
 """The PACS's REST API (``Upstream:Url``) as the Orthanc layer calls it.
 
-Requests go through the gateway's pooled upstream session (no Accept-Encoding is sent, so
-bodies arrive as the PACS stores them). A transport failure or a non-2xx answer raises
+Requests go through the gateway's one upstream client (``Upstream.client``: httpx over the
+proxy's own pool, its TLS and timeouts; no Accept-Encoding is sent, so bodies arrive as the
+PACS stores them). A transport failure or a non-2xx answer raises
 :class:`PacsError`, whose message names the method, the URL and the status: callers decide
 whether that is a ``nil`` for the script (Orthanc's ``RestApi*``) or a Lua error.
 """
@@ -13,9 +14,9 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-import aiohttp
+import httpx
 
-from dicomproxy.http.proxy import Upstream
+from dicomproxy.upstream import Upstream
 
 LEVELS = ("Patient", "Study", "Series", "Instance")
 PLURAL = {"Patient": "patients", "Study": "studies", "Series": "series", "Instance": "instances"}
@@ -55,14 +56,10 @@ class Pacs:
         self, method: str, uri: str, body: bytes | None = None, headers: Mapping[str, str] | None = None
     ) -> bytes:
         url = self.upstream.url(uri)
-        session = await self.upstream.session()
         try:
-            async with session.request(
-                method, url, data=body, headers=dict(headers or {}), allow_redirects=False
-            ) as resp:
-                data = await resp.read()
-                status = resp.status
-        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            resp = await self.upstream.client.request(method, url, content=body, headers=dict(headers or {}))
+            data, status = resp.content, resp.status_code
+        except (httpx.HTTPError, OSError) as e:
             raise PacsError(method, url, None, str(e) or type(e).__name__) from None
         if not 200 <= status < 300:
             raise PacsError(method, url, status, _excerpt(data))

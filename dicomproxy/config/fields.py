@@ -1,0 +1,404 @@
+"""How a key is declared: :func:`key` (name, default, description, secret) and the value kinds.
+
+A value kind (:class:`Kind` and its subclasses) is one object that knows three things about a
+key's value: how to read it from JSON *or* from a string (environment variables and the command
+line only give strings), the one-line ``expected ..., got ...`` message when it cannot, and the
+type the README's table shows. Putting the three in one place is what keeps the messages the
+users already know (``Lua:TimeoutMs: expected an integer, got 'fast'``) while pydantic does the
+structure: sections, maps, lists, defaults, immutability.
+
+The kinds are pydantic plain validators (``__get_pydantic_core_schema__``): pydantic's own lax
+coercion accepts ``True`` for a number and words its errors for programmers
+(``Input should be a valid integer, unable to parse string as an integer``), so each kind parses
+by itself. A kind reads the folder relative paths resolve against (``ConfigRoot``) from the
+validation context (``{"root": Path}``); without one (a section built directly in a test) the
+working directory is used.
+
+:class:`Section` is the base of every section model: frozen, unknown fields forbidden,
+constructible by attribute name (``TusSettings(base_path=...)``) as well as by key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler, ValidationInfo
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError, PydanticUndefined, core_schema
+
+REQUIRED: Any = PydanticUndefined
+MASK = "***"
+VALUE_ERROR = "config_value"
+
+
+class Problem(ValueError):
+    """A value a kind cannot read: what was expected, and the value (kept apart: a secret's is never shown)."""
+
+    def __init__(self, expected: str, value: Any) -> None:
+        super().__init__(f"expected {expected}, got {shown(value)}")
+        self.expected, self.value = expected, value
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
+class Kind:
+    """A value kind: parse(), the noun of its messages and the README's type."""
+
+    noun = "a value"
+
+    @property
+    def type_name(self) -> str:
+        """The README's type column: the noun without its article."""
+        return re.sub(r"^(an?|one of) ", "", self.noun) if not self.noun.startswith("one of") else self.noun
+
+    def parse(self, value: Any, root: Path) -> Any:
+        raise NotImplementedError
+
+    def fail(self, value: Any) -> Problem:
+        return Problem(self.noun, value)
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        return core_schema.with_info_plain_validator_function(self._validate)
+
+    def _validate(self, value: Any, info: ValidationInfo) -> Any:
+        context = info.context if isinstance(info.context, dict) else {}
+        root = context.get("root")
+        try:
+            return self.parse(value, root if isinstance(root, Path) else Path.cwd())
+        except Problem as e:
+            raise PydanticCustomError(VALUE_ERROR, "expected {expected}, got {got}",
+                                      {"expected": e.expected, "got": shown(e.value)}) from None
+
+
+class Text(Kind):
+    """A string (numbers are taken as their text); ``nonempty``: blank is refused."""
+
+    def __init__(self, nonempty: bool = False) -> None:
+        self.nonempty = nonempty
+        self.noun = "a non-empty string" if nonempty else "a string"
+
+    def parse(self, value: Any, root: Path) -> str:
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise self.fail(value)
+        if self.nonempty and not str(value).strip():
+            raise self.fail(value)
+        return str(value)
+
+
+class Whole(Kind):
+    """An integer, from a number or a string of digits; ``minimum`` inclusive."""
+
+    def __init__(self, minimum: int | None = None, maximum: int | None = None) -> None:
+        self.minimum, self.maximum = minimum, maximum
+        self.noun = ("an integer" if minimum is None else f"an integer >= {minimum}" if maximum is None
+                     else f"an integer from {minimum} to {maximum}")
+
+    def parse(self, value: Any, root: Path) -> int:
+        if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise Problem("an integer", value)
+        if (self.minimum is not None and value < self.minimum) or (self.maximum is not None and value > self.maximum):
+            raise self.fail(value)
+        return value
+
+
+class Number(Kind):
+    """A number of any kind; ``minimum`` inclusive, ``above`` exclusive."""
+
+    def __init__(self, minimum: float | None = None, above: float | None = None) -> None:
+        self.minimum, self.above = minimum, above
+        self.noun = ("a number" if minimum is None and above is None
+                     else f"a number >= {minimum:g}" if minimum is not None else f"a number > {above:g}")
+
+    def parse(self, value: Any, root: Path) -> float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise Problem("a number", value) from None
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+            raise Problem("a number", value)
+        if (self.minimum is not None and value < self.minimum) or (self.above is not None and value <= self.above):
+            raise self.fail(value)
+        return float(value)
+
+
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+class Flag(Kind):
+    noun = "true or false"
+
+    @property
+    def type_name(self) -> str:
+        return "boolean"
+
+    def parse(self, value: Any, root: Path) -> bool:
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        if not isinstance(value, bool):
+            raise self.fail(value)
+        return value
+
+
+class Choice(Kind):
+    """One of fixed words, matched case-insensitively; the declared spelling is the value."""
+
+    def __init__(self, *options: str) -> None:
+        self.options = options
+        self.noun = "one of " + ", ".join(options)
+
+    def parse(self, value: Any, root: Path) -> str:
+        text = Text().parse(value, root) if not isinstance(value, bool) else None
+        for option in self.options:
+            if text is not None and option.lower() == text.strip().lower():
+                return option
+        raise self.fail(value)
+
+
+class Duration(Kind):
+    """Seconds: a number, or an ASP.NET TimeSpan ``[d.]hh:mm:ss[.fff]``."""
+
+    noun = "seconds or a time span like 1.00:00:00"
+
+    @property
+    def type_name(self) -> str:
+        return "seconds or d.hh:mm:ss"
+
+    def parse(self, value: Any, root: Path) -> float:
+        if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+            return float(value)
+        if isinstance(value, str):
+            m = re.fullmatch(r"\s*(?:(\d+)\.)?(\d+):(\d\d):(\d\d(?:\.\d+)?)\s*", value)
+            if m:
+                d, h, mi, s = m.groups()
+                return int(d or 0) * 86400 + int(h) * 3600 + int(mi) * 60 + float(s)
+            try:
+                seconds = float(value)
+            except ValueError:
+                raise self.fail(value) from None
+            if seconds >= 0:
+                return seconds
+        raise self.fail(value)
+
+
+def resolve_path(value: str | Path, root: Path) -> Path:
+    """``~`` expanded; a relative path is relative to ``root`` (ConfigRoot)."""
+    p = Path(os.path.expanduser(str(value)))
+    return p if p.is_absolute() else (root / p).resolve()
+
+
+class FsPath(Kind):
+    """A file or folder; relative to ConfigRoot. ``optional``: an empty string means none."""
+
+    def __init__(self, optional: bool = False) -> None:
+        self.optional = optional
+        self.noun = "a path"
+
+    @property
+    def type_name(self) -> str:
+        return "path (or empty)" if self.optional else "path"
+
+    def parse(self, value: Any, root: Path) -> Path | None:
+        if isinstance(value, Path):
+            return resolve_path(value, root)
+        text = Text().parse(value, root) if not isinstance(value, bool) and value is not None else None
+        if text is None or (not text.strip() and not self.optional):
+            raise self.fail(value)
+        return resolve_path(text.strip(), root) if text.strip() else None
+
+
+class HttpUrl(Kind):
+    """An absolute http(s) URL; the trailing slash is dropped."""
+
+    noun = "an http(s) URL"
+
+    @property
+    def type_name(self) -> str:
+        return "URL"
+
+    def parse(self, value: Any, root: Path) -> str:
+        text = Text().parse(value, root) if isinstance(value, str) else None
+        parts = urlsplit(text.strip()) if text is not None else None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise self.fail(value)
+        return text.strip().rstrip("/") if text is not None else ""
+
+
+class Listen(Kind):
+    """``Urls``: ``http://HOST:PORT`` (ASP.NET also allows ``;``-separated lists; the first counts)."""
+
+    noun = "http://HOST:PORT"
+
+    @property
+    def type_name(self) -> str:
+        return "URL"
+
+    def parse(self, value: Any, root: Path) -> str:
+        text = value if isinstance(value, str) else ""
+        first = text.split(";")[0].strip()
+        try:
+            parts = urlsplit(first)
+            ok = parts.scheme == "http" and bool(parts.hostname) and parts.path in ("", "/")
+            ok = ok and (parts.port is None or parts.port > 0)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise self.fail(value if not isinstance(value, str) else first)
+        return text.strip()
+
+
+class UrlPath(Kind):
+    """A URL path, normalised to one leading slash (and one trailing slash with ``folder``)."""
+
+    def __init__(self, folder: bool = False) -> None:
+        self.folder = folder
+        self.noun = "a URL path like /files/" if folder else "a URL path like /dicom-web"
+
+    @property
+    def type_name(self) -> str:
+        return "URL path"
+
+    def parse(self, value: Any, root: Path) -> str:
+        text = Text().parse(value, root)
+        if any(c in text for c in "?#\\ ") or "//" in text.strip("/"):
+            raise self.fail(value)
+        inner = text.strip("/")
+        return "/" + inner + ("/" if self.folder and inner else "")
+
+
+class AeTitle(Kind):
+    """A DICOM AE title: 1-16 characters, no backslash or control characters (PS3.5 AE)."""
+
+    noun = "an AE title (1-16 characters, no backslash)"
+
+    @property
+    def type_name(self) -> str:
+        return "AE title"
+
+    def parse(self, value: Any, root: Path) -> str:
+        text = value.strip() if isinstance(value, str) else ""
+        if not 1 <= len(text) <= 16 or "\\" in text or any(ord(c) < 32 or ord(c) > 126 for c in text):
+            raise self.fail(value)
+        return text
+
+
+def as_list(value: Any) -> list[Any] | None:
+    """A JSON array, a JSON array in a string, ``a,b,c``, or ASP.NET's index keys ``{"0": a, "1": b}``."""
+    if isinstance(value, list | tuple):
+        return list(value)
+    if isinstance(value, dict) and value and all(isinstance(k, str) and k.isdigit() for k in value):
+        return [value[k] for k in sorted(value, key=int)]
+    if isinstance(value, str):
+        if value.strip().startswith("["):
+            try:
+                parsed = json.loads(value)
+            except ValueError:
+                return None
+            return parsed if isinstance(parsed, list) else None
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return None
+
+
+class Names(Kind):
+    """A list of words (each checked by ``item``), as a tuple."""
+
+    def __init__(self, item: Kind | None = None, nonempty: bool = False, upper: bool = False) -> None:
+        self.item = item or Text(nonempty=True)
+        self.nonempty, self.upper = nonempty, upper
+        words = re.sub(r"^an? (non-empty )?", "", self.item.noun).split(" (")[0] + "s"
+        self.noun = ("a non-empty list of " if nonempty else "a list of ") + words
+
+    @property
+    def type_name(self) -> str:
+        return re.sub(r"^an? ", "", self.noun)
+
+    def parse(self, value: Any, root: Path) -> tuple[str, ...]:
+        items = as_list(value)
+        if items is None or (self.nonempty and not items):
+            raise self.fail(value)
+        try:
+            parsed = tuple(self.item.parse(v, root) for v in items)
+        except Problem:
+            raise self.fail(value) from None
+        return tuple(v.upper() for v in parsed) if self.upper else parsed
+
+
+class FlagOrNames(Kind):
+    """``true``/``false``, or a list of names (``Lua:FailOpen``: which callbacks fail open)."""
+
+    noun = "true or false (or a list of callback names)"
+
+    @property
+    def type_name(self) -> str:
+        return "boolean or list"
+
+    def parse(self, value: Any, root: Path) -> bool | tuple[str, ...]:
+        if isinstance(value, list | tuple) or (isinstance(value, str) and value.strip().startswith("[")):
+            names = as_list(value)
+            if names is not None and names and all(isinstance(v, str) and v.strip() for v in names):
+                return tuple(v.strip() for v in names)
+            raise self.fail(value)
+        try:
+            return Flag().parse(value, root)
+        except Problem:
+            raise self.fail(value) from None
+
+
+# --------------------------------------------------------------------------- declaring keys
+def key(name: str, default: Any = REQUIRED, description: str = "", *, secret: bool = False) -> Any:
+    """One key: its name in the file, its default, what it means; ``secret`` keys never show.
+
+    A secret key may also be given as ``<name>File``: the path of a file holding the value.
+    """
+    extra: dict[str, Any] = {"secret": True} if secret else {}
+    return Field(default, alias=name, description=description, repr=not secret, json_schema_extra=extra)
+
+
+def section(name: str, description: str) -> Any:
+    """A nested object (a section, or a fixed-shape value such as ``Dicom:Upstream``)."""
+    return Field(default_factory=dict, alias=name, description=description)
+
+
+def collection(name: str, description: str, empty: Any) -> Any:
+    """A map keyed by names the site chooses, or a list of objects; ``empty`` is the default."""
+    return Field(default_factory=type(empty), alias=name, description=description)
+
+
+def internal(default: Any = None) -> Any:
+    """An attribute the loader fills in (``config_root``, ``tus.upload_folder``): not a key."""
+    return Field(default, exclude=True, repr=False)
+
+
+def is_secret(info: FieldInfo) -> bool:
+    return isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("secret") is True
+
+
+def is_key(info: FieldInfo) -> bool:
+    return not info.exclude and info.alias is not None
+
+
+def kind_of(info: FieldInfo) -> Kind | None:
+    return next((m for m in info.metadata if isinstance(m, Kind)), None)
+
+
+class Section(BaseModel):
+    """A section of ``appsettings.json``: frozen; fields are keys declared with :func:`key`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_by_name=True, validate_by_alias=True,
+                              validate_default=True)
+
+    #: a bare value stands for ``{shorthand: value}`` (``Authentication:Users:alice: "pw"``)
+    shorthand: ClassVar[str | None] = None
+    #: how messages name the expected value when it is not an object of this shape
+    noun: ClassVar[str] = "an object"

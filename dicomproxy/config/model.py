@@ -1,0 +1,601 @@
+"""The configuration model: every key of ``appsettings.json`` declared once.
+
+Each field is one key: its name in the file (``key("ReadTimeoutSeconds", ...)``), its kind
+(``Annotated[float, Number(above=0)]``: parsing, message, the README's type), its default and
+its description, and ``secret=True`` for values that must never show. Everything else is
+derived from these declarations: the loader's case-insensitive matching and its unknown-key
+messages, the README table (``python -m dicomproxy.config.docs``), the defaults in the
+repository's ``appsettings.json`` (a test compares them), ``dicomproxy config``, the masked
+views that Lua, logs and the API may see.
+
+The attribute names are the ones the rest of the code has always used
+(``settings.upstream.read_timeout``, ``settings.tus.upload_folder``, ``settings.host``); values
+that are computed from keys (``host``/``port`` from ``Urls``, ``lua.fail_open_hooks``) are
+properties, and two attributes that live in another section of the file
+(``lua.scripts_root`` and ``tus.upload_folder`` are ``ExtraConfig`` keys) are filled in once,
+after validation. Every model is frozen.
+
+Safe defaults (what a hospital's security office checks): both listeners on loopback
+(``Urls``, ``Dicom:Host``; open them with ``0.0.0.0``), Lua fails closed with time and memory
+caps, uploads capped at 20 GiB each and 100 GiB together, SMTP credentials never sent in clear text to a remote host.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Any, ClassVar
+from urllib.parse import urlsplit
+
+from pydantic import ConfigDict, model_validator
+from pydantic_core import PydanticCustomError
+
+from dicomproxy.auth.apikeys import check_hash
+from dicomproxy.auth.identity import DEFAULT_USER_ROLES
+from dicomproxy.auth.passwords import parse_stored
+from dicomproxy.config.fields import (
+    REQUIRED,
+    VALUE_ERROR,
+    AeTitle,
+    Choice,
+    Duration,
+    Flag,
+    FlagOrNames,
+    FsPath,
+    HttpUrl,
+    Listen,
+    Names,
+    Number,
+    Section,
+    Text,
+    UrlPath,
+    Whole,
+    collection,
+    internal,
+    key,
+    section,
+)
+from dicomproxy.config.tree import ConfigTree, public_view
+
+GiB = 1 << 30
+MiB = 1 << 20
+JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512")
+
+
+class UpstreamSettings(Section):
+    url: Annotated[str, HttpUrl()] = key(
+        "Url", "http://127.0.0.1:8042",
+        "the PACS's HTTP root (`http://` or `https://`, may end in a path prefix); DICOMweb and REST are proxied "
+        "there. An `https` certificate is verified against the system CAs; for a private CA, start the gateway "
+        "with `SSL_CERT_FILE=/path/ca.pem`")
+    dicomweb_root: Annotated[str, UrlPath()] = key("DicomWebRoot", "/dicom-web", "STOW/QIDO/WADO root on the upstream")
+    connect_timeout: Annotated[float, Number(above=0)] = key(
+        "ConnectTimeoutSeconds", 5, "connecting to the upstream; unreachable → 502")
+    read_timeout: Annotated[float, Number(above=0)] = key(
+        "ReadTimeoutSeconds", 120, "longest wait for upstream bytes; too slow → 504")
+    max_connections: Annotated[int, Whole(1)] = key(
+        "MaxConnections", 256, "pooled keep-alive connections to the upstream")
+    head_timeout: Annotated[float, Number(above=0)] = key(
+        "ResponseHeadTimeoutSeconds", 30,
+        "from the first byte of an answer to the end of its head (interim 1xx heads included); too slow → 504, "
+        "so a trickle of header bytes cannot hold a client")
+    max_head_bytes: Annotated[int, Whole(1024)] = key(
+        "MaxResponseHeadBytes", 65536, "largest answer head from the upstream (1xx heads included); larger → 502")
+
+
+class ExtraConfigSettings(Section):
+    """Known folders, plus any key a site adds for its scripts (``Config["ExtraConfig:Site"]``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    scripts_root: Annotated[Path, FsPath()] = key(
+        "ScriptsRoot", "lua", "folder of `main.lua`, `main-transient.lua`, `main-task.lua`")
+    tus_upload_folder: Annotated[Path, FsPath()] = key(
+        "TusUploadFolder", "data/tus", "TUS upload store (tusd `filestore` layout)")
+    data_folder: Annotated[Path, FsPath()] = key("DataFolder", "data", "task queue, DICOM spool and other state")
+
+
+class LuaSettings(Section):
+    timeout_ms: Annotated[int, Whole(1)] = key(
+        "TimeoutMs", 5000, "time budget of one hook call (a loop inside its own `pcall` is aborted too)")
+    task_timeout_ms: Annotated[int, Whole(1)] = key("TaskTimeoutMs", 60000, "time budget of one background task")
+    max_memory_mb: Annotated[int, Whole(1)] = key("MaxMemoryMB", 64, "memory cap of each Lua runtime")
+    fail_open_rule: Annotated[bool | tuple[str, ...], FlagOrNames()] = key(
+        "FailOpen", False,
+        "a failing hook: `false` fails closed (HTTP: 500 JSON; DICOM: a failure status), `true` logs and carries "
+        "on as if the hook were not there; or a list of callback names that fail open, e.g. `[\"onHttpResponse\"]` "
+        "(per hook, for `onHttpRequest`, `onHttpResponse` and `IncomingHttpRequestFilter`)")
+    reload_interval_ms: Annotated[int, Whole(50)] = key(
+        "ReloadIntervalMs", 1000, "how often script files are checked for edits")
+    background_workers: Annotated[int, Whole(1)] = key("BackgroundWorkers", 2, "tasks run at once")
+    os_execute_timeout: Annotated[float, Number(above=0)] = key(
+        "OsExecuteTimeoutSeconds", 60, "`OsExecute` kills a program running longer")
+    native_path: Annotated[str, Text()] = key(
+        "NativePath", "/usr/lib/x86_64-linux-gnu/lua/5.4/?.so;/usr/local/lib/lua/5.4/?.so",
+        "where `requireNative` looks (Lua `cpath` syntax)")
+    full_libraries: Annotated[bool, Flag()] = key(
+        "FullLibraries", False,
+        "give scripts the whole standard library: `os.execute`, `io.popen` (both awaited, within the time budget), "
+        "`io.*` and `dofile`/`loadfile` on any path, `os.getenv` (without `DICOMPROXY__*`), `os.remove`... "
+        "(README: Lua trust model)")
+    task_max_restarts: Annotated[int, Whole(0)] = key(
+        "TaskMaxRestarts", 3,
+        "a task found `running` at start-up more often than this (the process died under it each time) is "
+        "quarantined as failed")
+    scripts_root: Path = internal(Path("lua"))  # ExtraConfig:ScriptsRoot
+
+    @property
+    def fail_open(self) -> bool:
+        """Every hook fails open (``Lua:FailOpen: true``)."""
+        return self.fail_open_rule is True
+
+    @property
+    def fail_open_hooks(self) -> frozenset[str]:
+        """The callbacks named in ``Lua:FailOpen: [...]`` (empty for true/false)."""
+        return frozenset(self.fail_open_rule) if isinstance(self.fail_open_rule, tuple) else frozenset()
+
+
+class UserEntry(Section):
+    """One HTTP user: a password string, or ``{"Password"|"PasswordFile": ..., "Roles": [...]}``."""
+
+    shorthand: ClassVar[str | None] = "Password"
+    noun: ClassVar[str] = "a password string or an object with Password or PasswordFile (and Roles)"
+
+    password: Annotated[str, Text(nonempty=True)] = key(
+        "Password", REQUIRED, "the user's password, or better its hash: `$argon2id$…`, `$2b$…` (bcrypt), "
+        "`$pbkdf2-sha256$…` (passlib) or `pbkdf2_sha256$…` (Django); `dicomproxy hash-password` makes one. A plain "
+        "password logs a warning at start-up", secret=True)
+    roles: Annotated[tuple[str, ...], Names()] = key(
+        "Roles", DEFAULT_USER_ROLES, "the user's roles (`viewer`: proxied reads; `uploader`: TUS and proxied writes; "
+        "`admin`: every route, others' uploads and tasks; scripts see them as `request.Roles`)")
+
+    @model_validator(mode="after")
+    def _known_hash(self) -> UserEntry:
+        try:
+            parse_stored(self.password)
+        except ValueError as e:  # the value is never shown: it may be a password
+            raise PydanticCustomError(VALUE_ERROR, "{expected}", {
+                "expected": f"looks like a password hash but is not {e}", "key": "Password"}) from None
+        return self
+
+
+class ApiKeyEntry(Section):
+    """One ``X-API-Key`` key: its hash and roles (auth/apikeys.py)."""
+
+    noun: ClassVar[str] = "an object with Hash (or HashFile) and Roles"
+
+    hash: Annotated[str, Text(nonempty=True)] = key(
+        "Hash", REQUIRED, "`sha256:<hex>` of the key (`dicomproxy new-api-key` makes a key and its hash)", secret=True)
+    roles: Annotated[tuple[str, ...], Names(nonempty=True)] = key("Roles", REQUIRED, "the key's roles")
+
+    @model_validator(mode="after")
+    def _hash_form(self) -> ApiKeyEntry:
+        try:
+            check_hash(self.hash)
+        except ValueError as e:
+            raise PydanticCustomError(VALUE_ERROR, "{expected}", {"expected": f"expected {e}", "key": "Hash"}) from None
+        return self
+
+
+ALGORITHM_NAMES = Names(Choice(*JWT_ALGORITHMS))
+ALGORITHM_NAMES.noun = "a list of " + ", ".join(JWT_ALGORITHMS)
+
+
+class OidcSettings(Section):
+    """``Authorization: Bearer`` JWTs from one OpenID issuer (auth/jwks.py, auth/bearer.py)."""
+
+    issuer: Annotated[str, Text()] = key(
+        "Issuer", "", "the issuer's URL exactly as its tokens' `iss` (its discovery document is read from "
+        "`{Issuer}/.well-known/openid-configuration`); empty: bearer tokens are not accepted")
+    audience: Annotated[tuple[str, ...], Names()] = key(
+        "Audience", (), "accepted `aud` values (required with an issuer)")
+    algorithms: Annotated[tuple[str, ...], ALGORITHM_NAMES] = key(
+        "Algorithms", ("RS256", "ES256"), "accepted signature algorithms")
+    leeway: Annotated[float, Number(minimum=0)] = key(
+        "LeewaySeconds", 30, "clock skew allowed on `exp`, `nbf` and `iat`")
+    user_claim: Annotated[str, Text(nonempty=True)] = key(
+        "UserClaim", "sub", "the claim that names the user (`request.User`), e.g. `preferred_username`")
+    roles_claim: Annotated[str, Text()] = key(
+        "RolesClaim", "roles", "the claim holding the roles (a list or a space-separated string); a dotted "
+        "path reaches into an object (`realm_access.roles`)")
+    role_map: dict[str, Annotated[tuple[str, ...], Names()]] = collection(
+        "RoleMap", "`{\"claim value\": [\"gateway role\", ...]}`; when set, only mapped values give roles; "
+        "empty: the claim's values are the roles", {})
+    default_roles: Annotated[tuple[str, ...], Names()] = key(
+        "DefaultRoles", (), "roles every valid token gets besides its own")
+    allow_http: Annotated[bool, Flag()] = key(
+        "AllowHttp", False, "allow an `http://` issuer and key set (tests only: keys fetched in clear text can "
+        "be replaced on the way)")
+    ca_file: Annotated[Path | None, FsPath(optional=True)] = key(
+        "CaFile", "", "a PEM bundle to trust for the issuer instead of the system's")
+    timeout: Annotated[float, Number(above=0)] = key(
+        "TimeoutSeconds", 10, "fetching the discovery document or the key set")
+    jwks_max_age: Annotated[float, Number(minimum=1)] = key(
+        "JwksMaxAgeSeconds", 3600, "the key set is fetched again when older than this")
+    jwks_min_refresh: Annotated[float, Number(minimum=1)] = key(
+        "JwksMinRefreshSeconds", 30, "a token with an unknown `kid` refetches the key set at most this often")
+    token_cache_size: Annotated[int, Whole(0)] = key(
+        "TokenCacheSize", 10000, "accepted tokens remembered until they expire (their digests; ~300 bytes each)")
+
+    @model_validator(mode="after")
+    def _issuer(self) -> OidcSettings:
+        if not self.issuer:
+            return self
+        scheme = urlsplit(self.issuer).scheme
+        if scheme not in ("http", "https") or not urlsplit(self.issuer).hostname:
+            raise PydanticCustomError(VALUE_ERROR, "expected {expected}, got {got}", {
+                "expected": "an https URL", "got": repr(self.issuer), "key": "Issuer"})
+        if scheme == "http" and not self.allow_http:
+            raise PydanticCustomError(VALUE_ERROR, "{expected}", {
+                "expected": f"{self.issuer!r} is not https: keys fetched in clear text can be replaced on the way "
+                            "(use https, or set Authentication:Oidc:AllowHttp for a test issuer)", "key": "Issuer"})
+        if not self.audience:
+            raise PydanticCustomError(VALUE_ERROR, "{expected}", {
+                "expected": "required with Authentication:Oidc:Issuer (the `aud` this gateway accepts)",
+                "key": "Audience"})
+        return self
+
+
+class RuleEntry(Section):
+    """One role rule (auth/policy.py)."""
+
+    noun: ClassVar[str] = "an object with Path (and Methods, Roles)"
+
+    path: Annotated[str, UrlPath()] = key("Path", REQUIRED, "the canonical path prefix it covers (`/dicomproxy/tasks`)")
+    methods: Annotated[tuple[str, ...], Names(upper=True)] = key(
+        "Methods", (), "the methods it covers (empty: all)")
+    roles: Annotated[tuple[str, ...], Names()] = key(
+        "Roles", (), "any one of these roles (or `admin`) is needed; empty: any authenticated caller")
+
+
+class FailedAttemptsSettings(Section):
+    """The failed-attempt limiter (auth/ratelimit.py)."""
+
+    burst: Annotated[int, Whole(0)] = key(
+        "Burst", 10, "failed attempts an address may make before 429 (`0`: no limit)")
+    per_minute: Annotated[float, Number(above=0)] = key("PerMinute", 6, "attempts an address regains per minute")
+    max_addresses: Annotated[int, Whole(1)] = key(
+        "MaxAddresses", 10000, "addresses remembered (the one that failed longest ago is forgotten first)")
+
+
+class AuthenticationSettings(Section):
+    users: dict[str, UserEntry] = collection(
+        "Users", "`{\"name\": \"password\"}` or `{\"name\": {\"Password\": \"…\", \"Roles\": [\"admin\"]}}` "
+        "(`PasswordFile` instead of `Password`: read from a file): HTTP basic users", {})
+    api_keys: dict[str, ApiKeyEntry] = collection(
+        "ApiKeys", "`{\"name\": {\"Hash\": \"sha256:…\", \"Roles\": [\"uploader\"]}}`: keys clients send as "
+        "`X-API-Key`", {})
+    oidc: OidcSettings = section("Oidc", "bearer tokens from an OpenID issuer")
+    rules: tuple[RuleEntry, ...] = collection(
+        "Rules", "role rules `[{\"Path\": \"/dicomproxy/metrics\", \"Methods\": [\"GET\"], \"Roles\": "
+        "[\"admin\"]}]` over the built-in ones (the longest matching Path wins; see Authentication)", ())
+    failed_attempts: FailedAttemptsSettings = section("FailedAttempts", "failed attempts per source address")
+    realm: Annotated[str, Text()] = key("Realm", "DicomProxy", "the realm browsers show")
+
+    @property
+    def enabled(self) -> bool:
+        """Any scheme configured: then every route but `/dicomproxy/health` needs a credential."""
+        return bool(self.users or self.api_keys or self.oidc.issuer)
+
+    @model_validator(mode="after")
+    def _rules_need_a_scheme(self) -> AuthenticationSettings:
+        if self.rules and not self.enabled:
+            raise PydanticCustomError(VALUE_ERROR, "{expected}", {
+                "expected": "role rules without Users, ApiKeys or Oidc:Issuer would never apply (configure a "
+                            "scheme, or remove the rules)", "key": "Rules"})
+        return self
+
+
+class ServerSettings(Section):
+    """Limits on what an HTTP client may hold before a request reaches the app (http/server.py)."""
+
+    max_head_bytes: Annotated[int, Whole(1024)] = key(
+        "MaxHeadBytes", 65536, "largest request head (request line + headers; 431 past it)")
+    max_url_bytes: Annotated[int, Whole(256)] = key("MaxUrlBytes", 8192, "largest URL (414 past it)")
+    head_timeout: Annotated[float, Number(minimum=0.1)] = key(
+        "HeadTimeoutSeconds", 20, "a new connection, or the next request on a kept-alive one, must deliver its "
+        "whole head within this (408, then closed)")
+    max_connections: Annotated[int, Whole(1)] = key(
+        "MaxConnections", 1000, "open HTTP connections served at once (503 past it), lowered to the open-file "
+        "limit minus `Server:ReservedFileDescriptors`")
+    reserved_fds: Annotated[int, Whole(0)] = key(
+        "ReservedFileDescriptors", 256, "descriptors kept for the spool, the DICOM side and the upstream pool")
+
+
+class CorsSettings(Section):
+    """``Cors:*``; empty lists of headers mean the built-in ones (http/cors.py)."""
+
+    allowed_origins: Annotated[tuple[str, ...], Names()] = key(
+        "AllowedOrigins", (), "origins allowed cross-origin access (`[\"https://viewer.example.org\"]`, "
+        "`[\"*\"]`); empty: every preflight is refused")
+    allowed_methods: Annotated[tuple[str, ...], Names(upper=True)] = key(
+        "AllowedMethods", ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"), "what a preflight may ask for")
+    allowed_headers: Annotated[tuple[str, ...], Names()] = key(
+        "AllowedHeaders", (), "request headers a preflight may ask for (empty: those TUS clients and DICOMweb "
+        "viewers need)")
+    exposed_headers: Annotated[tuple[str, ...], Names()] = key(
+        "ExposedHeaders", (), "response headers the browser may read (empty: those TUS clients and DICOMweb "
+        "viewers need)")
+    allow_credentials: Annotated[bool, Flag()] = key(
+        "AllowCredentials", False, "`Access-Control-Allow-Credentials`")
+    max_age: Annotated[int, Whole(0)] = key("MaxAgeSeconds", 600, "how long a browser keeps a preflight's answer")
+    opener_policy: Annotated[str, Text()] = key(
+        "CrossOriginOpenerPolicy", "", "added to every response when set (e.g. `same-origin` for viewers that "
+        "need `SharedArrayBuffer`)")
+    embedder_policy: Annotated[str, Text()] = key(
+        "CrossOriginEmbedderPolicy", "", "added to every response when set (e.g. `require-corp`)")
+    resource_policy: Annotated[str, Text()] = key(
+        "CrossOriginResourcePolicy", "", "added to every response when set")
+
+
+class TusSettings(Section):
+    base_path: Annotated[str, UrlPath(folder=True)] = key("BasePath", "/files/", "the TUS endpoint")
+    max_size: Annotated[int, Whole(0)] = key(
+        "MaxSize", 20 * GiB,
+        "largest upload in bytes, announced as `Tus-Max-Size`; larger: 413 `ERR_MAX_SIZE_EXCEEDED` (default 20 GiB, "
+        "which holds the largest single studies, tomosynthesis, whole-slide images, thin-slice CT with priors, as "
+        "one ZIP; `0`: no limit)")
+    expire_after: Annotated[float, Duration()] = key(
+        "ExpireAfter", "1.00:00:00", "unfinished uploads expire after this (seconds or `d.hh:mm:ss`; `0`: never)")
+    sweep_interval: Annotated[float, Number(minimum=0.05)] = key(
+        "SweepIntervalSeconds", 60, "how often expired uploads are removed")
+    keep_after_import: Annotated[bool, Flag()] = key(
+        "KeepAfterImport", False, "keep an upload's files after a successful import")
+    import_batch_size: Annotated[int, Whole(1)] = key(
+        "ImportBatchSize", 50, "instances sent to the PACS per STOW-RS request when an upload is imported")
+    lock_timeout: Annotated[float, Number(minimum=0)] = key(
+        "LockTimeoutSeconds", 20, "how long a request waits for an upload another request holds")
+    fsync: Annotated[str, Choice("complete", "patch", "none")] = key(
+        "Fsync", "complete",
+        "when stored bytes are fsynced: `complete` (before the final PATCH is answered), `patch` (before every "
+        "PATCH is answered), `none` (bytes still reach the kernel before an offset is acknowledged, so they "
+        "survive a crash of the process, not of the machine); any case")
+    allow_download: Annotated[bool, Flag()] = key(
+        "AllowDownload", False,
+        "`GET` of an upload (tusd's download), for its owner and admins; off: 405, as tusd's `-disable-download`")
+    max_storage_gb: Annotated[float, Number(minimum=0)] = key(
+        "MaxStorageGB", 100,
+        "GiB all uploads' data files may take together; full: 507 `ERR_STORAGE_FULL` (`0`: no limit)")
+    min_free_disk_gb: Annotated[float, Number(minimum=0)] = key(
+        "MinFreeDiskGB", 1,
+        "GiB kept free on the upload folder's disk (the spool and the task queue usually share it); below: 507 "
+        "(`0`: off)")
+    max_uploads_per_user: Annotated[int, Whole(0)] = key(
+        "MaxUploadsPerUser", 500,
+        "unfinished uploads one user may have (without authentication: all clients together); more: 429 "
+        "`ERR_TOO_MANY_UPLOADS` (`0`: no limit)")
+    write_buffer_mb: Annotated[float, Number(minimum=1)] = key(
+        "WriteBufferMB", 64,
+        "upload bytes all requests together hold in memory before they are written (each request batches up to "
+        "4 MB, twice)")
+    write_buffer_wait: Annotated[float, Number(minimum=0.1)] = key(
+        "WriteBufferWaitSeconds", 10, "how long a request waits for room in that buffer before 503 `ERR_SERVER_BUSY`")
+    zip_max_expanded_gb: Annotated[float, Number(minimum=0)] = key(
+        "ZipMaxExpandedGB", 100, "GiB a ZIP's members may expand to together (`0`: no limit)")
+    zip_max_ratio: Annotated[float, Number(minimum=0)] = key(
+        "ZipMaxRatio", 100,
+        "expanded/compressed size allowed per ZIP member (members under 1 MiB are exempt) and for the whole ZIP; "
+        "DICOM images compress 2-10 times, a zip bomb about 1000 (`0`: off). A ZIP of mostly empty segmentations "
+        "(SEG) can pass 100: raise it for those")
+    zip_max_members: Annotated[int, Whole(0)] = key(
+        "ZipMaxMembers", 100_000,
+        "entries a ZIP may list, checked before its directory is read (each costs ~600 bytes of memory; `0`: no limit)")
+    upload_folder: Path = internal(Path("data/tus"))  # ExtraConfig:TusUploadFolder
+
+    @property
+    def max_storage(self) -> int:
+        """``Tus:MaxStorageGB`` in bytes (0: no limit)."""
+        return int(self.max_storage_gb * GiB)
+
+    @property
+    def min_free_disk(self) -> int:
+        """``Tus:MinFreeDiskGB`` in bytes (0: off)."""
+        return int(self.min_free_disk_gb * GiB)
+
+    @property
+    def write_buffer(self) -> int:
+        """``Tus:WriteBufferMB`` in bytes."""
+        return int(self.write_buffer_mb * MiB)
+
+    @property
+    def zip_max_expanded(self) -> int:
+        """``Tus:ZipMaxExpandedGB`` in bytes (0: no limit)."""
+        return int(self.zip_max_expanded_gb * GiB)
+
+
+class RemoteAe(Section):
+    """A remote DICOM node."""
+
+    noun: ClassVar[str] = "an object with Aet, Host and Port"
+
+    aet: Annotated[str, AeTitle()] = key("Aet", REQUIRED, "its AE title")
+    host: Annotated[str, Text(nonempty=True)] = key("Host", REQUIRED, "its host name or IP address")
+    port: Annotated[int, Whole(1, 65535)] = key("Port", REQUIRED, "its DICOM port")
+
+
+class PacsAe(RemoteAe):
+    """``Dicom:Upstream``: the PACS's DICOM side (every part has a default, so one can be overridden alone)."""
+
+    aet: Annotated[str, AeTitle()] = key("Aet", "ORTHANC", "the PACS's AE title")
+    host: Annotated[str, Text(nonempty=True)] = key("Host", "127.0.0.1", "the PACS's DICOM host")
+    port: Annotated[int, Whole(1, 65535)] = key("Port", 4242, "the PACS's DICOM port")
+
+
+class DicomSettings(Section):
+    aet: Annotated[str, AeTitle()] = key("Aet", "DICOMPROXY", "the gateway's AE title")
+    port: Annotated[int, Whole(0, 65535)] = key("Port", 11112, "the DICOM side's port (`0` turns it off)")
+    host: Annotated[str, Text(nonempty=True)] = key(
+        "Host", "127.0.0.1", "where the DICOM side listens (loopback by default; `0.0.0.0` for all interfaces)")
+    upstream: PacsAe = section("Upstream", "the PACS's DICOM side")
+    modalities: dict[str, RemoteAe] = collection(
+        "Modalities", "named remote AEs: `{\"name\":{\"Aet\":..,\"Host\":..,\"Port\":..}}` (C-MOVE destinations)", {})
+    allowed_calling_aets: Annotated[tuple[str, ...], Names(AeTitle())] = key(
+        "AllowedCallingAets", (), "calling AEs allowed to associate (empty: all; an AE title is not a password, "
+        "so keep `Dicom:Host` on a trusted network)")
+    forward_via: Annotated[str, Choice("dimse", "dicomweb")] = key(
+        "ForwardVia", "dimse", "forward stored instances by C-STORE (`dimse`) or STOW-RS (`dicomweb`)")
+    spool_folder: Annotated[Path, FsPath()] = key("SpoolFolder", "data/spool", "durable store-and-forward spool")
+    forward_retry: Annotated[float, Number(minimum=0.01)] = key(
+        "ForwardRetrySeconds", 2, "retry delay after a transient failure (doubles up to `ForwardMaxRetrySeconds`)")
+    forward_max_retry: Annotated[float, Number(minimum=0.01)] = key(
+        "ForwardMaxRetrySeconds", 60, "longest retry delay")
+    forward_max_attempts: Annotated[int, Whole(0)] = key(
+        "ForwardMaxAttempts", 0, "`0` = retry until the PACS is back. An instance the PACS refuses for good goes to "
+        "`<SpoolFolder>/failed/` with a `.json` note and a `forward.failed` event")
+    forward_concurrency: Annotated[int, Whole(1)] = key(
+        "ForwardConcurrency", 4, "studies forwarded in parallel (each study in arrival order)")
+    artim_seconds: Annotated[float, Number(minimum=0.1)] = key(
+        "ArtimSeconds", 30, "ARTIM (PS3.8 9.1.5): a connection must deliver its whole A-ASSOCIATE-RQ within this "
+        "many seconds of being accepted, however slowly its bytes come, or it is closed; also how long the gateway "
+        "waits for a peer to close after a reject, abort or release")
+    max_associations: Annotated[int, Whole(1)] = key(
+        "MaxAssociations", 64, "established associations (storage and Query/Retrieve); a request beyond it gets "
+        "A-ASSOCIATE-RJ \"local limit exceeded\" (transient). Connections still sending their request do not count")
+    max_connections_per_address: Annotated[int, Whole(1)] = key(
+        "MaxConnectionsPerAddress", 16, "open connections from one source address; a request on one more gets the "
+        "same A-ASSOCIATE-RJ (a silent one is closed after a second). Raise it for many modalities behind one "
+        "NAT address")
+    max_connections: Annotated[int, Whole(1)] = key(
+        "MaxConnections", 256, "open DICOM connections in all; one more is closed at once")
+    max_dataset_mb: Annotated[int, Whole(1)] = key(
+        "MaxDatasetMB", 4096, "largest data set one C-STORE may send; a larger one aborts the association "
+        "(nothing is kept). Data sets are streamed to the spool as they arrive, so memory does not grow with "
+        "their size")
+
+
+class SmtpSettings(Section):
+    host: Annotated[str, Text()] = key("Host", "", "the mail server (empty: no mail)")
+    port: Annotated[int, Whole(1, 65535)] = key("Port", 25, "its port")
+    security: Annotated[str, Choice("None", "StartTls", "Tls")] = key(
+        "Security", "None", "`None` (plain text), `StartTls`, `Tls`; a password is sent in plain text only to a "
+        "loopback host")
+    username: Annotated[str, Text()] = key("Username", "", "login (empty: none)")
+    password: Annotated[str, Text()] = key("Password", "", "login password", secret=True)
+    sender: Annotated[str, Text()] = key("From", "dicomproxy@localhost", "the sender address")
+    timeout: Annotated[float, Number(minimum=0.1)] = key("TimeoutSeconds", 30, "per-attempt timeout")
+    retries: Annotated[int, Whole(0)] = key(
+        "Retries", 3, "retries after a failed attempt (5xx answers are not retried)")
+    retry_delay: Annotated[float, Number(minimum=0)] = key(
+        "RetrySeconds", 2, "delay before the first retry (doubles each time)")
+    ca_file: Annotated[Path | None, FsPath(optional=True)] = key(
+        "CaFile", "", "a PEM bundle to trust for `StartTls`/`Tls` instead of the system's")
+
+    @model_validator(mode="after")
+    def _no_clear_text_password(self) -> SmtpSettings:
+        if self.password and self.security == "None" and not _is_loopback(self.host):
+            raise PydanticCustomError(VALUE_ERROR, "{expected}", {
+                "expected": f"would be sent in plain text to {self.host!r} (Smtp:Security is None); "
+                            "set Smtp:Security to StartTls or Tls", "key": "Password"})
+        return self
+
+
+class EmailRule(Section):
+    noun: ClassVar[str] = "an object with Events and To"
+
+    events: Annotated[tuple[str, ...], Names()] = key(
+        "Events", ("*",), "event kinds or globs (`*.failed`, `*`): `upload.imported`, `import.failed`, "
+        "`forward.failed`, `script.failed`, `task.failed`, `upstream.down`, `upstream.up`")
+    to: Annotated[tuple[str, ...], Names(nonempty=True)] = key("To", REQUIRED, "recipients")
+
+
+class NotificationSettings(Section):
+    feed_size: Annotated[int, Whole(1)] = key("FeedSize", 200, "notifications kept in the feed")
+    email: tuple[EmailRule, ...] = collection(
+        "Email", "mail rules `[{\"Events\": [\"import.failed\"], \"To\": [\"pacs-admin@example.org\"]}]`", ())
+
+
+class OrthancSettings(Section):
+    """The Orthanc-compatible Lua layer (docs/orthanc-compat.md)."""
+
+    heartbeat_period: Annotated[float, Number(minimum=0)] = key(
+        "LuaHeartBeatPeriod", 0, "`OnHeartBeat` every N seconds (Orthanc's `LuaHeartBeatPeriod`); `0`: off")
+    poll_interval: Annotated[float, Number(minimum=0.05)] = key(
+        "PollIntervalSeconds", 1, "how often the PACS's `/changes` (and `/jobs`) are read for the `On*` callbacks")
+
+
+class LoggingSettings(Section):
+    level: Annotated[str, Choice("DEBUG", "INFO", "WARNING", "ERROR")] = key("Level", "INFO", "log level")
+
+
+class Settings(Section):
+    """The whole configuration, typed. Built once by :func:`~dicomproxy.config.loader.load_settings`."""
+
+    urls: Annotated[str, Listen()] = key(
+        "Urls", "http://127.0.0.1:8080", "where the HTTP side listens (loopback by default; `http://0.0.0.0:8080` "
+        "for all interfaces)")
+    upstream: UpstreamSettings = section("Upstream", "the PACS's HTTP side")
+    extra_config: ExtraConfigSettings = section("ExtraConfig", "folders, and any key a site adds for its scripts")
+    lua: LuaSettings = section("Lua", "the Lua engines")
+    authentication: AuthenticationSettings = section(
+        "Authentication", "who may call the gateway: basic users, API keys, bearer tokens, role rules")
+    server: ServerSettings = section("Server", "limits of the HTTP front door")
+    cors: CorsSettings = section("Cors", "the CORS policy")
+    tus: TusSettings = section("Tus", "the TUS upload server")
+    dicom: DicomSettings = section("Dicom", "the DICOM side")
+    smtp: SmtpSettings = section("Smtp", "mail transport")
+    notifications: NotificationSettings = section("Notifications", "the notification feed and mail rules")
+    orthanc: OrthancSettings = section("Orthanc", "the Orthanc-compatible Lua layer")
+    logging: LoggingSettings = section("Logging", "logging")
+
+    config_file: Path | None = internal(None)  # the appsettings.json read, if any
+    config_root: Path = internal(Path("."))  # its folder (the working directory without one)
+    environment: str = internal("")  # DICOMPROXY_ENVIRONMENT / --environment
+    files: tuple[Path, ...] = internal(())  # every file read, in layering order
+
+    @model_validator(mode="after")
+    def _share_extra_config(self) -> Settings:
+        """``lua.scripts_root`` and ``tus.upload_folder`` are ExtraConfig keys; copy them once."""
+        extra = self.extra_config
+        object.__setattr__(self, "lua", self.lua.model_copy(update={"scripts_root": extra.scripts_root}))
+        object.__setattr__(self, "tus", self.tus.model_copy(update={"upload_folder": extra.tus_upload_folder}))
+        return self
+
+    # -- derived values ---------------------------------------------------------------------
+    @property
+    def host(self) -> str:
+        """The HTTP side's address, from the first of ``Urls`` (``*`` and ``+`` mean every interface)."""
+        host = urlsplit(self.urls.split(";")[0].strip()).hostname or "127.0.0.1"
+        return "0.0.0.0" if host in ("*", "+") else host
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.urls.split(";")[0].strip()).port or 80
+
+    @property
+    def data_folder(self) -> Path:
+        return self.extra_config.data_folder
+
+    @property
+    def users(self) -> dict[str, str]:
+        """``{name: stored password}`` of the basic users (plain or a hash)."""
+        return {name: user.password for name, user in self.authentication.users.items()}
+
+    @property
+    def realm(self) -> str:
+        return self.authentication.realm
+
+    @property
+    def log_level(self) -> str:
+        return self.logging.level
+
+    # -- what others may see ----------------------------------------------------------------
+    @cached_property
+    def tree(self) -> ConfigTree:
+        """The effective configuration by colon path, secrets masked (``***``): safe to show anyone."""
+        return ConfigTree(public_view(self), str(self.config_file) if self.config_file else "(defaults)")
+
+    def lua_config(self) -> dict[str, Any]:
+        """What Lua's ``Config[...]`` sees: every leaf by its colon path (secrets masked), plus ``ConfigRoot``."""
+        flat = self.tree.leaves()
+        flat["ConfigRoot"] = str(self.config_root)
+        return flat
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

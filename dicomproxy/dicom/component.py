@@ -1,0 +1,206 @@
+"""The DICOM side as one component of the gateway: builds its parts from ``Dicom:*``, starts and
+stops them in order, reports health, and turns forwarding outcomes into Lua events, metrics,
+app events and the "instance stored" hook.
+
+Start order: spool (recover what a previous run left), forwarder, the Q/R AE, then the port;
+stop in reverse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from dicomproxy.dicom.dispatch import Dispatcher
+from dicomproxy.dicom.forwarder import DatasetReader, Forwarder, ForwardResult, ForwardTarget
+from dicomproxy.dicom.hooks import InstanceStored, StoredInstance
+from dicomproxy.dicom.qr.ae import QueryRetrieveAe
+from dicomproxy.dicom.session import LuaBridge
+from dicomproxy.dicom.spool import Spool, SpoolEntry
+from dicomproxy.dicom.store import StoreService
+from dicomproxy.dicom.ul.acceptor import Acceptor, Limits
+from dicomproxy.host import Host
+from dicomproxy.metrics import DICOM_BUCKETS, FORWARD_BUCKETS
+
+log = logging.getLogger("dicomproxy.dicom")
+
+MAX_PDU = 1 << 20
+"""The maximum P-DATA PDU length the gateway announces and accepts."""
+
+
+def forward_target(gateway: Host) -> ForwardTarget:
+    settings = gateway.settings
+    dicom, up = settings.dicom, settings.upstream
+    if dicom.forward_via == "dicomweb":
+        return ForwardTarget(
+            via="dicomweb", stow_url=f"{up.url}{up.dicomweb_root}/studies", timeout=up.read_timeout,
+            connect_timeout=up.connect_timeout,
+        )
+    return ForwardTarget(
+        via="dimse", aet=dicom.upstream.aet, host=dicom.upstream.host, port=dicom.upstream.port,
+        calling_aet=dicom.aet, timeout=max(30.0, up.read_timeout), connect_timeout=up.connect_timeout,
+    )
+
+
+class DicomComponent:
+    def __init__(self, gateway: Host) -> None:
+        self.gateway = gateway
+        settings = gateway.settings
+        self.settings = s = settings.dicom
+        self.bridge = LuaBridge(gateway.lua, timeout=settings.lua.timeout_ms / 1000.0 + 5.0,
+                                fail_open=settings.lua.fail_open)
+        self.spool = Spool(s.spool_folder)
+        self.target = forward_target(gateway)
+        self.hook = gateway.hooks.get(InstanceStored)
+        self.hook.forwarded_as = s.aet if s.port and self.target.via == "dimse" else None
+        self._metrics(gateway)
+        self.forwarder = Forwarder(
+            self.spool, self.target, concurrency=s.forward_concurrency, retry=s.forward_retry,
+            max_retry=s.forward_max_retry, max_attempts=s.forward_max_attempts, on_stored=self._on_stored,
+            on_failed=self._on_failed, session_factory=self._session,
+        )
+        self.store = StoreService(self.bridge, self.spool, self.forwarder.enqueue, self.counters)
+        self.limits = Limits(
+            artim=s.artim_seconds, max_associations=s.max_associations, max_per_address=s.max_connections_per_address,
+            max_connections=s.max_connections, max_pdu=MAX_PDU,
+        )
+        self.qr = QueryRetrieveAe(s, self.bridge, self.store, max_associations=s.max_associations,
+                                  artim=s.artim_seconds, idle=300.0)
+        self.dispatcher = Dispatcher(s, self.limits, self.bridge, self.store, self.spool, self.qr,
+                                     max_dataset=s.max_dataset_mb << 20)
+        self.acceptor = Acceptor(s.host, s.port, self.limits, self.dispatcher)
+        self.started = False
+
+    def _metrics(self, gateway: Host) -> None:
+        metrics = gateway.metrics
+        self.m_forwarded = metrics.counter("dicomproxy_dicom_forwarded_total", "Instances the PACS accepted")
+        self.m_failed = metrics.counter(
+            "dicomproxy_dicom_forward_failed_total", "Instances the PACS refused for good (moved to failed/)"
+        )
+        self.counters = {
+            "received": metrics.counter("dicomproxy_dicom_received_total", "C-STORE instances accepted and spooled"),
+            "rejected": metrics.counter("dicomproxy_dicom_rejected_total", "C-STORE instances refused by a script"),
+            "store_errors": metrics.counter("dicomproxy_dicom_store_errors_total", "C-STORE failures (bad data, disk)"),
+            "store_seconds": metrics.histogram(
+                "dicomproxy_dicom_store_seconds",
+                "Seconds to answer a C-STORE, from the complete dataset to the status (parse, scripts, spool fsync)",
+                buckets=DICOM_BUCKETS,
+            ),
+        }
+        self.m_forward_seconds = metrics.histogram(
+            "dicomproxy_dicom_forward_seconds",
+            "Seconds from an instance's reception to the PACS's acceptance (spool wait and retries included)",
+            buckets=FORWARD_BUCKETS,
+        )
+        metrics.gauge("dicomproxy_dicom_spool_depth", "Instances waiting in the spool", func=lambda: self.spool.depth)
+        metrics.gauge("dicomproxy_dicom_failed_folder", "Instances in the spool's failed folder",
+                      func=lambda: self.spool.failed_count)
+        metrics.gauge("dicomproxy_dicom_associations", "Established DICOM associations (Dicom:MaxAssociations)",
+                      func=lambda: self.acceptor.admission.associations)
+        metrics.gauge("dicomproxy_dicom_connections", "Open DICOM connections (Dicom:MaxConnections)",
+                      func=lambda: self.acceptor.admission.connections)
+
+    async def _session(self) -> Any:
+        return await self.gateway.upstream.session()
+
+    # -- component ------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self.settings.port == 0:
+            log.info("DICOM side is off (Dicom:Port is 0)")
+            return
+        self.store.loop = asyncio.get_running_loop()
+        recovered = await asyncio.to_thread(self.spool.open)
+        await self.forwarder.start(recovered)
+        await self.qr.start()
+        await self.acceptor.start()
+        self.started = True
+        s = self.settings
+        log.info("DICOM AE %s listening on %s:%d", s.aet, s.host, self.acceptor.port)
+
+    async def stop(self) -> None:
+        if not self.started:
+            return
+        await self.acceptor.stop()
+        threads = self.dispatcher.stop()
+        await asyncio.to_thread(_join, threads)
+        await self.qr.stop()
+        await self.forwarder.stop()
+        await asyncio.to_thread(self.store.close)
+        self.spool.close()
+        self.started = False
+
+    # -- health ---------------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        s = self.settings
+        if s.port == 0:
+            return {"ok": True, "enabled": False}
+        f = self.forwarder
+        listening = self.acceptor.listening and self.qr.listening
+        admission = self.acceptor.admission
+        return {
+            "ok": listening and f.retrying == 0,
+            "enabled": True,
+            "listening": f"{s.aet}@{s.host}:{self.acceptor.port}" if listening else "",
+            "upstream": self.target.describe(),
+            "forwardVia": self.target.via,
+            "spoolDepth": self.spool.depth,
+            "failed": self.spool.failed_count,
+            "forwarded": f.forwarded,
+            "retrying": f.retrying > 0,
+            "lastForwardError": f.last_error,
+            "lastForwardErrorAt": _iso(f.last_error_at),
+            "activeAssociations": admission.associations,
+            "openConnections": admission.connections,
+        }
+
+    # -- forwarder callbacks (event loop) -------------------------------------------------
+    async def _on_stored(self, entry: SpoolEntry, result: ForwardResult, read: DatasetReader) -> None:
+        self.m_forwarded.inc()
+        self.m_forward_seconds.observe(max(0.0, time.time() - entry.received))
+        assoc = {k: entry.origin.get(k, "") for k in ("CallingAE", "CalledAE", "RemoteIp")}
+        assoc["RemotePort"] = entry.origin.get("RemotePort", 0)
+        if self.gateway.lua.defines("onInstanceStored"):
+            info = {
+                **entry.info(),
+                "Status": result.status,
+                "StatusText": result.status_text,
+                "ForwardVia": result.via,
+                "Upstream": self.target.describe(),
+                "Attempts": entry.attempts,
+                "RetrieveURL": result.retrieve_url,
+            }
+            try:
+                await self.gateway.lua.dispatch("onInstanceStored", info, assoc)
+            except Exception as e:
+                log.error("onInstanceStored failed: %s", e)
+        if self.hook.wanted:
+            await self.hook.emit(StoredInstance(
+                sop_instance=entry.sop_instance, sop_class=entry.sop_class, study=entry.study, series=entry.series,
+                patient_id=entry.patient_id, transfer_syntax=entry.transfer_syntax, origin=assoc,
+                received=entry.received, via=result.via, status=result.status, instance_id=result.instance_id,
+                read=read,
+            ))
+
+    def _on_failed(self, entry: SpoolEntry, reason: str) -> None:
+        self.m_failed.inc()
+        self.gateway.bus.emit(
+            "forward.failed",
+            f"Forwarding failed: {entry.sop_instance}",
+            f"{reason}. From {entry.origin.get('CallingAE', '?')}, study {entry.study}; the instance is kept in "
+            f"{self.spool.failed_dir}.",
+            "/dicomproxy/ui",
+            sop_instance=entry.sop_instance,
+            study=entry.study,
+            reason=reason,
+        )
+
+
+def _join(threads: list[Any]) -> None:
+    for t in threads:
+        t.join(timeout=5)
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts)) if ts else ""

@@ -1,0 +1,294 @@
+"""The two drivers of :class:`.association.Association`: the same protocol object on a
+blocking socket driven by one thread, or on asyncio streams.
+
+* :class:`SocketAssociation`: blocking reads and writes on the calling thread. The storage
+  acceptor's fast path: a C-STORE is read, spooled and answered on one thread with no hand-off
+  (each hop between threads or to the event loop costs ~0.3 ms here, see ``storage_scp.py``).
+* :class:`StreamAssociation`: asyncio, either role. The requestor of the forwarder and of the
+  ``send`` command, and what an event-loop acceptor (a relay mode) would use.
+
+Both read one whole PDU at a time into a buffer of its announced length (after
+:meth:`Association.check_header` has accepted that length), hand it to the protocol object,
+write what it queued, and close the connection when it reaches Sta1. A read waits at most until
+the ARTIM deadline while ARTIM runs; otherwise the blocking driver waits ``idle`` seconds (then
+raises :class:`IdleTimeout`: aborting is the caller's decision) and the asyncio one as long as
+its caller's timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import Callable
+
+from dicomproxy.dicom.ul import pdu as pdus
+from dicomproxy.dicom.ul.association import (
+    AssociateAccepted,
+    AssociateRejected,
+    Association,
+    Indication,
+    Role,
+)
+from dicomproxy.dicom.ul.errors import AssociationAborted, AssociationRejected, UpperLayerError
+from dicomproxy.dicom.ul.pdu import HEADER_SIZE, InvalidPdu
+
+
+class IdleTimeout(UpperLayerError):
+    """Nothing arrived for the idle time while no timer of the protocol ran."""
+
+
+# --------------------------------------------------------------------------- blocking
+class SocketAssociation:
+    """An association on a blocking socket (one thread reads and writes)."""
+
+    def __init__(
+        self, core: Association, sock: socket.socket, *, idle: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.core = core
+        self.sock = sock
+        self.idle = idle
+        self.clock = clock
+        self._header = bytearray(HEADER_SIZE)
+        self._timeout_set: float | None = None
+        sock.setblocking(True)
+
+    def _set_timeout(self, timeout: float) -> None:
+        """``settimeout`` is a system call (FIONBIO) every time: only when the value changes."""
+        if timeout != self._timeout_set:
+            self.sock.settimeout(timeout)
+            self._timeout_set = timeout
+
+    def flush(self) -> None:
+        out = self.core.outgoing()
+        if out:
+            self._set_timeout(self.idle)
+            try:
+                self.sock.sendall(b"".join(out) if len(out) > 1 else out[0])
+            except OSError:
+                self._closed()
+        if self.core.closed:
+            self.close()
+
+    def receive(self) -> Indication | None:
+        """Read and handle one PDU (or the connection's end, or ARTIM's); raise
+        :class:`IdleTimeout` after ``idle`` seconds of silence outside ARTIM."""
+        core = self.core
+        try:
+            header = self._header
+            if not self._read_into(memoryview(header)):
+                return self._closed()
+            pdu_type, length = pdus.parse_header(header)
+            try:
+                core.check_header(pdu_type, length)
+            except InvalidPdu as e:
+                indication = core.invalid(e, self.clock())
+                self.flush()
+                return indication
+            buf = bytearray(HEADER_SIZE + length)
+            buf[:HEADER_SIZE] = header
+            if not self._read_into(memoryview(buf)[HEADER_SIZE:]):
+                return self._closed()
+            indication = core.receive(pdu_type, memoryview(buf), self.clock())
+        except TimeoutError:
+            if core.artim_deadline is None:
+                raise IdleTimeout(f"no PDU for {self.idle:.0f} s") from None
+            indication = core.artim_expired(self.clock())
+        except OSError:
+            return self._closed()
+        self.flush()
+        return indication
+
+    def _timeout(self) -> float:
+        deadline = self.core.artim_deadline
+        if deadline is None:
+            return self.idle
+        left = deadline - self.clock()
+        if left <= 0:
+            raise TimeoutError
+        return left
+
+    def _read_into(self, view: memoryview) -> bool:
+        got = 0
+        while got < len(view):
+            self._set_timeout(self._timeout())
+            k = self.sock.recv_into(view[got:])
+            if k == 0:
+                return False
+            got += k
+        return True
+
+    def _closed(self) -> Indication | None:
+        indication = self.core.connection_closed(self.clock())
+        self.close()
+        return indication
+
+    def send_pdata(self, encoded: list[bytes | memoryview]) -> None:
+        self.core.send_data(encoded, self.clock())
+        self.flush()
+
+    def release_response(self) -> None:
+        self.core.release_response(self.clock())
+        self.flush()
+
+    def abort(self) -> None:
+        self.core.abort(self.clock())
+        self.flush()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def shutdown(self) -> None:
+        """From another thread: end a blocked read (the owning thread then sees the close)."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+
+# --------------------------------------------------------------------------- asyncio
+class StreamAssociation:
+    """An association on asyncio streams; :meth:`request` opens one as the requestor."""
+
+    def __init__(
+        self,
+        core: Association,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        label: str,
+    ) -> None:
+        self.core = core
+        self.reader = reader
+        self.writer = writer
+        self.label = label
+        self._loop = asyncio.get_running_loop()
+
+    @classmethod
+    async def request(
+        cls, host: str, port: int, rq: pdus.A_ASSOCIATE_RQ, *, timeout: float, artim: float = 30.0
+    ) -> tuple[StreamAssociation, pdus.A_ASSOCIATE_AC]:
+        """Connect, send ``rq``, wait (``timeout``) for the answer; raise
+        :class:`AssociationRejected` or another :class:`UpperLayerError`."""
+        label = f"{rq.called_ae_title.strip()}@{host}:{port}"
+        loop = asyncio.get_running_loop()
+        core = Association(Role.REQUESTOR, artim=artim, max_pdu=0)
+        core.request_association(rq, loop.time())
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        except (TimeoutError, OSError) as e:
+            raise UpperLayerError(f"cannot connect to {label}: {e or 'timeout'}") from None
+        link = cls(core, reader, writer, label=label)
+        ok = False
+        try:
+            core.connection_confirmed(loop.time())
+            link.flush()
+            answer = await link.receive(timeout)
+            if isinstance(answer, AssociateAccepted):
+                ok = True
+                return link, answer.pdu
+            if isinstance(answer, AssociateRejected):
+                raise AssociationRejected(label, answer.result, answer.source, answer.reason)
+            raise AssociationAborted(f"{label} aborted the association request ({_why(answer)})")
+        except TimeoutError:
+            raise UpperLayerError(f"{label} did not answer the association request within {timeout:g} s") from None
+        finally:
+            if not ok:
+                link.close()
+
+    @property
+    def is_open(self) -> bool:
+        return self.core.established and not self.writer.is_closing()
+
+    def flush(self) -> None:
+        out = self.core.outgoing()
+        if out:
+            self.writer.writelines(out)
+        if self.core.closed:
+            self.close()
+
+    async def drain(self, timeout: float) -> None:
+        await asyncio.wait_for(self.writer.drain(), timeout)
+
+    async def receive(self, timeout: float | None = None) -> Indication | None:
+        """Read and handle one PDU. While ARTIM runs its deadline bounds the read; else
+        ``timeout`` does (``TimeoutError``), or nothing when it is None (the caller's own
+        deadline, e.g. a DIMSE operation's, bounds it)."""
+        core = self.core
+        deadline = core.artim_deadline
+        if deadline is None and timeout is None:
+            return await self._receive()
+        wait = (deadline - self._loop.time()) if deadline is not None else (timeout or 0.0)
+        try:
+            async with asyncio.timeout(max(wait, 0.0)):
+                return await self._receive()
+        except TimeoutError:
+            if deadline is None:
+                raise
+            indication = core.artim_expired(self._loop.time())
+            self.flush()
+            return indication
+
+    async def _receive(self) -> Indication | None:
+        core = self.core
+        try:
+            header = await self.reader.readexactly(HEADER_SIZE)
+            pdu_type, length = pdus.parse_header(header)
+            try:
+                core.check_header(pdu_type, length)
+            except InvalidPdu as e:
+                indication = core.invalid(e, self._loop.time())
+                self.flush()
+                return indication
+            body = await self.reader.readexactly(length)
+        except (OSError, asyncio.IncompleteReadError):
+            indication = core.connection_closed(self._loop.time())
+            self.close()
+            return indication
+        indication = core.receive(pdu_type, memoryview(header + body), self._loop.time())
+        self.flush()
+        return indication
+
+    def send_pdata(self, encoded: list[bytes | memoryview]) -> None:
+        self.core.send_data(encoded, self._loop.time())
+        self.flush()
+
+    def release_response(self) -> None:
+        """Answer the peer's A-RELEASE-RQ; the connection closes when the peer closes it."""
+        self.core.release_response(self._loop.time())
+        self.flush()
+
+    async def release(self, timeout: float = 5.0) -> None:
+        """A-RELEASE (requestor); closes the connection whatever the peer does."""
+        if not self.core.established:
+            self.close()
+            return
+        try:
+            self.core.release(self._loop.time())
+            self.flush()
+            async with asyncio.timeout(timeout):
+                while not self.core.closed:
+                    await self.receive(timeout)
+        except (TimeoutError, OSError):
+            pass
+        finally:
+            self.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.writer.wait_closed(), 1.0)
+
+    def abort(self) -> None:
+        """A-ABORT and close (no wait for the peer: the requestor's connection is its own)."""
+        self.core.abort(self._loop.time())
+        out = self.core.outgoing()
+        with contextlib.suppress(Exception):
+            self.writer.writelines(out)
+        self.close()
+        self.core.connection_closed(self._loop.time())
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _why(indication: Indication | None) -> str:
+    detail = getattr(indication, "detail", "")
+    return str(detail) if detail else "no reason given"

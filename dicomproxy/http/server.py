@@ -1,0 +1,206 @@
+"""The HTTP server's front line: limits on what a client may hold before the app sees a request.
+
+uvicorn's httptools protocol, as it comes, buffers a request head of any size (a 100 MB header
+block, a 60 MB URL and 2 MiB headers were accepted here, RSS 75 -> 238 MB), gives a new
+connection forever to send its head (1,100 connections dripping a header byte every 10 s were
+never closed, and at the default ``LimitNOFILE`` of 1024 the DICOM side then failed C-STOREs
+with 0xA700 for want of a file descriptor), and accepts connections without bound. Those are
+decided before any ASGI code runs, so they are enforced here, in a subclass of uvicorn's own
+protocol (the parser and the request/response cycle stay uvicorn's):
+
+* the head (request line + headers) is capped at ``Server:MaxHeadBytes`` (431) and the URL at
+  ``Server:MaxUrlBytes`` (414), counted on the raw bytes as they arrive, so the parser never
+  holds more than the cap plus one socket read;
+* the head must arrive within ``Server:HeadTimeoutSeconds`` of the connection opening or of the
+  first byte of the next request on a kept-alive connection (408, then close);
+* past ``Server:MaxConnections`` open connections a new one gets 503 at once and is closed; the
+  cap is lowered to what the process's file-descriptor limit allows after keeping
+  ``Server:ReservedFileDescriptors`` for the spool, the DICOM side and the upstream pool
+  (:func:`connection_budget`).
+
+What it costs the hot path: one integer addition and comparison per socket read while a head
+is arriving, and a timer per request head (uvicorn arms one per response for keep-alive too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+from dataclasses import dataclass
+from typing import Any
+
+import httptools
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HeadLimits:
+    max_head_bytes: int = 64 * 1024
+    max_url_bytes: int = 8 * 1024
+    head_timeout: float = 20.0
+    max_connections: int = 1000
+
+
+_REASONS = {408: b"Request Timeout", 414: b"URI Too Long", 431: b"Request Header Fields Too Large",
+            503: b"Service Unavailable"}
+
+
+class _Refused(Exception):
+    """Raised from a parser callback to stop parsing; the status is on the protocol."""
+
+
+def raise_file_limit() -> tuple[int, int]:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit (systemd and Docker give a soft 1024 and
+    a far higher hard limit); returns the (soft, hard) limits in force afterwards."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard and hard != resource.RLIM_INFINITY:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as e:  # pragma: no cover - a container may forbid it
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, e)
+    return soft, hard
+
+
+def connection_budget(max_connections: int, reserved: int, file_limit: int) -> int:
+    """How many HTTP connections may be open at once, given the file-descriptor limit."""
+    allowed = file_limit - reserved
+    if allowed < max_connections:
+        log.warning(
+            "Server:MaxConnections is %d but the open-file limit is %d and %d are reserved "
+            "(Server:ReservedFileDescriptors) for the spool, the DICOM side and the upstream pool: "
+            "at most %d HTTP connections will be served. Raise LimitNOFILE (systemd) or --ulimit nofile "
+            "(Docker) to serve more.", max_connections, file_limit, reserved, max(allowed, 1))
+    return max(1, min(max_connections, allowed))
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the limits of the module docstring.
+
+    ``limits`` is set on the class by :func:`protocol_class` (uvicorn builds the protocol from
+    its config and passes no extra arguments).
+    """
+
+    limits: HeadLimits = HeadLimits()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._in_head = True  # waiting for (the rest of) a request head
+        self._head_bytes = 0  # raw bytes received while a head is due (bounds what the parser holds)
+        self._head_size = 0  # the parsed head's size (URL + headers), for heads that come in one read
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._refusal = 0
+
+    # -- connection ---------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.limits.max_connections:
+            log.warning("refusing a connection from %s: %d connections open (Server:MaxConnections)",
+                        self.client[0] if self.client else "?", len(self.connections) - 1)
+            self._refuse(503, close_only=False)
+            return
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._unset_keepalive_if_required()
+        if self._in_head:
+            if self._head_timer is None:
+                self._arm_head_timer()
+            self._head_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:  # as uvicorn does
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return
+        except httptools.HttpParserError:
+            if self._refusal:
+                self._refuse(self._refusal)
+                return
+            self.logger.warning("Invalid HTTP request received.")
+            self.send_400_response("Invalid HTTP request received.")
+            return
+        if self._in_head and self._head_bytes > self.limits.max_head_bytes:
+            self._refuse(431)
+
+    # -- parser callbacks -----------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+        self._head_size = 0
+
+    def on_url(self, url: bytes) -> None:
+        super().on_url(url)
+        if len(self.url) > self.limits.max_url_bytes:
+            self._refusal = 414
+            raise _Refused
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        super().on_header(name, value)
+        self._head_size += len(name) + len(value) + 4
+
+    def on_headers_complete(self) -> None:
+        if self._head_size + len(self.url) > self.limits.max_head_bytes:  # a whole head in one read
+            self._refusal = 431
+            raise _Refused
+        self._in_head = False
+        self._head_bytes = 0
+        self._cancel_head_timer()
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_head = True  # what comes next is the next request's head; its timer starts with its first byte
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _arm_head_timer(self) -> None:
+        self._head_timer = self.loop.call_later(self.limits.head_timeout, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing() or not self._in_head:
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            self._arm_head_timer()  # a pipelined head waits while the answer before it streams
+            return
+        if self._head_bytes:
+            log.info("closing a connection from %s: no complete request head within %g s "
+                     "(Server:HeadTimeoutSeconds)", self.client[0] if self.client else "?", self.limits.head_timeout)
+            self._refuse(408)
+        else:
+            self.transport.close()
+
+    def _refuse(self, status: int, close_only: bool = False) -> None:
+        """Answer ``status`` with a one-line body and close; the app never sees the request."""
+        self._cancel_head_timer()
+        self._in_head = False
+        if status in (414, 431):
+            what = "URL" if status == 414 else "request head"
+            setting = "Server:MaxUrlBytes" if status == 414 else "Server:MaxHeadBytes"
+            log.info("refused a %s from %s over %s", what, self.client[0] if self.client else "?", setting)
+        if not close_only and not self.transport.is_closing():
+            body = _REASONS[status] + b"\n"
+            self.transport.write(
+                b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n"
+                b"connection: close\r\n\r\n%s" % (status, _REASONS[status], len(body), body)
+            )
+        self.transport.close()
+
+
+def protocol_class(limits: HeadLimits) -> type[GuardedHttpToolsProtocol]:
+    """A protocol class for ``uvicorn.Config(http=...)`` bound to ``limits``."""
+    return type("GatewayHttpProtocol", (GuardedHttpToolsProtocol,), {"limits": limits})

@@ -1,0 +1,70 @@
+"""An in-process DICOM port for unit tests: the acceptor, the dispatcher and the storage SCP with a
+real spool in a tmp folder, no Lua, no forwarding (enqueued entries are collected)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dicomproxy.config.settings import DicomSettings, load_settings
+from dicomproxy.dicom.dispatch import Dispatcher
+from dicomproxy.dicom.qr.ae import QueryRetrieveAe
+from dicomproxy.dicom.session import LuaBridge
+from dicomproxy.dicom.spool import Spool, SpoolEntry
+from dicomproxy.dicom.store import StoreService
+from dicomproxy.dicom.ul.acceptor import Acceptor, Limits
+
+
+@dataclass
+class Stack:
+    settings: DicomSettings
+    spool: Spool
+    acceptor: Acceptor
+    dispatcher: Dispatcher
+    entries: list[SpoolEntry] = field(default_factory=list)
+
+    @property
+    def port(self) -> int:
+        return self.acceptor.port
+
+
+@asynccontextmanager
+async def dicom_stack(tmp: Path, *, max_dataset: int = 0, limits: Limits | None = None,
+                      **dicom: Any) -> AsyncIterator[Stack]:
+    config = tmp / "appsettings.json"
+    config.write_text("{}")
+    overrides = {"Dicom": {"SpoolFolder": str(tmp / "spool"), **dicom}}
+    settings = load_settings(config, environ={}, overrides=overrides).dicom
+    spool = Spool(settings.spool_folder, fsync=False)
+    spool.open()
+    bridge = LuaBridge(None)
+    entries: list[SpoolEntry] = []
+    store = StoreService(bridge, spool, entries.append)
+    store.loop = asyncio.get_running_loop()
+    limits = limits or Limits(artim=2.0)
+    qr = QueryRetrieveAe(settings, bridge, store, max_associations=4, artim=2.0, idle=10.0)  # not started
+    dispatcher = Dispatcher(settings, limits, bridge, store, spool, qr, max_dataset=max_dataset)
+    acceptor = Acceptor("127.0.0.1", 0, limits, dispatcher)
+    await acceptor.start()
+    stack = Stack(settings, spool, acceptor, dispatcher, entries)
+    try:
+        yield stack
+    finally:
+        await acceptor.stop()
+        await asyncio.to_thread(lambda: [t.join(5) for t in dispatcher.stop()])
+        store.close()
+        spool.close()
+
+
+async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait for ``condition`` to hold (polling); fail after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(0.02)

@@ -1,0 +1,137 @@
+"""The metrics facade over prometheus_client (dicomproxy/metrics.py); the text is read back with
+prometheus_client's own parser, as a Prometheus server would. The real gateway's scrape is in
+tests/e2e/test_metrics.py."""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from dicomproxy.metrics import HOOK_BUCKETS, Metrics
+
+
+def samples(metrics: Metrics) -> list[Sample]:
+    return [s for f in text_string_to_metric_families(metrics.render().decode()) for s in f.samples]
+
+
+def value(metrics: Metrics, name: str, **labels: str) -> float:
+    found = [s.value for s in samples(metrics) if s.name == name and s.labels == labels]
+    assert len(found) == 1, (name, labels, samples(metrics))
+    return found[0]
+
+
+@pytest.fixture
+def fast_switching() -> Iterator[None]:
+    """Let threads switch every microsecond, so an unlocked read-modify-write loses increments."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(before)
+
+
+def test_large_counts_render_exactly() -> None:
+    m = Metrics()
+    c = m.counter("dicomproxy_tus_bytes_received_total", "bytes")
+    c.inc(1_234_568)
+    c.inc(2**53 - 1_234_569)  # the largest integer a float holds exactly
+    assert "dicomproxy_tus_bytes_received_total 9.007199254740991e+15" in m.render().decode()
+    assert value(m, "dicomproxy_tus_bytes_received_total") == 2**53 - 1
+    one = Metrics()
+    one.counter("x_total", "x").inc(1_234_568)
+    assert "x_total 1.234568e+06" in one.render().decode()
+
+
+def test_labelled_counters_keep_their_names_and_labels() -> None:
+    m = Metrics()
+    c = m.counter("dicomproxy_proxy_requests_total", "by status class", labels=("status",))
+    c.inc(status="2xx")
+    c.inc(status="2xx")
+    c.inc(3, status="5xx")
+    assert value(m, "dicomproxy_proxy_requests_total", status="2xx") == 2
+    assert value(m, "dicomproxy_proxy_requests_total", status="5xx") == 3
+    with pytest.raises(ValueError, match="Incorrect label names"):
+        c.inc(kind="x")
+    with pytest.raises(ValueError, match="missing label values"):
+        c.inc()
+
+
+def test_many_threads_incrementing_lose_nothing(fast_switching: None) -> None:
+    m = Metrics()
+    plain = m.counter("plain_total", "p")
+    labelled = m.counter("labelled_total", "l", labels=("outcome",))
+    hist = m.histogram("h_seconds", "h", buckets=(0.5, 1.0))
+    threads, per_thread = 8, 20_000
+    start = threading.Barrier(threads)
+
+    def work() -> None:
+        start.wait()
+        for _ in range(per_thread):
+            plain.inc()
+            labelled.inc(outcome="sent")
+            hist.observe(0.25)
+
+    pool = [threading.Thread(target=work) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    total = threads * per_thread
+    assert value(m, "plain_total") == total
+    assert value(m, "labelled_total", outcome="sent") == total
+    assert value(m, "h_seconds_count") == total
+    assert value(m, "h_seconds_sum") == total * 0.25
+
+
+def test_histograms_have_buckets_sum_and_count() -> None:
+    m = Metrics()
+    h = m.histogram("dicomproxy_lua_hook_seconds", "hooks", labels=("callback",), buckets=HOOK_BUCKETS)
+    for seconds in (0.0002, 0.003, 0.003, 20.0):
+        h.observe(seconds, callback="onHttpRequest")
+    name = "dicomproxy_lua_hook_seconds"
+    assert value(m, f"{name}_bucket", callback="onHttpRequest", le="0.00025") == 1
+    assert value(m, f"{name}_bucket", callback="onHttpRequest", le="0.005") == 3
+    assert value(m, f"{name}_bucket", callback="onHttpRequest", le="10.0") == 3
+    assert value(m, f"{name}_bucket", callback="onHttpRequest", le="+Inf") == 4
+    assert value(m, f"{name}_count", callback="onHttpRequest") == 4
+    assert value(m, f"{name}_sum", callback="onHttpRequest") == pytest.approx(20.0062)
+
+
+def test_gauge_probes_are_read_at_scrape_and_a_broken_one_does_not_break_it(caplog: pytest.LogCaptureFixture) -> None:
+    m = Metrics()
+    depth = [3]
+    m.gauge("dicomproxy_dicom_spool_depth", "spool", lambda: depth[0])
+    m.gauge("broken", "b", lambda: 1 / 0)
+    assert value(m, "dicomproxy_dicom_spool_depth") == 3
+    depth[0] = 7
+    assert value(m, "dicomproxy_dicom_spool_depth") == 7
+    assert math.isnan(value(m, "broken"))
+    assert "metric broken: its probe failed: division by zero" in caplog.text
+    g = m.gauge("set_by_hand", "s")
+    g.set(5)
+    g.inc(2)
+    g.dec()
+    assert value(m, "set_by_hand") == 6
+
+
+def test_declaring_twice_returns_the_first_and_a_clash_is_an_error() -> None:
+    m = Metrics()
+    first = m.counter("a_total", "a", labels=("x",))
+    assert m.counter("a_total", "again", labels=("x",)) is first
+    with pytest.raises(ValueError, match=r"a_total is already declared as a counter with labels \('x',\)"):
+        m.counter("a_total", "a", labels=("y",))
+    with pytest.raises(ValueError, match="now asked for a gauge"):
+        m.gauge("a_total", "a", labels=("x",))
+
+
+def test_each_metrics_object_has_its_own_registry() -> None:
+    one, two = Metrics(), Metrics()
+    one.counter("same_total", "s").inc()
+    two.counter("same_total", "s").inc(5)
+    assert value(one, "same_total") == 1
+    assert value(two, "same_total") == 5
