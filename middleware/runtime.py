@@ -180,11 +180,20 @@ def _lua_print(engine: LuaEngine, text: Any = "") -> None:
     log.info("[%s %s] %s", engine.name, Path(engine.script).name, text)
 
 
+def _full_mode_only(engine: LuaEngine, name: str) -> None:
+    """The standard library binds these two only in full-library mode, and no script reaches the
+    private exports; this refuses them anyway should a way to them ever open."""
+    if not engine.full_libraries:
+        raise LuaExportError(f"{name} is available in full-library mode only")
+
+
 async def _lua_shell(engine: LuaEngine, command: Any = None) -> tuple[str, int]:
+    _full_mode_only(engine, "os.execute")
     return await shell.shell(command, hidden_env=engine.hidden_env)
 
 
 async def _lua_popen(engine: LuaEngine, command: Any = None, mode: Any = "r", data: Any = None) -> tuple[Any, ...]:
+    _full_mode_only(engine, "io.popen")
     cap = engine.max_memory_mb * 1024 * 1024 or 64 * 1024 * 1024
     return await shell.popen(command, mode, data, hidden_env=engine.hidden_env, max_output=cap)
 
@@ -274,6 +283,7 @@ class LuaEngine:
         self.memory_setting = memory_setting
         self.max_memory_mb = max_memory_mb
         self.hidden_env = hidden_env.upper()
+        self.full_libraries = full_libraries
         self.script: str = ""
         self.lua = lupa.LuaRuntime(
             unpack_returned_tuples=True,

@@ -104,7 +104,8 @@ def make_gateway(tmp_path_factory: pytest.TempPathFactory, orthanc: OrthancServe
     gateway = GatewayProcess(
         tmp_path_factory.mktemp("gw-sandbox-full" if full else "gw-sandbox"), orthanc=orthanc,
         settings={"Dicom": {"Port": 0},
-                  "Lua": {"TimeoutMs": int(BUDGET_S * 1000), "MaxMemoryMB": 128, "FullLibraries": full}},
+                  "Lua": {"TimeoutMs": int(BUDGET_S * 1000), "MaxMemoryMB": 128, "FullLibraries": full},
+                  "Smtp": {"Security": "StartTls"}},  # (a password never sent in plain text: the config check)
         scripts={"main.lua": main_script()},
         env={"DICOMPROXY__Smtp__Password": SECRET},
     )

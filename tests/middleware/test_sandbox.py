@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dicomproxy_middleware import Export, LuaEngine, LuaError, LuaTimeoutError, Watchdog
+from dicomproxy_middleware import Export, LuaEngine, LuaError, LuaExportError, LuaTimeoutError, Watchdog
 from dicomproxy_middleware.runtime import lupa
 
 
@@ -327,3 +327,12 @@ def test_full_mode_budget_ends_the_program(full_engine: LuaEngine) -> None:
     while time.monotonic() < deadline and marker in os.popen("ps -eo args").read():
         time.sleep(0.05)
     assert marker not in os.popen("ps -eo args").read(), "the program outlived its call"
+
+
+def test_the_private_program_exports_refuse_in_the_default_mode(default_engine: LuaEngine) -> None:
+    """os.execute and io.popen are bound only in full-library mode, and no script reaches the
+    private exports behind them; called anyway (as a way to them would), they refuse."""
+    for name, args in (("_Shell", ("true",)), ("_Popen", ("true", "r", None))):
+        export = default_engine.exports[name]
+        with pytest.raises(LuaExportError, match="full-library mode only"):
+            asyncio.run(export.func(default_engine, *args))
