@@ -167,12 +167,14 @@ class Export:
     ``is_async``: ``func`` is a coroutine function; the script's coroutine yields while it runs.
     ``pass_engine``: ``func`` receives the calling :class:`LuaEngine` as its first argument.
     ``raw``: arguments are passed as lupa objects, not converted to Python dicts/lists.
+    ``label``: how its errors name it (``SharedDict:get`` for the private ``_SharedGet``); default its name.
     """
 
     func: Callable[..., Any]
     is_async: bool = False
     pass_engine: bool = False
     raw: bool = False
+    label: str = ""
 
 
 def _lua_print(engine: LuaEngine, text: Any = "") -> None:
@@ -380,19 +382,19 @@ class LuaEngine:
         try:
             return (True, *self._results(export.func(*self._args(export, args))))
         except LuaExportError as e:
-            return (False, f"{name}: {e}")
+            return (False, f"{export.label or name}: {e}")
         except Exception as e:
             log.exception("export %s failed", name)
-            return (False, f"{name}: {type(e).__name__}: {e}")
+            return (False, f"{export.label or name}: {type(e).__name__}: {e}")
 
     def _py_start(self, name: str, *args: Any) -> int:
         export = self.exports[name]
         self._next += 1
         token = self._next
         try:
-            self._pending[token] = _named(name, export.func(*self._args(export, args)))
+            self._pending[token] = _named(export.label or name, export.func(*self._args(export, args)))
         except Exception as e:  # bad arguments: fail at the await, with the message
-            self._pending[token] = _failed(name, e)
+            self._pending[token] = _failed(export.label or name, e)
         return token
 
     # ------------------------------------------------------------------ loading and calling

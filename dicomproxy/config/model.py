@@ -123,6 +123,11 @@ class LuaSettings(Section):
         "TaskMaxRestarts", 3,
         "a task found `running` at start-up more often than this (the process died under it each time) is "
         "quarantined as failed")
+    shared_dict_max_keys: Annotated[int, Whole(1)] = key(
+        "SharedDictMaxKeys", 10000, "most entries in `SharedDict` (data shared by every engine)")
+    shared_dict_max_mb: Annotated[float, Number(above=0)] = key(
+        "SharedDictMaxMB", 16, "most megabytes in `SharedDict` (keys, values, 64 bytes per entry); when full, `set` "
+        "evicts the least recently used entries, `add` and `incr` answer `nil, \"no memory\"`")
     scripts_root: Path = internal(Path("lua"))  # ExtraConfig:ScriptsRoot
 
     @property

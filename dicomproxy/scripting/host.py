@@ -33,9 +33,11 @@ from dicomproxy.commands import Commands
 from dicomproxy.config.settings import ENV_PREFIX, Settings
 from dicomproxy.notify.events import EventBus
 from dicomproxy.scripting import exports
+from dicomproxy.scripting.shared import SHARED_DICT_LUA, MemoryStore, SharedDictExports, SharedStore
 from dicomproxy.tasks import TaskQueue
 
 log = logging.getLogger("dicomproxy.scripting")
+MiB = 1 << 20
 
 
 class ScriptHost:
@@ -76,9 +78,18 @@ class ScriptHost:
         )
         self.add_export("LuaBackgroundWorker", exports.background_worker(tasks, lua.scripts_root))
         self.add_export("InternalCmdRun", commands.run, is_async=True)
+        self.shared: SharedStore = MemoryStore(lua.shared_dict_max_keys, int(lua.shared_dict_max_mb * MiB))
+        self._bind_shared_dict(SharedDictExports(self.shared))
         tasks.register("lua", self._run_task)
 
     # ------------------------------------------------------------------ setup
+    def _bind_shared_dict(self, shared: SharedDictExports) -> None:
+        """``SharedDict`` in every engine: private exports and the Lua table of methods over them."""
+        for name in ("get", "set", "add", "incr", "delete", "keys"):
+            export = Export(getattr(shared, name), label=f"SharedDict:{name}")
+            self.scripts.add_export(f"_Shared{name.capitalize()}", export)
+        self.add_lua(SHARED_DICT_LUA, "SharedDict")
+
     def add_export(
         self, name: str, func: Callable[..., Any], *, is_async: bool = False, pass_engine: bool = False,
         raw: bool = False,
@@ -150,7 +161,7 @@ class ScriptHost:
             "scriptsRoot": str(self.settings.lua.scripts_root),
             "scripts": scripts,
             "lastError": next((s["error"] for s in scripts if s.get("error")), None),
-            "exports": sorted(self.scripts.exports),
+            "exports": sorted(name for name in self.scripts.exports if not name.startswith("_")),
         }
 
     # ------------------------------------------------------------------ background engines
