@@ -343,6 +343,33 @@ class ScriptSet:
         else:  # the script changed while this one loaded
             engine.release()
 
+    async def execute(
+        self, source: str | bytes, chunkname: str,
+        during: Callable[[LuaEngine], contextlib.AbstractContextManager[Any]] | None = None,
+    ) -> tuple[Any, ...]:
+        """Run ``source`` in the singleton engine, among its globals (Orthanc's ``/tools/execute-script``),
+        under the engine's time budget: what it defines stays for later calls, and a callback it
+        defines takes effect at once, until main.lua is next reloaded. Without a main.lua, a blank
+        singleton engine is made for it (and kept until one appears). Held under the reload lock,
+        so it never runs in an engine being replaced. ``during(engine)``: a context held around the run
+        (the gateway collects what the script prints with it)."""
+        async with self._lock:
+            engine = self.singleton
+            if engine is None:
+                engine = self.new_engine("singleton")
+                engine.script = str(self.singleton_state.path)
+                self.singleton = engine
+            fn = engine.compile(source, chunkname)
+            try:
+                with during(engine) if during is not None else contextlib.nullcontext():
+                    return await engine.run(fn)
+            finally:
+                callbacks = self._callbacks(engine)
+                if callbacks != self.singleton_state.callbacks:
+                    log.info("%s: the singleton's callbacks are now %s", chunkname,
+                             ", ".join(sorted(callbacks)) or "none")
+                self.singleton_state.callbacks = callbacks
+
     # ------------------------------------------------------------------ events
     def defines(self, callback: str) -> bool:
         return callback in self.singleton_state.callbacks or callback in self.transient_state.callbacks

@@ -517,6 +517,14 @@ class OrthancSettings(Section):
         "LuaHeartBeatPeriod", 0, "`OnHeartBeat` every N seconds (Orthanc's `LuaHeartBeatPeriod`); `0`: off")
     poll_interval: Annotated[float, Number(minimum=0.05)] = key(
         "PollIntervalSeconds", 1, "how often the PACS's `/changes` (and `/jobs`) are read for the `On*` callbacks")
+    execute_lua_enabled: Annotated[bool, Flag()] = key(
+        "ExecuteLuaEnabled", False,
+        "`POST /tools/execute-script` runs its body in the singleton engine (Orthanc's `ExecuteLuaEnabled`), for "
+        "users with the `admin` role only; `false`: the route goes to the PACS like any other")
+    execute_lua_anonymous: Annotated[bool, Flag()] = key(
+        "ExecuteLuaAllowAnonymous", False,
+        "with no `Authentication` configured, let anyone who reaches the gateway run `/tools/execute-script` "
+        "(otherwise refused: 403); only for a gateway nobody else can reach")
 
 
 class LoggingSettings(Section):

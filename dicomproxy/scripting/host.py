@@ -11,6 +11,7 @@ All Lua runs on the event-loop thread. Other threads (the DICOM side) use
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -127,6 +128,14 @@ class ScriptHost:
     def _script_failed(self, path: Path, message: str) -> None:
         self.bus.emit("script.failed", f"Script failed to load: {path.name}", message, "/dicomproxy/ui",
                       script=str(path))
+
+    async def execute(
+        self, source: str | bytes, chunkname: str,
+        during: Callable[[LuaEngine], contextlib.AbstractContextManager[Any]] | None = None,
+    ) -> tuple[Any, ...]:
+        """Run ``source`` in the singleton engine, keeping its globals (``/tools/execute-script``);
+        ``during(engine)`` is held around the run."""
+        return await self.scripts.execute(source, chunkname, during)
 
     # ------------------------------------------------------------------ events
     def defines(self, callback: str) -> bool:

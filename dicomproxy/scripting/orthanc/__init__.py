@@ -45,12 +45,13 @@ from dicomproxy.scripting.orthanc.changes import (
     origin_from_metadata,
 )
 from dicomproxy.scripting.orthanc.dicom_stored import DicomForwarded
+from dicomproxy.scripting.orthanc.execute_script import PATH as EXECUTE_PATH
+from dicomproxy.scripting.orthanc.execute_script import ExecuteScript, LuaPrinter
 from dicomproxy.scripting.orthanc.http_filter import OrthancHttpFilter
 from dicomproxy.scripting.orthanc.luajson import dump_json, parse_json, print_recursive
 from dicomproxy.scripting.orthanc.pacs import Pacs, PacsError, orthanc_id
 
 log = logging.getLogger("dicomproxy.orthanc")
-lua_log = logging.getLogger("dicomproxy.lua")
 
 __all__ = ["OrthancLayer", "install", "orthanc_id"]
 
@@ -111,11 +112,6 @@ SHIM_FUNCTIONS = ("RestApiGet", "RestApiPost", "RestApiPut", "RestApiDelete", "H
 
 REST_NAMES = {"GET": "RestApiGet", "POST": "RestApiPost", "PUT": "RestApiPut", "DELETE": "RestApiDelete"}
 HTTP_NAMES = {"GET": "HttpGet", "POST": "HttpPost", "PUT": "HttpPut", "DELETE": "HttpDelete"}
-
-
-def lua_print(engine: LuaEngine, text: Any = "") -> None:
-    """``print(...)`` as in Orthanc: a log line (INFO) rather than the process's stdout."""
-    lua_log.info("[%s %s] Lua says: %s", engine.name, engine.script.rsplit("/", 1)[-1], text)
 
 
 def _body(data: Any, latin1: Any) -> bytes | None:
@@ -288,6 +284,7 @@ class OrthancLayer:
         self.host = gateway.lua
         self.pacs = Pacs(gateway.upstream)
         self.http = LuaHttp(gateway.upstream.client)
+        self.printer = LuaPrinter()
         self.lua_stored = LuaStored()
         self.pump = EventPump(self.host)
         self.deletions = Deletions(self.pacs, self.host, self.pump)
@@ -314,7 +311,7 @@ class OrthancLayer:
         host.add_export("_OrthancRestApi", self.rest_api, is_async=True)
         host.add_export("_OrthancHttp", self.http.request, is_async=True, pass_engine=True)
         host.add_export("_OrthancParseJson", parse_json)
-        host.add_export("_OrthancPrint", lua_print, pass_engine=True)
+        host.add_export("_OrthancPrint", self.printer, pass_engine=True)
         host.add_export("DumpJson", dump_json, pass_engine=True, raw=True)
         host.add_export("PrintRecursive", print_recursive, pass_engine=True, raw=True)
         host.add_export("SetHttpCredentials", self.http.set_credentials, pass_engine=True)
@@ -331,6 +328,9 @@ class OrthancLayer:
         self.gateway.add_middleware(lambda app: OrthancHttpFilter(app, host, self.deletions, fail_open=fail_open))
         self.gateway.add_component(self.events)
         self.gateway.add_health("orthanc", self.events.health)
+        if self.settings.orthanc.execute_lua_enabled:
+            self.gateway.mount(EXECUTE_PATH, ExecuteScript(
+                host, self.printer, allow_anonymous=self.settings.orthanc.execute_lua_anonymous))
 
     # -- RestApi* -------------------------------------------------------------------------
     async def rest_api(self, method: Any, uri: Any, data: Any = None, latin1: Any = False, headers: Any = None) -> Any:
