@@ -57,6 +57,7 @@ from dicomproxy.config.fields import (
     section,
 )
 from dicomproxy.config.tree import ConfigTree, public_view
+from dicomproxy.uids import root_problem
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -467,6 +468,17 @@ class DicomSettings(Section):
         "MaxDatasetMB", 4096, "largest data set one C-STORE may send; a larger one aborts the association "
         "(nothing is kept). Data sets are streamed to the spool as they arrive, so memory does not grow with "
         "their size")
+    uid_root: Annotated[str, Text()] = key(
+        "UidRoot", "", "the root of the UIDs `NewUid()` makes (your organisation's, e.g. `1.2.826.0.1.3680043.10.999`, "
+        "at most 33 characters); empty: UUID-derived `2.25.` UIDs (PS3.5 B.2)")
+
+    @model_validator(mode="after")
+    def _valid_uid_root(self) -> DicomSettings:
+        problem = root_problem(self.uid_root) if self.uid_root else None
+        if problem is not None:
+            raise PydanticCustomError(VALUE_ERROR, "{expected}", {
+                "expected": f"a UID root (digits and dots, PS3.5 9.1) but {problem}", "key": "UidRoot"})
+        return self
 
 
 class SmtpSettings(Section):

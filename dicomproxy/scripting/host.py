@@ -36,6 +36,7 @@ from dicomproxy.notify.events import EventBus
 from dicomproxy.scripting import exports
 from dicomproxy.scripting.shared import SHARED_DICT_LUA, MemoryStore, SharedDictExports, SharedStore
 from dicomproxy.tasks import TaskQueue
+from dicomproxy.uids import new_uid
 
 log = logging.getLogger("dicomproxy.scripting")
 MiB = 1 << 20
@@ -79,6 +80,7 @@ class ScriptHost:
         )
         self.add_export("LuaBackgroundWorker", exports.background_worker(tasks, lua.scripts_root))
         self.add_export("InternalCmdRun", commands.run, is_async=True)
+        self.add_export("NewUid", functools.partial(new_uid, settings.dicom.uid_root))
         self.shared: SharedStore = MemoryStore(lua.shared_dict_max_keys, int(lua.shared_dict_max_mb * MiB))
         self._bind_shared_dict(SharedDictExports(self.shared))
         tasks.register("lua", self._run_task)

@@ -31,7 +31,9 @@ from urllib.parse import quote
 
 import httpx
 from dicomproxy_middleware import LuaEngine, LuaError, LuaExportError
+from pydicom.datadict import dictionary_VR
 
+from dicomproxy.dicom import datasets
 from dicomproxy.dicom.hooks import InstanceStored
 from dicomproxy.host import Host
 from dicomproxy.scripting.orthanc.changes import (
@@ -112,6 +114,28 @@ SHIM_FUNCTIONS = ("RestApiGet", "RestApiPost", "RestApiPut", "RestApiDelete", "H
 
 REST_NAMES = {"GET": "RestApiGet", "POST": "RestApiPost", "PUT": "RestApiPut", "DELETE": "RestApiDelete"}
 HTTP_NAMES = {"GET": "HttpGet", "POST": "HttpPost", "PUT": "HttpPut", "DELETE": "HttpDelete"}
+
+
+def _check_uid_replacements(replace: dict[str, Any]) -> None:
+    """A ``ModifyInstance`` replacement of a UI element must be a UID (PS3.5 9.1): refused before
+    the PACS is asked, naming the tag and the value."""
+    for key, value in replace.items():
+        try:
+            tag = datasets.parse_key(key)
+        except datasets.TableError:
+            continue  # a name the PACS may know and we do not: it answers for it
+        if _dictionary_vr(tag) == "UI":
+            try:
+                datasets.check_uids(key, value)
+            except datasets.TableError as e:
+                raise LuaExportError(f"replacement {e}") from None
+
+
+def _dictionary_vr(tag: Any) -> str:
+    try:
+        return str(dictionary_VR(tag))
+    except KeyError:
+        return ""
 
 
 def _body(data: Any, latin1: Any) -> bytes | None:
@@ -404,6 +428,7 @@ class OrthancLayer:
         payload: dict[str, Any] = {"Force": True}  # Orthanc's Lua modifications allow manual identifiers
         if isinstance(replacements, dict) and replacements:
             payload["Replace"] = {str(k): _tag_value(v) for k, v in replacements.items()}
+            _check_uid_replacements(payload["Replace"])
         if removals:
             payload["Remove"] = [str(v) for v in _as_list(removals)]
         if remove_private:
