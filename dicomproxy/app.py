@@ -51,7 +51,8 @@ class Gateway:
         self.audit = AuditTrail(settings, self.bus, self.metrics)
         self.commands = Commands()
         self.hooks = Hooks()
-        self.tasks = TaskQueue(settings.data_folder / "tasks", workers=settings.lua.background_workers, bus=self.bus)
+        self.tasks = TaskQueue(settings.data_folder / "tasks", workers=settings.lua.background_workers, bus=self.bus,
+                               max_restarts=settings.lua.task_max_restarts)
         hook_seconds = self.metrics.histogram(
             "dicomproxy_lua_hook_seconds", "Seconds a Lua callback ran (awaits included), by callback",
             labels=("callback",), buckets=HOOK_BUCKETS,

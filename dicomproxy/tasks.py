@@ -5,6 +5,12 @@ under ``<DataFolder>/tasks/``, written atomically (temp file + rename + fsync) *
 ``submit`` returns, so a task accepted is a task that will run: after a crash, tasks still
 ``queued`` or ``running`` are queued again at start-up (a task may therefore run twice if the
 process died while it ran; handlers are written to be safe to repeat).
+
+A task found ``running`` at start-up was interrupted by the process ending (a graceful stop puts
+it back to ``queued``). One that ends the process itself (``os.exit`` in its Lua, a crash in a
+native module) would be re-run at every start and kill the gateway each time, so a task found
+``running`` more than ``max_restarts`` times (``Lua:TaskMaxRestarts``) is quarantined instead:
+``failed``, with the reason, and a ``task.failed`` event.
 """
 
 from __future__ import annotations
@@ -50,11 +56,14 @@ def visible_to(task: dict[str, Any], user: str | None, admin: bool) -> bool:
 
 
 class TaskQueue:
-    def __init__(self, folder: Path, *, workers: int = 2, bus: EventBus | None = None, keep: int = 500) -> None:
+    def __init__(
+        self, folder: Path, *, workers: int = 2, bus: EventBus | None = None, keep: int = 500, max_restarts: int = 3
+    ) -> None:
         self.folder = Path(folder)
         self.workers = max(1, workers)
         self.bus = bus
         self.keep = keep
+        self.max_restarts = max_restarts
         self._handlers: dict[str, Handler] = {}
         self._tasks: dict[str, dict[str, Any]] = {}
         self._queue: asyncio.Queue[str] | None = None
@@ -89,12 +98,31 @@ class TaskQueue:
                 continue
             self._tasks[task["id"]] = task
         for task in sorted(self._tasks.values(), key=lambda t: t["created"]):
-            if task["state"] in (QUEUED, RUNNING):
-                if task["state"] == RUNNING:
-                    log.warning("task %s (%s) was running when the process stopped; running it again",
-                                task["id"], task["title"])
+            if task["state"] == RUNNING:
+                task["restarts"] = task.get("restarts", 0) + 1
+                if task["restarts"] > self.max_restarts:
+                    self._quarantine(task)
+                    continue
+                log.warning("task %s (%s) was running when the process stopped (%d of %d restarts); running it "
+                            "again", task["id"], task["title"], task["restarts"], self.max_restarts)
                 task["state"] = QUEUED
+                self._save(task)
+            if task["state"] == QUEUED:
                 self._pending_before_start.append(task["id"])
+
+    def _quarantine(self, task: dict[str, Any]) -> None:
+        """A task the process died under more than ``max_restarts`` times: failed, never re-run."""
+        message = (
+            f"the gateway stopped {task['restarts']} times while this task ran (it may end the process: os.exit, "
+            f"a crash); quarantined after {self.max_restarts} restarts (Lua:TaskMaxRestarts). Submit it again "
+            "once the cause is fixed"
+        )
+        task.update(state=FAILED, finished=time.time(), error=message)
+        self._save(task)
+        log.error("task %s (%s) quarantined: %s", task["id"], task["title"], message)
+        if self.bus is not None:
+            self.bus.emit("task.failed", f"Task quarantined: {task['title']}", message, "/dicomproxy/tasks",
+                          task_id=task["id"])
 
     # ------------------------------------------------------------------ API
     def submit(self, kind: str, args: dict[str, Any], title: str = "", owner: str | None = None) -> str:
@@ -117,6 +145,7 @@ class TaskQueue:
             "result": None,
             "error": None,
             "attempts": 0,
+            "restarts": 0,
             "owner": owner,
         }
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from .runtime import (
     LuaLibrary,
     LuaMemoryError,
     LuaTimeoutError,
+    Watchdog,
     compile_chunk,
 )
 from .scripts import Dispatch, EngineOptions, ScriptSet, TransientScope
@@ -33,6 +34,7 @@ __all__ = [
     "LuaTimeoutError",
     "ScriptSet",
     "TransientScope",
+    "Watchdog",
     "call_request_hook",
     "call_response_hook",
     "check_header",

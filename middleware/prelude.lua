@@ -1,47 +1,60 @@
--- Runs first in every Lua runtime. Installs the time budget, the await bridge and safe
--- wrappers, binds the exports, then hides itself: scripts only see the wrapped globals.
+-- Runs first in every Lua runtime. Installs the time budget, the await bridge and the standard
+-- library as scripts may use it (sandbox.lua, inserted below), binds the exports, then hides
+-- itself: scripts only see the wrapped globals. What scripts can and cannot do is the README's
+-- "Lua trust model"; the reasons for each choice are next to the code that makes it.
 --
--- Why wrappers: the time budget is enforced by a count hook that raises BUDGET. A script's own
--- pcall/xpcall/coroutine.resume would catch it and loop forever, so those are wrapped to
--- re-raise BUDGET. Hooks are per coroutine in Lua 5.4, so every coroutine gets one.
+-- The budget: a count hook (every hook_count VM instructions) raises BUDGET once the deadline
+-- has passed; the watchdog (watchdog.py) makes the hook fire at once when an instruction is slow.
+-- Once raised, BUDGET is sticky: `expired` stays set until the next call starts, and everything
+-- that can catch an error (pcall, xpcall, coroutine.resume/wrap/close, load) raises BUDGET again
+-- when it is set, so no script can swallow it, not even by replacing the error in a __close
+-- handler or by failing inside an xpcall message handler. Hooks are per Lua thread: every thread
+-- a script runs on gets one (the workers below, and coroutines the script creates).
 --
 -- A transient engine runs this once per request, so it is written to be cheap: Python loads it
 -- as bytecode with everything the engine needs in one call (each Lua/Python crossing costs
 -- ~1-3 us) and gets back a single entry function; the HTTP objects create their methods lazily.
 --
--- Arguments: py_now, hook_count, py_call, py_start, cpath_prefix, path_prefix, then name, value
--- pairs of globals. The exports and the setup Lua are not arguments: build_prelude (runtime.py)
--- writes them into this source at the two markers below and compiles the whole once, so an
--- engine gets them as bytecode constants (each string or object made per engine costs ~1 us).
-local py_now, hook_count, py_call, py_start, cpath_prefix, path_prefix = ...
+-- Arguments: py_now, hook_count, py_call, py_start, py_thread, full, mem_cap, script_root,
+-- path_prefix, native_path, hidden_env, then name, value pairs of globals. The exports and the
+-- setup Lua are not arguments: build_prelude (runtime.py) writes them into this source at the
+-- markers below and compiles the whole once, so an engine gets them as bytecode constants (each
+-- string or object made per engine costs ~1 us).
+local py_now, hook_count, py_call, py_start, py_thread, full, mem_cap, script_root, path_prefix, native_path,
+  hidden_env = ...
 
 local G = _G
-local sethook = debug.sethook
-local co_create, co_resume, co_yield, co_status = coroutine.create, coroutine.resume, coroutine.yield,
-    coroutine.status
+local sethook, raw_getinfo, raw_getmetatable = debug.sethook, debug.getinfo, debug.getmetatable
+local co_create, co_resume, co_yield, co_status, co_close, co_running = coroutine.create, coroutine.resume,
+  coroutine.yield, coroutine.status, coroutine.close, coroutine.running
 local raw_pcall, raw_xpcall, raw_error, raw_setmetatable = pcall, xpcall, error, setmetatable
 local getmetatable, tostring, type, select, rawget, rawset = getmetatable, tostring, type, select, rawget, rawset
 local pack, unpack = table.pack, table.unpack
 local traceback = debug.traceback
-local next, load = next, load
+local next, load, raw_collectgarbage, raw_print = next, load, collectgarbage, print
 
-local deadline = math.huge
+local deadline, expired = math.huge, false
 local BUDGET = raw_setmetatable({}, { __tostring = function() return "script ran past its time budget" end })
 local TOKEN = {}
 
 local function hook()
-  if py_now() > deadline then raw_error(BUDGET, 0) end
+  if py_now() > deadline then
+    expired = true
+    raw_error(BUDGET, 0)
+  end
 end
 
+local function budget_error() expired = true raw_error(BUDGET, 0) end
+
 local function rethrow(ok, ...)
-  if not ok and (...) == BUDGET then raw_error(BUDGET, 0) end
+  if expired or (not ok and (...) == BUDGET) then budget_error() end
   return ok, ...
 end
 
 pcall = function(f, ...) return rethrow(raw_pcall(f, ...)) end
 xpcall = function(f, handler, ...)
   return rethrow(raw_xpcall(f, function(e)
-    if e == BUDGET then return e end
+    if e == BUDGET or expired then return BUDGET end
     return handler(e)
   end, ...))
 end
@@ -52,70 +65,123 @@ local function new_coroutine(f)
   return co
 end
 
+-- The threads a script runs on are reported to Python (py_thread) so that the watchdog can reach
+-- them, and forgotten while Lua still holds them: a worker until it is retired, a coroutine of
+-- the script from its first resume in a call to the end of that call (owned[worker] keeps it
+-- alive meanwhile). Never from a finalizer: one that calls into Python while Python's collector
+-- tears the runtime down reaches a freed object (measured: a segfault).
+local current  -- the worker running the call in progress (set by start and RESUME)
+local owned = {}  -- worker -> { [coroutine] = its name as reported }
+
+local function track(co)
+  local t = owned[current]
+  if not t then
+    t = {}
+    owned[current] = t
+  end
+  if not t[co] then
+    local name = tostring(co)
+    py_thread(name, true)
+    t[co] = name
+  end
+end
+
+local function release_owned(w)
+  local t = owned[w]
+  if t then
+    owned[w] = nil
+    for _, name in next, t do py_thread(name, false) end
+  end
+end
+
 -- A script's own coroutine that awaits I/O: pass the await token up to the driver and hand the
 -- answer back down, so HttpGet & co work inside user coroutines too (as OpenResty does).
 local function forward(co, res)
   while res[1] and co_status(co) == "suspended" and getmetatable(res[2]) == TOKEN do
     res = pack(co_resume(co, co_yield(res[2])))
   end
-  if not res[1] and res[2] == BUDGET then raw_error(BUDGET, 0) end
+  if expired or (not res[1] and res[2] == BUDGET) then budget_error() end
   return unpack(res, 1, res.n)
 end
 
-coroutine.create = new_coroutine
-coroutine.resume = function(co, ...) return forward(co, pack(co_resume(co, ...))) end
-coroutine.wrap = function(f)
-  local co = new_coroutine(f)
-  return function(...)
-    local res = pack(coroutine.resume(co, ...))
-    if not res[1] then raw_error(res[2], 0) end
-    return unpack(res, 2, res.n)
-  end
-end
-
+-- ------------------------------------------------------------------ the driver
+-- Calls run on worker threads (coroutines that loop: run a job, yield JOB_END with its results,
+-- wait for the next), reused from call to call: no thread to make or to report per call. A
+-- worker waiting on I/O is kept under an id (Lua threads never cross into Python). Each call
+-- returns "await", token, thread_id | "done", ok, values... | "budget" | "error", message
 local function on_error(e)
-  if e == BUDGET then return BUDGET end
-  if type(e) ~= "string" then e = tostring(e) end
+  if e == BUDGET or expired then return BUDGET end
+  if type(e) ~= "string" then
+    local ok, text = raw_pcall(tostring, e)  -- may run a __tostring: here, under the hook
+    e = ok and type(text) == "string" and text or "(error object is a " .. type(e) .. " value)"
+  end
   return traceback(e, 2)
 end
 
--- ------------------------------------------------------------------ the driver
--- Calls run as budgeted coroutines until they yield or end (Lua threads never cross into
--- Python: a suspended one is kept here under an id). Each returns
--- "await", token, thread_id | "done", ok, values... | "budget" | "error", message
+local JOB_END = {}
+local workers = {}  -- the worker threads (hidden from scripts), until retired
+local idle, nidle = {}, 0
 local threads, next_id = {}, 0
 
-local function finish(id, co, ok, ...)
-  if not ok then
-    threads[id] = nil
-    if (...) == BUDGET then return "budget" end
-    return "error", tostring((...))
-  end
-  if co_status(co) == "suspended" then
-    local token = ...
-    if getmetatable(token) == TOKEN then
-      threads[id] = co
-      return "await", token.id, id
-    end
-    threads[id] = nil
-    return "error", "coroutine.yield called outside a coroutine the script created"
-  end
-  threads[id] = nil
-  local fine, err = ...
-  if fine then return "done", ... end
-  if err == BUDGET then return "budget" end
-  return "done", false, tostring(err)
+local function worker_loop(f, ...)
+  return worker_loop(co_yield(JOB_END, raw_xpcall(f, on_error, ...)))
 end
 
-local function body(f, ...) return raw_xpcall(f, on_error, ...) end
+local function new_worker()
+  local w = co_create(worker_loop)
+  sethook(w, hook, "", hook_count)
+  workers[w] = true
+  return w
+end
+
+local function get_worker()
+  if nidle == 0 then
+    local w = new_worker()
+    py_thread(tostring(w), true)
+    return w
+  end
+  local w = idle[nidle]
+  idle[nidle], nidle = nil, nidle - 1
+  return w
+end
+
+local function retire(w)
+  release_owned(w)
+  py_thread(tostring(w), false)
+  workers[w] = nil
+end
+
+local function job_end(w, fine, ...)
+  if owned[w] then release_owned(w) end
+  if nidle < 4 then nidle = nidle + 1 idle[nidle] = w else retire(w) end
+  if expired or (not fine and (...) == BUDGET) then return "budget" end
+  return "done", fine, ...
+end
+
+-- Runs on the main thread (no hook): only the prelude's own code, never a script's metamethod.
+local function finish(id, w, ok, what, ...)
+  threads[id] = nil
+  if not ok then  -- the worker itself failed (an error outside the job's xpcall)
+    retire(w)
+    if expired or what == BUDGET then return "budget" end
+    return "error", type(what) == "string" and what or "(error object is a " .. type(what) .. " value)"
+  end
+  if what == JOB_END then return job_end(w, ...) end
+  if getmetatable(what) == TOKEN and co_status(w) == "suspended" then
+    threads[id] = w
+    return "await", what.id, id
+  end
+  retire(w)  -- left suspended in the middle of a job: never reused
+  return "error", "coroutine.yield called outside a coroutine the script created"
+end
+
 local function unbudgeted(...) deadline = math.huge return ... end
 
 local function start(until_, f, ...)
-  local co = new_coroutine(body)
+  local w = get_worker()
   next_id = next_id + 1
-  local id = next_id
-  deadline = until_
-  return finish(id, co, unbudgeted(co_resume(co, f, ...)))
+  deadline, expired, current = until_, false, w
+  return finish(next_id, w, unbudgeted(co_resume(w, f, ...)))
 end
 
 -- ------------------------------------------------------------------ exports
@@ -168,7 +234,8 @@ local TOKEN_CHARS = "^[%w!#$%%&'*+%-.^_`|~]+$"
 local HOP = { connection = true, ["keep-alive"] = true, ["proxy-authenticate"] = true,
   ["proxy-authorization"] = true, te = true, trailer = true, ["transfer-encoding"] = true, upgrade = true }
 local lower, tconcat, tointeger, tonumber = string.lower, table.concat, math.tointeger, tonumber
-local utf8len, gsub, format, char = utf8.len, string.gsub, string.format, string.char
+local utf8len, gsub, format, char, match, find = utf8.len, string.gsub, string.format, string.char, string.match,
+  string.find
 local HEX = nil
 
 -- Python decodes Lua strings as UTF-8: a binary body crosses hex-encoded ("x" marker).
@@ -184,7 +251,7 @@ end
 -- Error levels name the script's line: check_* (1) < add/remove (2) < METHODS entry (3) <
 -- bound method (4) < script (5). None of these calls is a tail call, which would drop a level.
 local function check_name(k)
-  if type(k) ~= "string" or not k:match(TOKEN_CHARS) then
+  if type(k) ~= "string" or not match(k, TOKEN_CHARS) then
     raw_error("invalid header name " .. tostring(k) .. ": use letters, digits and -", 5)
   end
 end
@@ -192,7 +259,7 @@ end
 local function check_value(k, v)
   if type(v) == "number" then v = tostring(v) end
   if type(v) ~= "string" then raw_error("header " .. k .. ": value must be a string, got " .. type(v), 5) end
-  if v:find("[\r\n%z]") then raw_error("header " .. k .. ": value contains CR, LF or NUL; refused", 5) end
+  if find(v, "[\r\n%z]") then raw_error("header " .. k .. ": value contains CR, LF or NUL; refused", 5) end
   return v
 end
 
@@ -327,14 +394,13 @@ local function http_hook(until_, name, kind, scheme, method, path, query, ip, us
   local st = { primary = kind == "request" and "q" or "r", current = pack(...), ops = {}, n = 0,
     roles = roles, claims = claims }
   raw_setmetatable(obj, { __index = function(o, key) return http_index(o, st, key) end })
-  return start(until_, http_body, G[name], obj, st)
+  return start(until_, http_body, rawget(G, name), obj, st)
 end
 
--- ------------------------------------------------------------------ setup, then the entry point
-if cpath_prefix ~= "" then package.cpath = cpath_prefix .. ";" .. package.cpath end
-if path_prefix ~= "" then package.path = path_prefix .. ";" .. package.path end
+-- ------------------------------------------------------------------ the standard library, then setup
+--@SANDBOX
 --@SETUP
-for i = 7, select("#", ...), 2 do
+for i = 12, select("#", ...), 2 do
   local name, value = select(i, ...)
   G[name] = value
 end
@@ -342,27 +408,37 @@ end
 -- The GC was stopped while the engine was built (see LuaEngine): restart it with as much room
 -- to allocate as the engine holds, as Lua itself would after a full cycle. A transient engine
 -- usually ends before its first collection step; lua_close frees it all at once.
-collectgarbage("restart")
-collectgarbage("step", -math.ceil(collectgarbage("count")))
+raw_collectgarbage("restart")
+raw_collectgarbage("step", -math.ceil(raw_collectgarbage("count")))
 
--- Operations, by number (see LuaEngine in runtime.py).
-local CALL, CALL_GLOBAL, RESUME, DROP, DEFINES, HTTP, LOAD = 1, 2, 3, 4, 5, 6, 7
+-- Operations, by number (see LuaEngine in runtime.py). Global lookups here are raw: this runs on
+-- the main thread, where no hook runs, so no metamethod of a script may run here.
+local CALL, CALL_GLOBAL, RESUME, DROP, DEFINES, HTTP, LOAD, PART = 1, 2, 3, 4, 5, 6, 7, 8
 
-return function(op, a, b, ...)
-  if op == CALL_GLOBAL then return start(a, G[b], ...) end
+local function entry(op, a, b, ...)
+  if op == CALL_GLOBAL then return start(a, rawget(G, b), ...) end
   if op == HTTP then return http_hook(a, b, ...) end
   if op == CALL then return start(a, b, ...) end
   if op == RESUME then
-    local co = threads[b]
-    deadline = a
-    return finish(b, co, unbudgeted(co_resume(co, ...)))
+    local w = threads[b]
+    deadline, expired, current = a, false, w
+    return finish(b, w, unbudgeted(co_resume(w, ...)))
   end
-  if op == DROP then threads[a] = nil return end
-  if op == DEFINES then return type(G[a]) == "function" end
+  if op == DROP then
+    local w = threads[a]
+    if w then threads[a] = nil retire(w) end
+    return
+  end
+  if op == DEFINES then return type(rawget(G, a)) == "function" end
   if op == LOAD then
     local fn, err = load(b, ..., "bt")
     if not fn then return "compile", err end
     return start(a, fn)
   end
+  if op == PART then return PRIVATE.stdlib(a) end
   raw_error("unknown operation " .. tostring(op))
 end
+
+local first = new_worker()
+idle[1], nidle = first, 1
+return entry, tostring(first)

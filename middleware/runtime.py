@@ -10,25 +10,42 @@ Limits, enforced per call:
 
 * time: a count hook (every ``hook_count`` VM instructions) checks a monotonic deadline, and
   awaited exports get the remaining time. ``pcall``/``xpcall``/``coroutine.resume`` are wrapped so
-  a script cannot swallow the budget error (see ``prelude.lua``);
+  a script cannot swallow the budget error (see ``prelude.lua``); a :class:`Watchdog` makes the
+  hook fire at once when one instruction is slow (``watchdog.py``); C functions whose work the
+  script controls are bounded or done in steps the hook reaches (``sandbox.lua``);
 * memory: lupa's ``max_memory`` caps the runtime's allocator.
+
+Trust: scripts reach nothing of Python. lupa's ``python`` table is removed (``sandbox.lua``) and
+every attribute of every Python object that reaches Lua (an exception raised into a ``pcall``,
+a value an export returns) is refused by the runtime's ``attribute_filter``: from Lua a Python
+object can be called or indexed as a mapping, never walked (``f.__globals__``, ``__class__``).
+What else a script can reach is the README's "Lua trust model".
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import os
 import re
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import shell
+from .errors import LuaError, LuaExportError, LuaMemoryError, LuaTimeoutError
+from .watchdog import NO_DEADLINE, Watchdog, thread_address
+
 log = logging.getLogger("dicomproxy_middleware.lua")
+
+__all__ = ["Export", "LuaEngine", "LuaError", "LuaExportError", "LuaLibrary", "LuaMemoryError", "LuaTimeoutError",
+           "Watchdog", "build_prelude", "compile_chunk", "lupa"]
 
 
 def _import_lupa() -> Any:
@@ -47,16 +64,25 @@ def _import_lupa() -> Any:
 
 
 lupa = _import_lupa()
-_PRELUDE_SOURCE = (Path(__file__).with_name("prelude.lua")).read_text()
+_HERE = Path(__file__).parent
+_PRELUDE_SOURCE = (_HERE / "prelude.lua").read_text()
+_SANDBOX_SOURCE = (_HERE / "stdlib" / "sandbox.lua").read_text()
+STDLIB_PARTS = ("kernel", "base", "strings", "patterns", "tables", "coroutines", "chunks", "full")
 
 
-def compile_chunk(source: str, name: str) -> bytes:
-    """Compile Lua source to bytecode once, to load cheaply into many runtimes."""
+def compile_chunk(source: str, name: str, strip: bool = True) -> bytes:
+    """Compile Lua source to bytecode once, to load cheaply into many runtimes. ``strip=False``
+    keeps the line numbers (errors then say ``name:line:``)."""
     compiler = lupa.LuaRuntime(encoding=None)
     fn = compiler.globals().load(source.encode(), ("=" + name).encode(), b"t")
     if isinstance(fn, tuple):
         raise RuntimeError(f"{name} does not compile: {fn[1]!r}")
-    return bytes(compiler.globals().string.dump(fn, True))
+    return bytes(compiler.globals().string.dump(fn, strip))
+
+
+def _no_attributes(obj: Any, name: Any, is_setting: bool) -> Any:
+    """lupa's attribute_filter: no attribute of a Python object is reachable from Lua."""
+    raise AttributeError("Python attributes are not reachable from Lua scripts")
 
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -94,6 +120,7 @@ def build_prelude(
     a library is one string constant (its bytecode) and a stub per function until first used.
     Loading bytecode is ~4x cheaper than parsing the source per runtime.
     """
+    exports = with_builtins(exports)
     names = [*exports, *(f for lib in libraries for f in lib.functions)]
     for name in names:
         if not _IDENTIFIER.match(name):
@@ -110,28 +137,27 @@ def build_prelude(
         lines.append(f'local lib{i} = library({_lua_string(code)}, "={lib.name}")')
         lines.extend(f'G.{f} = lazy(lib{i}, "{f}")' for f in lib.functions)
     blocks = "\n".join(f"do\n{source}\nend" for source in setup)
+    sandbox = _SANDBOX_SOURCE
     source = _PRELUDE_SOURCE.replace("--@EXPORTS\n", "\n".join(lines) + "\n", 1)
+    source = source.replace("--@SANDBOX\n", sandbox + "\n", 1)
     return compile_chunk(source.replace("--@SETUP\n", blocks + "\n", 1), "prelude")
 
 
-class LuaError(Exception):
-    """A script failed. ``str(err)`` is ``file:line: message``; ``traceback`` has the rest."""
-
-    def __init__(self, message: str, traceback: str = "") -> None:
-        super().__init__(message)
-        self.traceback = traceback or message
-
-
-class LuaTimeoutError(LuaError):
-    """The call ran past its time budget (the engine's ``timeout_ms``)."""
+@functools.cache
+def stdlib_code(name: str) -> bytes:
+    """A part of the standard library's wrappers (``stdlib/<name>.lua``) as bytecode, loaded by an
+    engine the first time a script calls one of its functions. patterns.lua keeps its line
+    numbers: errors of native calls made there are raised again at the script's line."""
+    if name not in STDLIB_PARTS:
+        raise LuaExportError(f"no standard library part {name!r}")
+    return compile_chunk((_HERE / "stdlib" / f"{name}.lua").read_text(), name, strip=name != "patterns")
 
 
-class LuaMemoryError(LuaError):
-    """The runtime went over its memory cap (the engine's ``max_memory_mb``)."""
-
-
-class LuaExportError(Exception):
-    """Raised by an export to make a clean Lua error at the script's call site."""
+@functools.cache
+def stock_lua_path() -> str:
+    """Lua's own module path without its ``./`` entries (the current folder is nobody's choice)."""
+    path = str(lupa.LuaRuntime().eval("package.path"))
+    return ";".join(entry for entry in path.split(";") if entry and not entry.startswith("./"))
 
 
 @dataclass(frozen=True)
@@ -141,12 +167,51 @@ class Export:
     ``is_async``: ``func`` is a coroutine function; the script's coroutine yields while it runs.
     ``pass_engine``: ``func`` receives the calling :class:`LuaEngine` as its first argument.
     ``raw``: arguments are passed as lupa objects, not converted to Python dicts/lists.
+    ``label``: how its errors name it (``SharedDict:get`` for the private ``_SharedGet``); default its name.
     """
 
     func: Callable[..., Any]
     is_async: bool = False
     pass_engine: bool = False
     raw: bool = False
+    label: str = ""
+
+
+def _lua_print(engine: LuaEngine, text: Any = "") -> None:
+    """``print(...)``: a log line (INFO), not the process's stdout (a full pipe would block)."""
+    log.info("[%s %s] %s", engine.name, Path(engine.script).name, text)
+
+
+def _full_mode_only(engine: LuaEngine, name: str) -> None:
+    """The standard library binds these two only in full-library mode, and no script reaches the
+    private exports; this refuses them anyway should a way to them ever open."""
+    if not engine.full_libraries:
+        raise LuaExportError(f"{name} is available in full-library mode only")
+
+
+async def _lua_shell(engine: LuaEngine, command: Any = None) -> tuple[str, int]:
+    _full_mode_only(engine, "os.execute")
+    return await shell.shell(command, hidden_env=engine.hidden_env)
+
+
+async def _lua_popen(engine: LuaEngine, command: Any = None, mode: Any = "r", data: Any = None) -> tuple[Any, ...]:
+    _full_mode_only(engine, "io.popen")
+    cap = engine.max_memory_mb * 1024 * 1024 or 64 * 1024 * 1024
+    return await shell.popen(command, mode, data, hidden_env=engine.hidden_env, max_output=cap)
+
+
+# The exports every engine has, for the standard library's own use (private: not globals).
+BUILTIN_EXPORTS: Mapping[str, Export] = {
+    "_StdlibCode": Export(stdlib_code),
+    "_Print": Export(_lua_print, pass_engine=True),
+    "_Shell": Export(_lua_shell, is_async=True, pass_engine=True),
+    "_Popen": Export(_lua_popen, is_async=True, pass_engine=True),
+}
+
+
+def with_builtins(exports: Mapping[str, Export]) -> dict[str, Export]:
+    """``exports`` plus :data:`BUILTIN_EXPORTS` (an export of the same name wins)."""
+    return {**BUILTIN_EXPORTS, **exports}
 
 
 def _split(message: str, path: str = "") -> LuaError:
@@ -168,7 +233,7 @@ def full_chunk_path(message: str, path: str) -> str:
 
 
 # The prelude's entry operations (see the end of prelude.lua).
-CALL, CALL_GLOBAL, RESUME, DROP, DEFINES, HTTP, LOAD = range(1, 8)
+CALL, CALL_GLOBAL, RESUME, DROP, DEFINES, HTTP, LOAD, PART = range(1, 9)
 
 
 class LuaEngine:
@@ -195,12 +260,22 @@ class LuaEngine:
         search_path: str | None = None,
         prelude: bytes | None = None,
         libraries: Sequence[LuaLibrary] = (),
+        script_root: str | Path | None = None,
+        full_libraries: bool = False,
+        hidden_env: str = "",
+        watchdog: Watchdog | None = None,
         on_call: Callable[[str, float], None] | None = None,
     ) -> None:
         """``setup``: Lua sources run after the exports are bound (helpers written in Lua).
         ``prelude``: :func:`build_prelude` of ``exports``, ``setup`` and ``libraries``, when the caller keeps one
         for many engines (else it is built here). ``timeout_setting`` / ``memory_setting``: what the
         embedding application calls these two limits, named in the errors so that they say which knob to turn.
+        ``native_path``: where native modules are loaded from (``requireNative``, ``require``);
+        ``search_path``: Lua module folders searched first (``root/?.lua;root/?/init.lua``);
+        ``script_root``: the only folder ``dofile``/``loadfile`` read from (none: they read nothing);
+        ``full_libraries``: the standard library's process, file and environment functions too
+        (``sandbox.lua``); ``hidden_env``: a prefix of environment variables scripts and the programs
+        they start never see; ``watchdog``: interrupts a call past its budget mid-instruction.
         ``on_call(callback, seconds)``: told how long each named call (:meth:`call`, :meth:`run_op`) took,
         failed ones included, awaits included; unset, a call pays one attribute test for it."""
         self.name = name
@@ -208,28 +283,61 @@ class LuaEngine:
         self.timeout_ms = timeout_ms
         self.timeout_setting = timeout_setting
         self.memory_setting = memory_setting
+        self.max_memory_mb = max_memory_mb
+        self.hidden_env = hidden_env.upper()
+        self.full_libraries = full_libraries
         self.script: str = ""
         self.lua = lupa.LuaRuntime(
             unpack_returned_tuples=True,
             register_eval=False,
             register_builtins=False,
+            attribute_filter=_no_attributes,
             max_memory=max_memory_mb * 1024 * 1024 if max_memory_mb else None,
         )
         self._pending: dict[int, Awaitable[Any]] = {}
         self._next = 0
-        self.exports = exports if exports is not None else {}
+        exports = exports if exports is not None else {}
+        self.exports = exports if "_Print" in exports else with_builtins(exports)
         if prelude is None:
             prelude = build_prelude(self.exports, setup, libraries)
         flat_globals = [part for item in (globals or {}).items() for part in item]
+        # The Lua threads the script runs on (their addresses), for the watchdog; see interrupt().
+        self.lua_deadline = NO_DEADLINE  # while Lua runs a call: its deadline
+        self._threads: set[int] = set()
+        self._threads_lock = threading.Lock()
+        self._watchdog = watchdog
         # A fresh state starts with a zero GC debt, so Lua would run collection steps all
         # through the setup, over objects that all live: stopped here, restarted by the prelude
         # with room to allocate as much again before the first step (as after a full cycle).
         self.lua.nogc().__enter__()
-        self._entry = self.lua.execute(
-            prelude, time.monotonic, hook_count, self._py_call, self._py_start,
-            native_path or "", search_path or "", *flat_globals, mode="b",
+        self._entry, first_thread = self.lua.execute(
+            prelude, time.monotonic, hook_count, self._py_call, self._py_start, self._py_thread,
+            full_libraries, max_memory_mb * 1024 * 1024, str(script_root or "").rstrip("/"),
+            f"{search_path};{stock_lua_path()}" if search_path else stock_lua_path(), native_path or "",
+            self.hidden_env, *flat_globals, mode="b",
         )
+        self._threads.add(thread_address(first_thread))
+        if watchdog is not None:
+            watchdog.add(self)
         self._globals: Any = None
+
+    # ------------------------------------------------------------------ the watchdog's side
+    def _py_thread(self, name: str, add: bool) -> None:
+        """The prelude reports each Lua thread a script runs on, and forgets it before Lua may free it."""
+        address = thread_address(name)
+        with self._threads_lock:
+            if add:
+                self._threads.add(address)
+            else:
+                self._threads.discard(address)
+
+    def interrupt(self) -> None:
+        """From the watchdog's thread: make the count hook of every thread of this engine fire at
+        its next instruction (the hook then sees the deadline has passed)."""
+        if self._watchdog is None:
+            return
+        with self._threads_lock:
+            self._watchdog.poke(self._threads)
 
     @property
     def globals(self) -> Any:
@@ -274,28 +382,31 @@ class LuaEngine:
         try:
             return (True, *self._results(export.func(*self._args(export, args))))
         except LuaExportError as e:
-            return (False, f"{name}: {e}")
+            return (False, f"{export.label or name}: {e}")
         except Exception as e:
             log.exception("export %s failed", name)
-            return (False, f"{name}: {type(e).__name__}: {e}")
+            return (False, f"{export.label or name}: {type(e).__name__}: {e}")
 
     def _py_start(self, name: str, *args: Any) -> int:
         export = self.exports[name]
         self._next += 1
         token = self._next
         try:
-            self._pending[token] = _named(name, export.func(*self._args(export, args)))
+            self._pending[token] = _named(export.label or name, export.func(*self._args(export, args)))
         except Exception as e:  # bad arguments: fail at the await, with the message
-            self._pending[token] = _failed(name, e)
+            self._pending[token] = _failed(export.label or name, e)
         return token
 
     # ------------------------------------------------------------------ loading and calling
     def compile(self, source: str | bytes, chunkname: str) -> Any:
-        """Compile (text or bytecode) into a Lua function; LuaError on a syntax error."""
-        fn = self.globals.load(source, "@" + chunkname, "bt")
-        if isinstance(fn, tuple):
-            raise _split(str(fn[1]), chunkname)
-        return fn
+        """Compile (text or bytecode) into a Lua function; LuaError on a syntax error. The host's
+        own loader: it does not go through the ``load`` scripts see (which takes text only)."""
+        try:
+            return self.lua.compile(source, name="@" + chunkname, mode="bt")
+        except lupa.LuaMemoryError:
+            raise self._out_of_memory() from None
+        except lupa.LuaSyntaxError as e:
+            raise _split(str(e), chunkname) from None
 
     async def load(self, source: str | bytes, chunkname: str) -> None:
         """Compile and run a script's top level (which may await exports)."""
@@ -311,6 +422,11 @@ class LuaEngine:
 
     def defines(self, name: str) -> bool:
         return bool(self._entry(DEFINES, name))
+
+    def stdlib_part(self, name: str) -> Any:
+        """The table of functions of ``stdlib/<name>.lua`` in this engine (loaded if need be), for
+        tests that call the wrappers' slow paths directly."""
+        return self._entry(PART, name)
 
     async def call(self, name: str, *args: Any, timeout_ms: int | None = None) -> tuple[Any, ...]:
         """Call global function ``name``; returns all its return values (lupa objects)."""
@@ -341,10 +457,15 @@ class LuaEngine:
         """The first step of a call under its budget: (what Lua returned, deadline, budget in s)."""
         budget = (self.timeout_ms if timeout_ms is None else timeout_ms) / 1000.0
         deadline = time.monotonic() + budget if budget > 0 else math.inf
+        previous, self.lua_deadline = self.lua_deadline, deadline
+        if self._watchdog is not None:
+            self._watchdog.wake_for(deadline)
         try:
             return self._entry(op, deadline, *args), deadline, budget
         except lupa.LuaMemoryError:
             raise self._out_of_memory() from None
+        finally:
+            self.lua_deadline = previous
 
     async def _run(self, op: int, timeout_ms: int | None, *args: Any) -> tuple[Any, ...]:
         r, deadline, budget = self._enter(op, timeout_ms, *args)
@@ -370,7 +491,7 @@ class LuaEngine:
             while r[0] == "await":
                 tid = r[2]
                 send = await self._await(r[1], deadline)
-                r = self._entry(RESUME, deadline, tid, *send)
+                r = self._resume(deadline, tid, send)
             tid = 0
             return r
         except lupa.LuaMemoryError:
@@ -379,12 +500,21 @@ class LuaEngine:
             if tid and self._entry is not None:
                 self._entry(DROP, tid)
 
+    def _resume(self, deadline: float, tid: int, send: tuple[Any, ...]) -> Any:
+        previous, self.lua_deadline = self.lua_deadline, deadline
+        if self._watchdog is not None:
+            self._watchdog.wake_for(deadline)
+        try:
+            return self._entry(RESUME, deadline, tid, *send)
+        finally:
+            self.lua_deadline = previous
+
     def _outcome(self, r: Any, budget: float) -> tuple[Any, ...]:
         """The values of a finished call, or the error it ended with."""
         status = r if isinstance(r, str) else r[0]
         if status == "done":
             if r[1]:
-                return r[2:]
+                return tuple(r[2:])
             raise self._script_error(str(r[2]))
         if status == "budget":
             raise LuaTimeoutError(
@@ -441,6 +571,9 @@ class LuaEngine:
         counting free the runtime at once.
         """
         self.close()
+        with self._threads_lock:  # lua_close frees every thread: the watchdog must not reach one
+            self._threads.clear()
+            self._watchdog = None
         self._entry = self._globals = self.lua = None
 
 

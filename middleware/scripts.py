@@ -21,7 +21,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .runtime import Export, LuaEngine, LuaError, LuaLibrary, build_prelude, full_chunk_path, lupa
+from .runtime import (
+    Export,
+    LuaEngine,
+    LuaError,
+    LuaLibrary,
+    Watchdog,
+    build_prelude,
+    full_chunk_path,
+    lupa,
+    with_builtins,
+)
 
 log = logging.getLogger("dicomproxy_middleware.lua")
 
@@ -38,6 +48,12 @@ class EngineOptions:
     # What the embedding application calls the two limits; errors name them.
     timeout_setting: str = "timeout_ms"
     memory_setting: str = "max_memory_mb"
+    # The standard library's process, file and environment functions too (see sandbox.lua).
+    full_libraries: bool = False
+    # Environment variables scripts and the programs they start never see (a name prefix).
+    hidden_env: str = ""
+    # How often the watchdog looks for a call past its budget (seconds); 0 turns it off.
+    watchdog_interval: float = 0.01
 
 
 @dataclass
@@ -100,7 +116,7 @@ class ScriptSet:
         to it (a latency histogram, say); None costs nothing."""
         self.root = Path(root)
         self.on_call = on_call
-        self.exports: dict[str, Export] = dict(exports or {})
+        self.exports: dict[str, Export] = with_builtins(exports or {})
         self.globals: dict[str, Any] = dict(globals or {})
         self.options = options or EngineOptions()
         self.reload_interval = reload_interval
@@ -120,6 +136,8 @@ class ScriptSet:
         self._refilling = False
         self._watcher: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        interval = self.options.watchdog_interval
+        self.watchdog = Watchdog(lupa, interval) if interval > 0 else None
 
     # ------------------------------------------------------------------ engines
     def new_engine(self, name: str) -> LuaEngine:
@@ -135,6 +153,10 @@ class ScriptSet:
             memory_setting=self.options.memory_setting,
             search_path=f"{self.root}/?.lua;{self.root}/?/init.lua",
             prelude=self.prelude,
+            script_root=self.root,
+            full_libraries=self.options.full_libraries,
+            hidden_env=self.options.hidden_env,
+            watchdog=self.watchdog,
             on_call=self.on_call,
         )
 
@@ -175,6 +197,8 @@ class ScriptSet:
         for engine in self._pool:
             engine.release()
         self._pool.clear()
+        if self.watchdog is not None:
+            self.watchdog.stop()
 
     async def _watch(self) -> None:
         while True:
@@ -329,6 +353,33 @@ class ScriptSet:
             self._schedule_refill()
         else:  # the script changed while this one loaded
             engine.release()
+
+    async def execute(
+        self, source: str | bytes, chunkname: str,
+        during: Callable[[LuaEngine], contextlib.AbstractContextManager[Any]] | None = None,
+    ) -> tuple[Any, ...]:
+        """Run ``source`` in the singleton engine, among its globals (Orthanc's ``/tools/execute-script``),
+        under the engine's time budget: what it defines stays for later calls, and a callback it
+        defines takes effect at once, until main.lua is next reloaded. Without a main.lua, a blank
+        singleton engine is made for it (and kept until one appears). Held under the reload lock,
+        so it never runs in an engine being replaced. ``during(engine)``: a context held around the run
+        (the gateway collects what the script prints with it)."""
+        async with self._lock:
+            engine = self.singleton
+            if engine is None:
+                engine = self.new_engine("singleton")
+                engine.script = str(self.singleton_state.path)
+                self.singleton = engine
+            fn = engine.compile(source, chunkname)
+            try:
+                with during(engine) if during is not None else contextlib.nullcontext():
+                    return await engine.run(fn)
+            finally:
+                callbacks = self._callbacks(engine)
+                if callbacks != self.singleton_state.callbacks:
+                    log.info("%s: the singleton's callbacks are now %s", chunkname,
+                             ", ".join(sorted(callbacks)) or "none")
+                self.singleton_state.callbacks = callbacks
 
     # ------------------------------------------------------------------ events
     def defines(self, callback: str) -> bool:

@@ -34,6 +34,8 @@ def test_non_python_files_are_package_data() -> None:
     assert "*.lua" in data["dicomproxy_middleware"]
     lua = sorted(p.name for p in (ROOT / "middleware").glob("*.lua"))
     assert lua == ["prelude.lua"]
+    assert "stdlib/*.lua" in data["dicomproxy_middleware"]  # the standard library's wrappers
+    assert not [p for p in (ROOT / "middleware" / "stdlib").rglob("*") if p.is_dir()], "stdlib/*.lua does not recurse"
     assert "ui/static/*" in data["dicomproxy"]
     static = ROOT / "dicomproxy" / "ui" / "static"
     assert not [p for p in static.rglob("*") if p.is_dir()], "package-data ui/static/* does not recurse"

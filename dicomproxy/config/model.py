@@ -60,6 +60,7 @@ from dicomproxy.config.fields import (
     section,
 )
 from dicomproxy.config.tree import ConfigTree, public_view
+from dicomproxy.uids import root_problem
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -117,6 +118,20 @@ class LuaSettings(Section):
     native_path: Annotated[str, Text()] = key(
         "NativePath", "/usr/lib/x86_64-linux-gnu/lua/5.4/?.so;/usr/local/lib/lua/5.4/?.so",
         "where `requireNative` looks (Lua `cpath` syntax)")
+    full_libraries: Annotated[bool, Flag()] = key(
+        "FullLibraries", False,
+        "give scripts the whole standard library: `os.execute`, `io.popen` (both awaited, within the time budget), "
+        "`io.*` and `dofile`/`loadfile` on any path, `os.getenv` (without `DICOMPROXY__*`), `os.remove`... "
+        "(README: Lua trust model)")
+    task_max_restarts: Annotated[int, Whole(0)] = key(
+        "TaskMaxRestarts", 3,
+        "a task found `running` at start-up more often than this (the process died under it each time) is "
+        "quarantined as failed")
+    shared_dict_max_keys: Annotated[int, Whole(1)] = key(
+        "SharedDictMaxKeys", 10000, "most entries in `SharedDict` (data shared by every engine)")
+    shared_dict_max_mb: Annotated[float, Number(above=0)] = key(
+        "SharedDictMaxMB", 16, "most megabytes in `SharedDict` (keys, values, 64 bytes per entry); when full, `set` "
+        "evicts the least recently used entries, `add` and `incr` answer `nil, \"no memory\"`")
     scripts_root: Path = internal(Path("lua"))  # ExtraConfig:ScriptsRoot
 
     @property
@@ -571,6 +586,17 @@ class DicomSettings(Section):
         "MaxDatasetMB", 4096, "largest data set one C-STORE may send; a larger one aborts the association "
         "(nothing is kept). Data sets are streamed to the spool as they arrive, so memory does not grow with "
         "their size")
+    uid_root: Annotated[str, Text()] = key(
+        "UidRoot", "", "the root of the UIDs `NewUid()` makes (your organisation's, e.g. `1.2.826.0.1.3680043.10.999`, "
+        "at most 33 characters); empty: UUID-derived `2.25.` UIDs (PS3.5 B.2)")
+
+    @model_validator(mode="after")
+    def _valid_uid_root(self) -> DicomSettings:
+        problem = root_problem(self.uid_root) if self.uid_root else None
+        if problem is not None:
+            raise PydanticCustomError(VALUE_ERROR, "{expected}", {
+                "expected": f"a UID root (digits and dots, PS3.5 9.1) but {problem}", "key": "UidRoot"})
+        return self
 
 
 class SmtpSettings(Section):
@@ -622,6 +648,14 @@ class OrthancSettings(Section):
         "LuaHeartBeatPeriod", 0, "`OnHeartBeat` every N seconds (Orthanc's `LuaHeartBeatPeriod`); `0`: off")
     poll_interval: Annotated[float, Number(minimum=0.05)] = key(
         "PollIntervalSeconds", 1, "how often the PACS's `/changes` (and `/jobs`) are read for the `On*` callbacks")
+    execute_lua_enabled: Annotated[bool, Flag()] = key(
+        "ExecuteLuaEnabled", False,
+        "`POST /tools/execute-script` runs its body in the singleton engine (Orthanc's `ExecuteLuaEnabled`), for "
+        "users with the `admin` role only; `false`: the route goes to the PACS like any other")
+    execute_lua_anonymous: Annotated[bool, Flag()] = key(
+        "ExecuteLuaAllowAnonymous", False,
+        "with no `Authentication` configured, let anyone who reaches the gateway run `/tools/execute-script` "
+        "(otherwise refused: 403); only for a gateway nobody else can reach")
 
 
 class LoggingSettings(Section):

@@ -30,6 +30,8 @@ from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 from pynetdicom import dsutils
 
+from dicomproxy.uids import uid_problem
+
 BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "OB or OW", "US or OW", "US or SS or OW"})
 NUMBER_VRS = frozenset({"US", "UL", "SS", "SL", "FL", "FD", "SV", "UV", "US or SS"})
 _TAG_KEY = re.compile(r"^\(?([0-9a-fA-F]{4})[,|]?([0-9a-fA-F]{4})\)?$")
@@ -172,12 +174,27 @@ def set_value(ds: Dataset, key: str, value: Any) -> None:
     vr = ds[tag].VR if tag in ds else _guess_vr(tag, value)
     if vr in BINARY_VRS:
         raise TableError(f"{key}: binary elements ({vr}) cannot be written from a script")
+    if vr == "UI":
+        check_uids(key, value)
     try:
         ds[tag] = DataElement(tag, vr, _element_value(tag, vr, value, ds))
     except TableError:
         raise
     except Exception as e:
         raise TableError(f"{key}: cannot store {value!r} as {vr}: {e}") from None
+
+
+def check_uids(key: str, value: Any) -> None:
+    """A value a script writes into a UI element: each of its values a UID (PS3.5 §9.1), or
+    empty (an empty type 2 element); TableError naming the tag and the value otherwise."""
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, str | int | float):
+            raise TableError(f"{key}: {v!r} is not a UID (a UID is a string such as \"1.2.840.10008.1.2\")")
+        for part in str(v).split("\\") if str(v) else ():
+            problem = uid_problem(part.rstrip("\0").strip(" "))
+            if problem is not None:
+                raise TableError(f"{key}: {part!r} is not a valid UID: {problem} (PS3.5 9.1)")
 
 
 def apply_table(ds: Dataset, before: Mapping[str, Any], after: Mapping[str, Any]) -> bool:

@@ -8,14 +8,15 @@ gives them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dicomproxy_middleware import LuaEngine, LuaExportError
+from dicomproxy_middleware.shell import child_environment, reap
 
 if TYPE_CHECKING:
     from dicomproxy.tasks import TaskQueue
@@ -24,21 +25,21 @@ lua_log = logging.getLogger("dicomproxy.lua")
 
 TASK_SCRIPT = "main-task.lua"
 
-# A Lua library (compiled in an engine on its first call): returns its functions.
+# A Lua library (compiled in an engine on its first call): returns its functions. Native modules
+# come only from Lua:NativePath (the prelude's native_module), whatever package.cpath says.
 REQUIRE_NATIVE_LUA = r"""
-local searchpath, loadlib, loaded, error = package.searchpath, package.loadlib, package.loaded, error
+local private = ...
+local native_module, loaded, error, type = private.native_module, package.loaded, error, type
 local function requireNative(name)
   if type(name) ~= "string" then
     error("requireNative expects a module name, e.g. requireNative(\"socket.core\")", 2)
   end
   if loaded[name] ~= nil then return loaded[name] end
-  local path, err = searchpath(name, package.cpath)
-  if not path then
+  local loader, path = native_module(name, 3)
+  if not loader then
     error("requireNative: native module '" .. name .. "' not found (install it, e.g. apt-get install lua-socket"
-      .. " for socket.core; searched Lua:NativePath)" .. err, 2)
+      .. " for socket.core; searched Lua:NativePath)" .. path, 2)
   end
-  local loader, lerr = loadlib(path, "luaopen_" .. name:gsub("%.", "_"))
-  if not loader then error("requireNative: " .. lerr, 2) end
   local module = loader(name, path)
   if module == nil then module = true end
   loaded[name] = module
@@ -92,7 +93,7 @@ def format_message(message: Any, args: tuple[Any, ...]) -> str:
     return out + (" " + " ".join(rest) if rest else "")
 
 
-def _logger(level: int):
+def _logger(level: int) -> Callable[..., None]:
     def log_func(engine: LuaEngine, message: Any = "", *args: Any) -> None:
         if lua_log.isEnabledFor(level):
             lua_log.log(level, "[%s %s] %s", engine.name, Path(engine.script).name, format_message(message, args))
@@ -105,8 +106,11 @@ log_info = _logger(logging.INFO)
 log_error = _logger(logging.ERROR)
 
 
-async def os_execute(command: Any, arguments: Any = "", *, timeout: float = 60.0) -> tuple[int, str, str]:
-    """Run a program without a shell; arguments are split shell-style. Returns code, stdout, stderr."""
+async def os_execute(
+    command: Any, arguments: Any = "", *, timeout: float = 60.0, hidden_env: str = ""
+) -> tuple[int, str, str]:
+    """Run a program without a shell; arguments are split shell-style. Returns code, stdout, stderr.
+    The program's environment is the gateway's without the ``hidden_env*`` variables (its secrets)."""
     if not isinstance(command, str) or not command.strip():
         raise LuaExportError("expects a program, e.g. OsExecute(\"ls\", \"-l /tmp\")")
     if arguments is None:
@@ -121,16 +125,15 @@ async def os_execute(command: Any, arguments: Any = "", *, timeout: float = 60.0
     try:
         proc = await asyncio.create_subprocess_exec(
             command, *argv, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=child_environment(hidden_env),
+            start_new_session=True,  # killed with what it started (see dicomproxy_middleware.shell)
         )
     except OSError as e:
         raise LuaExportError(f"cannot run {command!r}: {e.strerror or e}") from None
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
     except (TimeoutError, asyncio.CancelledError) as e:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
+        await reap(proc)
         if isinstance(e, asyncio.CancelledError):
             raise
         raise LuaExportError(
@@ -139,7 +142,7 @@ async def os_execute(command: Any, arguments: Any = "", *, timeout: float = 60.0
     return proc.returncode or 0, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
 
 
-def background_worker(tasks: TaskQueue, scripts_root: Path):
+def background_worker(tasks: TaskQueue, scripts_root: Path) -> Callable[..., str]:
     def submit(script: Any = "", entry: Any = "", args: Any = "") -> str:
         """``LuaBackgroundWorker(luaScriptPath, entryFunc, args)``: queue a Type 3 engine run."""
         name = str(script or TASK_SCRIPT)

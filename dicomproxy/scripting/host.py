@@ -11,6 +11,7 @@ All Lua runs on the event-loop thread. Other threads (the DICOM side) use
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -33,12 +34,15 @@ from dicomproxy.audit import codes as audit_codes
 from dicomproxy.audit import events as audit_events
 from dicomproxy.audit.trail import AuditTrail
 from dicomproxy.commands import Commands
-from dicomproxy.config.settings import Settings
+from dicomproxy.config.settings import ENV_PREFIX, Settings
 from dicomproxy.notify.events import EventBus
 from dicomproxy.scripting import exports
+from dicomproxy.scripting.shared import SHARED_DICT_LUA, MemoryStore, SharedDictExports, SharedStore
 from dicomproxy.tasks import TaskQueue
+from dicomproxy.uids import new_uid
 
 log = logging.getLogger("dicomproxy.scripting")
+MiB = 1 << 20
 
 
 class ScriptHost:
@@ -56,6 +60,7 @@ class ScriptHost:
         self.options = EngineOptions(
             timeout_ms=lua.timeout_ms, max_memory_mb=lua.max_memory_mb, native_path=lua.native_path,
             timeout_setting="Lua:TimeoutMs", memory_setting="Lua:MaxMemoryMB",
+            full_libraries=lua.full_libraries, hidden_env=ENV_PREFIX,
         )
         self._loaded_hooks: list[Callable[[LuaEngine], Awaitable[None]]] = []
         self.scripts = ScriptSet(
@@ -75,14 +80,24 @@ class ScriptHost:
         self.add_export("LogError", exports.log_error, pass_engine=True)
         self.add_export(
             "OsExecute",
-            functools.partial(exports.os_execute, timeout=lua.os_execute_timeout),
+            functools.partial(exports.os_execute, timeout=lua.os_execute_timeout, hidden_env=ENV_PREFIX),
             is_async=True,
         )
         self.add_export("LuaBackgroundWorker", exports.background_worker(tasks, lua.scripts_root))
         self.add_export("InternalCmdRun", commands.run, is_async=True)
+        self.add_export("NewUid", functools.partial(new_uid, settings.dicom.uid_root))
+        self.shared: SharedStore = MemoryStore(lua.shared_dict_max_keys, int(lua.shared_dict_max_mb * MiB))
+        self._bind_shared_dict(SharedDictExports(self.shared))
         tasks.register("lua", self._run_task)
 
     # ------------------------------------------------------------------ setup
+    def _bind_shared_dict(self, shared: SharedDictExports) -> None:
+        """``SharedDict`` in every engine: private exports and the Lua table of methods over them."""
+        for name in ("get", "set", "add", "incr", "delete", "keys"):
+            export = Export(getattr(shared, name), label=f"SharedDict:{name}")
+            self.scripts.add_export(f"_Shared{name.capitalize()}", export)
+        self.add_lua(SHARED_DICT_LUA, "SharedDict")
+
     def add_export(
         self, name: str, func: Callable[..., Any], *, is_async: bool = False, pass_engine: bool = False,
         raw: bool = False,
@@ -130,6 +145,14 @@ class ScriptHost:
         self.bus.emit("script.failed", f"Script failed to load: {path.name}", message, "/dicomproxy/ui",
                       script=str(path))
 
+    async def execute(
+        self, source: str | bytes, chunkname: str,
+        during: Callable[[LuaEngine], contextlib.AbstractContextManager[Any]] | None = None,
+    ) -> tuple[Any, ...]:
+        """Run ``source`` in the singleton engine, keeping its globals (``/tools/execute-script``);
+        ``during(engine)`` is held around the run."""
+        return await self.scripts.execute(source, chunkname, during)
+
     # ------------------------------------------------------------------ events
     def defines(self, callback: str) -> bool:
         return self.scripts.defines(callback)
@@ -163,7 +186,7 @@ class ScriptHost:
             "scriptsRoot": str(self.settings.lua.scripts_root),
             "scripts": scripts,
             "lastError": next((s["error"] for s in scripts if s.get("error")), None),
-            "exports": sorted(self.scripts.exports),
+            "exports": sorted(name for name in self.scripts.exports if not name.startswith("_")),
         }
 
     # ------------------------------------------------------------------ background engines

@@ -115,3 +115,23 @@ def test_a_data_set_that_does_not_read_as_its_syntax_is_refused() -> None:
                     header_uids(raw, negotiated)
     with pytest.raises(EncodingMismatch, match="explicit VR data"):
         datasets.decode(datasets.encode(ds, "1.2.840.10008.1.2.1"), "1.2.840.10008.1.2")
+
+
+def test_a_ui_value_a_script_writes_must_be_a_uid() -> None:
+    ds = Dataset()
+    datasets.set_value(ds, "StudyInstanceUID", "1.2.3")
+    datasets.set_value(ds, "SOPClassesInStudy", ["1.2.840.10008.5.1.4.1.1.2", "1.2.3"])  # multi-valued
+    datasets.set_value(ds, "SeriesInstanceUID", "")  # an empty type 2 value
+    assert ds.StudyInstanceUID == "1.2.3" and len(ds.SOPClassesInStudy) == 2
+    for key, value, says in (
+        ("StudyInstanceUID", "1.02.3", "StudyInstanceUID: '1.02.3' is not a valid UID: component 2 ('02') has a "
+                                       "leading zero"),
+        ("0020,000E", "1..2", "0020,000E: '1..2' is not a valid UID: component 2 is empty"),
+        ("SOPInstanceUID", "1." + "2" * 70, "at most 64"),
+        ("SOPClassesInStudy", ["1.2", "x"], "'x' is not a valid UID"),
+        ("StudyInstanceUID", True, "True is not a UID"),
+    ):
+        with pytest.raises(datasets.TableError) as caught:
+            datasets.set_value(ds, key, value)
+        assert says in str(caught.value)
+    assert ds.StudyInstanceUID == "1.2.3"  # a refused value leaves the element as it was

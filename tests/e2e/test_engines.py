@@ -206,10 +206,9 @@ function block(gate)
   return out
 end
 
-function mark(path)
-  local f = assert(io.open(path, "w"))
-  f:write("ran")
-  f:close()
+function mark(path)  -- (io is not available to scripts in the default mode: a program writes the file)
+  local code = OsExecute("sh", "-c 'printf ran > \"$0\"' " .. path)
+  assert(code == 0, "could not write the marker")
   return "marked"
 end
 """
@@ -247,3 +246,68 @@ def test_queued_task_survives_kill_9_and_runs_after_restart(gateway_factory: Any
         assert "was running when the process stopped" in gw.log_text()
     finally:
         gate.touch()
+
+
+# --------------------------------------------------------------------------- crash loops (issue 10, item 12)
+DYING_TASKS = r"""
+-- hold(gate): runs until the test kills the gateway (a child waits for a file that never comes)
+function hold(gate)
+  OsExecute("sh", "-c 'while [ ! -e \"$0\" ]; do sleep 0.05; done' " .. gate)
+  return "held"
+end
+
+-- die(): ends the gateway's process, as a script with os.exit does in full-library mode; a
+-- second first, so that the test sees the gateway answer before it goes
+function die()
+  OsExecute("sleep", "1")
+  os.exit(3)
+end
+
+function ok() return "ok" end
+"""
+
+
+def quarantined(gw: GatewayProcess, task_id: str, restarts: int) -> None:
+    task = wait_task(gw, task_id, states=("failed",))
+    assert task["restarts"] == restarts, task
+    assert "quarantined after" in task["error"] and "Lua:TaskMaxRestarts" in task["error"], task
+    listed = {t["id"]: t for t in gw.get("/dicomproxy/tasks").json()}
+    assert listed[task_id]["state"] == "failed"
+    feed = [n for n in gw.get("/dicomproxy/notifications").json() if n["kind"] == "task.failed"]
+    assert any(task_id in json.dumps(n) for n in feed), feed
+
+
+def test_a_task_killed_with_the_gateway_again_and_again_is_quarantined(gateway_factory: Any,
+                                                                      tmp_path: Path) -> None:
+    """SIGKILL while the task runs, N+1 times (Lua:TaskMaxRestarts = N = 2): the task is run
+    again after each of the first N, then quarantined; the gateway stays up."""
+    gate = tmp_path / "never"
+    gw = gateway_factory({**NO_DICOM, "Lua": {"BackgroundWorkers": 1, "TaskMaxRestarts": 2}},
+                         {"main.lua": MAIN, "main-task.lua": DYING_TASKS})
+    task_id = queue(gw, "hold", str(gate))
+    for kill in range(3):
+        running = wait_task(gw, task_id, states=("running",))
+        assert running["attempts"] == kill + 1
+        gw.kill9()
+        gw.start()
+    quarantined(gw, task_id, restarts=3)
+    assert gw.get("/count").status_code == 200  # up, and serving
+    assert "quarantined" in gw.wait_for_log("quarantined after 2 restarts")
+
+
+def test_a_task_that_ends_the_process_stops_crash_looping(gateway_factory: Any) -> None:
+    """os.exit in a task (full-library mode) killed the gateway at every start; now the task is
+    quarantined once it has been found running more than Lua:TaskMaxRestarts times."""
+    gw = gateway_factory({**NO_DICOM, "Lua": {"BackgroundWorkers": 1, "TaskMaxRestarts": 2, "FullLibraries": True}},
+                         {"main.lua": MAIN, "main-task.lua": DYING_TASKS})
+    task_id = queue(gw, "die")
+    for _ in range(3):  # the first run and two re-runs each end the process
+        assert gw.proc is not None
+        assert gw.proc.wait(timeout=30) == 3
+        gw.start()
+    quarantined(gw, task_id, restarts=3)
+    # one worker, first in first out: had the quarantined task been queued again, it would end
+    # the process before this one could run
+    after = wait_task(gw, queue(gw, "ok"))
+    assert after["state"] == "done" and after["result"] == "ok"
+    assert gw.running and gw.get("/count").status_code == 200

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 from dicomproxy_middleware import Export, LuaEngine, LuaLibrary
 
-from dicomproxy.scripting.orthanc import LUA_SHIM, SHIM_FUNCTIONS, lua_print
+from dicomproxy.scripting.orthanc import LUA_SHIM, SHIM_FUNCTIONS
+from dicomproxy.scripting.orthanc.execute_script import LuaPrinter
 from dicomproxy.scripting.orthanc.luajson import dump_json, lua_tonumber, lua_tostring, parse_json, print_recursive
 
 
@@ -31,7 +32,7 @@ def engine() -> Any:
             "DumpJson": Export(dump_json, pass_engine=True, raw=True),
             "PrintRecursive": Export(print_recursive, pass_engine=True, raw=True),
             "_OrthancParseJson": Export(parse_json),
-            "_OrthancPrint": Export(lua_print, pass_engine=True),
+            "_OrthancPrint": Export(LuaPrinter(), pass_engine=True),
             "_OrthancRestApi": Export(rest, is_async=True),
             "_OrthancHttp": Export(http, is_async=True, pass_engine=True),
         },

@@ -32,7 +32,9 @@ from urllib.parse import quote
 
 import httpx
 from dicomproxy_middleware import LuaEngine, LuaError, LuaExportError
+from pydicom.datadict import dictionary_VR
 
+from dicomproxy.dicom import datasets
 from dicomproxy.dicom.hooks import InstanceStored
 from dicomproxy.host import Host
 from dicomproxy.scripting.orthanc.changes import (
@@ -46,12 +48,13 @@ from dicomproxy.scripting.orthanc.changes import (
     origin_from_metadata,
 )
 from dicomproxy.scripting.orthanc.dicom_stored import DicomForwarded
+from dicomproxy.scripting.orthanc.execute_script import PATH as EXECUTE_PATH
+from dicomproxy.scripting.orthanc.execute_script import ExecuteScript, LuaPrinter
 from dicomproxy.scripting.orthanc.http_filter import OrthancHttpFilter
 from dicomproxy.scripting.orthanc.luajson import dump_json, parse_json, print_recursive
 from dicomproxy.scripting.orthanc.pacs import Pacs, PacsError, orthanc_id
 
 log = logging.getLogger("dicomproxy.orthanc")
-lua_log = logging.getLogger("dicomproxy.lua")
 
 __all__ = ["OrthancLayer", "install", "orthanc_id"]
 
@@ -114,9 +117,26 @@ REST_NAMES = {"GET": "RestApiGet", "POST": "RestApiPost", "PUT": "RestApiPut", "
 HTTP_NAMES = {"GET": "HttpGet", "POST": "HttpPost", "PUT": "HttpPut", "DELETE": "HttpDelete"}
 
 
-def lua_print(engine: LuaEngine, text: Any = "") -> None:
-    """``print(...)`` as in Orthanc: a log line (INFO) rather than the process's stdout."""
-    lua_log.info("[%s %s] Lua says: %s", engine.name, engine.script.rsplit("/", 1)[-1], text)
+def _check_uid_replacements(replace: dict[str, Any]) -> None:
+    """A ``ModifyInstance`` replacement of a UI element must be a UID (PS3.5 9.1): refused before
+    the PACS is asked, naming the tag and the value."""
+    for key, value in replace.items():
+        try:
+            tag = datasets.parse_key(key)
+        except datasets.TableError:
+            continue  # a name the PACS may know and we do not: it answers for it
+        if _dictionary_vr(tag) == "UI":
+            try:
+                datasets.check_uids(key, value)
+            except datasets.TableError as e:
+                raise LuaExportError(f"replacement {e}") from None
+
+
+def _dictionary_vr(tag: Any) -> str:
+    try:
+        return str(dictionary_VR(tag))
+    except KeyError:
+        return ""
 
 
 def _body(data: Any, latin1: Any) -> bytes | None:
@@ -289,6 +309,7 @@ class OrthancLayer:
         self.host = gateway.lua
         self.pacs = Pacs(gateway.upstream)
         self.http = LuaHttp(gateway.upstream.client)
+        self.printer = LuaPrinter()
         self.lua_stored = LuaStored()
         self.pump = EventPump(self.host)
         self.deletions = Deletions(self.pacs, self.host, self.pump)
@@ -315,7 +336,7 @@ class OrthancLayer:
         host.add_export("_OrthancRestApi", self.rest_api, is_async=True)
         host.add_export("_OrthancHttp", self.http.request, is_async=True, pass_engine=True)
         host.add_export("_OrthancParseJson", parse_json)
-        host.add_export("_OrthancPrint", lua_print, pass_engine=True)
+        host.add_export("_OrthancPrint", self.printer, pass_engine=True)
         host.add_export("DumpJson", dump_json, pass_engine=True, raw=True)
         host.add_export("PrintRecursive", print_recursive, pass_engine=True, raw=True)
         host.add_export("SetHttpCredentials", self.http.set_credentials, pass_engine=True)
@@ -332,6 +353,9 @@ class OrthancLayer:
         self.gateway.add_middleware(lambda app: OrthancHttpFilter(app, host, self.deletions, fail_open=fail_open))
         self.gateway.add_component(self.events)
         self.gateway.add_health("orthanc", self.events.health)
+        if self.settings.orthanc.execute_lua_enabled:
+            self.gateway.mount(EXECUTE_PATH, ExecuteScript(
+                host, self.printer, allow_anonymous=self.settings.orthanc.execute_lua_anonymous))
 
     # -- RestApi* -------------------------------------------------------------------------
     async def rest_api(self, method: Any, uri: Any, data: Any = None, latin1: Any = False, headers: Any = None) -> Any:
@@ -405,6 +429,7 @@ class OrthancLayer:
         payload: dict[str, Any] = {"Force": True}  # Orthanc's Lua modifications allow manual identifiers
         if isinstance(replacements, dict) and replacements:
             payload["Replace"] = {str(k): _tag_value(v) for k, v in replacements.items()}
+            _check_uid_replacements(payload["Replace"])
         if removals:
             payload["Remove"] = [str(v) for v in _as_list(removals)]
         if remove_private:
