@@ -1,9 +1,11 @@
 """Where an admitted association request goes: the association policy, then its service.
 
 The policy, the same for every association (storage or Query/Retrieve): the application
-context must be DICOM's; ``Dicom:AllowedCallingAets`` (when set) must list the calling AE title;
-``onDicomAssociation`` may refuse. (The connection and association limits were applied by the
-acceptor before; see :mod:`.ul.acceptor`.)
+context must be DICOM's; the address and AE title rules of :mod:`.policy` must pass
+(``Dicom:AllowedAddresses``, ``CheckCalledAet``, ``BlockedCallingAets``, ``AllowedCallingAets``);
+``onDicomAssociation`` may refuse. The session then carries what the calling AE may do
+(``Dicom:AePermissions``), which the services check per message. (The connection and
+association limits were applied by the acceptor before; see :mod:`.ul.acceptor`.)
 
 Then: an association that proposes a Query/Retrieve model or SCP/SCU role selection (a C-GET
 requester) is spliced, bytes untouched, to the pynetdicom AE of :mod:`.qr` on its loopback port,
@@ -23,12 +25,14 @@ import threading
 
 from dicomproxy.config.settings import DicomSettings
 from dicomproxy.dicom import presentation
+from dicomproxy.dicom.policy import AssociationPolicy
 from dicomproxy.dicom.qr.ae import QueryRetrieveAe
 from dicomproxy.dicom.session import AssocSession, LuaBridge
 from dicomproxy.dicom.spool import Spool
 from dicomproxy.dicom.storage_scp import StorageScp
 from dicomproxy.dicom.store import StoreService
 from dicomproxy.dicom.ul import pdu as pdus
+from dicomproxy.dicom.ul import tls as tlsio
 from dicomproxy.dicom.ul.acceptor import Limits, Pending, Slot
 
 log = logging.getLogger(__name__)
@@ -37,7 +41,6 @@ IDLE_SECONDS = 300.0
 """An established association silent this long is aborted."""
 
 PERMANENT_NO_REASON = (1, 1, 1)
-PERMANENT_CALLING_AE = (1, 1, 3)
 PERMANENT_APPLICATION_CONTEXT = (1, 1, 2)
 TRANSIENT_CONGESTION = (2, 3, 1)
 
@@ -56,7 +59,7 @@ class Dispatcher:
         self.spool = spool
         self.qr = qr
         self.max_dataset = max_dataset
-        self._allowed = frozenset(a.strip() for a in settings.allowed_calling_aets)
+        self.policy = AssociationPolicy.of(settings)
         self._live: set[StorageScp] = set()
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
@@ -82,9 +85,12 @@ class Dispatcher:
             log.info("association from %s refused: application context %r is not DICOM's", who,
                      rq.application_context)
             return PERMANENT_APPLICATION_CONTEXT
-        if self._allowed and rq.calling not in self._allowed:
-            log.info("association from %s refused: not in Dicom:AllowedCallingAets", who)
-            return PERMANENT_CALLING_AE
+        refusal = self.policy.check(rq.calling, rq.called, pending.ip)
+        if refusal is not None:
+            log.warning("association from %s to %s refused (A-ASSOCIATE-RJ reason %d): %s", who, rq.called,
+                        refusal.reason, refusal.why)
+            return refusal.rj
+        session.operations = self.policy.operations_of(rq.calling)
         if await self.bridge.refuses(session):
             return PERMANENT_NO_REASON
         return None
@@ -145,7 +151,7 @@ class Dispatcher:
         self.qr.sessions.expect(local, session)
         sock = pending.take()
         try:
-            await loop.sock_sendall(up, pending.raw)
+            await tlsio.sendall(loop, up, pending.raw)
             await _pump_both(loop, sock, up, linger=self.limits.artim)
         except OSError:
             pass
@@ -189,10 +195,10 @@ async def _pump_both(loop: asyncio.AbstractEventLoop, a: socket.socket, b: socke
 
 async def _pump(loop: asyncio.AbstractEventLoop, src: socket.socket, dst: socket.socket) -> None:
     try:
-        while data := await loop.sock_recv(src, 1 << 16):
-            await loop.sock_sendall(dst, data)
+        while data := await tlsio.recv(loop, src, 1 << 16):
+            await tlsio.sendall(loop, dst, data)
     except OSError:
         pass
     finally:
         with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_WR)
+            tlsio.half_close(dst)

@@ -37,6 +37,7 @@ import contextlib
 import functools
 import json
 import logging
+import ssl
 import time
 import uuid
 from collections import deque
@@ -95,6 +96,7 @@ class ForwardTarget:
     stow_url: str = ""
     timeout: float = 60.0
     connect_timeout: float = 10.0
+    tls: ssl.SSLContext | None = None  # Dicom:Upstream:Tls
 
     def describe(self) -> str:
         return self.stow_url if self.via == "dicomweb" else f"{self.aet}@{self.host}:{self.port}"
@@ -120,7 +122,7 @@ class _DimseLane:
         try:
             self.assoc = await StorageScu.connect(
                 t.host, t.port, called_aet=t.aet, calling_aet=t.calling_aet, contexts=self.book.contexts(),
-                timeout=t.connect_timeout,
+                timeout=t.connect_timeout, tls=t.tls,
             )
         except UpperLayerError as e:
             self.assoc = None

@@ -37,7 +37,7 @@ async def dicom_stack(tmp: Path, *, max_dataset: int = 0, limits: Limits | None 
                       **dicom: Any) -> AsyncIterator[Stack]:
     config = tmp / "appsettings.json"
     config.write_text("{}")
-    overrides = {"Dicom": {"SpoolFolder": str(tmp / "spool"), **dicom}}
+    overrides = {"Dicom": {"Aet": "GW", "SpoolFolder": str(tmp / "spool"), **dicom}}
     settings = load_settings(config, environ={}, overrides=overrides).dicom
     spool = Spool(settings.spool_folder, fsync=False)
     spool.open()

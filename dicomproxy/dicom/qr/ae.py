@@ -19,6 +19,7 @@ from pynetdicom.dimse_primitives import C_STORE
 
 from dicomproxy.config.settings import DicomSettings
 from dicomproxy.dicom import presentation
+from dicomproxy.dicom.policy import STATUS_NOT_AUTHORIZED, Operation
 from dicomproxy.dicom.qr.find import FindService
 from dicomproxy.dicom.qr.identifier import status_dataset
 from dicomproxy.dicom.qr.retrieve import RetrieveService
@@ -113,6 +114,8 @@ class QueryRetrieveAe:
     def _on_store(self, event: evt.Event) -> int | Dataset:
         session = self.sessions.session(event.assoc)
         rq = cast(C_STORE, event.request)
+        if not session.permits(Operation.STORE):
+            return status_dataset(STATUS_NOT_AUTHORIZED, "not authorized")
         status, comment = self.store.store_blocking(
             session,
             rq.DataSet.getvalue(),  # type: ignore[union-attr]

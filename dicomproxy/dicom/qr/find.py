@@ -17,6 +17,7 @@ from pynetdicom import evt
 
 from dicomproxy.config.settings import DicomSettings
 from dicomproxy.dicom import datasets
+from dicomproxy.dicom.policy import STATUS_NOT_AUTHORIZED, Operation
 from dicomproxy.dicom.qr import identifier as ident
 from dicomproxy.dicom.qr import upstream
 from dicomproxy.dicom.qr.identifier import status_dataset
@@ -40,6 +41,9 @@ class FindService:
     def handle(self, event: evt.Event) -> Iterator[tuple[Any, Dataset | None]]:
         session = self.sessions.session(event.assoc)
         model = str(event.request.AffectedSOPClassUID)
+        if not session.permits(Operation.FIND):
+            yield status_dataset(STATUS_NOT_AUTHORIZED, "not authorized"), None
+            return
         try:
             identifier = ident.decoded(event.identifier)
         except Exception as e:

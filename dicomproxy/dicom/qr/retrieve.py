@@ -34,6 +34,7 @@ from pynetdicom.presentation import PresentationContext
 
 from dicomproxy.config.settings import DicomSettings, RemoteAe
 from dicomproxy.dicom import presentation
+from dicomproxy.dicom.policy import STATUS_NOT_AUTHORIZED, Operation
 from dicomproxy.dicom.qr import identifier as ident
 from dicomproxy.dicom.qr import upstream
 from dicomproxy.dicom.qr.identifier import status_dataset
@@ -52,6 +53,12 @@ QUEUE_DEPTH = 16
 def storage_contexts(sop_classes: list[str], reserved: int = 0) -> list[PresentationContext]:
     """The retrieve contexts of :func:`presentation.retrieve_pairs`, as pynetdicom contexts."""
     return [build_context(sc, ts) for sc, ts in presentation.retrieve_pairs(sop_classes, reserved)]
+
+
+def _refusal_kwargs(target: RemoteAe) -> dict[str, Any]:
+    """pynetdicom associates with the destination before it reads the (failure) status; an
+    association needs one context: Verification, the cheapest."""
+    return {"ae_title": target.aet, "contexts": [build_context(presentation.VERIFICATION)]}
 
 
 def _models(request_model: str) -> tuple[str, str]:
@@ -77,17 +84,23 @@ class RetrieveService:
             )
             yield None, None
             return
+        if not session.permits(Operation.MOVE):  # after the destination check, as pynetdicom orders them
+            yield target.host, target.port, {**_refusal_kwargs(target), **upstream.tls_kwargs(target, self.settings)}
+            yield 1
+            yield status_dataset(STATUS_NOT_AUTHORIZED, "not authorized"), None
+            return
         prepared = self._prepare(event, session, "onCMove")
         if isinstance(prepared, str):
             # pynetdicom answers plain success to zero sub-operations, so a refusal is one
             # failed sub-operation with the reason in the Error Comment.
-            yield target.host, target.port, {"ae_title": target.aet}
+            yield target.host, target.port, {**_refusal_kwargs(target), **upstream.tls_kwargs(target, self.settings)}
             yield 1
             yield status_dataset(STATUS_UNABLE, prepared), None
             return
         identifier, _find_model, get_model, instances = prepared
         sop_classes = sorted({sc for _, sc in instances})
-        kwargs: dict[str, Any] = {"ae_title": target.aet, "evt_handlers": [(evt.EVT_CONN_OPEN, upstream.set_nodelay)]}
+        kwargs: dict[str, Any] = {"ae_title": target.aet, "evt_handlers": [(evt.EVT_CONN_OPEN, upstream.set_nodelay)],
+                                  **upstream.tls_kwargs(target, self.settings)}
         contexts = storage_contexts(sop_classes)
         if contexts:
             kwargs["contexts"] = contexts
@@ -97,6 +110,10 @@ class RetrieveService:
 
     def handle_get(self, event: evt.Event) -> Iterator[Any]:
         session = self.sessions.session(event.assoc)
+        if not session.permits(Operation.GET):
+            yield 1
+            yield status_dataset(STATUS_NOT_AUTHORIZED, "not authorized"), None
+            return
         prepared = self._prepare(event, session, "onCGet")
         if isinstance(prepared, str):
             yield 1

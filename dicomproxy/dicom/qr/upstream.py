@@ -11,8 +11,9 @@ from typing import Any
 from pynetdicom import AE, evt
 from pynetdicom.association import Association as PynetdicomAssociation
 
-from dicomproxy.config.settings import DicomSettings
+from dicomproxy.config.settings import DicomSettings, RemoteAe
 from dicomproxy.dicom import presentation
+from dicomproxy.dicom.ul import tls as dicom_tls
 
 ACSE_TIMEOUT = 30
 DIMSE_TIMEOUT = 120
@@ -38,10 +39,18 @@ def requestor(settings: DicomSettings, models: Sequence[str] = ()) -> AE:
 
 
 def associate(settings: DicomSettings, ae: AE, **kwargs: Any) -> PynetdicomAssociation:
-    """Associate ``ae`` with the PACS; the caller checks ``is_established``."""
+    """Associate ``ae`` with the PACS (over TLS when ``Dicom:Upstream:Tls``); the caller checks
+    ``is_established``."""
     up = settings.upstream
     handlers = [(evt.EVT_CONN_OPEN, set_nodelay), *kwargs.pop("evt_handlers", [])]
+    kwargs.update(tls_kwargs(up, settings))
     return ae.associate(up.host, up.port, ae_title=up.aet, evt_handlers=handlers, **kwargs)
+
+
+def tls_kwargs(remote: RemoteAe, settings: DicomSettings) -> dict[str, Any]:
+    """pynetdicom's ``tls_args`` for ``remote`` (nothing when its ``Tls`` is off)."""
+    ctx = dicom_tls.client_context(remote, settings.tls)
+    return {"tls_args": (ctx, remote.host)} if ctx is not None else {}
 
 
 def describe(settings: DicomSettings) -> str:

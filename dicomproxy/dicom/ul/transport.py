@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import time
 from collections.abc import Callable
 
@@ -166,16 +167,24 @@ class StreamAssociation:
 
     @classmethod
     async def request(
-        cls, host: str, port: int, rq: pdus.A_ASSOCIATE_RQ, *, timeout: float, artim: float = 30.0
+        cls, host: str, port: int, rq: pdus.A_ASSOCIATE_RQ, *, timeout: float, artim: float = 30.0,
+        tls: ssl.SSLContext | None = None,
     ) -> tuple[StreamAssociation, pdus.A_ASSOCIATE_AC]:
-        """Connect, send ``rq``, wait (``timeout``) for the answer; raise
-        :class:`AssociationRejected` or another :class:`UpperLayerError`."""
+        """Connect (over TLS with ``tls``: the handshake within ``timeout``), send ``rq``, wait
+        (``timeout``) for the answer; raise :class:`AssociationRejected` or another
+        :class:`UpperLayerError` (a refused certificate says so, with OpenSSL's reason)."""
         label = f"{rq.called_ae_title.strip()}@{host}:{port}"
         loop = asyncio.get_running_loop()
         core = Association(Role.REQUESTOR, artim=artim, max_pdu=0)
         core.request_association(rq, loop.time())
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+            reader, writer = await asyncio.wait_for(_open(host, port, tls, timeout), timeout)
+        except ssl.SSLCertVerificationError as e:
+            raise UpperLayerError(f"cannot connect to {label} over TLS: its certificate is not trusted "
+                                  f"({e.verify_message or e.reason}; check TlsCa and TlsCheckHostname)") from None
+        except ssl.SSLError as e:
+            raise UpperLayerError(f"cannot connect to {label} over TLS: {e.reason or e} (is its port TLS? "
+                                  "does it trust the gateway's client certificate?)") from None
         except (TimeoutError, OSError) as e:
             raise UpperLayerError(f"cannot connect to {label}: {e or 'timeout'}") from None
         link = cls(core, reader, writer, label=label)
@@ -287,6 +296,14 @@ class StreamAssociation:
 
     def close(self) -> None:
         self.writer.close()
+
+
+async def _open(
+    host: str, port: int, tls: ssl.SSLContext | None, timeout: float
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    if tls is None:
+        return await asyncio.open_connection(host, port)
+    return await asyncio.open_connection(host, port, ssl=tls, server_hostname=host, ssl_handshake_timeout=timeout)
 
 
 def _why(indication: Indication | None) -> str:
