@@ -299,12 +299,12 @@ class Acceptor:
         try:
             tls = await tlsio.handshake(self.tls, sock, core.artim_deadline)
         except tlsio.HandshakeRefused as e:
-            log.warning("%s TLS port: handshake from %s:%d refused (%s): %s", self.label, *peer, e.kind.value, e.reason)
+            log.warning("%s port: handshake from %s:%d refused (%s): %s", self.label, *peer, e.kind.value, e.reason)
             if self.on_tls_refused is not None:
                 self.on_tls_refused(e)
             return None
         subject = _subject(tls.getpeercert())
-        log.debug("%s TLS port: %s:%d, %s %s, client certificate %s", self.label, *peer, tls.version(),
+        log.debug("%s port: %s:%d, %s %s, client certificate %s", self.label, *peer, tls.version(),
                   (tls.cipher() or ("?",))[0], subject or "none")
         return tls
 

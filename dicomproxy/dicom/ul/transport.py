@@ -163,6 +163,7 @@ class StreamAssociation:
         self.reader = reader
         self.writer = writer
         self.label = label
+        self.tls_error = ""  # the TLS alert that ended the connection, if one did
         self._loop = asyncio.get_running_loop()
 
     @classmethod
@@ -198,6 +199,9 @@ class StreamAssociation:
                 return link, answer.pdu
             if isinstance(answer, AssociateRejected):
                 raise AssociationRejected(label, answer.result, answer.source, answer.reason)
+            if tls is not None and link.tls_error:  # TLS 1.3: the client certificate is judged after the handshake
+                raise AssociationAborted(f"cannot connect to {label} over TLS: it ended the connection with "
+                                         f"{link.tls_error!r} (does it trust the gateway's client certificate?)")
             raise AssociationAborted(f"{label} aborted the association request ({_why(answer)})")
         except TimeoutError:
             raise UpperLayerError(f"{label} did not answer the association request within {timeout:g} s") from None
@@ -250,6 +254,11 @@ class StreamAssociation:
                 self.flush()
                 return indication
             body = await self.reader.readexactly(length)
+        except ssl.SSLError as e:
+            self.tls_error = str(e.reason or e).replace("_", " ").lower()
+            indication = core.connection_closed(self._loop.time())
+            self.close()
+            return indication
         except (OSError, asyncio.IncompleteReadError):
             indication = core.connection_closed(self._loop.time())
             self.close()
