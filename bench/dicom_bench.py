@@ -1,7 +1,7 @@
 """Store-and-forward benchmark: dcmtk storescu straight to Orthanc vs through the gateway.
 
     python bench/dicom_bench.py [--instances 500] [--rounds 3] [--studies 1] [--nagle]
-                                [--baseline /work/baseline] [--size 16]
+                                [--baseline /work/baseline] [--size 16] [--tls]
 
 One run starts a real Orthanc (DICOMweb plugin, as in the tests) and the gateway as a real
 process (``Logging:Level`` INFO, store-and-forward on: every instance is spooled with fsync
@@ -21,6 +21,11 @@ The ratios compare each gateway figure with the direct one of the same round; th
 prints the medians. ``--baseline DIR`` runs a second gateway from another checkout (``DIR``,
 with its own ``DIR/.venv``) in the same rounds, direct, then the two gateways in alternating
 order (ABBA), for before/after figures under the same machine load.
+
+``--tls`` opens the gateway's DICOM TLS port too (``Dicom:Tls``, certificates from a private CA
+made for the run, client certificates required) and stores one more batch per round through it
+with ``storescu +tls`` (the ``gw-tls`` row: the same gateway process, so its CPU per instance
+compares directly with the plain row's), the plain and TLS batches alternating in order.
 
 storescu runs with ``TCP_NODELAY=1`` (dcmtk's switch for disabling Nagle): with Nagle on,
 storescu itself stalls ~40 ms per instance on delayed ACKs and both paths measure the client,
@@ -47,7 +52,8 @@ sys.path.insert(0, str(REPO))
 from pydicom.uid import generate_uid  # noqa: E402
 
 from tests import dicom_samples  # noqa: E402
-from tests.peers import GatewayProcess, OrthancServer, dcmtk  # noqa: E402
+from tests.peers import GatewayProcess, OrthancServer, dcmtk, free_port  # noqa: E402
+from tests.tls_certs import TestCa  # noqa: E402
 
 
 def baseline_gateway(checkout: Path, workdir: Path, orthanc: OrthancServer, settings: dict[str, Any]) -> GatewayProcess:
@@ -83,13 +89,13 @@ def make_batch(folder: Path, n: int, studies: int, tag: str, size: int = 16) -> 
     return folder
 
 
-def storescu(aet: str, port: int, folder: Path, nagle: bool) -> float:
+def storescu(aet: str, port: int, folder: Path, nagle: bool, extra: tuple[str, ...] = ()) -> float:
     env = dict(os.environ)
     if not nagle:
         env["TCP_NODELAY"] = "1"
     started = time.perf_counter()
     proc = subprocess.run(
-        [dcmtk("storescu"), "-aec", aet, "127.0.0.1", str(port), str(folder), "+sd"],
+        [dcmtk("storescu"), *extra, "-aec", aet, "127.0.0.1", str(port), str(folder), "+sd"],
         env=env,
         capture_output=True,
         text=True,
@@ -110,13 +116,23 @@ def wait_count(orthanc: OrthancServer, count: int, timeout: float = 300) -> floa
     raise SystemExit(f"Orthanc holds {orthanc.instance_count()} instances, expected {count}")
 
 
+def tls_setup(folder: Path) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """``Dicom:Tls`` for the gateway and storescu's ``+tls`` arguments, from a CA made here."""
+    ca = TestCa.create(folder)
+    server, client = ca.issue("gateway", ["127.0.0.1"]), ca.issue("modality", client=True)
+    settings = {"Enabled": True, "Port": free_port(), "Certificate": str(server.cert_path),
+                "Key": str(server.key_path), "ClientCa": str(ca.cert_path)}
+    return settings, ("+tls", str(client.key_path), str(client.cert_path), "+cf", str(ca.cert_path))
+
+
 def run_gateway(
-    gateway: GatewayProcess, orthanc: OrthancServer, folder: Path, expected: int, n: int, nagle: bool
+    gateway: GatewayProcess, orthanc: OrthancServer, folder: Path, expected: int, n: int, nagle: bool,
+    port: int | None = None, extra: tuple[str, ...] = (),
 ) -> tuple[float, float, float]:
     """(accept/s, end-to-end/s, CPU ms per instance) of one batch through ``gateway``."""
     cpu = cpu_seconds(gateway)
     started = time.perf_counter()
-    t_accept = storescu(gateway.aet, gateway.dicom_port, folder, nagle)
+    t_accept = storescu(gateway.aet, port or gateway.dicom_port, folder, nagle, extra)
     t_e2e = wait_count(orthanc, expected) - started
     time.sleep(0.2)  # the forwarder's last callbacks
     return n / t_accept, n / t_e2e, (cpu_seconds(gateway) - cpu) * 1000 / n
@@ -131,6 +147,7 @@ def main() -> int:
     ap.add_argument("--forward-concurrency", type=int, default=None, help="Dicom:ForwardConcurrency (default: 4)")
     ap.add_argument("--baseline", type=Path, default=None, help="also run the gateway of this checkout (its .venv)")
     ap.add_argument("--nagle", action="store_true", help="run storescu with Nagle on (dcmtk's default)")
+    ap.add_argument("--tls", action="store_true", help="also store through the gateway's DICOM TLS port")
     ap.add_argument(
         "--orthanc-nagle", action="store_true", help="leave Nagle on in Orthanc (its DCMTK default: ~20 instances/s)"
     )
@@ -146,6 +163,10 @@ def main() -> int:
         settings: dict[str, Any] = {"Logging": {"Level": "INFO"}}
         if args.forward_concurrency:
             settings["Dicom"] = {"ForwardConcurrency": args.forward_concurrency}
+        tls_extra: tuple[str, ...] = ()
+        if args.tls:
+            tls, tls_extra = tls_setup(tmp / "pki")
+            settings["Dicom"] = {**settings.get("Dicom", {}), "Tls": tls}
         gateways = {"gateway": GatewayProcess(tmp / "gateway", orthanc=orthanc, settings=settings)}
         if args.baseline:
             gateways = {"baseline": baseline_gateway(args.baseline, tmp / "baseline", orthanc, settings), **gateways}
@@ -160,13 +181,18 @@ def main() -> int:
                 t_direct = storescu(orthanc.aet, orthanc.dicom_port, direct_dir, args.nagle)
                 expected += n
                 wait_count(orthanc, expected)
-                order = list(gateways.items())
+                order: list[tuple[str, GatewayProcess, int | None, tuple[str, ...]]] = [
+                    (name, g, None, ()) for name, g in gateways.items()]
+                if args.tls:
+                    tls_port = int(settings["Dicom"]["Tls"]["Port"])
+                    order.append(("gw-tls", gateways["gateway"], tls_port, tls_extra))
                 if r % 2 == 0:
                     order.reverse()  # ABBA: neither gateway always runs right after direct
-                for name, g in order:
-                    folder = make_batch(tmp / f"{name}{r}", n, args.studies, f"{name[0].upper()}{r}", args.size)
+                for name, g, port, extra in order:
+                    folder = make_batch(tmp / f"{name}{r}", n, args.studies, f"{name[0].upper()}{name[-1]}{r}",
+                                        args.size)
                     expected += n
-                    accept, e2e, cpu = run_gateway(g, orthanc, folder, expected, n, args.nagle)
+                    accept, e2e, cpu = run_gateway(g, orthanc, folder, expected, n, args.nagle, port, extra)
                     rows.append((r, name, n / t_direct, accept, e2e, cpu))
         finally:
             for g in gateways.values():

@@ -4,6 +4,7 @@ real spool in a tmp folder, no Lua, no forwarding (enqueued entries are collecte
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ class Stack:
 
 @asynccontextmanager
 async def dicom_stack(tmp: Path, *, max_dataset: int = 0, limits: Limits | None = None,
+                      tls: ssl.SSLContext | None = None, on_tls_refused: Any = None,
                       **dicom: Any) -> AsyncIterator[Stack]:
     config = tmp / "appsettings.json"
     config.write_text("{}")
@@ -48,7 +50,7 @@ async def dicom_stack(tmp: Path, *, max_dataset: int = 0, limits: Limits | None 
     limits = limits or Limits(artim=2.0)
     qr = QueryRetrieveAe(settings, bridge, store, max_associations=4, artim=2.0, idle=10.0)  # not started
     dispatcher = Dispatcher(settings, limits, bridge, store, spool, qr, max_dataset=max_dataset)
-    acceptor = Acceptor("127.0.0.1", 0, limits, dispatcher)
+    acceptor = Acceptor("127.0.0.1", 0, limits, dispatcher, tls=tls, on_tls_refused=on_tls_refused)
     await acceptor.start()
     stack = Stack(settings, spool, acceptor, dispatcher, entries)
     try:

@@ -37,6 +37,7 @@ code yet (see the report of the dicom-tls branch for the plan to unify them).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import functools
 import socket
@@ -53,6 +54,8 @@ BCP195_CIPHERS = ":".join((
 """OpenSSL's names of the TLS 1.2 suites allowed (module docstring)."""
 
 _READ_WANTS_WRITE_POLL = 0.001
+REFUSAL_LINGER = 1.0
+"""Seconds a refused handshake's connection stays open for the peer to read the alert."""
 
 
 class DicomTlsError(ConfigError):
@@ -152,9 +155,35 @@ async def handshake(ctx: ssl.SSLContext, sock: socket.socket, deadline: float) -
     tls = ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)  # detaches ``sock``
     try:
         return await _shake(loop, tls, deadline)
+    except HandshakeRefused as e:
+        if e.kind not in (RefusalKind.TIMEOUT, RefusalKind.CLOSED):
+            await _linger(loop, tls)
+        tls.close()
+        raise
     except BaseException:
         tls.close()
         raise
+
+
+async def _linger(loop: asyncio.AbstractEventLoop, tls: ssl.SSLSocket) -> None:
+    """Let the peer read the alert: half-close, then discard what it sends until it closes
+    (at most ``REFUSAL_LINGER`` s). Closing at once makes the peer's next write (its
+    A-ASSOCIATE-RQ: in TLS 1.3 the client's handshake is over before the server judges its
+    certificate) meet a reset, which discards the alert unread: the modality would log
+    "connection reset" instead of "unknown ca". The bytes are read below the TLS layer."""
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(tls, socket.SHUT_WR)
+    try:
+        async with asyncio.timeout(REFUSAL_LINGER):
+            while True:
+                await _ready(loop, tls, write=False)
+                try:
+                    if not socket.socket.recv(tls, 1 << 12):
+                        return
+                except BlockingIOError:
+                    continue
+    except (TimeoutError, OSError):
+        return
 
 
 async def _shake(loop: asyncio.AbstractEventLoop, tls: ssl.SSLSocket, deadline: float) -> ssl.SSLSocket:

@@ -5,7 +5,12 @@ blocking socket driven by one thread, or on asyncio streams.
   acceptor's fast path: a C-STORE is read, spooled and answered on one thread with no hand-off
   (each hop between threads or to the event loop costs ~0.3 ms here, see ``storage_scp.py``).
 * :class:`StreamAssociation`: asyncio, either role. The requestor of the forwarder and of the
-  ``send`` command, and what an event-loop acceptor (a relay mode) would use.
+  ``send`` command, and what an event-loop acceptor (a relay mode) would use. Over TLS when
+  :meth:`StreamAssociation.request` gets a client context (:mod:`.tls`); a TLS alert that ends
+  the connection is reported by name.
+
+On the TLS port the blocking driver gets an ``ssl.SSLSocket`` (handshaken by the acceptor):
+the same calls, the record layer in between.
 
 Both read one whole PDU at a time into a buffer of its announced length (after
 :meth:`Association.check_header` has accepted that length), hand it to the protocol object,
