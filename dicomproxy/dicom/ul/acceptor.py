@@ -299,7 +299,9 @@ class Acceptor:
         try:
             tls = await tlsio.handshake(self.tls, sock, core.artim_deadline)
         except tlsio.HandshakeRefused as e:
-            log.warning("%s port: handshake from %s:%d refused (%s): %s", self.label, *peer, e.kind.value, e.reason)
+            # a connection closed before any TLS (a TCP health check, a port scan) is not worth a warning
+            level = logging.INFO if e.kind is tlsio.RefusalKind.CLOSED else logging.WARNING
+            log.log(level, "%s port: handshake from %s:%d refused (%s): %s", self.label, *peer, e.kind.value, e.reason)
             if self.on_tls_refused is not None:
                 self.on_tls_refused(e)
             return None
