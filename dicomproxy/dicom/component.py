@@ -82,6 +82,7 @@ class DicomComponent:
             self.acceptors.append(Acceptor(
                 s.host, s.tls.port, self.limits, self.dispatcher, label="DICOM TLS", admission=self.admission,
                 tls=dicom_tls.server_context(s.tls), on_tls_refused=self._tls_refused,
+                address_allowed=self.dispatcher.policy.address_allowed,
             ))
         for ae in s.modalities.values():
             dicom_tls.client_context(ae, s.tls)  # a file problem stops the start, not the first C-MOVE

@@ -50,7 +50,8 @@ async def dicom_stack(tmp: Path, *, max_dataset: int = 0, limits: Limits | None 
     limits = limits or Limits(artim=2.0)
     qr = QueryRetrieveAe(settings, bridge, store, max_associations=4, artim=2.0, idle=10.0)  # not started
     dispatcher = Dispatcher(settings, limits, bridge, store, spool, qr, max_dataset=max_dataset)
-    acceptor = Acceptor("127.0.0.1", 0, limits, dispatcher, tls=tls, on_tls_refused=on_tls_refused)
+    acceptor = Acceptor("127.0.0.1", 0, limits, dispatcher, tls=tls, on_tls_refused=on_tls_refused,
+                        address_allowed=dispatcher.policy.address_allowed if tls is not None else None)
     await acceptor.start()
     stack = Stack(settings, spool, acceptor, dispatcher, entries)
     try:

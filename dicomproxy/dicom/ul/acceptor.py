@@ -18,7 +18,9 @@ modality out with "local limit exceeded", long past ARTIM):
 * On the TLS port (``tls``: an ``ssl.SSLContext``) the handshake comes first, inside the same
   ARTIM deadline and counted against the same caps; a failed one is one log line with the
   peer's address and OpenSSL's reason, counted by ``on_tls_refused``, and the connection is
-  closed (no A-ASSOCIATE-RJ can be sent without TLS). After it, the socket handed on is an
+  closed (no A-ASSOCIATE-RJ can be sent without TLS). An address that ``address_allowed``
+  refuses (``Dicom:AllowedAddresses``) is closed before the handshake, so that it costs no
+  key exchange (the plain port answers it with an A-ASSOCIATE-RJ instead). After it, the socket handed on is an
   ``ssl.SSLSocket`` (see :mod:`.tls`).
 * Nothing a connection does ends the accept loop: each connection is its own task, errors are
   logged; if the loop itself dies, :attr:`Acceptor.listening` turns false (health says so).
@@ -179,7 +181,7 @@ class Acceptor:
     def __init__(
         self, host: str, port: int, limits: Limits, handler: Handler, *, label: str = "DICOM",
         tls: ssl.SSLContext | None = None, on_tls_refused: TlsRefusedCallback | None = None,
-        admission: Admission | None = None,
+        admission: Admission | None = None, address_allowed: Callable[[str], bool] | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -188,6 +190,7 @@ class Acceptor:
         self.label = label
         self.tls = tls
         self.on_tls_refused = on_tls_refused
+        self.address_allowed = address_allowed  # TLS port: checked before the handshake
         self.admission = admission or Admission(limits)  # the plain and the TLS port share one
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sock: socket.socket | None = None
@@ -275,6 +278,10 @@ class Acceptor:
         pending: Pending | None = None
         try:
             if self.tls is not None:
+                if self.address_allowed is not None and not self.address_allowed(ip):
+                    log.warning("%s port: connection from %s:%d closed before the TLS handshake: the address is not "
+                                "in Dicom:AllowedAddresses", self.label, ip, port)
+                    return
                 handshaken = await self._handshake(sock, core, peer)
                 if handshaken is None:
                     return

@@ -139,6 +139,18 @@ async def test_untrusted_client_and_silent_client(tmp_path: Path, pki: dict[str,
             silent.close()
 
 
+async def test_an_address_not_allowed_gets_no_handshake(tmp_path: Path, pki: dict[str, Any], caplog: Any) -> None:
+    refused: list[tls.HandshakeRefused] = []
+    settings = server_settings(tmp_path, pki)
+    async with dicom_stack(tmp_path, tls=tls.server_context(settings.tls), on_tls_refused=refused.append,
+                           AllowedAddresses=["10.0.0.0/8"]) as stack:
+        with pytest.raises(UpperLayerError):
+            await _echo(stack.port, client(pki))
+        await until(lambda: "closed before the TLS handshake: the address is not in Dicom:AllowedAddresses"
+                    in caplog.text)
+        assert "127.0.0.1:" in caplog.text and not refused  # no handshake was attempted
+
+
 async def test_hostname_check(tmp_path: Path, pki: dict[str, Any]) -> None:
     pki["server"] = pki["ca"].issue("named", ["pacs.example.org"])  # no 127.0.0.1 in it
     settings = server_settings(tmp_path, pki)
