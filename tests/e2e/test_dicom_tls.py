@@ -5,6 +5,10 @@ C-FIND over TLS), and a TLS storescp as the ``send`` / C-MOVE destination."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +17,7 @@ import pydicom
 import pytest
 
 from tests import dicom_samples
-from tests.peers import GatewayProcess, OrthancServer, free_port, run_dcmtk
+from tests.peers import REPO_ROOT, GatewayProcess, OrthancServer, free_port, run_dcmtk
 from tests.tls_certs import Issued, TestCa
 
 LOOPBACK = "127.0.0.1"
@@ -171,3 +175,49 @@ def test_send_and_cmove_to_a_tls_destination(
     run_dcmtk("movescu", "-S", "-aet", "VIEWER", "-aem", dest.aet, "-aec", gateway.aet, LOOPBACK,
               str(gateway.dicom_port), "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={moved_study}")
     assert len(dest.wait_for_files(4)) == 4
+
+
+CONFIG_SCRIPT = r"""
+function onHttpRequest(r)
+  if r.Path == "/secret" then
+    r:ResponseWrite(tostring(Config["Dicom:Tls:KeyPassword"]) .. "|"
+      .. tostring(Config["Dicom:Upstream:TlsKeyPassword"]))
+    return true
+  end
+end
+"""
+
+
+def test_encrypted_keys_and_no_secret_shows(gateway_factory: Any, certs: Certs, tmp_path: Path) -> None:
+    password, upstream_password = "dicom-Secret-4711", "upstream-Secret-0815"
+    key = certs.gateway.encrypted_key(tmp_path / "gateway-enc.key", password.encode())
+    client_key = certs.gateway_client.encrypted_key(tmp_path / "client-enc.key", upstream_password.encode())
+    (tmp_path / "key-password.txt").write_text(password + "\n")
+    upstream = {"Tls": True, "TlsCa": str(certs.ca.cert_path), "TlsCertificate": str(certs.gateway_client.cert_path),
+                "TlsKey": str(client_key), "TlsKeyPassword": upstream_password}
+    settings = tls_settings(certs, Key=str(key), KeyPasswordFile=str(tmp_path / "key-password.txt"))
+    gateway = gateway_factory({"Dicom": {"Tls": settings, "Upstream": upstream}}, {"main.lua": CONFIG_SCRIPT},
+                              orthanc=None)
+    run_dcmtk("echoscu", *tls_args(certs.modality, certs.ca), "-aec", gateway.aet, LOOPBACK, tls_port(gateway))
+    assert gateway.get("/secret").text == "***|***"  # Lua sees them masked
+    shown = subprocess.run([sys.executable, "-m", "dicomproxy", "config", "--config", str(gateway.config_path)],
+                           capture_output=True, text=True, cwd=gateway.workdir, timeout=60,
+                           env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    config = json.loads(shown.stdout)["Dicom"]
+    assert config["Tls"]["KeyPassword"] == "***" and config["Upstream"]["TlsKeyPassword"] == "***"
+    for text in (gateway.log_text(), gateway.get("/dicomproxy/health").text, shown.stdout, shown.stderr):
+        assert password not in text and upstream_password not in text
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"Certificate": "missing.crt"}, "Dicom:Tls:Certificate"),
+    ({"RequireClientCertificate": True, "ClientCa": ""}, "Dicom:Tls:ClientCa"),
+])
+def test_startup_errors_name_the_key(
+    gateway_factory: Any, certs: Certs, change: dict[str, Any], key: str
+) -> None:
+    gateway = gateway_factory({"Dicom": {"Tls": tls_settings(certs, **change)}}, orthanc=None, start=False)
+    proc = subprocess.run([sys.executable, "-m", "dicomproxy", "serve", "--config", str(gateway.config_path)],
+                          capture_output=True, text=True, cwd=gateway.workdir, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert proc.returncode != 0 and key in proc.stderr, proc.stderr[-2000:]
