@@ -19,6 +19,9 @@ RUN bash scripts/install.sh \
 # only on a trusted network and set Dicom:AllowedCallingAets and Authentication:Users.
 # Secrets as files (Docker secrets): -e DICOMPROXY__Smtp__PasswordFile=/run/secrets/smtp
 # A site file layered on top: -e DICOMPROXY_ENVIRONMENT=Production reads appsettings.Production.json.
+# HTTPS: mount the PKCS#12 bundle as /app/certificate.pfx (its default place) and add
+#   -e "DICOMPROXY__Urls=http://0.0.0.0:8080;https://0.0.0.0:8443" -p 8443:8443
+#   -e DICOMPROXY__Https__Pkcs12PasswordFile=/run/secrets/pfx-password (README: HTTPS).
 ENV DICOMPROXY__Urls=http://0.0.0.0:8080 \
     DICOMPROXY__Dicom__Host=0.0.0.0
 

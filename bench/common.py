@@ -426,9 +426,11 @@ class WrkResult:
 
 
 def run_wrk(
-    url: str, *, connections: int, duration: float, threads: int = 1, timeout_s: float = 10, workdir: Path | None = None
+    url: str, *, connections: int, duration: float, threads: int = 1, timeout_s: float = 10,
+    workdir: Path | None = None, extra_args: Sequence[str] = (),
 ) -> WrkResult:
-    """``wrk`` for ``duration`` seconds; raises if it fails or reports no JSON summary."""
+    """``wrk`` for ``duration`` seconds (``extra_args`` before the URL, e.g. another ``-H``); raises if it
+    fails or reports no JSON summary."""
     require(WRK_BIN, "run scripts/install.sh (apt-get install wrk)")
     wd = workdir or Path("/tmp")
     script = wd / "wrk-report.lua"
@@ -448,6 +450,7 @@ def run_wrk(
         str(script),
         "-H",
         "User-Agent: dicomproxy-bench",
+        *extra_args,
         url,
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + timeout_s + 30)

@@ -16,6 +16,8 @@ from typing import Any
 from dicomproxy_middleware import LuaHttpMiddleware
 
 from dicomproxy import dicom, tus, ui
+from dicomproxy.audit import web as audit_web
+from dicomproxy.audit.trail import AuditTrail
 from dicomproxy.auth.setup import build_auth
 from dicomproxy.commands import Commands
 from dicomproxy.config.settings import Settings
@@ -46,6 +48,7 @@ class Gateway:
         self.started_at = time.time()
         self.bus = EventBus()
         self.metrics = Metrics()
+        self.audit = AuditTrail(settings, self.bus, self.metrics)
         self.commands = Commands()
         self.hooks = Hooks()
         self.tasks = TaskQueue(settings.data_folder / "tasks", workers=settings.lua.background_workers, bus=self.bus)
@@ -54,6 +57,7 @@ class Gateway:
             labels=("callback",), buckets=HOOK_BUCKETS,
         )
         self.lua = ScriptHost(settings, bus=self.bus, tasks=self.tasks, commands=self.commands,
+                              audit=self.audit,
                               on_call=lambda callback, seconds: hook_seconds.observe(seconds, callback=callback))
         self.upstream = Upstream(settings.upstream)
         self.proxy = ReverseProxy(self.upstream, self.metrics)
@@ -62,7 +66,7 @@ class Gateway:
         self.auth = build_auth(settings)
         self._mounts: list[tuple[str, str, Any]] = []
         self._middleware: list[Callable[[Any], Any]] = []
-        self._components: list[Component] = [self.upstream, self.tasks, self.lua, self.monitor]
+        self._components: list[Component] = [self.audit, self.upstream, self.tasks, self.lua, self.monitor]
         self._started: list[Component] = []
         if self.auth is not None and self.auth.keys is not None:
             self._components.append(self.auth.keys)
@@ -102,7 +106,7 @@ class Gateway:
         for wrap in self._middleware:
             app = wrap(app)
         if self.auth is not None:
-            app = self.auth.wrap(app)
+            app = self.auth.wrap(app, audit=self.audit if self.audit.enabled else None)
         app = GatewayCors(app, cors_policy(self.settings.cors))
         return RequestGuard(app)
 
@@ -127,10 +131,13 @@ class Gateway:
         for component in self._components:
             await component.start()
             self._started.append(component)
-        log.info("DicomProxy listening on http://%s:%d, proxying %s", self.settings.host, self.settings.port,
+        self.audit.started()
+        log.info("DicomProxy listening on %s, proxying %s", ", ".join(e.url for e in self.settings.endpoints),
                  self.upstream.base)
 
     async def stop(self) -> None:
+        if self._started:
+            self.audit.stopping()
         while self._started:
             component = self._started.pop()
             try:
@@ -166,6 +173,7 @@ FEATURES: tuple[Feature, ...] = (
     mail.install,
     ui.install,
     orthanc.install,
+    audit_web.install,  # last: its DICOMweb layer is outermost, so refused requests are recorded too
 )
 
 

@@ -17,14 +17,20 @@ import json
 import logging
 import sys
 from pathlib import Path
-from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dicomproxy import __version__
 from dicomproxy.auth.apikeys import hash_key, new_key
 from dicomproxy.auth.passwords import Kind, hash_password
 from dicomproxy.config.settings import ConfigError, Settings, load_settings
+from dicomproxy.http.listeners import GatewayServer, Listener, bind
+from dicomproxy.http.renewal import CertificateStore
 from dicomproxy.http.server import HeadLimits, connection_budget, protocol_class, raise_file_limit
+
+if TYPE_CHECKING:
+    from dicomproxy.app import Gateway
+
+BACKLOG = 4096
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -88,18 +94,24 @@ def _tune_malloc() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, 4 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 64 << 20))
 
 
-def _server_class() -> type[Any]:  # uvicorn is imported lazily
-    import uvicorn
-
-    class GatewayServer(uvicorn.Server):
-        """uvicorn re-raises SIGTERM/SIGINT after a graceful shutdown (exit -15); a service
-        that stopped cleanly on request should exit 0, as supervisors expect."""
-
-        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            super().handle_exit(sig, frame)
-            self._captured_signals.clear()
-
-    return GatewayServer
+def _listeners(settings: Settings, gateway: Gateway) -> list[Listener]:
+    """A bound socket per entry of ``Urls``; the certificate store (a component and a health check
+    of the gateway) when one is https. Raises :class:`ConfigError`."""
+    store = None
+    if any(e.scheme == "https" for e in settings.endpoints):
+        store = CertificateStore(settings.https, gateway.bus)
+        gateway.add_component(store)
+        gateway.add_health("https", store.status)
+    listeners: list[Listener] = []
+    try:
+        for endpoint in settings.endpoints:
+            tls = store if endpoint.scheme == "https" else None
+            listeners.append(Listener(endpoint, bind(endpoint, BACKLOG), tls))
+    except ConfigError:
+        for listener in listeners:
+            listener.sock.close()
+        raise
+    return listeners
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -113,6 +125,7 @@ def serve(args: argparse.Namespace) -> int:
         logging.getLogger("dicomproxy").debug("not glibc: malloc left as it is")
     try:
         gateway = build_gateway(settings)
+        listeners = _listeners(settings, gateway)
     except ConfigError as e:
         print(f"dicomproxy: config error: {e}", file=sys.stderr)
         return 2
@@ -139,9 +152,9 @@ def serve(args: argparse.Namespace) -> int:
         # uvicorn waits for open responses before the lifespan shutdown; a live SSE stream
         # (/dicomproxy/notifications/stream, an open status page) never ends by itself.
         timeout_graceful_shutdown=5,
-        backlog=4096,
+        backlog=BACKLOG,
     )
-    server = _server_class()(config)
+    server = GatewayServer(config, listeners, limits, settings.https)
     server.run()
     return 0 if server.started else 1
 

@@ -3,7 +3,7 @@
 Features (TUS, the DICOM side, notifications, mail, the status page, the Orthanc layer) depend
 on this protocol, never on the app module that implements it, so the arrows between packages
 point one way: ``app`` knows the features, the features know only this interface and the
-shared services it names (config, events, metrics, commands, tasks, scripting, upstream, hooks).
+shared services it names (config, events, metrics, commands, tasks, scripting, upstream, hooks, audit).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+from dicomproxy.audit.trail import AuditTrail
 from dicomproxy.commands import Commands
 from dicomproxy.config.settings import Settings
 from dicomproxy.hooks import Hooks
@@ -42,6 +43,7 @@ class Host(Protocol):
     tasks: TaskQueue
     lua: ScriptHost
     upstream: Upstream
+    audit: AuditTrail  # host.audit.record(event): never blocks, never raises
     hooks: Hooks  # typed events one feature offers others (e.g. the DICOM side's "instance stored")
 
     def mount(self, prefix: str, app: Any) -> None:

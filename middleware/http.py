@@ -4,11 +4,13 @@ ILuaHttpResponse), and how what a hook did comes back.
 The objects are plain Lua tables built by the prelude (``prelude.lua``): fields, ``Headers`` (a
 read-only, case-insensitive table; ``pairs()`` iterates it), the caller's identity (``User``,
 ``Roles``: a list of strings, ``Claims``: a token's claims, empty otherwise; from the plain scope
-keys ``user``, ``roles`` and ``claims`` the gateway's authentication sets) and methods callable
-with ``:`` or ``.``. A hook is one call into Lua: the object is built, the script runs and the edits come back
-with its result, as flat ``(op, name, value)`` triples. Names and values a script sets are
-validated in Lua: a name or value with CR, LF or NUL is refused, since it would let a script
-split the HTTP message.
+keys ``user``, ``roles`` and ``claims`` the gateway's authentication sets), ``ClientCertificate``
+(the subject of the verified client certificate of an https connection, RFC 4514, e.g.
+``CN=ct-01,O=Radiology``; empty otherwise; from the ASGI TLS extension's ``client_cert_name``)
+and methods callable with ``:`` or ``.``. A hook is one call into Lua: the object is built, the
+script runs and the edits come back with its result, as flat ``(op, name, value)`` triples.
+Names and values a script sets are validated in Lua: a name or value with CR, LF or NUL is
+refused, since it would let a script split the HTTP message.
 
 Headers stay in their ASGI form (lists of ``(bytes, bytes)``) and are only copied when a script
 edits them.
@@ -95,6 +97,8 @@ class HttpExchange:
         client = scope.get("client")
         self.remote_ip: str = client[0] if client else ""
         self.user: str = scope.get("user") or ""
+        tls = scope.get("extensions", {}).get("tls") if "extensions" in scope else None
+        self.client_certificate: str = (tls.get("client_cert_name") if tls else None) or ""
         # roles cross as one string (split in Lua on first read), claims as a Python mapping
         # converted on first read: a hook that never reads them pays for neither
         roles = scope.get("roles") or ()
@@ -165,8 +169,8 @@ def _plain(value: Any, depth: int = 0) -> Any:
 async def _hook(engine: LuaEngine, callback: str, kind: str, x: HttpExchange, headers: list[bytes | str]) -> Any:
     try:
         out = await engine.run_op(
-            HTTP, callback, kind, x.scheme, x.method, x.path, x.query, x.remote_ip, x.user, x.roles,
-            _claims_loader(engine, x.claims), x.status, *headers
+            HTTP, callback, kind, x.scheme, x.method, x.path, x.query, x.remote_ip, x.user, x.client_certificate,
+            x.roles, _claims_loader(engine, x.claims), x.status, *headers
         )
     except LuaError as e:
         if str(e).startswith("StatusCode must be"):  # raised after the hook returned: no line to name

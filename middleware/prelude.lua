@@ -321,9 +321,9 @@ local function http_body(f, obj, st)
   return ret, http_result(obj, st)
 end
 
-local function http_hook(until_, name, kind, scheme, method, path, query, ip, user, roles, claims, status, ...)
+local function http_hook(until_, name, kind, scheme, method, path, query, ip, user, cert, roles, claims, status, ...)
   local obj = { Scheme = scheme, Method = method, Path = path, QueryString = query, RemoteIp = ip,
-    User = user, StatusCode = status }
+    User = user, ClientCertificate = cert, StatusCode = status }
   local st = { primary = kind == "request" and "q" or "r", current = pack(...), ops = {}, n = 0,
     roles = roles, claims = claims }
   raw_setmetatable(obj, { __index = function(o, key) return http_index(o, st, key) end })

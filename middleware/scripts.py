@@ -89,6 +89,7 @@ class ScriptSet:
         pool_size: int = 4,
         on_error: Callable[[Path, str], None] | None = None,
         on_loaded: Callable[[LuaEngine], Awaitable[None]] | None = None,
+        on_changed: Callable[[Path, str], None] | None = None,
         singleton_script: str = SINGLETON_SCRIPT,
         transient_script: str = TRANSIENT_SCRIPT,
         setup: tuple[str, ...] = (),
@@ -106,6 +107,7 @@ class ScriptSet:
         self.pool_size = pool_size
         self.on_error = on_error
         self.on_loaded = on_loaded
+        self.on_changed = on_changed  # (path, "loaded" | "reloaded" | "removed"): a script took effect
         self._setup = tuple(setup)
         self._libraries = tuple(libraries)
         self._prelude: bytes | None = None
@@ -196,6 +198,7 @@ class ScriptSet:
                 if mtime is None:
                     if state.loaded:
                         log.info("%s removed: its callbacks are off", state.path)
+                        self._changed(state.path, "removed")
                     await loader(None)
                     continue
                 try:
@@ -209,6 +212,14 @@ class ScriptSet:
                     if state.error or not force:
                         log.info("%s loaded; callbacks: %s", state.path, ", ".join(sorted(state.callbacks)) or "none")
                     state.error = None
+                    self._changed(state.path, "loaded" if force else "reloaded")
+
+    def _changed(self, path: Path, what: str) -> None:
+        if self.on_changed is not None:
+            try:
+                self.on_changed(path, what)
+            except Exception:
+                log.exception("on_changed(%s) failed", path)
 
     def _failed(self, state: ScriptState, message: str, traceback: str) -> None:
         kept = " (keeping the previous version)" if state.loaded else ""

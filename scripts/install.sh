@@ -7,12 +7,12 @@
 #
 #   system: orthanc + DICOMweb plugin (test PACS), dcmtk (DICOM peers), lua-socket, nginx +
 #           lua module, chromium + fonts (UI tests), python3 + venv, nodejs + npm (tus-js-client), curl,
-#           wrk (bench/proxy_bench.py)
+#           wrk (bench/proxy_bench.py), rsyslog + rsyslog-gnutls (the audit trail's TLS/UDP collector)
 #   python: .venv with `pip install -e .[test]`
 #   node:   tests/js/node_modules (npm ci): tus-js-client, oidc-provider (the OpenID provider of the
 #           bearer-token tests)
 #
-# Services (orthanc, nginx) are never started here: tests start their own on free ports.
+# Services (orthanc, nginx, rsyslog) are never started here: tests start their own on free ports.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,6 +26,7 @@ APT_PACKAGES=(
     python3 python3-venv python3-pip
     nodejs npm
     curl ca-certificates openssl
+    rsyslog rsyslog-gnutls
 )
 
 step() { printf '\n==> %s\n' "$*"; }
@@ -92,6 +93,8 @@ fi
 for bin in /usr/sbin/Orthanc /usr/bin/storescu /usr/bin/echoscu /usr/bin/storescp /usr/bin/node; do
     [ -x "$bin" ] || die "$bin is missing although its package is installed"
 done
+[ -x /usr/sbin/rsyslogd ] || die "/usr/sbin/rsyslogd is missing although rsyslog is installed"
+[ -f /usr/lib/x86_64-linux-gnu/rsyslog/lmnsd_gtls.so ] || die "rsyslog's TLS driver is missing (rsyslog-gnutls)"
 [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || die "Orthanc DICOMweb plugin missing (orthanc-dicomweb)"
 
 # ---------------------------------------------------------------------------------- python

@@ -81,6 +81,8 @@ def gateway_factory(
         register_modality: str | None = "dicomproxy",
         timeout: float = 30,
         command_prefix: Sequence[str] = (),
+        verify: str | bool = True,
+        cert: tuple[str, str] | None = None,
     ) -> GatewayProcess:
         if orthanc is _SESSION_ORTHANC:
             orthanc = request.getfixturevalue("orthanc")
@@ -88,7 +90,7 @@ def gateway_factory(
                 orthanc.start()
         gateway = GatewayProcess(
             tmp_path_factory.mktemp("gateway"), orthanc=orthanc, settings=settings, scripts=scripts, env=env,
-            command_prefix=command_prefix,
+            command_prefix=command_prefix, verify=verify, cert=cert,
         )
         made.append(gateway)
         if orthanc is not None and register_modality and gateway.dicom_port and orthanc.running:

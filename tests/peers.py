@@ -13,11 +13,13 @@ Fixture API (``tests/conftest.py``)::
                              modalities: {"name": [AET, host, port]}; extra_config merged into
                              the generated Orthanc JSON config
     gateway_factory(settings=None, scripts=None, *, orthanc=<session orthanc>, env=None,
-                    start=True, register_modality="dicomproxy", timeout=30) -> GatewayProcess
+                    start=True, register_modality="dicomproxy", timeout=30, verify=True,
+                    cert=None) -> GatewayProcess
                              function-scoped; all gateways are stopped at teardown.
                              orthanc=None: no upstream defaults. register_modality: the
                              gateway's AE is declared in that Orthanc under this name (C-MOVE
-                             target). env: extra variables (inherited DICOMPROXY__* are dropped)
+                             target). env: extra variables (inherited DICOMPROXY__* are dropped).
+                             verify (a CA file) / cert ((cert, key)): for an https first URL
     storescp_factory(aet="STORESCP", *, args=()) -> StoreScp   dcmtk storescp on a free port
     dicom_samples            the tests.dicom_samples module (make_instance, make_study, make_zip,
                              pixel_values, build_dataset, dataset_bytes)
@@ -57,7 +59,8 @@ StoreScp (dcmtk storescp)::
 
 GatewayProcess (``python -m dicomproxy serve --config <tmp>/appsettings.json``)::
 
-    .url  .http_port  .dicom_port  .aet  .config_path  .scripts_dir  .data_dir  .settings (dict)
+    .url (the first of Urls)  .urls  .http_port  .dicom_port  .aet  .config_path  .scripts_dir
+    .data_dir  .settings (dict)  .verify  .cert (what start() and request() use over https)
     .start(timeout=30)  .stop(timeout=10) (SIGTERM, then SIGKILL)  .kill9()  .restart()
     .forced_kill   True if a stop() had to SIGKILL (the fixture then warns: shutdown hangs)
     .write_script(name, text)   atomic write into scripts_dir (main.lua, main-transient.lua, ...)
@@ -480,9 +483,13 @@ class GatewayProcess:
         scripts: Mapping[str, str] | None = None,
         env: Mapping[str, str] | None = None,
         command_prefix: Sequence[str] = (),
+        verify: str | bool = True,
+        cert: tuple[str, str] | None = None,
     ) -> None:
         """``command_prefix``: run the gateway under another command, e.g.
-        ``["prlimit", "--nofile=300:300", "--"]`` for a process with few file descriptors."""
+        ``["prlimit", "--nofile=300:300", "--"]`` for a process with few file descriptors.
+        ``verify`` (a CA file) and ``cert`` (a client certificate and key) are what ``start()`` and
+        ``request()`` use when the first of ``Urls`` is https."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.command_prefix = list(command_prefix)
@@ -522,7 +529,8 @@ class GatewayProcess:
             self.write_script(name, text)
         self.proc: subprocess.Popen[bytes] | None = None
         self.forced_kill = False  # set when stop() had to SIGKILL a gateway that ignored SIGTERM
-        self._session = requests.Session()
+        self.verify, self.cert = verify, cert
+        self._session = self._new_session()
         self._write_config()
 
     # -- settings -------------------------------------------------------------------------
@@ -537,6 +545,11 @@ class GatewayProcess:
             node = node[key]
         return node
 
+    def _new_session(self) -> requests.Session:
+        session = requests.Session()
+        session.cert = self.cert
+        return session
+
     def _write_config(self) -> None:
         self.config_path.write_text(json.dumps(self.settings, indent=2))
 
@@ -548,6 +561,11 @@ class GatewayProcess:
     @property
     def url(self) -> str:
         return self._get("Urls").split(";")[0].rstrip("/")
+
+    @property
+    def urls(self) -> list[str]:
+        """Every entry of ``Urls``."""
+        return [u.strip().rstrip("/") for u in self._get("Urls").split(";") if u.strip()]
 
     @property
     def http_port(self) -> int:
@@ -595,7 +613,7 @@ class GatewayProcess:
             if self.proc.poll() is not None:
                 self._fail_start(f"the gateway exited with status {self.proc.returncode}")
             try:
-                requests.get(f"{self.url}/dicomproxy/health", timeout=2)
+                requests.get(f"{self.url}/dicomproxy/health", timeout=2, verify=self.verify, cert=self.cert)
                 return self
             except requests.RequestException:
                 pass
@@ -655,6 +673,8 @@ class GatewayProcess:
 
     def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         kwargs.setdefault("timeout", 30)
+        if self.verify is not True:  # per request: a session's verify loses to REQUESTS_CA_BUNDLE
+            kwargs.setdefault("verify", self.verify)
         return self._session.request(method, self.url + "/" + path.lstrip("/"), **kwargs)
 
     def get(self, path: str, **kwargs: Any) -> requests.Response:

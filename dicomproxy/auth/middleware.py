@@ -35,6 +35,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
+from dicomproxy.audit.trail import AuditTrail
 from dicomproxy.auth.apikeys import HEADER as API_KEY_HEADER
 from dicomproxy.auth.apikeys import ApiKeyVerifier
 from dicomproxy.auth.basic import BasicVerifier, parse_basic
@@ -74,12 +75,14 @@ class Refusal:
     status: int = 401
     detail: str = ""  # bearer: the RFC 6750 error_description
     counts: bool = True  # a failed attempt for the limiter
+    user: str = ""  # the name the caller gave, when there is one (the audit trail's UserID)
 
 
 class AuthMiddleware:
     def __init__(self, app: Any, schemes: Schemes, policy: Policy, limiter: FailureLimiter,
-                 realm: str = "DicomProxy", retry_unavailable: int = 30) -> None:
+                 realm: str = "DicomProxy", retry_unavailable: int = 30, audit: AuditTrail | None = None) -> None:
         self.app = app
+        self.audit = audit
         self.schemes = schemes
         self.policy = policy
         self.limiter = limiter
@@ -121,6 +124,8 @@ class AuthMiddleware:
         if rule is not None:
             await self._forbidden(scope, send, outcome, rule)
             return
+        if self.audit is not None:  # deduplicated there (basic auth logs in on every request)
+            self.audit.login(outcome.name, host, True, via=f"HTTP {outcome.scheme.value} authentication")
         await self.app(_with_identity(scope, outcome), receive, send)
 
     # -- steps ----------------------------------------------------------------------------
@@ -180,7 +185,8 @@ class AuthMiddleware:
     def _basic_refusal(self, name: str) -> Refusal:
         assert self.schemes.basic is not None
         known = name in self.schemes.basic.users
-        return Refusal(f"basic user {_shown(name)!r}: {'wrong password' if known else 'unknown user'}")
+        return Refusal(f"basic user {_shown(name)!r}: {'wrong password' if known else 'unknown user'}",
+                       user=_shown(name))
 
     def _api_key(self, key: bytes) -> Identity | Refusal:
         if self.schemes.api_keys is None:
@@ -224,6 +230,8 @@ class AuthMiddleware:
     def _log_failure(self, refusal: Refusal, host: str) -> None:
         self.limiter.failed(host)
         log.warning("authentication failed from %s: %s", host or "?", refusal.what)
+        if self.audit is not None:
+            self.audit.login(refusal.user, host, False, via="HTTP authentication", reason=refusal.what)
 
     async def _forbidden(self, scope: Scope, send: Send, identity: Identity, rule: Rule) -> None:
         missing = sorted(rule.roles)

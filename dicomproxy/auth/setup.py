@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from dicomproxy.audit.trail import AuditTrail
 from dicomproxy.auth.apikeys import ApiKeyVerifier
 from dicomproxy.auth.basic import BasicVerifier
 from dicomproxy.auth.bearer import BearerVerifier, ClaimMapping
@@ -37,9 +38,9 @@ class Auth:
     realm: str
     keys: IssuerKeys | None = None
 
-    def wrap(self, app: Any) -> Any:
+    def wrap(self, app: Any, audit: AuditTrail | None = None) -> Any:
         return AuthMiddleware(app, self.schemes, self.policy, self.limiter, self.realm,
-                              retry_unavailable=int(self.keys.min_interval) if self.keys else 30)
+                              retry_unavailable=int(self.keys.min_interval) if self.keys else 30, audit=audit)
 
 
 def build_auth(settings: Settings) -> Auth | None:

@@ -25,7 +25,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler, ValidationInfo
@@ -236,27 +236,83 @@ class HttpUrl(Kind):
         return text.strip().rstrip("/") if text is not None else ""
 
 
-class Listen(Kind):
-    """``Urls``: ``http://HOST:PORT`` (ASP.NET also allows ``;``-separated lists; the first counts)."""
+class SyslogUrl(Kind):
+    """An audit collector: ``tls://HOST:PORT`` (RFC 5425) or ``udp://HOST:PORT`` (RFC 5426)."""
 
-    noun = "http://HOST:PORT"
+    noun = "tls://HOST:PORT or udp://HOST:PORT"
 
     @property
     def type_name(self) -> str:
         return "URL"
 
     def parse(self, value: Any, root: Path) -> str:
-        text = value if isinstance(value, str) else ""
-        first = text.split(";")[0].strip()
+        text = value.strip() if isinstance(value, str) else ""
         try:
-            parts = urlsplit(first)
-            ok = parts.scheme == "http" and bool(parts.hostname) and parts.path in ("", "/")
+            parts = urlsplit(text)
+            ok = parts.scheme in ("tls", "udp") and bool(parts.hostname) and parts.path in ("", "/")
             ok = ok and (parts.port is None or parts.port > 0)
         except ValueError:
             ok = False
         if not ok:
-            raise self.fail(value if not isinstance(value, str) else first)
-        return text.strip()
+            raise self.fail(value)
+        return text.rstrip("/")
+
+
+class Endpoint(NamedTuple):
+    """One entry of ``Urls``: the scheme (``http`` or ``https``), the address to bind and the port."""
+
+    scheme: str
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class Listen(Kind):
+    """``Urls``: ``http://HOST:PORT`` or ``https://HOST:PORT``, several separated by ``;`` (ASP.NET's
+    form; ``*`` and ``+`` mean every interface). Each entry is checked; the same address twice is refused."""
+
+    noun = "http(s)://HOST:PORT"
+
+    @property
+    def type_name(self) -> str:
+        return "URLs"
+
+    def parse(self, value: Any, root: Path) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(value)
+        seen: set[tuple[str, int]] = set()
+        for entry in value.split(";"):
+            if not entry.strip():
+                continue
+            endpoint = self.endpoint(entry)
+            if (endpoint.host, endpoint.port) in seen:
+                raise Problem(f"each address once ({endpoint.host}:{endpoint.port} is listed twice)", value)
+            seen.add((endpoint.host, endpoint.port))
+        return ";".join(e.strip() for e in value.split(";") if e.strip())
+
+    def endpoint(self, entry: str) -> Endpoint:
+        """One entry as an :class:`Endpoint`; raises :class:`Problem` naming the entry."""
+        try:
+            parts = urlsplit(entry.strip())
+            port = parts.port
+        except ValueError:
+            raise self.fail(entry.strip()) from None
+        if parts.scheme not in DEFAULT_PORTS or not parts.hostname or parts.path not in ("", "/") or port == 0:
+            raise self.fail(entry.strip())
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise self.fail(entry.strip())
+        host = "0.0.0.0" if parts.hostname in ("*", "+") else parts.hostname
+        return Endpoint(parts.scheme, host, port or DEFAULT_PORTS[parts.scheme])
+
+    def endpoints(self, value: str) -> tuple[Endpoint, ...]:
+        return tuple(self.endpoint(e) for e in value.split(";") if e.strip())
 
 
 class UrlPath(Kind):

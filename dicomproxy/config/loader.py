@@ -235,7 +235,7 @@ def describe(error: ValidationError, provenance: Provenance) -> str:
     kind = err["type"]
     got: str | None = shown(err.get("input"))
     if kind == VALUE_ERROR:
-        loc += (ctx["key"],) if "key" in ctx else ()
+        loc += tuple(str(ctx["key"]).split(":")) if "key" in ctx else ()
         expected, got = str(ctx["expected"]), ctx.get("got")
     elif kind == "missing":
         parent = _model_at(loc[:-1])

@@ -41,6 +41,7 @@ from dicomproxy.config.fields import (
     Choice,
     Cidr,
     Duration,
+    Endpoint,
     Flag,
     FlagOrNames,
     FsPath,
@@ -49,6 +50,7 @@ from dicomproxy.config.fields import (
     Names,
     Number,
     Section,
+    SyslogUrl,
     Text,
     UrlPath,
     Whole,
@@ -295,6 +297,65 @@ class ServerSettings(Section):
         "ReservedFileDescriptors", 256, "descriptors kept for the spool, the DICOM side and the upstream pool")
 
 
+CLIENT_CERTIFICATE_MODES = ("None", "Optional", "Required")
+
+
+class HttpsSettings(Section):
+    """The TLS side of the `https://` entries of ``Urls`` (http/tls.py, http/renewal.py, http/hsts.py)."""
+
+    certificate_file: Annotated[Path | None, FsPath(optional=True)] = key(
+        "CertificateFile", "", "the server certificate, PEM: the certificate first, then its intermediates (the "
+        "file may hold the key too)")
+    key_file: Annotated[Path | None, FsPath(optional=True)] = key(
+        "KeyFile", "", "its private key, PEM (empty: the key is in `Https:CertificateFile`)")
+    key_password: Annotated[str, Text()] = key("KeyPassword", "", "the password of an encrypted key", secret=True)
+    pkcs12_file: Annotated[Path | None, FsPath(optional=True)] = key(
+        "Pkcs12File", "certificate.pfx", "a PKCS#12 bundle (`.pfx`/`.p12`: certificate, intermediates and key, as "
+        "Windows exports it), used when `Https:CertificateFile` is empty; by default `certificate.pfx` in "
+        "`ConfigRoot`")
+    pkcs12_password: Annotated[str, Text()] = key(
+        "Pkcs12Password", "", "the PKCS#12 bundle's password", secret=True)
+    minimum_version: Annotated[str, Choice("1.2", "1.3")] = key(
+        "MinimumTlsVersion", "1.2", "the oldest TLS version accepted (`1.2` or `1.3`; older ones never are)")
+    client_certificate_mode: Annotated[str, Choice(*CLIENT_CERTIFICATE_MODES)] = key(
+        "ClientCertificateMode", "None", "client certificates (mutual TLS): `None` (not asked for), `Optional` "
+        "(asked for; one that is sent must verify), `Required` (a connection without a valid one is refused)")
+    client_ca_file: Annotated[Path | None, FsPath(optional=True)] = key(
+        "ClientCaFile", "", "PEM bundle of the CAs client certificates must chain to (required with "
+        "`Https:ClientCertificateMode`)")
+    reload_interval: Annotated[float, Number(minimum=0)] = key(
+        "ReloadIntervalSeconds", 60, "how often the certificate, key and CA files are checked for a renewal, "
+        "loaded for new connections without a restart (`0`: never)")
+    redirect_http: Annotated[bool, Flag()] = key(
+        "RedirectHttp", False, "the `http://` listeners answer 308 to the first `https://` one "
+        "(`/dicomproxy/health` excepted); needs both in `Urls`")
+    hsts: Annotated[bool, Flag()] = key(
+        "Hsts", False, "send `Strict-Transport-Security` on every `https` response (never over plain HTTP)")
+    hsts_max_age: Annotated[int, Whole(0)] = key(
+        "HstsMaxAgeSeconds", 31536000, "its `max-age`: how long browsers use only https for this host")
+    hsts_include_subdomains: Annotated[bool, Flag()] = key(
+        "HstsIncludeSubDomains", False, "add `includeSubDomains` (only if every host under this name serves https)")
+
+    @property
+    def uses_pkcs12(self) -> bool:
+        """The certificate comes from the PKCS#12 bundle (no PEM certificate given)."""
+        return self.certificate_file is None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> HttpsSettings:
+        if self.key_file is not None and self.certificate_file is None:
+            raise _problem("KeyFile", "needs Https:CertificateFile (the certificate the key belongs to)")
+        if self.certificate_file is not None and "pkcs12_file" in self.model_fields_set and self.pkcs12_file:
+            raise _problem("Pkcs12File", "give either Https:CertificateFile (PEM) or Https:Pkcs12File, not both")
+        if self.client_certificate_mode != "None" and self.client_ca_file is None:
+            raise _problem("ClientCaFile", "required with Https:ClientCertificateMode "
+                           f"{self.client_certificate_mode} (the CAs client certificates are checked against)")
+        if self.client_certificate_mode == "None" and self.client_ca_file is not None:
+            raise _problem("ClientCaFile", "would never be used: set Https:ClientCertificateMode to Optional or "
+                           "Required (or remove Https:ClientCaFile)")
+        return self
+
+
 class CorsSettings(Section):
     """``Cors:*``; empty lists of headers mean the built-in ones (http/cors.py)."""
 
@@ -474,6 +535,17 @@ class PacsAe(RemoteAe):
     port: Annotated[int, Whole(1, 65535)] = key("Port", 4242, "the PACS's DICOM port")
 
 
+class ModalityAe(RemoteAe):
+    """A ``Dicom:Modalities`` entry: a C-MOVE destination (and a ``send`` target)."""
+
+    retrieve: Annotated[str, Choice("Auto", "Relay", "FetchAndStore")] = key(
+        "Retrieve", "Auto", "how a C-MOVE to this AE is served: `Relay` passes the C-MOVE to the PACS, which moves "
+        "the instances there itself (the PACS must know this AE title), with its status and counts; "
+        "`FetchAndStore` fetches them from the PACS with C-GET and stores them there; `Auto` relays and, when the "
+        "PACS answers that it cannot move there (0xA801, or 0xC000 before any sub-operation as Orthanc 1.10 does, "
+        "when the request does match instances), fetches instead (remembered for 10 minutes)")
+
+
 class DicomSettings(Section):
     aet: Annotated[str, AeTitle()] = key("Aet", "DICOMPROXY", "the gateway's AE title")
     port: Annotated[int, Whole(0, 65535)] = key("Port", 11112, "the DICOM side's port (`0` turns it off)")
@@ -481,8 +553,9 @@ class DicomSettings(Section):
         "Host", "127.0.0.1", "where the DICOM side listens (loopback by default; `0.0.0.0` for all interfaces)")
     upstream: PacsAe = section("Upstream", "the PACS's DICOM side")
     tls: DicomTlsSettings = section("Tls", "the DICOM TLS port")
-    modalities: dict[str, RemoteAe] = collection(
-        "Modalities", "named remote AEs: `{\"name\":{\"Aet\":..,\"Host\":..,\"Port\":..}}` (C-MOVE destinations)", {})
+    modalities: dict[str, ModalityAe] = collection(
+        "Modalities", "named remote AEs: `{\"name\":{\"Aet\":..,\"Host\":..,\"Port\":..}}` (C-MOVE destinations; a "
+        "C-MOVE to an AE title not listed here is refused with 0xA801)", {})
     allowed_calling_aets: Annotated[tuple[str, ...], Names(AeTitle())] = key(
         "AllowedCallingAets", (), "calling AEs allowed to associate (empty: all; an AE title is not a password, "
         "so keep `Dicom:Host` on a trusted network, or use `Dicom:AllowedAddresses` and `Dicom:Tls`). Refused: "
@@ -527,6 +600,11 @@ class DicomSettings(Section):
         "NAT address")
     max_connections: Annotated[int, Whole(1)] = key(
         "MaxConnections", 256, "open DICOM connections in all; one more is closed at once")
+    qr_timeout: Annotated[float, Number(minimum=1)] = key(
+        "QueryRetrieveTimeoutSeconds", 300, "during a C-FIND, C-GET or C-MOVE through the gateway, the longest wait "
+        "for the PACS's next message (a response, the next piece of an instance), a move destination's or the "
+        "requester's answer to a sub-operation, or a peer to read what the gateway sends; past it the operation "
+        "fails and its associations are aborted")
     max_dataset_mb: Annotated[int, Whole(1)] = key(
         "MaxDatasetMB", 4096, "largest data set one C-STORE may send; a larger one aborts the association "
         "(nothing is kept). Data sets are streamed to the spool as they arrive, so memory does not grow with "
@@ -564,7 +642,8 @@ class EmailRule(Section):
 
     events: Annotated[tuple[str, ...], Names()] = key(
         "Events", ("*",), "event kinds or globs (`*.failed`, `*`): `upload.imported`, `import.failed`, "
-        "`forward.failed`, `script.failed`, `task.failed`, `upstream.down`, `upstream.up`")
+        "`forward.failed`, `script.failed`, `task.failed`, `upstream.down`, `upstream.up`, `mail.failed`, "
+        "`certificate.failed`, `audit.buffer_full`")
     to: Annotated[tuple[str, ...], Names(nonempty=True)] = key("To", REQUIRED, "recipients")
 
 
@@ -587,18 +666,88 @@ class LoggingSettings(Section):
     level: Annotated[str, Choice("DEBUG", "INFO", "WARNING", "ERROR")] = key("Level", "INFO", "log level")
 
 
+class AuditCollector(Section):
+    """One syslog collector of the audit trail (``Audit:Collectors`` entry)."""
+
+    shorthand: ClassVar[str | None] = "Url"
+    noun: ClassVar[str] = "a URL or an object with Url (and CaFile, CertFile, KeyFile for TLS)"
+
+    url: Annotated[str, SyslogUrl()] = key(
+        "Url", REQUIRED, "`tls://host:6514` (RFC 5425, at least once) or `udp://host:514` (RFC 5426, fire and forget)")
+    ca_file: Annotated[Path | None, FsPath(optional=True)] = key(
+        "CaFile", "", "PEM bundle the collector's certificate is checked against (empty: the system CAs)")
+    cert_file: Annotated[Path | None, FsPath(optional=True)] = key(
+        "CertFile", "", "the gateway's client certificate (PEM) for mutual TLS")
+    key_file: Annotated[Path | None, FsPath(optional=True)] = key("KeyFile", "", "its private key (PEM)")
+    key_password: Annotated[str, Text()] = key("KeyPassword", "", "the private key's password", secret=True)
+    server_name: Annotated[str, Text()] = key(
+        "ServerName", "", "the name the collector's certificate must carry (empty: the URL's host)")
+    max_datagram: Annotated[int, Whole(480, 65507)] = key(
+        "MaxDatagramBytes", 8192, "UDP: longest message sent (rsyslog's default limit is 8 KB); longer ones are "
+        "counted and not sent")
+
+    @model_validator(mode="after")
+    def _key_with_cert(self) -> AuditCollector:
+        if self.key_file is not None and self.cert_file is None:
+            raise PydanticCustomError(VALUE_ERROR, "{expected}", {
+                "expected": "a key without a certificate: set CertFile (PEM) next to KeyFile", "key": "KeyFile"})
+        return self
+
+
+class AuditSettings(Section):
+    """The IHE ATNA audit trail (dicomproxy/audit/)."""
+
+    enabled: Annotated[bool, Flag()] = key("Enabled", False, "record DICOM PS3.15 A.5 audit messages")
+    collectors: tuple[AuditCollector, ...] = collection(
+        "Collectors", "syslog collectors: `[{\"Url\": \"tls://audit.example.org:6514\", \"CaFile\": \"ca.pem\"}]` "
+        "or `[\"udp://127.0.0.1:514\"]`; each gets every message from its own place in the buffer", ())
+    file: Annotated[Path | None, FsPath(optional=True)] = key(
+        "File", "", "a local JSON-lines copy of every event (empty: none)")
+    file_max_mb: Annotated[float, Number(above=0)] = key("FileMaxMB", 100, "the JSON-lines file is rotated past this")
+    file_keep: Annotated[int, Whole(0)] = key("FileKeep", 10, "rotated JSON-lines files kept (`File.1` ...)")
+    buffer_folder: Annotated[Path, FsPath()] = key(
+        "BufferFolder", "data/audit", "durable buffer of messages not yet delivered to every collector")
+    buffer_max_mb: Annotated[float, Number(above=0)] = key(
+        "BufferMaxMB", 256, "largest buffer; when full the newest messages are dropped (counted, an "
+        "`audit.buffer_full` notification, health degraded, an Audit Recording Stopped alert)")
+    enterprise_site_id: Annotated[str, Text()] = key(
+        "EnterpriseSiteId", "", "AuditEnterpriseSiteID (the hospital or site; empty: left out)")
+    source_id: Annotated[str, Text()] = key(
+        "SourceId", "", "AuditSourceID (empty: `<Dicom:Aet>@<host name>`)")
+    app_name: Annotated[str, Text()] = key("AppName", "dicomproxy", "the syslog APP-NAME")
+    msg_id: Annotated[str, Choice("IHE+RFC-3881", "ATNA")] = key(
+        "MsgId", "IHE+RFC-3881", "the syslog MSGID (IHE ITI TF-2 3.20)")
+    login_success_interval: Annotated[float, Number(minimum=0)] = key(
+        "LoginSuccessIntervalSeconds", 600, "an HTTP user's successful login is recorded once per address and this "
+        "many seconds of quiet (basic auth logs in on every request; `0`: every request)")
+    failed_login_burst: Annotated[int, Whole(2)] = key(
+        "FailedLoginBurst", 5, "this many failed logins from one address within the window raise a Security Alert")
+    failed_login_window: Annotated[float, Number(above=0)] = key(
+        "FailedLoginWindowSeconds", 60, "the window of `Audit:FailedLoginBurst`")
+
+    @property
+    def buffer_max(self) -> int:
+        return int(self.buffer_max_mb * MiB)
+
+    @property
+    def file_max(self) -> int:
+        return int(self.file_max_mb * MiB)
+
+
 class Settings(Section):
     """The whole configuration, typed. Built once by :func:`~dicomproxy.config.loader.load_settings`."""
 
     urls: Annotated[str, Listen()] = key(
         "Urls", "http://127.0.0.1:8080", "where the HTTP side listens (loopback by default; `http://0.0.0.0:8080` "
-        "for all interfaces)")
+        "for all interfaces); several separated by `;`, e.g. `http://0.0.0.0:8080;https://0.0.0.0:8443` (an "
+        "`https://` entry needs a certificate: see `Https`)")
     upstream: UpstreamSettings = section("Upstream", "the PACS's HTTP side")
     extra_config: ExtraConfigSettings = section("ExtraConfig", "folders, and any key a site adds for its scripts")
     lua: LuaSettings = section("Lua", "the Lua engines")
     authentication: AuthenticationSettings = section(
         "Authentication", "who may call the gateway: basic users, API keys, bearer tokens, role rules")
     server: ServerSettings = section("Server", "limits of the HTTP front door")
+    https: HttpsSettings = section("Https", "certificates and policy of the `https://` listeners")
     cors: CorsSettings = section("Cors", "the CORS policy")
     tus: TusSettings = section("Tus", "the TUS upload server")
     dicom: DicomSettings = section("Dicom", "the DICOM side")
@@ -606,6 +755,7 @@ class Settings(Section):
     notifications: NotificationSettings = section("Notifications", "the notification feed and mail rules")
     orthanc: OrthancSettings = section("Orthanc", "the Orthanc-compatible Lua layer")
     logging: LoggingSettings = section("Logging", "logging")
+    audit: AuditSettings = section("Audit", "the IHE ATNA audit trail")
 
     config_file: Path | None = internal(None)  # the appsettings.json read, if any
     config_root: Path = internal(Path("."))  # its folder (the working directory without one)
@@ -620,16 +770,31 @@ class Settings(Section):
         object.__setattr__(self, "tus", self.tus.model_copy(update={"upload_folder": extra.tus_upload_folder}))
         return self
 
+    @model_validator(mode="after")
+    def _https_needs_listeners(self) -> Settings:
+        schemes = {e.scheme for e in self.endpoints}
+        if self.https.redirect_http and schemes != {"http", "https"}:
+            raise _problem("RedirectHttp", "needs an http:// and an https:// entry in Urls (e.g. "
+                           "http://0.0.0.0:8080;https://0.0.0.0:8443)", "Https")
+        if self.https.hsts and "https" not in schemes:
+            raise _problem("Hsts", "would never be sent: Urls has no https:// entry", "Https")
+        return self
+
     # -- derived values ---------------------------------------------------------------------
     @property
+    def endpoints(self) -> tuple[Endpoint, ...]:
+        """Every entry of ``Urls``, in order (``*`` and ``+`` mean every interface)."""
+        return Listen().endpoints(self.urls)
+
+    @property
     def host(self) -> str:
-        """The HTTP side's address, from the first of ``Urls`` (``*`` and ``+`` mean every interface)."""
-        host = urlsplit(self.urls.split(";")[0].strip()).hostname or "127.0.0.1"
-        return "0.0.0.0" if host in ("*", "+") else host
+        """The first listener's address."""
+        return self.endpoints[0].host
 
     @property
     def port(self) -> int:
-        return urlsplit(self.urls.split(";")[0].strip()).port or 80
+        """The first listener's port."""
+        return self.endpoints[0].port
 
     @property
     def data_folder(self) -> Path:
@@ -659,6 +824,12 @@ class Settings(Section):
         flat = self.tree.leaves()
         flat["ConfigRoot"] = str(self.config_root)
         return flat
+
+
+def _problem(key: str, expected: str, section: str = "") -> PydanticCustomError:
+    """A model check's failure, reported by the loader as ``<source>: <Section:Key>: <expected>``."""
+    return PydanticCustomError(VALUE_ERROR, "{expected}", {"expected": expected,
+                                                            "key": f"{section}:{key}" if section else key})
 
 
 def _is_loopback(host: str) -> bool:

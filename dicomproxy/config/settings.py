@@ -13,14 +13,18 @@ from dicomproxy.config.errors import ConfigError
 from dicomproxy.config.fields import resolve_path
 from dicomproxy.config.loader import ENV_PREFIX, load_settings
 from dicomproxy.config.model import (
+    AuditCollector,
+    AuditSettings,
     AuthenticationSettings,
     CorsSettings,
     DicomSettings,
     DicomTlsSettings,
     EmailRule,
     ExtraConfigSettings,
+    HttpsSettings,
     LoggingSettings,
     LuaSettings,
+    ModalityAe,
     NotificationSettings,
     OrthancSettings,
     PacsAe,
@@ -36,6 +40,8 @@ from dicomproxy.config.tree import ConfigTree
 
 __all__ = [
     "ENV_PREFIX",
+    "AuditCollector",
+    "AuditSettings",
     "AuthenticationSettings",
     "ConfigError",
     "ConfigTree",
@@ -44,8 +50,10 @@ __all__ = [
     "DicomTlsSettings",
     "EmailRule",
     "ExtraConfigSettings",
+    "HttpsSettings",
     "LoggingSettings",
     "LuaSettings",
+    "ModalityAe",
     "NotificationSettings",
     "OrthancSettings",
     "PacsAe",

@@ -15,10 +15,11 @@ import logging
 import time
 from typing import Any
 
+from dicomproxy.dicom.audit import DicomAudit
 from dicomproxy.dicom.dispatch import Dispatcher
 from dicomproxy.dicom.forwarder import DatasetReader, Forwarder, ForwardResult, ForwardTarget
 from dicomproxy.dicom.hooks import InstanceStored, StoredInstance
-from dicomproxy.dicom.qr.ae import QueryRetrieveAe
+from dicomproxy.dicom.qr.service import QueryRetrieve
 from dicomproxy.dicom.session import LuaBridge
 from dicomproxy.dicom.spool import Spool, SpoolEntry
 from dicomproxy.dicom.store import StoreService
@@ -57,6 +58,7 @@ class DicomComponent:
                                 fail_open=settings.lua.fail_open)
         self.spool = Spool(s.spool_folder)
         self.target = forward_target(gateway)
+        self.audit = DicomAudit(gateway.audit, s, "dimse" if self.target.via == "dimse" else self.target.describe())
         self.hook = gateway.hooks.get(InstanceStored)
         self.hook.forwarded_as = s.aet if s.port and self.target.via == "dimse" else None
         self._metrics(gateway)
@@ -65,15 +67,18 @@ class DicomComponent:
             max_retry=s.forward_max_retry, max_attempts=s.forward_max_attempts, on_stored=self._on_stored,
             on_failed=self._on_failed, session_factory=self._session,
         )
-        self.store = StoreService(self.bridge, self.spool, self.forwarder.enqueue, self.counters)
+        self.store = StoreService(self.bridge, self.spool, self.forwarder.enqueue, self.counters, audit=self.audit)
         self.limits = Limits(
             artim=s.artim_seconds, max_associations=s.max_associations, max_per_address=s.max_connections_per_address,
             max_connections=s.max_connections, max_pdu=MAX_PDU,
         )
-        self.qr = QueryRetrieveAe(s, self.bridge, self.store, max_associations=s.max_associations,
-                                  artim=s.artim_seconds, idle=300.0)
+        self.qr = QueryRetrieve(
+            s, self.bridge, self.store, self.spool, max_pdu=MAX_PDU, idle=300.0, timeout=s.qr_timeout,
+            connect_timeout=max(settings.upstream.connect_timeout, 1.0), max_dataset=s.max_dataset_mb << 20,
+            audit=self.audit,
+        )
         self.dispatcher = Dispatcher(s, self.limits, self.bridge, self.store, self.spool, self.qr,
-                                     max_dataset=s.max_dataset_mb << 20)
+                                     max_dataset=s.max_dataset_mb << 20, audit=self.audit)
         self.admission = Admission(self.limits)
         self.acceptors: list[Acceptor] = []
         if not s.tls.only:
@@ -152,6 +157,7 @@ class DicomComponent:
         await asyncio.to_thread(_join, threads)
         await self.qr.stop()
         await self.forwarder.stop()
+        self.audit.flush(everything=True)
         await asyncio.to_thread(self.store.close)
         self.spool.close()
         self.started = False
@@ -187,6 +193,7 @@ class DicomComponent:
     async def _on_stored(self, entry: SpoolEntry, result: ForwardResult, read: DatasetReader) -> None:
         self.m_forwarded.inc()
         self.m_forward_seconds.observe(max(0.0, time.time() - entry.received))
+        self.audit.forwarded(entry)
         assoc = {k: entry.origin.get(k, "") for k in ("CallingAE", "CalledAE", "RemoteIp")}
         assoc["RemotePort"] = entry.origin.get("RemotePort", 0)
         if self.gateway.lua.defines("onInstanceStored"):
@@ -213,6 +220,7 @@ class DicomComponent:
 
     def _on_failed(self, entry: SpoolEntry, reason: str) -> None:
         self.m_failed.inc()
+        self.audit.forwarded(entry, ok=False, reason=reason)
         self.gateway.bus.emit(
             "forward.failed",
             f"Forwarding failed: {entry.sop_instance}",

@@ -8,31 +8,29 @@ context must be DICOM's; the address and AE title rules of :mod:`.policy` must p
 association limits were applied by the acceptor before; see :mod:`.ul.acceptor`.)
 
 Then: an association that proposes a Query/Retrieve model or SCP/SCU role selection (a C-GET
-requester) is spliced, bytes untouched, to the pynetdicom AE of :mod:`.qr` on its loopback port,
-two small tasks on the event loop copying each way; any other is a storage association, served
-by :class:`.storage_scp.StorageScp` on a thread of its own. A thread that cannot be started
-(the process is out of threads) is an A-ASSOCIATE-RJ (transient, temporary congestion) for that
-request; the port keeps listening.
+requester) is served by :mod:`.qr` on the event loop (:meth:`.qr.service.QueryRetrieve.serve`),
+on the connection the acceptor took, so every Lua event sees the requester's own address; any
+other is a storage association, served by :class:`.storage_scp.StorageScp` on a thread of its
+own. A thread that cannot be started (the process is out of threads) is an A-ASSOCIATE-RJ
+(transient, temporary congestion) for that request; the port keeps listening.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import socket
 import threading
 
 from dicomproxy.config.settings import DicomSettings
 from dicomproxy.dicom import presentation
-from dicomproxy.dicom.policy import AssociationPolicy
-from dicomproxy.dicom.qr.ae import QueryRetrieveAe
+from dicomproxy.dicom.audit import DicomAudit
+from dicomproxy.dicom.policy import AssociationPolicy, Refusal
+from dicomproxy.dicom.qr.service import QueryRetrieve
 from dicomproxy.dicom.session import AssocSession, LuaBridge
 from dicomproxy.dicom.spool import Spool
 from dicomproxy.dicom.storage_scp import StorageScp
 from dicomproxy.dicom.store import StoreService
 from dicomproxy.dicom.ul import pdu as pdus
-from dicomproxy.dicom.ul import tls as tlsio
 from dicomproxy.dicom.ul.acceptor import Limits, Pending, Slot
 
 log = logging.getLogger(__name__)
@@ -44,15 +42,19 @@ PERMANENT_NO_REASON = (1, 1, 1)
 PERMANENT_APPLICATION_CONTEXT = (1, 1, 2)
 TRANSIENT_CONGESTION = (2, 3, 1)
 
+NOT_DICOM = Refusal(*PERMANENT_APPLICATION_CONTEXT, "not a DICOM application context")
+BY_SCRIPT = Refusal(*PERMANENT_NO_REASON, "refused by onDicomAssociation")
+
 
 class Dispatcher:
     """The acceptor's handler (``await dispatcher(pending)`` for each admitted request)."""
 
     def __init__(
         self, settings: DicomSettings, limits: Limits, bridge: LuaBridge, store: StoreService, spool: Spool,
-        qr: QueryRetrieveAe, *, max_dataset: int,
+        qr: QueryRetrieve, *, max_dataset: int, audit: DicomAudit | None = None,
     ) -> None:
         self.settings = settings
+        self.audit = audit or DicomAudit(None, settings, "dimse")
         self.limits = limits
         self.bridge = bridge
         self.store = store
@@ -69,30 +71,32 @@ class Dispatcher:
         session = AssocSession(self.bridge, rq.calling, rq.called, pending.ip, pending.port,
                                asyncio.get_running_loop())
         refusal = await self._policy(pending, session)
+        self.audit.association(session, refusal.why if refusal else "",
+                               blocked=refusal is not None and refusal is not NOT_DICOM)
         if refusal is not None:
             session.close()
-            await pending.reject(*refusal)
+            await pending.reject(*refusal.rj)
             return
         if rq.proposes_roles or presentation.is_query_retrieve(cx.abstract_syntax for cx in rq.contexts):
-            await self._splice(pending, session)
+            await self.qr.serve(pending, session)
         else:
             await self._serve_storage(pending, session)
 
-    async def _policy(self, pending: Pending, session: AssocSession) -> tuple[int, int, int] | None:
+    async def _policy(self, pending: Pending, session: AssocSession) -> Refusal | None:
         rq = pending.request
         who = f"{rq.calling} ({pending.ip}:{pending.port})"
         if rq.application_context != pdus.APPLICATION_CONTEXT:
             log.info("association from %s refused: application context %r is not DICOM's", who,
                      rq.application_context)
-            return PERMANENT_APPLICATION_CONTEXT
+            return NOT_DICOM
         refusal = self.policy.check(rq.calling, rq.called, pending.ip)
         if refusal is not None:
             log.warning("association from %s to %s refused (A-ASSOCIATE-RJ reason %d): %s", who, rq.called,
                         refusal.reason, refusal.why)
-            return refusal.rj
+            return refusal
         session.operations = self.policy.operations_of(rq.calling)
         if await self.bridge.refuses(session):
-            return PERMANENT_NO_REASON
+            return BY_SCRIPT
         return None
 
     # -- storage ------------------------------------------------------------------------------
@@ -128,40 +132,11 @@ class Dispatcher:
 
     def _ended(self, scp: StorageScp, slot: Slot) -> None:
         """From the association's thread, when it ends."""
+        self.audit.ended(scp.session)
         with self._lock:
             self._live.discard(scp)
             self._threads.discard(threading.current_thread())
         slot.close()
-
-    # -- Query/Retrieve -------------------------------------------------------------------------
-    async def _splice(self, pending: Pending, session: AssocSession) -> None:
-        loop = asyncio.get_running_loop()
-        up = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        up.setblocking(False)
-        try:
-            await asyncio.wait_for(loop.sock_connect(up, ("127.0.0.1", self.qr.port)), 10)
-        except (OSError, TimeoutError) as e:
-            up.close()
-            session.close()
-            log.error("cannot reach the internal Q/R AE: %s", e)
-            await pending.reject(*TRANSIENT_CONGESTION)
-            return
-        up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        local = int(up.getsockname()[1])
-        self.qr.sessions.expect(local, session)
-        sock = pending.take()
-        try:
-            await tlsio.sendall(loop, up, pending.raw)
-            await _pump_both(loop, sock, up, linger=self.limits.artim)
-        except OSError:
-            pass
-        finally:
-            self.qr.sessions.forget(local)
-            for s in (up, sock):
-                with contextlib.suppress(OSError):
-                    s.close()
-            pending.slot.close()
-            session.close()
 
     # -- lifecycle ------------------------------------------------------------------------------
     @property
@@ -177,28 +152,3 @@ class Dispatcher:
             scp.shutdown()
         return threads
 
-
-async def _pump_both(loop: asyncio.AbstractEventLoop, a: socket.socket, b: socket.socket, *, linger: float) -> None:
-    """Copy both ways until one side ends; then give the other ``linger`` seconds to finish."""
-    tasks = [loop.create_task(_pump(loop, a, b)), loop.create_task(_pump(loop, b, a))]
-    try:
-        done, rest = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        if rest:
-            await asyncio.wait(rest, timeout=linger)
-    finally:
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, OSError):
-                await t
-
-
-async def _pump(loop: asyncio.AbstractEventLoop, src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while data := await tlsio.recv(loop, src, 1 << 16):
-            await tlsio.sendall(loop, dst, data)
-    except OSError:
-        pass
-    finally:
-        with contextlib.suppress(OSError):
-            tlsio.half_close(dst)

@@ -84,6 +84,7 @@ class AssocSession:
         self.operations: frozenset[Operation] = ALL_OPERATIONS  # Dicom:AePermissions, set when admitted
         self._scope: Any = None
         self._lock = threading.Lock()
+        self.received: dict[str, Any] = {}  # study UID -> what arrived of it (the audit's tally)
         self._closed = False
 
     def permits(self, operation: Operation) -> bool:

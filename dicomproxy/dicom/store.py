@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO, NamedTuple
 
 from dicomproxy.dicom import datasets
+from dicomproxy.dicom.audit import DicomAudit
 from dicomproxy.dicom.session import AssocSession, LuaBridge
 from dicomproxy.dicom.spool import Spool, SpoolEntry, SpoolWriter
 
@@ -49,8 +50,10 @@ class StoreService:
         enqueue: Callable[[SpoolEntry], None],
         counters: dict[str, Any] | None = None,
         writers: int = 4,
+        audit: DicomAudit | None = None,
     ) -> None:
         self.bridge = bridge
+        self.audit = audit
         self.spool = spool
         self.enqueue = enqueue
         self.counters = counters or {}
@@ -107,6 +110,8 @@ class StoreService:
         except OSError as e:
             writer.discard()
             return self._put_failed(session, sop_instance, e)
+        if self.audit is not None:
+            self.audit.received(session, entry)  # a tally on the session: recorded when the association ends
         assert self.loop is not None
         self.loop.call_soon_threadsafe(self.enqueue, entry)
         self._count("received")
@@ -172,7 +177,7 @@ class StoreService:
     def _put(
         self, session: AssocSession, raw: bytes, ts: str, sop_class: str, sop_instance: str, header: dict[str, str]
     ) -> SpoolEntry:
-        return self.spool.put(
+        entry = self.spool.put(
             raw,
             sop_class=sop_class,
             sop_instance=sop_instance,
@@ -182,6 +187,9 @@ class StoreService:
             patient_id=header.get("PatientID", ""),
             origin=session.table(),
         )
+        if self.audit is not None:
+            self.audit.received(session, entry)
+        return entry
 
     def _put_failed(self, session: AssocSession, sop_instance: str, e: OSError) -> tuple[int, str]:
         log.error("C-STORE %s from %s: spool write failed: %s", sop_instance, session.calling, e)

@@ -6,16 +6,18 @@ a failing listener is logged, because telling someone about an event must not br
 
 Event kinds (the names ``Notifications:Email`` rules match on):
 
-=====================  =====================================================
-``upload.imported``    a TUS upload was imported into the PACS
-``import.failed``      a TUS import failed
-``forward.failed``     the DICOM forwarder gave up on an instance
-``script.failed``      a script failed to load or reload
-``task.failed``        a background task failed
-``upstream.down``      the PACS stopped answering
-``upstream.up``        the PACS answers again
-``mail.failed``        a mail could not be sent
-=====================  =====================================================
+=======================  =====================================================
+``upload.imported``      a TUS upload was imported into the PACS
+``import.failed``        a TUS import failed
+``forward.failed``       the DICOM forwarder gave up on an instance
+``script.failed``        a script failed to load or reload
+``task.failed``          a background task failed
+``upstream.down``        the PACS stopped answering
+``upstream.up``          the PACS answers again
+``mail.failed``          a mail could not be sent
+``certificate.failed``   the changed HTTPS certificate files could not be
+                         loaded (the previous certificate is still served)
+=======================  =====================================================
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ EVENT_KINDS = (
     "upstream.down",
     "upstream.up",
     "mail.failed",
+    "certificate.failed",
 )
 
 

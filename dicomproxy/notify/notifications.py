@@ -50,7 +50,7 @@ NOTIFICATION_FIELDS = ("Title", "Body", "Link")
 MAX_TITLE = 300
 MAX_BODY = 8000
 ERROR_KINDS = frozenset({"import.failed", "forward.failed", "script.failed", "task.failed",
-                         "upstream.down", "mail.failed"})
+                         "upstream.down", "mail.failed", "certificate.failed"})
 SUCCESS_KINDS = frozenset({"upload.imported", "upstream.up"})
 
 

@@ -29,6 +29,9 @@ from dicomproxy_middleware import (
     compile_chunk,
 )
 
+from dicomproxy.audit import codes as audit_codes
+from dicomproxy.audit import events as audit_events
+from dicomproxy.audit.trail import AuditTrail
 from dicomproxy.commands import Commands
 from dicomproxy.config.settings import Settings
 from dicomproxy.notify.events import EventBus
@@ -41,10 +44,11 @@ log = logging.getLogger("dicomproxy.scripting")
 class ScriptHost:
     def __init__(
         self, settings: Settings, *, bus: EventBus, tasks: TaskQueue, commands: Commands,
-        on_call: Callable[[str, float], None] | None = None,
+        audit: AuditTrail | None = None, on_call: Callable[[str, float], None] | None = None,
     ) -> None:
         """``on_call(callback, seconds)``: the duration of every Lua callback, in every engine."""
         self.settings = settings
+        self.audit = audit
         self.bus = bus
         self.tasks = tasks
         self.commands = commands
@@ -61,6 +65,7 @@ class ScriptHost:
             reload_interval=lua.reload_interval_ms / 1000.0,
             on_error=self._script_failed,
             on_loaded=self._singleton_loaded,
+            on_changed=self._script_changed,
             libraries=(LuaLibrary("requireNative", exports.REQUIRE_NATIVE_LUA, ("requireNative",)),),
             on_call=on_call,
         )
@@ -112,7 +117,16 @@ class ScriptHost:
     async def stop(self) -> None:
         await self.scripts.stop()
 
+    def _script_changed(self, path: Path, what: str) -> None:
+        """A script took effect (loaded at start, edited, removed): a Security Alert for the audit."""
+        if self.audit is not None:
+            self.audit.alert(audit_codes.SOFTWARE_CONFIGURATION, audit_events.script_file(str(path)),
+                             f"Lua script {path} {what}", ok=what != "removed")
+
     def _script_failed(self, path: Path, message: str) -> None:
+        if self.audit is not None:
+            self.audit.alert(audit_codes.SOFTWARE_CONFIGURATION, audit_events.script_file(str(path)),
+                             f"Lua script {path} edited but refused (the previous version stays): {message}")
         self.bus.emit("script.failed", f"Script failed to load: {path.name}", message, "/dicomproxy/ui",
                       script=str(path))
 

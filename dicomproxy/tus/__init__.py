@@ -19,6 +19,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from dicomproxy.audit import codes as audit_codes
+from dicomproxy.audit import events as audit_events
 from dicomproxy.tus.archive import ArchiveRefused, ZipLimits
 from dicomproxy.tus.expiry import ExpirySweeper
 from dicomproxy.tus.importer import ImportFailed, StowClient
@@ -108,7 +110,8 @@ class TusFeature:
         name = upload.metadata.get("filename") or upload.metadata.get("name") or upload.id
         task_id = self.gateway.tasks.submit(
             TASK_KIND,
-            {"fileId": upload.id, "path": str(upload.path), "size": upload.size, "filename": name},
+            {"fileId": upload.id, "path": str(upload.path), "size": upload.size, "filename": name,
+             "owner": upload.owner or ""},
             title=f"Import TUS upload {name}",
             owner=upload.owner,
         )
@@ -126,21 +129,22 @@ class TusFeature:
         try:
             report = await self.stow.import_file(Path(path))
         except (ImportFailed, ArchiveRefused) as e:
-            self._failed(upload_id, name, str(e))
+            self._failed(upload_id, name, str(e), args)
             raise ReportedFailure(str(e)) from None
         summary = {"fileId": upload_id, "filename": name, **report.summary()}
         if report.instances == 0:
             why = f"{name}: not DICOM (neither a DICOM file nor a ZIP of DICOM files)"
-            self._failed(upload_id, name, why)
+            self._failed(upload_id, name, why, args)
             raise ReportedFailure(why)
         self._m_instances.inc(len(report.stored))
         if not report.ok:
             first = report.failed[0]
             why = (f"{name}: {len(report.failed)} of {report.instances} instances failed "
                    f"(first: {first['sop']}: {first['reason']})")
-            self._failed(upload_id, name, why)
+            self._failed(upload_id, name, why, args)
             raise ReportedFailure(why)
         self._m_imported.inc(outcome="stored")
+        self._audit(args, report.studies, len(report.stored), "")
         log.info("tus: upload %s (%s) imported: %d instances", upload_id, name, len(report.stored))
         self.gateway.bus.emit(
             "upload.imported",
@@ -154,8 +158,20 @@ class TusFeature:
             await self._delete(upload_id)
         return summary
 
-    def _failed(self, upload_id: str, name: str, why: str) -> None:
+    def _audit(self, args: dict[str, Any], study_urls: set[str], stored: int, why: str) -> None:
+        """DICOM Instances Transferred: the upload's studies, from the gateway to the PACS, for its owner."""
+        studies = [audit_events.Study(url.rstrip("/").rsplit("/", 1)[-1]) for url in sorted(study_urls)]
+        text = f"TUS upload {args.get('filename') or args.get('fileId')}: {stored} instance(s) stored" + (
+            f"; {why}" if why else "")
+        self.gateway.audit.record(audit_events.instances_transferred(
+            studies, audit_events.Participant(audit_events.SELF, False, audit_codes.SOURCE),
+            audit_events.peer(self.stow_url, "", requestor=False, role=audit_codes.DESTINATION),
+            action="R", ok=not why, reason=text,
+            requestor=audit_events.peer(str(args.get("owner") or "anonymous"), "", requestor=True)))
+
+    def _failed(self, upload_id: str, name: str, why: str, args: dict[str, Any]) -> None:
         self._m_imported.inc(outcome="failed")
+        self._audit(args, set(), 0, why)
         log.error("tus: import of upload %s failed; the upload is kept: %s", upload_id, why)
         self.gateway.bus.emit("import.failed", f"Import failed: {name}", why, "/dicomproxy/tasks",
                               fileId=upload_id, filename=name)

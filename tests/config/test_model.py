@@ -4,6 +4,7 @@ safe defaults, secrets masked everywhere the configuration is shown."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pydantic
@@ -133,3 +134,48 @@ def test_authentication_keys_hash_files_and_their_checks(tmp_path: Path) -> None
     ]:
         with pytest.raises(ConfigError, match=message):
             load(tmp_path, {"Authentication": bad})
+
+
+# --------------------------------------------------------------------------- Urls and Https
+def test_urls_list_several_listeners(tmp_path: Path) -> None:
+    s = load(tmp_path, {"Urls": " http://*:8080 ; https://0.0.0.0:8443;https://[::1];http://localhost"})
+    assert [(e.scheme, e.host, e.port) for e in s.endpoints] == [
+        ("http", "0.0.0.0", 8080), ("https", "0.0.0.0", 8443), ("https", "::1", 443), ("http", "localhost", 80)]
+    assert [e.url for e in s.endpoints][2] == "https://[::1]:443"
+    assert (s.host, s.port) == ("0.0.0.0", 8080)
+    for bad, message in (("http://a:1;ftp://b:2", "expected http(s)://HOST:PORT, got 'ftp://b:2'"),
+                         ("http://a:1;https://a:1", "each address once (a:1 is listed twice)"),
+                         ("https://a:1/path", "expected http(s)://HOST:PORT"),
+                         ("https://user:pw@a:1", "expected http(s)://HOST:PORT"), ("", "Urls: expected")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load(tmp_path, {"Urls": bad})
+
+
+def test_https_keys_are_checked_together(tmp_path: Path) -> None:
+    s = load(tmp_path, {"Urls": "https://127.0.0.1:8443", "Https": {"Pkcs12Password": "pw"}})
+    assert s.https.uses_pkcs12 and s.https.pkcs12_file == tmp_path / "certificate.pfx"
+    assert s.https.client_certificate_mode == "None" and s.https.reload_interval == 60
+    pem = load(tmp_path, {"Https": {"CertificateFile": "gw.crt", "KeyFile": "keys/gw.key",
+                                    "ClientCertificateMode": "required", "ClientCaFile": "ca.pem"}}).https
+    assert (pem.certificate_file, pem.key_file) == (tmp_path / "gw.crt", tmp_path / "keys" / "gw.key")
+    assert not pem.uses_pkcs12 and pem.client_certificate_mode == "Required"
+    for https, urls, message in (
+        ({"KeyFile": "k"}, "http://a:1", "Https:KeyFile: needs Https:CertificateFile"),
+        ({"CertificateFile": "c", "Pkcs12File": "b.pfx"}, "http://a:1", "Https:Pkcs12File: give either"),
+        ({"ClientCertificateMode": "Optional"}, "http://a:1", "Https:ClientCaFile: required with"),
+        ({"ClientCaFile": "ca.pem"}, "http://a:1", "Https:ClientCaFile: would never be used"),
+        ({"RedirectHttp": True}, "https://a:1", "Https:RedirectHttp: needs an http:// and an https:// entry"),
+        ({"Hsts": True}, "http://a:1", "Https:Hsts: would never be sent"),
+        ({"MinimumTlsVersion": "1.1"}, "http://a:1", "Https:MinimumTlsVersion: expected one of 1.2, 1.3"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load(tmp_path, {"Urls": urls, "Https": https})
+
+
+def test_https_passwords_are_secrets(tmp_path: Path) -> None:
+    (tmp_path / "pfx.txt").write_text("pfx-secret\n")
+    s = load(tmp_path, {"Https": {"KeyPassword": "key-secret", "Pkcs12PasswordFile": "pfx.txt"}})
+    assert (s.https.key_password, s.https.pkcs12_password) == ("key-secret", "pfx-secret")
+    assert s.tree["Https:KeyPassword"] == s.tree["Https:Pkcs12Password"] == "***"
+    flat = json.dumps(s.lua_config()) + json.dumps(s.tree.as_dict()) + repr(s)
+    assert "key-secret" not in flat and "pfx-secret" not in flat

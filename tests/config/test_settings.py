@@ -101,7 +101,7 @@ def test_default_file_is_appsettings_json_in_the_working_directory(tmp_path: Pat
     ({"Upstream": {"ReadTimeoutSeconds": True}}, "Upstream:ReadTimeoutSeconds", "expected a number"),
     ({"Authentication": {"Users": ["alice"]}}, "Authentication:Users", "expected an object"),
     ({"Authentication": {"Users": {"alice": 5}}}, "Authentication:Users:alice", "expected a password string"),
-    ({"Urls": "somewhere"}, "Urls", "expected http://HOST:PORT"),
+    ({"Urls": "somewhere"}, "Urls", "expected http(s)://HOST:PORT"),
     ({"Tus": {"ExpireAfter": "forever"}}, "Tus:ExpireAfter", "expected seconds or a time span"),
     ({"Dicom": {"Modalities": {"pacs": {"Aet": "X"}}}}, "Dicom:Modalities:pacs",
      "expected an object with Aet, Host and Port"),

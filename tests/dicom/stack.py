@@ -1,5 +1,6 @@
-"""An in-process DICOM port for unit tests: the acceptor, the dispatcher and the storage SCP with a
-real spool in a tmp folder, no Lua, no forwarding (enqueued entries are collected)."""
+"""An in-process DICOM port for unit tests: the acceptor, the dispatcher, the storage SCP and the
+Query/Retrieve service with a real spool in a tmp folder, no Lua, no forwarding (enqueued
+entries are collected)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 
 from dicomproxy.config.settings import DicomSettings, load_settings
 from dicomproxy.dicom.dispatch import Dispatcher
-from dicomproxy.dicom.qr.ae import QueryRetrieveAe
+from dicomproxy.dicom.qr.service import QueryRetrieve
 from dicomproxy.dicom.session import LuaBridge
 from dicomproxy.dicom.spool import Spool, SpoolEntry
 from dicomproxy.dicom.store import StoreService
@@ -26,6 +27,7 @@ class Stack:
     spool: Spool
     acceptor: Acceptor
     dispatcher: Dispatcher
+    qr: QueryRetrieve
     entries: list[SpoolEntry] = field(default_factory=list)
 
     @property
@@ -48,16 +50,18 @@ async def dicom_stack(tmp: Path, *, max_dataset: int = 0, limits: Limits | None 
     store = StoreService(bridge, spool, entries.append)
     store.loop = asyncio.get_running_loop()
     limits = limits or Limits(artim=2.0)
-    qr = QueryRetrieveAe(settings, bridge, store, max_associations=4, artim=2.0, idle=10.0)  # not started
+    qr = QueryRetrieve(settings, bridge, store, spool, max_pdu=limits.max_pdu, idle=10.0, timeout=10.0,
+                       connect_timeout=5.0, max_dataset=max_dataset)
     dispatcher = Dispatcher(settings, limits, bridge, store, spool, qr, max_dataset=max_dataset)
     acceptor = Acceptor("127.0.0.1", 0, limits, dispatcher, tls=tls, on_tls_refused=on_tls_refused,
                         address_allowed=dispatcher.policy.address_allowed if tls is not None else None)
     await acceptor.start()
-    stack = Stack(settings, spool, acceptor, dispatcher, entries)
+    stack = Stack(settings, spool, acceptor, dispatcher, qr, entries)
     try:
         yield stack
     finally:
         await acceptor.stop()
+        await qr.stop()
         await asyncio.to_thread(lambda: [t.join(5) for t in dispatcher.stop()])
         store.close()
         spool.close()

@@ -1,5 +1,6 @@
 """dicomproxy.dicom.dispatch in process (real sockets, real spool): the association policy, the
-storage path on its own thread, and a thread that cannot start refusing one request only."""
+storage path on its own thread, a thread that cannot start refusing one request only, and
+Query/Retrieve associations handed to the Q/R service."""
 
 from __future__ import annotations
 
@@ -54,8 +55,11 @@ async def test_calling_ae_titles_and_the_application_context(tmp_path: Path) -> 
         await scu.release()
 
 
-async def test_query_retrieve_goes_to_the_qr_ae(tmp_path: Path, caplog: Any) -> None:
-    async with dicom_stack(tmp_path) as stack:  # the stack's Q/R AE is not started: the splice fails
-        with pytest.raises(AssociationRejected, match="transiently"):
-            await _associate(stack.port, contexts=[(FIND, ExplicitVRLittleEndian)])
-        assert "cannot reach the internal Q/R AE" in caplog.text
+async def test_query_retrieve_goes_to_the_qr_service(tmp_path: Path) -> None:
+    async with dicom_stack(tmp_path) as stack:
+        scu = await _associate(stack.port, contexts=[(FIND, ExplicitVRLittleEndian), (CT, IMPLICIT)])
+        assert set(scu.accepted) == {(FIND, ExplicitVRLittleEndian), (CT, IMPLICIT)}
+        await until(lambda: stack.qr.active == 1)
+        assert stack.dispatcher.active_storage == 0  # not a storage association
+        await scu.release()
+        await until(lambda: stack.qr.active == 0 and stack.acceptor.admission.associations == 0)

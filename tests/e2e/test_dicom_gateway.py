@@ -189,7 +189,7 @@ def test_association_policy(gateway_factory: Any, fresh_orthanc: OrthancServer) 
     assert run_dcmtk("echoscu", "-aet", "GOOD", "-aec", gateway.aet, LOOPBACK, port, check=False).returncode == 0
     refused = run_dcmtk("echoscu", "-aet", "BLOCKED", "-aec", gateway.aet, LOOPBACK, port, check=False)
     assert refused.returncode != 0 and "Rejected" in refused.stderr + refused.stdout
-    # the same policy on a Query/Retrieve association (served by the pynetdicom AE)
+    # the same policy on a Query/Retrieve association (served by qr/, on the requester's own address)
     find = ["-S", "-aec", gateway.aet, LOOPBACK, port, "-k", "QueryRetrieveLevel=STUDY", "-k", "PatientID=NOBODY"]
     assert run_dcmtk("findscu", "-aet", "GOOD", *find, check=False).returncode == 0
     blocked = run_dcmtk("findscu", "-aet", "BLOCKED", *find, check=False)
@@ -288,7 +288,8 @@ function onCFind(query, assoc)
   if query.PatientID == "REWRITE-ME" then query.PatientID = "FINDA" end
 end
 function IncomingFindRequestFilter(query, origin)
-  if query.PatientID == "ORTHANC-STYLE" then query.PatientID = "FINDB" end
+  -- Orthanc's form: tags as "gggg,eeee", the filter returns the query to use
+  if query["0010,0020"] == "ORTHANC-STYLE" then query["0010,0020"] = "FINDB" end
   return query
 end
 function onCFindResult(result, assoc)

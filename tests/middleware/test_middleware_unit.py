@@ -33,7 +33,8 @@ from dicomproxy.scripting.exports import ConfigView, format_message
 
 # --------------------------------------------------------------------------- a tiny ASGI client
 async def call(app: Any, method: str = "GET", path: str = "/", headers: list[tuple[str, str]] = (),
-               body: bytes = b"", user: str | None = None) -> tuple[int, list[tuple[str, str]], list[bytes]]:
+               body: bytes = b"", user: str | None = None,
+               extensions: dict[str, Any] | None = None) -> tuple[int, list[tuple[str, str]], list[bytes]]:
     """Drive an ASGI app once; returns status, headers and the body messages as sent."""
     scope: dict[str, Any] = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
@@ -43,6 +44,8 @@ async def call(app: Any, method: str = "GET", path: str = "/", headers: list[tup
     }
     if user is not None:
         scope["user"] = user
+    if extensions is not None:
+        scope["extensions"] = extensions
     messages = [{"type": "http.request", "body": body, "more_body": False}]
     sent: list[dict[str, Any]] = []
 
@@ -136,6 +139,21 @@ end
     assert status == 200 and seen["body"] == "data"
     assert seen["headers"]["x-from-lua"] == "POST" and "x-drop" not in seen["headers"]
     assert seen["headers"]["x-keep"] == "2"
+
+
+async def test_client_certificate_from_the_tls_extension(tmp_path: Path) -> None:
+    scripts = await scripts_for(tmp_path, main=r"""
+function onHttpRequest(r)
+  r:ResponseWrite("[" .. r.ClientCertificate .. "]")
+  return true
+end
+""")
+    app = LuaHttpMiddleware(make_app(Calls()), scripts)
+    tls = {"client_cert_name": "CN=ct-01,O=Radiology", "client_cert_chain": [], "tls_version": 0x0304}
+    assert b"".join((await call(app, extensions={"tls": tls}))[2]) == b"[CN=ct-01,O=Radiology]"
+    assert b"".join((await call(app, extensions={"tls": {**tls, "client_cert_name": None}}))[2]) == b"[]"
+    assert b"".join((await call(app, extensions={"http.response.trailers": {}}))[2]) == b"[]"
+    assert b"".join((await call(app))[2]) == b"[]"
 
 
 async def test_response_hook_replaces_streamed_body(tmp_path: Path) -> None:

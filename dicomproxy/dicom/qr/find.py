@@ -1,128 +1,92 @@
-"""C-FIND through the gateway: ``onCFind`` / ``IncomingFindRequestFilter`` may edit the query,
-the PACS answers (a C-FIND of our own, same information model), and every match passes
-``onCFindResult`` (edit it, or return false to drop it) on its way back.
+"""C-FIND through the gateway (Patient Root, Study Root, Modality Worklist): the query passes the
+C-FIND events (:mod:`.hooks`), goes to the PACS as one C-FIND of the same model, and every
+response comes back as the PACS sent it, with the requester's message ID: its status (pending,
+warning, final, failure with Error Comment), and its match as encoded bytes
+(:class:`.identifier.Identifier`), decoded only when ``onCFindResult`` is defined.
 
-A C-CANCEL from the requester is passed on upstream (C-CANCEL on our association to the PACS),
-so a cancelled query stops costing the PACS anything.
+The query goes to the PACS in the requester's transfer syntax when the PACS accepts it (it is
+proposed first, in a context of its own), so neither the query nor a match is re-encoded.
+
+A C-CANCEL from the requester is passed on to the PACS at once, so a cancelled query stops
+costing the PACS anything; matches still arriving are dropped and the requester's final
+response is Cancel (0xFE00).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from typing import Any
 
-from pydicom.dataset import Dataset
-from pynetdicom import evt
-
-from dicomproxy.config.settings import DicomSettings
-from dicomproxy.dicom import datasets
-from dicomproxy.dicom.policy import STATUS_NOT_AUTHORIZED, Operation
-from dicomproxy.dicom.qr import identifier as ident
-from dicomproxy.dicom.qr import upstream
-from dicomproxy.dicom.qr.identifier import status_dataset
-from dicomproxy.dicom.qr.sessions import QrSessions
-from dicomproxy.dicom.session import AssocSession, LuaBridge
+from dicomproxy.dicom.dimse import Command
+from dicomproxy.dicom.qr import contexts, messages
+from dicomproxy.dicom.qr.identifier import Identifier
+from dicomproxy.dicom.qr.link import DimseLink
+from dicomproxy.dicom.qr.operation import MAX_IDENTIFIER, Operation, OpState, UpstreamFailed
 
 log = logging.getLogger(__name__)
 
-STATUS_UNABLE = 0xC000
-STATUS_UPSTREAM = 0xA700
-STATUS_CANNOT_DECODE = 0xC310
-PENDING = (0xFF00, 0xFF01)
 
+class FindOperation(Operation):
+    response_field = messages.C_FIND_RSP
+    name = "C-FIND"
 
-class FindService:
-    def __init__(self, settings: DicomSettings, bridge: LuaBridge, sessions: QrSessions) -> None:
-        self.settings = settings
-        self.bridge = bridge
-        self.sessions = sessions
-
-    def handle(self, event: evt.Event) -> Iterator[tuple[Any, Dataset | None]]:
-        session = self.sessions.session(event.assoc)
-        model = str(event.request.AffectedSOPClassUID)
-        if not session.permits(Operation.FIND):
-            yield status_dataset(STATUS_NOT_AUTHORIZED, "not authorized"), None
-            return
-        try:
-            identifier = ident.decoded(event.identifier)
-        except Exception as e:
-            log.error("C-FIND from %s: cannot decode the identifier: %s", session.calling, e)
-            yield status_dataset(STATUS_CANNOT_DECODE, "identifier cannot be decoded"), None
-            return
-        try:
-            identifier, refused = ident.edit(self.bridge, session, identifier, "onCFind")
-        except Exception as e:
-            log.error("C-FIND from %s: script failed: %s", session.calling, e)
-            if not self.bridge.fail_open:
-                yield status_dataset(STATUS_UNABLE, "script failed"), None
-                return
-            refused = None
+    async def _run(self) -> None:
+        self.services.audit.query(self.session, self.model, self.identifier, self.transfer_syntax)
+        query = Identifier(self.identifier, self.transfer_syntax)
+        refused = await self.services.hooks.query(
+            query, self.session, worklist=self.model == contexts.MODALITY_WORKLIST_FIND
+        )
         if refused:
-            log.info("C-FIND from %s %s", session.calling, refused)
-            yield status_dataset(STATUS_UNABLE, refused), None
+            await self.refuse(messages.UNABLE_TO_PROCESS, refused)
             return
-        up = upstream.associate(self.settings, upstream.requestor(self.settings, [model]))
-        if not up.is_established:
-            log.error("C-FIND from %s: cannot associate with the PACS %s", session.calling,
-                      upstream.describe(self.settings))
-            yield status_dataset(STATUS_UPSTREAM, "PACS unreachable"), None
+        if self.state is OpState.CANCELLING:
+            await self.finish_cancelled()
             return
-        try:
-            yield from self._relay(event, session, up, identifier, model)
-        finally:
-            if up.is_established:
-                up.release()
+        up = await self.connect(self.services.pacs, contexts.model_pairs(self.model, self.transfer_syntax))
+        context_id = up.context_for(self.model, self.transfer_syntax)
+        if context_id is None:
+            raise UpstreamFailed(f"the PACS does not accept {self.model}", messages.UNABLE_TO_PROCESS)
+        message_id = up.next_id()
+        upstream_ts = up.contexts[context_id][1]
+        if not await self.send_request(up, context_id, message_id, messages.request(self.command, message_id),
+                                       query.encoded(upstream_ts)):
+            await self.finish_cancelled()
+            return
+        await self._relay(up, upstream_ts)
 
-    def _relay(
-        self, event: evt.Event, session: AssocSession, up: Any, identifier: Dataset, model: str
-    ) -> Iterator[tuple[Any, Dataset | None]]:
-        want_results = self.bridge.defines("onCFindResult")
-        cancelled = False
-        for status, match in up.send_c_find(identifier, model, msg_id=1):
-            if not cancelled and event.is_cancelled:
-                log.info("C-FIND from %s cancelled; cancelling upstream", session.calling)
-                up.send_c_cancel(1, query_model=model)
-                cancelled = True
-            if cancelled:
-                continue  # drain what the PACS still sends until its final response
-            if "Status" not in status:
-                log.error("C-FIND from %s: the PACS did not answer (timeout or abort)", session.calling)
-                yield status_dataset(STATUS_UPSTREAM, "PACS did not answer"), None
-                return
-            code = int(status.Status)
-            if code in PENDING:
-                if match is None:
-                    continue
-                if want_results:
-                    try:
-                        match = self._edit_result(session, match)
-                    except Exception as e:
-                        log.error("onCFindResult failed: %s", e)
-                        if not self.bridge.fail_open:
-                            yield status_dataset(STATUS_UNABLE, "script failed"), None
-                            return
-                    if match is None:
-                        continue
-                yield 0xFF00, match
-            elif code == 0x0000:
-                break
-            elif code == 0xFE00:
-                cancelled = True
-            else:
-                log.warning("C-FIND: the PACS answered 0x%04X", code)
-                yield status, None
-                return
-        if cancelled:
-            yield 0xFE00, None
+    async def _relay(self, up: DimseLink, upstream_ts: str) -> None:
+        wants_results = self.services.hooks.wants_results()
+        while True:
+            received = await self.next_response(up, messages.C_FIND_RSP, "C-FIND")
+            data = await up.collect(MAX_IDENTIFIER) if received.command.has_dataset else None
+            if messages.is_pending(received.command):
+                if self.state is OpState.CANCELLING or data is None:
+                    continue  # drain what the PACS still sends until its final response
+                match = await self._result(Identifier(data, upstream_ts), wants_results)
+                if match is not None:
+                    await self.respond(messages.response(received.command, self.message_id), match)
+                continue
+            self.finished(up)
+            await self._final(received.command, data, upstream_ts)
+            return
 
-    def _edit_result(self, session: AssocSession, match: Dataset) -> Dataset | None:
-        table = datasets.dataset_to_table(match)
-        d = self.bridge.call("onCFindResult", table, session.table(), session=session)
-        if d is None:
-            return match
-        if d.rejected:
-            return None
-        edited = d.args[0] if d.args and isinstance(d.args[0], dict) else table
-        datasets.apply_table(match, table, edited)
-        return match
+    async def _result(self, match: Identifier, wants_results: bool) -> bytes | None:
+        if wants_results:
+            try:
+                if not await self.services.hooks.result(match, self.session):
+                    return None
+            except Exception as e:
+                log.error("onCFindResult failed: %s", e)
+                if not self.services.hooks.fail_open:
+                    raise UpstreamFailed("script failed", messages.UNABLE_TO_PROCESS) from None
+        return match.encoded(self.transfer_syntax)
+
+    async def _final(self, command: Command, data: bytes | None, upstream_ts: str) -> None:
+        if self.state is OpState.CANCELLING:
+            await self.finish_cancelled()
+            return
+        status = messages.status_of(command)
+        if status != messages.SUCCESS:
+            log.warning("C-FIND from %s: the PACS answered 0x%04X %s", self.label, status,
+                        command.text(0x0902))
+        dataset = Identifier(data, upstream_ts).encoded(self.transfer_syntax) if data is not None else None
+        await self.respond(messages.response(command, self.message_id), dataset, final=True)

@@ -1,307 +1,396 @@
-"""C-MOVE and C-GET through the gateway, implemented with C-GET from the PACS.
+"""C-GET and C-MOVE through the gateway.
 
-Why C-GET upstream rather than C-MOVE: a C-MOVE to the PACS would make the PACS open a new
-association back to the gateway, so the PACS would have to know the gateway's AE title, host
-and port, the network would have to allow the reverse connection, and the incoming instances
-would have to be matched to the request they belong to. C-GET brings the instances back on the
-association the gateway opened itself: no PACS configuration, no reverse path, no matching.
+**C-GET** is relayed: the PACS gets the same C-GET (the identifier as sent, or as ``onCGet``
+edited it) on an association that proposes exactly the storage contexts the requester accepted
+for the SCP role, so the PACS sends each instance in the encoding the requester chose. Each
+C-STORE sub-operation is passed to the requester as it arrives, one PDU at a time (a 300 MB
+instance never sits in the gateway), the requester's C-STORE-RSP goes back to the PACS, and the
+PACS's C-GET responses (its sub-operation counts, its final status) are passed on.
 
-For each request:
+**C-MOVE**, per destination (``Dicom:Modalities:{name}:Retrieve``; a destination not declared
+there is refused with 0xA801):
 
-1. ``onCMove(request, assoc)`` / ``onCGet(request, assoc)`` may edit the identifier or refuse;
-2. a C-FIND at IMAGE level lists the matching instances (their number is the sub-operation
-   count the requester sees; their SOP classes are the storage contexts we propose);
-3. a C-GET to the PACS streams the instances in; each one is handed to pynetdicom as soon as it
-   arrives, which C-STOREs it to the move destination (C-MOVE: a ``Dicom:Modalities`` entry,
-   else status 0xA801) or back on the requester's association (C-GET). pynetdicom reports
-   remaining/completed/failed/warning counts as it goes.
+* ``Relay``: the PACS gets the same C-MOVE and moves the instances straight to the destination
+  (the PACS must know that AE title); its responses, counts and status come back as they are.
+* ``FetchAndStore``: the gateway lists the designated instances with a C-FIND at IMAGE level
+  (the identifier's keys as sent, ``QueryRetrieveLevel`` set to IMAGE) for their SOP classes,
+  associates with the destination for them, and fetches with a C-GET (the identifier as sent):
+  each instance the PACS sends is passed to the destination as it arrives (with the requester
+  as Move Originator), the destination's C-STORE-RSP goes back to the PACS, so the PACS's counts
+  are those of the real deliveries, and they are passed on as C-MOVE responses. No match: a
+  success with no sub-operations, and no association with the destination. An identifier without
+  ``QueryRetrieveLevel`` (Orthanc's C-MOVE takes one, its C-GET does not) gets the level Orthanc
+  would deduce, the deepest whose unique key is present (:func:`deduce_level`), for the C-GET.
+* ``Auto`` (the default): relay; when the PACS's first answer says it cannot move there (0xA801,
+  or 0xC000 before any sub-operation, which is what Orthanc 1.10 answers for an AE title it does
+  not know), fetch instead, and remember that for :data:`AUTO_RECHECK_SECONDS` so the next move
+  to that destination goes straight to fetching. Orthanc answers the same bare 0xC000 when nothing
+  matches, so after a 0xC000 the instances are listed first: none, and the PACS's answer is
+  passed on and nothing is learned (measured with Orthanc 1.10: a known destination and a study
+  it does not hold, an unknown destination, ``AccessionNumber=nope``: 0xC000 with no Error
+  Comment and zero counts, all three).
 
-A C-CANCEL stops the upstream C-GET; instances the PACS failed to deliver are reported as
-failed sub-operations (final status 0xB000, or 0xA702 if none could be delivered).
+A C-CANCEL is passed on to the PACS; what it still sends is passed on until its final response
+(which carries its counts).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import queue
-import threading
-from collections.abc import Iterator
-from typing import Any
+import time
+from collections.abc import Awaitable, Callable
 
-from pydicom.dataset import Dataset
-from pynetdicom import build_context, build_role, evt
-from pynetdicom.presentation import PresentationContext
-
-from dicomproxy.config.settings import DicomSettings, RemoteAe
-from dicomproxy.dicom import presentation
-from dicomproxy.dicom.policy import STATUS_NOT_AUTHORIZED, Operation
-from dicomproxy.dicom.qr import identifier as ident
-from dicomproxy.dicom.qr import upstream
-from dicomproxy.dicom.qr.identifier import status_dataset
-from dicomproxy.dicom.qr.sessions import QrSessions
-from dicomproxy.dicom.session import AssocSession, LuaBridge
+from dicomproxy.config.model import ModalityAe
+from dicomproxy.dicom import datasets, dimse, presentation
+from dicomproxy.dicom.dimse import Command
+from dicomproxy.dicom.qr import contexts, messages
+from dicomproxy.dicom.qr.identifier import Identifier
+from dicomproxy.dicom.qr.link import DimseLink, Fragment, Pair, Received
+from dicomproxy.dicom.qr.operation import MAX_IDENTIFIER, Operation, OpState, UpstreamFailed
+from dicomproxy.dicom.qr.upstream import Peer
 
 log = logging.getLogger(__name__)
 
-STATUS_UNABLE = 0xC000
-STATUS_SUBOPS_FAILED = 0xA702
-STATUS_WARNING = 0xB000
-STATUS_UNKNOWN_DESTINATION = 0xA801
-QUEUE_DEPTH = 16
+AUTO_RECHECK_SECONDS = 600.0
+"""How long ``Auto`` remembers that the PACS does not know a move destination."""
+
+StoreAnswer = Command | tuple[int, str]
+"""The answer to a sub-operation: a C-STORE-RSP to pass back, or (status, comment) of our own."""
+Deliver = Callable[[DimseLink, Command, Pair | None], Awaitable[StoreAnswer]]
 
 
-def storage_contexts(sop_classes: list[str], reserved: int = 0) -> list[PresentationContext]:
-    """The retrieve contexts of :func:`presentation.retrieve_pairs`, as pynetdicom contexts."""
-    return [build_context(sc, ts) for sc, ts in presentation.retrieve_pairs(sop_classes, reserved)]
+def refuses_destination(command: Command) -> bool:
+    """Whether the PACS's first C-MOVE response says it cannot move to the destination: 0xA801,
+    or 0xC000 before any sub-operation (what Orthanc 1.10 answers for an AE title it does not
+    know, without an Error Comment)."""
+    status = messages.status_of(command)
+    if status == messages.MOVE_DESTINATION_UNKNOWN:
+        return True
+    counts = (command.us(messages.COMPLETED), command.us(messages.FAILED), command.us(messages.WARNING))
+    return status == messages.UNABLE_TO_PROCESS and not any(counts)
 
 
-def _refusal_kwargs(target: RemoteAe) -> dict[str, Any]:
-    """pynetdicom associates with the destination before it reads the (failure) status; an
-    association needs one context: Verification, the cheapest."""
-    return {"ae_title": target.aet, "contexts": [build_context(presentation.VERIFICATION)]}
+UNIQUE_KEYS = (("IMAGE", "SOPInstanceUID"), ("SERIES", "SeriesInstanceUID"), ("STUDY", "StudyInstanceUID"),
+               ("PATIENT", "PatientID"))
 
 
-def _models(request_model: str) -> tuple[str, str]:
-    if request_model.startswith("1.2.840.10008.5.1.4.1.2.1."):  # Patient Root
-        return presentation.PATIENT_ROOT_FIND, presentation.PATIENT_ROOT_GET
-    return presentation.STUDY_ROOT_FIND, presentation.STUDY_ROOT_GET
+def deduce_level(request: Identifier) -> str:
+    """The Query/Retrieve level of a request that has none, as Orthanc's C-MOVE deduces it: the
+    deepest level whose unique key has a value ("" when none has)."""
+    for level, keyword in UNIQUE_KEYS:
+        if request.get(keyword).strip():
+            return level
+    return ""
 
 
-class RetrieveService:
-    def __init__(self, settings: DicomSettings, bridge: LuaBridge, sessions: QrSessions) -> None:
-        self.settings = settings
-        self.bridge = bridge
-        self.sessions = sessions
+class DestinationBook:
+    """The move destinations the PACS said it does not know (``Auto``), each for a while."""
 
-    # -- handlers (pynetdicom threads) ----------------------------------------------------
-    def handle_move(self, event: evt.Event) -> Iterator[Any]:
-        session = self.sessions.session(event.assoc)
-        destination = str(event.move_destination or "").strip()
-        target = self._destination(destination)
-        if target is None:
-            log.error(
-                "C-MOVE from %s: unknown destination %r (declare it in Dicom:Modalities)", session.calling, destination
-            )
-            yield None, None
-            return
-        if not session.permits(Operation.MOVE):  # after the destination check, as pynetdicom orders them
-            yield target.host, target.port, {**_refusal_kwargs(target), **upstream.tls_kwargs(target, self.settings)}
-            yield 1
-            yield status_dataset(STATUS_NOT_AUTHORIZED, "not authorized"), None
-            return
-        prepared = self._prepare(event, session, "onCMove")
-        if isinstance(prepared, str):
-            # pynetdicom answers plain success to zero sub-operations, so a refusal is one
-            # failed sub-operation with the reason in the Error Comment.
-            yield target.host, target.port, {**_refusal_kwargs(target), **upstream.tls_kwargs(target, self.settings)}
-            yield 1
-            yield status_dataset(STATUS_UNABLE, prepared), None
-            return
-        identifier, _find_model, get_model, instances = prepared
-        sop_classes = sorted({sc for _, sc in instances})
-        kwargs: dict[str, Any] = {"ae_title": target.aet, "evt_handlers": [(evt.EVT_CONN_OPEN, upstream.set_nodelay)],
-                                  **upstream.tls_kwargs(target, self.settings)}
-        contexts = storage_contexts(sop_classes)
-        if contexts:
-            kwargs["contexts"] = contexts
-        yield target.host, target.port, kwargs
-        yield len(instances)
-        yield from self._stream(event, session, identifier, get_model, instances)
+    def __init__(self, recheck: float = AUTO_RECHECK_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:
+        self.recheck = recheck
+        self.clock = clock
+        self._unknown: dict[str, float] = {}
 
-    def handle_get(self, event: evt.Event) -> Iterator[Any]:
-        session = self.sessions.session(event.assoc)
-        if not session.permits(Operation.GET):
-            yield 1
-            yield status_dataset(STATUS_NOT_AUTHORIZED, "not authorized"), None
-            return
-        prepared = self._prepare(event, session, "onCGet")
-        if isinstance(prepared, str):
-            yield 1
-            yield status_dataset(STATUS_UNABLE, prepared), None
-            return
-        identifier, _find_model, get_model, instances = prepared
-        yield len(instances)
-        yield from self._stream(event, session, identifier, get_model, instances)
-
-    # -- steps ----------------------------------------------------------------------------
-    def _destination(self, aet: str) -> RemoteAe | None:
-        modalities = self.settings.modalities
-        for ae in modalities.values():
-            if ae.aet.strip() == aet:
-                return ae
-        for name, ae in modalities.items():
-            if name.lower() == aet.lower():
-                return ae
-        return None
-
-    def _prepare(
-        self, event: evt.Event, session: AssocSession, event_name: str
-    ) -> tuple[Dataset, str, str, list[tuple[str, str]]] | str:
-        try:
-            identifier = ident.decoded(event.identifier)
-        except Exception as e:
-            log.error("%s from %s: cannot decode the identifier: %s", event_name[2:], session.calling, e)
-            return "identifier cannot be decoded"
-        try:
-            identifier, refused = ident.edit(self.bridge, session, identifier, event_name)
-        except Exception as e:
-            log.error("%s failed: %s", event_name, e)
-            if not self.bridge.fail_open:
-                return "script failed"
-            refused = None
-        if refused:
-            log.info("%s from %s %s", event_name[2:], session.calling, refused)
-            return refused
-        find_model, get_model = _models(str(event.request.AffectedSOPClassUID))
-        try:
-            instances = self._enumerate(identifier, find_model)
-        except RuntimeError as e:
-            log.error("%s from %s: %s", event_name[2:], session.calling, e)
-            return str(e)
-        return identifier, find_model, get_model, instances
-
-    def _enumerate(self, identifier: Dataset, find_model: str) -> list[tuple[str, str]]:
-        """(SOPInstanceUID, SOPClassUID) of every instance the request designates."""
-        query = Dataset()
-        for kw in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
-            value = identifier.get(kw, "")
-            setattr(query, kw, value if value is not None else "")
-        query.QueryRetrieveLevel = "IMAGE"
-        query.SOPClassUID = ""
-        up = upstream.associate(self.settings, upstream.requestor(self.settings, [find_model]))
-        if not up.is_established:
-            raise RuntimeError("PACS unreachable")
-        out: list[tuple[str, str]] = []
-        try:
-            for status, match in up.send_c_find(query, find_model):
-                if "Status" not in status:
-                    raise RuntimeError("PACS did not answer the C-FIND")
-                if status.Status in (0xFF00, 0xFF01) and match is not None:
-                    out.append((str(match.get("SOPInstanceUID", "")), str(match.get("SOPClassUID", ""))))
-                elif status.Status not in (0x0000, 0xFF00, 0xFF01):
-                    raise RuntimeError(f"PACS answered the C-FIND with 0x{status.Status:04X}")
-        finally:
-            if up.is_established:
-                up.release()
-        return [(uid, sc) for uid, sc in out if uid]
-
-    def _stream(
-        self,
-        event: evt.Event,
-        session: AssocSession,
-        identifier: Dataset,
-        get_model: str,
-        instances: list[tuple[str, str]],
-    ) -> Iterator[tuple[int | Dataset, Dataset | None]]:
-        if not instances:
-            return
-        items: queue.Queue[tuple[str, Any]] = queue.Queue(QUEUE_DEPTH)
-        stop = threading.Event()
-        fetch = threading.Thread(
-            target=self._fetch,
-            args=(identifier, get_model, sorted({sc for _, sc in instances}), items, stop),
-            name="dicom-cget-upstream",
-            daemon=True,
-        )
-        fetch.start()
-        expected = {uid for uid, _ in instances}
-        delivered: set[str] = set()
-        error = ""
-        try:
-            while True:
-                if event.is_cancelled or not event.assoc.is_established:
-                    stop.set()
-                    failed = Dataset()
-                    failed.FailedSOPInstanceUIDList = sorted(expected - delivered)
-                    log.info("retrieve from %s cancelled after %d instance(s)", session.calling, len(delivered))
-                    yield 0xFE00, failed
-                    return
-                try:
-                    kind, value = items.get(timeout=0.5)
-                except queue.Empty:
-                    continue
-                if kind == "dataset":
-                    delivered.add(str(value.get("SOPInstanceUID", "")))
-                    yield 0xFF00, value
-                elif kind == "error":
-                    error = value
-                elif kind == "done":
-                    break
-        finally:
-            stop.set()
-        missing = sorted(expected - delivered)
-        if missing:
-            log.error(
-                "retrieve for %s: %d of %d instance(s) not delivered by the PACS%s",
-                session.calling,
-                len(missing),
-                len(expected),
-                f" ({error})" if error else "",
-            )
-            failed = Dataset()
-            failed.FailedSOPInstanceUIDList = missing
-            yield (STATUS_WARNING if delivered else STATUS_SUBOPS_FAILED), failed
-
-    def _fetch(
-        self,
-        identifier: Dataset,
-        get_model: str,
-        sop_classes: list[str],
-        items: queue.Queue[tuple[str, Any]],
-        stop: threading.Event,
-    ) -> None:
-        """Thread: C-GET from the PACS, each received instance put on ``items``."""
-
-        def put(kind: str, value: Any) -> bool:
-            while not stop.is_set():
-                try:
-                    items.put((kind, value), timeout=0.5)
-                    return True
-                except queue.Full:
-                    continue
+    def unknown_to_pacs(self, aet: str) -> bool:
+        until = self._unknown.get(aet)
+        if until is None:
             return False
+        if self.clock() >= until:
+            del self._unknown[aet]
+            return False
+        return True
 
-        def on_store(ev: evt.Event) -> int:
-            if stop.is_set():
-                return 0xA700
-            try:
-                ds = ev.dataset
-                ds.file_meta = ev.file_meta
-            except Exception as e:
-                log.error("C-GET from the PACS: undecodable instance: %s", e)
-                return 0xC210
-            return 0x0000 if put("dataset", ds) else 0xA700
+    def learn_unknown(self, aet: str) -> None:
+        self._unknown[aet] = self.clock() + self.recheck
 
-        ae = upstream.requestor(self.settings)
-        contexts = [build_context(get_model, [presentation.IMPLICIT, presentation.EXPLICIT])]
-        contexts += storage_contexts(sop_classes, reserved=1)
-        roles = [build_role(sc, scp_role=True) for sc in sop_classes]
-        try:
-            up = upstream.associate(
-                self.settings, ae, contexts=contexts, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)]
-            )
-            if not up.is_established:
-                put("error", "cannot associate with the PACS for C-GET")
-                return
+
+class _Retrieve(Operation):
+    """What C-GET and C-MOVE share: the upstream C-GET whose sub-operations are delivered."""
+
+    async def relay_get(
+        self, up: DimseLink, upstream_ts: str, deliver: Deliver, *, field: int | None = None, sop_class: str = ""
+    ) -> None:
+        """Pass on what the PACS sends for our C-GET until its final response."""
+        while True:
+            item = await self.next_item(up, "C-GET")
+            if not isinstance(item, Received) or item.command.field not in (messages.C_STORE_RQ, messages.C_GET_RSP):
+                up.abort("unexpected message during a C-GET")
+                raise UpstreamFailed(f"{up.label} sent an unexpected message during the C-GET",
+                                     messages.CANNOT_PERFORM_SUBOPERATIONS)
+            command = item.command
+            if command.field == messages.C_STORE_RQ:
+                await self._sub_operation(up, item, deliver)
+                continue
+            data = await up.collect(MAX_IDENTIFIER) if command.has_dataset else None
+            dataset = Identifier(data, upstream_ts).encoded(self.transfer_syntax) if data is not None else None
+            out = messages.response(command, self.message_id, field=field, sop_class=sop_class)
+            if messages.is_pending(command):
+                await self.respond(out, dataset)
+                continue
+            self.finished(up)
+            await self.respond(out, dataset, final=True)
+            return
+
+    async def _sub_operation(self, up: DimseLink, received: Received, deliver: Deliver) -> None:
+        command = received.command
+        if not command.has_dataset:
+            answer: StoreAnswer = (0xC000, "no data set")
+        else:
+            answer = await deliver(up, command, up.contexts.get(received.context_id))
+        if isinstance(answer, Command):
+            out = messages.response(answer, command.message_id)
+        else:
+            out = dimse.response(messages.C_STORE_RSP, command.message_id, command.sop_class, answer[0],
+                                 command.sop_instance, answer[1])
+        await up.send(received.context_id, out)
+
+    async def stream(self, up: DimseLink, target: DimseLink, context_id: int, command: bytes) -> None:
+        """Pass the data set the PACS is sending to ``target`` as it arrives."""
+        async with target.message(context_id, command) as out:
             try:
-                query = Dataset()
-                for elem in identifier:
-                    query.add(elem)
-                for status, _ in up.send_c_get(query, get_model, msg_id=1):
-                    if stop.is_set():
-                        up.abort()
+                while True:
+                    item = await self.next_item(up, "C-STORE sub-operation")
+                    if not isinstance(item, Fragment):
+                        raise UpstreamFailed(f"{up.label} sent another message inside a data set")
+                    await out.write(item.data, item.last)
+                    if item.last:
                         return
-                    if "Status" not in status:
-                        put("error", "the PACS did not answer the C-GET")
-                        break
-                    code = int(status.Status)
-                    if code not in (0x0000, 0xFF00, 0xFF01) and code != STATUS_WARNING:
-                        put("error", f"the PACS answered the C-GET with 0x{code:04X}")
-            finally:
-                if up.is_established:
-                    up.release()
-        except Exception as e:  # never leave the requester waiting on a dead thread
-            log.exception("C-GET from the PACS failed")
-            put("error", str(e))
+            except UpstreamFailed:
+                target.abort("the PACS stopped in the middle of an instance")
+                raise
+
+    def upstream_pairs(self, model: str, storage: list[Pair]) -> list[Pair]:
+        """The retrieve model (the requester's syntax first) and ``storage``, within 128 contexts."""
+        models = contexts.model_pairs(model, self.transfer_syntax)
+        if len(models) + len(storage) > presentation.MAX_CONTEXTS:
+            models = models[:1]
+        return models + storage[: presentation.MAX_CONTEXTS - len(models)]
+
+
+class GetOperation(_Retrieve):
+    response_field = messages.C_GET_RSP
+    name = "C-GET"
+    _waiting: tuple[int, asyncio.Future[Command]] | None = None  # the sub-operation the requester answers
+
+    async def _run(self) -> None:
+        request = Identifier(self.identifier, self.transfer_syntax)
+        refused = await self.services.hooks.retrieve(request, self.session, "onCGet")
+        if refused:
+            await self.refuse(messages.UNABLE_TO_PROCESS, refused)
+            return
+        self.audit_begin(request)
+        if self.state is OpState.CANCELLING:
+            await self.finish_cancelled()
+            return
+        storage = list(self.assoc.receives)
+        pairs = self.upstream_pairs(self.model, storage)
+        up = await self.connect(self.services.pacs, pairs, roles=sorted({sop_class for sop_class, _ in storage}))
+        context_id = up.context_for(self.model, self.transfer_syntax)
+        if context_id is None:
+            raise UpstreamFailed(f"the PACS does not accept {self.model}", messages.UNABLE_TO_PROCESS)
+        upstream_ts = up.contexts[context_id][1]
+        message_id = up.next_id()
+        if not await self.send_request(up, context_id, message_id, messages.request(self.command, message_id),
+                                       request.encoded(upstream_ts)):
+            await self.finish_cancelled()
+            return
+        await self.relay_get(up, upstream_ts, self._to_requester)
+
+    async def _to_requester(self, up: DimseLink, command: Command, pair: Pair | None) -> StoreAnswer:
+        context_id = self.assoc.receives.get(pair) if pair is not None else None
+        if context_id is None:
+            await up.skip()
+            return messages.SOP_CLASS_NOT_SUPPORTED, "not accepted by the requester"
+        message_id = self.requester.next_id()
+        waiter: asyncio.Future[Command] = asyncio.get_running_loop().create_future()
+        self._waiting = (message_id, waiter)
+        try:
+            await self.stream(up, self.requester, context_id, messages.store_request(command, message_id))
+            async with asyncio.timeout(self.timeout):
+                return await waiter
+        except TimeoutError:
+            self.requester.abort(f"no C-STORE-RSP within {self.timeout:g} s")
+            raise UpstreamFailed("the requester did not answer a C-STORE sub-operation") from None
         finally:
-            put("done", None)
+            self._waiting = None
+
+    def on_store_response(self, command: Command) -> None:
+        waiting = self._waiting
+        if waiting is not None and command.us(dimse.MESSAGE_ID_RESPONDED) == waiting[0] and not waiting[1].done():
+            waiting[1].set_result(command)
+        else:
+            super().on_store_response(command)
+
+
+class MoveOperation(_Retrieve):
+    response_field = messages.C_MOVE_RSP
+    name = "C-MOVE"
+
+    async def _run(self) -> None:
+        destination = messages.move_destination(self.command)
+        modality = self.services.destination(destination)
+        if modality is None:
+            log.error("C-MOVE from %s: unknown destination %r (declare it in Dicom:Modalities)", self.label,
+                      destination)
+            await self._fail(messages.MOVE_DESTINATION_UNKNOWN, f"unknown move destination {destination}")
+            return
+        request = Identifier(self.identifier, self.transfer_syntax)
+        refused = await self.services.hooks.retrieve(request, self.session, "onCMove")
+        if refused:
+            await self.refuse(messages.UNABLE_TO_PROCESS, refused)
+            return
+        self.audit_begin(request, modality.aet)
+        book = self.services.destinations
+        mode = modality.retrieve
+        if mode == "FetchAndStore" or (mode == "Auto" and book.unknown_to_pacs(modality.aet)):
+            await self._fetch_and_store(request, modality)
+            return
+        refusal = await self._relay(request, auto=mode == "Auto")
+        if refusal is None:
+            return
+        # Auto, and the PACS refused before moving anything: because of the destination, or (a
+        # bare 0xC000, Orthanc's answer to both) because nothing matched? The listing tells.
+        listing = await self._enumerate(request, contexts.find_model_of(self.model))
+        command, data = refusal
+        if self.state is OpState.CANCELLING:
+            await self.finish_cancelled()
+            return
+        if listing[1] == 0 and messages.status_of(command) != messages.MOVE_DESTINATION_UNKNOWN:
+            await self.respond(messages.response(command, self.message_id), data, final=True)
+            return
+        book.learn_unknown(modality.aet)
+        log.info("C-MOVE to %s: the PACS cannot move there (it does not know this AE title); fetching and "
+                 "storing instead, for the next %.0f s (Dicom:Modalities Retrieve Auto)", modality.aet,
+                 book.recheck)
+        await self._fetch_and_store(request, modality, listing)
+
+    # -- Relay -----------------------------------------------------------------------------------
+    async def _relay(self, request: Identifier, *, auto: bool) -> tuple[Command, bytes | None] | None:
+        """Relay the C-MOVE; with ``auto``, the PACS's first response when it may say that the PACS
+        cannot move to the destination (:func:`refuses_destination`), not passed on; else None."""
+        if self.state is OpState.CANCELLING:
+            await self.finish_cancelled()
+            return None
+        up = await self.connect(self.services.pacs, contexts.model_pairs(self.model, self.transfer_syntax))
+        context_id = up.context_for(self.model, self.transfer_syntax)
+        if context_id is None:
+            raise UpstreamFailed(f"the PACS does not accept {self.model}", messages.UNABLE_TO_PROCESS)
+        upstream_ts = up.contexts[context_id][1]
+        message_id = up.next_id()
+        if not await self.send_request(up, context_id, message_id, messages.request(self.command, message_id),
+                                       request.encoded(upstream_ts)):
+            await self.finish_cancelled()
+            return None
+        first = True
+        while True:
+            received = await self.next_response(up, messages.C_MOVE_RSP, "C-MOVE")
+            command = received.command
+            data = await up.collect(MAX_IDENTIFIER) if command.has_dataset else None
+            if first and auto and refuses_destination(command):
+                self.finished(up)
+                await self.close(up)
+                if self.state is OpState.RELAYING:
+                    self._move(OpState.PREPARING)
+                dataset = Identifier(data, upstream_ts).encoded(self.transfer_syntax) if data is not None else None
+                return command, dataset
+            first = False
+            dataset = Identifier(data, upstream_ts).encoded(self.transfer_syntax) if data is not None else None
+            final = not messages.is_pending(command)
+            if final:
+                self.finished(up)
+            await self.respond(messages.response(command, self.message_id), dataset, final=final)
+            if final:
+                return None
+
+    # -- FetchAndStore ---------------------------------------------------------------------------
+    async def _fetch_and_store(
+        self, request: Identifier, modality: ModalityAe, listing: tuple[set[str], int] | None = None
+    ) -> None:
+        get_model = contexts.get_model_of(self.model)
+        if not request.get("QueryRetrieveLevel").strip():
+            level = deduce_level(request)
+            if not level:
+                await self.refuse(messages.IDENTIFIER_DOES_NOT_MATCH, "no QueryRetrieveLevel and no unique key")
+                return
+            log.info("C-MOVE from %s: no QueryRetrieveLevel; %s deduced from the keys for the C-GET", self.label,
+                     level)
+            request.apply({}, {"QueryRetrieveLevel": level})
+        sop_classes, count = listing or await self._enumerate(request, contexts.find_model_of(self.model))
+        if self.state is OpState.CANCELLING:
+            await self.finish_cancelled()
+            return
+        if count == 0:
+            log.info("C-MOVE from %s to %s: no instance matches", self.label, modality.aet)
+            await self.respond(messages.final(messages.C_MOVE_RSP, self.message_id, self.model, messages.SUCCESS,
+                                              counts=(0, 0, 0)), final=True)
+            return
+        peer = Peer(modality.aet, modality.host, modality.port)
+        try:
+            dest = await self.connect(peer, presentation.retrieve_pairs(sorted(sop_classes)))
+        except UpstreamFailed as e:
+            raise UpstreamFailed(f"move destination: {e}", messages.CANNOT_PERFORM_SUBOPERATIONS) from None
+        dest_pairs = list(dest.contexts.values())
+        up = await self.connect(self.services.pacs, self.upstream_pairs(get_model, dest_pairs),
+                                roles=sorted({sop_class for sop_class, _ in dest_pairs}))
+        context_id = up.context_for(get_model, self.transfer_syntax)
+        if context_id is None:
+            raise UpstreamFailed(f"the PACS does not accept C-GET ({get_model})", messages.UNABLE_TO_PROCESS)
+        upstream_ts = up.contexts[context_id][1]
+        message_id = up.next_id()
+        if not await self.send_request(up, context_id, message_id,
+                                       messages.get_request(self.command, message_id, get_model),
+                                       request.encoded(upstream_ts)):
+            await self.finish_cancelled()
+            return
+        by_pair = {pair: cid for cid, pair in dest.contexts.items()}
+
+        async def deliver(link: DimseLink, command: Command, pair: Pair | None) -> StoreAnswer:
+            return await self._to_destination(dest, by_pair, link, command, pair)
+
+        await self.relay_get(up, upstream_ts, deliver, field=messages.C_MOVE_RSP, sop_class=self.model)
+        self.finished(dest)
+
+    async def _enumerate(self, request: Identifier, find_model: str) -> tuple[set[str], int]:
+        """The SOP classes and the number of the instances the request designates."""
+        query = request.fresh()
+        query.QueryRetrieveLevel = "IMAGE"
+        for keyword in ("SOPInstanceUID", "SOPClassUID"):
+            if keyword not in query:
+                setattr(query, keyword, "")
+        up = await self.connect(self.services.pacs, contexts.model_pairs(find_model, self.transfer_syntax))
+        context_id = up.context_for(find_model, self.transfer_syntax)
+        if context_id is None:
+            raise UpstreamFailed(f"the PACS does not accept C-FIND ({find_model})", messages.CANNOT_CALCULATE_MATCHES)
+        upstream_ts = up.contexts[context_id][1]
+        await up.send(context_id, messages.find_request(up.next_id(), find_model), datasets.encode(query, upstream_ts))
+        sop_classes: set[str] = set()
+        count = 0
+        while True:
+            received = await self.next_response(up, messages.C_FIND_RSP, "C-FIND listing the instances")
+            data = await up.collect(MAX_IDENTIFIER) if received.command.has_dataset else None
+            status = messages.status_of(received.command)
+            if status in messages.PENDING:
+                if data is not None:
+                    count += 1
+                    sop_classes.add(Identifier(data, upstream_ts).get("SOPClassUID"))
+                continue
+            self.finished(up)
+            await self.close(up)
+            if status != messages.SUCCESS:
+                raise UpstreamFailed(f"the PACS answered the C-FIND listing the instances with 0x{status:04X}",
+                                     messages.CANNOT_CALCULATE_MATCHES)
+            sop_classes.discard("")
+            return sop_classes, count
+
+    async def _to_destination(
+        self, dest: DimseLink, by_pair: dict[Pair, int], up: DimseLink, command: Command, pair: Pair | None
+    ) -> StoreAnswer:
+        context_id = by_pair.get(pair) if pair is not None else None
+        if context_id is None:
+            await up.skip()
+            return messages.SOP_CLASS_NOT_SUPPORTED, "not accepted by the move destination"
+        rq = messages.store_request(command, dest.next_id(), originator_aet=self.session.calling,
+                                    originator_id=self.message_id)
+        await self.stream(up, dest, context_id, rq)
+        return (await self.next_response(dest, messages.C_STORE_RSP, "C-STORE")).command

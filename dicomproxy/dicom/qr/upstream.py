@@ -1,58 +1,55 @@
-"""Associations from the Query/Retrieve services to the PACS (``Dicom:Upstream``), with
-pynetdicom's requestor AE; calling AE title ``Dicom:Aet``."""
+"""Associations the Query/Retrieve services open: to the PACS (``Dicom:Upstream``, calling AE
+title ``Dicom:Aet``) for every request they relay, and to a move destination
+(``Dicom:Modalities``) when a C-MOVE is served by fetching. One association per operation,
+released when it ends (aborted if it failed), as a Q/R SCU does.
+
+Each proposed (abstract syntax, transfer syntax) pair is its own presentation context, so the
+peer's answer says exactly which encodings it takes; the caller picks with
+:meth:`.link.DimseLink.context_for`.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import socket
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
 
-from pynetdicom import AE, evt
-from pynetdicom.association import Association as PynetdicomAssociation
-
-from dicomproxy.config.settings import DicomSettings, RemoteAe
 from dicomproxy.dicom import presentation
-from dicomproxy.dicom.ul import tls as dicom_tls
+from dicomproxy.dicom.qr.link import DimseLink, Pair
+from dicomproxy.dicom.ul import pdu as pdus
+from dicomproxy.dicom.ul.errors import UpperLayerError
+from dicomproxy.dicom.ul.transport import StreamAssociation
 
-ACSE_TIMEOUT = 30
-DIMSE_TIMEOUT = 120
-NETWORK_TIMEOUT = 120
-
-
-def set_nodelay(event: evt.Event) -> None:
-    """pynetdicom leaves Nagle on: a C-STORE's command and data PDUs then wait ~40 ms for a
-    delayed ACK. Every DICOM socket of the gateway turns it off."""
-    with contextlib.suppress(Exception):
-        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[union-attr]
+MAX_PDU = 1 << 20
+"""What the gateway announces it receives (a PDU is read whole into memory)."""
 
 
-def requestor(settings: DicomSettings, models: Sequence[str] = ()) -> AE:
-    """A requestor AE proposing each of ``models`` with the uncompressed syntaxes."""
-    ae = AE(ae_title=settings.aet)
-    ae.acse_timeout = ACSE_TIMEOUT
-    ae.dimse_timeout = DIMSE_TIMEOUT
-    ae.network_timeout = NETWORK_TIMEOUT
-    for model in models:
-        ae.add_requested_context(model, [presentation.IMPLICIT, presentation.EXPLICIT])
-    return ae
+@dataclass(frozen=True)
+class Peer:
+    aet: str
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.aet}@{self.host}:{self.port}"
 
 
-def associate(settings: DicomSettings, ae: AE, **kwargs: Any) -> PynetdicomAssociation:
-    """Associate ``ae`` with the PACS (over TLS when ``Dicom:Upstream:Tls``); the caller checks
-    ``is_established``."""
-    up = settings.upstream
-    handlers = [(evt.EVT_CONN_OPEN, set_nodelay), *kwargs.pop("evt_handlers", [])]
-    kwargs.update(tls_kwargs(up, settings))
-    return ae.associate(up.host, up.port, ae_title=up.aet, evt_handlers=handlers, **kwargs)
-
-
-def tls_kwargs(remote: RemoteAe, settings: DicomSettings) -> dict[str, Any]:
-    """pynetdicom's ``tls_args`` for ``remote`` (nothing when its ``Tls`` is off)."""
-    ctx = dicom_tls.client_context(remote, settings.tls)
-    return {"tls_args": (ctx, remote.host)} if ctx is not None else {}
-
-
-def describe(settings: DicomSettings) -> str:
-    up = settings.upstream
-    return f"{up.aet}@{up.host}:{up.port}"
+async def associate(
+    peer: Peer, calling_aet: str, pairs: Sequence[Pair], *, roles: Sequence[str] = (), timeout: float,
+    connect_timeout: float = 30.0,
+) -> DimseLink:
+    """An association with ``peer`` proposing ``pairs`` (and the SCP role for the SOP classes of
+    ``roles``); raises :class:`UpperLayerError` when it cannot be had or accepts none of them."""
+    proposed = presentation.contexts_of(list(pairs))
+    rq = pdus.associate_rq(peer.aet, calling_aet, proposed, MAX_PDU, roles)
+    link, ac = await StreamAssociation.request(peer.host, peer.port, rq, timeout=connect_timeout)
+    results = pdus.accepted_contexts(ac)
+    accepted: dict[int, Pair] = {}
+    for cx, pair in zip(proposed, pairs, strict=True):
+        result, chosen = results.get(cx.context_id, (presentation.ABSTRACT_SYNTAX_NOT_SUPPORTED, ""))
+        if result == presentation.ACCEPTANCE and (not chosen or chosen == pair[1]):
+            accepted[cx.context_id] = pair
+    dimse = DimseLink(link, accepted, timeout=timeout)
+    if not accepted:
+        await dimse.release()
+        raise UpperLayerError(f"{peer} accepted none of the {len(pairs)} presentation context(s) proposed")
+    return dimse

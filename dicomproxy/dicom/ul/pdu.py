@@ -215,7 +215,11 @@ def peer_max_pdu(pdu: A_ASSOCIATE_RQ | A_ASSOCIATE_AC) -> int:
 
 
 # --------------------------------------------------------------------------- building
-def _user_information(max_pdu: int, roles: Sequence[str] = ()) -> list[object]:
+RoleReply = tuple[str, bool, bool]
+"""An accepted SCP/SCU role selection (PS3.7 D.3.3.4): (SOP class, SCU role, SCP role)."""
+
+
+def _user_information(max_pdu: int, roles: Sequence[RoleReply] = ()) -> list[object]:
     max_length = MaximumLengthNotification()
     max_length.maximum_length_received = max_pdu
     uid = ImplementationClassUIDNotification()
@@ -223,11 +227,11 @@ def _user_information(max_pdu: int, roles: Sequence[str] = ()) -> list[object]:
     version = ImplementationVersionNameNotification()
     version.implementation_version_name = IMPLEMENTATION_VERSION
     items: list[object] = [max_length, uid, version]
-    for sop_class in roles:  # we take the SCP role for these (C-GET sub-operations)
+    for sop_class, scu, scp in roles:
         role = SCP_SCU_RoleSelectionNegotiation()
         role.sop_class_uid = sop_class
-        role.scu_role = False
-        role.scp_role = True
+        role.scu_role = scu
+        role.scp_role = scp
         items.append(role)
     return items
 
@@ -245,12 +249,17 @@ def associate_rq(
         cx.abstract_syntax = proposed.abstract_syntax
         cx.transfer_syntax = list(proposed.transfer_syntaxes)
         primitive.presentation_context_definition_list.append(cx)
-    primitive.user_information = _user_information(max_pdu, roles)  # type: ignore[assignment]
+    # we take the SCP role for ``roles`` (C-GET sub-operations)
+    replies = [(sop_class, False, True) for sop_class in roles]
+    primitive.user_information = _user_information(max_pdu, replies)  # type: ignore[assignment]
     return A_ASSOCIATE_RQ(primitive)
 
 
-def associate_ac(rq: A_ASSOCIATE_RQ, results: Sequence[tuple[int, int, str]], max_pdu: int) -> A_ASSOCIATE_AC:
-    """``results``: ``(context id, result, transfer syntax)`` per proposed context (PS3.8 9.3.3.2)."""
+def associate_ac(
+    rq: A_ASSOCIATE_RQ, results: Sequence[tuple[int, int, str]], max_pdu: int, roles: Sequence[RoleReply] = ()
+) -> A_ASSOCIATE_AC:
+    """``results``: ``(context id, result, transfer syntax)`` per proposed context (PS3.8 9.3.3.2);
+    ``roles``: the role selections accepted (a C-GET requester taking the SCP role for storage)."""
     primitive = A_ASSOCIATE()
     primitive.application_context_name = APPLICATION_CONTEXT
     primitive.called_ae_title = rq.called_ae_title  # sent back as received, "not tested"
@@ -261,7 +270,7 @@ def associate_ac(rq: A_ASSOCIATE_RQ, results: Sequence[tuple[int, int, str]], ma
         cx.result = result
         cx.transfer_syntax = [ts]
         primitive.presentation_context_definition_results_list.append(cx)
-    primitive.user_information = _user_information(max_pdu)  # type: ignore[assignment]
+    primitive.user_information = _user_information(max_pdu, roles)  # type: ignore[assignment]
     primitive.result = 0x00
     return A_ASSOCIATE_AC(primitive)
 

@@ -10,8 +10,9 @@ shutdown); ``IncomingHttpRequestFilter`` on every HTTP request (:mod:`.orthanc_f
 change callbacks from the PACS's own records (:mod:`.orthanc_changes`), and ``OnStoredInstance``
 for what the gateway's DICOM side forwarded (:mod:`.dicom_stored`, from the DICOM side's
 "instance stored" hook); ``OnHeartBeat`` every ``Orthanc:LuaHeartBeatPeriod`` seconds.
-``ReceivedInstanceFilter`` and ``IncomingFindRequestFilter`` fire on the DICOM side
-(:mod:`dicomproxy.dicom`).
+``ReceivedInstanceFilter`` and the C-FIND filters ``IncomingFindRequestFilter``,
+``IncomingWorklistRequestFilter`` and ``OutgoingFindRequestFilter`` fire on the DICOM side
+(:mod:`dicomproxy.dicom`, :mod:`dicomproxy.dicom.qr.hooks`).
 
 Semantics follow Orthanc's source where its book is silent: ``RestApi*`` and ``Http*`` return
 ``nil`` on failure and log why (method, URL, status); the routing helpers raise a Lua error
