@@ -2,7 +2,7 @@
 stops them in order, reports health, and turns forwarding outcomes into Lua events, metrics,
 app events and the "instance stored" hook.
 
-Start order: spool (recover what a previous run left), forwarder, the Q/R AE, then the ports
+Start order: spool (recover what a previous run left), forwarder, Query/Retrieve, then the ports
 (``Dicom:Port``, and ``Dicom:Tls:Port`` when ``Dicom:Tls:Enabled``: two acceptors with one
 dispatcher and one set of admission counts); stop in reverse. TLS contexts are built here,
 once: a certificate, key or CA that cannot be used stops the start with the key's name.

@@ -90,6 +90,9 @@ def test_operations_per_calling_ae(
     gateway.wait_for_log("C-MOVE from CT1 (127.0.0.1:")
     assert run_dcmtk("movescu", "-aet", "VIEWER", *move, check=False).returncode == 0
     scp.wait_for_files(1)
+    # the refused C-MOVE opened nothing to the destination (no Verification association first,
+    # as the pynetdicom Q/R AE needed): the permitted one is the only association it saw
+    assert scp.log_text().count("Association Acknowledged") == 1, scp.log_text()  # (the start probe: Received)
 
     get = run_dcmtk("getscu", "-d", "-S", "-aet", "VIEWER", "-aec", gateway.aet, LOOPBACK, port, *keys,
                     "-od", str(tmp_path), check=False)

@@ -1,12 +1,15 @@
 """DICOM TLS through the real stack: dcmtk's echoscu/storescu/findscu with ``+tls`` against the
-gateway's TLS port (storage fast path and Query/Retrieve splice), refused client certificates
-(the log line, the metric), Orthanc with ``DicomTlsEnabled`` as the upstream (forwarding and
-C-FIND over TLS), and a TLS storescp as the ``send`` / C-MOVE destination."""
+gateway's TLS port (storage fast path, and Query/Retrieve served on the loop over the acceptor's
+TLS socket), refused client certificates (the log line, the metric), Orthanc with
+``DicomTlsEnabled`` as the upstream (forwarding, C-FIND, C-GET over TLS), a TLS storescp as the
+``send`` / C-MOVE destination, and TLS end to end: a modality's C-FIND/C-GET/C-MOVE on the TLS
+port, relayed to a TLS PACS and fetched into a TLS destination."""
 
 from __future__ import annotations
 
 import json
 import os
+import ssl
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -15,6 +18,12 @@ from typing import Any
 
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE, build_role, evt
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
 
 from tests import dicom_samples
 from tests.peers import REPO_ROOT, GatewayProcess, OrthancServer, free_port, run_dcmtk
@@ -74,7 +83,7 @@ def test_store_echo_find_over_tls(
     fresh_orthanc.wait_for_instances(3)
     found = run_dcmtk("findscu", "-v", *tls, "-S", "-aet", "CT1", "-aec", gateway.aet, LOOPBACK, port,
                       "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}", "-k", "PatientID")
-    assert "PTLS" in found.stdout + found.stderr  # the Q/R splice over TLS, answered by Orthanc
+    assert "PTLS" in found.stdout + found.stderr  # Q/R on the loop over the TLS socket, answered by Orthanc
     # the plain port still serves, beside the TLS one
     assert run_dcmtk("echoscu", "-aec", gateway.aet, LOOPBACK, str(gateway.dicom_port)).returncode == 0
 
@@ -131,7 +140,7 @@ def test_orthanc_with_dicom_tls_as_the_upstream(
     orthanc.wait_for_instances(2)  # forwarded by C-STORE over TLS
     found = run_dcmtk("findscu", "-v", "-S", "-aet", "CT1", "-aec", gateway.aet, LOOPBACK, str(gateway.dicom_port),
                       "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}", "-k", "PatientID")
-    assert "PUPTLS" in found.stdout + found.stderr  # the Q/R AE's C-FIND to the PACS over TLS
+    assert "PUPTLS" in found.stdout + found.stderr  # the Q/R C-FIND to the PACS over TLS
 
 
 def test_a_pacs_that_refuses_the_gateway_certificate_is_retried_with_the_reason(
@@ -175,6 +184,82 @@ def test_send_and_cmove_to_a_tls_destination(
     run_dcmtk("movescu", "-S", "-aet", "VIEWER", "-aem", dest.aet, "-aec", gateway.aet, LOOPBACK,
               str(gateway.dicom_port), "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={moved_study}")
     assert len(dest.wait_for_files(4)) == 4
+
+
+def modality_context(certs: Certs) -> ssl.SSLContext:
+    """What a modality with the ``modality`` certificate uses (dcmtk's getscu/movescu have no TLS)."""
+    ctx = ssl.create_default_context(cafile=str(certs.ca.cert_path))
+    ctx.load_cert_chain(certs.modality.cert_path, certs.modality.key_path)
+    return ctx
+
+
+def tls_retrieve(
+    port: int, aet: str, context: ssl.SSLContext, study: str, move_to: str = ""
+) -> tuple[dict[str, bytes], list[int]]:
+    """A C-GET (or with ``move_to`` a C-MOVE) with pynetdicom over TLS: the instances received
+    (SOP Instance UID -> pixel data) and the statuses."""
+    ae = AE(ae_title="VIEWER")
+    model = StudyRootQueryRetrieveInformationModelMove if move_to else StudyRootQueryRetrieveInformationModelGet
+    ae.add_requested_context(model)
+    ae.add_requested_context(dicom_samples.SOP_CLASSES["CT"])
+    got: dict[str, bytes] = {}
+
+    def on_store(event: Any) -> int:
+        ds = event.dataset
+        got[str(ds.SOPInstanceUID)] = ds.PixelData
+        return 0x0000
+
+    assoc = ae.associate(LOOPBACK, port, ae_title=aet, tls_args=(context, LOOPBACK),
+                         ext_neg=[build_role(dicom_samples.SOP_CLASSES["CT"], scp_role=True)],
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = study
+    responses = assoc.send_c_move(query, move_to, model) if move_to else assoc.send_c_get(query, model)
+    statuses = [int(status.Status) for status, _ in responses]
+    assoc.release()
+    return got, statuses
+
+
+def test_query_retrieve_over_tls_end_to_end(
+    gateway_factory: Any, orthanc_factory: Any, storescp_factory: Any, certs: Certs, tmp_path: Path
+) -> None:
+    orthanc = orthanc_factory(extra_config=orthanc_tls(certs))
+    dest = storescp_factory("TLSDEST", args=["+tls", str(certs.peer.key_path), str(certs.peer.cert_path),
+                                             "+cf", str(certs.ca.cert_path)])
+    modality = {"Aet": dest.aet, "Host": LOOPBACK, "Port": dest.port, "Retrieve": "FetchAndStore", "Tls": True,
+                "TlsCa": str(certs.ca.cert_path), "TlsCertificate": str(certs.gateway_client.cert_path),
+                "TlsKey": str(certs.gateway_client.key_path)}
+    gateway = gateway_factory({"Dicom": {
+        "Tls": tls_settings(certs, Only=True), "Upstream": upstream_tls(orthanc, certs, certs.gateway_client),
+        "Modalities": {"dest": modality}, "AePermissions": {"VIEWER": ["find", "get", "move"], "*": ["store"]}}},
+        orthanc=orthanc)
+    study = pydicom.uid.generate_uid()
+    sent = {}
+    for i in range(4):  # one of ~2 MB: more than the TLS transport's write buffer, so writes wait
+        size = (1024, 1024) if i == 0 else (16, 16)
+        path, uid = dicom_samples.make_instance(tmp_path / "pacs" / f"im{i}.dcm", patient_id="PQRTLS",
+                                                patient_name="Qr^Tls", study_uid=study, size=size,
+                                                InstanceNumber=i + 1)
+        orthanc.upload(path)
+        sent[uid] = pydicom.dcmread(path).PixelData
+    tls, port = tls_args(certs.modality, certs.ca), tls_port(gateway)
+    keys = ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}"]
+    found = run_dcmtk("findscu", "-v", *tls, "-S", "-aet", "VIEWER", "-aec", gateway.aet, LOOPBACK, port, *keys,
+                      "-k", "PatientID")
+    assert "PQRTLS" in found.stdout + found.stderr
+    context = modality_context(certs)
+    fetched, statuses = tls_retrieve(int(port), gateway.aet, context, study)
+    assert statuses[-1] == 0x0000 and fetched == sent, statuses  # every instance whole, through two TLS hops
+    _, statuses = tls_retrieve(int(port), gateway.aet, context, study, move_to=dest.aet)
+    assert statuses[-1] == 0x0000, (statuses, dest.log_text())
+    moved = {str(ds.SOPInstanceUID): ds.PixelData for ds in map(pydicom.dcmread, dest.wait_for_files(4))}
+    assert moved == sent  # fetched from the TLS PACS with C-GET, stored into the TLS destination
+    refused = run_dcmtk("findscu", "-d", *tls, "-S", "-aet", "CT1", "-aec", gateway.aet, LOOPBACK, port, *keys,
+                        check=False)
+    assert "0x0124" in refused.stdout + refused.stderr or "Not Authorized" in refused.stdout + refused.stderr
+    assert "'CT1' may not find (Dicom:AePermissions)" in gateway.wait_for_log("C-FIND from CT1 (127.0.0.1:")
 
 
 CONFIG_SCRIPT = r"""

@@ -20,9 +20,9 @@ What it owns:
 * :func:`recv_into`, :func:`recv`, :func:`sendall`: ``loop.sock_*`` for a plain socket, and the
   same on an ``ssl.SSLSocket``, which asyncio's ``sock_*`` refuse: try the call, wait for the file
   descriptor on ``SSLWantRead``/``SSLWantWrite``. A read that wants a write (only in a TLS 1.3
-  key update) polls every millisecond instead of registering a writer, so that the reader and
-  the writer of the Q/R splice, two tasks on the same socket, never replace each other's
-  callback.
+  key update) polls every millisecond instead of registering a writer, so that a reader and a
+  writer on the same socket never replace each other's callback. (The Q/R services, on the
+  loop, get whole asyncio streams on the ``SSLSocket`` from :mod:`.tls_transport`.)
 
 Why an ``SSLSocket`` and not asyncio's TLS transport: after the request phase the storage
 association is served on its own thread with a blocking socket (the hot path, see
@@ -262,14 +262,6 @@ async def sendall(loop: asyncio.AbstractEventLoop, sock: socket.socket, data: by
             await _ready(loop, sock, write=True)
         except ssl.SSLWantReadError:
             await _ready(loop, sock, write=False)
-
-
-def half_close(sock: socket.socket) -> None:
-    """``shutdown(SHUT_WR)`` for a plain socket; nothing for a TLS one (``SSLSocket.shutdown``
-    drops the TLS layer, and the other direction would then read ciphertext): it is closed whole
-    when the splice ends."""
-    if not isinstance(sock, ssl.SSLSocket):
-        sock.shutdown(socket.SHUT_WR)
 
 
 async def _ready(loop: asyncio.AbstractEventLoop, sock: socket.socket, *, write: bool) -> None:
