@@ -3,7 +3,7 @@ mode and in store-and-forward mode, in the same rounds.
 
     python bench/dicom_bench.py [--instances 500] [--rounds 3] [--studies 1] [--nagle]
                                 [--modes relay,spool] [--baseline /work/baseline] [--size 16]
-                                [--big-mb 300]
+                                [--big-mb 300] [--tls]
 
 One run starts a real Orthanc (DICOMweb plugin, as in the tests) and one gateway process per
 mode (``Logging:Level`` INFO): ``relay`` is ``Dicom:StoreMode`` ``RelayOrSpool`` (each C-STORE
@@ -26,6 +26,11 @@ prints the medians. ``--baseline DIR`` runs another gateway from another checkou
 with its own ``DIR/.venv``, its own defaults) in the same rounds, for before/after figures under
 the same machine load. In relay mode accept and end-to-end are the same thing: storescu hears
 success only once Orthanc has the instance.
+
+``--tls`` opens each gateway's DICOM TLS port too (``Dicom:Tls``, certificates from a private CA
+made for the run, client certificates required) and stores one more batch per round through it
+with ``storescu +tls`` (the ``relay-tls`` / ``spool-tls`` rows: the same gateway process as the
+plain row, so its CPU per instance compares directly), in the same rotating order.
 
 storescu runs with ``TCP_NODELAY=1`` (dcmtk's switch for disabling Nagle): with Nagle on,
 storescu itself stalls ~40 ms per instance on delayed ACKs and both paths measure the client,
@@ -52,7 +57,8 @@ sys.path.insert(0, str(REPO))
 from pydicom.uid import generate_uid  # noqa: E402
 
 from tests import dicom_samples  # noqa: E402
-from tests.peers import GatewayProcess, OrthancServer, dcmtk  # noqa: E402
+from tests.peers import GatewayProcess, OrthancServer, dcmtk, free_port  # noqa: E402
+from tests.tls_certs import TestCa  # noqa: E402
 
 
 def baseline_gateway(checkout: Path, workdir: Path, orthanc: OrthancServer, settings: dict[str, Any]) -> GatewayProcess:
@@ -88,13 +94,14 @@ def make_batch(folder: Path, n: int, studies: int, tag: str, size: int = 16) -> 
     return folder
 
 
-def storescu(aet: str, port: int, folder: Path, nagle: bool) -> float:
+def storescu(aet: str, port: int, folder: Path, nagle: bool, extra: tuple[str, ...] = ()) -> float:
     env = dict(os.environ)
     if not nagle:
         env["TCP_NODELAY"] = "1"
     started = time.perf_counter()
     proc = subprocess.run(
-        [dcmtk("storescu"), "-aec", aet, "127.0.0.1", str(port), str(folder), *(["+sd"] if folder.is_dir() else [])],
+        [dcmtk("storescu"), *extra, "-aec", aet, "127.0.0.1", str(port), str(folder),
+         *(["+sd"] if folder.is_dir() else [])],
         env=env,
         capture_output=True,
         text=True,
@@ -115,13 +122,23 @@ def wait_count(orthanc: OrthancServer, count: int, timeout: float = 300) -> floa
     raise SystemExit(f"Orthanc holds {orthanc.instance_count()} instances, expected {count}")
 
 
+def tls_setup(folder: Path) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """``Dicom:Tls`` for the gateway and storescu's ``+tls`` arguments, from a CA made here."""
+    ca = TestCa.create(folder)
+    server, client = ca.issue("gateway", ["127.0.0.1"]), ca.issue("modality", client=True)
+    settings = {"Enabled": True, "Port": free_port(), "Certificate": str(server.cert_path),
+                "Key": str(server.key_path), "ClientCa": str(ca.cert_path)}
+    return settings, ("+tls", str(client.key_path), str(client.cert_path), "+cf", str(ca.cert_path))
+
+
 def run_gateway(
-    gateway: GatewayProcess, orthanc: OrthancServer, folder: Path, expected: int, n: int, nagle: bool
+    gateway: GatewayProcess, orthanc: OrthancServer, folder: Path, expected: int, n: int, nagle: bool,
+    port: int | None = None, extra: tuple[str, ...] = (),
 ) -> tuple[float, float, float]:
     """(accept/s, end-to-end/s, CPU ms per instance) of one batch through ``gateway``."""
     cpu = cpu_seconds(gateway)
     started = time.perf_counter()
-    t_accept = storescu(gateway.aet, gateway.dicom_port, folder, nagle)
+    t_accept = storescu(gateway.aet, port or gateway.dicom_port, folder, nagle, extra)
     t_e2e = wait_count(orthanc, expected) - started
     time.sleep(0.2)  # the forwarder's last callbacks
     return n / t_accept, n / t_e2e, (cpu_seconds(gateway) - cpu) * 1000 / n
@@ -138,6 +155,7 @@ def main() -> int:
     ap.add_argument("--modes", default="relay,spool", help="gateway modes to run: relay, spool (comma-separated)")
     ap.add_argument("--big-mb", type=int, default=0, help="then one instance of this many MB through each gateway")
     ap.add_argument("--nagle", action="store_true", help="run storescu with Nagle on (dcmtk's default)")
+    ap.add_argument("--tls", action="store_true", help="also store through the gateway's DICOM TLS port")
     ap.add_argument(
         "--orthanc-nagle", action="store_true", help="leave Nagle on in Orthanc (its DCMTK default: ~20 instances/s)"
     )
@@ -153,10 +171,18 @@ def main() -> int:
         settings: dict[str, Any] = {"Logging": {"Level": "INFO"}, "Dicom": {}}
         if args.forward_concurrency:
             settings["Dicom"]["ForwardConcurrency"] = args.forward_concurrency
+        tls: dict[str, Any] = {}
+        tls_extra: tuple[str, ...] = ()
+        if args.tls:
+            tls, tls_extra = tls_setup(tmp / "pki")
         gateways: dict[str, GatewayProcess] = {}
+        tls_ports: dict[str, int] = {}  # gateway name -> its Dicom:Tls:Port
         for mode in args.modes.split(","):
             store_mode = {"relay": "RelayOrSpool", "spool": "StoreAndForward"}[mode.strip()]
             mine = {**settings, "Dicom": {**settings["Dicom"], "StoreMode": store_mode}}
+            if tls:
+                tls_ports[mode.strip()] = free_port()
+                mine["Dicom"]["Tls"] = {**tls, "Port": tls_ports[mode.strip()]}
             gateways[mode.strip()] = GatewayProcess(tmp / mode.strip(), orthanc=orthanc, settings=mine)
         if args.baseline:
             gateways = {"baseline": baseline_gateway(args.baseline, tmp / "baseline", orthanc, settings), **gateways}
@@ -172,13 +198,16 @@ def main() -> int:
                 t_direct = storescu(orthanc.aet, orthanc.dicom_port, direct_dir, args.nagle)
                 expected += n
                 wait_count(orthanc, expected)
-                order = list(gateways.items())
+                order: list[tuple[str, GatewayProcess, int | None, tuple[str, ...]]] = [
+                    (name, g, None, ()) for name, g in gateways.items()]
+                order += [(f"{name}-tls", gateways[name], port, tls_extra) for name, port in tls_ports.items()]
                 shift = (r - 1) % len(order)
                 order = order[shift:] + order[:shift]  # rotating: no gateway always runs right after direct
-                for name, g in order:
-                    folder = make_batch(tmp / f"{name}{r}", n, args.studies, f"{name[0].upper()}{r}", args.size)
+                for name, g, port, extra in order:
+                    folder = make_batch(tmp / f"{name}{r}", n, args.studies, f"{name[0].upper()}{name[-1]}{r}",
+                                        args.size)
                     expected += n
-                    accept, e2e, cpu = run_gateway(g, orthanc, folder, expected, n, args.nagle)
+                    accept, e2e, cpu = run_gateway(g, orthanc, folder, expected, n, args.nagle, port, extra)
                     rows.append((r, name, n / t_direct, accept, e2e, cpu))
             if args.big_mb:
                 for name, g in gateways.items():

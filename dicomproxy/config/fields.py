@@ -20,6 +20,7 @@ constructible by attribute name (``TusSettings(base_path=...)``) as well as by k
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -347,6 +348,23 @@ class AeTitle(Kind):
         if not 1 <= len(text) <= 16 or "\\" in text or any(ord(c) < 32 or ord(c) > 126 for c in text):
             raise self.fail(value)
         return text
+
+
+class Cidr(Kind):
+    """An IPv4 or IPv6 address or network (``10.0.0.0/8``, ``2001:db8::/32``, ``192.168.1.7``)."""
+
+    noun = "an IP address or CIDR network (10.0.0.0/8, 2001:db8::/32)"
+
+    @property
+    def type_name(self) -> str:
+        return "CIDR"
+
+    def parse(self, value: Any, root: Path) -> str:
+        text = value.strip() if isinstance(value, str) else ""
+        try:
+            return str(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            raise self.fail(value) from None
 
 
 def as_list(value: Any) -> list[Any] | None:

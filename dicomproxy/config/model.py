@@ -40,6 +40,7 @@ from dicomproxy.config.fields import (
     VALUE_ERROR,
     AeTitle,
     Choice,
+    Cidr,
     Duration,
     Endpoint,
     Flag,
@@ -492,6 +493,66 @@ class RemoteAe(Section):
     aet: Annotated[str, AeTitle()] = key("Aet", REQUIRED, "its AE title")
     host: Annotated[str, Text(nonempty=True)] = key("Host", REQUIRED, "its host name or IP address")
     port: Annotated[int, Whole(1, 65535)] = key("Port", REQUIRED, "its DICOM port")
+    tls: Annotated[bool, Flag()] = key(
+        "Tls", False, "associate over TLS (PS3.15 BCP 195 profile: TLS 1.2+, ECDHE with AES-GCM); the peer's "
+        "certificate is verified")
+    tls_ca: Annotated[Path | None, FsPath(optional=True)] = key(
+        "TlsCa", "", "PEM CA bundle the peer's certificate must chain to (empty: the system's CAs)")
+    tls_certificate: Annotated[Path | None, FsPath(optional=True)] = key(
+        "TlsCertificate", "", "PEM client certificate (chain) the gateway presents to this peer (empty: "
+        "`Dicom:Tls:Certificate`, if set)")
+    tls_key: Annotated[Path | None, FsPath(optional=True)] = key(
+        "TlsKey", "", "PEM private key of `TlsCertificate`")
+    tls_key_password: Annotated[str, Text()] = key(
+        "TlsKeyPassword", "", "password of an encrypted `TlsKey`", secret=True)
+    tls_check_hostname: Annotated[bool, Flag()] = key(
+        "TlsCheckHostname", True, "the peer's certificate must name `Host` (DNS name or IP address SAN); turn off "
+        "only for a certificate without one, still verified against `TlsCa`")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> RemoteAe:
+        if (self.tls_certificate is None) != (self.tls_key is None):
+            raise PydanticCustomError(VALUE_ERROR, "{expected}", {
+                "expected": "TlsCertificate and TlsKey go together: give both or neither", "key": "TlsKey"})
+        return self
+
+
+class DicomTlsSettings(Section):
+    """``Dicom:Tls``: the gateway's own TLS port (PS3.15 BCP 195 profile)."""
+
+    enabled: Annotated[bool, Flag()] = key(
+        "Enabled", False, "open the DICOM TLS port (storage and Query/Retrieve, the same policy as the plain port)")
+    port: Annotated[int, Whole(1, 65535)] = key(
+        "Port", 2762, "the TLS port (2762 is IANA's dicom-tls); a port of its own beside `Dicom:Port`, as dcm4chee "
+        "does, so modalities move to TLS one at a time")
+    only: Annotated[bool, Flag()] = key(
+        "Only", False, "serve only the TLS port: `Dicom:Port` is not opened")
+    certificate: Annotated[Path | None, FsPath(optional=True)] = key(
+        "Certificate", "", "PEM certificate (chain) of the gateway; also its client certificate towards remote AEs "
+        "without their own `TlsCertificate`")
+    key_file: Annotated[Path | None, FsPath(optional=True)] = key("Key", "", "PEM private key of `Certificate`")
+    key_password: Annotated[str, Text()] = key("KeyPassword", "", "password of an encrypted `Key`", secret=True)
+    client_ca: Annotated[Path | None, FsPath(optional=True)] = key(
+        "ClientCa", "", "PEM CA bundle a modality's client certificate must chain to")
+    require_client_certificate: Annotated[bool, Flag()] = key(
+        "RequireClientCertificate", True, "refuse a TLS connection without a client certificate from `ClientCa` "
+        "(PS3.15's profiles authenticate both nodes); `false`: encryption only, any client")
+
+    @model_validator(mode="after")
+    def _complete(self) -> DicomTlsSettings:
+        problem = None
+        if self.enabled and (self.certificate is None or self.key_file is None):
+            problem = "Certificate", "Dicom:Tls:Enabled needs Dicom:Tls:Certificate and Dicom:Tls:Key (PEM files)"
+        elif self.certificate is not None and self.key_file is None:
+            problem = "Key", "Dicom:Tls:Certificate needs Dicom:Tls:Key"
+        elif self.enabled and self.require_client_certificate and self.client_ca is None:
+            problem = "ClientCa", ("Dicom:Tls:RequireClientCertificate needs Dicom:Tls:ClientCa (the CA of the "
+                                   "modalities' certificates); or set RequireClientCertificate to false")
+        elif self.only and not self.enabled:
+            problem = "Only", "Dicom:Tls:Only needs Dicom:Tls:Enabled"
+        if problem is not None:
+            raise PydanticCustomError(VALUE_ERROR, "{expected}", {"expected": problem[1], "key": problem[0]})
+        return self
 
 
 class PacsAe(RemoteAe):
@@ -525,12 +586,29 @@ class DicomSettings(Section):
     host: Annotated[str, Text(nonempty=True)] = key(
         "Host", "127.0.0.1", "where the DICOM side listens (loopback by default; `0.0.0.0` for all interfaces)")
     upstream: PacsAe = section("Upstream", "the PACS's DICOM side")
+    tls: DicomTlsSettings = section("Tls", "the DICOM TLS port")
     modalities: dict[str, ModalityAe] = collection(
         "Modalities", "named remote AEs: `{\"name\":{\"Aet\":..,\"Host\":..,\"Port\":..}}` (C-MOVE destinations; a "
         "C-MOVE to an AE title not listed here is refused with 0xA801)", {})
     allowed_calling_aets: Annotated[tuple[str, ...], Names(AeTitle())] = key(
         "AllowedCallingAets", (), "calling AEs allowed to associate (empty: all; an AE title is not a password, "
-        "so keep `Dicom:Host` on a trusted network)")
+        "so keep `Dicom:Host` on a trusted network, or use `Dicom:AllowedAddresses` and `Dicom:Tls`). Refused: "
+        "A-ASSOCIATE-RJ permanent, reason 3 \"calling AE title not recognized\"")
+    blocked_calling_aets: Annotated[tuple[str, ...], Names(AeTitle())] = key(
+        "BlockedCallingAets", (), "calling AEs always refused (A-ASSOCIATE-RJ permanent, reason 3), even when "
+        "`AllowedCallingAets` lists them")
+    allowed_addresses: Annotated[tuple[str, ...], Names(Cidr())] = key(
+        "AllowedAddresses", (), "source addresses or CIDR networks allowed to associate, IPv4 and IPv6 "
+        "(`[\"10.1.0.0/16\", \"2001:db8::/32\"]`; empty: any). Refused: A-ASSOCIATE-RJ permanent, reason 1 "
+        "\"no reason given\" (PS3.8 has no address reason)")
+    check_called_aet: Annotated[bool, Flag()] = key(
+        "CheckCalledAet", True, "refuse an association whose called AE title is not `Dicom:Aet` (A-ASSOCIATE-RJ "
+        "permanent, reason 7 \"called AE title not recognized\"); Orthanc's `DicomCheckCalledAet`, but on by "
+        "default: a modality aimed at the wrong AE is a configuration error worth seeing")
+    ae_permissions: dict[str, Annotated[tuple[str, ...], Names(Choice("store", "find", "move", "get"))]] = collection(
+        "AePermissions", "operations per calling AE: `{\"CT1\": [\"store\"], \"VIEWER\": [\"find\", \"move\"], "
+        "\"*\": []}`; `*` is every AE not listed; an AE not listed without `*`: everything. C-ECHO is always "
+        "allowed. A refused operation is answered 0x0124 \"Refused: Not Authorized\"", {})
     forward_via: Annotated[str, Choice("dimse", "dicomweb")] = key(
         "ForwardVia", "dimse", "forward stored instances by C-STORE (`dimse`) or STOW-RS (`dicomweb`)")
     spool_folder: Annotated[Path, FsPath()] = key("SpoolFolder", "data/spool", "durable store-and-forward spool")

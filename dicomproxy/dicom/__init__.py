@@ -6,17 +6,19 @@ Layers, bottom up:
 * ``ul/`` the upper layer (PS3.8): ``pdu`` (pynetdicom's PDU classes), ``fsm`` (the state table),
   ``association`` (one association's protocol, both roles, ARTIM; no I/O), ``transport`` (that
   protocol on a blocking socket or on asyncio streams), ``acceptor`` (the port and connection
-  admission), ``errors``;
+  admission), ``tls`` (DICOM TLS contexts, the acceptor's handshake), ``tls_transport`` (asyncio
+  streams on the TLS port's sockets), ``errors``;
 * ``dimse`` command sets and message assembly (PS3.7); ``presentation`` every presentation
   context and transfer syntax rule; ``implementation`` the gateway's implementation identity;
 * services: ``storage_scp`` (C-STORE/C-ECHO received, one thread per association),
-  ``storage_scu`` (C-STORE/C-ECHO sent), ``qr/`` (C-FIND, C-MOVE/C-GET: a pynetdicom AE);
-* ``dispatch`` (association policy, and where each association goes), ``relay`` (a modality
-  association mirrored by one to the PACS: the PACS's own answers), ``negotiation`` (the PACS's
-  answer to a proposal, asked and cached), ``store`` (what happens to one received instance),
-  ``spool`` (the durable queue on disk), ``forwarder`` (C-STORE or STOW-RS to the PACS, at least
-  once, never wedged), ``statuses`` (what a C-STORE status means: stored, retry, refused),
-  ``spool_api`` (``/dicomproxy/spool``), ``datasets`` (Dataset <-> Lua tables), ``session``
+  ``storage_scu`` (C-STORE/C-ECHO sent), ``qr/`` (C-FIND, C-MOVE/C-GET relayed on the loop);
+* ``policy`` (who may associate, what each calling AE may do), ``dispatch`` (association policy,
+  and where each association goes), ``relay`` (a modality association mirrored by one to the
+  PACS: the PACS's own answers), ``negotiation`` (the PACS's answer to a proposal, asked and
+  cached), ``store`` (what happens to one received instance), ``spool`` (the durable queue on
+  disk), ``forwarder`` (C-STORE or STOW-RS to the PACS, at least once, never wedged),
+  ``statuses`` (what a C-STORE status means: stored, retry, refused), ``spool_api``
+  (``/dicomproxy/spool``), ``datasets`` (Dataset <-> Lua tables), ``session``
   (per-association Lua scope), ``hooks`` (the "instance stored" hook other features subscribe
   to), ``commands`` (``InternalCmdRun`` send / echo), ``component`` (start, stop, health).
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import ssl
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from dicomproxy.dicom.presentation import NotAccepted
 from dicomproxy.dicom.spool import SpoolError, read_file_meta
 from dicomproxy.dicom.storage_scu import FileDataset, StorageScu
 from dicomproxy.dicom.storage_scu import echo as storage_echo
+from dicomproxy.dicom.ul import tls as dicom_tls
 from dicomproxy.dicom.ul.errors import UpperLayerError
 
 SEND_USAGE = 'InternalCmdRun("send", "[folder] [CallingAE:AE@host:port]")'
@@ -46,9 +48,10 @@ class Target:
     called: str
     host: str
     port: int
+    tls: ssl.SSLContext | None = field(default=None, compare=False)  # the Dicom:Modalities entry's Tls
 
     def describe(self) -> str:
-        return f"{self.calling}:{self.called}@{self.host}:{self.port}"
+        return f"{self.calling}:{self.called}@{self.host}:{self.port}{' (TLS)' if self.tls else ''}"
 
 
 def parse_target(spec: str, settings: DicomSettings, usage: str) -> Target:
@@ -58,11 +61,15 @@ def parse_target(spec: str, settings: DicomSettings, usage: str) -> Target:
         port = int(m.group("port"))
         if not 0 < port < 65536:
             raise CommandError(f"port {port} is out of range; expected {usage}")
-        return Target(m.group("calling") or settings.aet, m.group("called"), m.group("host"), port)
+        called, host = m.group("called"), m.group("host")
+        declared = next((ae for ae in settings.modalities.values()
+                         if (ae.aet, ae.host, ae.port) == (called, host, port)), None)  # its Tls applies
+        tls = dicom_tls.client_context(declared, settings.tls) if declared is not None else None
+        return Target(m.group("calling") or settings.aet, called, host, port, tls)
     calling, _, name = spec.rpartition(":") if ":" in spec and "@" not in spec else ("", "", spec)
     for key, ae in settings.modalities.items():
         if key.lower() == name.lower() and name:
-            return Target(calling or settings.aet, ae.aet, ae.host, ae.port)
+            return Target(calling or settings.aet, ae.aet, ae.host, ae.port, dicom_tls.client_context(ae, settings.tls))
     raise CommandError(f"cannot read the destination {spec!r}; expected {usage}")
 
 
@@ -125,7 +132,7 @@ def _pair(f: _File) -> tuple[str, str]:
 async def _send_batch(target: Target, batch: list[_File], failures: list[dict[str, str]]) -> int:
     try:
         assoc = await StorageScu.connect(
-            target.host, target.port, called_aet=target.called, calling_aet=target.calling,
+            target.host, target.port, called_aet=target.called, calling_aet=target.calling, tls=target.tls,
             contexts=presentation.batch_pairs(batch, _pair),
         )
     except UpperLayerError as e:
@@ -177,7 +184,8 @@ async def echo(args: str, settings: DicomSettings) -> dict[str, Any]:
     target = parse_target(args, settings, ECHO_USAGE)
     started = time.monotonic()
     try:
-        status = await storage_echo(target.host, target.port, called_aet=target.called, calling_aet=target.calling)
+        status = await storage_echo(target.host, target.port, called_aet=target.called, calling_aet=target.calling,
+                                    tls=target.tls)
     except UpperLayerError as e:
         return {"Destination": target.describe(), "Success": False, "Error": str(e)}
     return {

@@ -2,8 +2,10 @@
 stops them in order, reports health, and turns forwarding outcomes into Lua events, metrics,
 app events and the "instance stored" hook.
 
-Start order: spool (recover what a previous run left), forwarder, the Q/R AE, then the port;
-stop in reverse.
+Start order: spool (recover what a previous run left), forwarder, Query/Retrieve, then the ports
+(``Dicom:Port``, and ``Dicom:Tls:Port`` when ``Dicom:Tls:Enabled``: two acceptors with one
+dispatcher and one set of admission counts); stop in reverse. TLS contexts are built here,
+once: a certificate, key or CA that cannot be used stops the start with the key's name.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from dicomproxy.dicom.spool import Spool, SpoolEntry
 from dicomproxy.dicom.spool_api import build_spool_api
 from dicomproxy.dicom.statuses import RetryRule
 from dicomproxy.dicom.store import StoreService
-from dicomproxy.dicom.ul.acceptor import Acceptor, Limits
+from dicomproxy.dicom.ul import tls as dicom_tls
+from dicomproxy.dicom.ul.acceptor import Acceptor, Admission, Limits
 from dicomproxy.host import Host
 from dicomproxy.metrics import DICOM_BUCKETS, FORWARD_BUCKETS
 
@@ -49,7 +52,7 @@ def forward_target(gateway: Host) -> ForwardTarget:
     return ForwardTarget(
         via="dimse", aet=dicom.upstream.aet, host=dicom.upstream.host, port=dicom.upstream.port,
         calling_aet=dicom.aet, timeout=max(30.0, up.read_timeout), connect_timeout=up.connect_timeout,
-        ae_titles=dicom.upstream.ae_titles,
+        ae_titles=dicom.upstream.ae_titles, tls=dicom_tls.client_context(dicom.upstream, dicom.tls),
     )
 
 
@@ -92,8 +95,19 @@ class DicomComponent:
             self.forwarder.on_context_refused = self.pacs.cache.clear
         self.dispatcher = Dispatcher(s, self.limits, self.bridge, self.store, self.spool, self.qr,
                                      max_dataset=s.max_dataset_mb << 20, audit=self.audit, pacs=self.pacs)
-        self.acceptor = Acceptor(s.host, s.port, self.limits, self.dispatcher)
         self.api = build_spool_api(self.spool, self.forwarder.snapshot, self.forwarder.enqueue)
+        self.admission = Admission(self.limits)
+        self.acceptors: list[Acceptor] = []
+        if not s.tls.only:
+            self.acceptors.append(Acceptor(s.host, s.port, self.limits, self.dispatcher, admission=self.admission))
+        if s.tls.enabled:
+            self.acceptors.append(Acceptor(
+                s.host, s.tls.port, self.limits, self.dispatcher, label="DICOM TLS", admission=self.admission,
+                tls=dicom_tls.server_context(s.tls), on_tls_refused=self._tls_refused,
+                address_allowed=self.dispatcher.policy.address_allowed,
+            ))
+        for ae in s.modalities.values():
+            dicom_tls.client_context(ae, s.tls)  # a file problem stops the start, not the first C-MOVE
         self.started = False
 
     def _metrics(self, gateway: Host) -> None:
@@ -125,9 +139,15 @@ class DicomComponent:
         metrics.gauge("dicomproxy_dicom_failed_folder", "Instances in the spool's failed folder",
                       func=lambda: self.spool.failed_count)
         metrics.gauge("dicomproxy_dicom_associations", "Established DICOM associations (Dicom:MaxAssociations)",
-                      func=lambda: self.acceptor.admission.associations)
+                      func=lambda: self.admission.associations)
         metrics.gauge("dicomproxy_dicom_connections", "Open DICOM connections (Dicom:MaxConnections)",
-                      func=lambda: self.acceptor.admission.connections)
+                      func=lambda: self.admission.connections)
+        self.m_tls_refused = metrics.counter(
+            "dicomproxy_dicom_tls_refused_total", "TLS handshakes refused on the DICOM TLS port, by reason "
+            "(untrusted_certificate, no_certificate, protocol, timeout, closed)", labels=("reason",))
+
+    def _tls_refused(self, refused: dicom_tls.HandshakeRefused) -> None:
+        self.m_tls_refused.inc(reason=refused.kind.value)
 
     async def _session(self) -> Any:
         return await self.gateway.upstream.session()
@@ -144,15 +164,19 @@ class DicomComponent:
         recovered = await asyncio.to_thread(self.spool.open)
         await self.forwarder.start(recovered)
         await self.qr.start()
-        await self.acceptor.start()
+        for acceptor in self.acceptors:
+            await acceptor.start()
         self.started = True
         s = self.settings
-        log.info("DICOM AE %s listening on %s:%d", s.aet, s.host, self.acceptor.port)
+        for acceptor in self.acceptors:
+            tls = " (TLS)" if acceptor.tls is not None else ""
+            log.info("DICOM AE %s listening on %s:%d%s", s.aet, s.host, acceptor.port, tls)
 
     async def stop(self) -> None:
         if not self.started:
             return
-        await self.acceptor.stop()
+        for acceptor in reversed(self.acceptors):
+            await acceptor.stop()
         threads = self.dispatcher.stop()
         await asyncio.to_thread(_join, threads)
         await self.qr.stop()
@@ -168,12 +192,15 @@ class DicomComponent:
         if s.port == 0:
             return {"ok": True, "enabled": False}
         f = self.forwarder
-        listening = self.acceptor.listening and self.qr.listening
-        admission = self.acceptor.admission
+        listening = all(a.listening for a in self.acceptors) and self.qr.listening
+        admission = self.admission
+        plain = [a for a in self.acceptors if a.tls is None]
+        tls = [a for a in self.acceptors if a.tls is not None]
         return {
             "ok": listening and not f.destination.down,
             "enabled": True,
-            "listening": f"{s.aet}@{s.host}:{self.acceptor.port}" if listening else "",
+            "listening": f"{s.aet}@{s.host}:{plain[0].port}" if listening and plain else "",
+            "tlsListening": f"{s.aet}@{s.host}:{tls[0].port}" if listening and tls else "",
             "upstream": self.target.describe(),
             "forwardVia": self.target.via,
             "storeMode": s.store_mode,

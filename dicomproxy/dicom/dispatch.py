@@ -1,9 +1,11 @@
 """Where an admitted association request goes: the association policy, then its service.
 
 The policy, the same for every association (storage or Query/Retrieve): the application
-context must be DICOM's; ``Dicom:AllowedCallingAets`` (when set) must list the calling AE title;
-``onDicomAssociation`` may refuse. (The connection and association limits were applied by the
-acceptor before; see :mod:`.ul.acceptor`.)
+context must be DICOM's; the address and AE title rules of :mod:`.policy` must pass
+(``Dicom:AllowedAddresses``, ``CheckCalledAet``, ``BlockedCallingAets``, ``AllowedCallingAets``);
+``onDicomAssociation`` may refuse. The session then carries what the calling AE may do
+(``Dicom:AePermissions``), which the services check per message. (The connection and
+association limits were applied by the acceptor before; see :mod:`.ul.acceptor`.)
 
 Then: an association that proposes a Query/Retrieve model or SCP/SCU role selection (a C-GET
 requester) is served by :mod:`.qr` on the event loop (:meth:`.qr.service.QueryRetrieve.serve`),
@@ -38,6 +40,7 @@ from dicomproxy.dicom import negotiation, presentation
 from dicomproxy.dicom.audit import DicomAudit
 from dicomproxy.dicom.forwarder import Destination, ForwardTarget
 from dicomproxy.dicom.negotiation import Mirror, NegotiationCache, Results
+from dicomproxy.dicom.policy import AssociationPolicy, Refusal
 from dicomproxy.dicom.qr.service import QueryRetrieve
 from dicomproxy.dicom.relay import RelayScp, Reporter
 from dicomproxy.dicom.session import AssocSession, LuaBridge
@@ -54,7 +57,6 @@ IDLE_SECONDS = 300.0
 """An established association silent this long is aborted."""
 
 PERMANENT_NO_REASON = (1, 1, 1)
-PERMANENT_CALLING_AE = (1, 1, 3)
 PERMANENT_APPLICATION_CONTEXT = (1, 1, 2)
 TRANSIENT_CONGESTION = (2, 3, 1)
 RELAY_MODES = ("Relay", "RelayOrSpool")
@@ -72,9 +74,9 @@ class PacsSide:
     on_refused_context: Any = None
     background: set[asyncio.Task[None]] = field(default_factory=set)
 
-_REFUSALS = {  # why, for the audit trail
-    PERMANENT_CALLING_AE: "not in Dicom:AllowedCallingAets", PERMANENT_NO_REASON: "refused by onDicomAssociation",
-    PERMANENT_APPLICATION_CONTEXT: "not a DICOM application context"}
+
+NOT_DICOM = Refusal(*PERMANENT_APPLICATION_CONTEXT, "not a DICOM application context")
+BY_SCRIPT = Refusal(*PERMANENT_NO_REASON, "refused by onDicomAssociation")
 
 
 class Dispatcher:
@@ -93,7 +95,7 @@ class Dispatcher:
         self.qr = qr
         self.max_dataset = max_dataset
         self.pacs = pacs
-        self._allowed = frozenset(a.strip() for a in settings.allowed_calling_aets)
+        self.policy = AssociationPolicy.of(settings)
         self._live: set[StorageScp | RelayScp] = set()
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
@@ -103,29 +105,32 @@ class Dispatcher:
         session = AssocSession(self.bridge, rq.calling, rq.called, pending.ip, pending.port,
                                asyncio.get_running_loop())
         refusal = await self._policy(pending, session)
-        self.audit.association(session, _REFUSALS.get(refusal, "refused") if refusal else "",
-                               blocked=refusal in (PERMANENT_CALLING_AE, PERMANENT_NO_REASON))
+        self.audit.association(session, refusal.why if refusal else "",
+                               blocked=refusal is not None and refusal is not NOT_DICOM)
         if refusal is not None:
             session.close()
-            await pending.reject(*refusal)
+            await pending.reject(*refusal.rj)
             return
         if rq.proposes_roles or presentation.is_query_retrieve(cx.abstract_syntax for cx in rq.contexts):
             await self.qr.serve(pending, session)
         else:
             await self._serve_storage(pending, session)
 
-    async def _policy(self, pending: Pending, session: AssocSession) -> tuple[int, int, int] | None:
+    async def _policy(self, pending: Pending, session: AssocSession) -> Refusal | None:
         rq = pending.request
         who = f"{rq.calling} ({pending.ip}:{pending.port})"
         if rq.application_context != pdus.APPLICATION_CONTEXT:
             log.info("association from %s refused: application context %r is not DICOM's", who,
                      rq.application_context)
-            return PERMANENT_APPLICATION_CONTEXT
-        if self._allowed and rq.calling not in self._allowed:
-            log.info("association from %s refused: not in Dicom:AllowedCallingAets", who)
-            return PERMANENT_CALLING_AE
+            return NOT_DICOM
+        refusal = self.policy.check(rq.calling, rq.called, pending.ip)
+        if refusal is not None:
+            log.warning("association from %s to %s refused (A-ASSOCIATE-RJ reason %d): %s", who, rq.called,
+                        refusal.reason, refusal.why)
+            return refusal
+        session.operations = self.policy.operations_of(rq.calling)
         if await self.bridge.refuses(session):
-            return PERMANENT_NO_REASON
+            return BY_SCRIPT
         return None
 
     # -- storage ------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ import contextlib
 import heapq
 import json
 import logging
+import ssl
 import time
 import uuid
 from collections import deque
@@ -116,6 +117,7 @@ class ForwardTarget:
     timeout: float = 60.0
     connect_timeout: float = 10.0
     ae_titles: str = "Gateway"  # "Modality": the modality's calling AE and the called AE it asked for
+    tls: ssl.SSLContext | None = None  # Dicom:Upstream:Tls
 
     def describe(self) -> str:
         return self.stow_url if self.via == "dicomweb" else f"{self.aet}@{self.host}:{self.port}"
@@ -187,7 +189,7 @@ class _DimseLane:
         try:
             self.assoc = await StorageScu.connect(
                 t.host, t.port, called_aet=titles[1], calling_aet=titles[0], contexts=self.book.contexts(),
-                timeout=t.connect_timeout,
+                timeout=t.connect_timeout, tls=t.tls,
             )
         except AssociationRejected as e:
             if e.result == 1:  # permanent: these AE titles (this modality) are not welcome

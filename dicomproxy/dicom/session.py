@@ -19,6 +19,8 @@ import logging
 import threading
 from typing import Any
 
+from dicomproxy.dicom.policy import ALL_OPERATIONS, Operation, log_not_authorized
+
 log = logging.getLogger(__name__)
 
 
@@ -79,10 +81,18 @@ class AssocSession:
         self.called = called.strip()
         self.ip = ip
         self.port = port
+        self.operations: frozenset[Operation] = ALL_OPERATIONS  # Dicom:AePermissions, set when admitted
         self._scope: Any = None
         self._lock = threading.Lock()
         self.received: dict[str, Any] = {}  # study UID -> what arrived of it (the audit's tally)
         self._closed = False
+
+    def permits(self, operation: Operation) -> bool:
+        """True when ``Dicom:AePermissions`` lets the calling AE do ``operation``; else logs the one line."""
+        if operation in self.operations:
+            return True
+        log_not_authorized(operation, self.calling, self.ip, self.port)
+        return False
 
     def table(self) -> dict[str, Any]:
         """The ``assoc`` argument of the DicomProxy events."""

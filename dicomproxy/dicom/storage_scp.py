@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 from dicomproxy.dicom import dimse
 from dicomproxy.dicom.dimse import Command, MessageAssembler
+from dicomproxy.dicom.policy import STATUS_NOT_AUTHORIZED, Operation
 from dicomproxy.dicom.session import AssocSession, LuaBridge
 from dicomproxy.dicom.spool import DatasetTooLarge, Spool, SpoolWriter
 from dicomproxy.dicom.store import STATUS_OUT_OF_RESOURCES, StoreService
@@ -52,10 +53,11 @@ class _Abort(Exception):
 class _Incoming:
     """The data set of the request being received, and where its bytes go."""
 
-    def __init__(self, context_id: int, command: Command, writer: SpoolWriter | None) -> None:
+    def __init__(self, context_id: int, command: Command, writer: SpoolWriter | None, status: int = 0) -> None:
         self.context_id = context_id
         self.command = command
-        self.writer = writer  # None: the data set is read and dropped (unsupported operation)
+        self.writer = writer  # None: the data set is read and dropped, then answered ``status``
+        self.status = status or STATUS_UNRECOGNIZED
         self.error: OSError | None = None
 
 
@@ -160,6 +162,9 @@ class StorageScp:
             if not command.has_dataset:
                 self._respond(context_id, command, STATUS_MISSING_DATASET, "no data set")
                 return
+            if not self.session.permits(Operation.STORE):
+                self.incoming = _Incoming(context_id, command, None, STATUS_NOT_AUTHORIZED)
+                return
             writer = self.spool.begin(
                 sop_class=self._sop_class(context_id, command),
                 sop_instance=command.sop_instance,
@@ -204,7 +209,8 @@ class StorageScp:
     def _complete(self, incoming: _Incoming) -> None:
         command, context_id = incoming.command, incoming.context_id
         if incoming.writer is None:
-            self._respond(context_id, command, STATUS_UNRECOGNIZED, "unrecognized operation")
+            why = "not authorized" if incoming.status == STATUS_NOT_AUTHORIZED else "unrecognized operation"
+            self._respond(context_id, command, incoming.status, why)
             return
         if incoming.error is not None:
             log.error("C-STORE %s from %s: spool write failed: %s", command.sop_instance, self.label, incoming.error)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,13 +79,15 @@ class StorageScu:
         contexts: Sequence[Pair],
         timeout: float = 10.0,
         max_pdu: int = DEFAULT_MAX_PDU,
+        tls: ssl.SSLContext | None = None,
     ) -> StorageScu:
-        """Negotiate one presentation context per (SOP class, transfer syntax) pair."""
+        """Negotiate one presentation context per (SOP class, transfer syntax) pair; over TLS
+        with ``tls`` (a client context of :func:`.ul.tls.client_context`)."""
         if not contexts:
             raise ValueError("at least one presentation context is needed")
         proposed = presentation.contexts_of(contexts)
         rq = pdus.associate_rq(called_aet, calling_aet, proposed, max_pdu)
-        link, ac = await StreamAssociation.request(host, port, rq, timeout=timeout)
+        link, ac = await StreamAssociation.request(host, port, rq, timeout=timeout, tls=tls)
         results = pdus.accepted_contexts(ac)
         accepted: dict[Pair, int] = {}
         rejected: set[Pair] = set()
@@ -209,11 +212,13 @@ class StorageScu:
         self.link.abort()
 
 
-async def echo(host: str, port: int, *, called_aet: str, calling_aet: str, timeout: float = 10.0) -> Status:
+async def echo(
+    host: str, port: int, *, called_aet: str, calling_aet: str, timeout: float = 10.0, tls: ssl.SSLContext | None = None
+) -> Status:
     """C-ECHO on a fresh association."""
     scu = await StorageScu.connect(
         host, port, called_aet=called_aet, calling_aet=calling_aet,
-        contexts=[(presentation.VERIFICATION, presentation.IMPLICIT)], timeout=timeout,
+        contexts=[(presentation.VERIFICATION, presentation.IMPLICIT)], timeout=timeout, tls=tls,
     )
     try:
         return await scu.c_echo(timeout)

@@ -5,6 +5,7 @@ entries are collected)."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -36,10 +37,11 @@ class Stack:
 
 @asynccontextmanager
 async def dicom_stack(tmp: Path, *, max_dataset: int = 0, limits: Limits | None = None,
+                      tls: ssl.SSLContext | None = None, on_tls_refused: Any = None,
                       **dicom: Any) -> AsyncIterator[Stack]:
     config = tmp / "appsettings.json"
     config.write_text("{}")
-    overrides = {"Dicom": {"SpoolFolder": str(tmp / "spool"), **dicom}}
+    overrides = {"Dicom": {"Aet": "GW", "SpoolFolder": str(tmp / "spool"), **dicom}}
     settings = load_settings(config, environ={}, overrides=overrides).dicom
     spool = Spool(settings.spool_folder, fsync=False)
     spool.open()
@@ -51,7 +53,8 @@ async def dicom_stack(tmp: Path, *, max_dataset: int = 0, limits: Limits | None 
     qr = QueryRetrieve(settings, bridge, store, spool, max_pdu=limits.max_pdu, idle=10.0, timeout=10.0,
                        connect_timeout=5.0, max_dataset=max_dataset)
     dispatcher = Dispatcher(settings, limits, bridge, store, spool, qr, max_dataset=max_dataset)
-    acceptor = Acceptor("127.0.0.1", 0, limits, dispatcher)
+    acceptor = Acceptor("127.0.0.1", 0, limits, dispatcher, tls=tls, on_tls_refused=on_tls_refused,
+                        address_allowed=dispatcher.policy.address_allowed if tls is not None else None)
     await acceptor.start()
     stack = Stack(settings, spool, acceptor, dispatcher, qr, entries)
     try:

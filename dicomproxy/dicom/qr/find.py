@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 
+from dicomproxy.dicom import policy
 from dicomproxy.dicom.dimse import Command
 from dicomproxy.dicom.qr import contexts, messages
 from dicomproxy.dicom.qr.identifier import Identifier
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 class FindOperation(Operation):
     response_field = messages.C_FIND_RSP
     name = "C-FIND"
+    permission = policy.Operation.FIND
 
     async def _run(self) -> None:
         self.services.audit.query(self.session, self.model, self.identifier, self.transfer_syntax)

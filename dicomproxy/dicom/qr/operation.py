@@ -12,6 +12,11 @@ States (:class:`OpState`; :meth:`Operation._move` is the one place that changes 
   are read until its final one. No further match or sub-operation is passed on.
 * ``DONE``: the final response went to the requester.
 
+An operation the calling AE may not use (``Dicom:AePermissions``, :mod:`..policy`) is answered
+at once, before any script runs or anything is opened, with one final response 0x0124 "Refused:
+Not Authorized" (zero sub-operations for a retrieve) and one log line; for a C-MOVE this comes
+before the destination is looked up, so a refused AE learns nothing about ``Dicom:Modalities``.
+
 An operation that fails answers the requester once with a failure status naming the reason
 (0xA700 family when the PACS cannot be reached or stops answering, 0xC000 otherwise) and aborts
 the associations it opened; one that is cancelled from outside (the requester aborted, the
@@ -26,6 +31,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from dicomproxy.audit.events import Study
+from dicomproxy.dicom import policy
 from dicomproxy.dicom.audit import study_of
 from dicomproxy.dicom.dimse import Command, decode_command
 from dicomproxy.dicom.qr import messages, upstream
@@ -73,6 +79,7 @@ class Operation:
 
     response_field = 0
     name = "request"
+    permission: policy.Operation  # what Dicom:AePermissions must grant the calling AE
 
     def __init__(self, assoc: QrAssociation, context_id: int, command: Command, identifier: bytes) -> None:
         self.assoc = assoc
@@ -102,6 +109,9 @@ class Operation:
 
     # -- lifecycle (called by the association) -------------------------------------------------
     async def run(self) -> None:
+        if not self.session.permits(self.permission):  # logs the one line
+            await self._fail(policy.STATUS_NOT_AUTHORIZED, "not authorized (Dicom:AePermissions)")
+            return
         try:
             await self._run()
         except UpstreamFailed as e:

@@ -42,7 +42,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from dicomproxy.config.model import ModalityAe
-from dicomproxy.dicom import datasets, dimse, presentation
+from dicomproxy.dicom import datasets, dimse, policy, presentation
 from dicomproxy.dicom.dimse import Command
 from dicomproxy.dicom.qr import contexts, messages
 from dicomproxy.dicom.qr.identifier import Identifier
@@ -171,6 +171,7 @@ class _Retrieve(Operation):
 class GetOperation(_Retrieve):
     response_field = messages.C_GET_RSP
     name = "C-GET"
+    permission = policy.Operation.GET
     _waiting: tuple[int, asyncio.Future[Command]] | None = None  # the sub-operation the requester answers
 
     async def _run(self) -> None:
@@ -226,6 +227,7 @@ class GetOperation(_Retrieve):
 class MoveOperation(_Retrieve):
     response_field = messages.C_MOVE_RSP
     name = "C-MOVE"
+    permission = policy.Operation.MOVE
 
     async def _run(self) -> None:
         destination = messages.move_destination(self.command)
@@ -325,7 +327,7 @@ class MoveOperation(_Retrieve):
             await self.respond(messages.final(messages.C_MOVE_RSP, self.message_id, self.model, messages.SUCCESS,
                                               counts=(0, 0, 0)), final=True)
             return
-        peer = Peer(modality.aet, modality.host, modality.port)
+        peer = Peer.of(modality, self.services.settings.tls)
         try:
             dest = await self.connect(peer, presentation.retrieve_pairs(sorted(sop_classes)))
         except UpstreamFailed as e:

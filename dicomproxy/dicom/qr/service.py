@@ -1,7 +1,9 @@
 """Query/Retrieve as a part of the DICOM component: takes over an association the dispatcher
 decided (:meth:`QueryRetrieve.serve`), answers its A-ASSOCIATE-RQ (:mod:`.contexts`) and serves
 it on the event loop (:class:`.scp.QrAssociation`) until it ends; builds each operation; holds
-what outlives one association (the PACS's address, the ``Auto`` destination book).
+what outlives one association (the PACS's address and TLS context, the ``Auto`` destination
+book). An association of the DICOM TLS port arrives on the ``ssl.SSLSocket`` the acceptor shook
+hands on; :mod:`.ul.tls_transport` gives it the same asyncio streams as a plain one.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dicomproxy.dicom.session import AssocSession, LuaBridge
 from dicomproxy.dicom.spool import Spool
 from dicomproxy.dicom.store import StoreService
 from dicomproxy.dicom.ul import pdu as pdus
+from dicomproxy.dicom.ul import tls_transport
 from dicomproxy.dicom.ul.acceptor import Pending
 from dicomproxy.dicom.ul.transport import StreamAssociation
 
@@ -54,7 +57,7 @@ class QueryRetrieve:
         self.connect_timeout = connect_timeout
         self.max_dataset = max_dataset
         up = settings.upstream
-        self.pacs = Peer(up.aet, up.host, up.port)
+        self.pacs = Peer.of(up, settings.tls)
         self.hooks = QrHooks(bridge, up.aet)
         self.destinations = DestinationBook()
         self._live: set[QrAssociation] = set()
@@ -106,7 +109,7 @@ class QueryRetrieve:
         if task is not None:
             self._tasks.add(task)
         try:
-            reader, writer = await asyncio.open_connection(sock=sock)
+            reader, writer = await tls_transport.open_stream(sock)  # the TLS port's SSLSocket too
         except OSError as e:
             log.warning("association from %s (%s:%d) lost before it was accepted: %s", rq.calling, pending.ip,
                         pending.port, e)

@@ -15,6 +15,13 @@ modality out with "local limit exceeded", long past ARTIM):
   cap gets the same A-ASSOCIATE-RJ if its request comes within a second, else it is closed.
 * All connections together are capped (``Dicom:MaxConnections``); beyond it a new one is closed
   at once, before anything is read.
+* On the TLS port (``tls``: an ``ssl.SSLContext``) the handshake comes first, inside the same
+  ARTIM deadline and counted against the same caps; a failed one is one log line with the
+  peer's address and OpenSSL's reason, counted by ``on_tls_refused``, and the connection is
+  closed (no A-ASSOCIATE-RJ can be sent without TLS). An address that ``address_allowed``
+  refuses (``Dicom:AllowedAddresses``) is closed before the handshake, so that it costs no
+  key exchange (the plain port answers it with an A-ASSOCIATE-RJ instead). After it, the socket handed on is an
+  ``ssl.SSLSocket`` (see :mod:`.tls`).
 * Nothing a connection does ends the accept loop: each connection is its own task, errors are
   logged; if the loop itself dies, :attr:`Acceptor.listening` turns false (health says so).
 """
@@ -25,11 +32,14 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from dicomproxy.dicom.ul import pdu as pdus
+from dicomproxy.dicom.ul import tls as tlsio
 from dicomproxy.dicom.ul.association import (
     CONNECTION_CLOSED,
     Aborted,
@@ -45,6 +55,7 @@ log = logging.getLogger(__name__)
 OVER_CAP_DEADLINE = 1.0
 """How long a connection over the per-address cap may take to send its request (to hear why)."""
 
+_SHORT_NAMES = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU", "countryName": "C"}
 LOCAL_LIMIT = (2, 3, 2)  # A-ASSOCIATE-RJ: transient, service provider (presentation), local limit exceeded
 
 
@@ -161,18 +172,26 @@ class Pending:
 
 
 Handler = Callable[[Pending], Awaitable[None]]
+TlsRefusedCallback = Callable[[tlsio.HandshakeRefused], None]
 
 
 class Acceptor:
     """The DICOM port; ``handler`` decides each admitted association request."""
 
-    def __init__(self, host: str, port: int, limits: Limits, handler: Handler, *, label: str = "DICOM") -> None:
+    def __init__(
+        self, host: str, port: int, limits: Limits, handler: Handler, *, label: str = "DICOM",
+        tls: ssl.SSLContext | None = None, on_tls_refused: TlsRefusedCallback | None = None,
+        admission: Admission | None = None, address_allowed: Callable[[str], bool] | None = None,
+    ) -> None:
         self.host = host
         self.port = port
         self.limits = limits
         self.handler = handler
         self.label = label
-        self.admission = Admission(limits)
+        self.tls = tls
+        self.on_tls_refused = on_tls_refused
+        self.address_allowed = address_allowed  # TLS port: checked before the handshake
+        self.admission = admission or Admission(limits)  # the plain and the TLS port share one
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sock: socket.socket | None = None
         self._task: asyncio.Task[None] | None = None
@@ -258,6 +277,15 @@ class Acceptor:
         core.connection_indicated(self.loop.time())
         pending: Pending | None = None
         try:
+            if self.tls is not None:
+                if self.address_allowed is not None and not self.address_allowed(ip):
+                    log.warning("%s port: connection from %s:%d closed before the TLS handshake: the address is not "
+                                "in Dicom:AllowedAddresses", self.label, ip, port)
+                    return
+                handshaken = await self._handshake(sock, core, peer)
+                if handshaken is None:
+                    return
+                sock = handshaken
             indication, raw = await self._read_request(core, sock)
             if isinstance(indication, AssociateRequested):
                 pending = Pending(self, core, sock, slot, raw, indication, peer)
@@ -272,6 +300,22 @@ class Acceptor:
                 slot.close()
                 with contextlib.suppress(OSError):
                     sock.close()
+
+    async def _handshake(self, sock: socket.socket, core: Association, peer: tuple[str, int]) -> ssl.SSLSocket | None:
+        assert self.tls is not None and core.artim_deadline is not None
+        try:
+            tls = await tlsio.handshake(self.tls, sock, core.artim_deadline)
+        except tlsio.HandshakeRefused as e:
+            # a connection closed before any TLS (a TCP health check, a port scan) is not worth a warning
+            level = logging.INFO if e.kind is tlsio.RefusalKind.CLOSED else logging.WARNING
+            log.log(level, "%s port: handshake from %s:%d refused (%s): %s", self.label, *peer, e.kind.value, e.reason)
+            if self.on_tls_refused is not None:
+                self.on_tls_refused(e)
+            return None
+        subject = _subject(tls.getpeercert())
+        log.debug("%s port: %s:%d, %s %s, client certificate %s", self.label, *peer, tls.version(),
+                  (tls.cipher() or ("?",))[0], subject or "none")
+        return tls
 
     async def _decide(self, pending: Pending, over_cap: bool) -> None:
         rq = pending.request
@@ -329,7 +373,7 @@ class Acceptor:
         got = 0
         async with asyncio.timeout_at(deadline):
             while got < n:
-                k = await self.loop.sock_recv_into(sock, view[got:])
+                k = await tlsio.recv_into(self.loop, sock, view[got:])
                 if k == 0:
                     return None
                 got += k
@@ -339,11 +383,11 @@ class Acceptor:
         """Write what the association queued; in Sta13 wait (ARTIM) for the peer to close."""
         with contextlib.suppress(OSError):
             for data in core.outgoing():
-                await asyncio.wait_for(self.loop.sock_sendall(sock, data), self.limits.artim)
+                await asyncio.wait_for(tlsio.sendall(self.loop, sock, data), self.limits.artim)
         try:
             while not core.closed and core.artim_deadline is not None:
                 async with asyncio.timeout_at(core.artim_deadline):
-                    chunk = await self.loop.sock_recv(sock, 1 << 12)
+                    chunk = await tlsio.recv(self.loop, sock, 1 << 12)
                 if not chunk:
                     core.connection_closed(self.loop.time())
                 # else: a PDU in Sta13 is ignored (AA-6); keep waiting for the close
@@ -351,3 +395,12 @@ class Acceptor:
             core.artim_expired(self.loop.time())
         except OSError:
             core.connection_closed(self.loop.time())
+
+
+def _subject(cert: Any) -> str:
+    """``CN=..,O=..`` of a verified peer certificate (``getpeercert()``), or ''."""
+    if not cert:
+        return ""
+    rdns = cert.get("subject", ())
+    assert isinstance(rdns, tuple)
+    return ",".join(f"{_SHORT_NAMES.get(name, name)}={value}" for rdn in rdns for name, value in rdn)

@@ -5,7 +5,12 @@ blocking socket driven by one thread, or on asyncio streams.
   acceptor's fast path: a C-STORE is read, spooled and answered on one thread with no hand-off
   (each hop between threads or to the event loop costs ~0.3 ms here, see ``storage_scp.py``).
 * :class:`StreamAssociation`: asyncio, either role. The requestor of the forwarder and of the
-  ``send`` command, and what an event-loop acceptor (a relay mode) would use.
+  ``send`` command, and what an event-loop acceptor (a relay mode) would use. Over TLS when
+  :meth:`StreamAssociation.request` gets a client context (:mod:`.tls`); a TLS alert that ends
+  the connection is reported by name.
+
+On the TLS port the blocking driver gets an ``ssl.SSLSocket`` (handshaken by the acceptor):
+the same calls, the record layer in between.
 
 Both read one whole PDU at a time into a buffer of its announced length (after
 :meth:`Association.check_header` has accepted that length), hand it to the protocol object,
@@ -20,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import time
 from collections.abc import Callable
 
@@ -162,20 +168,29 @@ class StreamAssociation:
         self.reader = reader
         self.writer = writer
         self.label = label
+        self.tls_error = ""  # the TLS alert that ended the connection, if one did
         self._loop = asyncio.get_running_loop()
 
     @classmethod
     async def request(
-        cls, host: str, port: int, rq: pdus.A_ASSOCIATE_RQ, *, timeout: float, artim: float = 30.0
+        cls, host: str, port: int, rq: pdus.A_ASSOCIATE_RQ, *, timeout: float, artim: float = 30.0,
+        tls: ssl.SSLContext | None = None,
     ) -> tuple[StreamAssociation, pdus.A_ASSOCIATE_AC]:
-        """Connect, send ``rq``, wait (``timeout``) for the answer; raise
-        :class:`AssociationRejected` or another :class:`UpperLayerError`."""
+        """Connect (over TLS with ``tls``: the handshake within ``timeout``), send ``rq``, wait
+        (``timeout``) for the answer; raise :class:`AssociationRejected` or another
+        :class:`UpperLayerError` (a refused certificate says so, with OpenSSL's reason)."""
         label = f"{rq.called_ae_title.strip()}@{host}:{port}"
         loop = asyncio.get_running_loop()
         core = Association(Role.REQUESTOR, artim=artim, max_pdu=0)
         core.request_association(rq, loop.time())
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+            reader, writer = await asyncio.wait_for(_open(host, port, tls, timeout), timeout)
+        except ssl.SSLCertVerificationError as e:
+            raise UpperLayerError(f"cannot connect to {label} over TLS: its certificate is not trusted "
+                                  f"({e.verify_message or e.reason}; check TlsCa and TlsCheckHostname)") from None
+        except ssl.SSLError as e:
+            raise UpperLayerError(f"cannot connect to {label} over TLS: {e.reason or e} (is its port TLS? "
+                                  "does it trust the gateway's client certificate?)") from None
         except (TimeoutError, OSError) as e:
             raise UpperLayerError(f"cannot connect to {label}: {e or 'timeout'}") from None
         link = cls(core, reader, writer, label=label)
@@ -189,6 +204,9 @@ class StreamAssociation:
                 return link, answer.pdu
             if isinstance(answer, AssociateRejected):
                 raise AssociationRejected(label, answer.result, answer.source, answer.reason)
+            if tls is not None and link.tls_error:  # TLS 1.3: the client certificate is judged after the handshake
+                raise AssociationAborted(f"cannot connect to {label} over TLS: it ended the connection with "
+                                         f"{link.tls_error!r} (does it trust the gateway's client certificate?)")
             raise AssociationAborted(f"{label} aborted the association request ({_why(answer)})")
         except TimeoutError:
             raise UpperLayerError(f"{label} did not answer the association request within {timeout:g} s") from None
@@ -241,6 +259,11 @@ class StreamAssociation:
                 self.flush()
                 return indication
             body = await self.reader.readexactly(length)
+        except ssl.SSLError as e:
+            self.tls_error = str(e.reason or e).replace("_", " ").lower()
+            indication = core.connection_closed(self._loop.time())
+            self.close()
+            return indication
         except (OSError, asyncio.IncompleteReadError):
             indication = core.connection_closed(self._loop.time())
             self.close()
@@ -287,6 +310,14 @@ class StreamAssociation:
 
     def close(self) -> None:
         self.writer.close()
+
+
+async def _open(
+    host: str, port: int, tls: ssl.SSLContext | None, timeout: float
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    if tls is None:
+        return await asyncio.open_connection(host, port)
+    return await asyncio.open_connection(host, port, ssl=tls, server_hostname=host, ssl_handshake_timeout=timeout)
 
 
 def _why(indication: Indication | None) -> str:
