@@ -602,9 +602,11 @@ class DicomSettings(Section):
         "(`[\"10.1.0.0/16\", \"2001:db8::/32\"]`; empty: any). Refused: A-ASSOCIATE-RJ permanent, reason 1 "
         "\"no reason given\" (PS3.8 has no address reason)")
     check_called_aet: Annotated[bool, Flag()] = key(
-        "CheckCalledAet", True, "refuse an association whose called AE title is not `Dicom:Aet` (A-ASSOCIATE-RJ "
-        "permanent, reason 7 \"called AE title not recognized\"); Orthanc's `DicomCheckCalledAet`, but on by "
-        "default: a modality aimed at the wrong AE is a configuration error worth seeing")
+        "CheckCalledAet", True, "refuse an association whose called AE title is not `Dicom:Aet` nor the PACS's "
+        "`Dicom:Upstream:Aet` (A-ASSOCIATE-RJ permanent, reason 7 \"called AE title not recognized\"; a modality "
+        "moved over unchanged still calls the PACS, which the gateway stands in for); Orthanc's "
+        "`DicomCheckCalledAet`, but on by default: a modality aimed at the wrong AE is a configuration error worth "
+        "seeing")
     ae_permissions: dict[str, Annotated[tuple[str, ...], Names(Choice("store", "find", "move", "get"))]] = collection(
         "AePermissions", "operations per calling AE: `{\"CT1\": [\"store\"], \"VIEWER\": [\"find\", \"move\"], "
         "\"*\": []}`; `*` is every AE not listed; an AE not listed without `*`: everything. C-ECHO is always "

@@ -13,7 +13,11 @@ rule                                      reason  PS3.8 Table 9-21 meaning
 ``Dicom:AllowedAddresses``                1       no-reason-given (the table has no address reason;
                                                   "calling AE not recognized" would send the site
                                                   to fix an AE title that is right)
-``Dicom:CheckCalledAet``                  7       called-AE-title-not-recognized
+``Dicom:CheckCalledAet``                  7       called-AE-title-not-recognized (the called AE is
+                                                  neither ``Dicom:Aet`` nor the PACS's
+                                                  ``Dicom:Upstream:Aet``: a modality moved over
+                                                  unchanged still calls the PACS, which the
+                                                  gateway stands in for)
 ``Dicom:BlockedCallingAets``              3       calling-AE-title-not-recognized
 ``Dicom:AllowedCallingAets``              3       calling-AE-title-not-recognized
 ========================================  ======  ==============================================
@@ -78,6 +82,7 @@ class AssociationPolicy:
 
     own_aet: str
     check_called: bool = True
+    pacs_aet: str = ""  # also a called AE title to accept: Dicom:Upstream:Aet
     allowed_calling: frozenset[str] = frozenset()
     blocked_calling: frozenset[str] = frozenset()
     networks: tuple[IpNetwork, ...] = ()
@@ -88,6 +93,7 @@ class AssociationPolicy:
         return cls(
             own_aet=settings.aet.strip(),
             check_called=settings.check_called_aet,
+            pacs_aet=settings.upstream.aet.strip(),
             allowed_calling=frozenset(a.strip() for a in settings.allowed_calling_aets),
             blocked_calling=frozenset(a.strip() for a in settings.blocked_calling_aets),
             networks=tuple(ipaddress.ip_network(n, strict=False) for n in settings.allowed_addresses),
@@ -110,9 +116,10 @@ class AssociationPolicy:
         calling, called = calling.strip(), called.strip()
         if not self.address_allowed(ip):
             return _permanent(1, f"address {ip} is not in Dicom:AllowedAddresses")
-        if self.check_called and called != self.own_aet:
-            return _permanent(7, f"called AE {called!r} is not this gateway's {self.own_aet!r} "
-                                 "(Dicom:Aet; Dicom:CheckCalledAet is true)")
+        if self.check_called and called != self.own_aet and (not self.pacs_aet or called != self.pacs_aet):
+            pacs = f" nor the PACS's {self.pacs_aet!r} (Dicom:Upstream:Aet)" if self.pacs_aet else ""
+            return _permanent(7, f"called AE {called!r} is not this gateway's {self.own_aet!r} (Dicom:Aet){pacs}; "
+                                 "Dicom:CheckCalledAet is true")
         if calling in self.blocked_calling:
             return _permanent(3, "calling AE is in Dicom:BlockedCallingAets")
         if self.allowed_calling and calling not in self.allowed_calling:

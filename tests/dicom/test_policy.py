@@ -38,6 +38,15 @@ def test_defaults_check_only_the_called_ae(tmp_path: Path) -> None:
     assert policy(tmp_path, CheckCalledAet=False).check("ANY", "ANY-SCP", "127.0.0.1") is None
 
 
+def test_the_pacss_title_may_be_called_too(tmp_path: Path) -> None:
+    """A modality moved over unchanged calls the PACS's title, which the gateway stands in for."""
+    for titles in ("Modality", "Gateway"):
+        p = policy(tmp_path, Upstream={"Aet": "PACS", "AeTitles": titles})
+        assert p.check("CT", "PACS", "127.0.0.1") is None and p.check("CT", "GW", "127.0.0.1") is None
+        refusal = p.check("CT", "OTHER", "127.0.0.1")
+        assert refusal is not None and refusal.rj == (1, 1, 7) and "nor the PACS's 'PACS'" in refusal.why
+
+
 def test_addresses_ipv4_ipv6_and_mapped(tmp_path: Path) -> None:
     p = policy(tmp_path, AllowedAddresses=["10.1.0.0/16", "2001:db8::/32", "192.168.7.7"])
     assert p.address_allowed("10.1.200.3") and p.address_allowed("::ffff:10.1.0.9")
