@@ -40,7 +40,7 @@ from dicomproxy.dicom import negotiation, presentation
 from dicomproxy.dicom.audit import DicomAudit
 from dicomproxy.dicom.forwarder import Destination, ForwardTarget
 from dicomproxy.dicom.negotiation import Mirror, NegotiationCache, Results
-from dicomproxy.dicom.policy import AssociationPolicy, Refusal
+from dicomproxy.dicom.policy import AssociationPolicy, Operation, Refusal
 from dicomproxy.dicom.qr.service import QueryRetrieve
 from dicomproxy.dicom.relay import RelayScp, Reporter
 from dicomproxy.dicom.session import AssocSession, LuaBridge
@@ -136,7 +136,7 @@ class Dispatcher:
     # -- storage ------------------------------------------------------------------------------
     async def _serve_storage(self, pending: Pending, session: AssocSession) -> None:
         rq, pacs = pending.request, self.pacs
-        if pacs is None:
+        if pacs is None or not session.permits(Operation.STORE):  # every C-STORE is 0x0124: the PACS is not asked
             await self._spooled(pending, session, presentation.negotiate(rq.contexts, presentation.serves_storage))
             return
         contexts = negotiation.forwardable(rq.contexts)
@@ -177,7 +177,7 @@ class Dispatcher:
         rq = pdus.associate_rq(titles[1], titles[0], contexts, self.limits.max_pdu)
         try:
             return await negotiation.request(target.host, target.port, rq, timeout=target.connect_timeout,
-                                             artim=self.limits.artim)
+                                             artim=self.limits.artim, tls=target.tls)
         except AssociationRejected as e:
             if e.result == 1:
                 log.info("association from %s (%s:%d) rejected by the PACS: %s", pending.request.calling,

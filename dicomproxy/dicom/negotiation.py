@@ -16,7 +16,9 @@ negotiation, as it would be if the modality talked to the PACS directly.
   (:func:`.presentation.negotiate`).
 
 The request is made on the event loop with a non-blocking socket (``loop.sock_*``), so that the
-socket can be handed to the association's thread afterwards (:class:`Mirror`).
+socket can be handed to the association's thread afterwards (:class:`Mirror`). With
+``Dicom:Upstream:Tls`` that socket is an :class:`ssl.SSLSocket` (the client handshake and its
+I/O in :mod:`.ul.tls`): the relay's thread reads and writes it blocking, like a plain one.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -32,6 +35,7 @@ from dataclasses import dataclass
 from dicomproxy.dicom import presentation
 from dicomproxy.dicom.presentation import ABSTRACT_SYNTAX_NOT_SUPPORTED, ALL_TRANSFER_SYNTAXES
 from dicomproxy.dicom.ul import pdu as pdus
+from dicomproxy.dicom.ul import tls as dicom_tls
 from dicomproxy.dicom.ul.association import (
     AssociateAccepted,
     AssociateRejected,
@@ -90,10 +94,12 @@ class Mirror:
 
 
 async def request(
-    host: str, port: int, rq: pdus.A_ASSOCIATE_RQ, *, timeout: float, artim: float = 30.0
+    host: str, port: int, rq: pdus.A_ASSOCIATE_RQ, *, timeout: float, artim: float = 30.0,
+    tls: ssl.SSLContext | None = None,
 ) -> Mirror:
-    """Open an association with ``rq``; raise :class:`AssociationRejected` or another
-    :class:`UpperLayerError` (cannot connect, no answer within ``timeout``, aborted)."""
+    """Open an association with ``rq`` (over TLS with ``tls``, a context of
+    :func:`.ul.tls.client_context`); raise :class:`AssociationRejected` or another
+    :class:`UpperLayerError` (cannot connect, TLS refused, no answer within ``timeout``, aborted)."""
     loop = asyncio.get_running_loop()
     label = f"{rq.called_ae_title.strip()}@{host}:{port}"
     core = Association(Role.REQUESTOR, artim=artim, max_pdu=0)
@@ -107,10 +113,20 @@ async def request(
             sock.setblocking(False)
             await loop.sock_connect(sock, address)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if tls is not None:
+                sock = await dicom_tls.client_handshake(tls, sock, host, loop.time() + timeout)
             core.connection_confirmed(loop.time())
             for data in core.outgoing():
-                await loop.sock_sendall(sock, data)
+                await dicom_tls.sendall(loop, sock, data)
             answer = await _answer(loop, core, sock)
+    except dicom_tls.HandshakeRefused as e:  # the socket is closed
+        raise UpperLayerError(f"TLS handshake with {label} failed: {e.reason} (Dicom:Upstream:Tls, TlsCa, "
+                              "TlsCertificate)") from None
+    except ssl.SSLError as e:  # TLS 1.3: the PACS judges the client certificate after the handshake
+        _close(sock)
+        reason = str(e.reason or e).replace("_", " ").lower()
+        raise UpperLayerError(f"cannot connect to {label} over TLS: it ended the connection with {reason!r} "
+                              "(does it trust the gateway's client certificate?)") from None
     except TimeoutError:
         _close(sock)
         raise UpperLayerError(f"{label} did not answer the association request within {timeout:g} s") from None
@@ -141,7 +157,7 @@ async def _answer(loop: asyncio.AbstractEventLoop, core: Association, sock: sock
             return core.connection_closed(loop.time())
         indication = core.receive(pdu_type, header + body, loop.time())
         for data in core.outgoing():
-            await loop.sock_sendall(sock, data)
+            await dicom_tls.sendall(loop, sock, data)
         if indication is not None or core.closed:
             return indication
 
@@ -151,7 +167,7 @@ async def _recv(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) ->
     view = memoryview(buf)
     got = 0
     while got < n:
-        k = await loop.sock_recv_into(sock, view[got:])
+        k = await dicom_tls.recv_into(loop, sock, view[got:])
         if k == 0:
             return None
         got += k
@@ -165,7 +181,7 @@ async def release(mirror: Mirror, timeout: float = 2.0) -> None:
         async with asyncio.timeout(timeout):
             mirror.core.release(loop.time())
             for data in mirror.core.outgoing():
-                await loop.sock_sendall(mirror.sock, data)
+                await dicom_tls.sendall(loop, mirror.sock, data)
             while not mirror.core.closed:
                 if isinstance(await _answer(loop, mirror.core, mirror.sock), ReleaseConfirmed):
                     break

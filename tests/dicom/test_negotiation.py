@@ -1,9 +1,12 @@
 """Units of dicomproxy.dicom.negotiation: what the PACS is asked, how its answer becomes the
-modality's, and the cache of answers. (The mirror association itself, against a real Orthanc:
-tests/e2e/test_dicom_relay.py.)"""
+modality's, the cache of answers, and the mirror association over TLS (against the gateway's own
+TLS acceptor). (The mirror association against a real Orthanc: tests/e2e/test_dicom_relay.py;
+over TLS: tests/e2e/test_dicom_tls.py.)"""
 
 from __future__ import annotations
 
+import ssl
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +16,12 @@ from dicomproxy.dicom import negotiation
 from dicomproxy.dicom.negotiation import NegotiationCache
 from dicomproxy.dicom.presentation import ABSTRACT_SYNTAX_NOT_SUPPORTED, ACCEPTANCE, TRANSFER_SYNTAXES_NOT_SUPPORTED
 from dicomproxy.dicom.ul import pdu as pdus
+from dicomproxy.dicom.ul import tls
+from dicomproxy.dicom.ul.errors import UpperLayerError
 from dicomproxy.dicom.ul.pdu import ProposedContext
+from tests.dicom.stack import dicom_stack
+from tests.dicom.ul.test_tls import client, server_settings
+from tests.tls_certs import TestCa
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 US_RETIRED = "1.2.840.10008.5.1.4.1.1.6"
@@ -91,3 +99,43 @@ def test_the_cache_is_bounded_least_recently_used_first() -> None:
     assert cache.get(keys[0]) == []  # now the most recently used
     cache.put(keys[-1], [])
     assert cache.get(keys[1]) is None and cache.get(keys[0]) == [] and cache.get(keys[-1]) == []
+
+
+# --------------------------------------------------------------------------- the mirror over TLS
+@pytest.fixture
+def tls_pki(tmp_path: Path) -> dict[str, Any]:
+    ca = TestCa.create(tmp_path / "pki")
+    return {"ca": ca, "server": ca.issue("server", ["127.0.0.1"]), "client": ca.issue("modality", client=True),
+            "stranger": TestCa.create(tmp_path / "other", "Other CA").issue("stranger", client=True)}
+
+
+def _rq_contexts() -> list[ProposedContext]:
+    return [ProposedContext(1, CT, (ExplicitVRLittleEndian,))]
+
+
+def _rq() -> pdus.A_ASSOCIATE_RQ:
+    return pdus.associate_rq("GW", "MOD", _rq_contexts(), 16384)
+
+
+async def test_the_mirror_over_tls_is_an_ssl_socket_the_relay_can_take(
+    tmp_path: Path, tls_pki: dict[str, Any]
+) -> None:
+    async with dicom_stack(tmp_path, tls=tls.server_context(server_settings(tmp_path, tls_pki).tls)) as stack:
+        mirror = await negotiation.request("127.0.0.1", stack.port, _rq(), timeout=5, tls=client(tls_pki))
+        try:
+            assert isinstance(mirror.sock, ssl.SSLSocket)
+            assert negotiation.results_for(_rq_contexts(), mirror.ac) == [(1, ACCEPTANCE, ExplicitVRLittleEndian)]
+        finally:
+            await negotiation.release(mirror)
+        assert mirror.sock.fileno() == -1  # released and closed
+        with pytest.raises(UpperLayerError):  # a plain request to the TLS port: no DICOM answer
+            await negotiation.request("127.0.0.1", stack.port, _rq(), timeout=5)
+
+
+async def test_a_tls_refusal_names_the_reason_and_the_keys(tmp_path: Path, tls_pki: dict[str, Any]) -> None:
+    async with dicom_stack(tmp_path, tls=tls.server_context(server_settings(tmp_path, tls_pki).tls)) as stack:
+        with pytest.raises(UpperLayerError, match="over TLS.*client certificate"):  # TLS 1.3: judged after
+            await negotiation.request("127.0.0.1", stack.port, _rq(), timeout=5, tls=client(tls_pki, "stranger"))
+        tls_pki["ca"] = TestCa.create(tmp_path / "third", "Third CA")  # the server's CA is not trusted
+        with pytest.raises(UpperLayerError, match="TLS handshake with GW@127.0.0.1.*failed.*Dicom:Upstream:Tls"):
+            await negotiation.request("127.0.0.1", stack.port, _rq(), timeout=5, tls=client(tls_pki))

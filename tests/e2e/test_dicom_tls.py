@@ -127,20 +127,44 @@ def upstream_tls(orthanc: OrthancServer, certs: Certs, client: Issued) -> dict[s
             "TlsCa": str(certs.ca.cert_path), "TlsCertificate": str(client.cert_path), "TlsKey": str(client.key_path)}
 
 
+@pytest.mark.parametrize("mode", ["RelayOrSpool", "StoreAndForward"])
 def test_orthanc_with_dicom_tls_as_the_upstream(
-    gateway_factory: Any, orthanc_factory: Any, certs: Certs, tmp_path: Path
+    gateway_factory: Any, orthanc_factory: Any, certs: Certs, tmp_path: Path, mode: str
 ) -> None:
     orthanc = orthanc_factory(extra_config=orthanc_tls(certs))
-    gateway = gateway_factory({"Dicom": {"Upstream": upstream_tls(orthanc, certs, certs.gateway_client)}},
+    gateway = gateway_factory({"Dicom": {"StoreMode": mode,
+                                         "Upstream": upstream_tls(orthanc, certs, certs.gateway_client)}},
                               orthanc=orthanc)
     study = pydicom.uid.generate_uid()
     paths = [dicom_samples.make_instance(tmp_path / f"im{i}.dcm", patient_id="PUPTLS", patient_name="Up^Tls",
                                          study_uid=study, InstanceNumber=i + 1)[0] for i in range(2)]
     run_dcmtk("storescu", "-aet", "CT1", "-aec", gateway.aet, LOOPBACK, str(gateway.dicom_port), *map(str, paths))
-    orthanc.wait_for_instances(2)  # forwarded by C-STORE over TLS
+    orthanc.wait_for_instances(2)  # relayed, or spooled and forwarded, by C-STORE over TLS
+    assert "the PACS cannot be reached" not in gateway.log_text()  # the probe / mirror over TLS too
     found = run_dcmtk("findscu", "-v", "-S", "-aet", "CT1", "-aec", gateway.aet, LOOPBACK, str(gateway.dicom_port),
                       "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}", "-k", "PatientID")
     assert "PUPTLS" in found.stdout + found.stderr  # the Q/R C-FIND to the PACS over TLS
+
+
+def test_relay_mode_to_a_tls_pacs_from_both_ports(
+    gateway_factory: Any, orthanc_factory: Any, certs: Certs, tmp_path: Path
+) -> None:
+    """``Dicom:StoreMode`` ``Relay`` (no spool fallback: a PACS it cannot reach is a rejection) to
+    Orthanc over TLS: each C-STORE is answered with Orthanc's status, so Orthanc holds the
+    instances when storescu returns; from the plain port and from the TLS port."""
+    orthanc = orthanc_factory(extra_config=orthanc_tls(certs))
+    gateway = gateway_factory({"Dicom": {"StoreMode": "Relay", "Tls": tls_settings(certs),
+                                         "Upstream": upstream_tls(orthanc, certs, certs.gateway_client)}},
+                              orthanc=orthanc)
+    paths = [dicom_samples.make_instance(tmp_path / f"im{i}.dcm", patient_id="PRELTLS", patient_name="Relay^Tls",
+                                         InstanceNumber=i + 1)[0] for i in range(3)]
+    run_dcmtk("storescu", "-aet", "CT1", "-aec", gateway.aet, LOOPBACK, str(gateway.dicom_port), *map(str, paths[:2]))
+    assert orthanc.instance_count() == 2  # relayed: stored by Orthanc before storescu heard success
+    run_dcmtk("storescu", *tls_args(certs.modality, certs.ca), "-aet", "CT1", "-aec", gateway.aet, LOOPBACK,
+              tls_port(gateway), str(paths[2]))
+    assert orthanc.instance_count() == 3
+    health = gateway.get("/dicomproxy/health").json()["dicom"]
+    assert health["spoolDepth"] == 0 and health["forwarded"] == 3 and health["storeMode"] == "Relay", health
 
 
 def test_a_pacs_that_refuses_the_gateway_certificate_is_retried_with_the_reason(
@@ -151,8 +175,26 @@ def test_a_pacs_that_refuses_the_gateway_certificate_is_retried_with_the_reason(
                                          "ForwardRetrySeconds": 0.2, "ForwardMaxRetrySeconds": 0.5}}, orthanc=orthanc)
     path, _uid = dicom_samples.make_instance(tmp_path / "im.dcm", patient_id="PREF", patient_name="Re^Fused")
     run_dcmtk("storescu", "-aec", gateway.aet, LOOPBACK, str(gateway.dicom_port), str(path))
-    line = gateway.wait_for_log(f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port} over TLS", timeout=15)
+    line = gateway.wait_for_log(f"@127.0.0.1:{orthanc.dicom_port} over TLS", timeout=15)  # the titles: AeTitles
     assert "does it trust the gateway's client certificate?" in line or "not trusted" in line, line
+    assert orthanc.instance_count() == 0
+
+
+def test_relay_mode_to_a_pacs_that_refuses_the_gateway_certificate(
+    gateway_factory: Any, orthanc_factory: Any, certs: Certs, tmp_path: Path
+) -> None:
+    """``Relay``: the PACS's TLS refusal is "cannot be reached", a transient A-ASSOCIATE-RJ to the
+    modality, with OpenSSL's reason in the log; nothing is spooled."""
+    orthanc = orthanc_factory(extra_config=orthanc_tls(certs))
+    gateway = gateway_factory({"Dicom": {"StoreMode": "Relay",
+                                         "Upstream": upstream_tls(orthanc, certs, certs.stranger)}}, orthanc=orthanc)
+    path, _uid = dicom_samples.make_instance(tmp_path / "im.dcm", patient_id="PRREF", patient_name="Re^Fused")
+    done = run_dcmtk("storescu", "-aec", gateway.aet, LOOPBACK, str(gateway.dicom_port), str(path), check=False)
+    assert done.returncode != 0 and "reject" in (done.stdout + done.stderr).lower(), done
+    log = gateway.wait_for_log("the PACS cannot be reached", timeout=15)
+    line = next(x for x in log.splitlines() if "the PACS cannot be reached" in x)
+    assert f"@127.0.0.1:{orthanc.dicom_port} over TLS" in line and "client certificate" in line, line
+    assert gateway.get("/dicomproxy/health").json()["dicom"]["spoolDepth"] == 0
     assert orthanc.instance_count() == 0
 
 

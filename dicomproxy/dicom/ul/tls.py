@@ -1,5 +1,5 @@
 """TLS for the DICOM upper layer (PS3.15 Annex B, the BCP 195 profile): the contexts, the
-acceptor's handshake, and event-loop I/O on a TLS socket.
+handshakes on a non-blocking socket (the acceptor's, the relay's), and event-loop I/O on a TLS socket.
 
 What it owns:
 
@@ -16,7 +16,8 @@ What it owns:
 * :func:`handshake`: the acceptor's server handshake on a non-blocking socket, bounded by the
   ARTIM deadline the connection already runs under (a peer cannot hold a slot by handshaking
   slowly), a failure turned into :class:`HandshakeRefused` with a short ``kind`` (the metric's
-  label) and OpenSSL's reason (the log line's);
+  label) and OpenSSL's reason (the log line's); :func:`client_handshake`, the same as a client,
+  for the relay's association to the PACS (:mod:`..negotiation`), whose socket a thread then takes;
 * :func:`recv_into`, :func:`recv`, :func:`sendall`: ``loop.sock_*`` for a plain socket, and the
   same on an ``ssl.SSLSocket``, which asyncio's ``sock_*`` refuse: try the call, wait for the file
   descriptor on ``SSLWantRead``/``SSLWantWrite``. A read that wants a write (only in a TLS 1.3
@@ -26,7 +27,8 @@ What it owns:
 
 Why an ``SSLSocket`` and not asyncio's TLS transport: after the request phase the storage
 association is served on its own thread with a blocking socket (the hot path, see
-``storage_scp.py``); an ``SSLSocket`` is a socket, so that thread reads it unchanged (the
+``storage_scp.py``, ``relay.py``: both its sockets); an ``SSLSocket`` is a socket, so that thread
+reads it unchanged (the
 ``ssl`` module releases the GIL for the record's decryption).
 
 The HTTPS listeners (``dicomproxy/http/tls.py`` on the https branch) apply the same TLS 1.2+
@@ -147,7 +149,7 @@ def _load_ca(ctx: ssl.SSLContext, path: Path, what: str) -> None:
         raise DicomTlsError(f"{what}: {path} holds no usable PEM certificate: {e}") from None
 
 
-# --------------------------------------------------------------------------- the acceptor's handshake
+# --------------------------------------------------------------------------- handshakes on a raw socket
 async def handshake(ctx: ssl.SSLContext, sock: socket.socket, deadline: float) -> ssl.SSLSocket:
     """Wrap the accepted non-blocking ``sock`` and shake hands by ``deadline`` (loop time);
     raises :class:`HandshakeRefused` (the connection is closed then)."""
@@ -160,6 +162,20 @@ async def handshake(ctx: ssl.SSLContext, sock: socket.socket, deadline: float) -
             await _linger(loop, tls)
         tls.close()
         raise
+    except BaseException:
+        tls.close()
+        raise
+
+
+async def client_handshake(ctx: ssl.SSLContext, sock: socket.socket, host: str, deadline: float) -> ssl.SSLSocket:
+    """Wrap the connected non-blocking ``sock`` as a client of ``host`` (its name checked when
+    ``ctx`` says so) and shake hands by ``deadline`` (loop time); raises :class:`HandshakeRefused`
+    (the connection is closed then). For the requests made with ``loop.sock_*`` (the relay's
+    association to the PACS, :mod:`..negotiation`), whose socket a thread takes afterwards."""
+    loop = asyncio.get_running_loop()
+    tls = ctx.wrap_socket(sock, server_side=False, server_hostname=host, do_handshake_on_connect=False)
+    try:
+        return await _shake(loop, tls, deadline)
     except BaseException:
         tls.close()
         raise
