@@ -11,7 +11,7 @@ import pytest
 
 from tests.fuzz.upstreams import RecordingUpstream, ScriptedUpstream
 from tests.observe import rss_kb
-from tests.peers import GatewayProcess
+from tests.peers import GatewayProcess, OrthancServer
 
 # Short enough that a stalled example ends quickly; long enough for this loaded machine.
 FUZZ_SERVER = {"HeadTimeoutSeconds": 3, "MaxHeadBytes": 65536, "MaxUrlBytes": 8192}
@@ -70,3 +70,17 @@ def scripted_gateway(tmp_path_factory: pytest.TempPathFactory, scripted: Scripte
         "Dicom": {"Port": 0}, "Server": FUZZ_SERVER})
     yield watched
     watched.gateway.stop()
+
+
+@pytest.fixture(scope="module")
+def dicom_gateway(tmp_path_factory: pytest.TempPathFactory, orthanc: OrthancServer) -> Iterator[Watched]:
+    """A gateway whose DICOM port forwards to the session Orthanc (emptied first)."""
+    if not orthanc.running:
+        orthanc.start()
+    orthanc.clear()
+    gateway = GatewayProcess(tmp_path_factory.mktemp("fuzz-dicom"), orthanc=orthanc, settings={
+        "Logging": {"Level": "INFO"}, "Dicom": {"ArtimSeconds": 3, "MaxConnectionsPerAddress": 64}})
+    gateway.start()
+    watched = Watched(gateway, rss_kb(gateway.proc.pid))  # type: ignore[union-attr]
+    yield watched
+    gateway.stop()

@@ -52,7 +52,8 @@ def run_example(watched: Watched, scripted: ScriptedUpstream, plan: Plan) -> Non
     number = scripted.add(plan)
     port = watched.gateway.http_port
     with RawClient(port, timeout=10) as client:
-        client.send([b"GET /plan/%d HTTP/1.1\r\nhost: gateway\r\n\r\nGET /after HTTP/1.1\r\nhost: gateway\r\n\r\n" % number])
+        client.send([b"GET /plan/%d HTTP/1.1\r\nhost: gateway\r\n\r\n" % number,
+                     b"GET /after HTTP/1.1\r\nhost: gateway\r\n\r\n"])
         answers = client.read(Answers([b"GET", b"GET"]))
     assert answers.answers, f"no answer at all: {bytes(answers.raw)[:300]!r}"
     _check_first(answers.answers[0], plan)
