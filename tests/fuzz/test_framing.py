@@ -54,6 +54,11 @@ async def _play(plan: Plan) -> tuple[int, bytes] | UpstreamError:
 @example(Plan((b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nsecond",)))
 @example(Plan((b"HTTP/1.1 204 No Content\r\ncontent-length: 3\r\n\r\nabc",)))
 @example(Plan((b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n3\r\nabc\r\n0\r\n\r\n",)))
+# Found by the fuzzers: another transfer coding was dropped with the hop-by-hop header and its coded
+# bytes forwarded as the body (now a RemoteProtocolError: the proxy's 502).
+@example(Plan((b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\ntransfer-encoding: chunked\r\n\r\n",
+               b"2\r\n\x1f\x8b\r\n0\r\n\r\n")))
+@example(Plan((b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n\x1f\x8b",), "close"))
 def test_the_client_reads_an_answer_as_h11_does_or_fails_cleanly(plan: Plan) -> None:
     outcome = asyncio.run(_play(plan))
     if isinstance(outcome, UpstreamError):
@@ -62,11 +67,6 @@ def test_the_client_reads_an_answer_as_h11_does_or_fails_cleanly(plan: Plan) -> 
     reference = first_response(plan.wire, closed=plan.end == "close")
     if reference.error and status in (204, 304) and body == b"" and plan.wire.startswith(b"HTTP/1.1 %d " % status):
         return  # no body "regardless of the header fields" (RFC 9112 6.3); h11 still vets Transfer-Encoding
-    if reference.error and "Transfer-Encoding" in reference.error and plan.end == "close":
-        head, _, rest = plan.wire.partition(b"\r\n\r\n")  # RFC 9112 6.3 (4): not chunked last, read until close
-        if b"chunked" not in head.lower().rsplit(b"transfer-encoding:", 1)[-1].split(b"\r\n")[0]:
-            assert body == rest, "a response without chunked framing is read until the close"
-            return
     assert not reference.error, f"the client accepted what h11 refuses ({reference.error}): {plan.wire[:300]!r}"
     assert reference.complete, f"the client finished an answer h11 reads as cut off: {plan.wire[:300]!r}"
     assert (status, body) == (reference.status, reference.body), plan.wire[:300]
