@@ -58,8 +58,9 @@ def run_example(watched: Watched, scripted: ScriptedUpstream, plan: Plan) -> Non
     assert answers.answers, f"no answer at all: {bytes(answers.raw)[:300]!r}"
     _check_first(answers.answers[0], plan)
     if len(answers.answers) > 1 and answers.answers[1].complete:  # the same client connection, the next request
-        second = answers.answers[1]
-        assert (second.status, second.body) == (200, FINE_BODY), f"the second request's answer is not intact: {second}"
+        second = answers.answers[1]  # a 504 when the plan answered, then hung on the kept-alive connection
+        assert _is_gateway_error(second) or (second.status, second.body) == (200, FINE_BODY), \
+            f"the second request's answer is not intact: {second}"
     answer = request_once(port, b"GET", b"/fine")
     assert (answer.status, answer.body) == (200, FINE_BODY), answer
     watched.check_rss()
@@ -72,6 +73,8 @@ def run_example(watched: Watched, scripted: ScriptedUpstream, plan: Plan) -> Non
 @example(Plan((b"HTTP/1.1 204 No Content\r\ncontent-length: 3\r\n\r\nabc",)))
 @example(Plan((b"HTTP/1.1 999 Weird\r\ncontent-length: 2\r\n\r\nok",)))
 @example(Plan((b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc",), "close"))
+# Found by this fuzzer: a 304 with a Content-Length made uvicorn raise mid-answer (a traceback per answer).
+@example(Plan((b"HTTP/1.1 304 Not Modified\r\ncontent-length: 1\r\n\r\n",)))
 def test_hostile_answers_reach_the_client_intact_or_as_502(
     scripted_gateway: Watched, scripted: ScriptedUpstream, plan: Plan,
 ) -> None:
