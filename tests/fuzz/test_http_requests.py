@@ -17,8 +17,6 @@ bodies), pipelined in one write or delivered in pieces with pauses. Properties:
 from __future__ import annotations
 
 import itertools
-import os
-import time
 from urllib.parse import parse_qsl
 
 from hypothesis import example, given
@@ -149,7 +147,7 @@ TOO_BIG = b"x-big: %s\r\n" % (b"b" * 70_000)
 PIPELINED_THEN_TOO_BIG = ([_plain(b"DELETE", b"/fuzz/a"), _plain(b"GET", b"/fuzz/b", TOO_BIG)], [], [0.0])
 
 
-@fuzz_settings(int(os.environ.get("FUZZ_N", "60")))
+@fuzz_settings(60)
 @given(connections())
 @example(PIPELINED_THEN_BROKEN)
 @example(PIPELINED_THEN_TOO_BIG)
@@ -157,9 +155,4 @@ def test_hostile_requests_never_reach_the_upstream_malformed(
     recorded_gateway: Watched, recording: RecordingUpstream,
     connection: tuple[list[ClientRequest], list[int], list[float]],
 ) -> None:
-    t0 = time.monotonic()
-    try:
-        run_example(recorded_gateway, recording, *connection)
-    finally:
-        if os.environ.get("FUZZ_DEBUG"):
-            print(f"{time.monotonic() - t0:.2f}s", [(r.method, r.target[:40], r.truncated) for r in connection[0]])
+    run_example(recorded_gateway, recording, *connection)
