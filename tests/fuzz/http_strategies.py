@@ -151,7 +151,21 @@ def first_response(wire: bytes, closed: bool) -> Reading:
                 return out
     except h11.RemoteProtocolError as e:
         out.error = str(e)
-        return out
+        return _bodiless(wire) or out
+
+
+def _bodiless(wire: bytes) -> Reading | None:
+    """A 204 or 304 answer after any 1xx heads: no body "regardless of the header fields" (RFC 9112
+    6.3), where h11 still vets its Transfer-Encoding. None for any other answer."""
+    rest = wire
+    while True:
+        head, sep, rest = rest.partition(CRLF + CRLF)
+        if not sep or not head.startswith(b"HTTP/1.1 1"):
+            break
+    parts = head.split(CRLF, 1)[0].split(b" ")
+    if sep and len(parts) >= 2 and parts[0] == b"HTTP/1.1" and parts[1] in (b"204", b"304"):
+        return Reading(int(parts[1]), [], b"", complete=True)
+    return None
 
 
 # --------------------------------------------------------------------------- requests

@@ -19,7 +19,7 @@ from hypothesis import example, given
 
 from tests.fuzz.client import Answer, Answers, RawClient, request_once
 from tests.fuzz.conftest import Watched
-from tests.fuzz.http_strategies import first_response, responses
+from tests.fuzz.http_strategies import INTERIM, first_response, responses
 from tests.fuzz.profiles import fuzz_settings
 from tests.fuzz.upstreams import FINE, Plan, ScriptedUpstream
 
@@ -71,6 +71,7 @@ def run_example(watched: Watched, scripted: ScriptedUpstream, plan: Plan) -> Non
 @given(responses())
 @example(Plan((b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nsecond",)))
 @example(Plan((b"HTTP/1.1 204 No Content\r\ncontent-length: 3\r\n\r\nabc",)))
+@example(Plan((INTERIM[2] * 3 + b"HTTP/1.1 204 No Content\r\ntransfer-encoding: gzip\r\n\r\n",)))  # no body at all
 @example(Plan((b"HTTP/1.1 999 Weird\r\ncontent-length: 2\r\n\r\nok",)))
 @example(Plan((b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc",), "close"))
 # Found by this fuzzer: a 304 with a Content-Length made uvicorn raise mid-answer (a traceback per answer).
