@@ -147,7 +147,7 @@ TOO_BIG = b"x-big: %s\r\n" % (b"b" * 70_000)
 PIPELINED_THEN_TOO_BIG = ([_plain(b"DELETE", b"/fuzz/a"), _plain(b"GET", b"/fuzz/b", TOO_BIG)], [], [0.0])
 
 
-@fuzz_settings(60)
+@fuzz_settings(100)
 @given(connections())
 @example(PIPELINED_THEN_BROKEN)
 @example(PIPELINED_THEN_TOO_BIG)

@@ -67,7 +67,7 @@ def run_example(watched: Watched, scripted: ScriptedUpstream, plan: Plan) -> Non
     watched.check_log()
 
 
-@fuzz_settings(50)
+@fuzz_settings(80)
 @given(responses())
 @example(Plan((b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nsecond",)))
 @example(Plan((b"HTTP/1.1 204 No Content\r\ncontent-length: 3\r\n\r\nabc",)))
