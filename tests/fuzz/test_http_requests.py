@@ -147,8 +147,16 @@ TOO_BIG = b"x-big: %s\r\n" % (b"b" * 70_000)
 PIPELINED_THEN_TOO_BIG = ([_plain(b"DELETE", b"/fuzz/a"), _plain(b"GET", b"/fuzz/b", TOO_BIG)], [], [0.0])
 
 
+# Found by a long campaign: a CONNECT with a body went upstream and hung there (llhttp stops parsing
+# after a CONNECT head); the request behind it on the connection was never answered.
+CONNECT_THEN_GET = ([_plain(b"CONNECT", b"/fuzz/a", b"content-length: 1\r\n"), _plain(b"GET", b"/fuzz/b")], [], [0.0])
+CONNECT_THEN_GET[0][0].wire += b"x"  # the body its Content-Length announces
+CONNECT_THEN_GET[0][0].body = b"x"
+
+
 @fuzz_settings(100)
 @given(connections())
+@example(CONNECT_THEN_GET)
 @example(PIPELINED_THEN_BROKEN)
 @example(PIPELINED_THEN_TOO_BIG)
 def test_hostile_requests_never_reach_the_upstream_malformed(
