@@ -66,6 +66,14 @@ def _logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-5s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("pynetdicom", "httpx"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    logging.getLogger("pynetdicom.utils").addFilter(_not_a_decode_traceback)
+
+
+def _not_a_decode_traceback(record: logging.LogRecord) -> bool:
+    """Drop what pynetdicom's ``decode_bytes`` logs (with a traceback, once per codec tried) for a
+    non-ASCII AE title or UID in a PDU: the upper layer aborts that association and logs why in one
+    line (found by tests/fuzz/test_dicom_port.py: three tracebacks per hostile A-ASSOCIATE-RQ)."""
+    return record.funcName != "decode_bytes"
 
 
 # glibc mallopt parameters (malloc.h)
