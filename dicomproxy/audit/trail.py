@@ -16,6 +16,9 @@ Past full (``Audit:BufferMaxMB``) the newest events are dropped, counted
 Alert goes into the buffer's headroom; the first event that fits again is preceded by "Audit
 Recording Started" with the number dropped. The in-memory queue is bounded too
 (``MAX_PENDING``), for a writer that cannot keep up.
+
+The writer also keeps the latest ``RECENT`` stored events in memory (:meth:`AuditTrail.recent`),
+for the status page's audit panel: a poll never reads the buffer or the file.
 """
 
 from __future__ import annotations
