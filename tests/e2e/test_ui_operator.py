@@ -61,6 +61,9 @@ def open_page(browser: Any, url: str, user: str, password: str) -> Any:
     page = context.new_page()
     page.errors = []  # type: ignore[attr-defined]
     page.on("pageerror", lambda e: page.errors.append(str(e)))  # type: ignore[attr-defined]
+    # a Content-Security-Policy violation (an inline style or script uPlot might add) is a console error
+    page.on("console", lambda m: m.type == "error" and "Content Security Policy" in m.text
+            and page.errors.append(m.text))  # type: ignore[attr-defined]
     page.goto(url)
     return page
 
