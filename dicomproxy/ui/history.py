@@ -230,8 +230,8 @@ class History:
                 self.sample()
             except Exception:  # a broken probe must not end the graphs
                 log.exception("status page history: sampling the metrics failed")
-            next_at += self.interval
-            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            next_at = max(next_at + self.interval, loop.time())  # behind (a stalled loop): no burst to catch up
+            await asyncio.sleep(next_at - loop.time())
 
     def health(self) -> dict[str, Any]:
         return {"ok": True, "series": len(self.series), "points": min(self.seq, self.capacity),

@@ -141,6 +141,10 @@ def test_graphs_render_and_move_under_load(admin_page: Any, gateway: GatewayProc
     delta = requests.get(gateway.url + f"/dicomproxy/ui/history?since={full['seq']}", auth=auth, timeout=10).json()
     assert len(full["t"]) >= 5 and len(delta["t"]) <= 2 and delta["first"] == full["seq"] + 1
     assert requests.get(gateway.url + "/dicomproxy/ui/history?since=x", auth=auth, timeout=10).status_code == 400
+    ring = requests.get(gateway.url + "/dicomproxy/health", auth=auth, timeout=10).json()["ui"]
+    assert ring["bytes"] == (ring["series"] + 1) * 3600 * 8 and ring["capacity"] == 3600
+    print(f"\nthis gateway: {ring['series']} series, a full ring {ring['bytes'] / 1e6:.2f} MB, "
+          f"one sample {ring['sampleMs']} ms")
 
 
 # Answers /dicomproxy/ui/history in the page itself (a wrapped fetch): the ring full at the first

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
@@ -121,3 +122,19 @@ def test_memory_and_cost_with_a_full_ring(capsys: pytest.CaptureFixture[str]) ->
         print(f"\nhistory: {n} series, ring {history.memory_bytes() / 1e6:.2f} MB; sample {sample_ms:.3f} ms; "
               f"delta {delta_ms:.3f} ms ({len(delta)} B); full {full_ms:.1f} ms ({len(full) / 1e6:.2f} MB)")
     assert delta_ms < 5 and len(delta) < 20_000
+
+
+async def test_the_component_samples_by_itself_and_stops() -> None:
+    metrics = Metrics()
+    metrics.gauge("g", "g").set(3)
+    history = History(metrics.registry, interval=0.01)
+    await history.start()
+    task = history._task
+    for _ in range(500):  # bounded: 5 s at most
+        if history.seq >= 3:
+            break
+        await asyncio.sleep(0.01)
+    await history.stop()
+    assert history.seq >= 3 and history.since(0)["series"]["g"][-1] == 3.0
+    assert task is not None and task.done() and history._task is None
+    assert history.health()["ok"] and history.health()["points"] == history.seq
