@@ -169,8 +169,6 @@ def serve(args: argparse.Namespace) -> int:
 
 def check(args: argparse.Namespace) -> int:
     """Load every script the way the gateway would; print each error as ``file:line: message``."""
-    from dicomproxy_middleware import LuaError
-
     from dicomproxy.app import build_gateway
 
     settings = _settings(args)
@@ -180,26 +178,12 @@ def check(args: argparse.Namespace) -> int:
     if not root.is_dir():
         print(f"{root}: the scripts folder does not exist (ExtraConfig:ScriptsRoot)", file=sys.stderr)
         return 1
-    paths = sorted(p for p in root.glob("*.lua"))
-
-    async def run() -> int:
-        failures = 0
-        for path in paths:
-            engine = gateway.lua.new_engine("check")
-            try:
-                await engine.load(path.read_bytes(), str(path))
-                print(f"{path}: ok")
-            except LuaError as e:
-                failures += 1
-                print(str(e))
-            finally:
-                engine.release()
-        return failures
-
-    failures = asyncio.run(run())
-    if not paths:
+    results = asyncio.run(gateway.lua.check())
+    for r in results:
+        print(f"{r['script']}: ok" if r["ok"] else r["error"])
+    if not results:
         print(f"{root}: no .lua scripts")
-    return 1 if failures else 0
+    return 1 if any(not r["ok"] for r in results) else 0
 
 
 def show_config(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,7 @@ class ScriptState:
     callbacks: frozenset[str] = frozenset()
     error: str | None = None
     mtime: tuple[int, int] | None = None
+    reloaded: float | None = None  # wall time of the last load attempt (ok or not)
 
 
 def _stat(path: Path) -> tuple[int, int] | None:
@@ -219,6 +221,7 @@ class ScriptSet:
                 if not force and mtime == state.mtime:
                     continue
                 state.mtime = mtime
+                state.reloaded = time.time()
                 if mtime is None:
                     if state.loaded:
                         log.info("%s removed: its callbacks are off", state.path)
@@ -445,6 +448,7 @@ class ScriptSet:
                 "loaded": s.loaded,
                 "callbacks": sorted(s.callbacks),
                 "error": s.error,
+                "lastReload": s.reloaded,
             }
             for kind, s in (("singleton", self.singleton_state), ("transient", self.transient_state))
         ]
