@@ -12,19 +12,29 @@ import argparse
 import asyncio
 import ctypes
 import ctypes.util
+import faulthandler
 import getpass
 import json
 import logging
+import math
+import socket
 import sys
+import time
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dicomproxy import __version__
 from dicomproxy.auth.apikeys import hash_key, new_key
 from dicomproxy.auth.passwords import Kind, hash_password
 from dicomproxy.config.settings import ConfigError, Settings, load_settings
 from dicomproxy.http.server import HeadLimits, connection_budget, protocol_class, raise_file_limit
+from dicomproxy.lifecycle import Phase
+
+if TYPE_CHECKING:
+    import uvicorn
+
+    from dicomproxy.app import Gateway
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -88,16 +98,47 @@ def _tune_malloc() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, 4 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 64 << 20))
 
 
+WATCHDOG_SLACK_SECONDS = 5.0  # past Server:ShutdownTimeoutSeconds: dump every thread's stack and exit 1
+
+
 def _server_class() -> type[Any]:  # uvicorn is imported lazily
     import uvicorn
 
     class GatewayServer(uvicorn.Server):
-        """uvicorn re-raises SIGTERM/SIGINT after a graceful shutdown (exit -15); a service
-        that stopped cleanly on request should exit 0, as supervisors expect."""
+        """uvicorn's server with the gateway's shutdown: the first SIGTERM/SIGINT drains
+        (ready 503, still serving for ``Server:DrainDelaySeconds``), then uvicorn's shutdown runs
+        with the HTTP grace period left of the deadline; a second signal skips the delay. A
+        watchdog (faulthandler) ends the process, stacks in the log, if the deadline is overrun.
+        A service that stopped cleanly on request exits 0 (uvicorn would re-raise the signal: -15)."""
+
+        def __init__(self, config: uvicorn.Config, gateway: Gateway) -> None:
+            super().__init__(config)
+            self.gateway = gateway
+            self._drain_until: float | None = None
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            super().handle_exit(sig, frame)
+            life = self.gateway.life
+            was = life.phase
+            if self.gateway.drain():
+                faulthandler.dump_traceback_later(life.shutdown_timeout + WATCHDOG_SLACK_SECONDS, exit=True)
+                if was is Phase.SERVING and life.drain_delay > 0:
+                    self._drain_until = time.monotonic() + life.drain_delay
+                else:
+                    self.should_exit = True  # starting: nothing to drain yet
+            else:
+                super().handle_exit(sig, frame)
             self._captured_signals.clear()
+
+        async def on_tick(self, counter: int) -> bool:
+            if self._drain_until is not None and time.monotonic() >= self._drain_until:
+                self.should_exit = True
+            return bool(await super().on_tick(counter))
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            self.gateway.drain()
+            self.gateway.stop_accepting()
+            self.config.timeout_graceful_shutdown = math.ceil(self.gateway.life.http_grace())
+            await super().shutdown(sockets)
 
     return GatewayServer
 
@@ -136,14 +177,15 @@ def serve(args: argparse.Namespace) -> int:
         server_header=False,
         proxy_headers=False,  # the proxy appends the peer to X-Forwarded-For itself; don't trust the client's
         timeout_keep_alive=30,
-        # uvicorn waits for open responses before the lifespan shutdown; a live SSE stream
-        # (/dicomproxy/notifications/stream, an open status page) never ends by itself.
-        timeout_graceful_shutdown=5,
+        # In-flight requests get what is left of Server:ShutdownTimeoutSeconds (GatewayServer.shutdown);
+        # live SSE streams are ended when the listeners close (Gateway.stop_accepting).
+        timeout_graceful_shutdown=math.ceil(gateway.life.http_grace()),
         backlog=4096,
     )
-    server = _server_class()(config)
+    server = _server_class()(config, gateway)
+    gateway.on_start_failed = lambda: setattr(server, "should_exit", True)
     server.run()
-    return 0 if server.started else 1
+    return 0 if server.started and not gateway.start_failed else 1
 
 
 def check(args: argparse.Namespace) -> int:

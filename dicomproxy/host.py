@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from dicomproxy.commands import Commands
 from dicomproxy.config.settings import Settings
 from dicomproxy.hooks import Hooks
+from dicomproxy.lifecycle import Lifecycle
 from dicomproxy.metrics import Metrics
 from dicomproxy.notify.events import EventBus
 from dicomproxy.scripting.host import ScriptHost
@@ -25,7 +26,9 @@ HealthCheck = Callable[[], dict[str, Any]]
 
 
 class Component(Protocol):
-    """Something with a life: started in install order, stopped in reverse."""
+    """Something with a life: started in install order, stopped in reverse. It may also have a
+    ``drain()`` (sync): called when shutdown begins, to stop taking new work (close a port, end
+    live streams) while what is in flight goes on until ``stop()``."""
 
     async def start(self) -> None: ...
 
@@ -43,6 +46,7 @@ class Host(Protocol):
     lua: ScriptHost
     upstream: Upstream
     hooks: Hooks  # typed events one feature offers others (e.g. the DICOM side's "instance stored")
+    life: Lifecycle  # the phase and, once SIGTERM came, what is left of the shutdown deadline
 
     def mount(self, prefix: str, app: Any) -> None:
         """Route paths under ``prefix`` (``/files/`` also matches ``/files``) to the ASGI ``app``."""

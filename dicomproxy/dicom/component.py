@@ -22,6 +22,7 @@ from dicomproxy.dicom.spool import Spool, SpoolEntry
 from dicomproxy.dicom.store import StoreService
 from dicomproxy.dicom.ul.acceptor import Acceptor, Limits
 from dicomproxy.host import Host
+from dicomproxy.lifecycle import STOP_SHARE
 from dicomproxy.metrics import DICOM_BUCKETS, FORWARD_BUCKETS
 
 log = logging.getLogger("dicomproxy.dicom")
@@ -119,10 +120,26 @@ class DicomComponent:
         s = self.settings
         log.info("DICOM AE %s listening on %s:%d", s.aet, s.host, self.acceptor.port)
 
+    def drain(self) -> None:
+        """Shutdown began: close the port; associations in progress may go on (and store more)."""
+        if self.started:
+            self.acceptor.stop_listening()
+
     async def stop(self) -> None:
+        """Associations still open get what is left of the shutdown deadline (minus the time the
+        spool and forwarder need) to end by themselves (A-RELEASE), then their sockets are shut:
+        the modality sees the association aborted. Every C-STORE answered with success before is
+        in the spool (fsynced), forwarded at the next start."""
         if not self.started:
             return
-        await self.acceptor.stop()
+        life = self.gateway.life
+        until = time.monotonic() + max(0.0, life.remaining() - STOP_SHARE * life.shutdown_timeout / 2)
+        self.acceptor.stop_listening()
+        await asyncio.to_thread(_join_until, self.dispatcher.storage_threads(), until)
+        if self.dispatcher.active_storage:
+            log.warning("aborting %d storage association(s) still open at the shutdown deadline "
+                        "(Server:ShutdownTimeoutSeconds)", self.dispatcher.active_storage)
+        await self.acceptor.stop(grace=max(0.0, until - time.monotonic()))
         threads = self.dispatcher.stop()
         await asyncio.to_thread(_join, threads)
         await self.qr.stop()
@@ -195,6 +212,11 @@ class DicomComponent:
             study=entry.study,
             reason=reason,
         )
+
+
+def _join_until(threads: list[Any], until: float) -> None:
+    for t in threads:
+        t.join(timeout=max(0.0, until - time.monotonic()))
 
 
 def _join(threads: list[Any]) -> None:

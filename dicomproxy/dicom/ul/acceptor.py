@@ -197,20 +197,29 @@ class Acceptor:
         self.port = int(sock.getsockname()[1])
         self._task = self.loop.create_task(self._accept_loop(sock), name="dicom-accept")
 
-    async def stop(self) -> None:
+    def stop_listening(self) -> None:
+        """Close the port (drain): admitted associations go on; no new connection is accepted."""
         task, self._task = self._task, None
+        sock, self._sock = self._sock, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            task.cancel()  # the socket closes once the accept loop has let go of it
+            if sock is not None:
+                task.add_done_callback(lambda _: sock.close())
+        elif sock is not None:
+            sock.close()
+
+    async def stop(self, grace: float = 0.0) -> None:
+        """Stop listening; associations still open after ``grace`` seconds are aborted."""
+        self.stop_listening()
+        if self._tasks and grace > 0:
+            await asyncio.wait(list(self._tasks), timeout=grace)
+        if self._tasks:
+            log.warning("%s port: aborting %d association(s) still open at shutdown", self.label, len(self._tasks))
         for t in list(self._tasks):
             t.cancel()
         for t in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
 
     @property
     def listening(self) -> bool:
