@@ -58,8 +58,9 @@ StoreScp (dcmtk storescp)::
 GatewayProcess (``python -m dicomproxy serve --config <tmp>/appsettings.json``)::
 
     .url  .http_port  .dicom_port  .aet  .config_path  .scripts_dir  .data_dir  .settings (dict)
-    .start(timeout=30)  .stop(timeout=10) (SIGTERM, then SIGKILL)  .kill9()  .restart()
-    .forced_kill   True if a stop() had to SIGKILL (the fixture then warns: shutdown hangs)
+    .start(timeout=30)  .stop() (SIGTERM, SIGKILL after Server:ShutdownTimeoutSeconds + 10 s)  .kill9()
+    .restart()  .shutdown_timeout
+    .forced_kill   True if a stop() had to SIGKILL (the fixture then fails the test: shutdown hangs)
     .write_script(name, text)   atomic write into scripts_dir (main.lua, main-transient.lua, ...)
     .update_settings(overrides) deep-merge into the config file (takes effect on restart)
     .log_text() -> str          everything the process printed (stdout + stderr)
@@ -72,7 +73,7 @@ Default gateway settings (``settings`` is deep-merged on top, case-insensitively
     Dicom: Aet DICOMPROXY, Host 127.0.0.1, Port <free>, Upstream {orthanc aet, 127.0.0.1, port},
            SpoolFolder <tmp>/data/spool;
     ExtraConfig: ScriptsRoot <tmp>/scripts, DataFolder <tmp>/data, TusUploadFolder <tmp>/data/tus
-    Lua:ReloadIntervalMs 200; Logging:Level DEBUG
+    Lua:ReloadIntervalMs 200; Logging:Level DEBUG; Server:ShutdownTimeoutSeconds TEST_SHUTDOWN_SECONDS (8)
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ CHROMIUM_BIN = "/usr/bin/chromium"
 CHROMIUM_HINT = "run scripts/install.sh (apt-get install chromium)"
 
 LOOPBACK = "127.0.0.1"
+TEST_SHUTDOWN_SECONDS = 8  # Server:ShutdownTimeoutSeconds of test gateways (production default: 30)
 T = TypeVar("T")
 
 
@@ -508,6 +510,7 @@ class GatewayProcess:
             },
             "Lua": {"ReloadIntervalMs": 200},
             "Logging": {"Level": "DEBUG"},
+            "Server": {"ShutdownTimeoutSeconds": TEST_SHUTDOWN_SECONDS},
         }
         if orthanc is not None:
             defaults["Upstream"] = {"Url": orthanc.http_url}
@@ -607,12 +610,20 @@ class GatewayProcess:
     def _fail_start(self, why: str) -> None:
         pytest.fail(f"{why} (config {self.config_path}); log tail:\n{_tail(self.log_path)}", pytrace=False)
 
-    def stop(self, timeout: float = 10) -> int | None:
+    @property
+    def shutdown_timeout(self) -> float:
+        return float(self._get("Server:ShutdownTimeoutSeconds", 30))
+
+    def stop(self, timeout: float | None = None) -> int | None:
         """SIGTERM (graceful shutdown), SIGKILL after ``timeout``; returns the exit status.
 
-        After a graceful stop the status is 0 or ``-SIGTERM`` (uvicorn re-raises the signal);
-        ``-SIGKILL`` means the gateway ignored SIGTERM (``.forced_kill`` is then True).
+        ``timeout`` defaults to the gateway's ``Server:ShutdownTimeoutSeconds`` plus the slack of
+        its own watchdog (which exits 1, stacks in the log, past the deadline) and a margin.
+        After a graceful stop the status is 0 (an older checkout: ``-SIGTERM``); ``-SIGKILL`` means
+        the gateway ignored SIGTERM (``.forced_kill`` is then True, and the fixture fails the test).
         """
+        if timeout is None:
+            timeout = self.shutdown_timeout + 10
         if _terminate(self.proc, timeout):
             self.forced_kill = True
         self._session.close()
