@@ -27,7 +27,7 @@ from dicomproxy.http.api import PROBE_PATHS, build_api, probes
 from dicomproxy.http.cors import GatewayCors, cors_policy
 from dicomproxy.http.guard import RequestGuard
 from dicomproxy.http.proxy import ReverseProxy
-from dicomproxy.lifecycle import Lifecycle, Phase
+from dicomproxy.lifecycle import MIN_STEP_SECONDS, Lifecycle, Phase
 from dicomproxy.metrics import HOOK_BUCKETS, Metrics
 from dicomproxy.notify import mail, notifications
 from dicomproxy.notify.events import EventBus
@@ -207,9 +207,12 @@ class Gateway:
                 log.exception("draining %s failed", type(component).__name__)
 
     async def stop(self) -> None:
-        """Stop the components in reverse order, each bounded by what is left of the deadline."""
+        """Let in-flight work settle (components with ``settle(until)``, at once, until the stop
+        share of the deadline), then stop the components in reverse order, each bounded by what
+        is left of the deadline."""
         self.life.move(Phase.STOPPING)
         self.stop_accepting()
+        await self._settle()
         while self._started:
             component = self._started.pop()
             name = type(component).__name__
@@ -225,6 +228,18 @@ class Gateway:
                 log.exception("stopping %s failed", name)
             else:
                 log.debug("stopped %s in %.2fs", name, time.monotonic() - began)
+
+    async def _settle(self) -> None:
+        until = time.monotonic() + self.life.http_grace()
+        waits = [settle(until) for c in self._started if (settle := getattr(c, "settle", None)) is not None]
+        if not waits:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, until - time.monotonic()) + MIN_STEP_SECONDS):
+                results = await asyncio.gather(*waits, return_exceptions=True)
+                for result in results:
+                    if isinstance(result, Exception):
+                        log.error("waiting for in-flight work failed: %r", result)
 
     async def _lifespan(self, receive: Any, send: Any) -> None:
         while True:

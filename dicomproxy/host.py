@@ -28,7 +28,8 @@ HealthCheck = Callable[[], dict[str, Any]]
 class Component(Protocol):
     """Something with a life: started in install order, stopped in reverse. It may also have a
     ``drain()`` (sync): called when shutdown begins, to stop taking new work (close a port, end
-    live streams) while what is in flight goes on until ``stop()``."""
+    live streams), and an ``async settle(until)``: wait for work in flight to end by itself until
+    ``until`` (``time.monotonic()``), called for all such components at once before any stops."""
 
     async def start(self) -> None: ...
 

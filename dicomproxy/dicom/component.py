@@ -22,7 +22,6 @@ from dicomproxy.dicom.spool import Spool, SpoolEntry
 from dicomproxy.dicom.store import StoreService
 from dicomproxy.dicom.ul.acceptor import Acceptor, Limits
 from dicomproxy.host import Host
-from dicomproxy.lifecycle import STOP_SHARE
 from dicomproxy.metrics import DICOM_BUCKETS, FORWARD_BUCKETS
 
 log = logging.getLogger("dicomproxy.dicom")
@@ -125,21 +124,21 @@ class DicomComponent:
         if self.started:
             self.acceptor.stop_listening()
 
+    async def settle(self, until: float) -> None:
+        """Shutdown, before any component stops: storage associations in progress may go on (and
+        store more) until ``until`` (``time.monotonic()``) and end by themselves (A-RELEASE)."""
+        if self.started:
+            await asyncio.to_thread(_join_until, self.dispatcher.storage_threads(), until)
+
     async def stop(self) -> None:
-        """Associations still open get what is left of the shutdown deadline (minus the time the
-        spool and forwarder need) to end by themselves (A-RELEASE), then their sockets are shut:
-        the modality sees the association aborted. Every C-STORE answered with success before is
-        in the spool (fsynced), forwarded at the next start."""
+        """An association still open now has its socket shut: the modality sees it aborted. Every
+        C-STORE answered with success before is in the spool, forwarded at the next start."""
         if not self.started:
             return
-        life = self.gateway.life
-        until = time.monotonic() + max(0.0, life.remaining() - STOP_SHARE * life.shutdown_timeout / 2)
-        self.acceptor.stop_listening()
-        await asyncio.to_thread(_join_until, self.dispatcher.storage_threads(), until)
         if self.dispatcher.active_storage:
             log.warning("aborting %d storage association(s) still open at the shutdown deadline "
                         "(Server:ShutdownTimeoutSeconds)", self.dispatcher.active_storage)
-        await self.acceptor.stop(grace=max(0.0, until - time.monotonic()))
+        await self.acceptor.stop()
         threads = self.dispatcher.stop()
         await asyncio.to_thread(_join, threads)
         await self.qr.stop()

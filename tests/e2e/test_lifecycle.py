@@ -7,19 +7,22 @@ import contextlib
 import http.client
 import os
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import requests
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from tusclient import client as tus_client
 
 from dicomproxy.auth.apikeys import hash_key, new_key
-from tests.peers import GatewayProcess, free_port, wait_until
+from tests import dicom_samples
+from tests.peers import GatewayProcess, OrthancServer, dcmtk, free_port, wait_until
 from tests.tus.test_support import OCTET, TUS, RawRequest, upload_id, wait_file_size
 
 GatewayFactory = Callable[..., GatewayProcess]
@@ -200,3 +203,46 @@ def test_sigterm_lets_the_current_tus_patch_finish_and_the_client_resumes(
     assert resumed.offset == first
     resumed.upload()
     assert (gw.data_dir / "tus" / uid).read_bytes() == data
+
+
+def test_sigterm_during_a_storescu_burst_loses_no_acknowledged_instance(
+    gateway_factory: GatewayFactory, fresh_orthanc: OrthancServer, tmp_path: Path
+) -> None:
+    """SIGTERM while storescu sends 150 instances on one association: the association may go on
+    until the deadline (then it is aborted); every instance storescu got a success for is in
+    Orthanc after the restart."""
+    gw = gateway_factory(orthanc=fresh_orthanc)
+    study = pydicom.uid.generate_uid()
+    files = {}
+    for i in range(150):
+        path, uid = dicom_samples.make_instance(tmp_path / "burst" / f"IM{i:04d}.dcm", patient_id="BURST",
+                                                patient_name="Burst^Stop", study_uid=study, InstanceNumber=i + 1)
+        files[str(path)] = uid
+    sender = subprocess.Popen([dcmtk("storescu"), "-v", "-aet", "BURST", "-aec", gw.aet, "127.0.0.1",
+                               str(gw.dicom_port), *files], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        fresh_orthanc.wait_for_instances(5, timeout=30)  # the burst is under way
+        assert gw.proc is not None
+        gw.proc.send_signal(signal.SIGTERM)
+        out, _ = sender.communicate(timeout=60)
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+    assert gw.proc.wait(timeout=gw.shutdown_timeout + 5) == 0
+    acknowledged = _acknowledged(out, files)
+    assert len(acknowledged) >= 5, out[-2000:]
+    gw.start()
+    wait_until(lambda: acknowledged <= fresh_orthanc.sop_instance_uids(), timeout=60,
+               what=f"the {len(acknowledged)} acknowledged instances in Orthanc")
+
+
+def _acknowledged(storescu_output: str, files: dict[str, str]) -> set[str]:
+    """SOP Instance UIDs of the files storescu -v reported a success status for."""
+    done: set[str] = set()
+    current = ""
+    for line in storescu_output.splitlines():
+        if "Sending file:" in line:
+            current = line.split("Sending file:", 1)[1].strip()
+        elif "Received Store Response" in line and "Success" in line and current in files:
+            done.add(files[current])
+    return done

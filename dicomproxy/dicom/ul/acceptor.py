@@ -208,13 +208,9 @@ class Acceptor:
         elif sock is not None:
             sock.close()
 
-    async def stop(self, grace: float = 0.0) -> None:
-        """Stop listening; associations still open after ``grace`` seconds are aborted."""
+    async def stop(self) -> None:
+        """Stop listening and end the connections this acceptor still serves."""
         self.stop_listening()
-        if self._tasks and grace > 0:
-            await asyncio.wait(list(self._tasks), timeout=grace)
-        if self._tasks:
-            log.warning("%s port: aborting %d association(s) still open at shutdown", self.label, len(self._tasks))
         for t in list(self._tasks):
             t.cancel()
         for t in list(self._tasks):
