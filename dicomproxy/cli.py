@@ -185,7 +185,9 @@ def serve(args: argparse.Namespace) -> int:
     server = _server_class()(config, gateway)
     gateway.on_start_failed = lambda: setattr(server, "should_exit", True)
     server.run()
-    return 0 if server.started and not gateway.start_failed else 1
+    status = 0 if server.started and not gateway.start_failed else 1
+    logging.getLogger("dicomproxy").info("DicomProxy stopped (exit status %d)", status)
+    return status
 
 
 def check(args: argparse.Namespace) -> int:

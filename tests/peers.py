@@ -586,7 +586,8 @@ class GatewayProcess:
         return env
 
     def start(self, timeout: float = 30) -> GatewayProcess:
-        """Start and wait until ``GET /dicomproxy/health`` answers (any status)."""
+        """Start and wait until ``GET /dicomproxy/health`` answers (any status but 503: the
+        gateway holds requests while it starts, and answers 503 when its start failed)."""
         if self.running:
             return self
         with open(self.log_path, "a") as log:
@@ -597,9 +598,9 @@ class GatewayProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 self._fail_start(f"the gateway exited with status {self.proc.returncode}")
-            try:
-                requests.get(f"{self.url}/dicomproxy/health", timeout=2)
-                return self
+            try:  # a 503 is a start that failed (the process exits next) or is not over yet
+                if requests.get(f"{self.url}/dicomproxy/health", timeout=2).status_code != 503:
+                    return self
             except requests.RequestException:
                 pass
             time.sleep(0.1)
