@@ -81,7 +81,8 @@ class Gateway:
         self.life = Lifecycle(srv.shutdown_timeout, srv.drain_delay)
         self.start_failed = False
         self.on_start_failed: Callable[[], None] | None = None  # set by ``serve``: end the process
-        self._up = asyncio.Event()  # set once the start is over (serving, or failed)
+        self._up = asyncio.Event()  # set once the start is over (serving, or failed) or a SIGTERM came
+        self._serving = False  # every component started: requests reach the app
         self._starting: asyncio.Task[None] | None = None
         self._accepting = True
         self._probes = probes(self)
@@ -135,11 +136,11 @@ class Gateway:
         if scope["type"] == "http" and scope["path"] in PROBE_PATHS:  # before auth, Lua and the rest: cheap
             await self._probes(scope, receive, send)
             return
-        if self.life.phase is Phase.STARTING:
+        if not self._serving:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(START_WAIT_SECONDS):
                     await self._up.wait()
-            if self.life.phase in (Phase.STARTING, Phase.STOPPING):
+            if not self._serving:  # still starting, the start failed, or a SIGTERM came first
                 await _unavailable(send, self.life.phase.value)
                 return
         if self._app is None:
@@ -178,6 +179,7 @@ class Gateway:
             if self.on_start_failed is not None:
                 self.on_start_failed()
         else:
+            self._serving = True
             self.life.move(Phase.SERVING)
         finally:
             self._up.set()
@@ -187,6 +189,7 @@ class Gateway:
         (``Server:DrainDelaySeconds``) until :meth:`stop_accepting`. False when already draining."""
         if not self.life.move(Phase.DRAINING):
             return False
+        self._up.set()  # requests held while starting get their 503 now, so the shutdown need not wait for them
         log.info("shutdown requested: draining (ready answers 503; exit within %gs, Server:ShutdownTimeoutSeconds)",
                  self.life.shutdown_timeout)
         return True
