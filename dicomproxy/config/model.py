@@ -294,6 +294,25 @@ class ServerSettings(Section):
         "limit minus `Server:ReservedFileDescriptors`")
     reserved_fds: Annotated[int, Whole(0)] = key(
         "ReservedFileDescriptors", 256, "descriptors kept for the spool, the DICOM side and the upstream pool")
+    shutdown_timeout: Annotated[float, Number(minimum=2)] = key(
+        "ShutdownTimeoutSeconds", 30, "after SIGTERM the process exits within this (match systemd's "
+        "`TimeoutStopSec`, Kubernetes' `terminationGracePeriodSeconds`): the drain delay, then in-flight HTTP "
+        "requests, TUS PATCHes and DICOM associations may finish, then the components stop; what is still running "
+        "then is cut short and logged")
+    drain_delay: Annotated[float, Number(minimum=0)] = key(
+        "DrainDelaySeconds", 0, "after SIGTERM, keep serving this long (part of `Server:ShutdownTimeoutSeconds`) "
+        "while `/dicomproxy/health/ready` answers 503, so load balancers stop sending before the listeners close")
+    ready_requires_upstream: Annotated[bool, Flag()] = key(
+        "ReadyRequiresUpstream", True, "`/dicomproxy/health/ready` answers 503 while the upstream monitor finds the "
+        "PACS down")
+
+    @model_validator(mode="after")
+    def _drain_fits(self) -> ServerSettings:
+        if self.drain_delay > self.shutdown_timeout / 2:
+            raise PydanticCustomError(VALUE_ERROR, "{expected}", {
+                "expected": f"at most half of Server:ShutdownTimeoutSeconds ({self.shutdown_timeout:g}), the rest is "
+                            "for in-flight work and the components", "key": "DrainDelaySeconds"})
+        return self
 
 
 CLIENT_CERTIFICATE_MODES = ("None", "Optional", "Required")
@@ -327,7 +346,7 @@ class HttpsSettings(Section):
         "loaded for new connections without a restart (`0`: never)")
     redirect_http: Annotated[bool, Flag()] = key(
         "RedirectHttp", False, "the `http://` listeners answer 308 to the first `https://` one "
-        "(`/dicomproxy/health` excepted); needs both in `Urls`")
+        "(`/dicomproxy/health` and its `/live` and `/ready` probes excepted); needs both in `Urls`")
     hsts: Annotated[bool, Flag()] = key(
         "Hsts", False, "send `Strict-Transport-Security` on every `https` response (never over plain HTTP)")
     hsts_max_age: Annotated[int, Whole(0)] = key(
@@ -651,7 +670,7 @@ class Settings(Section):
     lua: LuaSettings = section("Lua", "the Lua engines")
     authentication: AuthenticationSettings = section(
         "Authentication", "who may call the gateway: basic users, API keys, bearer tokens, role rules")
-    server: ServerSettings = section("Server", "limits of the HTTP front door")
+    server: ServerSettings = section("Server", "limits of the HTTP front door, the shutdown deadline")
     https: HttpsSettings = section("Https", "certificates and policy of the `https://` listeners")
     cors: CorsSettings = section("Cors", "the CORS policy")
     tus: TusSettings = section("Tus", "the TUS upload server")
