@@ -118,8 +118,8 @@ def test_wado_rs_same_bytes_as_direct(orthanc: OrthancServer, orthanc_gw: Gatewa
         proxied = raw_request(orthanc_gw.url, "GET", target, [("Accept", accept)])
         assert direct[0] == proxied[0] == 200, (target, proxied[0], proxied[2][:200])
         ct_d, ct_p = header_values(direct[1], "content-type")[0], header_values(proxied[1], "content-type")[0]
-        assert normalize_multipart(ct_p, proxied[2]) == via(orthanc_gw, orthanc, normalize_multipart(ct_d, direct[2])), \
-            target
+        expected = via(orthanc_gw, orthanc, normalize_multipart(ct_d, direct[2]))
+        assert normalize_multipart(ct_p, proxied[2]) == expected, target
     # the DICOM file inside the WADO-RS answer is the uploaded file, byte for byte
     assert files[0][132:] in proxied_instance_part(orthanc_gw, instance)
     # metadata (JSON) and Orthanc's own REST file download: identical bytes
