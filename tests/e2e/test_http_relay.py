@@ -7,6 +7,8 @@ DICOMweb plugin, a real ``dicomproxy serve``, and ``dicomweb-client`` as the vie
   ``RetrieveURL``, ``BulkDataURI`` a dicomweb-client answer holds is followed through the gateway.
 * The gateway's own calls carry ``Upstream:Username``/``Password``; proxied requests carry the
   client's own credentials; the password shows nowhere.
+* TUS import of datasets without a Part-10 header (item 9), in each uncompressed syntax, into the
+  Orthanc that wants a login.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ import pydicom
 import pytest
 import requests
 from dicomweb_client import DICOMwebClient
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from tusclient import client as tus_client
 
-from tests.dicom_samples import make_instance
+from tests.dicom_samples import make_instance, raw_dataset
 from tests.local_upstream import LocalUpstream, header_values, raw_request
 from tests.peers import GatewayProcess, OrthancServer, wait_until
 
@@ -257,3 +261,31 @@ def test_credentials_in_the_url_work_and_are_masked(gateway_factory: Any, strict
     assert f"{PACS_USER}:***@" in shown
     for text in (json.dumps(got), json.dumps(health), shown, gw.log_text()):
         assert PACS_PASSWORD not in text
+
+
+# --------------------------------------------------------------------------- item 9
+def test_tus_imports_datasets_without_a_part10_header(tmp_path: Any, strict_orthanc: OrthancServer,
+                                                       strict_gw: GatewayProcess) -> None:
+    pid = "RAWTUS-" + uuid.uuid4().hex[:8]
+    sops = {}
+    for syntax in (ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian):
+        raw, ds = raw_dataset(syntax, patient_id=pid, patient_name="Raw^Tus")
+        path = tmp_path / f"{syntax}.raw"
+        path.write_bytes(raw)
+        tus_client.TusClient(strict_gw.url + "/files/").uploader(str(path), chunk_size=8192,
+                                                                 metadata={"filename": path.name}).upload()
+        sops[str(ds.SOPInstanceUID)] = syntax
+
+    def done() -> list[dict[str, Any]] | None:
+        found = [t for t in strict_gw.get("/dicomproxy/tasks").json()
+                 if t["kind"] == "tus-import" and t["state"] in ("done", "failed")]
+        return found if len(found) >= 3 else None
+
+    tasks = wait_until(done, timeout=60, what="3 TUS imports to finish")
+    assert all(t["state"] == "done" and t["result"]["stored"] == 1 for t in tasks), tasks
+    stored = strict_orthanc.rest_post("/tools/find", json={"Level": "Instance", "Query": {"PatientID": pid},
+                                                           "Expand": True})
+    assert {i["MainDicomTags"]["SOPInstanceUID"] for i in stored} == set(sops)
+    for instance in stored:  # stored as sent: the transfer syntax the file meta named
+        syntax = strict_orthanc.rest_get(f"/instances/{instance['ID']}/metadata/TransferSyntax")
+        assert syntax.decode() == sops[instance["MainDicomTags"]["SOPInstanceUID"]]
