@@ -54,6 +54,7 @@ from dicomproxy.config.fields import (
     collection,
     internal,
     key,
+    mask_userinfo,
     section,
 )
 from dicomproxy.config.tree import ConfigTree, public_view
@@ -97,6 +98,10 @@ class UpstreamSettings(Section):
     public_url: Annotated[str, Text()] = key(
         "PublicUrl", "", "the gateway's URL as clients reach it (`https://pacs.example.org`), when a load balancer "
         "in front of it terminates TLS or renames it; empty: the request's own `Host` and scheme")
+
+    def __repr_args__(self) -> Any:  # a logged Settings never shows the password of a user:password@ in Url
+        for name, value in super().__repr_args__():
+            yield name, (mask_userinfo(value) if name == "url" and isinstance(value, str) else value)
 
     @model_validator(mode="after")
     def _one_credential(self) -> UpstreamSettings:
