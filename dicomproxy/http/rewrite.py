@@ -183,12 +183,14 @@ class MultipartRewriter:
         self.delimiter = b"\r\n--" + boundary
         self.state = Part.PREAMBLE
         self._buf = b"\r\n"  # the first delimiter may open the body without a CRLF before it
+        self._at = 0  # where the unread part of _buf starts (sliced off once per chunk, not per part)
         self._strip = 2  # bytes of _buf the client never sent (that CRLF)
         self._mode = _Mode.RAW
         self._head = b""
         self._held: list[bytes] = []
         self._held_size = 0
         self._text: TextRewriter | None = None
+        self._whole = TextRewriter(urls)
         self._out: list[bytes] = []
 
     @property
@@ -198,7 +200,8 @@ class MultipartRewriter:
     _replaced = 0
 
     def feed(self, chunk: bytes) -> bytes:
-        self._buf += chunk
+        self._buf = self._buf[self._at:] + chunk if self._at else self._buf + chunk
+        self._at = 0
         while (state := self._step()) is not None:
             self.state = state
         out, self._out = self._out, []
@@ -206,14 +209,12 @@ class MultipartRewriter:
 
     def flush(self) -> bytes:
         """The end of the body: whatever is held goes as it is (a truncated body stays truncated)."""
+        rest = self._buf[self._at:]
         if self.state is Part.BODY and self._mode is not _Mode.RAW:
-            self._end_part(self._buf)
-        elif self.state is Part.HEAD:
-            self._emit(self._head)
-            self._emit(self._buf)
+            self._end_part(rest)
         else:
-            self._emit(self._buf)
-        self._buf = b""
+            self._emit(rest)
+        self._buf, self._at = b"", 0
         self.state = Part.EPILOGUE
         out, self._out = self._out, []
         return b"".join(out)
@@ -226,13 +227,13 @@ class MultipartRewriter:
             return self._part_head()
         if self.state is Part.BODY:
             return self._part_body()
-        if self._buf:
-            self._emit(self._buf)
-            self._buf = b""
+        if self._at < len(self._buf):
+            self._emit(self._buf[self._at:])
+        self._buf, self._at = b"", 0
         return None
 
     def _preamble(self) -> Part | None:
-        at = self._buf.find(self.delimiter)
+        at = self._buf.find(self.delimiter, self._at)
         if at < 0:
             self._emit_all_but(len(self.delimiter) - 1)
             return None
@@ -242,7 +243,7 @@ class MultipartRewriter:
         """At a delimiter (``at`` in the buffer): emit up to its line's end; close or open a part."""
         rest = at + len(self.delimiter)
         if len(self._buf) < rest + 2:
-            self._emit_all_but(len(self._buf) - at)
+            self._emit_up_to(at)
             return None
         if self._buf[rest:rest + 2] == b"--":
             return Part.EPILOGUE
@@ -250,17 +251,16 @@ class MultipartRewriter:
         if eol < 0:
             if len(self._buf) - rest > HEAD_LIMIT:
                 return Part.EPILOGUE
-            self._emit_all_but(len(self._buf) - at)
+            self._emit_up_to(at)
             return None
-        self._emit(self._buf[:eol + 2])
-        self._buf = self._buf[eol + 2:]
+        self._emit_up_to(eol + 2)
         return Part.HEAD
 
     def _part_head(self) -> Part | None:
-        end = self._buf.find(b"\r\n\r\n")
+        end = self._buf.find(b"\r\n\r\n", self._at)
         if end < 0:
-            return Part.EPILOGUE if len(self._buf) > HEAD_LIMIT else None
-        head, self._buf = self._buf[:end + 4], self._buf[end + 4:]
+            return Part.EPILOGUE if len(self._buf) - self._at > HEAD_LIMIT else None
+        head, self._at = self._buf[self._at:end + 4], end + 4
         kind = _TYPE_LINE.search(head)
         rewritable = kind is not None and media_kind(kind.group(1).strip().lower()) is not None
         self._mode = _Mode.HOLD if rewritable else _Mode.RAW
@@ -271,12 +271,12 @@ class MultipartRewriter:
         return Part.BODY
 
     def _part_body(self) -> Part | None:
-        at = self._buf.find(self.delimiter)
-        content = self._buf[:at] if at >= 0 else self._buf[:max(0, len(self._buf) - len(self.delimiter) + 1)]
-        self._buf = self._buf[len(content):]
+        at = self._buf.find(self.delimiter, self._at)
+        stop = at if at >= 0 else max(self._at, len(self._buf) - len(self.delimiter) + 1)
+        content, self._at = self._buf[self._at:stop], stop
         if at >= 0:
             self._end_part(content)
-            return self._after_delimiter(0)
+            return self._after_delimiter(at)
         self._body_piece(content)
         return None
 
@@ -300,9 +300,10 @@ class MultipartRewriter:
         if self._mode is _Mode.RAW:
             self._emit(content)
         elif self._mode is _Mode.HOLD:
-            text = TextRewriter(self.urls)
+            text = self._whole  # one for every held part: flush() leaves it as new
+            before = text.replaced
             body = text.feed(b"".join(self._held) + content) + text.flush()
-            self._replaced += text.replaced
+            self._replaced += text.replaced - before
             self._emit(_with_length(self._head, len(body)))
             self._emit(body)
         elif self._text is not None:
@@ -319,11 +320,14 @@ class MultipartRewriter:
             self._out.append(data)
 
     def _emit_all_but(self, keep: int) -> None:
-        """Emit the buffer but its last ``keep`` bytes (they may start a delimiter)."""
-        cut = max(0, len(self._buf) - max(keep, 0))
-        if cut:
-            self._emit(self._buf[:cut])
-            self._buf = self._buf[cut:]
+        """Emit the unread buffer but its last ``keep`` bytes (they may start a delimiter)."""
+        self._emit_up_to(max(self._at, len(self._buf) - max(keep, 0)))
+
+    def _emit_up_to(self, end: int) -> None:
+        """Emit the unread buffer up to index ``end``."""
+        if end > self._at:
+            self._emit(self._buf[self._at:end])
+            self._at = end
 
 
 def _with_length(head: bytes, length: int) -> bytes:
