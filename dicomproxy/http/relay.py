@@ -78,11 +78,12 @@ class Rewrite:
         With a rewriter, ``Content-Length`` is dropped (the proxy sends the new one or chunks)
         and a strong ``ETag`` becomes weak (the bytes differ from the PACS's, as nginx's
         ``sub_filter`` does it)."""
-        urls = UrlMap.of(self.sent_base, self.public_base)
+        urls: UrlMap | None = None  # built only when something may need it: most answers have no Location
         rewriter: Rewriter | None = None
         content_type = encoding = None
         for i, (name, value) in enumerate(headers):
             if name in _URL_HEADERS:
+                urls = urls or UrlMap.of(self.sent_base, self.public_base)
                 headers[i] = (name, urls.replace_value(value))
             elif name == b"content-type":
                 content_type = value
@@ -90,7 +91,7 @@ class Rewrite:
                 encoding = value
         if (self.body and content_type is not None and status not in (204, 206, 304)
                 and (encoding is None or encoding.strip().lower() == _IDENTITY)):
-            rewriter = content_rewriter(content_type, urls)
+            rewriter = content_rewriter(content_type, urls or UrlMap.of(self.sent_base, self.public_base))
         if rewriter is None:
             return headers, None
         out = [(k, _weak(v) if k == b"etag" else v) for k, v in headers if k != b"content-length"]
