@@ -133,12 +133,12 @@ class ReverseProxy:
             else:
                 headers.append((name, v))
         relay = self.relay
-        added, public = relay.forwarding(scope, host, forwarded)
+        added, facing = relay.forwarding(scope, host, forwarded)
         headers += added
-        rewrite = relay.rewrite(scope["path"], scope, public)
+        rewrite = relay.rewrite(scope["path"], facing)
         if rewrite is not None and rewrite.body:
             _ask_identity(headers)
-        return headers, has_body, length, Forward(relay.upstream_host_for(public), rewrite)
+        return headers, has_body, length, Forward(relay.upstream_host_for(facing), rewrite)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         target = self.upstream.prefix + (scope.get("raw_path") or scope["path"].encode())

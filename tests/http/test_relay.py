@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from dicomproxy.config.settings import UpstreamSettings
-from dicomproxy.http.relay import Relay
+from dicomproxy.http.relay import Relay, Rewrite
 from dicomproxy.http.rewrite import MultipartRewriter, TextRewriter
 from dicomproxy.upstream.pool import Origin
 
@@ -15,13 +15,18 @@ def relay(**keys: Any) -> Relay:
     return Relay(settings, Origin.of(settings.url), b"")
 
 
+def rw(path: str, host: bytes, **keys: Any) -> Rewrite | None:
+    r = relay(**keys)
+    return r.rewrite(path, r.facing(scope(), host))
+
+
 def scope(client: str = "10.0.0.7") -> dict[str, Any]:
     return {"scheme": "http", "client": (client, 5000), "server": ("192.0.2.1", 8080)}
 
 
 def test_forwarding_headers_name_the_gateway_as_the_client_reached_it() -> None:
-    headers, public = relay().forwarding(scope(), b"gw.example:8080", [b"203.0.113.9"])
-    assert public == b"gw.example:8080"
+    headers, facing = relay().forwarding(scope(), b"gw.example:8080", [b"203.0.113.9"])
+    assert facing.public == b"gw.example:8080"
     assert dict(headers) == {
         b"x-forwarded-for": b"203.0.113.9, 10.0.0.7", b"x-forwarded-proto": b"http",
         b"x-forwarded-host": b"gw.example:8080", b"forwarded": b"for=10.0.0.7;host=gw.example:8080;proto=http"}
@@ -30,33 +35,44 @@ def test_forwarding_headers_name_the_gateway_as_the_client_reached_it() -> None:
 
 
 def test_an_unusable_host_falls_back_to_the_listening_address_and_public_url_wins() -> None:
-    _, public = relay().forwarding(scope(), b"evil\r\nx: y", [])
-    assert public == b"192.0.2.1:8080"
-    headers, public = relay(PublicUrl="https://pacs.example.org").forwarding(scope(), b"gw:8080", [])
-    assert public == b"pacs.example.org" and dict(headers)[b"forwarded"].endswith(b"proto=https")
+    _, facing = relay().forwarding(scope(), b"evil\r\nx: y", [])
+    assert facing.public == b"192.0.2.1:8080"
+    _, facing = relay().forwarding(scope(), b"", [])  # HTTP/1.0 without Host
+    assert facing.public == b"192.0.2.1:8080"
+    headers, facing = relay(PublicUrl="https://pacs.example.org").forwarding(scope(), b"gw:8080", [])
+    assert facing.public == b"pacs.example.org" and dict(headers)[b"forwarded"].endswith(b"proto=https")
+
+
+def test_facings_are_kept_within_their_bound() -> None:
+    r = relay()
+    assert r.facing(scope(), b"gw:1") is r.facing(scope(), b"gw:1")
+    for i in range(Relay.FACINGS + 10):
+        r.facing(scope(), b"gw:%d" % i)
+    assert len(r._facings) <= Relay.FACINGS
 
 
 def test_preserve_host() -> None:
-    assert relay().upstream_host_for(b"gw:8080") is None
-    assert relay(PreserveHost=True).upstream_host_for(b"gw:8080") == b"gw:8080"
+    assert relay().upstream_host_for(relay().facing(scope(), b"gw:8080")) is None
+    preserve = relay(PreserveHost=True)
+    assert preserve.upstream_host_for(preserve.facing(scope(), b"gw:8080")) == b"gw:8080"
 
 
 def test_rewrite_modes_and_scope() -> None:
-    auto = relay().rewrite("/dicom-web/studies", scope(), b"gw:8080")
+    auto = rw("/dicom-web/studies", b"gw:8080")
     assert auto is not None and auto.body and auto.sent_base == b"http://pacs:8042"
     assert auto.public_base == b"http://gw:8080"
-    rest = relay().rewrite("/instances/x", scope(), b"gw:8080")
+    rest = rw("/instances/x", b"gw:8080")
     assert rest is not None and not rest.body  # Location headers only
-    assert relay().rewrite("/dicom-webx", scope(), b"gw:8080").body is False  # type: ignore[union-attr]
-    always = relay(RewriteUrls="always").rewrite("/instances/x", scope(), b"gw:8080")
+    assert rw("/dicom-webx", b"gw:8080").body is False  # type: ignore[union-attr]
+    always = rw("/instances/x", b"gw:8080", RewriteUrls="always")
     assert always is not None and always.body
-    assert relay(RewriteUrls="Never").rewrite("/dicom-web/studies", scope(), b"gw:8080") is None
+    assert rw("/dicom-web/studies", b"gw:8080", RewriteUrls="Never") is None
     # PreserveHost: the PACS was sent the gateway's host; nothing to rewrite with the same scheme
-    assert relay(PreserveHost=True).rewrite("/dicom-web/studies", scope(), b"gw:8080") is None
+    assert rw("/dicom-web/studies", b"gw:8080", PreserveHost=True) is None
 
 
 def test_answer_headers_location_length_and_etag() -> None:
-    rewrite = relay().rewrite("/dicom-web/studies", scope(), b"gw:8080")
+    rewrite = rw("/dicom-web/studies", b"gw:8080")
     assert rewrite is not None
     headers = [(b"content-type", b"application/dicom+json"), (b"content-length", b"100"), (b"etag", b'"abc"'),
                (b"location", b"http://pacs:8042/dicom-web/studies/1"), (b"x-other", b"http://pacs:8042/")]
