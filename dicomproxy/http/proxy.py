@@ -99,6 +99,9 @@ class ReverseProxy:
                                         labels=("status",))
         self.failures = metrics.counter("dicomproxy_proxy_upstream_errors_total", "Upstream failures by kind",
                                         labels=("kind",))
+        self.abandoned = metrics.counter(
+            "dicomproxy_proxy_client_abandoned_total",
+            "Proxied requests the client left before the end: mid-upload (its body) or mid-answer", labels=("stage",))
         self.first_byte = metrics.histogram(
             "dicomproxy_proxy_first_byte_seconds",
             "Seconds from the request to the upstream answer's head sent on (time to first byte), by status class",
@@ -217,9 +220,11 @@ class ReverseProxy:
             finished = True
             await send({"type": "http.response.body", "body": b""})
         except ClientDisconnected:
+            self.abandoned.inc(stage="upload")
             log.debug("client left mid-upload; upstream request to %s dropped", target)
         except asyncio.CancelledError:
             if watcher is not None and watcher.done() and not watcher.cancelled() and watcher.result():
+                self.abandoned.inc(stage="answer")
                 log.debug("client disconnected; upstream request to %s cancelled", target)
                 return
             raise

@@ -390,16 +390,21 @@ def test_client_disconnect_cancels_upstream_request(echo_gw: GatewayProcess, ups
     assert echo_gw.get("/echo/still-serving").status_code == 200
 
 
-def test_client_leaving_mid_upload_is_not_an_error(echo_gw: GatewayProcess) -> None:
-    for framing in (b"content-length: 10000000\r\n", b"transfer-encoding: chunked\r\n"):
+def test_client_leaving_mid_upload_is_not_an_error(echo_gw: GatewayProcess, upstream: LocalUpstream) -> None:
+    before = echo_gw.metric("dicomproxy_proxy_client_abandoned_total", stage="upload")
+    for n, framing in enumerate((b"content-length: 10000000\r\n", b"transfer-encoding: chunked\r\n")):
+        target = f"/sink?abort={n}-{uuid.uuid4().hex[:6]}"
         sock = socket.create_connection(("127.0.0.1", echo_gw.http_port), timeout=5)
         try:
-            sock.sendall(b"POST /sink HTTP/1.1\r\nhost: 127.0.0.1\r\n" + framing + b"\r\n")
+            sock.sendall(f"POST {target} HTTP/1.1\r\nhost: 127.0.0.1\r\n".encode() + framing + b"\r\n")
             sock.sendall((b"4000\r\n" if b"chunked" in framing else b"") + b"x" * 16384)
-            time.sleep(0.3)
+            # the upload has begun upstream: the client leaves in the middle of it
+            wait_until(lambda t=target: t in upstream.paths_seen(), timeout=5, what="the upload to reach the upstream")
         finally:
             sock.close()
-    time.sleep(0.5)
+    # the gateway noticed both (any traceback it logged would have come before)
+    wait_until(lambda: echo_gw.metric("dicomproxy_proxy_client_abandoned_total", stage="upload") == before + 2,
+               timeout=10, what="two abandoned uploads counted")
     assert echo_gw.get("/echo/after-upload-abort").status_code == 200
     assert "Exception in ASGI application" not in echo_gw.log_text()
     assert "Traceback" not in echo_gw.log_text()
@@ -455,7 +460,6 @@ def test_curl_upload_with_expect_100_continue(orthanc: OrthancServer, orthanc_gw
 
 
 def test_upstream_connection_pool_is_reused(echo_gw: GatewayProcess, upstream: LocalUpstream) -> None:
-    time.sleep(0.2)
     upstream.reset()
     with requests.Session() as client:
         for i in range(40):
