@@ -212,6 +212,16 @@ def test_rewritten_xml_multipart_metadata_keeps_exact_part_lengths(strict_orthan
         follow(url, auth)
 
 
+def test_rewrite_never_passes_answers_as_they_are(gateway_factory: Any, strict_orthanc: OrthancServer) -> None:
+    auth = (PACS_USER, PACS_PASSWORD)
+    gw: GatewayProcess = gateway_factory({**NO_DICOM, "Upstream": {"RewriteUrls": "Never"}}, orthanc=strict_orthanc)
+    _, study, _ = new_study(strict_orthanc, n=1)
+    r = requests.get(f"{gw.url}/dicom-web/studies/{study}/metadata", auth=auth, timeout=30,
+                     headers={"Accept-Encoding": "gzip"})
+    assert r.status_code == 200 and r.headers.get("Content-Encoding") == "gzip"  # the client's encoding kept
+    assert urls_in(r.json()) and all(u.startswith(strict_orthanc.http_url) for u in urls_in(r.json()))
+
+
 def test_forwarding_headers_and_preserve_host(gateway_factory: Any, upstream: LocalUpstream) -> None:
     gw: GatewayProcess = gateway_factory({**NO_DICOM, "Upstream": {"Url": upstream.url, "PreserveHost": True}},
                                          orthanc=None)
