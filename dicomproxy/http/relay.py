@@ -26,6 +26,12 @@ bodies of DICOM JSON/XML types under ``Upstream:DicomWebRoot`` (``Auto``) or on 
 (``Always``). The upstream base looked for is the scheme of ``Upstream:Url``, the ``Host`` the
 PACS was sent and the URL's path prefix.
 
+Cost on the hot path, measured with ``bench/proxy_instructions.py`` (callgrind, a 2 KB answer
+outside the DICOMweb root, against the code before this module): 190 -> 209 thousand
+instructions per proxied request (+10 %), most of it the ``Forwarded`` header and the answer's
+header scan; what depends on the client's ``Host`` alone is computed once per distinct ``Host``
+(:class:`Facing`). Body rewriting is in :mod:`dicomproxy.http.rewrite`'s figures.
+
 Compression: when a body may be rewritten (in scope, and the ``Accept`` admits JSON or XML),
 the PACS is asked for ``Accept-Encoding: identity``; an answer that comes encoded anyway passes
 unrewritten. Decoding instead would cost CPU on every such answer, even when nothing needs

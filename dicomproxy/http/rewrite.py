@@ -23,6 +23,11 @@ decision):
   is streamed with its ``Content-Length`` dropped (the delimiter still ends it, RFC 2046 5.1.1).
   Parts of other types (bulk data) pass untouched and are never held.
 
+Measured (``bench/rewrite_bench.py``, 64 KB chunks): a 2 MB QIDO-RS JSON answer costs ~0.8 ms
+of CPU per MB when its URLs already name the gateway (searched, nothing replaced) and ~3 ms/MB
+when all 5,000 are rewritten; XML metadata in ``multipart/related`` ~15 ms/MB (per-part work:
+5,000 parts of 0.8 KB). The proxy's own streaming is ~0.7 ms/MB.
+
 Hand-written, because no library streams this: ``bytes.find`` in C does the searching (one
 call per needle per chunk: ~13 µs for a 64 KB chunk with nothing to replace, measured), and
 the Python code runs only around the matches.
