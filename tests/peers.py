@@ -41,6 +41,7 @@ Helpers (this module)::
 OrthancServer (``/usr/sbin/Orthanc`` 1.10 + DICOMweb plugin 1.7)::
 
     .http_url  .http_port  .dicom_port  .aet  .host  .dicomweb_url  .workdir  .config_path
+    .auth   (user, password) of the first RegisteredUsers entry when extra_config enables authentication
     .start(timeout=30)  .stop(timeout=15)  .kill()  .restart()   # storage survives stop/start
     .request(method, path, **kw) -> requests.Response        # raw, no status check
     .rest_get(path, **kw) / .rest_post(path, data=None, json=None, **kw) / .rest_put(...)
@@ -332,6 +333,11 @@ class OrthancServer:
             self.config = deep_merge(self.config, extra_config)
         self.proc: subprocess.Popen[bytes] | None = None
         self._session = requests.Session()
+        # AuthenticationEnabled with RegisteredUsers: the tests' own REST calls log in as the first user
+        users = self.config.get("RegisteredUsers") or {}
+        self.auth: tuple[str, str] | None = next(iter(users.items())) if self.config.get("AuthenticationEnabled") \
+            and users else None
+        self._session.auth = self.auth
 
     # -- lifecycle ------------------------------------------------------------------------
     @property
@@ -359,7 +365,7 @@ class OrthancServer:
             if self.proc.poll() is not None:
                 self._fail_start(f"Orthanc exited with status {self.proc.returncode}")
             try:
-                if requests.get(f"{self.http_url}/system", timeout=2).status_code == 200:
+                if requests.get(f"{self.http_url}/system", timeout=2, auth=self.auth).status_code == 200:
                     return self
             except requests.RequestException:
                 pass

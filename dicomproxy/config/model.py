@@ -56,6 +56,7 @@ from dicomproxy.config.fields import (
     collection,
     internal,
     key,
+    mask_userinfo,
     section,
 )
 from dicomproxy.config.tree import ConfigTree, public_view
@@ -84,6 +85,45 @@ class UpstreamSettings(Section):
         "so a trickle of header bytes cannot hold a client")
     max_head_bytes: Annotated[int, Whole(1024)] = key(
         "MaxResponseHeadBytes", 65536, "largest answer head from the upstream (1xx heads included); larger → 502")
+    username: Annotated[str, Text()] = key(
+        "Username", "", "HTTP basic user for the gateway's own calls to the PACS (Lua `RestApi*`, the change feed, "
+        "TUS import, DICOMweb forwarding, health); proxied requests keep the client's own credentials")
+    password: Annotated[str, Text()] = key(
+        "Password", "", "the password of `Upstream:Username` (or `PasswordFile`)", secret=True)
+    preserve_host: Annotated[bool, Flag()] = key(
+        "PreserveHost", False, "send the client's `Host` to the PACS instead of the PACS's own (for a PACS that "
+        "builds its URLs from `Host`); `Forwarded` and `X-Forwarded-Host` are sent either way")
+    rewrite_urls: Annotated[str, Choice("Auto", "Always", "Never")] = key(
+        "RewriteUrls", "Auto", "rewrite URLs that point at the PACS into URLs at the gateway: `Location` headers, "
+        "and DICOM JSON/XML bodies under `Upstream:DicomWebRoot` (`Auto`) or on every path (`Always`), streamed; "
+        "`Never` passes answers as they are")
+    public_url: Annotated[str, Text()] = key(
+        "PublicUrl", "", "the gateway's URL as clients reach it (`https://pacs.example.org`), when a load balancer "
+        "in front of it terminates TLS or renames it; empty: the request's own `Host` and scheme")
+
+    def __repr_args__(self) -> Any:  # a logged Settings never shows the password of a user:password@ in Url
+        for name, value in super().__repr_args__():
+            yield name, (mask_userinfo(value) if name == "url" and isinstance(value, str) else value)
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> UpstreamSettings:
+        parts = urlsplit(self.url)
+        if (parts.username or parts.password) and (self.username or self.password):
+            raise PydanticCustomError(VALUE_ERROR, "{expected}", {
+                "expected": "credentials are given both in Upstream:Url and in Upstream:Username/Password; "
+                            "keep one (better Username/Password: the password can then come from PasswordFile)",
+                "key": "Username"})
+        if self.password and not self.username:
+            raise PydanticCustomError(VALUE_ERROR, "{expected}", {
+                "expected": "Upstream:Password is set without Upstream:Username; set both", "key": "Username"})
+        if self.public_url:
+            public = urlsplit(self.public_url)
+            if public.scheme not in ("http", "https") or not public.hostname or public.path.strip("/") \
+                    or public.query or public.username:
+                raise PydanticCustomError(VALUE_ERROR, "{expected}", {
+                    "expected": "Upstream:PublicUrl must be an origin like https://gateway.example.org[:port] "
+                                "(no path, no credentials)", "key": "PublicUrl"})
+        return self
 
 
 class ExtraConfigSettings(Section):

@@ -36,7 +36,7 @@ def forward_target(gateway: Host) -> ForwardTarget:
     dicom, up = settings.dicom, settings.upstream
     if dicom.forward_via == "dicomweb":
         return ForwardTarget(
-            via="dicomweb", stow_url=f"{up.url}{up.dicomweb_root}/studies", timeout=up.read_timeout,
+            via="dicomweb", stow_url=gateway.upstream.url(f"{up.dicomweb_root}/studies"), timeout=up.read_timeout,
             connect_timeout=up.connect_timeout,
         )
     return ForwardTarget(
