@@ -503,6 +503,13 @@ class OrthancSettings(Section):
         "LuaHeartBeatPeriod", 0, "`OnHeartBeat` every N seconds (Orthanc's `LuaHeartBeatPeriod`); `0`: off")
     poll_interval: Annotated[float, Number(minimum=0.05)] = key(
         "PollIntervalSeconds", 1, "how often the PACS's `/changes` (and `/jobs`) are read for the `On*` callbacks")
+    lua_scripts: Annotated[tuple[Path, ...], Names(FsPath())] = key(
+        "LuaScripts", (), "Orthanc's `LuaScripts`: more scripts loaded into the singleton engine after `main.lua`, "
+        "in order (a later definition wins), each hot-reloaded; relative to ConfigRoot")
+    filter_header_max_bytes: Annotated[int, Whole(1024)] = key(
+        "FilterHeaderMaxBytes", 1048576, "`ReceivedInstanceFilter` over HTTP: the most bytes of one uploaded "
+        "instance read (buffered) to find its header before the pixel data; an upload whose header is longer is "
+        "refused (400 / failed SOP)")
 
 
 class LoggingSettings(Section):

@@ -22,6 +22,7 @@ must not delete what was not sent). See docs/orthanc-compat.md.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import weakref
@@ -34,6 +35,7 @@ from dicomproxy_middleware import LuaEngine, LuaError, LuaExportError
 
 from dicomproxy.dicom.hooks import InstanceStored
 from dicomproxy.host import Host
+from dicomproxy.scripting import exports
 from dicomproxy.scripting.orthanc.changes import (
     ChangeFeed,
     CursorFile,
@@ -48,6 +50,7 @@ from dicomproxy.scripting.orthanc.dicom_stored import DicomForwarded
 from dicomproxy.scripting.orthanc.http_filter import OrthancHttpFilter
 from dicomproxy.scripting.orthanc.luajson import dump_json, parse_json, print_recursive
 from dicomproxy.scripting.orthanc.pacs import Pacs, PacsError, orthanc_id
+from dicomproxy.scripting.orthanc.toolbox import TOOLBOX_LUA, CallSystem, RemovedCallbacks
 
 log = logging.getLogger("dicomproxy.orthanc")
 lua_log = logging.getLogger("dicomproxy.lua")
@@ -292,6 +295,12 @@ class OrthancLayer:
         self.pump = EventPump(self.host)
         self.deletions = Deletions(self.pacs, self.host, self.pump)
         self.lifecycle = Lifecycle(self.host)
+        self.removed = RemovedCallbacks()
+        self.call_system = CallSystem(
+            self.pacs,
+            functools.partial(exports.os_execute, timeout=self.settings.lua.os_execute_timeout),
+            self.settings.data_folder / "orthanc" / "tmp",
+        )
         self.dicom_forwarded = DicomForwarded(gateway.hooks.get(InstanceStored), self.host)
         cursor = CursorFile(self.settings.data_folder / "orthanc" / "changes.json", gateway.upstream.base)
         self.events = OrthancEvents(
@@ -301,12 +310,21 @@ class OrthancLayer:
             self.pump,
             poll_interval=self.settings.orthanc.poll_interval,
             heartbeat_period=self.settings.orthanc.heartbeat_period,
-            on_tick=self.lifecycle.tick,
+            on_tick=self._tick,
             on_stop=self._stopped,
         )
 
     async def _stopped(self) -> None:
         await self.lifecycle.shutdown()
+
+    async def _tick(self) -> None:
+        await self.lifecycle.tick()
+        scripts = self.host.scripts
+        self.removed.check(lambda name: name in scripts.transient_state.callbacks, str(scripts.transient_state.path))
+
+    async def _loaded(self, engine: LuaEngine) -> None:
+        self.removed.check(engine.defines, engine.script)
+        await self.lifecycle.loaded(engine)
 
     # -- wiring ---------------------------------------------------------------------------
     def install(self) -> None:
@@ -324,8 +342,11 @@ class OrthancLayer:
         host.add_export("SendToPeer", self.send_to_peer, is_async=True)
         host.add_export("ModifyInstance", self.modify_instance, is_async=True)
         host.add_export("Delete", self.delete, is_async=True)
+        host.add_export("ModifyResource", self.modify_instance, is_async=True)
+        host.add_export("CallSystem", self.call_system, is_async=True)
         host.add_library("orthanc", LUA_SHIM, SHIM_FUNCTIONS)
-        host.add_loaded_hook(self.lifecycle.loaded)
+        host.add_lua(TOOLBOX_LUA, "Orthanc toolbox")
+        host.add_loaded_hook(self._loaded)
         self.dicom_forwarded.install()
         fail_open = self.settings.lua.fail_open or "IncomingHttpRequestFilter" in self.settings.lua.fail_open_hooks
         self.gateway.add_middleware(lambda app: OrthancHttpFilter(app, host, self.deletions, fail_open=fail_open))

@@ -1,0 +1,129 @@
+"""The rest of Orthanc's Lua API through the real stack (the gateway process, a real Orthanc,
+dcmtk's storescu): ``ReceivedCStoreInstanceFilter``, ``LuaScripts``, the Toolbox.lua helpers,
+``CallSystem``, the transfer-syntax callbacks Orthanc 1.9.0 removed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tests import dicom_samples
+from tests.e2e.test_dicom_gateway import make_files, storescu
+from tests.peers import OrthancServer, wait_until
+
+FAST = {"Orthanc": {"PollIntervalSeconds": 0.2}, "Lua": {"ReloadIntervalMs": 200}}
+
+# The Orthanc sample's shape (OrthancServer/Resources/Samples/Lua): 0 accepts, a DIMSE status refuses.
+CSTORE_FILTER = """
+function ReceivedCStoreInstanceFilter(dicom, origin, info)
+  print('cstore filter', origin.RemoteAet, origin.CalledAet, dicom.PatientID, tostring(info.HasPixelData))
+  if origin.RemoteAet == 'FULLMOD' then
+    return 0xA700  -- out of resources
+  elseif dicom.PatientID == 'WARN' then
+    return 0xB000  -- any non-zero status discards the instance
+  elseif dicom.PatientID == 'BROKEN' then
+    return 'yes'
+  end
+  return 0
+end
+"""
+
+
+def test_received_cstore_instance_filter_gives_the_modality_its_status(
+    gateway_factory: Any, fresh_orthanc: OrthancServer, tmp_path: Path
+) -> None:
+    gateway = gateway_factory(scripts={"main.lua": CSTORE_FILTER})
+    ((ok, ok_uid),) = make_files(tmp_path / "ok", 1)
+    ((warn, _),) = make_files(tmp_path / "warn", 1, patient_id="WARN")
+    ((broken, _),) = make_files(tmp_path / "broken", 1, patient_id="BROKEN")
+
+    full = storescu(gateway, ok, calling="FULLMOD", check=False)
+    assert full.returncode != 0 and "Refused: OutOfResources" in full.stderr, full.stderr  # 0xA700
+    gateway.wait_for_log("Lua says: cstore filter, FULLMOD, DICOMPROXY, PGW, true")
+    warned = storescu(gateway, warn, check=False)
+    assert "Warning: CoercionOfDataElements" in warned.stderr, warned.stderr  # 0xB000
+    failed = storescu(gateway, broken, check=False)
+    assert "Unknown Status: 0x110" in failed.stderr, failed.stderr  # Processing Failure: a script failure
+    assert "ReceivedCStoreInstanceFilter must return a DIMSE status number" in gateway.log_text()
+
+    storescu(gateway, ok, calling="CT01")  # 0: accepted and forwarded
+    fresh_orthanc.wait_for_instances(1)
+    assert fresh_orthanc.sop_instance_uids() == {ok_uid}  # none of the refused ones reached the PACS
+
+
+EXTRA_A = """
+function Which() return 'a' end
+function OnlyInA() return 'only a' end
+"""
+EXTRA_B = """
+function Which() return 'b' end
+"""
+
+
+def test_lua_scripts_load_in_order_later_wins_and_reload(gateway_factory: Any) -> None:
+    main = "function Initialize() print('init', Which(), OnlyInA(), Main()) end\nfunction Main() return 'main' end\n"
+    gateway = gateway_factory(
+        {**FAST, "Orthanc": {**FAST["Orthanc"], "LuaScripts": ["scripts/a.lua", "scripts/b.lua"]}},
+        {"main.lua": main, "a.lua": EXTRA_A, "b.lua": EXTRA_B},
+    )
+    gateway.wait_for_log("Lua says: init, b, only a, main")
+    gateway.write_script("b.lua", EXTRA_B.replace("'b'", "'b2'"))  # an edit of a listed script reloads
+    gateway.wait_for_log("Lua says: init, b2, only a, main")
+    gateway.write_script("a.lua", "function Which() return 'a' end\nfunction OnlyInA( return end\n")
+    log = gateway.wait_for_log("failed to load (keeping the previous version)")
+    assert "a.lua:2:" in log  # the error names the file and the line
+    status = gateway.get("/dicomproxy/health").json()
+    assert "a.lua:2:" in str(status), status
+
+
+def test_lua_scripts_missing_file_is_named(gateway_factory: Any) -> None:
+    gateway = gateway_factory({"Orthanc": {"LuaScripts": ["scripts/nope.lua"]}}, {"main.lua": "x = 1\n"})
+    log = gateway.wait_for_log("failed to load")
+    assert "nope.lua: cannot read: no such file (listed in Orthanc:LuaScripts)" in log
+
+
+TOOLBOX = """
+function IsJpegTransferSyntaxAccepted(aet, ip) return false end
+function IsUnknownSopClassAccepted(aet, ip) return true end
+function Initialize()
+  _InitializeJob()
+  table.insert(_AccessJob(), 'x')
+  print('job', #_AccessJob(), tostring(_job == _AccessJob()))
+  print('exit', CallSystem('sh', {'-c', 'exit 3'}), CallSystem('true'))
+  print('same', type(ModifyResource))
+end
+function OnStoredInstance(instanceId, tags, metadata, origin)
+  if tags.PatientID == 'CALLSYS' then
+    local r = CallSystem(instanceId, 'sh', {'-c', 'cp "$1" "$0"', 'OUT'})
+    print('callsystem returned', r)
+  elseif tags.PatientID == 'CALLFAIL' then
+    local ok, err = pcall(CallSystem, instanceId, 'sh', {'-c', 'echo nope >&2; exit 7'})
+    print('callsystem failed', tostring(ok), err)
+  end
+end
+"""
+
+
+def test_toolbox_call_system_and_removed_callbacks(
+    gateway_factory: Any, fresh_orthanc: OrthancServer, tmp_path: Path
+) -> None:
+    out = tmp_path / "copy.dcm"
+    gateway = gateway_factory(FAST, {"main.lua": TOOLBOX.replace("OUT", str(out))})
+    log = gateway.wait_for_log("Lua says: same, function")
+    assert "Lua says: job, 1, true" in log and "Lua says: exit, 3, 0" in log
+    for name in ("IsJpegTransferSyntaxAccepted", "IsUnknownSopClassAccepted"):
+        assert log.count(f"defines {name}(): Orthanc removed the transfer-syntax callbacks in 1.9.0") == 1
+    assert "IsRleTransferSyntaxAccepted" not in log
+
+    raw, _ = dicom_samples.make_instance(patient_id="CALLSYS", patient_name="Call^System")
+    iid = fresh_orthanc.upload(raw)["ID"]
+    gateway.wait_for_log(f"Lua says: callsystem returned, {iid}", timeout=15)
+    assert out.read_bytes() == fresh_orthanc.request("GET", f"/instances/{iid}/file").content
+    leftovers = wait_until(lambda: not list((gateway.data_dir / "orthanc" / "tmp").glob("*")) or None,
+                           what="CallSystem's temporary file removed")
+    assert leftovers
+
+    raw, _ = dicom_samples.make_instance(patient_id="CALLFAIL", patient_name="Call^Fail")
+    fresh_orthanc.upload(raw)
+    log = gateway.wait_for_log("Lua says: callsystem failed, false", timeout=15)
+    assert "exit code 7: nope" in log
