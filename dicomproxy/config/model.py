@@ -507,7 +507,7 @@ class OrthancSettings(Section):
         "LuaScripts", (), "Orthanc's `LuaScripts`: more scripts loaded into the singleton engine after `main.lua`, "
         "in order (a later definition wins), each hot-reloaded; relative to ConfigRoot")
     filter_header_max_bytes: Annotated[int, Whole(1024)] = key(
-        "FilterHeaderMaxBytes", 1048576, "`ReceivedInstanceFilter` over HTTP: the most bytes of one uploaded "
+        "FilterHeaderMaxBytes", 8388608, "`ReceivedInstanceFilter` over HTTP: the most bytes of one uploaded "
         "instance read (buffered) to find its header before the pixel data; an upload whose header is longer is "
         "refused (400 / failed SOP)")
 

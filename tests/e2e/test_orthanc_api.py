@@ -127,3 +127,89 @@ def test_toolbox_call_system_and_removed_callbacks(
     fresh_orthanc.upload(raw)
     log = gateway.wait_for_log("Lua says: callsystem failed, false", timeout=15)
     assert "exit code 7: nope" in log
+
+
+# --------------------------------------------------------------------------- ReceivedInstanceFilter over HTTP
+UPLOAD_FILTER = """
+function ReceivedInstanceFilter(dicom, origin, info)
+  print('upload filter', dicom.PatientID, origin.RequestOrigin, tostring(info.HasPixelData), info.TransferSyntaxUID)
+  return dicom.PatientID ~= 'REFUSE'
+end
+"""
+MULTIPART = 'multipart/related; type="application/dicom"; boundary={b}'
+
+
+def stow_body(parts: list[bytes], boundary: str = "gw-test-boundary") -> tuple[bytes, dict[str, str]]:
+    out = b"".join(b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + p + b"\r\n"
+                   for p in parts)
+    return out + b"--" + boundary.encode() + b"--\r\n", {"Content-Type": MULTIPART.format(b=boundary),
+                                                         "Accept": "application/dicom+json"}
+
+
+def sample(patient: str, **kw: Any) -> tuple[bytes, str]:
+    raw, uid = dicom_samples.make_instance(patient_id=patient, patient_name="Over^Http", **kw)
+    assert isinstance(raw, bytes)
+    return raw, uid
+
+
+def stored_file(orthanc: OrthancServer, sop_uid: str) -> bytes:
+    found = orthanc.rest_post("/tools/find", json={"Level": "Instance", "Query": {"SOPInstanceUID": sop_uid}})
+    assert len(found) == 1, f"{sop_uid} not in Orthanc"
+    return orthanc.request("GET", f"/instances/{found[0]}/file").content
+
+
+def test_received_instance_filter_over_rest_answers_as_orthanc(
+    gateway_factory: Any, fresh_orthanc: OrthancServer, orthanc_factory: Any, tmp_path: Path
+) -> None:
+    script = tmp_path / "filter.lua"
+    script.write_text(UPLOAD_FILTER)
+    reference = orthanc_factory(extra_config={"LuaScripts": [str(script)]})  # Orthanc itself, same script
+    gateway = gateway_factory(scripts={"main.lua": UPLOAD_FILTER})
+    refused, refused_uid = sample("REFUSE")
+    answer = gateway.post("/instances", data=refused)
+    expected = reference.request("POST", "/instances", data=refused)
+    assert (answer.status_code, answer.json()) == (expected.status_code, expected.json())
+    assert answer.json()["Status"] == "FilteredOut"
+    gateway.wait_for_log("Lua says: upload filter, REFUSE, RestApi, true, 1.2.840.10008.1.2.1")
+
+    accepted, accepted_uid = sample("ACCEPT")
+    ok = gateway.post("/instances", data=accepted)
+    assert ok.status_code == 200 and ok.json()["Status"] == "Success", ok.text
+    assert fresh_orthanc.sop_instance_uids() == {accepted_uid}  # the refused one never reached the PACS
+    assert stored_file(fresh_orthanc, accepted_uid) == accepted
+
+    zipped = gateway.post("/instances", data=b"PK\x03\x04" + b"\0" * 100)
+    assert zipped.status_code == 415 and "ZIP" in zipped.json()["message"]
+    junk = gateway.post("/instances", data=b"x" * 300)
+    assert junk.status_code == 400 and "not a DICOM file" in junk.json()["message"]
+
+
+def proxied_count(gateway: Any) -> float:
+    metrics = gateway.get("/dicomproxy/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith("dicomproxy_proxy_requests_total{"))
+
+
+def test_received_instance_filter_over_stow(gateway_factory: Any, fresh_orthanc: OrthancServer) -> None:
+    gateway = gateway_factory(scripts={"main.lua": UPLOAD_FILTER})
+    (a, a_uid), (r, r_uid), (c, c_uid) = sample("ACCEPT"), sample("REFUSE"), sample("ACCEPT", size=(300, 300))
+    body, headers = stow_body([a, r, c])
+    answer = gateway.post("/dicom-web/studies", data=body, headers=headers)
+    assert answer.status_code == 202, answer.text
+    doc = answer.json()
+    assert [i["00081155"]["Value"][0] for i in doc["00081198"]["Value"]] == [r_uid]
+    assert doc["00081198"]["Value"][0]["00081197"]["Value"] == [0x0110]
+    assert {i["00081155"]["Value"][0] for i in doc["00081199"]["Value"]} == {a_uid, c_uid}
+    assert fresh_orthanc.sop_instance_uids() == {a_uid, c_uid}
+    assert stored_file(fresh_orthanc, a_uid) == a and stored_file(fresh_orthanc, c_uid) == c
+
+    proxied = proxied_count(gateway)
+    only, headers = stow_body([sample("REFUSE")[0]])
+    alone = gateway.post("/dicom-web/studies", data=only, headers=headers)
+    assert alone.status_code == 400 and len(alone.json()["00081198"]["Value"]) == 1
+    assert proxied_count(gateway) == proxied  # a single refused part: the PACS was not called
+    assert fresh_orthanc.instance_count() == 2
+
+    passing, headers = stow_body([sample("ACCEPT")[0]])
+    assert gateway.post("/dicom-web/studies", data=passing, headers=headers).status_code == 200
+    assert fresh_orthanc.instance_count() == 3

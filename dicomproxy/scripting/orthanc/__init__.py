@@ -51,6 +51,7 @@ from dicomproxy.scripting.orthanc.http_filter import OrthancHttpFilter
 from dicomproxy.scripting.orthanc.luajson import dump_json, parse_json, print_recursive
 from dicomproxy.scripting.orthanc.pacs import Pacs, PacsError, orthanc_id
 from dicomproxy.scripting.orthanc.toolbox import TOOLBOX_LUA, CallSystem, RemovedCallbacks
+from dicomproxy.scripting.orthanc.upload_filter import UploadFilter
 
 log = logging.getLogger("dicomproxy.orthanc")
 lua_log = logging.getLogger("dicomproxy.lua")
@@ -348,6 +349,11 @@ class OrthancLayer:
         host.add_lua(TOOLBOX_LUA, "Orthanc toolbox")
         host.add_loaded_hook(self._loaded)
         self.dicom_forwarded.install()
+        lua, orthanc = self.settings.lua, self.settings.orthanc
+        upload_open = lua.fail_open or "ReceivedInstanceFilter" in lua.fail_open_hooks
+        self.gateway.add_middleware(lambda app: UploadFilter(  # inside IncomingHttpRequestFilter (added next)
+            app, host, dicomweb_root=self.settings.upstream.dicomweb_root, limit=orthanc.filter_header_max_bytes,
+            fail_open=upload_open))
         fail_open = self.settings.lua.fail_open or "IncomingHttpRequestFilter" in self.settings.lua.fail_open_hooks
         self.gateway.add_middleware(lambda app: OrthancHttpFilter(app, host, self.deletions, fail_open=fail_open))
         self.gateway.add_component(self.events)
