@@ -4,8 +4,11 @@ dcmtk's storescu): ``ReceivedCStoreInstanceFilter``, ``LuaScripts``, the Toolbox
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
+
+import pydicom
 
 from tests import dicom_samples
 from tests.e2e.test_dicom_gateway import make_files, storescu
@@ -213,3 +216,53 @@ def test_received_instance_filter_over_stow(gateway_factory: Any, fresh_orthanc:
     passing, headers = stow_body([sample("ACCEPT")[0]])
     assert gateway.post("/dicom-web/studies", data=passing, headers=headers).status_code == 200
     assert fresh_orthanc.instance_count() == 3
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM in /proc/<pid>/status")
+
+
+def test_a_300_mb_stow_is_filtered_in_streaming(
+    gateway_factory: Any, fresh_orthanc: OrthancServer, tmp_path: Path
+) -> None:
+    """Three ~100 MB instances in one STOW-RS request, the first refused: the gateway's peak RSS
+    grows by far less than one instance, and the two accepted are stored byte for byte."""
+    import hashlib
+
+    gateway = gateway_factory(scripts={"main.lua": UPLOAD_FILTER})
+    files = []
+    for i, patient in enumerate(("REFUSE", "ACCEPT", "ACCEPT")):
+        raw, uid = sample(patient)
+        ds = pydicom.dcmread(io.BytesIO(raw))
+        ds.Rows = ds.Columns = 7100  # ~100 MB of 16-bit pixels, written without computing them one by one
+        ds.PixelData = bytes(range(256)) * (7100 * 7100 * 2 // 256) + bytes(7100 * 7100 * 2 % 256)
+        ds.save_as(tmp_path / f"big{i}.dcm")
+        files.append((tmp_path / f"big{i}.dcm", uid))
+    total = sum(p.stat().st_size for p, _ in files)
+    assert total > 300_000_000
+    boundary = b"big-stow-boundary"
+
+    def body() -> Any:
+        for path, _ in files:
+            yield b"--" + boundary + b"\r\nContent-Type: application/dicom\r\n\r\n"
+            with path.open("rb") as f:
+                while chunk := f.read(1 << 20):
+                    yield chunk
+            yield b"\r\n"
+        yield b"--" + boundary + b"--\r\n"
+
+    assert gateway.proc is not None
+    before = _peak_rss_mb(gateway.proc.pid)
+    answer = gateway.post("/dicom-web/studies", data=body(), timeout=300, headers={
+        "Content-Type": MULTIPART.format(b=boundary.decode()), "Accept": "application/dicom+json"})
+    assert answer.status_code == 202, answer.text
+    growth = _peak_rss_mb(gateway.proc.pid) - before
+    print(f"peak RSS {before:.0f} MB -> +{growth:.0f} MB for {total / 1e6:.0f} MB")
+    assert growth < 64, f"the gateway's peak RSS grew by {growth:.0f} MB for a {total / 1e6:.0f} MB upload"
+    assert [i["00081155"]["Value"][0] for i in answer.json()["00081198"]["Value"]] == [files[0][1]]
+    assert fresh_orthanc.sop_instance_uids() == {files[1][1], files[2][1]}
+    for path, uid in files[1:]:
+        assert hashlib.sha256(stored_file(fresh_orthanc, uid)).digest() == hashlib.sha256(path.read_bytes()).digest()

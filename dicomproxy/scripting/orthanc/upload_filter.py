@@ -446,7 +446,7 @@ async def filter_stow(app: Any, scope: dict[str, Any], receive: Any, send: Any, 
         try:
             chunk_or_end = await parts.output()
         except (_ClientGone, Refusal) as e:
-            log.error("STOW-RS upload through %s stopped: %s", FILTER, e or "the client went away")
+            log.error("STOW-RS upload through %s stopped: %s", FILTER, str(e) or "the client went away")
             finished = True
             return {"type": "http.disconnect"}  # the proxy abandons the request: the PACS never sees its end
         if chunk_or_end is None:
