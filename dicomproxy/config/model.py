@@ -508,8 +508,8 @@ class OrthancSettings(Section):
         "in order (a later definition wins), each hot-reloaded; relative to ConfigRoot")
     filter_header_max_bytes: Annotated[int, Whole(1024)] = key(
         "FilterHeaderMaxBytes", 8388608, "`ReceivedInstanceFilter` over HTTP: the most bytes of one uploaded "
-        "instance read (buffered) to find its header before the pixel data; an upload whose header is longer is "
-        "refused (400 / failed SOP)")
+        "instance buffered to read its header (up to the pixel data); an instance whose header is longer is "
+        "refused (`POST /instances`: 413; STOW-RS: a failed SOP)")
 
 
 class LoggingSettings(Section):

@@ -3,15 +3,19 @@
 The functions (every engine): ``RestApiGet/Post/Put/Delete`` against the PACS's REST API
 (``Upstream:Url``), ``HttpGet/Post/Put/Delete`` with ``SetHttpCredentials``/``SetHttpTimeout``
 (per engine), ``ParseJson``, ``DumpJson``, ``PrintRecursive``, ``GetOrthancConfiguration``, and
-the routing helpers ``SendToModality``, ``SendToPeer``, ``ModifyInstance``, ``Delete``.
+the routing helpers ``SendToModality``, ``SendToPeer``, ``ModifyInstance``, ``Delete``, and the
+rest of Orthanc's ``Toolbox.lua`` prelude (``ModifyResource``, ``CallSystem``, ``_InitializeJob``,
+``_AccessJob``: :mod:`.toolbox`). Orthanc's ``LuaScripts`` option is ``Orthanc:LuaScripts`` (loaded
+into the singleton by the script host).
 
 The callbacks: ``Initialize``/``Finalize`` around the singleton script's life (load, hot reload,
 shutdown); ``IncomingHttpRequestFilter`` on every HTTP request (:mod:`.orthanc_filter`); the
 change callbacks from the PACS's own records (:mod:`.orthanc_changes`), and ``OnStoredInstance``
 for what the gateway's DICOM side forwarded (:mod:`.dicom_stored`, from the DICOM side's
 "instance stored" hook); ``OnHeartBeat`` every ``Orthanc:LuaHeartBeatPeriod`` seconds.
-``ReceivedInstanceFilter`` and ``IncomingFindRequestFilter`` fire on the DICOM side
-(:mod:`dicomproxy.dicom`).
+``ReceivedInstanceFilter``, ``ReceivedCStoreInstanceFilter`` and ``IncomingFindRequestFilter`` fire
+on the DICOM side (:mod:`dicomproxy.dicom`); ``ReceivedInstanceFilter`` also on HTTP uploads
+(``POST /instances``, STOW-RS: :mod:`.upload_filter`).
 
 Semantics follow Orthanc's source where its book is silent: ``RestApi*`` and ``Http*`` return
 ``nil`` on failure and log why (method, URL, status); the routing helpers raise a Lua error
