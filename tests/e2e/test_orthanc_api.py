@@ -217,6 +217,16 @@ def test_received_instance_filter_over_stow(gateway_factory: Any, fresh_orthanc:
     assert gateway.post("/dicom-web/studies", data=passing, headers=headers).status_code == 200
     assert fresh_orthanc.instance_count() == 3
 
+    (x, x_uid), (y, y_uid) = sample("ACCEPT"), sample("REFUSE")
+    body, headers = stow_body([x, y])
+    xml = gateway.post("/dicom-web/studies", data=body, headers={**headers, "Accept": "application/dicom+xml"})
+    assert xml.status_code == 202 and xml.headers["content-type"].startswith("application/dicom+xml"), xml.text
+    failed = xml.text.split('keyword="FailedSOPSequence"')[1].split('keyword="ReferencedSOPSequence"')[0]
+    assert y_uid in failed and x_uid not in failed and ">272<" in failed
+    only, headers = stow_body([sample("REFUSE")[0]])
+    alone = gateway.post("/dicom-web/studies", data=only, headers={**headers, "Accept": "application/dicom+xml"})
+    assert alone.status_code == 400 and "FailedSOPSequence" in alone.text
+
 
 def _peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

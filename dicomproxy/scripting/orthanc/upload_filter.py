@@ -15,9 +15,10 @@ Answers, as Orthanc gives them when its filter refuses:
   would have had; the PACS is not called. (Orthanc reads the whole body before it filters: the
   rest of the refused upload is read and dropped, so the client gets its answer.)
 * STOW-RS: the accepted parts go on to the PACS in one re-streamed multipart body (same
-  boundary, refused parts left out, chunked); the PACS's answer gets the refused instances in
-  its ``FailedSOPSequence`` (0008,1198) with ``FailureReason`` 0x0110 (Orthanc's DICOMweb plugin's
-  reason for an instance its store did not take) and 202 instead of 200, as Orthanc's plugin does
+  boundary, refused parts left out, chunked); the PACS's answer (DICOM JSON, or the Native
+  DICOM Model XML) gets the refused instances in its ``FailedSOPSequence`` (0008,1198) with
+  ``FailureReason`` 0x0110 (Orthanc's DICOMweb plugin's reason for an instance its store did not
+  take) and 202 instead of 200, as Orthanc's plugin does
   for a partly stored request. If every part is refused, the PACS is not called: 400 with the
   failed-SOP answer (the plugin's status for a request where nothing was stored).
 
@@ -34,6 +35,7 @@ import enum
 import io
 import json
 import logging
+import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -409,8 +411,12 @@ def failed_items(failed: list[Failed]) -> list[dict[str, Any]]:
     return items
 
 
-def merge_failed(answer: bytes, failed: list[Failed]) -> bytes | None:
-    """The PACS's STOW answer (DICOM JSON) with ``failed`` added to its FailedSOPSequence; None if not JSON."""
+NATIVE_DICOM = "http://dicom.nema.org/PS3.19/models/NativeDICOM"
+_XML_ITEM = (("00081150", "UI", "ReferencedSOPClassUID"), ("00081155", "UI", "ReferencedSOPInstanceUID"),
+             ("00081197", "US", "FailureReason"))
+
+
+def _merge_json(answer: bytes, failed: list[Failed]) -> bytes | None:
     try:
         doc = json.loads(answer)
     except ValueError:
@@ -422,6 +428,58 @@ def merge_failed(answer: bytes, failed: list[Failed]) -> bytes | None:
     return json.dumps(doc, indent=2).encode()
 
 
+def _merge_xml(answer: bytes, failed: list[Failed]) -> bytes | None:
+    """The same in the Native DICOM Model (PS3.19), which Orthanc answers for ``Accept: application/dicom+xml``."""
+    try:
+        root = ET.fromstring(answer)
+    except ET.ParseError:
+        return None
+    ns = root.tag[1:].partition("}")[0] if root.tag.startswith("{") else ""
+    attr = f"{{{ns}}}DicomAttribute" if ns else "DicomAttribute"
+    seq = next((a for a in root.findall(attr) if a.get("tag") == "00081198"), None)
+    if seq is None:
+        seq = ET.SubElement(root, attr, {"tag": "00081198", "vr": "SQ", "keyword": "FailedSOPSequence"})
+    item_tag, value_tag = (f"{{{ns}}}Item", f"{{{ns}}}Value") if ns else ("Item", "Value")
+    number = len(seq.findall(item_tag))
+    for f in failed:
+        number += 1
+        item = ET.SubElement(seq, item_tag, number=str(number))
+        for (tag, vr, keyword), value in zip(_XML_ITEM, (f.sop_class, f.sop_instance, str(FAILURE_REASON)),
+                                             strict=True):
+            if value:
+                element = ET.SubElement(item, attr, {"tag": tag, "vr": vr, "keyword": keyword})
+                ET.SubElement(element, value_tag, number="1").text = value
+    text = ET.tostring(_unqualified(root, ns), encoding="unicode")
+    return ('<?xml version="1.0" encoding="utf-8"?>\n' + text).encode()
+
+
+def _unqualified(root: ET.Element, ns: str) -> ET.Element:
+    """Written back with the default namespace Orthanc uses (ElementTree would invent ``ns0:`` prefixes)."""
+    prefixes: dict[str, str] = {}
+    for el in root.iter():
+        if ns and el.tag.startswith("{" + ns + "}"):
+            el.tag = el.tag[len(ns) + 2:]
+        for key in [k for k in el.attrib if k.startswith("{")]:
+            uri, _, local = key[1:].partition("}")
+            prefix = prefixes.setdefault(uri, "xsi" if uri.endswith("XMLSchema-instance") else f"ns{len(prefixes)}")
+            el.set(f"{prefix}:{local}", el.attrib.pop(key))
+    if ns:
+        root.set("xmlns", ns)
+    for uri, prefix in prefixes.items():
+        root.set(f"xmlns:{prefix}", uri)
+    return root
+
+
+def merge_failed(answer: bytes, failed: list[Failed], xml: bool = False) -> bytes | None:
+    """The PACS's STOW answer with ``failed`` added to its FailedSOPSequence; None if it cannot be read."""
+    return _merge_xml(answer, failed) if xml else _merge_json(answer, failed)
+
+
+def wants_xml(scope: dict[str, Any]) -> bool:
+    accept = b", ".join(v for k, v in scope.get("headers", ()) if k == b"accept").lower()
+    return b"application/dicom+xml" in accept and b"json" not in accept
+
+
 async def filter_stow(app: Any, scope: dict[str, Any], receive: Any, send: Any, decide: Decide,
                       boundary: str, limit: int) -> None:
     body = Body(receive)
@@ -430,6 +488,13 @@ async def filter_stow(app: Any, scope: dict[str, Any], receive: Any, send: Any, 
     if first is None:  # nothing left to store: the PACS is not called
         await body.drain()
         status = 400 if parts.failed else 200
+        if wants_xml(scope):
+            empty = f'<NativeDicomModel xmlns="{NATIVE_DICOM}"/>'.encode()
+            xml = merge_failed(empty, parts.failed, xml=True) or b""
+            await send({"type": "http.response.start", "status": status, "headers": [
+                (b"content-type", b"application/dicom+xml"), (b"content-length", str(len(xml)).encode())]})
+            await send({"type": "http.response.body", "body": xml})
+            return
         await _answer(send, status, {"00081198": {"vr": "SQ", "Value": failed_items(parts.failed)}},
                       b"application/dicom+json")
         return
@@ -483,9 +548,10 @@ class _AnswerWithFailed:
         if message.get("more_body", False) and len(self.held) <= self.MAX:
             return
         start, self.start = self.start, None
-        merged = None if message.get("more_body", False) else merge_failed(bytes(self.held), self.parts.failed)
+        xml = any(k == b"content-type" and b"xml" in v.lower() for k, v in start.get("headers", ()))
+        merged = None if message.get("more_body", False) else merge_failed(bytes(self.held), self.parts.failed, xml)
         if merged is None:
-            log.warning("STOW-RS: the PACS's answer is not DICOM JSON (or too large): the %d instances refused "
+            log.warning("STOW-RS: the PACS's answer is not DICOM JSON/XML (or too large): the %d instances refused "
                         "by %s are not listed in it", len(self.parts.failed), FILTER)
             await self.send(start)
             await self.send({**message, "body": bytes(self.held)})

@@ -99,6 +99,28 @@ def test_merge_failed_into_an_orthanc_answer() -> None:
                                             "00081155": {"vr": "UI", "Value": ["3.4"]},
                                             "00081197": {"vr": "US", "Value": [0x0110]}}]
     assert uf.merge_failed(b"<xml/>", []) is None
+    assert uf.merge_failed(b"not <xml", [], xml=True) is None
+
+
+ORTHANC_XML = b"""<?xml version="1.0" encoding="utf-8"?>
+<NativeDicomModel xmlns="http://dicom.nema.org/PS3.19/models/NativeDICOM">
+  <DicomAttribute tag="00081198" vr="SQ" keyword="FailedSOPSequence" />
+  <DicomAttribute tag="00081199" vr="SQ" keyword="ReferencedSOPSequence"><Item number="1"/></DicomAttribute>
+</NativeDicomModel>"""
+
+
+def test_merge_failed_into_an_orthanc_xml_answer() -> None:
+    import xml.etree.ElementTree as ET
+
+    merged = uf.merge_failed(ORTHANC_XML, [uf.Failed("1.2", "3.4"), uf.Failed("", "")], xml=True)
+    assert merged is not None and merged.startswith(b'<?xml version="1.0"')
+    ns = {"d": uf.NATIVE_DICOM}
+    root = ET.fromstring(merged)
+    items = root.findall("d:DicomAttribute[@tag='00081198']/d:Item", ns)
+    assert [i.get("number") for i in items] == ["1", "2"]
+    values = {a.get("tag"): a.find("d:Value", ns).text for a in items[0].findall("d:DicomAttribute", ns)}  # type: ignore[union-attr]
+    assert values == {"00081150": "1.2", "00081155": "3.4", "00081197": "272"}
+    assert len(root.findall("d:DicomAttribute[@tag='00081199']/d:Item", ns)) == 1  # the stored ones untouched
 
 
 def test_filtered_out_answer_has_orthanc_ids() -> None:
