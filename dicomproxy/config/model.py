@@ -105,7 +105,8 @@ class LuaSettings(Section):
         "FailOpen", False,
         "a failing hook: `false` fails closed (HTTP: 500 JSON; DICOM: a failure status), `true` logs and carries "
         "on as if the hook were not there; or a list of callback names that fail open, e.g. `[\"onHttpResponse\"]` "
-        "(per hook, for `onHttpRequest`, `onHttpResponse` and `IncomingHttpRequestFilter`)")
+        "(per hook, for `onHttpRequest`, `onHttpResponse`, `IncomingHttpRequestFilter` and `ReceivedInstanceFilter` "
+        "on HTTP uploads)")
     reload_interval_ms: Annotated[int, Whole(50)] = key(
         "ReloadIntervalMs", 1000, "how often script files are checked for edits")
     background_workers: Annotated[int, Whole(1)] = key("BackgroundWorkers", 2, "tasks run at once")
