@@ -276,3 +276,26 @@ def test_a_300_mb_stow_is_filtered_in_streaming(
     assert fresh_orthanc.sop_instance_uids() == {files[1][1], files[2][1]}
     for path, uid in files[1:]:
         assert hashlib.sha256(stored_file(fresh_orthanc, uid)).digest() == hashlib.sha256(path.read_bytes()).digest()
+
+
+LUA_STORES = UPLOAD_FILTER + """
+function OnStoredInstance(instanceId, tags, metadata, origin)
+  if tags.PatientID ~= 'ACCEPT' or origin.RequestOrigin == 'Lua' then return end
+  local refused = RestApiPost('/instances/' .. instanceId .. '/modify',
+                              DumpJson({Replace = {PatientID = 'REFUSE'}, Force = true}, true))
+  print('lua upload', ParseJson(RestApiPost('/instances', refused)).Status)
+  local ok, err = pcall(ModifyInstance, instanceId, {PatientID = 'REFUSE'}, {}, false)
+  print('lua modify', tostring(ok), err)
+  print('lua keeps', ParseJson(RestApiPost('/instances', RestApiGet('/instances/' .. instanceId .. '/file'))).Status)
+end
+"""
+
+
+def test_received_instance_filter_sees_what_scripts_store(gateway_factory: Any, fresh_orthanc: OrthancServer) -> None:
+    gateway = gateway_factory(FAST, {"main.lua": LUA_STORES})
+    raw, uid = sample("ACCEPT")
+    fresh_orthanc.upload(raw)
+    log = gateway.wait_for_log("Lua says: lua keeps, Success", timeout=20)  # accepted (the PACS overwrites)
+    assert "Lua says: upload filter, REFUSE, Lua, true" in log and "Lua says: lua upload, FilteredOut" in log
+    assert "Lua says: lua modify, false" in log and "ReceivedInstanceFilter refused the modified instance" in log
+    assert fresh_orthanc.sop_instance_uids() == {uid}

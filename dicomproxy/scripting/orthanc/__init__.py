@@ -40,6 +40,7 @@ from dicomproxy_middleware import LuaEngine, LuaError, LuaExportError
 from dicomproxy.dicom.hooks import InstanceStored
 from dicomproxy.host import Host
 from dicomproxy.scripting import exports
+from dicomproxy.scripting.orthanc import upload_filter
 from dicomproxy.scripting.orthanc.changes import (
     ChangeFeed,
     CursorFile,
@@ -374,6 +375,15 @@ class OrthancLayer:
         if method in ("POST", "PUT") and body is None:
             body = b""
         hdrs = _header_map(headers, lower=True)
+        upload = method == "POST" and uri.split("?", 1)[0].rstrip("/") == "/instances"
+        if upload:
+            try:
+                refused = await self._lua_upload_refused(body)
+            except LuaExportError as e:
+                log.error("Lua: Error in %s() for URI %s: %s", name, uri, e)
+                return None
+            if refused is not None:
+                return json.dumps(refused, indent=2).encode()
         try:
             if method == "DELETE":
                 await self.deletions.delete(uri, hdrs)
@@ -382,9 +392,32 @@ class OrthancLayer:
         except PacsError as e:
             log.error("Lua: Error in %s() for URI %s: %s", name, uri, e)
             return None
-        if method == "POST" and uri.split("?", 1)[0].rstrip("/") == "/instances":
+        if upload:
             self._note_upload(answer)
         return answer
+
+    async def _lua_upload_refused(self, body: bytes | None) -> dict[str, Any] | None:
+        """Orthanc filters what its Lua stores too (origin ``Lua``): Orthanc's FilteredOut answer
+        when ``ReceivedInstanceFilter`` refuses ``body``, else None (also for a body that is not
+        DICOM: the PACS answers that)."""
+        if not body or not self.host.defines("ReceivedInstanceFilter"):
+            return None
+        try:
+            header = upload_filter.parse_header(body, complete=True)
+        except upload_filter.Refusal:
+            return None
+        assert header is not None  # complete=True: the whole file is there
+        try:
+            d = await self.host.dispatch("ReceivedInstanceFilter", header.table, {"RequestOrigin": "Lua"}, header.info)
+        except LuaError as e:
+            raise LuaExportError(f"ReceivedInstanceFilter failed: {e}") from None
+        if any(not isinstance(r, bool) for r in d.results):
+            raise LuaExportError("ReceivedInstanceFilter must return true or false")
+        if all(d.results):
+            return None
+        log.info("ReceivedInstanceFilter refused an instance stored by a script (SOPInstanceUID %s)",
+                 header.uids["SOPInstanceUID"])
+        return upload_filter.filtered_out(header.uids)
 
     def _note_upload(self, answer: bytes) -> None:
         try:
@@ -440,6 +473,8 @@ class OrthancLayer:
         if remove_private:
             payload["RemovePrivateTags"] = True
         modified = await self._post_json(f"/instances/{resource}/modify", payload)
+        if await self._lua_upload_refused(modified) is not None:
+            raise LuaExportError(f"ReceivedInstanceFilter refused the modified instance of {resource}")
         try:
             stored = json.loads(await self.pacs.request("POST", "/instances", modified))
         except PacsError as e:
