@@ -26,7 +26,6 @@ must not delete what was not sent). See docs/orthanc-compat.md.
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import weakref
@@ -39,7 +38,6 @@ from dicomproxy_middleware import LuaEngine, LuaError, LuaExportError
 
 from dicomproxy.dicom.hooks import InstanceStored
 from dicomproxy.host import Host
-from dicomproxy.scripting import exports
 from dicomproxy.scripting.orthanc import upload_filter
 from dicomproxy.scripting.orthanc.changes import (
     ChangeFeed,
@@ -302,11 +300,9 @@ class OrthancLayer:
         self.deletions = Deletions(self.pacs, self.host, self.pump)
         self.lifecycle = Lifecycle(self.host)
         self.removed = RemovedCallbacks()
+        # OsExecute's own function, with whatever limits the script host gave it
         self.call_system = CallSystem(
-            self.pacs,
-            functools.partial(exports.os_execute, timeout=self.settings.lua.os_execute_timeout),
-            self.settings.data_folder / "orthanc" / "tmp",
-        )
+            self.pacs, self.host.scripts.exports["OsExecute"].func, self.settings.data_folder / "orthanc" / "tmp")
         self.dicom_forwarded = DicomForwarded(gateway.hooks.get(InstanceStored), self.host)
         cursor = CursorFile(self.settings.data_folder / "orthanc" / "changes.json", gateway.upstream.base)
         self.events = OrthancEvents(
@@ -356,11 +352,12 @@ class OrthancLayer:
         self.dicom_forwarded.install()
         lua, orthanc = self.settings.lua, self.settings.orthanc
         upload_open = lua.fail_open or "ReceivedInstanceFilter" in lua.fail_open_hooks
-        self.gateway.add_middleware(lambda app: UploadFilter(  # inside IncomingHttpRequestFilter (added next)
-            app, host, dicomweb_root=self.settings.upstream.dicomweb_root, limit=orthanc.filter_header_max_bytes,
-            fail_open=upload_open))
         fail_open = self.settings.lua.fail_open or "IncomingHttpRequestFilter" in self.settings.lua.fail_open_hooks
-        self.gateway.add_middleware(lambda app: OrthancHttpFilter(app, host, self.deletions, fail_open=fail_open))
+        # One ASGI layer for both filters: the upload filter runs for POSTs, after IncomingHttpRequestFilter.
+        self.gateway.add_middleware(lambda app: OrthancHttpFilter(
+            app, host, self.deletions, fail_open=fail_open, uploads=UploadFilter(
+                app, host, dicomweb_root=self.settings.upstream.dicomweb_root,
+                limit=orthanc.filter_header_max_bytes, fail_open=upload_open)))
         self.gateway.add_component(self.events)
         self.gateway.add_health("orthanc", self.events.health)
 

@@ -564,7 +564,8 @@ class _AnswerWithFailed:
 
 
 class UploadFilter:
-    """The ASGI layer (inside authentication and ``IncomingHttpRequestFilter``, outside the Lua hooks)."""
+    """ASGI, called by :class:`.http_filter.OrthancHttpFilter` for POSTs (after
+    ``IncomingHttpRequestFilter``, outside the Lua hooks); ``app`` is what comes next."""
 
     def __init__(self, app: Any, host: ScriptHost, *, dicomweb_root: str, limit: int, fail_open: bool) -> None:
         self.app = app
