@@ -186,6 +186,12 @@ def test_received_instance_filter_over_rest_answers_as_orthanc(
     junk = gateway.post("/instances", data=b"x" * 300)
     assert junk.status_code == 400 and "not a DICOM file" in junk.json()["message"]
 
+    gateway.write_script("main.lua", "function ReceivedInstanceFilter(dicom, origin, info) return 'maybe' end\n")
+    gateway.wait_for_log("main.lua loaded; callbacks: ReceivedInstanceFilter")
+    failed = gateway.post("/instances", data=sample("ACCEPT")[0])
+    assert failed.status_code == 500 and "must return true or false" in failed.json()["message"]
+    assert len(fresh_orthanc.sop_instance_uids()) == 1  # a failing filter fails closed (Lua:FailOpen is false)
+
 
 def proxied_count(gateway: Any) -> float:
     metrics = gateway.get("/dicomproxy/metrics").text

@@ -127,3 +127,22 @@ def test_filtered_out_answer_has_orthanc_ids() -> None:
     uids = {"PatientID": "p", "StudyInstanceUID": "1", "SeriesInstanceUID": "2", "SOPInstanceUID": "3"}
     answer = uf.filtered_out(uids)
     assert answer["Status"] == "FilteredOut" and answer["Path"] == "/instances/" + answer["ID"]
+
+
+def test_a_part_whose_header_is_over_the_limit_is_a_failed_sop() -> None:
+    async def accept(h: uf.Header) -> bool:
+        return True
+
+    small, big = instance("SMALL"), instance("BIG", InstitutionName="x" * 3000)  # a header over 2 KB
+
+    async def run() -> tuple[bytes, uf.StowParts]:
+        parts = uf.StowParts(FakeBody(multipart([big, small]), 512), b"b0undary", accept, 2048)
+        out = []
+        while (chunk := await parts.output()) is not None:
+            out.append(chunk)
+        return b"".join(out), parts
+
+    out, parts = asyncio.run(run())
+    assert out == multipart([small]).removesuffix(b"epilogue")
+    assert [(f.sop_class, f.sop_instance) for f in parts.failed] == [("", "")]
+    assert uf.failed_items(parts.failed) == [{"00081197": {"vr": "US", "Value": [0x0110]}}]
