@@ -64,14 +64,17 @@ function Which() return 'b' end
 
 
 def test_lua_scripts_load_in_order_later_wins_and_reload(gateway_factory: Any) -> None:
-    main = "function Initialize() print('init', Which(), OnlyInA(), Main()) end\nfunction Main() return 'main' end\n"
+    main = ("function Initialize()\n"
+            "  print('init', Which(), OnlyInA(), Main(), #GetOrthancConfiguration().LuaScripts)\n"
+            "end\n"
+            "function Main() return 'main' end\n")
     gateway = gateway_factory(
         {**FAST, "Orthanc": {**FAST["Orthanc"], "LuaScripts": ["scripts/a.lua", "scripts/b.lua"]}},
         {"main.lua": main, "a.lua": EXTRA_A, "b.lua": EXTRA_B},
     )
-    gateway.wait_for_log("Lua says: init, b, only a, main")
+    gateway.wait_for_log("Lua says: init, b, only a, main, 2")
     gateway.write_script("b.lua", EXTRA_B.replace("'b'", "'b2'"))  # an edit of a listed script reloads
-    gateway.wait_for_log("Lua says: init, b2, only a, main")
+    gateway.wait_for_log("Lua says: init, b2, only a, main, 2")
     gateway.write_script("a.lua", "function Which() return 'a' end\nfunction OnlyInA( return end\n")
     log = gateway.wait_for_log("failed to load (keeping the previous version)")
     assert "a.lua:2:" in log  # the error names the file and the line

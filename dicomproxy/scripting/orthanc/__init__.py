@@ -514,6 +514,7 @@ class OrthancLayer:
         config["DicomModalities"] = modalities if isinstance(modalities, dict) else {}
         config["OrthancPeers"] = peers if isinstance(peers, dict) else {}
         config["LuaHeartBeatPeriod"] = self.settings.orthanc.heartbeat_period
+        config["LuaScripts"] = [str(p) for p in self.settings.orthanc.lua_scripts]
         config["AuthenticationEnabled"] = self.settings.authentication.enabled
         config["RegisteredUsers"] = dict(self.settings.tree.get("Authentication:Users", {}))  # passwords masked
         config["DicomProxy"] = self.settings.tree.as_dict()
