@@ -67,7 +67,7 @@ class ScriptState:
     loaded: bool = False
     callbacks: frozenset[str] = frozenset()
     error: str | None = None
-    mtime: tuple[int, int] | None = None
+    mtime: tuple[Any, ...] | None = None  # (mtime_ns, size); the singleton's: one per file
 
 
 def _stat(path: Path) -> tuple[int, int] | None:
@@ -219,7 +219,7 @@ class ScriptSet:
                         log.info("%s loaded; callbacks: %s", state.path, ", ".join(sorted(state.callbacks)) or "none")
                     state.error = None
 
-    def _singleton_stat(self) -> Any:
+    def _singleton_stat(self) -> tuple[Any, ...] | None:
         """main.lua's stat with those of the extra scripts; None when none of them exists."""
         stats = (_stat(self.singleton_state.path), *(_stat(p) for p in self.extra_singleton))
         return None if all(s is None for s in stats) else stats

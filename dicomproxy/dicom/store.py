@@ -242,7 +242,6 @@ class StoreService:
         }
         return _Edited(raw, header, str(ds.get("SOPInstanceUID", sop_instance) or sop_instance))
 
-
     async def _cstore_filter(
         self, session: AssocSession, ds: Any, table: dict[str, Any] | None, ts: str, sop_instance: str
     ) -> tuple[int, str] | None:

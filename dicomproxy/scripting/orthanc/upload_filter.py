@@ -235,7 +235,8 @@ async def filter_instance(app: Any, scope: dict[str, Any], receive: Any, send: A
         if data[:4] == b"PK\x03\x04":
             raise Refusal(415, f"{FILTER} cannot inspect a ZIP archive uploaded through the gateway: upload its "
                                "DICOM files one by one, or over STOW-RS")
-        header = await reader.attempt(bytes(data), body.ended)
+        if reader.due(len(data), body.ended):  # copy and parse at doublings only
+            header = await reader.attempt(bytes(data), body.ended)
     if not await decide(header):
         await body.drain()
         await _answer(send, 200, filtered_out(header.uids), b"application/json; charset=utf-8")
