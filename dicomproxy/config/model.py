@@ -147,7 +147,8 @@ class LuaSettings(Section):
         "FailOpen", False,
         "a failing hook: `false` fails closed (HTTP: 500 JSON; DICOM: a failure status), `true` logs and carries "
         "on as if the hook were not there; or a list of callback names that fail open, e.g. `[\"onHttpResponse\"]` "
-        "(per hook, for `onHttpRequest`, `onHttpResponse` and `IncomingHttpRequestFilter`)")
+        "(per hook, for `onHttpRequest`, `onHttpResponse`, `IncomingHttpRequestFilter` and `ReceivedInstanceFilter` "
+        "on HTTP uploads)")
     reload_interval_ms: Annotated[int, Whole(50)] = key(
         "ReloadIntervalMs", 1000, "how often script files are checked for edits")
     background_workers: Annotated[int, Whole(1)] = key("BackgroundWorkers", 2, "tasks run at once")
@@ -624,6 +625,13 @@ class OrthancSettings(Section):
         "LuaHeartBeatPeriod", 0, "`OnHeartBeat` every N seconds (Orthanc's `LuaHeartBeatPeriod`); `0`: off")
     poll_interval: Annotated[float, Number(minimum=0.05)] = key(
         "PollIntervalSeconds", 1, "how often the PACS's `/changes` (and `/jobs`) are read for the `On*` callbacks")
+    lua_scripts: Annotated[tuple[Path, ...], Names(FsPath())] = key(
+        "LuaScripts", (), "Orthanc's `LuaScripts`: more scripts loaded into the singleton engine after `main.lua`, "
+        "in order (a later definition wins), each hot-reloaded; relative to ConfigRoot")
+    filter_header_max_bytes: Annotated[int, Whole(1024)] = key(
+        "FilterHeaderMaxBytes", 8388608, "`ReceivedInstanceFilter` over HTTP: the most bytes of one uploaded "
+        "instance buffered to read its header (up to the pixel data); an instance whose header is longer is "
+        "refused (`POST /instances`: 413; STOW-RS: a failed SOP)")
 
 
 class LoggingSettings(Section):
