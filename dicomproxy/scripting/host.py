@@ -73,6 +73,8 @@ class ScriptHost:
             on_changed=self._script_changed,
             libraries=(LuaLibrary("requireNative", exports.REQUIRE_NATIVE_LUA, ("requireNative",)),),
             on_call=on_call,
+            extra_singleton=settings.orthanc.lua_scripts,
+            extra_setting="Orthanc:LuaScripts",
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self.add_export("LogDebug", exports.log_debug, pass_engine=True)
