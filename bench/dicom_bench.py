@@ -66,6 +66,9 @@ def baseline_gateway(checkout: Path, workdir: Path, orthanc: OrthancServer, sett
     gateway = GatewayProcess(workdir, orthanc=orthanc, settings=settings)
     gateway.python = str(checkout / ".venv" / "bin" / "python")
     gateway.repo_root = checkout
+    # a checkout from before the shutdown deadline refuses the harness's Server:ShutdownTimeoutSeconds
+    gateway.settings.get("Server", {}).pop("ShutdownTimeoutSeconds", None)
+    gateway.update_settings({})
     return gateway
 
 

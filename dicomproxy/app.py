@@ -8,6 +8,8 @@ prefix scan over a handful of mounts, not a router, because the proxy is the hot
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -23,10 +25,11 @@ from dicomproxy.commands import Commands
 from dicomproxy.config.settings import Settings
 from dicomproxy.hooks import Hooks
 from dicomproxy.host import Component, HealthCheck, Host
-from dicomproxy.http.api import build_api
+from dicomproxy.http.api import PROBE_PATHS, build_api, probes
 from dicomproxy.http.cors import GatewayCors, cors_policy
 from dicomproxy.http.guard import RequestGuard
 from dicomproxy.http.proxy import ReverseProxy
+from dicomproxy.lifecycle import MIN_STEP_SECONDS, Lifecycle, Phase
 from dicomproxy.metrics import HOOK_BUCKETS, Metrics
 from dicomproxy.notify import mail, notifications
 from dicomproxy.notify.events import EventBus
@@ -37,6 +40,8 @@ from dicomproxy.upstream import Upstream
 from dicomproxy.upstream.monitor import UpstreamMonitor
 
 log = logging.getLogger("dicomproxy")
+
+START_WAIT_SECONDS = 30.0  # a request that comes while the gateway starts waits this long, then 503
 
 
 class Gateway:
@@ -77,6 +82,15 @@ class Gateway:
             self.mount(path, api)
         self.metrics.gauge("dicomproxy_tasks_queued", "Background tasks waiting or running", self._tasks_pending)
         self._app: Any = None
+        srv = settings.server
+        self.life = Lifecycle(srv.shutdown_timeout, srv.drain_delay)
+        self.start_failed = False
+        self.on_start_failed: Callable[[], None] | None = None  # set by ``serve``: end the process
+        self._up = asyncio.Event()  # set once the start is over (serving, or failed) or a SIGTERM came
+        self._serving = False  # every component started: requests reach the app
+        self._starting: asyncio.Task[None] | None = None
+        self._accepting = True
+        self._probes = probes(self)
 
     def _tasks_pending(self) -> int:
         counts = self.tasks.counts()
@@ -124,9 +138,28 @@ class Gateway:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
             return
+        if scope["type"] == "http" and scope["path"] in PROBE_PATHS:  # before auth, Lua and the rest: cheap
+            await self._probes(scope, receive, send)
+            return
+        if not self._serving:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(START_WAIT_SECONDS):
+                    await self._up.wait()
+            if not self._serving:  # still starting, the start failed, or a SIGTERM came first
+                await _unavailable(send, self.life.phase.value)
+                return
         if self._app is None:
             self._app = self.build()
         await self._app(scope, receive, send)
+
+    # ------------------------------------------------------------------ life cycle
+    def ready(self) -> tuple[bool, str]:
+        """What ``/dicomproxy/health/ready`` says: serving (and the PACS up, per config), or why not."""
+        if self.life.phase is not Phase.SERVING:
+            return False, self.life.phase.value
+        if self.settings.server.ready_requires_upstream and self.monitor.reachable is False:
+            return False, "upstream down"
+        return True, "ready"
 
     async def start(self) -> None:
         for component in self._components:
@@ -136,33 +169,113 @@ class Gateway:
         log.info("DicomProxy listening on %s, proxying %s", ", ".join(e.url for e in self.settings.endpoints),
                  self.upstream.base)
 
+    async def _start(self) -> None:
+        """The lifespan start-up, in a task of its own: the HTTP listener (live, ready: 503) is up meanwhile."""
+        try:
+            await self.start()
+        except asyncio.CancelledError:
+            log.warning("stopped while starting (%d of %d components were up)",
+                        len(self._started), len(self._components))
+            raise
+        except Exception:
+            log.exception("startup failed")
+            self.start_failed = True
+            self.life.move(Phase.STOPPING)
+            await self.stop()
+            if self.on_start_failed is not None:
+                self.on_start_failed()
+        else:
+            self._serving = True
+            self.life.move(Phase.SERVING)
+        finally:
+            self._up.set()
+
+    def drain(self) -> bool:
+        """SIGTERM: ``/dicomproxy/health/ready`` turns 503 at once; everything else is still served
+        (``Server:DrainDelaySeconds``) until :meth:`stop_accepting`. False when already draining."""
+        if not self.life.move(Phase.DRAINING):
+            return False
+        self._up.set()  # requests held while starting get their 503 now, so the shutdown need not wait for them
+        log.info("shutdown requested: draining (ready answers 503; exit within %gs, Server:ShutdownTimeoutSeconds)",
+                 self.life.shutdown_timeout)
+        return True
+
+    def stop_accepting(self) -> None:
+        """Close the DICOM listener and end the live streams; what is in flight goes on (HTTP
+        listeners: uvicorn closes them right after this)."""
+        if not self._accepting:
+            return
+        self._accepting = False
+        for component in reversed(self._started):
+            drain = getattr(component, "drain", None)
+            if drain is None:
+                continue
+            try:
+                drain()
+            except Exception:
+                log.exception("draining %s failed", type(component).__name__)
+
     async def stop(self) -> None:
+        """Let in-flight work settle (components with ``settle(until)``, at once, until the stop
+        share of the deadline), then stop the components in reverse order, each bounded by what
+        is left of the deadline."""
+        self.life.move(Phase.STOPPING)
         if self._started:
             self.audit.stopping()
+        self.stop_accepting()
+        await self._settle()
         while self._started:
             component = self._started.pop()
+            name = type(component).__name__
+            budget = self.life.step_budget()
+            began = time.monotonic()
             try:
-                await component.stop()
+                async with asyncio.timeout(budget):
+                    await component.stop()
+            except TimeoutError:
+                log.error("stopping %s cut short after %.1fs (Server:ShutdownTimeoutSeconds)", name,
+                          time.monotonic() - began)
             except Exception:
-                log.exception("stopping %s failed", type(component).__name__)
+                log.exception("stopping %s failed", name)
+            else:
+                log.debug("stopped %s in %.2fs", name, time.monotonic() - began)
+
+    async def _settle(self) -> None:
+        until = time.monotonic() + self.life.http_grace()
+        waits = [settle(until) for c in self._started if (settle := getattr(c, "settle", None)) is not None]
+        if not waits:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, until - time.monotonic()) + MIN_STEP_SECONDS):
+                results = await asyncio.gather(*waits, return_exceptions=True)
+                for result in results:
+                    if isinstance(result, Exception):
+                        log.error("waiting for in-flight work failed: %r", result)
 
     async def _lifespan(self, receive: Any, send: Any) -> None:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                try:
-                    await self.start()
-                except Exception as e:
-                    log.exception("startup failed")
-                    await self.stop()
-                    await send({"type": "lifespan.startup.failed", "message": str(e)})
-                    return
+                self._starting = asyncio.create_task(self._start(), name="gateway-start")
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                starting, self._starting = self._starting, None
+                if starting is not None and not starting.done():
+                    starting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    if starting is not None:
+                        await starting
                 await self.stop()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
+
+async def _unavailable(send: Any, phase: str) -> None:
+    body = b'{"error": "the gateway is %s; retry shortly"}' % phase.encode()
+    await send({"type": "http.response.start", "status": 503, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        (b"retry-after", b"2"), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
 
 Feature = Callable[[Host], object]
 

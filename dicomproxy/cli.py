@@ -12,22 +12,30 @@ import argparse
 import asyncio
 import ctypes
 import ctypes.util
+import faulthandler
 import getpass
 import json
 import logging
+import math
+import socket
 import sys
+import time
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from dicomproxy import __version__
 from dicomproxy.auth.apikeys import hash_key, new_key
 from dicomproxy.auth.passwords import Kind, hash_password
-from dicomproxy.config.settings import ConfigError, Settings, load_settings
+from dicomproxy.config.settings import ConfigError, HttpsSettings, Settings, load_settings
 from dicomproxy.http.listeners import GatewayServer, Listener, bind
 from dicomproxy.http.renewal import CertificateStore
 from dicomproxy.http.server import HeadLimits, connection_budget, protocol_class, raise_file_limit
+from dicomproxy.lifecycle import Phase
 
 if TYPE_CHECKING:
+    import uvicorn
+
     from dicomproxy.app import Gateway
 
 BACKLOG = 4096
@@ -66,6 +74,14 @@ def _logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-5s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("pynetdicom", "httpx"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    logging.getLogger("pynetdicom.utils").addFilter(_not_a_decode_traceback)
+
+
+def _not_a_decode_traceback(record: logging.LogRecord) -> bool:
+    """Drop what pynetdicom's ``decode_bytes`` logs (with a traceback, once per codec tried) for a
+    non-ASCII AE title or UID in a PDU: the upper layer aborts that association and logs why in one
+    line (found by tests/fuzz/test_dicom_port.py: three tracebacks per hostile A-ASSOCIATE-RQ)."""
+    return record.funcName != "decode_bytes"
 
 
 # glibc mallopt parameters (malloc.h)
@@ -114,6 +130,48 @@ def _listeners(settings: Settings, gateway: Gateway) -> list[Listener]:
     return listeners
 
 
+WATCHDOG_SLACK_SECONDS = 5.0  # past Server:ShutdownTimeoutSeconds: dump every thread's stack and exit 1
+
+
+class DrainingServer(GatewayServer):
+    """The listeners' server (http/listeners.py) with the gateway's shutdown: the first
+    SIGTERM/SIGINT drains (ready 503, still serving for ``Server:DrainDelaySeconds``), then
+    uvicorn's shutdown (TLS acceptors first) runs with the HTTP grace period left of the
+    deadline; a second signal skips the delay. A
+    watchdog (faulthandler) ends the process, stacks in the log, if the deadline is overrun.
+    A service that stopped cleanly on request exits 0 (uvicorn would re-raise the signal: -15)."""
+
+    def __init__(self, config: uvicorn.Config, listeners: list[Listener], limits: HeadLimits,
+                 https: HttpsSettings, gateway: Gateway) -> None:
+        super().__init__(config, listeners, limits, https)
+        self.gateway = gateway
+        self._drain_until: float | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        life = self.gateway.life
+        was = life.phase
+        if self.gateway.drain():
+            faulthandler.dump_traceback_later(life.shutdown_timeout + WATCHDOG_SLACK_SECONDS, exit=True)
+            if was is Phase.SERVING and life.drain_delay > 0:
+                self._drain_until = time.monotonic() + life.drain_delay
+            else:
+                self.should_exit = True  # starting: nothing to drain yet
+        else:
+            super().handle_exit(sig, frame)
+        self._captured_signals.clear()
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._drain_until is not None and time.monotonic() >= self._drain_until:
+            self.should_exit = True
+        return bool(await super().on_tick(counter))
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.gateway.drain()
+        self.gateway.stop_accepting()
+        self.config.timeout_graceful_shutdown = math.ceil(self.gateway.life.http_grace())
+        await super().shutdown(sockets)
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -149,20 +207,21 @@ def serve(args: argparse.Namespace) -> int:
         server_header=False,
         proxy_headers=False,  # the proxy appends the peer to X-Forwarded-For itself; don't trust the client's
         timeout_keep_alive=30,
-        # uvicorn waits for open responses before the lifespan shutdown; a live SSE stream
-        # (/dicomproxy/notifications/stream, an open status page) never ends by itself.
-        timeout_graceful_shutdown=5,
+        # In-flight requests get what is left of Server:ShutdownTimeoutSeconds (DrainingServer.shutdown);
+        # live SSE streams are ended when the listeners close (Gateway.stop_accepting).
+        timeout_graceful_shutdown=math.ceil(gateway.life.http_grace()),
         backlog=BACKLOG,
     )
-    server = GatewayServer(config, listeners, limits, settings.https)
+    server = DrainingServer(config, listeners, limits, settings.https, gateway)
+    gateway.on_start_failed = lambda: setattr(server, "should_exit", True)
     server.run()
-    return 0 if server.started else 1
+    status = 0 if server.started and not gateway.start_failed else 1
+    logging.getLogger("dicomproxy").info("DicomProxy stopped (exit status %d)", status)
+    return status
 
 
 def check(args: argparse.Namespace) -> int:
     """Load every script the way the gateway would; print each error as ``file:line: message``."""
-    from dicomproxy_middleware import LuaError
-
     from dicomproxy.app import build_gateway
 
     settings = _settings(args)
@@ -172,26 +231,12 @@ def check(args: argparse.Namespace) -> int:
     if not root.is_dir():
         print(f"{root}: the scripts folder does not exist (ExtraConfig:ScriptsRoot)", file=sys.stderr)
         return 1
-    paths = sorted(p for p in root.glob("*.lua"))
-
-    async def run() -> int:
-        failures = 0
-        for path in paths:
-            engine = gateway.lua.new_engine("check")
-            try:
-                await engine.load(path.read_bytes(), str(path))
-                print(f"{path}: ok")
-            except LuaError as e:
-                failures += 1
-                print(str(e))
-            finally:
-                engine.release()
-        return failures
-
-    failures = asyncio.run(run())
-    if not paths:
+    results = asyncio.run(gateway.lua.check())
+    for r in results:
+        print(f"{r['script']}: ok" if r["ok"] else r["error"])
+    if not results:
         print(f"{root}: no .lua scripts")
-    return 1 if failures else 0
+    return 1 if any(not r["ok"] for r in results) else 0
 
 
 def show_config(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from dicomproxy.audit.trail import AuditTrail
 from dicomproxy.commands import Commands
 from dicomproxy.config.settings import Settings
 from dicomproxy.hooks import Hooks
+from dicomproxy.lifecycle import Lifecycle
 from dicomproxy.metrics import Metrics
 from dicomproxy.notify.events import EventBus
 from dicomproxy.scripting.host import ScriptHost
@@ -26,7 +27,10 @@ HealthCheck = Callable[[], dict[str, Any]]
 
 
 class Component(Protocol):
-    """Something with a life: started in install order, stopped in reverse."""
+    """Something with a life: started in install order, stopped in reverse. It may also have a
+    ``drain()`` (sync): called when shutdown begins, to stop taking new work (close a port, end
+    live streams), and an ``async settle(until)``: wait for work in flight to end by itself until
+    ``until`` (``time.monotonic()``), called for all such components at once before any stops."""
 
     async def start(self) -> None: ...
 
@@ -45,6 +49,7 @@ class Host(Protocol):
     upstream: Upstream
     audit: AuditTrail  # host.audit.record(event): never blocks, never raises
     hooks: Hooks  # typed events one feature offers others (e.g. the DICOM side's "instance stored")
+    life: Lifecycle  # the phase and, once SIGTERM came, what is left of the shutdown deadline
 
     def mount(self, prefix: str, app: Any) -> None:
         """Route paths under ``prefix`` (``/files/`` also matches ``/files``) to the ASGI ``app``."""

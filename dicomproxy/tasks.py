@@ -69,6 +69,10 @@ class TaskQueue:
         self._queue: asyncio.Queue[str] | None = None
         self._runners: list[asyncio.Task[None]] = []
         self._pending_before_start: list[str] = []
+        self._draining = False
+        self._busy = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def register(self, kind: str, handler: Handler) -> None:
         self._handlers[kind] = handler
@@ -196,14 +200,35 @@ class TaskQueue:
                 await r
         self._runners.clear()
 
+    def drain(self) -> None:
+        """Shutdown began: start no new task (those queued stay queued on disk for the next start)."""
+        self._draining = True
+
+    async def settle(self, until: float) -> None:
+        """Let the running tasks finish until ``until`` (``time.monotonic()``); one still running
+        at ``stop()`` is cancelled and queued again (run again at the next start)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, until - time.monotonic())):
+                await self._idle.wait()
+        if self._busy:
+            log.warning("%d task(s) still running at the shutdown deadline: queued again for the next start",
+                        self._busy)
+
     async def _worker(self, n: int) -> None:
         assert self._queue is not None
-        while True:
+        while not self._draining:
             task_id = await self._queue.get()
             task = self._tasks.get(task_id)
-            if task is None or task["state"] != QUEUED:
+            if task is None or task["state"] != QUEUED or self._draining:
                 continue
-            await self._run(task)
+            self._busy += 1
+            self._idle.clear()
+            try:
+                await self._run(task)
+            finally:
+                self._busy -= 1
+                if not self._busy:
+                    self._idle.set()
 
     async def _run(self, task: dict[str, Any]) -> None:
         handler = self._handlers.get(task["kind"])

@@ -9,6 +9,9 @@
 Which callbacks each script defines is read once at load and cached: dispatching an event no
 script defines costs a set lookup. Files are polled for changes; an edit that fails to compile
 or to run keeps the previous version and reports why.
+
+``extra_singleton`` scripts (Orthanc's ``LuaScripts``) run in the singleton engine after
+``main.lua``, in order, so a later definition wins; an edit of any of them reloads the singleton.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,7 +84,8 @@ class ScriptState:
     loaded: bool = False
     callbacks: frozenset[str] = frozenset()
     error: str | None = None
-    mtime: tuple[int, int] | None = None
+    mtime: tuple[Any, ...] | None = None  # (mtime_ns, size); the singleton's: one per file
+    reloaded: float | None = None  # wall time of the last load attempt (ok or not)
 
 
 def _stat(path: Path) -> tuple[int, int] | None:
@@ -111,10 +116,15 @@ class ScriptSet:
         setup: tuple[str, ...] = (),
         libraries: tuple[LuaLibrary, ...] = (),
         on_call: Callable[[str, float], None] | None = None,
+        extra_singleton: tuple[Path, ...] = (),
+        extra_setting: str = "",
     ) -> None:
         """``on_call(callback, seconds)``: every engine made here reports each callback's duration
-        to it (a latency histogram, say); None costs nothing."""
+        to it (a latency histogram, say); None costs nothing. ``extra_singleton``: scripts loaded
+        into the singleton after main.lua (``extra_setting`` names their setting in errors)."""
         self.root = Path(root)
+        self.extra_singleton = tuple(Path(p) for p in extra_singleton)
+        self.extra_setting = extra_setting
         self.on_call = on_call
         self.exports: dict[str, Export] = with_builtins(exports or {})
         self.globals: dict[str, Any] = dict(globals or {})
@@ -211,27 +221,29 @@ class ScriptSet:
     async def reload(self, force: bool = False) -> None:
         """Load whichever script changed on disk since the last look."""
         async with self._lock:
-            for state, loader in (
-                (self.singleton_state, self._load_singleton),
-                (self.transient_state, self._load_transient),
-            ):
-                mtime = _stat(state.path)
+            for state in (self.singleton_state, self.transient_state):
+                singleton = state is self.singleton_state
+                mtime = self._singleton_stat() if singleton else _stat(state.path)
                 if not force and mtime == state.mtime:
                     continue
                 state.mtime = mtime
+                state.reloaded = time.time()
                 if mtime is None:
                     if state.loaded:
                         log.info("%s removed: its callbacks are off", state.path)
                         self._changed(state.path, "removed")
-                    await loader(None)
+                    await (self._load_singleton(None) if singleton else self._load_transient(None))
                     continue
                 try:
-                    source = state.path.read_bytes()
-                    await loader(source)
+                    if singleton:
+                        await self._load_singleton_files()
+                    else:
+                        await self._load_transient(state.path.read_bytes())
                 except LuaError as e:
                     self._failed(state, str(e), e.traceback)
                 except OSError as e:
-                    self._failed(state, f"{state.path}: cannot read: {e}", "")
+                    where = e.filename or state.path
+                    self._failed(state, f"{where}: cannot read: {e.strerror or e}", "")
                 else:
                     if state.error or not force:
                         log.info("%s loaded; callbacks: %s", state.path, ", ".join(sorted(state.callbacks)) or "none")
@@ -244,6 +256,21 @@ class ScriptSet:
                 self.on_changed(path, what)
             except Exception:
                 log.exception("on_changed(%s) failed", path)
+
+    def _singleton_stat(self) -> tuple[Any, ...] | None:
+        """main.lua's stat with those of the extra scripts; None when none of them exists."""
+        stats = (_stat(self.singleton_state.path), *(_stat(p) for p in self.extra_singleton))
+        return None if all(s is None for s in stats) else stats
+
+    async def _load_singleton_files(self) -> None:
+        """main.lua (if present), then each extra script in order, into one new engine."""
+        files = [self.singleton_state.path] if self.singleton_state.path.is_file() else []
+        for path in self.extra_singleton:
+            if not path.is_file():
+                raise FileNotFoundError(
+                    2, f"no such file (listed in {self.extra_setting or 'the extra scripts'})", str(path))
+            files.append(path)
+        await self._load_singleton([(path.read_bytes(), path) for path in files])
 
     def _failed(self, state: ScriptState, message: str, traceback: str) -> None:
         kept = " (keeping the previous version)" if state.loaded else ""
@@ -262,13 +289,18 @@ class ScriptSet:
             self._baseline = frozenset(self._functions(self.new_engine("baseline")))
         return frozenset(self._functions(engine) - self._baseline)
 
-    async def _load_singleton(self, source: bytes | None) -> None:
+    async def _load_singleton(self, sources: list[tuple[bytes, Path]] | None) -> None:
         state = self.singleton_state
-        if source is None:
+        if sources is None:
             self.singleton, state.loaded, state.callbacks = None, False, frozenset()
             return
         engine = self.new_engine("singleton")
-        await engine.load(source, str(state.path))
+        try:
+            for source, path in sources:
+                await engine.load(source, str(path))
+        except BaseException:
+            engine.release()
+            raise
         callbacks = self._callbacks(engine)
         previous = self.singleton
         self.singleton, state.loaded, state.callbacks = engine, True, callbacks
@@ -445,6 +477,7 @@ class ScriptSet:
                 "loaded": s.loaded,
                 "callbacks": sorted(s.callbacks),
                 "error": s.error,
+                "lastReload": s.reloaded,
             }
             for kind, s in (("singleton", self.singleton_state), ("transient", self.transient_state))
         ]

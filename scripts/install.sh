@@ -7,7 +7,8 @@
 #
 #   system: orthanc + DICOMweb plugin (test PACS), dcmtk (DICOM peers), lua-socket, nginx +
 #           lua module, chromium + fonts (UI tests), python3 + venv, nodejs + npm (tus-js-client), curl,
-#           wrk (bench/proxy_bench.py), rsyslog + rsyslog-gnutls (the audit trail's TLS/UDP collector)
+#           wrk (bench/proxy_bench.py), rsyslog + rsyslog-gnutls (the audit trail's TLS/UDP collector),
+#           prometheus (scrapes a gateway in tests/e2e/test_ui_grafana.py: the Grafana panels' PromQL)
 #   python: .venv with `pip install -e .[test]`
 #   node:   tests/js/node_modules (npm ci): tus-js-client, oidc-provider (the OpenID provider of the
 #           bearer-token tests)
@@ -27,6 +28,7 @@ APT_PACKAGES=(
     nodejs npm
     curl ca-certificates openssl
     rsyslog rsyslog-gnutls
+    prometheus
 )
 
 step() { printf '\n==> %s\n' "$*"; }

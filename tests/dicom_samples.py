@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     UID,
@@ -144,6 +146,17 @@ def dataset_bytes(ds: Dataset) -> bytes:
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+def raw_dataset(transfer_syntax: str = ImplicitVRLittleEndian, **kwargs: Any) -> tuple[bytes, Dataset]:
+    """A dataset as some modalities write it: no preamble, no ``DICM``, no file meta; in one of the
+    uncompressed syntaxes. ``kwargs`` go to :func:`build_dataset`."""
+    ds = build_dataset(transfer_syntax=transfer_syntax, **kwargs)
+    fp = DicomBytesIO()
+    fp.is_little_endian = transfer_syntax != ExplicitVRBigEndian
+    fp.is_implicit_VR = transfer_syntax == ImplicitVRLittleEndian
+    write_dataset(fp, ds)
+    return fp.getvalue(), ds
 
 
 def make_instance(

@@ -10,8 +10,9 @@ Routes (the request path picks the answer)::
     /big-head     a 200 whose head is 200 KB of headers, in one write
     anything else a plain 200 "fine" (Content-Length, kept alive)
 
-``requests`` lists the request lines seen, ``connections`` counts connections, ``gave_up`` holds
-the seconds each trickle ran before the client closed.
+``requests`` lists the request lines seen, ``served`` each request's (connection number, path),
+``connections`` counts connections, ``gave_up`` holds the seconds each trickle ran before the
+client closed.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ EVIL = (b"HTTP/1.1 302 Found\r\nlocation: http://evil.example/\r\nset-cookie: se
 class HostileUpstream:
     def __init__(self) -> None:
         self.requests: list[bytes] = []
+        self.served: list[tuple[int, bytes]] = []
         self.connections = 0
         self.gave_up: list[float] = []
         self.port = 0
@@ -59,12 +61,14 @@ class HostileUpstream:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        number = self.connections
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 line = head.split(b"\r\n", 1)[0]
                 self.requests.append(line)
                 path = line.split(b" ")[1]
+                self.served.append((number, path))
                 if not await self._answer(path, reader, writer):
                     return
         except (asyncio.IncompleteReadError, ConnectionError):

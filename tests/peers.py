@@ -41,6 +41,7 @@ Helpers (this module)::
 OrthancServer (``/usr/sbin/Orthanc`` 1.10 + DICOMweb plugin 1.7)::
 
     .http_url  .http_port  .dicom_port  .aet  .host  .dicomweb_url  .workdir  .config_path
+    .auth   (user, password) of the first RegisteredUsers entry when extra_config enables authentication
     .start(timeout=30)  .stop(timeout=15)  .kill()  .restart()   # storage survives stop/start
     .request(method, path, **kw) -> requests.Response        # raw, no status check
     .rest_get(path, **kw) / .rest_post(path, data=None, json=None, **kw) / .rest_put(...)
@@ -61,8 +62,9 @@ GatewayProcess (``python -m dicomproxy serve --config <tmp>/appsettings.json``):
 
     .url (the first of Urls)  .urls  .http_port  .dicom_port  .aet  .config_path  .scripts_dir
     .data_dir  .settings (dict)  .verify  .cert (what start() and request() use over https)
-    .start(timeout=30)  .stop(timeout=10) (SIGTERM, then SIGKILL)  .kill9()  .restart()
-    .forced_kill   True if a stop() had to SIGKILL (the fixture then warns: shutdown hangs)
+    .start(timeout=30)  .stop() (SIGTERM, SIGKILL after Server:ShutdownTimeoutSeconds + 10 s)  .kill9()
+    .restart()  .shutdown_timeout
+    .forced_kill   True if a stop() had to SIGKILL (the fixture then fails the test: shutdown hangs)
     .write_script(name, text)   atomic write into scripts_dir (main.lua, main-transient.lua, ...)
     .update_settings(overrides) deep-merge into the config file (takes effect on restart)
     .log_text() -> str          everything the process printed (stdout + stderr)
@@ -75,7 +77,7 @@ Default gateway settings (``settings`` is deep-merged on top, case-insensitively
     Dicom: Aet DICOMPROXY, Host 127.0.0.1, Port <free>, Upstream {orthanc aet, 127.0.0.1, port},
            SpoolFolder <tmp>/data/spool;
     ExtraConfig: ScriptsRoot <tmp>/scripts, DataFolder <tmp>/data, TusUploadFolder <tmp>/data/tus
-    Lua:ReloadIntervalMs 200; Logging:Level DEBUG
+    Lua:ReloadIntervalMs 200; Logging:Level DEBUG; Server:ShutdownTimeoutSeconds TEST_SHUTDOWN_SECONDS (8)
 """
 
 from __future__ import annotations
@@ -111,6 +113,7 @@ CHROMIUM_BIN = "/usr/bin/chromium"
 CHROMIUM_HINT = "run scripts/install.sh (apt-get install chromium)"
 
 LOOPBACK = "127.0.0.1"
+TEST_SHUTDOWN_SECONDS = 8  # Server:ShutdownTimeoutSeconds of test gateways (production default: 30)
 T = TypeVar("T")
 
 
@@ -330,6 +333,11 @@ class OrthancServer:
             self.config = deep_merge(self.config, extra_config)
         self.proc: subprocess.Popen[bytes] | None = None
         self._session = requests.Session()
+        # AuthenticationEnabled with RegisteredUsers: the tests' own REST calls log in as the first user
+        users = self.config.get("RegisteredUsers") or {}
+        self.auth: tuple[str, str] | None = next(iter(users.items())) if self.config.get("AuthenticationEnabled") \
+            and users else None
+        self._session.auth = self.auth
 
     # -- lifecycle ------------------------------------------------------------------------
     @property
@@ -357,7 +365,7 @@ class OrthancServer:
             if self.proc.poll() is not None:
                 self._fail_start(f"Orthanc exited with status {self.proc.returncode}")
             try:
-                if requests.get(f"{self.http_url}/system", timeout=2).status_code == 200:
+                if requests.get(f"{self.http_url}/system", timeout=2, auth=self.auth).status_code == 200:
                     return self
             except requests.RequestException:
                 pass
@@ -515,6 +523,7 @@ class GatewayProcess:
             },
             "Lua": {"ReloadIntervalMs": 200},
             "Logging": {"Level": "DEBUG"},
+            "Server": {"ShutdownTimeoutSeconds": TEST_SHUTDOWN_SECONDS},
         }
         if orthanc is not None:
             defaults["Upstream"] = {"Url": orthanc.http_url}
@@ -601,7 +610,8 @@ class GatewayProcess:
         return env
 
     def start(self, timeout: float = 30) -> GatewayProcess:
-        """Start and wait until ``GET /dicomproxy/health`` answers (any status)."""
+        """Start and wait until ``GET /dicomproxy/health`` answers (any status but 503: the
+        gateway holds requests while it starts, and answers 503 when its start failed)."""
         if self.running:
             return self
         with open(self.log_path, "a") as log:
@@ -612,9 +622,10 @@ class GatewayProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 self._fail_start(f"the gateway exited with status {self.proc.returncode}")
-            try:
-                requests.get(f"{self.url}/dicomproxy/health", timeout=2, verify=self.verify, cert=self.cert)
-                return self
+            try:  # a 503 is a start that failed (the process exits next) or is not over yet
+                answer = requests.get(f"{self.url}/dicomproxy/health", timeout=2, verify=self.verify, cert=self.cert)
+                if answer.status_code != 503:
+                    return self
             except requests.RequestException:
                 pass
             time.sleep(0.1)
@@ -625,12 +636,20 @@ class GatewayProcess:
     def _fail_start(self, why: str) -> None:
         pytest.fail(f"{why} (config {self.config_path}); log tail:\n{_tail(self.log_path)}", pytrace=False)
 
-    def stop(self, timeout: float = 10) -> int | None:
+    @property
+    def shutdown_timeout(self) -> float:
+        return float(self._get("Server:ShutdownTimeoutSeconds", 30))
+
+    def stop(self, timeout: float | None = None) -> int | None:
         """SIGTERM (graceful shutdown), SIGKILL after ``timeout``; returns the exit status.
 
-        After a graceful stop the status is 0 or ``-SIGTERM`` (uvicorn re-raises the signal);
-        ``-SIGKILL`` means the gateway ignored SIGTERM (``.forced_kill`` is then True).
+        ``timeout`` defaults to the gateway's ``Server:ShutdownTimeoutSeconds`` plus the slack of
+        its own watchdog (which exits 1, stacks in the log, past the deadline) and a margin.
+        After a graceful stop the status is 0 (an older checkout: ``-SIGTERM``); ``-SIGKILL`` means
+        the gateway ignored SIGTERM (``.forced_kill`` is then True, and the fixture fails the test).
         """
+        if timeout is None:
+            timeout = self.shutdown_timeout + 10
         if _terminate(self.proc, timeout):
             self.forced_kill = True
         self._session.close()

@@ -16,6 +16,9 @@ Past full (``Audit:BufferMaxMB``) the newest events are dropped, counted
 Alert goes into the buffer's headroom; the first event that fits again is preceded by "Audit
 Recording Started" with the number dropped. The in-memory queue is bounded too
 (``MAX_PENDING``), for a writer that cannot keep up.
+
+The writer also keeps the latest ``RECENT`` stored events in memory (:meth:`AuditTrail.recent`),
+for the status page's audit panel: a poll never reads the buffer or the file.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from typing import Any
 from dicomproxy.audit import codes, events
 from dicomproxy.audit.events import AuditEvent
 from dicomproxy.audit.journal import Journal
-from dicomproxy.audit.jsonfile import JsonLinesFile
+from dicomproxy.audit.jsonfile import JsonLinesFile, as_json
 from dicomproxy.audit.logins import LoginWatch
 from dicomproxy.audit.message import AuditSource, to_xml
 from dicomproxy.audit.senders import Collector, Sender, make_sender
@@ -46,6 +49,7 @@ from dicomproxy.notify.events import EventBus
 log = logging.getLogger(__name__)
 
 MAX_PENDING = 100_000
+RECENT = 200  # the latest events kept in memory for the status page (no disk read per poll)
 STOP_GRACE = 5.0
 # The writer gathers what arrives within this long into one batch: one worker-thread hop and one
 # fsync per batch, not per event (bench/audit_bench.py: per-event batches cost a QIDO-RS request
@@ -71,6 +75,7 @@ class AuditTrail:
         self._file_settings = (cfg.file, cfg.file_max, cfg.file_keep)
         self.file: JsonLinesFile | None = None
         self._pending: deque[AuditEvent | tuple[Any, ...]] = deque()
+        self._recent: deque[tuple[AuditEvent, int]] = deque(maxlen=RECENT)
         self._signalled = False
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -185,6 +190,11 @@ class AuditTrail:
                 "bufferBytes": self.journal.size, "lastSequence": self.journal.last_seq,
                 "collectors": [s.status() for s in self.senders]}
 
+    def recent(self, limit: int = RECENT) -> list[dict[str, Any]]:
+        """The latest ``limit`` stored events, newest first, as the JSON file writes them."""
+        latest = list(self._recent)[-limit:] if limit > 0 else []
+        return [as_json(event, self.source, seq) for event, seq in reversed(latest)]
+
     # -- the writer ------------------------------------------------------------------------
     async def _write_loop(self) -> None:
         assert self._wake is not None
@@ -228,6 +238,7 @@ class AuditTrail:
             self._drop(event, "buffer_full")
             return 0
         self._m_events.inc(event=event.kind)
+        self._recent.append((event, seq))
         if self.file is not None:
             self.file.write(event, self.source, seq)
         return seq

@@ -19,6 +19,9 @@ path                               methods                       roles
 ``{Tus:BasePath}``                 all                           uploader
 ``/dicomproxy/``                   all                           (any)
 ``/dicomproxy/spool``              all                           admin
+``/dicomproxy/ui/scripts``         all                           admin
+``/dicomproxy/ui/check``           all                           admin
+``/dicomproxy/ui/audit``           all                           admin
 ``/tools/execute-script``          all                           admin
 =================================  ============================  ===========
 
@@ -63,6 +66,10 @@ def builtin_rules(tus_base_path: str = "/files/") -> tuple[Rule, ...]:
         Rule(tus_base_path.rstrip("/") or "/", frozenset(), frozenset({UPLOADER}), True),
         Rule("/dicomproxy", frozenset(), frozenset(), True),
         Rule("/dicomproxy/spool", frozenset(), frozenset({ADMIN}), True),
+        # the status page's script sources (may hold credentials), `check` (runs them), the audit events (PHI)
+        Rule("/dicomproxy/ui/scripts", frozenset(), frozenset({ADMIN}), True),
+        Rule("/dicomproxy/ui/check", frozenset(), frozenset({ADMIN}), True),
+        Rule("/dicomproxy/ui/audit", frozenset(), frozenset({ADMIN}), True),
         Rule("/tools/execute-script", frozenset(), frozenset({ADMIN}), True),
     )
 

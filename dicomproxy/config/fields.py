@@ -219,10 +219,24 @@ class FsPath(Kind):
         return resolve_path(text.strip(), root) if text.strip() else None
 
 
+def mask_userinfo(url: str) -> str:
+    """``url`` with the password of its ``user:password@`` part masked (``http://orthanc:***@pacs``)."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at or "/" in userinfo:
+        return url
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}://{user}{':' + MASK if colon else ''}@{host}"
+
+
 class HttpUrl(Kind):
-    """An absolute http(s) URL; the trailing slash is dropped."""
+    """An absolute http(s) URL; the trailing slash is dropped. A password in it is masked wherever it
+    is shown (:func:`mask_userinfo`: messages here, the public view)."""
 
     noun = "an http(s) URL"
+
+    def fail(self, value: Any) -> Problem:
+        return Problem(self.noun, mask_userinfo(value) if isinstance(value, str) else value)
 
     @property
     def type_name(self) -> str:

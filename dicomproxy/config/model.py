@@ -58,6 +58,7 @@ from dicomproxy.config.fields import (
     collection,
     internal,
     key,
+    mask_userinfo,
     section,
 )
 from dicomproxy.config.tree import ConfigTree, public_view
@@ -87,6 +88,45 @@ class UpstreamSettings(Section):
         "so a trickle of header bytes cannot hold a client")
     max_head_bytes: Annotated[int, Whole(1024)] = key(
         "MaxResponseHeadBytes", 65536, "largest answer head from the upstream (1xx heads included); larger → 502")
+    username: Annotated[str, Text()] = key(
+        "Username", "", "HTTP basic user for the gateway's own calls to the PACS (Lua `RestApi*`, the change feed, "
+        "TUS import, DICOMweb forwarding, health); proxied requests keep the client's own credentials")
+    password: Annotated[str, Text()] = key(
+        "Password", "", "the password of `Upstream:Username` (or `PasswordFile`)", secret=True)
+    preserve_host: Annotated[bool, Flag()] = key(
+        "PreserveHost", False, "send the client's `Host` to the PACS instead of the PACS's own (for a PACS that "
+        "builds its URLs from `Host`); `Forwarded` and `X-Forwarded-Host` are sent either way")
+    rewrite_urls: Annotated[str, Choice("Auto", "Always", "Never")] = key(
+        "RewriteUrls", "Auto", "rewrite URLs that point at the PACS into URLs at the gateway: `Location` headers, "
+        "and DICOM JSON/XML bodies under `Upstream:DicomWebRoot` (`Auto`) or on every path (`Always`), streamed; "
+        "`Never` passes answers as they are")
+    public_url: Annotated[str, Text()] = key(
+        "PublicUrl", "", "the gateway's URL as clients reach it (`https://pacs.example.org`), when a load balancer "
+        "in front of it terminates TLS or renames it; empty: the request's own `Host` and scheme")
+
+    def __repr_args__(self) -> Any:  # a logged Settings never shows the password of a user:password@ in Url
+        for name, value in super().__repr_args__():
+            yield name, (mask_userinfo(value) if name == "url" and isinstance(value, str) else value)
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> UpstreamSettings:
+        parts = urlsplit(self.url)
+        if (parts.username or parts.password) and (self.username or self.password):
+            raise PydanticCustomError(VALUE_ERROR, "{expected}", {
+                "expected": "credentials are given both in Upstream:Url and in Upstream:Username/Password; "
+                            "keep one (better Username/Password: the password can then come from PasswordFile)",
+                "key": "Username"})
+        if self.password and not self.username:
+            raise PydanticCustomError(VALUE_ERROR, "{expected}", {
+                "expected": "Upstream:Password is set without Upstream:Username; set both", "key": "Username"})
+        if self.public_url:
+            public = urlsplit(self.public_url)
+            if public.scheme not in ("http", "https") or not public.hostname or public.path.strip("/") \
+                    or public.query or public.username:
+                raise PydanticCustomError(VALUE_ERROR, "{expected}", {
+                    "expected": "Upstream:PublicUrl must be an origin like https://gateway.example.org[:port] "
+                                "(no path, no credentials)", "key": "PublicUrl"})
+        return self
 
 
 class ExtraConfigSettings(Section):
@@ -110,7 +150,8 @@ class LuaSettings(Section):
         "FailOpen", False,
         "a failing hook: `false` fails closed (HTTP: 500 JSON; DICOM: a failure status), `true` logs and carries "
         "on as if the hook were not there; or a list of callback names that fail open, e.g. `[\"onHttpResponse\"]` "
-        "(per hook, for `onHttpRequest`, `onHttpResponse` and `IncomingHttpRequestFilter`)")
+        "(per hook, for `onHttpRequest`, `onHttpResponse`, `IncomingHttpRequestFilter` and `ReceivedInstanceFilter` "
+        "on HTTP uploads)")
     reload_interval_ms: Annotated[int, Whole(50)] = key(
         "ReloadIntervalMs", 1000, "how often script files are checked for edits")
     background_workers: Annotated[int, Whole(1)] = key("BackgroundWorkers", 2, "tasks run at once")
@@ -311,6 +352,25 @@ class ServerSettings(Section):
         "limit minus `Server:ReservedFileDescriptors`")
     reserved_fds: Annotated[int, Whole(0)] = key(
         "ReservedFileDescriptors", 256, "descriptors kept for the spool, the DICOM side and the upstream pool")
+    shutdown_timeout: Annotated[float, Number(minimum=2)] = key(
+        "ShutdownTimeoutSeconds", 30, "after SIGTERM the process exits within this (match systemd's "
+        "`TimeoutStopSec`, Kubernetes' `terminationGracePeriodSeconds`): the drain delay, then in-flight HTTP "
+        "requests, TUS PATCHes and DICOM associations may finish, then the components stop; what is still running "
+        "then is cut short and logged")
+    drain_delay: Annotated[float, Number(minimum=0)] = key(
+        "DrainDelaySeconds", 0, "after SIGTERM, keep serving this long (part of `Server:ShutdownTimeoutSeconds`) "
+        "while `/dicomproxy/health/ready` answers 503, so load balancers stop sending before the listeners close")
+    ready_requires_upstream: Annotated[bool, Flag()] = key(
+        "ReadyRequiresUpstream", True, "`/dicomproxy/health/ready` answers 503 while the upstream monitor finds the "
+        "PACS down")
+
+    @model_validator(mode="after")
+    def _drain_fits(self) -> ServerSettings:
+        if self.drain_delay > self.shutdown_timeout / 2:
+            raise PydanticCustomError(VALUE_ERROR, "{expected}", {
+                "expected": f"at most half of Server:ShutdownTimeoutSeconds ({self.shutdown_timeout:g}), the rest is "
+                            "for in-flight work and the components", "key": "DrainDelaySeconds"})
+        return self
 
 
 CLIENT_CERTIFICATE_MODES = ("None", "Optional", "Required")
@@ -344,7 +404,7 @@ class HttpsSettings(Section):
         "loaded for new connections without a restart (`0`: never)")
     redirect_http: Annotated[bool, Flag()] = key(
         "RedirectHttp", False, "the `http://` listeners answer 308 to the first `https://` one "
-        "(`/dicomproxy/health` excepted); needs both in `Urls`")
+        "(`/dicomproxy/health` and its `/live` and `/ready` probes excepted); needs both in `Urls`")
     hsts: Annotated[bool, Flag()] = key(
         "Hsts", False, "send `Strict-Transport-Security` on every `https` response (never over plain HTTP)")
     hsts_max_age: Annotated[int, Whole(0)] = key(
@@ -736,6 +796,13 @@ class OrthancSettings(Section):
         "ExecuteLuaAllowAnonymous", False,
         "with no `Authentication` configured, let anyone who reaches the gateway run `/tools/execute-script` "
         "(otherwise refused: 403); only for a gateway nobody else can reach")
+    lua_scripts: Annotated[tuple[Path, ...], Names(FsPath())] = key(
+        "LuaScripts", (), "Orthanc's `LuaScripts`: more scripts loaded into the singleton engine after `main.lua`, "
+        "in order (a later definition wins), each hot-reloaded; relative to ConfigRoot")
+    filter_header_max_bytes: Annotated[int, Whole(1024)] = key(
+        "FilterHeaderMaxBytes", 8388608, "`ReceivedInstanceFilter` over HTTP: the most bytes of one uploaded "
+        "instance buffered to read its header (up to the pixel data); an instance whose header is longer is "
+        "refused (`POST /instances`: 413; STOW-RS: a failed SOP)")
 
 
 class LoggingSettings(Section):
@@ -822,7 +889,7 @@ class Settings(Section):
     lua: LuaSettings = section("Lua", "the Lua engines")
     authentication: AuthenticationSettings = section(
         "Authentication", "who may call the gateway: basic users, API keys, bearer tokens, role rules")
-    server: ServerSettings = section("Server", "limits of the HTTP front door")
+    server: ServerSettings = section("Server", "limits of the HTTP front door, the shutdown deadline")
     https: HttpsSettings = section("Https", "certificates and policy of the `https://` listeners")
     cors: CorsSettings = section("Cors", "the CORS policy")
     tus: TusSettings = section("Tus", "the TUS upload server")

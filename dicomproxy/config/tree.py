@@ -3,9 +3,9 @@
 :func:`public_view` turns a validated model back into the shape of ``appsettings.json`` (key
 names as in the file, effective values: paths resolved, URLs normalised) with every secret
 replaced by ``***`` (an unset secret stays ``""``, so a reader can tell whether one is set and
-nothing else). It is the only view that leaves the configuration package: ``dicomproxy
-config`` prints it, Lua's ``Config[...]`` and ``GetOrthancConfiguration()`` read it, and a
-logged ``Settings`` hides secrets too (secret fields have ``repr=False``).
+nothing else), and so is the password of a URL's ``user:password@``. It is the only view that
+leaves the configuration package: ``dicomproxy config`` prints it, Lua's ``Config[...]`` and
+``GetOrthancConfiguration()`` read it, and a logged ``Settings`` hides secrets too (secret fields have ``repr=False``).
 
 Masked rather than absent, in Lua as well: one rule everywhere, the Orthanc shape of
 ``RegisteredUsers`` (name -> password) keeps its names, and a script can test that mail or a
@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from dicomproxy.config.fields import MASK, is_key, is_secret
+from dicomproxy.config.fields import MASK, HttpUrl, is_key, is_secret, kind_of, mask_userinfo
 
 
 def public_view(model: BaseModel) -> dict[str, Any]:
@@ -29,7 +29,10 @@ def public_view(model: BaseModel) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, info in type(model).model_fields.items():
         if is_key(info) and info.alias is not None:
-            out[info.alias] = _public(getattr(model, name), is_secret(info))
+            value = getattr(model, name)
+            if isinstance(value, str) and isinstance(kind_of(info), HttpUrl):
+                value = mask_userinfo(value)  # Upstream:Url may hold user:password@
+            out[info.alias] = _public(value, is_secret(info))
     for name, value in (model.model_extra or {}).items():
         out[name] = _public(value, False)
     return out

@@ -46,7 +46,7 @@ def forward_target(gateway: Host) -> ForwardTarget:
     dicom, up = settings.dicom, settings.upstream
     if dicom.forward_via == "dicomweb":
         return ForwardTarget(
-            via="dicomweb", stow_url=f"{up.url}{up.dicomweb_root}/studies", timeout=up.read_timeout,
+            via="dicomweb", stow_url=gateway.upstream.url(f"{up.dicomweb_root}/studies"), timeout=up.read_timeout,
             connect_timeout=up.connect_timeout,
         )
     return ForwardTarget(
@@ -172,9 +172,26 @@ class DicomComponent:
             tls = " (TLS)" if acceptor.tls is not None else ""
             log.info("DICOM AE %s listening on %s:%d%s", s.aet, s.host, acceptor.port, tls)
 
+    def drain(self) -> None:
+        """Shutdown began: close the port; associations in progress may go on (and store more)."""
+        if self.started:
+            for acceptor in self.acceptors:
+                acceptor.stop_listening()
+
+    async def settle(self, until: float) -> None:
+        """Shutdown, before any component stops: storage associations in progress may go on (and
+        store more) until ``until`` (``time.monotonic()``) and end by themselves (A-RELEASE)."""
+        if self.started:
+            await asyncio.to_thread(_join_until, self.dispatcher.storage_threads(), until)
+
     async def stop(self) -> None:
+        """An association still open now has its socket shut: the modality sees it aborted. Every
+        C-STORE answered with success before is in the spool, forwarded at the next start."""
         if not self.started:
             return
+        if self.dispatcher.active_storage:
+            log.warning("aborting %d storage association(s) still open at the shutdown deadline "
+                        "(Server:ShutdownTimeoutSeconds)", self.dispatcher.active_storage)
         for acceptor in reversed(self.acceptors):
             await acceptor.stop()
         threads = self.dispatcher.stop()
@@ -304,6 +321,11 @@ class DicomComponent:
 
 def _relay_mode(mode: str) -> bool:
     return mode != "StoreAndForward"
+
+
+def _join_until(threads: list[Any], until: float) -> None:
+    for t in threads:
+        t.join(timeout=max(0.0, until - time.monotonic()))
 
 
 def _join(threads: list[Any]) -> None:

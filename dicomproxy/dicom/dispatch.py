@@ -269,6 +269,10 @@ class Dispatcher:
         with self._lock:
             return len(self._live)
 
+    def storage_threads(self) -> list[threading.Thread]:
+        with self._lock:
+            return list(self._threads)
+
     def stop(self) -> list[threading.Thread]:
         """Wake every storage association's thread; returns them for the caller to join."""
         with self._lock:

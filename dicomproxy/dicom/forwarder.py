@@ -496,8 +496,15 @@ class Forwarder:
         assert self._cond is not None
         self._waiting += 1
         try:
-            async with self._cond:
-                await asyncio.wait_for(self._cond.wait(), max(0.01, min(due, IDLE_CLOSE_SECONDS / 2)))
+            # asyncio.timeout, never wait_for: on 3.11 wait_for runs the wait in a task of its own,
+            # and a stop() landing while that wait times out let this lane leave the ``async with``
+            # before the wait had the lock back; the lock then stayed taken and the other lanes'
+            # waits, which refuse cancellation until they get it, hung stop() or asyncio.run()'s
+            # final cancel forever (the SIGTERM hang: a dump of a hung gateway showed two orphaned
+            # ``Condition.wait()`` tasks "cancelling" at ``await self.acquire()``;
+            # tests/dicom/test_forwarder.py).
+            async with self._cond, asyncio.timeout(max(0.01, min(due, IDLE_CLOSE_SECONDS / 2))):
+                await self._cond.wait()
         except TimeoutError:
             pass
         finally:

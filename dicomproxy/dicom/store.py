@@ -69,7 +69,7 @@ class StoreService:
             metric.inc()
 
     def _scripted_store(self) -> bool:
-        return self.bridge.defines("onCStore", "ReceivedInstanceFilter")
+        return self.bridge.defines("onCStore", "ReceivedInstanceFilter", "ReceivedCStoreInstanceFilter")
 
     def store_received(self, session: AssocSession, writer: SpoolWriter, *, timed: bool = True) -> tuple[int, str]:
         """From an association's thread, the data set in ``writer``: ``(status, error comment)``.
@@ -245,6 +245,10 @@ class StoreService:
                     log.info("C-STORE %s from %s rejected by ReceivedInstanceFilter", sop_instance, session.calling)
                     self._count("rejected")
                     return STATUS_REFUSED, "rejected by ReceivedInstanceFilter"
+            if self.bridge.defines("ReceivedCStoreInstanceFilter"):
+                refused = await self._cstore_filter(session, ds, table if not changed else None, ts, sop_instance)
+                if refused is not None:
+                    return refused
         except Exception as e:
             what = "wrote an invalid value" if isinstance(e, datasets.TableError) else "failed"
             log.error("C-STORE %s from %s: script %s: %s", sop_instance, session.calling, what, e)
@@ -264,6 +268,25 @@ class StoreService:
             "PatientID": str(ds.get("PatientID", "") or ""),
         }
         return Edited(raw, header, str(ds.get("SOPInstanceUID", sop_instance) or sop_instance))
+
+    async def _cstore_filter(
+        self, session: AssocSession, ds: Any, table: dict[str, Any] | None, ts: str, sop_instance: str
+    ) -> tuple[int, str] | None:
+        """Orthanc's ``ReceivedCStoreInstanceFilter(dicom, origin, info)``: 0 accepts, any other number is
+        the DIMSE status the modality gets (the instance is dropped). A non-number is a script failure."""
+        info = {"HasPixelData": "PixelData" in ds, "TransferSyntaxUID": ts}
+        view = table if table is not None else datasets.dataset_to_table(ds)
+        d = await self.bridge.call_async("ReceivedCStoreInstanceFilter", view, session.origin(), info, session=session)
+        for status in d.results if d is not None else ():
+            if isinstance(status, bool) or not isinstance(status, int | float) or status != int(status):
+                raise TypeError(f"ReceivedCStoreInstanceFilter must return a DIMSE status number, got {status!r}")
+            if int(status) != STATUS_SUCCESS:
+                code = int(status) & 0xFFFF
+                log.info("C-STORE %s from %s refused by ReceivedCStoreInstanceFilter with status 0x%04X",
+                         sop_instance, session.calling, code)
+                self._count("rejected")
+                return code, f"refused by ReceivedCStoreInstanceFilter (0x{code:04X})"
+        return None
 
 
 class Edited(NamedTuple):

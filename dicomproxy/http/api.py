@@ -1,7 +1,14 @@
-"""The gateway's own API: ``/dicomproxy/health``, ``/dicomproxy/metrics``, ``/dicomproxy/tasks``."""
+"""The gateway's own API: ``/dicomproxy/health``, ``/dicomproxy/metrics``, ``/dicomproxy/tasks``,
+and the load-balancer probes ``/dicomproxy/health/live`` and ``/dicomproxy/health/ready``.
+
+The probes are plain ASGI answered before the front door, authentication, CORS and the Lua hooks
+(``Gateway.__call__``): a probe every second must cost next to nothing, must not depend on a
+script or the PACS (live), and says nothing but the phase, so it is open to anyone.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Mapping
@@ -32,6 +39,36 @@ class ApiSource(Protocol):
 
     @property
     def health_checks(self) -> Mapping[str, HealthCheck]: ...
+
+
+LIVE_PATH = "/dicomproxy/health/live"
+READY_PATH = "/dicomproxy/health/ready"
+PROBE_PATHS = frozenset({LIVE_PATH, READY_PATH})
+
+
+class ReadySource(Protocol):
+    def ready(self) -> tuple[bool, str]: ...
+
+
+def probes(gateway: ReadySource) -> Any:
+    """The ASGI app of both probes. live: 200 while the event loop answers. ready: 200 while the
+    gateway serves (and, with ``Server:ReadyRequiresUpstream``, the PACS is up), else 503 with why."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["path"] == LIVE_PATH:
+            status, body = 200, {"status": "live"}
+        else:
+            ok, why = gateway.ready()
+            status, body = (200 if ok else 503), {"status": why}
+        if scope["method"] not in ("GET", "HEAD"):
+            status, body = 405, {"error": "GET or HEAD only"}
+        raw = json.dumps(body).encode()
+        await send({"type": "http.response.start", "status": status, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()),
+            (b"cache-control", b"no-store")]})
+        await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else raw})
+
+    return app
 
 
 def build_api(gateway: ApiSource) -> Router:

@@ -13,6 +13,10 @@ things made them disagree:
   from the ``POST`` on the wire) is refused with 400. tus-js-client's ``overridePatchMethod``
   (``POST`` + ``X-HTTP-Method-Override: PATCH``) keeps working.
 
+``CONNECT`` is refused with 405: the gateway is no forward proxy, and after a ``CONNECT`` head llhttp
+stops parsing the connection, so a body or a pipelined request behind it was never read while the
+``CONNECT`` went on to the upstream, waiting for its body (found by tests/fuzz/test_http_requests.py).
+
 Cost on the proxy's hot path: a byte scan of the path and one pass over the header names.
 """
 
@@ -39,7 +43,9 @@ OVERRIDE_TO = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
 
 
 class BadRequest(ValueError):
-    pass
+    def __init__(self, detail: str, status: int = 400) -> None:
+        super().__init__(detail)
+        self.status = status
 
 
 class RequestGuard:
@@ -51,12 +57,14 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         try:
+            if scope["method"] == "CONNECT":
+                raise BadRequest("CONNECT is not served: the gateway is not a forward proxy", 405)
             scope = self._canonical(scope)
         except BadRequest as e:
             client = scope.get("client")
             log.info("refused %s %r from %s: %s", scope.get("method"), scope.get("raw_path"),
                      client[0] if client else "?", e)
-            await _bad_request(send, str(e))
+            await _bad_request(send, str(e), e.status)
             return
         await self.app(scope, receive, send)
 
@@ -107,9 +115,10 @@ def _override(scope: Scope) -> dict[str, Any]:
     return changes
 
 
-async def _bad_request(send: Send, detail: str) -> None:
-    body = json.dumps({"error": "bad request", "detail": detail}).encode()
-    await send({"type": "http.response.start", "status": 400, "headers": [
+async def _bad_request(send: Send, detail: str, status: int = 400) -> None:
+    error = "bad request" if status == 400 else "method not allowed"
+    body = json.dumps({"error": error, "detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
         (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})

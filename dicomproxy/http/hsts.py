@@ -10,10 +10,10 @@ Each listener wraps the app in what it needs (listeners.py), so nothing is check
 * an ``http://`` listener with ``Https:RedirectHttp``: :class:`RedirectToHttps` answers 308 (the
   method and body are kept, so an upload client that follows it re-sends the same request)
   to the first ``https://`` listener, the host taken from the request's ``Host`` header.
-  ``/dicomproxy/health`` is answered over plain HTTP as before: load balancers, Docker's
-  ``HEALTHCHECK`` and Kubernetes probes usually ask over plain HTTP and take a 3xx for health
-  without following it, and the health document needs no credentials and holds no secrets, so
-  there is nothing to protect and a real answer to give.
+  ``/dicomproxy/health`` and its probes (``/live``, ``/ready``) are answered over plain HTTP as
+  before: load balancers, Docker's ``HEALTHCHECK`` and Kubernetes probes usually ask over plain
+  HTTP and take a 3xx for health without following it, and the health document needs no
+  credentials and holds no secrets, so there is nothing to protect and a real answer to give.
 
 Both run outside every other layer, so a script's ``onHttpResponse`` cannot remove the header and
 an unauthenticated request on the plain listener learns nothing but the redirect.
@@ -27,7 +27,7 @@ from typing import Any
 
 ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
-HEALTH_PATH = "/dicomproxy/health"
+HEALTH_PATHS = frozenset({"/dicomproxy/health", "/dicomproxy/health/live", "/dicomproxy/health/ready"})
 HEADER = b"strict-transport-security"
 _HOST = re.compile(rb"^(?P<host>[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?$")
 
@@ -59,14 +59,14 @@ class Hsts:
 
 
 class RedirectToHttps:
-    """Answers every request but the health check with 308 to ``https://<Host>:<port><target>``."""
+    """Answers every request but the health check and probes with 308 to ``https://<Host>:<port><target>``."""
 
     def __init__(self, app: ASGIApp, https_port: int) -> None:
         self.app = app
         self.port_suffix = b"" if https_port == 443 else b":%d" % https_port
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] == HEALTH_PATH:
+        if scope["type"] != "http" or scope["path"] in HEALTH_PATHS:
             await self.app(scope, receive, send)
             return
         host = next((v for k, v in scope["headers"] if k == b"host"), b"")

@@ -4,8 +4,9 @@ Pure ASGI on the PACS's keep-alive pool (:mod:`dicomproxy.upstream.pool`, measur
 half aiohttp's CPU per request). Bodies stream both ways in the chunks they arrive in, so a
 1 GB WADO-RS answer or STOW-RS upload passes with flat memory. Hop-by-hop headers are dropped,
 ``X-Forwarded-For`` extended (every value the client sent is kept, in order, then the client's
-address) and ``X-Forwarded-Proto``/``-Host`` set to what the gateway saw; duplicate headers are
-kept both ways.
+address), ``Forwarded`` and ``X-Forwarded-Proto``/``-Host`` set to what the gateway saw, and
+URLs in answers that point at the PACS rewritten to point at the gateway (both:
+:mod:`dicomproxy.http.relay`); duplicate headers are kept both ways.
 
 Framing is never taken from headers a client or a Lua hook can edit: ``Host``,
 ``Content-Length``, ``Transfer-Encoding`` and ``Connection`` going upstream come from the pool's
@@ -35,8 +36,10 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
+from dicomproxy.http.relay import Relay, Rewrite, Rewriter
 from dicomproxy.metrics import HTTP_BUCKETS, Metrics
 from dicomproxy.upstream import Upstream
 from dicomproxy.upstream.connection import Body, Exchange
@@ -54,7 +57,9 @@ log = logging.getLogger("dicomproxy.http.proxy")
 # Request headers the proxy itself replaces. Expect: the gateway answers "100 Continue" itself
 # (uvicorn does, when the proxy reads the body); forwarded, the upstream would be asked for a
 # 100 that the client has already had.
-_REPLACED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"expect", b"host"})
+# The client's own Forwarded and X-Forwarded-Proto/-Host: the PACS hears the gateway's, not what a client claims.
+_REPLACED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"expect",
+                       b"host"})
 # Answer headers never passed on: hop-by-hop, and the length, which the proxy writes from the framing.
 _SKIP_ANSWER = HOP_BY_HOP | {b"content-length"}
 HELD_BODY_LIMIT = 64 << 10
@@ -89,6 +94,7 @@ class _TooLarge(Exception):
 class ReverseProxy:
     def __init__(self, upstream: Upstream, metrics: Metrics) -> None:
         self.upstream = upstream
+        self.relay = Relay(upstream.settings, upstream.pool.origin, upstream.prefix)
         self.requests = metrics.counter("dicomproxy_proxy_requests_total", "Proxied requests by status class",
                                         labels=("status",))
         self.failures = metrics.counter("dicomproxy_proxy_upstream_errors_total", "Upstream failures by kind",
@@ -102,9 +108,9 @@ class ReverseProxy:
             labels=("status",), buckets=HTTP_BUCKETS,
         )
 
-    @staticmethod
-    def _request_headers(scope: dict[str, Any]) -> tuple[Headers, bool, int | None]:
-        """What goes upstream (``X-Forwarded-*`` added), whether a body was declared, and its length.
+    def _request_headers(self, scope: dict[str, Any]) -> tuple[Headers, bool, int | None, Forward]:
+        """What goes upstream (forwarding headers added, :mod:`~dicomproxy.http.relay`), whether a
+        body was declared, its length, and the ``Host``/rewrite decision for this request.
 
         Framing and hop-by-hop names are dropped here already (the pool's head writer drops
         any left, a hook's included); the declared framing says only whether to read a body.
@@ -129,13 +135,13 @@ class ReverseProxy:
                 has_body = True
             else:
                 headers.append((name, v))
-        client = scope.get("client")
-        forwarded.append(client[0].encode() if client else b"unknown")
-        headers.append((b"x-forwarded-for", b", ".join(forwarded)))
-        headers.append((b"x-forwarded-proto", scope.get("scheme", "http").encode()))
-        if host:
-            headers.append((b"x-forwarded-host", host))
-        return headers, has_body, length
+        relay = self.relay
+        added, facing = relay.forwarding(scope, host, forwarded)
+        headers += added
+        rewrite = relay.rewrite(scope["path"], facing)
+        if rewrite is not None and rewrite.body:
+            _ask_identity(headers)
+        return headers, has_body, length, Forward(relay.upstream_host_for(facing), rewrite)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         target = self.upstream.prefix + (scope.get("raw_path") or scope["path"].encode())
@@ -180,7 +186,7 @@ class ReverseProxy:
         response: Exchange | None = None
         try:
             method = scope["method"].encode()
-            headers, has_body, length = self._request_headers(scope)
+            headers, has_body, length, forward = self._request_headers(scope)
             content: Body = None
             if not has_body:
                 body_done.set()
@@ -189,12 +195,19 @@ class ReverseProxy:
                 body_done.set()
             else:
                 content = body()
-            response = await self.upstream.pool.request(method, target, headers, content, length)
+            response = await self.upstream.pool.request(method, target, headers, content, length, host=forward.host)
+            answer = _answer_headers(response)
+            rewriter: Rewriter | None = None
+            if forward.rewrite is not None:
+                answer, rewriter = forward.rewrite.answer(response.status, answer, method == b"HEAD")
             started = True
-            await send({"type": "http.response.start", "status": response.status, "headers": _answer_headers(response)})
+            await send({"type": "http.response.start", "status": response.status, "headers": answer})
             status_class = f"{response.status // 100}xx"
             self.requests.inc(status=status_class)
             self.first_byte.observe(loop.time() - received, status=status_class)
+            if rewriter is not None:
+                finished = await _send_rewritten(response, rewriter, send)
+                return
             while True:
                 chunk = await response.read()
                 if not chunk:
@@ -269,9 +282,41 @@ def _answer_headers(response: Exchange) -> Headers:
     drop = _with_connection_tokens(_SKIP_ANSWER, response.headers)
     out = [(k, v) for k, v in response.headers if k not in drop]
     length = response.content_length
-    if length is not None and response.status != 204 and response.framing is not _CHUNKED:
+    # Not on a 304 either: its Content-Length names the representation it stands for, but uvicorn holds
+    # the body to it and raised mid-answer ("Response content shorter than Content-Length"; tests/fuzz).
+    if length is not None and response.status not in (204, 304) and response.framing is not _CHUNKED:
         out.append((b"content-length", b"%d" % length))
     return out
+
+
+async def _send_rewritten(response: Exchange, rewriter: Rewriter, send: Any) -> bool:
+    """The answer's body through ``rewriter`` (:mod:`dicomproxy.http.rewrite`), chunk by chunk."""
+    while chunk := await response.read():
+        if response.at_end:
+            await send({"type": "http.response.body", "body": rewriter.feed(chunk) + rewriter.flush()})
+            return True
+        out = rewriter.feed(chunk)
+        if out:
+            await send({"type": "http.response.body", "body": out, "more_body": True})
+    await send({"type": "http.response.body", "body": rewriter.flush()})
+    return True
+
+
+def _ask_identity(headers: Headers) -> None:
+    """``Accept-Encoding: identity`` instead of the client's, when the answer may be rewritten and
+    its ``Accept`` admits a JSON or XML one (see :mod:`dicomproxy.http.relay` on compression)."""
+    accept = next((v for k, v in headers if k == b"accept"), None)
+    if Relay.wants_identity(accept):
+        headers[:] = [(k, v) for k, v in headers if k != b"accept-encoding"]
+        headers.append((b"accept-encoding", b"identity"))
+
+
+@dataclass(slots=True)
+class Forward:
+    """One request's ``Host`` for the PACS (None: its own) and its answer's rewrite (None: none)."""
+
+    host: bytes | None
+    rewrite: Rewrite | None
 
 
 async def _held(body: AsyncIterator[bytes]) -> bytes:

@@ -59,7 +59,7 @@ class HeadLimits:
     max_connections: int = 1000
 
 
-_REASONS = {408: b"Request Timeout", 414: b"URI Too Long", 431: b"Request Header Fields Too Large",
+_REASONS = {400: b"Bad Request", 408: b"Request Timeout", 414: b"URI Too Long", 431: b"Request Header Fields Too Large",
             503: b"Service Unavailable"}
 
 
@@ -115,6 +115,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_size = 0  # the parsed head's size (URL + headers), for heads that come in one read
         self._head_timer: asyncio.TimerHandle | None = None
         self._refusal = 0
+        self._deferred = 0  # a refusal waiting for the answers owed to earlier pipelined requests
 
     # -- connection ---------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -162,14 +163,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 self._unsupported_upgrade_warning()
             return
         except httptools.HttpParserError:
-            if self._refusal:
-                self._refuse(self._refusal)
-                return
-            self.logger.warning("Invalid HTTP request received.")
-            self.send_400_response("Invalid HTTP request received.")
+            if not self._refusal:
+                self.logger.warning("Invalid HTTP request received.")
+            self._refuse_in_order(self._refusal or 400)
             return
         if self._in_head and self._head_bytes > self.limits.max_head_bytes:
-            self._refuse(431)
+            self._refuse_in_order(431)
 
     # -- parser callbacks -----------------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -201,6 +200,35 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._in_head = True  # what comes next is the next request's head; its timer starts with its first byte
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # starts the next pipelined request, if any
+        if self._deferred and not self._answer_owed():
+            self._refuse(self._deferred)
+
+    # -- refusing a pipelined request in order --------------------------------------------------
+    def _answer_owed(self) -> bool:
+        """An earlier request on this connection still has (part of) its answer to come."""
+        return bool(self.pipeline) or (self.cycle is not None and not self.cycle.response_complete)
+
+    def _refuse_in_order(self, status: int) -> None:
+        """Refuse the request being parsed without overtaking the answers owed to earlier ones.
+
+        uvicorn writes its 400 at once: behind a pipelined request still being proxied, the client
+        read that 400 as the earlier request's answer although the upstream had executed it (found
+        by tests/fuzz/test_http_requests.py). Here the refusal waits for the earlier answers
+        (:meth:`on_response_complete`); a request whose body broke is dropped if it has not started,
+        and if it has, it owns the connection: refused now, or only closed once its answer began.
+        """
+        broken = None if self._in_head else self.cycle  # its head was read, its body broke
+        if broken is not None and self.pipeline and self.pipeline[0][0] is broken:
+            self.pipeline.popleft()  # queued behind another: it never runs
+            broken = None
+        if broken is None and self._answer_owed():
+            self._deferred = self._deferred or status
+            self.flow.pause_reading()
+            return
+        self._refuse(status, close_only=broken is not None and broken.response_started)
 
     # -- helpers --------------------------------------------------------------------------------
     def _arm_head_timer(self) -> None:

@@ -256,6 +256,10 @@ class Notifier:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
 
+    def drain(self) -> None:
+        """Shutdown began: end the live streams (EventSource reconnects, elsewhere or after restart)."""
+        self.feed.close()
+
     async def stop(self) -> None:
         self.feed.close()
         for task in list(self._tasks):

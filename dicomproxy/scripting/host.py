@@ -73,6 +73,8 @@ class ScriptHost:
             on_changed=self._script_changed,
             libraries=(LuaLibrary("requireNative", exports.REQUIRE_NATIVE_LUA, ("requireNative",)),),
             on_call=on_call,
+            extra_singleton=settings.orthanc.lua_scripts,
+            extra_setting="Orthanc:LuaScripts",
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self.add_export("LogDebug", exports.log_debug, pass_engine=True)
@@ -181,13 +183,31 @@ class ScriptHost:
         scripts = self.scripts.status()
         task_script = self.settings.lua.scripts_root / exports.TASK_SCRIPT
         scripts.append({"script": str(task_script), "kind": "background", "present": task_script.is_file(),
-                        "loaded": None, "callbacks": [], "error": None})
+                        "loaded": None, "callbacks": [], "error": None, "lastReload": None})
         return {
             "scriptsRoot": str(self.settings.lua.scripts_root),
             "scripts": scripts,
             "lastError": next((s["error"] for s in scripts if s.get("error")), None),
             "exports": sorted(name for name in self.scripts.exports if not name.startswith("_")),
         }
+
+    async def check(self) -> list[dict[str, Any]]:
+        """``dicomproxy check``: load every ``*.lua`` of the scripts folder in a fresh engine, the
+        way the gateway would; ``[{"script", "ok", "error"}]`` (the error as ``file:line: message``)."""
+        root = self.settings.lua.scripts_root
+        results: list[dict[str, Any]] = []
+        for path in sorted(root.glob("*.lua")):
+            engine = self.new_engine("check")
+            try:
+                await engine.load(await asyncio.to_thread(path.read_bytes), str(path))
+                results.append({"script": str(path), "ok": True, "error": None})
+            except LuaError as e:
+                results.append({"script": str(path), "ok": False, "error": str(e)})
+            except OSError as e:
+                results.append({"script": str(path), "ok": False, "error": f"{path}: cannot read: {e.strerror}"})
+            finally:
+                engine.release()
+        return results
 
     # ------------------------------------------------------------------ background engines
     def new_engine(self, name: str) -> LuaEngine:

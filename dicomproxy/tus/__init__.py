@@ -63,7 +63,7 @@ class TusFeature:
             self.app.store, self.app.locks, self.settings.expire_after, self.settings.sweep_interval
         )
         up = gateway.settings.upstream
-        self.stow_url = f"{up.url}{up.dicomweb_root}/studies"
+        self.stow_url = gateway.upstream.url(f"{up.dicomweb_root}/studies")  # no user:password@ (logged)
         zip_limits = ZipLimits(self.settings.zip_max_expanded, self.settings.zip_max_ratio,
                                self.settings.zip_max_members)
         self.stow = StowClient(self.stow_url, gateway.upstream.client, self.settings.import_batch_size,

@@ -1,9 +1,10 @@
 """What a finished upload holds: one DICOM Part-10 file, or a ZIP of them, read within limits.
 
 :func:`scan` classifies the upload and lists its instances (:class:`Part`: a name, a size and
-how to open it) for the importer (:mod:`.importer`), which streams them to the PACS. Members
-that are not DICOM (``DICM`` at byte 128), ``DICOMDIR`` files and macOS ``._`` files are
-skipped and named; a ZIP inside the ZIP is skipped too, never expanded.
+how to open it) for the importer (:mod:`.importer`), which streams them to the PACS. A file or
+member without ``DICM`` at byte 128 that is a dataset without a Part-10 header is sent with a
+file meta put in front (:mod:`.rawdataset`); members that are not DICOM, ``DICOMDIR`` files and
+macOS ``._`` files are skipped and named; a ZIP inside the ZIP is skipped too, never expanded.
 
 A ZIP is checked before anything reaches the PACS, and refused whole (:class:`ArchiveRefused`,
 which the import reports as ``import.failed`` with the reason) when
@@ -28,11 +29,16 @@ since Python 2.6; nothing public gives the entry count without parsing the whole
 from __future__ import annotations
 
 import functools
+import logging
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Protocol
+
+from dicomproxy.tus import rawdataset
+
+log = logging.getLogger(__name__)
 
 DICOMDIR_NAMES = {"DICOMDIR"}
 GIB = 1024**3
@@ -80,14 +86,19 @@ def scan(path: Path, limits: ZipLimits | None = None) -> tuple[str, list[Part], 
     Raises :class:`ArchiveRefused` for a ZIP over a limit or one that cannot be read."""
     with open(path, "rb") as f:
         head = f.read(132)
-    if is_dicom_header(head):
-        size = path.stat().st_size
-        return "dicom", [Part(path.name, size, lambda: open(path, "rb"))], []
-    if head[:4] == b"PK\x03\x04" or zipfile.is_zipfile(path):
-        try:
-            return ("zip", *_scan_zip(path, limits or ZipLimits()))
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as e:
-            raise ArchiveRefused(f"{path.name}: not a readable ZIP ({e})") from None
+        if is_dicom_header(head):
+            return "dicom", [Part(path.name, path.stat().st_size, lambda: open(path, "rb"))], []
+        if head[:4] == b"PK\x03\x04" or zipfile.is_zipfile(path):
+            try:
+                return ("zip", *_scan_zip(path, limits or ZipLimits()))
+            except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as e:
+                raise ArchiveRefused(f"{path.name}: not a readable ZIP ({e})") from None
+        found = rawdataset.sniff(head + f.read(rawdataset.HEAD - len(head)))
+    if found is not None:
+        prefix = rawdataset.file_meta(found)
+        log.info("%s: a dataset without a Part-10 header (%s); sent with a file meta", path.name, found.transfer_syntax)
+        return "dicom", [Part(path.name, len(prefix) + path.stat().st_size,
+                              lambda: rawdataset.Prefixed(prefix, open(path, "rb")))], []
     return "unknown", [], [path.name]
 
 
@@ -114,11 +125,29 @@ def _scan_zip(path: Path, limits: ZipLimits) -> tuple[list[Part], list[str]]:
                 skipped.append(f"{info.filename} (a ZIP inside the ZIP: not expanded)")
                 continue
             if not is_dicom_header(head):
-                skipped.append(info.filename)
+                raw = _raw_member(zf, info, head, archive)
+                if raw is None:
+                    skipped.append(info.filename)
+                else:
+                    parts.append(raw)
                 continue
             parts.append(Part(info.filename, info.file_size, functools.partial(archive.open, info)))
     archive.members = len(parts)
     return parts, skipped
+
+
+def _raw_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, head: bytes, archive: _Archive) -> Part | None:
+    """A member that is a dataset without a Part-10 header (:mod:`.rawdataset`), with its file meta; else None."""
+    if len(head) < 132:
+        found = rawdataset.sniff(head)
+    else:
+        with zf.open(info) as member:
+            found = rawdataset.sniff(member.read(rawdataset.HEAD))
+    if found is None:
+        return None
+    prefix = rawdataset.file_meta(found)
+    return Part(info.filename, len(prefix) + info.file_size,
+                lambda: rawdataset.Prefixed(prefix, archive.open(info)))
 
 
 def _check_entry_count(path: Path, limits: ZipLimits) -> None:

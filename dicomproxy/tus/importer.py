@@ -1,8 +1,10 @@
 """The default handling of a finished upload: send its DICOM instances to the PACS (STOW-RS).
 
-An upload is either one DICOM Part-10 file (``DICM`` at byte 128) or a ZIP of them (members
-that are not DICOM, and ``DICOMDIR`` files, are skipped and counted; the ZIP is read within the
-limits of :mod:`.archive`, which refuses zip bombs before anything is sent). Instances go to
+An upload is either one DICOM file (Part-10, ``DICM`` at byte 128, or a dataset without that
+header in implicit/explicit little or explicit big endian, sent with a file meta built for it:
+:mod:`.rawdataset`) or a ZIP of them (members that are not DICOM, and ``DICOMDIR`` files, are
+skipped and counted; the ZIP is read within the limits of :mod:`.archive`, which refuses zip
+bombs before anything is sent). Instances go to
 ``{Upstream:Url}{Upstream:DicomWebRoot}/studies`` as ``multipart/related; type="application/dicom"``
 requests of at most ``Tus:ImportBatchSize`` instances each. A request body is streamed from
 the file (or from the ZIP member, decompressed on the fly) in 1 MB pieces read in a thread,

@@ -9,6 +9,16 @@ whether the PACS answers a C-ECHO on ``Dicom:Upstream`` (through the ``echo`` co
 DICOM side, at most every ``ECHO_INTERVAL`` seconds however many pages poll). Uploads go to
 the TUS endpoint.
 
+The operator's view adds, under the same prefix:
+
+* ``history?since=SEQ``: the last hour of the gateway's metrics for the graphs, deltas only
+  (:mod:`.history`; drawn with the vendored uPlot, MIT, ``static/uPlot.*``);
+* ``scripts/source?script=NAME`` (admin): a script's source, read-only, for the error's line;
+* ``check`` (POST, admin, same origin only): ``dicomproxy check`` run in the gateway;
+* ``audit?limit=N`` (admin): the latest audit events, from memory (``AuditTrail.recent``).
+
+The admin routes are gated by the built-in rules of :mod:`dicomproxy.auth.policy`.
+
 Authentication is the gateway's: every mounted route is behind it, so the page, its API calls
 and the uploads all use the credentials the browser already sent for the page.
 """
@@ -30,12 +40,16 @@ from starlette.types import Receive, Scope, Send
 import dicomproxy
 from dicomproxy.host import Host
 from dicomproxy.http.mount import mount_subpath
+from dicomproxy.ui import scripts as script_view
+from dicomproxy.ui.history import History
 
 log = logging.getLogger(__name__)
 
 PREFIX = "/dicomproxy/ui"
 ECHO_INTERVAL = 15.0  # seconds a C-ECHO answer is reused
 ECHO_TIMEOUT = 10.0
+AUDIT_LIMIT = 200
+NO_STORE = {"Cache-Control": "no-store"}
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 CONTENT_TYPES = {
     ".js": "text/javascript; charset=utf-8",
@@ -97,9 +111,13 @@ class StatusPage:
     def __init__(self, host: Any, tus_endpoint: str, prefix: str = PREFIX,
                  health_url: str = "/dicomproxy/health", tasks_url: str = "/dicomproxy/tasks",
                  notifications_url: str = "/dicomproxy/notifications",
-                 echo: DicomEcho | None = None) -> None:
+                 echo: DicomEcho | None = None, history: History | None = None, audit: Any = None,
+                 scripts_root: Path | None = None) -> None:
         self.host = host
         self.echo = echo
+        self.history = history
+        self.audit = audit
+        self.scripts_root = scripts_root
         self.prefix = prefix.rstrip("/")
         self.static = {p.name: p for p in STATIC_DIR.iterdir() if p.is_file() and p.name != "index.html"}
         values = {
@@ -108,6 +126,10 @@ class StatusPage:
             "health_url": health_url,
             "tasks_url": tasks_url,
             "status_url": f"{self.prefix}/status.json",
+            "history_url": f"{self.prefix}/history",
+            "source_url": f"{self.prefix}/scripts/source",
+            "check_url": f"{self.prefix}/check",
+            "audit_url": f"{self.prefix}/audit",
             "notifications_url": notifications_url,
             "stream_url": f"{notifications_url.rstrip('/')}/stream",
             "version": f"v{dicomproxy.__version__}",
@@ -128,12 +150,20 @@ class StatusPage:
         await response(scope, receive, send)
 
     async def route(self, request: Request, sub: str) -> Response:
+        if sub == "/check":
+            return await self.check(request)
         if request.method not in ("GET", "HEAD"):
             return PlainTextResponse("use GET\n", 405, headers={"Allow": "GET, HEAD"})
         if sub in ("/", "/index.html"):
             return HTMLResponse(self.page, headers=SECURITY_HEADERS)
         if sub == "/status.json":
-            return JSONResponse(await self.status(), headers={"Cache-Control": "no-store"})
+            return JSONResponse(await self.status(), headers=NO_STORE)
+        if sub == "/history":
+            return self.history_json(request)
+        if sub == "/scripts/source":
+            return await self.source(request)
+        if sub == "/audit":
+            return self.audit_json(request)
         if sub.startswith("/static/"):
             file = self.static.get(sub[len("/static/"):])  # names only: no path traversal
             if file is not None:
@@ -142,18 +172,64 @@ class StatusPage:
                     "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
         return PlainTextResponse(f"not found; the status page is {self.prefix}\n", 404)
 
-    async def status(self) -> dict[str, Any]:
+    def history_json(self, request: Request) -> Response:
+        if self.history is None:
+            return JSONResponse({"error": "no metric history in this gateway"}, 404)
         try:
-            scripts = self.host.status()
+            since = int(request.query_params.get("since", "0"))
+        except ValueError:
+            return JSONResponse({"error": "since: the seq of the previous answer, a whole number"}, 400)
+        return JSONResponse(self.history.since(since), headers=NO_STORE)
+
+    async def source(self, request: Request) -> Response:
+        name = request.query_params.get("script", "")
+        status = self._script_status()
+        files = script_view.script_files(self.scripts_root, status) if self.scripts_root is not None else {}
+        path = files.get(name)
+        if path is None:
+            return JSONResponse({"error": f"no script {name!r} in the scripts folder (ExtraConfig:ScriptsRoot)"}, 404)
+        try:
+            answer = await asyncio.to_thread(script_view.read_source, path)
+        except OSError as e:
+            return JSONResponse({"error": f"{name}: cannot read: {e.strerror}"}, 404)
+        entries = status.get("scripts", [])
+        entry: dict[str, Any] = next((s for s in entries if Path(s.get("script", "")).name == name), {})
+        answer["error"] = entry.get("error")
+        answer["location"] = script_view.error_location(entry.get("error"))
+        return JSONResponse(answer, headers=NO_STORE)
+
+    async def check(self, request: Request) -> Response:
+        if request.method != "POST":
+            return PlainTextResponse("use POST\n", 405, headers={"Allow": "POST"})
+        origin = request.headers.get("origin")
+        if origin is not None and origin.split("://", 1)[-1] != request.headers.get("host"):
+            return JSONResponse({"error": "check runs the scripts: only from the status page itself"}, 403)
+        results = script_view.with_locations(await self.host.check())
+        return JSONResponse({"ok": all(r["ok"] for r in results), "results": results}, headers=NO_STORE)
+
+    def audit_json(self, request: Request) -> Response:
+        if self.audit is None or not self.audit.enabled:
+            return JSONResponse({"enabled": False, "events": []}, headers=NO_STORE)
+        try:
+            limit = min(AUDIT_LIMIT, max(0, int(request.query_params.get("limit", "50"))))
+        except ValueError:
+            return JSONResponse({"error": f"limit: a whole number up to {AUDIT_LIMIT}"}, 400)
+        return JSONResponse({"enabled": True, "events": self.audit.recent(limit)}, headers=NO_STORE)
+
+    def _script_status(self) -> dict[str, Any]:
+        try:
+            status: dict[str, Any] = json.loads(json.dumps(self.host.status(), default=str))
         except Exception as e:  # the page must load even if the host cannot say
             log.exception("ScriptHost.status() failed")
-            scripts = {"error": f"{type(e).__name__}: {e}"}
+            return {"error": f"{type(e).__name__}: {e}"}
+        for entry in status.get("scripts", []):
+            entry["location"] = script_view.error_location(entry.get("error"))
+        return status
+
+    async def status(self) -> dict[str, Any]:
+        scripts = self._script_status()
         echo = await self.echo.status() if self.echo is not None else None
-        return {
-            "version": dicomproxy.__version__,
-            "scripts": json.loads(json.dumps(scripts, default=str)),
-            "dicomUpstream": echo,
-        }
+        return {"version": dicomproxy.__version__, "scripts": scripts, "dicomUpstream": echo}
 
 
 def install(gateway: Host) -> StatusPage:
@@ -163,6 +239,10 @@ def install(gateway: Host) -> StatusPage:
     if "echo" in gateway.commands.names():  # the DICOM side is installed
         up = dicom.upstream
         echo = DicomEcho(gateway.commands, f"{dicom.aet}:{up.aet}@{up.host}:{up.port}")
-    page = StatusPage(gateway.lua, gateway.settings.tus.base_path, echo=echo)
+    history = History(gateway.metrics.registry)
+    gateway.add_component(history)
+    gateway.add_health("ui", history.health)
+    page = StatusPage(gateway.lua, gateway.settings.tus.base_path, echo=echo, history=history, audit=gateway.audit,
+                      scripts_root=gateway.settings.lua.scripts_root)
     gateway.mount(PREFIX, page)
     return page

@@ -15,6 +15,9 @@ events and acts on its states:
   time (``head_timeout``, from its first byte to the end of the final head);
 * a status outside 100-599 and ``101 Switching Protocols`` are protocol errors (the proxy
   answers 502); other 1xx answers are skipped;
+* a ``Transfer-Encoding`` other than exactly ``chunked`` (``gzip``, ``gzip, chunked``, ...) is a
+  protocol error too: a transfer coding is hop-by-hop, and passed on as it came the client would
+  read the coded bytes as the body;
 * the read timeout is the upstream's silence while it owes us something (the answer, or room
   for our body): one watchdog timer per exchange re-arms itself for the exact time left.
 """
@@ -354,15 +357,22 @@ class Exchange(ExchangeState):
 
     def _choose_framing(self) -> bool:
         """Set ``framing`` and ``content_length`` from the head; False (and failed) if invalid."""
-        chunked = False
+        codings: list[bytes] = []
         for name, value in self.headers:
             if name == b"content-length":
                 if not value.isdigit() or len(value) > 18:
                     self._fail(RemoteProtocolError(f"invalid Content-Length {value[:40]!r} from {self.conn.label}"))
                     return False
                 self.content_length = int(value)
-            elif name == b"transfer-encoding":  # chunked only when it is the last coding (RFC 9112 6.3)
-                chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
+            elif name == b"transfer-encoding":
+                codings += [c.strip().lower() for c in value.split(b",")]
+        chunked = codings == [b"chunked"]
+        if codings and not chunked and not (self._head_request or self.status in _HEAD_ONLY_STATUSES):
+            # Another transfer coding (gzip, ...) is hop-by-hop: forwarded as it came, the client would
+            # read compressed bytes as the body (found by tests/fuzz). Only chunked is proxied, as h11 does.
+            self._fail(RemoteProtocolError(
+                f"unsupported Transfer-Encoding {b', '.join(codings)[:60]!r} from {self.conn.label} (only chunked)"))
+            return False
         if self._head_request or self.status in _HEAD_ONLY_STATUSES:
             self.framing = FR_NONE
         elif chunked:

@@ -27,6 +27,7 @@ so no caller can inject a header line or a second request.
 from __future__ import annotations
 
 import enum
+import re
 from typing import Protocol
 
 from dicomproxy.upstream.errors import LocalProtocolError, RemoteProtocolError
@@ -153,6 +154,9 @@ _NONE, _LENGTH, _CHUNKED = Framing.NONE, Framing.LENGTH, Framing.CHUNKED
 # --------------------------------------------------------------------------- the head
 _KEEP, _DROP, _CONNECTION = 0, 1, 2
 _METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE"})
+# A Host value: a reg-name or IPv4 address, or a bracketed IPv6 address, and an optional port.
+HOST_VALUE = re.compile(rb"(?:[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+_HOST = HOST_VALUE
 
 
 class HeadWriter:
@@ -170,16 +174,20 @@ class HeadWriter:
         self.host = host
         self._verdicts: dict[bytes, int] = {}
 
-    def encode(self, method: bytes, target: bytes, headers: Headers, framing: Framing, length: int) -> bytes:
+    def encode(self, method: bytes, target: bytes, headers: Headers, framing: Framing, length: int,
+               host: bytes | None = None) -> bytes:
         """The request head: ``headers`` less the hop-by-hop and framing names, plus the framing's own.
 
-        Raises :class:`LocalProtocolError` for a method or header name that is not a token, a
-        target with a space, CR or LF (or none), or a header value with CR or LF.
+        ``host``: the ``Host`` to send instead of the origin's. Raises :class:`LocalProtocolError`
+        for a method or header name that is not a token, a target with a space, CR or LF (or
+        none), a header value with CR or LF, or a ``host`` that is not ``host[:port]``.
         """
         if (method not in _METHODS and not _is_token(method)) or not target or 32 in target or 10 in target \
                 or 13 in target:
             raise LocalProtocolError(f"invalid request line {method!r} {target!r}")
-        lines = [method, b" ", target, b" HTTP/1.1\r\nhost: ", self.host, b"\r\n"]
+        if host is not None and not _HOST.fullmatch(host):
+            raise LocalProtocolError(f"invalid Host {host[:60]!r}")
+        lines = [method, b" ", target, b" HTTP/1.1\r\nhost: ", host or self.host, b"\r\n"]
         verdicts = self._verdicts
         listed: bytes | None = None  # what Connection headers list
         for name, value in headers:

@@ -98,6 +98,7 @@ class ConnectionPool:
         body: Body = None,
         content_length: int | None = None,
         limits: Limits | None = None,
+        host: bytes | None = None,
     ) -> Exchange:
         """Send a request and return its :class:`Exchange` once the answer's head is in.
 
@@ -105,12 +106,13 @@ class ConnectionPool:
         anything: the head writer drops ``Host``, ``Content-Length``, ``Transfer-Encoding`` and
         the hop-by-hop names and writes its own. A ``bytes`` body is sent with its length; a
         streamed one with ``content_length`` if given (exactly that many bytes, or the
-        connection is dropped), else chunked. ``limits`` replaces the pool's for this request.
+        connection is dropped), else chunked. ``limits`` replaces the pool's for this request;
+        ``host`` the ``Host`` header (``Upstream:PreserveHost``; the writer checks it).
         """
         if type(body) is bytes:
             content_length = len(body)
         framing, length = chosen_framing(method, content_length, body is not None)
-        head = self.heads.encode(method, target, headers, framing, length)
+        head = self.heads.encode(method, target, headers, framing, length, host)
         limits = limits or self.limits
         for attempt in (0, 1):
             conn = await self._acquire(limits, fresh=attempt == 1)

@@ -10,6 +10,7 @@ import httpx
 
 from dicomproxy import __version__
 from dicomproxy.config.settings import UpstreamSettings
+from dicomproxy.upstream.credentials import PacsAuth, split_userinfo
 from dicomproxy.upstream.limits import Limits, default_tls
 from dicomproxy.upstream.pool import ConnectionPool, Origin, Pools
 from dicomproxy.upstream.transport import PoolTransport
@@ -22,13 +23,17 @@ class Upstream:
       is the URL's path, to put in front of every proxied target);
     * ``client`` — an ``httpx.AsyncClient`` for the features (health probe, TUS import,
       ``RestApi*``, the change feed, STOW-RS forwarding): requests to the PACS go through
-      ``pool``, requests to any other URL (``HttpGet`` & co.) through a pool for that origin;
-    * ``url(path)`` — ``Upstream:Url`` joined with ``path``.
+      ``pool`` with the gateway's own credentials (:mod:`~dicomproxy.upstream.credentials`),
+      requests to any other URL (``HttpGet`` & co.) through a pool for that origin, without them;
+    * ``base`` — ``Upstream:Url`` without any ``user:password@`` (what may be shown);
+    * ``url(path)`` — ``base`` joined with ``path``.
     """
 
     def __init__(self, settings: UpstreamSettings) -> None:
         self.settings = settings
-        self.base = settings.url.rstrip("/")
+        # without a user:password@ it may hold: base is what logs, health and error bodies show
+        self.base, in_url = split_userinfo(settings.url.rstrip("/"))
+        credentials = (settings.username, settings.password) if settings.username else in_url
         self.prefix = urlsplit(self.base).path.rstrip("/").encode("latin-1")
         self.limits = Limits(
             connect_timeout=settings.connect_timeout,
@@ -43,6 +48,7 @@ class Upstream:
             base_url=self.base,
             timeout=httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout, pool=None),
             headers={"User-Agent": f"DicomProxy/{__version__}"},
+            auth=PacsAuth(self.pool.origin, *credentials) if credentials else None,
         )
         # bodies as the PACS stores them: no compression asked for, none undone
         del self.client.headers["Accept-Encoding"]

@@ -32,6 +32,11 @@ DEFAULT = Policy((), builtin_rules("/files/"))
     ("POST", "/dicomproxy/spool/retry", ("admin",), True),
     ("POST", "/tools/execute-script", ("viewer", "uploader"), False),
     ("POST", "/tools/execute-script", ("admin",), True),
+    ("GET", "/dicomproxy/ui/history", ("viewer",), True),  # the graphs: harmless
+    ("GET", "/dicomproxy/ui/scripts/source", ("viewer", "uploader"), False),  # may hold credentials
+    ("POST", "/dicomproxy/ui/check", ("viewer", "uploader"), False),  # runs the scripts
+    ("GET", "/dicomproxy/ui/audit", ("viewer", "uploader"), False),  # PHI
+    ("GET", "/dicomproxy/ui/audit", ("admin",), True),
     ("GET", "/anything", ("admin",), True),  # admin meets every rule
     ("GET", "/anything", (), False),
 ])

@@ -4,6 +4,7 @@ pynetdicom SCP, and large instances sent from the spool file in pieces."""
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
-from dicomproxy.dicom import datasets
+from dicomproxy.dicom import datasets, forwarder
 from dicomproxy.dicom.forwarder import Forwarder, ForwardTarget
 from dicomproxy.dicom.spool import Spool
 from tests import dicom_samples
@@ -182,3 +183,42 @@ async def test_the_attempts_survive_a_restart_and_an_unreachable_pacs_charges_no
         await down.stop()
     assert recovered.attempts == 1 and again.failed_count == 0  # no attempt charged, nothing failed
     again.close()
+
+
+def test_stop_near_the_idle_tick_never_strands_the_lanes(tmp_path: Path, monkeypatch: Any) -> None:
+    """Idle lanes wake every IDLE_CLOSE_SECONDS / 2; a stop() that lands while a lane's wait is
+    timing out must still end every lane and leave no task behind. (With ``wait_for(cond.wait())``
+    on Python 3.11 the timeout's cancellation and stop()'s overlapped: the lane left the
+    ``async with`` before its wait had taken the lock back, the lock stayed held by a finished
+    task, and the other lanes' waits -- which refuse cancellation until they get it -- hung
+    stop() or asyncio.run()'s final cancel: the gateway's SIGTERM hang.) A private loop, closed
+    without awaiting what a failure strands, so a regression fails here instead of hanging."""
+    monkeypatch.setattr(forwarder, "IDLE_CLOSE_SECONDS", 0.004)
+    spool = Spool(tmp_path)
+    spool.open()
+    loop = asyncio.new_event_loop()
+    try:
+        problems = loop.run_until_complete(_stop_at_random_moments(spool, trials=150))
+    finally:
+        loop.close()
+        spool.close()
+    assert not problems, problems
+
+
+async def _stop_at_random_moments(spool: Spool, trials: int) -> list[str]:
+    rng = random.Random(14)
+    for trial in range(trials):
+        fwd = Forwarder(spool, ForwardTarget("dimse", "NOBODY", "127.0.0.1", free_port()), concurrency=4)
+        before = asyncio.all_tasks()
+        await fwd.start([])
+        await asyncio.sleep(rng.uniform(0.0, 0.01))
+        try:
+            async with asyncio.timeout(2):
+                await fwd.stop()
+        except TimeoutError:
+            return [f"trial {trial}: stop() did not return within 2 s"]
+        await asyncio.sleep(0)
+        left = [t for t in asyncio.all_tasks() - before if not t.done()]
+        if left:
+            return [f"trial {trial}: stop() left {left}"]
+    return []

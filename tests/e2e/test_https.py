@@ -143,6 +143,8 @@ def test_curl_over_tls13_with_the_ca_hsts_and_lua(gw: GatewayProcess, pki: Pki, 
     assert r.status_code == 200 and r.headers["Strict-Transport-Security"] == "max-age=600; includeSubDomains"
     forwarded = {k.lower(): v for k, v in r.json()["headers"]}
     assert forwarded["x-forwarded-proto"] == "https"
+    port = gw.https_port  # type: ignore[attr-defined]
+    assert forwarded["forwarded"] == f"for={LOOPBACK};host={LOOPBACK}:{port};proto=https"  # the relay's, over TLS
     # without the CA, curl refuses the private certificate: nothing is trusted by accident
     assert curl(base + "/who").returncode == 60
 
@@ -177,6 +179,9 @@ def test_plain_http_redirects_to_https_but_health_answers(gw: GatewayProcess, pk
     health = requests.get(gw.url + "/dicomproxy/health", timeout=10, allow_redirects=False)
     assert health.status_code == 200 and "Strict-Transport-Security" not in health.headers
     assert health.json()["https"]["certificate"]["serial"] == pki.server.serial
+    for probe, status in (("live", "live"), ("ready", "ready")):  # load-balancer probes ask over plain HTTP too
+        answer = requests.get(f"{gw.url}/dicomproxy/health/{probe}", timeout=10, allow_redirects=False)
+        assert (answer.status_code, answer.json()) == (200, {"status": status})
     localhost = curl("-i", f"http://localhost:{gw.http_port}/x")
     assert f"location: https://localhost:{port}/x" in localhost.stdout
 

@@ -71,8 +71,11 @@ async def test_redirect_to_the_default_port_and_ip_hosts() -> None:
 
 
 async def test_health_is_answered_over_plain_http() -> None:
-    sent = await call(RedirectToHttps(inner, 8443), "/dicomproxy/health")
-    assert sent[0]["status"] == 200 and sent[1]["body"] == b"inner /dicomproxy/health"
+    for path in ("/dicomproxy/health", "/dicomproxy/health/live", "/dicomproxy/health/ready"):
+        sent = await call(RedirectToHttps(inner, 8443), path)
+        assert sent[0]["status"] == 200 and sent[1]["body"] == b"inner " + path.encode()
+    sent = await call(RedirectToHttps(inner, 8443), "/dicomproxy/health/other")
+    assert sent[0]["status"] == 308
 
 
 async def test_bad_or_missing_host_is_refused() -> None:

@@ -216,20 +216,25 @@ class Acceptor:
         self.port = int(sock.getsockname()[1])
         self._task = self.loop.create_task(self._accept_loop(sock), name="dicom-accept")
 
-    async def stop(self) -> None:
+    def stop_listening(self) -> None:
+        """Close the port (drain): admitted associations go on; no new connection is accepted."""
         task, self._task = self._task, None
+        sock, self._sock = self._sock, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            task.cancel()  # the socket closes once the accept loop has let go of it
+            if sock is not None:
+                task.add_done_callback(lambda _: sock.close())
+        elif sock is not None:
+            sock.close()
+
+    async def stop(self) -> None:
+        """Stop listening and end the connections this acceptor still serves."""
+        self.stop_listening()
         for t in list(self._tasks):
             t.cancel()
         for t in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
 
     @property
     def listening(self) -> bool:

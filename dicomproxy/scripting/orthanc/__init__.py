@@ -3,16 +3,20 @@
 The functions (every engine): ``RestApiGet/Post/Put/Delete`` against the PACS's REST API
 (``Upstream:Url``), ``HttpGet/Post/Put/Delete`` with ``SetHttpCredentials``/``SetHttpTimeout``
 (per engine), ``ParseJson``, ``DumpJson``, ``PrintRecursive``, ``GetOrthancConfiguration``, and
-the routing helpers ``SendToModality``, ``SendToPeer``, ``ModifyInstance``, ``Delete``.
+the routing helpers ``SendToModality``, ``SendToPeer``, ``ModifyInstance``, ``Delete``, and the
+rest of Orthanc's ``Toolbox.lua`` prelude (``ModifyResource``, ``CallSystem``, ``_InitializeJob``,
+``_AccessJob``: :mod:`.toolbox`). Orthanc's ``LuaScripts`` option is ``Orthanc:LuaScripts`` (loaded
+into the singleton by the script host).
 
 The callbacks: ``Initialize``/``Finalize`` around the singleton script's life (load, hot reload,
 shutdown); ``IncomingHttpRequestFilter`` on every HTTP request (:mod:`.orthanc_filter`); the
 change callbacks from the PACS's own records (:mod:`.orthanc_changes`), and ``OnStoredInstance``
 for what the gateway's DICOM side forwarded (:mod:`.dicom_stored`, from the DICOM side's
 "instance stored" hook); ``OnHeartBeat`` every ``Orthanc:LuaHeartBeatPeriod`` seconds.
-``ReceivedInstanceFilter`` and the C-FIND filters ``IncomingFindRequestFilter``,
-``IncomingWorklistRequestFilter`` and ``OutgoingFindRequestFilter`` fire on the DICOM side
-(:mod:`dicomproxy.dicom`, :mod:`dicomproxy.dicom.qr.hooks`).
+``ReceivedInstanceFilter``, ``ReceivedCStoreInstanceFilter`` and the C-FIND filters
+``IncomingFindRequestFilter``, ``IncomingWorklistRequestFilter`` and ``OutgoingFindRequestFilter``
+fire on the DICOM side (:mod:`dicomproxy.dicom`, :mod:`dicomproxy.dicom.qr.hooks`);
+``ReceivedInstanceFilter`` also on HTTP uploads (``POST /instances``, STOW-RS: :mod:`.upload_filter`).
 
 Semantics follow Orthanc's source where its book is silent: ``RestApi*`` and ``Http*`` return
 ``nil`` on failure and log why (method, URL, status); the routing helpers raise a Lua error
@@ -37,6 +41,7 @@ from pydicom.datadict import dictionary_VR
 from dicomproxy.dicom import datasets
 from dicomproxy.dicom.hooks import InstanceStored
 from dicomproxy.host import Host
+from dicomproxy.scripting.orthanc import upload_filter
 from dicomproxy.scripting.orthanc.changes import (
     ChangeFeed,
     CursorFile,
@@ -53,6 +58,8 @@ from dicomproxy.scripting.orthanc.execute_script import ExecuteScript, LuaPrinte
 from dicomproxy.scripting.orthanc.http_filter import OrthancHttpFilter
 from dicomproxy.scripting.orthanc.luajson import dump_json, parse_json, print_recursive
 from dicomproxy.scripting.orthanc.pacs import Pacs, PacsError, orthanc_id
+from dicomproxy.scripting.orthanc.toolbox import TOOLBOX_LUA, CallSystem, RemovedCallbacks
+from dicomproxy.scripting.orthanc.upload_filter import UploadFilter
 
 log = logging.getLogger("dicomproxy.orthanc")
 
@@ -314,6 +321,10 @@ class OrthancLayer:
         self.pump = EventPump(self.host)
         self.deletions = Deletions(self.pacs, self.host, self.pump)
         self.lifecycle = Lifecycle(self.host)
+        self.removed = RemovedCallbacks()
+        # OsExecute's own function, with whatever limits the script host gave it
+        self.call_system = CallSystem(
+            self.pacs, self.host.scripts.exports["OsExecute"].func, self.settings.data_folder / "orthanc" / "tmp")
         self.dicom_forwarded = DicomForwarded(gateway.hooks.get(InstanceStored), self.host)
         cursor = CursorFile(self.settings.data_folder / "orthanc" / "changes.json", gateway.upstream.base)
         self.events = OrthancEvents(
@@ -323,12 +334,21 @@ class OrthancLayer:
             self.pump,
             poll_interval=self.settings.orthanc.poll_interval,
             heartbeat_period=self.settings.orthanc.heartbeat_period,
-            on_tick=self.lifecycle.tick,
+            on_tick=self._tick,
             on_stop=self._stopped,
         )
 
     async def _stopped(self) -> None:
         await self.lifecycle.shutdown()
+
+    async def _tick(self) -> None:
+        await self.lifecycle.tick()
+        scripts = self.host.scripts
+        self.removed.check(lambda name: name in scripts.transient_state.callbacks, str(scripts.transient_state.path))
+
+    async def _loaded(self, engine: LuaEngine) -> None:
+        self.removed.check(engine.defines, engine.script)
+        await self.lifecycle.loaded(engine)
 
     # -- wiring ---------------------------------------------------------------------------
     def install(self) -> None:
@@ -346,11 +366,20 @@ class OrthancLayer:
         host.add_export("SendToPeer", self.send_to_peer, is_async=True)
         host.add_export("ModifyInstance", self.modify_instance, is_async=True)
         host.add_export("Delete", self.delete, is_async=True)
+        host.add_export("ModifyResource", self.modify_instance, is_async=True)
+        host.add_export("CallSystem", self.call_system, is_async=True)
         host.add_library("orthanc", LUA_SHIM, SHIM_FUNCTIONS)
-        host.add_loaded_hook(self.lifecycle.loaded)
+        host.add_lua(TOOLBOX_LUA, "Orthanc toolbox")
+        host.add_loaded_hook(self._loaded)
         self.dicom_forwarded.install()
+        lua, orthanc = self.settings.lua, self.settings.orthanc
+        upload_open = lua.fail_open or "ReceivedInstanceFilter" in lua.fail_open_hooks
         fail_open = self.settings.lua.fail_open or "IncomingHttpRequestFilter" in self.settings.lua.fail_open_hooks
-        self.gateway.add_middleware(lambda app: OrthancHttpFilter(app, host, self.deletions, fail_open=fail_open))
+        # One ASGI layer for both filters: the upload filter runs for POSTs, after IncomingHttpRequestFilter.
+        self.gateway.add_middleware(lambda app: OrthancHttpFilter(
+            app, host, self.deletions, fail_open=fail_open, uploads=UploadFilter(
+                app, host, dicomweb_root=self.settings.upstream.dicomweb_root,
+                limit=orthanc.filter_header_max_bytes, fail_open=upload_open)))
         self.gateway.add_component(self.events)
         self.gateway.add_health("orthanc", self.events.health)
         if self.settings.orthanc.execute_lua_enabled:
@@ -368,6 +397,15 @@ class OrthancLayer:
         if method in ("POST", "PUT") and body is None:
             body = b""
         hdrs = _header_map(headers, lower=True)
+        upload = method == "POST" and uri.split("?", 1)[0].rstrip("/") == "/instances"
+        if upload:
+            try:
+                refused = await self._lua_upload_refused(body)
+            except LuaExportError as e:
+                log.error("Lua: Error in %s() for URI %s: %s", name, uri, e)
+                return None
+            if refused is not None:
+                return json.dumps(refused, indent=2).encode()
         try:
             if method == "DELETE":
                 await self.deletions.delete(uri, hdrs)
@@ -376,9 +414,32 @@ class OrthancLayer:
         except PacsError as e:
             log.error("Lua: Error in %s() for URI %s: %s", name, uri, e)
             return None
-        if method == "POST" and uri.split("?", 1)[0].rstrip("/") == "/instances":
+        if upload:
             self._note_upload(answer)
         return answer
+
+    async def _lua_upload_refused(self, body: bytes | None) -> dict[str, Any] | None:
+        """Orthanc filters what its Lua stores too (origin ``Lua``): Orthanc's FilteredOut answer
+        when ``ReceivedInstanceFilter`` refuses ``body``, else None (also for a body that is not
+        DICOM: the PACS answers that)."""
+        if not body or not self.host.defines("ReceivedInstanceFilter"):
+            return None
+        try:
+            header = upload_filter.parse_header(body, complete=True)
+        except upload_filter.Refusal:
+            return None
+        assert header is not None  # complete=True: the whole file is there
+        try:
+            d = await self.host.dispatch("ReceivedInstanceFilter", header.table, {"RequestOrigin": "Lua"}, header.info)
+        except LuaError as e:
+            raise LuaExportError(f"ReceivedInstanceFilter failed: {e}") from None
+        if any(not isinstance(r, bool) for r in d.results):
+            raise LuaExportError("ReceivedInstanceFilter must return true or false")
+        if all(d.results):
+            return None
+        log.info("ReceivedInstanceFilter refused an instance stored by a script (SOPInstanceUID %s)",
+                 header.uids["SOPInstanceUID"])
+        return upload_filter.filtered_out(header.uids)
 
     def _note_upload(self, answer: bytes) -> None:
         try:
@@ -435,6 +496,8 @@ class OrthancLayer:
         if remove_private:
             payload["RemovePrivateTags"] = True
         modified = await self._post_json(f"/instances/{resource}/modify", payload)
+        if await self._lua_upload_refused(modified) is not None:
+            raise LuaExportError(f"ReceivedInstanceFilter refused the modified instance of {resource}")
         try:
             stored = json.loads(await self.pacs.request("POST", "/instances", modified))
         except PacsError as e:
@@ -477,6 +540,7 @@ class OrthancLayer:
         config["DicomModalities"] = modalities if isinstance(modalities, dict) else {}
         config["OrthancPeers"] = peers if isinstance(peers, dict) else {}
         config["LuaHeartBeatPeriod"] = self.settings.orthanc.heartbeat_period
+        config["LuaScripts"] = [str(p) for p in self.settings.orthanc.lua_scripts]
         config["AuthenticationEnabled"] = self.settings.authentication.enabled
         config["RegisteredUsers"] = dict(self.settings.tree.get("Authentication:Users", {}))  # passwords masked
         config["DicomProxy"] = self.settings.tree.as_dict()

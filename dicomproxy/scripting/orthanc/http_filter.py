@@ -1,5 +1,6 @@
 """``IncomingHttpRequestFilter(method, uri, ip, username, httpHeaders)`` for every HTTP request
-through the gateway, and the ``OnDeleted*`` report of proxied DELETEs.
+through the gateway, the ``OnDeleted*`` report of proxied DELETEs, and the hand-over of POSTs to
+the ``ReceivedInstanceFilter`` upload filter (:mod:`.upload_filter`).
 
 The layer sits inside authentication (so ``username`` is the authenticated user, or ``""``)
 and outside the Lua HTTP hooks, like Orthanc's filter, which runs before anything else handles
@@ -7,6 +8,10 @@ the request. As in Orthanc, access is granted only if the callback returns ``tru
 answers 403; a script error or a non-boolean answer is a script failure (500, or the request
 goes on when ``Lua:FailOpen`` is set). ``/dicomproxy/health`` is not filtered, as it is not
 authenticated. When no script defines the callback, the cost is one set lookup per request.
+
+The upload filter shares this layer rather than adding one: without a script, a GET costs what
+it did and a POST one more set lookup (measured in-process, 5 x 200,000 calls, same run: GET
+~400 ns both, POST 408 -> 447 ns; a separate layer cost a POST +250 ns).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from dicomproxy.scripting.orthanc.changes import Deletions
 log = logging.getLogger("dicomproxy.orthanc")
 
 FILTER = "IncomingHttpRequestFilter"
+UPLOAD_FILTER = "ReceivedInstanceFilter"
 HEALTH_PATH = "/dicomproxy/health"
 _LUA_TYPES = {type(None): "nil", str: "a string", int: "a number", float: "a number", dict: "a table", list: "a table"}
 
@@ -44,11 +50,15 @@ def _headers(scope: dict[str, Any]) -> dict[str, str]:
 
 
 class OrthancHttpFilter:
-    def __init__(self, app: Any, host: ScriptHost, deletions: Deletions, *, fail_open: bool = False) -> None:
+    def __init__(self, app: Any, host: ScriptHost, deletions: Deletions, *, fail_open: bool = False,
+                 uploads: Any = None) -> None:
+        """``uploads``: the ASGI app POSTs go to (the ``ReceivedInstanceFilter`` upload filter in
+        front of ``app``), so both filters cost one layer."""
         self.app = app
         self.host = host
         self.deletions = deletions
         self.fail_open = fail_open
+        self.uploads = uploads
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -56,8 +66,12 @@ class OrthancHttpFilter:
             return
         if self.host.defines(FILTER) and scope["path"] != HEALTH_PATH and not await self._allowed(scope, send):
             return
-        if scope["method"] == "DELETE" and self.deletions.watching():
+        method = scope["method"]
+        if method == "DELETE" and self.deletions.watching():
             await self.deletions.proxied(self.app, scope, receive, send)
+            return
+        if method == "POST" and self.uploads is not None and self.host.defines(UPLOAD_FILTER):
+            await self.uploads(scope, receive, send)
             return
         await self.app(scope, receive, send)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import IO, Any
 
 import httpx
 
@@ -64,6 +64,22 @@ class Pacs:
         if not 200 <= status < 300:
             raise PacsError(method, url, status, _excerpt(data))
         return data
+
+    async def download(self, uri: str, out: IO[bytes]) -> int:
+        """``GET uri`` streamed into ``out`` (a local file: page-cache writes, never the whole body
+        in memory); returns the byte count."""
+        url = self.upstream.url(uri)
+        size = 0
+        try:
+            async with self.upstream.client.stream("GET", url) as resp:
+                if not 200 <= resp.status_code < 300:
+                    raise PacsError("GET", url, resp.status_code, _excerpt(await resp.aread()))
+                async for chunk in resp.aiter_raw():
+                    out.write(chunk)
+                    size += len(chunk)
+        except (httpx.HTTPError, OSError) as e:
+            raise PacsError("GET", url, None, str(e) or type(e).__name__) from None
+        return size
 
     async def json(self, method: str, uri: str, payload: Any = None) -> Any:
         body = None if payload is None else json.dumps(payload).encode()

@@ -4,7 +4,9 @@
  * browser sends the same credentials it used for this page): /dicomproxy/health,
  * /dicomproxy/tasks, /dicomproxy/ui/status.json (scripts, C-ECHO to the PACS),
  * /dicomproxy/notifications (JSON, then the SSE stream). Uploads go through the TUS endpoint with tus-js-client (window.tus),
- * served from the package next to this file.
+ * served from the package next to this file. For admins: a script's source with its error line
+ * marked (/dicomproxy/ui/scripts/source), `dicomproxy check` (POST /dicomproxy/ui/check) and the
+ * latest audit events (/dicomproxy/ui/audit). The graphs are graphs.js.
  *
  * Everything from the server is put into the page with textContent, never as HTML.
  */
@@ -39,7 +41,11 @@
   function getJSON(url) {
     return fetch(url, { headers: { Accept: "application/json" }, cache: "no-store", credentials: "same-origin" })
       .then(function (r) {
-        if (!r.ok) throw new Error("GET " + url + ": " + r.status + " " + r.statusText);
+        if (!r.ok) {
+          var err = new Error("GET " + url + ": " + r.status + " " + r.statusText);
+          err.status = r.status;
+          throw err;
+        }
         return r.json();
       });
   }
@@ -176,12 +182,130 @@
       if (!cbs.length) cbCell.appendChild(el("span", { className: "muted", text: e.kind === "background" ? "entry named per task" : "none" }));
       cbs.forEach(function (c) { cbCell.appendChild(el("code", { text: c })); });
       var nameCell = el("td", {}, el("code", { text: basename(e.script) }), el("span", { className: "muted", text: " " + (e.kind || "") }));
+      if (e.present !== false) nameCell.appendChild(sourceButton(basename(e.script), "source"));
+      if (e.location) nameCell.appendChild(el("div", { className: "location", text: e.location.file + ":" + e.location.line }));
+      if (e.lastReload) nameCell.appendChild(el("div", { className: "muted", text: "last reload " + fmtTime(e.lastReload) }));
       if (e.error && e.error !== s.lastError) nameCell.appendChild(el("div", { className: "muted", text: scalar(e.error) }));
       body.appendChild(el("tr", { "data-script": basename(e.script) }, nameCell, el("td", {}, state), cbCell));
     });
     var err = s.lastError || null;
     $("reload-error").hidden = !err;
     $("reload-error-text").textContent = err ? String(err) : "";
+    // a new error: show where it points, once (the operator may then look at another file)
+    var failing = list.filter(function (e) { return e.error && e.location; })[0];
+    if (err && failing && err !== shownError) {
+      shownError = err;
+      showSource(failing.location.file);
+    }
+    if (!err) shownError = null;
+  }
+
+  // ------------------------------------------------------------------ script source, check (admin)
+  var shownError = null;
+
+  function sourceButton(name, text) {
+    var b = el("button", { type: "button", className: "linkish", "data-source": name, text: text });
+    b.addEventListener("click", function () { showSource(name); });
+    return el("span", {}, " ", b);
+  }
+
+  function showSource(name) {
+    var view = $("source-view");
+    getJSON(cfg.sourceUrl + "?script=" + encodeURIComponent(name)).then(function (answer) {
+      view.hidden = false;
+      view.dataset.script = answer.script;
+      $("source-title").textContent = answer.script + (answer.truncated ? " (first MB)" : "");
+      var loc = answer.location && answer.location.file === answer.script ? answer.location.line : 0;
+      $("source-error").textContent = answer.error ? String(answer.error) : "loaded without error";
+      var code = $("source-code");
+      clear(code);
+      answer.source.split("\n").forEach(function (text, i) {
+        var line = el("span", { className: "line" + (i + 1 === loc ? " error-line" : ""), "data-line": String(i + 1),
+                                text: text || " " });
+        code.appendChild(line);
+      });
+      var marked = code.querySelector(".error-line");
+      if (marked) code.scrollTop = Math.max(0, marked.offsetTop - code.clientHeight / 2);
+    }).catch(function (e) {
+      view.hidden = false;
+      $("source-title").textContent = name;
+      $("source-error").textContent = e.status === 403 ? "the source is shown to admins only" : e.message;
+      clear($("source-code"));
+    });
+  }
+
+  function runCheck() {
+    var stateNode = $("check-state");
+    var list = $("check-results");
+    stateNode.textContent = "checking\u2026";
+    fetch(cfg.checkUrl, { method: "POST", credentials: "same-origin", cache: "no-store",
+                          headers: { Accept: "application/json", "Content-Type": "application/json" }, body: "{}" })
+      .then(function (r) {
+        if (r.status === 403) throw new Error("check is for admins only");
+        if (!r.ok) throw new Error("POST " + cfg.checkUrl + ": " + r.status);
+        return r.json();
+      })
+      .then(function (answer) {
+        clear(list);
+        stateNode.textContent = answer.ok ? "all scripts load" : "errors found";
+        stateNode.className = answer.ok ? "ok" : "bad";
+        answer.results.forEach(function (r) {
+          var li = el("li", { "data-script": r.name, className: r.ok ? "ok" : "bad" },
+            badge(r.ok ? "ok" : "error", r.ok ? "ok" : "bad"), el("code", { text: r.name }));
+          if (r.error) li.appendChild(el("div", { className: "muted", text: r.error }));
+          if (r.location) li.appendChild(sourceButton(r.location.file, "show " + r.location.file + ":" + r.location.line));
+          list.appendChild(li);
+        });
+        if (!answer.results.length) list.appendChild(el("li", { className: "muted", text: "no .lua scripts" }));
+      })
+      .catch(function (e) { stateNode.textContent = e.message; stateNode.className = "bad"; });
+  }
+
+  // ------------------------------------------------------------------ audit and security (admin)
+  function who(ev) {
+    var p = (ev.participants || []).filter(function (x) { return x.requestor; })[0] || (ev.participants || [])[0];
+    return p ? p.userId + (p.address ? " @ " + p.address : "") : "";
+  }
+
+  function what(ev) {
+    if (ev.description) return ev.description;
+    var o = (ev.objects || [])[0];
+    return o ? (o.name || o.id || "") : "";
+  }
+
+  function isSecurity(ev) {
+    return ev.outcome !== 0 && (ev.event === "User Authentication" || ev.event === "Security Alert");
+  }
+
+  function renderAudit(answer, error) {
+    var stateNode = $("audit-state");
+    var sec = $("security-body");
+    var all = $("audit-body");
+    clear(sec);
+    clear(all);
+    if (error) {
+      stateNode.textContent = error.status === 403 ? "admins only" : error.message;
+      return;
+    }
+    if (!answer.enabled) {
+      stateNode.textContent = "the audit trail is off (Audit:Enabled)";
+      sec.appendChild(el("tr", {}, el("td", { colspan: "4", className: "muted", text: "no audit trail" })));
+      return;
+    }
+    stateNode.textContent = answer.events.length + " latest";
+    var bad = answer.events.filter(isSecurity);
+    if (!bad.length) sec.appendChild(el("tr", {}, el("td", { colspan: "4", className: "muted", text: "none" })));
+    bad.forEach(function (ev) {
+      sec.appendChild(el("tr", { "data-event": ev.event },
+        el("td", { text: fmtTime(ev.time) }), el("td", {}, badge(ev.event, "bad")),
+        el("td", { text: who(ev) }), el("td", { text: what(ev) })));
+    });
+    answer.events.forEach(function (ev) {
+      all.appendChild(el("tr", { "data-event": ev.event },
+        el("td", { text: fmtTime(ev.time) }), el("td", { text: ev.event + (ev.action ? " (" + ev.action + ")" : "") }),
+        el("td", {}, badge(ev.outcome === 0 ? "success" : "failure", ev.outcome === 0 ? "ok" : "bad")),
+        el("td", { text: who(ev) }), el("td", { text: what(ev) })));
+    });
   }
 
   // ------------------------------------------------------------------ tasks
@@ -220,7 +344,8 @@
     timer = null;
     if (inFlight) { refreshSoon(250); return; }
     inFlight = true;
-    var jobs = [getJSON(cfg.healthUrl), getJSON(cfg.statusUrl), getJSON(cfg.tasksUrl)];
+    var jobs = [getJSON(cfg.healthUrl), getJSON(cfg.statusUrl), getJSON(cfg.tasksUrl),
+                getJSON(cfg.auditUrl + "?limit=50")];
     Promise.allSettled(jobs).then(function (r) {
       var health = r[0].status === "fulfilled" ? r[0].value : null;
       var status = r[1].status === "fulfilled" ? r[1].value : null;
@@ -228,7 +353,8 @@
       if (status) renderScripts(status);
       if (health || status) renderDicomUpstream(status, health);
       if (r[2].status === "fulfilled") renderTasks(r[2].value);
-      var failed = r.filter(function (x) { return x.status === "rejected"; });
+      renderAudit(r[3].value, r[3].status === "rejected" ? r[3].reason : null);
+      var failed = r.slice(0, 3).filter(function (x) { return x.status === "rejected"; });
       $("updated").textContent = failed.length
         ? "update failed: " + failed[0].reason.message
         : "updated " + new Date().toLocaleTimeString();
@@ -375,6 +501,7 @@
   }
 
   setupUpload();
+  $("check-run").addEventListener("click", runCheck);
   connectFeed();
   refresh();
 })();
