@@ -86,6 +86,7 @@ import contextlib
 import ctypes
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -118,11 +119,39 @@ T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------- small helpers
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_PORTS = random.Random(os.getpid() ^ time.monotonic_ns())
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (the OS picks it; tiny race, good enough)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
+    """A TCP port free on 127.0.0.1 right now, for a peer to bind soon after.
+
+    Chosen below the kernel's ephemeral range: a port the OS picked (``bind(0)``) is one any
+    outgoing connection of any process may take before the peer binds it, which under a full
+    parallel run happened (Orthanc: "Address already in use"). Random per process (xdist workers
+    do not walk the same sequence) and never handed out twice by one process.
+    """
+    low = max(10000, min(_ephemeral_low(), 65535) - 1)
+    for _ in range(200):
+        port = _PORTS.randrange(10000, low) if low > 10001 else 0
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((LOOPBACK, port))
+            except OSError:
+                continue
+            port = s.getsockname()[1]
+        _HANDED_OUT.add(port)
+        return port
+    raise AssertionError("no free TCP port below the ephemeral range on 127.0.0.1")
 
 
 def require_binary(path: str, install_hint: str) -> str:
