@@ -40,6 +40,7 @@ from dicomproxy.dicom.dimse import Command, MessageAssembler
 from dicomproxy.dicom.negotiation import Mirror
 from dicomproxy.dicom.session import AssocSession, LuaBridge
 from dicomproxy.dicom.spool import SPILL_BYTES, DatasetTooLarge, Spool, SpoolWriter
+from dicomproxy.dicom.storage_scp import serve
 from dicomproxy.dicom.store import Edited, StoreService
 from dicomproxy.dicom.ul import pdu as pdus
 from dicomproxy.dicom.ul.association import (
@@ -150,20 +151,7 @@ class RelayScp:
         link = self.link = SocketAssociation(self.core, self.sock, idle=self.idle)
         self.pacs = SocketAssociation(self.mirror.core, self.mirror.sock, idle=self.timeout)
         try:
-            link.flush()
-            if self.stopping:
-                link.abort()
-            while not link.core.closed:
-                try:
-                    indication = link.receive()
-                except IdleTimeout as e:
-                    log.warning("relayed association from %s aborted: %s", self.label, e)
-                    link.abort()
-                    continue
-                self._handle(indication)
-        except Exception:
-            if not self.stopping:
-                log.exception("relayed association from %s failed", self.label)
+            serve(link, self._handle, f"relayed association from {self.label}", lambda: self.stopping)
         finally:
             if self.incoming is not None and self.incoming.writer is not None:
                 self.incoming.writer.discard()

@@ -107,20 +107,7 @@ class StorageScp:
         self.core.accept(self.ac, time.monotonic())
         link = self.link = SocketAssociation(self.core, self.sock, idle=self.idle)
         try:
-            link.flush()
-            if self.stopping:
-                link.abort()
-            while not link.core.closed:
-                try:
-                    indication = link.receive()
-                except IdleTimeout as e:
-                    log.warning("association from %s aborted: %s", self.label, e)
-                    link.abort()
-                    continue
-                self._handle(indication)
-        except Exception:
-            if not self.stopping:
-                log.exception("association from %s failed", self.label)
+            serve(link, self._handle, f"association from {self.label}", lambda: self.stopping)
         finally:
             if self.incoming is not None and self.incoming.writer is not None:
                 self.incoming.writer.discard()
@@ -241,3 +228,26 @@ class StorageScp:
         self.stopping = True
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
+
+
+def serve(link: SocketAssociation, handle: Callable[[Indication | None], None], what: str,
+          stopping: Callable[[], bool]) -> None:
+    """One storage association's loop, for both storage SCPs (this one and :class:`.relay.RelayScp`):
+    send what is queued (the A-ASSOCIATE-AC), then hand every indication to ``handle`` until the
+    association ends; a peer silent past its idle limit is aborted; a failure is logged (``what``
+    names the association) unless the gateway is stopping."""
+    try:
+        link.flush()
+        if stopping():
+            link.abort()
+        while not link.core.closed:
+            try:
+                indication = link.receive()
+            except IdleTimeout as e:
+                log.warning("%s aborted: %s", what, e)
+                link.abort()
+                continue
+            handle(indication)
+    except Exception:
+        if not stopping():
+            log.exception("%s failed", what)
