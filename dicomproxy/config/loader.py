@@ -6,8 +6,11 @@ Layers, each overriding the ones before (ASP.NET's order):
 2. ``appsettings.{Environment}.json`` beside it, when an environment is named by
    ``--environment`` or ``DICOMPROXY_ENVIRONMENT``; naming one whose file does not exist is an
    error (a mistyped ``Prodution`` must not start the gateway without its production settings);
-3. environment variables ``DICOMPROXY__Section__Key`` (``__`` for ``:``, any case);
-4. the command line, ``--Section:Key=value``.
+3. ``servers.json`` beside it, if present: the ``Upstreams`` section on its own (DicomProxy's
+   convention for the list of PACS; ``{"Servers": {...}, "Groups": {...}}``), which the gateway
+   re-reads when it changes;
+4. environment variables ``DICOMPROXY__Section__Key`` (``__`` for ``:``, any case);
+5. the command line, ``--Section:Key=value``.
 
 Keys are case-insensitive in every layer. A JSON array replaces the array of an earlier layer
 whole (ASP.NET merges arrays by index, so a shorter ``Dicom:AllowedCallingAets`` in the
@@ -51,6 +54,7 @@ from dicomproxy.config.model import Settings
 from dicomproxy.config.schema import Canonicalizer, Labeler, Provenance, RawPath, SecretFile, fields_of, shape
 
 ENV_PREFIX = "DICOMPROXY__"
+SERVERS_FILE = "servers.json"
 ENVIRONMENT_VARIABLE = "DICOMPROXY_ENVIRONMENT"
 COMMAND_LINE = "command line"
 DEFAULTS = "(defaults)"
@@ -83,6 +87,9 @@ def load_settings(
     layers = [file_layer(file)] if file else []
     if name:
         layers.append(file_layer(environment_file(file or root / "appsettings.json", name)))
+    servers = root / SERVERS_FILE
+    if servers.is_file():
+        layers.append(servers_layer(servers))
     layers += [environment_layer(environ), command_line_layer(overrides or {})]
     tree, provenance = merge_layers(layers)
     tree = resolve_secret_files(tree, root)
@@ -126,6 +133,12 @@ def file_layer(file: Path) -> Layer:
     if not isinstance(data, dict):
         raise ConfigError(f"{file}: expected a JSON object at the top level")
     return Layer(data, lambda raw_path: str(file), file)
+
+
+def servers_layer(file: Path) -> Layer:
+    """``servers.json``: the contents of the ``Upstreams`` section."""
+    layer = file_layer(file)
+    return Layer({"Upstreams": layer.tree}, layer.label, file)
 
 
 def environment_layer(environ: Mapping[str, str]) -> Layer:

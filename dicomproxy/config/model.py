@@ -640,6 +640,155 @@ class ModalityAe(RemoteAe):
         "when the request does match instances), fetches instead (remembered for 10 minutes)")
 
 
+BALANCING_MODES = ("Failover", "RoundRobin", "LeastConnections")
+DEFAULT_UPSTREAM = "default"
+
+
+class HealthCheckSettings(Section):
+    """How a named upstream's health is checked (active) and judged from traffic (passive)."""
+
+    path: Annotated[str, Text()] = key(
+        "Path", "", "HTTP path the gateway GETs on the upstream's `Url` (`/system` for Orthanc, "
+        "`/dicom-web/studies?limit=1`); any answer below 500 is healthy. Empty: no HTTP check")
+    echo: Annotated[bool, Flag()] = key(
+        "Echo", False, "C-ECHO the upstream's DICOM side as a check (needs its `Dicom:Port`)")
+    interval: Annotated[float, Number(minimum=0.1)] = key(
+        "IntervalSeconds", 5, "time between active checks (also how soon an ejected member is tried again)")
+    timeout: Annotated[float, Number(above=0)] = key(
+        "TimeoutSeconds", 2, "an active check slower than this failed")
+    failures: Annotated[int, Whole(1)] = key(
+        "Failures", 3, "consecutive failures (active checks, or proxied requests that could not connect or got a "
+        "5xx from the upstream itself) that eject a member from its groups")
+    successes: Annotated[int, Whole(1)] = key(
+        "Successes", 2, "consecutive successful active checks that bring an ejected member back")
+
+
+class ServerAe(PacsAe):
+    """A named upstream's DICOM side; ``Port`` 0 (the default) means it has none."""
+
+    host: Annotated[str, Text()] = key("Host", "", "its DICOM host (empty: the host of its `Url`)")
+    port: Annotated[int, Whole(0, 65535)] = key("Port", 0, "its DICOM port (`0`: no DICOM side)")
+
+
+class ServerEntry(UpstreamSettings):
+    """An ``Upstreams:Servers`` entry (``servers.json``): one PACS, its HTTP root and DICOM side."""
+
+    noun: ClassVar[str] = "an object with Url (and Dicom, Weight, HealthCheck, the keys of Upstream)"
+
+    url: Annotated[str, HttpUrl()] = key("Url", REQUIRED, "its HTTP root (as `Upstream:Url`)")
+    weight: Annotated[int, Whole(1)] = key(
+        "Weight", 1, "its share of a `RoundRobin` group's requests (weight 2 gets twice weight 1's)")
+    dicom: ServerAe = section("Dicom", "its DICOM side (as `Dicom:Upstream`; `Port` 0: none)")
+    health_check: HealthCheckSettings = section("HealthCheck", "its health checks")
+
+    @property
+    def dicom_host(self) -> str:
+        """Its DICOM host: ``Dicom:Host``, or the host of ``Url``."""
+        return self.dicom.host or (urlsplit(self.url).hostname or "")
+
+
+class GroupEntry(Section):
+    """An ``Upstreams:Groups`` entry: upstreams served as one, by a balancing mode."""
+
+    noun: ClassVar[str] = "an object with Members (and Mode, Federated)"
+
+    members: Annotated[tuple[str, ...], Names(nonempty=True)] = key(
+        "Members", REQUIRED, "the servers of the group (names from `Upstreams:Servers`, or `default`), in order: "
+        "for `Failover` the first healthy one serves")
+    mode: Annotated[str, Choice(*BALANCING_MODES)] = key(
+        "Mode", "Failover", "`Failover` (the first healthy member in `Members` order: a primary and its "
+        "secondaries), `RoundRobin` (healthy members in turn, by `Weight`) or `LeastConnections` (the healthy "
+        "member with the fewest requests in flight)")
+    federated: Annotated[bool, Flag()] = key(
+        "Federated", False, "QIDO-RS and C-FIND on the group ask every healthy member and merge the answers by UID "
+        "(a header or a log line names the members that did not answer); C-MOVE/C-GET are served by the member "
+        "that holds the data")
+
+
+class HttpRoute(Section):
+    """An ``Upstreams:Routes`` entry: which upstream serves a request (the first matching route wins)."""
+
+    noun: ClassVar[str] = "an object with Upstream (and Path, Host, Header, Methods)"
+
+    path: Annotated[str, UrlPath()] = key(
+        "Path", "/", "the canonical path prefix it covers (`/dicom-web/studies`)")
+    host: Annotated[str, Text()] = key(
+        "Host", "", "the request's `Host` without its port, any case (empty: any)")
+    header: Annotated[str, Text()] = key(
+        "Header", "", "`Name: value` (that header with exactly that value) or `Name` (present); empty: any")
+    methods: Annotated[tuple[str, ...], Names(upper=True)] = key(
+        "Methods", (), "the methods it covers (empty: all)")
+    upstream: Annotated[str, Text(nonempty=True)] = key(
+        "Upstream", REQUIRED, "the server or group that serves what the route matches")
+
+
+class UpstreamsSettings(Section):
+    """``Upstreams`` (or ``servers.json`` beside ``appsettings.json``): several PACS behind one gateway."""
+
+    servers: dict[str, ServerEntry] = collection(
+        "Servers", "named upstreams: `{\"archive\": {\"Url\": \"http://pacs1:8042\", \"Dicom\": {\"Aet\": \"PACS1\", "
+        "\"Port\": 4242}}}`; `default` is the pair `Upstream` + `Dicom:Upstream` and may not be redefined", {})
+    groups: dict[str, GroupEntry] = collection(
+        "Groups", "named groups of servers with a balancing mode: `{\"main\": {\"Members\": [\"archive\", "
+        "\"backup\"], \"Mode\": \"Failover\"}}`", {})
+    default: Annotated[str, Text()] = key(
+        "Default", "", "the server or group that serves what no route matches (empty: `default`, i.e. `Upstream`)")
+    routes: tuple[HttpRoute, ...] = collection(
+        "Routes", "HTTP routing rules, first match wins; a script may choose instead with "
+        "`request:SetUpstream(\"name\")` in `onHttpRequest`", ())
+
+    @model_validator(mode="after")
+    def _names_resolve(self) -> UpstreamsSettings:
+        if DEFAULT_UPSTREAM in self.servers:
+            raise _problem(f"Servers:{DEFAULT_UPSTREAM}", "is the pair Upstream + Dicom:Upstream: give this server "
+                           "another name")
+        clash = sorted(set(self.servers) & set(self.groups))
+        if clash:
+            raise _problem(f"Groups:{clash[0]}", "a server has this name too: names are shared by servers and "
+                           "groups")
+        servers = set(self.servers) | {DEFAULT_UPSTREAM}
+        for name, group in self.groups.items():
+            for member in group.members:
+                if member not in servers:
+                    raise _problem(f"Groups:{name}:Members", f"{member!r} is not a server (known: "
+                                   f"{', '.join(sorted(servers))})")
+        known = servers | set(self.groups)
+        if self.default and self.default not in known:
+            raise _problem("Default", f"{self.default!r} is neither a server nor a group")
+        for i, route in enumerate(self.routes):
+            if route.upstream not in known:
+                raise _problem(f"Routes:{i}:Upstream", f"{route.upstream!r} is neither a server nor a group "
+                               f"(known: {', '.join(sorted(known))})")
+        return self
+
+    def names(self) -> frozenset[str]:
+        """Every server and group name, ``default`` included."""
+        return frozenset(self.servers) | frozenset(self.groups) | {DEFAULT_UPSTREAM}
+
+    def dicom_names(self) -> frozenset[str]:
+        """Servers with a DICOM side (``default`` always has one) and the groups of only such servers."""
+        servers = {n for n, s in self.servers.items() if s.dicom.port} | {DEFAULT_UPSTREAM}
+        return frozenset(servers) | frozenset(n for n, g in self.groups.items() if set(g.members) <= servers)
+
+
+class DicomRoute(Section):
+    """A ``Dicom:Routes`` entry: where received instances go (the first matching route wins)."""
+
+    noun: ClassVar[str] = "an object with Destinations (and CallingAet, CalledAet, Modality, Tags)"
+
+    calling_aet: Annotated[str, Text()] = key("CallingAet", "", "the modality's AE title (empty: any)")
+    called_aet: Annotated[str, Text()] = key(
+        "CalledAet", "", "the AE title the modality called (empty: any): one port can serve several \"virtual "
+        "AEs\"; a called AE title named here is accepted by `CheckCalledAet`")
+    modality: Annotated[str, Text()] = key("Modality", "", "the instance's Modality (0008,0060) (empty: any)")
+    tags: dict[str, Annotated[str, Text()]] = collection(
+        "Tags", "other tags, by keyword or `gggg,eeee`, and the value each must have (`*` and `?` wildcards, as in "
+        "C-FIND): `{\"InstitutionName\": \"North*\"}`", {})
+    destinations: Annotated[tuple[str, ...], Names(nonempty=True)] = key(
+        "Destinations", REQUIRED, "where the instances go: upstreams with a DICOM side, groups of them, or "
+        "`Dicom:Modalities` names; each destination has its own spool lane, retries and failures")
+
+
 class DicomSettings(Section):
     aet: Annotated[str, AeTitle()] = key("Aet", "DICOMPROXY", "the gateway's AE title")
     port: Annotated[int, Whole(0, 65535)] = key("Port", 11112, "the DICOM side's port (`0` turns it off)")
@@ -726,6 +875,12 @@ class DicomSettings(Section):
         "MaxDatasetMB", 4096, "largest data set one C-STORE may send; a larger one aborts the association "
         "(nothing is kept). Data sets are streamed to the spool as they arrive, so memory does not grow with "
         "their size")
+    routes: tuple[DicomRoute, ...] = collection(
+        "Routes", "C-STORE routing rules, first match wins (none matches: `Dicom:Upstream`); `onCStore` may "
+        "return destinations instead (`return {\"archive\", \"ai-node\"}`)", ())
+    query_upstream: Annotated[str, Text()] = key(
+        "QueryUpstream", "", "the upstream or group that C-FIND, C-MOVE and C-GET are served from (a `Federated` "
+        "group asks every member); empty: `Dicom:Upstream`")
     uid_root: Annotated[str, Text()] = key(
         "UidRoot", "", "the root of the UIDs `NewUid()` makes (your organisation's, e.g. `1.2.826.0.1.3680043.10.999`, "
         "at most 33 characters); empty: UUID-derived `2.25.` UIDs (PS3.5 B.2)")
@@ -885,6 +1040,9 @@ class Settings(Section):
         "for all interfaces); several separated by `;`, e.g. `http://0.0.0.0:8080;https://0.0.0.0:8443` (an "
         "`https://` entry needs a certificate: see `Https`)")
     upstream: UpstreamSettings = section("Upstream", "the PACS's HTTP side")
+    upstreams: UpstreamsSettings = section(
+        "Upstreams", "several PACS: named servers, groups, HTTP routes (also read from `servers.json` beside "
+        "`appsettings.json`, which is reloaded when it changes)")
     extra_config: ExtraConfigSettings = section("ExtraConfig", "folders, and any key a site adds for its scripts")
     lua: LuaSettings = section("Lua", "the Lua engines")
     authentication: AuthenticationSettings = section(
@@ -921,6 +1079,21 @@ class Settings(Section):
                            "http://0.0.0.0:8080;https://0.0.0.0:8443)", "Https")
         if self.https.hsts and "https" not in schemes:
             raise _problem("Hsts", "would never be sent: Urls has no https:// entry", "Https")
+        return self
+
+    @model_validator(mode="after")
+    def _dicom_names_resolve(self) -> Settings:
+        known = self.upstreams.dicom_names() | frozenset(self.dicom.modalities)
+        for i, route in enumerate(self.dicom.routes):
+            for name in route.destinations:
+                if name not in known:
+                    raise _problem(f"Routes:{i}:Destinations", f"{name!r} is no upstream with a DICOM side "
+                                   f"(Upstreams:Servers:*:Dicom:Port), group of them or Dicom:Modalities entry "
+                                   f"(known: {', '.join(sorted(known))})", "Dicom")
+        query = self.dicom.query_upstream
+        if query and query not in self.upstreams.dicom_names():
+            raise _problem("QueryUpstream", f"{query!r} is no upstream with a DICOM side or group of them "
+                           f"(known: {', '.join(sorted(self.upstreams.dicom_names()))})", "Dicom")
         return self
 
     # -- derived values ---------------------------------------------------------------------
