@@ -40,6 +40,7 @@ from prometheus_client import Counter as _Counter
 from prometheus_client import Gauge as _Gauge
 from prometheus_client import Histogram as _Histogram
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.metrics_core import CounterMetricFamily
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ __all__ = [
     "Counter",
     "Gauge",
     "Histogram",
+    "Tally",
     "Metrics",
 ]
 
@@ -144,6 +146,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self._families: dict[str, Counter | Gauge | Histogram] = {}
+        self._tallies: dict[str, Tally] = {}
 
     def counter(self, name: str, help: str, labels: Sequence[str] = ()) -> Counter:
         known = self._known(name, Counter, labels)
@@ -170,6 +173,21 @@ class Metrics:
         metric = _Histogram(name, help, tuple(labels), registry=self.registry, buckets=tuple(buckets))
         return self._add(name, Histogram(metric, tuple(labels)))
 
+    def tally(self, name: str, help: str) -> Tally:
+        """A counter without labels (``name`` ends ``_total``) that the caller adds to as a plain
+        attribute, ``tally.value += n``, read at each scrape: for a hot path, where
+        prometheus_client's locked ``inc()`` (~1.6 us) is too dear and the adding is done on the
+        event loop only (the ``+=`` is not atomic across threads). Declaring it twice returns the
+        first (two proxies add to one series)."""
+        known = self._tallies.get(name)
+        if known is not None:
+            return known
+        if name in self._families:
+            raise ValueError(f"metric {name} is already declared as a {self._families[name].kind}")
+        tally = self._tallies[name] = Tally(name.removesuffix("_total"), help)
+        self.registry.register(tally)
+        return tally
+
     def render(self) -> bytes:
         """The text exposition of every series (``GET /dicomproxy/metrics``)."""
         return generate_latest(self.registry)
@@ -186,3 +204,19 @@ class Metrics:
     def _add(self, name: str, family: _F) -> _F:
         self._families[name] = family
         return family
+
+
+class Tally:
+    """The plain counter of :meth:`Metrics.tally`; a prometheus_client collector of one sample."""
+
+    __slots__ = ("name", "help", "value")
+
+    def __init__(self, name: str, help: str) -> None:
+        self.name, self.help = name, help
+        self.value = 0
+
+    def collect(self) -> list[CounterMetricFamily]:
+        return [CounterMetricFamily(self.name, self.help, value=float(self.value))]
+
+    def describe(self) -> list[CounterMetricFamily]:
+        return [CounterMetricFamily(self.name, self.help)]

@@ -135,3 +135,17 @@ def test_each_metrics_object_has_its_own_registry() -> None:
     two.counter("same_total", "s").inc(5)
     assert value(one, "same_total") == 1
     assert value(two, "same_total") == 5
+
+
+def test_a_tally_is_a_counter_read_at_scrape_and_declared_once() -> None:
+    metrics = Metrics()
+    tally = metrics.tally("dicomproxy_proxy_bytes_sent_total", "bytes")
+    assert value(metrics, "dicomproxy_proxy_bytes_sent_total") == 0
+    tally.value += 12_345_678_901
+    assert value(metrics, "dicomproxy_proxy_bytes_sent_total") == 12_345_678_901
+    assert metrics.tally("dicomproxy_proxy_bytes_sent_total", "bytes") is tally  # a second proxy adds to it
+    metrics.counter("dicomproxy_other_total", "other")
+    with pytest.raises(ValueError, match="already declared"):
+        metrics.tally("dicomproxy_other_total", "other")
+    families = {f.name: f.type for f in text_string_to_metric_families(metrics.render().decode())}
+    assert families["dicomproxy_proxy_bytes_sent"] == "counter"

@@ -24,6 +24,14 @@ client's chunked body turned out invalid and the client got 400. Methods with a 
 stream as they come: the upstream cannot see a complete message until the last declared byte
 or the last chunk, which the writer sends only after the client's body ended well.
 
+Bytes in and out (``dicomproxy_proxy_bytes_received_total`` / ``_sent_total``, the status
+page's bytes graph): the request body's chunks are summed in a local as they pass (GETs have
+none), the answer's length is the upstream exchange's own count of body bytes read
+(``Exchange.body_bytes``; the rewriter's output when URLs are rewritten), and each is added once
+per exchange, in the ``finally``, to a plain counter (:meth:`~dicomproxy.metrics.Metrics.tally`)
+read at scrape time. An answer the client left mid-way counts what was read from the upstream.
+Measured with bench/proxy_instructions.py: see README "Performance".
+
 Failures map to gateway statuses with a JSON body that names the setting involved: upstream
 unreachable or broken -> 502, too slow -> 504. A client that disconnects cancels the upstream
 request.
@@ -107,6 +115,12 @@ class ReverseProxy:
             "Seconds from the request to the upstream answer's head sent on (time to first byte), by status class",
             labels=("status",), buckets=HTTP_BUCKETS,
         )
+        # Plain counters (Metrics.tally), added to once per exchange: two prometheus_client incs
+        # would cost ~3 us a request (see "Bytes in and out" in the module docstring).
+        self.bytes_in = metrics.tally("dicomproxy_proxy_bytes_received_total",
+                                      "Request body bytes received from clients and passed on to the upstream")
+        self.bytes_out = metrics.tally("dicomproxy_proxy_bytes_sent_total",
+                                       "Answer body bytes read from the upstream for clients (after URL rewriting)")
 
     def _request_headers(self, scope: dict[str, Any]) -> tuple[Headers, bool, int | None, Forward]:
         """What goes upstream (forwarding headers added, :mod:`~dicomproxy.http.relay`), whether a
@@ -149,14 +163,18 @@ class ReverseProxy:
             target = target + b"?" + scope["query_string"]
         body_done = asyncio.Event()
         started = finished = False
+        uploaded = 0
+        rewritten = -1  # the rewritten answer's length, when it is rewritten
 
         async def body() -> AsyncIterator[bytes]:
+            nonlocal uploaded
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
                     raise ClientDisconnected
                 chunk = message.get("body", b"")
                 if chunk:
+                    uploaded += len(chunk)
                     yield chunk
                 if not message.get("more_body", False):
                     break
@@ -206,7 +224,8 @@ class ReverseProxy:
             self.requests.inc(status=status_class)
             self.first_byte.observe(loop.time() - received, status=status_class)
             if rewriter is not None:
-                finished = await _send_rewritten(response, rewriter, send)
+                rewritten = await _send_rewritten(response, rewriter, send)
+                finished = True
                 return
             while True:
                 chunk = await response.read()
@@ -244,7 +263,10 @@ class ReverseProxy:
             timer.cancel()
             if watcher is not None:
                 watcher.cancel()
+            if uploaded:
+                self.bytes_in.value += uploaded
             if response is not None:
+                self.bytes_out.value += response.body_bytes if rewritten < 0 else rewritten
                 response.close()
 
     async def _failed(self, send: Any, e: UpstreamError, started: bool) -> None:
@@ -289,17 +311,22 @@ def _answer_headers(response: Exchange) -> Headers:
     return out
 
 
-async def _send_rewritten(response: Exchange, rewriter: Rewriter, send: Any) -> bool:
-    """The answer's body through ``rewriter`` (:mod:`dicomproxy.http.rewrite`), chunk by chunk."""
+async def _send_rewritten(response: Exchange, rewriter: Rewriter, send: Any) -> int:
+    """The answer's body through ``rewriter`` (:mod:`dicomproxy.http.rewrite`), chunk by chunk;
+    returns the bytes sent."""
+    sent = 0
     while chunk := await response.read():
         if response.at_end:
-            await send({"type": "http.response.body", "body": rewriter.feed(chunk) + rewriter.flush()})
-            return True
+            out = rewriter.feed(chunk) + rewriter.flush()
+            await send({"type": "http.response.body", "body": out})
+            return sent + len(out)
         out = rewriter.feed(chunk)
         if out:
+            sent += len(out)
             await send({"type": "http.response.body", "body": out, "more_body": True})
-    await send({"type": "http.response.body", "body": rewriter.flush()})
-    return True
+    out = rewriter.flush()
+    await send({"type": "http.response.body", "body": out})
+    return sent + len(out)
 
 
 def _ask_identity(headers: Headers) -> None:

@@ -70,6 +70,9 @@ PANELS: tuple[Panel, ...] = (
         Target(f"sum(dicomproxy_dicom_connections{SEL})", "connections"))),
     Panel("TUS bytes received / s", "Bps", (
         Target(f"sum(rate(dicomproxy_tus_bytes_received_total{SEL}{RATE}))", "in"),)),
+    Panel("Proxied bytes / s", "Bps", (
+        Target(f"sum(rate(dicomproxy_proxy_bytes_received_total{SEL}{RATE}))", "in (request bodies)"),
+        Target(f"sum(rate(dicomproxy_proxy_bytes_sent_total{SEL}{RATE}))", "out (answer bodies)"))),
     Panel("TUS uploads / s", "ops", (
         Target(f"sum(rate(dicomproxy_tus_uploads_created_total{SEL}{RATE}))", "created"),
         Target(f"sum(rate(dicomproxy_tus_uploads_finished_total{SEL}{RATE}))", "finished"))),

@@ -484,6 +484,11 @@ class Exchange(ExchangeState):
         return flow.write_paused
 
     @property
+    def body_bytes(self) -> int:
+        """The answer's body bytes received so far (the proxy's bytes-out counter)."""
+        return self._body_seen
+
+    @property
     def at_end(self) -> bool:
         """Nothing more to read: lets the caller send the last chunk as the final message."""
         return not self._chunks and self._error is None and self.receiving in (RECV_DONE,

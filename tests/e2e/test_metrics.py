@@ -104,3 +104,24 @@ def test_a_real_gateway_exposes_exact_counters_and_latency_histograms(
     # every series that existed before prometheus_client is still declared under its name
     declared = {line.split()[2] for line in raw.splitlines() if line.startswith("# HELP ")}
     assert set(SERIES_BEFORE) <= declared, set(SERIES_BEFORE) - declared
+
+
+def test_proxied_body_bytes_in_and_out_are_counted_exactly(gateway_factory: Callable[..., GatewayProcess]) -> None:
+    """``dicomproxy_proxy_bytes_received_total`` / ``_sent_total``: the request and answer bodies
+    that went through the proxy to the real Orthanc, byte for byte (the status page's bytes graph)."""
+    gw = gateway_factory()
+    sent = 0
+    for _ in range(3):
+        r = gw.get("/system", headers={"Accept-Encoding": "identity"}, stream=True)
+        sent += len(r.raw.read(decode_content=False))
+        assert r.status_code == 200
+    query = b'{"Level": "Study", "Query": {"PatientID": "' + b"x" * 5000 + b'"}}'
+    r = gw.post("/tools/find", data=query, headers={"Accept-Encoding": "identity", "Content-Type": "application/json"})
+    assert r.status_code == 200, r.text
+    sent += len(r.content)
+    chunked = gw.post("/tools/find", data=iter([query[:100], query[100:]]), headers={"Accept-Encoding": "identity"})
+    assert chunked.status_code == 200, chunked.text  # a chunked upload: counted as its chunks arrive
+    sent += len(chunked.content)
+    m = scrape(gw)[1]
+    assert value(m["dicomproxy_proxy_bytes_received"], "dicomproxy_proxy_bytes_received_total") == 2 * len(query)
+    assert value(m["dicomproxy_proxy_bytes_sent"], "dicomproxy_proxy_bytes_sent_total") == sent

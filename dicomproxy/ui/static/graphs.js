@@ -30,8 +30,9 @@
       match: /^dicomproxy_proxy_requests_total\{status="([^"]*)"\}$/ },
     { id: "latency", title: "Proxy time to first byte (ms)", factor: 1000,
       match: /^dicomproxy_proxy_first_byte_seconds:(p50|p99)$/ },
-    { id: "bytes", title: "Bytes / s received (TUS uploads)",
-      match: /^dicomproxy_tus_bytes_received_total$/, name: "in" },
+    { id: "bytes", title: "Bytes / s: proxied in and out, TUS uploads",
+      match: /^dicomproxy_(proxy_bytes_received|proxy_bytes_sent|tus_bytes_received)_total$/,
+      names: { proxy_bytes_received: "in", proxy_bytes_sent: "out", tus_bytes_received: "TUS in" } },
     { id: "cstore", title: "C-STOREs / s",
       match: /^dicomproxy_dicom_(received|forwarded|rejected|forward_failed|store_errors)_total$/ },
     { id: "lag", title: "Forward lag: reception to PACS acceptance (s)",
@@ -83,6 +84,7 @@
 
   function legend(chart, key) {
     var m = chart.match.exec(key);
+    if (chart.names && m && chart.names[m[1]]) return chart.names[m[1]];
     return chart.name || (m && m[1]) || key;
   }
 
