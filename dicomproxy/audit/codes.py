@@ -24,6 +24,7 @@ def dcm(code: str, meaning: str) -> Code:
 # CID 400 Audit Event ID
 APPLICATION_ACTIVITY = dcm("110100", "Application Activity")
 BEGIN_TRANSFERRING = dcm("110102", "Begin Transferring DICOM Instances")
+INSTANCES_ACCESSED = dcm("110103", "DICOM Instances Accessed")
 INSTANCES_TRANSFERRED = dcm("110104", "DICOM Instances Transferred")
 QUERY = dcm("110112", "Query")
 SECURITY_ALERT = dcm("110113", "Security Alert")

@@ -10,8 +10,11 @@ has the participants and objects the standard asks for:
 * User Authentication (A.5.3.11): HTTP logins and DICOM associations, success and failure;
 * DICOM Instances Transferred (A.5.3.4) per study, with its SOP classes and the patient;
 * Begin Transferring DICOM Instances (A.5.3.2) when a retrieve starts;
+* DICOM Instances Accessed (A.5.3.5): an operator's retry (U) or discard (D) of failed instances
+  in the spool, from the status page or ``/dicomproxy/spool``;
 * Query (A.5.3.12): C-FIND with the identifier's bytes, QIDO-RS with the URL;
-* Security Alert (A.5.3.10): blocked AE, refused certificate, login bursts, scripts (re)loaded.
+* Security Alert (A.5.3.10): blocked AE, refused certificate, login bursts, scripts (re)loaded,
+  a task re-run by an operator (Use of Restricted Function, success).
 
 What an event knows of the gateway itself (its AE title, host, AuditSourceID) is added by
 the trail, so features only say what they know.
@@ -161,6 +164,13 @@ def instances_transferred(studies: Iterable[Study], source: Participant, destina
     participants = [source, destination] + ([requestor] if requestor is not None else [])
     return AuditEvent(codes.INSTANCES_TRANSFERRED, action, outcome_of(ok), participants=participants,
                       objects=study_objects(studies), description=reason)
+
+
+def instances_accessed(studies: Iterable[Study], user: Participant, *, action: str, ok: bool = True,
+                       description: str = "") -> AuditEvent:
+    """A.5.3.5: ``user`` changed (U: queued again) or deleted (D) instances the gateway holds."""
+    return AuditEvent(codes.INSTANCES_ACCESSED, action, outcome_of(ok), participants=[user, Participant(SELF, False)],
+                      objects=study_objects(studies), description=description)
 
 
 def begin_transferring(studies: Iterable[Study], source: Participant, destination: Participant,

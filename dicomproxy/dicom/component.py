@@ -95,7 +95,7 @@ class DicomComponent:
             self.forwarder.on_context_refused = self.pacs.cache.clear
         self.dispatcher = Dispatcher(s, self.limits, self.bridge, self.store, self.spool, self.qr,
                                      max_dataset=s.max_dataset_mb << 20, audit=self.audit, pacs=self.pacs)
-        self.api = build_spool_api(self.spool, self.forwarder.snapshot, self.forwarder.enqueue)
+        self.api = build_spool_api(self.spool, self.forwarder.snapshot, self.forwarder.enqueue, gateway.audit)
         self.admission = Admission(self.limits)
         self.acceptors: list[Acceptor] = []
         if not s.tls.only:

@@ -688,7 +688,9 @@ class Forwarder:
 
     # -- what the API shows ---------------------------------------------------------------
     def snapshot(self, limit: int = 100) -> dict[str, Any]:
-        """What waits, per study (at most ``limit`` studies, the oldest first)."""
+        """What waits, per study (at most ``limit`` studies, the oldest first): counts by state,
+        bytes (the data sets'), the oldest instance's reception and age, the last error. One pass
+        over the queue (100 000 waiting: ~0.1 s on the loop; the page asks every 5 s)."""
         per: dict[str, dict[str, Any]] = {}
 
         def row(entry: SpoolEntry) -> dict[str, Any]:
@@ -696,9 +698,17 @@ class Forwarder:
             if r is None:
                 r = per[entry.key] = {"study": entry.study, "patientId": entry.patient_id,
                                       "callingAe": entry.origin.get("CallingAE", ""), "waiting": 0, "delayed": 0,
-                                      "sending": 0, "oldestSeq": entry.seq, "nextAttemptAt": ""}
+                                      "sending": 0, "oldestSeq": entry.seq, "nextAttemptAt": "", "bytes": 0,
+                                      "oldestReceived": entry.received or now, "lastError": ""}
             r["oldestSeq"] = min(r["oldestSeq"], entry.seq)
+            r["bytes"] += max(entry.length, 0)
+            if entry.received:
+                r["oldestReceived"] = min(r["oldestReceived"], entry.received)
+            if entry.last_error:
+                r["lastError"] = entry.last_error
             return r
+
+        now = time.time()
 
         for q in self._queues.values():
             for entry in q:
@@ -710,6 +720,10 @@ class Forwarder:
             r["delayed"] += 1
             r["nextAttemptAt"] = r["nextAttemptAt"] or _iso(next_at)
         studies = sorted(per.values(), key=lambda r: r["oldestSeq"])
+        oldest = min((r["oldestReceived"] for r in studies), default=0.0)
+        for r in studies[:limit]:
+            r["oldestAgeSeconds"] = round(max(0.0, now - r["oldestReceived"]), 1)
+            r["oldestReceived"] = _iso(r["oldestReceived"])
         d = self.destination
         return {
             "destination": self.target.describe(),
@@ -720,6 +734,8 @@ class Forwarder:
             "waiting": sum(r["waiting"] for r in studies),
             "delayed": len(self._delayed),
             "sending": len(self._sending),
+            "bytes": sum(r["bytes"] for r in studies),
+            "oldestAgeSeconds": round(max(0.0, now - oldest), 1) if oldest else 0.0,
             "studiesTotal": len(studies),
             "studies": studies[:limit],
         }

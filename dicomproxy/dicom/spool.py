@@ -41,6 +41,7 @@ import logging
 import os
 import re
 import struct
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -133,6 +134,65 @@ def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts)) if ts else ""
 
 
+@dataclass(slots=True)
+class FailedSummary:
+    """What the failed folder's views need of one failed instance, kept in memory (the note's
+    JSON is read once, when the index is first built): grouping 100 000 failed instances by
+    study then reads no file. Repeated strings are interned (one copy per study and reason)."""
+
+    id: str
+    study: str
+    patient: str
+    sop_class: str
+    calling_ae: str
+    reason: str
+    status: int | None
+    attempts: int
+    failed_at: str
+    size: int
+
+    @classmethod
+    def of(cls, failed_id: str, note: dict[str, Any], size: int) -> FailedSummary:
+        status = note.get("status")
+        raw = note.get("origin")
+        origin: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        return cls(failed_id, sys.intern(str(note.get("StudyInstanceUID", ""))),
+                   sys.intern(str(note.get("PatientID", ""))), sys.intern(str(note.get("SOPClassUID", ""))),
+                   sys.intern(str(origin.get("CallingAE", ""))), sys.intern(str(note.get("reason", "no note"))),
+                   status if isinstance(status, int) else None, int(note.get("attempts", 0) or 0),
+                   str(note.get("failedAt", "")), size)
+
+
+MAX_REASONS = 3  # distinct reasons shown per study group (the most frequent), with their counts
+
+
+def group_failed(items: list[FailedSummary]) -> list[dict[str, Any]]:
+    """The failed instances by study, the study that failed first first."""
+    groups: dict[str, dict[str, Any]] = {}
+    reasons: dict[str, dict[str, int]] = {}
+    for f in sorted(items, key=lambda f: f.id):
+        g = groups.get(f.study)
+        if g is None:
+            g = groups[f.study] = {"study": f.study, "patientId": f.patient, "callingAe": f.calling_ae,
+                                   "instances": 0, "bytes": 0, "attempts": 0, "statuses": [],
+                                   "firstFailedAt": f.failed_at, "lastFailedAt": f.failed_at, "firstId": f.id}
+            reasons[f.study] = {}
+        g["instances"] += 1
+        g["bytes"] += max(f.size, 0)
+        g["attempts"] = max(g["attempts"], f.attempts)
+        if f.status is not None and f.status not in g["statuses"] and len(g["statuses"]) < MAX_REASONS:
+            g["statuses"].append(f.status)
+        g["firstFailedAt"] = min(g["firstFailedAt"], f.failed_at) if f.failed_at else g["firstFailedAt"]
+        g["lastFailedAt"] = max(g["lastFailedAt"], f.failed_at)
+        counts = reasons[f.study]
+        counts[f.reason] = counts.get(f.reason, 0) + 1
+    for study, g in groups.items():
+        top = sorted(reasons[study].items(), key=lambda kv: -kv[1])
+        g["reasons"] = [{"reason": r, "instances": n} for r, n in top[:MAX_REASONS]]
+        g["otherReasons"] = max(0, len(top) - MAX_REASONS)
+    return list(groups.values())
+
+
 _FAILED_ID = re.compile(r"^(?:unreadable-)?[0-9]{1,20}(?:-[0-9A-Za-z.]{1,64})?$")
 
 
@@ -212,6 +272,8 @@ class Spool:
         self._depth = 0
         self._failed = 0
         self._unlinks: list[Path] = []
+        self._index: dict[str, FailedSummary] | None = None  # the failed folder, built when first asked
+        self._index_lock = threading.Lock()
         self._unlink_cond = threading.Condition()
         self._unlink_stop = False
         self._unlink_thread: threading.Thread | None = None
@@ -409,6 +471,9 @@ class Spool:
         with self._lock:
             self._depth -= 1
             self._failed += 1
+        with self._index_lock:
+            if self._index is not None:
+                self._index[stem] = FailedSummary.of(stem, note, entry.length)
         return target
 
     # -- the failed folder (the API; blocking: call from a thread) -------------------------
@@ -419,9 +484,53 @@ class Spool:
         path = self.failed_dir / f"{failed_id}.dcm"
         return path if path.is_file() else None
 
-    def failed_list(self, offset: int = 0, limit: int = 100) -> tuple[int, list[dict[str, Any]]]:
-        """``(total, notes)``: the failed instances in arrival order, each its note plus ``id``."""
-        stems = sorted(p.stem for p in self.failed_dir.glob("*.dcm"))
+    def failed_index(self) -> dict[str, FailedSummary]:
+        """Every failed instance's summary, by id: read from the notes the first time (one JSON
+        file each: ~10 s for 100 000 on a busy disk, in the API's thread), kept up to date after."""
+        with self._index_lock:
+            if self._index is None:
+                index: dict[str, FailedSummary] = {}
+                for path in self.failed_dir.glob("*.dcm"):
+                    stem = path.stem
+                    try:
+                        note = json.loads((self.failed_dir / f"{stem}.json").read_text())
+                    except (OSError, ValueError):
+                        note = {"reason": "unreadable spool file (no note)" if stem.startswith("unreadable-")
+                                else "no note"}
+                    try:
+                        size = path.stat().st_size
+                    except OSError:
+                        size = -1
+                    index[stem] = FailedSummary.of(stem, note, size)
+                self._index = index
+            return self._index
+
+    def failed_studies(self, offset: int = 0, limit: int = 50) -> tuple[int, int, list[dict[str, Any]]]:
+        """``(studies, instances, groups)``: the failed folder by study (:func:`group_failed`), a page of it."""
+        index = self.failed_index()
+        with self._index_lock:
+            items = list(index.values())
+        groups = group_failed(items)
+        return len(groups), len(items), groups[offset : offset + limit]
+
+    def failed_ids(self, study: str) -> list[str]:
+        """The ids of a study's failed instances, oldest first."""
+        index = self.failed_index()
+        with self._index_lock:
+            return sorted(f.id for f in index.values() if f.study == study)
+
+    def _unindex(self, failed_id: str) -> FailedSummary | None:
+        with self._index_lock:
+            return self._index.pop(failed_id, None) if self._index is not None else None
+
+    def failed_list(self, offset: int = 0, limit: int = 100, study: str | None = None
+                    ) -> tuple[int, list[dict[str, Any]]]:
+        """``(total, notes)``: the failed instances in arrival order (of ``study`` only, when
+        given), each its note plus ``id``; the notes of the page only are read."""
+        if study is not None:
+            stems = self.failed_ids(study)
+        else:
+            stems = sorted(p.stem for p in self.failed_dir.glob("*.dcm"))
         out = []
         for stem in stems[offset : offset + limit]:
             note: dict[str, Any]
@@ -445,22 +554,31 @@ class Spool:
         self.load(path)  # refuses a file that is not ours before it moves
         os.replace(path, target)
         (self.failed_dir / f"{failed_id}.json").unlink(missing_ok=True)
+        self._unindex(failed_id)
         entry = self.load(target)
         with self._lock:
             self._failed -= 1
             self._depth += 1
         return entry
 
-    def discard_failed(self, failed_id: str) -> bool:
-        """Delete a failed instance and its note; False when there is no such id."""
+    def discard_failed(self, failed_id: str) -> FailedSummary | None:
+        """Delete a failed instance and its note; returns what it was (for the audit), None when
+        there is no such id."""
         path = self.failed_path(failed_id)
         if path is None:
-            return False
+            return None
+        summary = self._unindex(failed_id)
+        if summary is None:  # not indexed yet: read its note before it goes
+            try:
+                note = json.loads((self.failed_dir / f"{failed_id}.json").read_text())
+            except (OSError, ValueError):
+                note = {}
+            summary = FailedSummary.of(failed_id, note, -1)
         path.unlink(missing_ok=True)
         (self.failed_dir / f"{failed_id}.json").unlink(missing_ok=True)
         with self._lock:
             self._failed -= 1
-        return True
+        return summary
 
     @property
     def depth(self) -> int:

@@ -147,8 +147,9 @@ def test_failed_instances_are_listed_retried_and_discarded(tmp_path: Path) -> No
     assert restored is not None and restored.seq == b.seq + 1 and restored.attempts == 0
     assert again.read_dataset(restored) == b"first" and again.depth == 1 and again.failed_count == 1
     assert again.restore(notes[0]["id"]) is None  # gone from failed/
-    assert again.restore("../queue/x") is None and again.discard_failed("..") is False
-    assert again.discard_failed(notes[1]["id"]) and again.failed_count == 0
+    assert again.restore("../queue/x") is None and again.discard_failed("..") is None
+    gone = again.discard_failed(notes[1]["id"])
+    assert gone is not None and gone.reason == "refused" and gone.status == 0xC000 and again.failed_count == 0
     assert not list(again.failed_dir.iterdir())
     again.close()
 
