@@ -10,7 +10,12 @@ A task found ``running`` at start-up was interrupted by the process ending (a gr
 it back to ``queued``). One that ends the process itself (``os.exit`` in its Lua, a crash in a
 native module) would be re-run at every start and kill the gateway each time, so a task found
 ``running`` more than ``max_restarts`` times (``Lua:TaskMaxRestarts``) is quarantined instead:
-``failed``, with the reason, and a ``task.failed`` event.
+``failed``, with the reason, ``"quarantined": true`` and a ``task.failed`` event.
+
+What the task's script printed or logged is kept with it (``log``, bounded: :mod:`.task_log`).
+A failed task (quarantined included) may be run again (:meth:`TaskQueue.rerun`; ``POST
+/dicomproxy/tasks/{id}/rerun``, for admins and the task's owner): the same id, queued again,
+``reruns`` counted, error and log cleared.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from dicomproxy import task_log
 from dicomproxy.notify.events import EventBus
 
 log = logging.getLogger("dicomproxy.tasks")
@@ -33,6 +39,26 @@ log = logging.getLogger("dicomproxy.tasks")
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
+QUARANTINED = "quarantined"  # a failed task the process died under too often: a filter, not a state
+STATES = (QUEUED, RUNNING, DONE, FAILED, QUARANTINED)
+
+
+class NotFailed(Exception):
+    """Only a failed task can be run again; the message says what it is."""
+
+
+def matches(task: dict[str, Any], state: str) -> bool:
+    """``state`` as the list filters it: a real state, or ``quarantined`` (failed, quarantined)."""
+    if state == QUARANTINED:
+        return bool(task.get("quarantined"))
+    return bool(task["state"] == state)
+
+
+def listed(task: dict[str, Any]) -> dict[str, Any]:
+    """The task as the list shows it: the log's length, not the log."""
+    out = {k: v for k, v in task.items() if k != "log"}
+    out["logLines"] = len(task.get("log") or ())
+    return out
 
 
 class ReportedFailure(Exception):
@@ -121,7 +147,7 @@ class TaskQueue:
             f"a crash); quarantined after {self.max_restarts} restarts (Lua:TaskMaxRestarts). Submit it again "
             "once the cause is fixed"
         )
-        task.update(state=FAILED, finished=time.time(), error=message)
+        task.update(state=FAILED, finished=time.time(), error=message, quarantined=True)
         self._save(task)
         log.error("task %s (%s) quarantined: %s", task["id"], task["title"], message)
         if self.bus is not None:
@@ -160,6 +186,24 @@ class TaskQueue:
         else:
             self._pending_before_start.append(task_id)
         return task_id
+
+    def rerun(self, task_id: str) -> dict[str, Any] | None:
+        """Queue a failed task again (the same id; attempts go on, ``reruns`` + 1, restarts,
+        error, result and log cleared). None when there is no such task; :class:`NotFailed` when
+        it has not failed."""
+        task = self._tasks.get(task_id)
+        if task is None:
+            return None
+        if task["state"] != FAILED:
+            raise NotFailed(f"task {task_id} is {task['state']}: only a failed task can be run again")
+        task.update(state=QUEUED, started=None, finished=None, error=None, result=None, restarts=0,
+                    quarantined=False, log=[], logDropped=0, reruns=task.get("reruns", 0) + 1)
+        self._save(task)
+        if self._queue is not None:
+            self._queue.put_nowait(task_id)
+        else:
+            self._pending_before_start.append(task_id)
+        return task
 
     def get(self, task_id: str) -> dict[str, Any] | None:
         return self._tasks.get(task_id)
@@ -232,8 +276,11 @@ class TaskQueue:
 
     async def _run(self, task: dict[str, Any]) -> None:
         handler = self._handlers.get(task["kind"])
-        task.update(state=RUNNING, started=time.time(), attempts=task.get("attempts", 0) + 1)
+        lines = task_log.TaskLog()  # a run's log: a restart after a crash starts a new one
+        task.update(state=RUNNING, started=time.time(), attempts=task.get("attempts", 0) + 1, log=lines.lines,
+                    logDropped=0)
         self._save(task)
+        token = task_log.use(lines)
         try:
             if handler is None:
                 raise RuntimeError(f"no handler for task kind {task['kind']!r}")
@@ -251,6 +298,9 @@ class TaskQueue:
                               "/dicomproxy/tasks", task_id=task["id"])
         else:
             task.update(state=DONE, finished=time.time(), result=_jsonable(result))
+        finally:
+            task_log.done(token)
+            task["logDropped"] = lines.dropped
         self._save(task)
         self._prune()
 

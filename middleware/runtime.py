@@ -180,6 +180,8 @@ class Export:
 def _lua_print(engine: LuaEngine, text: Any = "") -> None:
     """``print(...)``: a log line (INFO), not the process's stdout (a full pipe would block)."""
     log.info("[%s %s] %s", engine.name, Path(engine.script).name, text)
+    if engine.output is not None:
+        engine.output("info", str(text))
 
 
 def _full_mode_only(engine: LuaEngine, name: str) -> None:
@@ -287,6 +289,8 @@ class LuaEngine:
         self.hidden_env = hidden_env.upper()
         self.full_libraries = full_libraries
         self.script: str = ""
+        # told each line the script prints or logs, ``(level, text)`` (a background task's log)
+        self.output: Callable[[str, str], None] | None = None
         self.lua = lupa.LuaRuntime(
             unpack_returned_tuples=True,
             register_eval=False,

@@ -208,6 +208,12 @@ def security_alert(kind: Code, subject: ParticipantObject, text: str, *, ok: boo
                       participants=participants, objects=[subject], description=text)
 
 
+def task_object(task_id: str, title: str) -> ParticipantObject:
+    """A background task as an alert's subject (its API URL)."""
+    return ParticipantObject(f"/dicomproxy/tasks/{task_id}", codes.URI, codes.SYSTEM_OBJECT,
+                             codes.ROLE_SECURITY_RESOURCE, name=title or task_id)
+
+
 def script_file(path: str) -> ParticipantObject:
     return ParticipantObject("file://" + path, codes.URI, codes.SYSTEM_OBJECT, codes.ROLE_SECURITY_RESOURCE,
                              name=path.rsplit("/", 1)[-1])

@@ -1,6 +1,14 @@
 """The gateway's own API: ``/dicomproxy/health``, ``/dicomproxy/metrics``, ``/dicomproxy/tasks``,
 and the load-balancer probes ``/dicomproxy/health/live`` and ``/dicomproxy/health/ready``.
 
+Tasks: ``GET /dicomproxy/tasks?state=`` (``queued``, ``running``, ``done``, ``failed``,
+``quarantined``; the list leaves each task's log out and says ``logLines``), ``GET
+/dicomproxy/tasks/{id}`` (with the log), ``POST /dicomproxy/tasks/{id}/rerun`` (a failed task,
+by an admin or the task's owner; 409 when it has not failed; audited as a Security Alert, Use of
+Restricted Function, success). A task another user owns is 404 to a non-admin, as if it did not
+exist. Without authentication in front (``Authentication`` off) every caller may re-run, as the
+rest of the gateway's API is open then.
+
 The probes are plain ASGI answered before the front door, authentication, CORS and the Lua hooks
 (``Gateway.__call__``): a probe every second must cost next to nothing, must not depend on a
 script or the PACS (live), and says nothing but the phase, so it is open to anyone.
@@ -19,10 +27,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
 
 from dicomproxy import __version__
+from dicomproxy.audit import codes, events
+from dicomproxy.audit.trail import AuditTrail
 from dicomproxy.host import HealthCheck
 from dicomproxy.metrics import CONTENT_TYPE, Metrics
 from dicomproxy.scripting.host import ScriptHost
-from dicomproxy.tasks import TaskQueue, visible_to
+from dicomproxy.tasks import STATES, NotFailed, TaskQueue, listed, matches, visible_to
 from dicomproxy.upstream.monitor import UpstreamMonitor
 
 log = logging.getLogger("dicomproxy.http.api")
@@ -36,6 +46,7 @@ class ApiSource(Protocol):
     lua: ScriptHost
     tasks: TaskQueue
     metrics: Metrics
+    audit: AuditTrail
 
     @property
     def health_checks(self) -> Mapping[str, HealthCheck]: ...
@@ -100,11 +111,30 @@ def build_api(gateway: ApiSource) -> Router:
         return Response(gateway.metrics.render(), media_type=CONTENT_TYPE)
 
     async def tasks(request: Request) -> Response:
-        items = [t for t in gateway.tasks.list() if _visible(request, t)]
         state = request.query_params.get("state")
-        if state:
-            items = [t for t in items if t["state"] == state]
+        if state and state not in STATES:
+            return JSONResponse({"error": f"state: one of {', '.join(STATES)}"}, status_code=400)
+        items = [listed(t) for t in gateway.tasks.list() if _visible(request, t) and (not state or matches(t, state))]
         return JSONResponse(items)
+
+    async def rerun(request: Request) -> Response:
+        task_id = request.path_params["task_id"]
+        item = gateway.tasks.get(task_id)
+        if item is None or not _visible(request, item):
+            return JSONResponse({"error": "no such task"}, status_code=404)
+        if not may_rerun(request.scope, item):
+            return JSONResponse({"error": "a task is run again by an admin or its owner"}, status_code=403)
+        try:
+            again = gateway.tasks.rerun(task_id)
+        except NotFailed as e:
+            return JSONResponse({"error": str(e)}, status_code=409)
+        user = str(request.scope.get("user") or "anonymous")
+        log.warning("task %s (%s) run again by %s", task_id, item["title"], user)
+        client = request.scope.get("client")
+        gateway.audit.alert(codes.USE_OF_RESTRICTED_FUNCTION, events.task_object(task_id, item["title"]),
+                            f"task {task_id} ({item['title']}) run again by {user}",
+                            events.peer(user, client[0] if client else "", requestor=True), ok=True)
+        return JSONResponse(listed(again) if again is not None else {}, status_code=202)
 
     async def task(request: Request) -> Response:
         item = gateway.tasks.get(request.path_params["task_id"])
@@ -120,4 +150,13 @@ def build_api(gateway: ApiSource) -> Router:
         Route("/dicomproxy/metrics", metrics),
         Route("/dicomproxy/tasks", tasks),
         Route("/dicomproxy/tasks/{task_id}", task),
+        Route("/dicomproxy/tasks/{task_id}/rerun", rerun, methods=["POST"]),
     ])
+
+
+def may_rerun(scope: Mapping[str, Any], task: Mapping[str, Any]) -> bool:
+    """An admin, the task's owner, or anyone when no authentication runs (no ``roles`` in the scope)."""
+    roles = scope.get("roles")
+    if roles is None:
+        return True
+    return "admin" in roles or (task.get("owner") is not None and task.get("owner") == scope.get("user"))

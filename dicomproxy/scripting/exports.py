@@ -94,9 +94,16 @@ def format_message(message: Any, args: tuple[Any, ...]) -> str:
 
 
 def _logger(level: int) -> Callable[..., None]:
+    name = logging.getLevelName(level).lower()
+
     def log_func(engine: LuaEngine, message: Any = "", *args: Any) -> None:
-        if lua_log.isEnabledFor(level):
-            lua_log.log(level, "[%s %s] %s", engine.name, Path(engine.script).name, format_message(message, args))
+        logged = lua_log.isEnabledFor(level)
+        if logged or engine.output is not None:
+            text = format_message(message, args)
+            if logged:
+                lua_log.log(level, "[%s %s] %s", engine.name, Path(engine.script).name, text)
+            if engine.output is not None:
+                engine.output(name, text)
 
     return log_func
 

@@ -30,6 +30,7 @@ from dicomproxy_middleware import (
     compile_chunk,
 )
 
+from dicomproxy import task_log
 from dicomproxy.audit import codes as audit_codes
 from dicomproxy.audit import events as audit_events
 from dicomproxy.audit.trail import AuditTrail
@@ -217,6 +218,9 @@ class ScriptHost:
         path = Path(args["script"])
         engine = self.new_engine("background")
         engine.timeout_setting = "Lua:TaskTimeoutMs"
+        lines = task_log.current()  # what the script prints or logs goes with the task (bounded there)
+        if lines is not None:
+            engine.output = lines.add
         try:
             try:
                 source = await asyncio.to_thread(path.read_bytes)
@@ -231,6 +235,9 @@ class ScriptHost:
             return engine.from_lua(ret[0]) if ret else None
         except LuaError as e:
             log.error("background task %s failed: %s", path.name, e.traceback)
+            if lines is not None:
+                lines.add("error", str(e.traceback or e))
             raise RuntimeError(str(e)) from None
         finally:
+            engine.output = None
             engine.release()

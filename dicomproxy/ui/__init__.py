@@ -17,6 +17,11 @@ The operator's view adds, under the same prefix:
 * ``check`` (POST, admin, same origin only): ``dicomproxy check`` run in the gateway;
 * ``audit?limit=N`` (admin): the latest audit events, from memory (``AuditTrail.recent``).
 
+The spool panel (``static/panels.js``) reads ``/dicomproxy/spool`` (admin only: a viewer's page
+says so and shows no buttons) and acts through it; the tasks panel reads ``/dicomproxy/tasks``
+(filter, log, re-run). ``status.json`` says who the page is for (``you``: user, roles, admin), so
+that it shows only the buttons the API would accept.
+
 The admin routes are gated by the built-in rules of :mod:`dicomproxy.auth.policy`.
 
 Authentication is the gateway's: every mounted route is behind it, so the page, its API calls
@@ -130,6 +135,7 @@ class StatusPage:
             "source_url": f"{self.prefix}/scripts/source",
             "check_url": f"{self.prefix}/check",
             "audit_url": f"{self.prefix}/audit",
+            "spool_url": "/dicomproxy/spool",
             "notifications_url": notifications_url,
             "stream_url": f"{notifications_url.rstrip('/')}/stream",
             "version": f"v{dicomproxy.__version__}",
@@ -157,7 +163,7 @@ class StatusPage:
         if sub in ("/", "/index.html"):
             return HTMLResponse(self.page, headers=SECURITY_HEADERS)
         if sub == "/status.json":
-            return JSONResponse(await self.status(), headers=NO_STORE)
+            return JSONResponse({**await self.status(), "you": you(request.scope)}, headers=NO_STORE)
         if sub == "/history":
             return self.history_json(request)
         if sub == "/scripts/source":
@@ -230,6 +236,14 @@ class StatusPage:
         scripts = self._script_status()
         echo = await self.echo.status() if self.echo is not None else None
         return {"version": dicomproxy.__version__, "scripts": scripts, "dicomUpstream": echo}
+
+
+def you(scope: Scope) -> dict[str, Any]:
+    """Who the page is for, so that it shows only the buttons that would work: ``admin`` when the
+    caller has the role, or when no authentication runs (the API is open then). The API checks
+    again: a hidden button is a courtesy, not the protection."""
+    roles = scope.get("roles")
+    return {"user": scope.get("user"), "roles": list(roles or ()), "admin": roles is None or "admin" in roles}
 
 
 def install(gateway: Host) -> StatusPage:

@@ -64,6 +64,8 @@ class LuaPrinter:
 
     def __call__(self, engine: LuaEngine, text: Any = "") -> None:
         lua_log.info("[%s %s] Lua says: %s", engine.name, engine.script.rsplit("/", 1)[-1], text)
+        if engine.output is not None:
+            engine.output("info", str(text))
         out = self._captures.get(engine)
         if out is None:
             return

@@ -207,3 +207,5 @@ def print_recursive(engine: LuaEngine, value: Any = None, *_: Any) -> None:
     """``PrintRecursive(v)``: the structure of ``v`` in the gateway log (one record, INFO)."""
     lines = print_lines(engine, value)
     log.info("[%s %s] PrintRecursive:\n%s", engine.name, engine.script.rsplit("/", 1)[-1], "\n".join(lines))
+    if engine.output is not None:
+        engine.output("info", "\n".join(lines))

@@ -6,7 +6,8 @@
  * /dicomproxy/notifications (JSON, then the SSE stream). Uploads go through the TUS endpoint with tus-js-client (window.tus),
  * served from the package next to this file. For admins: a script's source with its error line
  * marked (/dicomproxy/ui/scripts/source), `dicomproxy check` (POST /dicomproxy/ui/check) and the
- * latest audit events (/dicomproxy/ui/audit). The graphs are graphs.js.
+ * latest audit events (/dicomproxy/ui/audit). The graphs are graphs.js; the spool and the task
+ * queue are panels.js.
  *
  * Everything from the server is put into the page with textContent, never as HTML.
  */
@@ -60,21 +61,6 @@
     if (v === null || v === undefined) return "";
     if (typeof v === "object") return JSON.stringify(v);
     return String(v);
-  }
-
-  // A task result in one short line: scalars as key=value, lists by their length.
-  function summary(v) {
-    if (v === null || v === undefined) return "";
-    if (typeof v !== "object") return String(v);
-    if (Array.isArray(v)) return v.length + " item(s)";
-    var parts = Object.keys(v).map(function (k) {
-      var x = v[k];
-      if (Array.isArray(x)) return x.length ? k + "=" + x.length : null;
-      if (x !== null && typeof x === "object") return null;
-      return k + "=" + x;
-    }).filter(function (p) { return p !== null; });
-    var text = parts.join(", ");
-    return text.length > 160 ? text.slice(0, 159) + "\u2026" : text;
   }
 
   // A link from a notification is followed only if it is a path here or an http(s) URL.
@@ -308,27 +294,7 @@
     });
   }
 
-  // ------------------------------------------------------------------ tasks
-  function renderTasks(data) {
-    var tasks = Array.isArray(data) ? data : data.tasks || [];
-    var body = $("tasks-body");
-    clear(body);
-    var counts = {};
-    tasks.forEach(function (t) { counts[t.state] = (counts[t.state] || 0) + 1; });
-    $("tasks-summary").textContent = Object.keys(counts).map(function (k) { return counts[k] + " " + k; }).join(", ");
-    if (!tasks.length) {
-      body.appendChild(el("tr", {}, el("td", { colspan: "4", className: "muted", text: "no tasks" })));
-      return;
-    }
-    tasks.slice(0, 50).forEach(function (t) {
-      body.appendChild(el("tr", { "data-task": String(t.id) },
-        el("td", {}, el("div", { text: t.title || t.kind || t.id }), el("code", { className: "muted", text: t.kind || "" })),
-        el("td", {}, badge(t.state || "?", t.state)),
-        el("td", { text: fmtTime(t.created) }),
-        el("td", { className: "result", title: t.error ? scalar(t.error) : scalar(t.result),
-                   text: t.error ? scalar(t.error) : summary(t.result) })));
-    });
-  }
+  // ------------------------------------------------------------------ tasks, spool: panels.js
 
   // ------------------------------------------------------------------ polling
   var timer = null;
@@ -344,17 +310,16 @@
     timer = null;
     if (inFlight) { refreshSoon(250); return; }
     inFlight = true;
-    var jobs = [getJSON(cfg.healthUrl), getJSON(cfg.statusUrl), getJSON(cfg.tasksUrl),
-                getJSON(cfg.auditUrl + "?limit=50")];
+    var jobs = [getJSON(cfg.healthUrl), getJSON(cfg.statusUrl), getJSON(cfg.auditUrl + "?limit=50")];
     Promise.allSettled(jobs).then(function (r) {
       var health = r[0].status === "fulfilled" ? r[0].value : null;
       var status = r[1].status === "fulfilled" ? r[1].value : null;
       if (health) renderHealth(health);
       if (status) renderScripts(status);
       if (health || status) renderDicomUpstream(status, health);
-      if (r[2].status === "fulfilled") renderTasks(r[2].value);
-      renderAudit(r[3].value, r[3].status === "rejected" ? r[3].reason : null);
-      var failed = r.slice(0, 3).filter(function (x) { return x.status === "rejected"; });
+      renderAudit(r[2].value, r[2].status === "rejected" ? r[2].reason : null);
+      if (window.dicomproxyPanels) window.dicomproxyPanels.refresh(status && status.you);
+      var failed = r.slice(0, 2).filter(function (x) { return x.status === "rejected"; });
       $("updated").textContent = failed.length
         ? "update failed: " + failed[0].reason.message
         : "updated " + new Date().toLocaleTimeString();
