@@ -227,7 +227,7 @@
         }
         tbody.appendChild(el("tr", { "data-failed-id": n.id },
           el("td", {}, el("code", { text: n.SOPInstanceUID || n.id })),
-          el("td", { className: "result" }, n.status !== undefined ? badge(hex(n.status), "bad") : null, n.reason || ""),
+          el("td", { className: "result" }, typeof n.status === "number" ? badge(hex(n.status), "bad") : null, n.reason || ""),
           el("td", { text: String(n.attempts || 0) }),
           el("td", { className: "result", text: (n.firstError || "") + (n.lastError && n.lastError !== n.firstError ? " \u2192 " + n.lastError : "") }),
           el("td", { text: when(n.failedAt) }), actions));
