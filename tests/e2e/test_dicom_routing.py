@@ -23,7 +23,7 @@ from tests.peers import GatewayProcess, OrthancServer, run_dcmtk, wait_until
 LOOPBACK = "127.0.0.1"
 COUNTING = """
 function ReceivedInstanceFilter(dicom, origin, info)
-  print('RECEIVED ' .. dicom.SOPInstanceUID .. ' FROM ' .. origin.RemoteAet)
+  print('RECEIVED ' .. dicom.SOPInstanceUID .. ' FROM ' .. tostring(origin.RemoteAet))
   return true
 end
 """
@@ -234,3 +234,72 @@ def test_kill9_mid_fan_out_loses_nothing_and_does_not_resend_where_delivered(
         assert received(three["a"], uid) == 1, f"{uid} was sent to a again after the restart"
         assert received(three["b"], uid) == 1
         assert dataset_bytes(stored_file(three["b"], uid)) == dataset_bytes(path.read_bytes())
+
+
+def federated(three: dict[str, OrthancServer], **dicom: Any) -> dict[str, Any]:
+    return {"Upstreams": {**upstreams(three), "Groups": {"fed": {"Members": ["a", "b"], "Federated": True}}},
+            "Dicom": {"QueryUpstream": "fed", **dicom}}
+
+
+def study_in(folder: Path, patient: str, *servers: OrthancServer, n: int = 2) -> tuple[str, list[Path]]:
+    files = instances(folder, n, patient=patient, tag=folder.name)
+    for server in servers:
+        for path in files:
+            server.upload(path)
+    return str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID), files
+
+
+def find_studies(gateway: GatewayProcess, out: Path, patient: str) -> tuple[list[str], str]:
+    out.mkdir(parents=True, exist_ok=True)
+    answer = run_dcmtk("findscu", "-v", "-S", "-aet", "FINDER", "-aec", gateway.aet, LOOPBACK,
+                       str(gateway.dicom_port), "-X", "-od", str(out), "-k", "QueryRetrieveLevel=STUDY",
+                       "-k", f"PatientID={patient}", "-k", "StudyInstanceUID")
+    studies = [str(pydicom.dcmread(p).StudyInstanceUID) for p in sorted(out.glob("rsp*.dcm"))]
+    return studies, answer.stdout + answer.stderr
+
+
+def test_federated_cfind_returns_the_union_once_and_skips_a_stopped_member(
+    three: dict[str, OrthancServer], gateway_factory: Any, tmp_path: Path
+) -> None:
+    only_a, _ = study_in(tmp_path / "sa", "PFED", three["a"])
+    only_b, _ = study_in(tmp_path / "sb", "PFED", three["b"])
+    both, _ = study_in(tmp_path / "sab", "PFED", three["a"], three["b"])
+    study_in(tmp_path / "sc", "PFED", three["c"])  # Dicom:Upstream, not in the group: never asked
+    gateway = gateway_factory(federated(three), orthanc=three["c"])
+    studies, output = find_studies(gateway, tmp_path / "f1", "PFED")
+    assert sorted(studies) == sorted([only_a, only_b, both]), output  # "both" once
+    three["b"].stop()
+    studies, output = find_studies(gateway, tmp_path / "f2", "PFED")
+    assert sorted(studies) == sorted([only_a, both]) and "Received Final Find Response (Success)" in output, output
+    assert "1 of 2 member(s) did not answer and were skipped: PACSB@" in gateway.log_text()
+
+
+def get_study(gateway: GatewayProcess, out: Path, study: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    run_dcmtk("getscu", "-S", "-aet", "GETTER", "-aec", gateway.aet, LOOPBACK, str(gateway.dicom_port),
+              "-od", str(out), "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}")
+    return sorted(out.iterdir())
+
+
+def test_cget_and_cmove_from_a_group_are_served_by_the_holder_and_fail_over(
+    three: dict[str, OrthancServer], gateway_factory: Any, storescp_factory: Any, tmp_path: Path
+) -> None:
+    dest = storescp_factory("GROUPDEST")
+    on_b, files_b = study_in(tmp_path / "gb", "PGRP", three["b"])
+    on_both, files_both = study_in(tmp_path / "gab", "PGRP", three["a"], three["b"])
+    gateway = gateway_factory(federated(three, Modalities={"dest": {"Aet": dest.aet, "Host": LOOPBACK,
+                                                                    "Port": dest.port,
+                                                                    "Retrieve": "FetchAndStore"}}),
+                              orthanc=three["c"])
+    got = get_study(gateway, tmp_path / "g1", on_b)  # "a" is asked first and holds nothing: "b" serves
+    assert {uid_of(p) for p in got} == {uid_of(p) for p in files_b}
+    assert {dataset_bytes(p.read_bytes()) for p in got} == {dataset_bytes(p.read_bytes()) for p in files_b}
+    run_dcmtk("movescu", "-S", "-aet", "MOVER", "-aem", dest.aet, "-aec", gateway.aet, LOOPBACK,
+              str(gateway.dicom_port), "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={on_b}")
+    moved = dest.wait_for_files(len(files_b))
+    assert {str(pydicom.dcmread(p).SOPInstanceUID) for p in moved} == {uid_of(p) for p in files_b}
+    three["a"].stop()  # the first holder of "on_both" is down: the next holder serves
+    got = get_study(gateway, tmp_path / "g2", on_both)
+    assert {uid_of(p) for p in got} == {uid_of(p) for p in files_both}
+    log = gateway.log_text()
+    assert f"C-GET from GETTER (127.0.0.1): held by {three['b'].aet}@" in log
