@@ -303,3 +303,29 @@ def test_cget_and_cmove_from_a_group_are_served_by_the_holder_and_fail_over(
     assert {uid_of(p) for p in got} == {uid_of(p) for p in files_both}
     log = gateway.log_text()
     assert f"C-GET from GETTER (127.0.0.1): held by {three['b'].aet}@" in log
+
+
+SEND = r"""
+function onHttpRequest(req)
+  if req.Path == "/run/send" then
+    local r = InternalCmdRun("send", req.Headers["x-args"])
+    req:ResponseWrite(tostring(r.Sent) .. "/" .. tostring(r.Failed) .. " " .. r.Destination)
+    return true
+  end
+end
+"""
+
+
+def test_internal_send_to_an_upstream_or_a_group_by_name(
+    three: dict[str, OrthancServer], gateway_factory: Any, tmp_path: Path
+) -> None:
+    gateway = gateway_factory({"Upstreams": {**upstreams(three), "Groups": {"fo": {"Members": ["a", "b"]}}}},
+                              {"main.lua": SEND}, orthanc=three["c"])
+    folder = tmp_path / "outbox"
+    files = instances(folder, 2, tag="send")
+    r = gateway.get("/run/send", headers={"x-args": f"{folder} b"})
+    assert r.text.startswith("2/0 ") and three["b"].instance_count() == 2, r.text
+    three["a"].stop()  # the group's first member is down: the next one gets them
+    r = gateway.get("/run/send", headers={"x-args": f"{folder} SENDER:fo"})
+    assert r.text == f"2/0 SENDER:{three['b'].aet}@{LOOPBACK}:{three['b'].dicom_port}", r.text
+    assert all(f"RECEIVED {uid_of(p)} FROM SENDER" in three["b"].log_text() for p in files)
