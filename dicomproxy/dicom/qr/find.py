@@ -15,7 +15,7 @@ Federated (``Dicom:QueryUpstream`` names a group with ``Federated``): the query 
 member at once, each on an association of its own; matches are passed on as they arrive from
 any member, de-duplicated by the level's unique key (StudyInstanceUID, SeriesInstanceUID,
 SOPInstanceUID, PatientID; a worklist item is never merged), and a C-CANCEL goes to every
-member. A member that cannot be associated with, stops answering (``Dicom:QrTimeoutSeconds``
+member. A member that cannot be associated with, stops answering (``Dicom:QueryRetrieveTimeoutSeconds``
 per response) or answers with a failure is logged by name and skipped: the final status is
 Success with the other members' matches, since PS3.4 C.4.1 defines no Warning status for
 C-FIND and an Error Comment is only allowed with a failure; it is a failure (0xA700) only when
