@@ -329,3 +329,21 @@ def test_internal_send_to_an_upstream_or_a_group_by_name(
     r = gateway.get("/run/send", headers={"x-args": f"{folder} SENDER:fo"})
     assert r.text == f"2/0 SENDER:{three['b'].aet}@{LOOPBACK}:{three['b'].dicom_port}", r.text
     assert all(f"RECEIVED {uid_of(p)} FROM SENDER" in three["b"].log_text() for p in files)
+
+
+def test_federated_cfind_cancel_goes_to_every_member(
+    three: dict[str, OrthancServer], gateway_factory: Any, tmp_path: Path
+) -> None:
+    for i in range(4):
+        study_in(tmp_path / f"ca{i}", "PCANCEL", three["a"], n=1)
+        study_in(tmp_path / f"cb{i}", "PCANCEL", three["b"], n=1)
+    # a slow result hook, so findscu's C-CANCEL (sent after the first match) arrives mid-query
+    slow = 'function onCFindResult(result, assoc) OsExecute("sleep", "0.3") end\n'
+    gateway = gateway_factory(federated(three), {"main.lua": slow}, orthanc=three["c"])
+    port = str(gateway.dicom_port)
+    keys = ["-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID", "-k", "PatientID=PCANCEL"]
+    res = run_dcmtk("findscu", "-S", "-v", "--cancel", "1", "-aec", gateway.aet, LOOPBACK, port, *keys)
+    assert "Final Find Response (Cancel: MatchingTerminatedDueToCancelRequest)" in res.stderr, res.stderr
+    assert res.stderr.count("Find Response:") < 8, res.stderr  # not every match was sent
+    gateway.wait_for_log("cancelled; cancelling it at 2 member(s)")
+    assert run_dcmtk("echoscu", "-aec", gateway.aet, LOOPBACK, port).returncode == 0
