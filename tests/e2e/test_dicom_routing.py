@@ -347,3 +347,25 @@ def test_federated_cfind_cancel_goes_to_every_member(
     assert res.stderr.count("Find Response:") < 8, res.stderr  # not every match was sent
     gateway.wait_for_log("cancelled; cancelling it at 2 member(s)")
     assert run_dcmtk("echoscu", "-aec", gateway.aet, LOOPBACK, port).returncode == 0
+
+
+def test_relay_mode_relays_only_what_goes_to_dicom_upstream_alone(
+    three: dict[str, OrthancServer], gateway_factory: Any, tmp_path: Path
+) -> None:
+    script = 'function onCStore(dataset, assoc) if dataset.PatientID == "TOB" then return {"b"} end end\n'
+    gateway = gateway_factory({  # Dicom:StoreMode RelayOrSpool: the default
+        "Upstreams": upstreams(three), "Dicom": {"Routes": [{"CalledAet": "FANOUT", "Destinations": ["a", "b"]}]},
+    }, orthanc=three["c"])
+    fan, plain = instances(tmp_path / "fan", 1, tag="fan"), instances(tmp_path / "plain", 1, tag="plain")
+    storescu(gateway, *fan, called="FANOUT")  # a route sends it to two peers: served from the spool
+    storescu(gateway, *plain)  # only ever Dicom:Upstream: relayed, answered with Orthanc's own status
+    wait_until(lambda: holders(three, fan[0]) == {"a", "b"} and holders(three, plain[0]) == {"c"}, timeout=30,
+               what="the fanned-out instance at a and b, the plain one at c")
+    log = gateway.log_text()
+    assert log.count("context(s), spooled") == 1 and log.count("context(s), relayed") == 1, log[-3000:]
+    # a script that chooses other destinations on a relayed association: refused, with the fix named
+    scripted = gateway_factory({"Upstreams": upstreams(three)}, {"main.lua": script}, orthanc=three["c"])
+    tob = instances(tmp_path / "tob", 1, patient="TOB", tag="tob")
+    answer = storescu(scripted, *tob, check=False)
+    assert "Status: 0x110)" in (answer.stdout + answer.stderr)
+    assert "set Dicom:StoreMode StoreAndForward" in scripted.log_text() and not holders(three, tob[0])
