@@ -369,3 +369,26 @@ def test_relay_mode_relays_only_what_goes_to_dicom_upstream_alone(
     answer = storescu(scripted, *tob, check=False)
     assert "Status: 0x110)" in (answer.stdout + answer.stderr)
     assert "set Dicom:StoreMode StoreAndForward" in scripted.log_text() and not holders(three, tob[0])
+
+
+def test_a_destination_removed_from_the_configuration_keeps_its_instances_in_failed(
+    three: dict[str, OrthancServer], gateway_factory: Any, tmp_path: Path
+) -> None:
+    gateway = gateway_factory({"Upstreams": upstreams(three),
+                               "Dicom": {"StoreMode": "StoreAndForward", "Routes": [{"Destinations": ["a", "b"]}]}},
+                              orthanc=three["c"])
+    three["b"].stop()
+    files = instances(tmp_path / "gone", 2, tag="gone")
+    storescu(gateway, *files)
+    three["a"].wait_for_instances(2)
+    gateway.stop()
+    gateway.settings["Upstreams"]["Servers"].pop("b")
+    gateway.settings["Dicom"]["Routes"] = [{"Destinations": ["a"]}]
+    gateway.update_settings({})
+    gateway.start()
+    notes = wait_until(lambda: len(n := gateway.get("/dicomproxy/spool/failed").json()["items"]) == 2 and n,
+                       timeout=30, what="b's two instances in failed/")
+    assert {n["SOPInstanceUID"] for n in notes} == {uid_of(p) for p in files}
+    assert all(n["Destination"] == "b" and "no longer configured" in n["reason"] for n in notes), notes
+    assert gateway.get("/dicomproxy/spool").json()["depth"] == 0
+    assert all(received(three["a"], uid_of(p)) == 1 for p in files)  # not sent to a again
