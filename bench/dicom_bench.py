@@ -3,7 +3,7 @@ mode and in store-and-forward mode, in the same rounds.
 
     python bench/dicom_bench.py [--instances 500] [--rounds 3] [--studies 1] [--nagle]
                                 [--modes relay,spool] [--baseline /work/baseline] [--size 16]
-                                [--big-mb 300] [--tls]
+                                [--big-mb 300] [--tls] [--baseline-mode spool] [--routes 10]
 
 One run starts a real Orthanc (DICOMweb plugin, as in the tests) and one gateway process per
 mode (``Logging:Level`` INFO): ``relay`` is ``Dicom:StoreMode`` ``RelayOrSpool`` (each C-STORE
@@ -26,6 +26,11 @@ prints the medians. ``--baseline DIR`` runs another gateway from another checkou
 with its own ``DIR/.venv``, its own defaults) in the same rounds, for before/after figures under
 the same machine load. In relay mode accept and end-to-end are the same thing: storescu hears
 success only once Orthanc has the instance.
+
+``--baseline-mode`` is the baseline's ``Dicom:StoreMode`` (``relay`` or ``spool``; default relay).
+``--routes N`` gives this checkout's gateways N ``Dicom:Routes`` that never match (a calling AE
+and a Modality condition each, so every instance's header is read for them and every route is
+tried) before the default: the cost of evaluating N routes per instance.
 
 ``--tls`` opens each gateway's DICOM TLS port too (``Dicom:Tls``, certificates from a private CA
 made for the run, client certificates required) and stores one more batch per round through it
@@ -159,6 +164,8 @@ def main() -> int:
     ap.add_argument("--big-mb", type=int, default=0, help="then one instance of this many MB through each gateway")
     ap.add_argument("--nagle", action="store_true", help="run storescu with Nagle on (dcmtk's default)")
     ap.add_argument("--tls", action="store_true", help="also store through the gateway's DICOM TLS port")
+    ap.add_argument("--baseline-mode", default="relay", help="the baseline's mode: relay or spool")
+    ap.add_argument("--routes", type=int, default=0, help="N never-matching Dicom:Routes (this checkout)")
     ap.add_argument(
         "--orthanc-nagle", action="store_true", help="leave Nagle on in Orthanc (its DCMTK default: ~20 instances/s)"
     )
@@ -183,12 +190,17 @@ def main() -> int:
         for mode in args.modes.split(","):
             store_mode = {"relay": "RelayOrSpool", "spool": "StoreAndForward"}[mode.strip()]
             mine = {**settings, "Dicom": {**settings["Dicom"], "StoreMode": store_mode}}
+            if args.routes:
+                mine["Dicom"]["Routes"] = [{"CallingAet": f"NOPE{i}", "Modality": "XX", "Destinations": ["default"]}
+                                           for i in range(args.routes)]
             if tls:
                 tls_ports[mode.strip()] = free_port()
                 mine["Dicom"]["Tls"] = {**tls, "Port": tls_ports[mode.strip()]}
             gateways[mode.strip()] = GatewayProcess(tmp / mode.strip(), orthanc=orthanc, settings=mine)
         if args.baseline:
-            gateways = {"baseline": baseline_gateway(args.baseline, tmp / "baseline", orthanc, settings), **gateways}
+            base_mode = {"relay": "RelayOrSpool", "spool": "StoreAndForward"}[args.baseline_mode]
+            base = {**settings, "Dicom": {**settings["Dicom"], "StoreMode": base_mode}}
+            gateways = {"baseline": baseline_gateway(args.baseline, tmp / "baseline", orthanc, base), **gateways}
         rows: list[tuple[int, str, float, float, float, float]] = []
         big: dict[str, tuple[float, float]] = {}
         try:

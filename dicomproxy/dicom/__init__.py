@@ -48,13 +48,13 @@ def install(gateway: Host) -> None:
 
     async def send(args: str) -> dict[str, Any]:
         try:
-            return await dicom_commands.send(args, settings)
+            return await dicom_commands.send(args, settings, component.destinations)
         except dicom_commands.CommandError as e:
             raise LuaExportError(str(e)) from None
 
     async def echo(args: str) -> dict[str, Any]:
         try:
-            return await dicom_commands.echo(args, settings)
+            return await dicom_commands.echo(args, settings, component.destinations)
         except dicom_commands.CommandError as e:
             raise LuaExportError(str(e)) from None
 

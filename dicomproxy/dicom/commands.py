@@ -3,9 +3,11 @@
     InternalCmdRun("send", "/data/outbox CALLING:PACS@10.0.0.5:104")
     InternalCmdRun("echo", "CALLING:PACS@10.0.0.5:104")
 
-The calling AE title is optional (default ``Dicom:Aet``); a name from ``Dicom:Modalities`` may
-stand for ``AE@host:port``. Files are sent as they are on disk (no decoding; read in pieces as
-they are sent), over one association per batch of presentation contexts
+The calling AE title is optional (default ``Dicom:Aet``); a name from ``Dicom:Modalities``, an
+upstream's (``default``, an ``Upstreams:Servers`` entry with a DICOM side) or a group's may stand
+for ``AE@host:port`` (``InternalCmdRun("send", "/data/outbox archive")``); a group's members are
+tried in its mode's order, the next when one cannot be associated with. Files are sent as they
+are on disk (no decoding; read in pieces as they are sent), over one association per batch of presentation contexts
 (:func:`.presentation.batches`), with :mod:`.storage_scu`; an uncompressed file the
 destination takes only in another uncompressed syntax is re-encoded
 (:func:`.presentation.choose`), a compressed one never.
@@ -24,6 +26,7 @@ from typing import Any
 
 from dicomproxy.config.settings import DicomSettings
 from dicomproxy.dicom import presentation
+from dicomproxy.dicom.destinations import Destinations
 from dicomproxy.dicom.presentation import NotAccepted
 from dicomproxy.dicom.spool import SpoolError, read_file_meta
 from dicomproxy.dicom.storage_scu import FileDataset, StorageScu
@@ -52,6 +55,16 @@ class Target:
 
     def describe(self) -> str:
         return f"{self.calling}:{self.called}@{self.host}:{self.port}{' (TLS)' if self.tls else ''}"
+
+
+def parse_targets(spec: str, settings: DicomSettings, usage: str, names: Destinations | None = None) -> list[Target]:
+    """The peers ``spec`` names, to be tried in order (one, except for a group)."""
+    spec = spec.strip()
+    calling, _, name = spec.rpartition(":") if ":" in spec and "@" not in spec else ("", "", spec)
+    if names is not None and name in names and name not in settings.modalities:
+        return [Target(calling or settings.aet, p.ae.aet, p.ae.host, p.ae.port,
+                       dicom_tls.client_context(p.ae, settings.tls)) for p in names.peers(name)]
+    return [parse_target(spec, settings, usage)]
 
 
 def parse_target(spec: str, settings: DicomSettings, usage: str) -> Target:
@@ -102,11 +115,12 @@ def _scan(folder: Path) -> tuple[list[_File], list[dict[str, str]]]:
     return files, skipped
 
 
-async def send(args: str, settings: DicomSettings) -> dict[str, Any]:
+async def send(args: str, settings: DicomSettings, names: Destinations | None = None) -> dict[str, Any]:
     parts = args.strip().rsplit(None, 1)
     if len(parts) != 2:
         raise CommandError(f"expected a folder and a destination: {SEND_USAGE}")
-    folder, target = Path(parts[0]), parse_target(parts[1], settings, SEND_USAGE)
+    folder, targets = Path(parts[0]), parse_targets(parts[1], settings, SEND_USAGE, names)
+    target = targets[0]
     if not await asyncio.to_thread(folder.is_dir):
         raise CommandError(f"{folder} is not a folder; expected {SEND_USAGE}")
     started = time.monotonic()
@@ -114,7 +128,9 @@ async def send(args: str, settings: DicomSettings) -> dict[str, Any]:
     failures: list[dict[str, str]] = [dict(s) for s in skipped]
     sent = 0
     for batch in presentation.batches(files, _pair):
-        sent += await _send_batch(target, batch, failures)
+        n, target = await _send_batch(targets, batch, failures)
+        sent += n
+        targets = [target]  # the member that answered serves the rest
     return {
         "Destination": target.describe(),
         "Total": len(files) + len(skipped),
@@ -129,15 +145,22 @@ def _pair(f: _File) -> tuple[str, str]:
     return f.sop_class, f.ts
 
 
-async def _send_batch(target: Target, batch: list[_File], failures: list[dict[str, str]]) -> int:
-    try:
-        assoc = await StorageScu.connect(
-            target.host, target.port, called_aet=target.called, calling_aet=target.calling, tls=target.tls,
-            contexts=presentation.batch_pairs(batch, _pair),
-        )
-    except UpperLayerError as e:
-        failures += [{"File": str(f.path), "Error": str(e)} for f in batch]
-        return 0
+async def _send_batch(
+    targets: list[Target], batch: list[_File], failures: list[dict[str, str]]
+) -> tuple[int, Target]:
+    errors: list[str] = []
+    for target in targets:
+        try:
+            assoc = await StorageScu.connect(
+                target.host, target.port, called_aet=target.called, calling_aet=target.calling, tls=target.tls,
+                contexts=presentation.batch_pairs(batch, _pair),
+            )
+            break
+        except UpperLayerError as e:
+            errors.append(f"{target.describe()}: {e}" if len(targets) > 1 else str(e))
+    else:
+        failures += [{"File": str(f.path), "Error": "; ".join(errors)} for f in batch]
+        return 0, targets[0]
     sent = 0
     try:
         for i, f in enumerate(batch):
@@ -151,7 +174,7 @@ async def _send_batch(target: Target, batch: list[_File], failures: list[dict[st
                 sent += 1
     finally:
         await assoc.release()
-    return sent
+    return sent, target
 
 
 async def _send_one(assoc: StorageScu, f: _File) -> str:
@@ -178,10 +201,10 @@ def _read(f: _File) -> bytes:
         return fh.read()
 
 
-async def echo(args: str, settings: DicomSettings) -> dict[str, Any]:
+async def echo(args: str, settings: DicomSettings, names: Destinations | None = None) -> dict[str, Any]:
     if not args.strip():
         raise CommandError(f"expected a destination: {ECHO_USAGE}")
-    target = parse_target(args, settings, ECHO_USAGE)
+    target = parse_targets(args, settings, ECHO_USAGE, names)[0]
     started = time.monotonic()
     try:
         status = await storage_echo(target.host, target.port, called_aet=target.called, calling_aet=target.calling,

@@ -11,6 +11,7 @@ once: a certificate, key or CA that cannot be used stops the start with the key'
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -19,12 +20,14 @@ from typing import Any
 
 from dicomproxy.dicom import datasets, statuses
 from dicomproxy.dicom.audit import DicomAudit
+from dicomproxy.dicom.destinations import Destinations, Peer
 from dicomproxy.dicom.dimse import Command
 from dicomproxy.dicom.dispatch import Dispatcher, PacsSide
 from dicomproxy.dicom.forwarder import DatasetReader, Forwarder, ForwardResult, ForwardTarget
 from dicomproxy.dicom.hooks import InstanceStored, StoredInstance
 from dicomproxy.dicom.negotiation import NegotiationCache
 from dicomproxy.dicom.qr.service import QueryRetrieve
+from dicomproxy.dicom.routing import Router
 from dicomproxy.dicom.session import AssocSession, LuaBridge
 from dicomproxy.dicom.spool import Spool, SpoolEntry
 from dicomproxy.dicom.spool_api import build_spool_api
@@ -56,6 +59,30 @@ def forward_target(gateway: Host) -> ForwardTarget:
     )
 
 
+def named_target(gateway: Host, destinations: Destinations, name: str) -> ForwardTarget:
+    """Where a destination named by ``Dicom:Routes`` / ``onCStore`` is: a server or modality over
+    DIMSE with the modality's calling AE and its own AE title (``AeTitles`` ``Gateway``: the
+    gateway's), or a group whose members are tried in the group's order."""
+    settings = gateway.settings
+    dicom, up = settings.dicom, settings.upstream
+
+    def one(peer: Peer) -> ForwardTarget:
+        ae = peer.ae
+        titles = "Gateway" if getattr(ae, "ae_titles", "Modality") == "Gateway" else "Calling"
+        return ForwardTarget(
+            via="dimse", aet=ae.aet, host=ae.host, port=ae.port, calling_aet=dicom.aet,
+            timeout=max(30.0, up.read_timeout), connect_timeout=up.connect_timeout, ae_titles=titles,
+            tls=dicom_tls.client_context(ae, dicom.tls), name=peer.name,
+        )
+
+    if destinations.is_group(name):
+        members = {p.name: one(p) for p in destinations.members(name)}
+        first = next(iter(members.values()))
+        return dataclasses.replace(first, name=name,
+                                   members=lambda: [members[p.name] for p in destinations.peers(name)])
+    return one(destinations.peers(name)[0])
+
+
 class DicomComponent:
     def __init__(self, gateway: Host) -> None:
         self.gateway = gateway
@@ -72,13 +99,14 @@ class DicomComponent:
         gateway_titles = self.target.via == "dimse" and self.target.ae_titles == "Gateway"
         self.hook.forwarded_as = s.aet if s.port and gateway_titles else None
         self._metrics(gateway)
-        self.forwarder = Forwarder(
-            self.spool, self.target, concurrency=s.forward_concurrency, retry=s.forward_retry,
-            max_retry=s.forward_max_retry, max_attempts=s.forward_max_attempts,
-            retry_rule=RetryRule(s.forward_retry_statuses), on_stored=self._on_stored,
-            on_failed=self._on_failed, session_factory=self._session,
-        )
-        self.store = StoreService(self.bridge, self.spool, self.forwarder.enqueue, self.counters, audit=self.audit)
+        self.destinations = Destinations(settings)
+        self.router = Router(s.routes)
+        self.forwarder = self._new_forwarder(self.target)
+        self._launched = False  # the forwarders run: one made from now on starts at once
+        self.forwarders: dict[str, Forwarder] = {"default": self.forwarder}
+        """One per destination, each with its own lanes, backoff and failures (made at its first instance)."""
+        self.store = StoreService(self.bridge, self.spool, self.enqueue, self.counters, audit=self.audit,
+                                  router=self.router, destinations=self.destinations)
         self.limits = Limits(
             artim=s.artim_seconds, max_associations=s.max_associations, max_per_address=s.max_connections_per_address,
             max_connections=s.max_connections, max_pdu=MAX_PDU,
@@ -86,7 +114,7 @@ class DicomComponent:
         self.qr = QueryRetrieve(
             s, self.bridge, self.store, self.spool, max_pdu=MAX_PDU, idle=300.0, timeout=s.qr_timeout,
             connect_timeout=max(settings.upstream.connect_timeout, 1.0), max_dataset=s.max_dataset_mb << 20,
-            audit=self.audit,
+            audit=self.audit, destinations=self.destinations,
         )
         self.pacs: PacsSide | None = None
         if self.target.via == "dimse":
@@ -95,7 +123,7 @@ class DicomComponent:
             self.forwarder.on_context_refused = self.pacs.cache.clear
         self.dispatcher = Dispatcher(s, self.limits, self.bridge, self.store, self.spool, self.qr,
                                      max_dataset=s.max_dataset_mb << 20, audit=self.audit, pacs=self.pacs)
-        self.api = build_spool_api(self.spool, self.forwarder.snapshot, self.forwarder.enqueue, gateway.audit)
+        self.api = build_spool_api(self.spool, self._snapshots, self._restored, gateway.audit)
         self.admission = Admission(self.limits)
         self.acceptors: list[Acceptor] = []
         if not s.tls.only:
@@ -109,6 +137,58 @@ class DicomComponent:
         for ae in s.modalities.values():
             dicom_tls.client_context(ae, s.tls)  # a file problem stops the start, not the first C-MOVE
         self.started = False
+
+    # -- destinations (event loop) -------------------------------------------------------------
+    def _new_forwarder(self, target: ForwardTarget) -> Forwarder:
+        s = self.settings
+        return Forwarder(
+            self.spool, target, concurrency=s.forward_concurrency, retry=s.forward_retry,
+            max_retry=s.forward_max_retry, max_attempts=s.forward_max_attempts,
+            retry_rule=RetryRule(s.forward_retry_statuses), on_stored=self._on_stored,
+            on_failed=self._on_failed, session_factory=self._session,
+        )
+
+    def _forwarder_for(self, name: str) -> Forwarder | None:
+        """The destination's forwarder, made and started at its first instance; None when the name
+        is no longer configured (an instance spooled before the configuration changed)."""
+        forwarder = self.forwarders.get(name)
+        if forwarder is None:
+            if name not in self.destinations:
+                return None
+            forwarder = self.forwarders[name] = self._new_forwarder(
+                named_target(self.gateway, self.destinations, name))
+            if self._launched:
+                forwarder.launch()
+        return forwarder
+
+    def enqueue(self, entry: SpoolEntry) -> None:
+        """A new instance (on the loop): a copy to each of its destinations' lanes."""
+        self._dispatch(self.spool.copies_new(entry))
+
+    def _restored(self, entry: SpoolEntry) -> None:
+        """An instance back from failed/ (the spool API): where it had failed, not everywhere again."""
+        self._dispatch(self.spool.copies(entry))
+
+    def _dispatch(self, copies: list[SpoolEntry]) -> None:
+        for copy in copies:
+            forwarder = self._forwarder_for(copy.dest or "default")
+            if forwarder is None:
+                self._orphan(copy)
+            else:
+                forwarder.enqueue(copy)
+
+    def _orphan(self, copy: SpoolEntry) -> None:
+        reason = (f"its destination {copy.dest!r} is no longer configured (known: "
+                  f"{', '.join(sorted(self.destinations.known))})")
+        log.error("spool: %s (seq %d): %s; moved to failed/", copy.sop_instance, copy.seq, reason)
+        copy.failed_attempt(reason, time.time(), 0.0)
+        try:
+            self.spool.fail(copy, reason)
+        except OSError as e:
+            log.error("could not move %s to the failed folder: %s", copy.path, e)
+
+    def _snapshots(self, limit: int) -> list[dict[str, Any]]:
+        return [f.snapshot(limit) for f in self.forwarders.values()]
 
     def _metrics(self, gateway: Host) -> None:
         metrics = gateway.metrics
@@ -162,7 +242,19 @@ class DicomComponent:
             log.info("Dicom:StoreMode %s needs Dicom:ForwardVia dimse; storing and forwarding over DICOMweb",
                      self.settings.store_mode)
         recovered = await asyncio.to_thread(self.spool.open)
-        await self.forwarder.start(recovered)
+        copies = await asyncio.to_thread(lambda: [c for e in recovered for c in self.spool.copies(e)])
+        per: dict[str, list[SpoolEntry]] = {}
+        for copy in copies:
+            per.setdefault(copy.dest or "default", []).append(copy)
+        for name, entries in per.items():
+            forwarder = self._forwarder_for(name)
+            if forwarder is None:
+                for copy in entries:
+                    self._orphan(copy)
+            elif name != "default":
+                forwarder.launch(entries)
+        self.forwarder.launch(per.get("default", []))
+        self._launched = True
         await self.qr.start()
         for acceptor in self.acceptors:
             await acceptor.start()
@@ -197,7 +289,9 @@ class DicomComponent:
         threads = self.dispatcher.stop()
         await asyncio.to_thread(_join, threads)
         await self.qr.stop()
-        await self.forwarder.stop()
+        for forwarder in self.forwarders.values():
+            await forwarder.stop()
+        self._launched = False
         self.audit.flush(everything=True)
         await asyncio.to_thread(self.store.close)
         self.spool.close()
@@ -214,7 +308,7 @@ class DicomComponent:
         plain = [a for a in self.acceptors if a.tls is None]
         tls = [a for a in self.acceptors if a.tls is not None]
         return {
-            "ok": listening and not f.destination.down,
+            "ok": listening and not any(fw.destination.down for fw in self.forwarders.values()),
             "enabled": True,
             "listening": f"{s.aet}@{s.host}:{plain[0].port}" if listening and plain else "",
             "tlsListening": f"{s.aet}@{s.host}:{tls[0].port}" if listening and tls else "",
@@ -231,6 +325,11 @@ class DicomComponent:
             "lastForwardErrorAt": _iso(f.last_error_at),
             "activeAssociations": admission.associations,
             "openConnections": admission.connections,
+            "destinations": {
+                name: {"peer": fw.target.describe(), "reachable": not fw.destination.down, "waiting": fw.pending,
+                       "forwarded": fw.forwarded, "failed": fw.failed, "lastError": fw.last_error}
+                for name, fw in self.forwarders.items()
+            },
         }
 
     # -- relay callback (an association's thread) ----------------------------------------
@@ -258,7 +357,7 @@ class DicomComponent:
             study=header.get("StudyInstanceUID", ""), series=header.get("SeriesInstanceUID", ""),
             patient_id=header.get("PatientID", ""), origin=session.table(), received=time.time(), attempts=1,
         )
-        result = ForwardResult(status, f"0x{status:04X}", "dimse")
+        result = ForwardResult(status, f"0x{status:04X}", "dimse", peer=self.target.describe())
 
         async def read() -> bytes:
             return raw
@@ -286,7 +385,7 @@ class DicomComponent:
                 "Status": result.status,
                 "StatusText": result.status_text,
                 "ForwardVia": result.via,
-                "Upstream": self.target.describe(),
+                "Upstream": result.peer or self.target.describe(),
                 "Attempts": entry.attempts,
                 "RetrieveURL": result.retrieve_url,
             }
@@ -294,7 +393,8 @@ class DicomComponent:
                 await self.gateway.lua.dispatch("onInstanceStored", info, assoc)
             except Exception as e:
                 log.error("onInstanceStored failed: %s", e)
-        if self.hook.wanted:
+        primary = not entry.dest or entry.dest == entry.destinations[0]  # the hook: once per instance
+        if primary and self.hook.wanted:
             await self.hook.emit(StoredInstance(
                 sop_instance=entry.sop_instance, sop_class=entry.sop_class, study=entry.study, series=entry.series,
                 patient_id=entry.patient_id, transfer_syntax=entry.transfer_syntax, origin=assoc,
@@ -307,13 +407,14 @@ class DicomComponent:
         self.audit.forwarded(entry, ok=False, reason=reason)
         self.gateway.bus.emit(
             "forward.failed",
-            f"Forwarding failed: {entry.sop_instance}",
+            f"Forwarding failed: {entry.sop_instance}" + (f" to {entry.dest}" if entry.dest else ""),
             f"{reason}. From {entry.origin.get('CallingAE', '?')}, study {entry.study}; the instance is kept in "
             f"{self.spool.failed_dir}.",
             "/dicomproxy/ui",
             sop_instance=entry.sop_instance,
             study=entry.study,
             reason=reason,
+            destination=entry.dest or "default",
             attempts=entry.attempts,
             calling_ae=entry.origin.get("CallingAE", ""),
         )

@@ -318,11 +318,13 @@ def encode(ds: Dataset, transfer_syntax: str) -> bytes:
 _HEADER_TAGS = (0x00080016, 0x00080018, 0x0020000D, 0x0020000E, 0x00100020)
 
 
-def header_uids(raw: bytes | BinaryIO, transfer_syntax: str) -> dict[str, str]:
+def header_uids(raw: bytes | BinaryIO, transfer_syntax: str, extra: tuple[int, ...] = ()) -> dict[str, str]:
     """SOPClassUID, SOPInstanceUID, StudyInstanceUID, SeriesInstanceUID, PatientID from encoded
     bytes or a seekable stream of them, reading only up to group 0x0020 (cheap: the forwarder
     needs the study for ordering, the C-STORE check needs the SOP Instance UID; nothing else is
-    decoded)."""
+    decoded). ``extra`` tags (``Dicom:Routes`` conditions: Modality, any top-level tag) are read in
+    the same pass and returned under their ``gggg,eeee`` key as text (several values joined by
+    ``\\``, as they are encoded; absent: no key)."""
     implicit, little, deflated = syntax_flags(transfer_syntax)
     fp: BinaryIO = BytesIO(raw) if isinstance(raw, bytes) else raw
     start = fp.tell()
@@ -330,12 +332,13 @@ def header_uids(raw: bytes | BinaryIO, transfer_syntax: str) -> dict[str, str]:
     fp.seek(start)
     if deflated:
         fp = BytesIO(zlib.decompressobj(-zlib.MAX_WBITS).decompress(fp.read(4 << 20), 1 << 20))
+    last = max((0x0020000E, *extra))
     ds = read_dataset(
         fp,
         implicit,
         little,
-        stop_when=lambda tag, vr, length: tag > 0x0020000E,
-        specific_tags=list(_HEADER_TAGS),
+        stop_when=lambda tag, vr, length: tag > last,
+        specific_tags=[*_HEADER_TAGS, *extra],
     )
     out = {}
     for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID"):
@@ -343,4 +346,17 @@ def header_uids(raw: bytes | BinaryIO, transfer_syntax: str) -> dict[str, str]:
             out[kw] = str(ds.get(kw, "") or "")
         except Exception:
             out[kw] = ""
+    for tag in extra:
+        try:
+            elem = ds.get(tag)
+            if elem is None:
+                continue
+            value = elem.value
+            if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+                text = "\\".join(str(v) for v in value)
+            else:
+                text = "" if value is None else str(value)
+        except Exception:
+            text = ""
+        out[f"{tag >> 16:04X},{tag & 0xFFFF:04X}"] = text
     return out

@@ -142,7 +142,10 @@ class Dispatcher:
         contexts = negotiation.forwardable(rq.contexts)
         titles = pacs.target.titles(session.table())
         key = NegotiationCache.key(*titles, contexts)
-        if pacs.mode in RELAY_MODES and not (pacs.mode == "RelayOrSpool" and pacs.destination.down):
+        # Dicom:Routes that may send this association's instances elsewhere than Dicom:Upstream: served
+        # store-and-forward whatever the StoreMode (one relayed answer cannot stand for several peers)
+        only_default = self.store.router.only_default(session.calling, session.called)
+        if only_default and pacs.mode in RELAY_MODES and not (pacs.mode == "RelayOrSpool" and pacs.destination.down):
             mirror = await self._mirror(pending, titles, contexts)
             if isinstance(mirror, Mirror):
                 results = negotiation.results_for(rq.contexts, mirror.ac)
@@ -155,14 +158,14 @@ class Dispatcher:
                 return
             log.info("association from %s (%s:%d): the PACS cannot be reached; served from the spool", rq.calling,
                      pending.ip, pending.port)
-        elif pacs.mode == "StoreAndForward" and pacs.cache.ttl > 0 and pacs.cache.get(key) is None \
+        elif only_default and pacs.mode == "StoreAndForward" and pacs.cache.ttl > 0 and pacs.cache.get(key) is None \
                 and not pacs.destination.down:
             rejected = await self._probe(pending, titles, contexts, key)
             if rejected is not None:
                 session.close()
                 await pending.reject(*rejected)
                 return
-        cached = pacs.cache.get(key) if pacs.cache.ttl > 0 else None
+        cached = pacs.cache.get(key) if pacs.cache.ttl > 0 and only_default else None
         await self._spooled(pending, session, cached or presentation.negotiate(rq.contexts,
                                                                                presentation.serves_storage))
 

@@ -104,6 +104,7 @@ class ForwardResult:
     instance_id: str = ""
     retrieve_url: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    peer: str = ""  # the peer that stored it (a group's member; its ``describe()``)
 
 
 @dataclass
@@ -116,16 +117,28 @@ class ForwardTarget:
     stow_url: str = ""
     timeout: float = 60.0
     connect_timeout: float = 10.0
-    ae_titles: str = "Gateway"  # "Modality": the modality's calling AE and the called AE it asked for
+    ae_titles: str = "Gateway"  # "Modality": the modality's calling AE and the called AE it asked for;
+    # "Calling": the modality's calling AE and this peer's own AE title (a named destination: the called AE
+    # the modality asked for is the gateway's, perhaps a virtual AE, not the destination's)
     tls: ssl.SSLContext | None = None  # Dicom:Upstream:Tls
+    name: str = "default"  # the destination's name (Dicom:Routes, onCStore)
+    members: Callable[[], list[ForwardTarget]] | None = None
+    """A group: its members to try in order, each call (None: this target alone)."""
+
+    def candidates(self) -> list[ForwardTarget]:
+        return self.members() if self.members is not None else [self]
 
     def describe(self) -> str:
+        if self.members is not None:
+            return f"group {self.name}"
         return self.stow_url if self.via == "dicomweb" else f"{self.aet}@{self.host}:{self.port}"
 
     def titles(self, origin: dict[str, Any]) -> tuple[str, str]:
         """``(calling, called)`` AE titles for an instance from the association ``origin``."""
         if self.ae_titles == "Modality":
             return (str(origin.get("CallingAE") or self.calling_aet), str(origin.get("CalledAE") or self.aet))
+        if self.ae_titles == "Calling":
+            return str(origin.get("CallingAE") or self.calling_aet), self.aet
         return self.calling_aet, self.aet
 
 
@@ -182,23 +195,31 @@ class _DimseLane:
         self.on_context_refused = on_context_refused
         self.assoc: StorageScu | None = None
         self.titles: tuple[str, str] = ("", "")
+        self.peer: ForwardTarget = target  # a group's member the association is with
 
-    async def _associate(self, titles: tuple[str, str]) -> StorageScu:
+    async def _associate(self, origin: dict[str, Any]) -> StorageScu:
+        """Associate with the target, or with a group's first member that can be reached (one
+        that cannot connect or associate is down: the next is tried)."""
         await self.close()
-        t = self.target
-        try:
-            self.assoc = await StorageScu.connect(
-                t.host, t.port, called_aet=titles[1], calling_aet=titles[0], contexts=self.book.contexts(),
-                timeout=t.connect_timeout, tls=t.tls,
-            )
-        except AssociationRejected as e:
-            if e.result == 1:  # permanent: these AE titles (this modality) are not welcome
-                raise RetryLater(f"{e} (calling AE {titles[0]}, called AE {titles[1]})") from None
-            raise Unreachable(str(e)) from None
-        except UpperLayerError as e:
-            raise Unreachable(str(e)) from None
-        self.titles = titles
-        return self.assoc
+        unreachable: list[str] = []
+        for peer in self.target.candidates():
+            titles = peer.titles(origin)
+            try:
+                self.assoc = await StorageScu.connect(
+                    peer.host, peer.port, called_aet=titles[1], calling_aet=titles[0], contexts=self.book.contexts(),
+                    timeout=peer.connect_timeout, tls=peer.tls,
+                )
+            except AssociationRejected as e:
+                if e.result == 1:  # permanent: these AE titles (this modality) are not welcome
+                    raise RetryLater(f"{e} (calling AE {titles[0]}, called AE {titles[1]})") from None
+                unreachable.append(f"{peer.describe()}: {e}")
+                continue
+            except UpperLayerError as e:
+                unreachable.append(f"{peer.describe()}: {e}")
+                continue
+            self.titles, self.peer = titles, peer
+            return self.assoc
+        raise Unreachable("; ".join(unreachable))
 
     def _reusable(self, key: presentation.Pair, titles: tuple[str, str], new_pair: bool) -> bool:
         assoc = self.assoc
@@ -209,9 +230,9 @@ class _DimseLane:
 
     async def send(self, entry: SpoolEntry, data: bytes | FileDataset) -> ForwardResult:
         key = (entry.sop_class, entry.transfer_syntax)
-        titles = self.target.titles(entry.origin)
+        titles = self.peer.titles(entry.origin)
         reused = self._reusable(key, titles, self.book.want(*key))
-        assoc = self.assoc if reused and self.assoc is not None else await self._associate(titles)
+        assoc = self.assoc if reused and self.assoc is not None else await self._associate(entry.origin)
         try:
             status = await self._store(assoc, entry, data)
         except UpperLayerError as e:
@@ -219,12 +240,12 @@ class _DimseLane:
                 raise RetryLater(str(e)) from None
             # An idle association the PACS dropped: one immediate retry on a fresh one.
             try:
-                status = await self._store(await self._associate(titles), entry, data)
+                status = await self._store(await self._associate(entry.origin), entry, data)
             except UpperLayerError as e2:
                 raise RetryLater(str(e2)) from None
-        if statuses.is_stored(status.status):
-            return ForwardResult(status.status, str(status), "dimse")  # C-STORE answers no resource id
-        what = f"{self.target.describe()} refused the instance: status {status}"
+        if statuses.is_stored(status.status):  # C-STORE answers no resource id
+            return ForwardResult(status.status, str(status), "dimse", peer=self.peer.describe())
+        what = f"{self.peer.describe()} refused the instance: status {status}"
         if self.rule.retried(status.status):
             raise RetryLater(what, status.status)
         raise PermanentError(what, status.status)
@@ -232,7 +253,7 @@ class _DimseLane:
     async def _store(self, assoc: StorageScu, entry: SpoolEntry, data: bytes | FileDataset) -> Any:
         """The instance's own syntax if accepted; else an uncompressed one, re-encoded."""
         try:
-            ts = presentation.choose(assoc.accepted, entry.sop_class, entry.transfer_syntax, self.target.describe())
+            ts = presentation.choose(assoc.accepted, entry.sop_class, entry.transfer_syntax, self.peer.describe())
             if ts != entry.transfer_syntax:
                 raw = data if isinstance(data, bytes) else await _read_file(data)
                 data = await asyncio.to_thread(presentation.transcode, raw, entry.transfer_syntax, ts)
@@ -386,6 +407,10 @@ class Forwarder:
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self, recovered: list[SpoolEntry] = ()) -> None:  # type: ignore[assignment]
+        self.launch(recovered)
+
+    def launch(self, recovered: list[SpoolEntry] = ()) -> None:  # type: ignore[assignment]
+        """:meth:`start` from synchronous code on the loop (a destination's first instance)."""
         self._cond = asyncio.Condition()
         for entry in recovered:
             self._schedule(entry)
@@ -726,6 +751,7 @@ class Forwarder:
             r["oldestReceived"] = _iso(r["oldestReceived"])
         d = self.destination
         return {
+            "name": self.target.name,
             "destination": self.target.describe(),
             "via": self.target.via,
             "reachable": not d.down,

@@ -83,6 +83,7 @@ class AssociationPolicy:
     own_aet: str
     check_called: bool = True
     pacs_aet: str = ""  # also a called AE title to accept: Dicom:Upstream:Aet
+    virtual_aets: frozenset[str] = frozenset()  # and the called AE titles Dicom:Routes name ("virtual AEs")
     allowed_calling: frozenset[str] = frozenset()
     blocked_calling: frozenset[str] = frozenset()
     networks: tuple[IpNetwork, ...] = ()
@@ -94,6 +95,7 @@ class AssociationPolicy:
             own_aet=settings.aet.strip(),
             check_called=settings.check_called_aet,
             pacs_aet=settings.upstream.aet.strip(),
+            virtual_aets=frozenset(r.called_aet.strip() for r in settings.routes if r.called_aet.strip()),
             allowed_calling=frozenset(a.strip() for a in settings.allowed_calling_aets),
             blocked_calling=frozenset(a.strip() for a in settings.blocked_calling_aets),
             networks=tuple(ipaddress.ip_network(n, strict=False) for n in settings.allowed_addresses),
@@ -116,7 +118,8 @@ class AssociationPolicy:
         calling, called = calling.strip(), called.strip()
         if not self.address_allowed(ip):
             return _permanent(1, f"address {ip} is not in Dicom:AllowedAddresses")
-        if self.check_called and called != self.own_aet and (not self.pacs_aet or called != self.pacs_aet):
+        if self.check_called and called != self.own_aet and (not self.pacs_aet or called != self.pacs_aet) \
+                and called not in self.virtual_aets:
             pacs = f" nor the PACS's {self.pacs_aet!r} (Dicom:Upstream:Aet)" if self.pacs_aet else ""
             return _permanent(7, f"called AE {called!r} is not this gateway's {self.own_aet!r} (Dicom:Aet){pacs}; "
                                  "Dicom:CheckCalledAet is true")

@@ -394,6 +394,12 @@ class RelayScp:
         if not isinstance(outcome, Edited):
             self._respond(context_id, command, *outcome)
             return
+        if outcome.destinations != ("default",):
+            log.error("C-STORE %s from %s: onCStore chose %s, but this association is relayed to Dicom:Upstream: "
+                      "set Dicom:StoreMode StoreAndForward, or route it with Dicom:Routes (which serves it from the "
+                      "spool)", command.sop_instance, self.label, ", ".join(outcome.destinations))
+            self._respond(context_id, command, STATUS_PROCESSING_FAILURE, "destinations need store-and-forward")
+            return
         if self.state is Link.LOST:
             spooled = self._writer(context_id, command)
             spooled.write(memoryview(outcome.raw))

@@ -35,11 +35,13 @@ memory, not two copies of itself. ``Dicom:MaxDatasetMB`` bounds what one C-STORE
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
 import os
 import re
+import shutil
 import struct
 import sys
 import threading
@@ -95,11 +97,25 @@ class SpoolEntry:
     first_error_at: float = 0.0
     last_error: str = ""
     last_error_at: float = 0.0
+    destinations: tuple[str, ...] = ()  # where it goes (``Dicom:Routes``/``onCStore``); (): ``default`` alone
+    dest: str = ""  # the destination this copy is for (one copy per destination; "": the single default)
+    done: frozenset[str] = frozenset()  # destinations it was delivered to (or failed for) before a restart
 
     @property
     def key(self) -> str:
         """What the forwarder orders by: the study (or the instance, when it has none)."""
         return self.study or self.sop_instance
+
+    @property
+    def state_path(self) -> Path:
+        """Its forwarding state: ``<seq>.state``, or ``<seq>.<destination>.state`` for a routed copy."""
+        if not self.dest:
+            return self.path.with_suffix(".state")
+        return self.path.with_name(f"{self.path.stem}.{safe_name(self.dest)}.state")
+
+    def done_path(self, dest: str) -> Path:
+        """The marker saying the instance was delivered to (or failed for good at) ``dest``."""
+        return self.path.with_name(f"{self.path.stem}.done-{safe_name(dest)}")
 
     def failed_attempt(self, error: str, now: float, next_at: float) -> None:
         if not self.first_error:
@@ -127,6 +143,8 @@ class SpoolEntry:
             "PatientID": self.patient_id,
             "TransferSyntaxUID": self.transfer_syntax,
             "RemoteAE": self.origin.get("CallingAE", ""),
+            "Destination": self.dest or "default",
+            "Destinations": list(self.destinations or ("default",)),
         }
 
 
@@ -195,7 +213,14 @@ def group_failed(items: list[FailedSummary]) -> list[dict[str, Any]]:
     return list(groups.values())
 
 
-_FAILED_ID = re.compile(r"^(?:unreadable-)?[0-9]{1,20}(?:-[0-9A-Za-z.]{1,64})?$")
+_FAILED_ID = re.compile(r"^(?:unreadable-)?[0-9]{1,20}(?:-[0-9A-Za-z._]{1,64}){0,2}$")
+_UNSAFE = re.compile(r"[^0-9A-Za-z_]")
+
+
+def safe_name(dest: str) -> str:
+    """A destination name as a file name part (its letters, digits and ``_``; others ``_``)."""
+    return _UNSAFE.sub("_", dest)[:64] or "_"
+
 
 
 # --------------------------------------------------------------------------- file meta
@@ -273,12 +298,13 @@ class Spool:
         self._next_seq = 1
         self._depth = 0
         self._failed = 0
-        self._unlinks: list[Path] = []
+        self._unlinks: list[tuple[str, Path]] = []
         self._index: dict[str, FailedSummary] | None = None  # the failed folder, built when first asked
         self._index_lock = threading.Lock()
         self._unlink_cond = threading.Condition()
         self._unlink_stop = False
         self._unlink_thread: threading.Thread | None = None
+        self._pending: dict[int, set[str]] = {}  # a routed instance's destinations not yet resolved
 
     # -- start-up -------------------------------------------------------------------------
     def open(self) -> list[SpoolEntry]:
@@ -308,8 +334,9 @@ class Spool:
         failed = [p.stem for p in self.failed_dir.glob("*.dcm")]
         self._failed = len(failed)
         highest = max([entries[-1].seq if entries else 0, *(_seq_of(stem) for stem in failed)])
-        for orphan in self.queue_dir.glob("*.state"):  # a state whose instance is gone (crash after removal)
-            if not orphan.with_suffix(".dcm").exists():
+        for orphan in [*self.queue_dir.glob("*.state"), *self.queue_dir.glob("*.done-*")]:
+            # a state or delivery marker whose instance is gone (a crash after its removal)
+            if not (self.queue_dir / f"{orphan.name.split('.', 1)[0]}.dcm").exists():
                 orphan.unlink(missing_ok=True)
         with self._lock:
             self._depth = len(entries)
@@ -353,7 +380,10 @@ class Spool:
             received=float(info.get("received", 0)),
             data_offset=offset,
             length=int(info.get("length", -1)),
+            destinations=tuple(str(d) for d in info.get("destinations", ())),
         )
+        if entry.destinations:
+            entry.done = frozenset(d for d in entry.destinations if entry.done_path(d).exists())
         state = path.with_suffix(".state")
         if state.exists():
             try:
@@ -384,6 +414,7 @@ class Spool:
         series: str = "",
         patient_id: str = "",
         origin: dict[str, Any] | None = None,
+        destinations: tuple[str, ...] = (),
     ) -> SpoolEntry:
         """Write one instance durably and return its entry. Raises OSError (disk full...)."""
         writer = self.begin(
@@ -391,7 +422,7 @@ class Spool:
         )
         try:
             writer.write(memoryview(dataset))
-            return writer.commit(study=study, series=series, patient_id=patient_id)
+            return writer.commit(study=study, series=series, patient_id=patient_id, destinations=destinations)
         except BaseException:
             writer.discard()
             raise
@@ -408,16 +439,81 @@ class Spool:
             f.seek(entry.data_offset)
             return f.read()
 
+    def copies(self, entry: SpoolEntry) -> list[SpoolEntry]:
+        """One entry per destination still to serve (the entry itself for the single default),
+        each with its own forwarding state; remembered until each is :meth:`remove`\\ d or
+        :meth:`fail`\\ ed. Empty when every destination was served (a restart after the last
+        marker): the instance is removed. Blocking (reads state files): call from a thread at start."""
+        if not entry.destinations:
+            return [entry]
+        remaining = [d for d in dict.fromkeys(entry.destinations) if d not in entry.done]
+        if not remaining:
+            self._forget(entry)
+            return []
+        with self._lock:
+            self._pending[entry.seq] = set(remaining)
+        out = []
+        for dest in remaining:
+            copy = dataclasses.replace(entry, dest=dest)
+            state = copy.state_path
+            if state.exists():
+                try:
+                    copy.set_state(json.loads(state.read_text()))
+                except (OSError, ValueError) as e:
+                    log.warning("spool: ignoring the unreadable forwarding state %s (%s)", state, e)
+            out.append(copy)
+        return out
+
+    def copies_new(self, entry: SpoolEntry) -> list[SpoolEntry]:
+        """:meth:`copies` for an instance just received (no state yet: nothing read from disk)."""
+        if not entry.destinations:
+            return [entry]
+        dests = list(dict.fromkeys(entry.destinations))
+        with self._lock:
+            self._pending[entry.seq] = set(dests)
+        return [dataclasses.replace(entry, dest=d) for d in dests]
+
+    def _resolve(self, entry: SpoolEntry) -> bool:
+        """``entry``'s destination is served; True when it was the instance's last one."""
+        if not entry.dest:
+            return True
+        with self._lock:
+            pending = self._pending.get(entry.seq)
+            if pending is None:
+                return True
+            pending.discard(entry.dest)
+            if pending:
+                return False
+            del self._pending[entry.seq]
+            return True
+
     def remove(self, entry: SpoolEntry) -> None:
         """The PACS has the instance: forget it (the unlink itself happens in a background
-        thread: on a busy disk it can take milliseconds, and the caller is the event loop)."""
+        thread: on a busy disk it can take milliseconds, and the caller is the event loop). A
+        routed copy with other destinations still to serve leaves a delivery marker instead, so
+        a restart does not send it there again."""
+        if not self._resolve(entry):
+            self._background(("touch", entry.done_path(entry.dest)), *(
+                [("unlink", entry.state_path)] if entry.first_error else []))
+            return
+        self._forget(entry)
+
+    def _forget(self, entry: SpoolEntry) -> None:
         with self._lock:
             self._depth -= 1
+        paths = [entry.path]
+        if not entry.destinations:
+            if entry.first_error:  # an attempt failed before: its state was written
+                paths.append(entry.path.with_suffix(".state"))
+        else:  # a routed instance: its markers and per-destination states (most do not exist)
+            for dest in entry.destinations:
+                paths += [entry.done_path(dest), entry.path.with_name(f"{entry.path.stem}.{safe_name(dest)}.state")]
+        self._background(*(("unlink", p) for p in paths))
+
+    def _background(self, *actions: tuple[str, Path]) -> None:
         with self._unlink_cond:
             idle = not self._unlinks  # the thread sleeps only when the list is empty
-            self._unlinks.append(entry.path)
-            if entry.first_error:  # an attempt failed before: its state was written
-                self._unlinks.append(entry.path.with_suffix(".state"))
+            self._unlinks.extend(actions)
             if idle:
                 self._unlink_cond.notify()
 
@@ -428,20 +524,23 @@ class Spool:
                     self._unlink_cond.wait()
                 batch, self._unlinks = self._unlinks, []
                 stop = self._unlink_stop
-            for path in batch:
+            for action, path in batch:
                 try:
-                    path.unlink()
+                    if action == "touch":
+                        path.touch()
+                    else:
+                        path.unlink()
                 except FileNotFoundError:
                     pass
                 except OSError as e:
-                    log.error("spool: cannot delete %s: %s", path, e)
+                    log.error("spool: cannot %s %s: %s", "write" if action == "touch" else "delete", path, e)
             if stop:
                 return
 
     def save_state(self, entry: SpoolEntry) -> None:
         """Write the entry's forwarding state atomically (after a failed attempt; blocking)."""
-        target = entry.path.with_suffix(".state")
-        tmp = self.tmp_dir / f"{entry.seq:012d}.state"
+        target = entry.state_path
+        tmp = self.tmp_dir / target.name
         with open(tmp, "w") as f:
             json.dump(entry.state(), f)
             if self.fsync:
@@ -452,7 +551,8 @@ class Spool:
     def fail(self, entry: SpoolEntry, reason: str, **details: Any) -> Path:
         """Move an instance the PACS refused for good (or that used up its attempts) to
         ``failed/`` with a JSON note saying why (blocking)."""
-        stem = f"{entry.seq:012d}-{entry.sop_instance or 'unknown'}"
+        where = f"-{safe_name(entry.dest)}" if entry.dest else ""
+        stem = f"{entry.seq:012d}{where}-{entry.sop_instance or 'unknown'}"
         target = self.failed_dir / f"{stem}.dcm"
         note = {
             "reason": reason,
@@ -468,8 +568,22 @@ class Spool:
             **details,
         }
         (self.failed_dir / f"{stem}.json").write_text(json.dumps(note, indent=2))
+        last = self._resolve(entry)
+        if not last:  # other destinations still want it: the failed folder gets its own link
+            try:
+                os.link(entry.path, target)
+            except OSError:
+                shutil.copyfile(entry.path, target)
+            entry.done_path(entry.dest).touch()
+            entry.state_path.unlink(missing_ok=True)
+            with self._lock:
+                self._failed += 1
+            return target
         os.replace(entry.path, target)
-        entry.path.with_suffix(".state").unlink(missing_ok=True)
+        entry.state_path.unlink(missing_ok=True)
+        for dest in entry.destinations:
+            entry.done_path(dest).unlink(missing_ok=True)
+            entry.path.with_name(f"{entry.path.stem}.{safe_name(dest)}.state").unlink(missing_ok=True)
         with self._lock:
             self._depth -= 1
             self._failed += 1
@@ -553,9 +667,18 @@ class Spool:
             seq = self._next_seq
             self._next_seq += 1
         target = self.queue_dir / f"{seq:012d}.dcm"
-        self.load(path)  # refuses a file that is not ours before it moves
+        first = self.load(path)  # refuses a file that is not ours before it moves
+        note_path = self.failed_dir / f"{failed_id}.json"
+        try:
+            dest = str(json.loads(note_path.read_text()).get("Destination", ""))
+        except (OSError, ValueError):
+            dest = ""
+        if first.destinations and dest in first.destinations:  # only where it failed, not everywhere again
+            for other in first.destinations:
+                if other != dest:
+                    target.with_name(f"{target.stem}.done-{safe_name(other)}").touch()
         os.replace(path, target)
-        (self.failed_dir / f"{failed_id}.json").unlink(missing_ok=True)
+        note_path.unlink(missing_ok=True)
         self._unindex(failed_id)
         entry = self.load(target)
         with self._lock:
@@ -675,9 +798,17 @@ class SpoolWriter:
             data: bytes = f.read()
             return data
 
-    def commit(self, *, study: str, series: str = "", patient_id: str = "") -> SpoolEntry:
-        info = {"study": study, "series": series, "patient": patient_id, "origin": self.origin,
-                "received": self.received, "length": self.size}
+    def commit(
+        self, *, study: str, series: str = "", patient_id: str = "", destinations: tuple[str, ...] = ()
+    ) -> SpoolEntry:
+        """Durable now. ``destinations`` other than ``("default",)`` are recorded in the file's
+        metadata (the single default records nothing: the file is what it always was)."""
+        if destinations == ("default",):
+            destinations = ()
+        info: dict[str, Any] = {"study": study, "series": series, "patient": patient_id, "origin": self.origin,
+                                "received": self.received, "length": self.size}
+        if destinations:
+            info["destinations"] = list(destinations)
         data = self._joined() if self._parts is not None else None
         if self._fd is None:
             assert data is not None
@@ -706,6 +837,7 @@ class SpoolWriter:
             transfer_syntax=self.transfer_syntax, study=study, series=series, patient_id=patient_id,
             origin=self.origin, received=self.received, data_offset=offset,
             data=data if data is not None and len(data) <= MEMORY_COPY_MAX else None, length=self.size,
+            destinations=destinations,
         )
 
     def discard(self) -> None:

@@ -92,7 +92,7 @@ def _bad(name: str, most: int) -> Response:
 
 
 def build_spool_api(
-    spool: Spool, snapshot: Callable[[int], dict[str, Any]], enqueue: Callable[[SpoolEntry], None],
+    spool: Spool, snapshot: Callable[[int], list[dict[str, Any]]], enqueue: Callable[[SpoolEntry], None],
     audit: AuditTrail | None = None,
 ) -> Router:
     trail = SpoolAudit(audit)
@@ -101,8 +101,7 @@ def build_spool_api(
         limit = _number(request, "limit", 100, MAX_LIMIT)
         if limit is None:
             return _bad("limit", MAX_LIMIT)
-        destination = snapshot(limit)
-        return JSONResponse({"depth": spool.depth, "failed": spool.failed_count, "destinations": [destination]})
+        return JSONResponse({"depth": spool.depth, "failed": spool.failed_count, "destinations": snapshot(limit)})
 
     async def failed(request: Request) -> Response:
         limit = _number(request, "limit", 100, MAX_LIMIT)

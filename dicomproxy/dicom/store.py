@@ -30,6 +30,8 @@ from typing import Any, BinaryIO, NamedTuple
 
 from dicomproxy.dicom import datasets
 from dicomproxy.dicom.audit import DicomAudit
+from dicomproxy.dicom.destinations import Destinations
+from dicomproxy.dicom.routing import DEFAULT, Router, tag_key
 from dicomproxy.dicom.session import AssocSession, LuaBridge
 from dicomproxy.dicom.spool import Spool, SpoolEntry, SpoolWriter
 
@@ -51,8 +53,12 @@ class StoreService:
         counters: dict[str, Any] | None = None,
         writers: int = 4,
         audit: DicomAudit | None = None,
+        router: Router | None = None,
+        destinations: Destinations | None = None,
     ) -> None:
         self.bridge = bridge
+        self.router = router or Router(())
+        self.destinations = destinations
         self.audit = audit
         self.spool = spool
         self.enqueue = enqueue
@@ -112,6 +118,7 @@ class StoreService:
                 study=header.get("StudyInstanceUID", ""),
                 series=header.get("SeriesInstanceUID", ""),
                 patient_id=header.get("PatientID", ""),
+                destinations=self.router.choose(session.calling, session.called, header) if self.router else DEFAULT,
             )
         except OSError as e:
             writer.discard()
@@ -158,13 +165,14 @@ class StoreService:
             outcome = await self._scripted(session, raw, ts, sop_instance)
             if not isinstance(outcome, Edited):
                 return outcome
-            raw, header, sop_instance = outcome
+            raw, header, sop_instance, destinations = outcome
         else:
             checked = self._header(session, raw, ts, sop_instance)
             if isinstance(checked, tuple):
                 return checked
             header = checked
-        put = functools.partial(self._put, session, raw, ts, sop_class, sop_instance, header)
+            destinations = self.router.choose(session.calling, session.called, header) if self.router else DEFAULT
+        put = functools.partial(self._put, session, raw, ts, sop_class, sop_instance, header, destinations)
         try:
             entry = await asyncio.get_running_loop().run_in_executor(self._executor, put)
         except OSError as e:
@@ -177,7 +185,7 @@ class StoreService:
         self, session: AssocSession, raw: bytes | BinaryIO, ts: str, sop_instance: str
     ) -> dict[str, str] | tuple[int, str]:
         try:
-            header = datasets.header_uids(raw, ts)
+            header = datasets.header_uids(raw, ts, self.router.tags)
         except Exception as e:
             log.error("C-STORE %s from %s: cannot parse the dataset (%s)", sop_instance, session.calling, e)
             self._count("store_errors")
@@ -194,7 +202,8 @@ class StoreService:
         return header
 
     def _put(
-        self, session: AssocSession, raw: bytes, ts: str, sop_class: str, sop_instance: str, header: dict[str, str]
+        self, session: AssocSession, raw: bytes, ts: str, sop_class: str, sop_instance: str, header: dict[str, str],
+        destinations: tuple[str, ...] = DEFAULT,
     ) -> SpoolEntry:
         entry = self.spool.put(
             raw,
@@ -205,6 +214,7 @@ class StoreService:
             series=header.get("SeriesInstanceUID", ""),
             patient_id=header.get("PatientID", ""),
             origin=session.table(),
+            destinations=destinations,
         )
         if self.audit is not None:
             self.audit.received(session, entry)
@@ -226,6 +236,7 @@ class StoreService:
             self._count("store_errors")
             return STATUS_CANNOT_UNDERSTAND, "dataset cannot be decoded"
         changed = False
+        chosen: tuple[str, ...] = ()
         try:
             d = await self.bridge.call_async("onCStore", table, session.table(), session=session)
             if d is not None:
@@ -233,6 +244,12 @@ class StoreService:
                     log.info("C-STORE %s from %s rejected by onCStore", sop_instance, session.calling)
                     self._count("rejected")
                     return STATUS_REFUSED, "rejected by onCStore"
+                try:
+                    chosen = self._chosen(d.results)
+                except ValueError as e:  # refused whatever Lua:FailOpen says: it would go to the wrong place
+                    log.error("C-STORE %s from %s: onCStore: %s", sop_instance, session.calling, e)
+                    self._count("store_errors")
+                    return STATUS_PROCESSING_FAILURE, "onCStore returned an unknown destination"
                 edited = d.args[0] if d.args and isinstance(d.args[0], dict) else table
                 changed = datasets.apply_table(ds, table, edited)
             if self.bridge.defines("ReceivedInstanceFilter"):
@@ -267,7 +284,27 @@ class StoreService:
             "SeriesInstanceUID": str(ds.get("SeriesInstanceUID", "") or ""),
             "PatientID": str(ds.get("PatientID", "") or ""),
         }
-        return Edited(raw, header, str(ds.get("SOPInstanceUID", sop_instance) or sop_instance))
+        if not chosen and self.router:
+            chosen = self.router.choose(session.calling, session.called, {**header, **_route_values(ds, self.router)})
+        return Edited(raw, header, str(ds.get("SOPInstanceUID", sop_instance) or sop_instance), chosen or DEFAULT)
+
+    def _chosen(self, results: list[Any]) -> tuple[str, ...]:
+        """Destinations ``onCStore`` returned (a table of names: ``return {"archive", "ai-node"}``);
+        () when it returned none (nothing, ``true``, the dataset table: today's forms). ValueError
+        names an unknown one and the known ones."""
+        for result in results:
+            if isinstance(result, list) and result:
+                if not all(isinstance(n, str) for n in result):
+                    raise ValueError(f"the destinations it returned must be names (strings), got {result!r}")
+                names = tuple(dict.fromkeys(result))
+                known = self.destinations.known if self.destinations is not None else frozenset(DEFAULT)
+                for name in names:
+                    if name not in known:
+                        raise ValueError(f"returned the destination {name!r}, which is none (known: "
+                                         f"{', '.join(sorted(known))}; see Upstreams:Servers, Upstreams:Groups, "
+                                         "Dicom:Modalities)")
+                return names
+        return ()
 
     async def _cstore_filter(
         self, session: AssocSession, ds: Any, table: dict[str, Any] | None, ts: str, sop_instance: str
@@ -295,3 +332,19 @@ class Edited(NamedTuple):
     raw: bytes
     header: dict[str, str]
     sop_instance: str
+    destinations: tuple[str, ...] = DEFAULT  # onCStore's choice, else the first matching Dicom:Routes entry
+
+
+def _route_values(ds: Any, router: Router) -> dict[str, str]:
+    """The route conditions' elements of a decoded (maybe edited) data set, as :func:`.datasets.header_uids`
+    gives them for the unscripted path."""
+    out: dict[str, str] = {}
+    for tag in router.tags:
+        elem = ds.get(tag)
+        if elem is None:
+            continue
+        value = elem.value
+        out[tag_key(tag)] = "\\".join(str(v) for v in value) if type(value).__name__ == "MultiValue" else (
+            "" if value is None else str(value))
+    return out
+

@@ -45,7 +45,7 @@ def _client(tmp_path: Path) -> tuple[Client, Spool, list[SpoolEntry]]:
     spool = Spool(tmp_path)
     spool.open()
     queued: list[SpoolEntry] = []
-    snapshot = lambda limit: {"destination": "PACS@127.0.0.1:4242", "studies": [], "limit": limit}  # noqa: E731
+    snapshot = lambda limit: [{"destination": "PACS@127.0.0.1:4242", "studies": [], "limit": limit}]  # noqa: E731
     return Client(build_spool_api(spool, snapshot, queued.append)), spool, queued
 
 

@@ -97,6 +97,8 @@ class Operation:
         self._opened: list[DimseLink] = []
         self._finished: set[int] = set()  # id() of the opened links whose operation completed
         self._audited: tuple[str, Study] | None = None  # a retrieve's destination and study, for its end
+        self._candidates: list[upstream.Peer] | None = None  # the PACS side to try (a group's holders)
+        self.pacs: upstream.Peer | None = None  # the PACS side that served it (pinned at the first association)
 
     @property
     def label(self) -> str:
@@ -177,6 +179,24 @@ class Operation:
             raise UpstreamFailed(f"cannot associate with {peer}: {e}") from None
         self._opened.append(link)
         return link
+
+    async def connect_pacs(self, pairs: list[Pair], roles: list[str] | None = None) -> DimseLink:
+        """An association with the PACS side: ``Dicom:QueryUpstream``'s peers in order (or the
+        holders :meth:`locate` found), the next when one cannot be associated with (it is down);
+        the one that answers serves the rest of the operation."""
+        candidates = [self.pacs] if self.pacs is not None else self._candidates or self.services.query_peers()
+        errors: list[str] = []
+        for peer in candidates:
+            try:
+                link = await self.connect(peer, pairs, roles)
+            except UpstreamFailed as e:
+                if len(candidates) > 1:
+                    log.warning("%s from %s: %s; trying the next member", self.name, self.label, e)
+                errors.append(str(e))
+                continue
+            self.pacs = peer
+            return link
+        raise UpstreamFailed("; ".join(errors))
 
     async def send_request(
         self, link: DimseLink, context_id: int, message_id: int, command: bytes, dataset: bytes

@@ -32,6 +32,13 @@ there is refused with 0xA801):
 
 A C-CANCEL is passed on to the PACS; what it still sends is passed on until its final response
 (which carries its counts).
+
+**From a group** (``Dicom:QueryUpstream``): a ``Federated`` group's members are first asked, all
+at once, with a C-FIND of the request's identifier at its level (:meth:`_Retrieve.locate`); the
+members that hold a match serve, in ``Members`` order: the first that can be associated with
+serves the whole operation, one that cannot (it is down) gives way to the next holder. No member
+holds it: the members in order (the first answers its own "nothing matches"). A group that is
+not federated: its members in the group's mode order, with the same failover.
 """
 
 from __future__ import annotations
@@ -108,6 +115,51 @@ class DestinationBook:
 class _Retrieve(Operation):
     """What C-GET and C-MOVE share: the upstream C-GET whose sub-operations are delivered."""
 
+    async def locate(self, request: Identifier) -> None:
+        """A federated ``Dicom:QueryUpstream``: the members holding what ``request`` designates
+        become the peers to try (module docstring)."""
+        if not self.services.query_federated:
+            return
+        members = self.services.query_members()
+        held = await asyncio.gather(*(self._holds(peer, request) for peer in members))
+        holders = [peer for peer, n in zip(members, held, strict=True) if n]
+        log.info("%s from %s: held by %s", self.name, self.label,
+                 ", ".join(map(str, holders)) or "no member that answered")
+        self._candidates = holders or members
+
+    async def _holds(self, peer: Peer, request: Identifier) -> int:
+        """How many matches ``peer`` has for ``request`` at its level (0 when it cannot say)."""
+        find_model = contexts.find_model_of(self.model)
+        query = request.fresh()
+        if not str(query.get("QueryRetrieveLevel", "") or "").strip():
+            query.QueryRetrieveLevel = deduce_level(request) or "STUDY"
+        link: DimseLink | None = None
+        try:
+            link = await self.connect(peer, contexts.model_pairs(find_model, self.transfer_syntax))
+            context_id = link.context_for(find_model, self.transfer_syntax)
+            if context_id is None:
+                raise UpstreamFailed(f"it does not accept C-FIND ({find_model})")
+            upstream_ts = link.contexts[context_id][1]
+            await link.send(context_id, messages.find_request(link.next_id(), find_model),
+                            datasets.encode(query, upstream_ts))
+            count = 0
+            while True:
+                received = await self.next_response(link, messages.C_FIND_RSP, "C-FIND locating the data")
+                if received.command.has_dataset:
+                    await link.skip()
+                if messages.is_pending(received.command):
+                    count += 1
+                    continue
+                self.finished(link)
+                await self.close(link)
+                return count if messages.status_of(received.command) == messages.SUCCESS else 0
+        except Exception as e:  # a member down or broken holds nothing we can have
+            log.warning("%s from %s: %s could not be asked whether it holds the data: %s", self.name, self.label,
+                        peer, e)
+            if link is not None:
+                link.abort()
+            return 0
+
     async def relay_get(
         self, up: DimseLink, upstream_ts: str, deliver: Deliver, *, field: int | None = None, sop_class: str = ""
     ) -> None:
@@ -181,12 +233,13 @@ class GetOperation(_Retrieve):
             await self.refuse(messages.UNABLE_TO_PROCESS, refused)
             return
         self.audit_begin(request)
+        await self.locate(request)
         if self.state is OpState.CANCELLING:
             await self.finish_cancelled()
             return
         storage = list(self.assoc.receives)
         pairs = self.upstream_pairs(self.model, storage)
-        up = await self.connect(self.services.pacs, pairs, roles=sorted({sop_class for sop_class, _ in storage}))
+        up = await self.connect_pacs(pairs, roles=sorted({sop_class for sop_class, _ in storage}))
         context_id = up.context_for(self.model, self.transfer_syntax)
         if context_id is None:
             raise UpstreamFailed(f"the PACS does not accept {self.model}", messages.UNABLE_TO_PROCESS)
@@ -243,6 +296,7 @@ class MoveOperation(_Retrieve):
             await self.refuse(messages.UNABLE_TO_PROCESS, refused)
             return
         self.audit_begin(request, modality.aet)
+        await self.locate(request)
         book = self.services.destinations
         mode = modality.retrieve
         if mode == "FetchAndStore" or (mode == "Auto" and book.unknown_to_pacs(modality.aet)):
@@ -274,7 +328,7 @@ class MoveOperation(_Retrieve):
         if self.state is OpState.CANCELLING:
             await self.finish_cancelled()
             return None
-        up = await self.connect(self.services.pacs, contexts.model_pairs(self.model, self.transfer_syntax))
+        up = await self.connect_pacs(contexts.model_pairs(self.model, self.transfer_syntax))
         context_id = up.context_for(self.model, self.transfer_syntax)
         if context_id is None:
             raise UpstreamFailed(f"the PACS does not accept {self.model}", messages.UNABLE_TO_PROCESS)
@@ -333,7 +387,7 @@ class MoveOperation(_Retrieve):
         except UpstreamFailed as e:
             raise UpstreamFailed(f"move destination: {e}", messages.CANNOT_PERFORM_SUBOPERATIONS) from None
         dest_pairs = list(dest.contexts.values())
-        up = await self.connect(self.services.pacs, self.upstream_pairs(get_model, dest_pairs),
+        up = await self.connect_pacs(self.upstream_pairs(get_model, dest_pairs),
                                 roles=sorted({sop_class for sop_class, _ in dest_pairs}))
         context_id = up.context_for(get_model, self.transfer_syntax)
         if context_id is None:
@@ -360,7 +414,7 @@ class MoveOperation(_Retrieve):
         for keyword in ("SOPInstanceUID", "SOPClassUID"):
             if keyword not in query:
                 setattr(query, keyword, "")
-        up = await self.connect(self.services.pacs, contexts.model_pairs(find_model, self.transfer_syntax))
+        up = await self.connect_pacs(contexts.model_pairs(find_model, self.transfer_syntax))
         context_id = up.context_for(find_model, self.transfer_syntax)
         if context_id is None:
             raise UpstreamFailed(f"the PACS does not accept C-FIND ({find_model})", messages.CANNOT_CALCULATE_MATCHES)

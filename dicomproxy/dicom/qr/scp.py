@@ -64,6 +64,12 @@ class Services(Protocol):
     pacs: Peer
     destinations: DestinationBook
     audit: DicomAudit
+    query_federated: bool
+    query_upstream_name: str
+
+    def query_peers(self) -> list[Peer]: ...
+
+    def query_members(self) -> list[Peer]: ...
 
     def destination(self, aet: str) -> ModalityAe | None: ...
 

@@ -14,6 +14,7 @@ import logging
 
 from dicomproxy.config.settings import DicomSettings, ModalityAe
 from dicomproxy.dicom.audit import DicomAudit
+from dicomproxy.dicom.destinations import Destinations
 from dicomproxy.dicom.dimse import Command
 from dicomproxy.dicom.qr import contexts, messages
 from dicomproxy.dicom.qr.find import FindOperation
@@ -46,6 +47,7 @@ class QueryRetrieve:
     def __init__(
         self, settings: DicomSettings, bridge: LuaBridge, store: StoreService, spool: Spool, *, max_pdu: int,
         idle: float, timeout: float, connect_timeout: float, max_dataset: int, audit: DicomAudit | None = None,
+        destinations: Destinations | None = None,
     ) -> None:
         self.settings = settings
         self.audit = audit or DicomAudit(None, settings, "dimse")
@@ -58,6 +60,14 @@ class QueryRetrieve:
         self.max_dataset = max_dataset
         up = settings.upstream
         self.pacs = Peer.of(up, settings.tls)
+        self.names = destinations
+        self.query_upstream = settings.query_upstream if destinations is not None else ""
+        self.query_upstream_name = self.query_upstream or "Dicom:Upstream"
+        self.query_federated = bool(self.query_upstream) and destinations is not None \
+            and destinations.federated(self.query_upstream)
+        """``Dicom:QueryUpstream`` is a ``Federated`` group: C-FIND asks every member, a retrieve the holders."""
+        self._members = [Peer.of(p.ae, settings.tls) for p in destinations.members(self.query_upstream)] \
+            if destinations is not None and self.query_upstream else [self.pacs]
         self.hooks = QrHooks(bridge, up.aet)
         self.destinations = DestinationBook()
         self._live: set[QrAssociation] = set()
@@ -76,6 +86,19 @@ class QueryRetrieve:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+    def query_peers(self) -> list[Peer]:
+        """Where C-FIND/C-MOVE/C-GET go, to be tried in this order (the next when one cannot be
+        associated with): ``Dicom:Upstream``, the ``Dicom:QueryUpstream`` server, or its group's
+        members in the group's mode order (:mod:`..destinations`)."""
+        if not self.query_upstream or self.names is None:
+            return [self.pacs]
+        by_name = dict(zip((p.name for p in self.names.members(self.query_upstream)), self._members, strict=True))
+        return [by_name[p.name] for p in self.names.peers(self.query_upstream)]
+
+    def query_members(self) -> list[Peer]:
+        """Every member of ``Dicom:QueryUpstream`` in ``Members`` order (a federated C-FIND asks them all)."""
+        return list(self._members)
 
     @property
     def listening(self) -> bool:
