@@ -8,7 +8,8 @@ stand for ``AE@host:port``. Files are sent as they are on disk (no decoding; rea
 they are sent), over one association per batch of presentation contexts
 (:func:`.presentation.batches`), with :mod:`.storage_scu`; an uncompressed file the
 destination takes only in another uncompressed syntax is re-encoded
-(:func:`.presentation.choose`), a compressed one never.
+(:func:`.presentation.choose`), a compressed one only with ``Dicom:Transcode`` ``ToAccepted``
+(decoded, :mod:`.transcode`; the file on disk is left as it is).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dicomproxy.dicom.presentation import NotAccepted
 from dicomproxy.dicom.spool import SpoolError, read_file_meta
 from dicomproxy.dicom.storage_scu import FileDataset, StorageScu
 from dicomproxy.dicom.storage_scu import echo as storage_echo
+from dicomproxy.dicom.transcode import Transcoding
 from dicomproxy.dicom.ul import tls as dicom_tls
 from dicomproxy.dicom.ul.errors import UpperLayerError
 
@@ -114,7 +116,7 @@ async def send(args: str, settings: DicomSettings) -> dict[str, Any]:
     failures: list[dict[str, str]] = [dict(s) for s in skipped]
     sent = 0
     for batch in presentation.batches(files, _pair):
-        sent += await _send_batch(target, batch, failures)
+        sent += await _send_batch(target, batch, failures, Transcoding.of(settings))
     return {
         "Destination": target.describe(),
         "Total": len(files) + len(skipped),
@@ -129,7 +131,9 @@ def _pair(f: _File) -> tuple[str, str]:
     return f.sop_class, f.ts
 
 
-async def _send_batch(target: Target, batch: list[_File], failures: list[dict[str, str]]) -> int:
+async def _send_batch(
+    target: Target, batch: list[_File], failures: list[dict[str, str]], transcoding: Transcoding
+) -> int:
     try:
         assoc = await StorageScu.connect(
             target.host, target.port, called_aet=target.called, calling_aet=target.calling, tls=target.tls,
@@ -144,7 +148,7 @@ async def _send_batch(target: Target, batch: list[_File], failures: list[dict[st
             if not assoc.is_open:
                 failures += [{"File": str(g.path), "Error": "association lost"} for g in batch[i:]]
                 break
-            error = await _send_one(assoc, f)
+            error = await _send_one(assoc, f, transcoding)
             if error:
                 failures.append({"File": str(f.path), "SOPInstanceUID": f.sop_instance, "Error": error})
             else:
@@ -154,13 +158,14 @@ async def _send_batch(target: Target, batch: list[_File], failures: list[dict[st
     return sent
 
 
-async def _send_one(assoc: StorageScu, f: _File) -> str:
+async def _send_one(assoc: StorageScu, f: _File, transcoding: Transcoding) -> str:
     source: bytes | FileDataset = FileDataset(f.path, f.offset)
     try:
-        ts = presentation.choose(assoc.accepted, f.sop_class, f.ts, "the destination")
+        ts = presentation.choose(assoc.accepted, f.sop_class, f.ts, "the destination", transcoding)
         if ts != f.ts:
             raw = await asyncio.to_thread(_read, f)
-            source = await asyncio.to_thread(presentation.transcode, raw, f.ts, ts)
+            source = await asyncio.to_thread(presentation.transcode, raw, f.ts, ts, transcoding,
+                                             f"{f.path} for {assoc.label}")
     except NotAccepted as e:
         return str(e)
     try:

@@ -11,6 +11,7 @@ once: a certificate, key or CA that cannot be used stops the start with the key'
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from dicomproxy.dicom.spool import Spool, SpoolEntry
 from dicomproxy.dicom.spool_api import build_spool_api
 from dicomproxy.dicom.statuses import RetryRule
 from dicomproxy.dicom.store import StoreService
+from dicomproxy.dicom.transcode import Transcoding
 from dicomproxy.dicom.ul import tls as dicom_tls
 from dicomproxy.dicom.ul.acceptor import Acceptor, Admission, Limits
 from dicomproxy.host import Host
@@ -64,7 +66,11 @@ class DicomComponent:
         self.bridge = LuaBridge(gateway.lua, timeout=settings.lua.timeout_ms / 1000.0 + 5.0,
                                 fail_open=settings.lua.fail_open)
         self.spool = Spool(s.spool_folder)
-        self.target = forward_target(gateway)
+        self.transcoding = Transcoding.of(s, gateway.metrics.counter(
+            "dicomproxy_dicom_transcoded_total", "Instances transcoded for a destination that does not accept their "
+            "transfer syntax (Dicom:Transcode), by source and target syntax and result (ok, failed)",
+            labels=("from_syntax", "to_syntax", "result")))
+        self.target = dataclasses.replace(forward_target(gateway), transcoding=self.transcoding)
         self.audit = DicomAudit(gateway.audit, s, "dimse" if self.target.via == "dimse" else self.target.describe())
         self.hook = gateway.hooks.get(InstanceStored)
         # Over DIMSE with the gateway's own AE titles the PACS records the gateway as the origin; with
@@ -91,7 +97,8 @@ class DicomComponent:
         self.pacs: PacsSide | None = None
         if self.target.via == "dimse":
             self.pacs = PacsSide(self.target, self.forwarder.destination, s.store_mode,
-                                 NegotiationCache(s.negotiation_cache_seconds), self._relayed)
+                                 NegotiationCache(s.negotiation_cache_seconds), self._relayed,
+                                 transcoding=self.transcoding)
             self.forwarder.on_context_refused = self.pacs.cache.clear
         self.dispatcher = Dispatcher(s, self.limits, self.bridge, self.store, self.spool, self.qr,
                                      max_dataset=s.max_dataset_mb << 20, audit=self.audit, pacs=self.pacs)
