@@ -92,7 +92,7 @@ class DicomComponent:
         self.qr = QueryRetrieve(
             s, self.bridge, self.store, self.spool, max_pdu=MAX_PDU, idle=300.0, timeout=s.qr_timeout,
             connect_timeout=max(settings.upstream.connect_timeout, 1.0), max_dataset=s.max_dataset_mb << 20,
-            audit=self.audit,
+            audit=self.audit, transcoding=self.transcoding,
         )
         self.pacs: PacsSide | None = None
         if self.target.via == "dimse":

@@ -127,3 +127,30 @@ def test_never_fails_at_negotiation_as_direct_and_names_it(
     for out in (direct, res):
         assert "No Acceptable Presentation Contexts" in out.stderr, out.stderr
     assert pacs.instance_count() == 0
+
+
+def _move(port: int, aec: str, dest_aet: str, study: str) -> Any:
+    return run_dcmtk("movescu", "-S", "-v", "-aet", "MOVESCU", "-aec", aec, "-aem", dest_aet, "-k",
+                     "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}", LOOPBACK, str(port), check=False)
+
+
+@pytest.mark.parametrize("transcode", ["Never", "ToAccepted"])
+def test_cmove_fetch_and_store_to_a_destination_that_refuses_the_syntax(
+    orthanc_factory: Any, gateway_factory: Any, fresh_orthanc: OrthancServer, tmp_path: Path, transcode: str
+) -> None:
+    path = jpeg2000(tmp_path)
+    fresh_orthanc.upload(path.read_bytes())  # the PACS keeps it as JPEG 2000
+    src = pydicom.dcmread(path)
+    dest = orthanc_factory(aet="DESTPACS", extra_config=UNCOMPRESSED_ONLY)
+    modality = {"Aet": dest.aet, "Host": LOOPBACK, "Port": dest.dicom_port, "Retrieve": "FetchAndStore"}
+    gateway: GatewayProcess = gateway_factory({"Dicom": {"Transcode": transcode, "Modalities": {"dest": modality}}})
+    res = _move(gateway.dicom_port, gateway.aet, dest.aet, src.StudyInstanceUID)
+    out = res.stdout + res.stderr
+    if transcode == "ToAccepted":
+        assert "Final Move Response (Success)" in out, out
+        assert_decoded(dest, path)
+        assert "transcoded" in gateway.log_text() and "for the move destination" in gateway.log_text()
+    else:
+        assert "Final Move Response (Success)" not in out, out
+        assert dest.instance_count() == 0
+        assert "transcoded" not in gateway.log_text()

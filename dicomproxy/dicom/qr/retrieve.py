@@ -49,8 +49,11 @@ from dicomproxy.dicom.qr.identifier import Identifier
 from dicomproxy.dicom.qr.link import DimseLink, Fragment, Pair, Received
 from dicomproxy.dicom.qr.operation import MAX_IDENTIFIER, Operation, OpState, UpstreamFailed
 from dicomproxy.dicom.qr.upstream import Peer
+from dicomproxy.dicom.transcode import TranscodeError, Transcoding, decodable
 
 log = logging.getLogger(__name__)
+
+STATUS_PROCESSING_FAILURE = 0x0110
 
 AUTO_RECHECK_SECONDS = 600.0
 """How long ``Auto`` remembers that the PACS does not know a move destination."""
@@ -333,7 +336,8 @@ class MoveOperation(_Retrieve):
         except UpstreamFailed as e:
             raise UpstreamFailed(f"move destination: {e}", messages.CANNOT_PERFORM_SUBOPERATIONS) from None
         dest_pairs = list(dest.contexts.values())
-        up = await self.connect(self.services.pacs, self.upstream_pairs(get_model, dest_pairs),
+        up = await self.connect(self.services.pacs, self.upstream_pairs(get_model, _with_transcodable(
+                                    dest_pairs, self.services.transcoding)),
                                 roles=sorted({sop_class for sop_class, _ in dest_pairs}))
         context_id = up.context_for(get_model, self.transfer_syntax)
         if context_id is None:
@@ -389,6 +393,8 @@ class MoveOperation(_Retrieve):
         self, dest: DimseLink, by_pair: dict[Pair, int], up: DimseLink, command: Command, pair: Pair | None
     ) -> StoreAnswer:
         context_id = by_pair.get(pair) if pair is not None else None
+        if context_id is None and pair is not None and self.services.transcoding.allowed:
+            return await self._transcoded(dest, by_pair, up, command, pair)
         if context_id is None:
             await up.skip()
             return messages.SOP_CLASS_NOT_SUPPORTED, "not accepted by the move destination"
@@ -396,3 +402,42 @@ class MoveOperation(_Retrieve):
                                     originator_id=self.message_id)
         await self.stream(up, dest, context_id, rq)
         return (await self.next_response(dest, messages.C_STORE_RSP, "C-STORE")).command
+
+    async def _transcoded(
+        self, dest: DimseLink, by_pair: dict[Pair, int], up: DimseLink, command: Command, pair: Pair
+    ) -> StoreAnswer:
+        """``Dicom:Transcode`` ``ToAccepted``: the PACS sent a syntax the destination refused; the
+        instance is received whole (at most ``Dicom:MaxDatasetMB``), transcoded off the loop and
+        sent in a syntax the destination accepted."""
+        transcoding = self.services.transcoding
+        sop_class, ts = pair
+        try:
+            to = presentation.choose(by_pair, sop_class, ts, f"the move destination {dest.label}", transcoding)
+        except presentation.NotAccepted as e:
+            await up.skip()
+            log.error("C-MOVE from %s: %s", self.label, e)
+            return messages.SOP_CLASS_NOT_SUPPORTED, "not accepted by the move destination"
+        raw = await up.collect(self.services.max_dataset)
+        try:
+            data = await asyncio.to_thread(transcoding.run, raw, ts, to,
+                                           f"{command.sop_instance} for the move destination {dest.label}")
+        except TranscodeError as e:
+            return STATUS_PROCESSING_FAILURE, f"cannot transcode: {e}"[:64]
+        rq = messages.store_request(command, dest.next_id(), originator_aet=self.session.calling,
+                                    originator_id=self.message_id)
+        async with dest.message(by_pair[(sop_class, to)], rq) as out:
+            await out.write(data, True)
+        return (await self.next_response(dest, messages.C_STORE_RSP, "C-STORE")).command
+
+
+def _with_transcodable(pairs: list[Pair], transcoding: Transcoding) -> list[Pair]:
+    """The destination's accepted pairs, and with ``Dicom:Transcode`` ``ToAccepted`` the compressed
+    syntaxes the gateway can decode for each SOP class the destination takes uncompressed, so the
+    PACS may send an instance as it stores it and the gateway transcodes it (a PACS that cannot
+    transcode itself still delivers)."""
+    if not transcoding.allowed:
+        return pairs
+    plain = dict.fromkeys(a for a, ts in pairs if ts in presentation.UNCOMPRESSED)
+    extra = [(a, ts) for a in plain for ts in presentation.TRANSFER_SYNTAXES
+             if decodable(ts) and (a, ts) not in pairs]
+    return pairs + extra
