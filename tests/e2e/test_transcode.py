@@ -154,3 +154,54 @@ def test_cmove_fetch_and_store_to_a_destination_that_refuses_the_syntax(
         assert "Final Move Response (Success)" not in out, out
         assert dest.instance_count() == 0
         assert "transcoded" not in gateway.log_text()
+
+
+SEND_SCRIPT = r"""
+function onHttpRequest(req)
+  if req.Path == "/run/send" then
+    local r = InternalCmdRun("send", req.Headers["x-args"])
+    local why = ""
+    if r.Failures[1] ~= nil then why = r.Failures[1].Error end
+    req:ResponseWrite(tostring(r.Sent) .. "/" .. tostring(r.Failed) .. "/" .. why)
+    return true
+  end
+end
+"""
+
+
+@pytest.mark.parametrize("transcode", ["Never", "ToAccepted"])
+def test_send_command_to_a_target_that_refuses_the_syntax(
+    orthanc_factory: Any, gateway_factory: Any, tmp_path: Path, transcode: str
+) -> None:
+    dest = orthanc_factory(aet="SENDPACS", extra_config=UNCOMPRESSED_ONLY)
+    outbox = tmp_path / "outbox"
+    outbox.mkdir()
+    path = jpeg2000(outbox)
+    original = path.read_bytes()
+    gateway: GatewayProcess = gateway_factory({"Dicom": {"Transcode": transcode}}, {"main.lua": SEND_SCRIPT})
+    r = gateway.get("/run/send", headers={"x-args": f"{outbox} {dest.aet}@{LOOPBACK}:{dest.dicom_port}"})
+    if transcode == "ToAccepted":
+        assert r.text == "1/0/", r.text
+        assert_decoded(dest, path)
+        assert path.read_bytes() == original  # the file on disk is left as it is
+    else:
+        assert r.text.startswith("0/1/") and "Dicom:Transcode is Never" in r.text, r.text
+        assert dest.instance_count() == 0
+
+
+def test_relay_refuses_what_decodes_past_transcode_max_mb(
+    orthanc_factory: Any, gateway_factory: Any, tmp_path: Path
+) -> None:
+    pacs = orthanc_factory(extra_config=UNCOMPRESSED_ONLY)
+    gateway: GatewayProcess = gateway_factory({"Dicom": {"Transcode": "ToAccepted", "TranscodeMaxMB": 1}},
+                                              orthanc=pacs)
+    ds = dicom_samples.build_dataset(patient_id="PBIG", patient_name="Big^Pixels", size=(1024, 1024))
+    ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")  # 2 MB decoded
+    path = tmp_path / "big-j2k.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    res = storescu(gateway.dicom_port, pacs.aet, path, tmp_path)
+    assert res.returncode != 0 and "Received Store Response (Unknown Status: 0x110)" in res.stderr, res.stderr
+    gateway.wait_for_log("exceed Dicom:TranscodeMaxMB (1 MB)")
+    assert pacs.instance_count() == 0
+    metrics = gateway.get("/dicomproxy/metrics").text
+    assert 'result="failed"' in metrics and "dicomproxy_dicom_transcoded_total" in metrics
