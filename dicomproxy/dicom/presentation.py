@@ -222,7 +222,7 @@ def choose(
                               "gateway can transcode to")
         raise NotAccepted(
             f"{peer} does not accept {UID(transfer_syntax).name} for {UID(sop_class).name}; "
-            "Dicom:Transcode is Never, so the gateway does not transcode it (ToAccepted would)"
+            "compressed data is not transcoded with Dicom:Transcode Never (ToAccepted would)"
         )
     for alt in UNCOMPRESSED:
         if (sop_class, alt) in accepted:

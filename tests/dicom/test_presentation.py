@@ -77,7 +77,7 @@ def test_batches_fit_the_context_limit_in_order() -> None:
 def test_choose_never_transcodes_compressed_data() -> None:
     assert presentation.choose({(CT, RLE)}, CT, RLE) == RLE
     assert presentation.choose({(CT, IMPLICIT)}, CT, EXPLICIT) == IMPLICIT  # re-encode uncompressed
-    with pytest.raises(NotAccepted, match="Transcode is Never"):
+    with pytest.raises(NotAccepted, match="compressed data is not transcoded with Dicom:Transcode Never"):
         presentation.choose({(CT, EXPLICIT)}, CT, RLE, "ORTHANC@pacs:4242")
     with pytest.raises(NotAccepted, match="does not accept SOP class"):
         presentation.choose({(MR, EXPLICIT)}, CT, EXPLICIT)

@@ -185,7 +185,7 @@ def test_send_command_to_a_target_that_refuses_the_syntax(
         assert_decoded(dest, path)
         assert path.read_bytes() == original  # the file on disk is left as it is
     else:
-        assert r.text.startswith("0/1/") and "Dicom:Transcode is Never" in r.text, r.text
+        assert r.text.startswith("0/1/") and "not transcoded with Dicom:Transcode Never" in r.text, r.text
         assert dest.instance_count() == 0
 
 
@@ -205,3 +205,29 @@ def test_relay_refuses_what_decodes_past_transcode_max_mb(
     assert pacs.instance_count() == 0
     metrics = gateway.get("/dicomproxy/metrics").text
     assert 'result="failed"' in metrics and "dicomproxy_dicom_transcoded_total" in metrics
+
+
+@pytest.mark.parametrize("transcode", ["Never", "ToAccepted"])
+def test_cget_to_a_requester_that_takes_only_uncompressed(
+    gateway_factory: Any, fresh_orthanc: OrthancServer, tmp_path: Path, transcode: str
+) -> None:
+    path = jpeg2000(tmp_path)
+    fresh_orthanc.upload(path.read_bytes())  # the PACS keeps it as JPEG 2000
+    src = pydicom.dcmread(path)
+    gateway: GatewayProcess = gateway_factory({"Dicom": {"Transcode": transcode}})
+    out = tmp_path / "got"
+    out.mkdir()
+    res = run_dcmtk("getscu", "-S", "-v", "-aet", "GETSCU", "-aec", gateway.aet, "-k", "QueryRetrieveLevel=STUDY",
+                    "-k", f"StudyInstanceUID={src.StudyInstanceUID}", "-od", out, LOOPBACK, str(gateway.dicom_port),
+                    check=False)
+    files = list(out.iterdir())
+    if transcode == "ToAccepted":
+        assert len(files) == 1, res.stdout + res.stderr
+        got = pydicom.dcmread(files[0])
+        assert got.file_meta.TransferSyntaxUID in (EXPLICIT, IMPLICIT)
+        assert (got.pixel_array == src.pixel_array).all() and got.SOPInstanceUID == src.SOPInstanceUID
+        assert got.PatientName == "Müller^Jörg"
+        assert "transcoded" in gateway.log_text() and "for the requester" in gateway.log_text()
+    else:
+        assert not files, res.stdout + res.stderr
+        assert "transcoded" not in gateway.log_text()
