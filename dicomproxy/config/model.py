@@ -853,6 +853,19 @@ class DicomSettings(Section):
         "modality's presentation contexts (asked with one association carrying the same proposal) is reused this "
         "long; it is asked again after a forward the PACS refused for its context. `0`: accept every storage SOP "
         "class and transfer syntax without asking")
+    transcode: Annotated[str, Choice("Never", "ToAccepted")] = key(
+        "Transcode", "Never", "`Never`: instances are sent in the transfer syntax they came in, or not at all "
+        "(transparent). `ToAccepted`: when a destination (the PACS, a C-MOVE destination, a `send` target) "
+        "accepts the SOP class but not the instance's compressed transfer syntax, the gateway decodes it (pydicom "
+        "with pylibjpeg: JPEG, JPEG-LS, JPEG 2000, HTJ2K, RLE) and sends it in a syntax the destination accepted "
+        "(Explicit VR Little Endian first, then Implicit); a modality's compressed context is then accepted when "
+        "the PACS accepts its SOP class uncompressed. Decoding is lossless: the pixels are those the codec "
+        "decodes. The spool keeps the instance as it came. Memory: one decoded instance at a time per association "
+        "(see `TranscodeMaxMB`)")
+    transcode_max_mb: Annotated[int, Whole(1)] = key(
+        "TranscodeMaxMB", 512, "largest decoded pixel data (rows x columns x samples x bits x frames) the gateway "
+        "transcodes; a larger instance is refused for that destination with the reason in the log (transcoding "
+        "holds the compressed and the decoded instance in memory)")
     artim_seconds: Annotated[float, Number(minimum=0.1)] = key(
         "ArtimSeconds", 30, "ARTIM (PS3.8 9.1.5): a connection must deliver its whole A-ASSOCIATE-RQ within this "
         "many seconds of being accepted, however slowly its bytes come, or it is closed; also how long the gateway "

@@ -10,7 +10,8 @@ tried in its mode's order, the next when one cannot be associated with. Files ar
 are on disk (no decoding; read in pieces as they are sent), over one association per batch of presentation contexts
 (:func:`.presentation.batches`), with :mod:`.storage_scu`; an uncompressed file the
 destination takes only in another uncompressed syntax is re-encoded
-(:func:`.presentation.choose`), a compressed one never.
+(:func:`.presentation.choose`), a compressed one only with ``Dicom:Transcode`` ``ToAccepted``
+(decoded, :mod:`.transcode`; the file on disk is left as it is).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from dicomproxy.dicom.presentation import NotAccepted
 from dicomproxy.dicom.spool import SpoolError, read_file_meta
 from dicomproxy.dicom.storage_scu import FileDataset, StorageScu
 from dicomproxy.dicom.storage_scu import echo as storage_echo
+from dicomproxy.dicom.transcode import Transcoding
 from dicomproxy.dicom.ul import tls as dicom_tls
 from dicomproxy.dicom.ul.errors import UpperLayerError
 
@@ -128,7 +130,7 @@ async def send(args: str, settings: DicomSettings, names: Destinations | None = 
     failures: list[dict[str, str]] = [dict(s) for s in skipped]
     sent = 0
     for batch in presentation.batches(files, _pair):
-        n, target = await _send_batch(targets, batch, failures)
+        n, target = await _send_batch(targets, batch, failures, Transcoding.of(settings))
         sent += n
         targets = [target]  # the member that answered serves the rest
     return {
@@ -146,7 +148,7 @@ def _pair(f: _File) -> tuple[str, str]:
 
 
 async def _send_batch(
-    targets: list[Target], batch: list[_File], failures: list[dict[str, str]]
+    targets: list[Target], batch: list[_File], failures: list[dict[str, str]], transcoding: Transcoding
 ) -> tuple[int, Target]:
     errors: list[str] = []
     for target in targets:
@@ -167,7 +169,7 @@ async def _send_batch(
             if not assoc.is_open:
                 failures += [{"File": str(g.path), "Error": "association lost"} for g in batch[i:]]
                 break
-            error = await _send_one(assoc, f)
+            error = await _send_one(assoc, f, transcoding)
             if error:
                 failures.append({"File": str(f.path), "SOPInstanceUID": f.sop_instance, "Error": error})
             else:
@@ -177,13 +179,14 @@ async def _send_batch(
     return sent, target
 
 
-async def _send_one(assoc: StorageScu, f: _File) -> str:
+async def _send_one(assoc: StorageScu, f: _File, transcoding: Transcoding) -> str:
     source: bytes | FileDataset = FileDataset(f.path, f.offset)
     try:
-        ts = presentation.choose(assoc.accepted, f.sop_class, f.ts, "the destination")
+        ts = presentation.choose(assoc.accepted, f.sop_class, f.ts, "the destination", transcoding)
         if ts != f.ts:
             raw = await asyncio.to_thread(_read, f)
-            source = await asyncio.to_thread(presentation.transcode, raw, f.ts, ts)
+            source = await asyncio.to_thread(presentation.transcode, raw, f.ts, ts, transcoding,
+                                             f"{f.path} for {assoc.label}")
     except NotAccepted as e:
         return str(e)
     try:

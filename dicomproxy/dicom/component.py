@@ -33,6 +33,7 @@ from dicomproxy.dicom.spool import Spool, SpoolEntry
 from dicomproxy.dicom.spool_api import build_spool_api
 from dicomproxy.dicom.statuses import RetryRule
 from dicomproxy.dicom.store import StoreService
+from dicomproxy.dicom.transcode import NO_TRANSCODING, Transcoding
 from dicomproxy.dicom.ul import tls as dicom_tls
 from dicomproxy.dicom.ul.acceptor import Acceptor, Admission, Limits
 from dicomproxy.host import Host
@@ -59,7 +60,9 @@ def forward_target(gateway: Host) -> ForwardTarget:
     )
 
 
-def named_target(gateway: Host, destinations: Destinations, name: str) -> ForwardTarget:
+def named_target(
+    gateway: Host, destinations: Destinations, name: str, transcoding: Transcoding = NO_TRANSCODING
+) -> ForwardTarget:
     """Where a destination named by ``Dicom:Routes`` / ``onCStore`` is: a server or modality over
     DIMSE with the modality's calling AE and its own AE title (``AeTitles`` ``Gateway``: the
     gateway's), or a group whose members are tried in the group's order."""
@@ -72,7 +75,7 @@ def named_target(gateway: Host, destinations: Destinations, name: str) -> Forwar
         return ForwardTarget(
             via="dimse", aet=ae.aet, host=ae.host, port=ae.port, calling_aet=dicom.aet,
             timeout=max(30.0, up.read_timeout), connect_timeout=up.connect_timeout, ae_titles=titles,
-            tls=dicom_tls.client_context(ae, dicom.tls), name=peer.name,
+            tls=dicom_tls.client_context(ae, dicom.tls), name=peer.name, transcoding=transcoding,
         )
 
     if destinations.is_group(name):
@@ -91,7 +94,11 @@ class DicomComponent:
         self.bridge = LuaBridge(gateway.lua, timeout=settings.lua.timeout_ms / 1000.0 + 5.0,
                                 fail_open=settings.lua.fail_open)
         self.spool = Spool(s.spool_folder)
-        self.target = forward_target(gateway)
+        self.transcoding = Transcoding.of(s, gateway.metrics.counter(
+            "dicomproxy_dicom_transcoded_total", "Instances transcoded for a destination that does not accept their "
+            "transfer syntax (Dicom:Transcode), by source and target syntax and result (ok, failed)",
+            labels=("from_syntax", "to_syntax", "result")))
+        self.target = dataclasses.replace(forward_target(gateway), transcoding=self.transcoding)
         self.audit = DicomAudit(gateway.audit, s, "dimse" if self.target.via == "dimse" else self.target.describe())
         self.hook = gateway.hooks.get(InstanceStored)
         # Over DIMSE with the gateway's own AE titles the PACS records the gateway as the origin; with
@@ -114,12 +121,13 @@ class DicomComponent:
         self.qr = QueryRetrieve(
             s, self.bridge, self.store, self.spool, max_pdu=MAX_PDU, idle=300.0, timeout=s.qr_timeout,
             connect_timeout=max(settings.upstream.connect_timeout, 1.0), max_dataset=s.max_dataset_mb << 20,
-            audit=self.audit, destinations=self.destinations,
+            audit=self.audit, destinations=self.destinations, transcoding=self.transcoding,
         )
         self.pacs: PacsSide | None = None
         if self.target.via == "dimse":
             self.pacs = PacsSide(self.target, self.forwarder.destination, s.store_mode,
-                                 NegotiationCache(s.negotiation_cache_seconds), self._relayed)
+                                 NegotiationCache(s.negotiation_cache_seconds), self._relayed,
+                                 transcoding=self.transcoding)
             self.forwarder.on_context_refused = self.pacs.cache.clear
         self.dispatcher = Dispatcher(s, self.limits, self.bridge, self.store, self.spool, self.qr,
                                      max_dataset=s.max_dataset_mb << 20, audit=self.audit, pacs=self.pacs)
@@ -155,8 +163,8 @@ class DicomComponent:
         if forwarder is None:
             if name not in self.destinations:
                 return None
-            forwarder = self.forwarders[name] = self._new_forwarder(
-                named_target(self.gateway, self.destinations, name))
+            target = named_target(self.gateway, self.destinations, name, self.transcoding)
+            forwarder = self.forwarders[name] = self._new_forwarder(target)
             if self._launched:
                 forwarder.launch()
         return forwarder

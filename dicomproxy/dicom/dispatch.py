@@ -18,7 +18,11 @@ its own:
   message. A permanent A-ASSOCIATE-RJ from the PACS is passed on as it is (the modality hears what
   it would hear directly). When the PACS cannot be reached (or rejects transiently, or the
   forwarder is backing off from it), ``Relay`` rejects (transient, temporary congestion) and
-  ``RelayOrSpool`` serves the association from the spool;
+  ``RelayOrSpool`` serves the association from the spool. With ``Dicom:Transcode``
+  ``ToAccepted`` the PACS is also asked about each SOP class the modality proposes only
+  compressed (:func:`.negotiation.transcode_probes`): a context the PACS refuses for its syntax
+  is accepted when the PACS takes the class uncompressed, and its instances are transcoded on
+  the way (:class:`.relay.RelayScp`, or at forward time from the spool);
 * ``StoreAndForward`` and the spool fallback: :class:`.storage_scp.StorageScp`, with the PACS's
   last answer to the same proposal (asked with a probe association and cached), or, without one,
   any storage SOP class in any transfer syntax the gateway can read.
@@ -47,6 +51,7 @@ from dicomproxy.dicom.session import AssocSession, LuaBridge
 from dicomproxy.dicom.spool import Spool
 from dicomproxy.dicom.storage_scp import StorageScp
 from dicomproxy.dicom.store import StoreService
+from dicomproxy.dicom.transcode import NO_TRANSCODING, Transcoding
 from dicomproxy.dicom.ul import pdu as pdus
 from dicomproxy.dicom.ul.acceptor import Limits, Pending, Slot
 from dicomproxy.dicom.ul.errors import AssociationRejected, UpperLayerError
@@ -72,6 +77,7 @@ class PacsSide:
     cache: NegotiationCache
     report: Reporter
     on_refused_context: Any = None
+    transcoding: Transcoding = NO_TRANSCODING  # Dicom:Transcode
     background: set[asyncio.Task[None]] = field(default_factory=set)
 
 
@@ -139,7 +145,8 @@ class Dispatcher:
         if pacs is None or not session.permits(Operation.STORE):  # every C-STORE is 0x0124: the PACS is not asked
             await self._spooled(pending, session, presentation.negotiate(rq.contexts, presentation.serves_storage))
             return
-        contexts = negotiation.forwardable(rq.contexts)
+        allowed = pacs.transcoding.allowed
+        contexts = negotiation.forwardable(rq.contexts, allowed)
         titles = pacs.target.titles(session.table())
         key = NegotiationCache.key(*titles, contexts)
         # Dicom:Routes that may send this association's instances elsewhere than Dicom:Upstream: served
@@ -148,9 +155,10 @@ class Dispatcher:
         if only_default and pacs.mode in RELAY_MODES and not (pacs.mode == "RelayOrSpool" and pacs.destination.down):
             mirror = await self._mirror(pending, titles, contexts)
             if isinstance(mirror, Mirror):
-                results = negotiation.results_for(rq.contexts, mirror.ac)
+                results = negotiation.results_for(rq.contexts, mirror.ac, allowed, contexts)
                 pacs.cache.put(key, results)
-                await self._relay(pending, session, mirror, results)
+                via = negotiation.transcoded(rq.contexts, mirror.ac, contexts) if allowed else {}
+                await self._relay(pending, session, mirror, results, via)
                 return
             if mirror is not None or pacs.mode == "Relay":
                 session.close()
@@ -202,7 +210,8 @@ class Dispatcher:
         mirror = await self._mirror(pending, titles, contexts)
         if not isinstance(mirror, Mirror):
             return mirror
-        self.pacs.cache.put(key, negotiation.results_for(pending.request.contexts, mirror.ac))
+        self.pacs.cache.put(key, negotiation.results_for(pending.request.contexts, mirror.ac,
+                                                         self.pacs.transcoding.allowed, contexts))
         task = asyncio.get_running_loop().create_task(negotiation.release(mirror))
         self.pacs.background.add(task)
         task.add_done_callback(self.pacs.background.discard)
@@ -220,7 +229,10 @@ class Dispatcher:
         )
         await self._start(pending, session, scp, len(accepted))
 
-    async def _relay(self, pending: Pending, session: AssocSession, mirror: Mirror, results: Results) -> None:
+    async def _relay(
+        self, pending: Pending, session: AssocSession, mirror: Mirror, results: Results,
+        transcoded: dict[int, tuple[int, str]],
+    ) -> None:
         assert self.pacs is not None
         rq = pending.request
         accepted = {cid: ts for cid, result, ts in results if result == presentation.ACCEPTANCE}
@@ -231,7 +243,7 @@ class Dispatcher:
             pending.core, pending.sock, ac, mirror, session, self.bridge, self.store, self.spool, accepted,
             abstract_of, fallback=self.pacs.mode == "RelayOrSpool", idle=IDLE_SECONDS,
             timeout=self.pacs.target.timeout, max_dataset=self.max_dataset, report=self.pacs.report,
-            on_end=lambda s: self._ended(s, slot),
+            on_end=lambda s: self._ended(s, slot), transcoded=transcoded, transcoding=self.pacs.transcoding,
         )
         if not await self._start(pending, session, scp, len(accepted)):
             mirror.close()

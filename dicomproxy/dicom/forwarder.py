@@ -59,6 +59,7 @@ from dicomproxy.dicom import presentation, statuses
 from dicomproxy.dicom.presentation import ContextBook, NotAccepted
 from dicomproxy.dicom.spool import MEMORY_COPY_MAX, Spool, SpoolEntry, file_meta
 from dicomproxy.dicom.storage_scu import FileDataset, StorageScu
+from dicomproxy.dicom.transcode import NO_TRANSCODING, Transcoding
 from dicomproxy.dicom.ul.errors import AssociationRejected, UpperLayerError
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ class ForwardTarget:
 
     def candidates(self) -> list[ForwardTarget]:
         return self.members() if self.members is not None else [self]
+    transcoding: Transcoding = NO_TRANSCODING  # Dicom:Transcode
 
     def describe(self) -> str:
         if self.members is not None:
@@ -251,12 +253,16 @@ class _DimseLane:
         raise PermanentError(what, status.status)
 
     async def _store(self, assoc: StorageScu, entry: SpoolEntry, data: bytes | FileDataset) -> Any:
-        """The instance's own syntax if accepted; else an uncompressed one, re-encoded."""
+        """The instance's own syntax if accepted; else an uncompressed one, re-encoded (transcoded
+        from a compressed one with ``Dicom:Transcode`` ``ToAccepted``; the spool keeps the original)."""
         try:
-            ts = presentation.choose(assoc.accepted, entry.sop_class, entry.transfer_syntax, self.peer.describe())
+            t = self.peer
+            ts = presentation.choose(assoc.accepted, entry.sop_class, entry.transfer_syntax, t.describe(),
+                                     t.transcoding)
             if ts != entry.transfer_syntax:
                 raw = data if isinstance(data, bytes) else await _read_file(data)
-                data = await asyncio.to_thread(presentation.transcode, raw, entry.transfer_syntax, ts)
+                data = await asyncio.to_thread(presentation.transcode, raw, entry.transfer_syntax, ts, t.transcoding,
+                                               f"{entry.sop_instance} for {t.describe()}")
         except NotAccepted as e:
             if self.on_context_refused is not None:
                 self.on_context_refused()  # what the modality was told at negotiation is out of date

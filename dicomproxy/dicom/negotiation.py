@@ -33,7 +33,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dicomproxy.dicom import presentation
-from dicomproxy.dicom.presentation import ABSTRACT_SYNTAX_NOT_SUPPORTED, ALL_TRANSFER_SYNTAXES
+from dicomproxy.dicom.presentation import ABSTRACT_SYNTAX_NOT_SUPPORTED, ALL_TRANSFER_SYNTAXES, UNCOMPRESSED
+from dicomproxy.dicom.transcode import decodable
 from dicomproxy.dicom.ul import pdu as pdus
 from dicomproxy.dicom.ul import tls as dicom_tls
 from dicomproxy.dicom.ul.association import (
@@ -52,9 +53,10 @@ Results = list[tuple[int, int, str]]
 CACHE_ENTRIES = 256
 
 
-def forwardable(contexts: Sequence[ProposedContext]) -> list[ProposedContext]:
+def forwardable(contexts: Sequence[ProposedContext], transcoding: bool = False) -> list[ProposedContext]:
     """The modality's contexts the PACS is asked about: storage SOP classes and Verification,
-    each with the transfer syntaxes the gateway can read (others are left out, in order)."""
+    each with the transfer syntaxes the gateway can read (others are left out, in order). With
+    ``transcoding`` (``Dicom:Transcode`` ``ToAccepted``), :func:`transcode_probes` are added."""
     out = []
     for cx in contexts:
         if not presentation.serves_storage(cx.abstract_syntax):
@@ -62,20 +64,68 @@ def forwardable(contexts: Sequence[ProposedContext]) -> list[ProposedContext]:
         syntaxes = tuple(ts for ts in cx.transfer_syntaxes if ts in ALL_TRANSFER_SYNTAXES)
         if syntaxes:
             out.append(ProposedContext(cx.context_id, cx.abstract_syntax, syntaxes))
-    return out
+    return out + transcode_probes(out) if transcoding else out
 
 
-def results_for(contexts: Sequence[ProposedContext], ac: pdus.A_ASSOCIATE_AC) -> Results:
+def transcode_probes(contexts: Sequence[ProposedContext]) -> list[ProposedContext]:
+    """For each SOP class the modality proposes only in compressed syntaxes the gateway can decode,
+    one more context (the class in Explicit then Implicit VR Little Endian), on context ids the
+    modality left free, within 128 contexts: the PACS's answer to it says whether an instance it
+    refuses in its own syntax could be transcoded for it (:func:`transcoded`)."""
+    used = {cx.context_id for cx in contexts}
+    plain = {cx.abstract_syntax for cx in contexts if any(ts in UNCOMPRESSED for ts in cx.transfer_syntaxes)}
+    wanted = dict.fromkeys(
+        cx.abstract_syntax for cx in contexts
+        if cx.abstract_syntax not in plain and cx.abstract_syntax != presentation.VERIFICATION
+        and any(decodable(ts) for ts in cx.transfer_syntaxes)
+    )
+    free = (cid for cid in range(1, 256, 2) if cid not in used)
+    room = presentation.MAX_CONTEXTS - len(contexts)
+    classes = list(wanted)[:max(room, 0)]
+    return [ProposedContext(cid, sop_class, UNCOMPRESSED) for sop_class, cid in zip(classes, free, strict=False)]
+
+
+def results_for(
+    contexts: Sequence[ProposedContext], ac: pdus.A_ASSOCIATE_AC, transcoding: bool = False,
+    probes: Sequence[ProposedContext] = (),
+) -> Results:
     """The modality's results: the PACS's for the contexts it was asked about, "abstract syntax
-    not supported" for the others."""
+    not supported" for the others. With ``transcoding``, a context the PACS refused but could take
+    transcoded (:func:`transcoded`) is accepted in its first syntax the gateway can decode."""
     answered = pdus.accepted_contexts(ac)
+    plus = transcoded(contexts, ac, probes) if transcoding else {}
     out: Results = []
     for cx in contexts:
         fallback = cx.transfer_syntaxes[0] if cx.transfer_syntaxes else presentation.IMPLICIT
         result, ts = answered.get(cx.context_id, (ABSTRACT_SYNTAX_NOT_SUPPORTED, fallback))
         if result == presentation.ACCEPTANCE and ts not in cx.transfer_syntaxes:
             result, ts = presentation.TRANSFER_SYNTAXES_NOT_SUPPORTED, fallback  # a PACS answering out of turn
+        if result != presentation.ACCEPTANCE and cx.context_id in plus:
+            result, ts = presentation.ACCEPTANCE, next(t for t in cx.transfer_syntaxes if decodable(t))
         out.append((cx.context_id, result, ts or fallback))
+    return out
+
+
+def transcoded(
+    contexts: Sequence[ProposedContext], ac: pdus.A_ASSOCIATE_AC, probes: Sequence[ProposedContext] = ()
+) -> dict[int, tuple[int, str]]:
+    """The modality's contexts the PACS refused whose SOP class it accepted uncompressed on another
+    context (the modality's own, or one of the ``probes`` of :func:`transcode_probes`), when the
+    context offers a syntax the gateway can decode: modality context id -> (PACS context id, its
+    syntax), the context a transcoded instance is relayed on."""
+    answered = pdus.accepted_contexts(ac)
+    classes = {cx.context_id: cx.abstract_syntax for cx in (*contexts, *probes)}
+    plain: dict[str, tuple[int, str]] = {}
+    for cid, (result, ts) in sorted(answered.items()):
+        if result == presentation.ACCEPTANCE and ts in UNCOMPRESSED and cid in classes:
+            plain.setdefault(classes[cid], (cid, ts))
+    out: dict[int, tuple[int, str]] = {}
+    for cx in contexts:
+        result, ts = answered.get(cx.context_id, (ABSTRACT_SYNTAX_NOT_SUPPORTED, ""))
+        if result == presentation.ACCEPTANCE and ts in cx.transfer_syntaxes:
+            continue
+        if cx.abstract_syntax in plain and any(decodable(t) for t in cx.transfer_syntaxes):
+            out[cx.context_id] = plain[cx.abstract_syntax]
     return out
 
 

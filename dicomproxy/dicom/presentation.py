@@ -10,15 +10,16 @@ would make a modality proposing JPEG and Explicit VR decompress what it could ha
 Proposing (:func:`proposals`): an instance is offered in its own transfer syntax and in the
 uncompressed ones, one syntax per context, so the acceptor's answer says exactly which
 encodings it takes. Sending (:func:`choose`): its own syntax if accepted, else an uncompressed
-one; compressed data is never transcoded (that would be lossy or need codecs the gateway does
-not ship), so a compressed instance the peer refuses in its own syntax is refused for good.
+one; compressed data is transcoded only with ``Dicom:Transcode`` ``ToAccepted``
+(:mod:`.transcode`), otherwise a compressed instance the peer refuses in its own syntax is
+refused for good.
 """
 
 from __future__ import annotations
 
 import functools
 from collections import OrderedDict
-from collections.abc import Callable, Container, Iterable, Sequence
+from collections.abc import Callable, Collection, Container, Iterable, Sequence
 from typing import TypeVar
 
 from pydicom._uid_dict import UID_dictionary
@@ -26,6 +27,8 @@ from pydicom.uid import UID
 from pynetdicom import AllStoragePresentationContexts
 
 from dicomproxy.dicom import datasets
+from dicomproxy.dicom.transcode import NO_TRANSCODING, Transcoding, decodable
+from dicomproxy.dicom.transcode import target as transcode_target
 from dicomproxy.dicom.ul.pdu import ProposedContext
 
 IMPLICIT = "1.2.840.10008.1.2"
@@ -197,15 +200,29 @@ def batch_pairs(items: Iterable[T], pair_of: Callable[[T], Pair]) -> list[Pair]:
 
 
 # --------------------------------------------------------------------------- sending
-def choose(accepted: Container[Pair], sop_class: str, transfer_syntax: str, peer: str = "the peer") -> str:
-    """The transfer syntax to send an instance in (its own, or an uncompressed one to re-encode
-    it to); raises :class:`NotAccepted` when there is none."""
+def choose(
+    accepted: Collection[Pair], sop_class: str, transfer_syntax: str, peer: str = "the peer",
+    transcoding: Transcoding = NO_TRANSCODING,
+) -> str:
+    """The transfer syntax to send an instance in: its own; else, uncompressed, another
+    uncompressed one to re-encode it to; else, compressed and with ``transcoding`` allowed, the
+    syntax to transcode it to (:func:`.transcode.target`). Raises :class:`NotAccepted` when
+    there is none."""
     if (sop_class, transfer_syntax) in accepted:
         return transfer_syntax
     if UID(transfer_syntax).is_compressed:
+        if transcoding.allowed:
+            to = transcode_target(transfer_syntax, [ts for a, ts in accepted if a == sop_class])
+            if to is not None:
+                return to
+            if not decodable(transfer_syntax):
+                raise NotAccepted(f"{peer} does not accept {UID(transfer_syntax).name} for {UID(sop_class).name}, "
+                                  "and the gateway has no codec to transcode it")
+            raise NotAccepted(f"{peer} does not accept {UID(sop_class).name} ({sop_class}) in any syntax the "
+                              "gateway can transcode to")
         raise NotAccepted(
             f"{peer} does not accept {UID(transfer_syntax).name} for {UID(sop_class).name}; "
-            "compressed data is never transcoded by the gateway"
+            "compressed data is not transcoded with Dicom:Transcode Never (ToAccepted would)"
         )
     for alt in UNCOMPRESSED:
         if (sop_class, alt) in accepted:
@@ -213,11 +230,16 @@ def choose(accepted: Container[Pair], sop_class: str, transfer_syntax: str, peer
     raise NotAccepted(f"{peer} does not accept SOP class {UID(sop_class).name} ({sop_class})")
 
 
-def transcode(data: bytes, from_syntax: str, to_syntax: str) -> bytes:
-    """Re-encode an uncompressed data set (``choose`` never asks this of compressed data)."""
+def transcode(
+    data: bytes, from_syntax: str, to_syntax: str, transcoding: Transcoding = NO_TRANSCODING, what: str = "an instance"
+) -> bytes:
+    """Re-encode an instance to the syntax :func:`choose` gave (decoding compressed pixel data
+    only when ``transcoding`` allows it)."""
     if from_syntax == to_syntax:
         return data
     try:
+        if UID(from_syntax).is_compressed or UID(to_syntax).is_compressed:
+            return transcoding.run(data, from_syntax, to_syntax, what)
         return datasets.encode(datasets.decode(data, from_syntax), to_syntax)
     except Exception as e:
         raise NotAccepted(f"cannot re-encode the instance as {UID(to_syntax).name}: {e}") from None

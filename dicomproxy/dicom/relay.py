@@ -24,6 +24,12 @@ the middle of that instance it is spooled and answered success instead, and the 
 association is served from the spool (:class:`.storage_scp.StorageScp`'s rules); a larger
 instance caught that way is answered 0xA700 (the modality sends it again). In ``Relay`` the loss of
 the PACS aborts the modality's association, as the loss of a direct connection would.
+
+Transcoding (``Dicom:Transcode`` ``ToAccepted``): a context the PACS refused for its compressed
+syntax but could take transcoded (:func:`.negotiation.transcoded`) has its data sets received
+whole (like the scripted path), decoded and re-encoded on this thread (:mod:`.transcode`), and
+sent on the PACS's uncompressed context for that SOP class; the answer is still the PACS's.
+Other contexts are untouched: with ``Never`` nothing on the relay path changes.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from dicomproxy.dicom.session import AssocSession, LuaBridge
 from dicomproxy.dicom.spool import SPILL_BYTES, DatasetTooLarge, Spool, SpoolWriter
 from dicomproxy.dicom.storage_scp import serve
 from dicomproxy.dicom.store import Edited, StoreService
+from dicomproxy.dicom.transcode import NO_TRANSCODING, TranscodeError, Transcoding
 from dicomproxy.dicom.ul import pdu as pdus
 from dicomproxy.dicom.ul.association import (
     Aborted,
@@ -72,6 +79,7 @@ class Route(enum.Enum):
     REFUSED = "refused"  # read and dropped; answered with a failure status
     SPOOL = "spool"  # written to the spool (the PACS went away): answered once durable
     SCRIPTED = "scripted"  # received whole for the scripts, then sent (or spooled)
+    TRANSCODE = "transcode"  # received whole, transcoded, sent on the PACS's uncompressed context
     DROP = "drop"  # an unsupported operation's data set
 
 
@@ -97,6 +105,7 @@ class _Incoming:
         self.writer: SpoolWriter | None = None
         self.status = (0, "")
         self.started = time.perf_counter()
+        self.pacs_context = context_id  # the context it goes to the PACS on (another one when transcoded)
 
 
 class _Answer:
@@ -124,16 +133,18 @@ class RelayScp:
         self, core: Association, sock: socket.socket, ac: pdus.A_ASSOCIATE_AC, mirror: Mirror, session: AssocSession,
         bridge: LuaBridge, store: StoreService, spool: Spool, accepted: dict[int, str], abstract_of: dict[int, str],
         *, fallback: bool, idle: float, timeout: float, max_dataset: int, report: Reporter,
-        on_end: Callable[[RelayScp], None],
+        on_end: Callable[[RelayScp], None], transcoded: dict[int, tuple[int, str]] | None = None,
+        transcoding: Transcoding = NO_TRANSCODING,
     ) -> None:
         self.core, self.sock, self.ac, self.mirror = core, sock, ac, mirror
         self.session, self.bridge, self.store, self.spool = session, bridge, store, spool
         self.accepted, self.abstract_of = accepted, abstract_of
         self.fallback, self.idle, self.timeout, self.max_dataset = fallback, idle, timeout, max_dataset
         self.report, self.on_end = report, on_end
+        self.transcoded, self.transcoding = transcoded or {}, transcoding
         self.assembler = MessageAssembler(accepted, self)
         self.answer = _Answer()
-        self.pacs_assembler = MessageAssembler(accepted, self.answer)
+        self.pacs_assembler = MessageAssembler({**accepted, **dict(self.transcoded.values())}, self.answer)
         self.incoming: _Incoming | None = None
         self.link: SocketAssociation | None = None
         self.pacs: SocketAssociation | None = None
@@ -196,8 +207,10 @@ class RelayScp:
             self._respond(context_id, command, STATUS_UNRECOGNIZED, "unrecognized operation")
 
     def _begin(self, context_id: int, command: Command) -> _Incoming:
-        if self.store.scripted() or self.state is Link.LOST:
-            incoming = _Incoming(context_id, command, Route.SCRIPTED if self.store.scripted() else Route.SPOOL)
+        if self.store.scripted() or self.state is Link.LOST or context_id in self.transcoded:
+            route = Route.SCRIPTED if self.store.scripted() else Route.SPOOL if self.state is Link.LOST \
+                else Route.TRANSCODE
+            incoming = _Incoming(context_id, command, route)
             incoming.writer = self._writer(context_id, command)
             return incoming
         return _Incoming(context_id, command, Route.HEAD)
@@ -221,7 +234,7 @@ class RelayScp:
         elif route is Route.PACS:
             self._keep(incoming, fragment)
             self._to_pacs(incoming, fragment, last)
-        elif route in (Route.SPOOL, Route.SCRIPTED):
+        elif route in (Route.SPOOL, Route.SCRIPTED, Route.TRANSCODE):
             assert incoming.writer is not None
             incoming.writer.write(fragment)
         if last:
@@ -258,11 +271,11 @@ class RelayScp:
     # -- towards the PACS -----------------------------------------------------------------------
     def _send_request(self, incoming: _Incoming) -> None:
         raw = dimse.encode_command(incoming.command.elements.items())  # the modality's, as received
-        self._send(incoming, self._pdata(incoming.context_id, raw, command=True, last=True))
+        self._send(incoming, self._pdata(incoming.pacs_context, raw, command=True, last=True))
 
     def _to_pacs(self, incoming: _Incoming, fragment: memoryview, last: bool) -> None:
         if incoming.route is Route.PACS:
-            self._send(incoming, self._pdata(incoming.context_id, fragment, command=False, last=last))
+            self._send(incoming, self._pdata(incoming.pacs_context, fragment, command=False, last=last))
 
     def _send(self, incoming: _Incoming | None, encoded: list[Any]) -> bool:
         """Write to the PACS (a failed write closes the mirror: then :meth:`_lost`)."""
@@ -354,6 +367,12 @@ class RelayScp:
             self._respond(context_id, command, *self._spool(incoming.writer))
         elif route is Route.SCRIPTED:
             self._scripted(incoming)
+        elif route is Route.TRANSCODE:
+            writer = incoming.writer
+            assert writer is not None
+            raw = writer.dataset()
+            writer.discard()
+            self._send_whole(incoming, raw)
         else:
             self._relayed(incoming, None)
 
@@ -400,19 +419,34 @@ class RelayScp:
                       "spool)", command.sop_instance, self.label, ", ".join(outcome.destinations))
             self._respond(context_id, command, STATUS_PROCESSING_FAILURE, "destinations need store-and-forward")
             return
+        self._send_whole(incoming, outcome.raw)
+
+    def _send_whole(self, incoming: _Incoming, raw: bytes) -> None:
+        """Send a data set received whole (edited by the scripts, or to transcode: then on the PACS's
+        uncompressed context); spooled as it is (not transcoded) when the PACS is gone."""
+        command, context_id = incoming.command, incoming.context_id
         if self.state is Link.LOST:
             spooled = self._writer(context_id, command)
-            spooled.write(memoryview(outcome.raw))
+            spooled.write(memoryview(raw))
             self._respond(context_id, command, *self._spool(spooled))
             return
+        data = raw
+        if context_id in self.transcoded:
+            incoming.pacs_context, to_syntax = self.transcoded[context_id]
+            try:
+                data = self.transcoding.run(raw, self.accepted[context_id], to_syntax,
+                                            f"{command.sop_instance} from {self.label}")
+            except TranscodeError as e:
+                self._respond(context_id, command, STATUS_PROCESSING_FAILURE, f"cannot transcode: {e}"[:64])
+                return
         incoming.route, incoming.kept = Route.PACS, None
         self._send_request(incoming)
-        self._to_pacs(incoming, memoryview(outcome.raw), True)
+        self._to_pacs(incoming, memoryview(data), True)
         if incoming.route is Route.PACS:
-            self._relayed(incoming, outcome.raw)
+            self._relayed(incoming, raw)
         elif self.fallback:
             spooled = self._writer(context_id, command)
-            spooled.write(memoryview(outcome.raw))
+            spooled.write(memoryview(raw))
             self._respond(context_id, command, *self._spool(spooled))
 
     def _spool(self, writer: SpoolWriter) -> tuple[int, str]:

@@ -47,6 +47,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from dicomproxy.http.coding import Encoder, preferred
 from dicomproxy.http.relay import Relay, Rewrite, Rewriter
 from dicomproxy.metrics import HTTP_BUCKETS, Metrics
 from dicomproxy.upstream import Upstream
@@ -153,9 +154,8 @@ class ReverseProxy:
         added, facing = relay.forwarding(scope, host, forwarded)
         headers += added
         rewrite = relay.rewrite(scope["path"], facing)
-        if rewrite is not None and rewrite.body:
-            _ask_identity(headers)
-        return headers, has_body, length, Forward(relay.upstream_host_for(facing), rewrite)
+        coding = _ask_identity(headers) if rewrite is not None and rewrite.body else None
+        return headers, has_body, length, Forward(relay.upstream_host_for(facing), rewrite, coding)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         target = self.upstream.prefix + (scope.get("raw_path") or scope["path"].encode())
@@ -216,15 +216,20 @@ class ReverseProxy:
             response = await self.upstream.pool.request(method, target, headers, content, length, host=forward.host)
             answer = _answer_headers(response)
             rewriter: Rewriter | None = None
+            encoder: Encoder | None = None
             if forward.rewrite is not None:
                 answer, rewriter = forward.rewrite.answer(response.status, answer, method == b"HEAD")
+                if rewriter is not None and forward.coding is not None:
+                    encoder = Encoder(forward.coding)  # the coding the client would have had direct
+                    answer = [(k, v) for k, v in answer if k != b"content-encoding"]
+                    answer.append((b"content-encoding", forward.coding))
             started = True
             await send({"type": "http.response.start", "status": response.status, "headers": answer})
             status_class = f"{response.status // 100}xx"
             self.requests.inc(status=status_class)
             self.first_byte.observe(loop.time() - received, status=status_class)
             if rewriter is not None:
-                rewritten = await _send_rewritten(response, rewriter, send)
+                rewritten = await _send_rewritten(response, rewriter, send, encoder)
                 finished = True
                 return
             while True:
@@ -311,31 +316,42 @@ def _answer_headers(response: Exchange) -> Headers:
     return out
 
 
-async def _send_rewritten(response: Exchange, rewriter: Rewriter, send: Any) -> int:
-    """The answer's body through ``rewriter`` (:mod:`dicomproxy.http.rewrite`), chunk by chunk;
+async def _send_rewritten(response: Exchange, rewriter: Rewriter, send: Any, encoder: Encoder | None) -> int:
+    """The answer's body through ``rewriter`` (:mod:`dicomproxy.http.rewrite`), chunk by chunk, and
+    compressed by ``encoder`` when the client accepted a coding (:mod:`dicomproxy.http.coding`);
     returns the bytes sent."""
     sent = 0
     while chunk := await response.read():
         if response.at_end:
-            out = rewriter.feed(chunk) + rewriter.flush()
-            await send({"type": "http.response.body", "body": out})
-            return sent + len(out)
+            body = rewriter.feed(chunk) + rewriter.flush()
+            if encoder is not None:
+                body = encoder.feed(body) + encoder.flush()
+            await send({"type": "http.response.body", "body": body})
+            return sent + len(body)
         out = rewriter.feed(chunk)
+        if out and encoder is not None:
+            out = encoder.feed(out)
         if out:
             sent += len(out)
             await send({"type": "http.response.body", "body": out, "more_body": True})
-    out = rewriter.flush()
-    await send({"type": "http.response.body", "body": out})
-    return sent + len(out)
+    body = rewriter.flush()
+    if encoder is not None:
+        body = encoder.feed(body) + encoder.flush()
+    await send({"type": "http.response.body", "body": body})
+    return sent + len(body)
 
 
-def _ask_identity(headers: Headers) -> None:
+def _ask_identity(headers: Headers) -> bytes | None:
     """``Accept-Encoding: identity`` instead of the client's, when the answer may be rewritten and
-    its ``Accept`` admits a JSON or XML one (see :mod:`dicomproxy.http.relay` on compression)."""
+    its ``Accept`` admits a JSON or XML one (see :mod:`dicomproxy.http.relay` on compression); the
+    coding the client accepted, for the rewritten body (:func:`.coding.preferred`)."""
     accept = next((v for k, v in headers if k == b"accept"), None)
-    if Relay.wants_identity(accept):
-        headers[:] = [(k, v) for k, v in headers if k != b"accept-encoding"]
-        headers.append((b"accept-encoding", b"identity"))
+    if not Relay.wants_identity(accept):
+        return None
+    client = next((v for k, v in headers if k == b"accept-encoding"), None)
+    headers[:] = [(k, v) for k, v in headers if k != b"accept-encoding"]
+    headers.append((b"accept-encoding", b"identity"))
+    return preferred(client)
 
 
 @dataclass(slots=True)
@@ -344,6 +360,7 @@ class Forward:
 
     host: bytes | None
     rewrite: Rewrite | None
+    coding: bytes | None = None  # the client's accepted coding for a rewritten body (gzip, deflate)
 
 
 async def _held(body: AsyncIterator[bytes]) -> bytes:

@@ -33,12 +33,11 @@ header scan; what depends on the client's ``Host`` alone is computed once per di
 (:class:`Facing`). Body rewriting is in :mod:`dicomproxy.http.rewrite`'s figures.
 
 Compression: when a body may be rewritten (in scope, and the ``Accept`` admits JSON or XML),
-the PACS is asked for ``Accept-Encoding: identity``; an answer that comes encoded anyway passes
-unrewritten. Decoding instead would cost CPU on every such answer, even when nothing needs
-rewriting, and a client would then get identity anyway unless the gateway compressed again (twice
-the CPU); asking for identity costs only bytes on the gateway-PACS link, usually a LAN. Bulk
-retrievals (``Accept: multipart/related; type="application/dicom"``, rendered images) keep
-their compression.
+the PACS is asked for ``Accept-Encoding: identity``, and a rewritten body goes to the client in
+the coding its ``Accept-Encoding`` admits (gzip, then deflate), compressed in streaming
+(:mod:`dicomproxy.http.coding`, with the measurement that chose this over decoding the PACS's
+gzip); an answer that comes encoded anyway passes unrewritten. Bulk retrievals (``Accept:
+multipart/related; type="application/dicom"``, rendered images) keep the PACS's compression.
 """
 
 from __future__ import annotations

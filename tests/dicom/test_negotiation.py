@@ -73,6 +73,37 @@ def test_the_pacss_results_are_the_modalitys() -> None:
     ]
 
 
+def test_with_transcoding_the_pacs_is_asked_about_each_compressed_only_class_uncompressed() -> None:
+    j2k = "1.2.840.10008.1.2.4.90"
+    mpeg4 = "1.2.840.10008.1.2.4.102"
+    proposed = [
+        ProposedContext(1, CT, (JPEGBaseline8Bit,)),
+        ProposedContext(3, US_RETIRED, (j2k,)),
+        ProposedContext(5, PRIVATE_CLASS, (mpeg4,)),  # no codec: nothing to ask
+        ProposedContext(7, VERIFICATION, (ImplicitVRLittleEndian,)),
+    ]
+    assert negotiation.forwardable(proposed) == proposed  # Never: the modality's proposal only
+    asked = negotiation.forwardable(proposed, transcoding=True)
+    probes = asked[len(proposed):]
+    assert [(cx.context_id, cx.abstract_syntax, cx.transfer_syntaxes) for cx in probes] == [
+        (9, CT, (ExplicitVRLittleEndian, ImplicitVRLittleEndian)),
+        (11, US_RETIRED, (ExplicitVRLittleEndian, ImplicitVRLittleEndian)),
+    ]
+    ac = _ac(asked, [(1, TRANSFER_SYNTAXES_NOT_SUPPORTED, JPEGBaseline8Bit), (3, TRANSFER_SYNTAXES_NOT_SUPPORTED, j2k),
+                     (5, TRANSFER_SYNTAXES_NOT_SUPPORTED, mpeg4), (7, ACCEPTANCE, ImplicitVRLittleEndian),
+                     (9, ACCEPTANCE, ImplicitVRLittleEndian),
+                     (11, ABSTRACT_SYNTAX_NOT_SUPPORTED, ExplicitVRLittleEndian)])
+    assert negotiation.results_for(proposed, ac) == [  # Never: the PACS's answer as it is
+        (1, TRANSFER_SYNTAXES_NOT_SUPPORTED, JPEGBaseline8Bit), (3, TRANSFER_SYNTAXES_NOT_SUPPORTED, j2k),
+        (5, TRANSFER_SYNTAXES_NOT_SUPPORTED, mpeg4), (7, ACCEPTANCE, ImplicitVRLittleEndian)]
+    assert negotiation.results_for(proposed, ac, True, asked) == [
+        (1, ACCEPTANCE, JPEGBaseline8Bit),  # the PACS takes CT uncompressed: transcoded on the way
+        (3, TRANSFER_SYNTAXES_NOT_SUPPORTED, j2k),  # the PACS does not take the class at all
+        (5, TRANSFER_SYNTAXES_NOT_SUPPORTED, mpeg4),
+        (7, ACCEPTANCE, ImplicitVRLittleEndian)]
+    assert negotiation.transcoded(proposed, ac, asked) == {1: (9, ImplicitVRLittleEndian)}
+
+
 def test_the_cache_keys_on_titles_and_proposal_expires_and_forgets(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [1000.0]
     monkeypatch.setattr(negotiation.time, "monotonic", lambda: now[0])

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from dicomproxy.dicom import datasets, presentation
+from dicomproxy.dicom import datasets, presentation, transcode
 from dicomproxy.dicom.presentation import EXPLICIT, IMPLICIT, MAX_CONTEXTS, ContextBook, NotAccepted
+from dicomproxy.dicom.transcode import TranscodeError, Transcoding
 from dicomproxy.dicom.ul.pdu import ProposedContext
 from tests import dicom_samples
 
@@ -76,10 +77,31 @@ def test_batches_fit_the_context_limit_in_order() -> None:
 def test_choose_never_transcodes_compressed_data() -> None:
     assert presentation.choose({(CT, RLE)}, CT, RLE) == RLE
     assert presentation.choose({(CT, IMPLICIT)}, CT, EXPLICIT) == IMPLICIT  # re-encode uncompressed
-    with pytest.raises(NotAccepted, match="never transcoded"):
+    with pytest.raises(NotAccepted, match="compressed data is not transcoded with Dicom:Transcode Never"):
         presentation.choose({(CT, EXPLICIT)}, CT, RLE, "ORTHANC@pacs:4242")
     with pytest.raises(NotAccepted, match="does not accept SOP class"):
         presentation.choose({(MR, EXPLICIT)}, CT, EXPLICIT)
+
+
+def test_choose_with_transcoding_picks_explicit_then_implicit() -> None:
+    allowed = Transcoding(True, 1 << 20)
+    assert presentation.choose({(CT, IMPLICIT), (CT, EXPLICIT)}, CT, JPEG, transcoding=allowed) == EXPLICIT
+    assert presentation.choose({(CT, IMPLICIT), (MR, EXPLICIT)}, CT, JPEG, transcoding=allowed) == IMPLICIT
+    assert presentation.choose({(CT, RLE)}, CT, JPEG, transcoding=allowed) == RLE  # lossless re-compression
+    with pytest.raises(NotAccepted, match="any syntax the gateway can transcode to"):
+        presentation.choose({(MR, EXPLICIT)}, CT, JPEG, transcoding=allowed)
+    with pytest.raises(NotAccepted, match="no codec"):
+        presentation.choose({(CT, EXPLICIT)}, CT, MPEG4, transcoding=allowed)
+
+
+def test_transcoding_refuses_what_decodes_past_the_limit() -> None:
+    ds = dicom_samples.build_dataset(patient_id="T", patient_name="T^T", size=(64, 64))
+    ds.compress(RLE, encoding_plugin="pydicom")
+    raw = datasets.encode(ds, RLE)
+    with pytest.raises(TranscodeError, match="exceed Dicom:TranscodeMaxMB"):
+        transcode.transcode(raw, RLE, EXPLICIT, max_bytes=64 * 64 * 2 - 1)
+    out = transcode.transcode(raw, RLE, EXPLICIT, max_bytes=64 * 64 * 2)
+    assert datasets.decode(out, EXPLICIT).SOPInstanceUID == ds.SOPInstanceUID  # the same instance
 
 
 def test_transcode_between_uncompressed_syntaxes(monkeypatch: pytest.MonkeyPatch) -> None:

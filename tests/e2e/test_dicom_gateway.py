@@ -257,9 +257,10 @@ def test_spool_survives_kill9(orthanc_factory: Any, gateway_factory: Any, tmp_pa
 
 
 def test_refused_for_good_goes_to_failed_folder(orthanc_factory: Any, gateway_factory: Any, tmp_path: Path) -> None:
-    # This PACS takes uncompressed syntaxes only; the gateway never transcodes compressed data. The
-    # gateway is told not to ask the PACS at negotiation (then the modality's RLE context would be
-    # refused at once, tests/e2e/test_dicom_relay.py), so the refusal comes at forwarding time.
+    # This PACS takes uncompressed syntaxes only; with Dicom:Transcode Never (the default) the gateway
+    # does not transcode compressed data. The gateway is told not to ask the PACS at negotiation
+    # (then the modality's RLE context would be refused at once, tests/e2e/test_dicom_relay.py), so
+    # the refusal comes at forwarding time.
     pacs = orthanc_factory(extra_config={"AcceptedTransferSyntaxes": ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"]})
     no_probe = {**FAST_RETRY, "StoreMode": "StoreAndForward", "NegotiationCacheSeconds": 0}
     gateway = gateway_factory({"Dicom": no_probe}, orthanc=pacs)

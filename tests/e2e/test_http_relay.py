@@ -180,11 +180,20 @@ def test_rewritten_urls_for_a_pacs_that_ignores_forwarded(strict_orthanc: Orthan
                           headers={"Forwarded": "host=gw.example;proto=https", "Accept-Encoding": "gzip"})
     assert direct.headers.get("Content-Encoding") == "gzip"
     assert urls_in(direct.json()) and all(u.startswith(strict_orthanc.http_url) for u in urls_in(direct.json()))
-    # a gzip-asking client gets the rewritten body (the gateway asked the PACS for identity)
+    # a gzip-asking client gets the rewritten body gzipped, as direct (the gateway asked the PACS for
+    # identity and compressed what it rewrote)
     through = requests.get(f"{strict_gw.url}/dicom-web/studies/{study}/metadata", auth=auth, timeout=30,
                            headers={"Accept-Encoding": "gzip"})
-    assert "Content-Encoding" not in through.headers and "Content-Length" not in through.headers
+    assert through.headers.get("Content-Encoding") == "gzip" and "Content-Length" not in through.headers
     assert through.json() == json.loads(direct.text.replace(strict_orthanc.http_url, strict_gw.url))
+    for coding in ("deflate", "gzip;q=0, deflate", "identity", "gzip;q=0"):
+        asked = {"Accept-Encoding": coding}
+        d = requests.get(f"{strict_orthanc.http_url}/dicom-web/studies/{study}/metadata", auth=auth, timeout=30,
+                         headers=asked)
+        t = requests.get(f"{strict_gw.url}/dicom-web/studies/{study}/metadata", auth=auth, timeout=30,
+                         headers=asked)
+        assert t.headers.get("Content-Encoding") == d.headers.get("Content-Encoding"), (coding, d.headers, t.headers)
+        assert t.json() == json.loads(d.text.replace(strict_orthanc.http_url, strict_gw.url)), coding
     check_every_url(strict_gw, client(strict_gw, auth), pid, study, auth)
 
 

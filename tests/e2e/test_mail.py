@@ -39,6 +39,7 @@ class Received:
     message: EmailMessage
     secure: bool
     login: str | None
+    raw: bytes = b""  # the DATA as it came (the parsed headers re-render addresses)
 
     def text(self) -> str:
         return self.message.get_body(("plain",)).get_content()
@@ -80,7 +81,7 @@ class SmtpSink:
             login = session.auth_data.login.decode() if isinstance(session.auth_data, LoginPassword) else None
             secure = bool(session.ssl) or server.transport.get_extra_info("ssl_object") is not None
             self.messages.append(
-                Received(envelope.mail_from, list(envelope.rcpt_tos), message, secure, login))
+                Received(envelope.mail_from, list(envelope.rcpt_tos), message, secure, login, envelope.content))
         return "250 2.0.0 OK"
 
     def _authenticate(self, server: Any, session: Any, envelope: Any, mechanism: str,
@@ -300,6 +301,11 @@ local mails = {
   ["/test/mail/bad"] = {To = "not an address", Subject = "bad"},
   ["/test/mail/badfrom"] = {From = "a..b@example.org", To = "x@example.org"},
   ["/test/mail/intl"] = {To = "jö@bücher.de", Subject = "Grüße", TextBody = "für Sie"},
+  ["/test/mail/edges"] = {To = {string.rep("a", 64) .. "@example.org", '"john..doe"@example.org', "ops@[10.0.0.5]"},
+                          Subject = "at the RFC edges"},
+  ["/test/mail/toolong"] = {To = string.rep("a", 65) .. "@example.org"},
+  ["/test/mail/badsecond"] = {To = {"ok@example.org", "bad@@example.org"}},
+  ["/test/mail/crlf"] = {To = "x@example.org\r\nBcc: victim@example.org"},
 }
 
 function onHttpRequest(req)
@@ -407,6 +413,26 @@ def test_invalid_address_is_a_clear_lua_error(mail_gateway: GatewayProcess, smtp
     assert got.message["Subject"] == "from a script"
     health = wait_until(lambda: (h := mail_health(mail_gateway))["sent"] == 1 and h, what="the good mail counted")
     assert health["failed"] == 0 and health["handled_by_script"] == 0
+
+
+def test_rfc_edges_through_the_real_mail_path(mail_gateway: GatewayProcess, smtp: SmtpSink) -> None:
+    """A 64-octet local part, a quoted local part and a domain literal are delivered as given; one
+    octet more, a bad second recipient or a header injection is a Lua error naming field and value."""
+    text = trigger(mail_gateway, "/test/mail/toolong")
+    assert text.startswith("error: SendMail: To: 'aaaa") and "is not a valid email address" in text
+    assert "too long before the @-sign (1 character too many)" in text
+    text = trigger(mail_gateway, "/test/mail/badsecond")
+    assert text.startswith("error: SendMail: To[2]: 'bad@@example.org' is not a valid email address"), text
+    text = trigger(mail_gateway, "/test/mail/crlf")
+    assert text.startswith("error: SendMail: To: 'x@example.org\\r\\nBcc: victim@example.org' is not a valid"), text
+    assert trigger(mail_gateway, "/test/mail/edges") == "queued"
+    (got,) = smtp.wait_for(1)
+    # aiosmtpd's RCPT parser (the stdlib's get_addr_spec) gives the quoted local part unquoted;
+    # the header as it came shows what the gateway sent
+    assert got.recipients == ["a" * 64 + "@example.org", "john..doe@example.org", "ops@[10.0.0.5]"]
+    unfolded = got.raw.replace(b"\r\n ", b" ")
+    assert f'\nTo: {"a" * 64}@example.org, "john..doe"@example.org, ops@[10.0.0.5]\r\n'.encode() in unfolded
+    assert smtp.attempts == 1  # the refused ones never reached the server
 
 
 def test_international_address_from_a_script(gateway_factory: Callable[..., GatewayProcess],

@@ -30,6 +30,12 @@ there is refused with 0xA801):
   it does not hold, an unknown destination, ``AccessionNumber=nope``: 0xC000 with no Error
   Comment and zero counts, all three).
 
+Transcoding (``Dicom:Transcode`` ``ToAccepted``): the PACS's C-GET (for a C-GET, and for a
+fetch-and-store C-MOVE) is also offered the compressed syntaxes the gateway can decode, for each
+SOP class the receiver takes uncompressed (:func:`_with_transcodable`); an instance the PACS sends
+in one of those is received whole, transcoded off the loop (:mod:`..transcode`) and sent on the
+receiver's uncompressed context. With ``Never`` nothing changes: instances are streamed as they come.
+
 A C-CANCEL is passed on to the PACS; what it still sends is passed on until its final response
 (which carries its counts).
 
@@ -47,6 +53,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from dicomproxy.config.model import ModalityAe
 from dicomproxy.dicom import datasets, dimse, policy, presentation
@@ -56,11 +63,22 @@ from dicomproxy.dicom.qr.identifier import Identifier
 from dicomproxy.dicom.qr.link import DimseLink, Fragment, Pair, Received
 from dicomproxy.dicom.qr.operation import MAX_IDENTIFIER, Operation, OpState, UpstreamFailed
 from dicomproxy.dicom.qr.upstream import Peer
+from dicomproxy.dicom.transcode import TranscodeError, Transcoding, decodable
 
 log = logging.getLogger(__name__)
 
+STATUS_PROCESSING_FAILURE = 0x0110
+
 AUTO_RECHECK_SECONDS = 600.0
 """How long ``Auto`` remembers that the PACS does not know a move destination."""
+
+@dataclass(frozen=True)
+class Transcoded:
+    """A sub-operation's data set transcoded for its receiver, and the context to send it on."""
+
+    context_id: int
+    data: bytes
+
 
 StoreAnswer = Command | tuple[int, str]
 """The answer to a sub-operation: a C-STORE-RSP to pass back, or (status, comment) of our own."""
@@ -212,6 +230,76 @@ class _Retrieve(Operation):
                 target.abort("the PACS stopped in the middle of an instance")
                 raise
 
+    async def _enumerate(self, request: Identifier, find_model: str) -> tuple[set[str], int]:
+        """The SOP classes and the number of the instances the request designates."""
+        query = request.fresh()
+        query.QueryRetrieveLevel = "IMAGE"
+        for keyword in ("SOPInstanceUID", "SOPClassUID"):
+            if keyword not in query:
+                setattr(query, keyword, "")
+        up = await self.connect_pacs(contexts.model_pairs(find_model, self.transfer_syntax))
+        context_id = up.context_for(find_model, self.transfer_syntax)
+        if context_id is None:
+            raise UpstreamFailed(f"the PACS does not accept C-FIND ({find_model})", messages.CANNOT_CALCULATE_MATCHES)
+        upstream_ts = up.contexts[context_id][1]
+        await up.send(context_id, messages.find_request(up.next_id(), find_model), datasets.encode(query, upstream_ts))
+        sop_classes: set[str] = set()
+        count = 0
+        while True:
+            received = await self.next_response(up, messages.C_FIND_RSP, "C-FIND listing the instances")
+            data = await up.collect(MAX_IDENTIFIER) if received.command.has_dataset else None
+            status = messages.status_of(received.command)
+            if status in messages.PENDING:
+                if data is not None:
+                    count += 1
+                    sop_classes.add(Identifier(data, upstream_ts).get("SOPClassUID"))
+                continue
+            self.finished(up)
+            await self.close(up)
+            if status != messages.SUCCESS:
+                raise UpstreamFailed(f"the PACS answered the C-FIND listing the instances with 0x{status:04X}",
+                                     messages.CANNOT_CALCULATE_MATCHES)
+            sop_classes.discard("")
+            return sop_classes, count
+
+    async def _storage_for_pacs(self, request: Identifier) -> list[Pair]:
+        """The storage contexts proposed to the PACS for a C-GET: those the requester accepted; with
+        ``Dicom:Transcode`` ``ToAccepted`` also the compressed syntaxes the gateway can decode
+        (:func:`_with_transcodable`). When that is more than the contexts an association can carry
+        (a requester such as getscu accepts a hundred classes), the matches' SOP classes are listed
+        first (one C-FIND at IMAGE level) and theirs go first."""
+        storage = list(self.assoc.receives)
+        if not self.services.transcoding.allowed:
+            return storage
+        wanted = _with_transcodable(storage, self.services.transcoding)
+        models = contexts.model_pairs(self.model, self.transfer_syntax)
+        if len(models) + len(wanted) <= presentation.MAX_CONTEXTS:
+            return wanted
+        classes, _ = await self._enumerate(request, contexts.find_model_of(self.model))
+        first = [p for p in wanted if p[0] in classes]
+        return first + [p for p in wanted if p[0] not in classes]
+
+    async def _transcode_sub(
+        self, up: DimseLink, command: Command, pair: Pair, accepted: dict[Pair, int], peer: str
+    ) -> Transcoded | tuple[int, str]:
+        """``Dicom:Transcode`` ``ToAccepted``: the sub-operation's data set (in ``pair``'s syntax,
+        which ``peer`` did not accept) received whole (at most ``Dicom:MaxDatasetMB``), transcoded
+        off the loop to a syntax ``peer`` accepted; or the (status, comment) to answer the PACS."""
+        transcoding = self.services.transcoding
+        sop_class, ts = pair
+        try:
+            to = presentation.choose(accepted, sop_class, ts, peer, transcoding)
+        except presentation.NotAccepted as e:
+            await up.skip()
+            log.error("%s from %s: %s", self.name, self.label, e)
+            return messages.SOP_CLASS_NOT_SUPPORTED, f"not accepted by {peer}"[:64]
+        raw = await up.collect(self.services.max_dataset)
+        try:
+            data = await asyncio.to_thread(transcoding.run, raw, ts, to, f"{command.sop_instance} for {peer}")
+        except TranscodeError as e:
+            return STATUS_PROCESSING_FAILURE, f"cannot transcode: {e}"[:64]
+        return Transcoded(accepted[(sop_class, to)], data)
+
     def upstream_pairs(self, model: str, storage: list[Pair]) -> list[Pair]:
         """The retrieve model (the requester's syntax first) and ``storage``, within 128 contexts."""
         models = contexts.model_pairs(model, self.transfer_syntax)
@@ -237,7 +325,7 @@ class GetOperation(_Retrieve):
         if self.state is OpState.CANCELLING:
             await self.finish_cancelled()
             return
-        storage = list(self.assoc.receives)
+        storage = await self._storage_for_pacs(request)
         pairs = self.upstream_pairs(self.model, storage)
         up = await self.connect_pacs(pairs, roles=sorted({sop_class for sop_class, _ in storage}))
         context_id = up.context_for(self.model, self.transfer_syntax)
@@ -253,6 +341,13 @@ class GetOperation(_Retrieve):
 
     async def _to_requester(self, up: DimseLink, command: Command, pair: Pair | None) -> StoreAnswer:
         context_id = self.assoc.receives.get(pair) if pair is not None else None
+        data: bytes | None = None
+        if context_id is None and pair is not None and self.services.transcoding.allowed:
+            # Dicom:Transcode ToAccepted: a syntax the requester refused, offered to the PACS for this
+            transcoded = await self._transcode_sub(up, command, pair, self.assoc.receives, "the requester")
+            if isinstance(transcoded, tuple):
+                return transcoded
+            context_id, data = transcoded.context_id, transcoded.data
         if context_id is None:
             await up.skip()
             return messages.SOP_CLASS_NOT_SUPPORTED, "not accepted by the requester"
@@ -260,7 +355,12 @@ class GetOperation(_Retrieve):
         waiter: asyncio.Future[Command] = asyncio.get_running_loop().create_future()
         self._waiting = (message_id, waiter)
         try:
-            await self.stream(up, self.requester, context_id, messages.store_request(command, message_id))
+            rq = messages.store_request(command, message_id)
+            if data is None:
+                await self.stream(up, self.requester, context_id, rq)
+            else:
+                async with self.requester.message(context_id, rq) as out:
+                    await out.write(data, True)
             async with asyncio.timeout(self.timeout):
                 return await waiter
         except TimeoutError:
@@ -387,7 +487,8 @@ class MoveOperation(_Retrieve):
         except UpstreamFailed as e:
             raise UpstreamFailed(f"move destination: {e}", messages.CANNOT_PERFORM_SUBOPERATIONS) from None
         dest_pairs = list(dest.contexts.values())
-        up = await self.connect_pacs(self.upstream_pairs(get_model, dest_pairs),
+        up = await self.connect_pacs(self.upstream_pairs(get_model, _with_transcodable(
+                                     dest_pairs, self.services.transcoding)),
                                 roles=sorted({sop_class for sop_class, _ in dest_pairs}))
         context_id = up.context_for(get_model, self.transfer_syntax)
         if context_id is None:
@@ -407,42 +508,12 @@ class MoveOperation(_Retrieve):
         await self.relay_get(up, upstream_ts, deliver, field=messages.C_MOVE_RSP, sop_class=self.model)
         self.finished(dest)
 
-    async def _enumerate(self, request: Identifier, find_model: str) -> tuple[set[str], int]:
-        """The SOP classes and the number of the instances the request designates."""
-        query = request.fresh()
-        query.QueryRetrieveLevel = "IMAGE"
-        for keyword in ("SOPInstanceUID", "SOPClassUID"):
-            if keyword not in query:
-                setattr(query, keyword, "")
-        up = await self.connect_pacs(contexts.model_pairs(find_model, self.transfer_syntax))
-        context_id = up.context_for(find_model, self.transfer_syntax)
-        if context_id is None:
-            raise UpstreamFailed(f"the PACS does not accept C-FIND ({find_model})", messages.CANNOT_CALCULATE_MATCHES)
-        upstream_ts = up.contexts[context_id][1]
-        await up.send(context_id, messages.find_request(up.next_id(), find_model), datasets.encode(query, upstream_ts))
-        sop_classes: set[str] = set()
-        count = 0
-        while True:
-            received = await self.next_response(up, messages.C_FIND_RSP, "C-FIND listing the instances")
-            data = await up.collect(MAX_IDENTIFIER) if received.command.has_dataset else None
-            status = messages.status_of(received.command)
-            if status in messages.PENDING:
-                if data is not None:
-                    count += 1
-                    sop_classes.add(Identifier(data, upstream_ts).get("SOPClassUID"))
-                continue
-            self.finished(up)
-            await self.close(up)
-            if status != messages.SUCCESS:
-                raise UpstreamFailed(f"the PACS answered the C-FIND listing the instances with 0x{status:04X}",
-                                     messages.CANNOT_CALCULATE_MATCHES)
-            sop_classes.discard("")
-            return sop_classes, count
-
     async def _to_destination(
         self, dest: DimseLink, by_pair: dict[Pair, int], up: DimseLink, command: Command, pair: Pair | None
     ) -> StoreAnswer:
         context_id = by_pair.get(pair) if pair is not None else None
+        if context_id is None and pair is not None and self.services.transcoding.allowed:
+            return await self._transcoded(dest, by_pair, up, command, pair)
         if context_id is None:
             await up.skip()
             return messages.SOP_CLASS_NOT_SUPPORTED, "not accepted by the move destination"
@@ -450,3 +521,31 @@ class MoveOperation(_Retrieve):
                                     originator_id=self.message_id)
         await self.stream(up, dest, context_id, rq)
         return (await self.next_response(dest, messages.C_STORE_RSP, "C-STORE")).command
+
+    async def _transcoded(
+        self, dest: DimseLink, by_pair: dict[Pair, int], up: DimseLink, command: Command, pair: Pair
+    ) -> StoreAnswer:
+        """``Dicom:Transcode`` ``ToAccepted``: the PACS sent a syntax the destination refused; the
+        instance is received whole (at most ``Dicom:MaxDatasetMB``), transcoded off the loop and
+        sent in a syntax the destination accepted."""
+        transcoded = await self._transcode_sub(up, command, pair, by_pair, f"the move destination {dest.label}")
+        if isinstance(transcoded, tuple):
+            return transcoded
+        rq = messages.store_request(command, dest.next_id(), originator_aet=self.session.calling,
+                                    originator_id=self.message_id)
+        async with dest.message(transcoded.context_id, rq) as out:
+            await out.write(transcoded.data, True)
+        return (await self.next_response(dest, messages.C_STORE_RSP, "C-STORE")).command
+
+
+def _with_transcodable(pairs: list[Pair], transcoding: Transcoding) -> list[Pair]:
+    """The destination's accepted pairs, and with ``Dicom:Transcode`` ``ToAccepted`` the compressed
+    syntaxes the gateway can decode for each SOP class the destination takes uncompressed, so the
+    PACS may send an instance as it stores it and the gateway transcodes it (a PACS that cannot
+    transcode itself still delivers)."""
+    if not transcoding.allowed:
+        return pairs
+    plain = dict.fromkeys(a for a, ts in pairs if ts in presentation.UNCOMPRESSED)
+    extra = [(a, ts) for a in plain for ts in presentation.TRANSFER_SYNTAXES
+             if decodable(ts) and (a, ts) not in pairs]
+    return pairs + extra

@@ -40,6 +40,7 @@ from dicomproxy.dicom.qr.operation import MAX_IDENTIFIER, Operation
 from dicomproxy.dicom.session import AssocSession
 from dicomproxy.dicom.spool import DatasetTooLarge, Spool, SpoolWriter
 from dicomproxy.dicom.store import STATUS_OUT_OF_RESOURCES, StoreService
+from dicomproxy.dicom.transcode import Transcoding
 
 if TYPE_CHECKING:
     from dicomproxy.dicom.qr.retrieve import DestinationBook
@@ -70,6 +71,7 @@ class Services(Protocol):
     def query_peers(self) -> list[Peer]: ...
 
     def query_members(self) -> list[Peer]: ...
+    transcoding: Transcoding
 
     def destination(self, aet: str) -> ModalityAe | None: ...
 

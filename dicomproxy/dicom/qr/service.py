@@ -27,6 +27,7 @@ from dicomproxy.dicom.qr.upstream import Peer
 from dicomproxy.dicom.session import AssocSession, LuaBridge
 from dicomproxy.dicom.spool import Spool
 from dicomproxy.dicom.store import StoreService
+from dicomproxy.dicom.transcode import NO_TRANSCODING, Transcoding
 from dicomproxy.dicom.ul import pdu as pdus
 from dicomproxy.dicom.ul import tls_transport
 from dicomproxy.dicom.ul.acceptor import Pending
@@ -48,8 +49,10 @@ class QueryRetrieve:
         self, settings: DicomSettings, bridge: LuaBridge, store: StoreService, spool: Spool, *, max_pdu: int,
         idle: float, timeout: float, connect_timeout: float, max_dataset: int, audit: DicomAudit | None = None,
         destinations: Destinations | None = None,
+        transcoding: Transcoding = NO_TRANSCODING,
     ) -> None:
         self.settings = settings
+        self.transcoding = transcoding
         self.audit = audit or DicomAudit(None, settings, "dimse")
         self.store = store
         self.spool = spool
