@@ -32,6 +32,8 @@ from dicomproxy.http.listeners import GatewayServer, Listener, bind
 from dicomproxy.http.renewal import CertificateStore
 from dicomproxy.http.server import HeadLimits, connection_budget, protocol_class, raise_file_limit
 from dicomproxy.lifecycle import Phase
+from dicomproxy.metrics import mark_process_dead, multiprocess_metrics
+from dicomproxy.workers import Supervisor, WorkerInfo
 
 if TYPE_CHECKING:
     import uvicorn
@@ -110,24 +112,30 @@ def _tune_malloc() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, 4 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 64 << 20))
 
 
-def _listeners(settings: Settings, gateway: Gateway) -> list[Listener]:
-    """A bound socket per entry of ``Urls``; the certificate store (a component and a health check
-    of the gateway) when one is https. Raises :class:`ConfigError`."""
+def _bind_all(settings: Settings) -> list[socket.socket]:
+    """A bound socket per entry of ``Urls`` (in the parent, before any worker starts). Raises
+    :class:`ConfigError` naming ``Urls``."""
+    socks: list[socket.socket] = []
+    try:
+        for endpoint in settings.endpoints:
+            socks.append(bind(endpoint, BACKLOG))
+    except ConfigError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def _listeners(settings: Settings, gateway: Gateway, socks: list[socket.socket]) -> list[Listener]:
+    """The listeners on the bound sockets; the certificate store (a component and a health check
+    of the gateway) when one is https."""
     store = None
     if any(e.scheme == "https" for e in settings.endpoints):
         store = CertificateStore(settings.https, gateway.bus)
         gateway.add_component(store)
         gateway.add_health("https", store.status)
-    listeners: list[Listener] = []
-    try:
-        for endpoint in settings.endpoints:
-            tls = store if endpoint.scheme == "https" else None
-            listeners.append(Listener(endpoint, bind(endpoint, BACKLOG), tls))
-    except ConfigError:
-        for listener in listeners:
-            listener.sock.close()
-        raise
-    return listeners
+    return [Listener(endpoint, sock, store if endpoint.scheme == "https" else None)
+            for endpoint, sock in zip(settings.endpoints, socks, strict=True)]
 
 
 WATCHDOG_SLACK_SECONDS = 5.0  # past Server:ShutdownTimeoutSeconds: dump every thread's stack and exit 1
@@ -173,17 +181,40 @@ class DrainingServer(GatewayServer):
 
 
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from dicomproxy.app import build_gateway
-
     settings = _settings(args)
     _logging(settings.log_level)
     if not _tune_malloc():
         logging.getLogger("dicomproxy").debug("not glibc: malloc left as it is")
     try:
-        gateway = build_gateway(settings)
-        listeners = _listeners(settings, gateway)
+        socks = _bind_all(settings)
+    except ConfigError as e:
+        print(f"dicomproxy: config error: {e}", file=sys.stderr)
+        return 2
+    count = settings.server.workers
+    if count == 1:
+        return _serve_worker(settings, socks, WorkerInfo())
+    run = settings.data_folder / "run"
+    multiprocess_metrics(run / "metrics", first=True)
+
+    def close_listeners() -> None:  # the workers keep their copies until they have drained
+        for sock in socks:
+            sock.close()
+
+    supervisor = Supervisor(count, lambda info: _serve_worker(settings, socks, info), settings.server.shutdown_timeout,
+                            run / "workers.json", close_listeners=close_listeners, on_dead=mark_process_dead)
+    return supervisor.serve()
+
+
+def _serve_worker(settings: Settings, socks: list[socket.socket], worker: WorkerInfo) -> int:
+    """One gateway process on the bound sockets: the whole of ``serve`` with one worker, one of
+    the supervisor's children with several (dicomproxy/workers.py)."""
+    import uvicorn
+
+    from dicomproxy.app import build_gateway
+
+    try:
+        gateway = build_gateway(settings, worker=worker)
+        listeners = _listeners(settings, gateway, socks)
     except ConfigError as e:
         print(f"dicomproxy: config error: {e}", file=sys.stderr)
         return 2
@@ -216,7 +247,8 @@ def serve(args: argparse.Namespace) -> int:
     gateway.on_start_failed = lambda: setattr(server, "should_exit", True)
     server.run()
     status = 0 if server.started and not gateway.start_failed else 1
-    logging.getLogger("dicomproxy").info("DicomProxy stopped (exit status %d)", status)
+    who = f" worker {worker.index}" if worker.multi else ""
+    logging.getLogger("dicomproxy").info("DicomProxy%s stopped (exit status %d)", who, status)
     return status
 
 

@@ -11,6 +11,11 @@ it back to ``queued``). One that ends the process itself (``os.exit`` in its Lua
 native module) would be re-run at every start and kill the gateway each time, so a task found
 ``running`` more than ``max_restarts`` times (``Lua:TaskMaxRestarts``) is quarantined instead:
 ``failed``, with the reason, and a ``task.failed`` event.
+
+Several workers (``Server:Workers``): the folder is the queue. Worker 0 runs the tasks
+(``runs``) and, every :data:`ADOPT_SECONDS`, adopts the queued files another worker wrote
+(``shared``); the others only write them (``submit``) and read them (``get``, ``list``): a task
+submitted anywhere runs once, in worker 0, and is listed the same by every worker.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ log = logging.getLogger("dicomproxy.tasks")
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
+ADOPT_SECONDS = 0.5  # worker 0 looks for tasks other workers submitted this often
 
 
 class ReportedFailure(Exception):
@@ -57,9 +63,12 @@ def visible_to(task: dict[str, Any], user: str | None, admin: bool) -> bool:
 
 class TaskQueue:
     def __init__(
-        self, folder: Path, *, workers: int = 2, bus: EventBus | None = None, keep: int = 500, max_restarts: int = 3
+        self, folder: Path, *, workers: int = 2, bus: EventBus | None = None, keep: int = 500, max_restarts: int = 3,
+        runs: bool = True, shared: bool = False,
     ) -> None:
         self.folder = Path(folder)
+        self.runs = runs  # False: another process runs them; this one submits and reads the folder
+        self.shared = shared  # other processes submit to the folder: adopt their tasks
         self.workers = max(1, workers)
         self.bus = bus
         self.keep = keep
@@ -154,6 +163,8 @@ class TaskQueue:
         }
         self.folder.mkdir(parents=True, exist_ok=True)
         self._save(task)
+        if not self.runs:
+            return task_id
         self._tasks[task_id] = task
         if self._queue is not None:
             self._queue.put_nowait(task_id)
@@ -162,21 +173,37 @@ class TaskQueue:
         return task_id
 
     def get(self, task_id: str) -> dict[str, Any] | None:
+        if not self.runs:
+            return self._read(self._path(task_id))
         return self._tasks.get(task_id)
 
     def list(self) -> list[dict[str, Any]]:
-        return sorted(self._tasks.values(), key=lambda t: t["created"], reverse=True)
+        return sorted(self._all().values(), key=lambda t: t["created"], reverse=True)
+
+    def _all(self) -> dict[str, dict[str, Any]]:
+        if self.runs:
+            return self._tasks
+        found = (self._read(path) for path in self.folder.glob("*.json"))
+        return {t["id"]: t for t in found if t is not None}
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, Any] | None:
+        try:
+            task: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return task
 
     def counts(self) -> dict[str, int]:
         out = {QUEUED: 0, RUNNING: 0, DONE: 0, FAILED: 0}
-        for t in self._tasks.values():
+        for t in self._all().values():
             out[t["state"]] = out.get(t["state"], 0) + 1
         return out
 
     async def wait(self, task_id: str, timeout: float = 30.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            task = self._tasks.get(task_id)
+            task = self.get(task_id)
             if task and task["state"] in (DONE, FAILED):
                 return task
             await asyncio.sleep(0.05)
@@ -184,6 +211,9 @@ class TaskQueue:
 
     # ------------------------------------------------------------------ running
     async def start(self) -> None:
+        if not self.runs:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            return
         self._load_all()
         self._queue = asyncio.Queue()
         for task_id in self._pending_before_start:
@@ -191,6 +221,26 @@ class TaskQueue:
         self._pending_before_start.clear()
         loop = asyncio.get_running_loop()
         self._runners = [loop.create_task(self._worker(i)) for i in range(self.workers)]
+        if self.shared:
+            self._runners.append(loop.create_task(self._adopt_loop(), name="tasks-adopt"))
+
+    async def _adopt_loop(self) -> None:
+        while not self._draining:
+            await asyncio.sleep(ADOPT_SECONDS)
+            self._adopt()
+
+    def _adopt(self) -> None:
+        """Queue the tasks another worker wrote since the last look (written whole: temp + rename)."""
+        assert self._queue is not None
+        for path in self.folder.glob("*.json"):
+            if path.stem in self._tasks:
+                continue
+            task = self._read(path)
+            if task is None or task.get("id") != path.stem:
+                continue
+            self._tasks[task["id"]] = task
+            if task["state"] == QUEUED:
+                self._queue.put_nowait(task["id"])
 
     async def stop(self) -> None:
         for r in self._runners:
