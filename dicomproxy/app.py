@@ -35,6 +35,8 @@ from dicomproxy.notify import mail, notifications
 from dicomproxy.notify.events import EventBus
 from dicomproxy.scripting import orthanc
 from dicomproxy.scripting.host import ScriptHost
+from dicomproxy.scripting.shared import SharedStore
+from dicomproxy.scripting.shared_lmdb import LmdbStore
 from dicomproxy.tasks import TaskQueue
 from dicomproxy.upstream import Upstream
 from dicomproxy.upstream.monitor import UpstreamMonitor
@@ -66,7 +68,7 @@ class Gateway:
             labels=("callback",), buckets=HOOK_BUCKETS,
         )
         self.lua = ScriptHost(settings, bus=self.bus, tasks=self.tasks, commands=self.commands,
-                              audit=self.audit,
+                              audit=self.audit, shared=self._shared_store(),
                               on_call=lambda callback, seconds: hook_seconds.observe(seconds, callback=callback))
         self.upstream = Upstream(settings.upstream)
         self.proxy = ReverseProxy(self.upstream, self.metrics)
@@ -96,6 +98,15 @@ class Gateway:
         self._starting: asyncio.Task[None] | None = None
         self._accepting = True
         self._probes = probes(self)
+
+    def _shared_store(self) -> SharedStore | None:
+        """Several workers: ``SharedDict`` in LMDB, shared by every worker of this host (one
+        process: None, the in-memory store)."""
+        if not self.worker.multi:
+            return None
+        lua = self.settings.lua
+        return LmdbStore(self.settings.data_folder / "run" / "shared", lua.shared_dict_max_keys,
+                         int(lua.shared_dict_max_mb * (1 << 20)))
 
     def _tasks_pending(self) -> int:
         counts = self.tasks.counts()

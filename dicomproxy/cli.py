@@ -17,6 +17,7 @@ import getpass
 import json
 import logging
 import math
+import shutil
 import socket
 import sys
 import time
@@ -112,18 +113,21 @@ def _tune_malloc() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, 4 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 64 << 20))
 
 
-def _bind_all(settings: Settings) -> list[socket.socket]:
-    """A bound socket per entry of ``Urls`` (in the parent, before any worker starts). Raises
-    :class:`ConfigError` naming ``Urls``."""
-    socks: list[socket.socket] = []
+def _bind_all(settings: Settings, copies: int = 1) -> list[list[socket.socket]]:
+    """``copies`` sets of bound sockets, one socket per entry of ``Urls`` in each (in the parent,
+    before any worker starts); several copies share each port with ``SO_REUSEPORT``, one set per
+    worker (dicomproxy/workers.py says why). Raises :class:`ConfigError` naming ``Urls``."""
+    sets: list[list[socket.socket]] = []
     try:
-        for endpoint in settings.endpoints:
-            socks.append(bind(endpoint, BACKLOG))
+        for _ in range(copies):
+            sets.append([])
+            for endpoint in settings.endpoints:
+                sets[-1].append(bind(endpoint, BACKLOG, reuse_port=copies > 1))
     except ConfigError:
-        for sock in socks:
+        for sock in (s for socks in sets for s in socks):
             sock.close()
         raise
-    return socks
+    return sets
 
 
 def _listeners(settings: Settings, gateway: Gateway, socks: list[socket.socket]) -> list[Listener]:
@@ -185,23 +189,31 @@ def serve(args: argparse.Namespace) -> int:
     _logging(settings.log_level)
     if not _tune_malloc():
         logging.getLogger("dicomproxy").debug("not glibc: malloc left as it is")
+    count = settings.server.workers
     try:
-        socks = _bind_all(settings)
+        sets = _bind_all(settings, count)
     except ConfigError as e:
         print(f"dicomproxy: config error: {e}", file=sys.stderr)
         return 2
-    count = settings.server.workers
     if count == 1:
-        return _serve_worker(settings, socks, WorkerInfo())
+        return _serve_worker(settings, sets[0], WorkerInfo())
     run = settings.data_folder / "run"
     multiprocess_metrics(run / "metrics", first=True)
+    shutil.rmtree(run / "shared", ignore_errors=True)  # SharedDict starts empty, as in one process
 
-    def close_listeners() -> None:  # the workers keep their copies until they have drained
-        for sock in socks:
+    def close_listeners() -> None:  # each worker keeps its copy until it has drained
+        for sock in (s for socks in sets for s in socks):
             sock.close()
 
-    supervisor = Supervisor(count, lambda info: _serve_worker(settings, socks, info), settings.server.shutdown_timeout,
-                            run / "workers.json", close_listeners=close_listeners, on_dead=mark_process_dead)
+    def worker(info: WorkerInfo) -> int:
+        for i, socks in enumerate(sets):  # the others' queues are not this worker's to accept from
+            if i != info.index:
+                for sock in socks:
+                    sock.close()
+        return _serve_worker(settings, sets[info.index], info)
+
+    supervisor = Supervisor(count, worker, settings.server.shutdown_timeout, run / "workers.json",
+                            close_listeners=close_listeners, on_dead=mark_process_dead)
     return supervisor.serve()
 
 

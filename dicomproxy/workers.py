@@ -1,23 +1,26 @@
 """``Server:Workers``: N gateway processes on the same HTTP listeners, and who owns what.
 
-Model (OpenResty's): the parent binds every ``Urls`` socket, then forks the workers; each
-worker is a whole gateway (its own event loop, its own Lua singleton, its own upstream pool)
-accepting on the inherited sockets. The parent runs no event loop, no Lua and no thread: it
+Model (OpenResty's): the parent binds every ``Urls`` socket once per worker with
+``SO_REUSEPORT`` (N sockets on each port), then forks the workers; worker *i* accepts on its
+own set and closes the others. Each worker is a whole gateway (its own event loop, its own Lua
+singleton, its own upstream pool). The parent runs no event loop, no Lua and no thread: it
 only starts workers, restarts one that dies (logged, with a back-off when it dies young),
 forwards SIGTERM and waits for them (``Server:ShutdownTimeoutSeconds`` plus the workers' own
 watchdog slack, then SIGKILL).
 
-Why one parent that binds and hands the sockets down, not ``SO_REUSEPORT`` (measured and
-chosen): with one shared accept queue a dead or restarting worker loses nothing (the
-connections waiting in the queue go to the other workers; with ``SO_REUSEPORT`` the kernel
-resets those that were hashed to the dead worker's queue), a config error (address in use) is
-found once, before any worker starts, and the parent can close its copies at SIGTERM so no new
-connection waits on a draining gateway. uvicorn's ``Multiprocess`` supervisor does the same
-(one bound socket, ``spawn``ed children); it is not reused because it re-imports the app by
-name in each child (our app is built from the loaded settings and pre-bound listeners of
-different kinds, TLS acceptors included), restarts children only on a health ping, and
-exits with uvicorn's status rather than the gateway's. Here ``fork`` is used (the parent holds
-no thread or loop when it forks), so a worker starts in ~0.3 s instead of re-importing.
+Why, measured: with one shared listening socket (the parent binds one, every worker accepts on
+it, uvicorn's ``--workers`` model) the kernel wakes every worker and the first to run wins, so
+an idle worker takes nearly all: 60 of 60 health requests from 8 concurrent clients went to
+worker 0 on this machine. With ``SO_REUSEPORT`` the kernel hashes each connection to one
+worker's queue: both served from the first requests (tests/e2e/test_workers.py). The parent
+keeps every set open, so the connections hashed to a worker that died wait in its queue for
+the restarted worker (which gets the same sockets again, ~1 s later) instead of being reset,
+and an address in use is found once, before any worker starts. At SIGTERM the parent closes
+its copies; each worker closes its own when it drains. uvicorn's ``Multiprocess`` supervisor is
+not reused: it shares one socket (above), re-imports the app by name in each child (ours is
+built from the loaded settings and pre-bound listeners, TLS acceptors included), and restarts
+children only on a failed health ping. ``fork`` is safe here: the parent holds no thread or
+loop when it forks.
 
 Single-owner roles (run in worker 0 only, see :attr:`WorkerInfo.owner`): the DICOM listener and
 the spool forwarder, the background task runners (any worker may submit: the queue is the
