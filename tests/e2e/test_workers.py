@@ -21,7 +21,8 @@ import requests
 
 from tests import dicom_samples
 from tests.e2e.test_dicom_gateway import storescu
-from tests.peers import GatewayProcess, OrthancServer, wait_until
+from tests.peers import GatewayProcess, OrthancServer, free_port, wait_until
+from tests.tls_certs import TestCa
 
 GatewayFactory = Callable[..., GatewayProcess]
 
@@ -104,6 +105,16 @@ def test_both_workers_serve_and_shared_dict_counts_exactly(gateway_factory: Gate
         hooks.append(float(found.group(1)))
     assert hooks == [hooks[0] + i for i in range(6)] and hooks[0] >= n + 10
 
+    # the status page's graphs are drawn from every worker's series too: the hook's request rate
+    # seen by either worker's history covers the requests both served
+    def hook_rate_total() -> float:
+        history = fresh_get(gw, "/dicomproxy/ui/history?since=0").json()
+        rates = [v for k, points in history["series"].items() if k.startswith("dicomproxy_lua_hook_seconds")
+                 and 'callback="onHttpRequest"' in k and k.endswith(":rate") for v in points if v]
+        return sum(rates)
+
+    wait_until(lambda: hook_rate_total() >= n, timeout=10, what="the history's hook rate summing to the requests")
+
 
 def test_a_script_edit_reloads_in_both_workers(gateway_factory: GatewayFactory) -> None:
     gw = workers_gateway(gateway_factory)
@@ -176,4 +187,28 @@ def test_a_worker_killed_with_sigkill_is_restarted_and_serves(gateway_factory: G
     assert re.search(rf"worker 1 \(pid {pids[1]}\) died after [\d.]+s \(killed by SIGKILL\): restarting it",
                      gw.log_text())
     assert set(answering_workers(gw)) == {0, 1}
+    assert gw.stop() == 0
+
+
+def test_https_and_http_listeners_are_served_by_both_workers(gateway_factory: GatewayFactory, tmp_path: Path) -> None:
+    """Every Urls entry, https included: each worker has its own TLS acceptor and certificate store."""
+    ca = TestCa.create(tmp_path / "ca")
+    server = ca.issue("server", ["127.0.0.1", "localhost"], key_kind="rsa")
+    https_port = free_port()
+    gw = gateway_factory({
+        "Urls": f"http://127.0.0.1:{free_port()};https://127.0.0.1:{https_port}",
+        "Https": {"CertificateFile": str(server.cert_path), "KeyFile": str(server.key_path)},
+        "Server": {"Workers": 2}, "Dicom": {"Port": 0}}, scripts={"main.lua": MAIN})
+    wait_until(lambda: health(gw)["workers"]["running"] == 2, timeout=30, what="both workers running")
+
+    def tls_health(_: int) -> dict[str, Any]:
+        answer: dict[str, Any] = requests.get(f"https://127.0.0.1:{https_port}/dicomproxy/health", timeout=10,
+                                              verify=str(ca.cert_path), headers={"Connection": "close"}).json()
+        return answer
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(tls_health, range(40)))
+    assert {a["workers"]["index"] for a in answers} == {0, 1}
+    assert all(a["https"]["ok"] for a in answers)
+    assert set(answering_workers(gw, 40)) == {0, 1}  # the plain listener too
     assert gw.stop() == 0
