@@ -50,6 +50,7 @@ log = logging.getLogger("dicomproxy.workers")
 RESTART_BACKOFF_MAX = 30.0  # seconds between restarts of a worker that keeps dying young
 YOUNG_SECONDS = 10.0  # a worker that dies sooner than this after its start is restarted with a back-off
 KILL_SLACK_SECONDS = 8.0  # past Server:ShutdownTimeoutSeconds: SIGKILL (each worker's watchdog fires at +5 s)
+CONFIG_ERROR = 2  # a worker's exit status for a config error (a certificate file, say): restarting would not help
 _SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT)
 
 
@@ -137,10 +138,15 @@ class Supervisor:
             if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
                 self._stop(info.si_signo)
             for slot, code in self._reap():
-                if self.stopping_since is None:
+                if self.stopping_since is None and code == CONFIG_ERROR:
+                    log.error("worker %d stopped on a config error (exit status 2, the error is above): stopping "
+                              "every worker", slot.index)
+                    worst = CONFIG_ERROR
+                    self._stop(signal.SIGTERM)
+                elif self.stopping_since is None:
                     self._died(slot, code)
                 elif code != 0:  # a worker that did not stop cleanly on request
-                    worst = 1
+                    worst = max(worst, 1)
             if self.stopping_since is None:
                 self._restart_due(old_mask)
             elif all(s.pid == 0 for s in self.slots):
@@ -153,7 +159,7 @@ class Supervisor:
                                   slot.index, slot.pid)
                         with contextlib.suppress(ProcessLookupError):
                             os.kill(slot.pid, signal.SIGKILL)
-                worst = 1
+                worst = max(worst, 1)
 
     def _wait_seconds(self) -> float:
         due = [s.restart_at for s in self.slots if s.restart_at is not None]

@@ -20,6 +20,7 @@ import pytest
 from dicomproxy.config.fields import Problem, WorkerCount
 from dicomproxy.tasks import DONE, TaskQueue
 from dicomproxy.workers import WorkerInfo
+from tests.peers import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -118,3 +119,20 @@ def test_the_supervisor_restarts_a_dead_worker_and_stops_all_on_sigterm(tmp_path
     for pid in second.values():  # both workers reaped, none left behind
         assert not Path(f"/proc/{pid}").exists()
     assert not (tmp_path / "workers.json").exists()
+
+
+def test_a_config_error_in_the_workers_ends_the_supervisor_with_status_2(tmp_path: Path) -> None:
+    """A missing certificate file is found by each worker (its own certificate store): restarting
+    would not help, so the supervisor stops and exits 2, as one process does."""
+    config = {
+        "Urls": f"https://127.0.0.1:{free_port()}", "Upstream": {"Url": "http://127.0.0.1:9"},
+        "Https": {"CertificateFile": str(tmp_path / "missing.pem"), "KeyFile": str(tmp_path / "missing.key")},
+        "Server": {"Workers": 2, "ShutdownTimeoutSeconds": 5}, "Dicom": {"Port": 0},
+        "ExtraConfig": {"DataFolder": str(tmp_path / "data"), "ScriptsRoot": str(tmp_path / "scripts"),
+                        "TusUploadFolder": str(tmp_path / "tus")},
+    }
+    (tmp_path / "appsettings.json").write_text(json.dumps(config))
+    out = subprocess.run([sys.executable, "-m", "dicomproxy", "serve", "--config", str(tmp_path / "appsettings.json")],
+                         capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "config error" in out.stderr and "stopping every worker" in out.stderr
