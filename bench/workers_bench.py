@@ -78,7 +78,8 @@ http {{
 
 
 def measure(peer: Peer, seconds: float, workdir: Path) -> tuple[float, float]:
-    """(req/s, gateway CPU microseconds per request) of one wrk run."""
+    """(req/s, gateway CPU microseconds per request) of one wrk run; req/s x CPU per request is
+    the cores the gateway got (the machine's free CPU caps it, whatever the worker count)."""
     url = peer.url + "/data.json"
     before = cpu_seconds(peer.process.pid)
     result = run_wrk(url, connections=32, threads=2, duration=seconds, workdir=workdir)
@@ -104,8 +105,8 @@ def main() -> int:
         upstream = static_nginx(peers, workdir)
         direct = [measure(upstream, args.seconds, workdir)[0] for _ in range(2)]
         print(f"\nnginx static direct (the upstream's own ceiling here): {statistics.median(direct):.0f} req/s\n")
-        print("| target | workers | req/s (median) | CPU µs/request | × of 1 worker |")
-        print("|---|---|---|---|---|")
+        print("| target | workers | req/s (median) | CPU µs/request | cores used | × of 1 worker |")
+        print("|---|---|---|---|---|---|")
         for target in args.targets.split(","):
             scripts = {"main.lua": HOOKS} if target == "gw-singleton" else {}
             gateways = {n: peers.gateway(f"{target}-w{n}", upstream.url, scripts=scripts,
@@ -122,7 +123,8 @@ def main() -> int:
             base = statistics.median(rps[counts[0]])
             for n in counts:
                 median = statistics.median(rps[n])
-                print(f"| {target} | {n} | {median:.0f} | {statistics.median(cpu[n]):.0f} | {median / base:.2f} |")
+                per = statistics.median(cpu[n])
+                print(f"| {target} | {n} | {median:.0f} | {per:.0f} | {median * per / 1e6:.2f} | {median / base:.2f} |")
             for gw in gateways.values():
                 peers.stop(gw)
         print(f"\nload average after: {os.getloadavg()}")
