@@ -111,6 +111,10 @@ class LmdbStore:
         self._data = self.env.open_db(b"data")
         self._order = self.env.open_db(b"order")  # write order -> LMDB key: the oldest first
         self._meta = self.env.open_db(b"meta")
+        # A worker killed with -9 in a read leaves its reader slot taken, which would keep old pages
+        # from reuse: the restarted worker frees such slots (a writer's lock is a robust mutex: freed
+        # by LMDB itself).
+        self.env.reader_check()
 
     # ------------------------------------------------------------------ records
     def _record(self, txn: lmdb.Transaction, dbkey: bytes) -> tuple[tuple[Any, ...], bytes] | None:
@@ -207,17 +211,23 @@ class LmdbStore:
             return value
 
     def set(self, key: str, value: Value | None, ttl: float) -> tuple[bool, str | None, bool]:
-        with self.env.begin(write=True, buffers=True) as txn:
-            if value is None:
-                self._drop(txn, _db_key(key.encode("utf-8", "surrogatepass"))[0])
-                return True, None, False
-            return self._store(txn, key, value, ttl, evict=True)
+        try:
+            with self.env.begin(write=True, buffers=True) as txn:
+                if value is None:
+                    self._drop(txn, _db_key(key.encode("utf-8", "surrogatepass"))[0])
+                    return True, None, False
+                return self._store(txn, key, value, ttl, evict=True)
+        except lmdb.MapFullError:  # the file's pages, not the counted bounds (should not happen: 3x room)
+            return False, f"{NO_MEMORY} (the shared file is full: {self.setting})", False
 
     def add(self, key: str, value: Value, ttl: float) -> tuple[bool, str | None, bool]:
-        with self.env.begin(write=True, buffers=True) as txn:
-            if self._live(txn, _db_key(key.encode("utf-8", "surrogatepass"))[0]) is not None:
-                return False, EXISTS, False
-            return self._store(txn, key, value, ttl, evict=False)
+        try:
+            with self.env.begin(write=True, buffers=True) as txn:
+                if self._live(txn, _db_key(key.encode("utf-8", "surrogatepass"))[0]) is not None:
+                    return False, EXISTS, False
+                return self._store(txn, key, value, ttl, evict=False)
+        except lmdb.MapFullError:
+            return False, f"{NO_MEMORY} (the shared file is full: {self.setting})", False
 
     def incr(self, key: str, delta: int | float, init: int | float | None, ttl: float) -> tuple[Any, str | None]:
         dbkey, whole = _db_key(key.encode("utf-8", "surrogatepass"))
