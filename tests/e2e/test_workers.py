@@ -212,3 +212,6 @@ def test_https_and_http_listeners_are_served_by_both_workers(gateway_factory: Ga
     assert all(a["https"]["ok"] for a in answers)
     assert set(answering_workers(gw, 40)) == {0, 1}  # the plain listener too
     assert gw.stop() == 0
+    log = gw.log_text()
+    assert log.count("stopped (exit status 0)") == 3  # both workers and the supervisor
+    assert "Application shutdown failed" not in log  # (CertificateStore.settle was a number, not settle(until))
