@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from tusclient import client as tus_client
 
 from tests import dicom_samples
 from tests.e2e.test_dicom_gateway import storescu
@@ -215,3 +216,29 @@ def test_https_and_http_listeners_are_served_by_both_workers(gateway_factory: Ga
     log = gw.log_text()
     assert log.count("stopped (exit status 0)") == 3  # both workers and the supervisor
     assert "Application shutdown failed" not in log  # (CertificateStore.settle was a number, not settle(until))
+
+
+def test_a_tus_upload_spread_over_both_workers_is_imported_once(
+    gateway_factory: GatewayFactory, fresh_orthanc: OrthancServer, tmp_path: Path
+) -> None:
+    """tuspy opens a new connection per request, so the PATCHes land on both workers (the
+    upload's file lock is across processes); the import task, submitted by whichever worker took
+    the last PATCH, runs once in worker 0."""
+    gw = workers_gateway(gateway_factory)
+    path, sop_uid = dicom_samples.make_instance(tmp_path / "ct.dcm", patient_id="W2", patient_name="Workers^Tus",
+                                                size=(64, 64))
+    size = Path(path).stat().st_size
+    uploader = tus_client.TusClient(gw.url + "/files/").uploader(str(path), chunk_size=1024,
+                                                                 metadata={"filename": "ct.dcm"})
+    uploader.upload()
+    assert size // 1024 >= 8  # that many PATCHes, each on a new connection: both workers took some
+
+    def imports() -> list[dict[str, Any]]:
+        return [t for t in fresh_get(gw, "/dicomproxy/tasks").json() if t["kind"] == "tus-import"]
+
+    wait_until(lambda: [t["state"] for t in imports()] == ["done"], timeout=60, what="the import done")
+    assert fresh_orthanc.sop_instance_uids() == {sop_uid}
+    time.sleep(1.0)  # two adoption rounds: the task is not run a second time
+    assert [t["attempts"] for t in imports()] == [1]
+    text = fresh_get(gw, "/dicomproxy/metrics").text
+    assert 'dicomproxy_tus_imports_total{outcome="stored"} 1.0' in text
