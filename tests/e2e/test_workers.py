@@ -242,3 +242,22 @@ def test_a_tus_upload_spread_over_both_workers_is_imported_once(
     assert [t["attempts"] for t in imports()] == [1]
     text = fresh_get(gw, "/dicomproxy/metrics").text
     assert 'dicomproxy_tus_imports_total{outcome="stored"} 1.0' in text
+
+
+def test_worker_0_killed_with_sigkill_comes_back_with_the_dicom_port(
+    gateway_factory: GatewayFactory, fresh_orthanc: OrthancServer, tmp_path: Path
+) -> None:
+    gw = workers_gateway(gateway_factory)
+    pids = worker_pids(gw)
+    os.kill(pids[0], signal.SIGKILL)
+
+    def back() -> bool:
+        h = health(gw)
+        return h["workers"]["index"] == 0 and h["workers"]["pid"] != pids[0] and bool(h["dicom"].get("listening"))
+
+    wait_until(back, timeout=30, what="worker 0 restarted, listening on the DICOM port again")
+    path, sop_uid = dicom_samples.make_instance(tmp_path / "ct.dcm", patient_id="W3", patient_name="Workers^Zero")
+    storescu(gw, path)
+    fresh_orthanc.wait_for_instances(1)
+    assert fresh_orthanc.sop_instance_uids() == {sop_uid}
+    assert gw.stop() == 0
