@@ -113,6 +113,7 @@ class Supervisor:
     slots: list[_Slot] = field(default_factory=list)
     restarts: int = 0
     stopping_since: float | None = None
+    _last_pid: dict[int, int] = field(default_factory=dict)  # index -> pid, kept once reaped (for the log)
 
     def serve(self) -> int:
         """Run until every worker has exited after a SIGTERM; the exit status (0: all stopped cleanly)."""
@@ -220,8 +221,6 @@ class Supervisor:
                 self._spawn(slot, old_mask)
 
     # ------------------------------------------------------------------ workers
-    _last_pid: dict[int, int] = field(default_factory=dict)
-
     def _spawn(self, slot: _Slot, old_mask: set[int | signal.Signals]) -> None:
         info = WorkerInfo(slot.index, self.count, self.status_file)
         pid = os.fork()
