@@ -78,6 +78,7 @@ class TaskQueue:
         self._queue: asyncio.Queue[str] | None = None
         self._runners: list[asyncio.Task[None]] = []
         self._pending_before_start: list[str] = []
+        self._seen: dict[str, int] = {}  # task id -> its file's mtime_ns when last looked at (shared)
         self._draining = False
         self._busy = 0
         self._idle = asyncio.Event()
@@ -230,13 +231,23 @@ class TaskQueue:
             self._adopt()
 
     def _adopt(self) -> None:
-        """Queue the tasks another worker wrote since the last look (written whole: temp + rename)."""
+        """Queue the tasks another worker wrote since the last look (written whole: temp + rename):
+        a new file, or a known task's file another worker put back to ``queued`` (a run again).
+        A file is read only when its mtime changed (a stat each, ~2 us; 500 tasks: ~1 ms a look)."""
         assert self._queue is not None
         for path in self.folder.glob("*.json"):
-            if path.stem in self._tasks:
+            try:
+                mtime = path.stat().st_mtime_ns
+            except OSError:
                 continue
+            if self._seen.get(path.stem) == mtime:
+                continue
+            self._seen[path.stem] = mtime
+            known = self._tasks.get(path.stem)
+            if known is not None and known["state"] in (QUEUED, RUNNING):
+                continue  # ours while it is queued or running: the file is what we wrote
             task = self._read(path)
-            if task is None or task.get("id") != path.stem:
+            if task is None or task.get("id") != path.stem or task["state"] != QUEUED and known is not None:
                 continue
             self._tasks[task["id"]] = task
             if task["state"] == QUEUED:

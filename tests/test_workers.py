@@ -1,5 +1,5 @@
 """``Server:Workers`` pieces one at a time: the key's values, the task folder shared by workers
-(worker 0 adopts and runs what another submitted), and the supervisor with real forked
+(worker 0 adopts and runs what another submitted or put back to queued), and the supervisor with real forked
 children (restart after a death, SIGTERM to all, the exit status). The whole gateway with two
 workers against a real Orthanc: tests/e2e/test_workers.py."""
 
@@ -52,13 +52,22 @@ def test_a_task_submitted_by_another_worker_runs_once_in_worker_0(tmp_path: Path
         assert other.get(task_id)["state"] == "queued"  # type: ignore[index]
         done = await other.wait(task_id, timeout=10)  # read from the folder: the owner ran it
         await asyncio.sleep(1.2)  # two more adoption rounds: it is not run again
+        assert len(runs) == 1
+        # another worker puts the finished task back to queued (a run again): worker 0 runs it again
+        again = dict(done, state="queued", result=None, finished=None)
+        other._save(again)
+        await asyncio.sleep(0.01)
+        for _ in range(100):
+            if len(runs) == 2 and (other.get(task_id) or {}).get("state") == DONE:
+                break
+            await asyncio.sleep(0.05)
         await owner.stop()
         await other.stop()
         return done
 
     done = asyncio.run(scenario())
     assert done is not None and done["state"] == DONE and done["result"] == "ok"
-    assert runs == [{"n": 1}]
+    assert runs == [{"n": 1}, {"n": 1}]
 
 
 SUPERVISED = """
