@@ -35,9 +35,12 @@ from dicomproxy.notify import mail, notifications
 from dicomproxy.notify.events import EventBus
 from dicomproxy.scripting import orthanc
 from dicomproxy.scripting.host import ScriptHost
+from dicomproxy.scripting.shared import SharedStore
+from dicomproxy.scripting.shared_lmdb import LmdbStore
 from dicomproxy.tasks import TaskQueue
 from dicomproxy.upstream import Upstream
 from dicomproxy.upstream.monitor import UpstreamMonitor
+from dicomproxy.workers import WorkerInfo
 
 log = logging.getLogger("dicomproxy")
 
@@ -48,22 +51,24 @@ class Gateway:
     """The application object: owns every component; features attach through ``install``.
     It implements :class:`dicomproxy.host.Host`, the only face of it that features see."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, worker: WorkerInfo | None = None) -> None:
         self.settings = settings
+        self.worker = worker or WorkerInfo()
         self.started_at = time.time()
         self.bus = EventBus()
         self.metrics = Metrics()
-        self.audit = AuditTrail(settings, self.bus, self.metrics)
+        self.audit = AuditTrail(settings, self.bus, self.metrics, self.worker.index)
         self.commands = Commands()
         self.hooks = Hooks()
         self.tasks = TaskQueue(settings.data_folder / "tasks", workers=settings.lua.background_workers, bus=self.bus,
-                               max_restarts=settings.lua.task_max_restarts)
+                               max_restarts=settings.lua.task_max_restarts, runs=self.worker.owner,
+                               shared=self.worker.multi)
         hook_seconds = self.metrics.histogram(
             "dicomproxy_lua_hook_seconds", "Seconds a Lua callback ran (awaits included), by callback",
             labels=("callback",), buckets=HOOK_BUCKETS,
         )
         self.lua = ScriptHost(settings, bus=self.bus, tasks=self.tasks, commands=self.commands,
-                              audit=self.audit,
+                              audit=self.audit, shared=self._shared_store(),
                               on_call=lambda callback, seconds: hook_seconds.observe(seconds, callback=callback))
         self.upstream = Upstream(settings.upstream)
         self.proxy = ReverseProxy(self.upstream, self.metrics)
@@ -80,7 +85,9 @@ class Gateway:
         api = build_api(self)
         for path in ("/dicomproxy/health", "/dicomproxy/metrics", "/dicomproxy/tasks"):
             self.mount(path, api)
-        self.metrics.gauge("dicomproxy_tasks_queued", "Background tasks waiting or running", self._tasks_pending)
+        if self.worker.owner:  # the queue's state is worker 0's (it runs the tasks)
+            self.metrics.gauge("dicomproxy_tasks_queued", "Background tasks waiting or running", self._tasks_pending)
+        self.health_checks["workers"] = self.worker.status
         self._app: Any = None
         srv = settings.server
         self.life = Lifecycle(srv.shutdown_timeout, srv.drain_delay)
@@ -91,6 +98,15 @@ class Gateway:
         self._starting: asyncio.Task[None] | None = None
         self._accepting = True
         self._probes = probes(self)
+
+    def _shared_store(self) -> SharedStore | None:
+        """Several workers: ``SharedDict`` in LMDB, shared by every worker of this host (one
+        process: None, the in-memory store)."""
+        if not self.worker.multi:
+            return None
+        lua = self.settings.lua
+        return LmdbStore(self.settings.data_folder / "run" / "shared", lua.shared_dict_max_keys,
+                         int(lua.shared_dict_max_mb * (1 << 20)))
 
     def _tasks_pending(self) -> int:
         counts = self.tasks.counts()
@@ -291,9 +307,10 @@ FEATURES: tuple[Feature, ...] = (
 )
 
 
-def build_gateway(settings: Settings, features: tuple[Feature, ...] = FEATURES) -> Gateway:
-    """The gateway with every feature installed."""
-    gateway = Gateway(settings)
+def build_gateway(settings: Settings, features: tuple[Feature, ...] = FEATURES,
+                  worker: WorkerInfo | None = None) -> Gateway:
+    """The gateway with every feature installed (``worker``: which of ``Server:Workers`` this is)."""
+    gateway = Gateway(settings, worker)
     for install in features:
         install(gateway)
     return gateway

@@ -17,6 +17,7 @@ import getpass
 import json
 import logging
 import math
+import shutil
 import socket
 import sys
 import time
@@ -32,6 +33,8 @@ from dicomproxy.http.listeners import GatewayServer, Listener, bind
 from dicomproxy.http.renewal import CertificateStore
 from dicomproxy.http.server import HeadLimits, connection_budget, protocol_class, raise_file_limit
 from dicomproxy.lifecycle import Phase
+from dicomproxy.metrics import mark_process_dead, multiprocess_metrics
+from dicomproxy.workers import Supervisor, WorkerInfo
 
 if TYPE_CHECKING:
     import uvicorn
@@ -110,24 +113,33 @@ def _tune_malloc() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, 4 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 64 << 20))
 
 
-def _listeners(settings: Settings, gateway: Gateway) -> list[Listener]:
-    """A bound socket per entry of ``Urls``; the certificate store (a component and a health check
-    of the gateway) when one is https. Raises :class:`ConfigError`."""
+def _bind_all(settings: Settings, copies: int = 1) -> list[list[socket.socket]]:
+    """``copies`` sets of bound sockets, one socket per entry of ``Urls`` in each (in the parent,
+    before any worker starts); several copies share each port with ``SO_REUSEPORT``, one set per
+    worker (dicomproxy/workers.py says why). Raises :class:`ConfigError` naming ``Urls``."""
+    sets: list[list[socket.socket]] = []
+    try:
+        for _ in range(copies):
+            sets.append([])
+            for endpoint in settings.endpoints:
+                sets[-1].append(bind(endpoint, BACKLOG, reuse_port=copies > 1))
+    except ConfigError:
+        for sock in (s for socks in sets for s in socks):
+            sock.close()
+        raise
+    return sets
+
+
+def _listeners(settings: Settings, gateway: Gateway, socks: list[socket.socket]) -> list[Listener]:
+    """The listeners on the bound sockets; the certificate store (a component and a health check
+    of the gateway) when one is https."""
     store = None
     if any(e.scheme == "https" for e in settings.endpoints):
         store = CertificateStore(settings.https, gateway.bus)
         gateway.add_component(store)
         gateway.add_health("https", store.status)
-    listeners: list[Listener] = []
-    try:
-        for endpoint in settings.endpoints:
-            tls = store if endpoint.scheme == "https" else None
-            listeners.append(Listener(endpoint, bind(endpoint, BACKLOG), tls))
-    except ConfigError:
-        for listener in listeners:
-            listener.sock.close()
-        raise
-    return listeners
+    return [Listener(endpoint, sock, store if endpoint.scheme == "https" else None)
+            for endpoint, sock in zip(settings.endpoints, socks, strict=True)]
 
 
 WATCHDOG_SLACK_SECONDS = 5.0  # past Server:ShutdownTimeoutSeconds: dump every thread's stack and exit 1
@@ -173,17 +185,48 @@ class DrainingServer(GatewayServer):
 
 
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from dicomproxy.app import build_gateway
-
     settings = _settings(args)
     _logging(settings.log_level)
     if not _tune_malloc():
         logging.getLogger("dicomproxy").debug("not glibc: malloc left as it is")
+    count = settings.server.workers
     try:
-        gateway = build_gateway(settings)
-        listeners = _listeners(settings, gateway)
+        sets = _bind_all(settings, count)
+    except ConfigError as e:
+        print(f"dicomproxy: config error: {e}", file=sys.stderr)
+        return 2
+    if count == 1:
+        return _serve_worker(settings, sets[0], WorkerInfo())
+    run = settings.data_folder / "run"
+    multiprocess_metrics(run / "metrics", first=True)
+    shutil.rmtree(run / "shared", ignore_errors=True)  # SharedDict starts empty, as in one process
+
+    def close_listeners() -> None:  # each worker keeps its copy until it has drained
+        for sock in (s for socks in sets for s in socks):
+            sock.close()
+
+    def worker(info: WorkerInfo) -> int:
+        for i, socks in enumerate(sets):  # the others' queues are not this worker's to accept from
+            if i != info.index:
+                for sock in socks:
+                    sock.close()
+        return _serve_worker(settings, sets[info.index], info)
+
+    supervisor = Supervisor(count, worker, settings.server.shutdown_timeout, run / "workers.json",
+                            close_listeners=close_listeners, on_dead=mark_process_dead)
+    return supervisor.serve()
+
+
+def _serve_worker(settings: Settings, socks: list[socket.socket], worker: WorkerInfo) -> int:
+    """One gateway process on the bound sockets: the whole of ``serve`` with one worker, one of
+    the supervisor's children with several (dicomproxy/workers.py)."""
+    import uvicorn
+
+    from dicomproxy.app import build_gateway
+
+    try:
+        gateway = build_gateway(settings, worker=worker)
+        listeners = _listeners(settings, gateway, socks)
     except ConfigError as e:
         print(f"dicomproxy: config error: {e}", file=sys.stderr)
         return 2
@@ -216,7 +259,8 @@ def serve(args: argparse.Namespace) -> int:
     gateway.on_start_failed = lambda: setattr(server, "should_exit", True)
     server.run()
     status = 0 if server.started and not gateway.start_failed else 1
-    logging.getLogger("dicomproxy").info("DicomProxy stopped (exit status %d)", status)
+    who = f" worker {worker.index}" if worker.multi else ""
+    logging.getLogger("dicomproxy").info("DicomProxy%s stopped (exit status %d)", who, status)
     return status
 
 

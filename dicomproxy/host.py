@@ -21,6 +21,7 @@ from dicomproxy.notify.events import EventBus
 from dicomproxy.scripting.host import ScriptHost
 from dicomproxy.tasks import TaskQueue
 from dicomproxy.upstream import Upstream
+from dicomproxy.workers import WorkerInfo
 
 ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 HealthCheck = Callable[[], dict[str, Any]]
@@ -50,6 +51,7 @@ class Host(Protocol):
     audit: AuditTrail  # host.audit.record(event): never blocks, never raises
     hooks: Hooks  # typed events one feature offers others (e.g. the DICOM side's "instance stored")
     life: Lifecycle  # the phase and, once SIGTERM came, what is left of the shutdown deadline
+    worker: WorkerInfo  # which of Server:Workers this process is; .owner: runs the single-owner roles
 
     def mount(self, prefix: str, app: Any) -> None:
         """Route paths under ``prefix`` (``/files/`` also matches ``/files``) to the ASGI ``app``."""

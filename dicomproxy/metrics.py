@@ -32,15 +32,20 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Generic, TypeVar
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest, values
 from prometheus_client import Counter as _Counter
 from prometheus_client import Gauge as _Gauge
 from prometheus_client import Histogram as _Histogram
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import CounterMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import mark_process_dead as _mark_process_dead
 
 log = logging.getLogger(__name__)
 
@@ -139,14 +144,59 @@ class Histogram(_Family[_Histogram]):
 _F = TypeVar("_F", Counter, Gauge, Histogram)
 
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def multiprocess_metrics(folder: Path, *, first: bool) -> None:
+    """Several workers (``Server:Workers``): every value this process creates from now on lives in
+    ``folder`` (prometheus_client's multiprocess mode: one mmap'd file per process and kind), so
+    any worker answers ``/dicomproxy/metrics`` for all of them. ``first``: the supervisor, before
+    the workers start: empty the folder (the files of an earlier run would be added in).
+
+    Cost, measured with ``timeit`` on this shared 2-core machine (best of 5 x 200,000): a
+    counter ``inc`` 0.79 us in a mmap'd file against 0.35 us in memory, a histogram ``observe``
+    1.65 us against 0.67 us; a proxied request (a counter, a histogram, with hooks one more
+    histogram per hook) pays ~1.5-2.5 us more, 1-2 % of its CPU. Only with several workers."""
+    if first:
+        shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ[MULTIPROC_ENV] = str(folder)
+    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+
+
+def mark_process_dead(pid: int) -> None:
+    """A worker is gone: its live gauges no longer count (its counters and histograms still do)."""
+    if os.environ.get(MULTIPROC_ENV):
+        _mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+
 class Metrics:
     """The gateway's registry. Declaring a name twice returns the first declaration (a feature
-    installed twice in tests); declaring it as another kind or with other labels is an error."""
+    installed twice in tests); declaring it as another kind or with other labels is an error.
+
+    With several workers (:func:`multiprocess_metrics` called first) the values are shared files:
+    ``render()`` and :attr:`exposed` read every worker's (counters and histograms summed; a gauge
+    is the sum over live workers of what each last sampled: :meth:`sample_gauges`, once a second
+    and before each scrape)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self._families: dict[str, Counter | Gauge | Histogram] = {}
         self._tallies: dict[str, Tally] = {}
+        self.shared = bool(os.environ.get(MULTIPROC_ENV)) and values.ValueClass is not values.MutexValue
+        self._probes: list[tuple[Gauge, Callable[[], float]]] = []
+        self.exposed = self.registry  # what a scrape and the status page's history read
+        if self.shared:
+            self.exposed = CollectorRegistry()
+            MultiProcessCollector(self.exposed)  # type: ignore[no-untyped-call]
+
+    def sample_gauges(self) -> None:
+        """Several workers: write each probed gauge's current value to this worker's file."""
+        for gauge, func in self._probes:
+            try:
+                gauge.set(float(func()))
+            except Exception as e:
+                log.warning("metric %s: its probe failed: %s", gauge.metric._name, e)
 
     def counter(self, name: str, help: str, labels: Sequence[str] = ()) -> Counter:
         known = self._known(name, Counter, labels)
@@ -159,8 +209,11 @@ class Metrics:
     ) -> Gauge:
         gauge = self._known(name, Gauge, labels)
         if gauge is None:
-            gauge = self._add(name, Gauge(_Gauge(name, help, tuple(labels), registry=self.registry), tuple(labels)))
-        if func is not None:
+            metric = _Gauge(name, help, tuple(labels), registry=self.registry, multiprocess_mode="livesum")
+            gauge = self._add(name, Gauge(metric, tuple(labels)))
+        if func is not None and self.shared:
+            self._probes.append((gauge, func))
+        elif func is not None:
             gauge.set_function(func)
         return gauge
 
@@ -190,7 +243,9 @@ class Metrics:
 
     def render(self) -> bytes:
         """The text exposition of every series (``GET /dicomproxy/metrics``)."""
-        return generate_latest(self.registry)
+        if self.shared:
+            self.sample_gauges()
+        return generate_latest(self.exposed)
 
     def _known(self, name: str, kind: type[_F], labels: Sequence[str]) -> _F | None:
         family = self._families.get(name)

@@ -16,6 +16,11 @@ What the task's script printed or logged is kept with it (``log``, bounded: :mod
 A failed task (quarantined included) may be run again (:meth:`TaskQueue.rerun`; ``POST
 /dicomproxy/tasks/{id}/rerun``, for admins and the task's owner): the same id, queued again,
 ``reruns`` counted, error and log cleared.
+
+Several workers (``Server:Workers``): the folder is the queue. Worker 0 runs the tasks
+(``runs``) and, every :data:`ADOPT_SECONDS`, adopts the queued files another worker wrote
+(``shared``); the others only write them (``submit``) and read them (``get``, ``list``): a task
+submitted anywhere runs once, in worker 0, and is listed the same by every worker.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ def listed(task: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in task.items() if k != "log"}
     out["logLines"] = len(task.get("log") or ())
     return out
+ADOPT_SECONDS = 0.5  # worker 0 looks for tasks other workers submitted this often
 
 
 class ReportedFailure(Exception):
@@ -83,9 +89,12 @@ def visible_to(task: dict[str, Any], user: str | None, admin: bool) -> bool:
 
 class TaskQueue:
     def __init__(
-        self, folder: Path, *, workers: int = 2, bus: EventBus | None = None, keep: int = 500, max_restarts: int = 3
+        self, folder: Path, *, workers: int = 2, bus: EventBus | None = None, keep: int = 500, max_restarts: int = 3,
+        runs: bool = True, shared: bool = False,
     ) -> None:
         self.folder = Path(folder)
+        self.runs = runs  # False: another process runs them; this one submits and reads the folder
+        self.shared = shared  # other processes submit to the folder: adopt their tasks
         self.workers = max(1, workers)
         self.bus = bus
         self.keep = keep
@@ -95,6 +104,7 @@ class TaskQueue:
         self._queue: asyncio.Queue[str] | None = None
         self._runners: list[asyncio.Task[None]] = []
         self._pending_before_start: list[str] = []
+        self._seen: dict[str, int] = {}  # task id -> its file's mtime_ns when last looked at (shared)
         self._draining = False
         self._busy = 0
         self._idle = asyncio.Event()
@@ -180,6 +190,8 @@ class TaskQueue:
         }
         self.folder.mkdir(parents=True, exist_ok=True)
         self._save(task)
+        if not self.runs:
+            return task_id
         self._tasks[task_id] = task
         if self._queue is not None:
             self._queue.put_nowait(task_id)
@@ -190,8 +202,9 @@ class TaskQueue:
     def rerun(self, task_id: str) -> dict[str, Any] | None:
         """Queue a failed task again (the same id; attempts go on, ``reruns`` + 1, restarts,
         error, result and log cleared). None when there is no such task; :class:`NotFailed` when
-        it has not failed."""
-        task = self._tasks.get(task_id)
+        it has not failed. Outside worker 0 the task's file is rewritten as queued, and worker 0
+        adopts it (:data:`ADOPT_SECONDS`)."""
+        task = self.get(task_id)
         if task is None:
             return None
         if task["state"] != FAILED:
@@ -199,6 +212,8 @@ class TaskQueue:
         task.update(state=QUEUED, started=None, finished=None, error=None, result=None, restarts=0,
                     quarantined=False, log=[], logDropped=0, reruns=task.get("reruns", 0) + 1)
         self._save(task)
+        if not self.runs:
+            return task
         if self._queue is not None:
             self._queue.put_nowait(task_id)
         else:
@@ -206,21 +221,37 @@ class TaskQueue:
         return task
 
     def get(self, task_id: str) -> dict[str, Any] | None:
+        if not self.runs:
+            return self._read(self._path(task_id))
         return self._tasks.get(task_id)
 
     def list(self) -> list[dict[str, Any]]:
-        return sorted(self._tasks.values(), key=lambda t: t["created"], reverse=True)
+        return sorted(self._all().values(), key=lambda t: t["created"], reverse=True)
+
+    def _all(self) -> dict[str, dict[str, Any]]:
+        if self.runs:
+            return self._tasks
+        found = (self._read(path) for path in self.folder.glob("*.json"))
+        return {t["id"]: t for t in found if t is not None}
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, Any] | None:
+        try:
+            task: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return task
 
     def counts(self) -> dict[str, int]:
         out = {QUEUED: 0, RUNNING: 0, DONE: 0, FAILED: 0}
-        for t in self._tasks.values():
+        for t in self._all().values():
             out[t["state"]] = out.get(t["state"], 0) + 1
         return out
 
     async def wait(self, task_id: str, timeout: float = 30.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            task = self._tasks.get(task_id)
+            task = self.get(task_id)
             if task and task["state"] in (DONE, FAILED):
                 return task
             await asyncio.sleep(0.05)
@@ -228,6 +259,9 @@ class TaskQueue:
 
     # ------------------------------------------------------------------ running
     async def start(self) -> None:
+        if not self.runs:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            return
         self._load_all()
         self._queue = asyncio.Queue()
         for task_id in self._pending_before_start:
@@ -235,6 +269,36 @@ class TaskQueue:
         self._pending_before_start.clear()
         loop = asyncio.get_running_loop()
         self._runners = [loop.create_task(self._worker(i)) for i in range(self.workers)]
+        if self.shared:
+            self._runners.append(loop.create_task(self._adopt_loop(), name="tasks-adopt"))
+
+    async def _adopt_loop(self) -> None:
+        while not self._draining:
+            await asyncio.sleep(ADOPT_SECONDS)
+            self._adopt()
+
+    def _adopt(self) -> None:
+        """Queue the tasks another worker wrote since the last look (written whole: temp + rename):
+        a new file, or a known task's file another worker put back to ``queued`` (a run again).
+        A file is read only when its mtime changed (a stat each, ~2 us; 500 tasks: ~1 ms a look)."""
+        assert self._queue is not None
+        for path in self.folder.glob("*.json"):
+            try:
+                mtime = path.stat().st_mtime_ns
+            except OSError:
+                continue
+            if self._seen.get(path.stem) == mtime:
+                continue
+            self._seen[path.stem] = mtime
+            known = self._tasks.get(path.stem)
+            if known is not None and known["state"] in (QUEUED, RUNNING):
+                continue  # ours while it is queued or running: the file is what we wrote
+            task = self._read(path)
+            if task is None or task.get("id") != path.stem or task["state"] != QUEUED and known is not None:
+                continue
+            self._tasks[task["id"]] = task
+            if task["state"] == QUEUED:
+                self._queue.put_nowait(task["id"])
 
     async def stop(self) -> None:
         for r in self._runners:

@@ -58,7 +58,10 @@ GATHER_SECONDS = 0.05
 
 
 class AuditTrail:
-    def __init__(self, settings: Settings, bus: EventBus, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, bus: EventBus, metrics: Metrics, worker: int = 0) -> None:
+        """``worker``: with ``Server:Workers`` > 1, worker N > 0 keeps its own buffer
+        (``<BufferFolder>/worker-N``) and file (``<File>.worker-N``) and sends them itself: no
+        two processes ever append to one journal."""
         cfg = settings.audit
         self.enabled = cfg.enabled
         self.bus = bus
@@ -69,10 +72,12 @@ class AuditTrail:
         self.framer = Framer(host, cfg.app_name, pid, cfg.msg_id)
         self.logins = LoginWatch(cfg.failed_login_burst, cfg.failed_login_window, cfg.login_success_interval)
         self.login_window = cfg.failed_login_window
-        self.journal = Journal(cfg.buffer_folder, cfg.buffer_max)
+        suffix = f"worker-{worker}" if worker else ""
+        self.journal = Journal(cfg.buffer_folder / suffix if suffix else cfg.buffer_folder, cfg.buffer_max)
         self.senders: list[Sender] = [make_sender(_collector(c), self.journal, self._refused)
                                       for c in cfg.collectors] if self.enabled else []
-        self._file_settings = (cfg.file, cfg.file_max, cfg.file_keep)
+        file = cfg.file.with_name(f"{cfg.file.name}.{suffix}") if cfg.file is not None and suffix else cfg.file
+        self._file_settings = (file, cfg.file_max, cfg.file_keep)
         self.file: JsonLinesFile | None = None
         self._pending: deque[AuditEvent | tuple[Any, ...]] = deque()
         self._recent: deque[tuple[AuditEvent, int]] = deque(maxlen=RECENT)

@@ -113,6 +113,25 @@ class Whole(Kind):
         return value
 
 
+class WorkerCount(Kind):
+    """How many HTTP worker processes: a whole number from 1, or ``auto`` (one per core,
+    ``os.cpu_count()``), resolved when the configuration is read."""
+
+    noun = "a whole number >= 1, or auto (one per core)"
+
+    @property
+    def type_name(self) -> str:
+        return "integer or auto"
+
+    def parse(self, value: Any, root: Path) -> int:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return max(1, os.cpu_count() or 1)
+        try:
+            return Whole(1, 256).parse(value, root)
+        except Problem:
+            raise self.fail(value) from None
+
+
 class Number(Kind):
     """A number of any kind; ``minimum`` inclusive, ``above`` exclusive."""
 

@@ -55,6 +55,7 @@ from dicomproxy.config.fields import (
     Text,
     UrlPath,
     Whole,
+    WorkerCount,
     collection,
     internal,
     key,
@@ -360,6 +361,10 @@ class ServerSettings(Section):
     drain_delay: Annotated[float, Number(minimum=0)] = key(
         "DrainDelaySeconds", 0, "after SIGTERM, keep serving this long (part of `Server:ShutdownTimeoutSeconds`) "
         "while `/dicomproxy/health/ready` answers 503, so load balancers stop sending before the listeners close")
+    workers: Annotated[int, WorkerCount()] = key(
+        "Workers", 1, "HTTP worker processes sharing the `Urls` listeners, each with its own Lua singleton "
+        "(`auto`: one per core). The DICOM port, the spool forwarder, background tasks, the Orthanc change feed, "
+        "TUS expiry and mail rules run in worker 0 only; a worker that dies is restarted")
     ready_requires_upstream: Annotated[bool, Flag()] = key(
         "ReadyRequiresUpstream", True, "`/dicomproxy/health/ready` answers 503 while the upstream monitor finds the "
         "PACS down")

@@ -41,9 +41,14 @@ __all__ = ["DicomComponent", "install"]
 def install(gateway: Host) -> None:
     """Add the DICOM component, its health and metrics, and the send/echo commands."""
     component = DicomComponent(gateway)
-    gateway.add_component(component)
-    gateway.add_health("dicom", component.health)
-    gateway.mount("/dicomproxy/spool", component.api)
+    if gateway.worker.owner:
+        gateway.add_component(component)
+        gateway.add_health("dicom", component.health)
+        gateway.mount("/dicomproxy/spool", component.api)
+    else:  # Server:Workers: the port, the spool and the forwarder are worker 0's
+        gateway.add_health("dicom", lambda: {"ok": True, "enabled": component.settings.port != 0,
+                                             "servedBy": "worker 0"})
+        gateway.mount("/dicomproxy/spool", _owner_only)
     settings = component.settings
 
     async def send(args: str) -> dict[str, Any]:
@@ -60,3 +65,13 @@ def install(gateway: Host) -> None:
 
     gateway.commands.register("send", send, dicom_commands.SEND_USAGE)
     gateway.commands.register("echo", echo, dicom_commands.ECHO_USAGE)
+
+
+async def _owner_only(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """``/dicomproxy/spool`` on a worker other than 0: the spool is worker 0's; a new connection
+    (the status page's next poll) may land there."""
+    body = b'{"error": "the DICOM spool is served by worker 0 (Server:Workers); retry on a new connection"}'
+    await send({"type": "http.response.start", "status": 503, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        (b"retry-after", b"1"), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})

@@ -66,12 +66,14 @@ class Listener:
     tls: CertificateStore | None = None
 
 
-def bind(endpoint: Endpoint, backlog: int) -> socket.socket:
-    """A listening, non-blocking socket for ``endpoint``; raises :class:`ConfigError` naming ``Urls``."""
+def bind(endpoint: Endpoint, backlog: int, reuse_port: bool = False) -> socket.socket:
+    """A listening, non-blocking socket for ``endpoint``; raises :class:`ConfigError` naming ``Urls``.
+    ``reuse_port``: one of several on the same port (``Server:Workers``: one per worker, the
+    kernel spreads the connections)."""
     try:
         family, _, _, _, address = socket.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_STREAM,
                                                       flags=socket.AI_PASSIVE)[0]
-        sock = socket.create_server(address[:2], family=family, backlog=backlog)
+        sock = socket.create_server(address[:2], family=family, backlog=backlog, reuse_port=reuse_port)
     except OSError as e:
         raise ConfigError(f"Urls: cannot listen on {endpoint.url}: {e.strerror or e}") from None
     sock.setblocking(False)

@@ -56,7 +56,7 @@ class CertificateStore:
     def __init__(self, https: HttpsSettings, bus: EventBus | None = None, settle: float = SETTLE_SECONDS) -> None:
         self.https = https
         self.bus = bus
-        self.settle = settle
+        self.settle_seconds = settle  # not "settle": the gateway calls a component's settle(until) at shutdown
         self.files = watched_files(https)
         self._signature = signature(self.files)  # taken first: a change during the read is seen next time
         self.served = load_context(https)
@@ -106,7 +106,7 @@ class CertificateStore:
         seen = signature(self.files)
         if seen in (self._signature, self._failed):
             return False
-        await asyncio.sleep(self.settle)
+        await asyncio.sleep(self.settle_seconds)
         if signature(self.files) != seen:
             return False  # still being written: the next round looks again
         try:

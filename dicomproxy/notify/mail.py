@@ -525,7 +525,8 @@ def install(gateway: Host) -> Mailer:
                                       labels=("outcome",))
     mailer = Mailer(settings, gateway.lua, gateway.bus, counter)
     gateway.add_component(mailer)
-    gateway.bus.subscribe(EventMailer(mailer, rules))
+    if gateway.worker.owner:  # Server:Workers: a rule mails once, from worker 0 (SendMail works in every worker)
+        gateway.bus.subscribe(EventMailer(mailer, rules))
     gateway.lua.add_export("SendMail", mailer.lua_send_mail)
     gateway.add_health("mail", lambda: {
         "ok": True,

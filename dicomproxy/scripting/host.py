@@ -50,8 +50,11 @@ class ScriptHost:
     def __init__(
         self, settings: Settings, *, bus: EventBus, tasks: TaskQueue, commands: Commands,
         audit: AuditTrail | None = None, on_call: Callable[[str, float], None] | None = None,
+        shared: SharedStore | None = None,
     ) -> None:
-        """``on_call(callback, seconds)``: the duration of every Lua callback, in every engine."""
+        """``on_call(callback, seconds)``: the duration of every Lua callback, in every engine.
+        ``shared``: the ``SharedDict`` backend (default: in this process's memory; several
+        workers: :class:`~dicomproxy.scripting.shared_lmdb.LmdbStore`)."""
         self.settings = settings
         self.audit = audit
         self.bus = bus
@@ -89,7 +92,7 @@ class ScriptHost:
         self.add_export("LuaBackgroundWorker", exports.background_worker(tasks, lua.scripts_root))
         self.add_export("InternalCmdRun", commands.run, is_async=True)
         self.add_export("NewUid", functools.partial(new_uid, settings.dicom.uid_root))
-        self.shared: SharedStore = MemoryStore(lua.shared_dict_max_keys, int(lua.shared_dict_max_mb * MiB))
+        self.shared: SharedStore = shared or MemoryStore(lua.shared_dict_max_keys, int(lua.shared_dict_max_mb * MiB))
         self._bind_shared_dict(SharedDictExports(self.shared))
         tasks.register("lua", self._run_task)
 

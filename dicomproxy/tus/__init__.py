@@ -77,8 +77,9 @@ class TusFeature:
 
     # -- component -------------------------------------------------------------------------
     async def start(self) -> None:
-        await self.app.startup()
-        await self.sweeper.start()
+        await self.app.startup(recover=self.gateway.worker.owner)
+        if self.gateway.worker.owner:  # Server:Workers: one sweep for the folder every worker shares
+            await self.sweeper.start()
 
     async def stop(self) -> None:
         await self.sweeper.stop()

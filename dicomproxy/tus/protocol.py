@@ -116,12 +116,12 @@ class TusApp:
                 lambda: self.quota.used)
 
     # -- lifecycle -------------------------------------------------------------------------
-    async def startup(self) -> None:
+    async def startup(self, recover: bool = True) -> None:
         """Create the folder, count what it holds; hand over completions a crash interrupted
-        (``<id>.pending``)."""
+        (``<id>.pending``) when ``recover`` (with ``Server:Workers``: worker 0 only, so once)."""
         self.store.ensure_folder()
         await self.quota.refresh(force=True)
-        if self.on_complete is None:
+        if self.on_complete is None or not recover:
             return
         for upload_id in self.store.pending_ids():
             try:

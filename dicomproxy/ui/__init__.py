@@ -253,7 +253,8 @@ def install(gateway: Host) -> StatusPage:
     if "echo" in gateway.commands.names():  # the DICOM side is installed
         up = dicom.upstream
         echo = DicomEcho(gateway.commands, f"{dicom.aet}:{up.aet}@{up.host}:{up.port}")
-    history = History(gateway.metrics.registry)
+    history = History(gateway.metrics.exposed,  # several workers: every worker's series
+                      before=gateway.metrics.sample_gauges if gateway.metrics.shared else None)
     gateway.add_component(history)
     gateway.add_health("ui", history.health)
     page = StatusPage(gateway.lua, gateway.settings.tus.base_path, echo=echo, history=history, audit=gateway.audit,

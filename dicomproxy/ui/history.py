@@ -92,8 +92,9 @@ class History:
     """The rings, the sampler and the delta query. ``clock`` is wall time (the page's x axis)."""
 
     def __init__(self, registry: CollectorRegistry, capacity: int = CAPACITY, interval: float = INTERVAL,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, before: Callable[[], None] | None = None) -> None:
         self.registry = registry
+        self.before = before  # several workers: write this worker's gauges first (Metrics.sample_gauges)
         self.capacity = capacity
         self.interval = interval
         self.clock = clock
@@ -114,6 +115,8 @@ class History:
         now = self.clock()
         dt = now - self._last_time if self._last_time == self._last_time else NAN
         values: dict[str, float] = {}
+        if self.before is not None:
+            self.before()
         for family in self.registry.collect():
             if family.type == "counter":
                 self._counter(family, dt, values)

@@ -95,7 +95,7 @@ async def test_broken_renewal_keeps_the_old_certificate(ca: TestCa, tmp_path: Pa
 
 async def test_a_file_still_being_written_waits_for_the_next_round(ca: TestCa, tmp_path: Path) -> None:
     store, first = make_store(ca, tmp_path)
-    store.settle = 0.2
+    store.settle_seconds = 0.2
     second = ca.issue("second", ["localhost"])
     cert, key = tmp_path / "live" / "server.crt", tmp_path / "live" / "server.key"
     cert.write_bytes(second.pem())

@@ -5,7 +5,9 @@ in an engine. The same store across engine types through a real gateway: tests/e
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +21,7 @@ from dicomproxy.scripting.shared import (
     MemoryStore,
     SharedDictExports,
 )
+from dicomproxy.scripting.shared_lmdb import LmdbStore
 
 
 class Clock:
@@ -34,12 +37,31 @@ def clock() -> Clock:
     return Clock()
 
 
+Make = Callable[..., Any]
+
+
 def store(clock: Clock, keys: int = 100, size: int = 1 << 20) -> MemoryStore:
     return MemoryStore(keys, size, clock=clock)
 
 
-def test_get_set_delete_and_value_kinds(clock: Clock) -> None:
-    s = store(clock)
+@pytest.fixture(params=["memory", "lmdb"])
+def make(request: pytest.FixtureRequest, clock: Clock, tmp_path: Path) -> Iterator[Make]:
+    """Each backend: the in-process one, and LMDB (several workers, dicomproxy/scripting/shared_lmdb.py)."""
+    made: list[LmdbStore] = []
+
+    def build(keys: int = 100, size: int = 1 << 20) -> Any:
+        if request.param == "memory":
+            return MemoryStore(keys, size, clock=clock)
+        made.append(LmdbStore(tmp_path / f"lmdb-{len(made)}", keys, size, clock=clock))
+        return made[-1]
+
+    yield build
+    for s in made:
+        s.close()
+
+
+def test_get_set_delete_and_value_kinds(clock: Clock, make: Make) -> None:
+    s = make()
     assert s.get("k") is None
     for value in ("text", 42, 2.5, True, False, {"a": [1, 2, {"b": None}]}, [1, "x"], b"\xff\x00"):
         assert s.set("k", value, 0) == (True, None, False)
@@ -51,8 +73,8 @@ def test_get_set_delete_and_value_kinds(clock: Clock) -> None:
     assert s.get("k") is None and s.bytes == 0
 
 
-def test_a_table_is_a_copy(clock: Clock) -> None:
-    s = store(clock)
+def test_a_table_is_a_copy(clock: Clock, make: Make) -> None:
+    s = make()
     value = {"n": [1]}
     s.set("t", value, 0)
     value["n"].append(2)
@@ -63,8 +85,8 @@ def test_a_table_is_a_copy(clock: Clock) -> None:
     assert s.get("t") == {"n": [1]}
 
 
-def test_ttl(clock: Clock) -> None:
-    s = store(clock)
+def test_ttl(clock: Clock, make: Make) -> None:
+    s = make()
     s.set("short", 1, 10)
     s.set("forever", 2, 0)
     clock.now += 9.9
@@ -73,8 +95,8 @@ def test_ttl(clock: Clock) -> None:
     assert s.get("short") is None and s.keys(0) == ["forever"] and s.get("forever") == 2
 
 
-def test_add(clock: Clock) -> None:
-    s = store(clock)
+def test_add(clock: Clock, make: Make) -> None:
+    s = make()
     assert s.add("lock", "me", 5) == (True, None, False)
     assert s.add("lock", "you", 5) == (False, "exists", False)
     assert s.get("lock") == "me"
@@ -82,8 +104,8 @@ def test_add(clock: Clock) -> None:
     assert s.add("lock", "you", 5) == (True, None, False)  # an expired entry does not count
 
 
-def test_incr(clock: Clock) -> None:
-    s = store(clock)
+def test_incr(clock: Clock, make: Make) -> None:
+    s = make()
     assert s.incr("n", 1, None, 0) == (None, "not found")
     assert s.incr("n", 1, 0, 0) == (1, None)
     assert s.incr("n", 5, 0, 0) == (6, None)
@@ -105,8 +127,46 @@ def test_full_set_evicts_the_least_recently_used(clock: Clock) -> None:
     assert s.set("c", 2, 0) == (True, None, False)  # replacing needs no room
 
 
-def test_full_set_drops_expired_entries_first(clock: Clock) -> None:
-    s = store(clock, keys=2)
+def test_lmdb_full_set_evicts_the_least_recently_written(clock: Clock, tmp_path: Path) -> None:
+    s = LmdbStore(tmp_path / "lmdb", 3, 1 << 20, clock=clock)
+    for k in ("a", "b", "c"):
+        s.set(k, 1, 0)
+    assert s.get("a") == 1  # a read does not move an entry (that would take a write transaction)
+    assert s.set("b", 2, 0) == (True, None, False)  # a write does: a is now the oldest
+    assert s.set("d", 1, 0) == (True, None, True)
+    assert sorted(s.keys(0)) == ["b", "c", "d"]
+    s.close()
+
+
+def test_lmdb_long_keys_and_counters_across_processes(tmp_path: Path) -> None:
+    """Two processes incrementing one counter: every increment counts (one write transaction each);
+    a key past LMDB's 511-byte limit works and is listed whole."""
+    folder = tmp_path / "lmdb"
+    long_key = "k" * 1000
+    LmdbStore(folder, 100, 1 << 20).set(long_key, "v", 0)
+    pids = []
+    for _ in range(2):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                child = LmdbStore(folder, 100, 1 << 20)
+                for _ in range(2000):
+                    child.incr("n", 1, 0, 0)
+                code = 0
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    assert [os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in pids] == [0, 0]
+    s = LmdbStore(folder, 100, 1 << 20)
+    assert s.get("n") == 4000
+    assert s.get(long_key) == "v" and sorted(s.keys(0)) == [long_key, "n"]
+    s.delete(long_key)
+    assert s.keys(0) == ["n"]
+
+
+def test_full_set_drops_expired_entries_first(clock: Clock, make: Make) -> None:
+    s = make(keys=2)
     s.set("old", 1, 0)
     s.set("brief", 1, 1)
     clock.now += 2
@@ -114,8 +174,8 @@ def test_full_set_drops_expired_entries_first(clock: Clock) -> None:
     assert sorted(s.keys(0)) == ["new", "old"]
 
 
-def test_full_add_and_incr_never_evict(clock: Clock) -> None:
-    s = store(clock, keys=2)
+def test_full_add_and_incr_never_evict(clock: Clock, make: Make) -> None:
+    s = make(keys=2)
     s.set("a", 1, 0)
     s.set("b", 1, 0)
     ok, err, forcible = s.add("c", 1, 0)
@@ -127,9 +187,9 @@ def test_full_add_and_incr_never_evict(clock: Clock) -> None:
     assert sorted(s.keys(0)) == ["a", "b"]
 
 
-def test_the_byte_bound(clock: Clock) -> None:
+def test_the_byte_bound(clock: Clock, make: Make) -> None:
     size = 2 * (ENTRY_OVERHEAD + 1 + 1000)
-    s = store(clock, size=size)
+    s = make(size=size)
     assert s.set("a", "x" * 1000, 0)[0] and s.set("b", "x" * 1000, 0)[0]
     assert s.bytes == size
     assert s.set("c", "x" * 1000, 0) == (True, None, True) and s.get("a") is None
@@ -140,8 +200,8 @@ def test_the_byte_bound(clock: Clock) -> None:
     assert s.bytes == 0
 
 
-def test_keys_limit(clock: Clock) -> None:
-    s = store(clock)
+def test_keys_limit(clock: Clock, make: Make) -> None:
+    s = make()
     for i in range(10):
         s.set(f"k{i}", i, 0)
     assert len(s.keys(3)) == 3 and len(s.keys(0)) == 10

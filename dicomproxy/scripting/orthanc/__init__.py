@@ -380,7 +380,8 @@ class OrthancLayer:
             app, host, self.deletions, fail_open=fail_open, uploads=UploadFilter(
                 app, host, dicomweb_root=self.settings.upstream.dicomweb_root,
                 limit=orthanc.filter_header_max_bytes, fail_open=upload_open)))
-        self.gateway.add_component(self.events)
+        if self.gateway.worker.owner:  # Server:Workers: one change feed, so OnStableStudy & co. fire once
+            self.gateway.add_component(self.events)
         self.gateway.add_health("orthanc", self.events.health)
         if self.settings.orthanc.execute_lua_enabled:
             self.gateway.mount(EXECUTE_PATH, ExecuteScript(

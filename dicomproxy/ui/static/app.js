@@ -107,7 +107,11 @@
     var spool = $("spool-depth");
     if (!dicom) spool.textContent = "no DICOM side";
     else if (dicom.enabled === false) spool.textContent = "DICOM side off (Dicom:Port 0)";
-    else {
+    else if (dicom.servedBy) {  // Server:Workers: this page's connection reached another worker
+      var w = isObj(health.workers) ? health.workers : {};
+      spool.textContent = "the spool is " + dicom.servedBy + "'s (this page is served by worker " +
+        scalar(w.index) + "; reload to reach another)";
+    } else {
       var depth = typeof dicom.spoolDepth === "number" ? dicom.spoolDepth : 0;
       spool.textContent = depth + (depth === 1 ? " instance" : " instances") + " waiting to be forwarded" +
         (dicom.failed ? ", " + dicom.failed + " failed for good" : "") +
