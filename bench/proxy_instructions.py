@@ -116,6 +116,7 @@ def per_request(python: str, root: Path, size: int, low: int, high: int, workdir
 # in front of a static upstream; counters zeroed and dumped around 100 then 600 keep-alive
 # requests (callgrind_control); the monitor's probe is pushed out of the window.
 BODY = b"x" * 2184
+START_LIMIT = 1500.0  # seconds for the gateway to start under callgrind
 
 
 class _Static(BaseHTTPRequestHandler):
@@ -169,22 +170,13 @@ def _gateway(root: str, python: str, upstream_port: int, tmp: str, counts: tuple
     }
     (wd / "appsettings.json").write_text(json.dumps(config))
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": root, "PYTHONHASHSEED": "0", "HOME": "/root"}
-    proc = subprocess.Popen(
-        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={wd / 'cg.out'}", python, "-c", STARTER,
-         str(wd / "appsettings.json")], cwd=wd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 300
-    while True:
-        try:
-            probe = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-            probe.request("GET", "/dicomproxy/health")
-            probe.getresponse().read()
-            probe.close()
-            break
-        except OSError:
-            if time.time() > deadline:
-                raise
-            time.sleep(1)
+    log = wd / "gateway.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={wd / 'cg.out'}", python, "-c", STARTER,
+             str(wd / "appsettings.json")], cwd=wd, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
+    _wait_healthy(proc, port, log)
     client = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
 
     def requests(k: int) -> None:
@@ -204,6 +196,32 @@ def _gateway(root: str, python: str, upstream_port: int, tmp: str, counts: tuple
     proc.send_signal(signal.SIGINT)
     proc.wait(300)
     return (totals[1] - totals[0]) / (counts[1] - counts[0])
+
+
+def _wait_healthy(proc: subprocess.Popen[bytes], port: int, log: Path, limit: float = START_LIMIT) -> None:
+    """Wait for ``/dicomproxy/health`` to answer, however long the start under callgrind takes.
+
+    Under callgrind the gateway's start (imports, the Lua runtime, the listeners) takes minutes on
+    this shared machine, longer than the 300 s this waited before, which then failed with
+    "connection refused" (the port not bound yet); a gateway that exits is reported with its log.
+    """
+    deadline = time.time() + limit
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"the gateway under callgrind exited ({proc.returncode}):\n"
+                             f"{log.read_text(errors='replace')[-3000:]}")
+        try:
+            probe = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            probe.request("GET", "/dicomproxy/health")
+            probe.getresponse().read()
+            probe.close()
+            return
+        except OSError:
+            if time.time() > deadline:
+                proc.kill()
+                raise SystemExit(f"the gateway under callgrind did not answer within {limit:g} s:\n"
+                                 f"{log.read_text(errors='replace')[-3000:]}") from None
+            time.sleep(2)
 
 
 def gateway_counts(baseline: Path, base_python: str) -> list[str]:

@@ -21,6 +21,15 @@ for the sum); the labelled ``Counter.inc`` ~1.7 us against ~1.6 us for the old u
 Per proxied request, counter + histogram + two clock reads cost ~3.4 us against ~1.6 us before:
 +1.8 us, about 1.4 % of the proxy's ~130 us of CPU per request.
 
+The proxy's own latency histogram is a :class:`LoopHistogram` instead: written from the event
+loop's thread only, so its counts are plain integers and a bisect finds the bucket, and its
+``_count`` per label set is also rendered as the ``dicomproxy_proxy_requests_total`` counter
+(the two were always incremented together). Measured in-process (``bench/proxy_instructions.py``
+driver under ``time.process_time``, best of 5 x 3,000 requests), the labelled counter and
+histogram through prometheus_client cost ~7 us of a ~44 us proxied request; ``timeit`` of
+the calls alone: 3.0 us (through this facade), 2.0 us (pre-bound children), 0.29 us
+(:class:`LoopHistogram`'s ``observe``).
+
 Buckets (seconds) are chosen for a PACS gateway, not prometheus_client's web defaults (5 ms ..
 10 s): a QIDO-RS answer takes milliseconds, a STOW-RS upload's answer comes after the whole
 study is stored (minutes), Lua hooks run in microseconds, and an instance may wait in the spool
@@ -30,9 +39,11 @@ observation and one more series per label value.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -40,6 +51,9 @@ from prometheus_client import Counter as _Counter
 from prometheus_client import Gauge as _Gauge
 from prometheus_client import Histogram as _Histogram
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +66,7 @@ __all__ = [
     "Counter",
     "Gauge",
     "Histogram",
+    "LoopHistogram",
     "Metrics",
 ]
 
@@ -134,7 +149,86 @@ class Histogram(_Family[_Histogram]):
         self._child(labels).observe(value)
 
 
-_F = TypeVar("_F", Counter, Gauge, Histogram)
+class LoopHistogramChild:
+    """One label set of a :class:`LoopHistogram`: plain counts, one writer (the loop's thread)."""
+
+    __slots__ = ("_bounds", "counts", "sum", "created")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # per bucket, not cumulative; the last is +Inf
+        self.sum = 0.0
+        self.created = time.time()
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self._bounds, value)] += 1  # first bound >= value: Prometheus's "le"
+        self.sum += value
+
+
+class LoopHistogram:
+    """A labelled histogram observed from one thread only (the event loop's), for a hot path.
+
+    ``child(*label_values)`` is bound once per label set by the caller and kept; its
+    ``observe`` is a bisect and two additions, no lock (one writer; a scrape from another
+    thread reads whole ints and floats under the GIL, at worst one observation behind). With
+    ``count_as=(name, help)`` the per-label-set counts are also rendered as that counter, so
+    a request counter kept beside the histogram costs nothing more per request. Renders as
+    prometheus_client's ``Histogram`` and ``Counter`` do (``_bucket``, ``_count``, ``_sum``,
+    ``_created``; ``_total``, ``_created``).
+    """
+
+    kind = "histogram"
+
+    def __init__(self, name: str, help: str, labelnames: tuple[str, ...], buckets: Sequence[float],
+                 count_as: tuple[str, str] | None = None) -> None:
+        bounds = tuple(sorted(float(b) for b in buckets if b != math.inf))
+        self.name = name
+        self.help = help
+        self.labelnames = labelnames
+        self.bounds = bounds
+        self.count_as = count_as
+        self._les = [floatToGoString(b) for b in bounds] + ["+Inf"]  # type: ignore[no-untyped-call]
+        self._children: dict[tuple[str, ...], LoopHistogramChild] = {}
+
+    def child(self, *values: str) -> LoopHistogramChild:
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"metric {self.name} takes the labels {self.labelnames}, got {values}")
+        found = self._children.get(values)
+        if found is None:
+            found = self._children[values] = LoopHistogramChild(self.bounds)
+        return found
+
+    def observe(self, value: float, **labels: str) -> None:
+        """The facade's keyword form (not for a hot path: bind a :meth:`child`)."""
+        self.child(*(str(labels[n]) for n in self.labelnames)).observe(value)
+
+    def describe(self) -> list[Metric]:
+        return list(self._families([]))
+
+    def collect(self) -> Iterator[Metric]:
+        return self._families(list(self._children.items()))
+
+    def _families(self, children: list[tuple[tuple[str, ...], LoopHistogramChild]]) -> Iterator[Metric]:
+        hist = HistogramMetricFamily(self.name, self.help, labels=self.labelnames)
+        for values, child in children:
+            counts, total = list(child.counts), child.sum
+            running, buckets = 0, []
+            for le, n in zip(self._les, counts, strict=True):
+                running += n
+                buckets.append((le, float(running)))
+            hist.add_metric(list(values), buckets, total)
+            hist.samples.append(Sample(self.name + "_created", dict(zip(self.labelnames, values, strict=True)),
+                                       child.created))
+        yield hist
+        if self.count_as is not None:
+            name, help = self.count_as
+            counter = CounterMetricFamily(name, help, labels=self.labelnames)
+            for values, child in children:
+                counter.add_metric(list(values), float(sum(child.counts)), created=child.created)
+            yield counter
+
+
+_F = TypeVar("_F", Counter, Gauge, Histogram, LoopHistogram)
 
 
 class Metrics:
@@ -143,7 +237,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self._families: dict[str, Counter | Gauge | Histogram] = {}
+        self._families: dict[str, Counter | Gauge | Histogram | LoopHistogram] = {}
 
     def counter(self, name: str, help: str, labels: Sequence[str] = ()) -> Counter:
         known = self._known(name, Counter, labels)
@@ -169,6 +263,21 @@ class Metrics:
             return known
         metric = _Histogram(name, help, tuple(labels), registry=self.registry, buckets=tuple(buckets))
         return self._add(name, Histogram(metric, tuple(labels)))
+
+    def loop_histogram(
+        self, name: str, help: str, labels: Sequence[str] = (), buckets: Sequence[float] = HTTP_BUCKETS,
+        count_as: tuple[str, str] | None = None,
+    ) -> LoopHistogram:
+        """A :class:`LoopHistogram` (one writer thread: the event loop's), with its counts also as
+        the counter ``count_as`` (name, help) if given."""
+        known = self._known(name, LoopHistogram, labels)
+        if known is not None:
+            return known
+        family = LoopHistogram(name, help, tuple(labels), buckets, count_as)
+        self.registry.register(family)
+        if count_as is not None:
+            self._families[count_as[0]] = family
+        return self._add(name, family)
 
     def render(self) -> bytes:
         """The text exposition of every series (``GET /dicomproxy/metrics``)."""

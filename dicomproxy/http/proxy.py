@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dicomproxy.http.relay import Relay, Rewrite, Rewriter
-from dicomproxy.metrics import HTTP_BUCKETS, Metrics
+from dicomproxy.metrics import HTTP_BUCKETS, LoopHistogramChild, Metrics
 from dicomproxy.upstream import Upstream
 from dicomproxy.upstream.connection import Body, Exchange
 from dicomproxy.upstream.errors import (
@@ -95,18 +95,26 @@ class ReverseProxy:
     def __init__(self, upstream: Upstream, metrics: Metrics) -> None:
         self.upstream = upstream
         self.relay = Relay(upstream.settings, upstream.pool.origin, upstream.prefix)
-        self.requests = metrics.counter("dicomproxy_proxy_requests_total", "Proxied requests by status class",
-                                        labels=("status",))
         self.failures = metrics.counter("dicomproxy_proxy_upstream_errors_total", "Upstream failures by kind",
                                         labels=("kind",))
         self.abandoned = metrics.counter(
             "dicomproxy_proxy_client_abandoned_total",
             "Proxied requests the client left before the end: mid-upload (its body) or mid-answer", labels=("stage",))
-        self.first_byte = metrics.histogram(
+        # The request counter is the histogram's count (both were always bumped together): one
+        # observation per request, through a child bound once per status class (metrics.py).
+        self.first_byte = metrics.loop_histogram(
             "dicomproxy_proxy_first_byte_seconds",
             "Seconds from the request to the upstream answer's head sent on (time to first byte), by status class",
             labels=("status",), buckets=HTTP_BUCKETS,
+            count_as=("dicomproxy_proxy_requests_total", "Proxied requests by status class"),
         )
+        self._by_class: dict[int, LoopHistogramChild] = {}
+
+    def _status_class(self, status: int) -> LoopHistogramChild:
+        child = self._by_class.get(status // 100)
+        if child is None:
+            child = self._by_class[status // 100] = self.first_byte.child(f"{status // 100}xx")
+        return child
 
     def _request_headers(self, scope: dict[str, Any]) -> tuple[Headers, bool, int | None, Forward]:
         """What goes upstream (forwarding headers added, :mod:`~dicomproxy.http.relay`), whether a
@@ -202,9 +210,7 @@ class ReverseProxy:
                 answer, rewriter = forward.rewrite.answer(response.status, answer, method == b"HEAD")
             started = True
             await send({"type": "http.response.start", "status": response.status, "headers": answer})
-            status_class = f"{response.status // 100}xx"
-            self.requests.inc(status=status_class)
-            self.first_byte.observe(loop.time() - received, status=status_class)
+            self._status_class(response.status).observe(loop.time() - received)
             if rewriter is not None:
                 finished = await _send_rewritten(response, rewriter, send)
                 return
