@@ -137,14 +137,14 @@ def test_each_metrics_object_has_its_own_registry() -> None:
     assert value(two, "same_total") == 5
 
 
-def test_a_loop_histogram_renders_as_prometheus_clients_histogram_and_counter() -> None:
-    """The proxy's histogram (metrics.LoopHistogram, plain counts on the loop's thread) and the
+def test_a_lean_histogram_renders_as_prometheus_clients_histogram_and_counter() -> None:
+    """The proxy's histogram (metrics.LeanHistogram) and the
     request counter derived from its counts render the same series, values and types as
     prometheus_client's Histogram and Counter fed the same observations."""
     theirs, ours = Metrics(), Metrics()
     counter = theirs.counter("dicomproxy_proxy_requests_total", "by status class", labels=("status",))
     hist = theirs.histogram("dicomproxy_proxy_first_byte_seconds", "ttfb", labels=("status",))
-    loop = ours.loop_histogram("dicomproxy_proxy_first_byte_seconds", "ttfb", labels=("status",),
+    loop = ours.lean_histogram("dicomproxy_proxy_first_byte_seconds", "ttfb", labels=("status",),
                                count_as=("dicomproxy_proxy_requests_total", "by status class"))
     for seconds, status in ((0.004, "2xx"), (0.0025, "2xx"), (0.1, "2xx"), (1000.0, "5xx"), (0.0, "5xx")):
         counter.inc(status=status)

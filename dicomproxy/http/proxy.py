@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dicomproxy.http.relay import Relay, Rewrite, Rewriter
-from dicomproxy.metrics import HTTP_BUCKETS, LoopHistogramChild, Metrics
+from dicomproxy.metrics import HTTP_BUCKETS, LeanHistogramChild, Metrics
 from dicomproxy.upstream import Upstream
 from dicomproxy.upstream.connection import Body, Exchange
 from dicomproxy.upstream.errors import (
@@ -102,15 +102,15 @@ class ReverseProxy:
             "Proxied requests the client left before the end: mid-upload (its body) or mid-answer", labels=("stage",))
         # The request counter is the histogram's count (both were always bumped together): one
         # observation per request, through a child bound once per status class (metrics.py).
-        self.first_byte = metrics.loop_histogram(
+        self.first_byte = metrics.lean_histogram(
             "dicomproxy_proxy_first_byte_seconds",
             "Seconds from the request to the upstream answer's head sent on (time to first byte), by status class",
             labels=("status",), buckets=HTTP_BUCKETS,
             count_as=("dicomproxy_proxy_requests_total", "Proxied requests by status class"),
         )
-        self._by_class: dict[int, LoopHistogramChild] = {}
+        self._by_class: dict[int, LeanHistogramChild] = {}
 
-    def _status_class(self, status: int) -> LoopHistogramChild:
+    def _status_class(self, status: int) -> LeanHistogramChild:
         child = self._by_class.get(status // 100)
         if child is None:
             child = self._by_class[status // 100] = self.first_byte.child(f"{status // 100}xx")
