@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from dicomproxy_middleware import LuaHttpMiddleware
@@ -126,14 +126,14 @@ class Gateway:
         app = GatewayCors(app, cors_policy(self.settings.cors))
         return RequestGuard(app)
 
-    async def _route(self, scope: Any, receive: Any, send: Any) -> None:
+    def _route(self, scope: Any, receive: Any, send: Any) -> Awaitable[None]:
         # Any: the Lua middleware hands on a MutableMapping scope, the proxy is typed for a dict.
+        # Not a coroutine, like the pass-through layers (http/guard.py): no frame of its own.
         path = scope["path"]
         for prefix, exact, app in self._mounts:
             if path.startswith(prefix) or path == exact:
-                await app(scope, receive, send)
-                return
-        await self.proxy(scope, receive, send)
+                return app(scope, receive, send)
+        return self.proxy(scope, receive, send)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
