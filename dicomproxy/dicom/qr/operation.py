@@ -28,19 +28,20 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from dicomproxy.audit.events import Study
+from dicomproxy.config.settings import DicomSettings, ModalityAe
 from dicomproxy.dicom import policy
-from dicomproxy.dicom.audit import study_of
+from dicomproxy.dicom.audit import DicomAudit, study_of
 from dicomproxy.dicom.dimse import Command, decode_command
 from dicomproxy.dicom.qr import messages, upstream
+from dicomproxy.dicom.qr.destinations import DestinationBook
+from dicomproxy.dicom.qr.hooks import QrHooks
 from dicomproxy.dicom.qr.identifier import Identifier
 from dicomproxy.dicom.qr.link import DimseLink, Ended, Item, LinkError, Pair, Received
+from dicomproxy.dicom.session import AssocSession
 from dicomproxy.dicom.ul.errors import UpperLayerError
-
-if TYPE_CHECKING:
-    from dicomproxy.dicom.qr.scp import QrAssociation
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,33 @@ _MOVES: dict[OpState, frozenset[OpState]] = {
 }
 
 
+class OperationServices(Protocol):
+    """What an operation needs from :class:`.service.QueryRetrieve` (the association's services,
+    :class:`.scp.Services`, are these and more)."""
+
+    settings: DicomSettings
+    hooks: QrHooks
+    timeout: float
+    connect_timeout: float
+    pacs: upstream.Peer
+    destinations: DestinationBook
+    audit: DicomAudit
+
+    def destination(self, aet: str) -> ModalityAe | None: ...
+
+
+class Association(Protocol):
+    """What an operation needs of the association it runs on (:class:`.scp.QrAssociation` is one):
+    a protocol here, so that this module does not import the one that runs operations."""
+
+    link: DimseLink
+    session: AssocSession
+    receives: dict[Pair, int]  # the requester's storage contexts by (SOP class, transfer syntax)
+
+    @property
+    def services(self) -> OperationServices: ...
+
+
 class UpstreamFailed(Exception):
     """The PACS (or a destination) cannot be reached, stopped answering, or broke the protocol;
     ``status`` is what the requester hears."""
@@ -81,7 +109,7 @@ class Operation:
     name = "request"
     permission: policy.Operation  # what Dicom:AePermissions must grant the calling AE
 
-    def __init__(self, assoc: QrAssociation, context_id: int, command: Command, identifier: bytes) -> None:
+    def __init__(self, assoc: Association, context_id: int, command: Command, identifier: bytes) -> None:
         self.assoc = assoc
         self.requester: DimseLink = assoc.link
         self.session = assoc.session

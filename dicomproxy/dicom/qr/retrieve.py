@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 
 from dicomproxy.config.model import ModalityAe
@@ -51,9 +50,6 @@ from dicomproxy.dicom.qr.operation import MAX_IDENTIFIER, Operation, OpState, Up
 from dicomproxy.dicom.qr.upstream import Peer
 
 log = logging.getLogger(__name__)
-
-AUTO_RECHECK_SECONDS = 600.0
-"""How long ``Auto`` remembers that the PACS does not know a move destination."""
 
 StoreAnswer = Command | tuple[int, str]
 """The answer to a sub-operation: a C-STORE-RSP to pass back, or (status, comment) of our own."""
@@ -82,27 +78,6 @@ def deduce_level(request: Identifier) -> str:
         if request.get(keyword).strip():
             return level
     return ""
-
-
-class DestinationBook:
-    """The move destinations the PACS said it does not know (``Auto``), each for a while."""
-
-    def __init__(self, recheck: float = AUTO_RECHECK_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:
-        self.recheck = recheck
-        self.clock = clock
-        self._unknown: dict[str, float] = {}
-
-    def unknown_to_pacs(self, aet: str) -> bool:
-        until = self._unknown.get(aet)
-        if until is None:
-            return False
-        if self.clock() >= until:
-            del self._unknown[aet]
-            return False
-        return True
-
-    def learn_unknown(self, aet: str) -> None:
-        self._unknown[aet] = self.clock() + self.recheck
 
 
 class _Retrieve(Operation):
