@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+from collections.abc import Callable
 from typing import Protocol
 
 from dicomproxy.audit.events import Study
@@ -205,6 +206,32 @@ class Operation:
             raise UpstreamFailed(f"cannot associate with {peer}: {e}") from None
         self._opened.append(link)
         return link
+
+    async def open_pacs(
+        self, model: str, pairs: list[Pair], *, roles: list[str] | None = None, what: str = "",
+        refused: int = messages.UNABLE_TO_PROCESS,
+    ) -> tuple[DimseLink, int, str]:
+        """Associate with the PACS proposing ``pairs``: the link, its context for ``model`` in the
+        requester's transfer syntax, and the transfer syntax the PACS accepted on it. A PACS that
+        does not accept ``model`` is :class:`UpstreamFailed` (``refused``; ``what`` names it)."""
+        up = await self.connect(self.services.pacs, pairs, roles=roles)
+        context_id = up.context_for(model, self.transfer_syntax)
+        if context_id is None:
+            raise UpstreamFailed(f"the PACS does not accept {what or model}", refused)
+        return up, context_id, up.contexts[context_id][1]
+
+    async def pass_request(
+        self, up: DimseLink, context_id: int, identifier: bytes,
+        command: Callable[[Command, int], bytes] = messages.request,
+    ) -> bool:
+        """Send the requester's request (``command(its command, our message id)``) and its
+        identifier to the PACS; False (and the operation finished as cancelled) when the
+        requester cancelled before it went."""
+        message_id = up.next_id()
+        if not await self.send_request(up, context_id, message_id, command(self.command, message_id), identifier):
+            await self.finish_cancelled()
+            return False
+        return True
 
     async def send_request(
         self, link: DimseLink, context_id: int, message_id: int, command: bytes, dataset: bytes

@@ -161,17 +161,10 @@ class GetOperation(_Retrieve):
             return
         storage = list(self.assoc.receives)
         pairs = self.upstream_pairs(self.model, storage)
-        up = await self.connect(self.services.pacs, pairs, roles=sorted({sop_class for sop_class, _ in storage}))
-        context_id = up.context_for(self.model, self.transfer_syntax)
-        if context_id is None:
-            raise UpstreamFailed(f"the PACS does not accept {self.model}", messages.UNABLE_TO_PROCESS)
-        upstream_ts = up.contexts[context_id][1]
-        message_id = up.next_id()
-        if not await self.send_request(up, context_id, message_id, messages.request(self.command, message_id),
-                                       request.encoded(upstream_ts)):
-            await self.finish_cancelled()
-            return
-        await self.relay_get(up, upstream_ts, self._to_requester)
+        up, context_id, upstream_ts = await self.open_pacs(
+            self.model, pairs, roles=sorted({sop_class for sop_class, _ in storage}))
+        if await self.pass_request(up, context_id, request.encoded(upstream_ts)):
+            await self.relay_get(up, upstream_ts, self._to_requester)
 
     async def _to_requester(self, up: DimseLink, command: Command, pair: Pair | None) -> StoreAnswer:
         context_id = self.assoc.receives.get(pair) if pair is not None else None
@@ -249,15 +242,9 @@ class MoveOperation(_Retrieve):
         if self.state is OpState.CANCELLING:
             await self.finish_cancelled()
             return None
-        up = await self.connect(self.services.pacs, contexts.model_pairs(self.model, self.transfer_syntax))
-        context_id = up.context_for(self.model, self.transfer_syntax)
-        if context_id is None:
-            raise UpstreamFailed(f"the PACS does not accept {self.model}", messages.UNABLE_TO_PROCESS)
-        upstream_ts = up.contexts[context_id][1]
-        message_id = up.next_id()
-        if not await self.send_request(up, context_id, message_id, messages.request(self.command, message_id),
-                                       request.encoded(upstream_ts)):
-            await self.finish_cancelled()
+        up, context_id, upstream_ts = await self.open_pacs(
+            self.model, contexts.model_pairs(self.model, self.transfer_syntax))
+        if not await self.pass_request(up, context_id, request.encoded(upstream_ts)):
             return None
         first = True
         while True:
@@ -308,17 +295,14 @@ class MoveOperation(_Retrieve):
         except UpstreamFailed as e:
             raise UpstreamFailed(f"move destination: {e}", messages.CANNOT_PERFORM_SUBOPERATIONS) from None
         dest_pairs = list(dest.contexts.values())
-        up = await self.connect(self.services.pacs, self.upstream_pairs(get_model, dest_pairs),
-                                roles=sorted({sop_class for sop_class, _ in dest_pairs}))
-        context_id = up.context_for(get_model, self.transfer_syntax)
-        if context_id is None:
-            raise UpstreamFailed(f"the PACS does not accept C-GET ({get_model})", messages.UNABLE_TO_PROCESS)
-        upstream_ts = up.contexts[context_id][1]
-        message_id = up.next_id()
-        if not await self.send_request(up, context_id, message_id,
-                                       messages.get_request(self.command, message_id, get_model),
-                                       request.encoded(upstream_ts)):
-            await self.finish_cancelled()
+        roles = sorted({sop_class for sop_class, _ in dest_pairs})
+        up, context_id, upstream_ts = await self.open_pacs(
+            get_model, self.upstream_pairs(get_model, dest_pairs), roles=roles, what=f"C-GET ({get_model})")
+
+        def get_request(command: Command, message_id: int) -> bytes:
+            return messages.get_request(command, message_id, get_model)
+
+        if not await self.pass_request(up, context_id, request.encoded(upstream_ts), get_request):
             return
         by_pair = {pair: cid for cid, pair in dest.contexts.items()}
 
@@ -335,11 +319,9 @@ class MoveOperation(_Retrieve):
         for keyword in ("SOPInstanceUID", "SOPClassUID"):
             if keyword not in query:
                 setattr(query, keyword, "")
-        up = await self.connect(self.services.pacs, contexts.model_pairs(find_model, self.transfer_syntax))
-        context_id = up.context_for(find_model, self.transfer_syntax)
-        if context_id is None:
-            raise UpstreamFailed(f"the PACS does not accept C-FIND ({find_model})", messages.CANNOT_CALCULATE_MATCHES)
-        upstream_ts = up.contexts[context_id][1]
+        up, context_id, upstream_ts = await self.open_pacs(
+            find_model, contexts.model_pairs(find_model, self.transfer_syntax), what=f"C-FIND ({find_model})",
+            refused=messages.CANNOT_CALCULATE_MATCHES)
         await up.send(context_id, messages.find_request(up.next_id(), find_model), datasets.encode(query, upstream_ts))
         sop_classes: set[str] = set()
         count = 0
