@@ -41,6 +41,7 @@ from dicomproxy.dicom.negotiation import Mirror
 from dicomproxy.dicom.session import AssocSession, LuaBridge
 from dicomproxy.dicom.spool import SPILL_BYTES, DatasetTooLarge, Spool, SpoolWriter
 from dicomproxy.dicom.storage_scp import serve
+from dicomproxy.dicom.storage_scu import ResponseKeeper
 from dicomproxy.dicom.store import Edited, StoreService
 from dicomproxy.dicom.ul import pdu as pdus
 from dicomproxy.dicom.ul.association import (
@@ -99,19 +100,6 @@ class _Incoming:
         self.started = time.perf_counter()
 
 
-class _Answer:
-    """MessageHandler for the PACS's side: keeps the response command set."""
-
-    def __init__(self) -> None:
-        self.command: Command | None = None
-
-    def on_command(self, context_id: int, command: Command) -> None:
-        self.command = command
-
-    def on_data(self, context_id: int, fragment: memoryview, last: bool) -> None:
-        return None
-
-
 Reporter = Callable[[AssocSession, Command, str, int, Callable[[], bytes | None], float], None]
 """``(session, request, transfer syntax, PACS status, the data set if it was kept, seconds since
 the request arrived)``: the PACS answered a relayed C-STORE."""
@@ -132,7 +120,7 @@ class RelayScp:
         self.fallback, self.idle, self.timeout, self.max_dataset = fallback, idle, timeout, max_dataset
         self.report, self.on_end = report, on_end
         self.assembler = MessageAssembler(accepted, self)
-        self.answer = _Answer()
+        self.answer = ResponseKeeper()
         self.pacs_assembler = MessageAssembler(accepted, self.answer)
         self.incoming: _Incoming | None = None
         self.link: SocketAssociation | None = None
