@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from dicomproxy_middleware import LuaHttpMiddleware
@@ -63,13 +63,14 @@ class Gateway:
         self.tasks = TaskQueue(settings.data_folder / "tasks", workers=settings.lua.background_workers, bus=self.bus,
                                max_restarts=settings.lua.task_max_restarts, runs=self.worker.owner,
                                shared=self.worker.multi)
-        hook_seconds = self.metrics.histogram(
+        # Observed twice per proxied request with hooks: a LeanHistogram child per callback (metrics.py).
+        hook_seconds = self.metrics.lean_histogram(
             "dicomproxy_lua_hook_seconds", "Seconds a Lua callback ran (awaits included), by callback",
             labels=("callback",), buckets=HOOK_BUCKETS,
         )
         self.lua = ScriptHost(settings, bus=self.bus, tasks=self.tasks, commands=self.commands,
                               audit=self.audit, shared=self._shared_store(),
-                              on_call=lambda callback, seconds: hook_seconds.observe(seconds, callback=callback))
+                              on_call=lambda callback, seconds: hook_seconds.child(callback).observe(seconds))
         self.upstream = Upstream(settings.upstream)
         self.proxy = ReverseProxy(self.upstream, self.metrics)
         self.monitor = UpstreamMonitor(self.upstream, self.bus)
@@ -141,14 +142,14 @@ class Gateway:
         app = GatewayCors(app, cors_policy(self.settings.cors))
         return RequestGuard(app)
 
-    async def _route(self, scope: Any, receive: Any, send: Any) -> None:
+    def _route(self, scope: Any, receive: Any, send: Any) -> Awaitable[None]:
         # Any: the Lua middleware hands on a MutableMapping scope, the proxy is typed for a dict.
+        # Not a coroutine, like the pass-through layers (http/guard.py): no frame of its own.
         path = scope["path"]
         for prefix, exact, app in self._mounts:
             if path.startswith(prefix) or path == exact:
-                await app(scope, receive, send)
-                return
-        await self.proxy(scope, receive, send)
+                return app(scope, receive, send)
+        return self.proxy(scope, receive, send)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":

@@ -149,3 +149,37 @@ def test_a_tally_is_a_counter_read_at_scrape_and_declared_once() -> None:
         metrics.tally("dicomproxy_other_total", "other")
     families = {f.name: f.type for f in text_string_to_metric_families(metrics.render().decode())}
     assert families["dicomproxy_proxy_bytes_sent"] == "counter"
+
+
+def test_a_lean_histogram_renders_as_prometheus_clients_histogram_and_counter() -> None:
+    """The proxy's histogram (metrics.LeanHistogram) and the
+    request counter derived from its counts render the same series, values and types as
+    prometheus_client's Histogram and Counter fed the same observations."""
+    theirs, ours = Metrics(), Metrics()
+    counter = theirs.counter("dicomproxy_proxy_requests_total", "by status class", labels=("status",))
+    hist = theirs.histogram("dicomproxy_proxy_first_byte_seconds", "ttfb", labels=("status",))
+    loop = ours.lean_histogram("dicomproxy_proxy_first_byte_seconds", "ttfb", labels=("status",),
+                               count_as=("dicomproxy_proxy_requests_total", "by status class"))
+    for seconds, status in ((0.004, "2xx"), (0.0025, "2xx"), (0.1, "2xx"), (1000.0, "5xx"), (0.0, "5xx")):
+        counter.inc(status=status)
+        hist.observe(seconds, status=status)
+        loop.child(status).observe(seconds)
+
+    def series(m: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for s in samples(m) if not s.name.endswith("_created")}
+
+    assert series(ours) == series(theirs)
+    assert value(ours, "dicomproxy_proxy_requests_total", status="2xx") == 3
+    assert value(ours, "dicomproxy_proxy_first_byte_seconds_bucket", status="2xx", le="0.0025") == 1
+    assert value(ours, "dicomproxy_proxy_first_byte_seconds_bucket", status="5xx", le="+Inf") == 2
+    created = {s.name for s in samples(ours) if s.name.endswith("_created")}
+    assert created == {"dicomproxy_proxy_requests_created", "dicomproxy_proxy_first_byte_seconds_created"}
+
+    def types(m: Metrics) -> dict[str, str]:
+        return {f.name: f.type for f in text_string_to_metric_families(m.render().decode())}
+
+    assert types(ours) == types(theirs)
+    assert types(ours)["dicomproxy_proxy_requests"] == "counter"
+    with pytest.raises(ValueError, match="already declared"):
+        ours.counter("dicomproxy_proxy_requests_total", "again", labels=("status",))

@@ -47,6 +47,7 @@ from dicomproxy.dicom.negotiation import Mirror
 from dicomproxy.dicom.session import AssocSession, LuaBridge
 from dicomproxy.dicom.spool import SPILL_BYTES, DatasetTooLarge, Spool, SpoolWriter
 from dicomproxy.dicom.storage_scp import serve
+from dicomproxy.dicom.storage_scu import ResponseKeeper
 from dicomproxy.dicom.store import Edited, StoreService
 from dicomproxy.dicom.transcode import NO_TRANSCODING, TranscodeError, Transcoding
 from dicomproxy.dicom.ul import pdu as pdus
@@ -108,19 +109,6 @@ class _Incoming:
         self.pacs_context = context_id  # the context it goes to the PACS on (another one when transcoded)
 
 
-class _Answer:
-    """MessageHandler for the PACS's side: keeps the response command set."""
-
-    def __init__(self) -> None:
-        self.command: Command | None = None
-
-    def on_command(self, context_id: int, command: Command) -> None:
-        self.command = command
-
-    def on_data(self, context_id: int, fragment: memoryview, last: bool) -> None:
-        return None
-
-
 Reporter = Callable[[AssocSession, Command, str, int, Callable[[], bytes | None], float], None]
 """``(session, request, transfer syntax, PACS status, the data set if it was kept, seconds since
 the request arrived)``: the PACS answered a relayed C-STORE."""
@@ -143,7 +131,7 @@ class RelayScp:
         self.report, self.on_end = report, on_end
         self.transcoded, self.transcoding = transcoded or {}, transcoding
         self.assembler = MessageAssembler(accepted, self)
-        self.answer = _Answer()
+        self.answer = ResponseKeeper()
         self.pacs_assembler = MessageAssembler({**accepted, **dict(self.transcoded.values())}, self.answer)
         self.incoming: _Incoming | None = None
         self.link: SocketAssociation | None = None

@@ -40,8 +40,9 @@ class FileDataset:
 Dataset = bytes | memoryview | FileDataset
 
 
-class _Response:
-    """MessageHandler that keeps the command set of a response (data sets are not expected)."""
+class ResponseKeeper:
+    """MessageHandler that keeps the command set of a response (data sets are not expected); the
+    relay (relay.py) reads the PACS's C-STORE-RSP with it too."""
 
     def __init__(self) -> None:
         self.command: Command | None = None
@@ -61,7 +62,7 @@ class StorageScu:
         self.accepted = accepted
         self.rejected = rejected
         self.contexts = {context_id: pair for pair, context_id in accepted.items()}
-        self._response = _Response()
+        self._response = ResponseKeeper()
         self._assembler = MessageAssembler(self.contexts, self._response)
         self.label = link.label
         self._msg_id = 0

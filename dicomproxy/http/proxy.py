@@ -49,7 +49,7 @@ from typing import Any
 
 from dicomproxy.http.coding import Encoder, preferred
 from dicomproxy.http.relay import Relay, Rewrite, Rewriter
-from dicomproxy.metrics import HTTP_BUCKETS, Metrics
+from dicomproxy.metrics import HTTP_BUCKETS, LeanHistogramChild, Metrics
 from dicomproxy.upstream import Upstream
 from dicomproxy.upstream.connection import Body, Exchange
 from dicomproxy.upstream.errors import (
@@ -104,17 +104,18 @@ class ReverseProxy:
     def __init__(self, upstream: Upstream, metrics: Metrics) -> None:
         self.upstream = upstream
         self.relay = Relay(upstream.settings, upstream.pool.origin, upstream.prefix)
-        self.requests = metrics.counter("dicomproxy_proxy_requests_total", "Proxied requests by status class",
-                                        labels=("status",))
         self.failures = metrics.counter("dicomproxy_proxy_upstream_errors_total", "Upstream failures by kind",
                                         labels=("kind",))
         self.abandoned = metrics.counter(
             "dicomproxy_proxy_client_abandoned_total",
             "Proxied requests the client left before the end: mid-upload (its body) or mid-answer", labels=("stage",))
-        self.first_byte = metrics.histogram(
+        # The request counter is the histogram's count (both were always bumped together): one
+        # observation per request, through a child bound once per status class (metrics.py).
+        self.first_byte = metrics.lean_histogram(
             "dicomproxy_proxy_first_byte_seconds",
             "Seconds from the request to the upstream answer's head sent on (time to first byte), by status class",
             labels=("status",), buckets=HTTP_BUCKETS,
+            count_as=("dicomproxy_proxy_requests_total", "Proxied requests by status class"),
         )
         # Plain counters (Metrics.tally), added to once per exchange: two prometheus_client incs
         # would cost ~3 us a request (see "Bytes in and out" in the module docstring).
@@ -122,6 +123,13 @@ class ReverseProxy:
                                       "Request body bytes received from clients and passed on to the upstream")
         self.bytes_out = metrics.tally("dicomproxy_proxy_bytes_sent_total",
                                        "Answer body bytes read from the upstream for clients (after URL rewriting)")
+        self._by_class: dict[int, LeanHistogramChild] = {}
+
+    def _status_class(self, status: int) -> LeanHistogramChild:
+        child = self._by_class.get(status // 100)
+        if child is None:
+            child = self._by_class[status // 100] = self.first_byte.child(f"{status // 100}xx")
+        return child
 
     def _request_headers(self, scope: dict[str, Any]) -> tuple[Headers, bool, int | None, Forward]:
         """What goes upstream (forwarding headers added, :mod:`~dicomproxy.http.relay`), whether a
@@ -225,9 +233,7 @@ class ReverseProxy:
                     answer.append((b"content-encoding", forward.coding))
             started = True
             await send({"type": "http.response.start", "status": response.status, "headers": answer})
-            status_class = f"{response.status // 100}xx"
-            self.requests.inc(status=status_class)
-            self.first_byte.observe(loop.time() - received, status=status_class)
+            self._status_class(response.status).observe(loop.time() - received)
             if rewriter is not None:
                 rewritten = await _send_rewritten(response, rewriter, send, encoder)
                 finished = True

@@ -33,6 +33,7 @@ import ssl
 from pathlib import Path
 from typing import Any
 
+from dicomproxy.background import BackgroundTask
 from dicomproxy.config.settings import HttpsSettings
 from dicomproxy.http.tls import LoadedContext, TlsConfigError, check_dates, load_context, watched_files
 from dicomproxy.notify.events import EventBus
@@ -66,7 +67,7 @@ class CertificateStore:
         self._failed: Signature | None = None
         self.last_error: str | None = None
         self.loaded_at = _now()
-        self._task: asyncio.Task[None] | None = None
+        self._watching = BackgroundTask("https-certificate-watch")
         _warn_dates(self.served)
 
     # -- per handshake and connection -------------------------------------------------------------
@@ -81,17 +82,11 @@ class CertificateStore:
 
     # -- the watch ---------------------------------------------------------------------------------
     async def start(self) -> None:
-        if self.https.reload_interval > 0 and self._task is None:
-            self._task = asyncio.create_task(self._watch(), name="https-certificate-watch")
+        if self.https.reload_interval > 0:
+            self._watching.start(self._watch)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await self._watching.stop()
 
     async def _watch(self) -> None:
         while True:

@@ -29,7 +29,8 @@ listener serves (wrapped for HSTS or the redirect to https, hsts.py), so nothing
 listener is decided per request.
 
 What it costs the hot path: one integer addition and comparison per socket read while a head
-is arriving, and a timer per request head (uvicorn arms one per response for keep-alive too);
+is arriving, and a clock read per request head (the head timer is one per connection, re-armed
+only when it fires early for a later head; uvicorn arms one per response for keep-alive);
 over TLS, one dictionary entry per request.
 """
 
@@ -114,6 +115,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0  # raw bytes received while a head is due (bounds what the parser holds)
         self._head_size = 0  # the parsed head's size (URL + headers), for heads that come in one read
         self._head_timer: asyncio.TimerHandle | None = None
+        self._head_started = -1.0  # loop time the head due now counts from (-1: none due)
         self._refusal = 0
         self._deferred = 0  # a refusal waiting for the answers owed to earlier pipelined requests
 
@@ -131,6 +133,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             ssl_object = transport.get_extra_info("ssl_object")
             if ssl_object is not None:
                 self._tls_scope = connection_scope(ssl_object, self.tls.served_by(ssl_object.context))
+        self._head_started = self.loop.time()
         self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -151,8 +154,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         self._unset_keepalive_if_required()
         if self._in_head:
-            if self._head_timer is None:
-                self._arm_head_timer()
+            if self._head_started < 0:
+                self._head_started = self.loop.time()
+                if self._head_timer is None:
+                    self._arm_head_timer()
             self._head_bytes += len(data)
         try:
             self.parser.feed_data(data)
@@ -194,7 +199,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             raise _Refused
         self._in_head = False
         self._head_bytes = 0
-        self._cancel_head_timer()
+        self._head_started = -1.0  # the timer stays armed: it fires once, finds no head due, and stops
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
@@ -231,8 +236,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._refuse(status, close_only=broken is not None and broken.response_started)
 
     # -- helpers --------------------------------------------------------------------------------
-    def _arm_head_timer(self) -> None:
-        self._head_timer = self.loop.call_later(self.limits.head_timeout, self._head_timed_out)
+    def _arm_head_timer(self, at: float | None = None) -> None:
+        """One timer per connection, armed for the head due (or ``at``), not one per request:
+        a call_later and its cancel per request cost ~2 us of a proxied request's CPU (measured
+        with ``bench/proxy_instructions.py --gateway``); this costs a clock read per head."""
+        when = self._head_started + self.limits.head_timeout if at is None else at
+        self._head_timer = self.loop.call_at(when, self._head_timed_out)
 
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -241,10 +250,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if self.transport.is_closing() or not self._in_head:
-            return
+        if self.transport.is_closing() or not self._in_head or self._head_started < 0:
+            return  # no head due: the next one's first byte arms the timer again
+        now = self.loop.time()
         if self.cycle is not None and not self.cycle.response_complete:
-            self._arm_head_timer()  # a pipelined head waits while the answer before it streams
+            # a pipelined head waits while the answer before it streams
+            self._arm_head_timer(now + self.limits.head_timeout)
+            return
+        if self._head_started + self.limits.head_timeout > now:  # a later head than the timer was armed for
+            self._arm_head_timer()
             return
         if self._head_bytes:
             log.info("closing a connection from %s: no complete request head within %g s "

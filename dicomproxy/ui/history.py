@@ -41,6 +41,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 
+from dicomproxy.background import BackgroundTask
+
 log = logging.getLogger(__name__)
 
 CAPACITY = 3600  # points kept per series: one hour at one a second
@@ -105,7 +107,7 @@ class History:
         self._histograms: dict[str, dict[str, _Histogram]] = {}
         self._last_time = NAN
         self._full_warned = False
-        self._task: asyncio.Task[None] | None = None
+        self._sampling = BackgroundTask("ui-history")
         self.sample_seconds = 0.0  # CPU of the last sample (process time), for the health
 
     # -- sampling --------------------------------------------------------------------------
@@ -214,16 +216,10 @@ class History:
 
     # -- component -------------------------------------------------------------------------
     async def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="ui-history")
+        self._sampling.start(self._run)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await self._sampling.stop()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

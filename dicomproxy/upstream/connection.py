@@ -19,7 +19,8 @@ events and acts on its states:
   protocol error too: a transfer coding is hop-by-hop, and passed on as it came the client would
   read the coded bytes as the body;
 * the read timeout is the upstream's silence while it owes us something (the answer, or room
-  for our body): one watchdog timer per exchange re-arms itself for the exact time left.
+  for our body): the pool's :class:`~dicomproxy.upstream.watchdog.Watchdog` (one timer for all
+  its exchanges) asks :meth:`Exchange.check` at the exact time one could be due.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from dicomproxy.upstream.framing import (
     body_writer,
 )
 from dicomproxy.upstream.limits import Limits
+from dicomproxy.upstream.watchdog import Watchdog
 
 Body = bytes | AsyncIterable[bytes] | None
 Release = Callable[["Connection", bool], None]
@@ -138,12 +140,12 @@ class Exchange(ExchangeState):
         "conn", "_loop", "_budget", "_limits", "_release", "_head_request", "status", "headers", "framing",
         "content_length", "body_consumed", "_parser", "_head", "_chunks", "_buffered", "_waiter", "_remaining",
         "_body_seen", "_head_bytes", "_received", "_head_started", "_last", "_keep_alive", "_error", "_sender",
-        "_timer",
+        "_watchdog",
     )
 
     def __init__(
         self, conn: Connection, loop: asyncio.AbstractEventLoop, budget: Budget, limits: Limits, method: bytes,
-        release: Release,
+        release: Release, watchdog: Watchdog,
     ) -> None:
         self.conn = conn
         self._loop = loop
@@ -173,7 +175,10 @@ class Exchange(ExchangeState):
         self._error: UpstreamError | None = None
         self._sender: asyncio.Task[None] | None = None
         delay = limits.first_watch
-        self._timer: asyncio.TimerHandle | None = loop.call_later(delay, self._watch) if delay > 0 else None
+        self._watchdog: Watchdog | None = None
+        if delay > 0:
+            self._watchdog = watchdog
+            watchdog.watch(self, self._last + delay)
 
     # ---------------------------------------------------------------- sending
     async def send(self, head: bytes, framing: Framing, length: int, body: Body) -> None:
@@ -439,34 +444,29 @@ class Exchange(ExchangeState):
         self.conn.abort()
 
     # ---------------------------------------------------------------- the watchdog
-    def _arm(self, delay: float) -> None:
-        self._timer = self._loop.call_later(delay, self._watch) if delay > 0 else None
-
-    def _watch(self) -> None:
-        """Fail on a timeout that is due, else look again when the next one could be."""
-        self._timer = None
+    def check(self, now: float) -> float:
+        """For the pool's :class:`~dicomproxy.upstream.watchdog.Watchdog`: fail on a timeout that
+        is due at ``now``, else the loop time the next one could be (``inf``: nothing to watch)."""
         receiving = self.receiving
         if self._error is not None or receiving not in (RECV_HEAD, RECV_BODY):
-            return
-        now = self._loop.time()
+            return math.inf
         limits = self._limits
         due = math.inf
         if receiving is RECV_HEAD and self._received and limits.head_timeout > 0:
             due = self._head_started + limits.head_timeout
             if due <= now:
                 self._fail(HeadTimeout(f"the answer's head took more than {limits.head_timeout:g} s"))
-                return
+                return math.inf
         if limits.read_timeout > 0:
             if self.waiting_for_upstream:
                 silence_ends = self._last + limits.read_timeout
                 if silence_ends <= now:
                     self._fail(ReadTimeout(f"no answer from {self.conn.label} within {limits.read_timeout:g} s"))
-                    return
+                    return math.inf
                 due = min(due, silence_ends)
             else:
                 due = min(due, now + limits.read_timeout)
-        if due < math.inf:
-            self._arm(max(due - now, 0.001))
+        return due
 
     # ---------------------------------------------------------------- public
     @property
@@ -524,9 +524,9 @@ class Exchange(ExchangeState):
         if conn.exchange is not self:
             return
         conn.exchange = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self._watchdog is not None:
+            self._watchdog.forget(self)
+            self._watchdog = None
         self._budget.held -= self._buffered
         self._buffered = 0
         self._chunks.clear()

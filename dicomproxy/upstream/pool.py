@@ -29,6 +29,7 @@ from dicomproxy.upstream.errors import ConnectError, ConnectTimeout, PoolTimeout
 from dicomproxy.upstream.flow import Budget
 from dicomproxy.upstream.framing import IDEMPOTENT_METHODS, Headers, HeadWriter, chosen_framing
 from dicomproxy.upstream.limits import Limits, default_tls
+from dicomproxy.upstream.watchdog import Watchdog
 
 
 @dataclass(frozen=True)
@@ -78,12 +79,20 @@ class ConnectionPool:
         self._open = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._watchdog: Watchdog | None = None
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
         return self._loop
+
+    @property
+    def watchdog(self) -> Watchdog:
+        """The one timer of this pool's running exchanges (:mod:`~dicomproxy.upstream.watchdog`)."""
+        if self._watchdog is None:
+            self._watchdog = Watchdog(self.loop)
+        return self._watchdog
 
     @property
     def busy(self) -> int:
@@ -116,7 +125,7 @@ class ConnectionPool:
         limits = limits or self.limits
         for attempt in (0, 1):
             conn = await self._acquire(limits, fresh=attempt == 1)
-            exchange = Exchange(conn, self.loop, self.budget, limits, method, self._release)
+            exchange = Exchange(conn, self.loop, self.budget, limits, method, self._release, self.watchdog)
             conn.exchange = exchange
             try:
                 await exchange.send(head, framing, length, body)

@@ -270,6 +270,41 @@ def test_a_dripping_head_is_answered_408_and_closed(tight_gw: GatewayProcess) ->
     assert 0.9 < elapsed < 3, elapsed
 
 
+def test_a_kept_alive_connections_next_head_gets_its_own_head_timeout(tight_gw: GatewayProcess) -> None:
+    """The head timer is one per connection (http/server.py): armed when the connection opened,
+    it fires while the second request's head is only 0.4 s old, and must wait for that head's
+    own deadline (1 s after its first byte), neither refusing it early nor letting it drip on."""
+    with socket.create_connection((LOOPBACK, tight_gw.http_port), timeout=10) as s:
+        s.sendall(b"GET /echo/first HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = b""
+        while b"\r\n\r\n" not in first:
+            first += s.recv(4096)
+        head, _, body = first.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")))
+        while len(body) < length:
+            body += s.recv(4096)
+        time.sleep(0.6)  # the connection's timer (armed at its opening) fires 0.4 s into the next head
+        started = time.monotonic()
+        s.sendall(b"GET /echo/second HTTP/1.1\r\n")
+        answer = b""
+        for piece in (b"Host: x\r\n", b"X-A: 1\r\n", b"X-B: 2\r\n", b"X-C: 3\r\n", b"X-D: 4\r\n"):
+            time.sleep(0.3)
+            try:
+                s.sendall(piece)
+            except OSError:
+                break
+        while True:
+            data = s.recv(4096)
+            if not data:
+                break
+            answer += data
+        elapsed = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert 0.9 < elapsed < 2.2, elapsed
+
+
 def test_an_idle_new_connection_is_closed(tight_gw: GatewayProcess) -> None:
     with socket.create_connection((LOOPBACK, tight_gw.http_port), timeout=10) as s:
         started = time.monotonic()

@@ -138,13 +138,13 @@ async def test_the_watch_runs_every_interval(ca: TestCa, tmp_path: Path) -> None
         assert served_serial(store, ca) == second.serial
     finally:
         await store.stop()
-    assert store._task is None
+    assert not store._watching.running
 
 
 async def test_no_watch_with_interval_zero(ca: TestCa, tmp_path: Path) -> None:
     store, _ = make_store(ca, tmp_path, reload_interval=0)
     await store.start()
-    assert store._task is None
+    assert not store._watching.running
 
 
 def test_signature_follows_symlinks(tmp_path: Path) -> None:

@@ -129,12 +129,12 @@ async def test_the_component_samples_by_itself_and_stops() -> None:
     metrics.gauge("g", "g").set(3)
     history = History(metrics.registry, interval=0.01)
     await history.start()
-    task = history._task
+    assert history._sampling.running
     for _ in range(500):  # bounded: 5 s at most
         if history.seq >= 3:
             break
         await asyncio.sleep(0.01)
     await history.stop()
     assert history.seq >= 3 and history.since(0)["series"]["g"][-1] == 3.0
-    assert task is not None and task.done() and history._task is None
+    assert not history._sampling.running
     assert history.health()["ok"] and history.health()["points"] == history.seq

@@ -344,6 +344,36 @@ async def test_the_read_timeout_fires_when_configured_not_twice_that() -> None:
     pool.close_wires()
 
 
+async def test_one_pool_timer_fires_each_exchanges_timeout_at_its_own_time() -> None:
+    """The pool's one watchdog timer (upstream/watchdog.py): an exchange with a shorter per-request
+    timeout, started after a long one has armed the timer, still fails on time; the long one later,
+    on its own time; an exchange that ended is not watched any more."""
+    pool = PairPool(Limits(read_timeout=1.2, head_timeout=0), max_connections=4)
+    done = asyncio.ensure_future(pool.request(b"GET", b"/done", []))
+    wire_done = await pool.wire()
+    await wire_done.head()
+    await wire_done.send(ok(b"fine"))
+    finished = await done
+    assert await read_all(finished) == b"fine"
+    finished.close()
+    long = asyncio.ensure_future(pool.request(b"GET", b"/long", []))
+    await wire_done.head()  # the kept-alive connection carries it
+    started = time.monotonic()
+    short = asyncio.ensure_future(pool.request(b"GET", b"/short", [], limits=Limits(read_timeout=0.3, head_timeout=0)))
+    wire_short = await pool.wire()
+    await wire_short.head()
+    with pytest.raises(ReadTimeout, match="within 0.3 s"):
+        await short
+    assert 0.25 < time.monotonic() - started < 0.6
+    assert not long.done()
+    with pytest.raises(ReadTimeout, match="within 1.2 s"):
+        await long
+    assert 1.1 < time.monotonic() - started < 1.6
+    assert len(pool.watchdog) == 0
+    await pool.close()
+    pool.close_wires()
+
+
 async def test_the_read_timeout_counts_silence_after_the_last_byte() -> None:
     pool = PairPool(Limits(read_timeout=0.4, head_timeout=0))
     task = asyncio.ensure_future(pool.request(b"GET", b"/x", []))

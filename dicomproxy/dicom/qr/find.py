@@ -67,17 +67,10 @@ class FindOperation(Operation):
         if self.services.query_federated:
             await self._federated(query)
             return
-        up = await self.connect_pacs(contexts.model_pairs(self.model, self.transfer_syntax))
-        context_id = up.context_for(self.model, self.transfer_syntax)
-        if context_id is None:
-            raise UpstreamFailed(f"the PACS does not accept {self.model}", messages.UNABLE_TO_PROCESS)
-        message_id = up.next_id()
-        upstream_ts = up.contexts[context_id][1]
-        if not await self.send_request(up, context_id, message_id, messages.request(self.command, message_id),
-                                       query.encoded(upstream_ts)):
-            await self.finish_cancelled()
-            return
-        await self._relay(up, upstream_ts)
+        up, context_id, upstream_ts = await self.open_pacs(
+            self.model, contexts.model_pairs(self.model, self.transfer_syntax))
+        if await self.pass_request(up, context_id, query.encoded(upstream_ts)):
+            await self._relay(up, upstream_ts)
 
     async def _relay(self, up: DimseLink, upstream_ts: str) -> None:
         wants_results = self.services.hooks.wants_results()

@@ -28,19 +28,22 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Protocol
 
 from dicomproxy.audit.events import Study
+from dicomproxy.config.settings import DicomSettings, ModalityAe
 from dicomproxy.dicom import policy
-from dicomproxy.dicom.audit import study_of
+from dicomproxy.dicom.audit import DicomAudit, study_of
 from dicomproxy.dicom.dimse import Command, decode_command
 from dicomproxy.dicom.qr import messages, upstream
+from dicomproxy.dicom.qr.destinations import DestinationBook
+from dicomproxy.dicom.qr.hooks import QrHooks
 from dicomproxy.dicom.qr.identifier import Identifier
 from dicomproxy.dicom.qr.link import DimseLink, Ended, Item, LinkError, Pair, Received
+from dicomproxy.dicom.session import AssocSession
+from dicomproxy.dicom.transcode import Transcoding
 from dicomproxy.dicom.ul.errors import UpperLayerError
-
-if TYPE_CHECKING:
-    from dicomproxy.dicom.qr.scp import QrAssociation
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +68,41 @@ _MOVES: dict[OpState, frozenset[OpState]] = {
 }
 
 
+class OperationServices(Protocol):
+    """What an operation needs from :class:`.service.QueryRetrieve` (the association's services,
+    :class:`.scp.Services`, are these and more)."""
+
+    settings: DicomSettings
+    hooks: QrHooks
+    timeout: float
+    connect_timeout: float
+    pacs: upstream.Peer
+    destinations: DestinationBook
+    audit: DicomAudit
+    query_federated: bool
+    query_upstream_name: str
+    transcoding: Transcoding
+    max_dataset: int
+
+    def query_peers(self) -> list[upstream.Peer]: ...
+
+    def query_members(self) -> list[upstream.Peer]: ...
+
+    def destination(self, aet: str) -> ModalityAe | None: ...
+
+
+class Association(Protocol):
+    """What an operation needs of the association it runs on (:class:`.scp.QrAssociation` is one):
+    a protocol here, so that this module does not import the one that runs operations."""
+
+    link: DimseLink
+    session: AssocSession
+    receives: dict[Pair, int]  # the requester's storage contexts by (SOP class, transfer syntax)
+
+    @property
+    def services(self) -> OperationServices: ...
+
+
 class UpstreamFailed(Exception):
     """The PACS (or a destination) cannot be reached, stopped answering, or broke the protocol;
     ``status`` is what the requester hears."""
@@ -81,7 +119,7 @@ class Operation:
     name = "request"
     permission: policy.Operation  # what Dicom:AePermissions must grant the calling AE
 
-    def __init__(self, assoc: QrAssociation, context_id: int, command: Command, identifier: bytes) -> None:
+    def __init__(self, assoc: Association, context_id: int, command: Command, identifier: bytes) -> None:
         self.assoc = assoc
         self.requester: DimseLink = assoc.link
         self.session = assoc.session
@@ -197,6 +235,32 @@ class Operation:
             self.pacs = peer
             return link
         raise UpstreamFailed("; ".join(errors))
+
+    async def open_pacs(
+        self, model: str, pairs: list[Pair], *, roles: list[str] | None = None, what: str = "",
+        refused: int = messages.UNABLE_TO_PROCESS,
+    ) -> tuple[DimseLink, int, str]:
+        """Associate with the PACS proposing ``pairs``: the link, its context for ``model`` in the
+        requester's transfer syntax, and the transfer syntax the PACS accepted on it. A PACS that
+        does not accept ``model`` is :class:`UpstreamFailed` (``refused``; ``what`` names it)."""
+        up = await self.connect_pacs(pairs, roles=roles)
+        context_id = up.context_for(model, self.transfer_syntax)
+        if context_id is None:
+            raise UpstreamFailed(f"the PACS does not accept {what or model}", refused)
+        return up, context_id, up.contexts[context_id][1]
+
+    async def pass_request(
+        self, up: DimseLink, context_id: int, identifier: bytes,
+        command: Callable[[Command, int], bytes] = messages.request,
+    ) -> bool:
+        """Send the requester's request (``command(its command, our message id)``) and its
+        identifier to the PACS; False (and the operation finished as cancelled) when the
+        requester cancelled before it went."""
+        message_id = up.next_id()
+        if not await self.send_request(up, context_id, message_id, command(self.command, message_id), identifier):
+            await self.finish_cancelled()
+            return False
+        return True
 
     async def send_request(
         self, link: DimseLink, context_id: int, message_id: int, command: bytes, dataset: bytes

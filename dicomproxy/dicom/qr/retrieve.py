@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -68,9 +67,6 @@ from dicomproxy.dicom.transcode import TranscodeError, Transcoding, decodable
 log = logging.getLogger(__name__)
 
 STATUS_PROCESSING_FAILURE = 0x0110
-
-AUTO_RECHECK_SECONDS = 600.0
-"""How long ``Auto`` remembers that the PACS does not know a move destination."""
 
 @dataclass(frozen=True)
 class Transcoded:
@@ -107,27 +103,6 @@ def deduce_level(request: Identifier) -> str:
         if request.get(keyword).strip():
             return level
     return ""
-
-
-class DestinationBook:
-    """The move destinations the PACS said it does not know (``Auto``), each for a while."""
-
-    def __init__(self, recheck: float = AUTO_RECHECK_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:
-        self.recheck = recheck
-        self.clock = clock
-        self._unknown: dict[str, float] = {}
-
-    def unknown_to_pacs(self, aet: str) -> bool:
-        until = self._unknown.get(aet)
-        if until is None:
-            return False
-        if self.clock() >= until:
-            del self._unknown[aet]
-            return False
-        return True
-
-    def learn_unknown(self, aet: str) -> None:
-        self._unknown[aet] = self.clock() + self.recheck
 
 
 class _Retrieve(Operation):
@@ -327,17 +302,10 @@ class GetOperation(_Retrieve):
             return
         storage = await self._storage_for_pacs(request)
         pairs = self.upstream_pairs(self.model, storage)
-        up = await self.connect_pacs(pairs, roles=sorted({sop_class for sop_class, _ in storage}))
-        context_id = up.context_for(self.model, self.transfer_syntax)
-        if context_id is None:
-            raise UpstreamFailed(f"the PACS does not accept {self.model}", messages.UNABLE_TO_PROCESS)
-        upstream_ts = up.contexts[context_id][1]
-        message_id = up.next_id()
-        if not await self.send_request(up, context_id, message_id, messages.request(self.command, message_id),
-                                       request.encoded(upstream_ts)):
-            await self.finish_cancelled()
-            return
-        await self.relay_get(up, upstream_ts, self._to_requester)
+        up, context_id, upstream_ts = await self.open_pacs(
+            self.model, pairs, roles=sorted({sop_class for sop_class, _ in storage}))
+        if await self.pass_request(up, context_id, request.encoded(upstream_ts)):
+            await self.relay_get(up, upstream_ts, self._to_requester)
 
     async def _to_requester(self, up: DimseLink, command: Command, pair: Pair | None) -> StoreAnswer:
         context_id = self.assoc.receives.get(pair) if pair is not None else None
@@ -428,15 +396,9 @@ class MoveOperation(_Retrieve):
         if self.state is OpState.CANCELLING:
             await self.finish_cancelled()
             return None
-        up = await self.connect_pacs(contexts.model_pairs(self.model, self.transfer_syntax))
-        context_id = up.context_for(self.model, self.transfer_syntax)
-        if context_id is None:
-            raise UpstreamFailed(f"the PACS does not accept {self.model}", messages.UNABLE_TO_PROCESS)
-        upstream_ts = up.contexts[context_id][1]
-        message_id = up.next_id()
-        if not await self.send_request(up, context_id, message_id, messages.request(self.command, message_id),
-                                       request.encoded(upstream_ts)):
-            await self.finish_cancelled()
+        up, context_id, upstream_ts = await self.open_pacs(
+            self.model, contexts.model_pairs(self.model, self.transfer_syntax))
+        if not await self.pass_request(up, context_id, request.encoded(upstream_ts)):
             return None
         first = True
         while True:
@@ -487,18 +449,15 @@ class MoveOperation(_Retrieve):
         except UpstreamFailed as e:
             raise UpstreamFailed(f"move destination: {e}", messages.CANNOT_PERFORM_SUBOPERATIONS) from None
         dest_pairs = list(dest.contexts.values())
-        up = await self.connect_pacs(self.upstream_pairs(get_model, _with_transcodable(
-                                     dest_pairs, self.services.transcoding)),
-                                roles=sorted({sop_class for sop_class, _ in dest_pairs}))
-        context_id = up.context_for(get_model, self.transfer_syntax)
-        if context_id is None:
-            raise UpstreamFailed(f"the PACS does not accept C-GET ({get_model})", messages.UNABLE_TO_PROCESS)
-        upstream_ts = up.contexts[context_id][1]
-        message_id = up.next_id()
-        if not await self.send_request(up, context_id, message_id,
-                                       messages.get_request(self.command, message_id, get_model),
-                                       request.encoded(upstream_ts)):
-            await self.finish_cancelled()
+        roles = sorted({sop_class for sop_class, _ in dest_pairs})
+        up, context_id, upstream_ts = await self.open_pacs(
+            get_model, self.upstream_pairs(get_model, _with_transcodable(dest_pairs, self.services.transcoding)),
+            roles=roles, what=f"C-GET ({get_model})")
+
+        def get_request(command: Command, message_id: int) -> bytes:
+            return messages.get_request(command, message_id, get_model)
+
+        if not await self.pass_request(up, context_id, request.encoded(upstream_ts), get_request):
             return
         by_pair = {pair: cid for cid, pair in dest.contexts.items()}
 

@@ -26,25 +26,17 @@ import contextlib
 import enum
 import logging
 from collections import deque
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-from dicomproxy.config.settings import DicomSettings, ModalityAe
 from dicomproxy.dicom import dimse, presentation
-from dicomproxy.dicom.audit import DicomAudit
 from dicomproxy.dicom.dimse import Command
 from dicomproxy.dicom.qr import messages
 from dicomproxy.dicom.qr.contexts import Negotiated
-from dicomproxy.dicom.qr.hooks import QrHooks
 from dicomproxy.dicom.qr.link import DimseLink, Ended, Fragment, LinkError, Received, Released
-from dicomproxy.dicom.qr.operation import MAX_IDENTIFIER, Operation
+from dicomproxy.dicom.qr.operation import MAX_IDENTIFIER, Operation, OperationServices
 from dicomproxy.dicom.session import AssocSession
 from dicomproxy.dicom.spool import DatasetTooLarge, Spool, SpoolWriter
 from dicomproxy.dicom.store import STATUS_OUT_OF_RESOURCES, StoreService
-from dicomproxy.dicom.transcode import Transcoding
-
-if TYPE_CHECKING:
-    from dicomproxy.dicom.qr.retrieve import DestinationBook
-    from dicomproxy.dicom.qr.upstream import Peer
 
 log = logging.getLogger(__name__)
 
@@ -52,28 +44,11 @@ MAX_QUEUED = 8
 """Requests waiting behind the running one; one more aborts the association."""
 
 
-class Services(Protocol):
-    """What an association and its operations need from :class:`.service.QueryRetrieve`."""
+class Services(OperationServices, Protocol):
+    """What an association needs from :class:`.service.QueryRetrieve`, besides what its operations do."""
 
-    settings: DicomSettings
-    hooks: QrHooks
     store: StoreService
     spool: Spool
-    timeout: float
-    connect_timeout: float
-    max_dataset: int
-    pacs: Peer
-    destinations: DestinationBook
-    audit: DicomAudit
-    query_federated: bool
-    query_upstream_name: str
-
-    def query_peers(self) -> list[Peer]: ...
-
-    def query_members(self) -> list[Peer]: ...
-    transcoding: Transcoding
-
-    def destination(self, aet: str) -> ModalityAe | None: ...
 
     def operation(self, assoc: QrAssociation, context_id: int, command: Command, identifier: bytes) -> Operation:
         ...

@@ -17,11 +17,12 @@ from dicomproxy.dicom.audit import DicomAudit
 from dicomproxy.dicom.destinations import Destinations
 from dicomproxy.dicom.dimse import Command
 from dicomproxy.dicom.qr import contexts, messages
+from dicomproxy.dicom.qr.destinations import DestinationBook
 from dicomproxy.dicom.qr.find import FindOperation
 from dicomproxy.dicom.qr.hooks import QrHooks
 from dicomproxy.dicom.qr.link import DimseLink
 from dicomproxy.dicom.qr.operation import Operation
-from dicomproxy.dicom.qr.retrieve import DestinationBook, GetOperation, MoveOperation
+from dicomproxy.dicom.qr.retrieve import GetOperation, MoveOperation
 from dicomproxy.dicom.qr.scp import QrAssociation
 from dicomproxy.dicom.qr.upstream import Peer
 from dicomproxy.dicom.session import AssocSession, LuaBridge

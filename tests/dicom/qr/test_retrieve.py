@@ -7,8 +7,9 @@ from pydicom.dataset import Dataset
 
 from dicomproxy.dicom import datasets, dimse, presentation
 from dicomproxy.dicom.qr import messages
+from dicomproxy.dicom.qr.destinations import DestinationBook
 from dicomproxy.dicom.qr.identifier import Identifier
-from dicomproxy.dicom.qr.retrieve import DestinationBook, deduce_level, refuses_destination
+from dicomproxy.dicom.qr.retrieve import deduce_level, refuses_destination
 
 
 def move_rsp(status: int, counts: tuple[int, int, int] | None = None) -> dimse.Command:
