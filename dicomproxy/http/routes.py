@@ -1,0 +1,78 @@
+"""``Upstreams:Routes``: which upstream (server or group) serves a proxied request.
+
+The rules are compiled once (:class:`Routes`): each is a path prefix on the canonical path
+(``scope["path"]``, already percent-decoded and dot-segment-free by the request guard), a
+lower-cased host without its port, an optional header name (and exact value), and a set of
+methods; the first rule whose every part matches wins, else ``Upstreams:Default``. A request
+costs one pass over the rules with ``str.startswith`` and set lookups (measured in
+``bench/proxy_instructions.py --routes``: see the README's Performance section).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from dicomproxy.config.model import HttpRoute
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    path: str
+    host: str  # lower-case, no port; "" = any
+    header: bytes  # lower-case name; b"" = any
+    value: bytes | None  # exact value; None = present
+    methods: frozenset[str]  # empty = any
+    upstream: str
+
+    def matches(self, scope: dict[str, Any], host: str | None) -> bool:
+        if not scope["path"].startswith(self.path):
+            return False
+        if self.methods and scope["method"] not in self.methods:
+            return False
+        if self.host and host != self.host:
+            return False
+        if self.header:
+            for k, v in scope["headers"]:
+                if k == self.header and (self.value is None or v.strip() == self.value):
+                    return True
+            return False
+        return True
+
+
+def compile_rule(route: HttpRoute) -> Rule:
+    name, sep, value = route.header.partition(":")
+    return Rule(
+        path=route.path, host=route.host.lower().split(":")[0] if route.host else "",
+        header=name.strip().lower().encode("latin-1"),
+        value=value.strip().encode("latin-1") if sep else None,
+        methods=frozenset(route.methods), upstream=route.upstream,
+    )
+
+
+def request_host(scope: dict[str, Any]) -> str | None:
+    """The ``Host`` header without its port, lower-case (None: none sent)."""
+    for k, v in scope["headers"]:
+        if k == b"host":
+            text: str = v.decode("latin-1").lower()
+            if text.startswith("["):
+                return text.partition("]")[0] + "]"
+            return text.rpartition(":")[0] if ":" in text else text
+    return None
+
+
+class Routes:
+    """The compiled rules and the default: ``choose(scope)`` is the name that serves it."""
+
+    def __init__(self, routes: Sequence[HttpRoute], default: str) -> None:
+        self.rules = tuple(compile_rule(r) for r in routes)
+        self.default = default
+        self._needs_host = any(r.host for r in self.rules)
+
+    def choose(self, scope: dict[str, Any]) -> str:
+        host = request_host(scope) if self._needs_host else None
+        for rule in self.rules:
+            if rule.matches(scope, host):
+                return rule.upstream
+        return self.default
