@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.dicom_samples import make_instance
-from tests.peers import GatewayProcess, OrthancServer, wait_until
+from tests.peers import GatewayProcess, OrthancServer, free_port, wait_until
 
 NAMES = ("a", "b", "c")
 NO_DICOM = {"Dicom": {"Port": 0}}
@@ -213,3 +213,31 @@ def test_federated_qido_merges_and_names_missing_members(routed: Callable[..., G
         assert sorted(found) == sorted([STUDY_ALL, STUDY_B]) and missing == "c"
     finally:
         pacs["c"].start()
+
+
+def test_echo_checks_and_per_upstream_health_and_metrics(routed: Callable[..., GatewayProcess],
+                                                         pacs: dict[str, OrthancServer]) -> None:
+    """C-ECHO as the health check (the gateway's own upper layer): a and b answer; c's DICOM
+    port is wrong, so c is ejected; health and metrics say so per upstream."""
+    check = {"Echo": True, "IntervalSeconds": 0.5, "TimeoutSeconds": 2, "Failures": 1}
+    servers = servers_json(pacs, check=check, Groups={"all": {"Members": ["c", "a"]}}, Default="all")
+    servers["Servers"]["c"]["Dicom"]["Port"] = free_port()  # nothing listens there
+    gw = routed(servers)
+
+    def state() -> dict[str, Any]:
+        return dict(gw.get("/dicomproxy/health").json()["upstreams"]["servers"])
+
+    wait_until(lambda: state()["c"]["state"] == "ejected" and state()["a"]["latencyMs"] is not None, timeout=15,
+               what="c ejected by its C-ECHO check")
+    servers_now = state()
+    assert servers_now["a"]["state"] == "healthy" and servers_now["b"]["state"] == "healthy"
+    assert servers_now["a"]["dicom"] == f"PACSA@127.0.0.1:{pacs['a'].dicom_port}"
+    assert "C-ECHO" in servers_now["c"]["lastError"] or "connect" in servers_now["c"]["lastError"].lower()
+    assert gw.get("/dicomproxy/health").json()["status"] == "degraded"
+    assert served_by(gw) == "a"  # the Failover group skips the ejected c
+    assert "C-ECHO" in pacs["a"].log_text() or "ECHO" in pacs["a"].log_text().upper()
+    metrics = wait_until(lambda: (m := gw.get("/dicomproxy/metrics").text)
+                         and 'dicomproxy_upstream_healthy{upstream="c"} 0.0' in m and m, timeout=5,
+                         what="the healthy gauge of c at 0")
+    assert 'dicomproxy_upstream_healthy{upstream="a"} 1.0' in metrics
+    assert 'dicomproxy_upstream_check_latency_seconds{upstream="a"}' in metrics
