@@ -241,3 +241,33 @@ def test_echo_checks_and_per_upstream_health_and_metrics(routed: Callable[..., G
                          what="the healthy gauge of c at 0")
     assert 'dicomproxy_upstream_healthy{upstream="a"} 1.0' in metrics
     assert 'dicomproxy_upstream_check_latency_seconds{upstream="a"}' in metrics
+
+
+def test_reload_lets_a_download_finish_on_the_retired_server(routed: Callable[..., GatewayProcess],
+                                                             pacs: dict[str, OrthancServer]) -> None:
+    """A download under way when servers.json drops its server ends in full on that server's
+    pool; the pool closes after it; new requests go where the edit says."""
+    data, _ = make_instance(patient_id="PBIG", patient_name="Big^Download", size=(2048, 2048))
+    assert isinstance(data, bytes)
+    orthanc_id = pacs["b"].upload(data)["ID"]
+    try:
+        gw = routed(servers_json(pacs, Default="b"))
+        file = gw.config_path.parent / "servers.json"
+        answer = gw.get(f"/instances/{orthanc_id}/file", stream=True)
+        assert answer.status_code == 200
+        parts = answer.iter_content(64 << 10)
+        got = bytearray(next(parts))
+        edited = servers_json(pacs, Default="a")
+        del edited["Servers"]["b"]
+        file.write_text(json.dumps(edited))
+        wait_until(lambda: "reloaded" in Path(gw.log_path).read_text(), timeout=10, what="the edit applied")
+        assert served_by(gw) == "a"
+        assert "upstream b retired" not in Path(gw.log_path).read_text()  # its download is still under way
+        for part in parts:
+            got += part
+        assert bytes(got) == pacs["b"].request("GET", f"/instances/{orthanc_id}/file").content
+        wait_until(lambda: "upstream b retired" in Path(gw.log_path).read_text(), timeout=10,
+                   what="b's pool closed after its last request")
+        assert "b" not in gw.get("/dicomproxy/health").json()["upstreams"]["servers"]
+    finally:
+        pacs["b"].rest_delete(f"/instances/{orthanc_id}")
