@@ -24,6 +24,7 @@ from dicomproxy.auth.setup import build_auth
 from dicomproxy.commands import Commands
 from dicomproxy.config.settings import Settings
 from dicomproxy.dicom import storage_scu
+from dicomproxy.dicom.ul import tls as dicom_tls
 from dicomproxy.hooks import Hooks
 from dicomproxy.host import Component, HealthCheck, Host
 from dicomproxy.http.api import PROBE_PATHS, build_api, probes
@@ -287,12 +288,13 @@ async def _unavailable(send: Any, phase: str) -> None:
 
 def _echo(settings: Settings) -> Echo:
     """A member's ``HealthCheck:Echo``: C-ECHO its DICOM side through the gateway's own upper layer,
-    calling with ``Dicom:Aet``."""
+    calling with ``Dicom:Aet``, over TLS when the server's ``Dicom:Tls`` says so."""
 
     async def echo(member: Member, timeout: float) -> None:
         assert member.dicom is not None
+        tls = dicom_tls.client_context(member.dicom, settings.dicom.tls)  # Dicom:Tls of the server, if set
         status = await storage_scu.echo(member.dicom_host, member.dicom.port, called_aet=member.dicom.aet,
-                                        calling_aet=settings.dicom.aet, timeout=timeout)
+                                        calling_aet=settings.dicom.aet, timeout=timeout, tls=tls)
         if status.status != 0:
             raise RuntimeError(f"status 0x{status.status:04X} {status.comment}".rstrip())
 
