@@ -307,6 +307,10 @@ def test_upstream_panels_show_each_servers_state(browser: Any, gateway_factory: 
         assert page.text_content("[data-upstream='backup'] .badge") == "ejected"
         assert "cannot connect" in (page.text_content("[data-upstream='backup']") or "")
         assert "main (Failover): archive, backup" in (page.text_content("#upstreams-groups") or "")
+        for _ in range(20):  # through the group: archive serves them all
+            assert requests.get(gw.url + "/system", auth=(ADMIN, ADMIN_PW), timeout=10).status_code == 200
+        page.wait_for_selector("#chart-upstreams[data-series='archive'] canvas", timeout=20000)
+        assert page.query_selector("#chart-upstream-errors") is None  # no upstream failed to answer a request
         text = page.text_content("body") or ""
         assert "S3CRET" not in text and "pacsuser" not in text
         page.screenshot(path=artifact("upstreams.png"), full_page=True)
