@@ -65,7 +65,8 @@ async def main():
         (scripts / "main.lua").write_text(HOOKS[variant])
     overrides = {"Upstream:Url": url, "Dicom:Port": "0", "ExtraConfig:ScriptsRoot": str(scripts),
                  "ExtraConfig:DataFolder": str(work / "data"), "ExtraConfig:TusUploadFolder": str(work / "tus"),
-                 "Dicom:SpoolFolder": str(work / "spool"), "Logging:Level": "WARNING"}
+                 "Dicom:SpoolFolder": str(work / "spool"), "Logging:Level": "WARNING",
+                 "Lua:ReloadIntervalMs": "600000"}  # no script-reload polling inside the counted window
     if variant != "plain":
         rules = int(variant[6:]) if variant.startswith("routes") else 0
         routes = []

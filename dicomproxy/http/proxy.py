@@ -155,13 +155,6 @@ class ReverseProxy:
             _ask_identity(headers)
         return headers, has_body, length, Forward(relay.upstream_host_for(facing), rewrite)
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        upstreams = self.upstreams
-        routing = upstreams.routing if upstreams is not None else None
-        if routing is None:  # no Upstreams configured: no routing cost at all
-            await self._forward(scope, receive, send, None, None, "")
-            return
-        await self._routed(scope, receive, send, routing)
 
     async def _routed(self, scope: dict[str, Any], receive: Any, send: Any, routing: Registry) -> None:
         """The upstream a hook set (``scope["upstream"]``, checked by the Lua layer) or the routes chose."""
@@ -177,13 +170,21 @@ class ReverseProxy:
         if routing.federated(name) and federated.is_search(scope):
             await federated.search(scope, send, routing.members(name), self.upstreams)  # type: ignore[arg-type]
             return
-        await self._forward(scope, receive, send, member, routing, name)
+        await self(scope, receive, send, member, routing, name)
 
-    async def _forward(self, scope: dict[str, Any], receive: Any, send: Any, member: Member | None,
-                       routing: Registry | None, name: str) -> None:
-        """Proxy one exchange: to ``self.upstream`` (``member`` None), or to ``member`` of ``name``,
-        trying the next member of the group when an idempotent bodiless request cannot connect."""
-        upstream = self.upstream if member is None else member.upstream
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any, member: Member | None = None,
+                       routing: Registry | None = None, name: str = "") -> None:
+        """Proxy one exchange: to ``self.upstream`` (``member`` None, no ``Upstreams`` configured: one
+        attribute check, no routing cost), or to ``member`` of ``name`` (from :meth:`_routed`), trying
+        the next member of the group when an idempotent bodiless request cannot connect."""
+        if member is None:
+            upstreams = self.upstreams
+            if upstreams is not None and upstreams.routing is not None:
+                await self._routed(scope, receive, send, upstreams.routing)
+                return
+            upstream = self.upstream
+        else:
+            upstream = member.upstream
         target = upstream.prefix + (scope.get("raw_path") or scope["path"].encode())
         if scope.get("query_string"):
             target = target + b"?" + scope["query_string"]

@@ -55,6 +55,9 @@ class Upstreams:
     def __init__(self, settings: Settings, default: Upstream, metrics: Metrics, *,
                  load: Callable[[], Settings] | None = None, echo: Echo | None = None) -> None:
         self.current = Registry(settings, default)
+        # the registry when Upstreams is configured; None: the proxy's single-upstream path (an
+        # attribute, not a property: the proxy reads it on every request)
+        self.routing: Registry | None = self.current if self.current.routes is not None else None
         self._default = default
         self._settings = settings
         self._load = load or self._reload_settings
@@ -76,11 +79,6 @@ class Upstreams:
                       lambda: self.reloads)
 
     # -- the API the features use (see dicomproxy.upstream.registry)
-    @property
-    def routing(self) -> Registry | None:
-        """The registry when ``Upstreams`` is configured; None: the proxy's single-upstream path."""
-        current = self.current
-        return current if current.routes is not None else None
 
     def names(self) -> frozenset[str]:
         return self.current.names()
@@ -164,6 +162,7 @@ class Upstreams:
         old = self.current
         new = Registry(settings, self._default, previous=old)
         self.current = new
+        self.routing = new if new.routes is not None else None
         self.reloads += 1
         self.reload_error = None
         self._start_checks(new)
