@@ -17,6 +17,13 @@ difference per request: exact, load-independent) and CPU time (``time.process_ti
 ``--requests``, best of 3: the µs the target is stated in, noisy on a shared machine).
 
     python bench/upstreams_bench.py [--baseline /work/baseline] [--variants plain,routes10,lua-noop,lua-set]
+    python bench/upstreams_bench.py --micro     # the parts alone, timeit-style (best of 7)
+
+Under callgrind the whole-stack counts move by ±25 % between runs (valgrind runs the requests
+~50x slower, so wall-clock timers such as the proxy's 50 ms disconnect watcher fire in some runs
+and not others); ``--micro`` times the added parts alone, in-process, interleaved, best of 7:
+``Routes.choose`` with N rules, the routed path's accounting (pick, in-flight count, passive
+health, the labelled counter), and ``onHttpRequest`` with and without ``SetUpstream``.
 """
 
 from __future__ import annotations
@@ -144,12 +151,97 @@ def instructions(python: str, root: Path, variant: str, work: Path, low: int = 5
     return (totals[1] - totals[0]) / (high - low)
 
 
+def micro(rounds: int = 7, n: int = 20000) -> list[str]:
+    """µs per call of each added part (process CPU time, best of ``rounds``)."""
+    import asyncio
+    import time
+
+    from dicomproxy_middleware import LuaEngine
+    from dicomproxy_middleware.http import HttpExchange, call_request_hook
+
+    from dicomproxy.config.model import HttpRoute
+    from dicomproxy.config.settings import load_settings
+    from dicomproxy.http.routes import Routes
+    from dicomproxy.metrics import Metrics
+    from dicomproxy.upstream import Upstream
+    from dicomproxy.upstream.directory import Upstreams
+
+    scope = {"type": "http", "method": "GET", "scheme": "http", "path": "/series/x", "raw_path": b"/series/x",
+             "query_string": b"", "client": ("127.0.0.1", 5), "headers": [(b"host", b"127.0.0.1:8080"),
+                                                                          (b"user-agent", b"b"), (b"accept", b"*/*")]}
+
+    def rules(k: int) -> Routes:
+        out = []
+        for i in range(k):
+            r: dict[str, object] = ({"Path": f"/no{i}/"} if i % 3 == 0 else {"Host": f"h{i}.example"} if i % 3 == 1
+                                    else {"Header": f"X-Route{i}: yes"})
+            out.append(HttpRoute.model_validate({**r, "Upstream": "b"}))
+        return Routes(out, "b")
+
+    settings = load_settings(None, environ={}, overrides={"Upstream:Url": "http://127.0.0.1:9", "Upstreams": {
+        "Servers": {"b": {"Url": "http://127.0.0.1:9"}, "c": {"Url": "http://127.0.0.1:9"}},
+        "Groups": {"g": {"Members": ["b", "c"], "Mode": "RoundRobin"}}}})
+    ups = Upstreams(settings, Upstream(settings.upstream), Metrics())
+
+    def accounting() -> None:  # what the routed path adds around one exchange
+        member = ups.pick("g")
+        assert member is not None
+        member.begin()
+        member.answered()
+        ups.requests.inc(upstream=member.name, status="2xx")
+        member.end()
+
+    cases: dict[str, object] = {f"Routes.choose, {k} rules": (lambda r=rules(k): r.choose(scope)) for k in (1, 10, 50)}
+    cases["routed accounting (RoundRobin pick, in flight, health, counter)"] = accounting
+    out = {}
+    for name, fn in cases.items():
+        best = float("inf")
+        for _ in range(rounds):
+            t0 = time.process_time()
+            for _ in range(n):
+                fn()  # type: ignore[operator]
+            best = min(best, (time.process_time() - t0) / n * 1e6)
+        out[name] = best
+
+    async def hooks() -> dict[str, float]:
+        engines = {}
+        for kind, src in (("noop", "function onHttpRequest(request) end"),
+                          ("SetUpstream", 'function onHttpRequest(request) request:SetUpstream("b") end')):
+            engine = LuaEngine(kind)
+            await engine.load(src, "main.lua")
+            engines[kind] = engine
+        names = frozenset({"b", "c", "g", "default"})
+        best = dict.fromkeys(engines, float("inf"))
+        for _ in range(rounds):
+            for kind, engine in engines.items():
+                t0 = time.process_time()
+                for _ in range(n // 4):
+                    x = HttpExchange(scope)
+                    x.upstream, x.upstream_names = "b", lambda: names
+                    await call_request_hook(engine, "onHttpRequest", x)
+                best[kind] = min(best[kind], (time.process_time() - t0) / (n // 4) * 1e6)
+        for engine in engines.values():
+            engine.release()
+        return best
+
+    lua = asyncio.run(hooks())
+    out["onHttpRequest, empty"] = lua["noop"]
+    out["onHttpRequest, request:SetUpstream(\"b\")"] = lua["SetUpstream"]
+    rows = [f"| {k} | {v:.2f} |" for k, v in out.items()]
+    rows.append(f"| SetUpstream's own cost (difference) | {lua['SetUpstream'] - lua['noop']:.2f} |")
+    return [f"| part | CPU µs/call (best of {rounds}) |", "|---|---|", *rows]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--baseline", type=Path, help="another checkout (with its own .venv) for the plain variant")
     ap.add_argument("--variants", default="plain,routes10,routes50,lua-noop,lua-set")
     ap.add_argument("--requests", type=int, default=3000, help="requests per CPU-time pass")
+    ap.add_argument("--micro", action="store_true", help="time the added parts alone (see the docstring)")
     args = ap.parse_args(argv)
+    if args.micro:
+        print("\n".join(micro()))
+        return 0
     rows = []
     with tempfile.TemporaryDirectory(prefix="upstreams-bench-") as tmp:
         work = Path(tmp)
