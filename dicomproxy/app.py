@@ -23,6 +23,8 @@ from dicomproxy.audit.trail import AuditTrail
 from dicomproxy.auth.setup import build_auth
 from dicomproxy.commands import Commands
 from dicomproxy.config.settings import Settings
+from dicomproxy.dicom import storage_scu
+from dicomproxy.dicom.ul import tls as dicom_tls
 from dicomproxy.hooks import Hooks
 from dicomproxy.host import Component, HealthCheck, Host
 from dicomproxy.http.api import PROBE_PATHS, build_api, probes
@@ -39,6 +41,9 @@ from dicomproxy.scripting.shared import SharedStore
 from dicomproxy.scripting.shared_lmdb import LmdbStore
 from dicomproxy.tasks import TaskQueue
 from dicomproxy.upstream import Upstream
+from dicomproxy.upstream.directory import Upstreams
+from dicomproxy.upstream.health import Echo
+from dicomproxy.upstream.member import Member
 from dicomproxy.upstream.monitor import UpstreamMonitor
 from dicomproxy.workers import WorkerInfo
 
@@ -72,13 +77,16 @@ class Gateway:
                               audit=self.audit, shared=self._shared_store(),
                               on_call=lambda callback, seconds: hook_seconds.child(callback).observe(seconds))
         self.upstream = Upstream(settings.upstream)
-        self.proxy = ReverseProxy(self.upstream, self.metrics)
+        self.upstreams = Upstreams(settings, self.upstream, self.metrics, echo=_echo(settings))
+        self.proxy = ReverseProxy(self.upstream, self.metrics, self.upstreams)
         self.monitor = UpstreamMonitor(self.upstream, self.bus)
         self.health_checks: dict[str, HealthCheck] = {}
         self.auth = build_auth(settings)
         self._mounts: list[tuple[str, str, Any]] = []
         self._middleware: list[Callable[[Any], Any]] = []
-        self._components: list[Component] = [self.audit, self.upstream, self.tasks, self.lua, self.monitor]
+        self._components: list[Component] = [self.audit, self.upstream, self.upstreams, self.tasks, self.lua,
+                                              self.monitor]
+        self.health_checks["upstreams"] = self.upstreams.status
         self._started: list[Component] = []
         if self.auth is not None and self.auth.keys is not None:
             self._components.append(self.auth.keys)
@@ -134,7 +142,8 @@ class Gateway:
     # ------------------------------------------------------------------ ASGI
     def build(self) -> Any:
         lua = self.settings.lua
-        app: Any = LuaHttpMiddleware(self._route, self.lua.scripts, fail_open=lua.fail_open or lua.fail_open_hooks)
+        app: Any = LuaHttpMiddleware(self._route, self.lua.scripts, fail_open=lua.fail_open or lua.fail_open_hooks,
+                                     upstreams=self.upstreams)
         for wrap in self._middleware:
             app = wrap(app)
         if self.auth is not None:
@@ -293,6 +302,21 @@ async def _unavailable(send: Any, phase: str) -> None:
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
         (b"retry-after", b"2"), (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})
+
+def _echo(settings: Settings) -> Echo:
+    """A member's ``HealthCheck:Echo``: C-ECHO its DICOM side through the gateway's own upper layer,
+    calling with ``Dicom:Aet``, over TLS when the server's ``Dicom:Tls`` says so."""
+
+    async def echo(member: Member, timeout: float) -> None:
+        assert member.dicom is not None
+        tls = dicom_tls.client_context(member.dicom, settings.dicom.tls)  # Dicom:Tls of the server, if set
+        status = await storage_scu.echo(member.dicom_host, member.dicom.port, called_aet=member.dicom.aet,
+                                        calling_aet=settings.dicom.aet, timeout=timeout, tls=tls)
+        if status.status != 0:
+            raise RuntimeError(f"status 0x{status.status:04X} {status.comment}".rstrip())
+
+    return echo
+
 
 Feature = Callable[[Host], object]
 

@@ -8,7 +8,7 @@ shared services it names (config, events, metrics, commands, tasks, scripting, u
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any, Protocol
 
 from dicomproxy.audit.trail import AuditTrail
@@ -21,6 +21,7 @@ from dicomproxy.notify.events import EventBus
 from dicomproxy.scripting.host import ScriptHost
 from dicomproxy.tasks import TaskQueue
 from dicomproxy.upstream import Upstream
+from dicomproxy.upstream.member import Member
 from dicomproxy.workers import WorkerInfo
 
 ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
@@ -38,6 +39,28 @@ class Component(Protocol):
     async def stop(self) -> None: ...
 
 
+class UpstreamDirectory(Protocol):
+    """The named upstreams (``Upstreams``/``servers.json``, and ``default``), current after every
+    reload (:mod:`dicomproxy.upstream.registry`). A :class:`Member` has ``name``, ``upstream``
+    (its HTTP ``Upstream``: pool, client, ``base``), ``dicom`` (its ``PacsAe`` or None) and
+    ``dicom_host``, ``health``, and ``begin()``/``end()``/``failed(reason)``/``answered()`` for the
+    traffic it serves (passive ejection). Hold a member only for one operation: a reload may retire it."""
+
+    def names(self) -> frozenset[str]:
+        """Every server and group name, ``default`` included."""
+
+    def pick(self, name: str, exclude: Collection[Member] = ()) -> Member | None:
+        """Who serves ``name`` now (a group: its balancer among available members); None when every
+        member is in ``exclude``; ``UnknownUpstream`` (a ``LookupError``) for an unknown name."""
+
+    def members(self, name: str) -> tuple[Member, ...]:
+        """A server alone, or a group's members in order (fan-out, federated queries)."""
+
+    def is_group(self, name: str) -> bool: ...
+
+    def federated(self, name: str) -> bool: ...
+
+
 class Host(Protocol):
     """The gateway as a feature sees it."""
 
@@ -52,6 +75,10 @@ class Host(Protocol):
     hooks: Hooks  # typed events one feature offers others (e.g. the DICOM side's "instance stored")
     life: Lifecycle  # the phase and, once SIGTERM came, what is left of the shutdown deadline
     worker: WorkerInfo  # which of Server:Workers this process is; .owner: runs the single-owner roles
+
+    @property
+    def upstreams(self) -> UpstreamDirectory:
+        """The named upstreams; ``upstreams.pick("default").upstream is upstream``."""
 
     def mount(self, prefix: str, app: Any) -> None:
         """Route paths under ``prefix`` (``/files/`` also matches ``/files``) to the ASGI ``app``."""

@@ -17,6 +17,11 @@ Semantics:
   Header edits (``AddHeader``/``RemoveHeader``) change what the app receives.
 * ``onHttpResponse(response)`` runs when the app starts its response, before any body byte is
   sent: it may change the status and headers, and ``ResponseWrite`` replaces the body.
+* ``request.Upstream`` / ``response.Upstream``: with an ``upstreams`` chooser
+  (:class:`UpstreamChooser`), the name it routes the request to, and ``request:SetUpstream(name)``
+  picks another (an unknown name is a script error naming the known ones); the choice reaches the
+  app as ``scope["upstream"]``. The app may name who answered in its ``http.response.start``
+  message (key ``"upstream"``): that is ``response.Upstream``.
 * A script error answers 500 with a JSON body (or, with ``fail_open`` — ``True`` or a collection
   of hook names — is logged and the request continues as if the hook were not there).
 """
@@ -26,7 +31,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable, Collection, MutableMapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from .http import (
     HttpExchange,
@@ -49,6 +54,14 @@ log = logging.getLogger("dicomproxy_middleware.lua")
 
 ON_REQUEST = "onHttpRequest"
 ON_RESPONSE = "onHttpResponse"
+
+
+class UpstreamChooser(Protocol):
+    """Which named upstream serves a request (``request.Upstream``), and the names a hook may set."""
+
+    def choose(self, scope: Scope) -> str: ...
+
+    def names(self) -> Collection[str]: ...
 
 
 async def send_json(
@@ -77,8 +90,10 @@ class LuaHttpMiddleware:
         *,
         fail_open: bool | Collection[str] = False,
         skip: Callable[[Scope], bool] | None = None,
+        upstreams: UpstreamChooser | None = None,
     ) -> None:
         self.app = app
+        self.upstreams = upstreams
         self.scripts = scripts
         self.fail_open = fail_open  # True/False for both hooks, or the names of the hooks that fail open
         self.skip = skip
@@ -92,6 +107,9 @@ class LuaHttpMiddleware:
             await self.app(scope, receive, send)
             return
         exchange = HttpExchange(scope)  # type: ignore[arg-type]
+        if self.upstreams is not None:
+            exchange.upstream = self.upstreams.choose(scope)
+            exchange.upstream_names = self.upstreams.names
         tscope = scripts.transient_scope()
         try:
             await self._handle(exchange, tscope, scope, receive, send)
@@ -119,6 +137,8 @@ class LuaHttpMiddleware:
             if x.request_headers_changed:
                 scope = dict(scope)
                 scope["headers"] = x.request_headers
+            if x.upstream_set:
+                scope["upstream"] = x.upstream
         needs_response_hook = scripts.defines(ON_RESPONSE)
         if not needs_response_hook and not x.response_ops:
             await self.app(scope, receive, send)
@@ -162,6 +182,7 @@ class LuaHttpMiddleware:
                 apply_ops(headers, x.response_ops)
                 x.status = message["status"]
                 x.body = None
+                x.upstream = message.get("upstream", x.upstream)
                 if run_hook:
                     try:
                         for engine, _ in await self.scripts.engines_for(ON_RESPONSE, tscope):

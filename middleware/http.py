@@ -6,9 +6,12 @@ read-only, case-insensitive table; ``pairs()`` iterates it), the caller's identi
 ``Roles``: a list of strings, ``Claims``: a token's claims, empty otherwise; from the plain scope
 keys ``user``, ``roles`` and ``claims`` the gateway's authentication sets), ``ClientCertificate``
 (the subject of the verified client certificate of an https connection, RFC 4514, e.g.
-``CN=ct-01,O=Radiology``; empty otherwise; from the ASGI TLS extension's ``client_cert_name``)
-and methods callable with ``:`` or ``.``. A hook is one call into Lua: the object is built, the
-script runs and the edits come back with its result, as flat ``(op, name, value)`` triples.
+``CN=ct-01,O=Radiology``; empty otherwise; from the ASGI TLS extension's ``client_cert_name``),
+``Upstream`` (the named upstream that serves the request: what ``Upstreams:Routes`` chose,
+or what ``request:SetUpstream("name")`` set; in ``onHttpResponse`` the server that answered; empty
+when the gateway has no upstream chooser) and methods callable with ``:`` or ``.``. A hook is one
+call into Lua: the object is built, the script runs and the edits come back with its result, as
+flat ``(op, name, value)`` triples.
 Names and values a script sets are validated in Lua: a name or value with CR, LF or NUL is
 refused, since it would let a script split the HTTP message.
 
@@ -19,7 +22,7 @@ edits them.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from .runtime import HTTP, LuaEngine, LuaError, LuaExportError
@@ -104,6 +107,9 @@ class HttpExchange:
         roles = scope.get("roles") or ()
         self.roles: str = "\n".join(roles)
         self.claims: Any = scope.get("claims") or None
+        self.upstream = ""  # request.Upstream / response.Upstream
+        self.upstream_set = False  # a hook called SetUpstream
+        self.upstream_names: Callable[[], Collection[str]] | None = None  # what SetUpstream accepts
 
     def request_flat(self) -> list[bytes | str]:
         if self._request_flat is None:
@@ -132,6 +138,9 @@ def _apply(x: HttpExchange, response_headers: RawHeaders | None, result: tuple[A
     if len(result) == 3:
         return
     ops = list(zip(result[3::3], result[4::3], result[5::3], strict=True))
+    for op, name, _ in ops:
+        if op == "u":
+            _set_upstream(x, name)
     request_ops = [op for op in ops if op[0][0] == "q"]
     if request_ops:
         if not x.request_headers_changed:
@@ -146,6 +155,15 @@ def _apply(x: HttpExchange, response_headers: RawHeaders | None, result: tuple[A
         apply_ops(response_headers, response_ops)
     else:
         x.response_ops.extend(response_ops)
+
+
+def _set_upstream(x: HttpExchange, name: str) -> None:
+    known = x.upstream_names() if x.upstream_names is not None else ()
+    if name not in known:
+        raise LuaError(f"request:SetUpstream({name!r}): no such upstream server or group (known: "
+                       f"{', '.join(sorted(known)) or 'none'})")
+    x.upstream = name
+    x.upstream_set = True
 
 
 def _claims_loader(engine: LuaEngine, claims: Any) -> Any:
@@ -170,7 +188,7 @@ async def _hook(engine: LuaEngine, callback: str, kind: str, x: HttpExchange, he
     try:
         out = await engine.run_op(
             HTTP, callback, kind, x.scheme, x.method, x.path, x.query, x.remote_ip, x.user, x.client_certificate,
-            x.roles, _claims_loader(engine, x.claims), x.status, *headers
+            x.roles, _claims_loader(engine, x.claims), x.status, x.upstream, *headers
         )
     except LuaError as e:
         if str(e).startswith("StatusCode must be"):  # raised after the hook returned: no line to name

@@ -315,6 +315,17 @@ local METHODS = {
     b[#b + 1] = data
   end,
   SetStatusCode = function(obj, _, code) obj.StatusCode = code end,
+  -- the named upstream (server or group) that serves this request; checked when the hook returns
+  SetUpstream = function(obj, st, name)
+    if st.primary ~= "q" then raw_error("SetUpstream works in onHttpRequest only", 3) end
+    if type(name) ~= "string" or name == "" then
+      raw_error("SetUpstream expects an upstream name, got " .. tostring(name), 3)
+    end
+    obj.Upstream = name
+    local ops, n = st.ops, st.n
+    ops[n + 1], ops[n + 2], ops[n + 3] = "u", name, ""
+    st.n = n + 3
+  end,
 }
 
 -- Headers as the script sees them: the originals, minus what it removed, plus what it added
@@ -388,9 +399,10 @@ local function http_body(f, obj, st)
   return ret, http_result(obj, st)
 end
 
-local function http_hook(until_, name, kind, scheme, method, path, query, ip, user, cert, roles, claims, status, ...)
+local function http_hook(until_, name, kind, scheme, method, path, query, ip, user, cert, roles, claims, status,
+                         upstream, ...)
   local obj = { Scheme = scheme, Method = method, Path = path, QueryString = query, RemoteIp = ip,
-    User = user, ClientCertificate = cert, StatusCode = status }
+    User = user, ClientCertificate = cert, StatusCode = status, Upstream = upstream }
   local st = { primary = kind == "request" and "q" or "r", current = pack(...), ops = {}, n = 0,
     roles = roles, claims = claims }
   raw_setmetatable(obj, { __index = function(o, key) return http_index(o, st, key) end })

@@ -45,8 +45,9 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from dicomproxy.http import federated
 from dicomproxy.http.coding import Encoder, preferred
 from dicomproxy.http.relay import Relay, Rewrite, Rewriter
 from dicomproxy.metrics import HTTP_BUCKETS, LeanHistogramChild, Metrics
@@ -57,9 +58,15 @@ from dicomproxy.upstream.errors import (
     ConnectTimeout,
     LocalProtocolError,
     ReadTimeout,
+    RemoteProtocolError,
     UpstreamError,
 )
-from dicomproxy.upstream.framing import HOP_BY_HOP, NO_BODY_METHODS, Framing, Headers
+from dicomproxy.upstream.framing import HOP_BY_HOP, IDEMPOTENT_METHODS, NO_BODY_METHODS, Framing, Headers
+from dicomproxy.upstream.member import Member
+from dicomproxy.upstream.registry import Registry, UnknownUpstream
+
+if TYPE_CHECKING:
+    from dicomproxy.upstream.directory import Upstreams
 
 log = logging.getLogger("dicomproxy.http.proxy")
 
@@ -73,6 +80,8 @@ _REPLACED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-h
 _SKIP_ANSWER = HOP_BY_HOP | {b"content-length"}
 HELD_BODY_LIMIT = 64 << 10
 _CHUNKED = Framing.CHUNKED
+# Retried on the next member of a group when the connection cannot be made (and there is no body).
+_RETRIED = IDEMPOTENT_METHODS & {b"GET", b"HEAD", b"OPTIONS"}
 
 
 def _with_connection_tokens(names: frozenset[bytes], headers: Headers) -> frozenset[bytes]:
@@ -101,8 +110,12 @@ class _TooLarge(Exception):
 
 
 class ReverseProxy:
-    def __init__(self, upstream: Upstream, metrics: Metrics) -> None:
+    """The proxy: to ``upstream`` alone, or, when ``upstreams`` has ``Upstreams`` configured, to the
+    member its routes (or a hook's ``request:SetUpstream``) choose (see :meth:`_routed`)."""
+
+    def __init__(self, upstream: Upstream, metrics: Metrics, upstreams: Upstreams | None = None) -> None:
         self.upstream = upstream
+        self.upstreams = upstreams
         self.relay = Relay(upstream.settings, upstream.pool.origin, upstream.prefix)
         self.failures = metrics.counter("dicomproxy_proxy_upstream_errors_total", "Upstream failures by kind",
                                         labels=("kind",))
@@ -131,7 +144,7 @@ class ReverseProxy:
             child = self._by_class[status // 100] = self.first_byte.child(f"{status // 100}xx")
         return child
 
-    def _request_headers(self, scope: dict[str, Any]) -> tuple[Headers, bool, int | None, Forward]:
+    def _request_headers(self, scope: dict[str, Any], relay: Relay) -> tuple[Headers, bool, int | None, Forward]:
         """What goes upstream (forwarding headers added, :mod:`~dicomproxy.http.relay`), whether a
         body was declared, its length, and the ``Host``/rewrite decision for this request.
 
@@ -158,15 +171,43 @@ class ReverseProxy:
                 has_body = True
             else:
                 headers.append((name, v))
-        relay = self.relay
         added, facing = relay.forwarding(scope, host, forwarded)
         headers += added
         rewrite = relay.rewrite(scope["path"], facing)
         coding = _ask_identity(headers) if rewrite is not None and rewrite.body else None
         return headers, has_body, length, Forward(relay.upstream_host_for(facing), rewrite, coding)
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        target = self.upstream.prefix + (scope.get("raw_path") or scope["path"].encode())
+
+    async def _routed(self, scope: dict[str, Any], receive: Any, send: Any, routing: Registry) -> None:
+        """The upstream a hook set (``scope["upstream"]``, checked by the Lua layer) or the routes chose."""
+        name = scope.get("upstream") or routing.routes.choose(scope)  # type: ignore[union-attr]
+        try:
+            member = routing.pick(name)
+        except UnknownUpstream as e:
+            await self._error(send, *_json_error(500, "unknown upstream", detail=str(e)))
+            return
+        if member is None:
+            await self._error(send, *_json_error(502, "upstream unreachable", upstream=name))
+            return
+        if routing.federated(name) and federated.is_search(scope):
+            await federated.search(scope, send, routing.members(name), self.upstreams)  # type: ignore[arg-type]
+            return
+        await self(scope, receive, send, member, routing, name)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any, member: Member | None = None,
+                       routing: Registry | None = None, name: str = "") -> None:
+        """Proxy one exchange: to ``self.upstream`` (``member`` None, no ``Upstreams`` configured: one
+        attribute check, no routing cost), or to ``member`` of ``name`` (from :meth:`_routed`), trying
+        the next member of the group when an idempotent bodiless request cannot connect."""
+        if member is None:
+            upstreams = self.upstreams
+            if upstreams is not None and upstreams.routing is not None:
+                await self._routed(scope, receive, send, upstreams.routing)
+                return
+            upstream = self.upstream
+        else:
+            upstream = member.upstream
+        target = upstream.prefix + (scope.get("raw_path") or scope["path"].encode())
         if scope.get("query_string"):
             target = target + b"?" + scope["query_string"]
         body_done = asyncio.Event()
@@ -210,9 +251,11 @@ class ReverseProxy:
         received = loop.time()
         timer = loop.call_later(WATCH_AFTER, start_watching)
         response: Exchange | None = None
+        served: _Served | None = None
         try:
             method = scope["method"].encode()
-            headers, has_body, length, forward = self._request_headers(scope)
+            headers, has_body, length, forward = self._request_headers(scope, self.relay if member is None
+                                                                       else member.relay)
             content: Body = None
             if not has_body:
                 body_done.set()
@@ -221,7 +264,14 @@ class ReverseProxy:
                 body_done.set()
             else:
                 content = body()
-            response = await self.upstream.pool.request(method, target, headers, content, length, host=forward.host)
+            if member is None:
+                response = await upstream.pool.request(method, target, headers, content, length, host=forward.host)
+            else:
+                served = _Served(member)
+                response = await self._connect(served, routing, name, scope, method, target, headers, forward,
+                                               content, length)
+                member = served.member
+                upstream = member.upstream
             answer = _answer_headers(response)
             rewriter: Rewriter | None = None
             encoder: Encoder | None = None
@@ -232,7 +282,12 @@ class ReverseProxy:
                     answer = [(k, v) for k, v in answer if k != b"content-encoding"]
                     answer.append((b"content-encoding", forward.coding))
             started = True
-            await send({"type": "http.response.start", "status": response.status, "headers": answer})
+            if member is None:
+                await send({"type": "http.response.start", "status": response.status, "headers": answer})
+            else:  # "upstream": the Lua layer's response.Upstream (uvicorn ignores the key)
+                await send({"type": "http.response.start", "status": response.status, "headers": answer,
+                            "upstream": member.name})
+                self._count(member, response.status, f"{response.status // 100}xx")
             self._status_class(response.status).observe(loop.time() - received)
             if rewriter is not None:
                 rewritten = await _send_rewritten(response, rewriter, send, encoder)
@@ -263,13 +318,14 @@ class ReverseProxy:
                 413, "request body too large", detail=f"a {scope['method']} request body is held until complete "
                 f"and may be at most {HELD_BODY_LIMIT} bytes"))
         except UpstreamError as e:
-            await self._failed(send, e, started)
+            await self._failed(send, e, started, (served.member.upstream if served else upstream).base)
         except OSError as e:
             self.failures.inc(kind="broken")
-            log.warning("upstream %s failed mid-request: %s", self.upstream.base, e)
+            base = (served.member.upstream if served else upstream).base
+            log.warning("upstream %s failed mid-request: %s", base, e)
             if not started:
                 await self._error(send, *_json_error(
-                    502, "upstream failed", upstream=self.upstream.base, detail=str(e) or type(e).__name__))
+                    502, "upstream failed", upstream=base, detail=str(e) or type(e).__name__))
         finally:
             timer.cancel()
             if watcher is not None:
@@ -279,10 +335,53 @@ class ReverseProxy:
             if response is not None:
                 self.bytes_out.value += response.body_bytes if rewritten < 0 else rewritten
                 response.close()
+            if served is not None and served.connected:
+                served.member.end()
 
-    async def _failed(self, send: Any, e: UpstreamError, started: bool) -> None:
+    async def _connect(self, served: _Served, routing: Registry | None, name: str, scope: dict[str, Any],
+                       method: bytes, target: bytes, headers: Headers, forward: Forward, content: Body,
+                       length: int | None) -> Exchange:
+        """The exchange with ``served.member``, or, when it cannot be connected to (or drops the
+        connection before any byte of an answer: a PACS going down) and the request is a GET, HEAD or
+        OPTIONS without a body (nothing to replay, nothing sent to the client yet), with the next
+        member ``name`` picks; every failure counts against its member (passive ejection)."""
+        tried: list[Member] = []
+        while True:
+            member = served.member
+            member.begin()
+            try:
+                response = await member.upstream.pool.request(method, target, headers, content, length,
+                                                              host=forward.host)
+            except (ConnectError, ConnectTimeout, RemoteProtocolError) as e:  # no byte of an answer yet
+                member.end()
+                member.failed(str(e) or type(e).__name__)
+                self.upstreams.requests.inc(upstream=member.name, status="error")  # type: ignore[union-attr]
+                tried.append(member)
+                following = routing.pick(name, tried) if routing and content is None and method in _RETRIED else None
+                if following is None:
+                    raise
+                log.info("upstream %s: %s; %s %s tried on %s", member.name, e, method.decode(), scope["path"],
+                         following.name)
+                target = following.upstream.prefix + target[len(member.upstream.prefix):]
+                headers, _, _, forward = self._request_headers(scope, following.relay)
+                served.member = following
+                continue
+            except BaseException:
+                member.end()
+                raise
+            served.connected = True
+            return response
+
+    def _count(self, member: Member, status: int, status_class: str) -> None:
+        """Per-upstream accounting of an answer: a 5xx from the upstream itself counts as a failure."""
+        if status >= 500:
+            member.failed(f"answered {status}")
+        else:
+            member.answered()
+        self.upstreams.requests.inc(upstream=member.name, status=status_class)  # type: ignore[union-attr]
+
+    async def _failed(self, send: Any, e: UpstreamError, started: bool, base: str) -> None:
         """Count and log an upstream failure; answer it with a gateway status if nothing was sent yet."""
-        base = self.upstream.base
         detail = f"{e} ({e.key})" if e.key else str(e) or type(e).__name__
         if isinstance(e, ConnectTimeout | ReadTimeout):
             kind, status, error = "timeout", 504, "upstream timeout"
@@ -358,6 +457,14 @@ def _ask_identity(headers: Headers) -> bytes | None:
     headers[:] = [(k, v) for k, v in headers if k != b"accept-encoding"]
     headers.append((b"accept-encoding", b"identity"))
     return preferred(client)
+
+
+@dataclass(slots=True)
+class _Served:
+    """Which member a routed request ended up on, and whether it holds one of its in-flight slots."""
+
+    member: Member
+    connected: bool = False
 
 
 @dataclass(slots=True)

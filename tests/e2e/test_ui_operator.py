@@ -14,6 +14,7 @@ the committed copies in ``docs/screenshots/``.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -26,7 +27,7 @@ import requests
 
 from tests.e2e.test_ui import CHROMIUM_ARGS
 from tests.e2e.test_ui import browser as browser  # noqa: F401  (the module's Chromium fixture)
-from tests.peers import GatewayProcess, OrthancServer
+from tests.peers import GatewayProcess, OrthancServer, free_port
 
 ADMIN, ADMIN_PW = "root", "adm1n-pw"
 VIEWER, VIEWER_PW = "watcher", "v1ewer-pw"
@@ -284,3 +285,35 @@ def test_admin_routes_refuse_a_viewer_and_audit_shows_failed_logins(
         assert vpage.errors == []
     finally:
         vpage.context.close()
+
+
+def test_upstream_panels_show_each_servers_state(browser: Any, gateway_factory: Callable[..., GatewayProcess],
+                                                 fresh_orthanc: OrthancServer) -> None:
+    """One panel per named upstream (servers.json): the healthy one, and one whose PACS is down,
+    ejected by its active check; no credentials of either on the page."""
+    users = {ADMIN: {"Password": ADMIN_PW, "Roles": ["admin"]}}
+    gw = gateway_factory({"Authentication": {"Users": users}}, orthanc=fresh_orthanc, start=False)
+    check = {"Path": "/system", "IntervalSeconds": 0.5, "TimeoutSeconds": 1, "Failures": 1}
+    down = f"http://pacsuser:S3CRET-pw@127.0.0.1:{free_port()}"  # nothing listens there
+    servers = {"Servers": {"archive": {"Url": fresh_orthanc.http_url, "HealthCheck": check},
+                           "backup": {"Url": down, "HealthCheck": check}},
+               "Groups": {"main": {"Members": ["archive", "backup"], "Mode": "Failover"}}, "Default": "main"}
+    (gw.config_path.parent / "servers.json").write_text(json.dumps(servers))
+    gw.start()
+    page = open_page(browser, gw.url + "/dicomproxy/ui", ADMIN, ADMIN_PW)
+    try:
+        page.wait_for_selector("#upstreams:not([hidden]) [data-upstream='archive'] .badge.ok", timeout=15000)
+        page.wait_for_selector("[data-upstream='backup'].ejected .badge.bad", timeout=15000)
+        assert page.text_content("[data-upstream='backup'] .badge") == "ejected"
+        assert "cannot connect" in (page.text_content("[data-upstream='backup']") or "")
+        assert "main (Failover): archive, backup" in (page.text_content("#upstreams-groups") or "")
+        for _ in range(20):  # through the group: archive serves them all
+            assert requests.get(gw.url + "/system", auth=(ADMIN, ADMIN_PW), timeout=10).status_code == 200
+        page.wait_for_selector("#chart-upstreams[data-series='archive'] canvas", timeout=20000)
+        assert page.query_selector("#chart-upstream-errors") is None  # no upstream failed to answer a request
+        text = page.text_content("body") or ""
+        assert "S3CRET" not in text and "pacsuser" not in text
+        page.screenshot(path=artifact("upstreams.png"), full_page=True)
+        assert page.errors == []
+    finally:
+        page.context.close()

@@ -93,12 +93,49 @@
     return node;
   }
 
+  // One panel per named upstream (health.upstreams: Upstreams / servers.json); hidden without any.
+  function renderUpstreams(ups) {
+    var section = $("upstreams");
+    var servers = isObj(ups) && isObj(ups.servers) ? ups.servers : {};
+    var names = Object.keys(servers);
+    if (names.length < 2 && !(isObj(ups) && isObj(ups.groups) && Object.keys(ups.groups).length)) {
+      section.hidden = true;
+      return;
+    }
+    section.hidden = false;
+    var box = $("upstream-panels");
+    clear(box);
+    var ejected = 0;
+    names.sort().forEach(function (name) {
+      var s = servers[name];
+      if (s.state === "ejected") ejected++;
+      var facts = el("dl", { className: "facts" });
+      [["URL", s.url], ["DICOM", s.dicom], ["in flight", s.inFlight], ["requests", s.requests],
+       ["errors", s.errors], ["check latency", typeof s.latencyMs === "number" ? s.latencyMs + " ms" : null],
+       ["last error", s.lastError]].forEach(function (f) {
+        if (f[1] === null || f[1] === undefined || f[1] === "") return;
+        facts.appendChild(el("dt", { text: f[0] }));
+        facts.appendChild(el("dd", { text: scalar(f[1]) }));
+      });
+      box.appendChild(el("div", { className: "upstream " + s.state, "data-upstream": name },
+        el("h3", {}, el("span", { text: name }), badge(s.state, s.state === "healthy" ? "ok" : "bad")), facts));
+    });
+    $("upstreams-summary").textContent = names.length + " servers" + (ejected ? ", " + ejected + " ejected" : "") +
+      (ups.reloads ? ", servers.json reloaded " + ups.reloads + "x" : "");
+    var groups = isObj(ups.groups) ? ups.groups : {};
+    $("upstreams-groups").textContent = Object.keys(groups).sort().map(function (g) {
+      return g + " (" + groups[g].mode + (groups[g].federated ? ", federated" : "") + "): " +
+        groups[g].members.join(", ");
+    }).join("; ") + (ups.reloadError ? "  Last servers.json error: " + ups.reloadError : "");
+  }
+
   function renderHealth(health) {
     var overall = health.status || "unknown";
     var o = $("overall");
     o.textContent = overall;
     o.className = "badge " + (overall === "ok" ? "ok" : overall === "unknown" ? "unknown" : "bad");
 
+    renderUpstreams(health.upstreams);
     var up = isObj(health.upstream) ? health.upstream : {};
     clear($("upstream-http"));
     $("upstream-http").appendChild(reachability(up.reachable, up.url, up.latencyMs, up.error));

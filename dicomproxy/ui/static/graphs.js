@@ -43,6 +43,11 @@
       match: /^dicomproxy_tus_(uploads_created|uploads_finished|imports)_total$/ },
     { id: "hooks", title: "Lua hook time p99 (ms), by callback", factor: 1000,
       match: /^dicomproxy_lua_hook_seconds\{callback="([^"]*)"\}:p99$/ },
+    // named upstreams (Upstreams / servers.json): shown only once they have data
+    { id: "upstreams", title: "Proxied requests / s, by upstream (2xx)", optional: true,
+      match: /^dicomproxy_upstream_requests_total\{status="2xx",upstream="([^"]*)"\}$/ },
+    { id: "upstream-errors", title: "Proxied requests / s with no answer, by upstream", optional: true,
+      match: /^dicomproxy_upstream_requests_total\{status="error",upstream="([^"]*)"\}$/ },
   ];
   var COLORS = ["#2f6fb3", "#1f8a4c", "#c0392b", "#b7791f", "#7d3c98", "#16a085", "#6b7385", "#d35400"];
 
@@ -151,6 +156,7 @@
   function draw() {
     CHARTS.forEach(function (chart) {
       var keys = keysOf(chart);
+      if (!keys.length && chart.optional && !$("chart-" + chart.id)) return;
       var node = box(chart);
       if (!keys.length) return;
       var drawn = charts[chart.id];
@@ -199,6 +205,6 @@
       .finally(function () { setTimeout(poll, pollMs); });
   }
 
-  CHARTS.forEach(box);
+  CHARTS.filter(function (c) { return !c.optional; }).forEach(box);
   poll();
 })();
