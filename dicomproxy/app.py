@@ -21,6 +21,8 @@ from dicomproxy import dicom, tus, ui
 from dicomproxy.audit import web as audit_web
 from dicomproxy.audit.trail import AuditTrail
 from dicomproxy.auth.setup import build_auth
+from dicomproxy.cluster.redis import connect, connect_sync
+from dicomproxy.cluster.tasks import RedisTaskQueue
 from dicomproxy.commands import Commands
 from dicomproxy.config.settings import Settings
 from dicomproxy.hooks import Hooks
@@ -35,13 +37,24 @@ from dicomproxy.notify import mail, notifications
 from dicomproxy.notify.events import EventBus
 from dicomproxy.scripting import orthanc
 from dicomproxy.scripting.host import ScriptHost
-from dicomproxy.tasks import TaskQueue
+from dicomproxy.tasks import Queue, TaskQueue
 from dicomproxy.upstream import Upstream
 from dicomproxy.upstream.monitor import UpstreamMonitor
 
 log = logging.getLogger("dicomproxy")
 
 START_WAIT_SECONDS = 30.0  # a request that comes while the gateway starts waits this long, then 503
+
+
+def make_task_queue(settings: Settings, bus: EventBus) -> Queue:
+    """On this machine's disk, or shared by the replicas on Redis (``Cluster:Redis``)."""
+    lua = settings.lua
+    if settings.cluster.redis:
+        return RedisTaskQueue(settings.cluster.redis, connect(settings), connect_sync(settings),
+                              workers=lua.background_workers, bus=bus, keep=settings.cluster.task_keep,
+                              max_restarts=lua.task_max_restarts, lease=settings.cluster.lease_seconds)
+    return TaskQueue(settings.data_folder / "tasks", workers=lua.background_workers, bus=bus,
+                     max_restarts=lua.task_max_restarts)
 
 
 class Gateway:
@@ -56,8 +69,7 @@ class Gateway:
         self.audit = AuditTrail(settings, self.bus, self.metrics)
         self.commands = Commands()
         self.hooks = Hooks()
-        self.tasks = TaskQueue(settings.data_folder / "tasks", workers=settings.lua.background_workers, bus=self.bus,
-                               max_restarts=settings.lua.task_max_restarts)
+        self.tasks = make_task_queue(settings, self.bus)
         hook_seconds = self.metrics.histogram(
             "dicomproxy_lua_hook_seconds", "Seconds a Lua callback ran (awaits included), by callback",
             labels=("callback",), buckets=HOOK_BUCKETS,
@@ -69,6 +81,8 @@ class Gateway:
         self.proxy = ReverseProxy(self.upstream, self.metrics)
         self.monitor = UpstreamMonitor(self.upstream, self.bus)
         self.health_checks: dict[str, HealthCheck] = {}
+        if isinstance(self.tasks, RedisTaskQueue):
+            self.health_checks["cluster"] = self.tasks.status
         self.auth = build_auth(settings)
         self._mounts: list[tuple[str, str, Any]] = []
         self._middleware: list[Callable[[Any], Any]] = []

@@ -32,7 +32,7 @@ from dicomproxy.audit.trail import AuditTrail
 from dicomproxy.host import HealthCheck
 from dicomproxy.metrics import CONTENT_TYPE, Metrics
 from dicomproxy.scripting.host import ScriptHost
-from dicomproxy.tasks import STATES, NotFailed, TaskQueue, listed, matches, visible_to
+from dicomproxy.tasks import STATES, NotFailed, Queue, listed, matches, visible_to
 from dicomproxy.upstream.monitor import UpstreamMonitor
 
 log = logging.getLogger("dicomproxy.http.api")
@@ -44,7 +44,7 @@ class ApiSource(Protocol):
     started_at: float
     monitor: UpstreamMonitor
     lua: ScriptHost
-    tasks: TaskQueue
+    tasks: Queue
     metrics: Metrics
     audit: AuditTrail
 

@@ -1,0 +1,175 @@
+"""Replicas sharing one Redis (``Cluster:Redis``, issue 14 item 2): the task queue and notifications.
+
+Two real gateway processes, the real Orthanc, Debian's redis-server on a free port:
+
+* a task queued on A runs exactly once (on A or B) and both replicas list it;
+* kill -9 of the replica running a long task: the other one runs it again after the lease and it
+  completes exactly once (the Lua task records its starts and ends in a file);
+* an SSE client on A sees a notification raised on B; the feed is shared;
+* a mail rule sends one mail per event with two replicas.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from tests.peers import GatewayProcess, RedisServer, wait_until
+
+MAIN = r"""
+function onHttpRequest(r)
+  if r.Path == "/queue" then
+    r:ResponseWrite(LuaBackgroundWorker("main-task.lua", "run", r.Headers["x-args"] or ""))
+    return true
+  elseif r.Path == "/notify" then
+    ShowNotification({Title = r.Headers["x-title"], Body = "from " .. (r.Headers["x-from"] or "?")})
+    r:ResponseWrite("ok")
+    return true
+  end
+end
+"""
+
+TASK = r"""
+-- args: "<token> <seconds>"; records each start and each end in RUNS (one line each)
+function run(args)
+  local token, seconds = args:match("^(%S+) (%S+)$")
+  OsExecute("sh", "-c 'echo start " .. token .. " >> RUNS'")
+  OsExecute("sleep", seconds)
+  OsExecute("sh", "-c 'echo done " .. token .. " >> RUNS'")
+  return token
+end
+"""
+
+
+def _replicas(
+    gateway_factory: Callable[..., GatewayProcess], redis_server: RedisServer, runs: Path,
+    extra: dict[str, Any] | None = None,
+) -> tuple[GatewayProcess, GatewayProcess]:
+    settings = {
+        "Dicom": {"Port": 0},
+        "Cluster": {"Redis": redis_server.url, "TaskLeaseSeconds": 2},
+        "Lua": {"BackgroundWorkers": 1},
+        **(extra or {}),
+    }
+    scripts = {"main.lua": MAIN, "main-task.lua": TASK.replace("RUNS", str(runs))}
+    a = gateway_factory(settings, scripts, register_modality=None)
+    b = gateway_factory(settings, scripts, register_modality=None)
+    return a, b
+
+
+def _queue(gateway: GatewayProcess, args: str) -> str:
+    resp = gateway.get("/queue", headers={"x-args": args})
+    assert resp.status_code == 200, resp.text
+    return resp.text
+
+
+def _task(gateway: GatewayProcess, task_id: str) -> dict[str, Any]:
+    resp = gateway.get(f"/dicomproxy/tasks/{task_id}")
+    assert resp.status_code == 200, resp.text
+    return dict(resp.json())
+
+
+def _lines(runs: Path) -> list[str]:
+    return runs.read_text().splitlines() if runs.exists() else []
+
+
+def test_a_task_queued_on_one_replica_runs_once_and_both_list_it(
+    gateway_factory: Callable[..., GatewayProcess], redis_server: RedisServer, tmp_path: Path,
+) -> None:
+    runs = tmp_path / "runs.txt"
+    a, b = _replicas(gateway_factory, redis_server, runs)
+    ids = [_queue(a, f"t{n} 0.3") for n in range(6)]
+    for task_id in ids:
+        wait_until(lambda t=task_id: _task(b, t)["state"] == "done", timeout=30, what=f"task {task_id} done")
+    lines = _lines(runs)
+    for n in range(6):  # each task started once and finished once, across both replicas
+        assert lines.count(f"start t{n}") == 1, lines
+        assert lines.count(f"done t{n}") == 1, lines
+    for gateway in (a, b):  # either replica lists the cluster's tasks; the state filter works
+        listed = {t["id"]: t for t in gateway.get("/dicomproxy/tasks?state=done").json()}
+        assert set(ids) <= set(listed)
+        assert all(listed[t]["result"] == f"t{n}" for n, t in enumerate(ids))
+        assert not [t for t in gateway.get("/dicomproxy/tasks?state=queued").json() if t["id"] in ids]
+    ran_on = {_task(a, t)["replica"] for t in ids}
+    assert all(r and r.split("-")[-2] in (str(a.proc.pid), str(b.proc.pid)) for r in ran_on), ran_on  # type: ignore[union-attr]
+    health = a.get("/dicomproxy/health").json()
+    assert health["cluster"]["ok"] is True and health["cluster"]["redis"] == f"127.0.0.1:{redis_server.port}"
+    assert redis_server.url not in json.dumps(health)
+
+
+def test_kill9_of_the_replica_running_a_task_completes_it_once_on_the_other(
+    gateway_factory: Callable[..., GatewayProcess], redis_server: RedisServer, tmp_path: Path,
+) -> None:
+    runs = tmp_path / "runs.txt"
+    a, b = _replicas(gateway_factory, redis_server, runs)
+    task_id = _queue(a, "long 4")
+    holder_replica = wait_until(lambda: _task(a, task_id).get("replica"), timeout=15, what="the task running")
+    pid = int(holder_replica.split("-")[-2])
+    holder, other = (a, b) if a.proc and a.proc.pid == pid else (b, a)
+    assert holder.proc is not None and holder.proc.pid == pid
+    wait_until(lambda: "start long" in _lines(runs), timeout=10, what="the task started")
+    holder.kill9()
+    done = wait_until(lambda: (t := _task(other, task_id))["state"] == "done" and t, timeout=30,
+                      what="the task completed on the surviving replica")
+    assert done["restarts"] == 1 and done["attempts"] == 2
+    assert done["replica"] != holder_replica
+    wait_until(lambda: _lines(runs).count("done long") >= 1, timeout=5, what="the run recorded")
+    lines = _lines(runs)
+    assert lines.count("start long") == 2 and lines.count("done long") == 1, lines
+    assert other.get("/dicomproxy/health").json()["cluster"]["tasksReclaimed"] == 1
+
+
+def test_a_task_is_refused_with_a_clear_error_while_redis_is_down_and_health_says_so(
+    gateway_factory: Callable[..., GatewayProcess], redis_server: RedisServer, tmp_path: Path,
+) -> None:
+    runs = tmp_path / "runs.txt"
+    a, _b = _replicas(gateway_factory, redis_server, runs)
+    redis_server.kill()
+    resp = a.get("/queue", headers={"x-args": "never 0"})
+    assert resp.status_code == 500
+    assert "Cluster:Redis" in a.log_text() and "is unavailable" in a.log_text()
+    health = wait_until(lambda: (h := a.get("/dicomproxy/health").json())["cluster"]["ok"] is False and h,
+                        timeout=15, what="health showing Redis down")
+    assert "cluster" in health["degraded"] and "redis-server" in health["cluster"]["error"]
+    redis_server.start()
+    wait_until(lambda: a.get("/dicomproxy/health").json()["cluster"]["ok"], timeout=20, what="Redis back")
+    task_id = _queue(a, "after 0")
+    wait_until(lambda: _task(a, task_id)["state"] == "done", timeout=20, what="a task after Redis came back")
+    assert "never" not in runs.read_text()
+
+
+def _sse_events(gateway: GatewayProcess, count: int, timeout: float = 20) -> list[dict[str, Any]]:
+    got: list[dict[str, Any]] = []
+    with requests.get(gateway.url + "/dicomproxy/notifications/stream", stream=True, timeout=timeout) as resp:
+        for line in resp.iter_lines(decode_unicode=True):
+            if line.startswith("data: "):
+                got.append(json.loads(line[6:]))
+                if len(got) >= count:
+                    break
+    return got
+
+
+def test_an_sse_client_on_one_replica_sees_a_notification_raised_on_the_other(
+    gateway_factory: Callable[..., GatewayProcess], redis_server: RedisServer, tmp_path: Path,
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    a, b = _replicas(gateway_factory, redis_server, tmp_path / "runs.txt")
+    with ThreadPoolExecutor(1) as pool:
+        listening = pool.submit(_sse_events, a, 1)
+        wait_until(lambda: a.metric("dicomproxy_notification_streams") >= 1, timeout=10, what="the stream open")
+        assert b.get("/notify", headers={"x-title": "raised on B", "x-from": "B"}).text == "ok"
+        events = listening.result(timeout=20)
+    assert [e["title"] for e in events] == ["raised on B"] and events[0]["body"] == "from B"
+    # the feed is shared: both replicas list it, with the same id
+    for gateway in (a, b):
+        feed = wait_until(lambda g=gateway: [n for n in g.get("/dicomproxy/notifications").json()
+                                             if n["title"] == "raised on B"], timeout=10, what="the shared feed")
+        assert len(feed) == 1 and feed[0]["id"] == events[0]["id"]
+    assert redis_server.client().llen("dicomproxy:notifications") >= 1
+    assert os.environ.get("DICOMPROXY__CLUSTER__REDIS") is None
