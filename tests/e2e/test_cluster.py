@@ -38,6 +38,7 @@ TASK = r"""
 -- args: "<token> <seconds>"; records each start and each end in RUNS (one line each)
 function run(args)
   local token, seconds = args:match("^(%S+) (%S+)$")
+  if not token then error("cannot parse the task's args: " .. args) end
   OsExecute("sh", "-c 'echo start " .. token .. " >> RUNS'")
   OsExecute("sleep", seconds)
   OsExecute("sh", "-c 'echo done " .. token .. " >> RUNS'")
@@ -173,3 +174,29 @@ def test_an_sse_client_on_one_replica_sees_a_notification_raised_on_the_other(
         assert len(feed) == 1 and feed[0]["id"] == events[0]["id"]
     assert redis_server.client().llen("dicomproxy:notifications") >= 1
     assert os.environ.get("DICOMPROXY__CLUSTER__REDIS") is None
+
+
+def test_a_mail_rule_sends_one_mail_per_event_with_two_replicas(
+    gateway_factory: Callable[..., GatewayProcess], redis_server: RedisServer, tmp_path: Path,
+) -> None:
+    from tests.e2e.test_mail import SmtpSink
+
+    smtp = SmtpSink().start()
+    try:
+        extra = {"Smtp": {"Host": "127.0.0.1", "Port": smtp.port, "From": "gateway@example.org"},
+                 "Notifications": {"Email": [{"Events": ["task.failed"], "To": ["ops@example.org"]}]}}
+        a, b = _replicas(gateway_factory, redis_server, tmp_path / "runs.txt", extra)
+        tokens = [f"malformed{n}" for n in range(4)]  # args the task cannot parse: it fails, naming them
+        ids = [_queue(gw, token) for gw, token in zip((a, b, a), tokens, strict=False)]
+        for task_id in ids:
+            wait_until(lambda t=task_id: _task(a, t)["state"] == "failed", timeout=20, what=f"{task_id} failed")
+        smtp.wait_for(3)
+        last = _queue(b, tokens[3])  # a fourth event: its mail arrives after any duplicate of the first three
+        wait_until(lambda: _task(a, last)["state"] == "failed", timeout=20, what="the fourth task failed")
+        mails = smtp.wait_for(4)
+        assert len(mails) == 4, [m.message["Subject"] for m in mails]
+        bodies = [m.message.get_body(("plain",)).get_content() for m in mails]  # type: ignore[union-attr]
+        for token in tokens:
+            assert sum(f"args: {token}" in body for body in bodies) == 1, (token, bodies)
+    finally:
+        smtp.stop()
