@@ -49,12 +49,13 @@ START_WAIT_SECONDS = 30.0  # a request that comes while the gateway starts waits
 def make_task_queue(settings: Settings, bus: EventBus) -> Queue:
     """On this machine's disk, or shared by the replicas on Redis (``Cluster:Redis``)."""
     lua = settings.lua
-    if settings.cluster.redis:
+    here = TaskQueue(settings.data_folder / "tasks", workers=lua.background_workers, bus=bus,
+                     max_restarts=lua.task_max_restarts)
+    if settings.cluster.redis:  # the TUS imports stay on this replica's disk queue (LOCAL_KINDS)
         return RedisTaskQueue(settings.cluster.redis, connect(settings), connect_sync(settings),
                               workers=lua.background_workers, bus=bus, keep=settings.cluster.task_keep,
-                              max_restarts=lua.task_max_restarts, lease=settings.cluster.lease_seconds)
-    return TaskQueue(settings.data_folder / "tasks", workers=lua.background_workers, bus=bus,
-                     max_restarts=lua.task_max_restarts)
+                              max_restarts=lua.task_max_restarts, lease=settings.cluster.lease_seconds, local=here)
+    return here
 
 
 class Gateway:

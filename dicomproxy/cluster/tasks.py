@@ -24,6 +24,10 @@ for how long (the pending entries list), and ``XAUTOCLAIM`` hands one over atomi
 hand-written lease bookkeeping is needed. A task may run twice only if its replica lost Redis
 for longer than the lease while still running it; handlers are written to be safe to repeat.
 
+Tasks of a kind in ``LOCAL_KINDS`` stay on this replica's disk queue (:class:`TaskQueue`, as
+without Redis): a TUS import reads the upload from this replica's ``TusUploadFolder``, which no
+other replica has until uploads live in shared storage. They are listed with the cluster's.
+
 ``submit``, ``rerun``, ``get`` and ``list`` are synchronous (their callers are: Lua's
 ``LuaBackgroundWorker``, the API); they use a blocking client with a 1 s timeout - one loopback
 round trip when Redis is up, a clear error when it is down.
@@ -47,7 +51,17 @@ import redis.asyncio
 from dicomproxy import task_log
 from dicomproxy.cluster.redis import PREFIX, ClusterUnavailable, unavailable, where
 from dicomproxy.notify.events import EventBus
-from dicomproxy.tasks import DONE, FAILED, QUEUED, RUNNING, Handler, NotFailed, ReportedFailure, _jsonable
+from dicomproxy.tasks import (
+    DONE,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    Handler,
+    NotFailed,
+    ReportedFailure,
+    TaskQueue,
+    _jsonable,
+)
 
 log = logging.getLogger("dicomproxy.cluster.tasks")
 
@@ -56,6 +70,7 @@ FINISHED = PREFIX + "tasks:finished"
 QUEUE = PREFIX + "tasks:queue"
 GROUP = "workers"
 BLOCK_MS = 1000  # one XREADGROUP waits this long; shutdown and reclaiming are checked between
+LOCAL_KINDS = frozenset({"tus-import"})  # read a file only this replica has (see the module docstring)
 SAVE_TRIES = 5  # writing a finished task's record: tries with backoff before leaving it to the lease
 
 
@@ -68,7 +83,10 @@ class RedisTaskQueue:
     def __init__(
         self, url: str, aio: redis.asyncio.Redis, sync: redis.Redis, *, workers: int = 2,
         bus: EventBus | None = None, keep: int = 500, max_restarts: int = 3, lease: float = 30.0,
+        local: TaskQueue | None = None, local_kinds: frozenset[str] = LOCAL_KINDS,
     ) -> None:
+        self.local = local
+        self.local_kinds = local_kinds if local is not None else frozenset()
         self.url = url
         self.redis = aio
         self.sync = sync
@@ -93,6 +111,8 @@ class RedisTaskQueue:
 
     def register(self, kind: str, handler: Handler) -> None:
         self._handlers[kind] = handler
+        if self.local is not None:
+            self.local.register(kind, handler)
 
     # ------------------------------------------------------------------ synchronous API
     def _call(self, fn: Any) -> Any:
@@ -106,6 +126,8 @@ class RedisTaskQueue:
         when Redis cannot take it: a task accepted is a task that will run on some replica."""
         if kind not in self._handlers:
             raise ValueError(f"no handler for task kind {kind!r}; known: {', '.join(sorted(self._handlers))}")
+        if self.local is not None and kind in self.local_kinds:
+            return self.local.submit(kind, args, title, owner)
         task_id = time.strftime("%Y%m%d%H%M%S") + "-" + uuid.uuid4().hex[:12]
         task = {
             "id": task_id, "kind": kind, "title": title or kind, "args": _jsonable(args), "state": QUEUED,
@@ -125,6 +147,8 @@ class RedisTaskQueue:
     def rerun(self, task_id: str) -> dict[str, Any] | None:
         """Queue a failed task again (as :meth:`dicomproxy.tasks.TaskQueue.rerun`); atomic across
         replicas (``WATCH``): two admins pressing re-run at once queue it once."""
+        if self.local is not None and self.local.get(task_id) is not None:
+            return self.local.rerun(task_id)
         result: dict[str, Any] | None = None
 
         def again(pipe: Any) -> None:
@@ -148,13 +172,16 @@ class RedisTaskQueue:
         return result
 
     def get(self, task_id: str) -> dict[str, Any] | None:
+        if self.local is not None and (mine := self.local.get(task_id)) is not None:
+            return mine
         raw = self._call(lambda: self.sync.hget(RECORDS, task_id))
         return json.loads(raw) if raw is not None else None
 
     def list(self) -> list[dict[str, Any]]:
         """Every replica's tasks, newest first."""
         raw = self._call(lambda: self.sync.hvals(RECORDS))
-        return sorted((json.loads(r) for r in raw), key=lambda t: t["created"], reverse=True)
+        here = self.local.list() if self.local is not None else []
+        return sorted([*(json.loads(r) for r in raw), *here], key=lambda t: t["created"], reverse=True)
 
     def counts(self) -> dict[str, int]:
         """By state, across the cluster; computed at most once a second (health and metrics ask
@@ -172,6 +199,8 @@ class RedisTaskQueue:
 
     async def wait(self, task_id: str, timeout: float = 30.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
+        if self.local is not None and self.local.get(task_id) is not None:
+            return await self.local.wait(task_id, timeout)
         while time.monotonic() < deadline:
             raw = await self.redis.hget(RECORDS, task_id)
             task = json.loads(raw) if raw else None
@@ -188,6 +217,8 @@ class RedisTaskQueue:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        if self.local is not None:
+            await self.local.start()
         try:
             await self.redis.xgroup_create(QUEUE, GROUP, id="0", mkstream=True)
         except redis.ResponseError as e:
@@ -203,8 +234,12 @@ class RedisTaskQueue:
         """Shutdown began: take no new task (the queue is in Redis: another replica takes them)."""
         self._draining = True
         self._slot.set()
+        if self.local is not None:
+            self.local.drain()
 
     async def settle(self, until: float) -> None:
+        if self.local is not None:
+            await self.local.settle(until)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(0.0, until - time.monotonic())):
                 await self._idle.wait()
@@ -219,6 +254,8 @@ class RedisTaskQueue:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._running.clear()
+        if self.local is not None:
+            await self.local.stop()
         with contextlib.suppress(Exception):
             await self.redis.aclose()
         with contextlib.suppress(Exception):

@@ -137,6 +137,9 @@ def test_a_task_is_refused_with_a_clear_error_while_redis_is_down_and_health_say
     health = wait_until(lambda: (h := a.get("/dicomproxy/health").json())["cluster"]["ok"] is False and h,
                         timeout=15, what="health showing Redis down")
     assert "cluster" in health["degraded"] and "redis-server" in health["cluster"]["error"]
+    listing = a.get("/dicomproxy/tasks")
+    assert listing.status_code == 503 and "Cluster:Redis" in listing.json()["error"]
+    assert redis_server.url not in listing.text
     redis_server.start()
     wait_until(lambda: a.get("/dicomproxy/health").json()["cluster"]["ok"], timeout=20, what="Redis back")
     task_id = _queue(a, "after 0")
