@@ -203,3 +203,24 @@ def test_a_mail_rule_sends_one_mail_per_event_with_two_replicas(
             assert sum(f"args: {token}" in body for body in bodies) == 1, (token, bodies)
     finally:
         smtp.stop()
+
+
+def test_a_tus_upload_is_imported_by_the_replica_that_holds_it(
+    gateway_factory: Callable[..., GatewayProcess], redis_server: RedisServer, fresh_orthanc: Any,
+    dicom_samples: Any, tmp_path: Path,
+) -> None:
+    from tusclient import client as tus_client
+
+    a, b = _replicas(gateway_factory, redis_server, tmp_path / "runs.txt")
+    path, sop_uid = dicom_samples.make_instance(tmp_path / "ct.dcm", patient_id="CLU1", patient_name="Clu^One")
+    uploader = tus_client.TusClient(a.url + "/files/").uploader(str(path), chunk_size=4096,
+                                                                 metadata={"filename": "ct.dcm"})
+    uploader.upload()
+    done = wait_until(lambda: [t for t in a.get("/dicomproxy/tasks?state=done").json() if t["kind"] == "tus-import"],
+                      timeout=30, what="the import done on A")
+    assert done[0]["result"]["sopInstanceUids"] == [sop_uid]
+    assert fresh_orthanc.sop_instance_uids() == {sop_uid}
+    # B lists the cluster's tasks: its own and the shared ones, not A's local import
+    assert [t for t in b.get("/dicomproxy/tasks").json() if t["kind"] == "tus-import"] == []
+    shared = _queue(b, "shared 0")
+    wait_until(lambda: _task(a, shared)["state"] == "done", timeout=20, what="a shared task listed on A")
