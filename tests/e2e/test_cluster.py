@@ -224,3 +224,51 @@ def test_a_tus_upload_is_imported_by_the_replica_that_holds_it(
     assert [t for t in b.get("/dicomproxy/tasks").json() if t["kind"] == "tus-import"] == []
     shared = _queue(b, "shared 0")
     wait_until(lambda: _task(a, shared)["state"] == "done", timeout=20, what="a shared task listed on A")
+
+
+KILLER = r"""
+-- ends the replica that runs it (kill -9 of the gateway: OsExecute's shell is its child)
+function run(args)
+  OsExecute("sh", "-c 'echo start >> RUNS; kill -9 $PPID'")
+  return "survived"
+end
+"""
+
+
+def test_a_task_that_kills_its_replicas_is_quarantined_not_run_forever(
+    gateway_factory: Callable[..., GatewayProcess], redis_server: RedisServer, tmp_path: Path,
+) -> None:
+    runs = tmp_path / "runs.txt"
+    settings = {"Dicom": {"Port": 0}, "Cluster": {"Redis": redis_server.url, "TaskLeaseSeconds": 1},
+                "Lua": {"BackgroundWorkers": 1, "TaskMaxRestarts": 1}}
+    scripts = {"main.lua": MAIN, "main-task.lua": KILLER.replace("RUNS", str(runs))}
+    a = gateway_factory(settings, scripts, register_modality=None)
+    b = gateway_factory(settings, scripts, register_modality=None)
+    task_id = _queue(a, "x")
+    # first run ends one replica; after the lease the other takes it (restart 1 of 1) and ends too
+    wait_until(lambda: len(_lines(runs)) >= 2, timeout=30, what="the task run on both replicas")
+    wait_until(lambda: not a.running and not b.running, timeout=10, what="both replicas ended by the task")
+    a.restart()  # the next replica to take it finds restarts > TaskMaxRestarts: quarantined, not run
+    task = wait_until(lambda: (t := _task(a, task_id))["state"] == "failed" and t, timeout=20,
+                      what="the task quarantined")
+    assert task["quarantined"] is True and "TaskMaxRestarts" in task["error"] and task["restarts"] == 2
+    assert _lines(runs) == ["start", "start"]
+    quarantined = [t["id"] for t in a.get("/dicomproxy/tasks?state=quarantined").json()]
+    assert quarantined == [task_id]
+    assert a.running
+
+
+def test_a_task_failed_on_one_replica_is_run_again_from_the_other(
+    gateway_factory: Callable[..., GatewayProcess], redis_server: RedisServer, tmp_path: Path,
+) -> None:
+    a, b = _replicas(gateway_factory, redis_server, tmp_path / "runs.txt")
+    task_id = _queue(a, "broken")
+    wait_until(lambda: _task(a, task_id)["state"] == "failed", timeout=20, what="the task failed")
+    resp = b.post(f"/dicomproxy/tasks/{task_id}/rerun")
+    assert resp.status_code == 202, resp.text
+    again = wait_until(lambda: (t := _task(a, task_id))["state"] == "failed" and t.get("reruns") == 1 and t,
+                       timeout=20, what="the re-run failed again")
+    assert again["attempts"] == 2 and "cannot parse the task's args: broken" in again["error"]
+    done_id = _queue(b, "fine 0")
+    wait_until(lambda: _task(a, done_id)["state"] == "done", timeout=20, what="a task done")
+    assert a.post(f"/dicomproxy/tasks/{done_id}/rerun").status_code == 409  # only a failed task
