@@ -116,6 +116,11 @@ class RedisTaskQueue:
 
     # ------------------------------------------------------------------ synchronous API
     def _call(self, fn: Any) -> Any:
+        """One blocking Redis call. While the dispatcher knows Redis is down (it retries every
+        few seconds) this fails at once: a blackholed Redis must not hold the event loop for the
+        timeout on every status request."""
+        if self.error is not None:
+            raise ClusterUnavailable(self.error)
         try:
             return fn()
         except redis.RedisError as e:

@@ -272,3 +272,35 @@ def test_a_task_failed_on_one_replica_is_run_again_from_the_other(
     done_id = _queue(b, "fine 0")
     wait_until(lambda: _task(a, done_id)["state"] == "done", timeout=20, what="a task done")
     assert a.post(f"/dicomproxy/tasks/{done_id}/rerun").status_code == 409  # only a failed task
+
+
+SLOW_ONCE = r"""
+-- the first run is slow (30 s), a later one quick: records each start and end in RUNS
+function run(args)
+  OsExecute("sh", "-c 'echo start >> RUNS'")
+  OsExecute("sh", "-c '[ -e RUNS.slow ] && exit 0; touch RUNS.slow; sleep 30'")
+  OsExecute("sh", "-c 'echo done >> RUNS'")
+  return "ok"
+end
+"""
+
+
+def test_a_graceful_stop_hands_a_running_task_to_the_other_replica_without_counting_a_restart(
+    gateway_factory: Callable[..., GatewayProcess], redis_server: RedisServer, tmp_path: Path,
+) -> None:
+    runs = tmp_path / "runs.txt"
+    settings = {"Dicom": {"Port": 0}, "Cluster": {"Redis": redis_server.url, "TaskLeaseSeconds": 30},
+                "Lua": {"BackgroundWorkers": 1}, "Server": {"ShutdownTimeoutSeconds": 2}}
+    scripts = {"main.lua": MAIN, "main-task.lua": SLOW_ONCE.replace("RUNS", str(runs))}
+    a = gateway_factory(settings, scripts, register_modality=None)
+    b = gateway_factory(settings, scripts, register_modality=None)
+    task_id = _queue(a, "x")
+    holder_replica = wait_until(lambda: _task(a, task_id).get("replica"), timeout=15, what="the task running")
+    holder, other = (a, b) if a.proc and str(a.proc.pid) == holder_replica.split("-")[-2] else (b, a)
+    wait_until(lambda: (tmp_path / "runs.txt.slow").exists(), timeout=10, what="the slow run begun")
+    assert holder.stop() == 0 and not holder.forced_kill
+    # put back in the queue at once (not left to the 30 s lease), run by the other replica
+    done = wait_until(lambda: (t := _task(other, task_id))["state"] == "done" and t, timeout=15,
+                      what="the task done on the other replica")
+    assert done["restarts"] == 0 and done["replica"] != holder_replica
+    assert _lines(runs) == ["start", "start", "done"]
