@@ -71,7 +71,13 @@ QUEUE = PREFIX + "tasks:queue"
 GROUP = "workers"
 BLOCK_MS = 1000  # one XREADGROUP waits this long; shutdown and reclaiming are checked between
 LOCAL_KINDS = frozenset({"tus-import"})  # read a file only this replica has (see the module docstring)
-SAVE_TRIES = 5  # writing a finished task's record: tries with backoff before leaving it to the lease
+SAVE_TRIES = 5
+RENEW = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+if #p == 0 or p[1][2] ~= ARGV[3] then return 0 end
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, ARGV[2], 'JUSTID')
+return 1
+"""  # writing a finished task's record: tries with backoff before leaving it to the lease
 
 
 def replica_id() -> str:
@@ -105,6 +111,8 @@ class RedisTaskQueue:
         self._slot = asyncio.Event()
         self._counts: dict[str, int] = {QUEUED: 0, RUNNING: 0, DONE: 0, FAILED: 0}
         self._counted_at = 0.0
+        self._lost: set[str] = set()  # entries whose lease another replica took over
+        self._renew_script: Any = None
         self.error: str | None = None  # the last Redis error of the dispatcher, None while Redis answers
         self.ran = 0
         self.reclaimed = 0
@@ -358,22 +366,39 @@ class RedisTaskQueue:
                 return
             log.warning("task %s (%s): its replica %s stopped while it ran (%d of %d restarts); running it here",
                         task_id, task["title"], task.get("replica"), task["restarts"], self.max_restarts)
-        renew = asyncio.get_running_loop().create_task(self._renew(entry_id))
+        loop = asyncio.get_running_loop()
+        run = loop.create_task(self._run(entry_id, task))
+        renew = loop.create_task(self._renew(entry_id, run))
         try:
-            await self._run(entry_id, task)
+            await run
+        except asyncio.CancelledError:
+            if entry_id not in self._lost:
+                raise
+            self._lost.discard(entry_id)
         finally:
             renew.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renew
 
-    async def _renew(self, entry_id: str) -> None:
-        """Keep the lease: reset the entry's idle time while the task runs."""
+    async def _renew(self, entry_id: str, run: asyncio.Task[None]) -> None:
+        """Keep the lease: reset the entry's idle time while the task runs - only while this
+        replica still holds it (one script: a plain ``XCLAIM`` would take it back from a replica
+        that reclaimed it while this one was cut off). Lost: this run stops, its outcome unwritten."""
         while True:
             await asyncio.sleep(max(0.1, self.lease / 3))
             try:
-                await self.redis.xclaim(QUEUE, GROUP, self.replica, 0, [entry_id], justid=True)
+                if self._renew_script is None:
+                    self._renew_script = self.redis.register_script(RENEW)
+                held = await self._renew_script(keys=[QUEUE], args=[GROUP, entry_id, self.replica])
             except redis.RedisError as e:
                 log.warning("task lease of entry %s not renewed: %s", entry_id, unavailable(self.url, e))
+                continue
+            if not held:
+                log.error("task lease of entry %s lost (this replica was cut off from Redis for longer than "
+                          "Cluster:TaskLeaseSeconds): another replica runs the task; stopping it here", entry_id)
+                self._lost.add(entry_id)
+                run.cancel()
+                return
 
     async def _quarantine(self, entry_id: str, task: dict[str, Any]) -> None:
         message = (
@@ -402,7 +427,8 @@ class RedisTaskQueue:
             result = await handler(task["args"])
         except asyncio.CancelledError:
             task_log.done(token)
-            await asyncio.shield(self._requeue(entry_id, task))
+            if entry_id not in self._lost:  # shutting down: back to the queue (lost: another replica has it)
+                await asyncio.shield(self._requeue(entry_id, task))
             raise
         except Exception as e:
             task_log.done(token)

@@ -304,3 +304,25 @@ def test_a_graceful_stop_hands_a_running_task_to_the_other_replica_without_count
                       what="the task done on the other replica")
     assert done["restarts"] == 0 and done["replica"] != holder_replica
     assert _lines(runs) == ["start", "start", "done"]
+
+
+def test_a_replica_that_lost_its_lease_stops_the_task_and_it_completes_once(
+    gateway_factory: Callable[..., GatewayProcess], redis_server: RedisServer, tmp_path: Path,
+) -> None:
+    runs = tmp_path / "runs.txt"
+    a, b = _replicas(gateway_factory, redis_server, runs)
+    task_id = _queue(a, "stolen 4")
+    wait_until(lambda: "start stolen" in _lines(runs), timeout=15, what="the task started")
+    # what a replica cut off from Redis past its lease sees: another consumer holds the entry now
+    r = redis_server.client()
+    pending = r.xpending_range("dicomproxy:tasks:queue", "workers", "-", "+", 10)
+    assert len(pending) == 1
+    holder = pending[0]["consumer"]
+    r.xclaim("dicomproxy:tasks:queue", "workers", "elsewhere", 0, [pending[0]["message_id"]], justid=True)
+    holder_gw = a if a.proc and holder.split("-")[-2] == str(a.proc.pid) else b
+    holder_gw.wait_for_log("lease of entry", timeout=10)
+    # "elsewhere" never renews: after the lease a live replica reclaims it and completes it, once
+    done = wait_until(lambda: (t := _task(a, task_id))["state"] == "done" and t, timeout=30, what="the task done")
+    assert done["restarts"] == 1
+    lines = _lines(runs)
+    assert lines.count("start stolen") == 2 and lines.count("done stolen") == 1, lines
