@@ -83,7 +83,13 @@ class Gateway:
         self.monitor = UpstreamMonitor(self.upstream, self.bus)
         self.health_checks: dict[str, HealthCheck] = {}
         if isinstance(self.tasks, RedisTaskQueue):
-            self.health_checks["cluster"] = self.tasks.status
+            shared = self.tasks
+            self.health_checks["cluster"] = shared.status
+            self.metrics.gauge("dicomproxy_cluster_redis_up", "1 while Cluster:Redis answers this replica, else 0",
+                               lambda: 0 if shared.error else 1)
+            self.metrics.gauge("dicomproxy_cluster_tasks_reclaimed",
+                               "Tasks this replica took over from a replica that died holding them",
+                               lambda: shared.reclaimed)
         self.auth = build_auth(settings)
         self._mounts: list[tuple[str, str, Any]] = []
         self._middleware: list[Callable[[Any], Any]] = []

@@ -123,6 +123,7 @@ def test_kill9_of_the_replica_running_a_task_completes_it_once_on_the_other(
     lines = _lines(runs)
     assert lines.count("start long") == 2 and lines.count("done long") == 1, lines
     assert other.get("/dicomproxy/health").json()["cluster"]["tasksReclaimed"] == 1
+    assert other.metric("dicomproxy_cluster_tasks_reclaimed") == 1 and other.metric("dicomproxy_cluster_redis_up") == 1
 
 
 def test_a_task_is_refused_with_a_clear_error_while_redis_is_down_and_health_says_so(
