@@ -141,6 +141,11 @@ def test_a_task_is_refused_with_a_clear_error_while_redis_is_down_and_health_say
     listing = a.get("/dicomproxy/tasks")
     assert listing.status_code == 503 and "Cluster:Redis" in listing.json()["error"]
     assert redis_server.url not in listing.text
+    # a notification raised meanwhile is still shown on this replica (not shared), health says so
+    assert a.get("/notify", headers={"x-title": "while Redis is down"}).text == "ok"
+    wait_until(lambda: [n for n in a.get("/dicomproxy/notifications").json() if n["title"] == "while Redis is down"],
+               timeout=10, what="the notification shown locally")
+    assert a.get("/dicomproxy/health").json()["notifications"]["shared"] is False
     redis_server.start()
     wait_until(lambda: a.get("/dicomproxy/health").json()["cluster"]["ok"], timeout=20, what="Redis back")
     task_id = _queue(a, "after 0")
