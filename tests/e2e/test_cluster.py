@@ -53,7 +53,7 @@ def _replicas(
 ) -> tuple[GatewayProcess, GatewayProcess]:
     settings = {
         "Dicom": {"Port": 0},
-        "Cluster": {"Redis": redis_server.url, "TaskLeaseSeconds": 2},
+        "Cluster": {"Redis": redis_server.url, "TaskLeaseSeconds": 5},  # renewed every 1.7 s: room for a loaded CI
         "Lua": {"BackgroundWorkers": 1},
         **(extra or {}),
     }
@@ -245,7 +245,7 @@ def test_a_task_that_kills_its_replicas_is_quarantined_not_run_forever(
     gateway_factory: Callable[..., GatewayProcess], redis_server: RedisServer, tmp_path: Path,
 ) -> None:
     runs = tmp_path / "runs.txt"
-    settings = {"Dicom": {"Port": 0}, "Cluster": {"Redis": redis_server.url, "TaskLeaseSeconds": 1},
+    settings = {"Dicom": {"Port": 0}, "Cluster": {"Redis": redis_server.url, "TaskLeaseSeconds": 2},
                 "Lua": {"BackgroundWorkers": 1, "TaskMaxRestarts": 1}}
     scripts = {"main.lua": MAIN, "main-task.lua": KILLER.replace("RUNS", str(runs))}
     a = gateway_factory(settings, scripts, register_modality=None)
@@ -317,7 +317,7 @@ def test_a_replica_that_lost_its_lease_stops_the_task_and_it_completes_once(
 ) -> None:
     runs = tmp_path / "runs.txt"
     a, b = _replicas(gateway_factory, redis_server, runs)
-    task_id = _queue(a, "stolen 4")
+    task_id = _queue(a, "stolen 8")
     wait_until(lambda: "start stolen" in _lines(runs), timeout=15, what="the task started")
     # what a replica cut off from Redis past its lease sees: another consumer holds the entry now
     r = redis_server.client()
@@ -328,7 +328,7 @@ def test_a_replica_that_lost_its_lease_stops_the_task_and_it_completes_once(
     holder_gw = a if a.proc and holder.split("-")[-2] == str(a.proc.pid) else b
     holder_gw.wait_for_log("lease of entry", timeout=10)
     # "elsewhere" never renews: after the lease a live replica reclaims it and completes it, once
-    done = wait_until(lambda: (t := _task(a, task_id))["state"] == "done" and t, timeout=30, what="the task done")
+    done = wait_until(lambda: (t := _task(a, task_id))["state"] == "done" and t, timeout=45, what="the task done")
     assert done["restarts"] == 1
     lines = _lines(runs)
     assert lines.count("start stolen") == 2 and lines.count("done stolen") == 1, lines
