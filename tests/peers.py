@@ -21,6 +21,8 @@ Fixture API (``tests/conftest.py``)::
                              target). env: extra variables (inherited DICOMPROXY__* are dropped).
                              verify (a CA file) / cert ((cert, key)): for an https first URL
     storescp_factory(aet="STORESCP", *, args=()) -> StoreScp   dcmtk storescp on a free port
+    redis_server             function-scoped RedisServer (Debian redis-server on a free port, no
+                             persistence): .url for Cluster:Redis, .client(), .kill(), .start()
     dicom_samples            the tests.dicom_samples module (make_instance, make_study, make_zip,
                              pixel_values, build_dataset, dataset_bytes)
     sample_dir               an empty tmp folder for generated DICOM files
