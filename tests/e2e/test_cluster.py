@@ -332,3 +332,24 @@ def test_a_replica_that_lost_its_lease_stops_the_task_and_it_completes_once(
     assert done["restarts"] == 1
     lines = _lines(runs)
     assert lines.count("start stolen") == 2 and lines.count("done stolen") == 1, lines
+
+
+def test_an_event_source_reconnecting_to_another_replica_gets_what_it_missed(
+    gateway_factory: Callable[..., GatewayProcess], redis_server: RedisServer, tmp_path: Path,
+) -> None:
+    a, b = _replicas(gateway_factory, redis_server, tmp_path / "runs.txt")
+    for title in ("first", "second", "third"):
+        assert a.get("/notify", headers={"x-title": title}).text == "ok"
+    feed = wait_until(lambda: len(f := b.get("/dicomproxy/notifications").json()) >= 3 and f, timeout=10,
+                      what="three notifications in B's copy of the feed")
+    first = min(n["id"] for n in feed)
+    missed = [n["title"] for n in sorted(feed, key=lambda n: n["id"]) if n["id"] > first]
+    got: list[str] = []
+    with requests.get(b.url + "/dicomproxy/notifications/stream", headers={"Last-Event-ID": str(first)},
+                      stream=True, timeout=20) as resp:
+        for line in resp.iter_lines(decode_unicode=True):
+            if line.startswith("data: "):
+                got.append(json.loads(line[6:])["title"])
+                if len(got) == 2:
+                    break
+    assert got == missed and len(missed) == 2
