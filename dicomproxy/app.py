@@ -21,6 +21,8 @@ from dicomproxy import dicom, tus, ui
 from dicomproxy.audit import web as audit_web
 from dicomproxy.audit.trail import AuditTrail
 from dicomproxy.auth.setup import build_auth
+from dicomproxy.cluster.redis import connect, connect_sync
+from dicomproxy.cluster.tasks import RedisTaskQueue
 from dicomproxy.commands import Commands
 from dicomproxy.config.settings import Settings
 from dicomproxy.dicom import storage_scu
@@ -39,7 +41,7 @@ from dicomproxy.scripting import orthanc
 from dicomproxy.scripting.host import ScriptHost
 from dicomproxy.scripting.shared import SharedStore
 from dicomproxy.scripting.shared_lmdb import LmdbStore
-from dicomproxy.tasks import TaskQueue
+from dicomproxy.tasks import Queue, TaskQueue
 from dicomproxy.upstream import Upstream
 from dicomproxy.upstream.directory import Upstreams
 from dicomproxy.upstream.health import Echo
@@ -50,6 +52,19 @@ from dicomproxy.workers import WorkerInfo
 log = logging.getLogger("dicomproxy")
 
 START_WAIT_SECONDS = 30.0  # a request that comes while the gateway starts waits this long, then 503
+
+
+def make_task_queue(settings: Settings, bus: EventBus, worker: WorkerInfo) -> Queue:
+    """On this machine's disk (run by worker 0 of ``Server:Workers``), or shared by the replicas
+    and their workers on Redis (``Cluster:Redis``: any worker takes a task, under a lease)."""
+    lua = settings.lua
+    here = TaskQueue(settings.data_folder / "tasks", workers=lua.background_workers, bus=bus,
+                     max_restarts=lua.task_max_restarts, runs=worker.owner, shared=worker.multi)
+    if settings.cluster.redis:  # the TUS imports stay on this replica's disk queue (LOCAL_KINDS)
+        return RedisTaskQueue(settings.cluster.redis, connect(settings), connect_sync(settings),
+                              workers=lua.background_workers, bus=bus, keep=settings.cluster.task_keep,
+                              max_restarts=lua.task_max_restarts, lease=settings.cluster.lease_seconds, local=here)
+    return here
 
 
 class Gateway:
@@ -65,9 +80,7 @@ class Gateway:
         self.audit = AuditTrail(settings, self.bus, self.metrics, self.worker.index)
         self.commands = Commands()
         self.hooks = Hooks()
-        self.tasks = TaskQueue(settings.data_folder / "tasks", workers=settings.lua.background_workers, bus=self.bus,
-                               max_restarts=settings.lua.task_max_restarts, runs=self.worker.owner,
-                               shared=self.worker.multi)
+        self.tasks = make_task_queue(settings, self.bus, self.worker)
         # Observed twice per proxied request with hooks: a LeanHistogram child per callback (metrics.py).
         hook_seconds = self.metrics.lean_histogram(
             "dicomproxy_lua_hook_seconds", "Seconds a Lua callback ran (awaits included), by callback",
@@ -81,6 +94,14 @@ class Gateway:
         self.proxy = ReverseProxy(self.upstream, self.metrics, self.upstreams)
         self.monitor = UpstreamMonitor(self.upstream, self.bus)
         self.health_checks: dict[str, HealthCheck] = {}
+        if isinstance(self.tasks, RedisTaskQueue):
+            shared = self.tasks
+            self.health_checks["cluster"] = shared.status
+            self.metrics.gauge("dicomproxy_cluster_redis_up", "1 while Cluster:Redis answers this replica, else 0",
+                               lambda: 0 if shared.error else 1)
+            self.metrics.gauge("dicomproxy_cluster_tasks_reclaimed",
+                               "Tasks this replica took over from a replica that died holding them",
+                               lambda: shared.reclaimed)
         self.auth = build_auth(settings)
         self._mounts: list[tuple[str, str, Any]] = []
         self._middleware: list[Callable[[Any], Any]] = []

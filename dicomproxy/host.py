@@ -19,7 +19,7 @@ from dicomproxy.lifecycle import Lifecycle
 from dicomproxy.metrics import Metrics
 from dicomproxy.notify.events import EventBus
 from dicomproxy.scripting.host import ScriptHost
-from dicomproxy.tasks import TaskQueue
+from dicomproxy.tasks import Queue
 from dicomproxy.upstream import Upstream
 from dicomproxy.upstream.member import Member
 from dicomproxy.workers import WorkerInfo
@@ -68,7 +68,7 @@ class Host(Protocol):
     bus: EventBus
     metrics: Metrics
     commands: Commands
-    tasks: TaskQueue
+    tasks: Queue
     lua: ScriptHost
     upstream: Upstream
     audit: AuditTrail  # host.audit.record(event): never blocks, never raises

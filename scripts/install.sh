@@ -29,6 +29,7 @@ APT_PACKAGES=(
     curl ca-certificates openssl
     rsyslog rsyslog-gnutls
     prometheus
+    redis-server
 )
 
 step() { printf '\n==> %s\n' "$*"; }

@@ -10,7 +10,7 @@ import pytest
 
 from tests import dicom_samples as _dicom_samples
 from tests.local_upstream import LocalUpstream
-from tests.peers import GatewayProcess, OrthancServer, StoreScp
+from tests.peers import GatewayProcess, OrthancServer, RedisServer, StoreScp
 
 _SESSION_ORTHANC: Any = object()  # sentinel: "use the shared session Orthanc"
 
@@ -140,5 +140,13 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalUpstream
     """A local HTTP upstream that echoes headers, stalls, counts connections (see local_upstream.py);
     one per test module."""
     server = LocalUpstream(tmp_path_factory.mktemp("upstream")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A private redis-server on a free port (``Cluster:Redis``), stopped at teardown."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
     yield server
     server.stop()

@@ -21,6 +21,8 @@ Fixture API (``tests/conftest.py``)::
                              target). env: extra variables (inherited DICOMPROXY__* are dropped).
                              verify (a CA file) / cert ((cert, key)): for an https first URL
     storescp_factory(aet="STORESCP", *, args=()) -> StoreScp   dcmtk storescp on a free port
+    redis_server             function-scoped RedisServer (Debian redis-server on a free port, no
+                             persistence): .url for Cluster:Redis, .client(), .kill(), .start()
     dicom_samples            the tests.dicom_samples module (make_instance, make_study, make_zip,
                              pixel_values, build_dataset, dataset_bytes)
     sample_dir               an empty tmp folder for generated DICOM files
@@ -857,3 +859,56 @@ class OidcProvider:
             with contextlib.suppress(OSError):
                 self.proc.stdin.close()
         _terminate(self.proc, 5)
+
+
+# --------------------------------------------------------------------------- Redis
+class RedisServer:
+    """Debian's ``redis-server`` on a free loopback port, no persistence, in its own folder.
+
+    ``.url`` (``redis://127.0.0.1:PORT/0``)  ``.port``  ``.start()``  ``.stop()``  ``.kill()``
+    ``.client()`` -> a redis-py client (decoded strings) for assertions on what is stored.
+    """
+
+    BINARY = "/usr/bin/redis-server"
+
+    def __init__(self, workdir: Path) -> None:
+        self.binary = require_binary(self.BINARY, "apt-get install redis-server (scripts/install.sh)")
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.workdir / "redis.log"
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{LOOPBACK}:{self.port}/0"
+
+    def start(self, timeout: float = 10) -> RedisServer:
+        cmd = [self.binary, "--port", str(self.port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no",
+               "--dir", str(self.workdir)]
+        self.proc = _popen(cmd, self.log_path, cwd=self.workdir)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"redis-server exited {self.proc.returncode}:\n{_tail(self.log_path)}", pytrace=False)
+            with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, self.port), timeout=1):
+                return self
+            time.sleep(0.05)
+        pytest.fail(f"redis-server did not listen on {self.port} within {timeout}s", pytrace=False)
+        raise AssertionError("unreachable")
+
+    def client(self) -> Any:
+        import redis
+
+        return redis.Redis.from_url(self.url, decode_responses=True)
+
+    def stop(self) -> None:
+        _terminate(self.proc, 5)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def __repr__(self) -> str:
+        return f"<RedisServer {self.port}>"

@@ -978,6 +978,27 @@ class OrthancSettings(Section):
         "refused (`POST /instances`: 413; STOW-RS: a failed SOP)")
 
 
+class ClusterSettings(Section):
+    """Replicas sharing state on Redis (dicomproxy/cluster/)."""
+
+    redis: Annotated[str, Text()] = key(
+        "Redis", "", "a Redis URL (redis:// or rediss://); empty: one machine, nothing shared. With it, background "
+        "tasks, the notification feed and its live stream are shared by every replica using the same Redis (a "
+        "password in the URL, or the whole URL from `RedisFile`)", secret=True)
+    lease_seconds: Annotated[float, Number(minimum=1)] = key(
+        "TaskLeaseSeconds", 30, "a running task's lease, renewed while it runs; a replica that died holding it "
+        "loses it after this long and another replica runs the task again")
+    task_keep: Annotated[int, Whole(1)] = key(
+        "TaskKeep", 500, "finished tasks kept in Redis (the oldest go first)")
+
+    @model_validator(mode="after")
+    def _redis_url(self) -> ClusterSettings:
+        if self.redis and not self.redis.startswith(("redis://", "rediss://", "unix://")):
+            raise PydanticCustomError(VALUE_ERROR, "{expected}", {
+                "expected": "a Redis URL: redis://host:6379/0, rediss://... (TLS) or unix:///path", "key": "Redis"})
+        return self
+
+
 class LoggingSettings(Section):
     level: Annotated[str, Choice("DEBUG", "INFO", "WARNING", "ERROR")] = key("Level", "INFO", "log level")
 
@@ -1074,6 +1095,7 @@ class Settings(Section):
     notifications: NotificationSettings = section("Notifications", "the notification feed and mail rules")
     orthanc: OrthancSettings = section("Orthanc", "the Orthanc-compatible Lua layer")
     logging: LoggingSettings = section("Logging", "logging")
+    cluster: ClusterSettings = section("Cluster", "replicas sharing tasks and notifications on Redis")
     audit: AuditSettings = section("Audit", "the IHE ATNA audit trail")
 
     config_file: Path | None = internal(None)  # the appsettings.json read, if any

@@ -29,10 +29,11 @@ from starlette.routing import Route, Router
 from dicomproxy import __version__
 from dicomproxy.audit import codes, events
 from dicomproxy.audit.trail import AuditTrail
+from dicomproxy.cluster.redis import ClusterUnavailable
 from dicomproxy.host import HealthCheck
 from dicomproxy.metrics import CONTENT_TYPE, Metrics
 from dicomproxy.scripting.host import ScriptHost
-from dicomproxy.tasks import STATES, NotFailed, TaskQueue, listed, matches, visible_to
+from dicomproxy.tasks import STATES, NotFailed, Queue, listed, matches, visible_to
 from dicomproxy.upstream.monitor import UpstreamMonitor
 
 log = logging.getLogger("dicomproxy.http.api")
@@ -44,7 +45,7 @@ class ApiSource(Protocol):
     started_at: float
     monitor: UpstreamMonitor
     lua: ScriptHost
-    tasks: TaskQueue
+    tasks: Queue
     metrics: Metrics
     audit: AuditTrail
 
@@ -114,7 +115,11 @@ def build_api(gateway: ApiSource) -> Router:
         state = request.query_params.get("state")
         if state and state not in STATES:
             return JSONResponse({"error": f"state: one of {', '.join(STATES)}"}, status_code=400)
-        items = [listed(t) for t in gateway.tasks.list() if _visible(request, t) and (not state or matches(t, state))]
+        try:
+            every = gateway.tasks.list()
+        except ClusterUnavailable as e:  # Cluster:Redis down: say so, not a 500
+            return JSONResponse({"error": str(e)}, status_code=503)
+        items = [listed(t) for t in every if _visible(request, t) and (not state or matches(t, state))]
         return JSONResponse(items)
 
     async def rerun(request: Request) -> Response:
@@ -137,7 +142,10 @@ def build_api(gateway: ApiSource) -> Router:
         return JSONResponse(listed(again) if again is not None else {}, status_code=202)
 
     async def task(request: Request) -> Response:
-        item = gateway.tasks.get(request.path_params["task_id"])
+        try:
+            item = gateway.tasks.get(request.path_params["task_id"])
+        except ClusterUnavailable as e:
+            return JSONResponse({"error": str(e)}, status_code=503)
         if item is None or not _visible(request, item):  # someone else's: as if it did not exist
             return JSONResponse({"error": "no such task"}, status_code=404)
         return JSONResponse(item)

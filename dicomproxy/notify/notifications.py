@@ -198,6 +198,11 @@ class NotificationFeed:
                 self._drop(sub)
         return item
 
+    async def publish(self, kind: str, title: str, body: str = "", link: str = "",
+                      data: Mapping[str, Any] | None = None) -> Notification:
+        """Add one (the shared feed, :class:`dicomproxy.cluster.feed.ClusterFeed`, goes through Redis)."""
+        return self.add(kind, title, body, link, data)
+
     def items(self, limit: int | None = None, after: int | None = None) -> list[Notification]:
         """Newest first."""
         out = [n for n in reversed(self._items) if after is None or n.id > after]
@@ -295,7 +300,7 @@ class Notifier:
                             result.args[0], f"{where} (after onNotificationShow)")
                     except NotificationError as e:
                         log.error("%s: edits from onNotificationShow ignored: %s", where, e)
-        item = self.feed.add(kind, title, body, link, data)
+        item = await self.feed.publish(kind, title, body, link, data)
         self._count(kind, "shown")
         log.info("notification #%d [%s] %s", item.id, kind, title)
         return item
@@ -425,7 +430,16 @@ def _sse(item: Notification) -> str:
 # ----------------------------------------------------------------------------- install
 def install(gateway: Host) -> Notifier:
     """The feed, its HTTP routes, ``ShowNotification``, and every app event as a notification."""
-    feed = NotificationFeed(gateway.settings.notifications.feed_size)
+    size = gateway.settings.notifications.feed_size
+    feed: NotificationFeed
+    if gateway.settings.cluster.redis:  # shared by the replicas (dicomproxy/cluster/feed.py)
+        from dicomproxy.cluster.feed import ClusterFeed
+        from dicomproxy.cluster.redis import connect
+
+        feed = shared = ClusterFeed(gateway.settings.cluster.redis, connect(gateway.settings), size)
+        gateway.add_component(shared)
+    else:
+        feed = NotificationFeed(size)
     counter = gateway.metrics.counter("dicomproxy_notifications_total",
                                       "Notifications by kind and outcome: shown, suppressed by onNotificationShow",
                                       labels=("kind", "outcome"))
@@ -437,7 +451,8 @@ def install(gateway: Host) -> Notifier:
     gateway.lua.add_export("ShowNotification", notifier.lua_show_notification)
     gateway.mount(PREFIX, NotificationsApp(feed))
     gateway.add_health("notifications", lambda: {
-        "ok": True,
+        "ok": getattr(feed, "error", None) is None,
+        **(feed.status() if hasattr(feed, "status") else {}),
         "feed": len(feed.items()),
         "streams": feed.subscriber_count,
         "suppressed_by_script": notifier.suppressed,

@@ -19,7 +19,7 @@ from dicomproxy_middleware import LuaEngine, LuaExportError
 from dicomproxy_middleware.shell import child_environment, reap
 
 if TYPE_CHECKING:
-    from dicomproxy.tasks import TaskQueue
+    from dicomproxy.tasks import Queue
 
 lua_log = logging.getLogger("dicomproxy.lua")
 
@@ -149,7 +149,7 @@ async def os_execute(
     return proc.returncode or 0, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
 
 
-def background_worker(tasks: TaskQueue, scripts_root: Path) -> Callable[..., str]:
+def background_worker(tasks: Queue, scripts_root: Path) -> Callable[..., str]:
     def submit(script: Any = "", entry: Any = "", args: Any = "") -> str:
         """``LuaBackgroundWorker(luaScriptPath, entryFunc, args)``: queue a Type 3 engine run."""
         name = str(script or TASK_SCRIPT)

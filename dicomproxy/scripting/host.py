@@ -39,7 +39,7 @@ from dicomproxy.config.settings import ENV_PREFIX, Settings
 from dicomproxy.notify.events import EventBus
 from dicomproxy.scripting import exports
 from dicomproxy.scripting.shared import SHARED_DICT_LUA, MemoryStore, SharedDictExports, SharedStore
-from dicomproxy.tasks import TaskQueue
+from dicomproxy.tasks import Queue
 from dicomproxy.uids import new_uid
 
 log = logging.getLogger("dicomproxy.scripting")
@@ -48,7 +48,7 @@ MiB = 1 << 20
 
 class ScriptHost:
     def __init__(
-        self, settings: Settings, *, bus: EventBus, tasks: TaskQueue, commands: Commands,
+        self, settings: Settings, *, bus: EventBus, tasks: Queue, commands: Commands,
         audit: AuditTrail | None = None, on_call: Callable[[str, float], None] | None = None,
         shared: SharedStore | None = None,
     ) -> None:

@@ -179,3 +179,16 @@ def test_https_passwords_are_secrets(tmp_path: Path) -> None:
     assert s.tree["Https:KeyPassword"] == s.tree["Https:Pkcs12Password"] == "***"
     flat = json.dumps(s.lua_config()) + json.dumps(s.tree.as_dict()) + repr(s)
     assert "key-secret" not in flat and "pfx-secret" not in flat
+
+
+# --------------------------------------------------------------------------- Cluster
+def test_cluster_redis_is_a_redis_url_kept_secret_or_read_from_a_file(tmp_path: Path) -> None:
+    assert load(tmp_path, {}).cluster.redis == ""  # default: one machine, nothing shared
+    s = load(tmp_path, {"Cluster": {"Redis": "redis://:s3cret@redis.example.org:6380/2"}})
+    assert s.cluster.redis == "redis://:s3cret@redis.example.org:6380/2" and "s3cret" not in repr(s.cluster)
+    (tmp_path / "redis-url").write_text("rediss://:f1le@redis.example.org/0\n")
+    s = load(tmp_path, {"Cluster": {"RedisFile": str(tmp_path / "redis-url")}})
+    assert s.cluster.redis == "rediss://:f1le@redis.example.org/0"
+    with pytest.raises(ConfigError, match="Cluster:Redis: .*a Redis URL") as info:
+        load(tmp_path, {"Cluster": {"Redis": "http://:pw@redis.example.org"}})
+    assert "pw@" not in str(info.value)
