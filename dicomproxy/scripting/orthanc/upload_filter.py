@@ -520,7 +520,10 @@ async def filter_stow(app: Any, scope: dict[str, Any], receive: Any, send: Any, 
             return {"type": "http.request", "body": b"", "more_body": False}
         return {"type": "http.request", "body": chunk_or_end, "more_body": True}
 
-    headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-length", b"transfer-encoding")]
+    # The answer is read and, when parts were refused, rebuilt here: ask for it uncoded (a client that
+    # accepts gzip accepts identity; the proxy would otherwise compress a rewritten answer for it).
+    dropped = (b"content-length", b"transfer-encoding", b"accept-encoding")
+    headers = [(k, v) for k, v in scope["headers"] if k not in dropped]
     headers.append((b"transfer-encoding", b"chunked"))
     await app({**scope, "headers": headers}, restream, _AnswerWithFailed(send, parts))
 
