@@ -45,8 +45,9 @@ class MalformedAnswer(AssertionError):
 class Answers:
     """Feeds a connection's bytes to h11 (client role), one request after the other."""
 
-    def __init__(self, methods: Sequence[bytes]) -> None:
+    def __init__(self, methods: Sequence[bytes], last_cut: bool = False) -> None:
         self.methods = list(methods)
+        self.last_cut = last_cut  # the client never finished its last request (it half-closed instead)
         self.answers: list[Answer] = []
         self.closed = False  # the gateway closed the connection
         self.raw = bytearray()
@@ -82,6 +83,12 @@ class Answers:
         except h11.RemoteProtocolError as e:
             if not data and "closed" in str(e):
                 return  # an answer cut off by the close (what a proxy does when its upstream failed mid-body)
+            if not data and self.last_cut and (self._current is None or self._current.complete):
+                # The client half-closed after a request it cut off: uvicorn takes the end of its
+                # stream as the client leaving (http.disconnect), so what it has not answered yet
+                # (pipelined requests before the cut one included) gets no answer: a close, never
+                # a partial or malformed one.
+                return
             raise MalformedAnswer(f"{e}; the connection's bytes: {bytes(self.raw)[:600]!r}") from None
 
     def _events(self) -> None:

@@ -57,7 +57,7 @@ def connections(draw: st.DrawFn) -> tuple[list[ClientRequest], list[bytes], list
 def _send(port: int, batch: list[ClientRequest], cuts: list[int], pauses: list[float]) -> Answers:
     wire = b"".join(r.wire.replace(PLACEHOLDER, r.fuzz_id, 1) for r in batch)
     pieces = [wire[a:b] for a, b in zip([0, *cuts], [*cuts, len(wire)], strict=True)]
-    answers = Answers([r.head_method for r in batch])
+    answers = Answers([r.head_method for r in batch], last_cut=batch[-1].truncated)
     with RawClient(port, timeout=10) as client:
         if client.send(pieces, pauses) and batch[-1].truncated:
             client.finish()  # the rest never comes: the gateway sees the end of the stream
