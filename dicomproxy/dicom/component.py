@@ -106,7 +106,7 @@ class DicomComponent:
         gateway_titles = self.target.via == "dimse" and self.target.ae_titles == "Gateway"
         self.hook.forwarded_as = s.aet if s.port and gateway_titles else None
         self._metrics(gateway)
-        self.destinations = Destinations(settings)
+        self.destinations = Destinations(settings, gateway.upstreams)
         self.router = Router(s.routes)
         self.forwarder = self._new_forwarder(self.target)
         self._launched = False  # the forwarders run: one made from now on starts at once
