@@ -204,6 +204,14 @@ class DicomComponent:
         self.m_failed = metrics.counter(
             "dicomproxy_dicom_forward_failed_total", "Instances the PACS refused for good (moved to failed/)"
         )
+        # the same two per destination (Dicom:Routes, onCStore: a configured name, so few series); new
+        # series rather than a label on the two above, which dashboards and scripts read unlabelled
+        self.m_dest_forwarded = metrics.counter(
+            "dicomproxy_dicom_destination_forwarded_total", "Instances a destination accepted, by destination "
+            "(default: Dicom:Upstream; a group counts as one destination)", labels=("destination",))
+        self.m_dest_failed = metrics.counter(
+            "dicomproxy_dicom_destination_forward_failed_total", "Instances a destination refused for good (moved "
+            "to failed/), by destination", labels=("destination",))
         self.counters: dict[str, Any] = {
             "received": metrics.counter(
                 "dicomproxy_dicom_received_total", "C-STORE instances accepted (spooled, or relayed and stored)"),
@@ -350,6 +358,7 @@ class DicomComponent:
             return
         self.counters["received"].inc()
         self.m_forwarded.inc()
+        self.m_dest_forwarded.inc(destination="default")  # only Dicom:Upstream alone is relayed
         self.m_forward_seconds.observe(seconds)
         self.forwarder.forwarded += 1
         listened = self.gateway.lua.defines("onInstanceStored") or self.hook.wanted
@@ -379,6 +388,7 @@ class DicomComponent:
     # -- forwarder callbacks (event loop) -------------------------------------------------
     async def _on_stored(self, entry: SpoolEntry, result: ForwardResult, read: DatasetReader) -> None:
         self.m_forwarded.inc()
+        self.m_dest_forwarded.inc(destination=entry.dest or "default")
         self.m_forward_seconds.observe(max(0.0, time.time() - entry.received))
         await self._delivered(entry, result, read)
 
@@ -412,6 +422,7 @@ class DicomComponent:
 
     def _on_failed(self, entry: SpoolEntry, reason: str) -> None:
         self.m_failed.inc()
+        self.m_dest_failed.inc(destination=entry.dest or "default")
         self.audit.forwarded(entry, ok=False, reason=reason)
         self.gateway.bus.emit(
             "forward.failed",
