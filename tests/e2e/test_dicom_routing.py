@@ -192,8 +192,10 @@ end
                        what="b's 30 waiting, b unreachable")
     assert lanes["a"]["waiting"] == 0 and lanes["a"]["reachable"], lanes
     assert gateway.get("/dicomproxy/spool").json()["depth"] == 30  # still b's
-    health = gateway.get("/dicomproxy/health").json()["dicom"]["destinations"]
-    assert health["a"]["forwarded"] == 30 and not health["b"]["reachable"], health
+    # Orthanc counts the 30th instance before its C-STORE response reaches the gateway: wait for the count
+    health = wait_until(lambda: (h := gateway.get("/dicomproxy/health").json()["dicom"]["destinations"])["a"][
+        "forwarded"] == 30 and h, timeout=10, what="a's 30 deliveries counted")
+    assert not health["b"]["reachable"], health
     three["b"].start()
     three["b"].wait_for_instances(30, timeout=60)
     wait_until(lambda: gateway.get("/dicomproxy/spool").json()["depth"] == 0, timeout=30, what="the spool empty")
