@@ -212,6 +212,8 @@ class DicomComponent:
         self.m_dest_failed = metrics.counter(
             "dicomproxy_dicom_destination_forward_failed_total", "Instances a destination refused for good (moved "
             "to failed/), by destination", labels=("destination",))
+        # the relay path's child, bound once (a labelled inc() looks the child up: ~0.25 µs more)
+        self.m_relayed_default = self.m_dest_forwarded.metric.labels(destination="default")
         self.counters: dict[str, Any] = {
             "received": metrics.counter(
                 "dicomproxy_dicom_received_total", "C-STORE instances accepted (spooled, or relayed and stored)"),
@@ -358,7 +360,7 @@ class DicomComponent:
             return
         self.counters["received"].inc()
         self.m_forwarded.inc()
-        self.m_dest_forwarded.inc(destination="default")  # only Dicom:Upstream alone is relayed
+        self.m_relayed_default.inc()  # only Dicom:Upstream alone is relayed
         self.m_forward_seconds.observe(seconds)
         self.forwarder.forwarded += 1
         listened = self.gateway.lua.defines("onInstanceStored") or self.hook.wanted
