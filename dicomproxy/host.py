@@ -43,7 +43,8 @@ class UpstreamDirectory(Protocol):
     """The named upstreams (``Upstreams``/``servers.json``, and ``default``), current after every
     reload (:mod:`dicomproxy.upstream.registry`). A :class:`Member` has ``name``, ``upstream``
     (its HTTP ``Upstream``: pool, client, ``base``), ``dicom`` (its ``PacsAe`` or None) and
-    ``dicom_host``, ``health``, and ``begin()``/``end()``/``failed(reason)``/``answered()`` for the
+    ``dicom_host``, ``health``, ``available(now)`` (may a group pick it: healthy, or half-open after
+    ``time.monotonic()`` ``now``), and ``begin()``/``end()``/``failed(reason)``/``answered()`` for the
     traffic it serves (passive ejection). Hold a member only for one operation: a reload may retire it."""
 
     def names(self) -> frozenset[str]:

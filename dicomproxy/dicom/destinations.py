@@ -2,22 +2,31 @@
 (``default``, an ``Upstreams:Servers`` entry with a DICOM side, an ``Upstreams:Groups`` entry of
 them, a ``Dicom:Modalities`` entry) into the peers to try, in order.
 
-Why one module: the runtime upstream registry (health checks, ejection, least connections) is
-written elsewhere; when it lands, :meth:`Destinations.peers` is the only function that has to ask
-it for the healthy members. Until then the order is the group's mode applied to configuration
-only: ``Failover`` the members in ``Members`` order, ``RoundRobin`` the members rotated by one at
-each call (weights repeat a member), ``LeastConnections`` the ``Members`` order (no connection
-counts without the registry). A caller tries the peers in that order and treats "cannot connect
-or associate" as "down, try the next" (:mod:`.forwarder`, :mod:`.qr`).
+Why one module: :meth:`Destinations.peers` is the only function that asks the upstream registry
+(``host.upstreams``, the :class:`~dicomproxy.host.UpstreamDirectory` protocol: health checks,
+ejection, balancing) for a group's order. With the registry: first the member its ``pick`` chooses
+(the group's mode among the available members: ``Failover`` the first healthy one, ``RoundRobin``
+smooth weighted, ``LeastConnections`` the fewest in flight), then the other available members in
+``Members`` order, then the ejected ones (last, not dropped: when every healthy one fails, trying
+beats refusing, as the registry's own ``pick`` does). One ``pick`` per call, so the round robin
+advances once per operation, as it does for an HTTP request.
+
+Without the registry (unit tests, ``Destinations(settings)``) the order is the group's mode over
+configuration only: ``Failover`` the ``Members`` order, ``RoundRobin`` the members rotated by one
+at each call (weights repeat a member), ``LeastConnections`` the ``Members`` order. A caller tries
+the peers in that order and treats "cannot connect or associate" as "down, try the next"
+(:mod:`.forwarder`, :mod:`.qr`).
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
+import time
 from dataclasses import dataclass
 
 from dicomproxy.config.model import DEFAULT_UPSTREAM, RemoteAe, Settings
+from dicomproxy.host import UpstreamDirectory
 
 
 @dataclass(frozen=True)
@@ -42,10 +51,13 @@ class UnknownDestination(KeyError):
 
 
 class Destinations:
-    """Immutable view of the settings plus a round-robin cursor per group (thread-safe)."""
+    """Immutable view of the settings plus, with ``upstreams``, the registry's health and balancers
+    (then :meth:`peers` runs on the event loop, as the registry does; without it a round-robin
+    cursor per group, thread-safe)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, upstreams: UpstreamDirectory | None = None) -> None:
         self._settings = settings
+        self._upstreams = upstreams
         up = settings.upstreams
         self._servers: dict[str, Peer] = {DEFAULT_UPSTREAM: Peer(DEFAULT_UPSTREAM, settings.dicom.upstream)}
         for name, server in up.servers.items():
@@ -87,6 +99,8 @@ class Destinations:
         if group is None:
             return [self._single(name)]
         members = [self._servers[m] for m in group.members]
+        if self._upstreams is not None:
+            return self._by_health(name, members, self._upstreams)
         if group.mode == "RoundRobin" and len(members) > 1:
             weighted = [p for p in members for _ in range(self._weight(p.name))]
             with self._lock:
@@ -94,6 +108,21 @@ class Destinations:
             first = weighted[start]
             return [first, *(p for p in members if p is not first)]
         return members
+
+    @staticmethod
+    def _by_health(name: str, members: list[Peer], upstreams: UpstreamDirectory) -> list[Peer]:
+        """The registry's pick first, the other available members, the ejected last (module
+        docstring). A name the registry no longer knows (a reload dropped it): ``members`` as is."""
+        try:
+            first = upstreams.pick(name)
+            now = time.monotonic()
+            available = {m.name: m.available(now) for m in upstreams.members(name)}
+        except LookupError:
+            return members
+        chosen = [p for p in members if first is not None and p.name == first.name]
+        rest = [p for p in members if p not in chosen]
+        return [*chosen, *(p for p in rest if available.get(p.name, True)),
+                *(p for p in rest if not available.get(p.name, True))]
 
     def _single(self, name: str) -> Peer:
         peer = self._servers.get(name) or self._modalities.get(name)

@@ -13,6 +13,8 @@ from dicomproxy.dicom import datasets
 from dicomproxy.dicom.destinations import Destinations, UnknownDestination
 from dicomproxy.dicom.routing import Router, parse_tag
 from dicomproxy.dicom.spool import Spool
+from dicomproxy.upstream.registry import Registry
+from dicomproxy.upstream.upstream import Upstream
 from tests import dicom_samples
 
 EXPLICIT = "1.2.840.10008.1.2.1"
@@ -61,10 +63,10 @@ def test_tags_by_keyword_or_number_and_their_values_from_the_header() -> None:
     assert values["0008,0008"] == "ORIGINAL\\PRIMARY" and values["PatientID"] == "P1"
 
 
-def settings() -> Settings:
+def settings(**server_a: object) -> Settings:
     return Settings.model_validate({
         "Upstreams": {
-            "Servers": {"a": {"Url": "http://pacs-a:8042", "Dicom": {"Aet": "A", "Port": 104}},
+            "Servers": {"a": {"Url": "http://pacs-a:8042", "Dicom": {"Aet": "A", "Port": 104}, **server_a},
                         "b": {"Url": "http://pacs-b:8042", "Dicom": {"Aet": "B", "Port": 105}, "Weight": 2},
                         "web": {"Url": "http://web:8042"}},
             "Groups": {"fo": {"Members": ["a", "b"]}, "rr": {"Members": ["a", "b"], "Mode": "RoundRobin"}},
@@ -85,6 +87,26 @@ def test_names_resolve_to_peers_in_the_groups_order() -> None:
     assert d.peers("ws")[0].ae.aet == "WS"
     with pytest.raises(UnknownDestination, match="known: a, b, default, fo, rr, ws"):
         d.peers("nope")
+
+
+def test_with_the_registry_a_group_is_ordered_by_health_and_its_mode() -> None:
+    """The real registry (``host.upstreams``): an ejected member goes last, its recovery brings it
+    back first (Failover); RoundRobin follows the registry's smooth weighted pick, one per call."""
+    config = settings(HealthCheck={"Echo": True})  # actively checked: no half-open retry
+    registry = Registry(config, Upstream(config.upstream))
+    d = Destinations(config, registry)
+    assert [p.name for p in d.peers("fo")] == ["a", "b"]
+    a = registry.servers["a"]
+    for _ in range(a.check.failures):
+        a.checked(False, 1.0, "C-ECHO refused")
+    assert [p.name for p in d.peers("fo")] == ["b", "a"]  # ejected: last, still tried if b fails too
+    assert [p.name for p in d.peers("rr")] == ["b", "a"] == [p.name for p in d.peers("rr")]
+    for _ in range(a.check.successes):
+        a.checked(True, 1.0, None)
+    assert [p.name for p in d.peers("fo")] == ["a", "b"]
+    firsts = [d.peers("rr")[0].name for _ in range(6)]
+    assert firsts.count("b") == 4 and firsts.count("a") == 2  # Weight 2, the registry's balancer
+    assert [p.name for p in d.peers("a")] == ["a"] and d.peers("ws")[0].ae.aet == "WS"  # no group: as before
 
 
 def _put(spool: Spool, destinations: tuple[str, ...]) -> object:

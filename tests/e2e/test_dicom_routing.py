@@ -192,8 +192,10 @@ end
                        what="b's 30 waiting, b unreachable")
     assert lanes["a"]["waiting"] == 0 and lanes["a"]["reachable"], lanes
     assert gateway.get("/dicomproxy/spool").json()["depth"] == 30  # still b's
-    health = gateway.get("/dicomproxy/health").json()["dicom"]["destinations"]
-    assert health["a"]["forwarded"] == 30 and not health["b"]["reachable"], health
+    # Orthanc counts the 30th instance before its C-STORE response reaches the gateway: wait for the count
+    health = wait_until(lambda: (h := gateway.get("/dicomproxy/health").json()["dicom"]["destinations"])["a"][
+        "forwarded"] == 30 and h, timeout=10, what="a's 30 deliveries counted")
+    assert not health["b"]["reachable"], health
     three["b"].start()
     three["b"].wait_for_instances(30, timeout=60)
     wait_until(lambda: gateway.get("/dicomproxy/spool").json()["depth"] == 0, timeout=30, what="the spool empty")
@@ -208,6 +210,10 @@ end
     uid = uid_of(files[0])
     assert f"STORED-EVENT {uid} at a via PACSA@" in log and f"STORED-EVENT {uid} at b via PACSB@" in log
     assert spent < 30
+    metrics = gateway.get("/dicomproxy/metrics").text  # per destination, and the total of deliveries
+    assert 'dicomproxy_dicom_destination_forwarded_total{destination="a"} 30.0' in metrics
+    assert 'dicomproxy_dicom_destination_forwarded_total{destination="b"} 30.0' in metrics
+    assert "dicomproxy_dicom_forwarded_total 60.0" in metrics
 
 
 def test_kill9_mid_fan_out_loses_nothing_and_does_not_resend_where_delivered(
@@ -392,3 +398,57 @@ def test_a_destination_removed_from_the_configuration_keeps_its_instances_in_fai
     assert all(n["Destination"] == "b" and "no longer configured" in n["reason"] for n in notes), notes
     assert gateway.get("/dicomproxy/spool").json()["depth"] == 0
     assert all(received(three["a"], uid_of(p)) == 1 for p in files)  # not sent to a again
+
+
+def test_cmove_from_a_failover_group_skips_the_member_its_echo_check_ejected_and_returns_to_it(
+    three: dict[str, OrthancServer], gateway_factory: Any, storescp_factory: Any, tmp_path: Path
+) -> None:
+    """``Dicom:QueryUpstream`` a Failover group whose members are C-ECHO checked: "a" stopped and
+    ejected, a C-MOVE is served by "b" without trying "a" first; "a" back and healthy, it serves
+    again. The same study holds other instances on each member, so the moved ones name the server."""
+    dest = storescp_factory("FODEST")
+    study = pydicom.uid.generate_uid()
+    held: dict[str, set[str]] = {}
+    for name in ("a", "b"):
+        uids = held[name] = set()
+        series = pydicom.uid.generate_uid()
+        for i in range(2):
+            ds = dicom_samples.build_dataset(patient_id="PFO", patient_name="Fail^Over", study_uid=study,
+                                             series_uid=series, instance_number=i + 1)
+            path = tmp_path / f"{name}{i}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            three[name].upload(path)
+            uids.add(str(ds.SOPInstanceUID))
+    check = {"Echo": True, "IntervalSeconds": 0.5, "TimeoutSeconds": 2, "Failures": 1}
+    servers = {name: {**entry, "HealthCheck": check} for name, entry in upstreams(three)["Servers"].items()}
+    gateway = gateway_factory({
+        "Upstreams": {"Servers": servers, "Groups": {"fo": {"Members": ["a", "b"], "Mode": "Failover"}}},
+        "Dicom": {"QueryUpstream": "fo", "Modalities": {"dest": {"Aet": dest.aet, "Host": LOOPBACK, "Port": dest.port,
+                                                                 "Retrieve": "FetchAndStore"}}},
+    }, orthanc=three["c"])
+
+    def state(name: str) -> str:
+        return str(gateway.get("/dicomproxy/health").json()["upstreams"]["servers"][name]["state"])
+
+    def move() -> set[str]:
+        """The SOP Instance UIDs one C-MOVE of the study delivered (the folder emptied after)."""
+        run_dcmtk("movescu", "-S", "-aet", "MOVER", "-aem", dest.aet, "-aec", gateway.aet, LOOPBACK,
+                  str(gateway.dicom_port), "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}")
+        files = dest.wait_for_files(2)  # movescu returned: every sub-operation's file is complete
+        uids = {uid_of(p) for p in files}
+        for path in files:
+            path.unlink()
+        return uids
+
+    wait_until(lambda: state("a") == state("b") == "healthy", timeout=15, what="a and b healthy")
+    assert move() == held["a"]  # Failover: the first member serves
+    three["a"].stop()
+    wait_until(lambda: state("a") == "ejected", timeout=15, what="a ejected by its C-ECHO check")
+    tried_a = f"cannot associate with {three['a'].aet}@"
+    assert tried_a not in gateway.log_text()
+    assert move() == held["b"]  # served by the second member...
+    assert tried_a not in gateway.log_text(), "the ejected member was tried first"  # ...without trying the first
+    three["a"].start()
+    wait_until(lambda: state("a") == "healthy", timeout=30, what="a healthy again after its C-ECHO checks")
+    assert move() == held["a"]  # recovered: the first member serves again
+    assert tried_a not in gateway.log_text()

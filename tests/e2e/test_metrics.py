@@ -84,6 +84,8 @@ def test_a_real_gateway_exposes_exact_counters_and_latency_histograms(
     assert value(requests_total, "dicomproxy_proxy_requests_total", status="4xx") == 1
     assert value(m["dicomproxy_tus_bytes_received"], "dicomproxy_tus_bytes_received_total") == UPLOAD_BYTES
     assert value(m["dicomproxy_dicom_received"], "dicomproxy_dicom_received_total") == 3
+    per_destination = m["dicomproxy_dicom_destination_forwarded"]  # relayed: Dicom:Upstream is "default"
+    assert value(per_destination, "dicomproxy_dicom_destination_forwarded_total", destination="default") == 3
     raw = gw.get("/dicomproxy/metrics").text
     assert "dicomproxy_tus_bytes_received_total 1.234568e+06" in raw
 
