@@ -458,6 +458,41 @@ class CorsSettings(Section):
         "CrossOriginResourcePolicy", "", "added to every response when set")
 
 
+class TusS3Settings(Section):
+    bucket: Annotated[str, Text()] = key("Bucket", "", "the bucket uploads live in (required with `Tus:Store` `s3`)")
+    prefix: Annotated[str, Text()] = key(
+        "Prefix", "", "prepended to every object's key (`uploads/`), as tusd's `-s3-object-prefix`")
+    endpoint: Annotated[str, Text()] = key(
+        "Endpoint", "", "the S3 API's URL for a store that is not AWS (`http://seaweedfs:8333`, MinIO, Ceph); "
+        "empty: AWS for `Tus:S3:Region`")
+    region: Annotated[str, Text()] = key("Region", "us-east-1", "the bucket's region")
+    access_key: Annotated[str, Text()] = key(
+        "AccessKey", "", "the access key id (empty: the usual AWS sources, environment, profile, instance role)")
+    secret_key: Annotated[str, Text()] = key(
+        "SecretKey", "", "its secret (or `SecretKeyFile`)", secret=True)
+    part_size_mb: Annotated[float, Number(minimum=5)] = key(
+        "PartSizeMB", 8,
+        "bytes per S3 part; a PATCH holds at most one part in memory (S3's minimum is 5 MiB; an upload may "
+        "have 10 000 parts, so 8 MiB parts reach 78 GiB)")
+
+    @property
+    def part_size(self) -> int:
+        """``Tus:S3:PartSizeMB`` in bytes."""
+        return int(self.part_size_mb * MiB)
+
+
+class ClusterSettings(Section):
+    redis: Annotated[str, Text()] = key(
+        "Redis", "",
+        "`redis://host:6379/0` (or `rediss://` for TLS) of a Redis-protocol server the replicas share: TUS upload "
+        "locks (with `Tus:Store` `s3`); empty: one replica, locks stay in the process")
+    redis_password: Annotated[str, Text()] = key(
+        "RedisPassword", "", "the Redis password (or `RedisPasswordFile`); overrides one in the URL", secret=True)
+    lock_lease: Annotated[float, Number(minimum=1)] = key(
+        "LockLeaseSeconds", 10,
+        "how long an upload's lock outlives a replica that died holding it (renewed every third of it while held)")
+
+
 class TusSettings(Section):
     base_path: Annotated[str, UrlPath(folder=True)] = key("BasePath", "/files/", "the TUS endpoint")
     max_size: Annotated[int, Whole(0)] = key(
@@ -510,7 +545,19 @@ class TusSettings(Section):
     zip_max_members: Annotated[int, Whole(0)] = key(
         "ZipMaxMembers", 100_000,
         "entries a ZIP may list, checked before its directory is read (each costs ~600 bytes of memory; `0`: no limit)")
+    store: Annotated[str, Choice("file", "s3")] = key(
+        "Store", "file",
+        "where uploads live: `file` (the upload folder, tusd's filestore layout) or `s3` (a bucket, tusd's "
+        "s3store layout: replicas behind a load balancer share uploads; see `Cluster:Redis`)")
+    s3: TusS3Settings = section("S3", "the bucket of `Tus:Store` `s3`")
     upload_folder: Path = internal(Path("data/tus"))  # ExtraConfig:TusUploadFolder
+
+    @model_validator(mode="after")
+    def _s3_bucket(self) -> TusSettings:
+        if self.store == "s3" and not self.s3.bucket:
+            raise PydanticCustomError(VALUE_ERROR, "{expected}", {
+                "expected": "Tus:Store is s3 but Tus:S3:Bucket is empty; name the bucket", "key": "Store"})
+        return self
 
     @property
     def max_storage(self) -> int:
@@ -1064,6 +1111,7 @@ class Settings(Section):
     https: HttpsSettings = section("Https", "certificates and policy of the `https://` listeners")
     cors: CorsSettings = section("Cors", "the CORS policy")
     tus: TusSettings = section("Tus", "the TUS upload server")
+    cluster: ClusterSettings = section("Cluster", "what replicas behind a load balancer share")
     dicom: DicomSettings = section("Dicom", "the DICOM side")
     smtp: SmtpSettings = section("Smtp", "mail transport")
     notifications: NotificationSettings = section("Notifications", "the notification feed and mail rules")

@@ -1,0 +1,228 @@
+"""Two gateway replicas sharing uploads: Tus:Store s3 (SeaweedFS) and Cluster:Redis (redis-server).
+
+Every PATCH of one upload may land on either replica; a replica killed with -9 in the middle of
+a PATCH leaves an upload the other resumes; a request on one replica makes the holder on the
+other let go. The bytes are checked in the bucket (tusd's s3store layout) and in Orthanc.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+from tusclient import client as tus_client
+
+from tests.peers import GatewayProcess, OrthancServer, RedisServer, SeaweedServer, run_node, wait_until
+
+TUS = {"Tus-Resumable": "1.0.0"}
+MIB = 1024 * 1024
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def seaweed(tmp_path: Path) -> Iterator[SeaweedServer]:
+    server = SeaweedServer(tmp_path / "seaweed").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def replicas(gateway_factory: Callable[..., GatewayProcess], redis_server: RedisServer,
+             seaweed: SeaweedServer) -> tuple[GatewayProcess, GatewayProcess]:
+    settings = {
+        "Cluster": {"Redis": redis_server.url, "LockLeaseSeconds": 2},
+        "Tus": {"Store": "s3", "KeepAfterImport": True,
+                "S3": {"Bucket": seaweed.bucket, "Prefix": "tus", "Endpoint": seaweed.endpoint,
+                       "AccessKey": "test", "SecretKey": "test", "PartSizeMB": 5}},
+    }
+    return gateway_factory(settings), gateway_factory(settings)
+
+
+def _on(gateway: GatewayProcess, url: str) -> str:
+    """The same upload URL on another replica (what a round-robin load balancer does)."""
+    return gateway.url + urlsplit(url).path
+
+
+def _dicom(tmp_path: Path, dicom_samples: Any, pid: str, rows: int) -> Path:
+    path, _ = dicom_samples.make_instance(tmp_path / f"{pid}.dcm", patient_id=pid, patient_name="Replica^Test",
+                                          size=(rows, rows))
+    return Path(path)
+
+
+def _object_id(url: str) -> str:
+    return urlsplit(url).path.rsplit("/", 1)[-1].rpartition("+")[0]
+
+
+def _imported(orthanc: OrthancServer, pid: str) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = orthanc.rest_post("/tools/find", json={"Level": "Instance",
+                                                                         "Query": {"PatientID": pid}})
+    return found
+
+
+def _import_tasks(*gateways: GatewayProcess) -> list[dict[str, Any]]:
+    return [t for g in gateways for t in g.get("/dicomproxy/tasks").json() if t["kind"] == "tus-import"]
+
+
+def _check_stored_once(orthanc: OrthancServer, seaweed: SeaweedServer, url: str, payload: bytes, pid: str,
+                       a: GatewayProcess, b: GatewayProcess) -> None:
+    oid = _object_id(url)
+    info = json.loads(seaweed.get(f"tus/{oid}.info"))
+    assert info["ID"] == urlsplit(url).path.rsplit("/", 1)[-1] and info["Storage"]["Type"] == "s3store"
+    ids = wait_until(lambda: _imported(orthanc, pid), timeout=60, what="the upload imported into Orthanc")
+    assert len(ids) == 1
+    assert orthanc.rest_get(f"/instances/{ids[0]}/file") == payload  # byte-identical in the PACS
+    done = wait_until(lambda: [t for t in _import_tasks(a, b) if t["state"] == "done"], timeout=30,
+                      what="the import task done")
+    assert len(_import_tasks(a, b)) == 1 and len(done) == 1  # imported once, by one replica
+
+
+def test_tuspy_patches_alternate_between_replicas(tmp_path: Path, replicas: tuple[GatewayProcess, GatewayProcess],
+                                                  seaweed: SeaweedServer, orthanc: OrthancServer,
+                                                  dicom_samples: Any) -> None:
+    a, b = replicas
+    pid = "REPL-" + uuid.uuid4().hex[:8]
+    path = _dicom(tmp_path, dicom_samples, pid, 1800)  # ~6.2 MiB: two S3 parts and a .part in between
+    payload = path.read_bytes()
+    uploader = tus_client.TusClient(a.url + "/files/").uploader(str(path), chunk_size=MIB + 4321,
+                                                              metadata={"filename": path.name})
+    uploader.set_url(uploader.create_url())
+    hops = []
+    n = 0
+    while uploader.offset < len(payload):
+        target = (a, b)[n % 2]
+        uploader.set_url(_on(target, uploader.url))
+        uploader.upload_chunk()
+        hops.append(target.http_port)
+        n += 1
+        if uploader.offset < len(payload):  # the other replica sees the offset the bucket holds
+            other = (a, b)[n % 2]
+            head = requests.head(_on(other, uploader.url), headers=TUS, timeout=10)
+            assert head.headers["Upload-Offset"] == str(uploader.offset)
+    assert len(set(hops)) == 2 and n >= 6
+    assert seaweed.get(f"tus/{_object_id(uploader.url)}") == payload  # byte-identical in S3
+    assert f"tus/{_object_id(uploader.url)}.part" not in seaweed.keys()
+    _check_stored_once(orthanc, seaweed, uploader.url, payload, pid, a, b)
+
+
+def test_tus_js_client_resumes_on_the_other_replica(tmp_path: Path,
+                                                   replicas: tuple[GatewayProcess, GatewayProcess],
+                                                   seaweed: SeaweedServer, orthanc: OrthancServer,
+                                                   dicom_samples: Any) -> None:
+    a, b = replicas
+    pid = "REPLJS-" + uuid.uuid4().hex[:8]
+    path = _dicom(tmp_path, dicom_samples, pid, 1700)
+    payload = path.read_bytes()
+    # tus-js-client uploads the first 3 MiB to A and stops; a second client resumes at B's URL.
+    script = """
+const tus = require('tus-js-client'); const fs = require('fs');
+const [endpoint, file, uploadUrl, stopAt] = process.argv.slice(2);
+const data = fs.readFileSync(file);
+const body = stopAt === '0' ? data : data.subarray(0, Number(stopAt));
+const opts = {endpoint, chunkSize: 1024 * 1024, metadata: {filename: 'js.dcm'}, uploadSize: data.length,
+  onError: e => { console.error(String(e)); process.exit(1); },
+  onSuccess: () => { console.log(up.url); process.exit(0); }};
+if (uploadUrl) opts.uploadUrl = uploadUrl;
+const up = new tus.Upload(body, opts);
+if (stopAt !== '0') { opts.onChunkComplete = (c, sent) => { if (sent >= Number(stopAt)) {
+  up.abort().then(() => { console.log(up.url); process.exit(0); }); } }; }
+up.start();
+"""
+    first = run_node(script, a.url + "/files/", str(path), "", str(3 * MIB), timeout=60)
+    url = first.stdout.strip().splitlines()[-1]
+    head = requests.head(_on(b, url), headers=TUS, timeout=10)
+    assert head.headers["Upload-Offset"] == str(3 * MIB)
+    run_node(script, b.url + "/files/", str(path), _on(b, url), "0", timeout=60)
+    assert seaweed.get(f"tus/{_object_id(url)}") == payload
+    _check_stored_once(orthanc, seaweed, url, payload, pid, a, b)
+
+
+def _slow_patch(gateway: GatewayProcess, url: str, offset: int, total: int, first: bytes) -> socket.socket:
+    """A PATCH that declares ``total`` bytes and sends only ``first`` (then keeps the connection)."""
+    path = urlsplit(url).path
+    sock = socket.create_connection(("127.0.0.1", gateway.http_port), timeout=30)
+    head = (f"PATCH {path} HTTP/1.1\r\nHost: 127.0.0.1:{gateway.http_port}\r\nTus-Resumable: 1.0.0\r\n"
+            f"Content-Type: application/offset+octet-stream\r\nUpload-Offset: {offset}\r\n"
+            f"Content-Length: {total}\r\n\r\n")
+    sock.sendall(head.encode() + first)
+    return sock
+
+
+def _create(gateway: GatewayProcess, size: int, name: str) -> str:
+    r = requests.post(gateway.url + "/files/", headers={**TUS, "Upload-Length": str(size),
+                                                         "Upload-Metadata": "filename " + _b64(name)}, timeout=10)
+    assert r.status_code == 201, r.text
+    return str(r.headers["Location"])
+
+
+def _b64(text: str) -> str:
+    import base64
+
+    return base64.b64encode(text.encode()).decode()
+
+
+def test_replica_killed_mid_patch_the_other_resumes(tmp_path: Path,
+                                                   replicas: tuple[GatewayProcess, GatewayProcess],
+                                                   seaweed: SeaweedServer, orthanc: OrthancServer,
+                                                   dicom_samples: Any) -> None:
+    a, b = replicas
+    pid = "REPLKILL-" + uuid.uuid4().hex[:8]
+    path = _dicom(tmp_path, dicom_samples, pid, 2000)  # ~7.6 MiB
+    payload = path.read_bytes()
+    url = _create(a, len(payload), path.name)
+    sock = _slow_patch(a, url, 0, len(payload), payload[: 5 * MIB + 12345])
+    oid = _object_id(url)
+    # the first 5 MiB part reaches the bucket while the PATCH still runs; then A dies
+    wait_until(lambda: _parts(seaweed, url) == 1, timeout=30, what="A's first part in S3")
+    a.kill9()
+    sock.close()
+    t0 = time.monotonic()
+    head = requests.head(_on(b, url), headers=TUS, timeout=30)  # waits out A's lease (2 s), then answers
+    assert head.status_code == 200 and head.headers["Upload-Offset"] == str(5 * MIB)
+    assert time.monotonic() - t0 < 10
+    resumed = tus_client.TusClient(b.url + "/files/").uploader(str(path), url=_on(b, url), chunk_size=2 * MIB)
+    assert resumed.offset == 5 * MIB
+    resumed.upload()
+    assert seaweed.get(f"tus/{oid}") == payload
+    ids = wait_until(lambda: _imported(orthanc, pid), timeout=60, what="the upload imported into Orthanc")
+    assert len(ids) == 1 and orthanc.rest_get(f"/instances/{ids[0]}/file") == payload
+    done = wait_until(lambda: [t for t in _import_tasks(b) if t["state"] == "done"], timeout=30, what="import")
+    assert len(done) == 1
+
+
+def _parts(seaweed: SeaweedServer, url: str) -> int:
+    object_id, _, multipart_id = urlsplit(url).path.rsplit("/", 1)[-1].rpartition("+")
+    res = seaweed.client().list_parts(Bucket=seaweed.bucket, Key=f"tus/{object_id}", UploadId=multipart_id)
+    return len(res.get("Parts", ()))
+
+
+def test_a_request_on_one_replica_makes_the_holder_on_the_other_let_go(
+        replicas: tuple[GatewayProcess, GatewayProcess], seaweed: SeaweedServer) -> None:
+    a, b = replicas
+    url = _create(a, 4 * MIB, "held.bin")
+    sent = 1 * MIB + 777
+    sock = _slow_patch(a, url, 0, 4 * MIB, b"x" * sent)
+    time.sleep(0.5)  # A reads what was sent: the bytes sit in its buffer, below a part
+    t0 = time.monotonic()
+    head = requests.head(_on(b, url), headers=TUS, timeout=30)
+    elapsed = time.monotonic() - t0
+    # A stored what it had (in the .part object: below S3's 5 MiB minimum) and let go at once
+    assert head.status_code == 200 and head.headers["Upload-Offset"] == str(sent)
+    assert elapsed < 5, elapsed
+    answer = sock.recv(65536).decode("latin-1")
+    sock.close()
+    assert answer.startswith("HTTP/1.1 400") and "ERR_UPLOAD_INTERRUPTED" in answer, answer
+    assert f"tus/{_object_id(url)}.part" in seaweed.keys()
