@@ -126,25 +126,25 @@ def test_tus_js_client_resumes_on_the_other_replica(tmp_path: Path,
     pid = "REPLJS-" + uuid.uuid4().hex[:8]
     path = _dicom(tmp_path, dicom_samples, pid, 1700)
     payload = path.read_bytes()
-    # tus-js-client uploads the first 3 MiB to A and stops; a second client resumes at B's URL.
+    # tus-js-client uploads 3 MiB or so to A and aborts; a second client resumes at B's URL.
     script = """
 const tus = require('tus-js-client'); const fs = require('fs');
-const [endpoint, file, uploadUrl, stopAt] = process.argv.slice(2);
+const [endpoint, file, uploadUrl, stopAt] = process.argv.slice(1);
 const data = fs.readFileSync(file);
-const body = stopAt === '0' ? data : data.subarray(0, Number(stopAt));
 const opts = {endpoint, chunkSize: 1024 * 1024, metadata: {filename: 'js.dcm'}, uploadSize: data.length,
   onError: e => { console.error(String(e)); process.exit(1); },
   onSuccess: () => { console.log(up.url); process.exit(0); }};
 if (uploadUrl) opts.uploadUrl = uploadUrl;
-const up = new tus.Upload(body, opts);
 if (stopAt !== '0') { opts.onChunkComplete = (c, sent) => { if (sent >= Number(stopAt)) {
   up.abort().then(() => { console.log(up.url); process.exit(0); }); } }; }
+const up = new tus.Upload(data, opts);
 up.start();
 """
     first = run_node(script, a.url + "/files/", str(path), "", str(3 * MIB), timeout=60)
     url = first.stdout.strip().splitlines()[-1]
     head = requests.head(_on(b, url), headers=TUS, timeout=10)
-    assert head.headers["Upload-Offset"] == str(3 * MIB)
+    # the abort may cut the next chunk short: what was stored of it counts too
+    assert 3 * MIB <= int(head.headers["Upload-Offset"]) < len(payload)
     run_node(script, b.url + "/files/", str(path), _on(b, url), "0", timeout=60)
     assert seaweed.get(f"tus/{_object_id(url)}") == payload
     _check_stored_once(orthanc, seaweed, url, payload, pid, a, b)
