@@ -179,3 +179,21 @@ def test_https_passwords_are_secrets(tmp_path: Path) -> None:
     assert s.tree["Https:KeyPassword"] == s.tree["Https:Pkcs12Password"] == "***"
     flat = json.dumps(s.lua_config()) + json.dumps(s.tree.as_dict()) + repr(s)
     assert "key-secret" not in flat and "pfx-secret" not in flat
+
+
+# --------------------------------------------------------------------------- Tus:Store s3, Cluster
+def test_tus_s3_store_and_cluster_keys(tmp_path: Path) -> None:
+    s = load(tmp_path, {})
+    assert (s.tus.store, s.cluster.redis) == ("file", "")  # the embedded default needs nothing extra
+    (tmp_path / "s3.secret").write_text("s3cr3t\n")
+    (tmp_path / "redis.secret").write_text("r3d1s\n")
+    s = load(tmp_path, {"Cluster": {"Redis": "redis://r:6379/0", "RedisPasswordFile": "redis.secret"},
+                        "Tus": {"Store": "S3", "S3": {"Bucket": "up", "SecretKeyFile": "s3.secret",
+                                                      "PartSizeMB": 16}}})
+    assert (s.tus.store, s.tus.s3.bucket, s.tus.s3.secret_key, s.tus.s3.part_size) == ("s3", "up", "s3cr3t", 16 << 20)
+    assert (s.cluster.redis_password, s.cluster.lock_lease) == ("r3d1s", 10)
+    assert "s3cr3t" not in repr(s) and "r3d1s" not in repr(s)
+    with pytest.raises(ConfigError, match=re.escape("Tus:S3:Bucket is empty; name the bucket")):
+        load(tmp_path, {"Tus": {"Store": "s3"}})
+    with pytest.raises(ConfigError, match="Tus:S3:PartSizeMB"):
+        load(tmp_path, {"Tus": {"Store": "s3", "S3": {"Bucket": "up", "PartSizeMB": 1}}})

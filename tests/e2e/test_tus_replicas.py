@@ -226,3 +226,24 @@ def test_a_request_on_one_replica_makes_the_holder_on_the_other_let_go(
     sock.close()
     assert answer.startswith("HTTP/1.1 400") and "ERR_UPLOAD_INTERRUPTED" in answer, answer
     assert f"tus/{_object_id(url)}.part" in seaweed.keys()
+
+
+def test_a_second_patch_on_the_other_replica_interrupts_the_first(
+        replicas: tuple[GatewayProcess, GatewayProcess]) -> None:
+    a, b = replicas
+    url = _create(a, 4 * MIB, "twice.bin")
+    sent = 300_000
+    sock = _slow_patch(a, url, 0, 4 * MIB, b"y" * sent)
+    time.sleep(0.5)
+    # a client that believes it is still at 0 (its first PATCH seemed dead) tries again on B:
+    # A lets go, and B answers with the offset the bucket holds (tusd: 409 ERR_MISMATCHED_OFFSET)
+    r = requests.patch(_on(b, url), data=b"z" * 1000, timeout=30, headers={
+        **TUS, "Upload-Offset": "0", "Content-Type": "application/offset+octet-stream"})
+    assert r.status_code == 409 and "ERR_MISMATCHED_OFFSET" in r.text
+    assert r.headers["Upload-Offset"] == str(sent)
+    assert "ERR_UPLOAD_INTERRUPTED" in sock.recv(65536).decode("latin-1")
+    sock.close()
+    rest = b"w" * (4 * MIB - sent)  # the right offset goes on, on either replica
+    r = requests.patch(_on(b, url), data=rest, timeout=30, headers={
+        **TUS, "Upload-Offset": str(sent), "Content-Type": "application/offset+octet-stream"})
+    assert r.status_code == 204 and r.headers["Upload-Offset"] == str(4 * MIB)
