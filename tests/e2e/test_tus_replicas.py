@@ -8,6 +8,7 @@ other let go. The bytes are checked in the bucket (tusd's s3store layout) and in
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 import uuid
@@ -211,9 +212,14 @@ def test_replica_killed_mid_patch_the_other_resumes(tmp_path: Path,
     assert len(done) == 1
 
 
-def _parts(seaweed: SeaweedServer, url: str) -> int:
+def _parts(seaweed: SeaweedServer, url: str, prefix: str = "tus/") -> int:
+    """Parts of the upload's multipart upload in the bucket (0 once completed)."""
     object_id, _, multipart_id = urlsplit(url).path.rsplit("/", 1)[-1].rpartition("+")
-    res = seaweed.client().list_parts(Bucket=seaweed.bucket, Key=f"tus/{object_id}", UploadId=multipart_id)
+    client = seaweed.client()
+    try:
+        res = client.list_parts(Bucket=seaweed.bucket, Key=prefix + object_id, UploadId=multipart_id)
+    except client.exceptions.NoSuchUpload:
+        return 0
     return len(res.get("Parts", ()))
 
 
@@ -278,3 +284,56 @@ def test_tuspy_through_nginx_round_robin(tmp_path: Path, replicas: tuple[Gateway
         _check_stored_once(orthanc, seaweed, uploader.url, payload, pid, a, b)
     finally:
         lb.stop()
+
+
+# --------------------------------------------------------------------------- one replica, no Redis
+@pytest.fixture
+def single(gateway_factory: Callable[..., GatewayProcess], seaweed: SeaweedServer) -> GatewayProcess:
+    return gateway_factory({"Tus": {"Store": "s3", "S3": {
+        "Bucket": seaweed.bucket, "Prefix": "one/", "Endpoint": seaweed.endpoint, "AccessKey": "test",
+        "SecretKey": "test", "PartSizeMB": 5}}})
+
+
+def test_s3_without_redis_one_replica_imports_then_deletes(tmp_path: Path, single: GatewayProcess,
+                                                          seaweed: SeaweedServer, orthanc: OrthancServer,
+                                                          dicom_samples: Any) -> None:
+    pid = "S3ONE-" + uuid.uuid4().hex[:8]
+    path = _dicom(tmp_path, dicom_samples, pid, 400)
+    payload = path.read_bytes()
+    uploader = tus_client.TusClient(single.url + "/files/").uploader(str(path), chunk_size=100_000)
+    uploader.upload()
+    assert "upload locks are local to this host" in single.log_text()
+    assert single.get("/dicomproxy/health").json()["tus"]["locks"] == "local"
+    ids = wait_until(lambda: _imported(orthanc, pid), timeout=60, what="the upload imported into Orthanc")
+    assert orthanc.rest_get(f"/instances/{ids[0]}/file") == payload
+    oid = _object_id(uploader.url)
+    # imported: the object, its .info and .part are gone from the bucket (Tus:KeepAfterImport false)
+    wait_until(lambda: not [k for k in seaweed.keys() if oid in k], timeout=30, what="the upload deleted from S3")
+    assert not list((single.data_dir / "tus").glob(".s3-*.tmp"))  # the import's local copy is removed
+
+
+def _peak_rss(gateway: GatewayProcess) -> int:
+    assert gateway.proc is not None
+    status = Path(f"/proc/{gateway.proc.pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
+
+
+def test_a_large_patch_holds_about_one_part_in_memory(tmp_path: Path, single: GatewayProcess,
+                                                      seaweed: SeaweedServer) -> None:
+    size = 96 * MIB
+    path = tmp_path / "big.bin"
+    with open(path, "wb") as f:
+        for _ in range(size // MIB):
+            f.write(os.urandom(MIB))
+    url = _create(single, size, "big.bin")
+    single.get("/dicomproxy/health")
+    peak_before = _peak_rss(single)
+    with open(path, "rb") as body:
+        r = requests.patch(_on(single, url), data=body, timeout=300, headers={
+            **TUS, "Upload-Offset": "0", "Content-Type": "application/offset+octet-stream",
+            "Content-Length": str(size)})
+    assert r.status_code == 204 and r.headers["Upload-Offset"] == str(size)
+    growth = _peak_rss(single) - peak_before
+    print(f"peak RSS growth for one {size >> 20} MiB PATCH with 5 MiB parts: {growth / MIB:.1f} MiB")
+    assert growth < 40 * MIB, growth  # a buffered upload would add 96 MiB or more
+    assert _parts(seaweed, url, prefix="one/") == 0  # completed: ListParts has no upload any more
