@@ -33,7 +33,7 @@ from dicomproxy.tus import errors
 from dicomproxy.tus import headers as h
 from dicomproxy.tus.access import Caller
 from dicomproxy.tus.errors import TusError
-from dicomproxy.tus.protocol import _UNLIMITED, OnComplete, Receive, Scope, TusApp, _Response
+from dicomproxy.tus.protocol import OnComplete, Receive, Scope, TusApp, _Response
 from dicomproxy.tus.redislock import RedisLockManager
 from dicomproxy.tus.s3store import MIN_PART, Part, S3State, S3Store
 from dicomproxy.tus.store import Upload
@@ -41,6 +41,7 @@ from dicomproxy.tus.store import Upload
 log = logging.getLogger(__name__)
 
 S3_EXTENSIONS = "creation,creation-with-upload,termination,creation-defer-length"
+MAX_PARTS = 10_000  # S3's limit of parts per multipart upload
 NOT_WITH_S3 = TusError("ERR_NOT_IMPLEMENTED", "not available with Tus:Store s3", 501)
 
 
@@ -87,6 +88,9 @@ class S3TusApp(TusApp):
         if redis_locks is not None:
             self.locks = redis_locks  # type: ignore[assignment]  # same acquire()/is_held() protocol
         self.extensions = S3_EXTENSIONS
+        # S3 takes at most 10 000 parts: with Tus:S3:PartSizeMB parts, that is the largest upload.
+        s3_max = self.part_size * MAX_PARTS
+        self._max_size = min(settings.max_size, s3_max) if settings.max_size > 0 else s3_max
 
     async def startup(self) -> None:
         self.store.ensure_folder()  # the local lock files without Redis; imports' temporary copies
@@ -104,6 +108,8 @@ class S3TusApp(TusApp):
                      caller: Caller) -> _Response:
         resp = await super()._route(scope, receive, method, hdrs, caller)
         resp.headers.pop("Tus-Checksum-Algorithm", None)
+        if method == "OPTIONS":
+            resp.headers["Tus-Max-Size"] = str(self._max_size)
         return resp
 
     # -- access and state ------------------------------------------------------------------
@@ -121,7 +127,7 @@ class S3TusApp(TusApp):
             raise NOT_WITH_S3
         contains_chunk = hdrs.get("content-type") == h.OFFSET_OCTET_STREAM
         size, deferred = self._new_length(hdrs.get("upload-length", ""), hdrs.get("upload-defer-length", ""))
-        if self.settings.max_size > 0 and size > self.settings.max_size:
+        if size > self._max_size:
             raise errors.MAX_SIZE_EXCEEDED
         upload = Upload(id="", size=size, size_is_deferred=deferred,
                         metadata=h.parse_metadata(hdrs.get("upload-metadata")), owner=caller.user)
@@ -176,8 +182,7 @@ class S3TusApp(TusApp):
                 if not upload.size_is_deferred:
                     raise errors.INVALID_UPLOAD_LENGTH
                 length = h.parse_int(hdrs["upload-length"])
-                max_size = self.settings.max_size
-                if length is None or length < 0 or length < upload.offset or (0 < max_size < length):
+                if length is None or length < 0 or length < upload.offset or length > self._max_size:
                     raise errors.INVALID_UPLOAD_LENGTH
                 upload.size, upload.size_is_deferred = length, False
                 await self.s3.write_info(upload)
@@ -191,12 +196,10 @@ class S3TusApp(TusApp):
             if length is not None and offset + length > upload.size:
                 raise errors.SIZE_EXCEEDED
             limit = upload.size - offset
-        elif self.settings.max_size > 0:
-            if length is not None and offset + length > self.settings.max_size:
-                raise errors.MAX_SIZE_EXCEEDED
-            limit = self.settings.max_size - offset
         else:
-            limit = _UNLIMITED
+            if length is not None and offset + length > self._max_size:
+                raise errors.MAX_SIZE_EXCEEDED
+            limit = self._max_size - offset
         return min(limit, length) if length is not None else limit
 
     async def _write_s3(self, body: _Body, hdrs: dict[str, str], state: S3State, out: dict[str, str],

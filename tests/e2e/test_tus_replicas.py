@@ -289,7 +289,7 @@ def test_tuspy_through_nginx_round_robin(tmp_path: Path, replicas: tuple[Gateway
 # --------------------------------------------------------------------------- one replica, no Redis
 @pytest.fixture
 def single(gateway_factory: Callable[..., GatewayProcess], seaweed: SeaweedServer) -> GatewayProcess:
-    return gateway_factory({"Tus": {"Store": "s3", "S3": {
+    return gateway_factory({"Tus": {"Store": "s3", "MaxSize": 0, "S3": {  # MaxSize 0: S3's own limit
         "Bucket": seaweed.bucket, "Prefix": "one/", "Endpoint": seaweed.endpoint, "AccessKey": "test",
         "SecretKey": "test", "PartSizeMB": 5}}})
 
@@ -334,6 +334,12 @@ def test_a_large_patch_holds_about_one_part_in_memory(tmp_path: Path, single: Ga
             "Content-Length": str(size)})
     assert r.status_code == 204 and r.headers["Upload-Offset"] == str(size)
     growth = _peak_rss(single) - peak_before
+    options = requests.options(single.url + "/files/", headers=TUS, timeout=10)
+    assert options.headers["Tus-Max-Size"] == str(5 * MIB * 10_000)  # 10 000 parts of Tus:S3:PartSizeMB
+    assert "checksum" not in options.headers["Tus-Extension"]
+    too_big = requests.post(single.url + "/files/", headers={**TUS, "Upload-Length": str(5 * MIB * 10_000 + 1)},
+                            timeout=10)
+    assert too_big.status_code == 413
     print(f"peak RSS growth for one {size >> 20} MiB PATCH with 5 MiB parts: {growth / MIB:.1f} MiB")
     assert growth < 40 * MIB, growth  # a buffered upload would add 96 MiB or more
     assert _parts(seaweed, url, prefix="one/") == 0  # completed: ListParts has no upload any more
