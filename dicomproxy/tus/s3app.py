@@ -10,6 +10,9 @@ What is left below S3's 5 MiB minimum when a PATCH ends (body done, client gone,
 another request) goes to the ``.part`` object, as tusd does; the next PATCH, on whichever
 replica, prepends it. The final PATCH uploads the last part and completes the multipart upload
 before it is answered, then the completion (``onTusFileComplete``, import) runs on that replica.
+A ``<objectId>.pending`` marker, written before the multipart upload is completed and deleted
+once the completion is handed over (under the upload's lock, so exactly one replica runs it),
+lets any replica that starts later run a completion a crash interrupted.
 
 The extensions are creation, creation-with-upload, creation-defer-length and termination.
 Concatenation, checksums, expiration and download are the file store's only (an S3 bucket
@@ -97,6 +100,8 @@ class S3TusApp(TusApp):
         await self.s3.open()
         if self.redis_locks is not None:
             await self.redis_locks.start()
+        if self.on_complete is not None:
+            await self._recover_pending()
 
     async def aclose(self, grace: float = 30) -> None:
         await super().aclose(grace)
@@ -240,7 +245,26 @@ class S3TusApp(TusApp):
         self._m_finished.inc()
         log.info("tus: upload %s complete in S3 (%d bytes)", upload.id, upload.size)
         if self.on_complete is not None:
-            self._spawn(self.on_complete(upload), f"completion of upload {upload.id}")
+            self._spawn(self._hand_over(upload.id), f"completion of upload {upload.id}")
+
+    async def _hand_over(self, upload_id: str) -> None:
+        """Run the completion once in the cluster: under the upload's lock, only while its
+        ``.pending`` marker (written before the multipart upload was completed) is there."""
+        assert self.on_complete is not None
+        async with await self.locks.acquire(upload_id, lambda: None, self.settings.lock_timeout):
+            if not await self.s3.is_pending(upload_id):
+                return  # another replica handed it over already
+            state = await self.s3.state(upload_id)
+            if not state.upload.complete:
+                return  # a crash before the last part: the client's next PATCH finishes it
+            await self.on_complete(state.upload)
+            await self.s3.clear_pending(upload_id)
+
+    async def _recover_pending(self) -> None:
+        """At start-up: completions a crashed replica did not hand over (any replica may take them)."""
+        for upload_id in await self.s3.pending_ids():
+            log.info("tus: upload %s finished without its completion handed over; running it now", upload_id)
+            self._spawn(self._hand_over(upload_id), f"completion of upload {upload_id}")
 
     # -- GET, DELETE -----------------------------------------------------------------------
     async def _get(self, upload_id: str, caller: Caller) -> _Response:
@@ -342,6 +366,7 @@ class _PartWriter:
         if not upload.size_is_deferred and total == upload.size:
             if self.buf or not self.state.parts:
                 await self._send_part(len(self.buf))
+            await self.s3.mark_pending(upload.id)  # before: a crash right after completing loses nothing
             await self.s3.complete(upload.id, self.state.parts)
             self.state.completed = True
         elif len(self.buf) >= MIN_PART:

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 MIN_PART = 5 * 1024 * 1024  # S3's minimum size of every part but the last
 PART_SUFFIX = ".part"
+PENDING_SUFFIX = ".pending"  # ours, ignored by tusd: a finished upload whose completion is not handed over
 _GONE = ("NoSuchUpload", "NoSuchKey", "404", "NotFound")
 
 
@@ -203,6 +204,35 @@ class S3Store:
             raise
         return int(res["ContentLength"])
 
+    # -- completions not yet handed over ---------------------------------------------------
+    def pending_key(self, object_id: str) -> str:
+        return self.prefix + object_id + PENDING_SUFFIX
+
+    async def mark_pending(self, upload_id: str) -> None:
+        await self.client.put_object(Bucket=self.bucket, Key=self.pending_key(split_id(upload_id)[0]),
+                                     Body=upload_id.encode())
+
+    async def is_pending(self, upload_id: str) -> bool:
+        return await self._head_size(self.pending_key(split_id(upload_id)[0])) > 0
+
+    async def clear_pending(self, upload_id: str) -> None:
+        await self.client.delete_object(Bucket=self.bucket, Key=self.pending_key(split_id(upload_id)[0]))
+
+    async def pending_ids(self) -> list[str]:
+        """Upload ids of every ``.pending`` marker under the prefix (a listing of the prefix)."""
+        out: list[str] = []
+        paginator = self.client.get_paginator("list_objects_v2")
+        async for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
+            for obj in page.get("Contents", ()):
+                key = str(obj["Key"])
+                if key.endswith(PENDING_SUFFIX) and "/" not in key[len(self.prefix):]:
+                    res = await self.client.get_object(Bucket=self.bucket, Key=key)
+                    async with res["Body"] as stream:
+                        upload_id = (await stream.read()).decode("utf-8", "replace")
+                    if is_valid_s3_id(upload_id):
+                        out.append(upload_id)
+        return out
+
     # -- parts -----------------------------------------------------------------------------
     async def upload_part(self, upload_id: str, number: int, data: bytes | bytearray | memoryview) -> Part:
         object_id, multipart_id = split_id(upload_id)
@@ -241,7 +271,8 @@ class S3Store:
         except ClientError as e:
             if _code(e) not in _GONE:
                 raise
-        for key in (self.key(object_id), self.part_key(object_id), self.info_key(object_id)):
+        for key in (self.key(object_id), self.part_key(object_id), self.info_key(object_id),
+                    self.pending_key(object_id)):
             await self.client.delete_object(Bucket=self.bucket, Key=key)
 
     async def read(self, upload_id: str, piece: int = 1 << 20) -> AsyncIterator[bytes]:

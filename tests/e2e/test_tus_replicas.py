@@ -343,3 +343,30 @@ def test_a_large_patch_holds_about_one_part_in_memory(tmp_path: Path, single: Ga
     print(f"peak RSS growth for one {size >> 20} MiB PATCH with 5 MiB parts: {growth / MIB:.1f} MiB")
     assert growth < 40 * MIB, growth  # a buffered upload would add 96 MiB or more
     assert _parts(seaweed, url, prefix="one/") == 0  # completed: ListParts has no upload any more
+
+
+def test_a_completion_a_crash_interrupted_runs_on_the_next_replica_that_starts(
+        tmp_path: Path, gateway_factory: Callable[..., GatewayProcess], replicas: tuple[GatewayProcess, GatewayProcess],
+        seaweed: SeaweedServer, orthanc: OrthancServer, dicom_samples: Any) -> None:
+    a, b = replicas
+    pid = "REPLPEND-" + uuid.uuid4().hex[:8]
+    path = _dicom(tmp_path, dicom_samples, pid, 300)
+    payload = path.read_bytes()
+    # A's script takes the upload over (no import) ...
+    a.write_script("main.lua", "function onTusFileComplete(metadata) return true end\n")
+    a.wait_for_log("main.lua", timeout=10)
+    uploader = tus_client.TusClient(a.url + "/files/").uploader(str(path), chunk_size=200_000)
+    uploader.upload()
+    upload = urlsplit(uploader.url).path.rsplit("/", 1)[-1]
+    a.wait_for_log(f"tus: upload {upload} handled by onTusFileComplete", timeout=20)
+    oid = _object_id(uploader.url)
+    wait_until(lambda: f"tus/{oid}.pending" not in seaweed.keys(), timeout=10, what="the marker cleared")
+    # ... then its marker is put back, as if A had been killed before it handed the upload over
+    seaweed.client().put_object(Bucket=seaweed.bucket, Key=f"tus/{oid}.pending", Body=upload.encode())
+    b.stop()
+    b.start()  # B (no script) finds the marker at start-up and runs the default import, once
+    ids = wait_until(lambda: _imported(orthanc, pid), timeout=60, what="the upload imported into Orthanc")
+    assert len(ids) == 1 and orthanc.rest_get(f"/instances/{ids[0]}/file") == payload
+    assert f"tus: upload {upload} finished without its completion handed over" in b.log_text()
+    wait_until(lambda: f"tus/{oid}.pending" not in seaweed.keys(), timeout=10, what="the marker cleared by B")
+    assert len(_import_tasks(a, b)) == 1
