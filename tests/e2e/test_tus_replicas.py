@@ -318,6 +318,13 @@ def _peak_rss(gateway: GatewayProcess) -> int:
     return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
 
 
+def _cpu_seconds(gateway: GatewayProcess) -> float:
+    assert gateway.proc is not None
+    stat = Path(f"/proc/{gateway.proc.pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
 def test_a_large_patch_holds_about_one_part_in_memory(tmp_path: Path, single: GatewayProcess,
                                                       seaweed: SeaweedServer) -> None:
     size = 96 * MIB
@@ -328,12 +335,14 @@ def test_a_large_patch_holds_about_one_part_in_memory(tmp_path: Path, single: Ga
     url = _create(single, size, "big.bin")
     single.get("/dicomproxy/health")
     peak_before = _peak_rss(single)
+    cpu_before = _cpu_seconds(single)
     with open(path, "rb") as body:
         r = requests.patch(_on(single, url), data=body, timeout=300, headers={
             **TUS, "Upload-Offset": "0", "Content-Type": "application/offset+octet-stream",
             "Content-Length": str(size)})
     assert r.status_code == 204 and r.headers["Upload-Offset"] == str(size)
     growth = _peak_rss(single) - peak_before
+    print(f"gateway CPU for it: {_cpu_seconds(single) - cpu_before:.2f} s")
     options = requests.options(single.url + "/files/", headers=TUS, timeout=10)
     assert options.headers["Tus-Max-Size"] == str(5 * MIB * 10_000)  # 10 000 parts of Tus:S3:PartSizeMB
     assert "checksum" not in options.headers["Tus-Extension"]
