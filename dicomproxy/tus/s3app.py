@@ -95,12 +95,14 @@ class S3TusApp(TusApp):
         s3_max = self.part_size * MAX_PARTS
         self._max_size = min(settings.max_size, s3_max) if settings.max_size > 0 else s3_max
 
-    async def startup(self) -> None:
+    async def startup(self, recover: bool = True) -> None:
+        """Open the bucket (and Redis); with ``recover`` (one process per host is enough: the
+        hand-over is exclusive anyway) run completions a crash left behind."""
         self.store.ensure_folder()  # the local lock files without Redis; imports' temporary copies
         await self.s3.open()
         if self.redis_locks is not None:
             await self.redis_locks.start()
-        if self.on_complete is not None:
+        if recover and self.on_complete is not None:
             await self._recover_pending()
 
     async def aclose(self, grace: float = 30) -> None:
