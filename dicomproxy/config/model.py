@@ -492,6 +492,21 @@ class ClusterSettings(Section):
         "LockLeaseSeconds", 10,
         "how long an upload's lock outlives a replica that died holding it (renewed every third of it while held)")
 
+    @model_validator(mode="after")
+    def _redis_url(self) -> ClusterSettings:
+        if not self.redis:
+            return self
+        parts = urlsplit(self.redis)
+        if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+            raise PydanticCustomError(VALUE_ERROR, "{expected}", {
+                "expected": "Cluster:Redis must be redis://HOST:PORT/DB, rediss://... (TLS) or unix:///path",
+                "key": "Redis"})
+        if parts.password:  # config views and logs show this key: the password has its own, secret key
+            raise PydanticCustomError(VALUE_ERROR, "{expected}", {
+                "expected": "Cluster:Redis holds a password: move it to Cluster:RedisPassword (or RedisPasswordFile)",
+                "key": "Redis"})
+        return self
+
 
 class TusSettings(Section):
     base_path: Annotated[str, UrlPath(folder=True)] = key("BasePath", "/files/", "the TUS endpoint")

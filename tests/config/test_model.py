@@ -195,5 +195,10 @@ def test_tus_s3_store_and_cluster_keys(tmp_path: Path) -> None:
     assert "s3cr3t" not in repr(s) and "r3d1s" not in repr(s)
     with pytest.raises(ConfigError, match=re.escape("Tus:S3:Bucket is empty; name the bucket")):
         load(tmp_path, {"Tus": {"Store": "s3"}})
+    for bad, message in (("redis://:pw@r:6379", "move it to Cluster:RedisPassword"),
+                         ("http://r:6379", "Cluster:Redis must be redis://")):
+        with pytest.raises(ConfigError, match=re.escape(message)) as info:
+            load(tmp_path, {"Cluster": {"Redis": bad}})
+        assert "pw" not in str(info.value).replace("RedisPassword", "")
     with pytest.raises(ConfigError, match="Tus:S3:PartSizeMB"):
         load(tmp_path, {"Tus": {"Store": "s3", "S3": {"Bucket": "up", "PartSizeMB": 1}}})
