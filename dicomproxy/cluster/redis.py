@@ -40,8 +40,10 @@ def unavailable(url: str, error: BaseException) -> ClusterUnavailable:
         "redis-server runs there and the URL and password are right")
 
 
-def _options() -> dict[str, Any]:
+def _options(settings: Settings) -> dict[str, Any]:
+    password = settings.cluster.redis_password
     return {
+        **({"password": password} if password else {}),  # Cluster:RedisPassword: never in the URL
         "socket_connect_timeout": TIMEOUT,
         "socket_timeout": TIMEOUT + 5.0,  # above the longest blocking read (XREADGROUP BLOCK)
         "health_check_interval": 15,
@@ -52,7 +54,7 @@ def _options() -> dict[str, Any]:
 def connect(settings: Settings) -> redis.asyncio.Redis:
     """The asyncio client of ``Cluster:Redis`` (a pool: one per replica)."""
     retry = redis.asyncio.retry.Retry(ExponentialBackoff(cap=1.0, base=0.05), RETRIES)
-    return redis.asyncio.Redis.from_url(settings.cluster.redis, retry=retry, **_options())
+    return redis.asyncio.Redis.from_url(settings.cluster.redis, retry=retry, **_options(settings))
 
 
 def connect_sync(settings: Settings) -> redis.Redis:
@@ -60,6 +62,6 @@ def connect_sync(settings: Settings) -> redis.Redis:
     returns (``submit``: Lua's ``LuaBackgroundWorker`` and the TUS finish are synchronous); one
     loopback round trip (~0.1 ms), bounded by :data:`TIMEOUT` when Redis is down."""
     retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), 2)
-    opts = _options()
+    opts = _options(settings)
     opts["socket_timeout"] = TIMEOUT
     return redis.Redis.from_url(settings.cluster.redis, retry=retry, **opts)

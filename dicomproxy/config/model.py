@@ -463,6 +463,62 @@ class CorsSettings(Section):
         "CrossOriginResourcePolicy", "", "added to every response when set")
 
 
+class TusS3Settings(Section):
+    bucket: Annotated[str, Text()] = key("Bucket", "", "the bucket uploads live in (required with `Tus:Store` `s3`)")
+    prefix: Annotated[str, Text()] = key(
+        "Prefix", "", "prepended to every object's key (`uploads/`), as tusd's `-s3-object-prefix`")
+    endpoint: Annotated[str, Text()] = key(
+        "Endpoint", "", "the S3 API's URL for a store that is not AWS (`http://seaweedfs:8333`, MinIO, Ceph); "
+        "empty: AWS for `Tus:S3:Region`")
+    region: Annotated[str, Text()] = key("Region", "us-east-1", "the bucket's region")
+    access_key: Annotated[str, Text()] = key(
+        "AccessKey", "", "the access key id (empty: the usual AWS sources, environment, profile, instance role)")
+    secret_key: Annotated[str, Text()] = key(
+        "SecretKey", "", "its secret (or `SecretKeyFile`)", secret=True)
+    part_size_mb: Annotated[float, Number(minimum=5)] = key(
+        "PartSizeMB", 8,
+        "bytes per S3 part; a PATCH holds at most one part in memory (S3's minimum is 5 MiB; an upload may "
+        "have 10 000 parts, so 8 MiB parts reach 78 GiB)")
+
+    @property
+    def part_size(self) -> int:
+        """``Tus:S3:PartSizeMB`` in bytes."""
+        return int(self.part_size_mb * MiB)
+
+
+class ClusterSettings(Section):
+    redis: Annotated[str, Text()] = key(
+        "Redis", "",
+        "`redis://host:6379/0` (or `rediss://` for TLS, `unix:///path`) of a Redis-protocol server the replicas "
+        "share: TUS upload locks (with `Tus:Store` `s3`), background tasks, the notification feed and its live "
+        "stream; empty: one machine, nothing shared")
+    redis_password: Annotated[str, Text()] = key(
+        "RedisPassword", "", "the Redis password (or `RedisPasswordFile`); overrides one in the URL", secret=True)
+    lock_lease: Annotated[float, Number(minimum=1)] = key(
+        "LockLeaseSeconds", 10,
+        "how long an upload's lock outlives a replica that died holding it (renewed every third of it while held)")
+    lease_seconds: Annotated[float, Number(minimum=1)] = key(
+        "TaskLeaseSeconds", 30, "a running task's lease, renewed while it runs; a replica that died holding it "
+        "loses it after this long and another replica runs the task again")
+    task_keep: Annotated[int, Whole(1)] = key(
+        "TaskKeep", 500, "finished tasks kept in Redis (the oldest go first)")
+
+    @model_validator(mode="after")
+    def _redis_url(self) -> ClusterSettings:
+        if not self.redis:
+            return self
+        parts = urlsplit(self.redis)
+        if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+            raise PydanticCustomError(VALUE_ERROR, "{expected}", {
+                "expected": "Cluster:Redis must be redis://HOST:PORT/DB, rediss://... (TLS) or unix:///path",
+                "key": "Redis"})
+        if parts.password:  # config views and logs show this key: the password has its own, secret key
+            raise PydanticCustomError(VALUE_ERROR, "{expected}", {
+                "expected": "Cluster:Redis holds a password: move it to Cluster:RedisPassword (or RedisPasswordFile)",
+                "key": "Redis"})
+        return self
+
+
 class TusSettings(Section):
     base_path: Annotated[str, UrlPath(folder=True)] = key("BasePath", "/files/", "the TUS endpoint")
     max_size: Annotated[int, Whole(0)] = key(
@@ -515,7 +571,19 @@ class TusSettings(Section):
     zip_max_members: Annotated[int, Whole(0)] = key(
         "ZipMaxMembers", 100_000,
         "entries a ZIP may list, checked before its directory is read (each costs ~600 bytes of memory; `0`: no limit)")
+    store: Annotated[str, Choice("file", "s3")] = key(
+        "Store", "file",
+        "where uploads live: `file` (the upload folder, tusd's filestore layout) or `s3` (a bucket, tusd's "
+        "s3store layout: replicas behind a load balancer share uploads; see `Cluster:Redis`)")
+    s3: TusS3Settings = section("S3", "the bucket of `Tus:Store` `s3`")
     upload_folder: Path = internal(Path("data/tus"))  # ExtraConfig:TusUploadFolder
+
+    @model_validator(mode="after")
+    def _s3_bucket(self) -> TusSettings:
+        if self.store == "s3" and not self.s3.bucket:
+            raise PydanticCustomError(VALUE_ERROR, "{expected}", {
+                "expected": "Tus:Store is s3 but Tus:S3:Bucket is empty; name the bucket", "key": "Store"})
+        return self
 
     @property
     def max_storage(self) -> int:
@@ -978,27 +1046,6 @@ class OrthancSettings(Section):
         "refused (`POST /instances`: 413; STOW-RS: a failed SOP)")
 
 
-class ClusterSettings(Section):
-    """Replicas sharing state on Redis (dicomproxy/cluster/)."""
-
-    redis: Annotated[str, Text()] = key(
-        "Redis", "", "a Redis URL (redis:// or rediss://); empty: one machine, nothing shared. With it, background "
-        "tasks, the notification feed and its live stream are shared by every replica using the same Redis (a "
-        "password in the URL, or the whole URL from `RedisFile`)", secret=True)
-    lease_seconds: Annotated[float, Number(minimum=1)] = key(
-        "TaskLeaseSeconds", 30, "a running task's lease, renewed while it runs; a replica that died holding it "
-        "loses it after this long and another replica runs the task again")
-    task_keep: Annotated[int, Whole(1)] = key(
-        "TaskKeep", 500, "finished tasks kept in Redis (the oldest go first)")
-
-    @model_validator(mode="after")
-    def _redis_url(self) -> ClusterSettings:
-        if self.redis and not self.redis.startswith(("redis://", "rediss://", "unix://")):
-            raise PydanticCustomError(VALUE_ERROR, "{expected}", {
-                "expected": "a Redis URL: redis://host:6379/0, rediss://... (TLS) or unix:///path", "key": "Redis"})
-        return self
-
-
 class LoggingSettings(Section):
     level: Annotated[str, Choice("DEBUG", "INFO", "WARNING", "ERROR")] = key("Level", "INFO", "log level")
 
@@ -1090,12 +1137,14 @@ class Settings(Section):
     https: HttpsSettings = section("Https", "certificates and policy of the `https://` listeners")
     cors: CorsSettings = section("Cors", "the CORS policy")
     tus: TusSettings = section("Tus", "the TUS upload server")
+    cluster: ClusterSettings = section(
+        "Cluster", "what replicas behind a load balancer share on Redis: TUS upload locks, background tasks, "
+        "notifications")
     dicom: DicomSettings = section("Dicom", "the DICOM side")
     smtp: SmtpSettings = section("Smtp", "mail transport")
     notifications: NotificationSettings = section("Notifications", "the notification feed and mail rules")
     orthanc: OrthancSettings = section("Orthanc", "the Orthanc-compatible Lua layer")
     logging: LoggingSettings = section("Logging", "logging")
-    cluster: ClusterSettings = section("Cluster", "replicas sharing tasks and notifications on Redis")
     audit: AuditSettings = section("Audit", "the IHE ATNA audit trail")
 
     config_file: Path | None = internal(None)  # the appsettings.json read, if any

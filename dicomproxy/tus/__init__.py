@@ -25,6 +25,10 @@ from dicomproxy.tus.archive import ArchiveRefused, ZipLimits
 from dicomproxy.tus.expiry import ExpirySweeper
 from dicomproxy.tus.importer import ImportFailed, StowClient
 from dicomproxy.tus.protocol import TusApp
+from dicomproxy.tus.redislock import RedisLockManager
+from dicomproxy.tus.s3app import S3TusApp
+from dicomproxy.tus.s3copy import S3Copy
+from dicomproxy.tus.s3store import is_valid_s3_id, split_id
 from dicomproxy.tus.store import Upload, is_valid_id
 
 __all__ = ["TusApp", "TusFeature", "Upload", "install", "TASK_KIND", "CALLBACK"]
@@ -53,12 +57,7 @@ class TusFeature:
     def __init__(self, gateway: Host) -> None:
         self.gateway = gateway
         self.settings = gateway.settings.tus
-        self.app = TusApp(
-            self.settings,
-            self.on_complete,
-            metrics=gateway.metrics,
-            fsync=self.settings.fsync,
-        )
+        self.app: TusApp = self._app(gateway)
         self.sweeper = ExpirySweeper(
             self.app.store, self.app.locks, self.settings.expire_after, self.settings.sweep_interval
         )
@@ -75,10 +74,24 @@ class TusFeature:
             "dicomproxy_tus_imported_instances_total", "instances stored by TUS imports"
         )
 
+    def _app(self, gateway: Host) -> TusApp:
+        """The file store's app, or the S3 one (with Redis locks when ``Cluster:Redis`` is set)."""
+        if self.settings.store != "s3":
+            return TusApp(self.settings, self.on_complete, metrics=gateway.metrics, fsync=self.settings.fsync)
+        cluster = gateway.settings.cluster
+        locks = None
+        if cluster.redis:
+            locks = RedisLockManager(cluster.redis, password=cluster.redis_password, lease=cluster.lock_lease)
+        else:
+            log.warning("tus: Tus:Store is s3 without Cluster:Redis: upload locks are local to this host, so "
+                        "only one replica may serve these uploads")
+        return S3TusApp(self.settings, self.on_complete, metrics=gateway.metrics, redis_locks=locks)
+
     # -- component -------------------------------------------------------------------------
     async def start(self) -> None:
         await self.app.startup(recover=self.gateway.worker.owner)
-        if self.gateway.worker.owner:  # Server:Workers: one sweep for the folder every worker shares
+        # Server:Workers: one sweep for the folder every worker shares; a bucket expires uploads by a lifecycle rule
+        if self.gateway.worker.owner and not isinstance(self.app, S3TusApp):
             await self.sweeper.start()
 
     async def stop(self) -> None:
@@ -87,6 +100,11 @@ class TusFeature:
 
     def health(self) -> dict[str, Any]:
         folder = self.settings.upload_folder
+        if isinstance(self.app, S3TusApp):
+            s3 = self.settings.s3
+            return {"ok": True, "store": "s3", "bucket": s3.bucket, "prefix": s3.prefix,
+                    "basePath": self.settings.base_path,
+                    "locks": "redis" if self.app.redis_locks is not None else "local"}
         quota = self.app.quota
         return {"ok": folder.is_dir(), "folder": str(folder), "basePath": self.settings.base_path,
                 "storageUsedBytes": quota.used, "storageRoomBytes": min(quota.room(), 2**53)}
@@ -95,7 +113,7 @@ class TusFeature:
     async def on_complete(self, upload: Upload) -> None:
         """Run the script hook; unless it handled the file, queue the default import."""
         metadata = dict(upload.metadata)
-        metadata.update(fileId=upload.id, path=str(upload.path), size=str(upload.size))
+        metadata.update(fileId=upload.id, path=self._where(upload), size=str(upload.size))
         handled = False
         host = self.gateway.lua
         if host.defines(CALLBACK):
@@ -111,24 +129,38 @@ class TusFeature:
         name = upload.metadata.get("filename") or upload.metadata.get("name") or upload.id
         task_id = self.gateway.tasks.submit(
             TASK_KIND,
-            {"fileId": upload.id, "path": str(upload.path), "size": upload.size, "filename": name,
+            {"fileId": upload.id, "path": self._where(upload), "size": upload.size, "filename": name,
              "owner": upload.owner or ""},
             title=f"Import TUS upload {name}",
             owner=upload.owner,
         )
         log.info("tus: upload %s queued for import as task %s", upload.id, task_id)
 
+    def _where(self, upload: Upload) -> str:
+        """The upload's bytes: a file's path, or ``s3://bucket/key``."""
+        if isinstance(self.app, S3TusApp):
+            return f"s3://{self.settings.s3.bucket}/{self.app.s3.key(split_id(upload.id)[0])}"
+        return str(upload.path)
+
     # -- the tus-import task ---------------------------------------------------------------
     async def run_import(self, args: dict[str, Any]) -> dict[str, Any]:
         upload_id = str(args.get("fileId", ""))
         name = str(args.get("filename") or upload_id)
+        if isinstance(self.app, S3TusApp):
+            if not is_valid_s3_id(upload_id):
+                raise ImportFailed(f"invalid upload id {upload_id!r}")
+            async with S3Copy(self.app.s3, upload_id, self.settings.upload_folder) as copy:
+                return await self._import(copy.path, upload_id, name, args)
         if not is_valid_id(upload_id):
             raise ImportFailed(f"invalid upload id {upload_id!r}")
         path = self.app.store.data_path(upload_id)
         if not path.is_file():
             raise ImportFailed(f"upload {upload_id} ({name}) is gone from {self.settings.upload_folder}")
+        return await self._import(Path(path), upload_id, name, args)
+
+    async def _import(self, path: Path, upload_id: str, name: str, args: dict[str, Any]) -> dict[str, Any]:
         try:
-            report = await self.stow.import_file(Path(path))
+            report = await self.stow.import_file(path)
         except (ImportFailed, ArchiveRefused) as e:
             self._failed(upload_id, name, str(e), args)
             raise ReportedFailure(str(e)) from None
@@ -178,6 +210,15 @@ class TusFeature:
                               fileId=upload_id, filename=name)
 
     async def _delete(self, upload_id: str) -> None:
+        if isinstance(self.app, S3TusApp):
+            try:
+                removed = await self.app.remove(upload_id)
+            except Exception as e:
+                log.warning("tus: imported upload %s not deleted from S3: %s", upload_id, e)
+                return
+            if not removed:
+                log.warning("tus: imported upload %s not deleted from S3: a request holds it", upload_id)
+            return
         try:
             lock = await self.app.locks.acquire(upload_id, lambda: None, self.settings.lock_timeout)
         except Exception as e:

@@ -181,14 +181,24 @@ def test_https_passwords_are_secrets(tmp_path: Path) -> None:
     assert "key-secret" not in flat and "pfx-secret" not in flat
 
 
-# --------------------------------------------------------------------------- Cluster
-def test_cluster_redis_is_a_redis_url_kept_secret_or_read_from_a_file(tmp_path: Path) -> None:
-    assert load(tmp_path, {}).cluster.redis == ""  # default: one machine, nothing shared
-    s = load(tmp_path, {"Cluster": {"Redis": "redis://:s3cret@redis.example.org:6380/2"}})
-    assert s.cluster.redis == "redis://:s3cret@redis.example.org:6380/2" and "s3cret" not in repr(s.cluster)
-    (tmp_path / "redis-url").write_text("rediss://:f1le@redis.example.org/0\n")
-    s = load(tmp_path, {"Cluster": {"RedisFile": str(tmp_path / "redis-url")}})
-    assert s.cluster.redis == "rediss://:f1le@redis.example.org/0"
-    with pytest.raises(ConfigError, match="Cluster:Redis: .*a Redis URL") as info:
-        load(tmp_path, {"Cluster": {"Redis": "http://:pw@redis.example.org"}})
-    assert "pw@" not in str(info.value)
+# --------------------------------------------------------------------------- Tus:Store s3, Cluster
+def test_tus_s3_store_and_cluster_keys(tmp_path: Path) -> None:
+    s = load(tmp_path, {})
+    assert (s.tus.store, s.cluster.redis) == ("file", "")  # the embedded default needs nothing extra
+    (tmp_path / "s3.secret").write_text("s3cr3t\n")
+    (tmp_path / "redis.secret").write_text("r3d1s\n")
+    s = load(tmp_path, {"Cluster": {"Redis": "redis://r:6379/0", "RedisPasswordFile": "redis.secret"},
+                        "Tus": {"Store": "S3", "S3": {"Bucket": "up", "SecretKeyFile": "s3.secret",
+                                                      "PartSizeMB": 16}}})
+    assert (s.tus.store, s.tus.s3.bucket, s.tus.s3.secret_key, s.tus.s3.part_size) == ("s3", "up", "s3cr3t", 16 << 20)
+    assert (s.cluster.redis_password, s.cluster.lock_lease) == ("r3d1s", 10)
+    assert "s3cr3t" not in repr(s) and "r3d1s" not in repr(s)
+    with pytest.raises(ConfigError, match=re.escape("Tus:S3:Bucket is empty; name the bucket")):
+        load(tmp_path, {"Tus": {"Store": "s3"}})
+    for bad, message in (("redis://:pw@r:6379", "move it to Cluster:RedisPassword"),
+                         ("http://r:6379", "Cluster:Redis must be redis://")):
+        with pytest.raises(ConfigError, match=re.escape(message)) as info:
+            load(tmp_path, {"Cluster": {"Redis": bad}})
+        assert "pw" not in str(info.value).replace("RedisPassword", "")
+    with pytest.raises(ConfigError, match="Tus:S3:PartSizeMB"):
+        load(tmp_path, {"Tus": {"Store": "s3", "S3": {"Bucket": "up", "PartSizeMB": 1}}})

@@ -1,0 +1,379 @@
+"""The TUS server on an S3 bucket (``Tus:Store`` ``s3``): :class:`~.protocol.TusApp` with
+:mod:`.s3store` underneath, for replicas behind a load balancer.
+
+The wire protocol is the file store's (same statuses, headers and ``ERR_...`` bodies); what
+differs is where the bytes go. A PATCH streams its body into S3 parts of ``Tus:S3:PartSizeMB``:
+it holds at most one part in memory (taken from the ``Tus:WriteBufferMB`` budget before the
+first byte is read, so many PATCHes at once wait or get 503 instead of exhausting memory), and
+while a part is being sent it does not read further (TCP back-pressure reaches the client).
+What is left below S3's 5 MiB minimum when a PATCH ends (body done, client gone, interrupted by
+another request) goes to the ``.part`` object, as tusd does; the next PATCH, on whichever
+replica, prepends it. The final PATCH uploads the last part and completes the multipart upload
+before it is answered, then the completion (``onTusFileComplete``, import) runs on that replica.
+A ``<objectId>.pending`` marker, written before the multipart upload is completed and deleted
+once the completion is handed over (under the upload's lock, so exactly one replica runs it),
+lets any replica that starts later run a completion a crash interrupted.
+
+The extensions are creation, creation-with-upload, creation-defer-length and termination.
+Concatenation, checksums, expiration and download are the file store's only (an S3 bucket
+expires unfinished uploads with a lifecycle rule: ``AbortIncompleteMultipartUpload``), and
+``Tus:MaxStorageGB``/``MinFreeDiskGB``/``MaxUploadsPerUser`` count the upload folder only.
+
+The lock of each request is :mod:`.redislock`'s with ``Cluster:Redis`` (any replica), else
+:mod:`.locks`' (one replica: processes of one host).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from dicomproxy.config.settings import TusSettings
+from dicomproxy.metrics import Metrics
+from dicomproxy.tus import errors
+from dicomproxy.tus import headers as h
+from dicomproxy.tus.access import Caller
+from dicomproxy.tus.errors import TusError
+from dicomproxy.tus.protocol import OnComplete, Receive, Scope, TusApp, _Response
+from dicomproxy.tus.redislock import RedisLockManager
+from dicomproxy.tus.s3store import MIN_PART, Part, S3State, S3Store
+from dicomproxy.tus.store import Upload
+
+log = logging.getLogger(__name__)
+
+S3_EXTENSIONS = "creation,creation-with-upload,termination,creation-defer-length"
+MAX_PARTS = 10_000  # S3's limit of parts per multipart upload
+NOT_WITH_S3 = TusError("ERR_NOT_IMPLEMENTED", "not available with Tus:Store s3", 501)
+
+
+class _Body:
+    """``receive()`` that another request (the lock's release request) or a read timeout can stop."""
+
+    def __init__(self, receive: Receive, read_timeout: float) -> None:
+        self._receive = receive
+        self._read_timeout = read_timeout if read_timeout > 0 else None
+        self.stop = asyncio.Event()
+        self.interrupted = False
+        self.timed_out = False
+
+    def interrupt(self) -> None:
+        self.interrupted = True
+        self.stop.set()
+
+    async def next(self) -> dict[str, Any] | None:
+        if self.stop.is_set():
+            return None
+        recv = asyncio.ensure_future(self._receive())
+        stop = asyncio.ensure_future(self.stop.wait())
+        done, _ = await asyncio.wait({recv, stop}, timeout=self._read_timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if recv in done:
+            return recv.result()
+        recv.cancel()
+        if not done:
+            self.timed_out = True
+        return None
+
+
+class S3TusApp(TusApp):
+    """``TusApp`` whose uploads live in ``settings.s3``'s bucket; ``locks`` may be a Redis lock manager."""
+
+    def __init__(self, settings: TusSettings, on_complete: OnComplete | None = None, *,
+                 metrics: Metrics | None = None, redis_locks: RedisLockManager | None = None,
+                 read_timeout: float = 60.0) -> None:
+        super().__init__(settings, on_complete, metrics=metrics, read_timeout=read_timeout)
+        self.s3 = S3Store(settings.s3)
+        self.part_size = settings.s3.part_size
+        self.redis_locks = redis_locks
+        if redis_locks is not None:
+            self.locks = redis_locks  # type: ignore[assignment]  # same acquire()/is_held() protocol
+        self.extensions = S3_EXTENSIONS
+        # S3 takes at most 10 000 parts: with Tus:S3:PartSizeMB parts, that is the largest upload.
+        s3_max = self.part_size * MAX_PARTS
+        self._max_size = min(settings.max_size, s3_max) if settings.max_size > 0 else s3_max
+
+    async def startup(self, recover: bool = True) -> None:
+        """Open the bucket (and Redis); with ``recover`` (one process per host is enough: the
+        hand-over is exclusive anyway) run completions a crash left behind."""
+        self.store.ensure_folder()  # the local lock files without Redis; imports' temporary copies
+        await self.s3.open()
+        if self.redis_locks is not None:
+            await self.redis_locks.start()
+        if recover and self.on_complete is not None:
+            await self._recover_pending()
+
+    async def aclose(self, grace: float = 30) -> None:
+        await super().aclose(grace)
+        if self.redis_locks is not None:
+            await self.redis_locks.aclose()
+        await self.s3.aclose()
+
+    async def _route(self, scope: Scope, receive: Receive, method: str, hdrs: dict[str, str],
+                     caller: Caller) -> _Response:
+        resp = await super()._route(scope, receive, method, hdrs, caller)
+        resp.headers.pop("Tus-Checksum-Algorithm", None)
+        if method == "OPTIONS":
+            resp.headers["Tus-Max-Size"] = str(self._max_size)
+        return resp
+
+    # -- access and state ------------------------------------------------------------------
+    async def _locked(self, upload_id: str, caller: Caller, on_release: Callable[[], None] = lambda: None) -> Any:
+        owner = await self.s3.owner(upload_id)  # NOT_FOUND for an unknown id
+        if not caller.may_access(owner):
+            log.info("tus: %s may not access upload %s: answered as not found", caller.user or "anonymous", upload_id)
+            raise errors.NOT_FOUND
+        return await self.locks.acquire(upload_id, on_release, self.settings.lock_timeout)
+
+    # -- POST ------------------------------------------------------------------------------
+    async def _post(self, scope: Scope, receive: Receive, hdrs: dict[str, str], caller: Caller) -> _Response:
+        is_partial, is_final, _ = h.parse_concat(hdrs.get("upload-concat", ""), self.base_path)
+        if is_partial or is_final:
+            raise NOT_WITH_S3
+        contains_chunk = hdrs.get("content-type") == h.OFFSET_OCTET_STREAM
+        size, deferred = self._new_length(hdrs.get("upload-length", ""), hdrs.get("upload-defer-length", ""))
+        if size > self._max_size:
+            raise errors.MAX_SIZE_EXCEEDED
+        upload = Upload(id="", size=size, size_is_deferred=deferred,
+                        metadata=h.parse_metadata(hdrs.get("upload-metadata")), owner=caller.user)
+        await self.s3.create(upload)
+        self._m_created.inc()
+        out = {"Location": self._location(scope, hdrs, upload.id)}
+        log.info("tus: created upload %s in S3 (size %s, metadata %s)", upload.id,
+                 "deferred" if deferred else size, list(upload.metadata))
+        if contains_chunk or (not deferred and size == 0):
+            body = _Body(receive, self.read_timeout)
+            async with await self.locks.acquire(upload.id, body.interrupt, self.settings.lock_timeout):
+                try:
+                    await self._write_s3(body, hdrs, S3State(upload), out, read=contains_chunk)
+                except TusError as e:
+                    raise e.with_headers(Location=out["Location"]) from None
+        return _Response(201, out)
+
+    # -- HEAD ------------------------------------------------------------------------------
+    async def _head(self, scope: Scope, upload_id: str, hdrs: dict[str, str], caller: Caller) -> _Response:
+        async with await self._locked(upload_id, caller):
+            upload = (await self.s3.state(upload_id)).upload
+        out = {"Cache-Control": "no-store", "Upload-Offset": str(upload.offset)}
+        if upload.metadata:
+            out["Upload-Metadata"] = h.serialize_metadata(upload.metadata)
+        if upload.size_is_deferred:
+            out["Upload-Defer-Length"] = "1"
+        else:
+            out["Upload-Length"] = str(upload.size)
+            out["Content-Length"] = str(upload.size)
+        return _Response(200, out)
+
+    # -- PATCH -----------------------------------------------------------------------------
+    async def _patch(self, receive: Receive, upload_id: str, hdrs: dict[str, str], caller: Caller) -> _Response:
+        if hdrs.get("content-type") != h.OFFSET_OCTET_STREAM:
+            raise errors.INVALID_CONTENT_TYPE
+        offset = h.parse_int(hdrs.get("upload-offset"))
+        if offset is None or offset < 0:
+            raise errors.INVALID_OFFSET
+        if "upload-checksum" in hdrs:
+            raise NOT_WITH_S3
+        body = _Body(receive, self.read_timeout)
+        async with await self._locked(upload_id, caller, body.interrupt):
+            state = await self.s3.state(upload_id)
+            upload = state.upload
+            if offset != upload.offset:
+                raise errors.MISMATCHED_OFFSET.with_headers(**{"Upload-Offset": str(upload.offset)})
+            out: dict[str, str] = {}
+            if upload.complete:
+                out["Upload-Offset"] = str(offset)
+                return _Response(204, out)
+            if hdrs.get("upload-length"):
+                if not upload.size_is_deferred:
+                    raise errors.INVALID_UPLOAD_LENGTH
+                length = h.parse_int(hdrs["upload-length"])
+                if length is None or length < 0 or length < upload.offset or length > self._max_size:
+                    raise errors.INVALID_UPLOAD_LENGTH
+                upload.size, upload.size_is_deferred = length, False
+                await self.s3.write_info(upload)
+            await self._write_s3(body, hdrs, state, out)
+            return _Response(204, out)
+
+    def _limit(self, upload: Upload, length: int | None) -> int:
+        """How many body bytes this request may store (tusd's ``writeChunk`` checks)."""
+        offset = upload.offset
+        if not upload.size_is_deferred:
+            if length is not None and offset + length > upload.size:
+                raise errors.SIZE_EXCEEDED
+            limit = upload.size - offset
+        else:
+            if length is not None and offset + length > self._max_size:
+                raise errors.MAX_SIZE_EXCEEDED
+            limit = self._max_size - offset
+        return min(limit, length) if length is not None else limit
+
+    async def _write_s3(self, body: _Body, hdrs: dict[str, str], state: S3State, out: dict[str, str],
+                        read: bool = True) -> None:
+        """Stream the body into parts; sets ``Upload-Offset``; completes the upload on its last byte."""
+        upload = state.upload
+        length = h.parse_int(hdrs.get("content-length"))
+        limit = self._limit(upload, length) if read else 0
+        if not await self.budget.take(self.part_size):
+            raise errors.SERVER_BUSY.with_headers(**{"Retry-After": "5"})
+        try:
+            writer = _PartWriter(self.s3, state, self.part_size)
+            outcome = await writer.run(body, limit)
+        finally:
+            self.budget.give_back(self.part_size)
+        received = outcome.received
+        self._m_bytes.inc(received)
+        upload.offset += received
+        out["Upload-Offset"] = str(upload.offset)
+        if upload.complete:
+            self._finished(upload)
+        failure = self._failure_of(outcome, body, length)
+        if failure is not None:
+            raise failure
+
+    def _failure_of(self, outcome: _Outcome, body: _Body, length: int | None) -> TusError | None:
+        if outcome.exceeded:
+            return errors.SIZE_EXCEEDED
+        if body.timed_out:
+            return errors.READ_TIMEOUT
+        if body.interrupted:
+            return errors.SERVER_SHUTDOWN if self._closing else errors.UPLOAD_INTERRUPTED
+        if outcome.disconnected or (length is not None and outcome.received < length):
+            return errors.UNEXPECTED_EOF
+        return None
+
+    def _finished(self, upload: Upload) -> None:
+        self._m_finished.inc()
+        log.info("tus: upload %s complete in S3 (%d bytes)", upload.id, upload.size)
+        if self.on_complete is not None:
+            self._spawn(self._hand_over(upload.id), f"completion of upload {upload.id}")
+
+    async def _hand_over(self, upload_id: str) -> None:
+        """Run the completion once in the cluster: under the upload's lock, only while its
+        ``.pending`` marker (written before the multipart upload was completed) is there."""
+        assert self.on_complete is not None
+        async with await self.locks.acquire(upload_id, lambda: None, self.settings.lock_timeout):
+            if not await self.s3.is_pending(upload_id):
+                return  # another replica handed it over already
+            state = await self.s3.state(upload_id)
+            if not state.upload.complete:
+                return  # a crash before the last part: the client's next PATCH finishes it
+            await self.on_complete(state.upload)
+            await self.s3.clear_pending(upload_id)
+
+    async def _recover_pending(self) -> None:
+        """At start-up: completions a crashed replica did not hand over (any replica may take them)."""
+        for upload_id in await self.s3.pending_ids():
+            log.info("tus: upload %s finished without its completion handed over; running it now", upload_id)
+            self._spawn(self._hand_over(upload_id), f"completion of upload {upload_id}")
+
+    # -- GET, DELETE -----------------------------------------------------------------------
+    async def _get(self, upload_id: str, caller: Caller) -> _Response:
+        raise NOT_WITH_S3
+
+    async def _delete(self, upload_id: str, caller: Caller) -> _Response:
+        async with await self._locked(upload_id, caller):
+            await self.s3.terminate(upload_id)
+        self._m_terminated.inc()
+        log.info("tus: upload %s terminated", upload_id)
+        return _Response(204)
+
+    async def remove(self, upload_id: str) -> bool:
+        """Delete an imported upload unless a request holds it (then it stays: log, no interruption)."""
+        lock = await self._try_lock(upload_id)
+        if lock is None:
+            return False
+        try:
+            await self.s3.terminate(upload_id)
+        finally:
+            await lock.release()
+        return True
+
+    async def _try_lock(self, upload_id: str) -> Any:
+        if self.redis_locks is not None:
+            return await self.redis_locks.try_acquire(upload_id)
+        return self.locks.try_acquire(upload_id)
+
+
+class _Outcome:
+    __slots__ = ("received", "exceeded", "disconnected")
+
+    def __init__(self) -> None:
+        self.received = 0  # body bytes stored (in parts or the .part object)
+        self.exceeded = False
+        self.disconnected = False
+
+
+class _PartWriter:
+    """One PATCH body into the upload's parts: at most one part buffered, tusd's part rules."""
+
+    def __init__(self, s3: S3Store, state: S3State, part_size: int) -> None:
+        self.s3 = s3
+        self.state = state
+        self.part_size = part_size
+        self.buf = bytearray()
+        self.carried = 0  # bytes of the .part object taken back into buf (already counted in the offset)
+
+    async def run(self, body: _Body, limit: int) -> _Outcome:
+        outcome = _Outcome()
+        upload_id = self.state.upload.id
+        if self.state.incomplete_size:
+            self.buf += await self.s3.get_incomplete(upload_id)
+            # tusd's order: delete first, so a crash can only make the offset smaller, never count twice
+            await self.s3.delete_incomplete(upload_id)
+            self.carried = len(self.buf)
+        # An S3 failure while pumping raises past _end: storing a later tail after a part that
+        # failed would leave a hole; without it the offset is what the bucket holds.
+        await self._pump(body, limit, outcome)
+        await self._end(outcome)
+        return outcome
+
+    async def _pump(self, body: _Body, limit: int, outcome: _Outcome) -> None:
+        more = limit > 0
+        taken = 0
+        while more:
+            message = await body.next()
+            if message is None:
+                return
+            if message["type"] == "http.disconnect":
+                outcome.disconnected = True
+                return
+            chunk = message.get("body", b"")
+            more = bool(message.get("more_body", False))
+            if len(chunk) > limit - taken:
+                chunk = chunk[: limit - taken]
+                outcome.exceeded = True
+                more = False
+            taken += len(chunk)
+            self.buf += chunk
+            outcome.received += len(chunk)
+            while len(self.buf) >= self.part_size:
+                await self._send_part(self.part_size)
+
+    async def _send_part(self, n: int) -> None:
+        """Send the first ``n`` buffered bytes as the next part (no copy of the part itself)."""
+        data = self.buf
+        self.buf = bytearray(data[n:])
+        del data[n:]
+        number = (self.state.parts[-1].number if self.state.parts else 0) + 1
+        part: Part = await self.s3.upload_part(self.state.upload.id, number, data)
+        self.state.parts.append(part)
+        self.carried = max(self.carried - n, 0)
+
+    async def _end(self, outcome: _Outcome) -> None:
+        """Store the tail: the last part and completion, a short part, or the ``.part`` object."""
+        upload = self.state.upload
+        total = upload.offset + outcome.received
+        if not upload.size_is_deferred and total == upload.size:
+            if self.buf or not self.state.parts:
+                await self._send_part(len(self.buf))
+            await self.s3.mark_pending(upload.id)  # before: a crash right after completing loses nothing
+            await self.s3.complete(upload.id, self.state.parts)
+            self.state.completed = True
+        elif len(self.buf) >= MIN_PART:
+            await self._send_part(len(self.buf))
+        elif self.buf:
+            await self.s3.put_incomplete(upload.id, self.buf)
+        self.buf = bytearray()
+
