@@ -227,6 +227,8 @@ class _DimseLane:
         assoc = self.assoc
         if assoc is None or not assoc.is_open or new_pair or titles != self.titles:
             return False
+        if self.target.members is not None and self.target.candidates()[0].name != self.peer.name:
+            return False  # a group whose first choice changed (its primary is back): move to it
         idle = asyncio.get_running_loop().time() - assoc.last_used
         return idle <= IDLE_CLOSE_SECONDS and (key in assoc.accepted or key in assoc.rejected)
 
