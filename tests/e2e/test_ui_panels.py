@@ -124,7 +124,10 @@ def test_failed_instances_are_retried_and_discarded_from_the_page_and_audited(
     page = admin_page
     row_a = page.locator(f"#spool-failed tr.failed-study[data-study='{study_a}']")
     row_a.wait_for(timeout=15000)
-    assert "2 \u00b7" in row_a.inner_text() and "aborted the association" in row_a.inner_text()
+    # the page refreshes every few seconds: it may first show the study with one failed instance
+    wait_until(lambda: "2 \u00b7" in row_a.inner_text(), timeout=20,
+               what="the study's two failed instances on the page")
+    assert "aborted the association" in row_a.inner_text()
     assert "Pa" in row_a.inner_text() and "CT01" in row_a.inner_text()  # patient and calling AE
     page.wait_for_selector(f"#spool-failed tr.failed-study[data-study='{study_b}']", timeout=15000)
     assert "3 instance(s) in 2 studies" in page.inner_text("#spool-failed-count")
