@@ -168,12 +168,9 @@ class S3TusApp(TusApp):
 
     # -- PATCH -----------------------------------------------------------------------------
     async def _patch(self, receive: Receive, upload_id: str, hdrs: dict[str, str], caller: Caller) -> _Response:
-        if hdrs.get("content-type") != h.OFFSET_OCTET_STREAM:
-            raise errors.INVALID_CONTENT_TYPE
-        offset = h.parse_int(hdrs.get("upload-offset"))
-        if offset is None or offset < 0:
-            raise errors.INVALID_OFFSET
-        if "upload-checksum" in hdrs:
+        patch = h.patch_headers(hdrs)  # the file store's checks, in its order
+        offset = patch.offset
+        if patch.checksum_header is not None:
             raise NOT_WITH_S3
         body = _Body(receive, self.read_timeout)
         async with await self._locked(upload_id, caller, body.interrupt):
@@ -185,12 +182,8 @@ class S3TusApp(TusApp):
             if upload.complete:
                 out["Upload-Offset"] = str(offset)
                 return _Response(204, out)
-            if hdrs.get("upload-length"):
-                if not upload.size_is_deferred:
-                    raise errors.INVALID_UPLOAD_LENGTH
-                length = h.parse_int(hdrs["upload-length"])
-                if length is None or length < 0 or length < upload.offset or length > self._max_size:
-                    raise errors.INVALID_UPLOAD_LENGTH
+            length = patch.declared_length(upload.size_is_deferred, upload.offset, self._max_size)
+            if length is not None:
                 upload.size, upload.size_is_deferred = length, False
                 await self.s3.write_info(upload)
             await self._write_s3(body, hdrs, state, out)

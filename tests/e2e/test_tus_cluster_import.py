@@ -157,3 +157,35 @@ def test_a_completion_handed_over_twice_queues_one_import(
     assert tasks[0]["state"] == "done"
     assert len(_imported(orthanc, pid)) == 1
     assert requests.head(b.url + "/files/" + upload, headers={"Tus-Resumable": "1.0.0"}, timeout=10).status_code == 200
+
+
+def test_s3_patch_header_checks_are_the_file_stores(gateway_factory: Callable[..., GatewayProcess],
+                                                    seaweed: SeaweedServer) -> None:  # noqa: F811
+    """One helper (headers.patch_headers) checks a PATCH for both stores: same statuses and codes."""
+    tus = {"Tus-Resumable": "1.0.0"}
+    s3 = gateway_factory({"Tus": {"Store": "s3", "S3": {
+        "Bucket": seaweed.bucket, "Prefix": "hdr", "Endpoint": seaweed.endpoint, "AccessKey": "test",
+        "SecretKey": "test", "PartSizeMB": 5}}})
+    files = gateway_factory({})
+    answers = []
+    for g in (s3, files):
+        r = requests.post(g.url + "/files/", headers={**tus, "Upload-Length": "10"}, timeout=10)
+        url = g.url + urlsplit(r.headers["Location"]).path
+        deferred = requests.post(g.url + "/files/", headers={**tus, "Upload-Defer-Length": "1"}, timeout=10)
+        durl = g.url + urlsplit(deferred.headers["Location"]).path
+        octet = {**tus, "Content-Type": "application/offset+octet-stream"}
+        cases = [
+            (url, {**tus, "Content-Type": "text/plain", "Upload-Offset": "0"}),
+            (url, {**octet, "Upload-Offset": "-1"}),
+            (url, {**octet}),
+            (url, {**octet, "Upload-Offset": "0", "Upload-Length": "10"}),  # not deferred
+            (durl, {**octet, "Upload-Offset": "0", "Upload-Length": "x"}),
+            (url, {**octet, "Upload-Offset": "3"}),
+        ]
+        got = []
+        for target, headers in cases:
+            r = requests.patch(target, data=b"abc", headers=headers, timeout=10)
+            got.append((r.status_code, r.text.split(":")[0].strip()))
+        answers.append(got)
+    assert answers[0] == answers[1], answers
+    assert [s for s, _ in answers[0]] == [400, 400, 400, 400, 400, 409]
