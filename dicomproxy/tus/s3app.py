@@ -9,10 +9,12 @@ while a part is being sent it does not read further (TCP back-pressure reaches t
 What is left below S3's 5 MiB minimum when a PATCH ends (body done, client gone, interrupted by
 another request) goes to the ``.part`` object, as tusd does; the next PATCH, on whichever
 replica, prepends it. The final PATCH uploads the last part and completes the multipart upload
-before it is answered, then the completion (``onTusFileComplete``, import) runs on that replica.
-A ``<objectId>.pending`` marker, written before the multipart upload is completed and deleted
-once the completion is handed over (under the upload's lock, so exactly one replica runs it),
-lets any replica that starts later run a completion a crash interrupted.
+before it is answered, then that replica runs ``onTusFileComplete`` and submits the import:
+with ``Cluster:Redis`` a cluster task (any replica runs it, reading the object from the bucket;
+another runs it again if that replica dies), with the id ``tus-import-<objectId>`` so that a
+second hand-over queues nothing. A ``<objectId>.pending`` marker, written before the multipart
+upload is completed and deleted once the completion is handed over (under the upload's lock),
+lets any replica that starts later hand over a completion a crash interrupted.
 
 The extensions are creation, creation-with-upload, creation-defer-length and termination.
 Concatenation, checksums, expiration and download are the file store's only (an S3 bucket
