@@ -22,7 +22,7 @@ from dicomproxy.audit import web as audit_web
 from dicomproxy.audit.trail import AuditTrail
 from dicomproxy.auth.setup import build_auth
 from dicomproxy.cluster.redis import connect, connect_sync
-from dicomproxy.cluster.tasks import RedisTaskQueue
+from dicomproxy.cluster.tasks import LOCAL_KINDS, RedisTaskQueue
 from dicomproxy.commands import Commands
 from dicomproxy.config.settings import Settings
 from dicomproxy.dicom import storage_scu
@@ -60,10 +60,14 @@ def make_task_queue(settings: Settings, bus: EventBus, worker: WorkerInfo) -> Qu
     lua = settings.lua
     here = TaskQueue(settings.data_folder / "tasks", workers=lua.background_workers, bus=bus,
                      max_restarts=lua.task_max_restarts, runs=worker.owner, shared=worker.multi)
-    if settings.cluster.redis:  # the TUS imports stay on this replica's disk queue (LOCAL_KINDS)
+    if settings.cluster.redis:
+        # TUS imports of the file store stay on this replica's disk queue (the file is here);
+        # with Tus:Store s3 any replica reads the object, so they go through the cluster's queue.
+        local_kinds = frozenset() if settings.tus.store == "s3" else LOCAL_KINDS
         return RedisTaskQueue(settings.cluster.redis, connect(settings), connect_sync(settings),
                               workers=lua.background_workers, bus=bus, keep=settings.cluster.task_keep,
-                              max_restarts=lua.task_max_restarts, lease=settings.cluster.lease_seconds, local=here)
+                              max_restarts=lua.task_max_restarts, lease=settings.cluster.lease_seconds, local=here,
+                              local_kinds=local_kinds)
     return here
 
 

@@ -92,7 +92,8 @@ class Queue(Protocol):
     :class:`dicomproxy.cluster.tasks.RedisTaskQueue` (shared by replicas, ``Cluster:Redis``)."""
 
     def register(self, kind: str, handler: Handler) -> None: ...
-    def submit(self, kind: str, args: dict[str, Any], title: str = "", owner: str | None = None) -> str: ...
+    def submit(self, kind: str, args: dict[str, Any], title: str = "", owner: str | None = None, *,
+               task_id: str | None = None) -> str: ...
     def rerun(self, task_id: str) -> dict[str, Any] | None: ...
     def get(self, task_id: str) -> dict[str, Any] | None: ...
     def list(self) -> list[dict[str, Any]]: ...
@@ -182,14 +183,21 @@ class TaskQueue:
                           task_id=task["id"])
 
     # ------------------------------------------------------------------ API
-    def submit(self, kind: str, args: dict[str, Any], title: str = "", owner: str | None = None) -> str:
+    def submit(self, kind: str, args: dict[str, Any], title: str = "", owner: str | None = None, *,
+               task_id: str | None = None) -> str:
         """Persist and queue a task; returns its id. Safe to call before :meth:`start`.
 
         ``owner``: the user the task is for (a TUS import: the upload's owner); only they and
-        admins see it at ``/dicomproxy/tasks`` (:func:`visible_to`)."""
+        admins see it at ``/dicomproxy/tasks`` (:func:`visible_to`). ``task_id`` (letters,
+        digits, ``-``): submitting it again while it is known queues nothing (a completion
+        handed over twice after a crash imports once)."""
         if kind not in self._handlers:
             raise ValueError(f"no handler for task kind {kind!r}; known: {', '.join(sorted(self._handlers))}")
-        task_id = time.strftime("%Y%m%d%H%M%S") + "-" + uuid.uuid4().hex[:12]
+        if task_id is not None:
+            if self.get(task_id) is not None or self._path(task_id).exists():
+                return task_id
+        else:
+            task_id = time.strftime("%Y%m%d%H%M%S") + "-" + uuid.uuid4().hex[:12]
         task = {
             "id": task_id,
             "kind": kind,

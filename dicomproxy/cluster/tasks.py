@@ -24,9 +24,12 @@ for how long (the pending entries list), and ``XAUTOCLAIM`` hands one over atomi
 hand-written lease bookkeeping is needed. A task may run twice only if its replica lost Redis
 for longer than the lease while still running it; handlers are written to be safe to repeat.
 
-Tasks of a kind in ``LOCAL_KINDS`` stay on this replica's disk queue (:class:`TaskQueue`, as
-without Redis): a TUS import reads the upload from this replica's ``TusUploadFolder``, which no
-other replica has until uploads live in shared storage. They are listed with the cluster's.
+Tasks of a kind in ``local_kinds`` stay on this replica's disk queue (:class:`TaskQueue`, as
+without Redis), listed with the cluster's: with ``Tus:Store`` ``file`` that is ``tus-import`` (it
+reads the upload from this replica's ``TusUploadFolder``, which no other replica has). With
+``Tus:Store`` ``s3`` the object is in the bucket, so the import is a cluster task like any other:
+any replica runs it (streaming the object from S3), and one whose replica died is run again
+elsewhere after the lease.
 
 ``submit``, ``rerun``, ``get`` and ``list`` are synchronous (their callers are: Lua's
 ``LuaBackgroundWorker``, the API); they use a blocking client with a 1 s timeout - one loopback
@@ -70,8 +73,13 @@ FINISHED = PREFIX + "tasks:finished"
 QUEUE = PREFIX + "tasks:queue"
 GROUP = "workers"
 BLOCK_MS = 1000  # one XREADGROUP waits this long; shutdown and reclaiming are checked between
-LOCAL_KINDS = frozenset({"tus-import"})  # read a file only this replica has (see the module docstring)
+LOCAL_KINDS = frozenset({"tus-import"})  # with the file store: read a file only this replica has
 SAVE_TRIES = 5
+SUBMIT_ONCE = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('XADD', KEYS[2], '*', 'id', ARGV[1])
+return 1
+"""  # a task id already recorded is not queued twice
 RENEW = """
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
 if #p == 0 or p[1][2] ~= ARGV[3] then return 0 end
@@ -134,14 +142,18 @@ class RedisTaskQueue:
         except redis.RedisError as e:
             raise unavailable(self.url, e) from e
 
-    def submit(self, kind: str, args: dict[str, Any], title: str = "", owner: str | None = None) -> str:
+    def submit(self, kind: str, args: dict[str, Any], title: str = "", owner: str | None = None, *,
+               task_id: str | None = None) -> str:
         """Store and queue a task in Redis; returns its id. Refused (:class:`ClusterUnavailable`)
-        when Redis cannot take it: a task accepted is a task that will run on some replica."""
+        when Redis cannot take it: a task accepted is a task that will run on some replica.
+        ``task_id``: a task already recorded under it is not queued again (one script, ``HSETNX``
+        then ``XADD``: atomic across replicas)."""
         if kind not in self._handlers:
             raise ValueError(f"no handler for task kind {kind!r}; known: {', '.join(sorted(self._handlers))}")
         if self.local is not None and kind in self.local_kinds:
-            return self.local.submit(kind, args, title, owner)
-        task_id = time.strftime("%Y%m%d%H%M%S") + "-" + uuid.uuid4().hex[:12]
+            return self.local.submit(kind, args, title, owner, task_id=task_id)
+        if task_id is None:
+            task_id = time.strftime("%Y%m%d%H%M%S") + "-" + uuid.uuid4().hex[:12]
         task = {
             "id": task_id, "kind": kind, "title": title or kind, "args": _jsonable(args), "state": QUEUED,
             "created": time.time(), "started": None, "finished": None, "result": None, "error": None,
@@ -149,10 +161,7 @@ class RedisTaskQueue:
         }
 
         def store() -> None:
-            pipe = self.sync.pipeline(transaction=True)
-            pipe.hset(RECORDS, task_id, json.dumps(task))
-            pipe.xadd(QUEUE, {"id": task_id})
-            pipe.execute()
+            self.sync.eval(SUBMIT_ONCE, 2, RECORDS, QUEUE, task_id, json.dumps(task))
 
         self._call(store)
         return task_id

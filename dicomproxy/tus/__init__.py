@@ -9,7 +9,9 @@
   with every ``Upload-Metadata`` pair plus ``fileId``, ``path`` and ``size``; unless a script
   returns true, a ``tus-import`` task (owned by the upload's owner, so that only they and
   admins see it) sends it to the PACS with STOW-RS (:mod:`~dicomproxy.tus.importer`; a ZIP
-  within the limits of :mod:`~dicomproxy.tus.archive`), deletes it on success (unless
+  within the limits of :mod:`~dicomproxy.tus.archive`; with ``Tus:Store`` ``s3`` and
+  ``Cluster:Redis`` a cluster task that any replica runs, streaming the object from the bucket,
+  and runs again elsewhere if its replica dies), deletes it on success (unless
   ``Tus:KeepAfterImport``), keeps it on failure, and emits ``upload.imported`` / ``import.failed``.
 """
 
@@ -133,8 +135,17 @@ class TusFeature:
              "owner": upload.owner or ""},
             title=f"Import TUS upload {name}",
             owner=upload.owner,
+            task_id=self._task_id(upload),
         )
         log.info("tus: upload %s queued for import as task %s", upload.id, task_id)
+
+    def _task_id(self, upload: Upload) -> str | None:
+        """S3: one id per upload (``tus-import-<objectId>``), so a completion handed over twice
+        (a replica killed after submitting, before clearing the ``.pending`` marker; the next
+        replica hands it over again) queues one import."""
+        if isinstance(self.app, S3TusApp):
+            return f"tus-import-{split_id(upload.id)[0]}"
+        return None
 
     def _where(self, upload: Upload) -> str:
         """The upload's bytes: a file's path, or ``s3://bucket/key``."""

@@ -11,6 +11,7 @@ import binascii
 import hashlib
 import re
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Any
 
@@ -110,6 +111,50 @@ def parse_checksum(header: str) -> tuple[str, bytes]:
     except (binascii.Error, ValueError):
         raise errors.INVALID_CHECKSUM from None
     return algorithm, digest
+
+
+@dataclass(frozen=True)
+class PatchHeaders:
+    """A PATCH's headers, checked as tusd's ``PatchFile`` does before it looks at the upload;
+    both stores (:mod:`.protocol`, :mod:`.s3app`) take them from :func:`patch_headers`."""
+
+    offset: int
+    content_length: int | None
+    checksum_header: str | None  # parsed by :meth:`checksum` where the store verifies it
+    upload_length: str  # "" = none (tusd: an empty header is no header)
+
+    def checksum(self) -> tuple[str, bytes] | None:
+        return checksum_of({"upload-checksum": self.checksum_header} if self.checksum_header is not None else {})
+
+    def declared_length(self, size_is_deferred: bool, offset: int, max_size: int) -> int | None:
+        """The length a deferred-length upload declares now (``max_size`` 0: no limit), or None."""
+        if not self.upload_length:
+            return None
+        if not size_is_deferred:
+            raise errors.INVALID_UPLOAD_LENGTH
+        length = parse_int(self.upload_length)
+        if length is None or length < 0 or length < offset or (0 < max_size < length):
+            raise errors.INVALID_UPLOAD_LENGTH
+        return length
+
+
+def checksum_of(hdrs: Mapping[str, str]) -> tuple[str, bytes] | None:
+    """(algorithm, digest) of ``Upload-Checksum`` (a PATCH, or a POST with its first chunk), None
+    without one; 400 (``ERR_INVALID_CHECKSUM``/``ERR_UNSUPPORTED_CHECKSUM``) for a bad one."""
+    header = hdrs.get("upload-checksum")
+    return parse_checksum(header) if header is not None else None
+
+
+def patch_headers(hdrs: Mapping[str, str]) -> PatchHeaders:
+    """Content-Type and Upload-Offset (400 ``ERR_INVALID_CONTENT_TYPE``/``ERR_INVALID_OFFSET``, as
+    tusd); the rest is read for the checks made once the upload is known."""
+    if hdrs.get("content-type") != OFFSET_OCTET_STREAM:
+        raise errors.INVALID_CONTENT_TYPE
+    offset = parse_int(hdrs.get("upload-offset"))
+    if offset is None or offset < 0:
+        raise errors.INVALID_OFFSET
+    return PatchHeaders(offset, parse_int(hdrs.get("content-length")), hdrs.get("upload-checksum"),
+                        hdrs.get("upload-length", ""))
 
 
 def http_date(epoch: float) -> str:

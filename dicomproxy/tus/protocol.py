@@ -432,11 +432,8 @@ class TusApp:
 
     # -- PATCH -----------------------------------------------------------------------------
     async def _patch(self, receive: Receive, upload_id: str, hdrs: dict[str, str], caller: Caller) -> _Response:
-        if hdrs.get("content-type") != h.OFFSET_OCTET_STREAM:
-            raise errors.INVALID_CONTENT_TYPE
-        offset = h.parse_int(hdrs.get("upload-offset"))
-        if offset is None or offset < 0:
-            raise errors.INVALID_OFFSET
+        patch = h.patch_headers(hdrs)
+        offset = patch.offset
         writer = self._writer()
         async with await self._lock(upload_id, caller, writer.interrupt):
             upload = self._get_live(upload_id)
@@ -449,13 +446,8 @@ class TusApp:
             if upload.complete:
                 out["Upload-Offset"] = str(offset)
                 return _Response(204, out)
-            if hdrs.get("upload-length"):  # tusd: an empty header is no header
-                if not upload.size_is_deferred:
-                    raise errors.INVALID_UPLOAD_LENGTH
-                length = h.parse_int(hdrs["upload-length"])
-                max_size = self.settings.max_size
-                if length is None or length < 0 or length < upload.offset or (0 < max_size < length):
-                    raise errors.INVALID_UPLOAD_LENGTH
+            length = patch.declared_length(upload.size_is_deferred, upload.offset, self.settings.max_size)
+            if length is not None:
                 self.store.declare_length(upload, length)
             await self._write_chunk(receive, hdrs, upload, writer, out)
             self._expiry_header(upload, out)
@@ -485,8 +477,9 @@ class TusApp:
             limit = min(limit, length)
         hasher = None
         expected_digest = b""
-        if "upload-checksum" in hdrs:
-            algorithm, expected_digest = h.parse_checksum(hdrs["upload-checksum"])
+        checksum = h.checksum_of(hdrs)
+        if checksum is not None:
+            algorithm, expected_digest = checksum
             hasher = h.CHECKSUM_ALGORITHMS[algorithm]()
             self.store.begin_verified_chunk(upload)
         failure: TusError | None = None

@@ -9,10 +9,12 @@ while a part is being sent it does not read further (TCP back-pressure reaches t
 What is left below S3's 5 MiB minimum when a PATCH ends (body done, client gone, interrupted by
 another request) goes to the ``.part`` object, as tusd does; the next PATCH, on whichever
 replica, prepends it. The final PATCH uploads the last part and completes the multipart upload
-before it is answered, then the completion (``onTusFileComplete``, import) runs on that replica.
-A ``<objectId>.pending`` marker, written before the multipart upload is completed and deleted
-once the completion is handed over (under the upload's lock, so exactly one replica runs it),
-lets any replica that starts later run a completion a crash interrupted.
+before it is answered, then that replica runs ``onTusFileComplete`` and submits the import:
+with ``Cluster:Redis`` a cluster task (any replica runs it, reading the object from the bucket;
+another runs it again if that replica dies), with the id ``tus-import-<objectId>`` so that a
+second hand-over queues nothing. A ``<objectId>.pending`` marker, written before the multipart
+upload is completed and deleted once the completion is handed over (under the upload's lock),
+lets any replica that starts later hand over a completion a crash interrupted.
 
 The extensions are creation, creation-with-upload, creation-defer-length and termination.
 Concatenation, checksums, expiration and download are the file store's only (an S3 bucket
@@ -168,12 +170,9 @@ class S3TusApp(TusApp):
 
     # -- PATCH -----------------------------------------------------------------------------
     async def _patch(self, receive: Receive, upload_id: str, hdrs: dict[str, str], caller: Caller) -> _Response:
-        if hdrs.get("content-type") != h.OFFSET_OCTET_STREAM:
-            raise errors.INVALID_CONTENT_TYPE
-        offset = h.parse_int(hdrs.get("upload-offset"))
-        if offset is None or offset < 0:
-            raise errors.INVALID_OFFSET
-        if "upload-checksum" in hdrs:
+        patch = h.patch_headers(hdrs)  # the file store's checks, in its order
+        offset = patch.offset
+        if patch.checksum_header is not None:
             raise NOT_WITH_S3
         body = _Body(receive, self.read_timeout)
         async with await self._locked(upload_id, caller, body.interrupt):
@@ -185,12 +184,8 @@ class S3TusApp(TusApp):
             if upload.complete:
                 out["Upload-Offset"] = str(offset)
                 return _Response(204, out)
-            if hdrs.get("upload-length"):
-                if not upload.size_is_deferred:
-                    raise errors.INVALID_UPLOAD_LENGTH
-                length = h.parse_int(hdrs["upload-length"])
-                if length is None or length < 0 or length < upload.offset or length > self._max_size:
-                    raise errors.INVALID_UPLOAD_LENGTH
+            length = patch.declared_length(upload.size_is_deferred, upload.offset, self._max_size)
+            if length is not None:
                 upload.size, upload.size_is_deferred = length, False
                 await self.s3.write_info(upload)
             await self._write_s3(body, hdrs, state, out)

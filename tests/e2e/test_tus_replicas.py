@@ -83,7 +83,10 @@ def _imported(orthanc: OrthancServer, pid: str) -> list[dict[str, Any]]:
 
 
 def _import_tasks(*gateways: GatewayProcess) -> list[dict[str, Any]]:
-    return [t for g in gateways for t in g.get("/dicomproxy/tasks").json() if t["kind"] == "tus-import"]
+    """Every replica lists the cluster's tasks (the imports are cluster tasks with Tus:Store s3): by id."""
+    tasks = {t["id"]: t for g in gateways if g.proc is not None and g.proc.poll() is None
+             for t in g.get("/dicomproxy/tasks").json() if t["kind"] == "tus-import"}
+    return list(tasks.values())
 
 
 def _check_stored_once(orthanc: OrthancServer, seaweed: SeaweedServer, url: str, payload: bytes, pid: str,
