@@ -289,7 +289,7 @@ class ReverseProxy:
                             "upstream": member.name})
                 self._count(member, response.status, f"{response.status // 100}xx")
             self._status_class(response.status).observe(loop.time() - received)
-            if rewriter is not None:
+            if rewriter is not None and method != b"HEAD":  # a HEAD's rewriter only gave it GET's headers
                 rewritten = await _send_rewritten(response, rewriter, send, encoder)
                 finished = True
                 return

@@ -82,7 +82,10 @@ class Rewrite:
 
         With a rewriter, ``Content-Length`` is dropped (the proxy sends the new one or chunks)
         and a strong ``ETag`` becomes weak (the bytes differ from the PACS's, as nginx's
-        ``sub_filter`` does it)."""
+        ``sub_filter`` does it). A ``HEAD`` gets the rewriter too, so that the proxy gives it the
+        headers the ``GET`` would have (its ``Content-Encoding``, RFC 9110 9.3.2), and says
+        ``Transfer-Encoding: chunked`` as that ``GET`` does: the rewritten length is known only
+        by producing the body (RFC 9110 8.6 lets a HEAD omit it)."""
         if not self.body:
             for i, (name, value) in enumerate(headers):
                 if name in _URL_HEADERS:
@@ -105,7 +108,9 @@ class Rewrite:
         if rewriter is None:
             return headers, None
         out = [(k, _weak(v) if k == b"etag" else v) for k, v in headers if k != b"content-length"]
-        return out, (None if head_only else rewriter)
+        if head_only:
+            out.append((b"transfer-encoding", b"chunked"))
+        return out, rewriter
 
 
 @dataclass(frozen=True, slots=True)
