@@ -119,12 +119,8 @@ class PatchHeaders:
     both stores (:mod:`.protocol`, :mod:`.s3app`) take them from :func:`patch_headers`."""
 
     offset: int
-    content_length: int | None
-    checksum_header: str | None  # parsed by :meth:`checksum` where the store verifies it
+    checksum_header: str | None  # parsed (:func:`checksum_of`) where the store verifies it
     upload_length: str  # "" = none (tusd: an empty header is no header)
-
-    def checksum(self) -> tuple[str, bytes] | None:
-        return checksum_of({"upload-checksum": self.checksum_header} if self.checksum_header is not None else {})
 
     def declared_length(self, size_is_deferred: bool, offset: int, max_size: int) -> int | None:
         """The length a deferred-length upload declares now (``max_size`` 0: no limit), or None."""
@@ -153,8 +149,7 @@ def patch_headers(hdrs: Mapping[str, str]) -> PatchHeaders:
     offset = parse_int(hdrs.get("upload-offset"))
     if offset is None or offset < 0:
         raise errors.INVALID_OFFSET
-    return PatchHeaders(offset, parse_int(hdrs.get("content-length")), hdrs.get("upload-checksum"),
-                        hdrs.get("upload-length", ""))
+    return PatchHeaders(offset, hdrs.get("upload-checksum"), hdrs.get("upload-length", ""))
 
 
 def http_date(epoch: float) -> str:
