@@ -158,7 +158,11 @@ m.UpstreamMonitor.__init__.__defaults__ = (1e9,)
 try:  # the status page's metrics history samples every second: under callgrind (~50x slower) that
     # is most of what a request window counts, so it is pushed out of the window like the probe
     import dicomproxy.ui.history as h
-    h.History.__init__.__defaults__ = (h.CAPACITY, 1e9, h.History.__init__.__defaults__[-1])
+    init = h.History.__init__  # its ``interval`` default, found by name (the signature grew)
+    names = init.__code__.co_varnames[1:init.__code__.co_argcount]
+    defaults = list(init.__defaults__)
+    defaults[names.index("interval") - (len(names) - len(defaults))] = 1e9
+    init.__defaults__ = tuple(defaults)
 except ImportError:  # a checkout before the history
     pass
 from dicomproxy.cli import main
