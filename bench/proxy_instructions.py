@@ -165,6 +165,11 @@ try:  # the status page's metrics history samples every second: under callgrind 
     init.__defaults__ = tuple(defaults)
 except ImportError:  # a checkout before the history
     pass
+try:  # the upstreams file's watcher (a stat and the health gauges every second): out of the window too
+    import dicomproxy.upstream.directory as d
+    d.WATCH_INTERVAL = 1e9
+except ImportError:  # a checkout before named upstreams
+    pass
 from dicomproxy.cli import main
 sys.exit(main(['serve', '--config', sys.argv[1]]))
 """
@@ -184,6 +189,7 @@ def _gateway(root: str, python: str, upstream_port: int, tmp: str, hooks: bool =
         "ExtraConfig": {"ScriptsRoot": str(wd / "scripts"), "DataFolder": str(wd / "data"),
                         "TusUploadFolder": str(wd / "data/tus")},
         "Lua": {"ReloadIntervalMs": 600000}, "Tus": {"SweepIntervalSeconds": 100000},
+        "Orthanc": {"PollIntervalSeconds": 100000},  # the change feed's loop, out of the window as well
         "Dicom": {"Port": 0, "SpoolFolder": str(wd / "data/spool")}, "Logging": {"Level": "WARNING"},
     }
     (wd / "appsettings.json").write_text(json.dumps(config))
