@@ -13,6 +13,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import faulthandler
+import gc
 import getpass
 import json
 import logging
@@ -113,6 +114,27 @@ def _tune_malloc() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, 4 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 64 << 20))
 
 
+def freeze_startup_heap() -> None:
+    """Once the gateway serves: collect, then move every object alive (the imports, the config
+    model, the Lua runtime, the metrics registry: ~125,000 tracked objects, twice 3f4216e's
+    ~62,000) into the collector's permanent generation (``gc.freeze``).
+
+    Why: a request leaves a few objects that outlive two young collections, so about once per
+    10,000 requests the collector runs a full collection, which walks the whole heap; with the
+    start-up heap frozen it walks only what was allocated since. Measured under callgrind
+    (``bench/proxy_instructions.py --gateway``, 600 keep-alive requests in the window): one full
+    collection fell inside the window and cost ~47 M instructions (~94 k of the 420 k counted
+    per request, a ~10 ms pause of the event loop at full speed). What is frozen stays alive
+    until the process ends, as it would anyway (modules, settings, engines); a request's
+    objects are never frozen, so its cycles are collected as before. Process-level, so called
+    by ``serve`` only, never by an in-process gateway (tests build many in one process).
+    """
+    gc.collect()
+    gc.freeze()
+    logging.getLogger("dicomproxy").info("start-up heap frozen: %d objects left out of the collector's full passes",
+                                         gc.get_freeze_count())
+
+
 def _bind_all(settings: Settings, copies: int = 1) -> list[list[socket.socket]]:
     """``copies`` sets of bound sockets, one socket per entry of ``Urls`` in each (in the parent,
     before any worker starts); several copies share each port with ``SO_REUSEPORT``, one set per
@@ -158,6 +180,7 @@ class DrainingServer(GatewayServer):
         super().__init__(config, listeners, limits, https)
         self.gateway = gateway
         self._drain_until: float | None = None
+        self._heap_frozen = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         life = self.gateway.life
@@ -175,6 +198,9 @@ class DrainingServer(GatewayServer):
     async def on_tick(self, counter: int) -> bool:
         if self._drain_until is not None and time.monotonic() >= self._drain_until:
             self.should_exit = True
+        if not self._heap_frozen and self.gateway.life.phase is Phase.SERVING:
+            self._heap_frozen = True
+            freeze_startup_heap()
         return bool(await super().on_tick(counter))
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:

@@ -133,6 +133,10 @@ def test_serve_uses_appsettings_json_in_the_working_directory_and_stops_on_sigte
         assert health["version"] == dicomproxy.__version__
         assert Path(health["scripts"]["scriptsRoot"]) == tmp_path / "lua"  # default, relative to ConfigRoot
         assert requests.get(base + "/system", timeout=10).json()["DicomAet"] == orthanc.aet
+        # serving: the start-up heap leaves the collector's full passes (cli.freeze_startup_heap)
+        frozen = wait_until(lambda: re.search(r"start-up heap frozen: (\d+) objects", log.read_text()), timeout=30,
+                            what="the start-up heap to be frozen once serving")
+        assert int(frozen.group(1)) > 10_000
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0, log.read_text()  # a clean stop on request is a success
