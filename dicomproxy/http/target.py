@@ -52,12 +52,14 @@ def canonical_path(raw_path: bytes) -> tuple[str, bytes]:
 def is_canonical(raw_path: bytes) -> bool:
     """The fast path: only printable ASCII, nothing to decode, no dot segment, no repeated slash.
     (``bytes.translate`` deletes the allowed bytes in C: ~0.2 us for a typical path, where a
-    per-byte generator cost ~2 us.)"""
+    per-byte generator cost ~2 us. ``find``, not ``in``: ``bytes in bytes`` first tries the
+    needle as an integer and builds, then clears, a TypeError with a formatted message, ~1,800
+    instructions a test under callgrind, against ~300 for ``find``.)"""
     return (
         raw_path[:1] == b"/"
         and not raw_path.translate(None, _PLAIN)
-        and b"//" not in raw_path
-        and b"/." not in raw_path
+        and raw_path.find(b"//") < 0
+        and raw_path.find(b"/.") < 0
     )
 
 
