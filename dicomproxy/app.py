@@ -128,6 +128,8 @@ class Gateway:
         self.life = Lifecycle(srv.shutdown_timeout, srv.drain_delay)
         self.start_failed = False
         self.on_start_failed: Callable[[], None] | None = None  # set by ``serve``: end the process
+        # set by ``serve``: run once started, before the requests held meanwhile are let through
+        self.on_serving: Callable[[], None] | None = None
         self._up = asyncio.Event()  # set once the start is over (serving, or failed) or a SIGTERM came
         self._serving = False  # every component started: requests reach the app
         self._starting: asyncio.Task[None] | None = None
@@ -243,6 +245,8 @@ class Gateway:
         else:
             self._serving = True
             self.life.move(Phase.SERVING)
+            if self.on_serving is not None:
+                self.on_serving()
         finally:
             self._up.set()
 

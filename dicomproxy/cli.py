@@ -126,8 +126,10 @@ def freeze_startup_heap() -> None:
     collection fell inside the window and cost ~47 M instructions (~94 k of the 420 k counted
     per request, a ~10 ms pause of the event loop at full speed). What is frozen stays alive
     until the process ends, as it would anyway (modules, settings, engines); a request's
-    objects are never frozen, so its cycles are collected as before. Process-level, so called
-    by ``serve`` only, never by an in-process gateway (tests build many in one process).
+    objects are never frozen, so its cycles are collected as before. Process-level, so set by
+    ``serve`` only (``Gateway.on_serving``: once started, before the requests held meanwhile are
+    let through, so no request waits behind it later), never by an in-process gateway (tests
+    build many in one process).
     """
     gc.collect()
     gc.freeze()
@@ -180,7 +182,6 @@ class DrainingServer(GatewayServer):
         super().__init__(config, listeners, limits, https)
         self.gateway = gateway
         self._drain_until: float | None = None
-        self._heap_frozen = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         life = self.gateway.life
@@ -198,9 +199,6 @@ class DrainingServer(GatewayServer):
     async def on_tick(self, counter: int) -> bool:
         if self._drain_until is not None and time.monotonic() >= self._drain_until:
             self.should_exit = True
-        if not self._heap_frozen and self.gateway.life.phase is Phase.SERVING:
-            self._heap_frozen = True
-            freeze_startup_heap()
         return bool(await super().on_tick(counter))
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
@@ -283,6 +281,7 @@ def _serve_worker(settings: Settings, socks: list[socket.socket], worker: Worker
     )
     server = DrainingServer(config, listeners, limits, settings.https, gateway)
     gateway.on_start_failed = lambda: setattr(server, "should_exit", True)
+    gateway.on_serving = freeze_startup_heap
     server.run()
     status = 0 if server.started and not gateway.start_failed else 1
     who = f" worker {worker.index}" if worker.multi else ""
