@@ -223,12 +223,17 @@ async def test_redis_killed_under_a_store_fails_calls_then_recovers(make: Make, 
 
 
 # --------------------------------------------------------------------------- the Lua side
-@pytest.fixture
-def engine(make: Make) -> Iterator[LuaEngine]:
-    shared = AsyncSharedDictExports(make())
+def lua_engine(store: RedisStore, timeout_ms: int = 4000) -> LuaEngine:
+    """An engine with SharedDict bound as the ScriptHost binds it over Redis (awaited exports)."""
+    shared = AsyncSharedDictExports(store)
     exports = {f"_Shared{n.capitalize()}": Export(getattr(shared, n), is_async=True, label=f"SharedDict:{n}")
                for n in ("get", "set", "add", "incr", "delete", "keys")}
-    e = LuaEngine("shared", exports=exports, setup=(SHARED_DICT_LUA,), timeout_ms=4000)
+    return LuaEngine("shared", exports=exports, setup=(SHARED_DICT_LUA,), timeout_ms=timeout_ms)
+
+
+@pytest.fixture
+def engine(make: Make) -> Iterator[LuaEngine]:
+    e = lua_engine(make())
     yield e
     e.release()
 
@@ -271,3 +276,24 @@ async def test_bad_arguments_are_lua_errors_at_the_callers_line(engine: LuaEngin
         await engine.run(engine.compile(code, "script.lua"))
     assert message in str(caught.value)
     assert "SharedDict:" in str(caught.value) and "_Shared" not in str(caught.value)
+
+
+async def test_a_call_waiting_on_redis_does_not_hold_the_event_loop(make: Make, silent_port: int) -> None:
+    """The exports are awaited: while one engine waits on a silent Redis, the loop runs others."""
+    e = lua_engine(make(url=f"redis://{LOOPBACK}:{silent_port}/0"), timeout_ms=10000)
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.05)
+            ticks += 1
+
+    tick = asyncio.create_task(ticker())
+    try:
+        with pytest.raises(LuaError, match="Cluster:Redis"):
+            await e.run(e.compile("return SharedDict:get('k')", "script.lua"))
+    finally:
+        tick.cancel()
+        e.release()
+    assert ticks >= CALL_TIMEOUT / 0.05 / 2, ticks  # the loop ran on through the whole wait
