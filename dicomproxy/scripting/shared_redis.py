@@ -21,8 +21,11 @@ replica restarting must not wipe what the others hold. The bounds (``Lua:SharedD
 ``Lua:SharedDictMaxMB``) are each caller's: give the replicas the same.
 
 The calls are awaited exports (the engine yields while Redis answers: the event loop never
-waits on the network). A Redis that is down fails a call within :data:`CALL_TIMEOUT` seconds
-with a Lua error naming ``Cluster:Redis``; a script that must carry on wraps it in ``pcall``.
+waits on the network), as ``HttpGet`` is; the one thing a script loses against the synchronous
+stores: a call from a function a C function calls back (a ``table.sort`` comparator, a
+``string.gsub`` replacement) is Lua's "attempt to yield across a C-call boundary". A Redis
+that is down fails a call within :data:`CALL_TIMEOUT` seconds with a Lua error naming
+``Cluster:Redis``; a script that must carry on wraps it in ``pcall``.
 
 Cost of one ``incr`` from Lua, measured in one engine against a loopback redis-server
 (``bench/shared_dict_bench.py``: 7 rounds of 5000 calls, median, one run on this shared 2-core

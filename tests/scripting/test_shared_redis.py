@@ -297,3 +297,15 @@ async def test_a_call_waiting_on_redis_does_not_hold_the_event_loop(make: Make, 
         tick.cancel()
         e.release()
     assert ticks >= CALL_TIMEOUT / 0.05 / 2, ticks  # the loop ran on through the whole wait
+
+
+# The runtime closes the export's coroutine that Lua could not yield to (never awaited, by design).
+@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
+async def test_the_limit_of_an_awaited_call_is_lua_s_own(engine: LuaEngine) -> None:
+    """Awaited, so not from a function C calls back (documented); a metamethod is fine."""
+    assert await engine.run(engine.compile(
+        'SharedDict:set("m", 5) local t = setmetatable({}, {__index = function(_, k) return SharedDict:get(k) end}) '
+        "return t.m", "script.lua")) == (5,)
+    with pytest.raises(LuaError, match="attempt to yield across a C-call boundary"):
+        await engine.run(engine.compile('return (("ab"):gsub(".", function(c) return SharedDict:get(c) or c end))',
+                                        "script.lua"))
