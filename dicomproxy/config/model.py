@@ -491,7 +491,7 @@ class ClusterSettings(Section):
         "Redis", "",
         "`redis://host:6379/0` (or `rediss://` for TLS, `unix:///path`) of a Redis-protocol server the replicas "
         "share: TUS upload locks (with `Tus:Store` `s3`), background tasks, the notification feed and its live "
-        "stream; empty: one machine, nothing shared")
+        "stream, Lua's `SharedDict`; empty: one machine, nothing shared")
     redis_password: Annotated[str, Text()] = key(
         "RedisPassword", "", "the Redis password (or `RedisPasswordFile`); overrides one in the URL", secret=True)
     lock_lease: Annotated[float, Number(minimum=1)] = key(
