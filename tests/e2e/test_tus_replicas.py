@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,6 +27,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import requests
+import yaml
 from tusclient import client as tus_client
 
 from tests.peers import (
@@ -455,6 +458,11 @@ def test_the_example_tuspy_patches_land_on_three_replicas_behind_its_nginx(
         tmp_path: Path, stack: Stack, seaweed: SeaweedServer, orthanc: OrthancServer, dicom_samples: Any) -> None:
     ready = requests.get(stack.lb.url + "/dicomproxy/health/ready", timeout=10)
     assert ready.status_code == 200 and ready.json() == {"status": "ready"}
+    # the compose healthcheck (what nginx's depends_on waits for) passes against a replica as written
+    check = yaml.safe_load((EXAMPLE / "docker-compose.yml").read_text())["services"]["gateway1"]["healthcheck"]
+    cmd = [sys.executable, *check["test"][2:]]
+    cmd[-1] = cmd[-1].replace("http://127.0.0.1:8080", stack.gateways["gateway1"].url)
+    assert subprocess.run(cmd, capture_output=True, timeout=30).returncode == 0
     pid = "DEPLOYPY-" + uuid.uuid4().hex[:8]
     path = _dicom(tmp_path, dicom_samples, pid, 1800)  # ~6.2 MiB: 1 MiB PATCHes, S3 parts of 8 MiB
     payload = path.read_bytes()
