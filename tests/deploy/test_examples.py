@@ -229,3 +229,12 @@ def test_the_probe_paths_are_answered_before_any_hook(path: str) -> None:
     from dicomproxy.http.api import PROBE_PATHS
 
     assert path in PROBE_PATHS
+
+
+def test_a_mistyped_key_in_the_example_would_fail_these_tests(tmp_path: Path) -> None:
+    """The loader these tests use rejects what the gateway would reject at start-up, naming the key."""
+    from dicomproxy.config.errors import ConfigError
+
+    typo = CLUSTER_SETTINGS.read_text().replace('"PartSizeMB"', '"PartSizeMb2"')
+    with pytest.raises(ConfigError, match="PartSizeMb2"):
+        _load(tmp_path, typo, {**_dockerfile_env(), "DICOMPROXY_ENVIRONMENT": "Cluster"})
