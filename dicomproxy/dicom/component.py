@@ -75,7 +75,7 @@ def named_target(
         return ForwardTarget(
             via="dimse", aet=ae.aet, host=ae.host, port=ae.port, calling_aet=dicom.aet,
             timeout=max(30.0, up.read_timeout), connect_timeout=up.connect_timeout, ae_titles=titles,
-            tls=dicom_tls.client_context(ae, dicom.tls), name=peer.name, transcoding=transcoding,
+            tls=dicom_tls.client_context(ae, dicom.tls), name=peer.name, transcoding=transcoding.for_ae(ae),
         )
 
     if destinations.is_group(name):
@@ -98,7 +98,7 @@ class DicomComponent:
             "dicomproxy_dicom_transcoded_total", "Instances transcoded for a destination that does not accept their "
             "transfer syntax (Dicom:Transcode), by source and target syntax and result (ok, failed)",
             labels=("from_syntax", "to_syntax", "result")))
-        self.target = dataclasses.replace(forward_target(gateway), transcoding=self.transcoding)
+        self.target = dataclasses.replace(forward_target(gateway), transcoding=self.transcoding.for_ae(s.upstream))
         self.audit = DicomAudit(gateway.audit, s, "dimse" if self.target.via == "dimse" else self.target.describe())
         self.hook = gateway.hooks.get(InstanceStored)
         # Over DIMSE with the gateway's own AE titles the PACS records the gateway as the origin; with
@@ -127,7 +127,7 @@ class DicomComponent:
         if self.target.via == "dimse":
             self.pacs = PacsSide(self.target, self.forwarder.destination, s.store_mode,
                                  NegotiationCache(s.negotiation_cache_seconds), self._relayed,
-                                 transcoding=self.transcoding)
+                                 transcoding=self.target.transcoding)
             self.forwarder.on_context_refused = self.pacs.cache.clear
         self.dispatcher = Dispatcher(s, self.limits, self.bridge, self.store, self.spool, self.qr,
                                      max_dataset=s.max_dataset_mb << 20, audit=self.audit, pacs=self.pacs)

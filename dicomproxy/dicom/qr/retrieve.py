@@ -62,7 +62,7 @@ from dicomproxy.dicom.qr.identifier import Identifier
 from dicomproxy.dicom.qr.link import DimseLink, Fragment, Pair, Received
 from dicomproxy.dicom.qr.operation import MAX_IDENTIFIER, Operation, OpState, UpstreamFailed
 from dicomproxy.dicom.qr.upstream import Peer
-from dicomproxy.dicom.transcode import TranscodeError, Transcoding, decodable
+from dicomproxy.dicom.transcode import NO_TRANSCODING, TranscodeError, Transcoding, decodable
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,10 @@ def deduce_level(request: Identifier) -> str:
 
 class _Retrieve(Operation):
     """What C-GET and C-MOVE share: the upstream C-GET whose sub-operations are delivered."""
+
+    transcoding: Transcoding = NO_TRANSCODING
+    """For the receiver of the sub-operations: ``Dicom:Transcode`` with its ``Dicom:Modalities``
+    entry's override (the move destination's; for a C-GET the entry with the requester's AE title)."""
 
     async def locate(self, request: Identifier) -> None:
         """A federated ``Dicom:QueryUpstream``: the members holding what ``request`` designates
@@ -244,9 +248,9 @@ class _Retrieve(Operation):
         (a requester such as getscu accepts a hundred classes), the matches' SOP classes are listed
         first (one C-FIND at IMAGE level) and theirs go first."""
         storage = list(self.assoc.receives)
-        if not self.services.transcoding.allowed:
+        if not self.transcoding.allowed:
             return storage
-        wanted = _with_transcodable(storage, self.services.transcoding)
+        wanted = _with_transcodable(storage, self.transcoding)
         models = contexts.model_pairs(self.model, self.transfer_syntax)
         if len(models) + len(wanted) <= presentation.MAX_CONTEXTS:
             return wanted
@@ -260,7 +264,7 @@ class _Retrieve(Operation):
         """``Dicom:Transcode`` ``ToAccepted``: the sub-operation's data set (in ``pair``'s syntax,
         which ``peer`` did not accept) received whole (at most ``Dicom:MaxDatasetMB``), transcoded
         off the loop to a syntax ``peer`` accepted; or the (status, comment) to answer the PACS."""
-        transcoding = self.services.transcoding
+        transcoding = self.transcoding
         sop_class, ts = pair
         try:
             to = presentation.choose(accepted, sop_class, ts, peer, transcoding)
@@ -290,6 +294,9 @@ class GetOperation(_Retrieve):
     _waiting: tuple[int, asyncio.Future[Command]] | None = None  # the sub-operation the requester answers
 
     async def _run(self) -> None:
+        requester = next((ae for ae in self.services.settings.modalities.values()
+                          if ae.aet.strip() == self.session.calling.strip()), None)
+        self.transcoding = self.services.transcoding.for_ae(requester)
         request = Identifier(self.identifier, self.transfer_syntax)
         refused = await self.services.hooks.retrieve(request, self.session, "onCGet")
         if refused:
@@ -310,7 +317,7 @@ class GetOperation(_Retrieve):
     async def _to_requester(self, up: DimseLink, command: Command, pair: Pair | None) -> StoreAnswer:
         context_id = self.assoc.receives.get(pair) if pair is not None else None
         data: bytes | None = None
-        if context_id is None and pair is not None and self.services.transcoding.allowed:
+        if context_id is None and pair is not None and self.transcoding.allowed:
             # Dicom:Transcode ToAccepted: a syntax the requester refused, offered to the PACS for this
             transcoded = await self._transcode_sub(up, command, pair, self.assoc.receives, "the requester")
             if isinstance(transcoded, tuple):
@@ -425,6 +432,7 @@ class MoveOperation(_Retrieve):
     async def _fetch_and_store(
         self, request: Identifier, modality: ModalityAe, listing: tuple[set[str], int] | None = None
     ) -> None:
+        self.transcoding = self.services.transcoding.for_ae(modality)
         get_model = contexts.get_model_of(self.model)
         if not request.get("QueryRetrieveLevel").strip():
             level = deduce_level(request)
@@ -451,7 +459,7 @@ class MoveOperation(_Retrieve):
         dest_pairs = list(dest.contexts.values())
         roles = sorted({sop_class for sop_class, _ in dest_pairs})
         up, context_id, upstream_ts = await self.open_pacs(
-            get_model, self.upstream_pairs(get_model, _with_transcodable(dest_pairs, self.services.transcoding)),
+            get_model, self.upstream_pairs(get_model, _with_transcodable(dest_pairs, self.transcoding)),
             roles=roles, what=f"C-GET ({get_model})")
 
         def get_request(command: Command, message_id: int) -> bytes:
@@ -471,7 +479,7 @@ class MoveOperation(_Retrieve):
         self, dest: DimseLink, by_pair: dict[Pair, int], up: DimseLink, command: Command, pair: Pair | None
     ) -> StoreAnswer:
         context_id = by_pair.get(pair) if pair is not None else None
-        if context_id is None and pair is not None and self.services.transcoding.allowed:
+        if context_id is None and pair is not None and self.transcoding.allowed:
             return await self._transcoded(dest, by_pair, up, command, pair)
         if context_id is None:
             await up.skip()
