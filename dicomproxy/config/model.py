@@ -740,8 +740,9 @@ class HealthCheckSettings(Section):
     timeout: Annotated[float, Number(above=0)] = key(
         "TimeoutSeconds", 2, "an active check slower than this failed")
     failures: Annotated[int, Whole(1)] = key(
-        "Failures", 3, "consecutive failures (active checks, or proxied requests that could not connect or got a "
-        "5xx from the upstream itself) that eject a member from its groups")
+        "Failures", 3, "consecutive failures (active checks, proxied requests that could not connect or got a "
+        "5xx from the upstream itself, associations with its DICOM side that were refused, timed out or rejected) "
+        "that eject a member from its groups")
     successes: Annotated[int, Whole(1)] = key(
         "Successes", 2, "consecutive successful active checks that bring an ejected member back")
 
