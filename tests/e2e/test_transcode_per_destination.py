@@ -87,6 +87,8 @@ def test_cmove_and_send_to_two_modalities_one_transcodes_and_one_refuses(
     out = to_archive.stdout + to_archive.stderr
     assert "Final Move Response (Success)" not in out, out
     assert archive.instance_count() == 0
+    gateway.wait_for_log("for CT Image Storage, a transfer syntax the move destination ARCHIVE did not propose; "
+                         "the gateway does not decode it with the destination's own Transcode")
 
     outbox = tmp_path / "outbox"
     outbox.mkdir()

@@ -51,8 +51,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+
+from pydicom.multival import MultiValue
+from pydicom.uid import UID
 
 from dicomproxy.config.model import ModalityAe
 from dicomproxy.dicom import datasets, dimse, policy, presentation
@@ -158,9 +162,12 @@ class _Retrieve(Operation):
             return 0
 
     async def relay_get(
-        self, up: DimseLink, upstream_ts: str, deliver: Deliver, *, field: int | None = None, sop_class: str = ""
+        self, up: DimseLink, upstream_ts: str, deliver: Deliver, *, field: int | None = None, sop_class: str = "",
+        request: Identifier | None = None, receiver: str = "the requester",
     ) -> None:
-        """Pass on what the PACS sends for our C-GET until its final response."""
+        """Pass on what the PACS sends for our C-GET until its final response (with an Error
+        Comment naming the syntax when :meth:`_unsent` learns why the PACS sent nothing)."""
+        self._delivered: set[str] = set()
         while True:
             item = await self.next_item(up, "C-GET")
             if not isinstance(item, Received) or item.command.field not in (messages.C_STORE_RQ, messages.C_GET_RSP):
@@ -173,16 +180,76 @@ class _Retrieve(Operation):
                 continue
             data = await up.collect(MAX_IDENTIFIER) if command.has_dataset else None
             dataset = Identifier(data, upstream_ts).encoded(self.transfer_syntax) if data is not None else None
-            out = messages.response(command, self.message_id, field=field, sop_class=sop_class)
             if messages.is_pending(command):
-                await self.respond(out, dataset)
+                await self.respond(messages.response(command, self.message_id, field=field, sop_class=sop_class),
+                                   dataset)
                 continue
             self.finished(up)
+            replace: list[tuple[int, bytes]] = []
+            if request is not None and command.us(messages.FAILED) and dimse.ERROR_COMMENT not in command.elements:
+                comment = await self._unsent(request, failed_uids(command, data, upstream_ts), receiver)
+                if comment:
+                    replace.append((dimse.ERROR_COMMENT, messages.text(comment, 64)))
+            out = messages.response(command, self.message_id, field=field, sop_class=sop_class, replace=replace)
             await self.respond(out, dataset, final=True)
             return
 
+    async def _unsent(self, request: Identifier, uids: list[str], receiver: str) -> str:
+        """The PACS failed sub-operations without sending them (Orthanc 1.10 with a stored syntax
+        the receiver did not accept and that it cannot decode itself: no C-STORE, 0xC000 with the
+        Failed SOP Instance UID List). DIMSE says nothing of the syntax, so the gateway asks: the
+        first such instance's SOP class (a C-FIND at IMAGE level), then a C-GET of that instance
+        alone offering the class in every transfer syntax; the context of the C-STORE the PACS
+        starts names the syntax it holds, and that association is aborted at once (a PDU of the
+        instance at most is read). Logged; the Error Comment for the final response returned
+        ("" when nothing was learnt). Only on this failure path: one C-FIND and one C-GET more."""
+        unsent = [uid for uid in uids if uid not in self._delivered]
+        if not unsent:
+            return ""
+        pair = await self._stored_pair(request, unsent[0])
+        if pair is None:
+            log.warning("%s from %s: the PACS failed %d sub-operation(s) without sending the instance (%s); the "
+                        "transfer syntax it holds could not be learnt", self.name, self.label, len(unsent), unsent[0])
+            return ""
+        sop_class, ts = pair
+        why = (f"the gateway does not decode it with {self.transcoding.key} Never (ToAccepted would)"
+               if not self.transcoding.allowed else "and it could not send it in another one")
+        log.warning("%s from %s: the PACS did not send %s: it holds it in %s (%s) for %s, a transfer syntax %s did "
+                    "not propose; %s", self.name, self.label, unsent[0], UID(ts).name, ts, UID(sop_class).name,
+                    receiver, why)
+        return f"{UID(ts).name} not accepted"
+
+    async def _stored_pair(self, request: Identifier, uid: str) -> Pair | None:
+        """(SOP class, transfer syntax) the PACS holds instance ``uid`` in (:meth:`_unsent`)."""
+        ts = self.transfer_syntax
+        probe = Identifier(request.encoded(ts), ts)
+        probe.apply({}, {"QueryRetrieveLevel": "IMAGE", "SOPInstanceUID": uid})
+        try:
+            classes, _ = await self._enumerate(probe, contexts.find_model_of(self.model))
+            if len(classes) != 1:
+                return None
+            sop_class = next(iter(classes))
+            get_model = contexts.get_model_of(self.model)
+            pairs = [(sop_class, syntax) for syntax in presentation.TRANSFER_SYNTAXES]
+            up, context_id, upstream_ts = await self.open_pacs(
+                get_model, self.upstream_pairs(get_model, pairs), roles=[sop_class], what=f"C-GET ({get_model})")
+            try:
+                await up.send(context_id, messages.get_request(self.command, up.next_id(), get_model),
+                              probe.encoded(upstream_ts))
+                item = await self.next_item(up, "C-GET")
+            finally:
+                up.abort("the gateway learnt the transfer syntax it asked about")
+        except UpstreamFailed as e:
+            log.info("%s from %s: asking the PACS for the transfer syntax of %s failed: %s", self.name, self.label,
+                     uid, e)
+            return None
+        if isinstance(item, Received) and item.command.field == messages.C_STORE_RQ:
+            return up.contexts.get(item.context_id)
+        return None
+
     async def _sub_operation(self, up: DimseLink, received: Received, deliver: Deliver) -> None:
         command = received.command
+        self._delivered.add(command.sop_instance)
         if not command.has_dataset:
             answer: StoreAnswer = (0xC000, "no data set")
         else:
@@ -312,7 +379,7 @@ class GetOperation(_Retrieve):
         up, context_id, upstream_ts = await self.open_pacs(
             self.model, pairs, roles=sorted({sop_class for sop_class, _ in storage}))
         if await self.pass_request(up, context_id, request.encoded(upstream_ts)):
-            await self.relay_get(up, upstream_ts, self._to_requester)
+            await self.relay_get(up, upstream_ts, self._to_requester, request=request)
 
     async def _to_requester(self, up: DimseLink, command: Command, pair: Pair | None) -> StoreAnswer:
         context_id = self.assoc.receives.get(pair) if pair is not None else None
@@ -472,7 +539,8 @@ class MoveOperation(_Retrieve):
         async def deliver(link: DimseLink, command: Command, pair: Pair | None) -> StoreAnswer:
             return await self._to_destination(dest, by_pair, link, command, pair)
 
-        await self.relay_get(up, upstream_ts, deliver, field=messages.C_MOVE_RSP, sop_class=self.model)
+        await self.relay_get(up, upstream_ts, deliver, field=messages.C_MOVE_RSP, sop_class=self.model,
+                             request=request, receiver=f"the move destination {modality.aet}")
         self.finished(dest)
 
     async def _to_destination(
@@ -503,6 +571,25 @@ class MoveOperation(_Retrieve):
         async with dest.message(transcoded.context_id, rq) as out:
             await out.write(transcoded.data, True)
         return (await self.next_response(dest, messages.C_STORE_RSP, "C-STORE")).command
+
+
+def failed_uids(command: Command, data: bytes | None, transfer_syntax: str) -> list[str]:
+    """Failed SOP Instance UID List (0008,0058) of a C-GET/C-MOVE response: in its identifier
+    (PS3.4 C.4.2.1.4.3), or in the command set, where DCMTK-based peers put it (Orthanc 1.10)."""
+    pos, detail = 0, command.detail
+    while pos + 8 <= len(detail):
+        group, elem, length = struct.unpack_from("<HHI", detail, pos)
+        if (group, elem) == (0x0008, 0x0058):
+            text = detail[pos + 8: pos + 8 + length].decode("ascii", "replace")
+            return [uid.strip("\0 ") for uid in text.split("\\") if uid.strip("\0 ")]
+        pos += 8 + length
+    if data is None:
+        return []
+    try:
+        value = Identifier(data, transfer_syntax).fresh().get("FailedSOPInstanceUIDList", [])
+    except Exception:  # an identifier that does not decode: nothing learnt
+        return []
+    return [str(v) for v in (value if isinstance(value, MultiValue | list) else [value]) if str(v)]
 
 
 def _with_transcodable(pairs: list[Pair], transcoding: Transcoding) -> list[Pair]:
