@@ -126,3 +126,20 @@ def test_cget_requester_with_its_own_transcode(
     assert (decoded.pixel_array == src.pixel_array).all() and decoded.SOPInstanceUID == src.SOPInstanceUID
     assert gateway.log_text().count("transcoded ") == 1
 
+
+
+def test_relay_with_dicom_upstream_own_transcode_over_a_global_never(
+    orthanc_factory: Any, gateway_factory: Any, tmp_path: Path
+) -> None:
+    """``Dicom:Upstream:Transcode`` ``ToAccepted`` with ``Dicom:Transcode`` ``Never``: the relay (the
+    modality's JPEG context accepted at negotiation, the instance decoded for the PACS) follows
+    the PACS's own setting."""
+    pacs = orthanc_factory(extra_config=UNCOMPRESSED_ONLY)
+    gateway: GatewayProcess = gateway_factory({"Dicom": {"StoreMode": "RelayOrSpool", "Transcode": "Never",
+                                                         "Upstream": {"Transcode": "ToAccepted"}}}, orthanc=pacs)
+    path = jpeg_baseline(tmp_path)
+    res = storescu(gateway.dicom_port, pacs.aet, path, tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    pacs.wait_for_instances(1)
+    assert_decoded(pacs, path)
+    gateway.wait_for_log("transcoded")
