@@ -187,15 +187,19 @@ class Dispatcher:
         target = self.pacs.target
         rq = pdus.associate_rq(titles[1], titles[0], contexts, self.limits.max_pdu)
         try:
-            return await negotiation.request(target.host, target.port, rq, timeout=target.connect_timeout,
-                                             artim=self.limits.artim, tls=target.tls)
+            mirror = await negotiation.request(target.host, target.port, rq, timeout=target.connect_timeout,
+                                               artim=self.limits.artim, tls=target.tls)
+            target.reported(None)
+            return mirror
         except AssociationRejected as e:
+            target.reported(e)
             if e.result == 1:
                 log.info("association from %s (%s:%d) rejected by the PACS: %s", pending.request.calling,
                          pending.ip, pending.port, e)
                 return e.result, e.source, e.reason
             return None
         except UpperLayerError as e:
+            target.reported(e)
             self.pacs.destination.unreachable(str(e))
             log.warning("association from %s: the PACS cannot be reached (%s)", pending.request.calling, e)
             return None
