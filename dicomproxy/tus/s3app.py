@@ -48,9 +48,8 @@ from dicomproxy.tus.store import Upload
 
 log = logging.getLogger(__name__)
 
-S3_EXTENSIONS = "creation,creation-with-upload,termination,creation-defer-length,checksum"
+S3_EXTENSIONS = "creation,creation-with-upload,termination,concatenation,creation-defer-length,checksum"
 MAX_PARTS = 10_000  # S3's limit of parts per multipart upload
-NOT_WITH_S3 = TusError("ERR_NOT_IMPLEMENTED", "not available with Tus:Store s3", 501)
 # tusd's s3store answers a download of an unfinished upload so: S3 cannot read parts before completion.
 INCOMPLETE_UPLOAD = TusError("ERR_INCOMPLETE_UPLOAD", "cannot stream non-finished upload", 400)
 STAGE_PIECE = 1 << 20  # a checksummed PATCH is staged and replayed in pieces of this size
@@ -164,22 +163,34 @@ class S3TusApp(TusApp):
 
     # -- POST ------------------------------------------------------------------------------
     async def _post(self, scope: Scope, receive: Receive, hdrs: dict[str, str], caller: Caller) -> _Response:
-        is_partial, is_final, _ = h.parse_concat(hdrs.get("upload-concat", ""), self.base_path)
-        if is_partial or is_final:
-            raise NOT_WITH_S3
         contains_chunk = hdrs.get("content-type") == h.OFFSET_OCTET_STREAM
-        size, deferred = self._new_length(hdrs.get("upload-length", ""), hdrs.get("upload-defer-length", ""))
+        is_partial, is_final, partial_ids = h.parse_concat(hdrs.get("upload-concat", ""), self.base_path)
+        partials: list[S3State] = []
+        deferred = False
+        if is_final:
+            if contains_chunk:
+                raise errors.MODIFY_FINAL
+            partials = await self._s3_partials(partial_ids, caller)
+            size = sum(p.upload.size for p in partials)
+        else:
+            size, deferred = self._new_length(hdrs.get("upload-length", ""), hdrs.get("upload-defer-length", ""))
         if size > self._max_size:
             raise errors.MAX_SIZE_EXCEEDED
         upload = Upload(id="", size=size, size_is_deferred=deferred,
-                        metadata=h.parse_metadata(hdrs.get("upload-metadata")), owner=caller.user)
+                        metadata=h.parse_metadata(hdrs.get("upload-metadata")), is_partial=is_partial,
+                        is_final=is_final, partial_uploads=partial_ids if is_final else None, owner=caller.user)
         await self.s3.create(upload)
         self._m_created.inc()
         out = {"Location": self._location(scope, hdrs, upload.id)}
         log.info("tus: created upload %s in S3 (size %s, metadata %s)", upload.id,
                  "deferred" if deferred else size, list(upload.metadata))
         state = S3State(upload)
-        if contains_chunk or (not deferred and size == 0):
+        if is_final:
+            async with await self.locks.acquire(upload.id, lambda: None, self.settings.lock_timeout):
+                await self._concat(state, partials)
+            upload.offset = size
+            self._finished(upload)
+        elif contains_chunk or (not deferred and size == 0):
             body = _Body(receive, self.read_timeout)
             async with await self.locks.acquire(upload.id, body.interrupt, self.settings.lock_timeout):
                 try:
@@ -189,12 +200,63 @@ class S3TusApp(TusApp):
         self._s3_expiry_header(state, out, now=True)
         return _Response(201, out)
 
+    async def _s3_partials(self, ids: list[str], caller: Caller) -> list[S3State]:
+        """The partial uploads a final one is made of (the file store's checks, in its order)."""
+        if len(set(ids)) != len(ids):
+            raise errors.CONCAT_REPEATED
+        partials = []
+        for pid in ids:
+            owner = await self.s3.owner(pid)  # NOT_FOUND for an unknown id
+            if not caller.may_access(owner):
+                raise errors.NOT_FOUND
+            state = await self.s3.state(pid)
+            if not state.upload.is_partial:
+                raise errors.CONCAT_NOT_PARTIAL
+            if not state.upload.complete:
+                raise errors.UPLOAD_NOT_FINISHED
+            partials.append(state)
+        return partials
+
+    async def _concat(self, final: S3State, partials: list[S3State]) -> None:
+        """tusd's ``ConcatUploads``: each partial becomes one part of the final upload by
+        ``UploadPartCopy`` (the bucket copies; no byte passes through the gateway) when every
+        partial has S3's 5 MiB minimum; otherwise the partials' objects are streamed through
+        this replica into parts, one part in memory (tusd downloads them to a file instead)."""
+        upload_id = final.upload.id
+        if partials and len(partials) <= MAX_PARTS and all(p.upload.size >= MIN_PART for p in partials):
+            for number, partial in enumerate(partials, start=1):
+                final.parts.append(await self.s3.copy_part(upload_id, number, partial.upload.id, partial.upload.size))
+            if self.on_complete is not None:
+                await self.s3.mark_pending(upload_id)
+            await self.s3.complete(upload_id, final.parts)
+            final.completed = True
+            log.info("tus: upload %s: %d partial uploads concatenated by UploadPartCopy", upload_id, len(partials))
+            return
+        log.info("tus: upload %s: %d partial uploads concatenated through this replica (one is below 5 MiB)",
+                 upload_id, len(partials))
+        if not await self.budget.take(self.part_size):
+            raise errors.SERVER_BUSY.with_headers(**{"Retry-After": "5"})
+        try:
+            source = _ObjectsSource(self.s3, [p.upload.id for p in partials])
+            try:
+                await _PartWriter(self.s3, final, self.part_size, pending=self.on_complete is not None).run(
+                    source, final.upload.size)
+            finally:
+                await source.aclose()
+        finally:
+            self.budget.give_back(self.part_size)
+
     # -- HEAD ------------------------------------------------------------------------------
     async def _head(self, scope: Scope, upload_id: str, hdrs: dict[str, str], caller: Caller) -> _Response:
         async with await self._locked(upload_id, caller):
             state = await self._live(upload_id)
         upload = state.upload
         out = {"Cache-Control": "no-store", "Upload-Offset": str(upload.offset)}
+        if upload.is_partial:
+            out["Upload-Concat"] = "partial"
+        if upload.is_final:
+            urls = " ".join(self._location(scope, hdrs, pid) for pid in upload.partial_uploads or [])
+            out["Upload-Concat"] = f"final;{urls}"
         if upload.metadata:
             out["Upload-Metadata"] = h.serialize_metadata(upload.metadata)
         if upload.size_is_deferred:
@@ -213,6 +275,8 @@ class S3TusApp(TusApp):
         async with await self._locked(upload_id, caller, body.interrupt):
             state = await self._live(upload_id)
             upload = state.upload
+            if upload.is_final:
+                raise errors.MODIFY_FINAL
             if offset != upload.offset:
                 raise errors.MISMATCHED_OFFSET.with_headers(**{"Upload-Offset": str(upload.offset)})
             out: dict[str, str] = {}
@@ -251,7 +315,7 @@ class S3TusApp(TusApp):
             raise errors.SERVER_BUSY.with_headers(**{"Retry-After": "5"})
         try:
             if checksum is None:
-                outcome = await _PartWriter(self.s3, state, self.part_size).run(body, limit)
+                outcome = await _PartWriter(self.s3, state, self.part_size, self._pending(state)).run(body, limit)
                 failure = self._failure_of(outcome, body, length)
             else:
                 outcome, failure = await self._write_verified(body, limit, length, checksum, state)
@@ -296,7 +360,8 @@ class S3TusApp(TusApp):
                 return refused, failure
             await loop.run_in_executor(self._executor, os.lseek, fd, 0, os.SEEK_SET)
             replay = _FileSource(fd, staged.received, loop, self._executor)
-            outcome = await _PartWriter(self.s3, state, self.part_size).run(replay, staged.received)
+            outcome = await _PartWriter(self.s3, state, self.part_size, self._pending(state)).run(
+                replay, staged.received)
             outcome.exceeded = staged.exceeded
             return outcome, errors.SIZE_EXCEEDED if staged.exceeded else None
         finally:
@@ -317,10 +382,16 @@ class S3TusApp(TusApp):
             return errors.UNEXPECTED_EOF
         return None
 
+    def _pending(self, state: S3State) -> bool:
+        """Whether the completion leaves a ``.pending`` marker: not for a partial upload (only an
+        ingredient of a final one, as in the file store), nor without a completion to hand over."""
+        return self.on_complete is not None and not state.upload.is_partial
+
     def _finished(self, upload: Upload) -> None:
         self._m_finished.inc()
-        log.info("tus: upload %s complete in S3 (%d bytes)", upload.id, upload.size)
-        if self.on_complete is not None:
+        log.info("tus: upload %s complete in S3 (%d bytes%s)", upload.id, upload.size,
+                 ", partial" if upload.is_partial else "")
+        if self.on_complete is not None and not upload.is_partial:
             self._spawn(self._hand_over(upload.id), f"completion of upload {upload.id}")
 
     async def _hand_over(self, upload_id: str) -> None:
@@ -415,10 +486,11 @@ class _Outcome:
 class _PartWriter:
     """One PATCH body into the upload's parts: at most one part buffered, tusd's part rules."""
 
-    def __init__(self, s3: S3Store, state: S3State, part_size: int) -> None:
+    def __init__(self, s3: S3Store, state: S3State, part_size: int, pending: bool = True) -> None:
         self.s3 = s3
         self.state = state
         self.part_size = part_size
+        self.pending = pending
         self.buf = bytearray()
         self.carried = 0  # bytes of the .part object taken back into buf (already counted in the offset)
 
@@ -475,7 +547,8 @@ class _PartWriter:
         if not upload.size_is_deferred and total == upload.size:
             if self.buf or not self.state.parts:
                 await self._send_part(len(self.buf))
-            await self.s3.mark_pending(upload.id)  # before: a crash right after completing loses nothing
+            if self.pending:
+                await self.s3.mark_pending(upload.id)  # before: a crash right after completing loses nothing
             await self.s3.complete(upload.id, self.state.parts)
             self.state.completed = True
         elif len(self.buf) >= MIN_PART:
@@ -565,3 +638,28 @@ class _FileSource:
             raise OSError("the staged chunk is shorter than what was written")
         self._remaining -= len(piece)
         return {"type": "http.request", "body": piece, "more_body": self._remaining > 0}
+
+
+class _ObjectsSource:
+    """Finished objects one after the other as ASGI messages of 1 MiB (the small-partials concatenation)."""
+
+    def __init__(self, s3: S3Store, upload_ids: list[str]) -> None:
+        self._s3 = s3
+        self._ids = list(upload_ids)
+        self._stream: Any = None
+
+    async def next(self) -> dict[str, Any] | None:
+        while True:
+            if self._stream is None:
+                if not self._ids:
+                    return {"type": "http.request", "body": b"", "more_body": False}
+                self._stream = await self._s3.open_object(self._ids.pop(0))
+            piece = await self._stream.read(STAGE_PIECE)
+            if piece:
+                return {"type": "http.request", "body": piece, "more_body": True}
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._stream is not None:
+            stream, self._stream = self._stream, None
+            stream.close()

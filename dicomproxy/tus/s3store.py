@@ -289,6 +289,15 @@ class S3Store:
                                             PartNumber=number, Body=body)
         return Part(number, str(res["ETag"]), len(body))
 
+    async def copy_part(self, upload_id: str, number: int, source_id: str, size: int) -> Part:
+        """``UploadPartCopy``: the finished object of ``source_id`` becomes part ``number`` (the
+        bucket copies it; tusd's ``concatUsingMultipart``)."""
+        object_id, multipart_id = split_id(upload_id)
+        source = {"Bucket": self.bucket, "Key": self.key(split_id(source_id)[0])}
+        res = await self.client.upload_part_copy(Bucket=self.bucket, Key=self.key(object_id), UploadId=multipart_id,
+                                                 PartNumber=number, CopySource=source)
+        return Part(number, str(res["CopyPartResult"]["ETag"]), size)
+
     async def get_incomplete(self, upload_id: str) -> bytes:
         object_id, _ = split_id(upload_id)
         res = await self.client.get_object(Bucket=self.bucket, Key=self.part_key(object_id))

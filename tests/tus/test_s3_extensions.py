@@ -1,4 +1,4 @@
-"""Tus:Store s3 has the file store's extensions: checksum, download, expiration.
+"""Tus:Store s3 has the file store's extensions: checksum, download, expiration, concatenation.
 
 Each test sends the same requests to a file-store TusApp and to an S3TusApp on a real SeaweedFS
 (``weed server -s3``), both under a real uvicorn, and compares what they answer (status,
@@ -89,9 +89,8 @@ def test_options_advertise_what_the_file_store_does(pair: tuple[TusThreadServer,
     file, s3 = pair
     f, s = (requests.options(t.url, timeout=10) for t in (file, s3))
     assert s.headers["Tus-Checksum-Algorithm"] == f.headers["Tus-Checksum-Algorithm"]
-    assert set(s.headers["Tus-Extension"].split(",")) == set(f.headers["Tus-Extension"].split(",")) - {
-        "concatenation"}
-    assert {"checksum", "expiration"} <= set(s.headers["Tus-Extension"].split(","))
+    assert s.headers["Tus-Extension"] == f.headers["Tus-Extension"]
+    assert {"checksum", "expiration", "concatenation"} <= set(s.headers["Tus-Extension"].split(","))
 
 
 # --------------------------------------------------------------------------- checksum
@@ -291,3 +290,51 @@ def test_the_sweep_removes_expired_unfinished_uploads_one_replica_at_a_time(
     assert not [k for k in keys if k.startswith(object_key(stale)) or k.startswith(object_key(deferred))]
     assert parts(seaweed, stale) is None  # the multipart upload is aborted
     assert seaweed.get(object_key(finished)) == b"abc"  # finished uploads are kept
+
+
+# --------------------------------------------------------------------------- concatenation
+def _concat_steps(tus: TusThreadServer, a_data: bytes, b_data: bytes) -> tuple[list[tuple[Any, ...]], str]:
+    a = tus.create(len(a_data), {"Upload-Concat": "partial"})
+    b = tus.create(len(b_data), {"Upload-Concat": "partial", "Upload-Metadata": "filename Yg=="})
+    steps = [tus.head(a)]
+    tus.patch(a, 0, a_data)
+    steps.append(requests.post(tus.url, headers={**TUS, "Upload-Concat": f"final;{a} {b}"}, timeout=10))
+    tus.patch(b, 0, b_data)
+    steps.append(requests.post(tus.url, headers={**TUS, "Upload-Concat": f"final;{a} {a}"}, timeout=10))
+    steps.append(requests.post(tus.url, headers={**TUS, "Upload-Concat": f"final;{a} {b}", "Content-Type": OCTET},
+                               data=b"x", timeout=10))
+    whole = tus.create(1)
+    tus.patch(whole, 0, b"w")
+    steps.append(requests.post(tus.url, headers={**TUS, "Upload-Concat": f"final;{whole}"}, timeout=10))
+    rel_b = "/files/" + upload_id(b)
+    final = requests.post(tus.url, headers={**TUS, "Upload-Concat": f"final;{a} {rel_b}",
+                                            "Upload-Metadata": "filename YWIuemlw"}, timeout=30)  # ab.zip
+    url = final.headers["Location"]
+    steps += [final, tus.head(url), tus.patch(url, len(a_data) + len(b_data), b"z"), requests.get(url, timeout=30)]
+    names = ("Upload-Offset", "Upload-Length", "Content-Length")
+    out = [(*answer(r, *names), "Upload-Expires" in r.headers) for r in steps]
+    head = steps[-3]
+    out.append((head.headers["Upload-Concat"] == f"final;{a} {b}",))
+    return out, url
+
+
+@pytest.mark.parametrize("sizes", [(3, 4), (5 * MIB, 5 * MIB + 3)], ids=["download", "part-copy"])
+def test_concatenation_answers_as_the_file_store(pair: tuple[TusThreadServer, S3ThreadServer],
+                                                  seaweed: SeaweedServer, sizes: tuple[int, int],
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """Small partials are streamed through the gateway; partials of 5 MiB or more are copied by the
+    bucket (UploadPartCopy), each one part of the final upload, as tusd's s3store does."""
+    a_data, b_data = os.urandom(sizes[0]), os.urandom(sizes[1])
+    file, s3 = pair
+    (f_steps, f_url), (s_steps, s_url) = (_concat_steps(t, a_data, b_data) for t in (file, s3))
+    assert s_steps == f_steps
+    assert s_steps[-3][0] == 403 and s_steps[-2][0] == 200 and s_steps[-1] == (True,)  # PATCH; GET; HEAD's list
+    assert seaweed.get(object_key(s_url)) == a_data + b_data
+    how = "by UploadPartCopy" if min(sizes) >= 5 * MIB else "through this replica"
+    assert f"tus: upload {upload_id(s_url)}: 2 partial uploads concatenated {how}" in caplog.text
+    assert (file.folder / upload_id(f_url)).read_bytes() == a_data + b_data
+    final = wait_until(lambda: [u for u in s3.completed if u.id == upload_id(s_url)], timeout=20,
+                       what="the final upload handed over")
+    assert len(final) == 1 and final[0].metadata == {"filename": "ab.zip"} and final[0].is_final
+    assert len(s3.completed) == 2 and not [u for u in s3.completed if u.is_partial]  # `whole` and the final
+    assert not [k for k in seaweed.keys() if k.endswith(".pending")]
