@@ -16,9 +16,21 @@ second hand-over queues nothing. A ``<objectId>.pending`` marker, written before
 upload is completed and deleted once the completion is handed over (under the upload's lock),
 lets any replica that starts later hand over a completion a crash interrupted.
 
-The extensions are creation, creation-with-upload, creation-defer-length and termination.
-Concatenation, checksums, expiration and download are the file store's only (an S3 bucket
-expires unfinished uploads with a lifecycle rule: ``AbortIncompleteMultipartUpload``), and
+The extensions are the file store's, answered as it answers them (``tests/tus/test_s3_extensions.py``
+sends the same requests to both and compares): creation, creation-with-upload,
+creation-defer-length, termination, and
+
+* checksum: a PATCH with ``Upload-Checksum`` is staged in an anonymous local file and replayed
+  into the parts only once its digest matches (:meth:`S3TusApp._write_verified`: S3 cannot
+  take a part back; memory stays one part plus 1 MiB);
+* download (``Tus:AllowDownload``): a finished upload's object streamed in 1 MiB pieces; an
+  unfinished one with bytes is tusd's s3store's 400 ``ERR_INCOMPLETE_UPLOAD`` (S3 reads no part
+  before completion);
+* expiration: ``Upload-Expires`` from the bucket's ``LastModified`` (:mod:`.s3store`), 410 and
+  removal on access, and :mod:`.s3expiry`'s sweep, one replica at a time;
+* concatenation: ``UploadPartCopy`` of partials of 5 MiB or more, else the partials streamed
+  through this replica into parts (:meth:`S3TusApp._concat`, tusd's ``ConcatUploads``).
+
 ``Tus:MaxStorageGB``/``MinFreeDiskGB``/``MaxUploadsPerUser`` count the upload folder only.
 
 The lock of each request is :mod:`.redislock`'s with ``Cluster:Redis`` (any replica), else

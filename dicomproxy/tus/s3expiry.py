@@ -87,7 +87,10 @@ class S3ExpirySweeper:
                 upload = state.upload
                 if upload.complete and not upload.is_partial:
                     continue
-                if state.last_activity + self.expire_after <= now:
+                last = state.last_activity
+                if state.completed:  # a finished partial: its object's LastModified is its last byte
+                    last = max(last, await s3.object_modified(upload_id))
+                if last + self.expire_after <= now:
                     await s3.terminate(upload_id)
                     removed.append(upload_id)
                     log.info("tus: expired upload %s removed from S3 (offset %d of %s)", upload_id, upload.offset,

@@ -239,6 +239,10 @@ class S3Store:
                 return sorted(parts, key=lambda p: p.number)
             marker = int(res["NextPartNumberMarker"])
 
+    async def object_modified(self, upload_id: str) -> float:
+        """The finished object's LastModified (epoch seconds; 0 if there is none)."""
+        return (await self._head(self.key(split_id(upload_id)[0])))[1]
+
     async def _head_size(self, key: str) -> int:
         return (await self._head(key))[0]
 

@@ -265,6 +265,8 @@ def test_the_sweep_removes_expired_unfinished_uploads_one_replica_at_a_time(
         finished = tus.create(3)
         tus.patch(finished, 0, b"abc")
         deferred = tus.create(headers={"Upload-Defer-Length": "1"})
+        partial = tus.create(2, {"Upload-Concat": "partial"})
+        tus.patch(partial, 0, b"pp")  # finished, but only an ingredient: partials expire all the same
 
         async def main() -> tuple[Any, ...]:
             (app_a, a), (app_b, b) = [await _sweeper(seaweed, tmp_path / n, redis.url) for n in ("a", "b")]
@@ -285,9 +287,10 @@ def test_the_sweep_removes_expired_unfinished_uploads_one_replica_at_a_time(
         redis.stop()
     assert skipped is None
     # (the bucket is the module's: other tests' unfinished uploads go too)
-    assert {upload_id(u) for u in (stale, deferred)} <= set(removed) and upload_id(finished) not in removed
+    assert {upload_id(u) for u in (stale, deferred, partial)} <= set(removed)
+    assert upload_id(finished) not in removed
     keys = seaweed.keys()
-    assert not [k for k in keys if k.startswith(object_key(stale)) or k.startswith(object_key(deferred))]
+    assert not [k for k in keys if any(k.startswith(object_key(u)) for u in (stale, deferred, partial))]
     assert parts(seaweed, stale) is None  # the multipart upload is aborted
     assert seaweed.get(object_key(finished)) == b"abc"  # finished uploads are kept
 
