@@ -382,3 +382,42 @@ def test_a_completion_a_crash_interrupted_runs_on_the_next_replica_that_starts(
     assert f"tus: upload {upload} finished without its completion handed over" in b.log_text()
     wait_until(lambda: f"tus/{oid}.pending" not in seaweed.keys(), timeout=10, what="the marker cleared by B")
     assert len(_import_tasks(a, b)) == 1
+
+
+def test_a_large_checksummed_patch_holds_about_one_part_in_memory(tmp_path: Path, single: GatewayProcess,
+                                                                  seaweed: SeaweedServer) -> None:
+    """Staged in an anonymous local file, then replayed into parts: RSS grows by about one part, as
+    an unchecked PATCH; the cost is the local write and read back, measured against one here."""
+    import base64
+    import hashlib
+
+    size = 48 * MIB
+    path = tmp_path / "sum.bin"
+    with open(path, "wb") as f:
+        for _ in range(size // MIB):
+            f.write(os.urandom(MIB))
+    digest = base64.b64encode(hashlib.sha256(path.read_bytes()).digest()).decode()
+    warm = _create(single, 6 * MIB, "warm.bin")  # the first PATCH opens the S3 connections: not measured
+    assert requests.patch(_on(single, warm), data=os.urandom(6 * MIB), timeout=60, headers={
+        **TUS, "Upload-Offset": "0", "Content-Type": "application/offset+octet-stream"}).status_code == 204
+    seconds = {}
+    for checked in (True, False):  # checksummed first: VmHWM is a high-water mark
+        url = _create(single, size, "sum.bin")
+        peak_before = _peak_rss(single)
+        cpu_before = _cpu_seconds(single)
+        extra = {"Upload-Checksum": f"sha256 {digest}"} if checked else {}
+        t0 = time.monotonic()
+        with open(path, "rb") as body:
+            r = requests.patch(_on(single, url), data=body, timeout=300, headers={
+                **TUS, "Upload-Offset": "0", "Content-Type": "application/offset+octet-stream",
+                "Content-Length": str(size), **extra})
+        seconds[checked] = (time.monotonic() - t0, _cpu_seconds(single) - cpu_before)
+        assert r.status_code == 204 and r.headers["Upload-Offset"] == str(size), r.text
+        growth = _peak_rss(single) - peak_before
+        print(f"{'checksummed' if checked else 'unchecked'} {size >> 20} MiB PATCH: peak RSS growth "
+              f"{growth / MIB:.1f} MiB, {seconds[checked][0]:.2f} s wall, {seconds[checked][1]:.2f} s CPU")
+        assert growth < 40 * MIB, growth  # a PATCH kept in memory until verified would add 48 MiB or more
+        assert _parts(seaweed, url, prefix="one/") == 0
+        assert seaweed.get("one/" + _object_id(url)) == path.read_bytes()
+    print(f"checksummed / unchecked: wall x{seconds[True][0] / seconds[False][0]:.2f}, "
+          f"CPU x{seconds[True][1] / max(seconds[False][1], 0.01):.2f}")
