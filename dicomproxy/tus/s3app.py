@@ -439,8 +439,8 @@ class S3TusApp(TusApp):
                 return _Response(204, out)  # nothing uploaded yet (tusd and the file store answer the same)
             if not state.completed:
                 raise INCOMPLETE_UPLOAD
-            # Opened under the lock, as the file store opens its descriptor: a DELETE right after
-            # cannot cut the download short (the GET holds the object's body stream).
+            # Opened under the lock, as the file store opens its descriptor: the GET has begun
+            # before a DELETE waiting for the lock can remove the object.
             stream = await self.s3.open_object(upload_id)
         return _S3Response(200, out, stream, upload.offset)
 
