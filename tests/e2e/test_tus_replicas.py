@@ -421,3 +421,26 @@ def test_a_large_checksummed_patch_holds_about_one_part_in_memory(tmp_path: Path
         assert seaweed.get("one/" + _object_id(url)) == path.read_bytes()
     print(f"checksummed / unchecked: wall x{seconds[True][0] / seconds[False][0]:.2f}, "
           f"CPU x{seconds[True][1] / max(seconds[False][1], 0.01):.2f}")
+
+
+def test_two_replicas_sweep_an_expired_upload_once(gateway_factory: Callable[..., GatewayProcess],
+                                                   redis_server: RedisServer, seaweed: SeaweedServer) -> None:
+    settings = {
+        "Cluster": {"Redis": redis_server.url, "LockLeaseSeconds": 2},
+        "Tus": {"Store": "s3", "ExpireAfter": "00:00:02", "SweepIntervalSeconds": 0.3,
+                "S3": {"Bucket": seaweed.bucket, "Prefix": "tus", "Endpoint": seaweed.endpoint,
+                       "AccessKey": "test", "SecretKey": "test", "PartSizeMB": 5}},
+    }
+    a, b = gateway_factory(settings), gateway_factory(settings)
+    url = _create(a, 10 * MIB, "stale.bin")
+    r = requests.patch(_on(b, url), data=b"s" * 1000, timeout=30, headers={
+        **TUS, "Upload-Offset": "0", "Content-Type": "application/offset+octet-stream"})
+    assert r.status_code == 204 and r.headers["Upload-Expires"].endswith(" GMT")
+    oid = _object_id(url)
+    assert f"tus/{oid}.part" in seaweed.keys()
+    wait_until(lambda: not [k for k in seaweed.keys() if oid in k], timeout=20, what="the sweep to remove the upload")
+    assert _parts(seaweed, url) == 0  # the multipart upload is aborted (NoSuchUpload)
+    removed = f"tus: expired upload {urlsplit(url).path.rsplit('/', 1)[-1]} removed from S3"
+    wait_until(lambda: removed in a.log_text() + b.log_text(), timeout=10, what="the sweep's log line")
+    assert (a.log_text() + b.log_text()).count(removed) == 1  # one replica swept it
+    assert requests.head(_on(a, url), headers=TUS, timeout=10).status_code == 404
