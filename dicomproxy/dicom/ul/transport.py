@@ -4,10 +4,10 @@ blocking socket driven by one thread, or on asyncio streams.
 * :class:`SocketAssociation`: blocking reads and writes on the calling thread. The storage
   acceptor's fast path: a C-STORE is read, spooled and answered on one thread with no hand-off
   (each hop between threads or to the event loop costs ~0.3 ms here, see ``storage_scp.py``).
-* :class:`StreamAssociation`: asyncio, either role. The requestor of the forwarder and of the
-  ``send`` command, and what an event-loop acceptor (a relay mode) would use. Over TLS when
-  :meth:`StreamAssociation.request` gets a client context (:mod:`.tls`); a TLS alert that ends
-  the connection is reported by name.
+* :class:`StreamAssociation`: asyncio, either role. The requestor of the forwarder, of the
+  ``send`` command and of Query/Retrieve, and the Query/Retrieve acceptor. As requestor it is
+  opened by :func:`.requestor.open_association`, the relay's way as well (over TLS when given a
+  client context, :mod:`.tls`), then its socket is driven through :mod:`.tls_transport`.
 
 On the TLS port the blocking driver gets an ``ssl.SSLSocket`` (handshaken by the acceptor):
 the same calls, the record layer in between.
@@ -30,14 +30,12 @@ import time
 from collections.abc import Callable
 
 from dicomproxy.dicom.ul import pdu as pdus
+from dicomproxy.dicom.ul import requestor, tls_transport
 from dicomproxy.dicom.ul.association import (
-    AssociateAccepted,
-    AssociateRejected,
     Association,
     Indication,
-    Role,
 )
-from dicomproxy.dicom.ul.errors import AssociationAborted, AssociationRejected, UpperLayerError
+from dicomproxy.dicom.ul.errors import UpperLayerError
 from dicomproxy.dicom.ul.pdu import HEADER_SIZE, InvalidPdu
 
 
@@ -176,43 +174,15 @@ class StreamAssociation:
         cls, host: str, port: int, rq: pdus.A_ASSOCIATE_RQ, *, timeout: float, artim: float = 30.0,
         tls: ssl.SSLContext | None = None,
     ) -> tuple[StreamAssociation, pdus.A_ASSOCIATE_AC]:
-        """Connect (over TLS with ``tls``: the handshake within ``timeout``), send ``rq``, wait
-        (``timeout``) for the answer; raise :class:`AssociationRejected` or another
-        :class:`UpperLayerError` (a refused certificate says so, with OpenSSL's reason)."""
-        label = f"{rq.called_ae_title.strip()}@{host}:{port}"
-        loop = asyncio.get_running_loop()
-        core = Association(Role.REQUESTOR, artim=artim, max_pdu=0)
-        core.request_association(rq, loop.time())
+        """Open the association with :func:`.requestor.open_association` (the relay's way too:
+        same connection, TLS, timeouts and messages), then drive its socket with asyncio streams."""
+        opened = await requestor.open_association(host, port, rq, timeout=timeout, artim=artim, tls=tls)
         try:
-            reader, writer = await asyncio.wait_for(_open(host, port, tls, timeout), timeout)
-        except ssl.SSLCertVerificationError as e:
-            raise UpperLayerError(f"cannot connect to {label} over TLS: its certificate is not trusted "
-                                  f"({e.verify_message or e.reason}; check TlsCa and TlsCheckHostname)") from None
-        except ssl.SSLError as e:
-            raise UpperLayerError(f"cannot connect to {label} over TLS: {e.reason or e} (is its port TLS? "
-                                  "does it trust the gateway's client certificate?)") from None
-        except (TimeoutError, OSError) as e:
-            raise UpperLayerError(f"cannot connect to {label}: {e or 'timeout'}") from None
-        link = cls(core, reader, writer, label=label)
-        ok = False
-        try:
-            core.connection_confirmed(loop.time())
-            link.flush()
-            answer = await link.receive(timeout)
-            if isinstance(answer, AssociateAccepted):
-                ok = True
-                return link, answer.pdu
-            if isinstance(answer, AssociateRejected):
-                raise AssociationRejected(label, answer.result, answer.source, answer.reason)
-            if tls is not None and link.tls_error:  # TLS 1.3: the client certificate is judged after the handshake
-                raise AssociationAborted(f"cannot connect to {label} over TLS: it ended the connection with "
-                                         f"{link.tls_error!r} (does it trust the gateway's client certificate?)")
-            raise AssociationAborted(f"{label} aborted the association request ({_why(answer)})")
-        except TimeoutError:
-            raise UpperLayerError(f"{label} did not answer the association request within {timeout:g} s") from None
-        finally:
-            if not ok:
-                link.close()
+            reader, writer = await tls_transport.open_stream(opened.sock)
+        except BaseException:
+            opened.close()
+            raise
+        return cls(opened.core, reader, writer, label=opened.label), opened.ac
 
     @property
     def is_open(self) -> bool:
@@ -310,16 +280,3 @@ class StreamAssociation:
 
     def close(self) -> None:
         self.writer.close()
-
-
-async def _open(
-    host: str, port: int, tls: ssl.SSLContext | None, timeout: float
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    if tls is None:
-        return await asyncio.open_connection(host, port)
-    return await asyncio.open_connection(host, port, ssl=tls, server_hostname=host, ssl_handshake_timeout=timeout)
-
-
-def _why(indication: Indication | None) -> str:
-    detail = getattr(indication, "detail", "")
-    return str(detail) if detail else "no reason given"
