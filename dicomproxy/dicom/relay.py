@@ -111,7 +111,9 @@ class _Incoming:
 
 Reporter = Callable[[AssocSession, Command, str, int, Callable[[], bytes | None], float], None]
 """``(session, request, transfer syntax, PACS status, the data set if it was kept, seconds since
-the request arrived)``: the PACS answered a relayed C-STORE."""
+the request arrived)``: the PACS answered a relayed C-STORE, and the modality has had that answer.
+Called after the answer is sent, so that metrics, audit and hooks are not on the modality's path
+(storescu waits for each answer before sending the next instance)."""
 
 
 class RelayScp:
