@@ -5,10 +5,11 @@ relay and the spool writer keep views of received fragments)."""
 from __future__ import annotations
 
 import socket
+import threading
 
 from dicomproxy.dicom.ul import pdu as pdus
 from dicomproxy.dicom.ul.association import Aborted, DataReceived
-from dicomproxy.dicom.ul.transport import READ_AHEAD, SocketAssociation
+from dicomproxy.dicom.ul.transport import GATHER_BYTES, IOV_BATCH, READ_AHEAD, SocketAssociation
 from tests.dicom.ul.test_association import established_acceptor
 
 
@@ -37,6 +38,33 @@ def test_pdus_in_one_segment_split_and_large_come_whole_and_stay_valid() -> None
         assert [bytes(v) for v in got] == [*small, large]
         theirs.close()  # the end of the connection in the middle of nothing: an A-P-ABORT
         assert isinstance(link.receive(), Aborted)
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_a_large_write_goes_out_unjoined_byte_for_byte() -> None:
+    ours, theirs = socket.socketpair()
+    try:
+        link = SocketAssociation(established_acceptor(), ours, idle=5.0)
+        payload = bytes(range(256)) * (GATHER_BYTES * 40 // 256)  # ~2.6 MB: more than the socket buffers hold
+        encoded = pdus.p_data(1, payload, command=False, max_pdu=4096)
+        assert len(encoded) > IOV_BATCH  # several sendmsg calls, some of them partial
+        expected = b"".join(bytes(p) for p in encoded)
+        received = bytearray()
+
+        def read() -> None:
+            while len(received) < len(expected):
+                chunk = theirs.recv(1 << 16)
+                if not chunk:
+                    return
+                received.extend(chunk)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        link.send_pdata(encoded)
+        reader.join(10)
+        assert bytes(received) == expected
     finally:
         ours.close()
         theirs.close()
