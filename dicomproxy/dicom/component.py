@@ -355,8 +355,9 @@ class DicomComponent:
     # -- relay callback (an association's thread) ----------------------------------------
     def _relayed(self, session: AssocSession, command: Command, ts: str, status: int,
                  data: Callable[[], bytes | None], seconds: float) -> None:
-        """The PACS answered a relayed C-STORE: count it and time it; raise ``onInstanceStored``
-        and the hook (on the loop, not waited for) when someone listens."""
+        """The PACS answered a relayed C-STORE (the modality already has the answer): count it
+        and time it; raise ``onInstanceStored`` and the hook (on the loop, not waited for) when
+        someone listens."""
         if not statuses.is_stored(status):
             self.counters["relay_refused"].inc()
             return
