@@ -115,6 +115,9 @@ class SocketAssociation:
             try:
                 core.check_header(pdu_type, length)
             except InvalidPdu as e:
+                # Nothing after a bad header can be framed: drop what was read past it (kept, the
+                # next receive() parsed the same header again, in a loop that never reached ARTIM).
+                self._rest = memoryview(b"")
                 indication = core.invalid(e, self.clock())
                 self.flush()
                 return indication

@@ -68,3 +68,30 @@ def test_a_large_write_goes_out_unjoined_byte_for_byte() -> None:
     finally:
         ours.close()
         theirs.close()
+
+
+def test_a_header_past_the_maximum_is_aborted_once_and_the_connection_closed() -> None:
+    """A P-DATA header announcing 4 GiB, then the peer's half-close: one A-ABORT, then the close
+    (the read-ahead once kept the bad header and parsed it again and again, never closing)."""
+    ours, theirs = socket.socketpair()
+    try:
+        link = SocketAssociation(established_acceptor(), ours, idle=5.0)
+        theirs.sendall(bytes([pdus.PduType.P_DATA_TF, 0]) + (2**32 - 1).to_bytes(4, "big"))
+        theirs.shutdown(socket.SHUT_WR)
+        theirs.settimeout(5)
+        done = threading.Event()
+
+        def drive() -> None:
+            while not link.core.closed:
+                link.receive()
+            done.set()
+
+        threading.Thread(target=drive, daemon=True).start()
+        answer = bytearray()
+        while chunk := theirs.recv(1 << 16):
+            answer += chunk
+        assert bytes(answer[:1]) == bytes([pdus.PduType.ABORT]) and len(answer) == 10, bytes(answer)
+        assert done.wait(5), "the driver did not reach the association's end"
+    finally:
+        ours.close()
+        theirs.close()
