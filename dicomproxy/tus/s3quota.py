@@ -27,9 +27,10 @@ upload: :meth:`S3Quota.reconcile` recounts the bucket (one listing of the prefix
 multipart uploads, one GET per ``.info``) at start and every ``Tus:S3:QuotaReconcileSeconds``,
 on one replica at a time (whoever takes the lease key ``SET NX PX <period>``; the others skip
 that round). An upload created or released while the listing runs keeps its live count (each
-change stamps the upload in a sorted set with Redis's clock), so the recount never undoes a
-reservation it did not see. An upload whose ``.info`` is there but whose multipart upload is
-neither live nor completed was aborted by the lifecycle rule: it counts nothing.
+change stamps the upload in a sorted set with Redis's clock; :data:`GRACE` before the listing
+counts as during), so the recount never undoes a reservation it did not see. An upload whose
+``.info`` is there but whose multipart upload is neither live nor completed was aborted by the
+lifecycle rule: it counts nothing.
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ log = logging.getLogger(__name__)
 GB = 1_000_000_000
 _FULL, _TOO_MANY = -2, -1
 _INFO_READS = 16  # .info GETs in flight during a recount
+# A reservation is made before its .info is written (two S3 requests, milliseconds): a recount keeps
+# the live count of every upload changed this long before its listing began, so it never drops one
+# whose .info was not written yet when the prefix was listed.
+GRACE = 5.0
 
 # KEYS: bytes hash, owner hash, total, the owner's open set, changed zset. ARGV: oid, owner, bytes, maxOpen, maxBytes
 _RESERVE = """
@@ -163,18 +168,25 @@ class S3Quota:
     ``also`` runs after each recount this replica won (the pending-completion scan of :mod:`.s3app`)."""
 
     def __init__(self, s3: S3Store, *, max_bytes: int, max_unfinished: int, period: float,
-                 redis: Any = None, also: Callable[[], Awaitable[None]] | None = None) -> None:
+                 redis: Any = None, also: Callable[[], Awaitable[None]] | None = None,
+                 grace: float = GRACE) -> None:
         self.s3 = s3
         self.max_bytes = max_bytes
         self.max_unfinished = max_unfinished
         self.period = period
         self.redis = redis
         self.also = also
+        self.grace = grace
         self.key = f"dicomproxy:tus:quota:{{{s3.bucket}/{s3.prefix}}}:"
         self.recounts = 0  # recounts this replica ran (health, tests)
         self._local = Recount()
         self._changed: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
+        if redis is not None:  # EVALSHA, the script text sent again only after a Redis restart
+            self._reserve_lua = redis.register_script(_RESERVE)
+            self._grow_lua = redis.register_script(_GROW)
+            self._release_lua = redis.register_script(_RELEASE)
+            self._apply_lua = redis.register_script(_APPLY)
 
     # -- requests --------------------------------------------------------------------------
     async def reserve(self, object_id: str, owner: str | None, size: int) -> None:
@@ -182,9 +194,9 @@ class S3Quota:
         ``TOO_MANY_UPLOADS`` or ``STORAGE_FULL`` as the file store does, reserving nothing."""
         if self.redis is not None:
             k = self.key
-            rc = int(await self.redis.eval(
-                _RESERVE, 5, k + "bytes", k + "owner", k + "total", k + "open:" + _owner_key(owner), k + "changed",
-                object_id, _owner_key(owner), str(size), str(self.max_unfinished), str(self.max_bytes)))
+            rc = int(await self._reserve_lua(
+                keys=[k + "bytes", k + "owner", k + "total", k + "open:" + _owner_key(owner), k + "changed"],
+                args=[object_id, _owner_key(owner), str(size), str(self.max_unfinished), str(self.max_bytes)]))
         else:
             rc = self._reserve_here(object_id, _owner_key(owner), size)
         if rc == _TOO_MANY:
@@ -198,8 +210,8 @@ class S3Quota:
         """A deferred length is declared: reserve ``size`` bytes for it or raise ``STORAGE_FULL``."""
         if self.redis is not None:
             k = self.key
-            rc = int(await self.redis.eval(_GROW, 3, k + "bytes", k + "total", k + "changed",
-                                           object_id, str(size), str(self.max_bytes)))
+            rc = int(await self._grow_lua(keys=[k + "bytes", k + "total", k + "changed"],
+                                          args=[object_id, str(size), str(self.max_bytes)]))
         else:
             rc = self._grow_here(object_id, size)
         if rc == _FULL:
@@ -228,8 +240,8 @@ class S3Quota:
     async def _release(self, object_id: str, *, free: bool) -> None:
         if self.redis is not None:
             k = self.key
-            await self.redis.eval(_RELEASE, 4, k + "bytes", k + "owner", k + "total", k + "changed",
-                                  object_id, k, "1" if free else "0")
+            await self._release_lua(keys=[k + "bytes", k + "owner", k + "total", k + "changed"],
+                                    args=[object_id, k, "1" if free else "0"])
             return
         found = self._local.uploads.get(object_id)
         if found is not None:
@@ -261,8 +273,9 @@ class S3Quota:
 
     # -- the recount -------------------------------------------------------------------------
     async def start(self) -> None:
-        """Recount now (unless another replica just did), then every ``period`` seconds."""
-        await self.tick()
+        """Recount now (unless another replica just did), then every ``period`` seconds; a
+        failure is logged, not raised (the count holds meanwhile, the next round tries again)."""
+        await self._tick_logged()
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="tus-s3-quota-recount")
 
     async def aclose(self) -> None:
@@ -275,13 +288,16 @@ class S3Quota:
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self.period)
-            try:
-                await self.tick()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # the bucket or Redis away: the next round tries again
-                log.warning("tus: recounting the S3 upload quota failed (%s); next try in %g s "
-                            "(Tus:S3:QuotaReconcileSeconds)", e, self.period)
+            await self._tick_logged()
+
+    async def _tick_logged(self) -> None:
+        try:
+            await self.tick()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the bucket or Redis away: the next round tries again
+            log.warning("tus: recounting the S3 upload quota failed (%s); next try in %g s "
+                        "(Tus:S3:QuotaReconcileSeconds)", e, self.period)
 
     async def tick(self) -> bool:
         """One round: recount if this replica wins the round's lease (always without Redis)."""
@@ -298,16 +314,16 @@ class S3Quota:
         """Replace the count with the bucket's (keeping uploads changed meanwhile); returns the bytes used."""
         if self.redis is not None:
             sec, usec = await self.redis.time()
-            since = int(sec) * 1000 + int(usec) // 1000
+            since = int(sec) * 1000 + int(usec) // 1000 - int(self.grace * 1000)
         else:
-            since_local = time.time()
+            since_local = time.time() - self.grace
         found = await self.scan()
         self.recounts += 1
         if self.redis is not None:
             args: list[str] = [self.key, str(since)]
             for oid, f in found.uploads.items():
                 args += [oid, f.owner, str(f.size), "1" if f.open else "0"]
-            used = int(await self.redis.eval(_APPLY, 0, *args))
+            used = int(await self._apply_lua(keys=[], args=args))
         else:
             for oid, f in self._local.uploads.items():
                 if self._changed.get(oid, 0) >= since_local:
