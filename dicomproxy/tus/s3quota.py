@@ -26,7 +26,10 @@ its count, or when the bucket's lifecycle rule (``AbortIncompleteMultipartUpload
 upload: :meth:`S3Quota.reconcile` recounts the bucket (one listing of the prefix, one of its
 multipart uploads, one GET per ``.info``) at start and every ``Tus:S3:QuotaReconcileSeconds``,
 on one replica at a time (whoever takes the lease key ``SET NX PX <period>``; the others skip
-that round). An upload created or released while the listing runs keeps its live count (each
+that round). Measured on SeaweedFS (this repository's test peer, shared 2-core machine): 400
+uploads recount in 3.9 s (about 10 ms per ``.info``, 16 GETs in flight), the listings alone in
+90 ms, so the default 60 s period costs one replica a few seconds a minute at 500 uploads.
+An upload created or released while the listing runs keeps its live count (each
 change stamps the upload in a sorted set with Redis's clock; :data:`GRACE` before the listing
 counts as during), so the recount never undoes a reservation it did not see. An upload whose
 ``.info`` is there but whose multipart upload is neither live nor completed was aborted by the

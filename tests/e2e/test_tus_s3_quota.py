@@ -6,12 +6,15 @@ bucket (Tus:S3:QuotaReconcileSeconds) gives back what the bucket no longer holds
 
 from __future__ import annotations
 
+import socket
+import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import pytest
 import requests
 from tusclient import client as tus_client
 
@@ -151,6 +154,70 @@ def test_a_running_replica_hands_over_a_completion_a_killed_one_left_pending(
     seaweed.client().put_object(Bucket=seaweed.bucket, Key=f"tus/{oid}.pending", Body=upload.encode())
     a.kill9()
     # B, running since before, finds it in a recount round (no restart) and imports it, once
+    ids = wait_until(lambda: _imported(orthanc, pid), timeout=60, what="the upload imported by B")
+    assert len(ids) == 1 and orthanc.rest_get(f"/instances/{ids[0]}/file") == payload
+    assert f"tus: upload {upload} finished without its completion handed over" in b.log_text()
+    wait_until(lambda: f"tus/{oid}.pending" not in seaweed.keys(), timeout=10, what="the marker cleared by B")
+
+
+class _Silent:
+    """A TCP server that accepts and never answers: a hook's ``HttpGet`` to it hangs (``seen`` once it
+    connected), so a replica can be killed while it holds an upload's hand-over."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/hang"
+        self.seen = threading.Event()
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+            self.seen.set()
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+@pytest.fixture
+def silent() -> Iterator[_Silent]:
+    server = _Silent()
+    yield server
+    server.close()
+
+
+def test_a_replica_killed_during_the_hand_over_is_relieved_by_a_running_one(
+        tmp_path: Path, gateway_factory: Callable[..., GatewayProcess], redis_server: RedisServer,  # noqa: F811
+        seaweed: SeaweedServer, orthanc: OrthancServer, dicom_samples: Any, silent: _Silent) -> None:  # noqa: F811
+    settings = _s3(redis_server, seaweed, reconcile=1)
+    a = gateway_factory({**settings, "Lua": {"TimeoutMs": 120_000}})
+    b = gateway_factory(settings)
+    pid = "S3QKILL-" + uuid.uuid4().hex[:8]
+    path = _dicom(tmp_path, dicom_samples, pid, 300)
+    payload = path.read_bytes()
+    # A's hook hangs inside the hand-over (its upload lock held, the .pending marker in the bucket)
+    a.write_script("main.lua", f"function onTusFileComplete(metadata) HttpGet('{silent.url}') return true end\n")
+    a.wait_for_log("main.lua", timeout=10)
+    uploader = tus_client.TusClient(a.url + "/files/").uploader(str(path), chunk_size=200_000)
+    uploader.upload()
+    upload = urlsplit(uploader.url).path.rsplit("/", 1)[-1]
+    oid = _object_id(uploader.url)
+    assert silent.seen.wait(20), "A's hook never called out"
+    assert f"tus/{oid}.pending" in seaweed.keys()
+    # B runs recount rounds meanwhile and leaves the marker alone: its lock is A's, a hand-over under way
+    rounds = b.log_text().count("S3 upload quota recounted")
+    wait_until(lambda: b.log_text().count("S3 upload quota recounted") >= rounds + 2, timeout=20,
+               what="two recount rounds on B while A holds the hand-over")
+    assert f"tus: upload {upload} finished without its completion handed over" not in b.log_text()
+    a.kill9()
+    # A's lock lease (2 s) runs out; B, running since before, takes the marker in a later round
     ids = wait_until(lambda: _imported(orthanc, pid), timeout=60, what="the upload imported by B")
     assert len(ids) == 1 and orthanc.rest_get(f"/instances/{ids[0]}/file") == payload
     assert f"tus: upload {upload} finished without its completion handed over" in b.log_text()
