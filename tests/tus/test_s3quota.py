@@ -119,3 +119,19 @@ async def test_recount_keeps_fresh_reservations_and_drops_what_the_bucket_lost(
     t0 = time.perf_counter()
     await later.scan()
     print(f"scan of 2 .info objects: {(time.perf_counter() - t0) * 1e3:.1f} ms")
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["redis", "in-process"])
+async def test_a_deferred_length_is_reserved_when_declared(store: S3Store, client: aioredis.Redis,
+                                                           shared: bool) -> None:
+    q = S3Quota(store, max_bytes=1000, max_unfinished=0, period=60, redis=client if shared else None)
+    deferred, other = new_id(), new_id()
+    await q.reserve(deferred, "dave", 0)  # Upload-Defer-Length: 1 (needs one byte of room, reserves none)
+    await q.reserve(other, "dave", 300)
+    with pytest.raises(errors.TusError) as e:
+        await q.grow(deferred, 701)  # the PATCH that declares the length: 300 + 701 > 1000
+    assert e.value.status == 507
+    await q.grow(deferred, 700)
+    assert await q.used() == 1000
+    await q.removed(deferred)
+    assert await q.used() == 300
