@@ -64,17 +64,18 @@ _INFO_READS = 16  # .info GETs in flight during a recount
 # whose .info was not written yet when the prefix was listed.
 GRACE = 5.0
 
-# KEYS: bytes hash, owner hash, total, the owner's open set, changed zset. ARGV: oid, owner, bytes, maxOpen, maxBytes
+# KEYS: bytes hash, owner hash, total, the owner's open set, changed zset.
+# ARGV: oid, owner, bytes, maxOpen (0: not counted), maxBytes, room needed, 1 if it is unfinished
 _RESERVE = """
 local maxo = tonumber(ARGV[4])
 if maxo > 0 and redis.call('SCARD', KEYS[4]) >= maxo then return -1 end
 local maxb = tonumber(ARGV[5])
 local total = tonumber(redis.call('GET', KEYS[3]) or '0')
-if maxb > 0 and total + math.max(tonumber(ARGV[3]), 1) > maxb then return -2 end
+if maxb > 0 and total + tonumber(ARGV[6]) > maxb then return -2 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 redis.call('INCRBY', KEYS[3], ARGV[3])
-redis.call('SADD', KEYS[4], ARGV[1])
+if ARGV[7] == '1' then redis.call('SADD', KEYS[4], ARGV[1]) end
 local t = redis.call('TIME')
 redis.call('ZADD', KEYS[5], t[1] * 1000 + math.floor(t[2] / 1000), ARGV[1])
 return 0
@@ -192,16 +193,21 @@ class S3Quota:
             self._apply_lua = redis.register_script(_APPLY)
 
     # -- requests --------------------------------------------------------------------------
-    async def reserve(self, object_id: str, owner: str | None, size: int) -> None:
+    async def reserve(self, object_id: str, owner: str | None, size: int, *, unfinished: bool = True) -> None:
         """Count a new upload of ``size`` declared bytes (0: deferred or empty); raises
-        ``TOO_MANY_UPLOADS`` or ``STORAGE_FULL`` as the file store does, reserving nothing."""
+        ``TOO_MANY_UPLOADS`` or ``STORAGE_FULL`` as the file store does, reserving nothing.
+        ``unfinished=False``: a final upload (the file store's concatenation), finished as it is
+        created: not counted against ``MaxUploadsPerUser``, and needing only its own bytes."""
+        need = max(size, 1) if unfinished else size
+        max_open = self.max_unfinished if unfinished else 0
         if self.redis is not None:
             k = self.key
             rc = int(await self._reserve_lua(
                 keys=[k + "bytes", k + "owner", k + "total", k + "open:" + _owner_key(owner), k + "changed"],
-                args=[object_id, _owner_key(owner), str(size), str(self.max_unfinished), str(self.max_bytes)]))
+                args=[object_id, _owner_key(owner), str(size), str(max_open), str(self.max_bytes), str(need),
+                      "1" if unfinished else "0"]))
         else:
-            rc = self._reserve_here(object_id, _owner_key(owner), size)
+            rc = self._reserve_here(object_id, _owner_key(owner), size, need, max_open, unfinished)
         if rc == _TOO_MANY:
             log.warning("tus: %s has %d unfinished uploads (Tus:MaxUploadsPerUser = %d, whole cluster); creation "
                         "refused", owner or "the anonymous user", self.max_unfinished, self.max_unfinished)
@@ -254,14 +260,13 @@ class S3Quota:
         self._changed[object_id] = time.time()
 
     # -- the in-process count (no Cluster:Redis) ---------------------------------------------
-    def _reserve_here(self, object_id: str, owner: str, size: int) -> int:
+    def _reserve_here(self, object_id: str, owner: str, size: int, need: int, max_open: int, unfinished: bool) -> int:
         ups = self._local.uploads
-        if self.max_unfinished > 0 and sum(1 for f in ups.values() if f.open and f.owner == owner) \
-                >= self.max_unfinished:
+        if max_open > 0 and sum(1 for f in ups.values() if f.open and f.owner == owner) >= max_open:
             return _TOO_MANY
-        if self.max_bytes > 0 and self._local.used + max(size, 1) > self.max_bytes:
+        if self.max_bytes > 0 and self._local.used + need > self.max_bytes:
             return _FULL
-        ups[object_id] = Found(owner, size, True)
+        ups[object_id] = Found(owner, size, unfinished)
         self._changed[object_id] = time.time()
         return 0
 

@@ -222,3 +222,50 @@ def test_a_replica_killed_during_the_hand_over_is_relieved_by_a_running_one(
     assert len(ids) == 1 and orthanc.rest_get(f"/instances/{ids[0]}/file") == payload
     assert f"tus: upload {upload} finished without its completion handed over" in b.log_text()
     wait_until(lambda: f"tus/{oid}.pending" not in seaweed.keys(), timeout=10, what="the marker cleared by B")
+
+
+def _partial(gw: GatewayProcess, data: bytes) -> str:
+    r = requests.post(gw.url + "/files/", timeout=10, headers={
+        **TUS, "Upload-Length": str(len(data)), "Upload-Concat": "partial"})
+    assert r.status_code == 201, r.text
+    assert _patch(gw, r.headers["Location"], data).status_code == 204
+    return urlsplit(r.headers["Location"]).path
+
+
+def _final(gw: GatewayProcess, paths: list[str]) -> requests.Response:
+    return requests.post(gw.url + "/files/", headers={**TUS, "Upload-Concat": "final;" + " ".join(paths)},
+                         timeout=10)
+
+
+def test_a_final_upload_reserves_its_bytes_as_the_file_stores_concatenation(
+        gateway_factory: Callable[..., GatewayProcess], redis_server: RedisServer,  # noqa: F811
+        seaweed: SeaweedServer) -> None:  # noqa: F811
+    limits = {"MaxStorageGB": KIB16, "MaxUploadsPerUser": 2}
+    a = gateway_factory(_s3(redis_server, seaweed, **limits))
+    b = gateway_factory(_s3(redis_server, seaweed, **limits))
+    f = gateway_factory({"Tus": {**limits, "KeepAfterImport": True}})
+
+    def run(one: GatewayProcess, two: GatewayProcess) -> list[requests.Response]:
+        small = [_partial(one, b"p" * 3000), _partial(two, b"q" * 3000)]  # finished: not counted as open
+        fits = _final(two, small)  # 6 000 + 6 000 <= 16 384; a final upload is not an unfinished one
+        big = [_partial(one, b"r" * 1500), _partial(two, b"s" * 1500)]
+        return [fits, _final(one, small + big)]  # 15 000 + 9 000 > 16 384
+
+    s3, fs = run(a, b), run(f, f)
+    assert [r.status_code for r in s3] == [201, 507]
+    assert [(r.status_code, r.headers.get("Retry-After")) for r in s3] == \
+        [(r.status_code, r.headers.get("Retry-After")) for r in fs]
+    assert s3[1].text == fs[1].text
+
+
+def test_an_expired_upload_gives_its_space_back_when_swept(
+        gateway_factory: Callable[..., GatewayProcess], redis_server: RedisServer,  # noqa: F811
+        seaweed: SeaweedServer) -> None:  # noqa: F811
+    settings = _s3(redis_server, seaweed, MaxStorageGB=KIB16, ExpireAfter=2, SweepIntervalSeconds=0.5,
+                   reconcile=3600)  # the sweep frees it, not a recount
+    a, b = gateway_factory(settings), gateway_factory(settings)
+    held = _post(a, 10_000)
+    assert held.status_code == 201 and _post(b, 10_000).status_code == 507
+    wait_until(lambda: _post(b, 10_000).status_code == 201, timeout=30, what="the space of the expired upload")
+    logs = a.log_text() + b.log_text()
+    assert f"expired upload {urlsplit(held.headers['Location']).path.rsplit('/', 1)[-1]} removed" in logs
