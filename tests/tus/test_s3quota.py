@@ -135,3 +135,18 @@ async def test_a_deferred_length_is_reserved_when_declared(store: S3Store, clien
     assert await q.used() == 1000
     await q.removed(deferred)
     assert await q.used() == 300
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["redis", "in-process"])
+async def test_a_final_upload_needs_bytes_but_no_unfinished_slot(store: S3Store, client: aioredis.Redis,
+                                                                 shared: bool) -> None:
+    q = S3Quota(store, max_bytes=100, max_unfinished=1, period=60, redis=client if shared else None)
+    await q.reserve(new_id(), "erin", 40)  # the one unfinished upload erin may have
+    final = new_id()
+    await q.reserve(final, "erin", 60, unfinished=False)  # concatenation: finished as it is created
+    with pytest.raises(errors.TusError) as e:
+        await q.reserve(new_id(), "frank", 0)  # full: even a deferred upload needs one byte of room
+    assert e.value.status == 507
+    await q.reserve(new_id(), "erin", 0, unfinished=False)  # an empty final upload needs none (file store)
+    await q.removed(final)
+    assert await q.used() == 40
