@@ -479,6 +479,12 @@ class TusS3Settings(Section):
         "PartSizeMB", 8,
         "bytes per S3 part; a PATCH holds at most one part in memory (S3's minimum is 5 MiB; an upload may "
         "have 10 000 parts, so 8 MiB parts reach 78 GiB)")
+    quota_reconcile: Annotated[float, Number(minimum=0.5)] = key(
+        "QuotaReconcileSeconds", 60,
+        "how often `Tus:MaxStorageGB` and `Tus:MaxUploadsPerUser`, counted for all replicas, are recounted from "
+        "the bucket (one replica per round; the count drifts when a replica dies mid-request or the bucket's "
+        "lifecycle rule aborts uploads); each round lists the prefix and reads every `.info` object; it also "
+        "hands over completions a killed replica left pending")
 
     @property
     def part_size(self) -> int:

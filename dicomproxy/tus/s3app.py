@@ -14,7 +14,8 @@ with ``Cluster:Redis`` a cluster task (any replica runs it, reading the object f
 another runs it again if that replica dies), with the id ``tus-import-<objectId>`` so that a
 second hand-over queues nothing. A ``<objectId>.pending`` marker, written before the multipart
 upload is completed and deleted once the completion is handed over (under the upload's lock),
-lets any replica that starts later hand over a completion a crash interrupted.
+lets another replica hand over a completion a crash interrupted: any replica at its start, and
+the running ones at each quota recount (below), taking only markers whose upload lock is free.
 
 The extensions are the file store's, answered as it answers them (``tests/tus/test_s3_extensions.py``
 sends the same requests to both and compares): creation, creation-with-upload,
@@ -31,7 +32,10 @@ creation-defer-length, termination, and
 * concatenation: ``UploadPartCopy`` of partials of 5 MiB or more, else the partials streamed
   through this replica into parts (:meth:`S3TusApp._concat`, tusd's ``ConcatUploads``).
 
-``Tus:MaxStorageGB``/``MinFreeDiskGB``/``MaxUploadsPerUser`` count the upload folder only.
+``Tus:MaxStorageGB`` and ``Tus:MaxUploadsPerUser`` are counted for the whole cluster by
+:mod:`.s3quota` (in Redis with ``Cluster:Redis``; declared lengths reserved at creation, the
+file store's 507/429 answers; recounted from the bucket every ``Tus:S3:QuotaReconcileSeconds``);
+``Tus:MinFreeDiskGB`` does not apply to the bucket.
 
 The lock of each request is :mod:`.redislock`'s with ``Cluster:Redis`` (any replica), else
 :mod:`.locks`' (one replica: processes of one host).
@@ -55,8 +59,9 @@ from dicomproxy.tus.access import Caller
 from dicomproxy.tus.errors import TusError
 from dicomproxy.tus.protocol import OnComplete, Receive, Scope, Send, TusApp, _content_type, _Response
 from dicomproxy.tus.redislock import RedisLockManager
-from dicomproxy.tus.s3store import MIN_PART, Part, S3State, S3Store
-from dicomproxy.tus.store import Upload
+from dicomproxy.tus.s3quota import S3Quota
+from dicomproxy.tus.s3store import MIN_PART, Part, S3State, S3Store, split_id
+from dicomproxy.tus.store import Upload, new_id
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +124,10 @@ class S3TusApp(TusApp):
         # S3 takes at most 10 000 parts: with Tus:S3:PartSizeMB parts, that is the largest upload.
         s3_max = self.part_size * MAX_PARTS
         self._max_size = min(settings.max_size, s3_max) if settings.max_size > 0 else s3_max
+        self.s3_quota = S3Quota(self.s3, max_bytes=settings.max_storage, max_unfinished=settings.max_uploads_per_user,
+                                period=settings.s3.quota_reconcile,
+                                redis=redis_locks.redis if redis_locks is not None else None,
+                                also=self._recover_pending_free if on_complete is not None else None)
 
     async def startup(self, recover: bool = True) -> None:
         """Open the bucket (and Redis); with ``recover`` (one process per host is enough: the
@@ -129,8 +138,10 @@ class S3TusApp(TusApp):
             await self.redis_locks.start()
         if recover and self.on_complete is not None:
             await self._recover_pending()
+        await self.s3_quota.start()
 
     async def aclose(self, grace: float = 30) -> None:
+        await self.s3_quota.aclose()
         await super().aclose(grace)
         if self.redis_locks is not None:
             await self.redis_locks.aclose()
@@ -170,6 +181,7 @@ class S3TusApp(TusApp):
         if at is not None and at < time.time():
             log.info("tus: upload %s expired; removing it from S3", upload_id)
             await self.s3.terminate(upload_id)
+            await self.s3_quota.removed(split_id(upload_id)[0])
             raise errors.UPLOAD_EXPIRED
         return state
 
@@ -191,7 +203,14 @@ class S3TusApp(TusApp):
         upload = Upload(id="", size=size, size_is_deferred=deferred,
                         metadata=h.parse_metadata(hdrs.get("upload-metadata")), is_partial=is_partial,
                         is_final=is_final, partial_uploads=partial_ids if is_final else None, owner=caller.user)
-        await self.s3.create(upload)
+        object_id = new_id()
+        # 429/507 as the file store; a final upload is finished at once and needs its bytes only
+        await self.s3_quota.reserve(object_id, caller.user, size, unfinished=not is_final)
+        try:
+            await self.s3.create(upload, object_id=object_id)
+        except BaseException:
+            await self.s3_quota.removed(object_id)
+            raise
         self._m_created.inc()
         out = {"Location": self._location(scope, hdrs, upload.id)}
         log.info("tus: created upload %s in S3 (size %s, metadata %s)", upload.id,
@@ -297,6 +316,7 @@ class S3TusApp(TusApp):
                 return _Response(204, out)
             length = patch.declared_length(upload.size_is_deferred, upload.offset, self._max_size)
             if length is not None:
+                await self.s3_quota.grow(split_id(upload_id)[0], length)
                 upload.size, upload.size_is_deferred = length, False
                 await self.s3.write_info(upload)
             await self._write_s3(body, hdrs, state, out)
@@ -338,6 +358,7 @@ class S3TusApp(TusApp):
         upload.offset += received
         out["Upload-Offset"] = str(upload.offset)
         if upload.complete:
+            await self.s3_quota.finished(split_id(upload.id)[0])
             self._finished(upload)
         if failure is not None:
             raise failure
@@ -411,19 +432,39 @@ class S3TusApp(TusApp):
         ``.pending`` marker (written before the multipart upload was completed) is there."""
         assert self.on_complete is not None
         async with await self.locks.acquire(upload_id, lambda: None, self.settings.lock_timeout):
-            if not await self.s3.is_pending(upload_id):
-                return  # another replica handed it over already
-            state = await self.s3.state(upload_id)
-            if not state.upload.complete:
-                return  # a crash before the last part: the client's next PATCH finishes it
-            await self.on_complete(state.upload)
-            await self.s3.clear_pending(upload_id)
+            await self._hand_over_held(upload_id)
+
+    async def _hand_over_held(self, upload_id: str) -> None:
+        assert self.on_complete is not None
+        if not await self.s3.is_pending(upload_id):
+            return  # another replica handed it over already
+        state = await self.s3.state(upload_id)
+        if not state.upload.complete:
+            return  # a crash before the last part: the client's next PATCH finishes it
+        await self.on_complete(state.upload)
+        await self.s3.clear_pending(upload_id)
 
     async def _recover_pending(self) -> None:
         """At start-up: completions a crashed replica did not hand over (any replica may take them)."""
         for upload_id in await self.s3.pending_ids():
             log.info("tus: upload %s finished without its completion handed over; running it now", upload_id)
             self._spawn(self._hand_over(upload_id), f"completion of upload {upload_id}")
+
+    async def _recover_pending_free(self) -> None:
+        """At each quota recount this replica ran: markers whose upload lock is free (a replica
+        died between the last byte and the hand-over; a held lock is a hand-over under way)."""
+        for upload_id in await self.s3.pending_ids():
+            lock = await self._try_lock(upload_id)
+            if lock is None:
+                continue
+            log.info("tus: upload %s finished without its completion handed over; running it now", upload_id)
+            self._spawn(self._hand_over_with(lock, upload_id), f"completion of upload {upload_id}")
+
+    async def _hand_over_with(self, lock: Any, upload_id: str) -> None:
+        try:
+            await self._hand_over_held(upload_id)
+        finally:
+            await lock.release()
 
     # -- GET, DELETE -----------------------------------------------------------------------
     async def _get(self, upload_id: str, caller: Caller) -> _Response:
@@ -465,6 +506,7 @@ class S3TusApp(TusApp):
     async def _delete(self, upload_id: str, caller: Caller) -> _Response:
         async with await self._locked(upload_id, caller):
             await self.s3.terminate(upload_id)
+        await self.s3_quota.removed(split_id(upload_id)[0])
         self._m_terminated.inc()
         log.info("tus: upload %s terminated", upload_id)
         return _Response(204)
@@ -478,6 +520,7 @@ class S3TusApp(TusApp):
             await self.s3.terminate(upload_id)
         finally:
             await lock.release()
+        await self.s3_quota.removed(split_id(upload_id)[0])
         return True
 
     async def _try_lock(self, upload_id: str) -> Any:

@@ -27,6 +27,7 @@ import time
 from typing import TYPE_CHECKING
 
 from dicomproxy.tus.errors import TusError
+from dicomproxy.tus.s3store import split_id
 
 if TYPE_CHECKING:
     from dicomproxy.tus.s3app import S3TusApp
@@ -92,6 +93,7 @@ class S3ExpirySweeper:
                     last = max(last, await s3.object_modified(upload_id))
                 if last + self.expire_after <= now:
                     await s3.terminate(upload_id)
+                    await self.app.s3_quota.removed(split_id(upload_id)[0])
                     removed.append(upload_id)
                     log.info("tus: expired upload %s removed from S3 (offset %d of %s)", upload_id, upload.offset,
                              "?" if upload.size_is_deferred else upload.size)

@@ -133,9 +133,10 @@ class S3Store:
         return self.prefix + object_id + PART_SUFFIX
 
     # -- lifecycle -------------------------------------------------------------------------
-    async def create(self, upload: Upload) -> Upload:
-        """Start the multipart upload and write the ``.info`` object (tusd's ``NewUpload``)."""
-        object_id = new_id()
+    async def create(self, upload: Upload, object_id: str | None = None) -> Upload:
+        """Start the multipart upload and write the ``.info`` object (tusd's ``NewUpload``);
+        ``object_id`` is one the caller drew (and reserved quota for) beforehand."""
+        object_id = object_id or new_id()
         extra: dict[str, Any] = {}
         if upload.metadata.get("filetype"):
             extra["ContentType"] = upload.metadata["filetype"]
