@@ -158,8 +158,17 @@ m.UpstreamMonitor.__init__.__defaults__ = (1e9,)
 try:  # the status page's metrics history samples every second: under callgrind (~50x slower) that
     # is most of what a request window counts, so it is pushed out of the window like the probe
     import dicomproxy.ui.history as h
-    h.History.__init__.__defaults__ = (h.CAPACITY, 1e9, h.History.__init__.__defaults__[-1])
+    init = h.History.__init__  # its ``interval`` default, found by name (the signature grew)
+    names = init.__code__.co_varnames[1:init.__code__.co_argcount]
+    defaults = list(init.__defaults__)
+    defaults[names.index("interval") - (len(names) - len(defaults))] = 1e9
+    init.__defaults__ = tuple(defaults)
 except ImportError:  # a checkout before the history
+    pass
+try:  # the upstreams file's watcher (a stat and the health gauges every second): out of the window too
+    import dicomproxy.upstream.directory as d
+    d.WATCH_INTERVAL = 1e9
+except ImportError:  # a checkout before named upstreams
     pass
 from dicomproxy.cli import main
 sys.exit(main(['serve', '--config', sys.argv[1]]))
@@ -180,6 +189,7 @@ def _gateway(root: str, python: str, upstream_port: int, tmp: str, hooks: bool =
         "ExtraConfig": {"ScriptsRoot": str(wd / "scripts"), "DataFolder": str(wd / "data"),
                         "TusUploadFolder": str(wd / "data/tus")},
         "Lua": {"ReloadIntervalMs": 600000}, "Tus": {"SweepIntervalSeconds": 100000},
+        "Orthanc": {"PollIntervalSeconds": 100000},  # the change feed's loop, out of the window as well
         "Dicom": {"Port": 0, "SpoolFolder": str(wd / "data/spool")}, "Logging": {"Level": "WARNING"},
     }
     (wd / "appsettings.json").write_text(json.dumps(config))

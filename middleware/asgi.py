@@ -98,19 +98,23 @@ class LuaHttpMiddleware:
         self.fail_open = fail_open  # True/False for both hooks, or the names of the hooks that fail open
         self.skip = skip
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # Not a coroutine: with no hook defined (or a skipped path) the request costs this layer no
+        # coroutine of its own, nor a frame on every resume of the app's (~0.13 us a layer and
+        # suspension, as measured for the gateway's other pass-through layers).
         scripts = self.scripts
         if scope["type"] != "http" or not (scripts.defines(ON_REQUEST) or scripts.defines(ON_RESPONSE)):
-            await self.app(scope, receive, send)
-            return
+            return self.app(scope, receive, send)
         if self.skip is not None and self.skip(scope):
-            await self.app(scope, receive, send)
-            return
+            return self.app(scope, receive, send)
+        return self._hooked(scope, receive, send)
+
+    async def _hooked(self, scope: Scope, receive: Receive, send: Send) -> None:
         exchange = HttpExchange(scope)  # type: ignore[arg-type]
         if self.upstreams is not None:
             exchange.upstream = self.upstreams.choose(scope)
             exchange.upstream_names = self.upstreams.names
-        tscope = scripts.transient_scope()
+        tscope = self.scripts.transient_scope()
         try:
             await self._handle(exchange, tscope, scope, receive, send)
         finally:
