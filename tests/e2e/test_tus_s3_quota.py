@@ -211,11 +211,14 @@ def test_a_replica_killed_during_the_hand_over_is_relieved_by_a_running_one(
     oid = _object_id(uploader.url)
     assert silent.seen.wait(20), "A's hook never called out"
     assert f"tus/{oid}.pending" in seaweed.keys()
-    # B runs recount rounds meanwhile and leaves the marker alone: its lock is A's, a hand-over under way
-    rounds = b.log_text().count("S3 upload quota recounted")
-    wait_until(lambda: b.log_text().count("S3 upload quota recounted") >= rounds + 2, timeout=20,
-               what="two recount rounds on B while A holds the hand-over")
-    assert f"tus: upload {upload} finished without its completion handed over" not in b.log_text()
+    # recount rounds run meanwhile (each on whichever replica takes the round's lease) and leave the
+    # marker alone: its lock is A's, a hand-over under way
+    def rounds() -> int:
+        return sum(gw.log_text().count("S3 upload quota recounted") for gw in (a, b))
+    before = rounds()
+    wait_until(lambda: rounds() >= before + 2, timeout=20, what="two recount rounds while A holds the hand-over")
+    for gw in (a, b):
+        assert f"tus: upload {upload} finished without its completion handed over" not in gw.log_text()
     a.kill9()
     # A's lock lease (2 s) runs out; B, running since before, takes the marker in a later round
     ids = wait_until(lambda: _imported(orthanc, pid), timeout=60, what="the upload imported by B")
