@@ -32,6 +32,11 @@ success only once Orthanc has the instance.
 and a Modality condition each, so every instance's header is read for them and every route is
 tried) before the default: the cost of evaluating N routes per instance.
 
+``--adjacent`` stores a fresh direct batch right before each gateway batch and takes that
+gateway's ratio against it: on a machine shared with other jobs the load changes within a round
+(direct rates swung 175-416 instances/s between rounds here), and a direct figure measured one or
+two batches earlier then says more about the load than about the gateway.
+
 ``--tls`` opens each gateway's DICOM TLS port too (``Dicom:Tls``, certificates from a private CA
 made for the run, client certificates required) and stores one more batch per round through it
 with ``storescu +tls`` (the ``relay-tls`` / ``spool-tls`` rows: the same gateway process as the
@@ -166,6 +171,8 @@ def main() -> int:
     ap.add_argument("--tls", action="store_true", help="also store through the gateway's DICOM TLS port")
     ap.add_argument("--baseline-mode", default="relay", help="the baseline's mode: relay or spool")
     ap.add_argument("--routes", type=int, default=0, help="N never-matching Dicom:Routes (this checkout)")
+    ap.add_argument("--adjacent", action="store_true",
+                    help="a direct batch right before each gateway batch: each ratio against its own direct one")
     ap.add_argument(
         "--orthanc-nagle", action="store_true", help="leave Nagle on in Orthanc (its DCMTK default: ~20 instances/s)"
     )
@@ -221,6 +228,11 @@ def main() -> int:
                 for name, g, port, extra in order:
                     folder = make_batch(tmp / f"{name}{r}", n, args.studies, f"{name[0].upper()}{name[-1]}{r}",
                                         args.size)
+                    if args.adjacent:  # the load a few seconds from now, not at the round's start
+                        again = make_batch(tmp / f"direct{r}-{name}", n, args.studies, f"D{r}{name[0]}", args.size)
+                        t_direct = storescu(orthanc.aet, orthanc.dicom_port, again, args.nagle)
+                        expected += n
+                        wait_count(orthanc, expected)
                     expected += n
                     accept, e2e, cpu = run_gateway(g, orthanc, folder, expected, n, args.nagle, port, extra)
                     rows.append((r, name, n / t_direct, accept, e2e, cpu))

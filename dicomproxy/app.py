@@ -21,7 +21,7 @@ from dicomproxy import dicom, tus, ui
 from dicomproxy.audit import web as audit_web
 from dicomproxy.audit.trail import AuditTrail
 from dicomproxy.auth.setup import build_auth
-from dicomproxy.cluster.redis import connect, connect_sync
+from dicomproxy.cluster.redis import connect, connect_calls, connect_sync
 from dicomproxy.cluster.tasks import LOCAL_KINDS, RedisTaskQueue
 from dicomproxy.commands import Commands
 from dicomproxy.config.settings import Settings
@@ -39,8 +39,9 @@ from dicomproxy.notify import mail, notifications
 from dicomproxy.notify.events import EventBus
 from dicomproxy.scripting import orthanc
 from dicomproxy.scripting.host import ScriptHost
-from dicomproxy.scripting.shared import SharedStore
+from dicomproxy.scripting.shared import AsyncSharedStore, SharedStore
 from dicomproxy.scripting.shared_lmdb import LmdbStore
+from dicomproxy.scripting.shared_redis import RedisStore
 from dicomproxy.tasks import Queue, TaskQueue
 from dicomproxy.upstream import Upstream
 from dicomproxy.upstream.directory import Upstreams
@@ -112,6 +113,8 @@ class Gateway:
         self._middleware: list[Callable[[Any], Any]] = []
         self._components: list[Component] = [self.audit, self.upstream, self.upstreams, self.tasks, self.lua,
                                               self.monitor]
+        if isinstance(self.lua.shared, RedisStore):  # started before the engines, its client closed after them
+            self._components.insert(self._components.index(self.lua), self.lua.shared)
         self.health_checks["upstreams"] = self.upstreams.status
         self._started: list[Component] = []
         if self.auth is not None and self.auth.keys is not None:
@@ -136,12 +139,16 @@ class Gateway:
         self._accepting = True
         self._probes = probes(self)
 
-    def _shared_store(self) -> SharedStore | None:
-        """Several workers: ``SharedDict`` in LMDB, shared by every worker of this host (one
-        process: None, the in-memory store)."""
+    def _shared_store(self) -> SharedStore | AsyncSharedStore | None:
+        """``SharedDict``: with ``Cluster:Redis`` in Redis, shared by every replica and worker;
+        else with several workers in LMDB, shared by every worker of this host; else None (one
+        process: the in-memory store)."""
+        lua = self.settings.lua
+        if self.settings.cluster.redis:
+            return RedisStore(connect_calls(self.settings), self.settings.cluster.redis, lua.shared_dict_max_keys,
+                              int(lua.shared_dict_max_mb * (1 << 20)))
         if not self.worker.multi:
             return None
-        lua = self.settings.lua
         return LmdbStore(self.settings.data_folder / "run" / "shared", lua.shared_dict_max_keys,
                          int(lua.shared_dict_max_mb * (1 << 20)))
 

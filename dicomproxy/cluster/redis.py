@@ -20,6 +20,7 @@ from dicomproxy.config.settings import Settings
 PREFIX = "dicomproxy:"  # every key this gateway writes starts with it
 TIMEOUT = 1.0  # seconds: connect and each command (blocking reads pass their own, shorter, block time)
 RETRIES = 3
+CALL_CONNECTIONS = 16  # connect_calls: a call holds one for ~0.2 ms, so 16 carry tens of thousands a second
 
 
 class ClusterUnavailable(RuntimeError):
@@ -55,6 +56,18 @@ def connect(settings: Settings) -> redis.asyncio.Redis:
     """The asyncio client of ``Cluster:Redis`` (a pool: one per replica)."""
     retry = redis.asyncio.retry.Retry(ExponentialBackoff(cap=1.0, base=0.05), RETRIES)
     return redis.asyncio.Redis.from_url(settings.cluster.redis, retry=retry, **_options(settings))
+
+
+def connect_calls(settings: Settings) -> redis.asyncio.Redis:
+    """An asyncio client for short calls made on a request's path (``SharedDict`` from Lua):
+    replies as bytes (a Lua string need not be UTF-8), every socket operation bounded by
+    :data:`TIMEOUT` (no blocking reads here) and two retries, so a Redis that is down fails a call
+    within a few seconds, never holds it. Its pool holds up to :data:`CALL_CONNECTIONS`: the
+    caller bounds how many calls run at once below that (redis-py's pool refuses one more)."""
+    retry = redis.asyncio.retry.Retry(ExponentialBackoff(cap=0.5, base=0.05), 2)
+    opts = _options(settings)
+    opts.update(socket_timeout=TIMEOUT, decode_responses=False)
+    return redis.asyncio.Redis.from_url(settings.cluster.redis, retry=retry, max_connections=CALL_CONNECTIONS, **opts)
 
 
 def connect_sync(settings: Settings) -> redis.Redis:

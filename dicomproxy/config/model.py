@@ -479,6 +479,12 @@ class TusS3Settings(Section):
         "PartSizeMB", 8,
         "bytes per S3 part; a PATCH holds at most one part in memory (S3's minimum is 5 MiB; an upload may "
         "have 10 000 parts, so 8 MiB parts reach 78 GiB)")
+    quota_reconcile: Annotated[float, Number(minimum=0.5)] = key(
+        "QuotaReconcileSeconds", 60,
+        "how often `Tus:MaxStorageGB` and `Tus:MaxUploadsPerUser`, counted for all replicas, are recounted from "
+        "the bucket (one replica per round; the count drifts when a replica dies mid-request or the bucket's "
+        "lifecycle rule aborts uploads); each round lists the prefix and reads every `.info` object; it also "
+        "hands over completions a killed replica left pending")
 
     @property
     def part_size(self) -> int:
@@ -491,7 +497,7 @@ class ClusterSettings(Section):
         "Redis", "",
         "`redis://host:6379/0` (or `rediss://` for TLS, `unix:///path`) of a Redis-protocol server the replicas "
         "share: TUS upload locks (with `Tus:Store` `s3`), background tasks, the notification feed and its live "
-        "stream; empty: one machine, nothing shared")
+        "stream, Lua's `SharedDict`; empty: one machine, nothing shared")
     redis_password: Annotated[str, Text()] = key(
         "RedisPassword", "", "the Redis password (or `RedisPasswordFile`); overrides one in the URL", secret=True)
     lock_lease: Annotated[float, Number(minimum=1)] = key(
@@ -618,6 +624,10 @@ class StatusPattern(Text):
         return text
 
 
+INHERIT = "Inherit"
+"""A per-AE override left unset: the global setting applies."""
+
+
 class RemoteAe(Section):
     """A remote DICOM node."""
 
@@ -641,6 +651,12 @@ class RemoteAe(Section):
     tls_check_hostname: Annotated[bool, Flag()] = key(
         "TlsCheckHostname", True, "the peer's certificate must name `Host` (DNS name or IP address SAN); turn off "
         "only for a certificate without one, still verified against `TlsCa`")
+    transcode: Annotated[str, Choice(INHERIT, "Never", "ToAccepted")] = key(
+        "Transcode", INHERIT, "`Dicom:Transcode` for what is sent to this AE (relayed or forwarded to it, a C-MOVE "
+        "to it fetched and stored, a C-GET it asks for when its AE title is this entry's, a `send` to it): "
+        "`Never`, `ToAccepted`, or `Inherit` (the global `Dicom:Transcode`)")
+    transcode_max_mb: Annotated[int, Whole(0)] = key(
+        "TranscodeMaxMB", 0, "`Dicom:TranscodeMaxMB` for this AE (`0`: the global one)")
 
     @model_validator(mode="after")
     def _tls_pair(self) -> RemoteAe:
@@ -730,8 +746,9 @@ class HealthCheckSettings(Section):
     timeout: Annotated[float, Number(above=0)] = key(
         "TimeoutSeconds", 2, "an active check slower than this failed")
     failures: Annotated[int, Whole(1)] = key(
-        "Failures", 3, "consecutive failures (active checks, or proxied requests that could not connect or got a "
-        "5xx from the upstream itself) that eject a member from its groups")
+        "Failures", 3, "consecutive failures (active checks, proxied requests that could not connect or got a "
+        "5xx from the upstream itself, associations with its DICOM side that were refused, timed out or rejected) "
+        "that eject a member from its groups")
     successes: Annotated[int, Whole(1)] = key(
         "Successes", 2, "consecutive successful active checks that bring an ejected member back")
 
@@ -934,7 +951,7 @@ class DicomSettings(Section):
         "(Explicit VR Little Endian first, then Implicit); a modality's compressed context is then accepted when "
         "the PACS accepts its SOP class uncompressed. Decoding is lossless: the pixels are those the codec "
         "decodes. The spool keeps the instance as it came. Memory: one decoded instance at a time per association "
-        "(see `TranscodeMaxMB`)")
+        "(see `TranscodeMaxMB`). A destination may override it with its own `Transcode`")
     transcode_max_mb: Annotated[int, Whole(1)] = key(
         "TranscodeMaxMB", 512, "largest decoded pixel data (rows x columns x samples x bits x frames) the gateway "
         "transcodes; a larger instance is refused for that destination with the reason in the log (transcoding "

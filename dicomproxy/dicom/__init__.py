@@ -5,7 +5,8 @@ Layers, bottom up:
 
 * ``ul/`` the upper layer (PS3.8): ``pdu`` (pynetdicom's PDU classes), ``fsm`` (the state table),
   ``association`` (one association's protocol, both roles, ARTIM; no I/O), ``transport`` (that
-  protocol on a blocking socket or on asyncio streams), ``acceptor`` (the port and connection
+  protocol on a blocking socket or on asyncio streams), ``requestor`` (the one way an outbound
+  association is opened: relay, forwarder, ``send``, Q/R), ``acceptor`` (the port and connection
   admission), ``tls`` (DICOM TLS contexts, the acceptor's handshake), ``tls_transport`` (asyncio
   streams on the TLS port's sockets), ``errors``;
 * ``dimse`` command sets and message assembly (PS3.7); ``presentation`` every presentation

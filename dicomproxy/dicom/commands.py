@@ -54,6 +54,7 @@ class Target:
     host: str
     port: int
     tls: ssl.SSLContext | None = field(default=None, compare=False)  # the Dicom:Modalities entry's Tls
+    ae: Any = field(default=None, compare=False)  # its configured entry (Transcode override), if any
 
     def describe(self) -> str:
         return f"{self.calling}:{self.called}@{self.host}:{self.port}{' (TLS)' if self.tls else ''}"
@@ -65,7 +66,7 @@ def parse_targets(spec: str, settings: DicomSettings, usage: str, names: Destina
     calling, _, name = spec.rpartition(":") if ":" in spec and "@" not in spec else ("", "", spec)
     if names is not None and name in names and name not in settings.modalities:
         return [Target(calling or settings.aet, p.ae.aet, p.ae.host, p.ae.port,
-                       dicom_tls.client_context(p.ae, settings.tls)) for p in names.peers(name)]
+                       dicom_tls.client_context(p.ae, settings.tls), p.ae) for p in names.peers(name)]
     return [parse_target(spec, settings, usage)]
 
 
@@ -80,11 +81,12 @@ def parse_target(spec: str, settings: DicomSettings, usage: str) -> Target:
         declared = next((ae for ae in settings.modalities.values()
                          if (ae.aet, ae.host, ae.port) == (called, host, port)), None)  # its Tls applies
         tls = dicom_tls.client_context(declared, settings.tls) if declared is not None else None
-        return Target(m.group("calling") or settings.aet, called, host, port, tls)
+        return Target(m.group("calling") or settings.aet, called, host, port, tls, declared)
     calling, _, name = spec.rpartition(":") if ":" in spec and "@" not in spec else ("", "", spec)
     for key, ae in settings.modalities.items():
         if key.lower() == name.lower() and name:
-            return Target(calling or settings.aet, ae.aet, ae.host, ae.port, dicom_tls.client_context(ae, settings.tls))
+            return Target(calling or settings.aet, ae.aet, ae.host, ae.port, dicom_tls.client_context(ae, settings.tls),
+                          ae)
     raise CommandError(f"cannot read the destination {spec!r}; expected {usage}")
 
 
@@ -169,7 +171,7 @@ async def _send_batch(
             if not assoc.is_open:
                 failures += [{"File": str(g.path), "Error": "association lost"} for g in batch[i:]]
                 break
-            error = await _send_one(assoc, f, transcoding)
+            error = await _send_one(assoc, f, transcoding.for_ae(target.ae))
             if error:
                 failures.append({"File": str(f.path), "SOPInstanceUID": f.sop_instance, "Error": error})
             else:

@@ -75,7 +75,8 @@ def named_target(
         return ForwardTarget(
             via="dimse", aet=ae.aet, host=ae.host, port=ae.port, calling_aet=dicom.aet,
             timeout=max(30.0, up.read_timeout), connect_timeout=up.connect_timeout, ae_titles=titles,
-            tls=dicom_tls.client_context(ae, dicom.tls), name=peer.name, transcoding=transcoding,
+            tls=dicom_tls.client_context(ae, dicom.tls), name=peer.name, transcoding=transcoding.for_ae(ae),
+            report=destinations.report,
         )
 
     if destinations.is_group(name):
@@ -98,7 +99,9 @@ class DicomComponent:
             "dicomproxy_dicom_transcoded_total", "Instances transcoded for a destination that does not accept their "
             "transfer syntax (Dicom:Transcode), by source and target syntax and result (ok, failed)",
             labels=("from_syntax", "to_syntax", "result")))
-        self.target = dataclasses.replace(forward_target(gateway), transcoding=self.transcoding)
+        self.destinations = Destinations(settings, gateway.upstreams)
+        self.target = dataclasses.replace(forward_target(gateway), transcoding=self.transcoding.for_ae(s.upstream),
+                                          report=self.destinations.report)
         self.audit = DicomAudit(gateway.audit, s, "dimse" if self.target.via == "dimse" else self.target.describe())
         self.hook = gateway.hooks.get(InstanceStored)
         # Over DIMSE with the gateway's own AE titles the PACS records the gateway as the origin; with
@@ -106,7 +109,6 @@ class DicomComponent:
         gateway_titles = self.target.via == "dimse" and self.target.ae_titles == "Gateway"
         self.hook.forwarded_as = s.aet if s.port and gateway_titles else None
         self._metrics(gateway)
-        self.destinations = Destinations(settings, gateway.upstreams)
         self.router = Router(s.routes)
         self.forwarder = self._new_forwarder(self.target)
         self._launched = False  # the forwarders run: one made from now on starts at once
@@ -127,7 +129,7 @@ class DicomComponent:
         if self.target.via == "dimse":
             self.pacs = PacsSide(self.target, self.forwarder.destination, s.store_mode,
                                  NegotiationCache(s.negotiation_cache_seconds), self._relayed,
-                                 transcoding=self.transcoding)
+                                 transcoding=self.target.transcoding)
             self.forwarder.on_context_refused = self.pacs.cache.clear
         self.dispatcher = Dispatcher(s, self.limits, self.bridge, self.store, self.spool, self.qr,
                                      max_dataset=s.max_dataset_mb << 20, audit=self.audit, pacs=self.pacs)
@@ -353,8 +355,9 @@ class DicomComponent:
     # -- relay callback (an association's thread) ----------------------------------------
     def _relayed(self, session: AssocSession, command: Command, ts: str, status: int,
                  data: Callable[[], bytes | None], seconds: float) -> None:
-        """The PACS answered a relayed C-STORE: count it and time it; raise ``onInstanceStored``
-        and the hook (on the loop, not waited for) when someone listens."""
+        """The PACS answered a relayed C-STORE (the modality already has the answer): count it
+        and time it; raise ``onInstanceStored`` and the hook (on the loop, not waited for) when
+        someone listens."""
         if not statuses.is_stored(status):
             self.counters["relay_refused"].inc()
             return

@@ -316,6 +316,20 @@ def encode(ds: Dataset, transfer_syntax: str) -> bytes:
 
 
 _HEADER_TAGS = (0x00080016, 0x00080018, 0x0020000D, 0x0020000E, 0x00100020)
+_HEADER_UIDS = (("SOPClassUID", 0x00080016), ("SOPInstanceUID", 0x00080018), ("StudyInstanceUID", 0x0020000D),
+                ("SeriesInstanceUID", 0x0020000E))
+
+
+def _uid_text(elem: Any) -> str:
+    """A UI element's text from its raw bytes (ASCII by definition, padded with NUL): pydicom's
+    conversion validates each UID with regular expressions, which was 40 % of :func:`header_uids`
+    (~50 of ~120 us per 16x16 CT instance, called for every spooled instance)."""
+    if elem is None:
+        return ""
+    value = elem.value
+    if isinstance(value, bytes):
+        return value.rstrip(b"\x00 ").decode("ascii", "replace")
+    return str(value or "")
 
 
 def header_uids(raw: bytes | BinaryIO, transfer_syntax: str, extra: tuple[int, ...] = ()) -> dict[str, str]:
@@ -340,12 +354,11 @@ def header_uids(raw: bytes | BinaryIO, transfer_syntax: str, extra: tuple[int, .
         stop_when=lambda tag, vr, length: tag > last,
         specific_tags=[*_HEADER_TAGS, *extra],
     )
-    out = {}
-    for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID"):
-        try:
-            out[kw] = str(ds.get(kw, "") or "")
-        except Exception:
-            out[kw] = ""
+    out = {kw: _uid_text(ds.get_item(tag)) for kw, tag in _HEADER_UIDS}
+    try:
+        out["PatientID"] = str(ds.get("PatientID", "") or "")
+    except Exception:
+        out["PatientID"] = ""
     for tag in extra:
         try:
             elem = ds.get(tag)

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 
 from dicomproxy.config.model import DEFAULT_UPSTREAM, RemoteAe, Settings
+from dicomproxy.dicom.ul.errors import AssociationRejected, UpperLayerError
 from dicomproxy.host import UpstreamDirectory
 
 
@@ -124,6 +125,27 @@ class Destinations:
         return [*chosen, *(p for p in rest if available.get(p.name, True)),
                 *(p for p in rest if not available.get(p.name, True))]
 
+    def report(self, name: str, error: UpperLayerError | None) -> None:
+        """An association with the server ``name``'s DICOM side worked (``error`` None) or failed:
+        fed to the registry's passive ejection like a proxied HTTP request's outcome, so that
+        :meth:`peers` (and the registry's ``pick``) stop choosing a member whose DICOM side is down
+        although its HTTP side answers. Counted as a failure: the connection refused, reset or
+        timed out, an abort during the association request, an A-ASSOCIATE-RJ, except a permanent
+        one for the AE titles (calling or called AE title, application context: PS3.8 source 1,
+        reasons 2, 3, 7), which is the peer answering that it does not know these titles (with
+        ``AeTitles`` ``Modality``, one modality's), not that it is down. A name the registry does not
+        hold (a ``Dicom:Modalities`` entry) or no registry: nothing. On the event loop."""
+        if self._upstreams is None or name not in self._servers:
+            return
+        try:
+            (member,) = self._upstreams.members(name)
+        except (LookupError, ValueError):
+            return
+        if error is None:
+            member.answered()
+        elif not _about_titles(error):
+            member.failed(f"DICOM: {error}")
+
     def _single(self, name: str) -> Peer:
         peer = self._servers.get(name) or self._modalities.get(name)
         if peer is None:
@@ -133,3 +155,9 @@ class Destinations:
     def _weight(self, name: str) -> int:
         server = self._settings.upstreams.servers.get(name)
         return server.weight if server is not None else 1
+
+
+def _about_titles(error: UpperLayerError) -> bool:
+    """A permanent rejection by the service user for the AE titles or application context."""
+    return isinstance(error, AssociationRejected) and error.result == 1 and error.source == 1 \
+        and error.reason in (2, 3, 7)

@@ -77,12 +77,16 @@ class Status(NamedTuple):
 
 
 class Command:
-    """A decoded command set: raw values by element number of group 0000."""
+    """A decoded command set: raw values by element number of group 0000, and ``detail``: the
+    elements of other groups, raw as received. DCMTK-based peers (Orthanc) put a failure's "status
+    detail" there, e.g. a C-GET-RSP 0xC000 with (0008,0058) Failed SOP Instance UID List in the
+    command set; they are kept and passed on with the response, as the peer sent them."""
 
-    __slots__ = ("elements", "field", "message_id")
+    __slots__ = ("detail", "elements", "field", "message_id")
 
-    def __init__(self, elements: dict[int, bytes]) -> None:
+    def __init__(self, elements: dict[int, bytes], detail: bytes = b"") -> None:
         self.elements = elements
+        self.detail = detail
         field = elements[COMMAND_FIELD]
         self.field: int = _US.unpack_from(field)[0] if len(field) >= 2 else 0
         self.message_id = self.us(MESSAGE_ID)
@@ -116,6 +120,7 @@ def decode_command(raw: bytes | bytearray | memoryview) -> Command:
     data = bytes(raw)  # one copy of a few hundred bytes; slicing bytes is cheaper than views
     end = len(data)
     out: dict[int, bytes] = {}
+    detail: list[bytes] = []
     unpack = _ELEMENT.unpack_from
     pos = 0
     while pos < end:
@@ -123,19 +128,23 @@ def decode_command(raw: bytes | bytearray | memoryview) -> Command:
             raise DimseError("command set ends inside an element header")
         group, elem, length = unpack(data, pos)
         following = pos + 8 + length
-        if group or following > end:
+        if following > end:
             raise DimseError(f"malformed command set element ({group:04X},{elem:04X}), {length} bytes")
-        out[elem] = data[pos + 8 : following]
+        if group:
+            detail.append(data[pos:following])  # status detail (Command docstring)
+        else:
+            out[elem] = data[pos + 8 : following]
         pos = following
     if COMMAND_FIELD not in out:
         raise DimseError("command set without a Command Field (0000,0100)")
-    return Command(out)
+    return Command(out, b"".join(detail))
 
 
-def encode_command(elements: Iterable[tuple[int, bytes]]) -> bytes:
-    """A command set with its group length first; ``elements`` as ``(element, raw value)``."""
+def encode_command(elements: Iterable[tuple[int, bytes]], detail: bytes = b"") -> bytes:
+    """A command set with its group length first; ``elements`` as ``(element, raw value)``;
+    ``detail`` (:attr:`Command.detail`, elements of other groups) after group 0000."""
     body = b"".join(_ELEMENT.pack(0, e, len(v)) + v for e, v in sorted(elements))
-    return _ELEMENT.pack(0, 0, 4) + struct.pack("<I", len(body)) + body
+    return _ELEMENT.pack(0, 0, 4) + struct.pack("<I", len(body)) + body + detail
 
 
 def _uid(value: str) -> bytes:

@@ -43,7 +43,7 @@ from dicomproxy.config.settings import DicomSettings
 from dicomproxy.dicom import negotiation, presentation
 from dicomproxy.dicom.audit import DicomAudit
 from dicomproxy.dicom.forwarder import Destination, ForwardTarget
-from dicomproxy.dicom.negotiation import Mirror, NegotiationCache, Results
+from dicomproxy.dicom.negotiation import NegotiationCache, Results
 from dicomproxy.dicom.policy import AssociationPolicy, Operation, Refusal
 from dicomproxy.dicom.qr.service import QueryRetrieve
 from dicomproxy.dicom.relay import RelayScp, Reporter
@@ -53,8 +53,10 @@ from dicomproxy.dicom.storage_scp import StorageScp
 from dicomproxy.dicom.store import StoreService
 from dicomproxy.dicom.transcode import NO_TRANSCODING, Transcoding
 from dicomproxy.dicom.ul import pdu as pdus
+from dicomproxy.dicom.ul import requestor
 from dicomproxy.dicom.ul.acceptor import Limits, Pending, Slot
 from dicomproxy.dicom.ul.errors import AssociationRejected, UpperLayerError
+from dicomproxy.dicom.ul.requestor import Opened
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +156,7 @@ class Dispatcher:
         only_default = self.store.router.only_default(session.calling, session.called)
         if only_default and pacs.mode in RELAY_MODES and not (pacs.mode == "RelayOrSpool" and pacs.destination.down):
             mirror = await self._mirror(pending, titles, contexts)
-            if isinstance(mirror, Mirror):
+            if isinstance(mirror, Opened):
                 results = negotiation.results_for(rq.contexts, mirror.ac, allowed, contexts)
                 pacs.cache.put(key, results)
                 via = negotiation.transcoded(rq.contexts, mirror.ac, contexts) if allowed else {}
@@ -179,7 +181,7 @@ class Dispatcher:
 
     async def _mirror(
         self, pending: Pending, titles: tuple[str, str], contexts: list[pdus.ProposedContext]
-    ) -> Mirror | tuple[int, int, int] | None:
+    ) -> Opened | tuple[int, int, int] | None:
         """The association with the PACS; a rejection to pass on; None when it cannot be reached."""
         assert self.pacs is not None
         if not contexts:
@@ -187,15 +189,19 @@ class Dispatcher:
         target = self.pacs.target
         rq = pdus.associate_rq(titles[1], titles[0], contexts, self.limits.max_pdu)
         try:
-            return await negotiation.request(target.host, target.port, rq, timeout=target.connect_timeout,
-                                             artim=self.limits.artim, tls=target.tls)
+            mirror = await requestor.open_association(target.host, target.port, rq, timeout=target.connect_timeout,
+                                                      artim=self.limits.artim, tls=target.tls)
+            target.reported(None)
+            return mirror
         except AssociationRejected as e:
+            target.reported(e)
             if e.result == 1:
                 log.info("association from %s (%s:%d) rejected by the PACS: %s", pending.request.calling,
                          pending.ip, pending.port, e)
                 return e.result, e.source, e.reason
             return None
         except UpperLayerError as e:
+            target.reported(e)
             self.pacs.destination.unreachable(str(e))
             log.warning("association from %s: the PACS cannot be reached (%s)", pending.request.calling, e)
             return None
@@ -208,11 +214,11 @@ class Dispatcher:
         to pass on, else None."""
         assert self.pacs is not None
         mirror = await self._mirror(pending, titles, contexts)
-        if not isinstance(mirror, Mirror):
+        if not isinstance(mirror, Opened):
             return mirror
         self.pacs.cache.put(key, negotiation.results_for(pending.request.contexts, mirror.ac,
                                                          self.pacs.transcoding.allowed, contexts))
-        task = asyncio.get_running_loop().create_task(negotiation.release(mirror))
+        task = asyncio.get_running_loop().create_task(requestor.release(mirror))
         self.pacs.background.add(task)
         task.add_done_callback(self.pacs.background.discard)
         return None
@@ -230,7 +236,7 @@ class Dispatcher:
         await self._start(pending, session, scp, len(accepted))
 
     async def _relay(
-        self, pending: Pending, session: AssocSession, mirror: Mirror, results: Results,
+        self, pending: Pending, session: AssocSession, mirror: Opened, results: Results,
         transcoded: dict[int, tuple[int, str]],
     ) -> None:
         assert self.pacs is not None

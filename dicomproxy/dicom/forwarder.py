@@ -129,6 +129,13 @@ class ForwardTarget:
     def candidates(self) -> list[ForwardTarget]:
         return self.members() if self.members is not None else [self]
     transcoding: Transcoding = NO_TRANSCODING  # Dicom:Transcode
+    report: Callable[[str, UpperLayerError | None], None] | None = None
+    """How an association with a member went, by its ``name`` (:meth:`.destinations.Destinations.report`:
+    the registry's passive ejection)."""
+
+    def reported(self, error: UpperLayerError | None) -> None:
+        if self.report is not None:
+            self.report(self.name, error)
 
     def describe(self) -> str:
         if self.members is not None:
@@ -212,13 +219,16 @@ class _DimseLane:
                     timeout=peer.connect_timeout, tls=peer.tls,
                 )
             except AssociationRejected as e:
+                peer.reported(e)
                 if e.result == 1:  # permanent: these AE titles (this modality) are not welcome
                     raise RetryLater(f"{e} (calling AE {titles[0]}, called AE {titles[1]})") from None
                 unreachable.append(f"{peer.describe()}: {e}")
                 continue
             except UpperLayerError as e:
+                peer.reported(e)
                 unreachable.append(f"{peer.describe()}: {e}")
                 continue
+            peer.reported(None)
             self.titles, self.peer = titles, peer
             return self.assoc
         raise Unreachable("; ".join(unreachable))

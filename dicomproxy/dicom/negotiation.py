@@ -15,37 +15,23 @@ negotiation, as it would be if the modality talked to the PACS directly.
   the storage side takes any storage SOP class in any transfer syntax it can read
   (:func:`.presentation.negotiate`).
 
-The request is made on the event loop with a non-blocking socket (``loop.sock_*``), so that the
-socket can be handed to the association's thread afterwards (:class:`Mirror`). With
-``Dicom:Upstream:Tls`` that socket is an :class:`ssl.SSLSocket` (the client handshake and its
-I/O in :mod:`.ul.tls`): the relay's thread reads and writes it blocking, like a plain one.
+The request is made by :func:`.ul.requestor.open_association` (the one way every outbound
+association is opened): a non-blocking socket on the event loop, which the relay hands to the
+association's thread afterwards (:class:`.ul.requestor.Opened`). With ``Dicom:Upstream:Tls`` that socket is an
+:class:`ssl.SSLSocket`: the relay's thread reads and writes it blocking, like a plain one.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import socket
-import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from dicomproxy.dicom import presentation
 from dicomproxy.dicom.presentation import ABSTRACT_SYNTAX_NOT_SUPPORTED, ALL_TRANSFER_SYNTAXES, UNCOMPRESSED
 from dicomproxy.dicom.transcode import decodable
 from dicomproxy.dicom.ul import pdu as pdus
-from dicomproxy.dicom.ul import tls as dicom_tls
-from dicomproxy.dicom.ul.association import (
-    AssociateAccepted,
-    AssociateRejected,
-    Association,
-    ReleaseConfirmed,
-    Role,
-)
-from dicomproxy.dicom.ul.errors import AssociationRejected, UpperLayerError
-from dicomproxy.dicom.ul.pdu import HEADER_SIZE, InvalidPdu, ProposedContext
+from dicomproxy.dicom.ul.pdu import ProposedContext
 
 Results = list[tuple[int, int, str]]
 """``(context id, result, transfer syntax)`` per proposed context (as :func:`.pdu.associate_ac` takes)."""
@@ -127,124 +113,6 @@ def transcoded(
         if cx.abstract_syntax in plain and any(decodable(t) for t in cx.transfer_syntaxes):
             out[cx.context_id] = plain[cx.abstract_syntax]
     return out
-
-
-@dataclass
-class Mirror:
-    """An association established with the PACS on a non-blocking socket (Sta6), not yet used."""
-
-    core: Association
-    sock: socket.socket
-    ac: pdus.A_ASSOCIATE_AC
-    label: str
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.close()
-
-
-async def request(
-    host: str, port: int, rq: pdus.A_ASSOCIATE_RQ, *, timeout: float, artim: float = 30.0,
-    tls: ssl.SSLContext | None = None,
-) -> Mirror:
-    """Open an association with ``rq`` (over TLS with ``tls``, a context of
-    :func:`.ul.tls.client_context`); raise :class:`AssociationRejected` or another
-    :class:`UpperLayerError` (cannot connect, TLS refused, no answer within ``timeout``, aborted)."""
-    loop = asyncio.get_running_loop()
-    label = f"{rq.called_ae_title.strip()}@{host}:{port}"
-    core = Association(Role.REQUESTOR, artim=artim, max_pdu=0)
-    core.request_association(rq, loop.time())
-    sock: socket.socket | None = None
-    try:
-        async with asyncio.timeout(timeout):
-            info = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            family, kind, proto, _, address = info[0]
-            sock = socket.socket(family, kind, proto)
-            sock.setblocking(False)
-            await loop.sock_connect(sock, address)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if tls is not None:
-                sock = await dicom_tls.client_handshake(tls, sock, host, loop.time() + timeout)
-            core.connection_confirmed(loop.time())
-            for data in core.outgoing():
-                await dicom_tls.sendall(loop, sock, data)
-            answer = await _answer(loop, core, sock)
-    except dicom_tls.HandshakeRefused as e:  # the socket is closed
-        raise UpperLayerError(f"TLS handshake with {label} failed: {e.reason} (Dicom:Upstream:Tls, TlsCa, "
-                              "TlsCertificate)") from None
-    except ssl.SSLError as e:  # TLS 1.3: the PACS judges the client certificate after the handshake
-        _close(sock)
-        reason = str(e.reason or e).replace("_", " ").lower()
-        raise UpperLayerError(f"cannot connect to {label} over TLS: it ended the connection with {reason!r} "
-                              "(does it trust the gateway's client certificate?)") from None
-    except TimeoutError:
-        _close(sock)
-        raise UpperLayerError(f"{label} did not answer the association request within {timeout:g} s") from None
-    except OSError as e:
-        _close(sock)
-        raise UpperLayerError(f"cannot connect to {label}: {e}") from None
-    assert sock is not None
-    if isinstance(answer, AssociateAccepted):
-        return Mirror(core, sock, answer.pdu, label)
-    _close(sock)
-    if isinstance(answer, AssociateRejected):
-        raise AssociationRejected(label, answer.result, answer.source, answer.reason)
-    raise UpperLayerError(f"{label} aborted the association request")
-
-
-async def _answer(loop: asyncio.AbstractEventLoop, core: Association, sock: socket.socket) -> object:
-    while True:
-        header = await _recv(loop, sock, HEADER_SIZE)
-        if header is None:
-            return core.connection_closed(loop.time())
-        pdu_type, length = pdus.parse_header(header)
-        try:
-            core.check_header(pdu_type, length)
-        except InvalidPdu as e:
-            return core.invalid(e, loop.time())
-        body = await _recv(loop, sock, length)
-        if body is None:
-            return core.connection_closed(loop.time())
-        indication = core.receive(pdu_type, header + body, loop.time())
-        for data in core.outgoing():
-            await dicom_tls.sendall(loop, sock, data)
-        if indication is not None or core.closed:
-            return indication
-
-
-async def _recv(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes | None:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = await dicom_tls.recv_into(loop, sock, view[got:])
-        if k == 0:
-            return None
-        got += k
-    return bytes(buf)
-
-
-async def release(mirror: Mirror, timeout: float = 2.0) -> None:
-    """A-RELEASE a mirror that is not needed (a probe); closes the socket whatever happens."""
-    loop = asyncio.get_running_loop()
-    try:
-        async with asyncio.timeout(timeout):
-            mirror.core.release(loop.time())
-            for data in mirror.core.outgoing():
-                await dicom_tls.sendall(loop, mirror.sock, data)
-            while not mirror.core.closed:
-                if isinstance(await _answer(loop, mirror.core, mirror.sock), ReleaseConfirmed):
-                    break
-    except (TimeoutError, OSError, Exception):
-        pass
-    finally:
-        mirror.close()
-
-
-def _close(sock: socket.socket | None) -> None:
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.close()
 
 
 # --------------------------------------------------------------------------- the cache

@@ -222,7 +222,7 @@ def choose(
                               "gateway can transcode to")
         raise NotAccepted(
             f"{peer} does not accept {UID(transfer_syntax).name} for {UID(sop_class).name}; "
-            "compressed data is not transcoded with Dicom:Transcode Never (ToAccepted would)"
+            f"compressed data is not transcoded with {transcoding.key} Never (ToAccepted would)"
         )
     for alt in UNCOMPRESSED:
         if (sop_class, alt) in accepted:

@@ -43,7 +43,6 @@ from typing import Any
 
 from dicomproxy.dicom import datasets, dimse
 from dicomproxy.dicom.dimse import Command, MessageAssembler
-from dicomproxy.dicom.negotiation import Mirror
 from dicomproxy.dicom.session import AssocSession, LuaBridge
 from dicomproxy.dicom.spool import SPILL_BYTES, DatasetTooLarge, Spool, SpoolWriter
 from dicomproxy.dicom.storage_scp import serve
@@ -59,6 +58,7 @@ from dicomproxy.dicom.ul.association import (
     ReleaseConfirmed,
     ReleaseRequested,
 )
+from dicomproxy.dicom.ul.requestor import Opened
 from dicomproxy.dicom.ul.transport import IdleTimeout, SocketAssociation
 
 log = logging.getLogger(__name__)
@@ -111,14 +111,16 @@ class _Incoming:
 
 Reporter = Callable[[AssocSession, Command, str, int, Callable[[], bytes | None], float], None]
 """``(session, request, transfer syntax, PACS status, the data set if it was kept, seconds since
-the request arrived)``: the PACS answered a relayed C-STORE."""
+the request arrived)``: the PACS answered a relayed C-STORE, and the modality has had that answer.
+Called after the answer is sent, so that metrics, audit and hooks are not on the modality's path
+(storescu waits for each answer before sending the next instance)."""
 
 
 class RelayScp:
     """One relayed storage association; :meth:`run` serves it until it ends (its own thread)."""
 
     def __init__(
-        self, core: Association, sock: socket.socket, ac: pdus.A_ASSOCIATE_AC, mirror: Mirror, session: AssocSession,
+        self, core: Association, sock: socket.socket, ac: pdus.A_ASSOCIATE_AC, mirror: Opened, session: AssocSession,
         bridge: LuaBridge, store: StoreService, spool: Spool, accepted: dict[int, str], abstract_of: dict[int, str],
         *, fallback: bool, idle: float, timeout: float, max_dataset: int, report: Reporter,
         on_end: Callable[[RelayScp], None], transcoded: dict[int, tuple[int, str]] | None = None,
@@ -380,11 +382,11 @@ class RelayScp:
                 self._respond(context_id, command, STATUS_OUT_OF_RESOURCES, "PACS connection lost; send it again")
             return
         status = answer.status()
+        seconds = time.perf_counter() - incoming.started
+        self._respond(context_id, command, status.status, status.comment)  # the modality first: bookkeeping after
         kept = incoming.kept
         self.report(self.session, command, self.accepted[context_id], status.status,
-                    (lambda: edited) if edited is not None else (lambda: _joined(kept)),
-                    time.perf_counter() - incoming.started)
-        self._respond(context_id, command, status.status, status.comment)
+                    (lambda: edited) if edited is not None else (lambda: _joined(kept)), seconds)
 
     def _scripted(self, incoming: _Incoming) -> None:
         command, context_id = incoming.command, incoming.context_id

@@ -91,6 +91,20 @@ def _bad(name: str, most: int) -> Response:
     return JSONResponse({"error": f"{name} must be a whole number from 0 to {most}"}, status_code=400)
 
 
+MAX_OFFSET = 1 << 31
+
+
+def _paging(request: Request, default_limit: int) -> tuple[int, int] | Response:
+    """``(limit, offset)`` from the query, or the 400 that names the bad one."""
+    limit = _number(request, "limit", default_limit, MAX_LIMIT)
+    if limit is None:
+        return _bad("limit", MAX_LIMIT)
+    offset = _number(request, "offset", 0, MAX_OFFSET)
+    if offset is None:
+        return _bad("offset", MAX_OFFSET)
+    return limit, offset
+
+
 def build_spool_api(
     spool: Spool, snapshot: Callable[[int], list[dict[str, Any]]], enqueue: Callable[[SpoolEntry], None],
     audit: AuditTrail | None = None,
@@ -104,23 +118,19 @@ def build_spool_api(
         return JSONResponse({"depth": spool.depth, "failed": spool.failed_count, "destinations": snapshot(limit)})
 
     async def failed(request: Request) -> Response:
-        limit = _number(request, "limit", 100, MAX_LIMIT)
-        offset = _number(request, "offset", 0, 1 << 31)
-        if limit is None:
-            return _bad("limit", MAX_LIMIT)
-        if offset is None:
-            return _bad("offset", 1 << 31)
+        paging = _paging(request, 100)
+        if isinstance(paging, Response):
+            return paging
+        limit, offset = paging
         study = request.query_params.get("study")
         total, items = await asyncio.to_thread(spool.failed_list, offset, limit, study)
         return JSONResponse({"total": total, "offset": offset, "items": items})
 
     async def failed_studies(request: Request) -> Response:
-        limit = _number(request, "limit", 50, MAX_LIMIT)
-        offset = _number(request, "offset", 0, 1 << 31)
-        if limit is None:
-            return _bad("limit", MAX_LIMIT)
-        if offset is None:
-            return _bad("offset", 1 << 31)
+        paging = _paging(request, 50)
+        if isinstance(paging, Response):
+            return paging
+        limit, offset = paging
         studies, instances, groups = await asyncio.to_thread(spool.failed_studies, offset, limit)
         return JSONResponse({"studies": studies, "instances": instances, "offset": offset, "limit": limit,
                              "groups": groups})

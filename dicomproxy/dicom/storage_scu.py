@@ -4,7 +4,8 @@ C-STORE and C-ECHO requests, one operation at a time, on the upper layer of :mod
 
 Data sets are sent exactly as they are (spooled or on disk), never decoded: from memory, or
 read from a file in 1 MiB pieces while they are sent (:class:`FileDataset`), so a 300 MB
-instance never sits in memory whole. TCP_NODELAY is on (asyncio's default).
+instance never sits in memory whole. The association is opened by :func:`.ul.requestor.open_association`
+(TCP_NODELAY on), like the relay's.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from typing import Any
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID
 
+from dicomproxy.config.model import INHERIT
 from dicomproxy.dicom import datasets
 
 log = logging.getLogger(__name__)
@@ -134,15 +135,28 @@ class Transcoding:
     """What ``Dicom:Transcode`` allows, and the log line and metric of each transcode (an engine
     object: built by the DICOM component with the gateway's metrics, or alone by a command)."""
 
-    def __init__(self, allowed: bool, max_bytes: int, counter: Any = None) -> None:
+    def __init__(self, allowed: bool, max_bytes: int, counter: Any = None, key: str = "Dicom:Transcode") -> None:
         self.allowed = allowed
         self.max_bytes = max_bytes
+        self.key = key  # the setting that decided, named in a refusal (the fix)
         self.counter = counter  # dicomproxy_dicom_transcoded_total{from_syntax, to_syntax, result}
 
     @classmethod
     def of(cls, settings: Any, counter: Any = None) -> Transcoding:
         """From :class:`.config.model.DicomSettings`."""
         return cls(settings.transcode == TO_ACCEPTED, settings.transcode_max_mb << 20, counter)
+
+    def for_ae(self, ae: Any) -> Transcoding:
+        """This (the global ``Dicom:Transcode``) with a destination's own ``Transcode`` and
+        ``TranscodeMaxMB`` (a ``Dicom:Modalities`` entry, ``Dicom:Upstream``, an ``Upstreams:Servers``
+        entry's ``Dicom``) where set; ``ae`` None or without them: this one. The counter is shared."""
+        mode = getattr(ae, "transcode", INHERIT) if ae is not None else INHERIT
+        max_mb = getattr(ae, "transcode_max_mb", 0) if ae is not None else 0
+        if mode == INHERIT and not max_mb:
+            return self
+        key = self.key if mode == INHERIT else "the destination's own Transcode (its Dicom:Modalities entry or Dicom)"
+        return Transcoding(self.allowed if mode == INHERIT else mode == TO_ACCEPTED,
+                           max_mb << 20 if max_mb else self.max_bytes, self.counter, key)
 
     def run(self, data: bytes, from_syntax: str, to_syntax: str, what: str) -> bytes:
         """:func:`transcode`, logged and counted; ``what`` names the instance and destination."""

@@ -45,6 +45,7 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from dicomproxy.http import federated
@@ -251,7 +252,9 @@ class ReverseProxy:
             nonlocal watcher
             watcher = loop.create_task(watch_disconnect())
 
-        received = loop.time()
+        # perf_counter, not loop.time(): uvloop's is libuv's uv_now, cached per loop turn in whole
+        # milliseconds, so a sub-millisecond answer measured 0.0 (the sum of five fast ones was 0).
+        received = perf_counter()
         timer = loop.call_later(WATCH_AFTER, start_watching)
         response: Exchange | None = None
         served: _Served | None = None
@@ -293,7 +296,7 @@ class ReverseProxy:
                 await send({"type": "http.response.start", "status": response.status, "headers": answer,
                             "upstream": member.name})
                 self._count(member, response.status, f"{response.status // 100}xx")
-            self._status_class(response.status).observe(loop.time() - received)
+            self._status_class(response.status).observe(perf_counter() - received)
             if rewriter is not None and method != b"HEAD":  # a HEAD's rewriter only gave it GET's headers
                 rewritten = await _send_rewritten(response, rewriter, send, encoder)
                 finished = True

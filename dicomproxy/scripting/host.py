@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -38,7 +39,14 @@ from dicomproxy.commands import Commands
 from dicomproxy.config.settings import ENV_PREFIX, Settings
 from dicomproxy.notify.events import EventBus
 from dicomproxy.scripting import exports
-from dicomproxy.scripting.shared import SHARED_DICT_LUA, MemoryStore, SharedDictExports, SharedStore
+from dicomproxy.scripting.shared import (
+    SHARED_DICT_LUA,
+    AsyncSharedDictExports,
+    AsyncSharedStore,
+    MemoryStore,
+    SharedDictExports,
+    SharedStore,
+)
 from dicomproxy.tasks import Queue
 from dicomproxy.uids import new_uid
 
@@ -50,11 +58,12 @@ class ScriptHost:
     def __init__(
         self, settings: Settings, *, bus: EventBus, tasks: Queue, commands: Commands,
         audit: AuditTrail | None = None, on_call: Callable[[str, float], None] | None = None,
-        shared: SharedStore | None = None,
+        shared: SharedStore | AsyncSharedStore | None = None,
     ) -> None:
         """``on_call(callback, seconds)``: the duration of every Lua callback, in every engine.
         ``shared``: the ``SharedDict`` backend (default: in this process's memory; several
-        workers: :class:`~dicomproxy.scripting.shared_lmdb.LmdbStore`)."""
+        workers: :class:`~dicomproxy.scripting.shared_lmdb.LmdbStore`; replicas:
+        :class:`~dicomproxy.scripting.shared_redis.RedisStore`, whose calls are awaited exports)."""
         self.settings = settings
         self.audit = audit
         self.bus = bus
@@ -92,15 +101,19 @@ class ScriptHost:
         self.add_export("LuaBackgroundWorker", exports.background_worker(tasks, lua.scripts_root))
         self.add_export("InternalCmdRun", commands.run, is_async=True)
         self.add_export("NewUid", functools.partial(new_uid, settings.dicom.uid_root))
-        self.shared: SharedStore = shared or MemoryStore(lua.shared_dict_max_keys, int(lua.shared_dict_max_mb * MiB))
-        self._bind_shared_dict(SharedDictExports(self.shared))
+        self.shared = shared or MemoryStore(lua.shared_dict_max_keys, int(lua.shared_dict_max_mb * MiB))
+        if inspect.iscoroutinefunction(self.shared.get):
+            self._bind_shared_dict(AsyncSharedDictExports(self.shared), is_async=True)  # type: ignore[arg-type]
+        else:
+            self._bind_shared_dict(SharedDictExports(self.shared))  # type: ignore[arg-type]
         tasks.register("lua", self._run_task)
 
     # ------------------------------------------------------------------ setup
-    def _bind_shared_dict(self, shared: SharedDictExports) -> None:
-        """``SharedDict`` in every engine: private exports and the Lua table of methods over them."""
+    def _bind_shared_dict(self, shared: SharedDictExports | AsyncSharedDictExports, is_async: bool = False) -> None:
+        """``SharedDict`` in every engine: private exports and the Lua table of methods over them
+        (awaited exports over Redis, as ``RestApiGet`` and ``HttpGet`` are: the engine yields)."""
         for name in ("get", "set", "add", "incr", "delete", "keys"):
-            export = Export(getattr(shared, name), label=f"SharedDict:{name}")
+            export = Export(getattr(shared, name), is_async=is_async, label=f"SharedDict:{name}")
             self.scripts.add_export(f"_Shared{name.capitalize()}", export)
         self.add_lua(SHARED_DICT_LUA, "SharedDict")
 

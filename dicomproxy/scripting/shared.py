@@ -3,14 +3,14 @@ instances"), modelled on OpenResty's ``ngx.shared.DICT``.
 
 Every engine type (singleton, transient, background) sees the same store through the
 ``SharedDict`` global: ``get``, ``set``, ``add``, ``incr``, ``delete``, ``keys`` (see the README's
-"SharedDict"). Each call is one synchronous export, so it is atomic: all Lua runs on the event
-loop's thread, and a call never awaits.
+"SharedDict"). In memory or LMDB each call is one synchronous export, so it is atomic: all Lua
+runs on the event loop's thread, and such a call never awaits.
 
-The store is behind :class:`SharedStore`, a small synchronous protocol. :class:`MemoryStore` is
-the one backend today: one process, in memory. A shared-memory backend (several workers on one
-host) implements the same protocol; a Redis one (several replicas) would implement it over a
-client whose calls are awaited, and be bound as awaited exports instead: the Lua API stays the
-same (scripts cannot tell an awaited export from another).
+The store is behind :class:`SharedStore`, a small synchronous protocol. :class:`MemoryStore`:
+one process, in memory; ``shared_lmdb.LmdbStore``: several workers on one host. Replicas share
+``shared_redis.RedisStore`` (``Cluster:Redis``), an :class:`AsyncSharedStore` (the same calls,
+awaited) bound as awaited exports by :class:`AsyncSharedDictExports`: the Lua API stays the
+same (scripts cannot tell an awaited export from another), and each call is atomic in Redis.
 
 Values are strings, numbers, booleans or JSON-able tables (stored as JSON text, so a table is a
 copy, never shared between engines). Bounds (``Lua:SharedDictMaxKeys``, ``Lua:SharedDictMaxMB``,
@@ -247,6 +247,24 @@ def _number(value: Any, what: str) -> int | float:
     return value
 
 
+def _check_limit(limit: Any) -> int:
+    if limit is None:
+        return 1024
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise LuaExportError("keys(max): max is a whole number >= 0 (0: every key)")
+    return limit
+
+
+def _check_add(value: Any) -> Any:
+    if value is None:
+        raise LuaExportError("add needs a value (nil: use delete)")
+    return value
+
+
+def _check_incr(delta: Any, init: Any) -> tuple[int | float, int | float | None]:
+    return _number(1 if delta is None else delta, "delta"), None if init is None else _number(init, "init")
+
+
 class SharedDictExports:
     """The private exports behind the Lua ``SharedDict`` table (:data:`SHARED_DICT_LUA`)."""
 
@@ -260,24 +278,61 @@ class SharedDictExports:
         return self.store.set(_check_key(key), value, _check_ttl(ttl))
 
     def add(self, key: Any = None, value: Any = None, ttl: Any = None) -> tuple[Any, ...]:
-        if value is None:
-            raise LuaExportError("add needs a value (nil: use delete)")
-        return self.store.add(_check_key(key), value, _check_ttl(ttl))
+        return self.store.add(_check_key(key), _check_add(value), _check_ttl(ttl))
 
     def incr(self, key: Any = None, delta: Any = 1, init: Any = None, ttl: Any = None) -> tuple[Any, ...]:
-        delta = _number(1 if delta is None else delta, "delta")
-        init = None if init is None else _number(init, "init")
+        delta, init = _check_incr(delta, init)
         return self.store.incr(_check_key(key), delta, init, _check_ttl(ttl))
 
     def delete(self, key: Any = None) -> None:
         self.store.delete(_check_key(key))
 
     def keys(self, limit: Any = None) -> list[str]:
-        if limit is None:
-            limit = 1024
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-            raise LuaExportError("keys(max): max is a whole number >= 0 (0: every key)")
-        return self.store.keys(limit)
+        return self.store.keys(_check_limit(limit))
+
+
+class AsyncSharedStore(Protocol):
+    """:class:`SharedStore` for a backend over the network (Redis): the same calls, awaited."""
+
+    async def get(self, key: str) -> Value | None: ...
+
+    async def set(self, key: str, value: Value | None, ttl: float) -> tuple[bool, str | None, bool]: ...
+
+    async def add(self, key: str, value: Value, ttl: float) -> tuple[bool, str | None, bool]: ...
+
+    async def incr(self, key: str, delta: int | float, init: int | float | None,
+                   ttl: float) -> tuple[Any, str | None]: ...
+
+    async def delete(self, key: str) -> None: ...
+
+    async def keys(self, limit: int) -> list[str]: ...
+
+
+class AsyncSharedDictExports:
+    """:class:`SharedDictExports` over an :class:`AsyncSharedStore`, bound as awaited exports:
+    the engine yields while the store answers (the Lua API is the same)."""
+
+    def __init__(self, store: AsyncSharedStore) -> None:
+        self.store = store
+
+    async def get(self, key: Any = None) -> Any:
+        return await self.store.get(_check_key(key))
+
+    async def set(self, key: Any = None, value: Any = None, ttl: Any = None) -> tuple[Any, ...]:
+        return await self.store.set(_check_key(key), value, _check_ttl(ttl))
+
+    async def add(self, key: Any = None, value: Any = None, ttl: Any = None) -> tuple[Any, ...]:
+        return await self.store.add(_check_key(key), _check_add(value), _check_ttl(ttl))
+
+    async def incr(self, key: Any = None, delta: Any = 1, init: Any = None, ttl: Any = None) -> tuple[Any, ...]:
+        delta, init = _check_incr(delta, init)
+        return await self.store.incr(_check_key(key), delta, init, _check_ttl(ttl))
+
+    async def delete(self, key: Any = None) -> None:
+        await self.store.delete(_check_key(key))
+
+    async def keys(self, limit: Any = None) -> list[str]:
+        return await self.store.keys(_check_limit(limit))
 
 
 # The Lua side: a table of methods over the private exports (``SharedDict:get(k)``; a call with

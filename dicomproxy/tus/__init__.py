@@ -30,6 +30,7 @@ from dicomproxy.tus.protocol import TusApp
 from dicomproxy.tus.redislock import RedisLockManager
 from dicomproxy.tus.s3app import S3TusApp
 from dicomproxy.tus.s3copy import S3Copy
+from dicomproxy.tus.s3expiry import S3ExpirySweeper
 from dicomproxy.tus.s3store import is_valid_s3_id, split_id
 from dicomproxy.tus.store import Upload, is_valid_id
 
@@ -60,9 +61,13 @@ class TusFeature:
         self.gateway = gateway
         self.settings = gateway.settings.tus
         self.app: TusApp = self._app(gateway)
-        self.sweeper = ExpirySweeper(
-            self.app.store, self.app.locks, self.settings.expire_after, self.settings.sweep_interval
-        )
+        self.sweeper: ExpirySweeper | S3ExpirySweeper
+        if isinstance(self.app, S3TusApp):
+            self.sweeper = S3ExpirySweeper(self.app, self.settings.expire_after, self.settings.sweep_interval)
+        else:
+            self.sweeper = ExpirySweeper(
+                self.app.store, self.app.locks, self.settings.expire_after, self.settings.sweep_interval
+            )
         up = gateway.settings.upstream
         self.stow_url = gateway.upstream.url(f"{up.dicomweb_root}/studies")  # no user:password@ (logged)
         zip_limits = ZipLimits(self.settings.zip_max_expanded, self.settings.zip_max_ratio,
@@ -92,8 +97,9 @@ class TusFeature:
     # -- component -------------------------------------------------------------------------
     async def start(self) -> None:
         await self.app.startup(recover=self.gateway.worker.owner)
-        # Server:Workers: one sweep for the folder every worker shares; a bucket expires uploads by a lifecycle rule
-        if self.gateway.worker.owner and not isinstance(self.app, S3TusApp):
+        # Server:Workers: one sweep per host (the folder every worker shares); with S3, each host's
+        # sweeper takes the cluster-wide sweep lock per round, so one replica sweeps the bucket at a time
+        if self.gateway.worker.owner:
             await self.sweeper.start()
 
     async def stop(self) -> None:

@@ -12,7 +12,10 @@ An upload is what tusd's s3store makes of it, so tusd reads our uploads and we r
 * the offset is the sum of the parts' sizes (``ListParts``) plus the ``.part`` object's size;
   once the multipart upload is completed (``ListParts`` answers ``NoSuchUpload``) it is the
   size. Nothing is cached between requests: the bucket is the truth, so any replica serves any
-  upload (the lock of :mod:`.redislock` keeps two replicas from writing one upload at once).
+  upload (the lock of :mod:`.redislock` keeps two replicas from writing one upload at once);
+* the last activity (what ``Upload-Expires`` counts from, as the file store's newer mtime of
+  its two files) is the newest ``LastModified`` of the ``.info`` object, the parts and the
+  ``.part`` object: every stored chunk moves one of them.
 
 Client library: ``aiobotocore`` (botocore's maintained asyncio port, on aiohttp): every S3
 call is awaited on the event loop. ``boto3`` would need a thread per call (a thread hop per
@@ -27,6 +30,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from aiobotocore.config import AioConfig
@@ -77,10 +81,16 @@ class S3State:
     parts: list[Part] = field(default_factory=list)
     incomplete_size: int = 0
     completed: bool = False  # the multipart upload is completed (or aborted)
+    last_activity: float = 0.0  # epoch seconds: the newest LastModified of .info, parts, .part
 
 
 def _code(e: ClientError) -> str:
     return str(e.response.get("Error", {}).get("Code", ""))
+
+
+def _epoch(value: Any) -> float:
+    """botocore's ``LastModified`` (a datetime) as epoch seconds (0 when absent)."""
+    return value.timestamp() if isinstance(value, datetime) else 0.0
 
 
 class S3Store:
@@ -123,9 +133,10 @@ class S3Store:
         return self.prefix + object_id + PART_SUFFIX
 
     # -- lifecycle -------------------------------------------------------------------------
-    async def create(self, upload: Upload) -> Upload:
-        """Start the multipart upload and write the ``.info`` object (tusd's ``NewUpload``)."""
-        object_id = new_id()
+    async def create(self, upload: Upload, object_id: str | None = None) -> Upload:
+        """Start the multipart upload and write the ``.info`` object (tusd's ``NewUpload``);
+        ``object_id`` is one the caller drew (and reserved quota for) beforehand."""
+        object_id = object_id or new_id()
         extra: dict[str, Any] = {}
         if upload.metadata.get("filetype"):
             extra["ContentType"] = upload.metadata["filetype"]
@@ -143,9 +154,19 @@ class S3Store:
                                      ContentType="application/json")
 
     async def read_info(self, upload_id: str) -> dict[str, Any]:
+        return (await self._info(upload_id))[0]
+
+    async def _info(self, upload_id: str) -> tuple[dict[str, Any], float]:
+        """The ``.info`` JSON object and its LastModified (epoch seconds)."""
         object_id, _ = split_id(upload_id)
+        info, modified = await self._get_info(self.info_key(object_id))
+        if info.get("ID") != upload_id:
+            raise errors.NOT_FOUND  # another multipart id for this object: not this upload
+        return info, modified
+
+    async def _get_info(self, key: str) -> tuple[dict[str, Any], float]:
         try:
-            res = await self.client.get_object(Bucket=self.bucket, Key=self.info_key(object_id))
+            res = await self.client.get_object(Bucket=self.bucket, Key=key)
             async with res["Body"] as stream:
                 raw = await stream.read()
         except ClientError as e:
@@ -153,56 +174,88 @@ class S3Store:
                 raise errors.NOT_FOUND from None
             raise
         info = json.loads(raw)
-        if not isinstance(info, dict) or info.get("ID") != upload_id:
-            raise errors.NOT_FOUND  # another multipart id for this object: not this upload
-        return info
+        if not isinstance(info, dict):
+            raise errors.NOT_FOUND
+        return info, _epoch(res.get("LastModified"))
+
+    async def upload_ids(self) -> list[str]:
+        """The ids of every upload under the prefix (each ``.info`` object's ``ID``; for the sweep)."""
+        out: list[str] = []
+        paginator = self.client.get_paginator("list_objects_v2")
+        async for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
+            for obj in page.get("Contents", ()):
+                key = str(obj["Key"])
+                if not key.endswith(INFO_SUFFIX) or "/" in key[len(self.prefix):]:
+                    continue
+                try:
+                    info, _ = await self._get_info(key)
+                except (errors.TusError, ValueError):
+                    continue  # deleted meanwhile, or not a tusd .info
+                upload_id = info.get("ID")
+                if isinstance(upload_id, str) and is_valid_s3_id(upload_id):
+                    out.append(upload_id)
+        return out
 
     async def owner(self, upload_id: str) -> str | None:
         return owner_of(await self.read_info(upload_id))
 
     async def state(self, upload_id: str) -> S3State:
         """The upload with its offset computed from the bucket (tusd's ``fetchInfo``)."""
-        raw = await self.read_info(upload_id)
+        raw, info_modified = await self._info(upload_id)
         meta = raw.get("MetaData") or {}
         storage = raw.get("Storage")
+        partials = raw.get("PartialUploads")
         upload = Upload(
             id=upload_id, size=int(raw.get("Size") or 0), size_is_deferred=bool(raw.get("SizeIsDeferred")),
             metadata={str(k): "" if v is None else str(v) for k, v in meta.items()},
             is_partial=bool(raw.get("IsPartial")), is_final=bool(raw.get("IsFinal")),
+            partial_uploads=[str(p) for p in partials] if isinstance(partials, list) else None,
             storage=storage if isinstance(storage, dict) else None, owner=owner_of(raw))
-        state = S3State(upload)
+        state = S3State(upload, last_activity=info_modified)
         try:
-            state.parts = await self._list_parts(upload_id)
+            state.parts = await self._list_parts(upload_id, state)
         except ClientError as e:
             if _code(e) not in _GONE:
                 raise
             state.completed = True
             upload.offset = upload.size
             return state
-        state.incomplete_size = await self._head_size(self.part_key(split_id(upload_id)[0]))
+        state.incomplete_size, part_modified = await self._head(self.part_key(split_id(upload_id)[0]))
+        state.last_activity = max(state.last_activity, part_modified)
         upload.offset = state.incomplete_size + sum(p.size for p in state.parts)
         return state
 
-    async def _list_parts(self, upload_id: str) -> list[Part]:
+    async def _list_parts(self, upload_id: str, state: S3State | None = None) -> list[Part]:
         object_id, multipart_id = split_id(upload_id)
         parts: list[Part] = []
         marker = 0
         while True:
             res = await self.client.list_parts(Bucket=self.bucket, Key=self.key(object_id), UploadId=multipart_id,
                                                PartNumberMarker=marker)
-            parts.extend(Part(int(p["PartNumber"]), str(p["ETag"]), int(p["Size"])) for p in res.get("Parts", ()))
+            for p in res.get("Parts", ()):
+                parts.append(Part(int(p["PartNumber"]), str(p["ETag"]), int(p["Size"])))
+                if state is not None:
+                    state.last_activity = max(state.last_activity, _epoch(p.get("LastModified")))
             if not res.get("IsTruncated"):
                 return sorted(parts, key=lambda p: p.number)
             marker = int(res["NextPartNumberMarker"])
 
+    async def object_modified(self, upload_id: str) -> float:
+        """The finished object's LastModified (epoch seconds; 0 if there is none)."""
+        return (await self._head(self.key(split_id(upload_id)[0])))[1]
+
     async def _head_size(self, key: str) -> int:
+        return (await self._head(key))[0]
+
+    async def _head(self, key: str) -> tuple[int, float]:
+        """The object's size and LastModified; (0, 0) when there is none."""
         try:
             res = await self.client.head_object(Bucket=self.bucket, Key=key)
         except ClientError as e:
             if _code(e) in _GONE:
-                return 0
+                return 0, 0.0
             raise
-        return int(res["ContentLength"])
+        return int(res["ContentLength"]), _epoch(res.get("LastModified"))
 
     # -- completions not yet handed over ---------------------------------------------------
     def pending_key(self, object_id: str) -> str:
@@ -241,6 +294,15 @@ class S3Store:
                                             PartNumber=number, Body=body)
         return Part(number, str(res["ETag"]), len(body))
 
+    async def copy_part(self, upload_id: str, number: int, source_id: str, size: int) -> Part:
+        """``UploadPartCopy``: the finished object of ``source_id`` becomes part ``number`` (the
+        bucket copies it; tusd's ``concatUsingMultipart``)."""
+        object_id, multipart_id = split_id(upload_id)
+        source = {"Bucket": self.bucket, "Key": self.key(split_id(source_id)[0])}
+        res = await self.client.upload_part_copy(Bucket=self.bucket, Key=self.key(object_id), UploadId=multipart_id,
+                                                 PartNumber=number, CopySource=source)
+        return Part(number, str(res["CopyPartResult"]["ETag"]), size)
+
     async def get_incomplete(self, upload_id: str) -> bytes:
         object_id, _ = split_id(upload_id)
         res = await self.client.get_object(Bucket=self.bucket, Key=self.part_key(object_id))
@@ -275,8 +337,8 @@ class S3Store:
                     self.pending_key(object_id)):
             await self.client.delete_object(Bucket=self.bucket, Key=key)
 
-    async def read(self, upload_id: str, piece: int = 1 << 20) -> AsyncIterator[bytes]:
-        """The finished object, streamed in pieces of about ``piece`` bytes."""
+    async def open_object(self, upload_id: str) -> Any:
+        """The finished object's body stream (aiobotocore's ``StreamingBody``; close it after use)."""
         object_id, _ = split_id(upload_id)
         try:
             res = await self.client.get_object(Bucket=self.bucket, Key=self.key(object_id))
@@ -284,7 +346,11 @@ class S3Store:
             if _code(e) in _GONE:
                 raise errors.NOT_FOUND from None
             raise
-        async with res["Body"] as stream:
+        return res["Body"]
+
+    async def read(self, upload_id: str, piece: int = 1 << 20) -> AsyncIterator[bytes]:
+        """The finished object, streamed in pieces of about ``piece`` bytes."""
+        async with await self.open_object(upload_id) as stream:
             while True:
                 chunk = await stream.read(piece)
                 if not chunk:

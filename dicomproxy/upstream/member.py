@@ -5,7 +5,7 @@ States and transitions (``HealthCheck`` settings of the server):
 
 * ``healthy`` -> ``ejected``: ``Failures`` consecutive failures, counted from active checks and
   from traffic alike (a proxied request that could not connect, or got a 5xx from the upstream
-  itself);
+  itself; an association with its DICOM side that failed, :meth:`.dicom.destinations.Destinations.report`);
 * ``ejected`` -> ``healthy``: ``Successes`` consecutive good active checks. A server without any
   active check (no ``Path``, no ``Echo``, and ``default``) cannot be checked, so it is tried again
   ``IntervalSeconds`` after its ejection (half-open): one good answer brings it back, one more

@@ -3,6 +3,7 @@ pynetdicom's DIMSE messages send, and message assembly from PDVs."""
 
 from __future__ import annotations
 
+import struct
 from io import BytesIO
 from typing import Any
 
@@ -139,3 +140,22 @@ def test_assembly_protocol_errors(pdvs: list[tuple[int, int, bytes]], match: str
     assembler = MessageAssembler({1: None, 3: None}, Collect())
     with pytest.raises(DimseError, match=match):
         assembler.feed(_pdu(*pdvs))
+
+
+def test_a_command_set_with_dcmtk_status_detail_keeps_it_and_passes_it_on() -> None:
+    """Orthanc 1.10's C-GET-RSP 0xC000 carries (0008,0058) Failed SOP Instance UID List inside the
+    command set (DCMTK's status detail): decoded, kept apart from group 0000, re-encoded after it."""
+    from dicomproxy.dicom.qr import messages
+    from dicomproxy.dicom.qr.retrieve import failed_uids
+
+    uid = b"1.2.3.4\0"
+    detail = (struct.pack("<HHI", 8, 0, 4) + struct.pack("<I", 8 + len(uid))
+              + struct.pack("<HHI", 8, 0x58, len(uid)) + uid)
+    raw = dimse.encode_command([(dimse.COMMAND_FIELD, dimse.us(0x8010)), (dimse.STATUS, dimse.us(0xC000)),
+                                (messages.FAILED, dimse.us(1))], detail)
+    command = dimse.decode_command(raw)
+    assert command.status().status == 0xC000 and command.detail == detail
+    assert failed_uids(command, None, "1.2.840.10008.1.2") == ["1.2.3.4"]
+    again = dimse.decode_command(messages.response(command, 7, replace=[(dimse.ERROR_COMMENT, b"why ")]))
+    assert again.detail == detail and again.us(dimse.MESSAGE_ID_RESPONDED) == 7
+    assert again.text(dimse.ERROR_COMMENT) == "why"

@@ -16,7 +16,7 @@ from dicomproxy.dicom import negotiation
 from dicomproxy.dicom.negotiation import NegotiationCache
 from dicomproxy.dicom.presentation import ABSTRACT_SYNTAX_NOT_SUPPORTED, ACCEPTANCE, TRANSFER_SYNTAXES_NOT_SUPPORTED
 from dicomproxy.dicom.ul import pdu as pdus
-from dicomproxy.dicom.ul import tls
+from dicomproxy.dicom.ul import requestor, tls
 from dicomproxy.dicom.ul.errors import UpperLayerError
 from dicomproxy.dicom.ul.pdu import ProposedContext
 from tests.dicom.stack import dicom_stack
@@ -152,21 +152,21 @@ async def test_the_mirror_over_tls_is_an_ssl_socket_the_relay_can_take(
     tmp_path: Path, tls_pki: dict[str, Any]
 ) -> None:
     async with dicom_stack(tmp_path, tls=tls.server_context(server_settings(tmp_path, tls_pki).tls)) as stack:
-        mirror = await negotiation.request("127.0.0.1", stack.port, _rq(), timeout=5, tls=client(tls_pki))
+        mirror = await requestor.open_association("127.0.0.1", stack.port, _rq(), timeout=5, tls=client(tls_pki))
         try:
             assert isinstance(mirror.sock, ssl.SSLSocket)
             assert negotiation.results_for(_rq_contexts(), mirror.ac) == [(1, ACCEPTANCE, ExplicitVRLittleEndian)]
         finally:
-            await negotiation.release(mirror)
+            await requestor.release(mirror)
         assert mirror.sock.fileno() == -1  # released and closed
         with pytest.raises(UpperLayerError):  # a plain request to the TLS port: no DICOM answer
-            await negotiation.request("127.0.0.1", stack.port, _rq(), timeout=5)
+            await requestor.open_association("127.0.0.1", stack.port, _rq(), timeout=5)
 
 
 async def test_a_tls_refusal_names_the_reason_and_the_keys(tmp_path: Path, tls_pki: dict[str, Any]) -> None:
     async with dicom_stack(tmp_path, tls=tls.server_context(server_settings(tmp_path, tls_pki).tls)) as stack:
         with pytest.raises(UpperLayerError, match="over TLS.*client certificate"):  # TLS 1.3: judged after
-            await negotiation.request("127.0.0.1", stack.port, _rq(), timeout=5, tls=client(tls_pki, "stranger"))
+            await requestor.open_association("127.0.0.1", stack.port, _rq(), timeout=5, tls=client(tls_pki, "stranger"))
         tls_pki["ca"] = TestCa.create(tmp_path / "third", "Third CA")  # the server's CA is not trusted
         with pytest.raises(UpperLayerError, match="TLS handshake with GW@127.0.0.1.*failed.*Dicom:Upstream:Tls"):
-            await negotiation.request("127.0.0.1", stack.port, _rq(), timeout=5, tls=client(tls_pki))
+            await requestor.open_association("127.0.0.1", stack.port, _rq(), timeout=5, tls=client(tls_pki))

@@ -13,6 +13,7 @@ from dicomproxy.dicom import datasets
 from dicomproxy.dicom.destinations import Destinations, UnknownDestination
 from dicomproxy.dicom.routing import Router, parse_tag
 from dicomproxy.dicom.spool import Spool
+from dicomproxy.dicom.ul.errors import AssociationRejected, UpperLayerError
 from dicomproxy.upstream.registry import Registry
 from dicomproxy.upstream.upstream import Upstream
 from tests import dicom_samples
@@ -107,6 +108,29 @@ def test_with_the_registry_a_group_is_ordered_by_health_and_its_mode() -> None:
     firsts = [d.peers("rr")[0].name for _ in range(6)]
     assert firsts.count("b") == 4 and firsts.count("a") == 2  # Weight 2, the registry's balancer
     assert [p.name for p in d.peers("a")] == ["a"] and d.peers("ws")[0].ae.aet == "WS"  # no group: as before
+
+
+def test_failed_associations_eject_a_member_but_a_rejection_of_its_titles_does_not() -> None:
+    """:meth:`Destinations.report`: refused connections and transient rejections count as the
+    member's failures (passive ejection), an accepted association ends them, a permanent
+    rejection of the AE titles (PS3.8 source 1, reason 3) is the PACS answering and does not."""
+    config = settings(HealthCheck={"Echo": True, "Failures": 2})
+    registry = Registry(config, Upstream(config.upstream))
+    d = Destinations(config, registry)
+    a = registry.servers["a"]
+    titles = AssociationRejected("A@h:1", 1, 1, 3)
+    for _ in range(3):
+        d.report("a", titles)
+    assert a.health.failures_in_a_row == 0 and [p.name for p in d.peers("fo")] == ["a", "b"]
+    d.report("a", UpperLayerError("cannot connect to A@h:1: connection refused"))
+    d.report("a", None)  # accepted: the failures in a row end
+    d.report("a", AssociationRejected("A@h:1", 2, 3, 2))  # transient, local limit exceeded
+    assert a.health.state.value == "healthy"
+    d.report("a", UpperLayerError("cannot connect to A@h:1: timed out"))
+    assert a.health.state.value == "ejected" and a.health.last_error == "DICOM: cannot connect to A@h:1: timed out"
+    assert [p.name for p in d.peers("fo")] == ["b", "a"]
+    d.report("ws", UpperLayerError("x"))  # a Dicom:Modalities entry: no registry member, nothing
+    Destinations(config).report("a", UpperLayerError("x"))  # no registry: nothing
 
 
 def _put(spool: Spool, destinations: tuple[str, ...]) -> object:

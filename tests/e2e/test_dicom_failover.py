@@ -95,3 +95,53 @@ def test_a_failover_group_takes_a_burst_while_the_primary_is_down_and_gets_it_ba
     wait_until(lambda: gateway.get("/dicomproxy/spool").json()["depth"] == 0, timeout=30,
                what="the spool emptied (every instance delivered once)")
     assert gateway.get("/dicomproxy/spool").json()["failed"] == 0
+
+
+def server_health(gateway: GatewayProcess, name: str) -> dict[str, Any]:
+    return dict(gateway.get("/dicomproxy/health").json()["upstreams"]["servers"][name])
+
+
+def findscu(gateway: GatewayProcess, patient: str) -> Any:
+    return run_dcmtk("findscu", "-S", "-v", "-aet", "FINDSCU", "-aec", gateway.aet, "-k", "QueryRetrieveLevel=STUDY",
+                     "-k", f"PatientID={patient}", "-k", "StudyInstanceUID", LOOPBACK, str(gateway.dicom_port))
+
+
+def test_a_member_whose_dicom_side_is_down_is_ejected_by_failed_associations(
+    orthanc_factory: Any, gateway_factory: Any, tmp_path: Path
+) -> None:
+    """Two Orthancs in a Failover group, the first with its DICOM port closed (``DicomServerEnabled``
+    false) and its HTTP side up, no active health check: the first C-FIND through the gateway
+    finds the first member's port refused, that failed association ejects it (``Failures`` 1), and
+    the next C-FIND and a burst of C-STOREs routed to the group go to the second member without
+    trying the first again (its error count stays at the one refused association)."""
+    down = orthanc_factory(aet="DICOMDOWN", extra_config={"DicomServerEnabled": False})
+    up = orthanc_factory(aet="DICOMUP")
+    first = burst(tmp_path / "seed", 1, "s")
+    up.upload(first[0])
+    check = {"Failures": 1, "IntervalSeconds": 600}  # no Path, no Echo: only traffic judges them
+    gateway = gateway_factory({
+        "Upstreams": {
+            "Servers": {name: {"Url": s.http_url, "Dicom": {"Aet": s.aet, "Port": s.dicom_port}, "HealthCheck": check}
+                        for name, s in (("down", down), ("up", up))},
+            "Groups": {"archive": {"Members": ["down", "up"], "Mode": "Failover"}},
+        },
+        "Dicom": {"StoreMode": "StoreAndForward", "QueryUpstream": "archive",
+                  "Routes": [{"Destinations": ["archive"]}]},
+    }, orthanc=up)
+    assert server_health(gateway, "down")["healthy"]  # its HTTP side answers; nothing judged it yet
+
+    res = findscu(gateway, "PFAIL")
+    assert "Find Response: 1 (Pending)" in res.stdout + res.stderr, res.stdout + res.stderr
+    health = server_health(gateway, "down")
+    assert health["state"] == "ejected" and health["errors"] == 1, health
+    assert "DICOM" in health["lastError"] and "DICOMDOWN" not in str(health.get("url")), health
+    gateway.wait_for_log("upstream down (")  # the registry's ejection line
+
+    res = findscu(gateway, "PFAIL")
+    assert "Find Response: 1 (Pending)" in res.stdout + res.stderr, res.stdout + res.stderr
+    more = burst(tmp_path / "more", 5, "m")
+    storescu(gateway, more)
+    wait_until(lambda: uids(more) <= up.sop_instance_uids(), timeout=30, what="the burst in the live member")
+    assert server_health(gateway, "down")["errors"] == 1  # not tried again: routing skips the ejected member
+    assert gateway.log_text().count("trying the next member") == 1
+    assert server_health(gateway, "up")["healthy"]

@@ -231,3 +231,52 @@ def test_cget_to_a_requester_that_takes_only_uncompressed(
     else:
         assert not files, res.stdout + res.stderr
         assert "transcoded" not in gateway.log_text()
+
+
+def _getscu(port: int, aec: str, study: str, out: Path) -> Any:
+    out.mkdir()
+    return run_dcmtk("getscu", "-S", "-d", "-aet", "GETSCU", "-aec", aec, "-k", "QueryRetrieveLevel=STUDY",
+                     "-k", f"StudyInstanceUID={study}", "-od", out, LOOPBACK, str(port), check=False)
+
+
+def _final_report(text: str) -> list[str]:
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if "Final status report" in line)
+    return [line.rsplit(":", 1)[1].strip() for line in lines[start + 1: start + 5]]
+
+
+def _get_response(text: str) -> list[str]:
+    """The final C-GET-RSP as getscu -d prints it (status, counts, error comment, status detail)."""
+    lines = text.splitlines()
+    start = max(i for i, line in enumerate(lines) if "Message Type                  : C-GET RSP" in line)
+    return lines[start:lines.index("E: DIMSE status is: Failed: UnableToProcess")]
+
+
+def test_never_cget_of_a_syntax_the_requester_did_not_propose_answers_as_orthanc_direct(
+    gateway_factory: Any, fresh_orthanc: OrthancServer, tmp_path: Path
+) -> None:
+    """Orthanc 1.10 cannot decode JPEG 2000 for a requester that proposed only uncompressed
+    syntaxes: it sends no sub-operation and answers the C-GET 0xC000, one failed, with the failed
+    instance in a (0008,0058) it puts in the command set (DCMTK's "status detail"). The gateway
+    used to abort on that command set ("malformed message"); through it (``Dicom:Transcode``
+    ``Never``) the requester now gets the same answer as direct plus an Error Comment naming the
+    syntax, and the log names it with the SOP class and the setting that would take it."""
+    path = jpeg2000(tmp_path)
+    fresh_orthanc.upload(path.read_bytes())
+    src = pydicom.dcmread(path)
+    gateway: GatewayProcess = gateway_factory()
+    direct = _getscu(fresh_orthanc.dicom_port, fresh_orthanc.aet, src.StudyInstanceUID, tmp_path / "direct")
+    via = _getscu(gateway.dicom_port, gateway.aet, src.StudyInstanceUID, tmp_path / "via")
+    direct_text, via_text = direct.stdout + direct.stderr, via.stdout + via.stderr
+    assert _final_report(via_text) == _final_report(direct_text) == ["0", "0", "1", "0"], via_text
+    got, want = _get_response(via_text), _get_response(direct_text)
+    comment = "D: (0000,0902) LO [JPEG 2000 Image Compression (Lossless Only) not accepted] #  56, 1 ErrorComment"
+    assert comment in got, got
+    assert [line for line in got if line != comment] == want  # status 0xC000, counts, the failed UID list
+    assert any(f"(0008,0058) UI [{src.SOPInstanceUID}]" in line for line in got), got
+    assert not list((tmp_path / "via").iterdir())
+    log = gateway.log_text()
+    assert "malformed" not in log, log
+    assert (f"the PACS did not send {src.SOPInstanceUID}: it holds it in JPEG 2000 Image Compression (Lossless "
+            "Only) (1.2.840.10008.1.2.4.90) for CT Image Storage, a transfer syntax the requester did not propose; "
+            "the gateway does not decode it with Dicom:Transcode Never (ToAccepted would)") in log, log

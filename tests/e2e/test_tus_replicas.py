@@ -1,8 +1,13 @@
-"""Two gateway replicas sharing uploads: Tus:Store s3 (SeaweedFS) and Cluster:Redis (redis-server).
+"""Gateway replicas sharing uploads: Tus:Store s3 (SeaweedFS) and Cluster:Redis (redis-server).
 
 Every PATCH of one upload may land on either replica; a replica killed with -9 in the middle of
 a PATCH leaves an upload the other resumes; a request on one replica makes the holder on the
 other let go. The bytes are checked in the bucket (tusd's s3store layout) and in Orthanc.
+
+The deployment example (docs/deploy/compose) runs here as it is written: three replicas with its
+appsettings.Cluster.json (hosts swapped for loopback peers) and lua/main.lua, behind Debian's nginx
+with its nginx.conf (tests/peers.py ``nginx_conf_on_loopback``); tuspy and tus-js-client upload
+through it, and an SSE client on one replica sees what another raised.
 """
 
 from __future__ import annotations
@@ -10,18 +15,24 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 import requests
+import yaml
 from tusclient import client as tus_client
 
 from tests.peers import (
+    DEPLOY_NGINX_CONF,
+    REPO_ROOT,
     GatewayProcess,
     NginxBalancer,
     OrthancServer,
@@ -90,16 +101,16 @@ def _import_tasks(*gateways: GatewayProcess) -> list[dict[str, Any]]:
 
 
 def _check_stored_once(orthanc: OrthancServer, seaweed: SeaweedServer, url: str, payload: bytes, pid: str,
-                       a: GatewayProcess, b: GatewayProcess) -> None:
+                       *gateways: GatewayProcess) -> None:
     oid = _object_id(url)
     info = json.loads(seaweed.get(f"tus/{oid}.info"))
     assert info["ID"] == urlsplit(url).path.rsplit("/", 1)[-1] and info["Storage"]["Type"] == "s3store"
     ids = wait_until(lambda: _imported(orthanc, pid), timeout=60, what="the upload imported into Orthanc")
     assert len(ids) == 1
     assert orthanc.rest_get(f"/instances/{ids[0]}/file") == payload  # byte-identical in the PACS
-    done = wait_until(lambda: [t for t in _import_tasks(a, b) if t["state"] == "done"], timeout=30,
+    done = wait_until(lambda: [t for t in _import_tasks(*gateways) if t["state"] == "done"], timeout=30,
                       what="the import task done")
-    assert len(_import_tasks(a, b)) == 1 and len(done) == 1  # imported once, by one replica
+    assert len(_import_tasks(*gateways)) == 1 and len(done) == 1  # imported once, by one replica
 
 
 def test_tuspy_patches_alternate_between_replicas(tmp_path: Path, replicas: tuple[GatewayProcess, GatewayProcess],
@@ -348,7 +359,7 @@ def test_a_large_patch_holds_about_one_part_in_memory(tmp_path: Path, single: Ga
     print(f"gateway CPU for it: {_cpu_seconds(single) - cpu_before:.2f} s")
     options = requests.options(single.url + "/files/", headers=TUS, timeout=10)
     assert options.headers["Tus-Max-Size"] == str(5 * MIB * 10_000)  # 10 000 parts of Tus:S3:PartSizeMB
-    assert "checksum" not in options.headers["Tus-Extension"]
+    assert "checksum" in options.headers["Tus-Extension"].split(",")
     too_big = requests.post(single.url + "/files/", headers={**TUS, "Upload-Length": str(5 * MIB * 10_000 + 1)},
                             timeout=10)
     assert too_big.status_code == 413
@@ -382,3 +393,210 @@ def test_a_completion_a_crash_interrupted_runs_on_the_next_replica_that_starts(
     assert f"tus: upload {upload} finished without its completion handed over" in b.log_text()
     wait_until(lambda: f"tus/{oid}.pending" not in seaweed.keys(), timeout=10, what="the marker cleared by B")
     assert len(_import_tasks(a, b)) == 1
+
+
+# --------------------------------------------------------------------------- docs/deploy/compose, on loopback
+EXAMPLE = REPO_ROOT / "docs" / "deploy" / "compose"
+REPLICAS = ("gateway1", "gateway2", "gateway3")
+
+
+class Stack:
+    """The compose example's three replicas (by name) behind its nginx.conf."""
+
+    def __init__(self, gateways: dict[str, GatewayProcess], lb: NginxBalancer) -> None:
+        self.gateways, self.lb = gateways, lb
+        self.by_port = {str(g.http_port): name for name, g in gateways.items()}
+
+    def served(self, method: str, path: str) -> list[str]:
+        """Which replica served each ``method path`` request, in order, from nginx's access log
+        (the example's log format writes ``upstream=ADDR``)."""
+        names = []
+        for line in self.lb.access_log():
+            if f'"{method} {path} ' in line:
+                upstream = line.split("upstream=", 1)[1].split()[0]
+                names.append(self.by_port[upstream.rsplit(":", 1)[1]])
+        return names
+
+    def served_all(self, method: str, path: str, count: int) -> list[str]:
+        """``served`` once nginx has logged ``count`` of them (it logs a request after its answer)."""
+        return wait_until(lambda: len(names := self.served(method, path)) >= count and names, timeout=10,
+                          what=f"{count} {method} requests in nginx's access log")
+
+
+def _example_settings(tmp_path: Path, redis_server: RedisServer, seaweed: SeaweedServer) -> dict[str, Any]:
+    """docs/deploy/compose/appsettings.Cluster.json with its peers on loopback: Redis (no password
+    here), the SeaweedFS bucket (its secret from a file, as in the example). The PACS, the listeners
+    and the shutdown deadline stay the test defaults (the example's 5 s drain would slow teardown).
+    KeepAfterImport: the object stays in the bucket, to be compared after the import."""
+    example = json.loads((EXAMPLE / "appsettings.Cluster.json").read_text())
+    secret = tmp_path / "s3-secret-key"
+    secret.write_text("test\n")
+    cluster = {k: v for k, v in example["Cluster"].items() if k != "RedisPasswordFile"}
+    s3 = {**example["Tus"]["S3"], "Endpoint": seaweed.endpoint, "Bucket": seaweed.bucket, "SecretKeyFile": str(secret)}
+    return {"Cluster": {**cluster, "Redis": redis_server.url}, "Lua": example["Lua"],
+            "Tus": {**example["Tus"], "S3": s3, "KeepAfterImport": True}}
+
+
+@pytest.fixture
+def stack(tmp_path: Path, gateway_factory: Callable[..., GatewayProcess], redis_server: RedisServer,
+          seaweed: SeaweedServer) -> Iterator[Stack]:
+    settings = _example_settings(tmp_path, redis_server, seaweed)
+    main = (EXAMPLE / "lua" / "main.lua").read_text()
+    gateways = {name: gateway_factory({**settings, "ExtraConfig": {"Replica": name}}, {"main.lua": main},
+                                      register_modality=None, start=False)
+                for name in REPLICAS}
+    with ThreadPoolExecutor(len(gateways)) as pool:  # together: ~4 s instead of ~11 s one after the other
+        list(pool.map(lambda g: g.start(), gateways.values()))
+    lb = NginxBalancer(tmp_path / "nginx", [g.http_port for g in gateways.values()], example=DEPLOY_NGINX_CONF).start()
+    try:
+        yield Stack(gateways, lb)
+    finally:
+        lb.stop()
+
+
+def test_the_example_tuspy_patches_land_on_three_replicas_behind_its_nginx(
+        tmp_path: Path, stack: Stack, seaweed: SeaweedServer, orthanc: OrthancServer, dicom_samples: Any) -> None:
+    ready = requests.get(stack.lb.url + "/dicomproxy/health/ready", timeout=10)
+    assert ready.status_code == 200 and ready.json() == {"status": "ready"}
+    # the compose healthcheck (what nginx's depends_on waits for) passes against a replica as written
+    check = yaml.safe_load((EXAMPLE / "docker-compose.yml").read_text())["services"]["gateway1"]["healthcheck"]
+    cmd = [sys.executable, *check["test"][2:]]
+    cmd[-1] = cmd[-1].replace("http://127.0.0.1:8080", stack.gateways["gateway1"].url)
+    assert subprocess.run(cmd, capture_output=True, timeout=30).returncode == 0
+    pid = "DEPLOYPY-" + uuid.uuid4().hex[:8]
+    path = _dicom(tmp_path, dicom_samples, pid, 1800)  # ~6.2 MiB: 1 MiB PATCHes, S3 parts of 8 MiB
+    payload = path.read_bytes()
+    uploader = tus_client.TusClient(stack.lb.url + "/files/").uploader(str(path), chunk_size=MIB,
+                                                                     metadata={"filename": path.name})
+    uploader.set_url(uploader.create_url())
+    assert urlsplit(uploader.url).port == stack.lb.port  # the Location names the balancer
+    said = []
+    while uploader.offset < len(payload):
+        uploader.upload_chunk()
+        said.append(uploader.request.response_headers["x-served-by"])  # lua/main.lua's onHttpResponse
+    upload_path = urlsplit(uploader.url).path
+    logged = stack.served_all("PATCH", upload_path, len(said))
+    assert logged == said and len(said) >= 6  # nginx and the replicas agree on who served each PATCH
+    assert set(said) == set(REPLICAS), said  # round robin: every replica took some
+    assert seaweed.get(f"tus/{_object_id(uploader.url)}") == payload  # byte-identical in S3
+    _check_stored_once(orthanc, seaweed, uploader.url, payload, pid, *stack.gateways.values())
+
+
+TUS_JS_THROUGH = """
+const tus = require('tus-js-client'); const fs = require('fs');
+const [endpoint, file] = process.argv.slice(1);
+const data = fs.readFileSync(file);
+const up = new tus.Upload(data, {endpoint, chunkSize: 1024 * 1024, metadata: {filename: 'js.dcm'},
+  uploadSize: data.length,
+  onAfterResponse: (req, res) => {
+    if (req.getMethod() === 'PATCH') console.log('PATCH ' + res.getHeader('X-Served-By')); },
+  onError: e => { console.error(String(e)); process.exit(1); },
+  onSuccess: () => { console.log('URL ' + up.url); process.exit(0); }});
+up.start();
+"""
+
+
+def test_the_example_tus_js_client_upload_is_shared_by_the_replicas_and_imported_once(
+        tmp_path: Path, stack: Stack, seaweed: SeaweedServer, orthanc: OrthancServer, dicom_samples: Any) -> None:
+    pid = "DEPLOYJS-" + uuid.uuid4().hex[:8]
+    path = _dicom(tmp_path, dicom_samples, pid, 1500)  # ~4.3 MiB: five PATCHes
+    payload = path.read_bytes()
+    out = run_node(TUS_JS_THROUGH, stack.lb.url + "/files/", str(path), timeout=60).stdout.split("\n")
+    url = next(line[4:] for line in out if line.startswith("URL "))
+    said = [line[6:] for line in out if line.startswith("PATCH ")]
+    assert urlsplit(url).port == stack.lb.port
+    assert stack.served_all("PATCH", urlsplit(url).path, len(said)) == said and len(said) == 5
+    assert len(set(said)) >= 2, said
+    assert seaweed.get(f"tus/{_object_id(url)}") == payload
+    _check_stored_once(orthanc, seaweed, url, payload, pid, *stack.gateways.values())
+
+
+def test_an_sse_client_through_the_example_nginx_sees_what_another_replica_raised(
+        tmp_path: Path, stack: Stack, dicom_samples: Any) -> None:
+    stream = requests.get(stack.lb.url + "/dicomproxy/notifications/stream", stream=True, timeout=30)
+    try:
+        assert stream.status_code == 200 and stream.headers["Content-Type"].startswith("text/event-stream")
+        listener = stream.headers["X-Served-By"]  # the replica nginx gave the stream to
+        assert stack.gateways[listener].metric("dicomproxy_notification_streams") == 1
+        raiser = next(name for name in REPLICAS if name != listener)
+        lines = stream.iter_lines(decode_unicode=True)
+
+        def first_upload_event() -> dict[str, Any]:
+            for line in lines:
+                if line.startswith("data: ") and (event := json.loads(line[6:]))["title"] == "Upload received":
+                    return dict(event)
+            raise AssertionError("the stream ended")
+
+        with ThreadPoolExecutor(1) as pool:
+            seen = pool.submit(first_upload_event)
+            # a small upload straight to another replica: its onTusFileComplete (lua/main.lua) raises it
+            path = _dicom(tmp_path, dicom_samples, "DEPLOYSSE-" + uuid.uuid4().hex[:8], 64)
+            tus_client.TusClient(stack.gateways[raiser].url + "/files/").uploader(
+                str(path), chunk_size=MIB, metadata={"filename": path.name}).upload()
+            event = seen.result(timeout=20)
+        assert event["kind"] == "script" and event["body"].endswith(f" on {raiser}")
+        assert event["body"].startswith(path.name)
+    finally:
+        stream.close()
+
+
+def test_a_large_checksummed_patch_holds_about_one_part_in_memory(tmp_path: Path, single: GatewayProcess,
+                                                                  seaweed: SeaweedServer) -> None:
+    """Staged in an anonymous local file, then replayed into parts: RSS grows by about one part, as
+    an unchecked PATCH; the cost is the local write and read back, measured against one here."""
+    import base64
+    import hashlib
+
+    size = 48 * MIB
+    path = tmp_path / "sum.bin"
+    with open(path, "wb") as f:
+        for _ in range(size // MIB):
+            f.write(os.urandom(MIB))
+    digest = base64.b64encode(hashlib.sha256(path.read_bytes()).digest()).decode()
+    warm = _create(single, 6 * MIB, "warm.bin")  # the first PATCH opens the S3 connections: not measured
+    assert requests.patch(_on(single, warm), data=os.urandom(6 * MIB), timeout=60, headers={
+        **TUS, "Upload-Offset": "0", "Content-Type": "application/offset+octet-stream"}).status_code == 204
+    seconds = {}
+    for checked in (True, False):  # checksummed first: VmHWM is a high-water mark
+        url = _create(single, size, "sum.bin")
+        peak_before = _peak_rss(single)
+        cpu_before = _cpu_seconds(single)
+        extra = {"Upload-Checksum": f"sha256 {digest}"} if checked else {}
+        t0 = time.monotonic()
+        with open(path, "rb") as body:
+            r = requests.patch(_on(single, url), data=body, timeout=300, headers={
+                **TUS, "Upload-Offset": "0", "Content-Type": "application/offset+octet-stream",
+                "Content-Length": str(size), **extra})
+        seconds[checked] = (time.monotonic() - t0, _cpu_seconds(single) - cpu_before)
+        assert r.status_code == 204 and r.headers["Upload-Offset"] == str(size), r.text
+        growth = _peak_rss(single) - peak_before
+        print(f"{'checksummed' if checked else 'unchecked'} {size >> 20} MiB PATCH: peak RSS growth "
+              f"{growth / MIB:.1f} MiB, {seconds[checked][0]:.2f} s wall, {seconds[checked][1]:.2f} s CPU")
+        assert growth < 40 * MIB, growth  # a PATCH kept in memory until verified would add 48 MiB or more
+        assert _parts(seaweed, url, prefix="one/") == 0
+        assert seaweed.get("one/" + _object_id(url)) == path.read_bytes()
+    print(f"checksummed / unchecked: wall x{seconds[True][0] / seconds[False][0]:.2f}, "
+          f"CPU x{seconds[True][1] / max(seconds[False][1], 0.01):.2f}")
+
+
+def test_two_replicas_sweep_an_expired_upload_once(gateway_factory: Callable[..., GatewayProcess],
+                                                   redis_server: RedisServer, seaweed: SeaweedServer) -> None:
+    settings = {
+        "Cluster": {"Redis": redis_server.url, "LockLeaseSeconds": 2},
+        "Tus": {"Store": "s3", "ExpireAfter": "00:00:02", "SweepIntervalSeconds": 0.3,
+                "S3": {"Bucket": seaweed.bucket, "Prefix": "tus", "Endpoint": seaweed.endpoint,
+                       "AccessKey": "test", "SecretKey": "test", "PartSizeMB": 5}},
+    }
+    a, b = gateway_factory(settings), gateway_factory(settings)
+    url = _create(a, 10 * MIB, "stale.bin")
+    r = requests.patch(_on(b, url), data=b"s" * 1000, timeout=30, headers={
+        **TUS, "Upload-Offset": "0", "Content-Type": "application/offset+octet-stream"})
+    assert r.status_code == 204 and r.headers["Upload-Expires"].endswith(" GMT")
+    oid = _object_id(url)
+    assert f"tus/{oid}.part" in seaweed.keys()
+    wait_until(lambda: not [k for k in seaweed.keys() if oid in k], timeout=20, what="the sweep to remove the upload")
+    assert _parts(seaweed, url) == 0  # the multipart upload is aborted (NoSuchUpload)
+    removed = f"tus: expired upload {urlsplit(url).path.rsplit('/', 1)[-1]} removed from S3"
+    wait_until(lambda: removed in a.log_text() + b.log_text(), timeout=10, what="the sweep's log line")
+    assert (a.log_text() + b.log_text()).count(removed) == 1  # one replica swept it
+    assert requests.head(_on(a, url), headers=TUS, timeout=10).status_code == 404

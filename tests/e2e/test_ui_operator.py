@@ -96,13 +96,17 @@ class Traffic:
         self._stop.set()
         self._thread.join(30)
 
+    def one(self, session: requests.Session) -> int:
+        """One request; its status. A subclass sends another kind."""
+        path = "/system" if self.sent % 10 else "/no-such-route"  # some 404s too
+        return session.get(self.url + path, timeout=10).status_code
+
     def _run(self) -> None:
         with requests.Session() as s:
             s.auth = self.auth
             started = time.monotonic()
             while self.sent < self.total and not self._stop.is_set():
-                path = "/system" if self.sent % 10 else "/no-such-route"  # some 404s too
-                status = s.get(self.url + path, timeout=10).status_code
+                status = self.one(s)
                 self.statuses[status] = self.statuses.get(status, 0) + 1
                 self.sent += 1
                 ahead = started + self.sent / self.rate - time.monotonic()

@@ -20,8 +20,6 @@ Screenshots go to ``build/artifacts/ui/`` (``DICOMPROXY_ARTIFACTS``), committed 
 from __future__ import annotations
 
 import json
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,7 @@ import requests
 
 from tests import dicom_samples
 from tests.e2e.test_ui import browser as browser  # noqa: F401  (the module's Chromium fixture)
-from tests.e2e.test_ui_operator import artifact, open_page
+from tests.e2e.test_ui_operator import Traffic, artifact, open_page
 from tests.peers import LOOPBACK, GatewayProcess, OrthancServer, run_dcmtk, wait_until
 
 ADMIN, ADMIN_PW = "root", "adm1n-pw"
@@ -246,36 +244,17 @@ def test_a_failed_task_shows_its_error_and_log_and_is_re_run_from_the_page(
     assert alerts[0]["outcome"] == 0 and f"run again by {ADMIN}" in alerts[0]["description"]
 
 
-class Uploads:
+class Uploads(Traffic):
     """A bounded load: at most ``total`` proxied POSTs of ``size`` bytes to Orthanc's /tools/find,
     ``rate`` a second, from one thread."""
 
     def __init__(self, url: str, auth: tuple[str, str], total: int = 400, rate: float = 25.0,
                  size: int = 20_000) -> None:
-        self.url, self.auth, self.total, self.rate = url, auth, total, rate
+        super().__init__(url, auth, total, rate)
         self.body = json.dumps({"Level": "Study", "Query": {"PatientID": "x" * size}}).encode()
-        self.sent = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> Uploads:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(30)
-
-    def _run(self) -> None:
-        with requests.Session() as s:
-            s.auth = self.auth
-            started = time.monotonic()
-            while self.sent < self.total and not self._stop.is_set():
-                s.post(self.url + "/tools/find", data=self.body, timeout=10)
-                self.sent += 1
-                ahead = started + self.sent / self.rate - time.monotonic()
-                if ahead > 0:
-                    self._stop.wait(ahead)
+    def one(self, session: requests.Session) -> int:
+        return session.post(self.url + "/tools/find", data=self.body, timeout=10).status_code
 
 
 def test_the_bytes_graph_moves_under_proxied_traffic(admin_page: Any, gateway: GatewayProcess) -> None:

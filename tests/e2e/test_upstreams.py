@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from tests.dicom_samples import make_instance
 from tests.peers import GatewayProcess, OrthancServer, free_port, wait_until
@@ -124,13 +125,32 @@ def test_least_connections_prefers_the_idle_member(routed: Callable[..., Gateway
     assert {served_by(gw) for _ in range(5)} == {"a"}
 
 
-def wado_loop(gw: GatewayProcess, stop: threading.Event, log: list[tuple[float, int, int, str]]) -> None:
-    """WADO-RS downloads of STUDY_ALL, one after the other: (time, status, bytes, who answered)."""
+def wado_loop(gw: GatewayProcess, stop: threading.Event, log: list[tuple[float, int, int, str]],
+              parts: list[int] | None = None) -> None:
+    """WADO-RS downloads of STUDY_ALL, one after the other: (time, status, bytes, who answered);
+    ``parts``: the number of instances in each answer (closed multipart bodies only)."""
     while not stop.is_set():
-        answer = gw.get(f"/dicom-web/studies/{STUDY_ALL}", headers={"Accept": "multipart/related; "
-                        "type=\"application/dicom\""}, timeout=30)
+        try:
+            answer = gw.get(f"/dicom-web/studies/{STUDY_ALL}", headers={"Accept": "multipart/related; "
+                            "type=\"application/dicom\""}, timeout=30)
+        except (requests.exceptions.ChunkedEncodingError, requests.ConnectionError):  # its body cut short
+            log.append((time.monotonic(), 200, -1, "a?"))
+            if parts is not None:
+                parts.append(-1)
+            continue
         log.append((time.monotonic(), answer.status_code, len(answer.content),
                     answer.headers.get("X-Response-Upstream", "")))
+        if parts is not None:
+            parts.append(multipart_count(answer.headers.get("content-type", ""), answer.content))
+
+
+def multipart_count(content_type: str, body: bytes) -> int:
+    """The parts of a multipart body that ends with its closing delimiter, else -1."""
+    boundary = next((p.split("=", 1)[1].strip('"') for p in content_type.split(";")
+                     if p.strip().startswith("boundary=")), "")
+    if not boundary or not body.rstrip().endswith(f"--{boundary}--".encode()):
+        return -1
+    return body.count(f"--{boundary}\r\n".encode())
 
 
 def test_failover_moves_within_the_interval_and_back(routed: Callable[..., GatewayProcess],
@@ -139,11 +159,13 @@ def test_failover_moves_within_the_interval_and_back(routed: Callable[..., Gatew
     gw = routed(servers_json(pacs, check=check, Groups={"main": {"Members": ["a", "b"], "Mode": "Failover"}},
                              Default="main"), {"main.lua": ECHO_UPSTREAM})
     log: list[tuple[float, int, int, str]] = []
+    parts: list[int] = []
     stop = threading.Event()
-    loop = threading.Thread(target=wado_loop, args=(gw, stop, log), daemon=True)
+    loop = threading.Thread(target=wado_loop, args=(gw, stop, log, parts), daemon=True)
     loop.start()
     try:
         wait_until(lambda: len(log) >= 5, timeout=20, what="downloads from the primary")
+        stopping = time.monotonic()
         pacs["a"].stop()
         stopped = time.monotonic()
         wait_until(lambda: gw.get("/dicomproxy/health").json()["upstreams"]["servers"]["a"]["state"] == "ejected",
@@ -163,10 +185,18 @@ def test_failover_moves_within_the_interval_and_back(routed: Callable[..., Gatew
         loop.join(timeout=30)
         if not pacs["a"].running:
             pacs["a"].start()
-    sizes = {size for _, _, size, _ in log}
-    assert [s for _, s, _, _ in log if s != 200] == []  # no request lost: every download answered in full
-    assert len(sizes) == 1 or max(sizes) - min(sizes) < 512  # same study (multipart boundaries differ)
-    who = [w for *_, w in log]
+    assert [s for _, s, _, _ in log if s != 200] == []  # no request lost: every download answered
+    # ... in full, each a closed multipart of the study's 3 instances. Except the one in flight when
+    # the primary is stopped: Orthanc, stopped while it streams a study, either ends its chunked body
+    # early (a framed 200 with the multipart not closed: measured direct, 1 in 3 stops of a 40-instance
+    # download) or drops the connection; once the head is sent no proxy can move that answer to
+    # another member, so the gateway relays it as it came (short) or drops the client's connection.
+    short = [(t, who, n) for (t, _, _, who), n in zip(log, parts, strict=True) if n != 3]
+    assert len(short) <= 1 and all(who in ("a", "a?") and stopping <= t <= ejected for t, who, n in short), \
+        (short, stopping, ejected)
+    sizes = {size for (_, _, size, _), n in zip(log, parts, strict=True) if n == 3}
+    assert max(sizes) - min(sizes) < 512  # same study (multipart boundaries differ)
+    who = [w for *_, w in log if w != "a?"]
     assert who[0] == "a" and "b" in who and who[-1] == "a"
     health = gw.get("/dicomproxy/health").json()["upstreams"]
     assert health["servers"]["a"]["state"] == "healthy" and health["servers"]["a"]["errors"] >= 2

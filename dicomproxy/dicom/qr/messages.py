@@ -68,7 +68,7 @@ def relay(command: Command, replace: Iterable[tuple[int, bytes]], drop: Iterable
     for e in drop:
         elements.pop(e, None)
     elements.update(replace)
-    return dimse.encode_command(elements.items())
+    return dimse.encode_command(elements.items(), command.detail)
 
 
 def request(command: Command, message_id: int) -> bytes:
@@ -76,10 +76,14 @@ def request(command: Command, message_id: int) -> bytes:
     return relay(command, [(dimse.MESSAGE_ID, dimse.us(message_id))])
 
 
-def response(command: Command, responding_to: int, *, field: int | None = None, sop_class: str = "") -> bytes:
+def response(
+    command: Command, responding_to: int, *, field: int | None = None, sop_class: str = "",
+    replace: Iterable[tuple[int, bytes]] = (),
+) -> bytes:
     """A response passed on: the same command set answering ``responding_to`` (and, when the
-    operation changed on the way, another Command Field and Affected SOP Class)."""
-    replace = [(dimse.MESSAGE_ID_RESPONDED, dimse.us(responding_to))]
+    operation changed on the way, another Command Field and Affected SOP Class; ``replace``: more
+    elements set, an Error Comment)."""
+    replace = [*replace, (dimse.MESSAGE_ID_RESPONDED, dimse.us(responding_to))]
     if field is not None:
         replace.append((dimse.COMMAND_FIELD, dimse.us(field)))
     if sop_class:

@@ -88,6 +88,8 @@ class OperationServices(Protocol):
 
     def query_members(self) -> list[upstream.Peer]: ...
 
+    def report(self, peer: upstream.Peer, error: UpperLayerError | None) -> None: ...
+
     def destination(self, aet: str) -> ModalityAe | None: ...
 
 
@@ -214,7 +216,9 @@ class Operation:
                 connect_timeout=self.services.connect_timeout,
             )
         except UpperLayerError as e:
+            self.services.report(peer, e)
             raise UpstreamFailed(f"cannot associate with {peer}: {e}") from None
+        self.services.report(peer, None)
         self._opened.append(link)
         return link
 

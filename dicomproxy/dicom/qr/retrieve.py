@@ -51,8 +51,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+
+from pydicom.multival import MultiValue
+from pydicom.uid import UID
 
 from dicomproxy.config.model import ModalityAe
 from dicomproxy.dicom import datasets, dimse, policy, presentation
@@ -62,7 +66,7 @@ from dicomproxy.dicom.qr.identifier import Identifier
 from dicomproxy.dicom.qr.link import DimseLink, Fragment, Pair, Received
 from dicomproxy.dicom.qr.operation import MAX_IDENTIFIER, Operation, OpState, UpstreamFailed
 from dicomproxy.dicom.qr.upstream import Peer
-from dicomproxy.dicom.transcode import TranscodeError, Transcoding, decodable
+from dicomproxy.dicom.transcode import NO_TRANSCODING, TranscodeError, Transcoding, decodable
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +111,10 @@ def deduce_level(request: Identifier) -> str:
 
 class _Retrieve(Operation):
     """What C-GET and C-MOVE share: the upstream C-GET whose sub-operations are delivered."""
+
+    transcoding: Transcoding = NO_TRANSCODING
+    """For the receiver of the sub-operations: ``Dicom:Transcode`` with its ``Dicom:Modalities``
+    entry's override (the move destination's; for a C-GET the entry with the requester's AE title)."""
 
     async def locate(self, request: Identifier) -> None:
         """A federated ``Dicom:QueryUpstream``: the members holding what ``request`` designates
@@ -154,9 +162,12 @@ class _Retrieve(Operation):
             return 0
 
     async def relay_get(
-        self, up: DimseLink, upstream_ts: str, deliver: Deliver, *, field: int | None = None, sop_class: str = ""
+        self, up: DimseLink, upstream_ts: str, deliver: Deliver, *, field: int | None = None, sop_class: str = "",
+        request: Identifier | None = None, receiver: str = "the requester",
     ) -> None:
-        """Pass on what the PACS sends for our C-GET until its final response."""
+        """Pass on what the PACS sends for our C-GET until its final response (with an Error
+        Comment naming the syntax when :meth:`_unsent` learns why the PACS sent nothing)."""
+        self._delivered: set[str] = set()
         while True:
             item = await self.next_item(up, "C-GET")
             if not isinstance(item, Received) or item.command.field not in (messages.C_STORE_RQ, messages.C_GET_RSP):
@@ -169,16 +180,76 @@ class _Retrieve(Operation):
                 continue
             data = await up.collect(MAX_IDENTIFIER) if command.has_dataset else None
             dataset = Identifier(data, upstream_ts).encoded(self.transfer_syntax) if data is not None else None
-            out = messages.response(command, self.message_id, field=field, sop_class=sop_class)
             if messages.is_pending(command):
-                await self.respond(out, dataset)
+                await self.respond(messages.response(command, self.message_id, field=field, sop_class=sop_class),
+                                   dataset)
                 continue
             self.finished(up)
+            replace: list[tuple[int, bytes]] = []
+            if request is not None and command.us(messages.FAILED) and dimse.ERROR_COMMENT not in command.elements:
+                comment = await self._unsent(request, failed_uids(command, data, upstream_ts), receiver)
+                if comment:
+                    replace.append((dimse.ERROR_COMMENT, messages.text(comment, 64)))
+            out = messages.response(command, self.message_id, field=field, sop_class=sop_class, replace=replace)
             await self.respond(out, dataset, final=True)
             return
 
+    async def _unsent(self, request: Identifier, uids: list[str], receiver: str) -> str:
+        """The PACS failed sub-operations without sending them (Orthanc 1.10 with a stored syntax
+        the receiver did not accept and that it cannot decode itself: no C-STORE, 0xC000 with the
+        Failed SOP Instance UID List). DIMSE says nothing of the syntax, so the gateway asks: the
+        first such instance's SOP class (a C-FIND at IMAGE level), then a C-GET of that instance
+        alone offering the class in every transfer syntax; the context of the C-STORE the PACS
+        starts names the syntax it holds, and that association is aborted at once (a PDU of the
+        instance at most is read). Logged; the Error Comment for the final response returned
+        ("" when nothing was learnt). Only on this failure path: one C-FIND and one C-GET more."""
+        unsent = [uid for uid in uids if uid not in self._delivered]
+        if not unsent:
+            return ""
+        pair = await self._stored_pair(request, unsent[0])
+        if pair is None:
+            log.warning("%s from %s: the PACS failed %d sub-operation(s) without sending the instance (%s); the "
+                        "transfer syntax it holds could not be learnt", self.name, self.label, len(unsent), unsent[0])
+            return ""
+        sop_class, ts = pair
+        why = (f"the gateway does not decode it with {self.transcoding.key} Never (ToAccepted would)"
+               if not self.transcoding.allowed else "and it could not send it in another one")
+        log.warning("%s from %s: the PACS did not send %s: it holds it in %s (%s) for %s, a transfer syntax %s did "
+                    "not propose; %s", self.name, self.label, unsent[0], UID(ts).name, ts, UID(sop_class).name,
+                    receiver, why)
+        return f"{UID(ts).name} not accepted"
+
+    async def _stored_pair(self, request: Identifier, uid: str) -> Pair | None:
+        """(SOP class, transfer syntax) the PACS holds instance ``uid`` in (:meth:`_unsent`)."""
+        ts = self.transfer_syntax
+        probe = Identifier(request.encoded(ts), ts)
+        probe.apply({}, {"QueryRetrieveLevel": "IMAGE", "SOPInstanceUID": uid})
+        try:
+            classes, _ = await self._enumerate(probe, contexts.find_model_of(self.model))
+            if len(classes) != 1:
+                return None
+            sop_class = next(iter(classes))
+            get_model = contexts.get_model_of(self.model)
+            pairs = [(sop_class, syntax) for syntax in presentation.TRANSFER_SYNTAXES]
+            up, context_id, upstream_ts = await self.open_pacs(
+                get_model, self.upstream_pairs(get_model, pairs), roles=[sop_class], what=f"C-GET ({get_model})")
+            try:
+                await up.send(context_id, messages.get_request(self.command, up.next_id(), get_model),
+                              probe.encoded(upstream_ts))
+                item = await self.next_item(up, "C-GET")
+            finally:
+                up.abort("the gateway learnt the transfer syntax it asked about")
+        except UpstreamFailed as e:
+            log.info("%s from %s: asking the PACS for the transfer syntax of %s failed: %s", self.name, self.label,
+                     uid, e)
+            return None
+        if isinstance(item, Received) and item.command.field == messages.C_STORE_RQ:
+            return up.contexts.get(item.context_id)
+        return None
+
     async def _sub_operation(self, up: DimseLink, received: Received, deliver: Deliver) -> None:
         command = received.command
+        self._delivered.add(command.sop_instance)
         if not command.has_dataset:
             answer: StoreAnswer = (0xC000, "no data set")
         else:
@@ -244,9 +315,9 @@ class _Retrieve(Operation):
         (a requester such as getscu accepts a hundred classes), the matches' SOP classes are listed
         first (one C-FIND at IMAGE level) and theirs go first."""
         storage = list(self.assoc.receives)
-        if not self.services.transcoding.allowed:
+        if not self.transcoding.allowed:
             return storage
-        wanted = _with_transcodable(storage, self.services.transcoding)
+        wanted = _with_transcodable(storage, self.transcoding)
         models = contexts.model_pairs(self.model, self.transfer_syntax)
         if len(models) + len(wanted) <= presentation.MAX_CONTEXTS:
             return wanted
@@ -260,7 +331,7 @@ class _Retrieve(Operation):
         """``Dicom:Transcode`` ``ToAccepted``: the sub-operation's data set (in ``pair``'s syntax,
         which ``peer`` did not accept) received whole (at most ``Dicom:MaxDatasetMB``), transcoded
         off the loop to a syntax ``peer`` accepted; or the (status, comment) to answer the PACS."""
-        transcoding = self.services.transcoding
+        transcoding = self.transcoding
         sop_class, ts = pair
         try:
             to = presentation.choose(accepted, sop_class, ts, peer, transcoding)
@@ -290,6 +361,9 @@ class GetOperation(_Retrieve):
     _waiting: tuple[int, asyncio.Future[Command]] | None = None  # the sub-operation the requester answers
 
     async def _run(self) -> None:
+        requester = next((ae for ae in self.services.settings.modalities.values()
+                          if ae.aet.strip() == self.session.calling.strip()), None)
+        self.transcoding = self.services.transcoding.for_ae(requester)
         request = Identifier(self.identifier, self.transfer_syntax)
         refused = await self.services.hooks.retrieve(request, self.session, "onCGet")
         if refused:
@@ -305,12 +379,12 @@ class GetOperation(_Retrieve):
         up, context_id, upstream_ts = await self.open_pacs(
             self.model, pairs, roles=sorted({sop_class for sop_class, _ in storage}))
         if await self.pass_request(up, context_id, request.encoded(upstream_ts)):
-            await self.relay_get(up, upstream_ts, self._to_requester)
+            await self.relay_get(up, upstream_ts, self._to_requester, request=request)
 
     async def _to_requester(self, up: DimseLink, command: Command, pair: Pair | None) -> StoreAnswer:
         context_id = self.assoc.receives.get(pair) if pair is not None else None
         data: bytes | None = None
-        if context_id is None and pair is not None and self.services.transcoding.allowed:
+        if context_id is None and pair is not None and self.transcoding.allowed:
             # Dicom:Transcode ToAccepted: a syntax the requester refused, offered to the PACS for this
             transcoded = await self._transcode_sub(up, command, pair, self.assoc.receives, "the requester")
             if isinstance(transcoded, tuple):
@@ -425,6 +499,7 @@ class MoveOperation(_Retrieve):
     async def _fetch_and_store(
         self, request: Identifier, modality: ModalityAe, listing: tuple[set[str], int] | None = None
     ) -> None:
+        self.transcoding = self.services.transcoding.for_ae(modality)
         get_model = contexts.get_model_of(self.model)
         if not request.get("QueryRetrieveLevel").strip():
             level = deduce_level(request)
@@ -451,7 +526,7 @@ class MoveOperation(_Retrieve):
         dest_pairs = list(dest.contexts.values())
         roles = sorted({sop_class for sop_class, _ in dest_pairs})
         up, context_id, upstream_ts = await self.open_pacs(
-            get_model, self.upstream_pairs(get_model, _with_transcodable(dest_pairs, self.services.transcoding)),
+            get_model, self.upstream_pairs(get_model, _with_transcodable(dest_pairs, self.transcoding)),
             roles=roles, what=f"C-GET ({get_model})")
 
         def get_request(command: Command, message_id: int) -> bytes:
@@ -464,14 +539,15 @@ class MoveOperation(_Retrieve):
         async def deliver(link: DimseLink, command: Command, pair: Pair | None) -> StoreAnswer:
             return await self._to_destination(dest, by_pair, link, command, pair)
 
-        await self.relay_get(up, upstream_ts, deliver, field=messages.C_MOVE_RSP, sop_class=self.model)
+        await self.relay_get(up, upstream_ts, deliver, field=messages.C_MOVE_RSP, sop_class=self.model,
+                             request=request, receiver=f"the move destination {modality.aet}")
         self.finished(dest)
 
     async def _to_destination(
         self, dest: DimseLink, by_pair: dict[Pair, int], up: DimseLink, command: Command, pair: Pair | None
     ) -> StoreAnswer:
         context_id = by_pair.get(pair) if pair is not None else None
-        if context_id is None and pair is not None and self.services.transcoding.allowed:
+        if context_id is None and pair is not None and self.transcoding.allowed:
             return await self._transcoded(dest, by_pair, up, command, pair)
         if context_id is None:
             await up.skip()
@@ -495,6 +571,25 @@ class MoveOperation(_Retrieve):
         async with dest.message(transcoded.context_id, rq) as out:
             await out.write(transcoded.data, True)
         return (await self.next_response(dest, messages.C_STORE_RSP, "C-STORE")).command
+
+
+def failed_uids(command: Command, data: bytes | None, transfer_syntax: str) -> list[str]:
+    """Failed SOP Instance UID List (0008,0058) of a C-GET/C-MOVE response: in its identifier
+    (PS3.4 C.4.2.1.4.3), or in the command set, where DCMTK-based peers put it (Orthanc 1.10)."""
+    pos, detail = 0, command.detail
+    while pos + 8 <= len(detail):
+        group, elem, length = struct.unpack_from("<HHI", detail, pos)
+        if (group, elem) == (0x0008, 0x0058):
+            text = detail[pos + 8: pos + 8 + length].decode("ascii", "replace")
+            return [uid.strip("\0 ") for uid in text.split("\\") if uid.strip("\0 ")]
+        pos += 8 + length
+    if data is None:
+        return []
+    try:
+        value = Identifier(data, transfer_syntax).fresh().get("FailedSOPInstanceUIDList", [])
+    except Exception:  # an identifier that does not decode: nothing learnt
+        return []
+    return [str(v) for v in (value if isinstance(value, MultiValue | list) else [value]) if str(v)]
 
 
 def _with_transcodable(pairs: list[Pair], transcoding: Transcoding) -> list[Pair]:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 
+from dicomproxy.config.model import DEFAULT_UPSTREAM
 from dicomproxy.config.settings import DicomSettings, ModalityAe
 from dicomproxy.dicom.audit import DicomAudit
 from dicomproxy.dicom.destinations import Destinations
@@ -32,6 +33,7 @@ from dicomproxy.dicom.transcode import NO_TRANSCODING, Transcoding
 from dicomproxy.dicom.ul import pdu as pdus
 from dicomproxy.dicom.ul import tls_transport
 from dicomproxy.dicom.ul.acceptor import Pending
+from dicomproxy.dicom.ul.errors import UpperLayerError
 from dicomproxy.dicom.ul.transport import StreamAssociation
 
 log = logging.getLogger(__name__)
@@ -63,14 +65,14 @@ class QueryRetrieve:
         self.connect_timeout = connect_timeout
         self.max_dataset = max_dataset
         up = settings.upstream
-        self.pacs = Peer.of(up, settings.tls)
+        self.pacs = Peer.of(up, settings.tls, DEFAULT_UPSTREAM)
         self.names = destinations
         self.query_upstream = settings.query_upstream if destinations is not None else ""
         self.query_upstream_name = self.query_upstream or "Dicom:Upstream"
         self.query_federated = bool(self.query_upstream) and destinations is not None \
             and destinations.federated(self.query_upstream)
         """``Dicom:QueryUpstream`` is a ``Federated`` group: C-FIND asks every member, a retrieve the holders."""
-        self._members = [Peer.of(p.ae, settings.tls) for p in destinations.members(self.query_upstream)] \
+        self._members = [Peer.of(p.ae, settings.tls, p.name) for p in destinations.members(self.query_upstream)] \
             if destinations is not None and self.query_upstream else [self.pacs]
         self.hooks = QrHooks(bridge, up.aet)
         self.destinations = DestinationBook()
@@ -99,6 +101,12 @@ class QueryRetrieve:
             return [self.pacs]
         by_name = dict(zip((p.name for p in self.names.members(self.query_upstream)), self._members, strict=True))
         return [by_name[p.name] for p in self.names.peers(self.query_upstream)]
+
+    def report(self, peer: Peer, error: UpperLayerError | None) -> None:
+        """How an association with a PACS-side peer went (the registry's passive ejection,
+        :meth:`.destinations.Destinations.report`)."""
+        if self.names is not None and peer.name:
+            self.names.report(peer.name, error)
 
     def query_members(self) -> list[Peer]:
         """Every member of ``Dicom:QueryUpstream`` in ``Members`` order (a federated C-FIND asks them all)."""

@@ -35,11 +35,12 @@ class Peer:
     host: str
     port: int
     tls: ssl.SSLContext | None = field(default=None, compare=False)
+    name: str = field(default="", compare=False)  # its server's name (``default``: Dicom:Upstream), if any
 
     @classmethod
-    def of(cls, remote: RemoteAe, own: DicomTlsSettings) -> Peer:
+    def of(cls, remote: RemoteAe, own: DicomTlsSettings, name: str = "") -> Peer:
         """``remote`` (the PACS or a move destination) with its TLS context, if its ``Tls`` is on."""
-        return cls(remote.aet, remote.host, remote.port, dicom_tls.client_context(remote, own))
+        return cls(remote.aet, remote.host, remote.port, dicom_tls.client_context(remote, own), name)
 
     def __str__(self) -> str:
         return f"{self.aet}@{self.host}:{self.port}"
