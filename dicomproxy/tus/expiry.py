@@ -12,10 +12,11 @@ process, is skipped until the next round.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
+from typing import ClassVar
 
+from dicomproxy.background import BackgroundTask, every
 from dicomproxy.tus.errors import TusError
 from dicomproxy.tus.locks import LockManager
 from dicomproxy.tus.store import FileStore
@@ -23,34 +24,45 @@ from dicomproxy.tus.store import FileStore
 log = logging.getLogger(__name__)
 
 
-class ExpirySweeper:
-    """A component (``start``/``stop``) that runs :meth:`sweep` every ``interval`` seconds."""
+class PeriodicSweep:
+    """What both expiry sweeps are as a component (this file store's, and the bucket's in
+    :mod:`.s3expiry`): ``start`` runs :meth:`sweep` every ``interval`` seconds if
+    ``expire_after`` is set, ``stop`` cancels it and waits for its end. A round that fails is
+    logged (``failure``, on the subclass's module logger) and the next one runs."""
 
-    def __init__(self, store: FileStore, locks: LockManager, expire_after: float, interval: float) -> None:
-        self.store = store
-        self.locks = locks
+    task_name: ClassVar[str]
+    failure: ClassVar[str]
+
+    def __init__(self, expire_after: float, interval: float) -> None:
         self.expire_after = expire_after
         self.interval = interval
-        self._task: asyncio.Task[None] | None = None
+        self._sweeping = BackgroundTask(self.task_name)
 
     async def start(self) -> None:
-        if self.expire_after > 0 and self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="tus-expiry-sweep")
+        if self.expire_after > 0:
+            self._sweeping.start(lambda: every(self.interval, self.sweep, self._failed))
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._sweeping.stop()
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self.sweep()
-            except Exception:  # one bad file must not stop future sweeps
-                log.exception("tus: expiry sweep failed")
+    def _failed(self, _: Exception) -> None:
+        logging.getLogger(type(self).__module__).exception(self.failure)
+
+    async def sweep(self, now: float | None = None) -> list[str] | None:
+        """One round now (each store's own); the ids removed, or None if the round was skipped."""
+        raise NotImplementedError
+
+
+class ExpirySweeper(PeriodicSweep):
+    """The file store's sweep: runs :meth:`sweep` every ``interval`` seconds."""
+
+    task_name = "tus-expiry-sweep"
+    failure = "tus: expiry sweep failed"  # one bad file must not stop future sweeps
+
+    def __init__(self, store: FileStore, locks: LockManager, expire_after: float, interval: float) -> None:
+        super().__init__(expire_after, interval)
+        self.store = store
+        self.locks = locks
 
     async def sweep(self, now: float | None = None) -> list[str]:
         """Delete the expired uploads now; returns their ids."""

@@ -20,13 +20,12 @@ to learn its id and :meth:`~.s3store.S3Store.state`'s GET, LIST-parts and HEAD.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING
 
 from dicomproxy.tus.errors import TusError
+from dicomproxy.tus.expiry import PeriodicSweep
 from dicomproxy.tus.s3store import split_id
 
 if TYPE_CHECKING:
@@ -37,33 +36,15 @@ log = logging.getLogger(__name__)
 SWEEP_LOCK = "expiry-sweep"
 
 
-class S3ExpirySweeper:
-    """A component (``start``/``stop``) that runs :meth:`sweep` every ``interval`` seconds."""
+class S3ExpirySweeper(PeriodicSweep):
+    """The bucket's sweep: runs :meth:`sweep` every ``interval`` seconds."""
+
+    task_name = "tus-s3-expiry-sweep"
+    failure = "tus: S3 expiry sweep failed"  # S3 or Redis away for a round must not stop future sweeps
 
     def __init__(self, app: S3TusApp, expire_after: float, interval: float) -> None:
+        super().__init__(expire_after, interval)
         self.app = app
-        self.expire_after = expire_after
-        self.interval = interval
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        if self.expire_after > 0 and self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="tus-s3-expiry-sweep")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self.sweep()
-            except Exception:  # S3 or Redis away for a round must not stop future sweeps
-                log.exception("tus: S3 expiry sweep failed")
 
     async def sweep(self, now: float | None = None) -> list[str] | None:
         """Delete the expired uploads now; their ids, or None if another replica holds the sweep."""

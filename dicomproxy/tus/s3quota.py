@@ -39,7 +39,6 @@ lifecycle rule: it counts nothing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import secrets
@@ -50,6 +49,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
+from dicomproxy.background import BackgroundTask, every
 from dicomproxy.tus import errors
 from dicomproxy.tus.s3store import S3Store, split_id
 from dicomproxy.tus.store import INFO_SUFFIX, is_valid_id, owner_of
@@ -185,7 +185,7 @@ class S3Quota:
         self.recounts = 0  # recounts this replica ran (health, tests)
         self._local = Recount()
         self._changed: dict[str, float] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._recounting = BackgroundTask("tus-s3-quota-recount")
         if redis is not None:  # EVALSHA, the script text sent again only after a Redis restart
             self._reserve_lua = redis.register_script(_RESERVE)
             self._grow_lua = redis.register_script(_GROW)
@@ -283,29 +283,19 @@ class S3Quota:
     async def start(self) -> None:
         """Recount now (unless another replica just did), then every ``period`` seconds; a
         failure is logged, not raised (the count holds meanwhile, the next round tries again)."""
-        await self._tick_logged()
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="tus-s3-quota-recount")
-
-    async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.period)
-            await self._tick_logged()
-
-    async def _tick_logged(self) -> None:
         try:
             await self.tick()
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # the bucket or Redis away: the next round tries again
-            log.warning("tus: recounting the S3 upload quota failed (%s); next try in %g s "
-                        "(Tus:S3:QuotaReconcileSeconds)", e, self.period)
+        except Exception as e:
+            self._recount_failed(e)
+        self._recounting.start(lambda: every(self.period, self.tick, self._recount_failed))
+
+    async def aclose(self) -> None:
+        await self._recounting.stop()
+
+    def _recount_failed(self, e: Exception) -> None:
+        # the bucket or Redis away: the next round tries again
+        log.warning("tus: recounting the S3 upload quota failed (%s); next try in %g s "
+                    "(Tus:S3:QuotaReconcileSeconds)", e, self.period)
 
     async def tick(self) -> bool:
         """One round: recount if this replica wins the round's lease (always without Redis)."""
