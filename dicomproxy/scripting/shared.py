@@ -100,6 +100,59 @@ def _decode(entry: _Entry) -> Value:
     return data
 
 
+INT64 = 1 << 63  # a number in -INT64 .. INT64-1 is kept as an integer by the byte stores, else as a float
+
+
+@dataclass(frozen=True, slots=True)
+class ByteCodec:
+    """Values as (record kind, payload bytes) for the stores that keep bytes (LMDB, Redis).
+
+    Kinds: ``s`` text, ``y`` bytes (a Lua string that is not UTF-8), ``i`` 64-bit integer, ``f``
+    float, ``b`` boolean, ``j`` JSON text of a table. The stores differ only in how a number or a
+    boolean is written (LMDB packs them with ``struct``; Redis needs decimal text, which its
+    ``HINCRBY`` adds), so that is all an instance says; one implementation serves both."""
+
+    true: bytes
+    false: bytes
+    pack_int: Callable[[int], bytes]
+    unpack_int: Callable[[bytes], int]
+    pack_float: Callable[[float], bytes]
+    unpack_float: Callable[[bytes], float]
+
+    def pack(self, value: Any) -> tuple[bytes, bytes, int]:
+        """(kind, payload, counted bytes) of a value a script passes (checked by :func:`_encode`);
+        a value over :data:`MAX_VALUE_BYTES` raises."""
+        kind, data, size = _encode(value)
+        if size > MAX_VALUE_BYTES:
+            raise LuaExportError(f"a value is at most {MAX_VALUE_BYTES} bytes (this one: {size})")
+        if kind == "b":
+            return b"b", self.true if data else self.false, size
+        if kind == "n":
+            if isinstance(data, int) and -INT64 <= data < INT64:
+                return b"i", self.pack_int(data), size
+            return b"f", self.pack_float(float(data)), size
+        if kind == "s":
+            if isinstance(data, bytes):
+                return b"y", data, size
+            return b"s", data.encode("utf-8", "surrogatepass"), size
+        return b"j", data.encode("utf-8"), size
+
+    def unpack(self, kind: bytes, payload: bytes) -> Value | bytes:
+        """The value :meth:`pack` gave ``kind`` and ``payload`` for."""
+        if kind == b"s":
+            return payload.decode("utf-8", "surrogatepass")
+        if kind == b"i":
+            return self.unpack_int(payload)
+        if kind == b"f":
+            return self.unpack_float(payload)
+        if kind == b"b":
+            return payload == self.true
+        if kind == b"j":
+            table: Value = json.loads(payload)
+            return table
+        return bytes(payload)
+
+
 def _check_key(key: Any) -> str:
     if isinstance(key, bytes):
         key = key.decode("utf-8", "surrogateescape")

@@ -22,7 +22,6 @@ whole key, for ``keys``).
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import struct
 import time
@@ -31,17 +30,15 @@ from pathlib import Path
 from typing import Any
 
 import lmdb
-from dicomproxy_middleware import LuaExportError
 
 from dicomproxy.scripting.shared import (
     ENTRY_OVERHEAD,
     EXISTS,
-    MAX_VALUE_BYTES,
     NO_MEMORY,
     NOT_A_NUMBER,
     NOT_FOUND,
+    ByteCodec,
     Value,
-    _encode,
 )
 
 # A record: kind, expires (time.monotonic(), system-wide on Linux; inf: never), write order,
@@ -62,36 +59,9 @@ def _db_key(key: bytes) -> tuple[bytes, bytes]:
     return b"\xff#" + hashlib.sha256(key).digest(), key
 
 
-def _pack_value(kind: str, data: Any) -> tuple[bytes, bytes]:
-    """(record kind, payload) of what :func:`_encode` gave."""
-    if kind == "b":
-        return b"b", b"\x01" if data else b"\x00"
-    if kind == "n":
-        if isinstance(data, int) and -(1 << 63) <= data < (1 << 63):
-            return b"i", _NUM.pack(data)
-        return b"f", _FLOAT.pack(float(data))
-    if kind == "s":
-        if isinstance(data, bytes):
-            return b"y", data
-        return b"s", data.encode("utf-8", "surrogatepass")
-    return b"j", data.encode("utf-8")
-
-
-def _unpack_value(kind: bytes, payload: bytes) -> Value | bytes:
-    if kind == b"s":
-        return payload.decode("utf-8", "surrogatepass")
-    if kind == b"i":
-        number: int = _NUM.unpack(payload)[0]
-        return number
-    if kind == b"f":
-        real: float = _FLOAT.unpack(payload)[0]
-        return real
-    if kind == b"b":
-        return payload == b"\x01"
-    if kind == b"j":
-        table: Value = json.loads(payload)
-        return table
-    return bytes(payload)
+# Numbers packed (8 bytes, as they are counted), booleans one byte.
+_VALUES = ByteCodec(b"\x01", b"\x00", _NUM.pack, lambda b: int(_NUM.unpack(b)[0]), _FLOAT.pack,
+                    lambda b: float(_FLOAT.unpack(b)[0]))
 
 
 class LmdbStore:
@@ -179,9 +149,7 @@ class LmdbStore:
 
     def _store(self, txn: lmdb.Transaction, key: str, value: Any, ttl: float,
                evict: bool) -> tuple[bool, str | None, bool]:
-        kind, data, value_size = _encode(value)
-        if value_size > MAX_VALUE_BYTES:
-            raise LuaExportError(f"a value is at most {MAX_VALUE_BYTES} bytes (this one: {value_size})")
+        record_kind, payload, value_size = _VALUES.pack(value)
         raw_key = key.encode("utf-8", "surrogatepass")
         size = len(raw_key) + value_size + ENTRY_OVERHEAD
         if size > self.max_bytes:
@@ -192,7 +160,6 @@ class LmdbStore:
             return False, f"{NO_MEMORY} (SharedDict is full: {self.setting})", forcible
         self._drop(txn, dbkey)
         seq = self._meta_int(txn, _SEQ_KEY) + 1
-        record_kind, payload = _pack_value(kind, data)
         expires = self._clock() + ttl if ttl > 0 else math.inf
         txn.put(dbkey, _HEAD.pack(record_kind, expires, seq, size, len(whole)) + whole + payload, db=self._data)
         txn.put(_SEQ.pack(seq), dbkey, db=self._order)
@@ -207,7 +174,7 @@ class LmdbStore:
             found = self._live(txn, dbkey)
             if found is None:
                 return None
-            value: Value | None = _unpack_value(found[0][0], found[1])  # type: ignore[assignment]
+            value: Value | None = _VALUES.unpack(found[0][0], found[1])  # type: ignore[assignment]
             return value
 
     def set(self, key: str, value: Value | None, ttl: float) -> tuple[bool, str | None, bool]:
@@ -242,8 +209,8 @@ class LmdbStore:
             (kind, expires, seq, size, _), payload = found
             if kind not in (b"i", b"f"):
                 return None, NOT_A_NUMBER
-            number = _unpack_value(kind, payload) + delta  # type: ignore[operator]
-            record_kind, packed = _pack_value("n", number)
+            number = _VALUES.unpack(kind, payload) + delta  # type: ignore[operator]
+            record_kind, packed, _ = _VALUES.pack(number)
             # Same size (a number counts 8 bytes), same write order: an update in place.
             txn.put(dbkey, _HEAD.pack(record_kind, expires, seq, size, len(whole)) + whole + packed, db=self._data)
             return number, None

@@ -41,7 +41,6 @@ a script that reads a value often can keep it in a local with a TTL of its own.
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 import redis.asyncio
@@ -51,17 +50,15 @@ from redis.exceptions import RedisError
 from dicomproxy.cluster.redis import CALL_CONNECTIONS, PREFIX, where
 from dicomproxy.scripting.shared import (
     ENTRY_OVERHEAD,
-    MAX_VALUE_BYTES,
     NO_MEMORY,
     NOT_A_NUMBER,
     NOT_FOUND,
+    ByteCodec,
     Value,
-    _encode,
 )
 
 CALL_TIMEOUT = 3.0  # seconds for one call, retries included (the client's own: 1 s per socket operation)
 MAX_TTL_MS = 1 << 44  # ~557 years: PEXPIRE refuses a time past its range; longer is "never" anyway
-INT64 = 1 << 63
 
 # One script for every operation: the helpers are shared and one SHA is loaded.
 SCRIPT = """
@@ -179,37 +176,8 @@ return redis.error_reply("SharedDict: unknown operation " .. tostring(op))
 """
 
 
-def _pack(value: Any) -> tuple[bytes, bytes, int]:
-    """(kind, payload, counted bytes) of a value a script passes (checked by :func:`_encode`)."""
-    kind, data, size = _encode(value)
-    if size > MAX_VALUE_BYTES:
-        raise LuaExportError(f"a value is at most {MAX_VALUE_BYTES} bytes (this one: {size})")
-    if kind == "b":
-        return b"b", b"1" if data else b"0", size
-    if kind == "n":
-        if isinstance(data, int) and -INT64 <= data < INT64:
-            return b"i", str(data).encode(), size
-        return b"f", repr(float(data)).encode(), size
-    if kind == "s":
-        if isinstance(data, bytes):
-            return b"y", data, size
-        return b"s", data.encode("utf-8", "surrogatepass"), size
-    return b"j", data.encode("utf-8"), size
-
-
-def _unpack(kind: bytes, payload: bytes) -> Value | bytes:
-    if kind == b"s":
-        return payload.decode("utf-8", "surrogatepass")
-    if kind == b"i":
-        return int(payload)
-    if kind == b"f":
-        return float(payload)
-    if kind == b"b":
-        return payload == b"1"
-    if kind == b"j":
-        table: Value = json.loads(payload)
-        return table
-    return bytes(payload)
+# Numbers as decimal text (HINCRBY and HINCRBYFLOAT add them in Redis), booleans "1" / "0".
+_VALUES = ByteCodec(b"1", b"0", lambda n: str(n).encode(), int, lambda x: repr(x).encode(), float)
 
 
 def _ttl_ms(ttl: float) -> int:
@@ -256,7 +224,7 @@ class RedisStore:
 
     def _store_args(self, key: str, value: Any, ttl: float) -> tuple[list[Any], str | None]:
         """The script's arguments for storing ``value``, or the error when it can never fit."""
-        kind, payload, value_size = _pack(value)
+        kind, payload, value_size = _VALUES.pack(value)
         size = len(key.encode("utf-8", "surrogatepass")) + value_size + ENTRY_OVERHEAD
         if size > self.max_bytes:
             return [], f"{NO_MEMORY} (the value alone is over {self.setting})"
@@ -275,7 +243,7 @@ class RedisStore:
         reply = await self._call("get", key)
         if reply is None:
             return None
-        value: Value | None = _unpack(reply[0], reply[1])  # type: ignore[assignment]
+        value: Value | None = _VALUES.unpack(reply[0], reply[1])  # type: ignore[assignment]
         return value
 
     async def set(self, key: str, value: Value | None, ttl: float) -> tuple[bool, str | None, bool]:
@@ -298,8 +266,7 @@ class RedisStore:
 
     async def incr(self, key: str, delta: int | float, init: int | float | None,
                    ttl: float) -> tuple[Any, str | None]:
-        delta_kind = b"i" if isinstance(delta, int) and -INT64 <= delta < INT64 else b"f"
-        delta_text = str(delta) if delta_kind == b"i" else repr(float(delta))
+        delta_kind, delta_text, _ = _VALUES.pack(delta)
         store: list[Any] = [b"", b"", 0, 0, self.max_keys, self.max_bytes]
         if init is not None:
             args, err = self._store_args(key, init + delta, ttl)
@@ -312,7 +279,7 @@ class RedisStore:
             if err == "full":
                 return None, f"{NO_MEMORY} (SharedDict is full: {self.setting})"
             return None, {"not found": NOT_FOUND, "not a number": NOT_A_NUMBER}.get(err, err)
-        return _unpack(reply[1], reply[2]), None
+        return _VALUES.unpack(reply[1], reply[2]), None
 
     async def delete(self, key: str) -> None:
         await self._call("delete", key)
