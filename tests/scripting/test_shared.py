@@ -22,6 +22,7 @@ from dicomproxy.scripting.shared import (
     SharedDictExports,
 )
 from dicomproxy.scripting.shared_lmdb import LmdbStore
+from tests.scripting.shared_dict_lua import lua_api_walk
 
 
 class Clock:
@@ -223,25 +224,7 @@ def run(engine: LuaEngine, code: str) -> tuple[Any, ...]:
 
 
 def test_lua_api(engine: LuaEngine) -> None:
-    assert run(engine, """
-      assert(SharedDict:set("a", "x") == true)
-      assert(SharedDict:get("a") == "x")
-      assert(SharedDict.get("a") == "x")                      -- a dot works too
-      local ok, err = SharedDict:add("a", "y")
-      assert(ok == false and err == "exists")
-      assert(SharedDict:incr("n", 2, 10) == 12)
-      assert(SharedDict:incr("n") == 13)
-      local v, e = SharedDict:incr("missing", 1)
-      assert(v == nil and e == "not found")
-      SharedDict:set("t", { list = { 1, 2 }, name = "CT", flag = true })
-      local t = SharedDict:get("t")
-      assert(t.name == "CT" and t.list[2] == 2 and t.flag == true)
-      SharedDict:delete("a")
-      assert(SharedDict:get("a") == nil)
-      local keys = SharedDict:keys()
-      table.sort(keys)
-      return table.concat(keys, ",")
-    """) == ("n,t",)
+    assert run(engine, lua_api_walk()) == ("n,t",)
 
 
 def test_integers_stay_integers(engine: LuaEngine) -> None:

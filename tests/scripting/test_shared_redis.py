@@ -20,6 +20,7 @@ from dicomproxy.config.settings import Settings
 from dicomproxy.scripting.shared import ENTRY_OVERHEAD, SHARED_DICT_LUA, AsyncSharedDictExports
 from dicomproxy.scripting.shared_redis import CALL_TIMEOUT, RedisStore
 from tests.peers import LOOPBACK, RedisServer, free_port
+from tests.scripting.shared_dict_lua import lua_api_walk
 
 Make = Callable[..., RedisStore]
 
@@ -239,28 +240,12 @@ def engine(make: Make) -> Iterator[LuaEngine]:
 
 
 async def test_lua_api_over_awaited_exports(engine: LuaEngine) -> None:
-    assert await engine.run(engine.compile("""
-      assert(SharedDict:set("a", "x") == true)
-      assert(SharedDict:get("a") == "x")
-      assert(SharedDict.get("a") == "x")                      -- a dot works too
-      local ok, err = SharedDict:add("a", "y")
-      assert(ok == false and err == "exists")
-      assert(SharedDict:incr("n", 2, 10) == 12)
-      assert(SharedDict:incr("n") == 13)
-      local v, e = SharedDict:incr("missing", 1)
-      assert(v == nil and e == "not found")
-      SharedDict:set("t", { list = { 1, 2 }, name = "CT", flag = true })
-      local t = SharedDict:get("t")
-      assert(t.name == "CT" and t.list[2] == 2 and t.flag == true)
+    more = """
       assert(math.type(SharedDict:get("n")) == "integer" and math.type(SharedDict:incr("f", 0.5, 0)) == "float")
       local okp = pcall(SharedDict.incr, "n", 1)                -- inside pcall too (it yields)
       assert(okp and SharedDict:get("n") == 14)
-      SharedDict:delete("a")
-      assert(SharedDict:get("a") == nil)
-      local keys = SharedDict:keys()
-      table.sort(keys)
-      return table.concat(keys, ",")
-    """, "script.lua")) == ("f,n,t",)
+    """
+    assert await engine.run(engine.compile(lua_api_walk(more), "script.lua")) == ("f,n,t",)
 
 
 @pytest.mark.parametrize(("code", "message"), [
