@@ -93,6 +93,22 @@ def _imported(orthanc: OrthancServer, pid: str) -> list[dict[str, Any]]:
     return found
 
 
+def _taken_over_then_marker_put_back(a: GatewayProcess, seaweed: SeaweedServer, path: Path) -> tuple[str, str]:
+    """Upload ``path`` through ``a``, whose script takes the completion over (no import), wait until
+    its ``.pending`` marker is cleared, then put the marker back: the bucket as a replica killed
+    between the last byte and the hand-over leaves it. (upload id, object id)."""
+    a.write_script("main.lua", "function onTusFileComplete(metadata) return true end\n")
+    a.wait_for_log("main.lua", timeout=10)
+    uploader = tus_client.TusClient(a.url + "/files/").uploader(str(path), chunk_size=200_000)
+    uploader.upload()
+    upload = urlsplit(uploader.url).path.rsplit("/", 1)[-1]
+    a.wait_for_log(f"tus: upload {upload} handled by onTusFileComplete", timeout=20)
+    oid = _object_id(uploader.url)
+    wait_until(lambda: f"tus/{oid}.pending" not in seaweed.keys(), timeout=10, what="the marker cleared")
+    seaweed.client().put_object(Bucket=seaweed.bucket, Key=f"tus/{oid}.pending", Body=upload.encode())
+    return upload, oid
+
+
 def _import_tasks(*gateways: GatewayProcess) -> list[dict[str, Any]]:
     """Every replica lists the cluster's tasks (the imports are cluster tasks with Tus:Store s3): by id."""
     tasks = {t["id"]: t for g in gateways if g.proc is not None and g.proc.poll() is None
@@ -375,17 +391,9 @@ def test_a_completion_a_crash_interrupted_runs_on_the_next_replica_that_starts(
     pid = "REPLPEND-" + uuid.uuid4().hex[:8]
     path = _dicom(tmp_path, dicom_samples, pid, 300)
     payload = path.read_bytes()
-    # A's script takes the upload over (no import) ...
-    a.write_script("main.lua", "function onTusFileComplete(metadata) return true end\n")
-    a.wait_for_log("main.lua", timeout=10)
-    uploader = tus_client.TusClient(a.url + "/files/").uploader(str(path), chunk_size=200_000)
-    uploader.upload()
-    upload = urlsplit(uploader.url).path.rsplit("/", 1)[-1]
-    a.wait_for_log(f"tus: upload {upload} handled by onTusFileComplete", timeout=20)
-    oid = _object_id(uploader.url)
-    wait_until(lambda: f"tus/{oid}.pending" not in seaweed.keys(), timeout=10, what="the marker cleared")
-    # ... then its marker is put back, as if A had been killed before it handed the upload over
-    seaweed.client().put_object(Bucket=seaweed.bucket, Key=f"tus/{oid}.pending", Body=upload.encode())
+    # A's script takes the upload over (no import), then its marker is put back, as if A had been
+    # killed before it handed the upload over
+    upload, oid = _taken_over_then_marker_put_back(a, seaweed, path)
     b.stop()
     b.start()  # B (no script) finds the marker at start-up and runs the default import, once
     ids = wait_until(lambda: _imported(orthanc, pid), timeout=60, what="the upload imported into Orthanc")

@@ -18,7 +18,15 @@ import pytest
 import requests
 from tusclient import client as tus_client
 
-from tests.e2e.test_tus_replicas import _dicom, _imported, _object_id, _on, redis_server, seaweed  # noqa: F401
+from tests.e2e.test_tus_replicas import (  # noqa: F401
+    _dicom,
+    _imported,
+    _object_id,
+    _on,
+    _taken_over_then_marker_put_back,
+    redis_server,
+    seaweed,
+)
 from tests.peers import GatewayProcess, OrthancServer, RedisServer, SeaweedServer, wait_until
 
 TUS = {"Tus-Resumable": "1.0.0"}
@@ -142,16 +150,9 @@ def test_a_running_replica_hands_over_a_completion_a_killed_one_left_pending(
     pid = "S3QPEND-" + uuid.uuid4().hex[:8]
     path = _dicom(tmp_path, dicom_samples, pid, 300)
     payload = path.read_bytes()
-    a.write_script("main.lua", "function onTusFileComplete(metadata) return true end\n")  # A imports nothing
-    a.wait_for_log("main.lua", timeout=10)
-    uploader = tus_client.TusClient(a.url + "/files/").uploader(str(path), chunk_size=200_000)
-    uploader.upload()
-    upload = urlsplit(uploader.url).path.rsplit("/", 1)[-1]
-    a.wait_for_log(f"tus: upload {upload} handled by onTusFileComplete", timeout=20)
-    oid = _object_id(uploader.url)
-    wait_until(lambda: f"tus/{oid}.pending" not in seaweed.keys(), timeout=10, what="the marker cleared")
-    # A killed between the last byte and the hand-over: the marker is there, A is gone (-9)
-    seaweed.client().put_object(Bucket=seaweed.bucket, Key=f"tus/{oid}.pending", Body=upload.encode())
+    # A imports nothing; then A killed between the last byte and the hand-over: the marker is there,
+    # A is gone (-9)
+    upload, oid = _taken_over_then_marker_put_back(a, seaweed, path)
     a.kill9()
     # B, running since before, finds it in a recount round (no restart) and imports it, once
     ids = wait_until(lambda: _imported(orthanc, pid), timeout=60, what="the upload imported by B")
