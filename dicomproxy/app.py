@@ -34,7 +34,7 @@ from dicomproxy.http.cors import GatewayCors, cors_policy
 from dicomproxy.http.guard import RequestGuard
 from dicomproxy.http.proxy import ReverseProxy
 from dicomproxy.lifecycle import MIN_STEP_SECONDS, Lifecycle, Phase
-from dicomproxy.metrics import HOOK_BUCKETS, Metrics
+from dicomproxy.metrics import HOOK_BUCKETS, LeanHistogram, LeanHistogramChild, Metrics
 from dicomproxy.notify import mail, notifications
 from dicomproxy.notify.events import EventBus
 from dicomproxy.scripting import orthanc
@@ -93,7 +93,7 @@ class Gateway:
         )
         self.lua = ScriptHost(settings, bus=self.bus, tasks=self.tasks, commands=self.commands,
                               audit=self.audit, shared=self._shared_store(),
-                              on_call=lambda callback, seconds: hook_seconds.child(callback).observe(seconds))
+                              on_call=_observer(hook_seconds))
         self.upstream = Upstream(settings.upstream)
         self.upstreams = Upstreams(settings, self.upstream, self.metrics, echo=_echo(settings))
         self.proxy = ReverseProxy(self.upstream, self.metrics, self.upstreams)
@@ -199,7 +199,15 @@ class Gateway:
                 return app(scope, receive, send)
         return self.proxy(scope, receive, send)
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Awaitable[None]:
+        # Not a coroutine on the way of a request once serving (as the pass-through layers,
+        # http/guard.py): no coroutine of its own nor a frame on each resume of the ones inside.
+        app = self._app
+        if app is not None and self._serving and scope["type"] == "http" and scope["path"] not in PROBE_PATHS:
+            return app(scope, receive, send)
+        return self._call(scope, receive, send)
+
+    async def _call(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
             return
@@ -380,3 +388,17 @@ def build_gateway(settings: Settings, features: tuple[Feature, ...] = FEATURES,
     for install in features:
         install(gateway)
     return gateway
+
+
+def _observer(histogram: LeanHistogram) -> Callable[[str, float], None]:
+    """``on_call`` for the engines: each callback's duration into its own child of ``histogram``,
+    bound on first use (``child()`` per call, its label check and lookup, cost ~1,200 instructions)."""
+    children: dict[str, LeanHistogramChild] = {}
+
+    def observe(callback: str, seconds: float) -> None:
+        child = children.get(callback)
+        if child is None:
+            child = children[callback] = histogram.child(callback)
+        child.observe(seconds)
+
+    return observe

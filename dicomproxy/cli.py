@@ -267,6 +267,9 @@ def _serve_worker(settings: Settings, socks: list[socket.socket], worker: Worker
         host=settings.host,
         port=settings.port,
         loop="uvloop",
+        # said, not detected: Gateway.__call__ returns the request's awaitable without being a
+        # coroutine function itself, which uvicorn's detection would take for an ASGI 2 app
+        interface="asgi3",
         http=protocol_class(limits),
         lifespan="on",
         access_log=False,

@@ -57,6 +57,17 @@ class RequestGuard:
         # frame on every resume of the ones inside (~0.13 us a layer and suspension, measured).
         if scope["type"] != "http":
             return self.app(scope, receive, send)
+        raw = scope.get("raw_path")
+        if raw and scope["method"] != "CONNECT" and is_canonical(raw):
+            # The common request, in line: a canonical path and no method override asked (the
+            # full check's call and the dict it builds cost ~1,000 instructions a request).
+            query = scope["query_string"]
+            for name, _ in scope["headers"]:
+                if name in OVERRIDE_HEADERS:
+                    break
+            else:
+                if not query or query.find(b"_method") < 0:
+                    return self.app(scope, receive, send)
         try:
             if scope["method"] == "CONNECT":
                 raise BadRequest("CONNECT is not served: the gateway is not a forward proxy", 405)
