@@ -188,7 +188,7 @@ async def _hook(engine: LuaEngine, callback: str, kind: str, x: HttpExchange, he
     try:
         out = await engine.run_op(
             HTTP, callback, kind, x.scheme, x.method, x.path, x.query, x.remote_ip, x.user, x.client_certificate,
-            x.roles, _claims_loader(engine, x.claims), x.status, x.upstream, *headers
+            x.roles, _claims_loader(engine, x.claims) if x.claims else None, x.status, x.upstream, *headers
         )
     except LuaError as e:
         if str(e).startswith("StatusCode must be"):  # raised after the hook returned: no line to name

@@ -445,9 +445,18 @@ class LuaEngine:
     async def run_op(self, op: int, *args: Any, timeout_ms: int | None = None) -> tuple[Any, ...]:
         """Run one of the prelude's call operations (``HTTP``: an HTTP hook) to its end.
         ``args[0]`` is the callback's name (what ``on_call`` is told)."""
-        if self.on_call is None:
-            return await self._run(op, timeout_ms, *args)
-        return await self._timed(str(args[0]), op, timeout_ms, *args)
+        # In line, not through _run and _timed: two coroutines fewer per hook call (~2,500
+        # instructions each under callgrind, two hook calls per request with both HTTP hooks).
+        on_call = self.on_call
+        started = time.perf_counter() if on_call is not None else 0.0
+        try:
+            r, deadline, budget = self._enter(op, timeout_ms, *args)
+            if r[0] == "await":
+                r = await self._drive(r, deadline)
+            return self._outcome(r, budget)
+        finally:
+            if on_call is not None:
+                on_call(str(args[0]), time.perf_counter() - started)
 
     async def _timed(self, callback: str, op: int, timeout_ms: int | None, *args: Any) -> tuple[Any, ...]:
         started = time.perf_counter()
