@@ -417,6 +417,11 @@ class ScriptSet:
     def defines(self, callback: str) -> bool:
         return callback in self.singleton_state.callbacks or callback in self.transient_state.callbacks
 
+    def defines_any(self, callbacks: frozenset[str]) -> bool:
+        """Whether any engine defines one of ``callbacks`` (one call for a layer with two hooks)."""
+        return not (callbacks.isdisjoint(self.singleton_state.callbacks)
+                    and callbacks.isdisjoint(self.transient_state.callbacks))
+
     def singleton_defines(self, callback: str) -> bool:
         return self.singleton is not None and callback in self.singleton_state.callbacks
 

@@ -173,11 +173,12 @@ class ReverseProxy:
                 has_body = True
             else:
                 headers.append((name, v))
-        added, facing = relay.forwarding(scope, host, forwarded)
-        headers += added
+        added, lines, facing = relay.forwarding(scope, host, forwarded)
+        if not lines:
+            headers += added
         rewrite = relay.rewrite(scope["path"], facing)
         coding = _ask_identity(headers) if rewrite is not None and rewrite.body else None
-        return headers, has_body, length, Forward(relay.upstream_host_for(facing), rewrite, coding)
+        return headers, has_body, length, Forward(facing.host_for, rewrite, coding, lines)
 
 
     async def _routed(self, scope: dict[str, Any], receive: Any, send: Any, routing: Registry) -> None:
@@ -217,38 +218,24 @@ class ReverseProxy:
         uploaded = 0
         rewritten = -1  # the rewritten answer's length, when it is rewritten
 
-        async def body() -> AsyncIterator[bytes]:
-            nonlocal uploaded
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    raise ClientDisconnected
-                chunk = message.get("body", b"")
-                if chunk:
-                    uploaded += len(chunk)
-                    yield chunk
-                if not message.get("more_body", False):
-                    break
-            assert body_done is not None
-            body_done.set()
-
         current = asyncio.current_task()
         loop = asyncio.get_running_loop()
         watcher: asyncio.Task[bool] | None = None
 
-        async def watch_disconnect() -> bool:
-            """After the body is read, wait for the client to go away; cancel the request if it does."""
-            if body_done is not None:
-                await body_done.wait()
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    if not finished and current is not None:
-                        current.cancel()
-                        return True
-                    return False
-
         def start_watching() -> None:
+            # the watcher's coroutine function is made here, when it is needed: most requests end first
+            async def watch_disconnect() -> bool:
+                """After the body is read, wait for the client to go away; cancel the request if it does."""
+                if body_done is not None:
+                    await body_done.wait()
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        if not finished and current is not None:
+                            current.cancel()
+                            return True
+                        return False
+
             nonlocal watcher
             watcher = loop.create_task(watch_disconnect())
 
@@ -263,6 +250,23 @@ class ReverseProxy:
             headers, has_body, length, forward = self._request_headers(scope, self.relay if member is None
                                                                        else member.relay)
             content: Body = None
+            if has_body:  # made only for a request with a body: most have none
+
+                async def body() -> AsyncIterator[bytes]:
+                    nonlocal uploaded
+                    while True:
+                        message = await receive()
+                        if message["type"] == "http.disconnect":
+                            raise ClientDisconnected
+                        chunk = message.get("body", b"")
+                        if chunk:
+                            uploaded += len(chunk)
+                            yield chunk
+                        if not message.get("more_body", False):
+                            break
+                    assert body_done is not None
+                    body_done.set()
+
             if not has_body:
                 pass
             elif method in NO_BODY_METHODS:
@@ -273,7 +277,8 @@ class ReverseProxy:
                 body_done = asyncio.Event()
                 content = body()
             if member is None:
-                response = await upstream.pool.request(method, target, headers, content, length, host=forward.host)
+                response = await upstream.pool.request(method, target, headers, content, length, host=forward.host,
+                                                       checked=forward.lines)
             else:
                 served = _Served(member)
                 response = await self._connect(served, routing, name, scope, method, target, headers, forward,
@@ -296,7 +301,8 @@ class ReverseProxy:
                 await send({"type": "http.response.start", "status": response.status, "headers": answer,
                             "upstream": member.name})
                 self._count(member, response.status, f"{response.status // 100}xx")
-            self._status_class(response.status).observe(perf_counter() - received)
+            child = self._by_class.get(response.status // 100)  # _status_class's lookup, in line
+            (child or self._status_class(response.status)).observe(perf_counter() - received)
             if rewriter is not None and method != b"HEAD":  # a HEAD's rewriter only gave it GET's headers
                 rewritten = await _send_rewritten(response, rewriter, send, encoder)
                 finished = True
@@ -359,7 +365,7 @@ class ReverseProxy:
             member.begin()
             try:
                 response = await member.upstream.pool.request(method, target, headers, content, length,
-                                                              host=forward.host)
+                                                              host=forward.host, checked=forward.lines)
             except (ConnectError, ConnectTimeout, RemoteProtocolError) as e:  # no byte of an answer yet
                 member.end()
                 member.failed(str(e) or type(e).__name__)
@@ -499,6 +505,7 @@ class Forward:
     host: bytes | None
     rewrite: Rewrite | None
     coding: bytes | None = None  # the client's accepted coding for a rewritten body (gzip, deflate)
+    lines: bytes = b""  # the forwarding headers as checked head lines, when the relay had them cached
 
 
 async def _held(body: AsyncIterator[bytes]) -> bytes:

@@ -185,10 +185,11 @@ class HeadWriter:
         self._verdicts: dict[bytes, int] = {}
 
     def encode(self, method: bytes, target: bytes, headers: Headers, framing: Framing, length: int,
-               host: bytes | None = None) -> bytes:
+               host: bytes | None = None, checked: bytes = b"") -> bytes:
         """The request head: ``headers`` less the hop-by-hop and framing names, plus the framing's own.
 
-        ``host``: the ``Host`` to send instead of the origin's. Raises :class:`LocalProtocolError`
+        ``host``: the ``Host`` to send instead of the origin's. ``checked``: header lines made by
+        :func:`checked_lines`, written after ``headers`` as they are. Raises :class:`LocalProtocolError`
         for a method or header name that is not a token, a target with a space, CR or LF (or
         none), a header value with CR or LF, or a ``host`` that is not ``host[:port]``.
         """
@@ -218,7 +219,9 @@ class HeadWriter:
             names = {t.strip().lower() for t in listed.split(b",")} - {b"keep-alive", b"close", b""}
             if names:  # the names a Connection header lists are hop-by-hop too (rare: a second pass)
                 kept = [(n, v) for n, v in headers if n.lower() not in names and n.lower() != b"connection"]
-                return self.encode(method, target, kept, framing, length)
+                return self.encode(method, target, kept, framing, length, host, checked)
+        if checked:
+            lines.append(checked)
         if framing is _LENGTH:
             lines += (b"content-length: ", b"%d" % length, b"\r\n\r\n")
         elif framing is _CHUNKED:
@@ -238,6 +241,20 @@ class HeadWriter:
         if len(self._verdicts) < self.MEMO:
             self._verdicts[name] = verdict
         return verdict
+
+
+def checked_lines(headers: Headers) -> bytes:
+    """``headers`` as head lines, checked once as :meth:`HeadWriter.encode` checks each request's
+    (token names, none the writer owns, no CR or LF in a value), for a caller that sends the same
+    headers many times: the relay's forwarding headers, the same for every request of a client.
+    Written as they are, they cost a request one list item rather than four headers' checks and
+    sixteen pieces of the head (~3,000 instructions, bench/proxy_instructions.py)."""
+    for name, value in headers:
+        if name.lower() in OWNED or not _is_token(name):
+            raise LocalProtocolError(f"header {name!r} cannot be sent as a checked line")
+        if 10 in value or 13 in value:
+            raise LocalProtocolError(f"the value of header {name.decode('latin-1')!r} holds CR or LF")
+    return b"".join(b"%b: %b\r\n" % (name, value) for name, value in headers)
 
 
 def encode_head(method: bytes, target: bytes, host: bytes, headers: Headers, framing: Framing, length: int) -> bytes:

@@ -108,6 +108,7 @@ class ConnectionPool:
         content_length: int | None = None,
         limits: Limits | None = None,
         host: bytes | None = None,
+        checked: bytes = b"",
     ) -> Exchange:
         """Send a request and return its :class:`Exchange` once the answer's head is in.
 
@@ -116,16 +117,22 @@ class ConnectionPool:
         the hop-by-hop names and writes its own. A ``bytes`` body is sent with its length; a
         streamed one with ``content_length`` if given (exactly that many bytes, or the
         connection is dropped), else chunked. ``limits`` replaces the pool's for this request;
-        ``host`` the ``Host`` header (``Upstream:PreserveHost``; the writer checks it).
+        ``host`` the ``Host`` header (``Upstream:PreserveHost``; the writer checks it); ``checked``
+        header lines from :func:`~dicomproxy.upstream.framing.checked_lines`, sent after ``headers``.
         """
         if type(body) is bytes:
             content_length = len(body)
         framing, length = chosen_framing(method, content_length, body is not None)
-        head = self.heads.encode(method, target, headers, framing, length, host)
+        head = self.heads.encode(method, target, headers, framing, length, host, checked)
         limits = limits or self.limits
+        loop, watchdog = self._loop, self._watchdog  # the properties once set: no call per request
+        if loop is None or watchdog is None:
+            loop, watchdog = self.loop, self.watchdog
         for attempt in (0, 1):
-            conn = await self._acquire(limits, fresh=attempt == 1)
-            exchange = Exchange(conn, self.loop, self.budget, limits, method, self._release, self.watchdog)
+            conn = self._idle_connection(limits) if not attempt else None
+            if conn is None:  # none idle: a coroutine to open one (or wait for a turn)
+                conn = await self._acquire(limits, fresh=attempt == 1)
+            exchange = Exchange(conn, loop, self.budget, limits, method, self._release, watchdog)
             conn.exchange = exchange
             try:
                 await exchange.send(head, framing, length, body)
@@ -158,6 +165,21 @@ class ConnectionPool:
         self.connections_made += 1
         return conn
 
+    def _idle_connection(self, limits: Limits) -> Connection | None:
+        """The most recently used idle connection still fit for use (the others found on the way
+        are closed), or None. Synchronous: a kept-alive request costs no ``_acquire`` coroutine."""
+        idle = self._idle
+        if not idle:
+            return None
+        now = time.monotonic()
+        while idle:
+            conn = idle.pop()
+            if conn.closed or now - conn.idle_since >= limits.keepalive_timeout:
+                self._discard(conn)
+                continue
+            return conn
+        return None
+
     async def _acquire(self, limits: Limits, fresh: bool = False) -> Connection:
         """An idle connection, or a new one within ``max_connections``.
 
@@ -165,13 +187,13 @@ class ConnectionPool:
         likely all outlived the upstream's keep-alive timeout, and open a new one.
         """
         while True:
-            now = time.monotonic()
-            while self._idle:
-                conn = self._idle.pop()
-                if fresh or conn.closed or now - conn.idle_since >= limits.keepalive_timeout:
-                    self._discard(conn)
-                    continue
-                return conn
+            if fresh:
+                while self._idle:
+                    self._discard(self._idle.pop())
+            else:
+                conn = self._idle_connection(limits)
+                if conn is not None:
+                    return conn
             if self._open < self.max_connections:
                 break
             await self._wait_turn(limits)

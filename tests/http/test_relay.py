@@ -25,33 +25,33 @@ def scope(client: str = "10.0.0.7") -> dict[str, Any]:
 
 
 def test_forwarding_headers_name_the_gateway_as_the_client_reached_it() -> None:
-    headers, facing = relay().forwarding(scope(), b"gw.example:8080", [b"203.0.113.9"])
+    headers, _, facing = relay().forwarding(scope(), b"gw.example:8080", [b"203.0.113.9"])
     assert facing.public == b"gw.example:8080"
     assert dict(headers) == {
         b"x-forwarded-for": b"203.0.113.9, 10.0.0.7", b"x-forwarded-proto": b"http",
         b"x-forwarded-host": b"gw.example:8080", b"forwarded": b"for=10.0.0.7;host=gw.example:8080;proto=http"}
-    headers, _ = relay().forwarding(scope("::1"), b"gw", [])
+    headers, _, _ = relay().forwarding(scope("::1"), b"gw", [])
     assert dict(headers)[b"forwarded"] == b'for="[::1]";host=gw;proto=http'
 
 
 def test_forwarding_headers_kept_per_client_never_mix_clients_or_chains() -> None:
     r = relay()
-    first, _ = r.forwarding(scope("10.0.0.7"), b"gw", [])
-    again, _ = r.forwarding(scope("10.0.0.7"), b"gw", [])
+    first, _, _ = r.forwarding(scope("10.0.0.7"), b"gw", [])
+    again, _, _ = r.forwarding(scope("10.0.0.7"), b"gw", [])
     assert again is first  # the same client with no chain of its own: built once
-    other, _ = r.forwarding(scope("10.0.0.8"), b"gw", [])
+    other, _, _ = r.forwarding(scope("10.0.0.8"), b"gw", [])
     assert dict(other)[b"x-forwarded-for"] == b"10.0.0.8"
-    chained, _ = r.forwarding(scope("10.0.0.7"), b"gw", [b"198.51.100.1"])
+    chained, _, _ = r.forwarding(scope("10.0.0.7"), b"gw", [b"198.51.100.1"])
     assert dict(chained)[b"x-forwarded-for"] == b"198.51.100.1, 10.0.0.7"
     assert dict(r.forwarding(scope("10.0.0.7"), b"gw", [])[0])[b"x-forwarded-for"] == b"10.0.0.7"
 
 
 def test_an_unusable_host_falls_back_to_the_listening_address_and_public_url_wins() -> None:
-    _, facing = relay().forwarding(scope(), b"evil\r\nx: y", [])
+    _, _, facing = relay().forwarding(scope(), b"evil\r\nx: y", [])
     assert facing.public == b"192.0.2.1:8080"
-    _, facing = relay().forwarding(scope(), b"", [])  # HTTP/1.0 without Host
+    _, _, facing = relay().forwarding(scope(), b"", [])  # HTTP/1.0 without Host
     assert facing.public == b"192.0.2.1:8080"
-    headers, facing = relay(PublicUrl="https://pacs.example.org").forwarding(scope(), b"gw:8080", [])
+    headers, _, facing = relay(PublicUrl="https://pacs.example.org").forwarding(scope(), b"gw:8080", [])
     assert facing.public == b"pacs.example.org" and dict(headers)[b"forwarded"].endswith(b"proto=https")
 
 
