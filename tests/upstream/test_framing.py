@@ -11,15 +11,19 @@ import pytest
 from dicomproxy.upstream.errors import LocalProtocolError, RemoteProtocolError
 from dicomproxy.upstream.framing import (
     _RECEIVE,
+    _RECEIVE_ROWS,
     _SEND,
+    _SEND_ROWS,
     ChunkedWriter,
     Event,
     ExchangeState,
     Framing,
+    HeadWriter,
     LengthWriter,
     NoBodyWriter,
     Receiving,
     Sending,
+    checked_lines,
     chosen_framing,
     encode_head,
 )
@@ -57,6 +61,12 @@ def state_at(sending: Sending = Sending.IDLE, receiving: Receiving = Receiving.H
 def test_the_tables_are_exactly_the_documented_transitions() -> None:
     assert _SEND == SEND_PATHS
     assert _RECEIVE == RECEIVE_PATHS
+
+
+def test_the_rows_step_reads_are_the_tables() -> None:
+    for rows, table, states in ((_SEND_ROWS, _SEND, Sending), (_RECEIVE_ROWS, _RECEIVE, Receiving)):
+        for state, event in itertools.product(states, Event):
+            assert rows[state][event] is table.get((state, event))
 
 
 @pytest.mark.parametrize(("start", "event"), list(itertools.product(Sending, Event)))
@@ -124,6 +134,27 @@ def test_names_a_connection_header_lists_are_dropped_too() -> None:
     given = [(b"Connection", b"keep-alive, X-Secret"), (b"x-secret", b"1"), (b"x-other", b"2")]
     head = encode_head(b"GET", b"/", b"h", given, Framing.NONE, 0)
     assert head == b"GET / HTTP/1.1\r\nhost: h\r\nx-other: 2\r\n\r\n"
+
+
+def test_checked_lines_are_written_after_the_headers_as_they_are() -> None:
+    lines = checked_lines([(b"x-forwarded-for", b"10.0.0.7"), (b"forwarded", b"for=10.0.0.7;proto=http")])
+    assert lines == b"x-forwarded-for: 10.0.0.7\r\nforwarded: for=10.0.0.7;proto=http\r\n"
+    head = HeadWriter(b"pacs").encode(b"POST", b"/s", [(b"accept", b"*/*")], Framing.LENGTH, 2, checked=lines)
+    assert head == (b"POST /s HTTP/1.1\r\nhost: pacs\r\naccept: */*\r\nx-forwarded-for: 10.0.0.7\r\n"
+                    b"forwarded: for=10.0.0.7;proto=http\r\ncontent-length: 2\r\n\r\n")
+
+
+def test_the_second_pass_for_connection_listed_names_keeps_host_and_checked_lines() -> None:
+    given = [(b"connection", b"x-secret"), (b"x-secret", b"1")]
+    head = HeadWriter(b"pacs").encode(b"GET", b"/", given, Framing.NONE, 0, b"gw.example:443", b"x-f: 1\r\n")
+    assert head == b"GET / HTTP/1.1\r\nhost: gw.example:443\r\nx-f: 1\r\n\r\n"
+
+
+@pytest.mark.parametrize("header", [(b"x-a", b"1\r\nx-injected: 1"), (b"x-a", b"1\n"), (b"host", b"h"),
+                                    (b"Content-Length", b"1"), (b"connection", b"close"), (b"bad name", b"1")])
+def test_checked_lines_refuse_what_the_writer_would(header: tuple[bytes, bytes]) -> None:
+    with pytest.raises(LocalProtocolError):
+        checked_lines([header])
 
 
 @pytest.mark.parametrize("value", [b"a\r\nX-Injected: 1", b"a\nb", b"a\rb", b"\r\n\r\nGET /admin HTTP/1.1"])
